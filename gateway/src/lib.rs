@@ -1,1 +1,21 @@
-//! Placeholder.
+//! Portcullis: the TLS gateway and configuration plane in front of the job scheduler's
+//! admin cluster.
+//!
+//! The binary is a thin shell over this library: [`cli::run`] parses the command line,
+//! [`config`] loads and validates configuration, and [`app::Application`] binds the
+//! listeners and runs the instance. Tests build `Application`s on port 0 directly.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod dev;
+pub mod error;
+pub mod readiness;
+pub mod redis_store;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod tls;

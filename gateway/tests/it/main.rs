@@ -1,1 +1,9 @@
-mod placeholder {}
+//! Integration tests of the gateway: one binary, one module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod limits;
+mod readiness;
+mod shutdown;
+mod support;
+mod tls_reload;

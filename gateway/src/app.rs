@@ -1,0 +1,210 @@
+//! Building and running one Portcullis instance: `Application::build` validates nothing
+//! (the configuration already is), binds both listeners and starts the background tasks;
+//! `run_until_stopped` serves until the shutdown token is cancelled.
+//!
+//! Tests call `build` with port 0 and read the bound addresses back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{Database, DbError};
+use crate::redis_store::{RedisError, RedisHandle};
+use crate::routes;
+use crate::server::{ConnectionLimits, serve_https};
+use crate::state::AppState;
+use crate::telemetry;
+use crate::tls::{ReloadableTls, TlsError};
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration lacks what this step needs.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The certificate or key is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database handle could not be made.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The Redis handle could not be made.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+}
+
+/// A running instance.
+pub struct Application {
+    https_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    state: AppState,
+}
+
+impl Application {
+    /// Binds the listeners and starts serving in the background.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let tls_config = config
+            .tls
+            .as_ref()
+            .ok_or_else(|| StartError::Config("tls is not configured".to_owned()))?;
+        let tls = ReloadableTls::load(&tls_config.cert, &tls_config.key)?;
+
+        let db = Database::connect_lazy(&config.database)?;
+        let redis = config.redis.as_ref().map(RedisHandle::new).transpose()?;
+        let state = AppState::new(
+            config.clone(),
+            db.clone(),
+            redis,
+            telemetry::metrics_handle(),
+        );
+
+        let https = bind(config.server.listen).await?;
+        let admin = bind(config.server.admin_listen).await?;
+        let https_addr = local_addr(&https, config.server.listen)?;
+        let admin_addr = local_addr(&admin, config.server.admin_listen)?;
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        // migrations run in the background so that an instance whose database is away
+        // still starts, answers /healthz, and reports not-ready until it is back
+        {
+            let db = db.clone();
+            let stop = shutdown.clone();
+            tasks.spawn(async move { db.migrate_until_done(stop).await });
+        }
+        tasks.spawn({
+            let watcher = tls.spawn_watcher(tls_config.reload_interval, shutdown.clone());
+            async move {
+                let _ = watcher.await;
+            }
+        });
+        tasks.spawn({
+            let handle = state.metrics.clone();
+            let stop = shutdown.clone();
+            async move { telemetry::metrics_upkeep(handle, stop).await }
+        });
+
+        let limits = ConnectionLimits {
+            tls_handshake_timeout: config.server.tls_handshake_timeout,
+            header_read_timeout: config.server.header_read_timeout,
+            max_header_bytes: config.server.max_header_bytes,
+            max_connections: config.server.max_connections,
+            shutdown_grace: config.server.shutdown_grace,
+        };
+        tasks.spawn(serve_https(
+            https,
+            tls,
+            routes::router(state.clone()),
+            limits,
+            shutdown.clone(),
+        ));
+        tasks.spawn(serve_admin(
+            admin,
+            routes::admin_router(state.clone()),
+            shutdown.clone(),
+        ));
+
+        tracing::info!(%https_addr, %admin_addr, database = db.backend(), "Portcullis started");
+        Ok(Self {
+            https_addr,
+            admin_addr,
+            shutdown,
+            tasks,
+            state,
+        })
+    }
+
+    /// Where the HTTPS listener is bound.
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    /// Where the admin listener is bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Cancelling this token starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The shared state (tests inspect it).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token is cancelled and every listener has drained.
+    pub async fn run_until_stopped(mut self) {
+        self.shutdown.cancelled().await;
+        while self.tasks.join_next().await.is_some() {}
+        self.state.db.close().await;
+        tracing::info!("Portcullis stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+async fn serve_admin(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let result = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,727 @@
+//! Layered, validated configuration: a TOML file, then `PORTCULLIS_*` environment
+//! variables, then command-line flags. Unknown keys are refused, every value is checked
+//! before any port is bound, and every error names the field it is about.
+//!
+//! Every key, its default and the variable that overrides it is documented in
+//! `docs/configuration.md`; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Prefix of the environment variables that override file settings.
+pub const ENV_PREFIX: &str = "PORTCULLIS_";
+
+/// What went wrong while reading or validating configuration. Each variant names the
+/// field (as a dotted path, e.g. `server.listen`) so an operator knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A field has the wrong type, an unknown name, or a value that does not parse.
+    #[error("invalid configuration at `{field}`: {message}")]
+    Field {
+        /// Dotted path of the offending field.
+        field: String,
+        /// Why it was refused.
+        message: String,
+    },
+    /// An environment override could not be applied.
+    #[error("invalid environment override {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Field {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+// === Configuration tree ===
+
+/// The whole configuration of one Portcullis instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, limits and timeouts.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The certificate and key served on the HTTPS listener.
+    pub tls: Option<TlsConfig>,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The database (clients, config center, audit).
+    pub database: DatabaseConfig,
+    /// Redis (refresh tokens, login counters, SSO state). Absent: in-process stores,
+    /// which only a single `--dev` instance may use.
+    pub redis: Option<RedisConfig>,
+    /// Issued tokens.
+    #[serde(default)]
+    pub tokens: TokensConfig,
+    /// Signing keys and their rotation.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Vault, where the key ring lives in production.
+    pub vault: Option<VaultConfig>,
+    /// The admin API (keys, later clients and sessions).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTPS listener.
+    pub listen: SocketAddr,
+    /// Plain-HTTP listener for `/healthz`, `/readyz`, `/metrics` and the admin API.
+    pub admin_listen: SocketAddr,
+    /// The externally visible base URL; the token issuer unless `tokens.issuer` is set.
+    pub public_url: String,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Longest time a request may take, start to end (long-polls excepted when they exist).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A client must send its complete request head within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client must finish the TLS handshake within this time.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// A connection with no request for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line plus headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Most simultaneous connections on the HTTPS listener; more wait in the backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            public_url: "https://localhost:8443".to_owned(),
+            shutdown_grace: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_body_bytes: 1024 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often the files are checked for changes (SIGHUP re-reads them at once).
+    #[serde(with = "humantime_serde", default = "default_tls_reload")]
+    pub reload_interval: Duration,
+}
+
+fn default_tls_reload() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `portcullis=debug,info`, …
+    pub level: String,
+    /// `json` (one object per line) or `pretty` (for a terminal).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…` in production, `sqlite://…` for a single dev instance.
+    pub url: SecretString,
+    /// Pool size.
+    #[serde(default = "default_db_pool")]
+    pub max_connections: u32,
+    /// How long to wait for a connection from the pool.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub acquire_timeout: Duration,
+}
+
+fn default_db_pool() -> u32 {
+    10
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://…` or `rediss://…`.
+    pub url: SecretString,
+    /// How long one Redis command may take before the feature answers 503.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub command_timeout: Duration,
+}
+
+/// `[tokens]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// `iss` of issued tokens; defaults to `server.public_url`.
+    pub issuer: Option<String>,
+    /// Lifetime of access tokens.
+    #[serde(with = "humantime_serde")]
+    pub access_token_lifetime: Duration,
+    /// Clock skew tolerated when checking `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            access_token_lifetime: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Where the key ring lives: `vault` (production) or `file` (a single dev instance).
+    pub source: KeySourceKind,
+    /// Directory of the ring file when `source = "file"`; defaults to the data directory.
+    pub file_dir: Option<PathBuf>,
+    /// Signing algorithm of new keys: `ES256`, `EdDSA` or `RS256`.
+    pub algorithm: String,
+    /// Algorithms accepted when verifying (pinned; never taken from a token).
+    pub accepted_algorithms: Vec<String>,
+    /// How long a key signs before the next one takes over.
+    #[serde(with = "humantime_serde")]
+    pub rotation_period: Duration,
+    /// How long before it signs a new key is published in JWKS.
+    #[serde(with = "humantime_serde")]
+    pub prepublish_lead: Duration,
+    /// How long a key keeps verifying after it stopped signing.
+    #[serde(with = "humantime_serde")]
+    pub overlap: Duration,
+    /// How often every instance re-reads the ring.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// `in-process`: instances rotate themselves (check-and-set); `external`: instances
+    /// only read, and `portcullis keys rotate --scheduled` rotates.
+    pub rotation: RotationKind,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            source: KeySourceKind::Vault,
+            file_dir: None,
+            algorithm: "ES256".to_owned(),
+            accepted_algorithms: vec!["ES256".to_owned(), "EdDSA".to_owned(), "RS256".to_owned()],
+            rotation_period: Duration::from_secs(30 * 86_400),
+            prepublish_lead: Duration::from_secs(7 * 86_400),
+            overlap: Duration::from_secs(30 * 86_400),
+            reload_interval: Duration::from_secs(30),
+            rotation: RotationKind::InProcess,
+        }
+    }
+}
+
+/// Where the ring lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySourceKind {
+    /// Vault / OpenBao KV v2.
+    Vault,
+    /// A local file (mode 0600).
+    File,
+}
+
+/// Who rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RotationKind {
+    /// Instances rotate with check-and-set.
+    InProcess,
+    /// A separate scheduled job rotates; instances only read.
+    External,
+}
+
+/// `[vault]`: Vault or OpenBao. `VAULT_ADDR`, `VAULT_TOKEN` and `VAULT_CACERT` fill in
+/// `addr`, the token and `cacert` when they are not set here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.example.com:8200`.
+    pub addr: Option<String>,
+    /// PEM CA bundle that signed Vault's certificate.
+    pub cacert: Option<PathBuf>,
+    /// Enterprise / OpenBao namespace.
+    pub namespace: Option<String>,
+    /// How Portcullis logs in.
+    #[serde(default)]
+    pub auth: VaultAuthConfig,
+    /// Mount of the KV v2 engine holding the key ring.
+    #[serde(default = "default_kv_mount")]
+    pub kv_mount: String,
+    /// Path of the key ring inside that mount.
+    #[serde(default = "default_ring_path")]
+    pub ring_path: String,
+}
+
+fn default_kv_mount() -> String {
+    "secret".to_owned()
+}
+
+fn default_ring_path() -> String {
+    "portcullis/keyring".to_owned()
+}
+
+/// `[vault.auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "method", rename_all = "lowercase")]
+pub enum VaultAuthConfig {
+    /// A token (`token`, else `VAULT_TOKEN`), renewed before it expires when renewable.
+    Token {
+        /// The token; prefer `VAULT_TOKEN` or `PORTCULLIS_VAULT__AUTH__TOKEN`.
+        token: Option<SecretString>,
+    },
+    /// AppRole login, repeated before the token expires.
+    Approle {
+        /// The role id.
+        role_id: String,
+        /// The secret id (prefer `secret_id_file`).
+        secret_id: Option<SecretString>,
+        /// A file holding the secret id.
+        secret_id_file: Option<PathBuf>,
+        /// Mount of the AppRole auth method.
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+    },
+}
+
+impl Default for VaultAuthConfig {
+    fn default() -> Self {
+        Self::Token { token: None }
+    }
+}
+
+fn default_approle_mount() -> String {
+    "approle".to_owned()
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token required on the admin API (`/admin/*` on the admin listener).
+    /// Required when the admin listener is not on a loopback address.
+    pub token: Option<SecretString>,
+}
+
+// === Loading ===
+
+/// Reads `path`, applies `PORTCULLIS_*` overrides from `env`, and validates.
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    from_table(table, env)
+}
+
+/// Builds a configuration from an already parsed tree plus environment overrides.
+pub fn from_table(
+    mut table: toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    apply_env(&mut table, env)?;
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+        |e: serde_path_to_error::Error<toml::de::Error>| {
+            let field = e.path().to_string();
+            ConfigError::field(field, e.inner().message().to_owned())
+        },
+    )?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// `PORTCULLIS_SERVER__LISTEN=0.0.0.0:443` sets `server.listen`: a double underscore
+/// separates sections, names are lower-cased. Values are read as TOML when they parse
+/// (numbers, booleans, arrays) and as strings otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    // sorted, so the outcome never depends on the environment's order
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    for (var, value) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                message: "empty path segment".to_owned(),
+            });
+        }
+        let parsed = parse_env_value(&value);
+        let mut node = &mut *table;
+        let (last, parents) = path.split_last().ok_or_else(|| ConfigError::Env {
+            var: var.clone(),
+            message: "no field named".to_owned(),
+        })?;
+        for segment in parents {
+            let entry = node
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                message: format!("`{segment}` is not a section"),
+            })?;
+        }
+        node.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // `key = <raw>` parsed as TOML gives numbers, booleans and arrays their types
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+// === Validation ===
+
+impl Config {
+    /// Checks what types alone cannot: files exist, values are in range, combinations
+    /// make sense. Runs before any port is bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_header_bytes < 8192 {
+            return Err(ConfigError::field(
+                "server.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if s.max_body_bytes == 0 {
+            return Err(ConfigError::field(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(ConfigError::field(
+                "server.max_connections",
+                "must be greater than 0",
+            ));
+        }
+        for (name, d) in [
+            ("server.request_timeout", s.request_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.tls_handshake_timeout", s.tls_handshake_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::field(name, "must be greater than 0"));
+            }
+        }
+        if s.listen == s.admin_listen && s.listen.port() != 0 {
+            return Err(ConfigError::field(
+                "server.admin_listen",
+                "must differ from server.listen",
+            ));
+        }
+        check_url("server.public_url", &s.public_url, &["https", "http"])?;
+        if let Some(issuer) = &self.tokens.issuer {
+            check_url("tokens.issuer", issuer, &["https", "http"])?;
+        }
+
+        match &self.tls {
+            None => {
+                return Err(ConfigError::field(
+                    "tls",
+                    "missing: the HTTPS listener needs `tls.cert` and `tls.key`",
+                ));
+            }
+            Some(tls) => {
+                check_readable_file("tls.cert", &tls.cert)?;
+                check_readable_file("tls.key", &tls.key)?;
+                if tls.reload_interval.is_zero() {
+                    return Err(ConfigError::field(
+                        "tls.reload_interval",
+                        "must be greater than 0",
+                    ));
+                }
+            }
+        }
+
+        let db = self.database.url.expose_secret();
+        if !(db.starts_with("postgres://")
+            || db.starts_with("postgresql://")
+            || db.starts_with("sqlite:"))
+        {
+            // never echo the URL: it may carry a password
+            return Err(ConfigError::field(
+                "database.url",
+                "must start with postgres://, postgresql:// or sqlite:",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::field(
+                "database.max_connections",
+                "must be greater than 0",
+            ));
+        }
+        if let Some(redis) = &self.redis {
+            let url = redis.url.expose_secret();
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://"))
+            {
+                return Err(ConfigError::field(
+                    "redis.url",
+                    "must start with redis://, rediss:// or redis+unix://",
+                ));
+            }
+        }
+
+        if self.tokens.access_token_lifetime < Duration::from_secs(1) {
+            return Err(ConfigError::field(
+                "tokens.access_token_lifetime",
+                "must be at least 1s",
+            ));
+        }
+        self.validate_keys()?;
+        if let Some(vault) = &self.vault {
+            if let Some(addr) = &vault.addr {
+                check_url("vault.addr", addr, &["https", "http"])?;
+            }
+            if let Some(ca) = &vault.cacert {
+                check_readable_file("vault.cacert", ca)?;
+            }
+            if let VaultAuthConfig::Approle {
+                secret_id,
+                secret_id_file,
+                ..
+            } = &vault.auth
+            {
+                match (secret_id, secret_id_file) {
+                    (None, None) => {
+                        return Err(ConfigError::field(
+                            "vault.auth.secret_id_file",
+                            "AppRole needs secret_id or secret_id_file",
+                        ));
+                    }
+                    (_, Some(f)) => check_readable_file("vault.auth.secret_id_file", f)?,
+                    _ => {}
+                }
+            }
+        }
+
+        if !self.server.admin_listen.ip().is_loopback() && self.admin.token.is_none() {
+            return Err(ConfigError::field(
+                "admin.token",
+                "required when server.admin_listen is not a loopback address",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        let k = &self.keys;
+        check_algorithm("keys.algorithm", &k.algorithm)?;
+        if k.accepted_algorithms.is_empty() {
+            return Err(ConfigError::field(
+                "keys.accepted_algorithms",
+                "must name at least one algorithm",
+            ));
+        }
+        for (i, a) in k.accepted_algorithms.iter().enumerate() {
+            check_algorithm(&format!("keys.accepted_algorithms[{i}]"), a)?;
+        }
+        if !k.accepted_algorithms.iter().any(|a| a == &k.algorithm) {
+            return Err(ConfigError::field(
+                "keys.accepted_algorithms",
+                "must include keys.algorithm, or issued tokens would not verify",
+            ));
+        }
+        for (name, d) in [
+            ("keys.reload_interval", k.reload_interval),
+            ("keys.rotation_period", k.rotation_period),
+            ("keys.prepublish_lead", k.prepublish_lead),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::field(name, "must be greater than 0"));
+            }
+        }
+        if k.prepublish_lead >= k.rotation_period {
+            return Err(ConfigError::field(
+                "keys.prepublish_lead",
+                "must be shorter than keys.rotation_period",
+            ));
+        }
+        let longest = self.tokens.access_token_lifetime + self.tokens.leeway;
+        if k.overlap < longest {
+            return Err(ConfigError::field(
+                "keys.overlap",
+                format!(
+                    "must be at least the longest token lifetime plus leeway ({})",
+                    humantime::format_duration(longest)
+                ),
+            ));
+        }
+        match k.source {
+            KeySourceKind::Vault if self.vault.is_none() => Err(ConfigError::field(
+                "vault",
+                "missing: keys.source = \"vault\" needs a [vault] section",
+            )),
+            KeySourceKind::File if k.file_dir.is_none() => Err(ConfigError::field(
+                "keys.file_dir",
+                "missing: keys.source = \"file\" needs a directory for the ring",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `iss` of issued tokens.
+    pub fn issuer(&self) -> String {
+        self.tokens
+            .issuer
+            .clone()
+            .unwrap_or_else(|| self.server.public_url.trim_end_matches('/').to_owned())
+    }
+}
+
+/// The signing algorithms Portcullis supports, as they are spelled in JOSE headers.
+pub const ALGORITHMS: &[&str] = &["ES256", "EdDSA", "RS256"];
+
+fn check_algorithm(field: &str, value: &str) -> Result<(), ConfigError> {
+    if ALGORITHMS.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::field(
+            field,
+            format!(
+                "unsupported algorithm `{value}`; use one of {}",
+                ALGORITHMS.join(", ")
+            ),
+        ))
+    }
+}
+
+fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let ok = schemes.iter().any(|s| {
+        value
+            .strip_prefix(s)
+            .and_then(|rest| rest.strip_prefix("://"))
+            .is_some_and(|host| !host.is_empty())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::field(
+            field,
+            format!("must be an absolute URL ({})", schemes.join(" or ")),
+        ))
+    }
+}
+
+fn check_readable_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::field(
+            field,
+            format!("{} is not a file", path.display()),
+        )),
+        Err(e) => Err(ConfigError::field(
+            field,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "x").unwrap();
+        std::fs::write(dir.path().join("key.pem"), "x").unwrap();
+        Self { dir }
+    }
+
+    /// A minimal valid configuration, plus `extra` TOML appended.
+    fn toml(&self, extra: &str) -> String {
+        let d = self.dir.path().display();
+        format!(
+            "[tls]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n\
+             [database]\nurl = \"sqlite://{d}/db.sqlite\"\n\
+             [keys]\nsource = \"file\"\nfile_dir = \"{d}\"\n{extra}"
+        )
+    }
+
+    fn load(&self, text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let path = self.dir.path().join("portcullis.toml");
+        std::fs::write(&path, text).unwrap();
+        load(
+            &path,
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+}
+
+fn field_of(err: ConfigError) -> String {
+    match err {
+        ConfigError::Field { field, .. } => field,
+        other => panic!("expected a field error, got {other}"),
+    }
+}
+
+#[test]
+fn minimal_file_gets_documented_defaults() {
+    let f = Files::new();
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8443");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.tokens.access_token_lifetime, Duration::from_secs(3600));
+    assert_eq!(c.keys.rotation_period, Duration::from_secs(30 * 86_400));
+    assert_eq!(c.keys.overlap, Duration::from_secs(30 * 86_400));
+    assert_eq!(c.issuer(), "https://localhost:8443");
+}
+
+#[test]
+fn unknown_key_is_refused_naming_it() {
+    let f = Files::new();
+    let err = f
+        .load(&f.toml("[server]\nlisten_port = 8443\n"), &[])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("server"), "{msg}");
+    assert!(msg.contains("listen_port"), "{msg}");
+}
+
+#[test]
+fn wrong_type_is_refused_naming_the_field() {
+    let f = Files::new();
+    let err = f
+        .load(&f.toml("[server]\nmax_body_bytes = \"lots\"\n"), &[])
+        .unwrap_err();
+    assert_eq!(field_of(err), "server.max_body_bytes");
+}
+
+#[test]
+fn unparsable_duration_names_the_field() {
+    let f = Files::new();
+    let err = f
+        .load(
+            &f.toml("[tokens]\naccess_token_lifetime = \"an hour\"\n"),
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(field_of(err), "tokens.access_token_lifetime");
+}
+
+#[test]
+fn missing_certificate_file_names_tls_cert() {
+    let f = Files::new();
+    let text = f.toml("").replace("cert.pem", "missing.pem");
+    let err = f.load(&text, &[]).unwrap_err();
+    assert_eq!(field_of(err), "tls.cert");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let f = Files::new();
+    let c = f
+        .load(
+            &f.toml("[server]\nlisten = \"0.0.0.0:8443\"\n"),
+            &[
+                ("PORTCULLIS_SERVER__LISTEN", "127.0.0.1:9443"),
+                ("PORTCULLIS_SERVER__MAX_BODY_BYTES", "2048"),
+                ("PORTCULLIS_TOKENS__ACCESS_TOKEN_LIFETIME", "15m"),
+                ("UNRELATED", "1"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:9443");
+    assert_eq!(c.server.max_body_bytes, 2048);
+    assert_eq!(c.tokens.access_token_lifetime, Duration::from_secs(900));
+}
+
+#[test]
+fn bad_environment_override_names_the_field() {
+    let f = Files::new();
+    let err = f
+        .load(
+            &f.toml(""),
+            &[("PORTCULLIS_SERVER__LISTEN", "not-an-address")],
+        )
+        .unwrap_err();
+    assert_eq!(field_of(err), "server.listen");
+}
+
+#[test]
+fn overlap_shorter_than_token_lifetime_is_refused() {
+    let f = Files::new();
+    let err = f
+        .load(
+            &f.toml("overlap = \"30m\"\n[tokens]\naccess_token_lifetime = \"1h\"\n"),
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(field_of(err), "keys.overlap");
+}
+
+#[test]
+fn vault_source_without_vault_section_is_refused() {
+    let f = Files::new();
+    let text = f
+        .toml("")
+        .replace("source = \"file\"", "source = \"vault\"");
+    let err = f.load(&text, &[]).unwrap_err();
+    assert_eq!(field_of(err), "vault");
+}
+
+#[test]
+fn public_admin_listener_requires_a_token() {
+    let f = Files::new();
+    let err = f
+        .load(&f.toml("[server]\nadmin_listen = \"0.0.0.0:9090\"\n"), &[])
+        .unwrap_err();
+    assert_eq!(field_of(err), "admin.token");
+}
+
+#[test]
+fn database_url_is_never_echoed() {
+    let f = Files::new();
+    let text = f.toml("").replace("sqlite://", "mysql://user:hunter2@db/");
+    let err = f.load(&text, &[]).unwrap_err();
+    assert!(!err.to_string().contains("hunter2"));
+    assert_eq!(field_of(err), "database.url");
+}
+
+#[test]
+fn unsupported_algorithm_is_refused() {
+    let f = Files::new();
+    let text = f.toml("algorithm = \"HS256\"\n");
+    let err = f.load(&text, &[]).unwrap_err();
+    assert_eq!(field_of(err), "keys.algorithm");
+}

@@ -1,0 +1,152 @@
+//! The database: Postgres in production, SQLite for a single `--dev` instance.
+//!
+//! Pools connect lazily, so an instance starts (and reports not-ready) while the database
+//! is away; migrations are retried in the background until they succeed.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseConfig;
+
+/// Database failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL does not parse (its text is never shown: it may hold a password).
+    #[error("database.url does not parse")]
+    Url,
+    /// A query or connection failed.
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The schema is not in place yet (migrations still pending).
+    #[error("database schema not migrated yet")]
+    NotMigrated,
+}
+
+/// A pool of either kind.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    /// Postgres.
+    Postgres(PgPool),
+    /// SQLite.
+    Sqlite(SqlitePool),
+}
+
+/// The database handle shared by every feature.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: Pool,
+    migrated: Arc<AtomicBool>,
+}
+
+impl Database {
+    /// Builds the pool without connecting.
+    pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self, DbError> {
+        let url = config.url.expose_secret();
+        let pool = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(|_| DbError::Url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5));
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .acquire_timeout(config.acquire_timeout)
+                    .connect_lazy_with(opts),
+            )
+        } else {
+            let opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .acquire_timeout(config.acquire_timeout)
+                    .connect_lazy_with(opts),
+            )
+        };
+        Ok(Self {
+            pool,
+            migrated: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Which backend, for logs and metrics.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Postgres(_) => "postgres",
+            Pool::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        match &self.pool {
+            Pool::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+            Pool::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+        }
+        self.migrated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether migrations have completed.
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
+    }
+
+    /// Retries migrations until they succeed or `stop` is cancelled.
+    pub async fn migrate_until_done(&self, stop: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.migrate().await {
+                Ok(()) => {
+                    tracing::info!(backend = self.backend(), "database schema up to date");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "database migration failed; will retry");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// One round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        match &self.pool {
+            Pool::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?,
+            Pool::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?,
+        }
+        if self.is_migrated() {
+            Ok(())
+        } else {
+            Err(DbError::NotMigrated)
+        }
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Postgres(p) => p.close().await,
+            Pool::Sqlite(p) => p.close().await,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `portcullis serve --dev`: everything on one machine, no external service.
+//!
+//! A data directory holds a self-signed certificate (made once with rcgen, reused after),
+//! the SQLite database and the local key ring. Secrets written there are mode 0600.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::config::{
+    Config, DatabaseConfig, KeySourceKind, KeysConfig, LogConfig, LogFormat, ServerConfig,
+    TlsConfig,
+};
+
+/// Failures preparing the dev data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// Creating or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Certificate generation failed.
+    #[error("generating the self-signed certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The default data directory of `--dev`.
+pub const DEFAULT_DATA_DIR: &str = "portcullis-dev-data";
+
+/// Where `--dev` listens unless told otherwise.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
+
+/// Prepares `data_dir` and returns the configuration of a dev instance.
+pub fn dev_config(
+    data_dir: &Path,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> Result<Config, DevError> {
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    let (cert, key) = ensure_certificate(data_dir)?;
+    let db_path = data_dir.join("portcullis.db");
+    let public_host = if listen.ip().is_unspecified() {
+        "localhost".to_owned()
+    } else {
+        listen.ip().to_string()
+    };
+    Ok(Config {
+        server: ServerConfig {
+            listen,
+            admin_listen,
+            public_url: format!("https://{public_host}:{}", listen.port()),
+            shutdown_grace: Duration::from_secs(5),
+            ..ServerConfig::default()
+        },
+        tls: Some(TlsConfig {
+            cert,
+            key,
+            reload_interval: Duration::from_secs(10),
+        }),
+        log: LogConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Pretty,
+        },
+        database: DatabaseConfig {
+            url: SecretString::from(format!("sqlite://{}", db_path.display())),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(3),
+        },
+        redis: None,
+        tokens: Default::default(),
+        keys: KeysConfig {
+            source: KeySourceKind::File,
+            file_dir: Some(data_dir.to_owned()),
+            ..KeysConfig::default()
+        },
+        vault: None,
+        admin: Default::default(),
+    })
+}
+
+/// Makes `cert.pem`/`key.pem` in `dir` unless both exist; returns their paths.
+pub fn ensure_certificate(dir: &Path) -> Result<(PathBuf, PathBuf), DevError> {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    if cert.is_file() && key.is_file() {
+        return Ok((cert, key));
+    }
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let certified = rcgen::generate_simple_self_signed(names)?;
+    write_private(&key, certified.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert, certified.cert.pem()).map_err(io(&cert))?;
+    tracing::info!(cert = %cert.display(), "generated a self-signed development certificate");
+    Ok((cert, key))
+}
+
+/// Writes a file only its owner can read (0600 on Unix), atomically.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), DevError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile_in(dir)?;
+    tmp.1.write_all(contents).map_err(io(&tmp.0))?;
+    tmp.1.sync_all().map_err(io(&tmp.0))?;
+    std::fs::rename(&tmp.0, path).map_err(io(path))?;
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File), DevError> {
+    let path = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let file = opts.open(&path).map_err(io(&path))?;
+    Ok((path, file))
+}

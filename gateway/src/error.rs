@@ -1,0 +1,203 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Every error body is JSON with a machine-readable `error` code (RFC 6749 §5.2 style) and
+//! a human `error_description`. Causes from Redis, the database or Vault are logged with
+//! their chain but never sent to the client: 5xx bodies are opaque.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error a handler or middleware answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No such route or resource.
+    #[error("not found")]
+    NotFound,
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("request body too large")]
+    PayloadTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The request is malformed; `code` is the machine-readable reason.
+    #[error("{description}")]
+    BadRequest {
+        /// Machine-readable reason.
+        code: &'static str,
+        /// For humans.
+        description: String,
+    },
+    /// Credentials missing or wrong (`WWW-Authenticate: Bearer`).
+    #[error("unauthorized")]
+    Unauthorized {
+        /// Machine-readable reason (`invalid_token`, `invalid_request`, …).
+        code: &'static str,
+        /// For humans.
+        description: String,
+    },
+    /// Authenticated but not allowed.
+    #[error("forbidden")]
+    Forbidden {
+        /// For humans.
+        description: String,
+    },
+    /// The request conflicts with the current state.
+    #[error("{description}")]
+    Conflict {
+        /// Machine-readable reason.
+        code: &'static str,
+        /// For humans.
+        description: String,
+    },
+    /// A dependency (Redis, database, Vault, keys) is unavailable; the feature is degraded.
+    #[error("{dependency} unavailable")]
+    Unavailable {
+        /// Which dependency, as shown to the client (`keys`, `redis`, `database`, `vault`).
+        dependency: &'static str,
+        /// The cause, logged and never sent.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A bug or an unexpected failure; logged, answered with an opaque 500.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    /// Machine-readable code.
+    pub error: &'a str,
+    /// Human-readable explanation.
+    pub error_description: String,
+}
+
+impl ApiError {
+    /// A 400 with a code and a description.
+    pub fn bad_request(code: &'static str, description: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            description: description.into(),
+        }
+    }
+
+    /// A 503 for `dependency`, keeping the cause for the log.
+    pub fn unavailable(
+        dependency: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Unavailable {
+            dependency,
+            source: Some(Box::new(source)),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such resource".to_owned(),
+            ),
+            Self::PayloadTooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body exceeds {limit} bytes"),
+            ),
+            Self::BadRequest { code, description } => {
+                (StatusCode::BAD_REQUEST, code, description.clone())
+            }
+            Self::Unauthorized { code, description } => {
+                (StatusCode::UNAUTHORIZED, code, description.clone())
+            }
+            Self::Forbidden { description } => (
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                description.clone(),
+            ),
+            Self::Conflict { code, description } => {
+                (StatusCode::CONFLICT, code, description.clone())
+            }
+            Self::Unavailable { dependency, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                format!("{dependency} is unavailable; try again shortly"),
+            ),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal error".to_owned(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, description) = self.parts();
+        match &self {
+            Self::Internal(cause) => {
+                tracing::error!(error = %chain(cause.as_ref()), "internal error")
+            }
+            Self::Unavailable {
+                dependency,
+                source: Some(cause),
+            } => {
+                tracing::warn!(dependency, error = %chain(cause.as_ref()), "dependency unavailable")
+            }
+            _ => tracing::debug!(status = status.as_u16(), code, "request refused"),
+        }
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: code,
+                error_description: description.clone(),
+            }),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match &self {
+            Self::Unauthorized { code, .. } => {
+                let value = format!(
+                    "Bearer error=\"{code}\", error_description=\"{}\"",
+                    quote_safe(&description)
+                );
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            Self::Forbidden { .. } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                );
+            }
+            Self::Unavailable { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// `a: b: c` from an error and its sources, for logs.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+fn quote_safe(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect()
+}

@@ -1,0 +1,172 @@
+//! The two routers: the public HTTPS one and the admin (ops) one. Built by plain
+//! functions so tests can drive them with `oneshot` as well as over real sockets.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::telemetry;
+
+/// The header carrying the request id, in and out.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The public router (HTTPS listener).
+pub fn router(state: AppState) -> Router {
+    let server = &state.config.server;
+    let max_body = server.max_body_bytes;
+    let request_timeout = server.request_timeout;
+    // each `layer` wraps everything above it, so read the stack bottom-up: the last
+    // layer is the first a request meets
+    Router::new()
+        .route("/", get(index))
+        .fallback(not_found)
+        // per-route counters and latency, labelled by route template
+        .layer(middleware::from_fn(telemetry::record_request))
+        // body size: refused up front when declared, enforced while read otherwise
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            limit_body(max_body, req, next)
+        }))
+        // a client that stalls while sending its body is cut off
+        .layer(RequestBodyTimeoutLayer::new(request_timeout))
+        // the whole request, body included, is bounded in time
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        // a panic in a handler becomes an opaque 500, not a dropped connection
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal("handler panicked".into()).into_response()
+        }))
+        // echo the id on the response, including on errors made by inner layers
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // one span per request with its id; headers and bodies are never recorded, as
+        // they carry credentials
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // make sure every request has an id, so every later layer and log line can carry
+        // it; an id set by nginx (`$request_id`) is kept end to end
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // first of all, drop a client-supplied id we would not want in our logs (too
+        // long, odd characters)
+        .layer(middleware::from_fn(sanitize_request_id))
+        .with_state(state)
+}
+
+fn request_span(req: &Request<Body>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    )
+}
+
+async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
+    let ok = req.headers().get(&REQUEST_ID).is_none_or(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+    });
+    if !ok {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+async fn limit_body(max: usize, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return ApiError::PayloadTooLarge { limit: max }.into_response();
+    }
+    // undeclared (chunked) bodies are counted as they are read; extractors turn the
+    // overflow into 413
+    let req = req.map(|body| Body::new(http_body_util::Limited::new(body, max)));
+    let response = next.run(req).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && response.headers().get(header::CONTENT_TYPE)
+            != Some(&HeaderValue::from_static("application/json"))
+    {
+        return ApiError::PayloadTooLarge { limit: max }.into_response();
+    }
+    response
+}
+
+async fn index(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "portcullis",
+        "version": env!("CARGO_PKG_VERSION"),
+        "issuer": state.config.issuer(),
+    }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+// === admin listener ===
+
+/// The admin router: liveness, readiness and metrics.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+        .with_state(state)
+}
+
+/// Alive: the process runs and serves HTTP. Says nothing about dependencies.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready: every dependency this instance needs answers.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let report = crate::readiness::check(&state).await;
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [(header::CACHE_CONTROL, "no-store")], Json(report)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

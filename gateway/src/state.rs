@@ -1,0 +1,39 @@
+//! State shared by every handler of one instance.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::Config;
+use crate::db::Database;
+use crate::redis_store::RedisHandle;
+
+/// Cheap to clone; every field is shared.
+#[derive(Clone)]
+pub struct AppState {
+    /// The validated configuration this instance started with.
+    pub config: Arc<Config>,
+    /// The database.
+    pub db: Database,
+    /// Redis, when configured.
+    pub redis: Option<RedisHandle>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Bundles the parts.
+    pub fn new(
+        config: Arc<Config>,
+        db: Database,
+        redis: Option<RedisHandle>,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        Self {
+            config,
+            db,
+            redis,
+            metrics,
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The binary's command line: `check-config` and `serve` refuse bad configuration with a
+//! message naming the field, before binding anything.
+
+use std::process::Command;
+
+use super::support::*;
+
+fn valid_config(dir: &std::path::Path) -> String {
+    let leaf = Pki::new().leaf();
+    let (cert, key) = install_leaf(dir, &leaf);
+    format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"sqlite://{}/p.db\"\n\
+         [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        dir.display(),
+        dir.display()
+    )
+}
+
+fn check(text: &str, dir: &std::path::Path) -> std::process::Output {
+    let file = dir.join("portcullis.toml");
+    std::fs::write(&file, text).unwrap();
+    Command::new(binary())
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_accepts_a_valid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = check(&valid_config(dir.path()), dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_names_a_field_of_the_wrong_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = valid_config(dir.path()) + "[server]\nmax_body_bytes = \"big\"\n";
+    let out = check(&text, dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.max_body_bytes"), "{err}");
+}
+
+#[test]
+fn check_config_names_an_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = valid_config(dir.path()) + "[server]\nlisten_addr = \"0.0.0.0:1\"\n";
+    let out = check(&text, dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen_addr"), "{err}");
+}
+
+#[test]
+fn serve_refuses_a_missing_certificate_file_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = harness::free_port();
+    let text = valid_config(dir.path()).replace("cert.pem", "gone.pem")
+        + &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n");
+    let file = dir.path().join("portcullis.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.cert"), "{err}");
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+}
+
+#[tokio::test]
+async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
+    let data = tempfile::tempdir().unwrap();
+    let (https, admin) = (harness::free_port(), harness::free_port());
+    let child = Child::spawn(&[
+        "serve",
+        "--dev",
+        "--listen",
+        &format!("127.0.0.1:{https}"),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    let admin_url = format!("http://127.0.0.1:{admin}");
+    wait_for_port(format!("127.0.0.1:{admin}").parse().unwrap()).await;
+
+    // TLS 1.3 as openssl sees it
+    let s_client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{https}"),
+            "-tls1_3",
+            "-brief",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&s_client.stderr).to_string()
+        + &String::from_utf8_lossy(&s_client.stdout);
+    assert!(seen.contains("TLSv1.3"), "openssl s_client said: {seen}");
+
+    // the dev certificate and key are in the data directory, the key private
+    let cert_pem = std::fs::read(data.path().join("cert.pem")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.path().join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "key.pem is readable by others: {mode:o}");
+    }
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&cert_pem).unwrap())
+        .build()
+        .unwrap();
+    let index = client
+        .get(format!("https://localhost:{https}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(index.status(), 200);
+
+    let health = reqwest::get(format!("{admin_url}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    eventually(std::time::Duration::from_secs(10), "ready", || async {
+        reqwest::get(format!("{admin_url}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    let metrics = reqwest::get(format!("{admin_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines = metrics.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "portcullis_http_requests_total"
+                && s.labels.get("route") == Some("/")),
+        "request counter missing:\n{metrics}"
+    );
+    let banner = child.output();
+    assert!(
+        banner.contains(&format!("https://localhost:{https}/")),
+        "{banner}"
+    );
+}

@@ -1,0 +1,287 @@
+//! Helpers: a throwaway PKI, `spawn_app` on port 0, TLS clients that can tell which
+//! certificate the server presented.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis::app::Application;
+use portcullis::config::{self, Config};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A CA and the leaves it signs; clients trust the CA only.
+pub struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A leaf certificate and key, as PEM, plus its DER to compare with what a server sent.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { ca }
+    }
+
+    pub fn leaf(&self) -> Leaf {
+        let params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+/// Writes a leaf's files into `dir` (the key first, then the certificate, each by rename,
+/// as a certificate manager would).
+pub fn install_leaf(dir: &Path, leaf: &Leaf) -> (PathBuf, PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    for (path, text) in [(&key, &leaf.key_pem), (&cert, &leaf.cert_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    (cert, key)
+}
+
+/// A configuration for an in-process instance: port 0 listeners, SQLite and a key ring
+/// file in `dir`, the given certificate.
+pub fn test_config(dir: &Path, leaf: &Leaf) -> Config {
+    let (cert, key) = install_leaf(dir, leaf);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         shutdown_grace = \"5s\"\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\nreload_interval = \"100ms\"\n\
+         [database]\nurl = \"sqlite://{}/portcullis.db\"\n\
+         [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        dir.display(),
+        dir.display()
+    );
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    config::from_table(table, std::iter::empty()).unwrap()
+}
+
+/// An instance running in this process.
+pub struct TestApp {
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+    pub stop: tokio_util::sync::CancellationToken,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &pki.leaf());
+    customize(&mut config);
+    config.validate().unwrap();
+    let app = Application::build(config).await.unwrap();
+    let (https, admin, stop) = (app.https_addr(), app.admin_addr(), app.shutdown_token());
+    let done = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        https,
+        admin,
+        pki,
+        dir,
+        stop,
+        done,
+    }
+}
+
+impl TestApp {
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        tls_connect(self.https, self.pki.client_config()).await
+    }
+}
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// The end-entity certificate the server presented on this connection.
+pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+/// An HTTP/1.1 client on one TLS connection (keep-alive: several requests reuse it).
+pub struct Conn {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl Conn {
+    pub async fn over(stream: TlsStream<TcpStream>) -> Self {
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Self { send }
+    }
+
+    pub async fn request(
+        &mut self,
+        req: http::Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> Result<(http::response::Parts, bytes::Bytes), hyper::Error> {
+        use http_body_util::BodyExt;
+        let resp = self.send.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok((parts, body))
+    }
+
+    pub async fn get(
+        &mut self,
+        path: &str,
+    ) -> Result<(http::response::Parts, bytes::Bytes), hyper::Error> {
+        self.request(
+            http::Request::get(path)
+                .header("host", "localhost")
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+        .await
+    }
+}
+
+/// Polls `probe` until it returns true or `deadline` passes.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if probe().await {
+            return;
+        }
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Path of the built `portcullis` binary.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_portcullis")
+}
+
+/// The `portcullis` binary as a child process, killed on drop.
+pub struct Child {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Child {
+    pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_env(args, &[])
+    }
+
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("portcullis.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(binary())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_BACKTRACE", "1")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit, up to `deadline`.
+    pub async fn wait(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- portcullis output ---\n{}", self.output());
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_for_port(addr: SocketAddr) {
+    eventually(Duration::from_secs(20), "listener up", || async {
+        TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+}
