@@ -1,0 +1,456 @@
+//! The live key handle: signing, verifying, JWKS and status over the loaded ring.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::material::{self, Material};
+use crate::{KeyAlgorithm, KeyError, KeyRecord, KeyRing, KeyState, Kid};
+
+/// The live handle on the signing keys. Cheap to clone (an `Arc`); every clone sees the
+/// ring the [`Rotator`](crate::Rotator) last published.
+#[derive(Clone)]
+pub struct Keys {
+    inner: Arc<KeysInner>,
+}
+
+struct KeysInner {
+    ring: ArcSwap<LoadedRing>,
+    generation: AtomicU64,
+}
+
+/// A ring with its key material parsed, swapped in as a whole.
+struct LoadedRing {
+    ring: KeyRing,
+    keys: Arc<[LoadedKey]>,
+    version: Option<u64>,
+    generation: u64,
+    loaded_at: Option<OffsetDateTime>,
+}
+
+struct LoadedKey {
+    record: KeyRecord,
+    material: Material,
+}
+
+/// What a token must satisfy besides its signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyParams {
+    /// The exact expected `iss`.
+    pub issuer: String,
+    /// Accepted audiences: the token's `aud` (string or array) must contain one of them.
+    /// Must not be empty.
+    pub audiences: Vec<String>,
+    /// Clock-skew allowance for `exp` and `nbf`.
+    pub leeway: Duration,
+    /// The algorithms accepted, pinned by configuration (never taken from the token).
+    pub algorithms: Vec<KeyAlgorithm>,
+}
+
+/// The state of the ring at an instant, for the admin API and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingStatus {
+    /// The instant the status describes.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The key signing at `at`, if any.
+    pub active_kid: Option<Kid>,
+    /// How long the active key has been signing, in seconds.
+    pub active_key_age_seconds: Option<i64>,
+    /// When the active key stops signing (the next rotation).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_rotation_at: Option<OffsetDateTime>,
+    /// Source version of the loaded ring (KV v2 version or file counter).
+    pub ring_version: Option<u64>,
+    /// How many rings this handle has loaded.
+    pub generation: u64,
+    /// When the current ring was loaded.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub loaded_at: Option<OffsetDateTime>,
+    /// Every key of the ring, oldest first.
+    pub keys: Vec<KeyStatus>,
+}
+
+/// One key in a [`RingStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// Key id.
+    pub kid: Kid,
+    /// Algorithm.
+    pub alg: KeyAlgorithm,
+    /// Effective state at the status instant.
+    pub state: KeyState,
+    /// Whether the key is in JWKS at the status instant.
+    pub published: bool,
+    /// When it was generated.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Planned publication.
+    #[serde(with = "time::serde::rfc3339")]
+    pub publish_at: OffsetDateTime,
+    /// Planned activation.
+    #[serde(with = "time::serde::rfc3339")]
+    pub activate_at: OffsetDateTime,
+    /// Planned end of signing.
+    #[serde(with = "time::serde::rfc3339")]
+    pub retire_at: OffsetDateTime,
+    /// Planned end of verification.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expire_at: OffsetDateTime,
+    /// When it was declared compromised, if it was.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub compromised_at: Option<OffsetDateTime>,
+    /// Why it was declared compromised.
+    pub compromise_reason: Option<String>,
+}
+
+/// Header members the verifier looks at.
+#[derive(Deserialize)]
+struct TokenHeader {
+    alg: String,
+    kid: Option<String>,
+    crit: Option<Value>,
+}
+
+// === impl Keys ===
+
+impl Keys {
+    /// A handle with no ring loaded: signing fails with [`KeyError::NoActiveKey`], JWKS is
+    /// empty, every token is rejected.
+    pub fn empty() -> Self {
+        Self {
+            inner: Arc::new(KeysInner {
+                ring: ArcSwap::from_pointee(LoadedRing {
+                    ring: KeyRing::empty(),
+                    keys: Arc::from(Vec::new()),
+                    version: None,
+                    generation: 0,
+                    loaded_at: None,
+                }),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A handle holding `ring` (tests, tools).
+    pub fn from_ring(
+        ring: KeyRing,
+        version: Option<u64>,
+        now: OffsetDateTime,
+    ) -> Result<Self, KeyError> {
+        let keys = Self::empty();
+        keys.publish(ring, version, now)?;
+        Ok(keys)
+    }
+
+    /// Parses the key material of `ring` once and swaps it in. Does nothing (and returns
+    /// `false`) when the ring equals the loaded one.
+    pub fn publish(
+        &self,
+        ring: KeyRing,
+        version: Option<u64>,
+        now: OffsetDateTime,
+    ) -> Result<bool, KeyError> {
+        let current = self.inner.ring.load();
+        if current.loaded_at.is_some() && current.ring == ring {
+            if current.version == version {
+                return Ok(false);
+            }
+            // Same content under another version number: keep the parsed material.
+            self.inner.ring.store(Arc::new(LoadedRing {
+                ring,
+                keys: Arc::clone(&current.keys),
+                version,
+                generation: current.generation,
+                loaded_at: Some(now),
+            }));
+            return Ok(false);
+        }
+        ring.check()?;
+        let keys = ring
+            .keys
+            .iter()
+            .map(|record| {
+                Ok(LoadedKey {
+                    record: record.clone(),
+                    material: material::load(record.alg, &record.kid, &record.private_key)?,
+                })
+            })
+            .collect::<Result<Arc<[LoadedKey]>, KeyError>>()?;
+        let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.inner.ring.store(Arc::new(LoadedRing {
+            ring,
+            keys,
+            version,
+            generation,
+            loaded_at: Some(now),
+        }));
+        Ok(true)
+    }
+
+    /// Signs `claims` with the key that is effectively active at `now`. The header carries
+    /// `alg`, `kid` and `typ: JWT`.
+    pub fn sign<C: Serialize + ?Sized>(
+        &self,
+        claims: &C,
+        now: OffsetDateTime,
+    ) -> Result<String, KeyError> {
+        let loaded = self.inner.ring.load();
+        let key = loaded
+            .keys
+            .iter()
+            .filter(|k| k.record.signs_at(now))
+            .max_by_key(|k| k.record.activate_at)
+            .ok_or(KeyError::NoActiveKey)?;
+        let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Claims(e.to_string()))?;
+        let mut token =
+            String::with_capacity(key.material.header_b64.len() + payload.len() * 4 / 3 + 400);
+        token.push_str(&key.material.header_b64);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let signature = key.material.signer.sign(token.as_bytes())?;
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
+        Ok(token)
+    }
+
+    /// Verifies `token` at `now` and returns its claims.
+    ///
+    /// Rejects: a malformed token; an `alg` outside the pinned set (so `none` and HS*); a
+    /// missing `kid`, or one naming no key published at `now` (compromised and retired keys
+    /// are never published); an `alg` other than that key's; unknown critical headers; a bad
+    /// signature; a missing or past `exp`, a future `nbf`, a wrong `iss`, an `aud` naming none
+    /// of the accepted audiences (with `leeway` on the times).
+    pub fn verify<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        params: &VerifyParams,
+        now: OffsetDateTime,
+    ) -> Result<T, KeyError> {
+        if params.algorithms.is_empty() {
+            return Err(KeyError::InvalidVerifyParams("no algorithm is allowed"));
+        }
+        if params.audiences.is_empty() {
+            return Err(KeyError::InvalidVerifyParams("no audience is accepted"));
+        }
+        let header = parse_header(token)?;
+        let alg = pinned_algorithm(&header.alg, &params.algorithms)?;
+        if header.crit.is_some() {
+            return Err(KeyError::UnsupportedCritical);
+        }
+        let kid = header.kid.ok_or(KeyError::MissingKid)?;
+
+        let loaded = self.inner.ring.load();
+        let key = loaded
+            .keys
+            .iter()
+            .find(|k| k.record.kid.as_str() == kid && k.record.is_published_at(now))
+            .ok_or(KeyError::UnknownKid)?;
+        if key.record.alg != alg {
+            return Err(KeyError::AlgorithmMismatch);
+        }
+
+        // jsonwebtoken checks the signature; its own time checks read the system clock, so
+        // they are off and the registered claims are checked below against `now`.
+        let mut validation = jsonwebtoken::Validation::new(alg.jwt_algorithm());
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key.material.decoding, &validation)
+                .map_err(map_jwt_error)?;
+        let claims = data.claims;
+        check_registered_claims(&claims, params, now)?;
+        serde_json::from_value(Value::Object(claims))
+            .map_err(|e| KeyError::ClaimsShape(e.to_string()))
+    }
+
+    /// The JWKS document at `now`: every key that may verify a live token (next, active,
+    /// retiring) — never a compromised or retired one.
+    pub fn jwks(&self, now: OffsetDateTime) -> Value {
+        let loaded = self.inner.ring.load();
+        let keys: Vec<Value> = loaded
+            .keys
+            .iter()
+            .filter(|k| k.record.is_published_at(now))
+            .map(|k| k.material.jwk.clone())
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    /// The ring's state at `now`.
+    pub fn status(&self, now: OffsetDateTime) -> RingStatus {
+        let loaded = self.inner.ring.load();
+        let active = loaded.ring.signing_key_at(now);
+        RingStatus {
+            at: now,
+            active_kid: active.map(|k| k.kid.clone()),
+            active_key_age_seconds: active.map(|k| (now - k.activate_at).whole_seconds()),
+            next_rotation_at: active.map(|k| k.retire_at),
+            ring_version: loaded.version,
+            generation: loaded.generation,
+            loaded_at: loaded.loaded_at,
+            keys: loaded
+                .ring
+                .keys
+                .iter()
+                .map(|k| KeyStatus {
+                    kid: k.kid.clone(),
+                    alg: k.alg,
+                    state: k.state_at(now),
+                    published: k.is_published_at(now),
+                    created_at: k.created_at,
+                    publish_at: k.publish_at,
+                    activate_at: k.activate_at,
+                    retire_at: k.retire_at,
+                    expire_at: k.expire_at,
+                    compromised_at: k.compromised.as_ref().map(|c| c.at),
+                    compromise_reason: k.compromised.as_ref().map(|c| c.reason.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a key may sign at `now` (for readiness).
+    pub fn can_sign(&self, now: OffsetDateTime) -> bool {
+        self.inner.ring.load().ring.signing_key_at(now).is_some()
+    }
+
+    /// How many rings this handle has loaded (0: none yet).
+    pub fn generation(&self) -> u64 {
+        self.inner.ring.load().generation
+    }
+
+    /// When the current ring was loaded (`None`: never).
+    pub fn loaded_at(&self) -> Option<OffsetDateTime> {
+        self.inner.ring.load().loaded_at
+    }
+
+    /// The source version of the current ring.
+    pub fn ring_version(&self) -> Option<u64> {
+        self.inner.ring.load().version
+    }
+
+    /// A copy of the loaded ring (what the [`Rotator`](crate::Rotator) plans from).
+    pub fn ring(&self) -> KeyRing {
+        self.inner.ring.load().ring.clone()
+    }
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loaded = self.inner.ring.load();
+        f.debug_struct("Keys")
+            .field("generation", &loaded.generation)
+            .field("version", &loaded.version)
+            .field(
+                "kids",
+                &loaded
+                    .keys
+                    .iter()
+                    .map(|k| k.record.kid.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn parse_header(token: &str) -> Result<TokenHeader, KeyError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(KeyError::MalformedToken(
+            "a JWT has three dot-separated parts",
+        ));
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| KeyError::MalformedToken("header is not base64url"))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|_| KeyError::MalformedToken("header is not a JOSE header"))
+}
+
+fn pinned_algorithm(alg: &str, pinned: &[KeyAlgorithm]) -> Result<KeyAlgorithm, KeyError> {
+    // Only exact names of our own algorithms can ever be accepted: `none`, HS*, PS*, …
+    // never parse, whatever the configuration says.
+    pinned
+        .iter()
+        .copied()
+        .find(|a| a.as_str() == alg)
+        .ok_or(KeyError::DisallowedAlgorithm)
+}
+
+fn map_jwt_error(e: jsonwebtoken::errors::Error) -> KeyError {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => KeyError::InvalidSignature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            KeyError::DisallowedAlgorithm
+        }
+        ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+            KeyError::MalformedToken("claims are not a JSON object")
+        }
+        ErrorKind::Base64(_) | ErrorKind::InvalidToken => {
+            KeyError::MalformedToken("not a compact JWS")
+        }
+        _ => KeyError::InvalidSignature,
+    }
+}
+
+/// Reads a NumericDate claim (RFC 7519: a JSON number of seconds, possibly fractional).
+fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, KeyError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or(KeyError::InvalidClaim(name)),
+        Some(_) => Err(KeyError::InvalidClaim(name)),
+    }
+}
+
+fn check_registered_claims(
+    claims: &Map<String, Value>,
+    params: &VerifyParams,
+    now: OffsetDateTime,
+) -> Result<(), KeyError> {
+    let now_s = now.unix_timestamp_nanos() as f64 / 1e9;
+    let leeway = params.leeway.as_secs_f64();
+    let exp = numeric_date(claims, "exp")?.ok_or(KeyError::InvalidClaim("exp"))?;
+    if now_s > exp + leeway {
+        return Err(KeyError::Expired);
+    }
+    if let Some(nbf) = numeric_date(claims, "nbf")?
+        && nbf > now_s + leeway
+    {
+        return Err(KeyError::NotYetValid);
+    }
+    match claims.get("iss") {
+        Some(Value::String(iss)) if *iss == params.issuer => {}
+        Some(Value::String(_)) => return Err(KeyError::InvalidIssuer),
+        _ => return Err(KeyError::InvalidClaim("iss")),
+    }
+    let accepted = |aud: &str| params.audiences.iter().any(|a| a == aud);
+    let aud_ok = match claims.get("aud") {
+        Some(Value::String(aud)) => accepted(aud),
+        Some(Value::Array(list)) => list.iter().any(|v| v.as_str().is_some_and(accepted)),
+        _ => return Err(KeyError::InvalidClaim("aud")),
+    };
+    if !aud_ok {
+        return Err(KeyError::InvalidAudience);
+    }
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! The life cycle as pure functions of `(ring, policy, now)`.
+//!
+//! Effective key states never depend on a write: they follow from the stored instants
+//! ([`KeyRecord::state_at`]). Planning decides what must be *written* so that the stored
+//! instants keep covering the future — generate the next key when it is due for
+//! pre-publication, record transitions that happened, drop keys retired long ago — and
+//! returns the [`Transition`]s for the instance whose write wins to audit.
+//!
+//! Key generation draws randomness, so the functions are pure up to the key material.
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::material;
+use crate::model::RING_FORMAT;
+use crate::{Compromise, KeyError, KeyRecord, KeyRing, KeyState, Kid, Policy};
+
+/// How far back a key that must sign *immediately* (first key, emergency, overdue
+/// recovery) is dated, so that an instance whose clock lags the writer's by less than this
+/// still sees it active. Never earlier than the end of the previous key's signing window.
+pub const ACTIVATION_BACKDATE: time::Duration = time::Duration::seconds(60);
+
+/// What a planning step wants written.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The ring to write (equal to the input when [`Plan::is_empty`]).
+    pub ring: KeyRing,
+    /// What changed, in order, for the audit log.
+    pub transitions: Vec<Transition>,
+}
+
+/// One event in a key's life, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    /// The key.
+    pub kid: Kid,
+    /// The state before; `None` when the key was just generated.
+    pub from: Option<KeyState>,
+    /// The state after; `None` when the key was dropped from the ring.
+    pub to: Option<KeyState>,
+    /// When it happened (the planned instant, which may precede the write).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Why.
+    pub reason: TransitionReason,
+}
+
+/// Why a transition happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TransitionReason {
+    /// The first key of an empty ring.
+    Initial,
+    /// The regular schedule.
+    Scheduled,
+    /// No key could sign (the ring was not planned in time, e.g. the key source was
+    /// unreachable for longer than the pre-publication lead): a key was activated at once.
+    Overdue,
+    /// An operator brought the next rotation forward.
+    RotateNow,
+    /// An operator declared the active key compromised.
+    Compromised {
+        /// The operator's reason.
+        note: String,
+    },
+    /// Removed from the ring after the retention period.
+    Dropped,
+}
+
+// === impl Plan ===
+
+impl Plan {
+    /// True when nothing needs writing.
+    pub fn is_empty(&self) -> bool {
+        self.transitions.is_empty()
+    }
+}
+
+/// Brings a ring up to date at `now`:
+///
+/// 1. drops keys retired for longer than the retention;
+/// 2. if no key signs at `now`, activates one at once (the pending next key if there is one,
+///    else a fresh key) — reason [`TransitionReason::Initial`] for an empty ring, else
+///    [`TransitionReason::Overdue`];
+/// 3. when the active key's retirement is within the pre-publication lead and no successor
+///    exists, generates the successor: published now, active from the active key's
+///    retirement for one period, verifying for the overlap after that;
+/// 4. records (as transitions) every state change the stored instants imply since the last
+///    write.
+pub fn plan(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan, KeyError> {
+    let mut planner = Planner::new(ring, policy, now);
+    planner.drop_expired();
+    planner.ensure_active()?;
+    planner.ensure_successor()?;
+    Ok(planner.finish())
+}
+
+/// Brings the next rotation forward (not an emergency): the next key (or a fresh one when
+/// none is pending) signs from `now`; the current key goes retiring now and keeps
+/// verifying for the normal overlap.
+pub fn rotate_now(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan, KeyError> {
+    let mut planner = Planner::new(ring, policy, now);
+    planner.drop_expired();
+    planner.ensure_active()?;
+    let active = planner.active_index().ok_or(KeyError::NoActiveKey)?;
+    // Record what already happened (e.g. the activation) under its own reason first.
+    planner.record_index(active);
+    let successor = match planner.pending_key() {
+        Some(i) => i,
+        None => planner.generate(now, now, TransitionReason::RotateNow)?,
+    };
+    planner.set_reason(successor, TransitionReason::RotateNow);
+    planner.set_reason(active, TransitionReason::RotateNow);
+    let (period, overlap) = (policy.period(), policy.overlap_td());
+    {
+        let old = &mut planner.ring.keys[active];
+        old.retire_at = now;
+        old.expire_at = now + overlap;
+    }
+    {
+        let new = &mut planner.ring.keys[successor];
+        new.publish_at = new.publish_at.min(now);
+        new.activate_at = now;
+        new.retire_at = now + period;
+        new.expire_at = new.retire_at + overlap;
+    }
+    // Successor of the successor, if the lead is longer than what is left (never with a
+    // valid policy, but the function stays total).
+    planner.ensure_successor()?;
+    Ok(planner.finish())
+}
+
+/// Emergency rotation after a key compromise: the active key is retired at once (flagged
+/// compromised, gone from JWKS, verifying nothing); a pending next key, stored alongside it,
+/// is discarded; a fresh key signs immediately.
+pub fn emergency_rotate(
+    ring: &KeyRing,
+    policy: &Policy,
+    now: OffsetDateTime,
+    note: &str,
+) -> Result<Plan, KeyError> {
+    let reason = TransitionReason::Compromised {
+        note: note.to_owned(),
+    };
+    let mut planner = Planner::new(ring, policy, now);
+    planner.drop_expired();
+    planner.ensure_active()?;
+    let active = planner.active_index().ok_or(KeyError::NoActiveKey)?;
+    planner.record_index(active);
+    let compromised_kid = planner.ring.keys[active].kid.clone();
+    {
+        let key = &mut planner.ring.keys[active];
+        key.compromised = Some(Compromise {
+            at: now,
+            reason: note.to_owned(),
+        });
+        key.retire_at = key.retire_at.min(now).max(key.activate_at);
+        key.expire_at = key.expire_at.min(now).max(key.retire_at);
+        planner.transitions.push(Transition {
+            kid: key.kid.clone(),
+            from: Some(key.recorded_state),
+            to: Some(KeyState::Retired),
+            at: now,
+            reason: reason.clone(),
+        });
+        key.recorded_state = KeyState::Retired;
+    }
+    // Pending keys never signed; they were stored with the compromised one, so they go too.
+    let mut index = 0;
+    while index < planner.ring.keys.len() {
+        let key = &planner.ring.keys[index];
+        if key.kid != compromised_kid
+            && key.compromised.is_none()
+            && key.state_at(now) == KeyState::Next
+        {
+            planner.transitions.push(Transition {
+                kid: key.kid.clone(),
+                from: Some(key.recorded_state),
+                to: None,
+                at: now,
+                reason: reason.clone(),
+            });
+            planner.ring.keys.remove(index);
+        } else {
+            index += 1;
+        }
+    }
+    let at = planner.immediate_activation();
+    let fresh = planner.generate(at, at, reason.clone())?;
+    planner.set_reason(fresh, reason);
+    Ok(planner.finish())
+}
+
+/// Working state of one planning call.
+struct Planner<'p> {
+    ring: KeyRing,
+    policy: &'p Policy,
+    now: OffsetDateTime,
+    transitions: Vec<Transition>,
+    /// Reasons for the state changes [`Planner::record`] will find, by key.
+    reasons: Vec<(Kid, TransitionReason)>,
+}
+
+// === impl Planner ===
+
+impl<'p> Planner<'p> {
+    fn new(ring: &KeyRing, policy: &'p Policy, now: OffsetDateTime) -> Self {
+        let mut ring = ring.clone();
+        ring.format = RING_FORMAT;
+        Self {
+            ring,
+            policy,
+            now,
+            transitions: Vec::new(),
+            reasons: Vec::new(),
+        }
+    }
+
+    fn drop_expired(&mut self) {
+        let (now, retention) = (self.now, self.policy.retention());
+        let mut index = 0;
+        while index < self.ring.keys.len() {
+            let key = &self.ring.keys[index];
+            if key.state_at(now) == KeyState::Retired && now >= key.retired_at() + retention {
+                // Record the retirement first if no write saw it.
+                if key.recorded_state != KeyState::Retired {
+                    self.record_index(index);
+                }
+                let key = &self.ring.keys[index];
+                self.transitions.push(Transition {
+                    kid: key.kid.clone(),
+                    from: Some(KeyState::Retired),
+                    to: None,
+                    at: now,
+                    reason: TransitionReason::Dropped,
+                });
+                self.ring.keys.remove(index);
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    fn active_index(&self) -> Option<usize> {
+        let now = self.now;
+        self.ring
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.signs_at(now))
+            .max_by_key(|(_, k)| k.activate_at)
+            .map(|(i, _)| i)
+    }
+
+    /// The trusted key planned to sign next (state `next` at `now`), if any.
+    fn pending_key(&self) -> Option<usize> {
+        let now = self.now;
+        self.ring
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.compromised.is_none() && k.state_at(now) == KeyState::Next)
+            .min_by_key(|(_, k)| k.activate_at)
+            .map(|(i, _)| i)
+    }
+
+    /// The earliest sane instant for a key that must sign right now (see
+    /// [`ACTIVATION_BACKDATE`]): not before any other trusted key stopped signing.
+    fn immediate_activation(&self) -> OffsetDateTime {
+        let now = self.now;
+        self.ring
+            .keys
+            .iter()
+            .filter(|k| k.compromised.is_none() && k.activate_at <= now)
+            .map(|k| k.retire_at.min(now))
+            .fold(now - ACTIVATION_BACKDATE, OffsetDateTime::max)
+    }
+
+    fn ensure_active(&mut self) -> Result<(), KeyError> {
+        if self.active_index().is_some() {
+            return Ok(());
+        }
+        let reason = if self.ring.keys.is_empty() {
+            TransitionReason::Initial
+        } else {
+            TransitionReason::Overdue
+        };
+        let at = self.immediate_activation();
+        let index = match self.pending_key() {
+            Some(i) => {
+                let (period, overlap) = (self.policy.period(), self.policy.overlap_td());
+                let key = &mut self.ring.keys[i];
+                key.publish_at = key.publish_at.min(at);
+                key.activate_at = at;
+                key.retire_at = at + period;
+                key.expire_at = key.retire_at + overlap;
+                i
+            }
+            None => self.generate(at, at, reason.clone())?,
+        };
+        self.set_reason(index, reason);
+        Ok(())
+    }
+
+    fn ensure_successor(&mut self) -> Result<(), KeyError> {
+        let Some(active) = self.active_index() else {
+            return Ok(());
+        };
+        let retire_at = self.ring.keys[active].retire_at;
+        if self.now < retire_at - self.policy.lead() {
+            return Ok(());
+        }
+        let has_successor = self.ring.keys.iter().any(|k| {
+            k.compromised.is_none()
+                && k.activate_at >= retire_at
+                && k.kid != self.ring.keys[active].kid
+        });
+        if !has_successor {
+            self.generate(self.now, retire_at, TransitionReason::Scheduled)?;
+        }
+        Ok(())
+    }
+
+    /// Generates a key published at `publish_at`, signing from `activate_at` for one period.
+    fn generate(
+        &mut self,
+        publish_at: OffsetDateTime,
+        activate_at: OffsetDateTime,
+        reason: TransitionReason,
+    ) -> Result<usize, KeyError> {
+        let generated = material::generate(self.policy.algorithm)?;
+        let retire_at = activate_at + self.policy.period();
+        let record = KeyRecord {
+            kid: generated.kid,
+            alg: self.policy.algorithm,
+            created_at: self.now,
+            publish_at,
+            activate_at,
+            retire_at,
+            expire_at: retire_at + self.policy.overlap_td(),
+            recorded_state: KeyState::Next,
+            compromised: None,
+            private_key: generated.private_key,
+        };
+        self.transitions.push(Transition {
+            kid: record.kid.clone(),
+            from: None,
+            to: Some(KeyState::Next),
+            at: publish_at,
+            reason,
+        });
+        self.ring.keys.push(record);
+        Ok(self.ring.keys.len() - 1)
+    }
+
+    fn set_reason(&mut self, index: usize, reason: TransitionReason) {
+        let kid = self.ring.keys[index].kid.clone();
+        self.reasons.retain(|(k, _)| k != &kid);
+        self.reasons.push((kid, reason));
+    }
+
+    /// Emits the transitions from a key's recorded state to its effective state.
+    fn record_index(&mut self, index: usize) {
+        let now = self.now;
+        let kid = &self.ring.keys[index].kid;
+        let reason = self
+            .reasons
+            .iter()
+            .find(|(k, _)| k == kid)
+            .map_or(TransitionReason::Scheduled, |(_, r)| r.clone());
+        let key = &mut self.ring.keys[index];
+        let target = key.state_at(now);
+        let mut state = key.recorded_state;
+        while state < target {
+            let Some(next) = state.successor() else { break };
+            self.transitions.push(Transition {
+                kid: key.kid.clone(),
+                from: Some(state),
+                to: Some(next),
+                at: key.instant_of(next),
+                reason: reason.clone(),
+            });
+            state = next;
+        }
+        key.recorded_state = key.recorded_state.max(target);
+    }
+
+    fn finish(mut self) -> Plan {
+        for index in 0..self.ring.keys.len() {
+            self.record_index(index);
+        }
+        self.ring
+            .keys
+            .sort_by_key(|k| (k.activate_at, k.created_at));
+        Plan {
+            ring: self.ring,
+            transitions: self.transitions,
+        }
+    }
+}

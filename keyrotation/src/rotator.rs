@@ -1,0 +1,364 @@
+//! Keeps [`Keys`] in step with the key source, and (when allowed) keeps the stored ring
+//! planned.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::source::{KeySource, StoreOutcome, Versioned};
+use crate::{Clock, KeyError, KeyRing, Keys, Plan, Policy, Transition};
+
+/// How many check-and-set conflicts one call tolerates before giving up (each conflict
+/// means another instance wrote; after a reload there is normally nothing left to do).
+const MAX_CAS_ATTEMPTS: u32 = 4;
+
+/// Whether this instance may write the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationMode {
+    /// Plans and writes (check-and-set) when the ring needs it, and creates the first ring.
+    InProcess,
+    /// Only reads (serving instances with a read-only Vault policy). Effective key states
+    /// still follow the stored instants, so signing switches keys on schedule.
+    ReadOnly,
+}
+
+/// What one reload (or rotation) did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReloadOutcome {
+    /// Transitions this instance wrote (empty when nothing was due, when another instance
+    /// wrote them, or in read-only mode). Audit these.
+    pub transitions: Vec<Transition>,
+    /// The ring version now loaded into [`Keys`].
+    pub version: u64,
+    /// Whether [`Keys`] received a different ring.
+    pub keys_changed: bool,
+    /// Check-and-set conflicts met (another instance wrote first).
+    pub conflicts: u32,
+}
+
+/// Counters for metrics and readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RotatorHealth {
+    /// Successful reloads.
+    pub reloads: u64,
+    /// Failed reloads.
+    pub reload_failures: u64,
+    /// Failed reloads since the last success (0: the source is reachable).
+    pub consecutive_failures: u64,
+    /// When the last reload succeeded.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_success_at: Option<OffsetDateTime>,
+    /// The last reload error (secret-free), cleared by a success.
+    pub last_error: Option<String>,
+    /// Transitions this instance wrote since it started.
+    pub transitions_written: u64,
+}
+
+/// Reloads the ring into [`Keys`], planning and writing it when this instance may.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Rotator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Arc<dyn KeySource>,
+    keys: Keys,
+    policy: Policy,
+    mode: RotationMode,
+    clock: Arc<dyn Clock>,
+    /// One reload or rotation at a time per instance.
+    serial: tokio::sync::Mutex<()>,
+    transitions: broadcast::Sender<Transition>,
+    reloads: AtomicU64,
+    failures: AtomicU64,
+    consecutive_failures: AtomicU64,
+    /// Unix nanoseconds of the last success, `i64::MIN` when none.
+    last_success: AtomicI64,
+    last_error: Mutex<Option<String>>,
+    transitions_written: AtomicU64,
+}
+
+/// What kind of write a call makes.
+enum Action {
+    Plan,
+    Rotate { emergency: Option<String> },
+}
+
+// === impl Rotator ===
+
+impl Rotator {
+    /// A rotator over `source`, publishing into `keys`. The policy should have passed
+    /// [`Policy::validate`].
+    pub fn new(
+        source: Arc<dyn KeySource>,
+        keys: Keys,
+        policy: Policy,
+        mode: RotationMode,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let (transitions, _) = broadcast::channel(64);
+        Self {
+            inner: Arc::new(Inner {
+                source,
+                keys,
+                policy,
+                mode,
+                clock,
+                serial: tokio::sync::Mutex::new(()),
+                transitions,
+                reloads: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                consecutive_failures: AtomicU64::new(0),
+                last_success: AtomicI64::new(i64::MIN),
+                last_error: Mutex::new(None),
+                transitions_written: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The keys this rotator publishes into.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> RotationMode {
+        self.inner.mode
+    }
+
+    /// The source's description.
+    pub fn describe_source(&self) -> String {
+        self.inner.source.describe()
+    }
+
+    /// Every transition this instance writes, as it writes it (for the audit log of the
+    /// background task's work). Lagging receivers lose the oldest events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Transition> {
+        self.inner.transitions.subscribe()
+    }
+
+    /// Counters for metrics and readiness.
+    pub fn health(&self) -> RotatorHealth {
+        let last = self.inner.last_success.load(Ordering::Acquire);
+        RotatorHealth {
+            reloads: self.inner.reloads.load(Ordering::Relaxed),
+            reload_failures: self.inner.failures.load(Ordering::Relaxed),
+            consecutive_failures: self.inner.consecutive_failures.load(Ordering::Relaxed),
+            last_success_at: (last != i64::MIN)
+                .then(|| OffsetDateTime::from_unix_timestamp_nanos(i128::from(last)).ok())
+                .flatten(),
+            last_error: self
+                .inner
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            transitions_written: self.inner.transitions_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Loads the ring (creating the first one if none exists and this instance may write),
+    /// plans it at the clock's `now`, writes the plan with check-and-set when there is
+    /// something to write and this instance may (on a conflict: reload and re-plan, a
+    /// bounded number of times), and publishes the stored ring into [`Keys`].
+    ///
+    /// On error [`Keys`] keeps the ring it holds; [`KeyError::is_source_unavailable`]
+    /// tells an unreachable source from other failures.
+    pub async fn reload_once(&self) -> Result<ReloadOutcome, KeyError> {
+        let result = self.run(Action::Plan).await;
+        self.record(&result);
+        result
+    }
+
+    /// Rotates now, for the CLI and admin API: `emergency = false` brings the next
+    /// rotation forward (the current key keeps verifying for the overlap);
+    /// `emergency = true` declares the active key compromised (it stops verifying at once).
+    /// Check-and-set like every write; if another instance rotated the same key meanwhile,
+    /// nothing more is done. Refused with [`KeyError::ReadOnly`] in read-only mode.
+    pub async fn rotate(&self, emergency: bool) -> Result<ReloadOutcome, KeyError> {
+        let note = emergency.then(|| "declared compromised by an operator".to_owned());
+        self.rotate_with_reason(note).await
+    }
+
+    /// Like [`Self::rotate`]; `Some(note)` is an emergency rotation recording `note` as the
+    /// reason (audit log, ring status).
+    pub async fn rotate_with_reason(
+        &self,
+        emergency: Option<String>,
+    ) -> Result<ReloadOutcome, KeyError> {
+        if self.inner.mode == RotationMode::ReadOnly {
+            return Err(KeyError::ReadOnly);
+        }
+        self.run(Action::Rotate { emergency }).await
+    }
+
+    /// Runs [`Self::reload_once`] now and then every `interval` until `cancel` fires.
+    /// Failures are logged (secret-free) and the last good ring stays in [`Keys`].
+    pub fn spawn(
+        &self,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match this.reload_once().await {
+                    Ok(outcome) => {
+                        for t in &outcome.transitions {
+                            tracing::info!(kid = %t.kid, from = ?t.from, to = ?t.to, at = %t.at,
+                                reason = ?t.reason, "signing key transition written");
+                        }
+                    }
+                    Err(e) => {
+                        let health = this.health();
+                        tracing::warn!(source = %this.describe_source(), error = %e,
+                            consecutive_failures = health.consecutive_failures,
+                            "key ring reload failed; keeping the last loaded ring");
+                    }
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
+    }
+
+    async fn run(&self, action: Action) -> Result<ReloadOutcome, KeyError> {
+        let _serial = self.inner.serial.lock().await;
+        let source = &self.inner.source;
+        let mut conflicts = 0;
+        // For a rotation: the key that was active when the operator asked, so that a retry
+        // after a conflict does not rotate twice.
+        let mut target = None;
+        loop {
+            let loaded = source.load().await?;
+            let now = self.inner.clock.now();
+            let write_allowed = self.inner.mode == RotationMode::InProcess;
+            let (ring, expected) = match loaded {
+                Some(Versioned { value, version }) => (value, Some(version)),
+                None if write_allowed && matches!(action, Action::Plan) => (KeyRing::empty(), None),
+                None => return Err(KeyError::NoRing),
+            };
+
+            let plan = match &action {
+                Action::Plan if !write_allowed => None,
+                Action::Plan => Some(crate::plan(&ring, &self.inner.policy, now)?),
+                Action::Rotate { emergency } => {
+                    let active = ring.signing_key_at(now).map(|k| k.kid.clone());
+                    match (&target, &active) {
+                        // Someone already rotated the key we were asked to rotate.
+                        (Some(t), a) if a.as_ref() != Some(t) => None,
+                        _ => {
+                            target = active.or_else(|| target.clone());
+                            Some(match emergency {
+                                Some(note) => {
+                                    crate::emergency_rotate(&ring, &self.inner.policy, now, note)?
+                                }
+                                None => crate::rotate_now(&ring, &self.inner.policy, now)?,
+                            })
+                        }
+                    }
+                }
+            };
+
+            let Some(Plan {
+                ring: planned,
+                transitions,
+            }) = plan.filter(|p| !p.is_empty())
+            else {
+                let Some(version) = expected else {
+                    return Err(KeyError::NoRing);
+                };
+                let keys_changed = self.inner.keys.publish(ring, Some(version), now)?;
+                return Ok(ReloadOutcome {
+                    transitions: Vec::new(),
+                    version,
+                    keys_changed,
+                    conflicts,
+                });
+            };
+
+            match source.store(&planned, expected).await? {
+                StoreOutcome::Stored(version) => {
+                    let keys_changed = self.inner.keys.publish(planned, Some(version), now)?;
+                    self.inner
+                        .transitions_written
+                        .fetch_add(transitions.len() as u64, Ordering::Relaxed);
+                    for t in &transitions {
+                        // No receiver is fine: the outcome carries them too.
+                        let _ = self.inner.transitions.send(t.clone());
+                    }
+                    return Ok(ReloadOutcome {
+                        transitions,
+                        version,
+                        keys_changed,
+                        conflicts,
+                    });
+                }
+                StoreOutcome::Conflict => {
+                    conflicts += 1;
+                    tracing::debug!(source = %source.describe(), conflicts, "key ring write lost a check-and-set race; reloading");
+                    if conflicts >= MAX_CAS_ATTEMPTS {
+                        // Still publish the newest ring we can read.
+                        if let Ok(Some(latest)) = source.load().await {
+                            let _ = self.inner.keys.publish(
+                                latest.value,
+                                Some(latest.version),
+                                self.inner.clock.now(),
+                            );
+                        }
+                        return Err(KeyError::TooManyConflicts(conflicts));
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, result: &Result<ReloadOutcome, KeyError>) {
+        let inner = &self.inner;
+        match result {
+            Ok(_) => {
+                inner.reloads.fetch_add(1, Ordering::Relaxed);
+                inner.consecutive_failures.store(0, Ordering::Relaxed);
+                let now =
+                    i64::try_from(inner.clock.now().unix_timestamp_nanos()).unwrap_or(i64::MAX);
+                inner.last_success.store(now, Ordering::Release);
+                *inner
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            Err(e) => {
+                inner.failures.fetch_add(1, Ordering::Relaxed);
+                inner.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                *inner
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Rotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotator")
+            .field("source", &self.inner.source.describe())
+            .field("mode", &self.inner.mode)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
