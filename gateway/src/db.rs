@@ -112,7 +112,13 @@ impl Database {
     pub async fn migrate_until_done(&self, stop: CancellationToken) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.migrate().await {
+            // a connection attempt may hang until the acquire timeout: shutdown must not
+            // wait for it
+            let attempt = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.migrate() => r,
+            };
+            match attempt {
                 Ok(()) => {
                     tracing::info!(backend = self.backend(), "database schema up to date");
                     return;

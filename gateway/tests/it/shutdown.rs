@@ -68,10 +68,12 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
     // its full check deadline (2 s): a genuinely slow in-flight request
     let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let db_port = blackhole.local_addr().unwrap().port();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
     let _hold = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((s, _)) = blackhole.accept().await {
             held.push(s);
+            let _ = accepted_tx.send(());
         }
     });
     let pki = Pki::new();
@@ -101,7 +103,10 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
         tokio::spawn(async move { reqwest::get(format!("http://127.0.0.1:{admin}/readyz")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.signal("TERM");
-    let response = probe.await.unwrap().expect("in-flight request was cut off");
+    let response = probe
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("in-flight request was cut off: {e:?}\n{}", child.output()));
     assert_eq!(response.status(), 503);
     let status = child
         .wait(Duration::from_secs(15))

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need (Redis,
+# Postgres, nginx, OpenBao, the OIDC provider; idempotent) and runs every crate's tests
+# against those real servers. Extra arguments go to `cargo test`.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "scripts/test.sh: cargo not found; install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+
+bash scripts/install-prereqs.sh
+
+# Two cores: let cargo use both for building, and keep test threads modest so the real
+# servers the tests start are not starved.
+export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
+
+# The end-to-end suites run the `portcullis` binary; build it before any test starts.
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"
