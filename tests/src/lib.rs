@@ -1,1 +1,234 @@
-//! Placeholder; replaced by the test harness.
+//! The Portcullis test harness: starts **real** Redis, Redis Cluster, Postgres, OpenBao
+//! (the Vault API), an OpenID Connect provider and nginx for every crate's tests.
+//!
+//! Nothing here is a stand-in: each type runs the real server binary on a free port in a
+//! temp dir of its own, waits (with a deadline) until it answers its own protocol, and
+//! kills it when dropped. See `/work/shared/TESTING.md` for why.
+//!
+//! # Use
+//!
+//! Add `portcullis-tests = { workspace = true }` to a crate's `[dev-dependencies]`, then:
+//!
+//! ```no_run
+//! # fn main() -> harness::Result<()> {
+//! // One server per test binary, started on first use (slow servers: share them) ...
+//! let redis = harness::Redis::shared();
+//! let url = redis.url(); // redis://127.0.0.1:P/ — isolate tests by key prefix
+//! let pg = harness::Postgres::shared();
+//! let db_url = pg.fresh_database("refresh_tokens")?; // a new, empty database
+//! let bao = harness::OpenBao::shared(); // dev mode, kv-v2 at secret/
+//! bao.bao(&["secrets", "enable", "-path=transit-mytest", "transit"])?;
+//!
+//! // ... or one of your own when a test stops, restarts or breaks it.
+//! let own = harness::Redis::start_persistent()?;
+//! own.restart()?; // same port, same data
+//! # Ok(()) }
+//! ```
+//!
+//! The OIDC provider ([`OidcProvider`]) runs `tests/oidc/provider.mjs` (oidc-provider)
+//! with the users in [`TEST_USERS`]; [`OidcProvider::browser_login`] drives its HTML
+//! login like a browser. [`Nginx::start`] takes a full `nginx.conf`, usually rendered
+//! from `deploy/nginx` with [`render_template`].
+//!
+//! # Failures and logs
+//!
+//! Each server's stdout and stderr go to a log file in its temp dir. Readiness failures
+//! carry the last lines of that log; a server dropped during a panic prints them to
+//! stderr. Shared servers are never dropped: use their `log_path()` to read the log. Set
+//! `PORTCULLIS_KEEP_TEST_DIRS=1` to keep the temp dirs (data and logs) afterwards.
+//!
+//! # Process lifetime
+//!
+//! Every server runs under a small `sh` watchdog (see `process.rs`) that holds the read
+//! end of a pipe whose write end only the test binary has. When the test binary exits —
+//! normally, by panic, or killed — the pipe closes and the watchdog stops the server and
+//! removes its temp dir, so no server outlives the test binary, including the `shared()`
+//! ones that live in statics.
+//!
+//! Missing binaries produce an error that says to run `scripts/install-prereqs.sh`.
+
+mod http;
+mod nginx;
+mod oidc;
+mod openbao;
+mod postgres;
+mod process;
+mod redis;
+mod template;
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use nginx::Nginx;
+pub use oidc::{OidcOptions, OidcProvider, TEST_USERS, TestUser, browser_client, pkce_s256};
+pub use openbao::OpenBao;
+pub use postgres::Postgres;
+pub use process::KEEP_DIRS_ENV;
+pub use redis::{Redis, RedisCluster};
+pub use template::render_template;
+
+/// The harness's result type.
+pub type Result<T> = std::result::Result<T, HarnessError>;
+
+/// What can go wrong while starting or driving a test server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HarnessError {
+    /// A program the harness runs is not installed.
+    #[error("{program} not found (looked for {looked_in}): run scripts/install-prereqs.sh")]
+    MissingBinary {
+        /// The program's name.
+        program: String,
+        /// Where it was looked for.
+        looked_in: String,
+    },
+    /// An I/O operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the harness was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server did not become ready before its deadline.
+    #[error("{service} was not ready ({what}) after {waited:?}; log {log:?} ends with:\n{tail}")]
+    NotReady {
+        /// Which server.
+        service: String,
+        /// What was being waited for.
+        what: String,
+        /// How long the harness waited.
+        waited: Duration,
+        /// The server's log file.
+        log: PathBuf,
+        /// The last lines of that log.
+        tail: String,
+    },
+    /// A server exited while the harness was waiting for it.
+    #[error("{service} exited ({status}) while starting; log {log:?} ends with:\n{tail}")]
+    Exited {
+        /// Which server.
+        service: String,
+        /// Its exit status.
+        status: String,
+        /// The server's log file.
+        log: PathBuf,
+        /// The last lines of that log.
+        tail: String,
+    },
+    /// A helper command (`initdb`, `psql`, `bao`, `redis-cli`, ...) failed.
+    #[error("{command} failed ({status}): {stderr} {stdout}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it wrote to stderr.
+        stderr: String,
+        /// What it wrote to stdout.
+        stdout: String,
+    },
+    /// `render_template` found placeholders without a value.
+    #[error("template placeholders without a value: {}", missing.join(", "))]
+    Template {
+        /// The unfilled placeholder names.
+        missing: Vec<String>,
+    },
+    /// An HTTP request made by a harness helper failed.
+    #[error("HTTP request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The OIDC provider's login form rejected the credentials.
+    #[error("login rejected by the identity provider: {0}")]
+    LoginRejected(String),
+    /// A server or helper answered something the harness did not expect.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl HarnessError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> HarnessError {
+        HarnessError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The workspace root (the directory holding the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.to_path_buf(), Path::to_path_buf)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago: bind port 0, read it, drop it.
+///
+/// Never returns the same port twice within one test binary, so servers started at the
+/// same time do not race each other for it.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = match TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()) {
+            Ok(addr) => addr.port(),
+            Err(e) => panic!("cannot bind any port on 127.0.0.1: {e}"),
+        };
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Whether `port` on 127.0.0.1 can be bound right now.
+pub(crate) fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Finds `program` on `PATH` or in `extra` directories.
+pub(crate) fn find_program(program: &str, extra: &[&str]) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(extra.iter().map(PathBuf::from))
+        .collect();
+    dirs.iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or_else(|| HarnessError::MissingBinary {
+            program: program.to_owned(),
+            looked_in: format!("PATH and {}", extra.join(", ")),
+        })
+}
+
+/// Our effective user id, from `/proc/self/status` (no libc, no unsafe).
+pub(crate) fn effective_uid() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| HarnessError::io("reading /proc/self/status", e))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .ok_or_else(|| HarnessError::Unexpected("no Uid line in /proc/self/status".into()))
+}
+
+/// The (uid, gid) of a local user, from `/etc/passwd`.
+pub(crate) fn user_ids(name: &str) -> Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| HarnessError::io("reading /etc/passwd", e))?;
+    passwd
+        .lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|fields| fields.first() == Some(&name))
+        .and_then(|fields| Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?)))
+        .ok_or_else(|| HarnessError::MissingBinary {
+            program: format!("the `{name}` user"),
+            looked_in: "/etc/passwd".into(),
+        })
+}
