@@ -389,7 +389,7 @@ impl VaultKeySource {
                     });
                     tracing::debug!(source = %self.describe(), ttl_s = auth.lease_duration, "vault token renewed");
                     // A renewal capped well below the usual TTL: the token nears its max TTL.
-                    let capped = ttl < lease.initial_ttl / 2;
+                    let capped = ttl < lease.initial_ttl.mul_f64(RENEW_AT_FRACTION);
                     if capped && is_approle {
                         self.relogin().await?;
                     } else if capped {

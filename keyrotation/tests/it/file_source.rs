@@ -1,0 +1,214 @@
+//! The `--dev` file key source, and the Rotator driven over it.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::Arc;
+
+use keyrotation::{
+    Clock, FileKeySource, KeyError, KeyRing, KeySource, KeyState, Keys, ManualClock, Policy,
+    RotationMode, Rotator, StoreOutcome, TransitionReason,
+};
+
+use crate::common::{DAY, HOUR, claims, key_source_conformance, t0};
+
+#[tokio::test]
+async fn file_source_behaves_like_every_key_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = FileKeySource::new(dir.path().join("keys")).unwrap();
+    key_source_conformance(&source).await;
+}
+
+#[tokio::test]
+async fn ring_file_is_private_and_leaves_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = FileKeySource::new(dir.path().join("keys")).unwrap();
+    let ring = keyrotation::plan(&KeyRing::empty(), &Policy::default(), t0())
+        .unwrap()
+        .ring;
+    source.store(&ring, None).await.unwrap();
+    source.store(&ring, Some(1)).await.unwrap();
+
+    let mode = std::fs::metadata(source.path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "ring file mode {mode:o}");
+    let dir_mode = std::fs::metadata(dir.path().join("keys"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700, "ring dir mode {dir_mode:o}");
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["keyring.json".to_owned()]);
+}
+
+#[tokio::test]
+async fn ring_survives_reopening_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyrotation::plan(&KeyRing::empty(), &Policy::default(), t0())
+        .unwrap()
+        .ring;
+    {
+        let source = FileKeySource::new(dir.path()).unwrap();
+        assert_eq!(
+            source.store(&ring, None).await.unwrap(),
+            StoreOutcome::Stored(1)
+        );
+    }
+    let reopened = FileKeySource::new(dir.path()).unwrap();
+    let loaded = reopened.load().await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.value), (1, ring.clone()));
+    // Check-and-set continues from the stored version.
+    assert_eq!(
+        reopened.store(&ring, None).await.unwrap(),
+        StoreOutcome::Conflict
+    );
+    assert_eq!(
+        reopened.store(&ring, Some(1)).await.unwrap(),
+        StoreOutcome::Stored(2)
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_ring_file_is_reported_without_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = FileKeySource::new(dir.path()).unwrap();
+    std::fs::write(
+        source.path(),
+        br#"{"version": 1, "ring": {"format": 1, "keys": "MIGHT-BE-SECRET"}}"#,
+    )
+    .unwrap();
+    let err = source.load().await.unwrap_err();
+    assert!(matches!(err, KeyError::CorruptRing(_)), "{err}");
+    assert!(!err.to_string().contains("MIGHT-BE-SECRET"), "{err}");
+}
+
+#[tokio::test]
+async fn racing_rotators_on_one_file_write_each_change_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let rotators: Vec<Rotator> = (0..3)
+        .map(|_| {
+            Rotator::new(
+                Arc::new(FileKeySource::new(dir.path()).unwrap()),
+                Keys::empty(),
+                Policy::default(),
+                RotationMode::InProcess,
+                Arc::new(clock.clone()),
+            )
+        })
+        .collect();
+
+    for step in [time::Duration::ZERO, DAY * 23, DAY * 30, DAY * 60, DAY * 67] {
+        clock.set(t0() + step);
+        let (a, b, c) = tokio::join!(
+            rotators[0].reload_once(),
+            rotators[1].reload_once(),
+            rotators[2].reload_once()
+        );
+        let outcomes = [a.unwrap(), b.unwrap(), c.unwrap()];
+        let writers = outcomes
+            .iter()
+            .filter(|o| !o.transitions.is_empty())
+            .count();
+        assert_eq!(writers, 1, "at +{step}: {outcomes:?}");
+        let versions: Vec<u64> = rotators
+            .iter()
+            .map(|r| r.keys().ring_version().unwrap())
+            .collect();
+        assert!(versions.iter().all(|v| *v == versions[0]), "{versions:?}");
+        assert_eq!(rotators[0].keys().ring(), rotators[2].keys().ring());
+    }
+}
+
+#[tokio::test]
+async fn rotator_over_a_file_creates_rotates_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let rotator = Rotator::new(
+        Arc::new(FileKeySource::new(dir.path()).unwrap()),
+        Keys::empty(),
+        Policy::default(),
+        RotationMode::InProcess,
+        Arc::new(clock.clone()),
+    );
+    let mut audit = rotator.subscribe();
+
+    let first = rotator.reload_once().await.unwrap();
+    assert_eq!(first.version, 1);
+    assert!(first.keys_changed);
+    assert_eq!(first.transitions[0].reason, TransitionReason::Initial);
+    assert_eq!(audit.try_recv().unwrap(), first.transitions[0]);
+    let old = rotator.keys().status(clock.now()).active_kid.unwrap();
+
+    // Nothing due: no write, same ring.
+    clock.advance(HOUR);
+    let quiet = rotator.reload_once().await.unwrap();
+    assert!(quiet.transitions.is_empty());
+    assert!(!quiet.keys_changed);
+    assert_eq!(quiet.version, 1);
+
+    let rotated = rotator.rotate(false).await.unwrap();
+    assert_eq!(rotated.version, 2);
+    let status = rotator.keys().status(clock.now());
+    assert_ne!(status.active_kid.as_ref(), Some(&old));
+    let old_status = status.keys.iter().find(|k| k.kid == old).unwrap();
+    assert_eq!(old_status.state, KeyState::Retiring);
+
+    let emergency = rotator
+        .rotate_with_reason(Some("laptop stolen".to_owned()))
+        .await
+        .unwrap();
+    assert!(emergency.transitions.iter().any(|t| matches!(
+        &t.reason,
+        TransitionReason::Compromised { note } if note == "laptop stolen"
+    )));
+    let token = rotator
+        .keys()
+        .sign(&claims(clock.now(), HOUR), clock.now())
+        .unwrap();
+    assert!(!token.is_empty());
+
+    let health = rotator.health();
+    assert_eq!(health.reloads, 2);
+    assert_eq!(health.reload_failures, 0);
+    assert_eq!(health.last_success_at, Some(t0() + HOUR));
+    assert!(health.transitions_written >= 5);
+}
+
+#[tokio::test]
+async fn a_read_only_rotator_never_writes_and_cannot_create_a_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let reader = Rotator::new(
+        Arc::new(FileKeySource::new(dir.path()).unwrap()),
+        Keys::empty(),
+        Policy::default(),
+        RotationMode::ReadOnly,
+        clock.clone(),
+    );
+    assert!(matches!(reader.reload_once().await, Err(KeyError::NoRing)));
+    assert!(!dir.path().join("keyring.json").exists());
+    assert!(matches!(
+        reader.rotate(false).await,
+        Err(KeyError::ReadOnly)
+    ));
+    assert_eq!(reader.health().consecutive_failures, 1);
+
+    let writer = Rotator::new(
+        Arc::new(FileKeySource::new(dir.path()).unwrap()),
+        Keys::empty(),
+        Policy::default(),
+        RotationMode::InProcess,
+        clock.clone(),
+    );
+    writer.reload_once().await.unwrap();
+    // Even when a plan is due, the reader only loads.
+    clock.advance(DAY * 24);
+    let read = reader.reload_once().await.unwrap();
+    assert!(read.transitions.is_empty());
+    assert_eq!(read.version, 1);
+    assert_eq!(reader.health().consecutive_failures, 0);
+}

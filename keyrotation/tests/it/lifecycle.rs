@@ -1,0 +1,399 @@
+//! The key life cycle over simulated months, with an injected clock.
+
+use keyrotation::{
+    ACTIVATION_BACKDATE, Clock, KeyAlgorithm, KeyError, KeyRing, KeyState, Keys, Kid, ManualClock,
+    Policy, Transition, TransitionReason,
+};
+use time::OffsetDateTime;
+
+use crate::common::{DAY, HOUR, all_algorithms, claims, header_of, params, t0};
+
+/// Plans `ring` at the clock's instant and loads the result into `keys`, as a writing
+/// instance does on every reload.
+fn replan(ring: &mut KeyRing, keys: &Keys, clock: &ManualClock, log: &mut Vec<Transition>) {
+    let plan = keyrotation::plan(ring, &Policy::default(), clock.now()).unwrap();
+    if !plan.is_empty() {
+        *ring = plan.ring;
+        log.extend(plan.transitions);
+    }
+    keys.publish(ring.clone(), None, clock.now()).unwrap();
+}
+
+fn kid_of(token: &str) -> Kid {
+    Kid::parse(header_of(token)["kid"].as_str().unwrap()).unwrap()
+}
+
+fn jwks_kids(keys: &Keys, now: OffsetDateTime) -> Vec<String> {
+    keys.jwks(now)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn keys_rotate_every_period_with_the_next_key_prepublished_over_five_months() {
+    let clock = ManualClock::new(t0());
+    let keys = Keys::empty();
+    let mut ring = KeyRing::empty();
+    let mut log = Vec::new();
+    let verify = params(&[KeyAlgorithm::ES256]);
+
+    // The first reload creates the first key, signing at once.
+    replan(&mut ring, &keys, &clock, &mut log);
+    let first = ring.keys[0].kid.clone();
+    assert_eq!(ring.keys.len(), 1);
+    assert_eq!(log[0].reason, TransitionReason::Initial);
+    assert_eq!(ring.keys[0].activate_at, t0() - ACTIVATION_BACKDATE);
+    assert_eq!(
+        ring.keys[0].retire_at,
+        t0() - ACTIVATION_BACKDATE + DAY * 30
+    );
+    let early_token = keys.sign(&claims(clock.now(), HOUR), clock.now()).unwrap();
+    assert_eq!(kid_of(&early_token), first);
+
+    // Hourly reloads for 150 days.
+    let mut signing_kids = vec![first.clone()];
+    let mut token_from_first_key_late = None;
+    for _ in 0..(150 * 24) {
+        clock.advance(HOUR);
+        replan(&mut ring, &keys, &clock, &mut log);
+        let now = clock.now();
+        let signer = ring
+            .signing_key_at(now)
+            .expect("a key signs at every instant");
+        if signing_kids.last() != Some(&signer.kid) {
+            signing_kids.push(signer.kid.clone());
+        }
+        // Exactly one key signs, at most one waits, and JWKS holds every published key.
+        let states: Vec<KeyState> = ring.keys.iter().map(|k| k.state_at(now)).collect();
+        assert_eq!(states.iter().filter(|s| **s == KeyState::Active).count(), 1);
+        assert!(states.iter().filter(|s| **s == KeyState::Next).count() <= 1);
+        let published: Vec<String> = ring
+            .keys
+            .iter()
+            .filter(|k| k.is_published_at(now))
+            .map(|k| k.kid.to_string())
+            .collect();
+        assert_eq!(jwks_kids(&keys, now), published);
+        if signer.kid == first && now + HOUR >= signer.retire_at {
+            token_from_first_key_late = Some((keys.sign(&claims(now, HOUR), now).unwrap(), now));
+        }
+    }
+
+    // Handovers every 30 days (one minute early: the first key was backdated), so in 150
+    // days the first key and five successors signed, in turn.
+    assert_eq!(signing_kids.len(), 6, "{signing_kids:?}");
+
+    // Each key went through every state, at its planned instants, exactly once.
+    for kid in &signing_kids[..3] {
+        let steps: Vec<(Option<KeyState>, Option<KeyState>)> = log
+            .iter()
+            .filter(|t| &t.kid == kid)
+            .map(|t| (t.from, t.to))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (None, Some(KeyState::Next)),
+                (Some(KeyState::Next), Some(KeyState::Active)),
+                (Some(KeyState::Active), Some(KeyState::Retiring)),
+                (Some(KeyState::Retiring), Some(KeyState::Retired)),
+                (Some(KeyState::Retired), None),
+            ],
+            "{kid}"
+        );
+    }
+    // The second key was published 7 days before it signed, when the first one retired.
+    let second: Vec<&Transition> = log.iter().filter(|t| t.kid == signing_kids[1]).collect();
+    let first_retire = log
+        .iter()
+        .find(|t| t.kid == first && t.to == Some(KeyState::Retiring))
+        .unwrap()
+        .at;
+    assert_eq!(second[1].at, first_retire, "handover at one instant");
+    let lead = second[1].at - second[0].at;
+    assert!(
+        lead <= DAY * 7 && lead > DAY * 7 - HOUR,
+        "published {lead} ahead"
+    );
+
+    // A token the first key signed just before it retired...
+    let (token, signed_at) = token_from_first_key_late.unwrap();
+    assert_eq!(kid_of(&token), first);
+    // ...but the first key is long gone now: it never verifies again.
+    let err = keys
+        .verify::<serde_json::Value>(&token, &verify, signed_at + HOUR)
+        .unwrap_err();
+    assert!(matches!(err, KeyError::UnknownKid), "{err}");
+    assert!(ring.key(&first).is_none(), "dropped after the retention");
+}
+
+#[test]
+fn a_token_signed_just_before_rotation_verifies_until_it_expires() {
+    let policy = Policy::default();
+    let clock = ManualClock::new(t0());
+    let mut ring = keyrotation::plan(&KeyRing::empty(), &policy, clock.now())
+        .unwrap()
+        .ring;
+    let old = ring.keys[0].clone();
+    // Reload at the pre-publication instant, then just before the handover.
+    clock.set(old.retire_at - DAY * 7);
+    ring = keyrotation::plan(&ring, &policy, clock.now()).unwrap().ring;
+    clock.set(old.retire_at - time::Duration::seconds(1));
+    let keys = Keys::from_ring(ring.clone(), None, clock.now()).unwrap();
+    let token = keys.sign(&claims(clock.now(), HOUR), clock.now()).unwrap();
+    assert_eq!(kid_of(&token), old.kid);
+
+    // After the handover, with no further write, every instance signs with the new key and
+    // still accepts the old key's token for its whole lifetime.
+    clock.set(old.retire_at);
+    let new_token = keys.sign(&claims(clock.now(), HOUR), clock.now()).unwrap();
+    assert_ne!(kid_of(&new_token), old.kid);
+    let p = params(&[KeyAlgorithm::ES256]);
+    for offset in [0, 30, 59] {
+        let at = old.retire_at + time::Duration::minutes(offset);
+        keys.verify::<serde_json::Value>(&token, &p, at).unwrap();
+    }
+    let expired = keys.verify::<serde_json::Value>(&token, &p, old.retire_at + HOUR * 2);
+    assert!(matches!(expired, Err(KeyError::Expired)));
+}
+
+#[test]
+fn a_read_only_instance_switches_key_at_the_planned_instant_without_writing() {
+    let policy = Policy::default();
+    let start = t0();
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, start)
+        .unwrap()
+        .ring;
+    let ring = keyrotation::plan(&ring, &policy, ring.keys[0].retire_at - DAY)
+        .unwrap()
+        .ring;
+    let (current, next) = (ring.keys[0].clone(), ring.keys[1].clone());
+    assert_eq!(next.activate_at, current.retire_at);
+
+    // Loaded once, never reloaded.
+    let keys = Keys::from_ring(ring, Some(7), start).unwrap();
+    let before = next.activate_at - time::Duration::milliseconds(1);
+    assert_eq!(
+        kid_of(&keys.sign(&claims(before, HOUR), before).unwrap()),
+        current.kid
+    );
+    assert!(jwks_kids(&keys, before).contains(&next.kid.to_string()));
+    let at = next.activate_at;
+    assert_eq!(kid_of(&keys.sign(&claims(at, HOUR), at).unwrap()), next.kid);
+    let status = keys.status(at);
+    assert_eq!(status.active_kid.as_ref(), Some(&next.kid));
+    assert_eq!(status.active_key_age_seconds, Some(0));
+    assert_eq!(status.next_rotation_at, Some(next.retire_at));
+    assert_eq!(status.ring_version, Some(7));
+}
+
+#[test]
+fn signing_stops_when_the_active_window_ends_without_a_successor() {
+    // The ring was planned once, then the key source became unreachable for good.
+    let policy = Policy::default();
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let key = ring.keys[0].clone();
+    let keys = Keys::from_ring(ring, None, t0()).unwrap();
+
+    let last = key.retire_at - time::Duration::seconds(1);
+    assert!(keys.sign(&claims(last, HOUR), last).is_ok());
+    assert!(keys.can_sign(last));
+    let overdue = key.retire_at;
+    assert!(matches!(
+        keys.sign(&claims(overdue, HOUR), overdue),
+        Err(KeyError::NoActiveKey)
+    ));
+    assert!(!keys.can_sign(overdue));
+    // It still verifies what it signed, until its expiry.
+    assert_eq!(jwks_kids(&keys, overdue), vec![key.kid.to_string()]);
+    assert!(jwks_kids(&keys, key.expire_at).is_empty());
+
+    // When the source is back, the next plan activates a key at once.
+    let now = key.retire_at + DAY * 3;
+    let plan = keyrotation::plan(&keys.ring(), &policy, now).unwrap();
+    assert!(
+        plan.transitions
+            .iter()
+            .any(|t| t.reason == TransitionReason::Overdue && t.to == Some(KeyState::Active))
+    );
+    let fresh = plan.ring.signing_key_at(now).unwrap();
+    assert_eq!(fresh.activate_at, now - ACTIVATION_BACKDATE);
+}
+
+#[test]
+fn rotate_now_activates_the_next_key_and_keeps_the_old_one_for_the_overlap() {
+    let policy = Policy::default();
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let old = ring.keys[0].clone();
+    // The next key is already published.
+    let ring = keyrotation::plan(&ring, &policy, old.retire_at - DAY * 5)
+        .unwrap()
+        .ring;
+    let pending = ring.keys[1].clone();
+
+    let now = old.retire_at - DAY * 4;
+    let keys = Keys::from_ring(ring.clone(), None, now).unwrap();
+    let old_token = keys.sign(&claims(now, HOUR), now).unwrap();
+    let plan = keyrotation::rotate_now(&ring, &policy, now).unwrap();
+    let keys = Keys::from_ring(plan.ring.clone(), None, now).unwrap();
+
+    assert_eq!(
+        plan.transitions
+            .iter()
+            .map(|t| (t.kid.clone(), t.from, t.to, t.at, t.reason.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (
+                old.kid.clone(),
+                Some(KeyState::Active),
+                Some(KeyState::Retiring),
+                now,
+                TransitionReason::RotateNow
+            ),
+            (
+                pending.kid.clone(),
+                Some(KeyState::Next),
+                Some(KeyState::Active),
+                now,
+                TransitionReason::RotateNow
+            ),
+        ]
+    );
+    assert_eq!(
+        kid_of(&keys.sign(&claims(now, HOUR), now).unwrap()),
+        pending.kid
+    );
+    let rotated_old = plan.ring.key(&old.kid).unwrap();
+    assert_eq!(rotated_old.expire_at, now + DAY * 30, "normal overlap");
+    keys.verify::<serde_json::Value>(&old_token, &params(&[KeyAlgorithm::ES256]), now + HOUR)
+        .unwrap();
+    let new_key = plan.ring.key(&pending.kid).unwrap();
+    assert_eq!(new_key.retire_at, now + DAY * 30, "a full period from now");
+}
+
+#[test]
+fn rotate_now_without_a_pending_key_activates_a_fresh_one() {
+    let policy = Policy::default();
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let now = t0() + DAY;
+    let plan = keyrotation::rotate_now(&ring, &policy, now).unwrap();
+    assert_eq!(plan.ring.keys.len(), 2);
+    let active = plan.ring.signing_key_at(now).unwrap();
+    assert_ne!(active.kid, ring.keys[0].kid);
+    assert_eq!(
+        plan.ring.keys[0].state_at(now),
+        KeyState::Retiring,
+        "old key still verifies"
+    );
+}
+
+#[test]
+fn emergency_rotation_retires_the_compromised_key_at_once() {
+    let policy = Policy::default();
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let victim = ring.keys[0].clone();
+    let ring = keyrotation::plan(&ring, &policy, victim.retire_at - DAY * 2)
+        .unwrap()
+        .ring;
+    let pending = ring.keys[1].clone();
+    let now = victim.retire_at - DAY;
+    let keys = Keys::from_ring(ring.clone(), None, now).unwrap();
+    let stolen = keys.sign(&claims(now, HOUR), now).unwrap();
+
+    let plan =
+        keyrotation::emergency_rotate(&ring, &policy, now, "key leaked in a backup").unwrap();
+    let keys = Keys::from_ring(plan.ring.clone(), None, now).unwrap();
+
+    // The compromised key no longer verifies, nor appears in JWKS.
+    let err = keys
+        .verify::<serde_json::Value>(&stolen, &params(&[KeyAlgorithm::ES256]), now)
+        .unwrap_err();
+    assert!(matches!(err, KeyError::UnknownKid), "{err}");
+    let kids = jwks_kids(&keys, now);
+    assert!(!kids.contains(&victim.kid.to_string()));
+    // The pending key, stored with it, was discarded; a fresh key signs immediately.
+    assert!(!kids.contains(&pending.kid.to_string()));
+    assert!(plan.ring.key(&pending.kid).is_none());
+    let fresh = kid_of(&keys.sign(&claims(now, HOUR), now).unwrap());
+    assert!(fresh != victim.kid && fresh != pending.kid);
+    assert_eq!(kids, vec![fresh.to_string()]);
+
+    let reason = TransitionReason::Compromised {
+        note: "key leaked in a backup".to_owned(),
+    };
+    let summary: Vec<_> = plan
+        .transitions
+        .iter()
+        .map(|t| (t.kid.clone(), t.from, t.to, t.reason.clone()))
+        .collect();
+    assert!(summary.contains(&(
+        victim.kid.clone(),
+        Some(KeyState::Active),
+        Some(KeyState::Retired),
+        reason.clone()
+    )));
+    assert!(summary.contains(&(
+        pending.kid.clone(),
+        Some(KeyState::Next),
+        None,
+        reason.clone()
+    )));
+    assert!(summary.contains(&(
+        fresh.clone(),
+        Some(KeyState::Next),
+        Some(KeyState::Active),
+        reason
+    )));
+
+    let status = keys.status(now);
+    let victim_status = status.keys.iter().find(|k| k.kid == victim.kid).unwrap();
+    assert_eq!(victim_status.state, KeyState::Retired);
+    assert_eq!(victim_status.compromised_at, Some(now));
+    assert_eq!(
+        victim_status.compromise_reason.as_deref(),
+        Some("key leaked in a backup")
+    );
+    assert!(!victim_status.published);
+}
+
+#[test]
+fn new_keys_use_the_policy_algorithm() {
+    for alg in all_algorithms() {
+        let policy = Policy {
+            algorithm: alg,
+            ..Policy::default()
+        };
+        let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+            .unwrap()
+            .ring;
+        assert_eq!(ring.keys[0].alg, alg);
+        let keys = Keys::from_ring(ring, None, t0()).unwrap();
+        let jwk = &keys.jwks(t0())["keys"][0];
+        assert_eq!(jwk["alg"], alg.as_str());
+    }
+}
+
+#[test]
+fn planning_twice_at_the_same_instant_writes_nothing_the_second_time() {
+    let policy = Policy::default();
+    let now = t0() + DAY * 24;
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let first = keyrotation::plan(&ring, &policy, now).unwrap();
+    assert!(!first.is_empty());
+    let second = keyrotation::plan(&first.ring, &policy, now).unwrap();
+    assert!(second.is_empty(), "{:?}", second.transitions);
+    assert_eq!(second.ring, first.ring);
+}
