@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::http::{get_status, request};
@@ -23,8 +23,6 @@ pub struct OpenBao {
     root_token: String,
     /// The unseal key of a persistent server; `None` in dev mode.
     unseal_key: Option<String>,
-    /// Serialises `bao` CLI calls that must not interleave with a restart.
-    restarting: Mutex<()>,
 }
 
 // === impl OpenBao ===
@@ -53,7 +51,6 @@ impl OpenBao {
                 port,
                 root_token: token,
                 unseal_key: None,
-                restarting: Mutex::new(()),
             };
             bao.service.spawn()?;
             bao.wait_active()?;
@@ -126,7 +123,6 @@ ui           = false
                 port,
                 root_token: String::new(),
                 unseal_key: None,
-                restarting: Mutex::new(()),
             };
             let init = bao.bao(&[
                 "operator",
@@ -210,10 +206,6 @@ ui           = false
     /// Stops (if running) and starts the server again on the same port. A persistent
     /// server is unsealed again and keeps its data; a dev server comes back empty.
     pub fn restart(&self) -> Result<()> {
-        let _guard = self
-            .restarting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.service.stop();
         self.service.spawn()?;
         if self.unseal_key.is_some() {

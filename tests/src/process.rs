@@ -403,3 +403,75 @@ pub(crate) fn retry_on_port_clash<T>(mut start: impl FnMut() -> Result<T>) -> Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> Spec {
+        Spec::new("/bin/sh").args(["-c", script])
+    }
+
+    #[test]
+    fn a_server_that_exits_is_reported_with_its_log() {
+        let service = Service::new("exits", shell("echo cannot bind >&2; exit 3"), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        service.spawn().unwrap_or_else(|e| panic!("{e}"));
+
+        let result = service.wait_until("never", Duration::from_secs(30), || None::<()>);
+
+        match result {
+            Err(HarnessError::Exited { status, tail, .. }) => {
+                assert!(status.contains('3'), "{status}");
+                assert_eq!(tail, "cannot bind");
+            }
+            other => panic!("expected Exited, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stop_kills_a_server_that_ignores_its_stop_signal() {
+        let mut spec = shell("trap '' TERM; echo started; while :; do sleep 1; done");
+        spec.grace_secs = 1;
+        let service = Service::new("stubborn", spec, None).unwrap_or_else(|e| panic!("{e}"));
+        service.spawn().unwrap_or_else(|e| panic!("{e}"));
+        let log = service.log_path().to_path_buf();
+        service
+            .wait_until("it logs", Duration::from_secs(30), || {
+                (tail_of_file(&log, 1) == "started").then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        let started = Instant::now();
+        service.stop();
+
+        assert!(
+            service.exit_status().is_none(),
+            "stopped services have no process"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn restart_appends_to_the_same_log() {
+        let service = Service::new("twice", shell("echo run; exec sleep 60"), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = service.log_path().to_path_buf();
+        for runs in 1..=2 {
+            service.spawn().unwrap_or_else(|e| panic!("{e}"));
+            service
+                .wait_until("it logs", Duration::from_secs(30), || {
+                    let tail = tail_of_file(&log, 10);
+                    (tail.lines().filter(|l| *l == "run").count() == runs).then_some(())
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            service.stop();
+        }
+        let tail = tail_of_file(&log, 10);
+        assert_eq!(tail.lines().filter(|l| *l == "run").count(), 2, "{tail}");
+    }
+}
