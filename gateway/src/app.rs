@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::db::{Database, DbError};
+use crate::keys::KeyService;
 use crate::redis_store::{RedisError, RedisHandle};
 use crate::routes;
 use crate::server::{ConnectionLimits, serve_https};
@@ -44,6 +46,9 @@ pub enum StartError {
     /// The Redis handle could not be made.
     #[error(transparent)]
     Redis(#[from] RedisError),
+    /// The key source could not be prepared.
+    #[error("signing keys: {0}")]
+    Keys(#[from] keyrotation::KeyError),
 }
 
 /// A running instance.
@@ -58,6 +63,15 @@ pub struct Application {
 impl Application {
     /// Binds the listeners and starts serving in the background.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        Self::build_with_clock(config, Arc::new(keyrotation::SystemClock)).await
+    }
+
+    /// Like [`Self::build`], with the clock that drives key rotation and token times
+    /// (tests drive months of rotation with a manual clock).
+    pub async fn build_with_clock(
+        config: Config,
+        clock: Arc<dyn keyrotation::Clock>,
+    ) -> Result<Self, StartError> {
         let config = Arc::new(config);
         let tls_config = config
             .tls
@@ -67,12 +81,7 @@ impl Application {
 
         let db = Database::connect_lazy(&config.database)?;
         let redis = config.redis.as_ref().map(RedisHandle::new).transpose()?;
-        let state = AppState::new(
-            config.clone(),
-            db.clone(),
-            redis,
-            telemetry::metrics_handle(),
-        );
+        let keys = KeyService::from_config(&config, clock, config.keys.rotation)?;
 
         let https = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
@@ -81,6 +90,23 @@ impl Application {
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let (audit, audit_task) = Audit::start(db.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let _ = audit_task.await;
+        });
+        let state = AppState::new(
+            config.clone(),
+            db.clone(),
+            redis,
+            telemetry::metrics_handle(),
+            keys.clone(),
+            audit.clone(),
+        );
+        for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+        }
 
         // migrations run in the background so that an instance whose database is away
         // still starts, answers /healthz, and reports not-ready until it is back

@@ -33,6 +33,52 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Signing keys: status and rotation, straight against the key source.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Show the ring: every key, its state and the instants of its transitions.
+    Status {
+        #[command(flatten)]
+        target: KeysTarget,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate: bring the next rotation forward (default), run the scheduled planning
+    /// pass (`--scheduled`, for a timer job holding the write policy), or retire the
+    /// active key as compromised (`--emergency --reason …`).
+    Rotate {
+        #[command(flatten)]
+        target: KeysTarget,
+        /// Only apply what the schedule says is due (publish the next key, switch keys on
+        /// time, drop expired ones). Run it from a timer more often than the lead time.
+        #[arg(long, conflicts_with = "emergency")]
+        scheduled: bool,
+        /// The active key is compromised: it stops signing and verifying at once, on every
+        /// instance within its reload interval.
+        #[arg(long, requires = "reason")]
+        emergency: bool,
+        /// Why (recorded in the ring and the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct KeysTarget {
+    /// Configuration file of the instances whose ring to use.
+    #[arg(long, short = 'c', env = "PORTCULLIS_CONFIG", conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Use the ring of a `serve --dev` data directory.
+    #[arg(long)]
+    dev: bool,
+    /// Data directory of --dev.
+    #[arg(long, default_value = dev::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +107,7 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve(args) => serve(args),
+        Command::Keys(cmd) => keys(cmd),
     }
 }
 
@@ -172,4 +219,205 @@ fn print_dev_banner(app: &Application, config: &Config, data_dir: &std::path::Pa
         port = https.port(),
         data = data_dir.display(),
     );
+}
+
+// === keys ===
+
+fn keys(cmd: KeysCommand) -> ExitCode {
+    let target = match &cmd {
+        KeysCommand::Status { target, .. } | KeysCommand::Rotate { target, .. } => target,
+    };
+    let config = match keys_config(target) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _ = telemetry::init_logging(&config::LogConfig {
+        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        format: config::LogFormat::Pretty,
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        match run_keys(cmd, &config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    })
+}
+
+fn keys_config(target: &KeysTarget) -> Result<Config, String> {
+    if target.dev {
+        let admin = config::ServerConfig::default().admin_listen;
+        dev::dev_config(&target.data_dir, dev::DEFAULT_LISTEN, admin).map_err(|e| e.to_string())
+    } else {
+        let file = target
+            .config
+            .as_ref()
+            .ok_or("pass --config FILE (or PORTCULLIS_CONFIG), or --dev")?;
+        config::load(file, std::env::vars()).map_err(|e| e.to_string())
+    }
+}
+
+async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
+    use crate::config::RotationKind;
+    use crate::keys::KeyService;
+    let clock: std::sync::Arc<dyn keyrotation::Clock> =
+        std::sync::Arc::new(keyrotation::SystemClock);
+    // the CLI is the rotation job: it writes even when the instances only read
+    let service = KeyService::from_config(config, clock, RotationKind::InProcess)
+        .map_err(|e| e.to_string())?;
+    match cmd {
+        KeysCommand::Status { json, .. } => {
+            service
+                .rotator()
+                .reload_once()
+                .await
+                .map_err(|e| e.to_string())?;
+            print_status(&service.status(), json);
+        }
+        KeysCommand::Rotate {
+            scheduled,
+            emergency,
+            reason,
+            ..
+        } => {
+            let (action, outcome) = if scheduled {
+                let o = service.rotator().reload_once().await;
+                ("key.rotate.scheduled", o)
+            } else {
+                // load first, so the rotation acts on the current ring
+                service
+                    .rotator()
+                    .reload_once()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let note = emergency.then(|| reason.clone().unwrap_or_default());
+                let action = if emergency {
+                    "key.rotate.emergency"
+                } else {
+                    "key.rotate"
+                };
+                (action, service.rotate(note).await)
+            };
+            let outcome = outcome.map_err(|e| e.to_string())?;
+            for t in &outcome.transitions {
+                println!(
+                    "{}  {}: {} -> {}  ({:?})",
+                    instant(t.at),
+                    t.kid,
+                    t.from
+                        .map_or("new".to_owned(), |s| format!("{s:?}").to_lowercase()),
+                    t.to.map_or("dropped".to_owned(), |s| format!("{s:?}").to_lowercase()),
+                    t.reason
+                );
+            }
+            if outcome.transitions.is_empty() {
+                println!("nothing was due");
+            }
+            audit_cli(config, action, &outcome, reason).await;
+            print_status(&service.status(), false);
+        }
+    }
+    Ok(())
+}
+
+/// Records a CLI rotation in the audit trail; a database that is away does not undo the
+/// rotation, it is reported.
+async fn audit_cli(
+    config: &Config,
+    action: &str,
+    outcome: &keyrotation::ReloadOutcome,
+    reason: Option<String>,
+) {
+    if outcome.transitions.is_empty() {
+        return;
+    }
+    let event = crate::audit::AuditEvent {
+        at: time::OffsetDateTime::now_utc(),
+        actor: format!(
+            "operator:cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
+        ),
+        action: action.to_owned(),
+        target: outcome
+            .transitions
+            .first()
+            .map(|t| t.kid.to_string())
+            .unwrap_or_default(),
+        source_ip: None,
+        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }),
+    };
+    let stored = async {
+        let db = crate::db::Database::connect_lazy(&config.database).map_err(|e| e.to_string())?;
+        db.migrate().await.map_err(|e| e.to_string())?;
+        crate::audit::store(&db, &event)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = stored.await {
+        eprintln!(
+            "portcullis: warning: the rotation is done but its audit record was not stored: {e}"
+        );
+    }
+}
+
+/// An instant to the second, RFC 3339.
+fn instant(t: time::OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn print_status(status: &keyrotation::RingStatus, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(status).unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "ring version {}   active {}   next rotation {}",
+        status
+            .ring_version
+            .map_or("-".to_owned(), |v| v.to_string()),
+        status
+            .active_kid
+            .as_ref()
+            .map_or("NONE".to_owned(), |k| k.to_string()),
+        status.next_rotation_at.map_or("-".to_owned(), instant),
+    );
+    println!(
+        "{:<44} {:<6} {:<9} {:<8} {:<21} {:<21} {:<21}",
+        "kid", "alg", "state", "in JWKS", "activates", "stops signing", "stops verifying"
+    );
+    for k in &status.keys {
+        println!(
+            "{:<44} {:<6} {:<9} {:<8} {:<21} {:<21} {:<21}{}",
+            k.kid.to_string(),
+            k.alg.to_string(),
+            format!("{:?}", k.state).to_lowercase(),
+            if k.published { "yes" } else { "no" },
+            instant(k.activate_at),
+            instant(k.retire_at),
+            instant(k.expire_at),
+            k.compromise_reason
+                .as_ref()
+                .map_or(String::new(), |r| format!("  COMPROMISED: {r}")),
+        );
+    }
 }

@@ -88,8 +88,9 @@ pub struct Config {
     /// Signing keys and their rotation.
     #[serde(default)]
     pub keys: KeysConfig,
-    /// Vault, where the key ring lives in production.
-    pub vault: Option<VaultConfig>,
+    /// Vault, where the key ring lives in production (`VAULT_ADDR`, `VAULT_TOKEN`,
+    /// `VAULT_CACERT` fill in what is not set here).
+    pub vault: Option<keyrotation::VaultSettings>,
     /// The admin API (keys, later clients and sessions).
     #[serde(default)]
     pub admin: AdminConfig,
@@ -314,69 +315,6 @@ pub enum RotationKind {
     External,
 }
 
-/// `[vault]`: Vault or OpenBao. `VAULT_ADDR`, `VAULT_TOKEN` and `VAULT_CACERT` fill in
-/// `addr`, the token and `cacert` when they are not set here.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VaultConfig {
-    /// `https://vault.example.com:8200`.
-    pub addr: Option<String>,
-    /// PEM CA bundle that signed Vault's certificate.
-    pub cacert: Option<PathBuf>,
-    /// Enterprise / OpenBao namespace.
-    pub namespace: Option<String>,
-    /// How Portcullis logs in.
-    #[serde(default)]
-    pub auth: VaultAuthConfig,
-    /// Mount of the KV v2 engine holding the key ring.
-    #[serde(default = "default_kv_mount")]
-    pub kv_mount: String,
-    /// Path of the key ring inside that mount.
-    #[serde(default = "default_ring_path")]
-    pub ring_path: String,
-}
-
-fn default_kv_mount() -> String {
-    "secret".to_owned()
-}
-
-fn default_ring_path() -> String {
-    "portcullis/keyring".to_owned()
-}
-
-/// `[vault.auth]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, tag = "method", rename_all = "lowercase")]
-pub enum VaultAuthConfig {
-    /// A token (`token`, else `VAULT_TOKEN`), renewed before it expires when renewable.
-    Token {
-        /// The token; prefer `VAULT_TOKEN` or `PORTCULLIS_VAULT__AUTH__TOKEN`.
-        token: Option<SecretString>,
-    },
-    /// AppRole login, repeated before the token expires.
-    Approle {
-        /// The role id.
-        role_id: String,
-        /// The secret id (prefer `secret_id_file`).
-        secret_id: Option<SecretString>,
-        /// A file holding the secret id.
-        secret_id_file: Option<PathBuf>,
-        /// Mount of the AppRole auth method.
-        #[serde(default = "default_approle_mount")]
-        mount: String,
-    },
-}
-
-impl Default for VaultAuthConfig {
-    fn default() -> Self {
-        Self::Token { token: None }
-    }
-}
-
-fn default_approle_mount() -> String {
-    "approle".to_owned()
-}
-
 /// `[admin]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -582,7 +520,7 @@ impl Config {
             if let Some(ca) = &vault.cacert {
                 check_readable_file("vault.cacert", ca)?;
             }
-            if let VaultAuthConfig::Approle {
+            if let keyrotation::VaultAuth::AppRole {
                 secret_id,
                 secret_id_file,
                 ..
@@ -653,6 +591,8 @@ impl Config {
                 ),
             ));
         }
+        self.key_policy()
+            .map_err(|e| ConfigError::field("keys", e.to_string()))?;
         match k.source {
             KeySourceKind::Vault if self.vault.is_none() => Err(ConfigError::field(
                 "vault",
@@ -666,6 +606,29 @@ impl Config {
         }
     }
 
+    /// The signing-key policy, checked against the longest token lifetime plus leeway.
+    pub fn key_policy(&self) -> Result<keyrotation::Policy, keyrotation::KeyError> {
+        let k = &self.keys;
+        let policy = keyrotation::Policy {
+            algorithm: k.algorithm.parse()?,
+            rotation_period: k.rotation_period,
+            prepublish_lead: k.prepublish_lead,
+            overlap: k.overlap,
+            ..keyrotation::Policy::default()
+        };
+        policy.validate(self.tokens.access_token_lifetime, self.tokens.leeway)?;
+        Ok(policy)
+    }
+
+    /// The algorithms accepted when verifying, as configured (validated at load).
+    pub fn accepted_algorithms(&self) -> Vec<keyrotation::KeyAlgorithm> {
+        self.keys
+            .accepted_algorithms
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
     /// `iss` of issued tokens.
     pub fn issuer(&self) -> String {
         self.tokens
@@ -675,21 +638,16 @@ impl Config {
     }
 }
 
-/// The signing algorithms Portcullis supports, as they are spelled in JOSE headers.
-pub const ALGORITHMS: &[&str] = &["ES256", "EdDSA", "RS256"];
-
 fn check_algorithm(field: &str, value: &str) -> Result<(), ConfigError> {
-    if ALGORITHMS.contains(&value) {
-        Ok(())
-    } else {
-        Err(ConfigError::field(
-            field,
-            format!(
-                "unsupported algorithm `{value}`; use one of {}",
-                ALGORITHMS.join(", ")
-            ),
-        ))
-    }
+    value
+        .parse::<keyrotation::KeyAlgorithm>()
+        .map(|_| ())
+        .map_err(|_| {
+            ConfigError::field(
+                field,
+                format!("unsupported algorithm `{value}`; use ES256, EdDSA or RS256"),
+            )
+        })
 }
 
 fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {

@@ -184,6 +184,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<keyrotation::KeyError> for ApiError {
+    fn from(e: keyrotation::KeyError) -> Self {
+        use keyrotation::KeyError as K;
+        match e {
+            K::NoActiveKey => Self::unavailable("signing keys", e),
+            K::ReadOnly => Self::Conflict {
+                code: "rotation_external",
+                description:
+                    "this instance only reads the key ring (keys.rotation = \"external\"); \
+                              rotate with `portcullis keys rotate`"
+                        .to_owned(),
+            },
+            e if e.is_source_unavailable() => Self::unavailable("key source", e),
+            e if e.is_token_rejection() => Self::Unauthorized {
+                code: "invalid_token",
+                description: "the access token is invalid".to_owned(),
+            },
+            e => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
 /// `a: b: c` from an error and its sources, for logs.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

@@ -6,12 +6,15 @@
 //! listeners and runs the instance. Tests build `Application`s on port 0 directly.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod dev;
 pub mod error;
+pub mod keys;
 pub mod readiness;
 pub mod redis_store;
 pub mod routes;

@@ -49,7 +49,12 @@ where
             tracing::warn!(dependency = name, error = %e, "readiness check failed");
             Check {
                 ok: false,
-                detail: Some("unreachable".to_owned()),
+                detail: Some(if name == "keys" {
+                    // the key service's reasons are written to be shown
+                    e.to_string()
+                } else {
+                    "unreachable".to_owned()
+                }),
             }
         }
         Err(_) => Check {
@@ -74,9 +79,11 @@ pub async fn check(state: &AppState) -> Report {
             None => None,
         }
     };
-    let (db, redis) = tokio::join!(db, redis);
+    let keys = run("keys", async { state.keys.readiness() });
+    let (db, redis, keys) = tokio::join!(db, redis, keys);
     let mut checks = BTreeMap::new();
     checks.insert(db.0, db.1);
+    checks.insert(keys.0, keys.1);
     if let Some((name, c)) = redis {
         checks.insert(name, c);
     }

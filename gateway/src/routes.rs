@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
     // layer is the first a request meets
     Router::new()
         .route("/", get(index))
+        .route("/oauth2/jwks", get(jwks))
         .fallback(not_found)
         // per-route counters and latency, labelled by route template
         .layer(middleware::from_fn(telemetry::record_request))
@@ -122,6 +123,16 @@ async fn index(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// `GET /oauth2/jwks`: every key that may verify a live token.
+async fn jwks(State(state): State<AppState>) -> Response {
+    let max_age = state.keys.jwks_max_age().as_secs();
+    (
+        [(header::CACHE_CONTROL, format!("public, max-age={max_age}"))],
+        Json(state.keys.jwks()),
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound
 }
@@ -134,6 +145,19 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .nest(
+            "/admin",
+            Router::new()
+                .route("/keys", get(crate::admin::key_status))
+                .route(
+                    "/keys/rotate",
+                    axum::routing::post(crate::admin::rotate_keys),
+                )
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    crate::admin::require_admin_token,
+                )),
+        )
         .fallback(not_found)
         .layer(
             ServiceBuilder::new()

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::db::Database;
+use crate::keys::KeyService;
 use crate::redis_store::RedisHandle;
 
 /// Cheap to clone; every field is shared.
@@ -19,6 +21,10 @@ pub struct AppState {
     pub redis: Option<RedisHandle>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Signing keys.
+    pub keys: KeyService,
+    /// The audit trail.
+    pub audit: Audit,
 }
 
 impl AppState {
@@ -28,12 +34,16 @@ impl AppState {
         db: Database,
         redis: Option<RedisHandle>,
         metrics: PrometheusHandle,
+        keys: KeyService,
+        audit: Audit,
     ) -> Self {
         Self {
             config,
             db,
             redis,
             metrics,
+            keys,
+            audit,
         }
     }
 }

@@ -171,3 +171,31 @@ fn unsupported_algorithm_is_refused() {
     let err = f.load(&text, &[]).unwrap_err();
     assert_eq!(field_of(err), "keys.algorithm");
 }
+
+#[test]
+fn shipped_production_example_is_valid_given_its_files() {
+    // deploy/portcullis.toml must stay loadable; its file paths are pointed at stand-in
+    // files through the documented environment overrides
+    let f = Files::new();
+    let d = f.dir.path();
+    std::fs::write(d.join("ca.pem"), "x").unwrap();
+    std::fs::write(d.join("secret-id"), "x").unwrap();
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/portcullis.toml");
+    let env = [
+        ("PORTCULLIS_TLS__CERT", d.join("cert.pem")),
+        ("PORTCULLIS_TLS__KEY", d.join("key.pem")),
+        ("PORTCULLIS_VAULT__CACERT", d.join("ca.pem")),
+        (
+            "PORTCULLIS_VAULT__AUTH__SECRET_ID_FILE",
+            d.join("secret-id"),
+        ),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.display().to_string()));
+    let c = load(&example, env).unwrap();
+    assert_eq!(c.keys.rotation, RotationKind::External);
+    assert!(matches!(
+        c.vault.unwrap().auth,
+        keyrotation::VaultAuth::AppRole { .. }
+    ));
+}

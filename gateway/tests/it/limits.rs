@@ -88,9 +88,9 @@ async fn oversized_request_head_is_refused() {
         .header("x-big", "a".repeat(20_000))
         .body(Full::default())
         .unwrap();
-    match conn.request(req).await {
-        Ok((parts, _)) => assert_eq!(parts.status, 431),
-        Err(_) => {} // hyper may close the connection instead of answering 431
+    // hyper answers 431, or may close the connection instead
+    if let Ok((parts, _)) = conn.request(req).await {
+        assert_eq!(parts.status, 431);
     }
     // a fresh, normal request still works
     let mut again = Conn::over(app.tls().await).await;

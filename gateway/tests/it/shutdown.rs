@@ -99,9 +99,19 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
     let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
     wait_for_port(admin_addr).await;
 
-    let probe =
-        tokio::spawn(async move { reqwest::get(format!("http://127.0.0.1:{admin}/readyz")).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the migration task holds the first database connection; the readiness probe opens
+    // the second, which is how we know the request is in flight
+    accepted.recv().await.unwrap();
+    let client = reqwest::Client::new();
+    let probe = tokio::spawn(async move {
+        client
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .expect("the readiness probe never reached the database");
     child.signal("TERM");
     let response = probe
         .await

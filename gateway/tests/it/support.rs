@@ -46,10 +46,6 @@ impl Pki {
         }
     }
 
-    pub fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
@@ -102,7 +98,13 @@ pub struct TestApp {
     pub pki: Pki,
     pub dir: tempfile::TempDir,
     pub stop: tokio_util::sync::CancellationToken,
-    pub done: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // free the listeners and background tasks of this test's instance
+        self.stop.cancel();
+    }
 }
 
 pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
@@ -113,14 +115,13 @@ pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
     config.validate().unwrap();
     let app = Application::build(config).await.unwrap();
     let (https, admin, stop) = (app.https_addr(), app.admin_addr(), app.shutdown_token());
-    let done = tokio::spawn(app.run_until_stopped());
+    tokio::spawn(app.run_until_stopped());
     TestApp {
         https,
         admin,
         pki,
         dir,
         stop,
-        done,
     }
 }
 

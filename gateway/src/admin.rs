@@ -1,0 +1,104 @@
+//! The admin API on the admin listener: signing-key status and rotation.
+//!
+//! The admin listener is loopback by default. When `admin.token` is set (required for a
+//! non-loopback listener) every `/admin/*` request must carry it as a bearer token.
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use std::net::SocketAddr;
+
+use crate::audit::AuditEvent;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Refuses `/admin/*` requests without the configured bearer token.
+pub async fn require_admin_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(expected) = &state.config.admin.token {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok = aws_lc_rs::constant_time::verify_slices_are_equal(
+            presented.as_bytes(),
+            expected.expose_secret().as_bytes(),
+        )
+        .is_ok();
+        if !ok {
+            return Err(ApiError::Unauthorized {
+                code: "invalid_token",
+                description: "the admin API needs the admin bearer token".to_owned(),
+            });
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+/// `GET /admin/keys`: the ring, each key's state and instants.
+pub async fn key_status(State(state): State<AppState>) -> Json<keyrotation::RingStatus> {
+    Json(state.keys.status())
+}
+
+/// Body of `POST /admin/keys/rotate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Retire the active key at once (it stops verifying everywhere).
+    #[serde(default)]
+    pub emergency: bool,
+    /// Why; recorded in the ring and the audit log. Required for an emergency.
+    pub reason: Option<String>,
+}
+
+/// `POST /admin/keys/rotate`: bring the next rotation forward, or an emergency rotation.
+pub async fn rotate_keys(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Json<RotateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let emergency = match (req.emergency, req.reason) {
+        (true, Some(r)) if !r.trim().is_empty() && r.len() <= 500 => Some(r),
+        (true, _) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "an emergency rotation needs a reason (1 to 500 characters)",
+            ));
+        }
+        (false, _) => None,
+    };
+    let outcome = state.keys.rotate(emergency.clone()).await?;
+    state.audit.record(AuditEvent {
+        at: state.keys.now(),
+        actor: "operator:admin-api".to_owned(),
+        action: if emergency.is_some() {
+            "key.rotate.emergency"
+        } else {
+            "key.rotate"
+        }
+        .to_owned(),
+        target: state
+            .keys
+            .status()
+            .active_kid
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
+        source_ip: Some(peer.ip().to_string()),
+        detail: serde_json::json!({ "reason": emergency, "transitions": outcome.transitions }),
+    });
+    Ok(Json(serde_json::json!({
+        "transitions": outcome.transitions,
+        "ring_version": outcome.version,
+        "status": state.keys.status(),
+    })))
+}

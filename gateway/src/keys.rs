@@ -1,0 +1,247 @@
+//! The gateway's side of signing keys: builds the key source and rotator from
+//! configuration, runs the reload loop, turns transitions into audit events and the ring
+//! into metrics, and answers JWKS, status and rotation requests.
+//!
+//! The key ring itself — its life cycle, Vault and file sources, signing and verifying —
+//! is the `keyrotation` crate's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyrotation::{
+    Clock, FileKeySource, KeyError, KeySource, Keys, ReloadOutcome, RingStatus, RotationMode,
+    Rotator, VaultKeySource, VerifyParams,
+};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{Audit, AuditEvent};
+use crate::config::{Config, KeySourceKind, RotationKind};
+
+/// Signing keys as one instance sees them. Cheap to clone.
+#[derive(Clone)]
+pub struct KeyService {
+    rotator: Rotator,
+    clock: Arc<dyn Clock>,
+    verify: Arc<VerifyParams>,
+    vault: Option<VaultKeySource>,
+    reload_interval: Duration,
+    jwks_max_age: Duration,
+}
+
+impl std::fmt::Debug for KeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyService")
+            .field("source", &self.rotator.describe_source())
+            .field("mode", &self.rotator.mode())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyService {
+    /// Builds the source and rotator `config` describes. Makes no request: the first
+    /// reload does, so an instance starts while Vault is away.
+    pub fn from_config(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        rotation: RotationKind,
+    ) -> Result<Self, KeyError> {
+        let policy = config.key_policy()?;
+        let (source, vault): (Arc<dyn KeySource>, Option<VaultKeySource>) = match config.keys.source
+        {
+            KeySourceKind::Vault => {
+                let settings = config.vault.clone().ok_or_else(|| {
+                    KeyError::InvalidConfig("keys.source = vault needs [vault]".to_owned())
+                })?;
+                let vault = VaultKeySource::new(settings)?;
+                (Arc::new(vault.clone()), Some(vault))
+            }
+            KeySourceKind::File => {
+                let dir = config.keys.file_dir.clone().ok_or_else(|| {
+                    KeyError::InvalidConfig("keys.file_dir is not set".to_owned())
+                })?;
+                (Arc::new(FileKeySource::new(dir)?), None)
+            }
+        };
+        let mode = match rotation {
+            RotationKind::InProcess => RotationMode::InProcess,
+            RotationKind::External => RotationMode::ReadOnly,
+        };
+        let rotator = Rotator::new(source, Keys::empty(), policy, mode, clock.clone());
+        let verify = VerifyParams {
+            issuer: config.issuer(),
+            audiences: vec![config.issuer()],
+            leeway: config.tokens.leeway,
+            algorithms: config.accepted_algorithms(),
+        };
+        Ok(Self {
+            rotator,
+            clock,
+            verify: Arc::new(verify),
+            vault,
+            reload_interval: config.keys.reload_interval,
+            jwks_max_age: jwks_max_age(config.keys.prepublish_lead),
+        })
+    }
+
+    /// Starts the reload loop, Vault token renewal, the audit forwarder and the metrics
+    /// ticker; all stop when `stop` is cancelled.
+    pub fn spawn(
+        &self,
+        audit: Audit,
+        actor: String,
+        stop: CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        // subscribe before the first reload, so the initial ring's transitions are audited
+        let mut transitions = self.rotator.subscribe();
+        tasks.push(tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                loop {
+                    let t = tokio::select! {
+                        () = stop.cancelled() => return,
+                        t = transitions.recv() => t,
+                    };
+                    match t {
+                        Ok(t) => audit.record(AuditEvent {
+                            at: t.at,
+                            actor: actor.clone(),
+                            action: "key.transition".to_owned(),
+                            target: t.kid.to_string(),
+                            source_ip: None,
+                            detail: serde_json::to_value(&t).unwrap_or_default(),
+                        }),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::error!(missed = n, "audit of key transitions lagged");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        }));
+        tasks.push(self.rotator.spawn(self.reload_interval, stop.clone()));
+        if let Some(vault) = &self.vault {
+            tasks.push(vault.spawn_token_renewal(stop.clone()));
+        }
+        tasks.push(tokio::spawn({
+            let this = self.clone();
+            async move {
+                let mut tick =
+                    tokio::time::interval(this.reload_interval.min(Duration::from_secs(15)));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => this.record_metrics(),
+                    }
+                }
+            }
+        }));
+        tasks
+    }
+
+    /// The clock this instance signs and verifies by.
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    /// The live keys.
+    pub fn keys(&self) -> &Keys {
+        self.rotator.keys()
+    }
+
+    /// The rotator (reload now, health).
+    pub fn rotator(&self) -> &Rotator {
+        &self.rotator
+    }
+
+    /// What a token of ours must satisfy.
+    pub fn verify_params(&self) -> &VerifyParams {
+        &self.verify
+    }
+
+    /// Signs `claims` with the active key. `NoActiveKey` when none may sign now (e.g. the
+    /// active key's window ended while Vault was unreachable): the caller answers 503.
+    pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, KeyError> {
+        self.keys().sign(claims, self.now())
+    }
+
+    /// Verifies one of our tokens now.
+    pub fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, KeyError> {
+        self.keys().verify(token, &self.verify, self.now())
+    }
+
+    /// The JWKS document now.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.keys().jwks(self.now())
+    }
+
+    /// How long relying parties may cache JWKS.
+    pub fn jwks_max_age(&self) -> Duration {
+        self.jwks_max_age
+    }
+
+    /// The ring now.
+    pub fn status(&self) -> RingStatus {
+        self.keys().status(self.now())
+    }
+
+    /// Brings the next rotation forward, or (with a note) retires the active key as
+    /// compromised. Every instance follows within its reload interval.
+    pub async fn rotate(&self, emergency: Option<String>) -> Result<ReloadOutcome, KeyError> {
+        let outcome = self.rotator.rotate_with_reason(emergency).await?;
+        self.record_metrics();
+        Ok(outcome)
+    }
+
+    /// `Ok` when a key can sign now and the last reload reached the source.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if !self.keys().can_sign(self.now()) {
+            return Err("no signing key is active");
+        }
+        if self.rotator.health().consecutive_failures > 0 {
+            return Err("key source unreachable; serving with the ring held");
+        }
+        Ok(())
+    }
+
+    fn record_metrics(&self) {
+        let status = self.status();
+        let health = self.rotator.health();
+        metrics::gauge!("portcullis_keys_active_key_age_seconds")
+            .set(status.active_key_age_seconds.unwrap_or(0) as f64);
+        if let Some(next) = status.next_rotation_at {
+            metrics::gauge!("portcullis_keys_next_rotation_timestamp_seconds")
+                .set(next.unix_timestamp() as f64);
+        }
+        metrics::gauge!("portcullis_keys_published")
+            .set(status.keys.iter().filter(|k| k.published).count() as f64);
+        metrics::gauge!("portcullis_keys_can_sign").set(if self.keys().can_sign(self.now()) {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("portcullis_keys_ring_reload_failures").set(health.reload_failures as f64);
+        metrics::gauge!("portcullis_keys_ring_reload_consecutive_failures")
+            .set(health.consecutive_failures as f64);
+        if let Some(at) = health.last_success_at {
+            metrics::gauge!("portcullis_keys_ring_last_reload_timestamp_seconds")
+                .set(at.unix_timestamp() as f64);
+        }
+        metrics::gauge!("portcullis_dependency_up", "dependency" => "keys").set(
+            if health.consecutive_failures == 0 {
+                1.0
+            } else {
+                0.0
+            },
+        );
+    }
+}
+
+/// JWKS may be cached for a quarter of the pre-publication lead (a new key is then in
+/// every cache well before it signs), and never longer than 15 minutes, so that a key
+/// withdrawn in an emergency leaves caches soon too.
+fn jwks_max_age(lead: Duration) -> Duration {
+    (lead / 4).min(Duration::from_secs(15 * 60))
+}

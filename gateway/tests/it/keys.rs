@@ -1,0 +1,381 @@
+//! Signing keys across instances, against a real OpenBao: monthly rotation with an
+//! injectable clock, emergency rotation, and a Vault outage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::{OpenBao, Postgres};
+use keyrotation::{Clock, KeyError, KeyState, ManualClock, TransitionReason};
+use portcullis::app::Application;
+use portcullis::config::{Config, KeySourceKind};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::support::*;
+
+const HOUR: time::Duration = time::Duration::hours(1);
+
+/// An in-process instance whose ring lives in `bao` at `ring_path`.
+struct Instance {
+    app: Application,
+    pki_client: Arc<rustls::ClientConfig>,
+    _dir: tempfile::TempDir,
+}
+
+async fn instance(
+    bao: &OpenBao,
+    token: &str,
+    ring_path: &str,
+    database: &str,
+    clock: Arc<ManualClock>,
+    customize: impl FnOnce(&mut Config),
+) -> Instance {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &pki.leaf());
+    config.database.url = SecretString::from(database.to_owned());
+    config.keys.source = KeySourceKind::Vault;
+    config.keys.reload_interval = Duration::from_secs(3600);
+    config.vault = Some(
+        toml::from_str(&format!(
+            "addr = \"{}\"\ntoken = \"{token}\"\nring_path = \"{ring_path}\"\n",
+            bao.addr()
+        ))
+        .unwrap(),
+    );
+    config.server.public_url = "https://portcullis.test".to_owned();
+    customize(&mut config);
+    config.validate().unwrap();
+    let app = Application::build_with_clock(config, clock).await.unwrap();
+    Instance {
+        app,
+        pki_client: pki.client_config(),
+        _dir: dir,
+    }
+}
+
+impl Instance {
+    fn sign(&self, now: OffsetDateTime, lifetime: time::Duration) -> Result<String, KeyError> {
+        let keys = &self.app.state().keys;
+        keys.sign(&json!({
+            "iss": "https://portcullis.test",
+            "aud": "https://portcullis.test",
+            "sub": "executor-orders",
+            "iat": now.unix_timestamp(),
+            "nbf": now.unix_timestamp(),
+            "exp": (now + lifetime).unix_timestamp(),
+        }))
+    }
+
+    fn verify(&self, token: &str) -> Result<Value, KeyError> {
+        self.app.state().keys.verify(token)
+    }
+
+    async fn jwks_kids(&self) -> Vec<String> {
+        let mut conn =
+            Conn::over(tls_connect(self.app.https_addr(), self.pki_client.clone()).await).await;
+        let (parts, body) = conn.get("/oauth2/jwks").await.unwrap();
+        assert_eq!(parts.status, 200);
+        let cache = parts.headers["cache-control"].to_str().unwrap();
+        assert!(cache.starts_with("public, max-age="), "{cache}");
+        let jwks: Value = serde_json::from_slice(&body).unwrap();
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    v["kid"].as_str().unwrap().to_owned()
+}
+
+fn start_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+    ))
+}
+
+#[tokio::test]
+async fn three_instances_rotate_once_per_period_and_never_break_a_token() {
+    let bao = OpenBao::shared();
+    let db = Postgres::shared().fresh_database("keys3").unwrap();
+    let clock = start_clock();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(
+            instance(
+                bao,
+                &bao.root_token(),
+                "portcullis/three",
+                &db,
+                clock.clone(),
+                |_| {},
+            )
+            .await,
+        );
+    }
+    let start = clock.now();
+    // issued tokens: (token, kid, expiry)
+    let mut live: Vec<(String, String, OffsetDateTime)> = Vec::new();
+    let mut retired_tokens: Vec<(String, String)> = Vec::new();
+    let mut scheduled_activations = 0;
+    let mut step = 0usize;
+    // three simulated months in 6-hour steps, and a few steps on each side of every
+    // rotation instant at minute resolution
+    while clock.now() < start + time::Duration::days(92) {
+        let now = clock.now();
+        // every instance reloads "at once": all of them may try to write
+        let (a, b, c) = tokio::join!(
+            instances[0].app.state().keys.rotator().reload_once(),
+            instances[1].app.state().keys.rotator().reload_once(),
+            instances[2].app.state().keys.rotator().reload_once(),
+        );
+        for outcome in [a.unwrap(), b.unwrap(), c.unwrap()] {
+            scheduled_activations += outcome
+                .transitions
+                .iter()
+                .filter(|t| {
+                    t.to == Some(KeyState::Active) && t.reason == TransitionReason::Scheduled
+                })
+                .count();
+        }
+        // exactly one key signs, the same on every instance
+        let actives: Vec<_> = instances
+            .iter()
+            .map(|i| {
+                i.app
+                    .state()
+                    .keys
+                    .status()
+                    .active_kid
+                    .map(|k| k.to_string())
+            })
+            .collect();
+        assert!(actives[0].is_some(), "no active key at {now}");
+        assert!(
+            actives.iter().all(|a| a == &actives[0]),
+            "instances disagree at {now}: {actives:?}"
+        );
+
+        // a token from any instance verifies on every instance until it expires
+        let issuer = &instances[step % 3];
+        let token = issuer.sign(now, HOUR).unwrap();
+        live.push((token.clone(), kid_of(&token), now + HOUR));
+        live.retain(|(_, _, exp)| *exp > now);
+        for (t, _, _) in &live {
+            for (n, i) in instances.iter().enumerate() {
+                i.verify(t)
+                    .unwrap_or_else(|e| panic!("instance {n} refused a live token at {now}: {e}"));
+            }
+        }
+        // a long-lived token kept to see its key's retirement
+        if step == 1 {
+            let t = issuer.sign(now, time::Duration::days(200)).unwrap();
+            retired_tokens.push((t.clone(), kid_of(&t)));
+        }
+        // JWKS on every instance holds the key of every unexpired token
+        if step.is_multiple_of(8) {
+            for i in &instances {
+                let kids = i.jwks_kids().await;
+                for (_, kid, _) in &live {
+                    assert!(kids.contains(kid), "JWKS at {now} lacks live kid {kid}");
+                }
+            }
+        }
+        // near a rotation instant, go minute by minute
+        let next = instances[0]
+            .app
+            .state()
+            .keys
+            .status()
+            .next_rotation_at
+            .unwrap();
+        let to_next = next - now;
+        let dt = if to_next > time::Duration::ZERO && to_next <= time::Duration::hours(6) {
+            to_next
+                .min(time::Duration::minutes(20))
+                .max(time::Duration::minutes(1))
+        } else {
+            time::Duration::hours(6)
+        };
+        clock.advance(dt);
+        step += 1;
+    }
+    assert_eq!(
+        scheduled_activations, 3,
+        "expected exactly one scheduled rotation per 30-day period in 92 days"
+    );
+    // the first key's overlap ended (day 30 + 30): gone from JWKS, its tokens refused
+    let (old_token, old_kid) = &retired_tokens[0];
+    for i in &instances {
+        assert!(!i.jwks_kids().await.contains(old_kid));
+        assert!(matches!(i.verify(old_token), Err(KeyError::UnknownKid)));
+    }
+    // every transition this run wrote is in the shared audit trail once
+    let db_handle = instances[0].app.state().db.clone();
+    eventually(Duration::from_secs(10), "transitions audited", || {
+        let db = db_handle.clone();
+        async move {
+            portcullis::audit::recent(&db, "key.transition", 1000)
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .filter(|(_, _, d)| {
+                            d.contains("\"to\":\"active\"") && d.contains("scheduled")
+                        })
+                        .count()
+                        == 3
+                })
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn emergency_rotation_stops_the_compromised_key_everywhere_within_the_reload_interval() {
+    let bao = OpenBao::shared();
+    let db = Postgres::shared().fresh_database("keysemg").unwrap();
+    let clock = start_clock();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(
+            instance(
+                bao,
+                &bao.root_token(),
+                "portcullis/emergency",
+                &db,
+                clock.clone(),
+                |c| {
+                    c.keys.reload_interval = Duration::from_millis(200);
+                },
+            )
+            .await,
+        );
+    }
+    for i in &instances {
+        i.app.state().keys.rotator().reload_once().await.unwrap();
+    }
+    let now = clock.now();
+    let compromised = instances[0].sign(now, HOUR).unwrap();
+    for i in &instances {
+        i.verify(&compromised).unwrap();
+    }
+
+    // the operator declares the key compromised on instance 2's admin API
+    let admin = instances[2].app.admin_addr();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{admin}/admin/keys/rotate"))
+        .json(&json!({ "emergency": true, "reason": "key exposed in a crash dump" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+
+    // every instance refuses the compromised key's tokens within its reload interval
+    for (n, i) in instances.iter().enumerate() {
+        eventually(
+            Duration::from_secs(5),
+            &format!("instance {n} refuses the token"),
+            || async { i.verify(&compromised).is_err() },
+        )
+        .await;
+        assert!(!i.jwks_kids().await.contains(&kid_of(&compromised)));
+    }
+    // and new tokens verify everywhere
+    let fresh = instances[1].sign(clock.now(), HOUR).unwrap();
+    assert_ne!(kid_of(&fresh), kid_of(&compromised));
+    for i in &instances {
+        i.verify(&fresh).unwrap();
+    }
+    let db_handle = instances[0].app.state().db.clone();
+    eventually(Duration::from_secs(10), "emergency audited", || {
+        let db = db_handle.clone();
+        async move {
+            portcullis::audit::recent(&db, "key.rotate.emergency", 10)
+                .await
+                .map(|rows| rows.iter().any(|(_, _, d)| d.contains("crash dump")))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn vault_outage_degrades_readiness_keeps_verifying_and_recovers() {
+    let bao = OpenBao::start_persistent().unwrap();
+    let db = Postgres::shared().fresh_database("keysout").unwrap();
+    let clock = start_clock();
+    let inst = instance(
+        &bao,
+        &bao.root_token(),
+        "portcullis/outage",
+        &db,
+        clock.clone(),
+        |c| {
+            c.keys.reload_interval = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let admin = inst.app.admin_addr();
+    let ready = || async move {
+        let r = reqwest::get(format!("http://{admin}/readyz"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    eventually(Duration::from_secs(15), "ready", || async {
+        ready().await.0 == 200
+    })
+    .await;
+    let status = inst.app.state().keys.status();
+    let first_retire = status.next_rotation_at.unwrap();
+
+    bao.stop();
+    eventually(
+        Duration::from_secs(10),
+        "degraded while Vault is down",
+        || async {
+            let (code, body) = ready().await;
+            code == 503
+                && body["checks"]["keys"]["ok"] == false
+                && body["checks"]["database"]["ok"] == true
+        },
+    )
+    .await;
+    // serving continues with the ring held: a token signed just before the active key's
+    // window ends keeps verifying after it
+    clock.set(first_retire - time::Duration::minutes(30));
+    let token = inst.sign(clock.now(), HOUR).unwrap();
+    clock.set(first_retire + time::Duration::minutes(1));
+    inst.verify(&token).unwrap();
+    // but nothing signs with the overdue key (no next key could be planned): 503
+    let err = inst.sign(clock.now(), HOUR).unwrap_err();
+    assert!(matches!(err, KeyError::NoActiveKey), "{err}");
+    let api: portcullis::error::ApiError = err.into();
+    assert_eq!(
+        axum::response::IntoResponse::into_response(api).status(),
+        503
+    );
+
+    bao.restart().unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "ready again after Vault returns",
+        || async { ready().await.0 == 200 },
+    )
+    .await;
+    let fresh = inst.sign(clock.now(), HOUR).unwrap();
+    inst.verify(&fresh).unwrap();
+    inst.verify(&token).unwrap();
+}
