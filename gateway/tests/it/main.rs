@@ -3,6 +3,7 @@
 
 mod cli;
 mod keys;
+mod least_privilege;
 mod limits;
 mod readiness;
 mod shutdown;
