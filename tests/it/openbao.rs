@@ -79,16 +79,8 @@ fn bao_cli_enables_engines_and_writes_policies() {
     assert_eq!(key["data"]["type"], "aes256-gcm96");
 
     let policy = "path \"secret/data/proof/*\" { capabilities = [\"read\"] }";
-    let policy_file = std::env::temp_dir().join(format!("proof-policy-{}.hcl", std::process::id()));
-    std::fs::write(&policy_file, policy).expect("write policy file");
-    bao.bao(&[
-        "policy",
-        "write",
-        "proof-reader",
-        &policy_file.display().to_string(),
-    ])
-    .expect("policy write");
-    let _ = std::fs::remove_file(&policy_file);
+    bao.bao_with_stdin(&["policy", "write", "proof-reader", "-"], policy)
+        .expect("policy write from stdin");
     let read_back = bao
         .bao(&["policy", "read", "proof-reader"])
         .expect("policy read");

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::http::{get_status, request};
-use crate::process::{Service, Spec, retry_on_port_clash, run};
+use crate::process::{Service, Spec, retry_on_port_clash, run, run_with_stdin};
 use crate::{HarnessError, Result, free_port, port_is_free, workspace_root};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -91,6 +91,8 @@ impl OpenBao {
                     r#"storage "raft" {{
   path    = "{data}"
   node_id = "portcullis-test"
+  # Production raft timers (multiplier 5) make a one-node election take ~5 s.
+  performance_multiplier = 1
 }}
 listener "tcp" {{
   address         = "127.0.0.1:{port}"
@@ -224,12 +226,22 @@ ui           = false
     /// Runs the `bao` CLI against this server (`BAO_ADDR`/`VAULT_ADDR` and the root token
     /// set) and returns its stdout, e.g. `bao(&["secrets", "enable", "transit"])`.
     pub fn bao(&self, args: &[&str]) -> Result<String> {
+        run(&mut self.bao_command(args)?)
+    }
+
+    /// Like [`OpenBao::bao`], with `stdin` as the command's standard input, for
+    /// arguments that read `-`: `bao_with_stdin(&["policy", "write", "reader", "-"], hcl)`.
+    pub fn bao_with_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        run_with_stdin(&mut self.bao_command(args)?, stdin)
+    }
+
+    fn bao_command(&self, args: &[&str]) -> Result<Command> {
         let addr = self.addr();
         let mut command = Command::new(bao_binary()?);
         for var in SCRUBBED_ENV {
             command.env_remove(var);
         }
-        run(command
+        command
             .args(args)
             .env("BAO_ADDR", &addr)
             .env("VAULT_ADDR", &addr)
@@ -237,7 +249,8 @@ ui           = false
             .env("VAULT_TOKEN", &self.root_token)
             .env("HOME", self.service.dir())
             .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost"))
+            .env("no_proxy", "127.0.0.1,localhost");
+        Ok(command)
     }
 
     /// The server's log file.

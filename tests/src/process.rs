@@ -375,6 +375,29 @@ pub(crate) fn run(command: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| HarnessError::io(format!("running {command:?}"), e))?;
+    command_result(command, output)
+}
+
+/// [`run`] with `input` written to the command's stdin.
+pub(crate) fn run_with_stdin(command: &mut Command, input: &str) -> Result<String> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| HarnessError::io(format!("running {command:?}"), e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| HarnessError::io(format!("writing to {command:?}"), e))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| HarnessError::io(format!("running {command:?}"), e))?;
+    command_result(command, output)
+}
+
+fn command_result(command: &Command, output: std::process::Output) -> Result<String> {
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
