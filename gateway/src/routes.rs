@@ -23,6 +23,19 @@ use crate::telemetry;
 /// The header carrying the request id, in and out.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Every route of the public router as (method, path). `docs/api/openapi.json` documents
+/// exactly these; a test holds the three (router, this list, the file) together.
+pub const PUBLIC_ROUTES: &[(&str, &str)] = &[("GET", "/"), ("GET", "/oauth2/jwks")];
+
+/// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
+pub const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/admin/keys"),
+    ("POST", "/admin/keys/rotate"),
+];
+
 /// The public router (HTTPS listener).
 pub fn router(state: AppState) -> Router {
     let server = &state.config.server;

@@ -5,6 +5,7 @@ mod cli;
 mod keys;
 mod least_privilege;
 mod limits;
+mod openapi;
 mod readiness;
 mod shutdown;
 mod support;
