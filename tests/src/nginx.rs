@@ -1,7 +1,7 @@
 //! A real nginx with a configuration the test provides.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::http::accepts;
@@ -98,8 +98,8 @@ impl Nginx {
     }
 
     /// The log file (nginx's stderr, including its error log unless the config moves it).
-    pub fn log_path(&self) -> &Path {
-        self.service.log_path()
+    pub fn log_path(&self) -> PathBuf {
+        self.service.log_path().to_path_buf()
     }
 }
 
