@@ -17,6 +17,7 @@
 //! * [`Rotator`] — reloads the ring on an interval, plans and writes (check-and-set) when this
 //!   instance may write, and publishes the ring into [`Keys`].
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod clock;

@@ -108,7 +108,14 @@ async fn three_rotators_racing_write_once_per_period_and_converge() {
 
     let mut expected_version = 0;
     // First key; next key due; handover; next again; overdue after a long silence; drop.
-    for step in [time::Duration::ZERO, DAY * 23, DAY * 30, DAY * 53, DAY * 90, DAY * 100] {
+    for step in [
+        time::Duration::ZERO,
+        DAY * 23,
+        DAY * 30,
+        DAY * 53,
+        DAY * 90,
+        DAY * 100,
+    ] {
         clock.set(t0() + step);
         let (a, b, c) = tokio::join!(
             rotators[0].reload_once(),
