@@ -19,6 +19,7 @@ pub mod readiness;
 pub mod redis_store;
 pub mod routes;
 pub mod server;
+pub mod server_key;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
