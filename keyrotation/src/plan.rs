@@ -197,7 +197,7 @@ struct Planner<'p> {
     policy: &'p Policy,
     now: OffsetDateTime,
     transitions: Vec<Transition>,
-    /// Reasons for the state changes [`Planner::record`] will find, by key.
+    /// Reasons for the state changes [`Planner::record_index`] will find, by key.
     reasons: Vec<(Kid, TransitionReason)>,
 }
 
