@@ -31,8 +31,9 @@ fn token_source(bao: &OpenBao, token: &str, ring_path: &str) -> VaultKeySource {
 }
 
 fn policy_file(name: &str) -> PathBuf {
+    // the policies operators install, shipped in deploy/vault/
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("vault-policies")
+        .join("../deploy/vault")
         .join(format!("{name}.hcl"))
 }
 
