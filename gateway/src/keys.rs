@@ -85,8 +85,8 @@ impl KeyService {
         })
     }
 
-    /// Starts the reload loop, Vault token renewal, the audit forwarder and the metrics
-    /// ticker; all stop when `stop` is cancelled.
+    /// Starts the reload loop, Vault token renewal and the audit forwarder; all stop when
+    /// `stop` is cancelled.
     pub fn spawn(
         &self,
         audit: Audit,
@@ -125,19 +125,6 @@ impl KeyService {
         if let Some(vault) = &self.vault {
             tasks.push(vault.spawn_token_renewal(stop.clone()));
         }
-        tasks.push(tokio::spawn({
-            let this = self.clone();
-            async move {
-                let mut tick =
-                    tokio::time::interval(this.reload_interval.min(Duration::from_secs(15)));
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = tick.tick() => this.record_metrics(),
-                    }
-                }
-            }
-        }));
         tasks
     }
 
@@ -206,7 +193,9 @@ impl KeyService {
         Ok(())
     }
 
-    fn record_metrics(&self) {
+    /// Sets the key gauges from the ring as it is now. Called at every scrape, so the
+    /// figures are never staler than the scrape itself.
+    pub fn record_metrics(&self) {
         let status = self.status();
         let health = self.rotator.health();
         metrics::gauge!("portcullis_keys_active_key_age_seconds")

@@ -197,6 +197,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.keys.record_metrics();
     state.metrics.run_upkeep();
     (
         [(

@@ -18,7 +18,15 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global tracing subscriber. A second call (tests) leaves the first in place.
 pub fn init_logging(config: &LogConfig) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&config.level)
+    // vaultrs logs every lost check-and-set race (an expected event when instances
+    // rotate together) at ERROR; our own code reports Vault failures, so it is muted
+    // unless the operator asks for it by name
+    let level = if config.level.contains("vaultrs") {
+        config.level.clone()
+    } else {
+        format!("{},vaultrs=off,rustify=off", config.level)
+    };
+    let filter = EnvFilter::try_new(&level)
         .map_err(|e| format!("invalid log.level `{}`: {e}", config.level))?;
     let registry = tracing_subscriber::registry().with(filter);
     let result = match config.format {

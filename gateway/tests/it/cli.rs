@@ -156,6 +156,16 @@ async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
                 && s.labels.get("route") == Some("/")),
         "request counter missing:\n{metrics}"
     );
+    for series in [
+        "portcullis_keys_active_key_age_seconds",
+        "portcullis_keys_next_rotation_timestamp_seconds",
+        "portcullis_keys_ring_reload_failures",
+    ] {
+        assert!(
+            scrape.samples.iter().any(|s| s.metric == series),
+            "{series} missing:\n{metrics}"
+        );
+    }
     let banner = child.output();
     assert!(
         banner.contains(&format!("https://localhost:{https}/")),
