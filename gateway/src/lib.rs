@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod db;
 pub mod dev;
