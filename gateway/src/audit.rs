@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Database, Pool};
+use crate::db::Database;
 
 /// How many events may wait for the database.
 const QUEUE: usize = 10_000;
@@ -118,30 +118,17 @@ async fn insert(db: &Database, e: &AuditEvent) -> Result<(), sqlx::Error> {
     let detail = e.detail.to_string();
     const SQL: &str = "INSERT INTO audit_events (at_unix_ms, actor, action, target, source_ip, detail) \
                        VALUES ($1, $2, $3, $4, $5, $6)";
-    match db.pool() {
-        Pool::Postgres(p) => {
-            sqlx::query(SQL)
-                .bind(at)
-                .bind(&e.actor)
-                .bind(&e.action)
-                .bind(&e.target)
-                .bind(&e.source_ip)
-                .bind(&detail)
-                .execute(p)
-                .await?;
-        }
-        Pool::Sqlite(p) => {
-            sqlx::query(SQL)
-                .bind(at)
-                .bind(&e.actor)
-                .bind(&e.action)
-                .bind(&e.target)
-                .bind(&e.source_ip)
-                .bind(&detail)
-                .execute(p)
-                .await?;
-        }
-    };
+    crate::on_pool!(db.pool(), |p| {
+        sqlx::query(SQL)
+            .bind(at)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(&e.source_ip)
+            .bind(&detail)
+            .execute(p)
+            .await?;
+    });
     Ok(())
 }
 
@@ -153,21 +140,12 @@ pub async fn recent(
 ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     const SQL: &str = "SELECT actor, target, detail FROM audit_events WHERE action = $1 \
                        ORDER BY id DESC LIMIT $2";
-    let rows: Vec<(String, String, String)> = match db.pool() {
-        Pool::Postgres(p) => {
-            sqlx::query_as(SQL)
-                .bind(action)
-                .bind(limit)
-                .fetch_all(p)
-                .await?
-        }
-        Pool::Sqlite(p) => {
-            sqlx::query_as(SQL)
-                .bind(action)
-                .bind(limit)
-                .fetch_all(p)
-                .await?
-        }
-    };
+    let rows: Vec<(String, String, String)> = crate::on_pool!(db.pool(), |p| {
+        sqlx::query_as(SQL)
+            .bind(action)
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+    });
     Ok(rows)
 }

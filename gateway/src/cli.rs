@@ -136,15 +136,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("portcullis: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("portcullis: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let app = match Application::build(config.clone()).await {
@@ -165,6 +159,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         });
         app.run_until_stopped().await;
         ExitCode::SUCCESS
+    })
+}
+
+/// Builds a runtime, or says why not and gives the exit status.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("portcullis: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_FAILURE)
     })
 }
 
@@ -238,15 +240,9 @@ fn keys(cmd: KeysCommand) -> ExitCode {
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
         format: config::LogFormat::Pretty,
     });
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("portcullis: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         match run_keys(cmd, &config).await {

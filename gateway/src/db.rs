@@ -33,6 +33,19 @@ pub enum DbError {
     NotMigrated,
 }
 
+/// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both
+/// backends. (The arms are type-checked separately, so `$body` may be generic over the
+/// database.)
+#[macro_export]
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $body:expr) => {
+        match $pool {
+            $crate::db::Pool::Postgres($p) => $body,
+            $crate::db::Pool::Sqlite($p) => $body,
+        }
+    };
+}
+
 /// A pool of either kind.
 #[derive(Debug, Clone)]
 pub enum Pool {
@@ -137,10 +150,7 @@ impl Database {
 
     /// One round trip, for readiness.
     pub async fn ping(&self) -> Result<(), DbError> {
-        match &self.pool {
-            Pool::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?,
-            Pool::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?,
-        }
+        crate::on_pool!(&self.pool, |p| sqlx::query("SELECT 1").execute(p).await.map(|_| ())?);
         if self.is_migrated() {
             Ok(())
         } else {
@@ -150,9 +160,6 @@ impl Database {
 
     /// Closes every connection.
     pub async fn close(&self) {
-        match &self.pool {
-            Pool::Postgres(p) => p.close().await,
-            Pool::Sqlite(p) => p.close().await,
-        }
+        crate::on_pool!(&self.pool, |p| p.close().await);
     }
 }
