@@ -9,9 +9,54 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// The error codes of RFC 6749 §5.2 (and RFC 8707's `invalid_target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthCode {
+    /// Malformed request: missing, repeated or invalid parameter.
+    InvalidRequest,
+    /// Client authentication failed (401 with `WWW-Authenticate: Basic`).
+    InvalidClient,
+    /// The grant (refresh token, code) is invalid, expired, revoked or not this client's.
+    InvalidGrant,
+    /// The client may not use this grant type.
+    UnauthorizedClient,
+    /// The grant type is not supported.
+    UnsupportedGrantType,
+    /// The requested scope is invalid or exceeds what the client may have.
+    InvalidScope,
+    /// The requested resource (audience) is not one the client may have.
+    InvalidTarget,
+    /// The token type is not supported (revocation, RFC 7009 §2.2.1).
+    UnsupportedTokenType,
+}
+
+impl OAuthCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidClient => "invalid_client",
+            Self::InvalidGrant => "invalid_grant",
+            Self::UnauthorizedClient => "unauthorized_client",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::InvalidScope => "invalid_scope",
+            Self::InvalidTarget => "invalid_target",
+            Self::UnsupportedTokenType => "unsupported_token_type",
+        }
+    }
+}
+
 /// An error a handler or middleware answers with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// An OAuth 2.0 endpoint error (RFC 6749 §5.2).
+    #[error("{}: {description}", code.as_str())]
+    OAuth {
+        /// The code.
+        code: OAuthCode,
+        /// For humans; never names which of id or secret was wrong.
+        description: String,
+    },
     /// No such route or resource.
     #[error("not found")]
     NotFound,
@@ -75,6 +120,14 @@ pub struct ErrorBody<'a> {
 }
 
 impl ApiError {
+    /// An OAuth error.
+    pub fn oauth(code: OAuthCode, description: impl Into<String>) -> Self {
+        Self::OAuth {
+            code,
+            description: description.into(),
+        }
+    }
+
     /// A 400 with a code and a description.
     pub fn bad_request(code: &'static str, description: impl Into<String>) -> Self {
         Self::BadRequest {
@@ -96,6 +149,15 @@ impl ApiError {
 
     fn parts(&self) -> (StatusCode, &'static str, String) {
         match self {
+            Self::OAuth { code, description } => (
+                if *code == OAuthCode::InvalidClient {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                code.as_str(),
+                description.clone(),
+            ),
             Self::NotFound => (
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -160,6 +222,18 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
+            Self::OAuth {
+                code: OAuthCode::InvalidClient,
+                ..
+            } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"portcullis\", charset=\"UTF-8\""),
+                );
+            }
+            Self::OAuth { .. } => {
+                headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+            }
             Self::Unauthorized { code, .. } => {
                 let value = format!(
                     "Bearer error=\"{code}\", error_description=\"{}\"",

@@ -1,0 +1,5 @@
+//! The OAuth 2.0 endpoints: token (one module per grant), introspection, revocation,
+//! discovery. Handlers parse and authenticate at the edge and call the domain modules
+//! (`clients`, `refresh`, `keys`); every refusal is an [`ApiError::OAuth`](crate::error::ApiError).
+
+pub mod form;
