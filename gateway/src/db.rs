@@ -150,7 +150,10 @@ impl Database {
 
     /// One round trip, for readiness.
     pub async fn ping(&self) -> Result<(), DbError> {
-        crate::on_pool!(&self.pool, |p| sqlx::query("SELECT 1").execute(p).await.map(|_| ())?);
+        crate::on_pool!(&self.pool, |p| sqlx::query("SELECT 1")
+            .execute(p)
+            .await
+            .map(|_| ())?);
         if self.is_migrated() {
             Ok(())
         } else {
