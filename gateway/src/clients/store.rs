@@ -154,8 +154,12 @@ impl ClientStore {
             Err(_) => None,
         };
         let Some(row) = row else {
-            // compare against something, as for a known client, and refuse
-            std::hint::black_box(secret::ct_eq(&presented, &[0u8; 32]));
+            // the same comparisons as for a known client, then refuse
+            let dummy = SecretHashes {
+                current: [0u8; 32],
+                previous: None,
+            };
+            std::hint::black_box(dummy.matches(&presented, now));
             return Err(ClientError::InvalidClient);
         };
         let client = row.into_client()?;
