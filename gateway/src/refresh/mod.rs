@@ -47,6 +47,14 @@
 //! Only the immediate predecessor enjoys the grace window: a token two rotations old is
 //! re-use even if both rotations happened within it.
 //!
+//! The same window covers a lost answer: if a rotation happened but its reply never reached
+//! the client (a timeout, a 503 after Redis answered), the client's retry with the old token
+//! within the window gets the successor instead of revoking its own session.
+//!
+//! Hashes are compared with plain equality (in Lua and in memory): they are HMAC outputs
+//! under a key the attacker does not hold, so timing reveals nothing usable; the token's tag
+//! is checked in constant time.
+//!
 //! Why a wrapped successor rather than a successor derived from a stored per-family seed:
 //! a Redis dump alone reveals no token (everything is keyed by the server key); the server
 //! key alone reveals none (the hashes, wraps and family ids are in Redis); and even a dump
