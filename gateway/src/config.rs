@@ -238,6 +238,12 @@ pub struct TokensConfig {
     /// Clock skew tolerated when checking `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// Key of the keyed hashes that store client secrets and refresh tokens: base64 of at
+    /// least 32 random bytes, the same on every instance. Prefer `hash_key_file` or the
+    /// environment (`PORTCULLIS_TOKENS__HASH_KEY`).
+    pub hash_key: Option<SecretString>,
+    /// A file holding `hash_key` (base64).
+    pub hash_key_file: Option<PathBuf>,
 }
 
 impl Default for TokensConfig {
@@ -246,6 +252,8 @@ impl Default for TokensConfig {
             issuer: None,
             access_token_lifetime: Duration::from_secs(3600),
             leeway: Duration::from_secs(30),
+            hash_key: None,
+            hash_key_file: None,
         }
     }
 }
@@ -513,6 +521,7 @@ impl Config {
             ));
         }
         self.validate_keys()?;
+        self.server_key()?;
         if let Some(vault) = &self.vault {
             if let Some(addr) = &vault.addr {
                 check_url("vault.addr", addr, &["https", "http"])?;
@@ -627,6 +636,34 @@ impl Config {
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect()
+    }
+
+    /// The keyed-hash key from `tokens.hash_key` or `tokens.hash_key_file`.
+    pub fn server_key(&self) -> Result<crate::server_key::ServerKey, ConfigError> {
+        use crate::server_key::ServerKey;
+        match (&self.tokens.hash_key, &self.tokens.hash_key_file) {
+            (Some(_), Some(_)) => Err(ConfigError::field(
+                "tokens.hash_key",
+                "set either tokens.hash_key or tokens.hash_key_file, not both",
+            )),
+            (Some(key), None) => ServerKey::from_base64(key.expose_secret())
+                .map_err(|e| ConfigError::field("tokens.hash_key", e.to_string())),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    ConfigError::field(
+                        "tokens.hash_key_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?;
+                ServerKey::from_base64(&text)
+                    .map_err(|e| ConfigError::field("tokens.hash_key_file", e.to_string()))
+            }
+            (None, None) => Err(ConfigError::field(
+                "tokens.hash_key",
+                "missing: set tokens.hash_key_file (or PORTCULLIS_TOKENS__HASH_KEY) to base64 \
+                 of 32 random bytes, e.g. `openssl rand -base64 32`",
+            )),
+        }
     }
 
     /// `iss` of issued tokens.

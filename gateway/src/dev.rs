@@ -52,6 +52,7 @@ pub fn dev_config(
 ) -> Result<Config, DevError> {
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let (cert, key) = ensure_certificate(data_dir)?;
+    let hash_key = ensure_hash_key(data_dir)?;
     let db_path = data_dir.join("portcullis.db");
     let public_host = if listen.ip().is_unspecified() {
         "localhost".to_owned()
@@ -81,7 +82,10 @@ pub fn dev_config(
             acquire_timeout: Duration::from_secs(3),
         },
         redis: None,
-        tokens: Default::default(),
+        tokens: crate::config::TokensConfig {
+            hash_key_file: Some(hash_key),
+            ..Default::default()
+        },
         keys: KeysConfig {
             source: KeySourceKind::File,
             file_dir: Some(data_dir.to_owned()),
@@ -109,6 +113,19 @@ pub fn ensure_certificate(dir: &Path) -> Result<(PathBuf, PathBuf), DevError> {
     std::fs::write(&cert, certified.cert.pem()).map_err(io(&cert))?;
     tracing::info!(cert = %cert.display(), "generated a self-signed development certificate");
     Ok((cert, key))
+}
+
+/// Makes `hash.key` (the keyed-hash key, base64, mode 0600) in `dir` unless it exists.
+pub fn ensure_hash_key(dir: &Path) -> Result<PathBuf, DevError> {
+    let path = dir.join("hash.key");
+    if !path.is_file() {
+        let (_, text) = crate::server_key::ServerKey::generate().map_err(|e| DevError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        write_private(&path, text.as_bytes())?;
+    }
+    Ok(path)
 }
 
 /// Writes a file only its owner can read (0600 on Unix), atomically.

@@ -2,6 +2,8 @@
 
 use super::*;
 
+const TEST_HASH_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 struct Files {
     dir: tempfile::TempDir,
 }
@@ -27,9 +29,14 @@ impl Files {
     fn load(&self, text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let path = self.dir.path().join("portcullis.toml");
         std::fs::write(&path, text).unwrap();
+        // every test file needs the keyed-hash key; it comes from the environment so that
+        // tests may still write their own [tokens] section
+        let key = ("PORTCULLIS_TOKENS__HASH_KEY", TEST_HASH_KEY);
         load(
             &path,
-            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            env.iter()
+                .chain(std::iter::once(&key))
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         )
     }
 }
@@ -180,6 +187,7 @@ fn shipped_production_example_is_valid_given_its_files() {
     let d = f.dir.path();
     std::fs::write(d.join("ca.pem"), "x").unwrap();
     std::fs::write(d.join("secret-id"), "x").unwrap();
+    std::fs::write(d.join("hash.key"), TEST_HASH_KEY).unwrap();
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/portcullis.toml");
     let env = [
@@ -190,6 +198,7 @@ fn shipped_production_example_is_valid_given_its_files() {
             "PORTCULLIS_VAULT__AUTH__SECRET_ID_FILE",
             d.join("secret-id"),
         ),
+        ("PORTCULLIS_TOKENS__HASH_KEY_FILE", d.join("hash.key")),
     ]
     .map(|(k, v)| (k.to_owned(), v.display().to_string()));
     let c = load(&example, env).unwrap();
@@ -198,4 +207,19 @@ fn shipped_production_example_is_valid_given_its_files() {
         c.vault.unwrap().auth,
         keyrotation::VaultAuth::AppRole { .. }
     ));
+}
+
+#[test]
+fn missing_or_short_hash_key_is_refused() {
+    let f = Files::new();
+    let path = f.dir.path().join("p.toml");
+    std::fs::write(&path, f.toml("")).unwrap();
+    let err = load(&path, std::iter::empty()).unwrap_err();
+    assert_eq!(field_of(err), "tokens.hash_key");
+    let short = (
+        "PORTCULLIS_TOKENS__HASH_KEY".to_owned(),
+        "c2hvcnQ=".to_owned(),
+    );
+    let err = load(&path, std::iter::once(short)).unwrap_err();
+    assert_eq!(field_of(err), "tokens.hash_key");
 }

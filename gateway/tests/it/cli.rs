@@ -10,7 +10,7 @@ fn valid_config(dir: &std::path::Path) -> String {
     let (cert, key) = install_leaf(dir, &leaf);
     format!(
         "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"sqlite://{}/p.db\"\n\
-         [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
         cert.display(),
         key.display(),
         dir.display(),

@@ -53,7 +53,7 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
         &file,
         format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"{db}\"\n\
-             [keys]\nsource = \"vault\"\nrotation = \"external\"\n\
+             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"vault\"\nrotation = \"external\"\n\
              [vault]\naddr = \"{}\"\n",
             cert.display(),
             key.display(),

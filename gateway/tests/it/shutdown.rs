@@ -88,7 +88,7 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
              shutdown_grace = \"10s\"\n\
              [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
              [database]\nurl = \"postgres://p@127.0.0.1:{db_port}/p\"\nacquire_timeout = \"30s\"\n\
-             [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
             cert.display(),
             key.display(),
             dir.path().display()

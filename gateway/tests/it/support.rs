@@ -81,7 +81,7 @@ pub fn test_config(dir: &Path, leaf: &Leaf) -> Config {
          shutdown_grace = \"5s\"\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\nreload_interval = \"100ms\"\n\
          [database]\nurl = \"sqlite://{}/portcullis.db\"\n\
-         [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
         cert.display(),
         key.display(),
         dir.display(),

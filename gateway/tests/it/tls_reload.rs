@@ -55,7 +55,7 @@ async fn sighup_rereads_the_certificate_in_the_binary() {
             "[server]\nlisten = \"127.0.0.1:{https}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
              [tls]\ncert = \"{}\"\nkey = \"{}\"\nreload_interval = \"1h\"\n\
              [database]\nurl = \"sqlite://{}/p.db\"\n\
-             [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
             cert.display(),
             key.display(),
             dir.path().display(),
