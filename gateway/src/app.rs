@@ -82,6 +82,22 @@ impl Application {
         let db = Database::connect_lazy(&config.database)?;
         let redis = config.redis.as_ref().map(RedisHandle::new).transpose()?;
         let keys = KeyService::from_config(&config, clock, config.keys.rotation)?;
+        let server_key = config
+            .server_key()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let clients = crate::clients::ClientStore::new(db.clone(), server_key.clone());
+        let refresh: Arc<dyn crate::refresh::RefreshStore> = match &config.redis {
+            Some(r) => Arc::new(crate::refresh::LazyRedisRefreshStore::new(
+                r.url.clone(),
+                server_key,
+                config.refresh.clone(),
+                r.command_timeout,
+            )),
+            None => Arc::new(crate::refresh::MemoryRefreshStore::new(
+                server_key,
+                config.refresh.clone(),
+            )),
+        };
 
         let https = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
@@ -101,6 +117,8 @@ impl Application {
             telemetry::metrics_handle(),
             keys.clone(),
             audit.clone(),
+            clients,
+            refresh,
         );
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {

@@ -150,7 +150,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         if args.dev {
-            print_dev_banner(&app, &config, &args.data_dir);
+            let credentials = match dev::bootstrap_admin(app.state(), &args.data_dir).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            print_dev_banner(&app, &config, &args.data_dir, &credentials);
         }
         let stop = app.shutdown_token();
         tokio::spawn(async move {
@@ -196,7 +203,12 @@ fn serve_config(args: &ServeArgs) -> Result<Config, String> {
     Ok(config)
 }
 
-fn print_dev_banner(app: &Application, config: &Config, data_dir: &std::path::Path) {
+fn print_dev_banner(
+    app: &Application,
+    config: &Config,
+    data_dir: &std::path::Path,
+    credentials: &dev::DevCredentials,
+) {
     let https = app.https_addr();
     let admin = app.admin_addr();
     let cert = config
@@ -217,9 +229,14 @@ fn print_dev_banner(app: &Application, config: &Config, data_dir: &std::path::Pa
          \n\nTry:\
          \n  curl --cacert {cert} https://{host}:{port}/\
          \n  curl http://{admin}/readyz\
+         \n\nA bootstrap admin client ({creds_file}, mode 0600):\
+         \n  curl --cacert {cert} -u '{id}:<secret from {creds_file}>' \\\
+         \n       -d grant_type=client_credentials https://{host}:{port}/oauth2/token\
          \n\nStop with Ctrl-C.\n",
         port = https.port(),
         data = data_dir.display(),
+        id = credentials.client_id,
+        creds_file = credentials.path.display(),
     );
 }
 

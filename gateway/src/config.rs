@@ -88,6 +88,9 @@ pub struct Config {
     /// Signing keys and their rotation.
     #[serde(default)]
     pub keys: KeysConfig,
+    /// Refresh tokens: lifetimes and the re-use grace window.
+    #[serde(default)]
+    pub refresh: crate::refresh::RefreshSettings,
     /// Vault, where the key ring lives in production (`VAULT_ADDR`, `VAULT_TOKEN`,
     /// `VAULT_CACERT` fill in what is not set here).
     pub vault: Option<keyrotation::VaultSettings>,
@@ -522,6 +525,9 @@ impl Config {
         }
         self.validate_keys()?;
         self.server_key()?;
+        self.refresh
+            .validate()
+            .map_err(|e| ConfigError::field("refresh", e.to_string()))?;
         if let Some(vault) = &self.vault {
             if let Some(addr) = &vault.addr {
                 check_url("vault.addr", addr, &["https", "http"])?;

@@ -54,7 +54,7 @@ pub fn dev_config(
     let (cert, key) = ensure_certificate(data_dir)?;
     let hash_key = ensure_hash_key(data_dir)?;
     let db_path = data_dir.join("portcullis.db");
-    let public_host = if listen.ip().is_unspecified() {
+    let public_host = if listen.ip().is_unspecified() || listen.ip().is_loopback() {
         "localhost".to_owned()
     } else {
         listen.ip().to_string()
@@ -86,6 +86,7 @@ pub fn dev_config(
             hash_key_file: Some(hash_key),
             ..Default::default()
         },
+        refresh: Default::default(),
         keys: KeysConfig {
             source: KeySourceKind::File,
             file_dir: Some(data_dir.to_owned()),
@@ -150,4 +151,55 @@ fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File), DevError> {
     }
     let file = opts.open(&path).map_err(io(&path))?;
     Ok((path, file))
+}
+
+/// Where `--dev` keeps the bootstrap admin client's credentials.
+#[derive(Debug)]
+pub struct DevCredentials {
+    /// The client id.
+    pub client_id: String,
+    /// `dev-credentials.json`.
+    pub path: PathBuf,
+}
+
+/// Creates the bootstrap admin client on first start and writes its id and secret to
+/// `dev-credentials.json` (mode 0600) — as a Vault dev server hands out its root token.
+/// On later starts the file is left as it is.
+pub async fn bootstrap_admin(
+    state: &crate::state::AppState,
+    data_dir: &Path,
+) -> Result<DevCredentials, String> {
+    use secrecy::ExposeSecret;
+    let path = data_dir.join("dev-credentials.json");
+    // the schema is migrated in the background; give it a moment on first start
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !state.db.is_migrated() {
+        if std::time::Instant::now() > deadline {
+            return Err("the dev database did not become ready".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let created = state
+        .clients
+        .bootstrap_admin(state.keys.now())
+        .await
+        .map_err(|e| format!("creating the bootstrap admin client: {e}"))?;
+    if let Some((id, secret)) = created {
+        let json = serde_json::json!({
+            "client_id": id.as_str(),
+            "client_secret": secret.expose_secret(),
+            "token_endpoint": format!("{}/oauth2/token", state.config.issuer()),
+        });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+        write_private(&path, text.as_bytes()).map_err(|e| e.to_string())?;
+    } else if !path.is_file() {
+        return Err(format!(
+            "the admin client exists but {} is gone; rotate its secret with the admin API",
+            path.display()
+        ));
+    }
+    Ok(DevCredentials {
+        client_id: crate::clients::ADMIN_CLIENT_ID.to_owned(),
+        path,
+    })
 }

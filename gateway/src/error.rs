@@ -280,6 +280,54 @@ impl From<keyrotation::KeyError> for ApiError {
     }
 }
 
+impl From<crate::clients::ClientError> for ApiError {
+    fn from(e: crate::clients::ClientError) -> Self {
+        use crate::clients::ClientError as C;
+        match e {
+            C::NotFound => Self::NotFound,
+            C::AlreadyExists => Self::Conflict {
+                code: "already_exists",
+                description: "a client with that id exists already".to_owned(),
+            },
+            C::InvalidClient => {
+                Self::oauth(OAuthCode::InvalidClient, "client authentication failed")
+            }
+            C::Invalid(field, reason) => {
+                Self::bad_request("invalid_request", format!("invalid {field}: {reason}"))
+            }
+            C::UnauthorizedGrant(g) => Self::oauth(
+                OAuthCode::UnauthorizedClient,
+                format!("this client may not use the {} grant", g.as_str()),
+            ),
+            C::ScopeNotAllowed(extra) => Self::oauth(
+                OAuthCode::InvalidScope,
+                format!("scope not allowed for this client: {extra}"),
+            ),
+            C::AudienceNotAllowed(a) => Self::oauth(
+                OAuthCode::InvalidTarget,
+                format!("resource not allowed for this client: {}", a.as_str()),
+            ),
+            e @ C::Db(_) => Self::unavailable("database", e),
+            e => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<crate::refresh::RefreshError> for ApiError {
+    fn from(e: crate::refresh::RefreshError) -> Self {
+        if e.is_invalid_grant() {
+            Self::oauth(
+                OAuthCode::InvalidGrant,
+                "the refresh token is invalid, expired or revoked",
+            )
+        } else if e.is_unavailable() {
+            Self::unavailable("refresh-token store", e)
+        } else {
+            Self::Internal(Box::new(e))
+        }
+    }
+}
+
 /// `a: b: c` from an error and its sources, for logs.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

@@ -8,7 +8,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+
+use crate::oauth;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -25,7 +27,15 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Every route of the public router as (method, path). `docs/api/openapi.json` documents
 /// exactly these; a test holds the three (router, this list, the file) together.
-pub const PUBLIC_ROUTES: &[(&str, &str)] = &[("GET", "/"), ("GET", "/oauth2/jwks")];
+pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/oauth2/jwks"),
+    ("POST", "/oauth2/token"),
+    ("POST", "/oauth2/introspect"),
+    ("POST", "/oauth2/revoke"),
+    ("GET", "/.well-known/oauth-authorization-server"),
+    ("GET", "/.well-known/openid-configuration"),
+];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
 pub const ADMIN_ROUTES: &[(&str, &str)] = &[
@@ -46,6 +56,17 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/oauth2/jwks", get(jwks))
+        .route("/oauth2/token", post(oauth::token::token))
+        .route("/oauth2/introspect", post(oauth::introspect::introspect))
+        .route("/oauth2/revoke", post(oauth::revoke::revoke))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::discovery::authorization_server),
+        )
+        .route(
+            "/.well-known/openid-configuration",
+            get(oauth::discovery::openid_configuration),
+        )
         .fallback(not_found)
         // per-route counters and latency, labelled by route template
         .layer(middleware::from_fn(telemetry::record_request))

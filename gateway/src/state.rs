@@ -5,10 +5,12 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::audit::Audit;
+use crate::clients::ClientStore;
 use crate::config::Config;
 use crate::db::Database;
 use crate::keys::KeyService;
 use crate::redis_store::RedisHandle;
+use crate::refresh::RefreshStore;
 
 /// Cheap to clone; every field is shared.
 #[derive(Clone)]
@@ -25,6 +27,10 @@ pub struct AppState {
     pub keys: KeyService,
     /// The audit trail.
     pub audit: Audit,
+    /// OAuth clients.
+    pub clients: ClientStore,
+    /// Refresh tokens (Redis, or in process for a single `--dev` instance).
+    pub refresh: Arc<dyn RefreshStore>,
 }
 
 impl AppState {
@@ -36,6 +42,8 @@ impl AppState {
         metrics: PrometheusHandle,
         keys: KeyService,
         audit: Audit,
+        clients: ClientStore,
+        refresh: Arc<dyn RefreshStore>,
     ) -> Self {
         Self {
             config,
@@ -44,6 +52,8 @@ impl AppState {
             metrics,
             keys,
             audit,
+            clients,
+            refresh,
         }
     }
 }

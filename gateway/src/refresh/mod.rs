@@ -81,6 +81,7 @@
 //!   family that "sign out everywhere" would miss) and removed after it is deleted; readers
 //!   drop ids whose family is gone.
 
+mod lazy;
 mod memory;
 mod redis;
 mod token;
@@ -92,6 +93,7 @@ use async_trait::async_trait;
 use secrecy::SecretString;
 use time::OffsetDateTime;
 
+pub use lazy::LazyRedisRefreshStore;
 pub use memory::MemoryRefreshStore;
 pub use redis::RedisRefreshStore;
 pub use token::{FamilyId, InvalidFamilyId};

@@ -2,11 +2,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod clients;
 mod keys;
 mod least_privilege;
 mod limits;
 mod openapi;
 mod readiness;
+mod refresh;
 mod shutdown;
 mod support;
 mod tls_reload;

@@ -1,0 +1,139 @@
+//! Client authentication at the OAuth endpoints (RFC 6749 §2.3.1): HTTP Basic
+//! (`client_secret_basic`, id and secret form-urlencoded inside) or the body
+//! (`client_secret_post`) — exactly one of them.
+
+use axum::http::{HeaderMap, header};
+use base64::Engine;
+use secrecy::SecretString;
+
+use crate::clients::{Client, ClientError};
+use crate::error::{ApiError, OAuthCode};
+use crate::oauth::form::{Form, decode_component};
+use crate::state::AppState;
+
+/// Credentials as presented, before checking.
+pub struct Presented {
+    /// The claimed client id.
+    pub client_id: String,
+    /// The secret.
+    pub secret: SecretString,
+    /// Which method the client used (for metrics).
+    pub method: &'static str,
+}
+
+/// Extracts the credentials, refusing requests that use both methods or neither.
+/// Removes `client_id` and `client_secret` from the form.
+pub fn presented(headers: &HeaderMap, form: &mut Form) -> Result<Presented, ApiError> {
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| parse_basic(v.as_bytes()))
+        .transpose()?;
+    let body_id = form.take("client_id");
+    let body_secret = form.take("client_secret");
+    match (basic, body_id, body_secret) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(ApiError::oauth(
+            OAuthCode::InvalidRequest,
+            "use one client authentication method, not both",
+        )),
+        (Some((client_id, secret)), None, None) => Ok(Presented {
+            client_id,
+            secret,
+            method: "client_secret_basic",
+        }),
+        (None, Some(client_id), Some(secret)) => Ok(Presented {
+            client_id,
+            secret: SecretString::from(secret),
+            method: "client_secret_post",
+        }),
+        (None, _, _) => Err(ApiError::oauth(
+            OAuthCode::InvalidClient,
+            "client authentication is required",
+        )),
+    }
+}
+
+fn parse_basic(value: &[u8]) -> Result<(String, SecretString), ApiError> {
+    let bad = || ApiError::oauth(OAuthCode::InvalidClient, "malformed Basic credentials");
+    let text = std::str::from_utf8(value).map_err(|_| bad())?;
+    let (scheme, rest) = text.split_once(' ').ok_or_else(bad)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(ApiError::oauth(
+            OAuthCode::InvalidClient,
+            "unsupported authorization scheme; use Basic",
+        ));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .map_err(|_| bad())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (id, secret) = decoded.split_once(':').ok_or_else(bad)?;
+    let id = decode_component(id).map_err(|_| bad())?;
+    let secret = decode_component(secret).map_err(|_| bad())?;
+    if id.is_empty() || secret.is_empty() {
+        return Err(bad());
+    }
+    Ok((id, SecretString::from(secret)))
+}
+
+/// Authenticates the presented credentials against the client store.
+pub async fn authenticate(state: &AppState, presented: &Presented) -> Result<Client, ApiError> {
+    let result = state
+        .clients
+        .authenticate(&presented.client_id, &presented.secret, state.keys.now())
+        .await;
+    match result {
+        Ok(client) => Ok(client),
+        Err(ClientError::InvalidClient) => {
+            metrics::counter!("portcullis_client_auth_failures_total").increment(1);
+            Err(ApiError::oauth(
+                OAuthCode::InvalidClient,
+                "client authentication failed",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::http::HeaderValue;
+    use secrecy::ExposeSecret;
+
+    fn basic(raw: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(&v).unwrap());
+        h
+    }
+
+    #[test]
+    fn basic_parts_are_form_decoded() {
+        let mut form = Form::parse(b"grant_type=client_credentials").unwrap();
+        let p = presented(&basic("my%2Bclient:s%3Acret"), &mut form).unwrap();
+        assert_eq!(p.client_id, "my+client");
+        assert_eq!(p.secret.expose_secret(), "s:cret");
+        assert_eq!(p.method, "client_secret_basic");
+    }
+
+    #[test]
+    fn both_methods_or_none_are_refused() {
+        let mut form = Form::parse(b"client_id=a&client_secret=b").unwrap();
+        assert!(presented(&basic("a:b"), &mut form).is_err());
+        let mut form = Form::parse(b"grant_type=x").unwrap();
+        let err = presented(&HeaderMap::new(), &mut form).err().unwrap();
+        assert!(matches!(
+            err,
+            ApiError::OAuth {
+                code: OAuthCode::InvalidClient,
+                ..
+            }
+        ));
+        let mut form = Form::parse(b"client_id=a").unwrap();
+        assert!(presented(&HeaderMap::new(), &mut form).is_err());
+    }
+}

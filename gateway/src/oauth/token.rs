@@ -1,0 +1,207 @@
+//! `POST /oauth2/token` (RFC 6749 §3.2): parses the form strictly, authenticates the
+//! client, and hands over to the grant's own function. Every answer carries
+//! `Cache-Control: no-store` and `Pragma: no-cache`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+use crate::clients::{Audience, Client, GrantType, ScopeSet};
+use crate::error::{ApiError, OAuthCode};
+use crate::oauth::claims::{AccessClaims, Audiences};
+use crate::oauth::client_auth;
+use crate::oauth::form::Form;
+use crate::state::AppState;
+
+/// A successful token response (RFC 6749 §5.1).
+#[derive(Serialize)]
+pub struct TokenResponse {
+    /// The JWT.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds until `exp`.
+    pub expires_in: u64,
+    /// Granted scope.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+    /// A rotated refresh token, for the `refresh_token` grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+impl IntoResponse for TokenResponse {
+    fn into_response(self) -> Response {
+        let mut r = Json(self).into_response();
+        no_store(r.headers_mut());
+        r
+    }
+}
+
+/// Marks a response as never to be cached (RFC 6749 §5.1).
+pub fn no_store(headers: &mut HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// Parses an OAuth form body: the content type must be
+/// `application/x-www-form-urlencoded`; parameters may not repeat; bytes must be UTF-8.
+pub fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, ApiError> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Err(ApiError::oauth(
+            OAuthCode::InvalidRequest,
+            "the body must be application/x-www-form-urlencoded",
+        ));
+    }
+    Form::parse(body).map_err(|e| ApiError::oauth(OAuthCode::InvalidRequest, e.to_string()))
+}
+
+/// The handler.
+pub async fn token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<TokenResponse, ApiError> {
+    let mut form = parse_form(&headers, &body)?;
+    let grant = form
+        .take("grant_type")
+        .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "grant_type is required"))?;
+    let presented = client_auth::presented(&headers, &mut form)?;
+    let grant = match grant.as_str() {
+        "client_credentials" => GrantType::ClientCredentials,
+        "refresh_token" => GrantType::RefreshToken,
+        _ => {
+            return Err(ApiError::oauth(
+                OAuthCode::UnsupportedGrantType,
+                "supported grant types: client_credentials, refresh_token",
+            ));
+        }
+    };
+    let client = client_auth::authenticate(&state, &presented).await?;
+    client.check_grant(grant)?;
+    let response = match grant {
+        GrantType::ClientCredentials => client_credentials(&state, &client, &mut form)?,
+        GrantType::RefreshToken => {
+            super::refresh_grant::refresh(&state, &client, &mut form).await?
+        }
+        GrantType::AuthorizationCode => {
+            return Err(ApiError::oauth(
+                OAuthCode::UnsupportedGrantType,
+                "supported grant types: client_credentials, refresh_token",
+            ));
+        }
+    };
+    metrics::counter!("portcullis_tokens_issued_total", "grant" => grant.as_str()).increment(1);
+    Ok(response)
+}
+
+/// RFC 6749 §4.4: a token for the client itself.
+fn client_credentials(
+    state: &AppState,
+    client: &Client,
+    form: &mut Form,
+) -> Result<TokenResponse, ApiError> {
+    let requested = requested_scope(form)?;
+    let scope = client.grant_scopes(&requested)?;
+    let resource = form
+        .take("resource")
+        .map(|r| {
+            Audience::parse(&r).map_err(|_| {
+                ApiError::oauth(
+                    OAuthCode::InvalidTarget,
+                    "resource is not a valid URI or name",
+                )
+            })
+        })
+        .transpose()?;
+    let audience = client
+        .audience_for(resource.as_ref())?
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_else(|| state.config.issuer());
+    let lifetime = client
+        .access_token_lifetime
+        .unwrap_or(state.config.tokens.access_token_lifetime);
+    mint(
+        state,
+        AccessGrant {
+            subject: client.id.as_str().to_owned(),
+            client_id: client.id.as_str().to_owned(),
+            audiences: vec![audience],
+            scope: scope.to_string(),
+            roles: Vec::new(),
+            session: None,
+            lifetime,
+        },
+        None,
+    )
+}
+
+/// The `scope` parameter, parsed; absent means "everything allowed".
+pub fn requested_scope(form: &mut Form) -> Result<ScopeSet, ApiError> {
+    match form.take("scope") {
+        None => Ok(ScopeSet::new()),
+        Some(s) => ScopeSet::parse(&s)
+            .map_err(|_| ApiError::oauth(OAuthCode::InvalidScope, "scope is malformed")),
+    }
+}
+
+/// What an access token is for.
+pub struct AccessGrant {
+    /// `sub`.
+    pub subject: String,
+    /// `client_id`.
+    pub client_id: String,
+    /// `aud`.
+    pub audiences: Vec<String>,
+    /// `scope`.
+    pub scope: String,
+    /// `roles`.
+    pub roles: Vec<String>,
+    /// `sid`.
+    pub session: Option<String>,
+    /// Lifetime.
+    pub lifetime: std::time::Duration,
+}
+
+/// Signs an access token and builds the response.
+pub fn mint(
+    state: &AppState,
+    grant: AccessGrant,
+    refresh_token: Option<SecretString>,
+) -> Result<TokenResponse, ApiError> {
+    let now = state.keys.now().unix_timestamp();
+    let lifetime = i64::try_from(grant.lifetime.as_secs()).unwrap_or(i64::MAX);
+    let claims = AccessClaims {
+        iss: state.config.issuer(),
+        sub: grant.subject,
+        aud: Audiences::from_vec(grant.audiences),
+        exp: now.saturating_add(lifetime),
+        iat: now,
+        nbf: now,
+        jti: uuid::Uuid::new_v4().to_string(),
+        scope: grant.scope,
+        client_id: grant.client_id,
+        roles: grant.roles,
+        sid: grant.session,
+    };
+    let access_token = state.keys.sign(&claims)?;
+    Ok(TokenResponse {
+        access_token,
+        token_type: "Bearer",
+        expires_in: grant.lifetime.as_secs(),
+        scope: claims.scope,
+        refresh_token: refresh_token.map(|t| t.expose_secret().to_owned()),
+    })
+}

@@ -1,0 +1,114 @@
+//! A Redis store that connects on first use, so an instance starts while Redis is away:
+//! until it connects, every call answers [`RefreshError::Unavailable`] (503) and the next
+//! call tries again. Once connected, the connection manager reconnects by itself.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+use time::OffsetDateTime;
+use tokio::sync::OnceCell;
+
+use super::{
+    FamilyId, Issued, NewFamily, RedisRefreshStore, RefreshError, RefreshSettings, RefreshStore,
+    Refreshed, Session,
+};
+use crate::server_key::ServerKey;
+
+/// [`RedisRefreshStore`], connected lazily.
+pub struct LazyRedisRefreshStore {
+    url: SecretString,
+    key: ServerKey,
+    settings: RefreshSettings,
+    timeout: Duration,
+    store: OnceCell<RedisRefreshStore>,
+}
+
+impl std::fmt::Debug for LazyRedisRefreshStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyRedisRefreshStore")
+            .field("connected", &self.store.initialized())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyRedisRefreshStore {
+    /// Remembers how to connect; does not connect.
+    pub fn new(
+        url: SecretString,
+        key: ServerKey,
+        settings: RefreshSettings,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            url,
+            key,
+            settings,
+            timeout,
+            store: OnceCell::new(),
+        }
+    }
+
+    async fn store(&self) -> Result<&RedisRefreshStore, RefreshError> {
+        self.store
+            .get_or_try_init(|| async {
+                let store =
+                    RedisRefreshStore::connect(&self.url, self.key.clone(), self.settings.clone())
+                        .await?;
+                Ok::<_, RefreshError>(store.with_timeout(self.timeout))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl RefreshStore for LazyRedisRefreshStore {
+    async fn issue(&self, family: NewFamily, now: OffsetDateTime) -> Result<Issued, RefreshError> {
+        self.store().await?.issue(family, now).await
+    }
+
+    async fn refresh(
+        &self,
+        presented: &SecretString,
+        client_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Refreshed, RefreshError> {
+        self.store().await?.refresh(presented, client_id, now).await
+    }
+
+    async fn inspect(
+        &self,
+        presented: &SecretString,
+        now: OffsetDateTime,
+    ) -> Result<Option<Session>, RefreshError> {
+        self.store().await?.inspect(presented, now).await
+    }
+
+    async fn list_sessions(
+        &self,
+        subject: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Session>, RefreshError> {
+        self.store().await?.list_sessions(subject, now).await
+    }
+
+    async fn revoke_token(
+        &self,
+        presented: &SecretString,
+        client_id: &str,
+    ) -> Result<bool, RefreshError> {
+        self.store().await?.revoke_token(presented, client_id).await
+    }
+
+    async fn revoke_family(&self, family: &FamilyId) -> Result<bool, RefreshError> {
+        self.store().await?.revoke_family(family).await
+    }
+
+    async fn revoke_subject(&self, subject: &str) -> Result<usize, RefreshError> {
+        self.store().await?.revoke_subject(subject).await
+    }
+
+    async fn revoke_client(&self, client_id: &str) -> Result<usize, RefreshError> {
+        self.store().await?.revoke_client(client_id).await
+    }
+}
