@@ -46,6 +46,10 @@ impl Pki {
         }
     }
 
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
@@ -98,6 +102,8 @@ pub struct TestApp {
     pub pki: Pki,
     pub dir: tempfile::TempDir,
     pub stop: tokio_util::sync::CancellationToken,
+    /// The instance's shared state (clients, refresh store, keys, database).
+    pub state: portcullis::state::AppState,
 }
 
 impl Drop for TestApp {
@@ -108,26 +114,64 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_with_clock(Arc::new(keyrotation::SystemClock), customize).await
+}
+
+/// Like [`spawn_app`], with the clock keys, tokens and refresh-token expiry follow; waits
+/// until the schema is migrated and a signing key is loaded.
+pub async fn spawn_app_with_clock(
+    clock: Arc<dyn keyrotation::Clock>,
+    customize: impl FnOnce(&mut Config),
+) -> TestApp {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), &pki.leaf());
     customize(&mut config);
     config.validate().unwrap();
-    let app = Application::build(config).await.unwrap();
+    let app = Application::build_with_clock(config, clock).await.unwrap();
     let (https, admin, stop) = (app.https_addr(), app.admin_addr(), app.shutdown_token());
+    let state = app.state().clone();
     tokio::spawn(app.run_until_stopped());
+    let ready = state.clone();
+    eventually(
+        Duration::from_secs(20),
+        "schema migrated and keys loaded",
+        || {
+            let s = ready.clone();
+            async move { s.db.is_migrated() && s.keys.readiness().is_ok() }
+        },
+    )
+    .await;
     TestApp {
         https,
         admin,
         pki,
         dir,
         stop,
+        state,
     }
 }
 
 impl TestApp {
     pub async fn tls(&self) -> TlsStream<TcpStream> {
         tls_connect(self.https, self.pki.client_config()).await
+    }
+
+    /// A reqwest client that trusts this instance's certificate; use [`Self::url`].
+    pub fn https_client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.pki.ca_pem().as_bytes()).unwrap(),
+            )
+            .tls_built_in_root_certs(false)
+            .resolve("localhost", self.https)
+            .build()
+            .unwrap()
+    }
+
+    /// `https://localhost:<port><path>` of this instance.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https.port())
     }
 }
 
