@@ -16,31 +16,39 @@ use crate::audit::AuditEvent;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Refuses `/admin/*` requests without the configured bearer token.
-pub async fn require_admin_token(
+/// The scope that grants the admin API to an access token.
+pub const ADMIN_SCOPE: &str = crate::clients::ADMIN_SCOPE;
+
+/// Guards `/admin/*`: the configured `admin.token`, or an access token carrying
+/// `portcullis:admin` (e.g. from the bootstrap admin client). Without `admin.token` on a
+/// loopback listener, the listener itself is the boundary and requests pass.
+pub async fn require_admin(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(expected) = &state.config.admin.token {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    let static_ok = match (&state.config.admin.token, authorization) {
+        (Some(expected), Some(value)) => value
+            .to_str()
+            .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let ok = aws_lc_rs::constant_time::verify_slices_are_equal(
-            presented.as_bytes(),
-            expected.expose_secret().as_bytes(),
-        )
-        .is_ok();
-        if !ok {
-            return Err(ApiError::Unauthorized {
-                code: "invalid_token",
-                description: "the admin API needs the admin bearer token".to_owned(),
-            });
-        }
+            .is_some_and(|presented| {
+                aws_lc_rs::constant_time::verify_slices_are_equal(
+                    presented.as_bytes(),
+                    expected.expose_secret().as_bytes(),
+                )
+                .is_ok()
+            }),
+        _ => false,
+    };
+    if static_ok {
+        return Ok(next.run(req).await);
     }
+    if state.config.admin.token.is_none() && authorization.is_none() {
+        return Ok(next.run(req).await);
+    }
+    crate::authn::authenticate(&state.keys, authorization, &[ADMIN_SCOPE.to_owned()])?;
     Ok(next.run(req).await)
 }
 

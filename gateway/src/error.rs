@@ -82,11 +82,14 @@ pub enum ApiError {
         /// For humans.
         description: String,
     },
-    /// Authenticated but not allowed.
-    #[error("forbidden")]
-    Forbidden {
-        /// For humans.
-        description: String,
+    /// No bearer token was presented (RFC 6750 §3.1: no error code in the challenge).
+    #[error("no bearer token")]
+    MissingBearer,
+    /// The token lacks scopes the route needs (403, RFC 6750 §3.1).
+    #[error("insufficient scope")]
+    InsufficientScope {
+        /// The scopes the route needs, space-separated.
+        required: String,
     },
     /// The request conflicts with the current state.
     #[error("{description}")]
@@ -158,6 +161,16 @@ impl ApiError {
                 code.as_str(),
                 description.clone(),
             ),
+            Self::MissingBearer => (
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "this endpoint needs a bearer access token".to_owned(),
+            ),
+            Self::InsufficientScope { required } => (
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!("the access token lacks a scope this endpoint needs: {required}"),
+            ),
             Self::NotFound => (
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -174,11 +187,6 @@ impl ApiError {
             Self::Unauthorized { code, description } => {
                 (StatusCode::UNAUTHORIZED, code, description.clone())
             }
-            Self::Forbidden { description } => (
-                StatusCode::FORBIDDEN,
-                "insufficient_scope",
-                description.clone(),
-            ),
             Self::Conflict { code, description } => {
                 (StatusCode::CONFLICT, code, description.clone())
             }
@@ -236,18 +244,27 @@ impl IntoResponse for ApiError {
             }
             Self::Unauthorized { code, .. } => {
                 let value = format!(
-                    "Bearer error=\"{code}\", error_description=\"{}\"",
+                    "Bearer realm=\"portcullis\", error=\"{code}\", error_description=\"{}\"",
                     quote_safe(&description)
                 );
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }
-            Self::Forbidden { .. } => {
+            Self::MissingBearer => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                    HeaderValue::from_static("Bearer realm=\"portcullis\""),
                 );
+            }
+            Self::InsufficientScope { required } => {
+                let value = format!(
+                    "Bearer realm=\"portcullis\", error=\"insufficient_scope\", scope=\"{}\"",
+                    quote_safe(required)
+                );
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
             }
             Self::Unavailable { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

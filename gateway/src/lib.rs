@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod authn;
 pub mod cli;
 pub mod clients;
 pub mod config;

@@ -189,7 +189,7 @@ pub fn admin_router(state: AppState) -> Router {
                 )
                 .route_layer(middleware::from_fn_with_state(
                     state.clone(),
-                    crate::admin::require_admin_token,
+                    crate::admin::require_admin,
                 )),
         )
         .fallback(not_found)

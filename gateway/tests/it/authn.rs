@@ -1,0 +1,257 @@
+//! The bearer-token layer (RFC 6750) that guards service, executor and admin routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use base64::Engine;
+use http_body_util::BodyExt;
+use keyrotation::ManualClock;
+use portcullis::authn::{BearerAuth, Principal};
+use portcullis::oauth::claims::{AccessClaims, Audiences};
+use serde_json::Value;
+use tower::ServiceExt;
+
+use super::support::*;
+
+fn claims(app: &TestApp, scope: &str, aud: &str, lifetime: i64) -> AccessClaims {
+    let now = app.state.keys.now().unix_timestamp();
+    AccessClaims {
+        iss: app.state.config.issuer(),
+        sub: "executor-orders".to_owned(),
+        aud: Audiences::One(aud.to_owned()),
+        exp: now + lifetime,
+        iat: now,
+        nbf: now,
+        jti: uuid::Uuid::new_v4().to_string(),
+        scope: scope.to_owned(),
+        client_id: "executor-orders".to_owned(),
+        roles: vec![],
+        sid: None,
+    }
+}
+
+fn guarded(app: &TestApp) -> Router {
+    Router::new()
+        .route(
+            "/registry",
+            get(|axum::Extension(p): axum::Extension<Principal>| async move { p.subject }),
+        )
+        .route_layer(BearerAuth::new(app.state.keys.clone()).require(&["scheduler:executor"]))
+}
+
+async fn call(router: &Router, authorization: Option<&str>) -> (u16, Option<String>, String) {
+    let mut req = http::Request::get("/registry");
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    let resp = router
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    (status, challenge, body)
+}
+
+#[tokio::test]
+async fn valid_token_with_the_scope_reaches_the_handler_with_its_principal() {
+    let app = spawn_app(|_| {}).await;
+    let token = app
+        .state
+        .keys
+        .sign(&claims(
+            &app,
+            "scheduler:executor jobs:read",
+            &app.state.config.issuer(),
+            300,
+        ))
+        .unwrap();
+    let (status, _, body) = call(&guarded(&app), Some(&format!("Bearer {token}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "executor-orders");
+}
+
+#[tokio::test]
+async fn missing_malformed_and_foreign_credentials_get_401_with_a_bearer_challenge() {
+    let app = spawn_app(|_| {}).await;
+    let router = guarded(&app);
+    let (status, challenge, body) = call(&router, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(challenge.as_deref(), Some("Bearer realm=\"portcullis\""));
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "missing_token");
+
+    for bad in [
+        "Bearer not.a.jwt",
+        "Basic YWRtaW46c2VjcmV0",
+        "Bearer ",
+        "Bearer a.b",
+    ] {
+        let (status, challenge, _) = call(&router, Some(bad)).await;
+        assert_eq!(status, 401, "{bad}");
+        let challenge = challenge.unwrap();
+        assert!(
+            challenge.starts_with("Bearer realm=\"portcullis\""),
+            "{challenge}"
+        );
+    }
+
+    // a token for another audience is not for us
+    let other = app
+        .state
+        .keys
+        .sign(&claims(
+            &app,
+            "scheduler:executor",
+            "https://elsewhere.example",
+            300,
+        ))
+        .unwrap();
+    let (status, challenge, _) = call(&router, Some(&format!("Bearer {other}"))).await;
+    assert_eq!(status, 401);
+    assert!(challenge.unwrap().contains("error=\"invalid_token\""));
+
+    // alg none with our kid and valid-looking claims
+    let good = app
+        .state
+        .keys
+        .sign(&claims(
+            &app,
+            "scheduler:executor",
+            &app.state.config.issuer(),
+            300,
+        ))
+        .unwrap();
+    let mut parts = good.split('.');
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts.next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let none_header = serde_json::json!({ "alg": "none", "kid": header["kid"], "typ": "JWT" });
+    let forged = format!(
+        "{}.{}.",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(none_header.to_string()),
+        parts.next().unwrap()
+    );
+    let (status, _, _) = call(&router, Some(&format!("Bearer {forged}"))).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn token_without_the_scope_gets_403_naming_the_scope() {
+    let app = spawn_app(|_| {}).await;
+    let token = app
+        .state
+        .keys
+        .sign(&claims(&app, "jobs:read", &app.state.config.issuer(), 300))
+        .unwrap();
+    let (status, challenge, body) = call(&guarded(&app), Some(&format!("Bearer {token}"))).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        challenge.as_deref(),
+        Some(
+            "Bearer realm=\"portcullis\", error=\"insufficient_scope\", scope=\"scheduler:executor\""
+        )
+    );
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "insufficient_scope");
+}
+
+#[tokio::test]
+async fn expiry_and_not_before_follow_the_clock_with_leeway() {
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let app =
+        spawn_app_with_clock(clock.clone(), |c| c.tokens.leeway = Duration::from_secs(30)).await;
+    let router = guarded(&app);
+    let token = app
+        .state
+        .keys
+        .sign(&claims(
+            &app,
+            "scheduler:executor",
+            &app.state.config.issuer(),
+            60,
+        ))
+        .unwrap();
+    let bearer = format!("Bearer {token}");
+    clock.advance(time::Duration::seconds(60 + 29));
+    assert_eq!(
+        call(&router, Some(&bearer)).await.0,
+        200,
+        "inside the leeway"
+    );
+    clock.advance(time::Duration::seconds(2));
+    assert_eq!(
+        call(&router, Some(&bearer)).await.0,
+        401,
+        "expired past the leeway"
+    );
+
+    let mut future = claims(&app, "scheduler:executor", &app.state.config.issuer(), 600);
+    future.nbf += 120;
+    let early = app.state.keys.sign(&future).unwrap();
+    assert_eq!(call(&router, Some(&format!("Bearer {early}"))).await.0, 401);
+}
+
+#[tokio::test]
+async fn admin_api_takes_an_admin_scoped_token_or_the_static_token() {
+    let app = spawn_app(|c| {
+        c.admin.token = Some(secrecy::SecretString::from("static-admin-token-0123456789"))
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/admin/keys", app.admin);
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(http.get(&url).send().await.unwrap()), 401);
+    assert_eq!(
+        status(
+            http.get(&url)
+                .bearer_auth("static-admin-token-0123456789")
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    let admin = app
+        .state
+        .keys
+        .sign(&claims(
+            &app,
+            "portcullis:admin",
+            &app.state.config.issuer(),
+            300,
+        ))
+        .unwrap();
+    assert_eq!(
+        status(http.get(&url).bearer_auth(&admin).send().await.unwrap()),
+        200
+    );
+    let reader = app
+        .state
+        .keys
+        .sign(&claims(&app, "jobs:read", &app.state.config.issuer(), 300))
+        .unwrap();
+    assert_eq!(
+        status(http.get(&url).bearer_auth(&reader).send().await.unwrap()),
+        403
+    );
+}
