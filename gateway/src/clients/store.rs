@@ -10,7 +10,7 @@ use super::{
     Audience, Client, ClientError, ClientId, ClientUpdate, GrantType, NewClient, ScopeSet,
     validate_audiences, validate_grants, validate_lifetime, validate_name,
 };
-use crate::db::{Database, Pool};
+use crate::db::Database;
 
 /// The id (and name) of the client [`ClientStore::bootstrap_admin`] creates.
 pub const ADMIN_CLIENT_ID: &str = "admin";
@@ -21,17 +21,6 @@ pub const ADMIN_SCOPE: &str = "portcullis:admin";
 const COLUMNS: &str = "id, name, grant_types, scopes, audiences, access_token_lifetime_secs, \
                        enabled, secret_hash, previous_secret_hash, \
                        previous_secret_expires_at_unix_ms, created_at_unix_ms, updated_at_unix_ms";
-
-/// Runs `$body` with `$p` bound to whichever pool `$db` holds: the SQL is the same text
-/// on both (`$n` placeholders, BIGINT milliseconds, no backend-specific functions).
-macro_rules! on_pool {
-    ($db:expr, $p:ident => $body:expr) => {
-        match $db.pool() {
-            Pool::Postgres($p) => $body,
-            Pool::Sqlite($p) => $body,
-        }
-    };
-}
 
 /// The clients, over the shared database. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -94,7 +83,7 @@ impl ClientStore {
             "INSERT INTO oauth_clients ({COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, $9) RETURNING {COLUMNS}"
         );
-        let row: Result<ClientRow, sqlx::Error> = on_pool!(self.db, p => {
+        let row: Result<ClientRow, sqlx::Error> = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query_as(&sql)
                 .bind(id.as_str())
                 .bind(&new.name)
@@ -126,7 +115,7 @@ impl ClientStore {
     /// Every client, by id.
     pub async fn list(&self) -> Result<Vec<Client>, ClientError> {
         let sql = format!("SELECT {COLUMNS} FROM oauth_clients ORDER BY id");
-        let rows: Vec<ClientRow> = on_pool!(self.db, p => {
+        let rows: Vec<ClientRow> = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query_as(&sql).fetch_all(p).await?
         });
         rows.into_iter().map(ClientRow::into_client).collect()
@@ -203,9 +192,15 @@ impl ClientStore {
                 Some(now_ms.saturating_add(overlap_ms)),
             )
         };
-        let affected = on_pool!(self.db, p => {
-            let q = sqlx::query(sql).bind(&hash[..]).bind(now_ms).bind(id.as_str());
-            let q = match until { Some(u) => q.bind(u), None => q };
+        let affected = crate::on_pool!(self.db.pool(), |p| {
+            let q = sqlx::query(sql)
+                .bind(&hash[..])
+                .bind(now_ms)
+                .bind(id.as_str());
+            let q = match until {
+                Some(u) => q.bind(u),
+                None => q,
+            };
             q.execute(p).await?.rows_affected()
         });
         if affected == 0 {
@@ -258,7 +253,7 @@ impl ClientStore {
              access_token_lifetime_secs = CASE WHEN $5 THEN $6 ELSE access_token_lifetime_secs END, \
              updated_at_unix_ms = $7 WHERE id = $8 RETURNING {COLUMNS}"
         );
-        let row: Option<ClientRow> = on_pool!(self.db, p => {
+        let row: Option<ClientRow> = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query_as(&sql)
                 .bind(&change.name)
                 .bind(&grants)
@@ -278,8 +273,12 @@ impl ClientStore {
     #[tracing::instrument(skip_all, fields(client_id = %id))]
     pub async fn delete(&self, id: &ClientId) -> Result<(), ClientError> {
         const SQL: &str = "DELETE FROM oauth_clients WHERE id = $1";
-        let affected = on_pool!(self.db, p => {
-            sqlx::query(SQL).bind(id.as_str()).execute(p).await?.rows_affected()
+        let affected = crate::on_pool!(self.db.pool(), |p| {
+            sqlx::query(SQL)
+                .bind(id.as_str())
+                .execute(p)
+                .await?
+                .rows_affected()
         });
         if affected == 0 {
             return Err(ClientError::NotFound);
@@ -297,8 +296,11 @@ impl ClientStore {
         now: OffsetDateTime,
     ) -> Result<Option<(ClientId, SecretString)>, ClientError> {
         const SQL: &str = "SELECT COUNT(*) FROM oauth_clients WHERE id = $1 OR name = $1";
-        let existing: i64 = on_pool!(self.db, p => {
-            sqlx::query_scalar(SQL).bind(ADMIN_CLIENT_ID).fetch_one(p).await?
+        let existing: i64 = crate::on_pool!(self.db.pool(), |p| {
+            sqlx::query_scalar(SQL)
+                .bind(ADMIN_CLIENT_ID)
+                .fetch_one(p)
+                .await?
         });
         if existing > 0 {
             return Ok(None);
@@ -326,7 +328,7 @@ impl ClientStore {
     ) -> Result<(), ClientError> {
         const SQL: &str =
             "UPDATE oauth_clients SET enabled = $1, updated_at_unix_ms = $2 WHERE id = $3";
-        let affected = on_pool!(self.db, p => {
+        let affected = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query(SQL)
                 .bind(enabled)
                 .bind(unix_ms(now))
@@ -343,7 +345,7 @@ impl ClientStore {
 
     async fn fetch(&self, id: &str) -> Result<Option<ClientRow>, ClientError> {
         let sql = format!("SELECT {COLUMNS} FROM oauth_clients WHERE id = $1");
-        let row = on_pool!(self.db, p => {
+        let row = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query_as(&sql).bind(id).fetch_optional(p).await?
         });
         Ok(row)
