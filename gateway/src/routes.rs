@@ -44,6 +44,16 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/admin/keys"),
     ("POST", "/admin/keys/rotate"),
+    ("GET", "/admin/clients"),
+    ("POST", "/admin/clients"),
+    ("GET", "/admin/clients/{id}"),
+    ("DELETE", "/admin/clients/{id}"),
+    ("POST", "/admin/clients/{id}/rotate-secret"),
+    ("POST", "/admin/clients/{id}/disable"),
+    ("POST", "/admin/clients/{id}/enable"),
+    ("GET", "/admin/sessions"),
+    ("DELETE", "/admin/sessions"),
+    ("DELETE", "/admin/sessions/{family}"),
 ];
 
 /// The public router (HTTPS listener).
@@ -186,6 +196,28 @@ pub fn admin_router(state: AppState) -> Router {
                 .route(
                     "/keys/rotate",
                     axum::routing::post(crate::admin::rotate_keys),
+                )
+                .route(
+                    "/clients",
+                    get(crate::admin::clients::list).post(crate::admin::clients::create),
+                )
+                .route(
+                    "/clients/{id}",
+                    get(crate::admin::clients::show).delete(crate::admin::clients::delete),
+                )
+                .route(
+                    "/clients/{id}/rotate-secret",
+                    post(crate::admin::clients::rotate_secret),
+                )
+                .route("/clients/{id}/disable", post(crate::admin::clients::disable))
+                .route("/clients/{id}/enable", post(crate::admin::clients::enable))
+                .route(
+                    "/sessions",
+                    get(crate::admin::sessions::list).delete(crate::admin::sessions::revoke_all),
+                )
+                .route(
+                    "/sessions/{family}",
+                    axum::routing::delete(crate::admin::sessions::revoke),
                 )
                 .route_layer(middleware::from_fn_with_state(
                     state.clone(),

@@ -16,6 +16,9 @@ use crate::audit::AuditEvent;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub mod clients;
+pub mod sessions;
+
 /// The scope that grants the admin API to an access token.
 pub const ADMIN_SCOPE: &str = crate::clients::ADMIN_SCOPE;
 

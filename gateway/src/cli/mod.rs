@@ -11,6 +11,8 @@ use crate::config::{self, Config};
 use crate::dev;
 use crate::telemetry;
 
+mod clients;
+
 /// Exit status for invalid configuration or usage (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
 /// Exit status when the instance could not start or failed.
@@ -36,6 +38,10 @@ enum Command {
     /// Signing keys: status and rotation, straight against the key source.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// OAuth clients: register, list, show, rotate secrets, disable, enable, delete —
+    /// straight against the database.
+    #[command(subcommand)]
+    Clients(clients::ClientsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +114,7 @@ pub fn run() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve(args) => serve(args),
         Command::Keys(cmd) => keys(cmd),
+        Command::Clients(cmd) => clients::run(cmd),
     }
 }
 

@@ -1,0 +1,715 @@
+//! The clients and sessions admin API, against real Postgres and Redis, and the
+//! `portcullis clients` CLI against a SQLite database.
+
+use std::time::Duration;
+
+use harness::{Postgres, Redis};
+use portcullis::refresh::{NewFamily, RefreshError};
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use super::support::*;
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// An instance on a fresh Postgres database and the shared Redis (own key prefix), with
+/// `admin.token` set.
+async fn app() -> TestApp {
+    let db = Postgres::shared().fresh_database("admin_clients").unwrap();
+    let redis = Redis::shared().url();
+    spawn_app(move |c| {
+        c.database.url = SecretString::from(db);
+        c.redis = Some(portcullis::config::RedisConfig {
+            url: SecretString::from(redis),
+            command_timeout: Duration::from_secs(2),
+        });
+        c.refresh.key_prefix = format!("admin-clients-{}:", uuid::Uuid::new_v4());
+        c.admin.token = Some(SecretString::from(ADMIN_TOKEN));
+    })
+    .await
+}
+
+/// A request to the admin listener, with the static admin token.
+fn admin(app: &TestApp, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .request(method, format!("http://{}{path}", app.admin))
+        .bearer_auth(ADMIN_TOKEN)
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+    let resp = req.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let text = resp.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    };
+    (status, body, headers)
+}
+
+/// Registers a client through the API; returns its id and secret.
+async fn create(app: &TestApp, body: Value) -> (String, String) {
+    let (status, body, _) =
+        send(admin(app, reqwest::Method::POST, "/admin/clients").json(&body)).await;
+    assert_eq!(status, 201, "{body}");
+    (
+        body["id"].as_str().unwrap().to_owned(),
+        body["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `client_credentials` at the token endpoint: the status and the body.
+async fn token(app: &TestApp, id: &str, secret: &str) -> (StatusCode, Value) {
+    let resp = app
+        .https_client()
+        .post(app.url("/oauth2/token"))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+fn login(client_id: &str, subject: &str) -> NewFamily {
+    NewFamily {
+        client_id: client_id.to_owned(),
+        subject: subject.to_owned(),
+        scope: "openid".to_owned(),
+        audience: vec![],
+        auth_time: time::OffsetDateTime::now_utc(),
+        session: json!({ "roles": ["viewer"] }),
+    }
+}
+
+/// Issues a refresh-token family; returns its token and family id.
+async fn issue(app: &TestApp, client_id: &str, subject: &str) -> (SecretString, String) {
+    let issued = app
+        .state
+        .refresh
+        .issue(login(client_id, subject), app.state.keys.now())
+        .await
+        .unwrap();
+    (issued.token, issued.session.family.to_string())
+}
+
+/// Waits for the audit rows of `action` and returns them as (actor, target, detail).
+async fn audited(app: &TestApp, action: &str, at_least: usize) -> Vec<(String, String, String)> {
+    let db = app.state.db.clone();
+    eventually(Duration::from_secs(10), action, || {
+        let db = db.clone();
+        async move {
+            portcullis::audit::recent(&db, action, 100)
+                .await
+                .is_ok_and(|rows| rows.len() >= at_least)
+        }
+    })
+    .await;
+    portcullis::audit::recent(&app.state.db, action, 100)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_created_client_gets_tokens_with_the_secret_shown_once() {
+    let app = app().await;
+    let (status, body, headers) = send(admin(&app, reqwest::Method::POST, "/admin/clients").json(
+        &json!({
+            "id": "executor-orders", "name": "Orders executor",
+            "scopes": ["jobs:run", "config:read:prod"], "audiences": ["xxl-job-admin"],
+            "access_token_lifetime": "15m",
+        }),
+    ))
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["location"], "/admin/clients/executor-orders");
+    assert_eq!(body["grant_types"], json!(["client_credentials"]));
+    assert_eq!(body["scopes"], json!(["config:read:prod", "jobs:run"]));
+    assert_eq!(body["access_token_lifetime"], "15m");
+    assert_eq!(body["enabled"], true);
+    let secret = body["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("pcs_"), "{secret}");
+
+    let (status, tok) = token(&app, "executor-orders", &secret).await;
+    assert_eq!(status, 200, "{tok}");
+    assert_eq!(tok["expires_in"], 900);
+    assert_eq!(tok["scope"], "config:read:prod jobs:run");
+
+    // neither the list nor the client itself ever shows a secret or a hash again
+    let (status, list, _) = send(admin(&app, reqwest::Method::GET, "/admin/clients")).await;
+    assert_eq!(status, 200);
+    let (status, one, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        "/admin/clients/executor-orders",
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["clients"][0], one);
+    assert_eq!(one["name"], "Orders executor");
+    for shown in [list.to_string(), one.to_string()] {
+        assert!(!shown.contains(&secret), "{shown}");
+        assert!(
+            !shown.contains("pcs_") && !shown.contains("hash"),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret\""), "{shown}");
+    }
+
+    let rows = audited(&app, "client.create", 1).await;
+    let (actor, target, detail) = &rows[0];
+    assert_eq!(actor, "operator:admin-api");
+    assert_eq!(target, "executor-orders");
+    assert!(
+        detail.contains("jobs:run") && !detail.contains("pcs_"),
+        "{detail}"
+    );
+
+    // a generated id when none is given
+    let (id, _) = create(&app, json!({ "name": "anonymous" })).await;
+    assert!(id.starts_with("client-"), "{id}");
+}
+
+#[tokio::test]
+async fn a_rotated_secret_keeps_the_old_one_working_for_the_overlap_only() {
+    let app = app().await;
+    let (id, first) = create(&app, json!({ "name": "rotating" })).await;
+    let path = format!("/admin/clients/{id}/rotate-secret");
+
+    let (status, body, headers) =
+        send(admin(&app, reqwest::Method::POST, &path).json(&json!({ "overlap": "1h" }))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    let second = body["secret"].as_str().unwrap().to_owned();
+    assert_ne!(second, first);
+    let until = time::OffsetDateTime::parse(
+        body["previous_secret_expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let expected = app.state.keys.now() + time::Duration::hours(1);
+    assert!(
+        (until - expected).abs() < time::Duration::seconds(30),
+        "{until}"
+    );
+    assert_eq!(
+        token(&app, &id, &first).await.0,
+        200,
+        "old, within the overlap"
+    );
+    assert_eq!(token(&app, &id, &second).await.0, 200, "new");
+    let (_, shown, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        &format!("/admin/clients/{id}"),
+    ))
+    .await;
+    assert!(shown["previous_secret_expires_at"].is_string(), "{shown}");
+
+    // no overlap: the replaced secret stops at once
+    let (status, body, _) =
+        send(admin(&app, reqwest::Method::POST, &path).json(&json!({ "overlap": "0s" }))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["previous_secret_expires_at"], Value::Null);
+    let third = body["secret"].as_str().unwrap().to_owned();
+    let (status, refused) = token(&app, &id, &second).await;
+    assert_eq!(status, 401);
+    assert_eq!(refused["error"], "invalid_client");
+    assert_eq!(token(&app, &id, &first).await.0, 401, "two rotations old");
+    assert_eq!(token(&app, &id, &third).await.0, 200);
+
+    // no body: the default overlap of 24 h
+    let (status, body, _) = send(admin(&app, reqwest::Method::POST, &path)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["previous_secret_expires_at"].is_string());
+
+    let rows = audited(&app, "client.rotate_secret", 3).await;
+    for (actor, target, detail) in &rows {
+        assert_eq!(actor, "operator:admin-api");
+        assert_eq!(target, &id);
+        for s in [&first, &second, &third] {
+            assert!(!detail.contains(s.as_str()), "{detail}");
+        }
+    }
+    assert!(
+        rows.iter().any(|(_, _, d)| d.contains("\"0s\"")),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn disabling_a_client_refuses_it_and_revokes_its_refresh_tokens_at_once() {
+    let app = app().await;
+    let (id, secret) = create(
+        &app,
+        json!({ "name": "console", "grant_types": ["client_credentials", "refresh_token"] }),
+    )
+    .await;
+    let (other, _) = create(&app, json!({ "name": "other" })).await;
+    let (t1, _) = issue(&app, &id, "alice").await;
+    let (_t2, _) = issue(&app, &id, "bob").await;
+    let (t3, f3) = issue(&app, &other, "alice").await;
+
+    let (status, body, _) = send(admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/admin/clients/{id}/disable"),
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["enabled"], false);
+    assert_eq!(body["sessions_revoked"], 2);
+
+    let (status, refused) = token(&app, &id, &secret).await;
+    assert_eq!(status, 401);
+    assert_eq!(refused["error"], "invalid_client");
+    let now = app.state.keys.now();
+    assert!(matches!(
+        app.state.refresh.refresh(&t1, &id, now).await,
+        Err(RefreshError::Invalid(_))
+    ));
+    // another client's session of the same user is untouched
+    let alice = app.state.refresh.list_sessions("alice", now).await.unwrap();
+    assert_eq!(alice.len(), 1);
+    assert_eq!(alice[0].family.to_string(), f3);
+    assert!(app.state.refresh.refresh(&t3, &other, now).await.is_ok());
+    assert!(
+        app.state
+            .refresh
+            .list_sessions("bob", now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (_, shown, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        &format!("/admin/clients/{id}"),
+    ))
+    .await;
+    assert_eq!(shown["enabled"], false);
+
+    let (status, body, _) = send(admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/admin/clients/{id}/enable"),
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token(&app, &id, &secret).await.0, 200);
+
+    let rows = audited(&app, "client.disable", 1).await;
+    assert_eq!(rows[0].1, id);
+    assert!(
+        rows[0].2.contains("\"sessions_revoked\":2"),
+        "{:?}",
+        rows[0]
+    );
+    assert_eq!(audited(&app, "client.enable", 1).await[0].1, id);
+}
+
+#[tokio::test]
+async fn deleting_a_client_revokes_its_refresh_tokens_and_forgets_it() {
+    let app = app().await;
+    let (id, secret) = create(
+        &app,
+        json!({ "name": "short-lived", "grant_types": ["client_credentials", "refresh_token"] }),
+    )
+    .await;
+    let (t, _) = issue(&app, &id, "carol").await;
+    let path = format!("/admin/clients/{id}");
+
+    let (status, body, _) = send(admin(&app, reqwest::Method::DELETE, &path)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], true);
+    assert_eq!(body["sessions_revoked"], 1);
+    let (status, body, _) = send(admin(&app, reqwest::Method::GET, &path)).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_found");
+    assert_eq!(token(&app, &id, &secret).await.0, 401);
+    let now = app.state.keys.now();
+    assert!(app.state.refresh.refresh(&t, &id, now).await.is_err());
+    assert!(
+        app.state
+            .refresh
+            .list_sessions("carol", now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        send(admin(&app, reqwest::Method::DELETE, &path)).await.0,
+        404
+    );
+
+    let rows = audited(&app, "client.delete", 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, id);
+}
+
+#[tokio::test]
+async fn sessions_are_listed_and_revoked_one_at_a_time_or_everywhere() {
+    let app = app().await;
+    let (a, _) = issue(&app, "console", "dave").await;
+    let (_b, fb) = issue(&app, "console", "dave").await;
+    let (_c, _) = issue(&app, "other-console", "dave").await;
+    let (e, _) = issue(&app, "console", "erin").await;
+
+    let (status, body, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        "/admin/sessions?subject=dave",
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["subject"], "dave");
+    let sessions = body["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 3);
+    assert_eq!(sessions[0]["client_id"], "console");
+    assert_eq!(sessions[0]["session"]["roles"], json!(["viewer"]));
+    use secrecy::ExposeSecret;
+    assert!(!body.to_string().contains(a.expose_secret()));
+
+    let one = format!("/admin/sessions/{fb}");
+    let (status, body, _) = send(admin(&app, reqwest::Method::DELETE, &one)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"], true);
+    assert_eq!(
+        send(admin(&app, reqwest::Method::DELETE, &one)).await.0,
+        404
+    );
+    let (_, body, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        "/admin/sessions?subject=dave",
+    ))
+    .await;
+    assert_eq!(body["sessions"].as_array().unwrap().len(), 2);
+
+    let (status, body, _) = send(admin(
+        &app,
+        reqwest::Method::DELETE,
+        "/admin/sessions?subject=dave",
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sessions_revoked"], 2);
+    let now = app.state.keys.now();
+    assert!(app.state.refresh.refresh(&a, "console", now).await.is_err());
+    let (_, body, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        "/admin/sessions?subject=dave",
+    ))
+    .await;
+    assert_eq!(body["sessions"], json!([]));
+    // someone else stays signed in
+    assert!(app.state.refresh.refresh(&e, "console", now).await.is_ok());
+
+    let rows = audited(&app, "session.revoke", 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str()),
+        ("operator:admin-api", fb.as_str())
+    );
+    let rows = audited(&app, "session.revoke_all", 1).await;
+    assert_eq!(rows[0].1, "dave");
+    assert!(
+        rows[0].2.contains("\"sessions_revoked\":2"),
+        "{:?}",
+        rows[0]
+    );
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_the_admin_token_or_an_admin_scoped_access_token() {
+    let app = app().await;
+    let (worker, worker_secret) =
+        create(&app, json!({ "name": "worker", "scopes": ["jobs:run"] })).await;
+    let (ops, ops_secret) = create(
+        &app,
+        json!({ "name": "ops", "scopes": ["portcullis:admin"] }),
+    )
+    .await;
+    let (status, body) = token(&app, &worker, &worker_secret).await;
+    assert_eq!(status, 200, "{body}");
+    let worker_token = body["access_token"].as_str().unwrap().to_owned();
+    let (status, body) = token(&app, &ops, &ops_secret).await;
+    assert_eq!(status, 200, "{body}");
+    let ops_token = body["access_token"].as_str().unwrap().to_owned();
+
+    let http = reqwest::Client::new();
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/clients".to_owned()),
+        (reqwest::Method::POST, "/admin/clients".to_owned()),
+        (reqwest::Method::GET, format!("/admin/clients/{worker}")),
+        (
+            reqwest::Method::POST,
+            format!("/admin/clients/{worker}/disable"),
+        ),
+        (reqwest::Method::DELETE, format!("/admin/clients/{worker}")),
+        (reqwest::Method::GET, "/admin/sessions?subject=x".to_owned()),
+        (
+            reqwest::Method::DELETE,
+            "/admin/sessions?subject=x".to_owned(),
+        ),
+    ] {
+        let url = format!("http://{}{path}", app.admin);
+        let none = http.request(method.clone(), &url).send().await.unwrap();
+        assert_eq!(none.status(), 401, "{method} {path} without a token");
+        let wrong = http
+            .request(method.clone(), &url)
+            .bearer_auth("not-the-admin-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{method} {path} with a wrong token");
+        let (status, body, _) = send(
+            http.request(method.clone(), &url)
+                .bearer_auth(&worker_token)
+                .json(&json!({})),
+        )
+        .await;
+        assert_eq!(status, 403, "{method} {path} with a non-admin token");
+        assert_eq!(body["error"], "insufficient_scope");
+    }
+    // the worker is untouched by all those refusals
+    assert_eq!(token(&app, &worker, &worker_secret).await.0, 200);
+
+    let url = format!("http://{}/admin/clients", app.admin);
+    let (status, body, _) = send(http.get(&url).bearer_auth(&ops_token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["clients"].as_array().unwrap().len(), 2);
+    let (status, _, _) = send(http.get(&url).bearer_auth(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
+    let app = app().await;
+    let (id, secret) = create(&app, json!({ "id": "kept", "name": "Kept" })).await;
+    let post = |body: &'static str| {
+        admin(&app, reqwest::Method::POST, "/admin/clients")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    for (body, field) in [
+        (r#"{}"#, "name"),
+        (r#"{"name": ""}"#, "name"),
+        (r#"{"name": 7}"#, "name"),
+        (r#"{"name": "x", "id": "Not Valid"}"#, "id"),
+        (
+            r#"{"name": "x", "grant_types": ["password"]}"#,
+            "grant_types",
+        ),
+        (r#"{"name": "x", "grant_types": []}"#, "grant_types"),
+        (r#"{"name": "x", "scopes": ["a b"]}"#, "scopes"),
+        (r#"{"name": "x", "scopes": "a b"}"#, "scopes"),
+        (r#"{"name": "x", "audiences": ["not a uri"]}"#, "audiences"),
+        (r#"{"name": "x", "audiences": ["a", "a"]}"#, "audiences"),
+        (
+            r#"{"name": "x", "access_token_lifetime": "forever"}"#,
+            "access_token_lifetime",
+        ),
+        (
+            r#"{"name": "x", "access_token_lifetime": "2d"}"#,
+            "access_token_lifetime",
+        ),
+        (
+            r#"{"name": "x", "access_token_lifetime": 900}"#,
+            "access_token_lifetime",
+        ),
+        (r#"{"name": "x", "secret": "my-own"}"#, "request body"),
+        (r#"["name"]"#, "request body"),
+        (r#"{"name": "#, "request body"),
+    ] {
+        let (status, resp, _) = send(post(body)).await;
+        assert_eq!(status, 400, "{body}: {resp}");
+        assert_eq!(resp["error"], "invalid_request", "{body}");
+        let description = resp["error_description"].as_str().unwrap();
+        assert!(
+            description.starts_with(&format!("invalid {field}: ")),
+            "{body}: {description}"
+        );
+    }
+    // a duplicate id is a conflict, and the original stays as it was
+    let (status, resp, _) = send(post(r#"{"id": "kept", "name": "Impostor"}"#)).await;
+    assert_eq!(status, 409, "{resp}");
+    assert_eq!(resp["error"], "already_exists");
+    let (_, list, _) = send(admin(&app, reqwest::Method::GET, "/admin/clients")).await;
+    let clients = list["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 1, "{list}");
+    assert_eq!(clients[0]["name"], "Kept");
+
+    let rotate = format!("/admin/clients/{id}/rotate-secret");
+    for (body, field) in [
+        (json!({ "overlap": "soon" }), "overlap"),
+        (json!({ "overlap": "31d" }), "overlap"),
+        (json!({ "overlap": 3600 }), "overlap"),
+        (json!({ "overlap": "1h", "reason": "x" }), "request body"),
+    ] {
+        let (status, resp, _) = send(admin(&app, reqwest::Method::POST, &rotate).json(&body)).await;
+        assert_eq!(status, 400, "{body}: {resp}");
+        let description = resp["error_description"].as_str().unwrap();
+        assert!(
+            description.starts_with(&format!("invalid {field}: ")),
+            "{description}"
+        );
+    }
+    let (status, resp, _) = send(
+        admin(
+            &app,
+            reqwest::Method::POST,
+            &format!("/admin/clients/{id}/disable"),
+        )
+        .json(&json!({ "now": true })),
+    )
+    .await;
+    assert_eq!(status, 400, "{resp}");
+    // refused rotations and disables changed nothing
+    assert_eq!(token(&app, &id, &secret).await.0, 200);
+
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/clients/nobody"),
+        (reqwest::Method::DELETE, "/admin/clients/nobody"),
+        (reqwest::Method::POST, "/admin/clients/nobody/rotate-secret"),
+        (reqwest::Method::POST, "/admin/clients/nobody/disable"),
+        (reqwest::Method::POST, "/admin/clients/nobody/enable"),
+        (
+            reqwest::Method::DELETE,
+            "/admin/sessions/AAAAAAAAAAAAAAAAAAAAAA",
+        ),
+    ] {
+        let (status, resp, _) = send(admin(&app, method.clone(), path)).await;
+        assert_eq!(status, 404, "{method} {path}: {resp}");
+    }
+    for (method, path, field) in [
+        (reqwest::Method::GET, "/admin/clients/Bad%20Id", "id"),
+        (reqwest::Method::GET, "/admin/sessions", "subject"),
+        (reqwest::Method::DELETE, "/admin/sessions", "subject"),
+        (reqwest::Method::GET, "/admin/sessions?subject=", "subject"),
+        (
+            reqwest::Method::GET,
+            "/admin/sessions?subject=a&all=1",
+            "query",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/admin/sessions/not-a-family",
+            "family",
+        ),
+    ] {
+        let (status, resp, _) = send(admin(&app, method.clone(), path)).await;
+        assert_eq!(status, 400, "{method} {path}: {resp}");
+        let description = resp["error_description"].as_str().unwrap();
+        assert!(
+            description.starts_with(&format!("invalid {field}: ")),
+            "{method} {path}: {description}"
+        );
+    }
+    // only the one successful create was audited
+    assert_eq!(audited(&app, "client.create", 1).await.len(), 1);
+    for action in ["client.rotate_secret", "client.disable", "client.delete"] {
+        let rows = portcullis::audit::recent(&app.state.db, action, 10)
+            .await
+            .unwrap();
+        assert!(rows.is_empty(), "{action}: {rows:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_cli_creates_and_lists_clients_whose_secret_then_works() {
+    let app_dir = tempfile::tempdir().unwrap();
+    let dir = app_dir.path();
+    let leaf = Pki::new().leaf();
+    let (cert, key) = install_leaf(dir, &leaf);
+    let db_url = format!("sqlite://{}/clients.db", dir.display());
+    let file = dir.join("portcullis.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"{db_url}\"\n\
+             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
+             [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .arg("clients")
+            .args(args)
+            .args(["--config", file.to_str().unwrap()])
+            .env("USER", "tester")
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    let (status, stdout, stderr) = cli(&[
+        "create",
+        "--id",
+        "executor-billing",
+        "--name",
+        "Billing executor",
+        "--scope",
+        "jobs:run config:read:prod",
+        "--access-token-lifetime",
+        "10m",
+        "--json",
+    ]);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("will not be shown again"), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("pcs_"));
+    assert_eq!(created["scopes"], json!(["config:read:prod", "jobs:run"]));
+
+    let (status, stdout, stderr) = cli(&["list", "--json"]);
+    assert!(status.success(), "{stderr}");
+    assert!(!stdout.contains("pcs_"), "{stdout}");
+    let listed: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed["clients"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["clients"][0]["id"], "executor-billing");
+    assert_eq!(listed["clients"][0]["access_token_lifetime"], "10m");
+
+    // the same rules as the API, with the field named and usage status 64
+    let (status, _, stderr) = cli(&["create", "--name", "x", "--audience", "not a uri"]);
+    assert_eq!(status.code(), Some(64));
+    assert!(stderr.contains("invalid audiences: "), "{stderr}");
+    let (status, _, stderr) = cli(&["create", "--id", "executor-billing", "--name", "again"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("exists already"), "{stderr}");
+    // no shared refresh store in this configuration: disable says so, and still disables
+    let (status, stdout, stderr) = cli(&["disable", "executor-billing"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("no [redis] is configured"), "{stderr}");
+    assert!(stdout.contains("disabled"), "{stdout}");
+    let (status, _, stderr) = cli(&["enable", "executor-billing"]);
+    assert!(status.success(), "{stderr}");
+
+    // an instance on that database accepts the secret the CLI printed
+    let app = spawn_app(move |c| c.database.url = SecretString::from(db_url)).await;
+    let (status, body) = token(&app, "executor-billing", &secret).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 600);
+    let rows = portcullis::audit::recent(&app.state.db, "client.create", 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, "operator:cli:tester");
+    assert!(!rows[0].2.contains("pcs_"), "{:?}", rows[0]);
+    let rows = portcullis::audit::recent(&app.state.db, "client.disable", 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+}
