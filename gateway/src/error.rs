@@ -228,7 +228,10 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         let headers = response.headers_mut();
+        // never cached, and `Pragma` too for HTTP/1.0 caches: RFC 6749 §5.1 asks both of
+        // token responses, and a 401 from the token endpoint is one as much as a 400
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
         match &self {
             Self::OAuth {
                 code: OAuthCode::InvalidClient,
@@ -238,9 +241,6 @@ impl IntoResponse for ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"portcullis\", charset=\"UTF-8\""),
                 );
-            }
-            Self::OAuth { .. } => {
-                headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
             }
             Self::Unauthorized { code, .. } => {
                 let value = format!(
