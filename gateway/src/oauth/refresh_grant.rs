@@ -26,6 +26,18 @@ pub async fn refresh(
     // malformed request does not consume the token
     let requested = requested_scope(form)?;
     let now = state.keys.now();
+    // a wider scope is refused before rotating too: refused after a rotation, the client
+    // would hold only the rotated token, whose next use past the grace window counts as
+    // re-use and revokes the whole session. `inspect` sees only the current token of a
+    // live family; anything else goes on to `refresh`, which refuses it or replays a
+    // rotation (changing nothing), and the check after it still applies.
+    if !requested.is_empty()
+        && let Some(session) = state.refresh.inspect(&presented, now).await?
+        && session.client_id == client.id.as_str()
+        && !requested.is_subset(&ScopeSet::parse(&session.scope).unwrap_or_default())
+    {
+        return Err(wider_scope());
+    }
     let refreshed = match state
         .refresh
         .refresh(&presented, client.id.as_str(), now)
@@ -65,10 +77,7 @@ pub async fn refresh(
     } else if requested.is_subset(&granted) {
         requested
     } else {
-        return Err(ApiError::oauth(
-            OAuthCode::InvalidScope,
-            "a refresh may only narrow the scope originally granted",
-        ));
+        return Err(wider_scope());
     };
     let roles = session
         .session
@@ -94,5 +103,12 @@ pub async fn refresh(
                 .unwrap_or(state.config.tokens.access_token_lifetime),
         },
         Some(refreshed.token),
+    )
+}
+
+fn wider_scope() -> ApiError {
+    ApiError::oauth(
+        OAuthCode::InvalidScope,
+        "a refresh may only narrow the scope originally granted",
     )
 }
