@@ -52,6 +52,17 @@ fi
 "$venv/bin/bao" version >/dev/null
 log "OpenBao: $("$venv/bin/bao" version | head -n 1)"
 
+# --- PyJWT (an independent verifier of our access tokens) ---------------------
+# gateway/tests/pyjwt/verify.py checks a token against /oauth2/jwks with PyJWT's own
+# ES256 code. 2.8.0 added PyJWKClient(ssl_context=…), which the test needs to trust its CA.
+pyjwt_version=2.15.1
+if ! "$venv/bin/python" -c "import cryptography, jwt, sys; sys.exit(jwt.__version__ != '$pyjwt_version')" \
+    >/dev/null 2>&1; then
+  log "installing pyjwt[crypto]==$pyjwt_version into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "pyjwt[crypto]==$pyjwt_version"
+fi
+log "PyJWT: $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)')"
+
 # --- OIDC test provider ------------------------------------------------------
 oidc="$root/tests/oidc"
 if [ ! -d "$oidc/node_modules/oidc-provider" ]; then

@@ -13,3 +13,4 @@ mod refresh;
 mod shutdown;
 mod support;
 mod tls_reload;
+mod token;
