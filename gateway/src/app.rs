@@ -110,16 +110,16 @@ impl Application {
         tasks.spawn(async move {
             let _ = audit_task.await;
         });
-        let state = AppState::new(
-            config.clone(),
-            db.clone(),
+        let state = AppState {
+            config: config.clone(),
+            db: db.clone(),
             redis,
-            telemetry::metrics_handle(),
-            keys.clone(),
-            audit.clone(),
+            metrics: telemetry::metrics_handle(),
+            keys: keys.clone(),
+            audit: audit.clone(),
             clients,
             refresh,
-        );
+        };
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {
                 let _ = task.await;

@@ -32,28 +32,3 @@ pub struct AppState {
     /// Refresh tokens (Redis, or in process for a single `--dev` instance).
     pub refresh: Arc<dyn RefreshStore>,
 }
-
-impl AppState {
-    /// Bundles the parts.
-    pub fn new(
-        config: Arc<Config>,
-        db: Database,
-        redis: Option<RedisHandle>,
-        metrics: PrometheusHandle,
-        keys: KeyService,
-        audit: Audit,
-        clients: ClientStore,
-        refresh: Arc<dyn RefreshStore>,
-    ) -> Self {
-        Self {
-            config,
-            db,
-            redis,
-            metrics,
-            keys,
-            audit,
-            clients,
-            refresh,
-        }
-    }
-}

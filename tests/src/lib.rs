@@ -160,10 +160,20 @@ impl HarnessError {
 
 /// The workspace root (the directory holding the root `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .map_or_else(|| manifest_dir.to_path_buf(), Path::to_path_buf)
+    // Cargo sets CARGO_MANIFEST_DIR when it runs a test binary: the crate under test, one
+    // level below the root. It is preferred over the compile-time value, which names the
+    // checkout this crate was built in — a build cache shared between checkouts (CI
+    // clones) would otherwise point at another one.
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|dir| dir.parent().map(Path::to_path_buf))
+        .filter(|root| root.join("Cargo.lock").is_file());
+    runtime.unwrap_or_else(|| {
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        manifest_dir
+            .parent()
+            .map_or_else(|| manifest_dir.to_path_buf(), Path::to_path_buf)
+    })
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago: bind port 0, read it, drop it.

@@ -1173,13 +1173,10 @@ async fn discovery_documents_list_exactly_what_is_supported() {
         "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
         "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
         "grant_types_supported": ["client_credentials", "refresh_token"],
-        "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "token_endpoint_auth_signing_alg_values_supported": [],
         "access_token_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
-        "scopes_supported": [],
     });
     for path in [
         "/.well-known/oauth-authorization-server",
