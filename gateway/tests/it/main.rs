@@ -1,6 +1,7 @@
 //! Integration tests of the gateway: one binary, one module per area.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_clients;
 mod authn;
 mod cli;
 mod clients;
