@@ -86,12 +86,11 @@ impl Application {
             .server_key()
             .map_err(|e| StartError::Config(e.to_string()))?;
         let clients = crate::clients::ClientStore::new(db.clone(), server_key.clone());
-        let refresh: Arc<dyn crate::refresh::RefreshStore> = match &config.redis {
-            Some(r) => Arc::new(crate::refresh::LazyRedisRefreshStore::new(
-                r.url.clone(),
+        let refresh: Arc<dyn crate::refresh::RefreshStore> = match &redis {
+            Some(handle) => Arc::new(crate::refresh::LazyRedisRefreshStore::new(
+                handle.clone(),
                 server_key,
                 config.refresh.clone(),
-                r.command_timeout,
             )),
             None => Arc::new(crate::refresh::MemoryRefreshStore::new(
                 server_key,

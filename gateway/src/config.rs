@@ -222,8 +222,12 @@ fn default_connect_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://…` or `rediss://…`.
+    /// `redis://…` or `rediss://…`; with `cluster = true`, the seed nodes, comma-separated.
     pub url: SecretString,
+    /// Redis Cluster: `url` lists seed nodes; every key of one refresh-token family shares
+    /// a hash slot.
+    #[serde(default)]
+    pub cluster: bool,
     /// How long one Redis command may take before the feature answers 503.
     #[serde(with = "humantime_serde", default = "default_connect_timeout")]
     pub command_timeout: Duration,
@@ -505,11 +509,13 @@ impl Config {
             ));
         }
         if let Some(redis) = &self.redis {
-            let url = redis.url.expose_secret();
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://"))
-            {
+            let ok = redis.url.expose_secret().split(',').all(|url| {
+                let url = url.trim();
+                url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("redis+unix://")
+            });
+            if !ok {
                 return Err(ConfigError::field(
                     "redis.url",
                     "must start with redis://, rediss:// or redis+unix://",

@@ -1,4 +1,4 @@
-//! The shared Redis connection.
+//! The shared Redis connection (standalone or Cluster), one per instance.
 //!
 //! Connects lazily and reconnects by itself: an instance starts while Redis is away, the
 //! features that need Redis answer 503 meanwhile, and recover once it is back.
@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use secrecy::ExposeSecret;
 use tokio::sync::Mutex;
 
@@ -29,12 +31,27 @@ pub enum RedisError {
     Timeout,
 }
 
+/// A live connection of either kind; both reconnect by themselves once established.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// A standalone server.
+    Single(ConnectionManager),
+    /// A cluster.
+    Cluster(ClusterConnection),
+}
+
+#[derive(Clone)]
+enum Client {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
 /// A lazily connected, self-healing Redis connection.
 #[derive(Clone)]
 pub struct RedisHandle {
-    client: redis::Client,
+    client: Client,
     timeout: Duration,
-    conn: Arc<Mutex<Option<ConnectionManager>>>,
+    conn: Arc<Mutex<Option<RedisConn>>>,
 }
 
 impl std::fmt::Debug for RedisHandle {
@@ -45,10 +62,21 @@ impl std::fmt::Debug for RedisHandle {
 }
 
 impl RedisHandle {
-    /// Parses the URL; does not connect.
+    /// Parses the URL(s); does not connect.
     pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
-        let client =
-            redis::Client::open(config.url.expose_secret()).map_err(|_| RedisError::Url)?;
+        let url = config.url.expose_secret();
+        let client = if config.cluster {
+            let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+            Client::Cluster(
+                ClusterClient::builder(seeds)
+                    .connection_timeout(config.command_timeout)
+                    .response_timeout(config.command_timeout)
+                    .build()
+                    .map_err(|_| RedisError::Url)?,
+            )
+        } else {
+            Client::Single(redis::Client::open(url).map_err(|_| RedisError::Url)?)
+        };
         Ok(Self {
             client,
             timeout: config.command_timeout,
@@ -56,33 +84,54 @@ impl RedisHandle {
         })
     }
 
+    /// How long one command may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A connection, establishing it on first use.
-    pub async fn connection(&self) -> Result<ConnectionManager, RedisError> {
+    pub async fn connection(&self) -> Result<RedisConn, RedisError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let manager = tokio::time::timeout(
-            self.timeout,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| RedisError::Timeout)??;
-        *guard = Some(manager.clone());
-        Ok(manager)
+        let conn = match &self.client {
+            Client::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1);
+                let manager = tokio::time::timeout(
+                    self.timeout,
+                    ConnectionManager::new_with_config(client.clone(), config),
+                )
+                .await
+                .map_err(|_| RedisError::Timeout)??;
+                RedisConn::Single(manager)
+            }
+            Client::Cluster(client) => {
+                let conn = tokio::time::timeout(self.timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| RedisError::Timeout)??;
+                RedisConn::Cluster(conn)
+            }
+        };
+        *guard = Some(conn.clone());
+        Ok(conn)
     }
 
     /// One round trip, for readiness.
     pub async fn ping(&self) -> Result<(), RedisError> {
-        let mut conn = self.connection().await?;
-        let pong: String =
-            tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
-                .await
-                .map_err(|_| RedisError::Timeout)??;
+        let conn = self.connection().await?;
+        let cmd = redis::cmd("PING");
+        let pong: String = tokio::time::timeout(self.timeout, async {
+            match conn {
+                RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+                RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await
+        .map_err(|_| RedisError::Timeout)??;
         if pong == "PONG" {
             Ok(())
         } else {

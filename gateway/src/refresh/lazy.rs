@@ -2,8 +2,6 @@
 //! until it connects, every call answers [`RefreshError::Unavailable`] (503) and the next
 //! call tries again. Once connected, the connection manager reconnects by itself.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -13,14 +11,14 @@ use super::{
     FamilyId, Issued, NewFamily, RedisRefreshStore, RefreshError, RefreshSettings, RefreshStore,
     Refreshed, Session,
 };
+use crate::redis_store::{RedisConn, RedisError, RedisHandle};
 use crate::server_key::ServerKey;
 
-/// [`RedisRefreshStore`], connected lazily.
+/// [`RedisRefreshStore`] on the instance's shared Redis connection, made on first use.
 pub struct LazyRedisRefreshStore {
-    url: SecretString,
+    redis: RedisHandle,
     key: ServerKey,
     settings: RefreshSettings,
-    timeout: Duration,
     store: OnceCell<RedisRefreshStore>,
 }
 
@@ -34,17 +32,11 @@ impl std::fmt::Debug for LazyRedisRefreshStore {
 
 impl LazyRedisRefreshStore {
     /// Remembers how to connect; does not connect.
-    pub fn new(
-        url: SecretString,
-        key: ServerKey,
-        settings: RefreshSettings,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(redis: RedisHandle, key: ServerKey, settings: RefreshSettings) -> Self {
         Self {
-            url,
+            redis,
             key,
             settings,
-            timeout,
             store: OnceCell::new(),
         }
     }
@@ -52,10 +44,19 @@ impl LazyRedisRefreshStore {
     async fn store(&self) -> Result<&RedisRefreshStore, RefreshError> {
         self.store
             .get_or_try_init(|| async {
-                let store =
-                    RedisRefreshStore::connect(&self.url, self.key.clone(), self.settings.clone())
-                        .await?;
-                Ok::<_, RefreshError>(store.with_timeout(self.timeout))
+                let conn = self.redis.connection().await.map_err(|e| match e {
+                    RedisError::Redis(e) => RefreshError::Unavailable(e),
+                    RedisError::Timeout => RefreshError::Timeout,
+                    RedisError::Url | RedisError::UnexpectedReply => {
+                        RefreshError::Internal("redis connection")
+                    }
+                })?;
+                let (key, settings) = (self.key.clone(), self.settings.clone());
+                let store = match conn {
+                    RedisConn::Single(c) => RedisRefreshStore::standalone(c, key, settings),
+                    RedisConn::Cluster(c) => RedisRefreshStore::cluster(c, key, settings),
+                };
+                Ok::<_, RefreshError>(store.with_timeout(self.redis.timeout()))
             })
             .await
     }

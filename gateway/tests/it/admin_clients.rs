@@ -22,6 +22,7 @@ async fn app() -> TestApp {
         c.database.url = SecretString::from(db);
         c.redis = Some(portcullis::config::RedisConfig {
             url: SecretString::from(redis),
+            cluster: false,
             command_timeout: Duration::from_secs(2),
         });
         c.refresh.key_prefix = format!("admin-clients-{}:", uuid::Uuid::new_v4());

@@ -4,6 +4,7 @@
 mod admin_clients;
 mod authn;
 mod cli;
+mod cluster;
 mod clients;
 mod keys;
 mod least_privilege;

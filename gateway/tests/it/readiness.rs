@@ -25,6 +25,7 @@ async fn readiness_follows_postgres_and_redis() {
         c.database.url = SecretString::from(db);
         c.redis = Some(portcullis::config::RedisConfig {
             url: SecretString::from(redis_url),
+            cluster: false,
             command_timeout: Duration::from_millis(500),
         });
     })

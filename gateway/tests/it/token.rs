@@ -88,6 +88,7 @@ impl Fixture {
             .unwrap();
         let redis = RedisConfig {
             url: SecretString::from(redis_url.to_owned()),
+            cluster: false,
             command_timeout: Duration::from_millis(500),
         };
         let prefix = format!("token-{name}-{}:", uuid::Uuid::new_v4());

@@ -1,0 +1,120 @@
+//! The token service on a Redis Cluster: `[redis] cluster = true` with seed nodes.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use harness::RedisCluster;
+use portcullis::clients::{GrantType, NewClient, ScopeSet};
+use portcullis::refresh::NewFamily;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::support::*;
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_reuse_is_detected_on_a_cluster() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let seeds = cluster.urls().join(",");
+    let app = spawn_app(move |c| {
+        c.redis = Some(portcullis::config::RedisConfig {
+            url: SecretString::from(seeds),
+            cluster: true,
+            command_timeout: Duration::from_secs(2),
+        });
+        c.refresh.reuse_grace = Duration::from_millis(1);
+    })
+    .await;
+    let now = app.state.keys.now();
+    let (client, secret) = app
+        .state
+        .clients
+        .create(
+            NewClient {
+                id: None,
+                name: "console".to_owned(),
+                grant_types: BTreeSet::from([GrantType::RefreshToken]),
+                scopes: ScopeSet::parse("openid").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let issued = app
+        .state
+        .refresh
+        .issue(
+            NewFamily {
+                client_id: client.id.to_string(),
+                subject: "alice".to_owned(),
+                scope: "openid".to_owned(),
+                audience: vec![],
+                auth_time: now,
+                session: serde_json::json!({ "roles": ["admin"] }),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let http = app.https_client();
+    let refresh = |token: String| {
+        let http = http.clone();
+        let url = app.url("/oauth2/token");
+        let (id, secret) = (client.id.to_string(), secret.expose_secret().to_owned());
+        async move {
+            let r = http
+                .post(url)
+                .basic_auth(id, Some(secret))
+                .form(&[("grant_type", "refresh_token"), ("refresh_token", &token)])
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let first = issued.token.expose_secret().to_owned();
+    let (status, body) = refresh(first.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let second = body["refresh_token"].as_str().unwrap().to_owned();
+    let claims: Value = app
+        .state
+        .keys
+        .verify(body["access_token"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["roles"][0], "admin");
+    let (status, body) = refresh(second.clone()).await;
+    assert_eq!(status, 200, "{body}");
+
+    // the first token again, past the grace window: the whole family is revoked
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (status, body) = refresh(first).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant");
+    let latest = live_sessions(&app).await;
+    assert!(
+        latest.is_empty(),
+        "the family still has live sessions: {latest:?}"
+    );
+
+    // readiness pings the cluster
+    let ready: Value = reqwest::get(format!("http://{}/readyz", app.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["redis"]["ok"], true, "{ready}");
+}
+
+async fn live_sessions(app: &TestApp) -> Vec<String> {
+    app.state
+        .refresh
+        .list_sessions("alice", app.state.keys.now())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.family.to_string())
+        .collect()
+}
