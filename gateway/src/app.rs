@@ -85,7 +85,11 @@ impl Application {
         let server_key = config
             .server_key()
             .map_err(|e| StartError::Config(e.to_string()))?;
-        let clients = crate::clients::ClientStore::new(db.clone(), server_key.clone());
+        let clients = crate::clients::ClientStore::with_cache_ttl(
+            db.clone(),
+            server_key.clone(),
+            config.tokens.client_cache_ttl,
+        );
         let refresh: Arc<dyn crate::refresh::RefreshStore> = match &redis {
             Some(handle) => Arc::new(crate::refresh::LazyRedisRefreshStore::new(
                 handle.clone(),

@@ -251,6 +251,11 @@ pub struct TokensConfig {
     pub hash_key: Option<SecretString>,
     /// A file holding `hash_key` (base64).
     pub hash_key_file: Option<PathBuf>,
+    /// How long an instance keeps a client's record (secret hashes, grants, scopes) before
+    /// reading it again; changes made on other instances take up to this long to apply.
+    /// `0s` reads the database on every token request.
+    #[serde(with = "humantime_serde")]
+    pub client_cache_ttl: Duration,
 }
 
 impl Default for TokensConfig {
@@ -261,6 +266,7 @@ impl Default for TokensConfig {
             leeway: Duration::from_secs(30),
             hash_key: None,
             hash_key_file: None,
+            client_cache_ttl: Duration::from_secs(5),
         }
     }
 }

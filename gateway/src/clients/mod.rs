@@ -17,6 +17,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 mod audience;
+pub mod cache;
 mod grant;
 mod id;
 mod scope;

@@ -27,6 +27,7 @@ const COLUMNS: &str = "id, name, grant_types, scopes, audiences, access_token_li
 pub struct ClientStore {
     db: Database,
     key: crate::server_key::ServerKey,
+    cache: std::sync::Arc<super::cache::ClientCache>,
 }
 
 /// One row as stored.
@@ -51,7 +52,21 @@ struct ClientRow {
 impl ClientStore {
     /// A store over `db` (migrated by [`Database::migrate`]), hashing secrets under `key`.
     pub fn new(db: Database, key: crate::server_key::ServerKey) -> Self {
-        Self { db, key }
+        Self::with_cache_ttl(db, key, std::time::Duration::ZERO)
+    }
+
+    /// Like [`Self::new`], keeping client records for `ttl` to spare the database on the
+    /// token endpoint's hot path (see [`super::cache`]).
+    pub fn with_cache_ttl(
+        db: Database,
+        key: crate::server_key::ServerKey,
+        ttl: std::time::Duration,
+    ) -> Self {
+        Self {
+            db,
+            key,
+            cache: std::sync::Arc::new(super::cache::ClientCache::new(ttl)),
+        }
     }
 
     /// Registers a client and returns it with its secret — the only time the secret is
@@ -138,11 +153,21 @@ impl ClientStore {
             client_id.as_bytes(),
             presented_secret.expose_secret().as_bytes(),
         );
-        let row = match ClientId::parse(client_id) {
-            Ok(id) => self.fetch(id.as_str()).await?,
-            Err(_) => None,
+        let cached = self.cache.get(client_id);
+        let row = match (&cached, ClientId::parse(client_id)) {
+            (Some(_), _) | (None, Err(_)) => None,
+            (None, Ok(id)) => self.fetch(id.as_str()).await?,
         };
-        let Some(row) = row else {
+        let client = match (cached, row) {
+            (Some(client), _) => Some(client),
+            (None, Some(row)) => {
+                let client = row.into_client()?;
+                self.cache.put(&client);
+                Some(client)
+            }
+            (None, None) => None,
+        };
+        let Some(client) = client else {
             // the same comparisons as for a known client, then refuse
             let dummy = SecretHashes {
                 current: [0u8; 32],
@@ -151,7 +176,6 @@ impl ClientStore {
             std::hint::black_box(dummy.matches(&presented, now));
             return Err(ClientError::InvalidClient);
         };
-        let client = row.into_client()?;
         let matches = client.secrets.matches(&presented, now);
         if matches && client.enabled {
             Ok(client)
@@ -171,6 +195,7 @@ impl ClientStore {
         overlap: Duration,
         now: OffsetDateTime,
     ) -> Result<SecretString, ClientError> {
+        self.cache.forget(id.as_str());
         let secret = secret::generate()?;
         let hash = secret::hash_for(&self.key, id, secret.expose_secret());
         let now_ms = unix_ms(now);
@@ -229,6 +254,7 @@ impl ClientStore {
         change: ClientUpdate,
         now: OffsetDateTime,
     ) -> Result<Client, ClientError> {
+        self.cache.forget(id.as_str());
         if let Some(name) = &change.name {
             validate_name(name)?;
         }
@@ -272,6 +298,7 @@ impl ClientStore {
     /// Removes client `id` for good.
     #[tracing::instrument(skip_all, fields(client_id = %id))]
     pub async fn delete(&self, id: &ClientId) -> Result<(), ClientError> {
+        self.cache.forget(id.as_str());
         const SQL: &str = "DELETE FROM oauth_clients WHERE id = $1";
         let affected = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query(SQL)
@@ -326,6 +353,7 @@ impl ClientStore {
         enabled: bool,
         now: OffsetDateTime,
     ) -> Result<(), ClientError> {
+        self.cache.forget(id.as_str());
         const SQL: &str =
             "UPDATE oauth_clients SET enabled = $1, updated_at_unix_ms = $2 WHERE id = $3";
         let affected = crate::on_pool!(self.db.pool(), |p| {
