@@ -209,7 +209,10 @@ pub fn admin_router(state: AppState) -> Router {
                     "/clients/{id}/rotate-secret",
                     post(crate::admin::clients::rotate_secret),
                 )
-                .route("/clients/{id}/disable", post(crate::admin::clients::disable))
+                .route(
+                    "/clients/{id}/disable",
+                    post(crate::admin::clients::disable),
+                )
                 .route("/clients/{id}/enable", post(crate::admin::clients::enable))
                 .route(
                     "/sessions",

@@ -4,8 +4,8 @@
 mod admin_clients;
 mod authn;
 mod cli;
-mod cluster;
 mod clients;
+mod cluster;
 mod keys;
 mod least_privilege;
 mod limits;
