@@ -17,6 +17,19 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod crypto;
+pub mod feed;
 pub mod model;
+pub mod signing;
+pub mod store;
+pub mod wire;
 
+pub use crypto::{CryptoError, Envelope, KeyWrapper, LocalWrapper, TransitWrapper};
+pub use feed::{ChangeFeed, FeedClosed, FeedEvent, ReleaseEvent};
 pub use model::{AppName, ConfigEntry, ConfigKey, Environment, Environments, Format, ModelError};
+pub use signing::{ReleaseClaims, content_hash, signing_payload};
+pub use store::{
+    ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseInfo, Store,
+    StoreError, migrate,
+};
+pub use wire::{Entry, ErrorBody, Snapshot};
