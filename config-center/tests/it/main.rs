@@ -2,6 +2,7 @@
 //! runs against real Postgres, SQLite, OpenBao and HTTP, per `TESTING.md`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod client;
 mod common;
 mod conformance;
 mod encryption;
