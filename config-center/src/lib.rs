@@ -27,10 +27,12 @@ pub mod wire;
 
 pub use crypto::{CryptoError, Envelope, KeyWrapper, LocalWrapper, TransitWrapper};
 pub use feed::{ChangeFeed, FeedClosed, FeedEvent, ReleaseEvent};
-pub use model::{AppName, ConfigEntry, ConfigKey, Environment, Environments, Format, ModelError};
+pub use model::{
+    AppName, ConfigEntry, ConfigKey, Environment, Environments, Format, GraySelector, ModelError,
+};
 pub use signing::{ReleaseClaims, content_hash, signing_payload};
 pub use store::{
-    ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseInfo, Store,
-    StoreError, migrate,
+    ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseInfo,
+    ReleaseStatus, Store, StoreError, migrate,
 };
 pub use wire::{Entry, ErrorBody, Snapshot};

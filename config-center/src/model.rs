@@ -4,7 +4,7 @@
 //! path, smuggle a control character or look like another name (non-ASCII confusables) is
 //! refused with an error saying which field and why.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -34,6 +34,8 @@ pub enum Field {
     Value,
     /// A value's format.
     Format,
+    /// A gray release's selector (instance ids and labels).
+    Selector,
 }
 
 impl fmt::Display for Field {
@@ -44,6 +46,7 @@ impl fmt::Display for Field {
             Field::Key => "key",
             Field::Value => "value",
             Field::Format => "format",
+            Field::Selector => "gray selector",
         })
     }
 }
@@ -540,6 +543,73 @@ pub fn check_entries(mut entries: Vec<ConfigEntry>) -> Result<Vec<ConfigEntry>, 
         return Err(ModelError::DuplicateKey(pair[0].key.to_string()));
     }
     Ok(entries)
+}
+
+/// Longest accepted instance id, label name or label value, in bytes.
+pub const MAX_SELECTOR_ITEM_LEN: usize = 128;
+
+/// Which instances receive a gray release: those whose id is listed, or whose labels
+/// include every listed label.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GraySelector {
+    /// Instance ids that receive it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub instances: BTreeSet<String>,
+    /// Labels an instance must all carry to receive it (ignored when empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn check_selector_item(text: &str) -> Result<(), ModelError> {
+    check_name(
+        Field::Selector,
+        text,
+        MAX_SELECTOR_ITEM_LEN,
+        &['-', '_', '.', ':'],
+    )
+}
+
+impl GraySelector {
+    /// A selector; refuses one that selects nothing and names outside
+    /// `[A-Za-z0-9._:-]`.
+    pub fn new(
+        instances: impl IntoIterator<Item = String>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Self, ModelError> {
+        let instances: BTreeSet<String> = instances.into_iter().collect();
+        if instances.is_empty() && labels.is_empty() {
+            return Err(ModelError::Empty {
+                field: Field::Selector,
+            });
+        }
+        for item in instances.iter().chain(labels.keys()).chain(labels.values()) {
+            check_selector_item(item)?;
+        }
+        Ok(Self { instances, labels })
+    }
+
+    /// Parses the `labels` query parameter `k1=v1,k2=v2` (empty text: no labels).
+    pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, ModelError> {
+        let mut labels = BTreeMap::new();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or(ModelError::BadCharacter {
+                field: Field::Selector,
+                what: "a label without `=`",
+                at: 0,
+            })?;
+            check_selector_item(k)?;
+            check_selector_item(v)?;
+            labels.insert(k.to_owned(), v.to_owned());
+        }
+        Ok(labels)
+    }
+
+    /// Whether an instance with this id and these labels receives the gray release.
+    pub fn matches(&self, instance: Option<&str>, labels: &BTreeMap<String, String>) -> bool {
+        instance.is_some_and(|i| self.instances.contains(i))
+            || (!self.labels.is_empty()
+                && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
 }
 
 #[cfg(test)]

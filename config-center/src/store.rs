@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use crate::crypto::{CryptoError, DataKey, Envelope, WrappedKey, value_aad};
 use crate::feed::{ChangeFeed, NOTIFY_CHANNEL, ReleaseEvent};
 use crate::model::{
-    AppName, ConfigEntry, ConfigKey, Environment, Format, ModelError, check_entries,
+    AppName, ConfigEntry, ConfigKey, Environment, Format, GraySelector, ModelError, check_entries,
 };
 
 /// How often a publish with [`Expected::Any`] retries after losing a race.
@@ -61,6 +61,13 @@ pub enum StoreError {
         /// The version asked for (`None`: any).
         version: Option<u64>,
     },
+    /// A gray release of this (environment, application) is in progress: promote or
+    /// abort it first.
+    #[error("a gray release (version {0}) is in progress; promote or abort it first")]
+    GrayInProgress(u64),
+    /// No gray release of this (environment, application) is in progress.
+    #[error("no gray release is in progress")]
+    NoGray,
     /// A stored row does not make sense (altered by hand?).
     #[error("stored config data is corrupt: {0}")]
     Corrupt(String),
@@ -140,6 +147,37 @@ impl ChangeNote {
     }
 }
 
+/// Whether a release is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReleaseStatus {
+    /// Served to every instance (the newest main release is the current one).
+    Main,
+    /// Served only to the instances its selector matches.
+    Gray,
+    /// A gray release that was aborted; never served again.
+    Aborted,
+}
+
+impl ReleaseStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseStatus::Main => "main",
+            ReleaseStatus::Gray => "gray",
+            ReleaseStatus::Aborted => "aborted",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "main" => Ok(ReleaseStatus::Main),
+            "gray" => Ok(ReleaseStatus::Gray),
+            "aborted" => Ok(ReleaseStatus::Aborted),
+            other => Err(StoreError::Corrupt(format!("release status {other:?}"))),
+        }
+    }
+}
+
 /// A release without its entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseInfo {
@@ -157,6 +195,10 @@ pub struct ReleaseInfo {
     pub message: String,
     /// The version it restored, when it is a rollback.
     pub rollback_of: Option<u64>,
+    /// Whether it is served.
+    pub status: ReleaseStatus,
+    /// Who receives it while it is gray.
+    pub gray: Option<GraySelector>,
 }
 
 /// A release with its decrypted entries, sorted by key.
@@ -176,6 +218,10 @@ pub struct Release {
     pub message: String,
     /// The version it restored, when it is a rollback.
     pub rollback_of: Option<u64>,
+    /// Whether it is served.
+    pub status: ReleaseStatus,
+    /// Who receives it while it is gray.
+    pub gray: Option<GraySelector>,
     /// Every entry.
     pub entries: Vec<ConfigEntry>,
 }
@@ -263,6 +309,22 @@ pub struct Diff {
     pub changes: Vec<KeyChange>,
 }
 
+/// A main release of `entries`.
+fn main<'a>(
+    entries: &'a [ConfigEntry],
+    note: &'a ChangeNote,
+    rollback_of: Option<u64>,
+) -> NewRelease<'a> {
+    NewRelease {
+        entries,
+        note,
+        rollback_of,
+        status: ReleaseStatus::Main,
+        gray: None,
+        abort_gray: false,
+    }
+}
+
 /// The config store: releases in the database, values sealed by the envelope.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -273,7 +335,15 @@ pub struct Store {
 }
 
 type EntryRow = (String, String, bool, i64, Vec<u8>);
-type InfoRow = (i64, i64, String, String, Option<i64>);
+type InfoRow = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<i64>,
+    String,
+    Option<String>,
+);
 
 fn to_i64(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("version {v} out of range")))
@@ -297,6 +367,18 @@ fn now_seconds() -> OffsetDateTime {
 enum Attempt {
     Done,
     Conflict,
+    GrayInProgress(i64),
+}
+
+/// One release to insert.
+struct NewRelease<'a> {
+    entries: &'a [ConfigEntry],
+    note: &'a ChangeNote,
+    rollback_of: Option<u64>,
+    status: ReleaseStatus,
+    gray: Option<&'a GraySelector>,
+    /// Abort the gray release in progress in the same transaction.
+    abort_gray: bool,
 }
 
 impl Store {
@@ -331,16 +413,58 @@ impl Store {
 
     // === reading ===
 
-    /// The current version of (env, app); `None` when nothing was published.
+    /// The current (newest main) version of (env, app); `None` when nothing was
+    /// published.
     pub async fn current_version(
         &self,
         env: &Environment,
         app: &AppName,
     ) -> Result<Option<u64>, StoreError> {
-        const SQL: &str =
-            "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2";
+        self.max_version(
+            "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2 AND status = 'main'",
+            env,
+            app,
+        )
+        .await
+    }
+
+    /// The newest version of any status (main, gray or aborted): the version writes name
+    /// in [`Expected::Version`].
+    pub async fn head_version(
+        &self,
+        env: &Environment,
+        app: &AppName,
+    ) -> Result<Option<u64>, StoreError> {
+        self.max_version(
+            "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2",
+            env,
+            app,
+        )
+        .await
+    }
+
+    /// The gray release in progress, if any.
+    pub async fn gray_version(
+        &self,
+        env: &Environment,
+        app: &AppName,
+    ) -> Result<Option<u64>, StoreError> {
+        self.max_version(
+            "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2 AND status = 'gray'",
+            env,
+            app,
+        )
+        .await
+    }
+
+    async fn max_version(
+        &self,
+        sql: &'static str,
+        env: &Environment,
+        app: &AppName,
+    ) -> Result<Option<u64>, StoreError> {
         let max: Option<i64> = on_pool!(&self.pool, |p, _pg| {
-            sqlx::query_scalar(SQL)
+            sqlx::query_scalar(sql)
                 .bind(env.as_str())
                 .bind(app.as_str())
                 .fetch_one(p)
@@ -349,10 +473,10 @@ impl Store {
         max.map(to_u64).transpose()
     }
 
-    /// The newest version of every (environment, application) that has a release, for a
-    /// periodic reconcile of watchers against the change feed.
+    /// The newest served version (main or gray) of every (environment, application)
+    /// that has a release, for a periodic reconcile of watchers against the change feed.
     pub async fn latest_versions(&self) -> Result<Vec<ReleaseEvent>, StoreError> {
-        const SQL: &str = "SELECT environment, application, MAX(version) FROM config_releases GROUP BY environment, application";
+        const SQL: &str = "SELECT environment, application, MAX(version) FROM config_releases WHERE status <> 'aborted' GROUP BY environment, application";
         let rows: Vec<(String, String, i64)> = on_pool!(&self.pool, |p, _pg| sqlx::query_as(SQL)
             .fetch_all(p)
             .await?);
@@ -371,7 +495,7 @@ impl Store {
         app: &AppName,
         version: u64,
     ) -> Result<Release, StoreError> {
-        const INFO: &str = "SELECT version, created_at_unix_ms, author, message, rollback_of FROM config_releases WHERE environment = $1 AND application = $2 AND version = $3";
+        const INFO: &str = "SELECT version, created_at_unix_ms, author, message, rollback_of, status, gray_selector FROM config_releases WHERE environment = $1 AND application = $2 AND version = $3";
         const ENTRIES: &str = "SELECT key, format, secret, data_key_version, sealed FROM config_entries WHERE environment = $1 AND application = $2 AND version = $3";
         let v = to_i64(version)?;
         let (info, rows): (Option<InfoRow>, Vec<EntryRow>) = on_pool!(&self.pool, |p, _pg| {
@@ -433,6 +557,8 @@ impl Store {
             author: info.author,
             message: info.message,
             rollback_of: info.rollback_of,
+            status: info.status,
+            gray: info.gray,
             entries,
         })
     }
@@ -456,7 +582,7 @@ impl Store {
         app: &AppName,
         limit: u32,
     ) -> Result<Vec<ReleaseInfo>, StoreError> {
-        const SQL: &str = "SELECT version, created_at_unix_ms, author, message, rollback_of FROM config_releases WHERE environment = $1 AND application = $2 ORDER BY version DESC LIMIT $3";
+        const SQL: &str = "SELECT version, created_at_unix_ms, author, message, rollback_of, status, gray_selector FROM config_releases WHERE environment = $1 AND application = $2 ORDER BY version DESC LIMIT $3";
         let rows: Vec<InfoRow> = on_pool!(&self.pool, |p, _pg| {
             sqlx::query_as(SQL)
                 .bind(env.as_str())
@@ -474,8 +600,12 @@ impl Store {
         &self,
         env: &Environment,
         app: &AppName,
-        (version, created, author, message, rollback_of): InfoRow,
+        (version, created, author, message, rollback_of, status, gray): InfoRow,
     ) -> Result<ReleaseInfo, StoreError> {
+        let gray = gray
+            .map(|text| serde_json::from_str::<GraySelector>(&text))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("gray selector: {e}")))?;
         Ok(ReleaseInfo {
             environment: env.clone(),
             application: app.clone(),
@@ -484,6 +614,8 @@ impl Store {
             author,
             message,
             rollback_of: rollback_of.map(to_u64).transpose()?,
+            status: ReleaseStatus::parse(&status)?,
+            gray,
         })
     }
 
@@ -535,7 +667,9 @@ impl Store {
 
     // === writing ===
 
-    /// Publishes `entries` as the full snapshot of a new release of (env, app).
+    /// Publishes `entries` as the full snapshot of a new main release of (env, app).
+    /// `expected` names the head version ([`Store::head_version`]). Refused while a gray
+    /// release is in progress.
     pub async fn publish(
         &self,
         env: &Environment,
@@ -545,11 +679,120 @@ impl Store {
         note: &ChangeNote,
     ) -> Result<ReleaseInfo, StoreError> {
         let entries = check_entries(entries)?;
-        self.publish_checked(env, app, expected, &entries, note, None)
+        self.publish_checked(env, app, expected, main(&entries, note, None))
             .await
     }
 
-    /// Applies `edits` to the current release and publishes the result.
+    /// Publishes `entries` as a gray release: served only to instances `selector`
+    /// matches ([`Store::snapshot_for`]) until [`Store::promote`] or [`Store::abort_gray`].
+    /// One gray release at a time per (environment, application).
+    pub async fn publish_gray(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        expected: Expected,
+        entries: Vec<ConfigEntry>,
+        selector: &GraySelector,
+        note: &ChangeNote,
+    ) -> Result<ReleaseInfo, StoreError> {
+        let entries = check_entries(entries)?;
+        let release = NewRelease {
+            entries: &entries,
+            note,
+            rollback_of: None,
+            status: ReleaseStatus::Gray,
+            gray: Some(selector),
+            abort_gray: false,
+        };
+        self.publish_checked(env, app, expected, release).await
+    }
+
+    /// Makes the gray release in progress the main release (same version, so instances
+    /// that already hold it keep it; every other instance moves up to it).
+    pub async fn promote(&self, env: &Environment, app: &AppName) -> Result<u64, StoreError> {
+        const SQL: &str = "UPDATE config_releases SET status = 'main' WHERE environment = $1 AND application = $2 AND status = 'gray' RETURNING version";
+        const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+        let promoted: Option<i64> = on_pool!(&self.pool, |p, pg| {
+            let mut tx = p.begin().await?;
+            let version: Option<i64> = sqlx::query_scalar(SQL)
+                .bind(env.as_str())
+                .bind(app.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let (Some(v), true) = (version, pg) {
+                sqlx::query(NOTIFY)
+                    .bind(NOTIFY_CHANNEL)
+                    .bind(format!("{env}/{app}/{v}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            version
+        });
+        let version = to_u64(promoted.ok_or(StoreError::NoGray)?)?;
+        self.announce(env, app, version);
+        tracing::info!(environment = %env, application = %app, version, "gray config release promoted");
+        Ok(version)
+    }
+
+    /// Aborts the gray release in progress: it is never served again, and the current
+    /// main release is republished as a new version so that every instance — those that
+    /// held the gray one too — moves forward to it (clients never go back a version).
+    pub async fn abort_gray(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        note: &ChangeNote,
+    ) -> Result<ReleaseInfo, StoreError> {
+        let gray = self
+            .gray_version(env, app)
+            .await?
+            .ok_or(StoreError::NoGray)?;
+        let main_release = self.current(env, app).await?;
+        let entries = main_release
+            .as_ref()
+            .map(|r| r.entries.clone())
+            .unwrap_or_default();
+        let release = NewRelease {
+            entries: &entries,
+            note,
+            rollback_of: main_release.as_ref().map(|r| r.version),
+            status: ReleaseStatus::Main,
+            gray: None,
+            abort_gray: true,
+        };
+        let info = self
+            .publish_checked(env, app, Expected::Version(gray), release)
+            .await?;
+        tracing::info!(environment = %env, application = %app, gray, version = info.version, "gray config release aborted");
+        Ok(info)
+    }
+
+    /// What an instance receives: the gray release in progress when its selector
+    /// matches `instance` or `labels`, otherwise the current main release.
+    pub async fn snapshot_for(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        instance: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<Release>, StoreError> {
+        if let Some(gray) = self.gray_version(env, app).await? {
+            let release = self.release(env, app, gray).await?;
+            // promoted or aborted meanwhile: fall through to the main release
+            if release.status == ReleaseStatus::Gray
+                && release
+                    .gray
+                    .as_ref()
+                    .is_some_and(|s| s.matches(instance, labels))
+            {
+                return Ok(Some(release));
+            }
+        }
+        self.current(env, app).await
+    }
+
+    /// Applies `edits` to the current main release and publishes the result.
     pub async fn apply(
         &self,
         env: &Environment,
@@ -559,16 +802,16 @@ impl Store {
         note: &ChangeNote,
     ) -> Result<ReleaseInfo, StoreError> {
         for _ in 0..ANY_RETRIES {
-            let current = self.current(env, app).await?;
-            let base = current.as_ref().map_or(0, |r| r.version);
+            let head = self.head_version(env, app).await?.unwrap_or(0);
             if let Expected::Version(v) = expected
-                && v != base
+                && v != head
             {
                 return Err(StoreError::Conflict {
                     expected: v,
-                    current: base,
+                    current: head,
                 });
             }
+            let current = self.current(env, app).await?;
             let mut map: BTreeMap<ConfigKey, ConfigEntry> = current
                 .map(|r| r.entries.into_iter().map(|e| (e.key.clone(), e)).collect())
                 .unwrap_or_default();
@@ -584,7 +827,12 @@ impl Store {
             }
             let entries = check_entries(map.into_values().collect())?;
             match self
-                .publish_checked(env, app, Expected::Version(base), &entries, note, None)
+                .publish_checked(
+                    env,
+                    app,
+                    Expected::Version(head),
+                    main(&entries, note, None),
+                )
                 .await
             {
                 Err(StoreError::Conflict { .. }) if expected == Expected::Any => continue,
@@ -593,11 +841,11 @@ impl Store {
         }
         Err(StoreError::Conflict {
             expected: 0,
-            current: self.current_version(env, app).await?.unwrap_or(0),
+            current: self.head_version(env, app).await?.unwrap_or(0),
         })
     }
 
-    /// Republishes release `to`'s snapshot as a new release (nothing is deleted).
+    /// Republishes release `to`'s snapshot as a new main release (nothing is deleted).
     pub async fn rollback(
         &self,
         env: &Environment,
@@ -607,8 +855,15 @@ impl Store {
         note: &ChangeNote,
     ) -> Result<ReleaseInfo, StoreError> {
         let target = self.release(env, app, to).await?;
-        self.publish_checked(env, app, expected, &target.entries, note, Some(to))
+        self.publish_checked(env, app, expected, main(&target.entries, note, Some(to)))
             .await
+    }
+
+    fn announce(&self, env: &Environment, app: &AppName, version: u64) {
+        if let Some(event) = ReleaseEvent::new(env.as_str(), app.as_str(), version) {
+            // no subscriber is fine
+            let _ = self.local.send(event);
+        }
     }
 
     async fn publish_checked(
@@ -616,15 +871,13 @@ impl Store {
         env: &Environment,
         app: &AppName,
         expected: Expected,
-        entries: &[ConfigEntry],
-        note: &ChangeNote,
-        rollback_of: Option<u64>,
+        release: NewRelease<'_>,
     ) -> Result<ReleaseInfo, StoreError> {
         let (key_version, data_key) = self.current_data_key(env).await?;
         for _ in 0..ANY_RETRIES {
             let base = match expected {
                 Expected::Version(v) => v,
-                Expected::Any => self.current_version(env, app).await?.unwrap_or(0),
+                Expected::Any => self.head_version(env, app).await?.unwrap_or(0),
             };
             let version = base + 1;
             let created_at = now_seconds();
@@ -634,42 +887,40 @@ impl Store {
                     app,
                     version,
                     created_at,
-                    entries,
-                    note,
-                    rollback_of,
+                    &release,
                     key_version,
                     &data_key,
                 )
                 .await?
             {
                 Attempt::Done => {
-                    if let Some(event) = ReleaseEvent::new(env.as_str(), app.as_str(), version) {
-                        // no subscriber is fine
-                        let _ = self.local.send(event);
-                    }
-                    tracing::info!(environment = %env, application = %app, version, entries = entries.len(), "config release published");
+                    self.announce(env, app, version);
+                    tracing::info!(environment = %env, application = %app, version, status = release.status.as_str(), entries = release.entries.len(), "config release published");
                     return Ok(ReleaseInfo {
                         environment: env.clone(),
                         application: app.clone(),
                         version,
                         created_at,
-                        author: note.author.clone(),
-                        message: note.message.clone(),
-                        rollback_of,
+                        author: release.note.author.clone(),
+                        message: release.note.message.clone(),
+                        rollback_of: release.rollback_of,
+                        status: release.status,
+                        gray: release.gray.cloned(),
                     });
                 }
+                Attempt::GrayInProgress(v) => return Err(StoreError::GrayInProgress(to_u64(v)?)),
                 Attempt::Conflict if expected == Expected::Any => continue,
                 Attempt::Conflict => {
                     return Err(StoreError::Conflict {
                         expected: base,
-                        current: self.current_version(env, app).await?.unwrap_or(0),
+                        current: self.head_version(env, app).await?.unwrap_or(0),
                     });
                 }
             }
         }
         Err(StoreError::Conflict {
             expected: 0,
-            current: self.current_version(env, app).await?.unwrap_or(0),
+            current: self.head_version(env, app).await?.unwrap_or(0),
         })
     }
 
@@ -680,19 +931,20 @@ impl Store {
         app: &AppName,
         version: u64,
         created_at: OffsetDateTime,
-        entries: &[ConfigEntry],
-        note: &ChangeNote,
-        rollback_of: Option<u64>,
+        release: &NewRelease<'_>,
         key_version: i64,
         data_key: &DataKey,
     ) -> Result<Attempt, StoreError> {
-        const RELEASE: &str = "INSERT INTO config_releases (environment, application, version, created_at_unix_ms, author, message, rollback_of) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        const ABORT: &str = "UPDATE config_releases SET status = 'aborted' WHERE environment = $1 AND application = $2 AND status = 'gray'";
+        const RELEASE: &str = "INSERT INTO config_releases (environment, application, version, created_at_unix_ms, author, message, rollback_of, status, gray_selector) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
         const COUNT: &str =
             "SELECT COUNT(*) FROM config_releases WHERE environment = $1 AND application = $2";
+        const GRAY: &str = "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2 AND status = 'gray' AND version <> $3";
         const ENTRY: &str = "INSERT INTO config_entries (environment, application, version, key, format, secret, data_key_version, sealed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
         const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
-        let sealed = entries
+        let sealed = release
+            .entries
             .iter()
             .map(|e| {
                 let aad = value_aad(env, app, version, &e.key, e.format, e.secret, key_version);
@@ -700,21 +952,35 @@ impl Store {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let v = to_i64(version)?;
-        let rollback_of = rollback_of.map(to_i64).transpose()?;
+        let rollback_of = release.rollback_of.map(to_i64).transpose()?;
         let created_ms = created_at.unix_timestamp().saturating_mul(1000);
         let payload = format!("{env}/{app}/{version}");
+        let selector = release
+            .gray
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("gray selector: {e}")))?;
 
         on_pool!(&self.pool, |p, pg| {
             let mut tx = p.begin().await?;
+            if release.abort_gray {
+                sqlx::query(ABORT)
+                    .bind(env.as_str())
+                    .bind(app.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             // the write comes first: on SQLite it takes the write lock before any read
             let inserted = sqlx::query(RELEASE)
                 .bind(env.as_str())
                 .bind(app.as_str())
                 .bind(v)
                 .bind(created_ms)
-                .bind(&note.author)
-                .bind(&note.message)
+                .bind(&release.note.author)
+                .bind(&release.note.message)
                 .bind(rollback_of)
+                .bind(release.status.as_str())
+                .bind(selector.as_deref())
                 .execute(&mut *tx)
                 .await;
             match inserted {
@@ -731,11 +997,21 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             if count != v {
-                // expected a version ahead of the current one
+                // expected a version ahead of the head
                 tx.rollback().await?;
                 return Ok(Attempt::Conflict);
             }
-            for (e, sealed) in entries.iter().zip(&sealed) {
+            let gray: Option<i64> = sqlx::query_scalar(GRAY)
+                .bind(env.as_str())
+                .bind(app.as_str())
+                .bind(v)
+                .fetch_one(&mut *tx)
+                .await?;
+            if let Some(gray) = gray {
+                tx.rollback().await?;
+                return Ok(Attempt::GrayInProgress(gray));
+            }
+            for (e, sealed) in release.entries.iter().zip(&sealed) {
                 sqlx::query(ENTRY)
                     .bind(env.as_str())
                     .bind(app.as_str())

@@ -187,3 +187,23 @@ fn unknown_formats_and_duplicate_keys_are_refused() {
     let err = check_entries(vec![a.clone(), a]).unwrap_err();
     assert_eq!(err, ModelError::DuplicateKey("a".into()));
 }
+
+#[test]
+fn gray_selectors_match_listed_instances_or_all_their_labels() {
+    let labels = GraySelector::parse_labels("zone=a,tier=canary").unwrap();
+    let by_labels = GraySelector::new([], labels.clone()).unwrap();
+    assert!(by_labels.matches(None, &labels));
+    let only_zone = GraySelector::parse_labels("zone=a").unwrap();
+    assert!(
+        !by_labels.matches(Some("n1"), &only_zone),
+        "every label must match"
+    );
+    let by_id = GraySelector::new(["n1".to_owned()], BTreeMap::new()).unwrap();
+    assert!(by_id.matches(Some("n1"), &BTreeMap::new()));
+    assert!(!by_id.matches(Some("n2"), &labels));
+    assert!(!by_id.matches(None, &labels));
+    assert!(GraySelector::new([], BTreeMap::new()).is_err());
+    assert!(GraySelector::parse_labels("zone").is_err());
+    assert!(GraySelector::parse_labels("zone=a/b").is_err());
+    assert!(GraySelector::parse_labels("").unwrap().is_empty());
+}

@@ -2,8 +2,11 @@
 
 use std::collections::HashSet;
 
+use std::collections::BTreeMap;
+
 use config_center::{
-    ChangeKind, ChangeNote, ConfigEntry, ConfigKey, CryptoError, Edit, Expected, Format, StoreError,
+    ChangeKind, ChangeNote, ConfigEntry, ConfigKey, CryptoError, Edit, Expected, Format,
+    GraySelector, ReleaseStatus, StoreError,
 };
 
 use crate::common::{self, TestStore, app, entry, env, secret};
@@ -565,6 +568,171 @@ pub async fn a_publish_reaches_the_change_feed(t: TestStore) {
     );
 }
 
+fn labels(text: &str) -> BTreeMap<String, String> {
+    GraySelector::parse_labels(text).unwrap()
+}
+
+pub async fn a_gray_release_reaches_only_matching_instances_until_promoted(t: TestStore) {
+    let (e, a) = (env("prod"), app("orders"));
+    let s = &t.store;
+    s.publish(
+        &e,
+        &a,
+        Expected::Version(0),
+        vec![entry("k", "old")],
+        &note(),
+    )
+    .await
+    .unwrap();
+    let selector = GraySelector::new(["node-7".to_owned()], labels("zone=a")).unwrap();
+    let gray = s
+        .publish_gray(
+            &e,
+            &a,
+            Expected::Version(1),
+            vec![entry("k", "new")],
+            &selector,
+            &note(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((gray.version, gray.status), (2, ReleaseStatus::Gray));
+    assert_eq!(s.current_version(&e, &a).await.unwrap(), Some(1));
+    assert_eq!(s.head_version(&e, &a).await.unwrap(), Some(2));
+
+    let served = |instance: Option<&'static str>, l: &'static str| {
+        let s = s.clone();
+        let (e, a) = (e.clone(), a.clone());
+        async move {
+            s.snapshot_for(&e, &a, instance, &labels(l))
+                .await
+                .unwrap()
+                .unwrap()
+                .version
+        }
+    };
+    assert_eq!(served(None, "").await, 1);
+    assert_eq!(served(Some("node-7"), "").await, 2);
+    assert_eq!(served(Some("node-8"), "zone=a,tier=x").await, 2);
+    assert_eq!(served(Some("node-8"), "zone=b").await, 1);
+
+    // one gray release at a time, and no main publish under it
+    let err = s
+        .publish(&e, &a, Expected::Version(2), vec![entry("k", "x")], &note())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::GrayInProgress(2)), "{err}");
+    let err = s
+        .publish_gray(
+            &e,
+            &a,
+            Expected::Version(2),
+            vec![entry("k", "y")],
+            &selector,
+            &note(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::GrayInProgress(2)), "{err}");
+    let latest = s.latest_versions().await.unwrap();
+    assert_eq!(latest.iter().map(|r| r.version).collect::<Vec<_>>(), [2]);
+
+    assert_eq!(s.promote(&e, &a).await.unwrap(), 2);
+    assert_eq!(s.current_version(&e, &a).await.unwrap(), Some(2));
+    assert_eq!(served(None, "").await, 2);
+    assert_eq!(
+        s.release(&e, &a, 2).await.unwrap().status,
+        ReleaseStatus::Main
+    );
+    assert!(matches!(
+        s.promote(&e, &a).await.unwrap_err(),
+        StoreError::NoGray
+    ));
+    s.publish(
+        &e,
+        &a,
+        Expected::Version(2),
+        vec![entry("k", "after")],
+        &note(),
+    )
+    .await
+    .unwrap();
+}
+
+pub async fn aborting_a_gray_release_moves_everyone_forward_to_the_main_content(t: TestStore) {
+    let (e, a) = (env("prod"), app("orders"));
+    let s = &t.store;
+    s.publish(
+        &e,
+        &a,
+        Expected::Version(0),
+        vec![entry("k", "old")],
+        &note(),
+    )
+    .await
+    .unwrap();
+    let selector = GraySelector::new(["node-7".to_owned()], BTreeMap::new()).unwrap();
+    s.publish_gray(
+        &e,
+        &a,
+        Expected::Version(1),
+        vec![entry("k", "new")],
+        &selector,
+        &note(),
+    )
+    .await
+    .unwrap();
+    let back = s.abort_gray(&e, &a, &note()).await.unwrap();
+    assert_eq!(
+        (back.version, back.status, back.rollback_of),
+        (3, ReleaseStatus::Main, Some(1))
+    );
+    assert_eq!(
+        s.release(&e, &a, 2).await.unwrap().status,
+        ReleaseStatus::Aborted
+    );
+    // the gray instance, which held version 2, now gets version 3 with the main content
+    let served = s
+        .snapshot_for(&e, &a, Some("node-7"), &BTreeMap::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(served.version, 3);
+    assert_eq!(served.get("k").unwrap().value.expose(), "old");
+    let statuses: Vec<ReleaseStatus> = s
+        .history(&e, &a, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ReleaseStatus::Main,
+            ReleaseStatus::Aborted,
+            ReleaseStatus::Main
+        ]
+    );
+    assert!(matches!(
+        s.abort_gray(&e, &a, &note()).await.unwrap_err(),
+        StoreError::NoGray
+    ));
+    assert_eq!(
+        s.publish(
+            &e,
+            &a,
+            Expected::Version(3),
+            vec![entry("k", "v4")],
+            &note()
+        )
+        .await
+        .unwrap()
+        .version,
+        4
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:path) => {
         mod $backend {
@@ -590,6 +758,8 @@ macro_rules! conformance {
             case!(a_new_data_key_leaves_old_releases_readable);
             case!(latest_versions_lists_every_application);
             case!(a_publish_reaches_the_change_feed);
+            case!(a_gray_release_reaches_only_matching_instances_until_promoted);
+            case!(aborting_a_gray_release_moves_everyone_forward_to_the_main_content);
         }
     };
 }
