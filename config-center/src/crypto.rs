@@ -352,15 +352,20 @@ impl LocalWrapper {
         if !path.exists() {
             let key = random_key()?;
             let text = Zeroizing::new(STANDARD.encode(&*key));
-            let mut file = std::fs::OpenOptions::new()
+            match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| fail(format!("cannot create it: {e}")))?;
-            file.write_all(text.as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| fail(format!("cannot write it: {e}")))?;
+            {
+                Ok(mut file) => file
+                    .write_all(text.as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| fail(format!("cannot write it: {e}")))?,
+                // another process created it first: use theirs
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(fail(format!("cannot create it: {e}"))),
+            }
         }
         Self::open(path)
     }

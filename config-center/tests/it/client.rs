@@ -540,3 +540,99 @@ fn the_sse_parser_handles_split_chunks_comments_and_crlf() {
     let events = p.feed(b"data:x\n\n").unwrap();
     assert_eq!(events[0].event, "message");
 }
+
+/// Captures every log line (TRACE, all targets) written while it is the default.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // the store: publish, read, diff with secrets
+    let t = crate::common::sqlite_store("logs").await;
+    let (e, a) = (crate::common::env("prod"), crate::common::app("orders"));
+    let note = config_center::ChangeNote::new("ops", "");
+    t.store
+        .publish(
+            &e,
+            &a,
+            config_center::Expected::Version(0),
+            vec![crate::common::secret("db.password", "LOGGED-SECRET-1")],
+            &note,
+        )
+        .await
+        .unwrap();
+    t.store
+        .publish(
+            &e,
+            &a,
+            config_center::Expected::Version(1),
+            vec![crate::common::secret("db.password", "LOGGED-SECRET-2")],
+            &note,
+        )
+        .await
+        .unwrap();
+    let release = t.store.current(&e, &a).await.unwrap().unwrap();
+    tracing::info!(?release, "a release in a log line");
+    let diff = t.store.diff(&e, &a, 1, 2, false).await.unwrap();
+    tracing::info!(?diff, "a diff in a log line");
+
+    // the client: fetch, watch, refuse a tampered copy
+    let key = ed25519("k1");
+    let secret_entry = |v: &str| Entry {
+        key: "token".into(),
+        value: v.into(),
+        format: Format::Plain,
+        secret: true,
+    };
+    let (g, url, _server) = start_gateway(
+        &key,
+        Some(signed(&key, 1, vec![secret_entry("LOGGED-SECRET-3")])),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![url], dir.path());
+    cfg.token = SecretString::from("test-token");
+    let client = Client::start(cfg.clone()).await.unwrap();
+    tracing::info!(?client, config = ?cfg, "a client in a log line");
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![secret_entry("LOGGED-SECRET-4")])));
+    wait_for_version(&client, 2).await;
+    tracing::info!(snapshot = ?client.snapshot(), "a snapshot in a log line");
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("config release published"),
+        "logs were captured"
+    );
+    assert!(
+        logs.contains("config snapshot accepted"),
+        "logs were captured"
+    );
+    for secret in [
+        "LOGGED-SECRET-1",
+        "LOGGED-SECRET-2",
+        "LOGGED-SECRET-3",
+        "LOGGED-SECRET-4",
+        "test-token",
+    ] {
+        assert!(!logs.contains(secret), "{secret} was logged");
+    }
+}

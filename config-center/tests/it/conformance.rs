@@ -379,6 +379,22 @@ pub async fn the_raw_database_never_holds_plaintext_values(t: TestStore) {
     assert!(raw.contains("db.password"), "the dump should see the rows");
     assert!(!raw.contains("PLAINTEXT-SECRET-4711"));
     assert!(!raw.contains("PLAINTEXT-VISIBLE-0815"));
+    // SQLite: the database and WAL files themselves
+    if let Some(path) = t.url.strip_prefix("sqlite:") {
+        let mut seen = String::new();
+        for file in [path.to_owned(), format!("{path}-wal")] {
+            seen.push_str(&String::from_utf8_lossy(
+                &std::fs::read(&file).unwrap_or_default(),
+            ));
+        }
+        assert!(seen.contains("db.password"), "the files hold the rows");
+        for file in [path.to_owned(), format!("{path}-wal")] {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("PLAINTEXT-SECRET-4711"), "{file}");
+            assert!(!text.contains("PLAINTEXT-VISIBLE-0815"), "{file}");
+        }
+    }
 }
 
 pub async fn a_value_moved_to_another_row_does_not_decrypt(t: TestStore) {
