@@ -1,15 +1,38 @@
 //! The Portcullis config center: environment → application → key → value, encrypted at
 //! rest, versioned, and watched by admin and executor nodes.
 //!
-//! Status: this crate is a placeholder in the workspace layout. The model, storage,
-//! encryption, change feed and client library arrive with the config-center issue; until
-//! then the gateway serves no config routes.
+//! - [`model`]: parsed names and values ([`Environment`], [`AppName`], [`ConfigKey`],
+//!   [`Format`], [`ConfigEntry`]).
+//! - [`store`]: releases in Postgres or SQLite with history, diff and rollback
+//!   ([`Store`], [`migrate`]).
+//! - [`crypto`]: envelope encryption — per-environment data keys wrapped by Vault Transit
+//!   or a local master key ([`Envelope`], [`KeyWrapper`]).
+//! - [`feed`]: the cross-instance change feed ([`ChangeFeed`]).
+//! - [`signing`] and [`wire`]: the release signature contract and the JSON the gateway
+//!   serves ([`Snapshot`], [`ReleaseClaims`]).
+//! - [`client`]: the library nodes use to fetch, verify and watch their config.
+//!
+//! This crate knows nothing about serving HTTP; the gateway composes it. The HTTP
+//! contract is in `docs/config-center.md`.
 #![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-/// Errors of the config center.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigCenterError {
-    /// The config center is not built yet.
-    #[error("the config center is not available in this build")]
-    Unavailable,
-}
+pub mod client;
+pub mod crypto;
+pub mod feed;
+pub mod model;
+pub mod signing;
+pub mod store;
+pub mod wire;
+
+pub use crypto::{CryptoError, Envelope, KeyWrapper, LocalWrapper, TransitWrapper};
+pub use feed::{ChangeFeed, FeedClosed, FeedEvent, ReleaseEvent};
+pub use model::{
+    AppName, ConfigEntry, ConfigKey, Environment, Environments, Format, GraySelector, ModelError,
+};
+pub use signing::{ReleaseClaims, content_hash, signing_payload};
+pub use store::{
+    ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseInfo,
+    ReleaseStatus, Store, StoreError, migrate,
+};
+pub use wire::{Entry, ErrorBody, Snapshot};

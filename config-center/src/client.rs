@@ -1,0 +1,1025 @@
+//! The client library Rust nodes use to fetch, verify and watch their configuration.
+//!
+//! [`Client::start`] fetches the snapshot of one (environment, application) from the first
+//! gateway that answers, verifies it, stores it as the last-known-good copy on disk and
+//! starts a background watch: Server-Sent Events from the held version, reconnecting with
+//! exponential backoff (resuming with `Last-Event-ID`), falling back to long-poll when a
+//! gateway does not stream. When every gateway is down at start, the disk copy is used.
+//!
+//! Every snapshot must carry a detached JWS (`header..signature`) over its
+//! [`ReleaseClaims`](crate::ReleaseClaims) made with a key from the gateway's JWKS
+//! (`GET /oauth2/jwks`; ES256, EdDSA or RS256; the JWKS is fetched again when a `kid` is
+//! unknown), the entries must hash to the claimed content hash, and the version must not
+//! go backwards. Anything else is refused and the held copy is kept.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, AUTHORIZATION, IF_NONE_MATCH};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use url::Url;
+
+use crate::model::{AppName, Environment, Format};
+use crate::signing::{self, signing_payload};
+use crate::wire::{ErrorBody, Snapshot};
+
+/// Largest SSE event the client accepts (a snapshot on one line).
+const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// What the client is told to do.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Gateway base URLs (`https://portcullis.example:8443`), tried in order.
+    pub gateways: Vec<Url>,
+    /// The environment to read.
+    pub environment: String,
+    /// The application to read.
+    pub application: String,
+    /// The bearer token (`config:read:<env>` scope); replace it with
+    /// [`Client::set_token`] before it expires.
+    pub token: SecretString,
+    /// This node's instance id, for gray releases.
+    pub instance: Option<String>,
+    /// This node's labels, for gray releases.
+    pub labels: BTreeMap<String, String>,
+    /// Directory of the last-known-good copy (created 0700 if missing).
+    pub cache_dir: PathBuf,
+    /// Accepted signature algorithms (default ES256, EdDSA, RS256).
+    pub algorithms: Vec<Algorithm>,
+    /// Extra trusted root certificates (PEM) for the gateways' TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// First reconnect delay (default 250 ms); doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay (default 30 s).
+    pub backoff_max: Duration,
+    /// Timeout of a plain request (default 10 s).
+    pub request_timeout: Duration,
+    /// A stream that says nothing (not even keep-alive) this long is reconnected
+    /// (default 45 s: three missed keep-alives).
+    pub idle_timeout: Duration,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("gateways", &self.gateways)
+            .field("environment", &self.environment)
+            .field("application", &self.application)
+            .field("instance", &self.instance)
+            .field("labels", &self.labels)
+            .field("cache_dir", &self.cache_dir)
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(
+        gateways: Vec<Url>,
+        environment: impl Into<String>,
+        application: impl Into<String>,
+        token: SecretString,
+        cache_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            gateways,
+            environment: environment.into(),
+            application: application.into(),
+            token,
+            instance: None,
+            labels: BTreeMap::new(),
+            cache_dir: cache_dir.into(),
+            algorithms: vec![Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256],
+            ca_pem: None,
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The configuration is unusable.
+    #[error("client configuration: {0}")]
+    Config(String),
+    /// A gateway could not be reached or the connection broke.
+    #[error("gateway {gateway}: {reason}")]
+    Transport {
+        /// The gateway's base URL.
+        gateway: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A gateway answered with an unexpected status.
+    #[error("gateway {gateway} answered {status}: {error}")]
+    Status {
+        /// The gateway's base URL.
+        gateway: String,
+        /// The HTTP status.
+        status: u16,
+        /// The `error` code of its body, if any.
+        error: String,
+    },
+    /// The gateway has no release of this (environment, application).
+    #[error("no release of this environment and application exists")]
+    NoRelease,
+    /// The token was refused (401/403).
+    #[error("the gateway refused the token ({0})")]
+    Unauthorized(u16),
+    /// The snapshot's signature does not verify.
+    #[error("snapshot signature refused: {0}")]
+    Signature(String),
+    /// The entries do not hash to the signed content hash.
+    #[error("snapshot content does not match its content hash")]
+    Tampered,
+    /// The snapshot is for another environment or application.
+    #[error("snapshot is for {environment}/{application}, not the configured one")]
+    WrongTarget {
+        /// Its environment.
+        environment: String,
+        /// Its application.
+        application: String,
+    },
+    /// The snapshot is older than the one held.
+    #[error("snapshot version {offered} is older than the held version {held}")]
+    Downgrade {
+        /// The version held.
+        held: u64,
+        /// The version offered.
+        offered: u64,
+    },
+    /// The JWKS could not be fetched or read.
+    #[error("JWKS: {0}")]
+    Jwks(String),
+    /// The last-known-good copy could not be read or written.
+    #[error("last-known-good copy {path}: {reason}")]
+    Cache {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// No gateway answered and there is no last-known-good copy.
+    #[error("no gateway is reachable and there is no last-known-good copy ({0})")]
+    Unavailable(String),
+    /// A value does not deserialize into the requested type.
+    #[error("value of `{key}` does not deserialize: {reason}")]
+    Decode {
+        /// The key.
+        key: String,
+        /// Why (never the value).
+        reason: String,
+    },
+}
+
+/// Where the held snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A gateway (verified).
+    Gateway,
+    /// The last-known-good copy on disk (verified when it was written).
+    Disk,
+}
+
+struct Shared {
+    config: ClientConfig,
+    env: Environment,
+    app: AppName,
+    http: reqwest::Client,
+    token: Mutex<SecretString>,
+    jwks: Mutex<Option<JwkSet>>,
+    current: watch::Sender<Arc<Snapshot>>,
+    origin: Mutex<Origin>,
+}
+
+/// A running config client; dropping it stops the watch.
+pub struct Client {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("environment", &self.shared.env)
+            .field("application", &self.shared.app)
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Fetches and verifies the current snapshot (or, when no gateway answers, loads the
+    /// last-known-good copy) and starts watching for new releases.
+    pub async fn start(config: ClientConfig) -> Result<Client, ClientError> {
+        let env = Environment::parse_shape(&config.environment)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let app =
+            AppName::parse(&config.application).map_err(|e| ClientError::Config(e.to_string()))?;
+        if config.gateways.is_empty() {
+            return Err(ClientError::Config("no gateway configured".into()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.request_timeout)
+            .user_agent(concat!(
+                "portcullis-config-client/",
+                env!("CARGO_PKG_VERSION")
+            ));
+        if let Some(pem) = &config.ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientError::Config(format!("ca_pem: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Config(format!("HTTP client: {e}")))?;
+        let placeholder = Arc::new(Snapshot {
+            environment: env.to_string(),
+            application: app.to_string(),
+            version: 0,
+            issued_at: time::OffsetDateTime::UNIX_EPOCH,
+            content_hash: String::new(),
+            entries: Vec::new(),
+            signature: String::new(),
+        });
+        let (current, _) = watch::channel(placeholder);
+        let shared = Arc::new(Shared {
+            token: Mutex::new(config.token.clone()),
+            config,
+            env,
+            app,
+            http,
+            jwks: Mutex::new(None),
+            current,
+            origin: Mutex::new(Origin::Gateway),
+        });
+
+        let mut last_error = String::new();
+        let mut started = false;
+        for gateway in &shared.config.gateways {
+            match shared.fetch(gateway, None).await {
+                Ok(Some(snapshot)) => {
+                    shared.accept(snapshot)?;
+                    started = true;
+                    break;
+                }
+                Ok(None) => {}
+                Err(ClientError::NoRelease) => return Err(ClientError::NoRelease),
+                Err(e @ (ClientError::Signature(_) | ClientError::Tampered)) => {
+                    tracing::warn!(%gateway, error = %e, "config snapshot refused");
+                    last_error = e.to_string();
+                }
+                Err(e) => {
+                    tracing::warn!(%gateway, error = %e, "config gateway unavailable at start");
+                    last_error = e.to_string();
+                }
+            }
+        }
+        if !started {
+            let snapshot = shared
+                .load_disk()?
+                .ok_or_else(|| ClientError::Unavailable(last_error.clone()))?;
+            tracing::warn!(
+                version = snapshot.version,
+                "config started from the last-known-good copy"
+            );
+            shared.current.send_replace(Arc::new(snapshot));
+            *shared.origin.lock().unwrap_or_else(PoisonError::into_inner) = Origin::Disk;
+        }
+        let task = tokio::spawn(Arc::clone(&shared).watch_forever());
+        Ok(Client { shared, task })
+    }
+
+    /// The held snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.current.borrow().clone()
+    }
+
+    /// The held version.
+    pub fn version(&self) -> u64 {
+        self.shared.current.borrow().version
+    }
+
+    /// Where the held snapshot came from.
+    pub fn origin(&self) -> Origin {
+        *self
+            .shared
+            .origin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A receiver that sees every newly accepted snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.shared.current.subscribe()
+    }
+
+    /// Replaces the bearer token used from the next request on.
+    pub fn set_token(&self, token: SecretString) {
+        *self
+            .shared
+            .token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = token;
+    }
+
+    /// The raw text of `key`, if present.
+    pub fn get_str(&self, key: &str) -> Option<String> {
+        self.snapshot()
+            .entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+    }
+
+    /// The value of `key` deserialized as `T`: JSON and YAML values as documents; a plain
+    /// or properties value as JSON when it parses as JSON (numbers, booleans), otherwise
+    /// as a string. `Ok(None)` when the key is absent.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ClientError> {
+        let snapshot = self.snapshot();
+        let Some(entry) = snapshot.entries.iter().find(|e| e.key == key) else {
+            return Ok(None);
+        };
+        let decode = |reason: String| ClientError::Decode {
+            key: key.to_owned(),
+            reason,
+        };
+        let value = match entry.format {
+            Format::Json => {
+                serde_json::from_str(&entry.value).map_err(|e| decode(e.to_string()))?
+            }
+            Format::Yaml => yaml_to_json(&entry.value).map_err(decode)?,
+            Format::Plain | Format::Properties => serde_json::from_str(&entry.value)
+                .unwrap_or_else(|_| serde_json::Value::String(entry.value.clone())),
+        };
+        match serde_json::from_value::<T>(value) {
+            Ok(v) => Ok(Some(v)),
+            // "8080" as a plain value may be wanted as a string
+            Err(_) if !matches!(entry.format, Format::Json | Format::Yaml) => {
+                serde_json::from_value(serde_json::Value::String(entry.value.clone()))
+                    .map(Some)
+                    .map_err(|e| decode(e.to_string()))
+            }
+            Err(e) => Err(decode(e.to_string())),
+        }
+    }
+}
+
+/// Converts the first YAML document of `text` into a JSON value.
+fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    use yaml_rust2::Yaml;
+    fn convert(y: &Yaml) -> Result<serde_json::Value, String> {
+        Ok(match y {
+            Yaml::Real(r) => r
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map(serde_json::Value::Number)
+                .ok_or("a real number out of range")?,
+            Yaml::Integer(i) => serde_json::Value::from(*i),
+            Yaml::String(s) => serde_json::Value::String(s.clone()),
+            Yaml::Boolean(b) => serde_json::Value::Bool(*b),
+            Yaml::Array(a) => {
+                serde_json::Value::Array(a.iter().map(convert).collect::<Result<_, _>>()?)
+            }
+            Yaml::Hash(h) => {
+                let mut map = serde_json::Map::new();
+                for (k, v) in h {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        _ => return Err("a mapping key that is not a scalar".into()),
+                    };
+                    map.insert(key, convert(v)?);
+                }
+                serde_json::Value::Object(map)
+            }
+            Yaml::Null | Yaml::BadValue => serde_json::Value::Null,
+            Yaml::Alias(_) => return Err("YAML aliases are not supported".into()),
+        })
+    }
+    let docs = yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| e.to_string())?;
+    docs.first().map_or(Ok(serde_json::Value::Null), convert)
+}
+
+// === impl Shared ===
+
+#[derive(Deserialize)]
+struct JwsHeader {
+    alg: String,
+    kid: Option<String>,
+    crit: Option<serde_json::Value>,
+    b64: Option<bool>,
+}
+
+impl Shared {
+    fn bearer(&self) -> String {
+        let token = self.token.lock().unwrap_or_else(PoisonError::into_inner);
+        format!("Bearer {}", token.expose_secret())
+    }
+
+    fn url(&self, gateway: &Url, suffix: &str) -> Result<Url, ClientError> {
+        let mut url = gateway.clone();
+        {
+            let mut segments = url
+                .path_segments_mut()
+                .map_err(|()| ClientError::Config(format!("{gateway} cannot be a base URL")))?;
+            segments.pop_if_empty();
+            segments.extend(["config", "v1", self.env.as_str(), self.app.as_str()]);
+            if !suffix.is_empty() {
+                segments.push(suffix);
+            }
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(instance) = &self.config.instance {
+                query.append_pair("instance", instance);
+            }
+            if !self.config.labels.is_empty() {
+                let labels: Vec<String> = self
+                    .config
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                query.append_pair("labels", &labels.join(","));
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        Ok(url)
+    }
+
+    fn transport(gateway: &Url, e: &reqwest::Error) -> ClientError {
+        ClientError::Transport {
+            gateway: gateway.to_string(),
+            reason: if e.is_timeout() {
+                "timed out".into()
+            } else if e.is_connect() {
+                "connection failed".into()
+            } else {
+                "request failed".into()
+            },
+        }
+    }
+
+    /// Maps a non-success status to an error, reading the JSON error body if any.
+    async fn status_error(gateway: &Url, response: reqwest::Response) -> ClientError {
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return ClientError::NoRelease;
+        }
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return ClientError::Unauthorized(status.as_u16());
+        }
+        let error = response
+            .json::<ErrorBody>()
+            .await
+            .map(|b| b.error)
+            .unwrap_or_default();
+        ClientError::Status {
+            gateway: gateway.to_string(),
+            status: status.as_u16(),
+            error,
+        }
+    }
+
+    /// `GET /config/v1/{env}/{app}`; `Ok(None)` on 304.
+    async fn fetch(
+        &self,
+        gateway: &Url,
+        held: Option<u64>,
+    ) -> Result<Option<Snapshot>, ClientError> {
+        let url = self.url(gateway, "")?;
+        let mut request = self
+            .http
+            .get(url)
+            .timeout(self.config.request_timeout)
+            .header(AUTHORIZATION, self.bearer());
+        if let Some(v) = held {
+            request = request.header(IF_NONE_MATCH, format!("\"{v}\""));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Self::transport(gateway, &e))?;
+        match response.status() {
+            StatusCode::OK => {
+                let snapshot: Snapshot = response
+                    .json()
+                    .await
+                    .map_err(|e| Self::transport(gateway, &e))?;
+                self.verify(gateway, &snapshot).await?;
+                Ok(Some(snapshot))
+            }
+            StatusCode::NOT_MODIFIED => Ok(None),
+            _ => Err(Self::status_error(gateway, response).await),
+        }
+    }
+
+    /// `GET /config/v1/{env}/{app}/poll?version=N`; `Ok(None)` on 304.
+    async fn poll(&self, gateway: &Url, held: u64) -> Result<Option<Snapshot>, ClientError> {
+        let mut url = self.url(gateway, "poll")?;
+        url.query_pairs_mut()
+            .append_pair("version", &held.to_string());
+        let response = self
+            .http
+            .get(url)
+            // the gateway answers within 30 s
+            .timeout(Duration::from_secs(40) + self.config.request_timeout)
+            .header(AUTHORIZATION, self.bearer())
+            .send()
+            .await
+            .map_err(|e| Self::transport(gateway, &e))?;
+        match response.status() {
+            StatusCode::OK => {
+                let snapshot: Snapshot = response
+                    .json()
+                    .await
+                    .map_err(|e| Self::transport(gateway, &e))?;
+                self.verify(gateway, &snapshot).await?;
+                Ok(Some(snapshot))
+            }
+            StatusCode::NOT_MODIFIED => Ok(None),
+            _ => Err(Self::status_error(gateway, response).await),
+        }
+    }
+
+    async fn fetch_jwks(&self, gateway: &Url) -> Result<JwkSet, ClientError> {
+        let url = gateway
+            .join("/oauth2/jwks")
+            .map_err(|e| ClientError::Jwks(e.to_string()))?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(self.config.request_timeout)
+            .send()
+            .await
+            .map_err(|e| {
+                ClientError::Jwks(format!("fetch failed: {}", Self::transport(gateway, &e)))
+            })?;
+        if !response.status().is_success() {
+            return Err(ClientError::Jwks(format!("status {}", response.status())));
+        }
+        response
+            .json::<JwkSet>()
+            .await
+            .map_err(|e| ClientError::Jwks(format!("unreadable: {e}")))
+    }
+
+    /// The key `kid` from the cached JWKS, refetching it once when the kid is unknown.
+    async fn key_for(
+        &self,
+        gateway: &Url,
+        kid: &str,
+    ) -> Result<jsonwebtoken::jwk::Jwk, ClientError> {
+        let cached = self
+            .jwks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|set| set.find(kid).cloned());
+        if let Some(jwk) = cached {
+            return Ok(jwk);
+        }
+        let set = self.fetch_jwks(gateway).await?;
+        let found = set.find(kid).cloned();
+        *self.jwks.lock().unwrap_or_else(PoisonError::into_inner) = Some(set);
+        found.ok_or_else(|| ClientError::Signature(format!("unknown kid `{kid}`")))
+    }
+
+    /// Checks target, content hash and detached signature of `snapshot`.
+    async fn verify(&self, gateway: &Url, snapshot: &Snapshot) -> Result<(), ClientError> {
+        if snapshot.environment != self.env.as_str() || snapshot.application != self.app.as_str() {
+            return Err(ClientError::WrongTarget {
+                environment: snapshot.environment.clone(),
+                application: snapshot.application.clone(),
+            });
+        }
+        let claims = snapshot.claims();
+        if claims.content_hash != snapshot.content_hash {
+            return Err(ClientError::Tampered);
+        }
+        let sig = |m: &str| ClientError::Signature(m.to_owned());
+        let mut parts = snapshot.signature.split('.');
+        let (Some(header_b64), Some(""), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(sig("not a detached compact JWS"));
+        };
+        let header_json = URL_SAFE_NO_PAD
+            .decode(header_b64)
+            .map_err(|_| sig("header is not base64url"))?;
+        let header: JwsHeader =
+            serde_json::from_slice(&header_json).map_err(|_| sig("header is not JSON"))?;
+        if header.crit.is_some() || header.b64.is_some() {
+            return Err(sig("critical or b64 header parameters are not supported"));
+        }
+        let alg = match header.alg.as_str() {
+            "ES256" => Algorithm::ES256,
+            "EdDSA" => Algorithm::EdDSA,
+            "RS256" => Algorithm::RS256,
+            _ => return Err(sig("algorithm not accepted")),
+        };
+        if !self.config.algorithms.contains(&alg) {
+            return Err(sig("algorithm not accepted"));
+        }
+        let kid = header.kid.ok_or_else(|| sig("no kid"))?;
+        let jwk = self.key_for(gateway, &kid).await?;
+        if let Some(key_alg) = &jwk.common.key_algorithm
+            && key_alg.to_string() != header.alg
+        {
+            return Err(sig("the key's algorithm differs from the header's"));
+        }
+        let key = DecodingKey::from_jwk(&jwk).map_err(|_| sig("unusable JWK"))?;
+        let mut message = String::with_capacity(header_b64.len() + 512);
+        message.push_str(header_b64);
+        message.push('.');
+        URL_SAFE_NO_PAD.encode_string(signing_payload(&claims), &mut message);
+        match jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key, alg) {
+            Ok(true) => Ok(()),
+            _ => Err(sig("signature does not verify")),
+        }
+    }
+
+    /// Makes `snapshot` the held one unless it is older; writes the disk copy.
+    fn accept(&self, snapshot: Snapshot) -> Result<bool, ClientError> {
+        let held = self.current.borrow().clone();
+        let from_disk = *self.origin.lock().unwrap_or_else(PoisonError::into_inner) == Origin::Disk;
+        if snapshot.version < held.version {
+            return Err(ClientError::Downgrade {
+                held: held.version,
+                offered: snapshot.version,
+            });
+        }
+        if snapshot.version == held.version && !from_disk {
+            // same version again (a reconnect): nothing new
+            return Ok(false);
+        }
+        if let Err(e) = self.store_disk(&snapshot) {
+            tracing::warn!(error = %e, "cannot write the last-known-good config copy");
+        }
+        tracing::info!(environment = %self.env, application = %self.app, version = snapshot.version, "config snapshot accepted");
+        *self.origin.lock().unwrap_or_else(PoisonError::into_inner) = Origin::Gateway;
+        self.current.send_replace(Arc::new(snapshot));
+        Ok(true)
+    }
+
+    fn disk_path(&self) -> PathBuf {
+        self.config
+            .cache_dir
+            .join(format!("{}__{}.json", self.env, self.app))
+    }
+
+    /// Atomic write (temp file 0600, fsync, rename) of the last-known-good copy.
+    fn store_disk(&self, snapshot: &Snapshot) -> Result<(), ClientError> {
+        let path = self.disk_path();
+        let fail = |reason: String| ClientError::Cache {
+            path: path.clone(),
+            reason,
+        };
+        let dir = &self.config.cache_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+        let bytes = serde_json::to_vec(snapshot).map_err(|e| fail(e.to_string()))?;
+        let tmp = dir.join(format!(
+            ".{}__{}.{}.tmp",
+            self.env,
+            self.app,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e.to_string())
+        })
+    }
+
+    /// Reads the last-known-good copy; it was verified when written, so only its target
+    /// and content hash are checked again (the JWKS may be unreachable now).
+    fn load_disk(&self) -> Result<Option<Snapshot>, ClientError> {
+        let path = self.disk_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ClientError::Cache {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let snapshot: Snapshot =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Cache {
+                path: path.clone(),
+                reason: format!("unreadable: {e}"),
+            })?;
+        if snapshot.environment != self.env.as_str() || snapshot.application != self.app.as_str() {
+            return Err(ClientError::WrongTarget {
+                environment: snapshot.environment,
+                application: snapshot.application,
+            });
+        }
+        if signing::content_hash(&snapshot.entries) != snapshot.content_hash {
+            return Err(ClientError::Tampered);
+        }
+        Ok(Some(snapshot))
+    }
+
+    fn held_version(&self) -> u64 {
+        self.current.borrow().version
+    }
+
+    fn offer(&self, snapshot: Snapshot) {
+        if let Err(e) = self.accept(snapshot) {
+            tracing::warn!(error = %e, "config snapshot refused");
+        }
+    }
+
+    /// The watch loop: SSE on the current gateway, long-poll when it does not stream,
+    /// the next gateway and a growing delay after a failure.
+    async fn watch_forever(self: Arc<Self>) {
+        let gateways = self.config.gateways.clone();
+        let mut delay = self.config.backoff_initial;
+        let mut index = 0usize;
+        let mut long_poll = vec![false; gateways.len()];
+        loop {
+            let Some(gateway) = gateways.get(index % gateways.len().max(1)) else {
+                return;
+            };
+            let slot = index % gateways.len();
+            let outcome = if long_poll.get(slot).copied().unwrap_or(false) {
+                self.poll_round(gateway).await
+            } else {
+                self.sse_round(gateway).await
+            };
+            match outcome {
+                Round::Healthy => delay = self.config.backoff_initial,
+                Round::NoStream => {
+                    tracing::info!(%gateway, "config watch falls back to long-poll");
+                    if let Some(flag) = long_poll.get_mut(slot) {
+                        *flag = true;
+                    }
+                    continue;
+                }
+                Round::Failed(e) => {
+                    tracing::warn!(%gateway, error = %e, retry_in = ?delay, "config watch interrupted");
+                    index = index.wrapping_add(1);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.config.backoff_max);
+                }
+            }
+        }
+    }
+
+    async fn poll_round(&self, gateway: &Url) -> Round {
+        match self.poll(gateway, self.held_version()).await {
+            Ok(Some(snapshot)) => {
+                self.offer(snapshot);
+                Round::Healthy
+            }
+            Ok(None) => Round::Healthy,
+            Err(ClientError::NoRelease) => Round::Failed(ClientError::NoRelease),
+            Err(e) => Round::Failed(e),
+        }
+    }
+
+    /// One SSE connection, read until it ends. `Healthy` when it delivered anything.
+    async fn sse_round(&self, gateway: &Url) -> Round {
+        let url = match self.url(gateway, "watch") {
+            Ok(u) => u,
+            Err(e) => return Round::Failed(e),
+        };
+        let held = self.held_version();
+        let response = self
+            .http
+            .get(url)
+            .header(AUTHORIZATION, self.bearer())
+            .header(ACCEPT, "text/event-stream")
+            .header("Last-Event-ID", held.to_string())
+            .send();
+        let response = match tokio::time::timeout(self.config.request_timeout, response).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Round::Failed(Self::transport(gateway, &e)),
+            Err(_) => {
+                return Round::Failed(ClientError::Transport {
+                    gateway: gateway.to_string(),
+                    reason: "timed out".into(),
+                });
+            }
+        };
+        let status = response.status();
+        let is_stream = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status == StatusCode::NOT_IMPLEMENTED
+            || status == StatusCode::METHOD_NOT_ALLOWED
+            || status == StatusCode::NOT_ACCEPTABLE
+            || (status.is_success() && !is_stream)
+        {
+            return Round::NoStream;
+        }
+        if !status.is_success() {
+            return Round::Failed(Self::status_error(gateway, response).await);
+        }
+        let mut response = response;
+        let mut parser = SseParser::default();
+        let mut delivered = false;
+        loop {
+            let chunk = match tokio::time::timeout(self.config.idle_timeout, response.chunk()).await
+            {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    let e = Self::transport(gateway, &e);
+                    return if delivered {
+                        Round::Healthy
+                    } else {
+                        Round::Failed(e)
+                    };
+                }
+                Err(_) => {
+                    let e = ClientError::Transport {
+                        gateway: gateway.to_string(),
+                        reason: "the event stream went quiet".into(),
+                    };
+                    return if delivered {
+                        Round::Healthy
+                    } else {
+                        Round::Failed(e)
+                    };
+                }
+            };
+            delivered = true;
+            let events = match parser.feed(&chunk) {
+                Ok(events) => events,
+                Err(reason) => {
+                    return Round::Failed(ClientError::Transport {
+                        gateway: gateway.to_string(),
+                        reason: reason.into(),
+                    });
+                }
+            };
+            for event in events {
+                if event.event != "release" {
+                    continue;
+                }
+                let snapshot = match serde_json::from_str::<Snapshot>(&event.data) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        tracing::warn!("ignoring an unreadable release event");
+                        continue;
+                    }
+                };
+                match self.verify(gateway, &snapshot).await {
+                    Ok(()) => self.offer(snapshot),
+                    Err(e) => tracing::warn!(error = %e, "config snapshot refused"),
+                }
+            }
+        }
+        if delivered {
+            Round::Healthy
+        } else {
+            Round::Failed(ClientError::Transport {
+                gateway: gateway.to_string(),
+                reason: "the event stream ended at once".into(),
+            })
+        }
+    }
+}
+
+enum Round {
+    Healthy,
+    NoStream,
+    Failed(ClientError),
+}
+
+// === SSE ===
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// `event:` (default `message`).
+    pub event: String,
+    /// `data:` lines joined with `\n`.
+    pub data: String,
+    /// `id:`, if given.
+    pub id: Option<String>,
+}
+
+/// An incremental `text/event-stream` parser (the WHATWG format: `field: value` lines, a
+/// blank line ends an event, `:` starts a comment).
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buffer: Vec<u8>,
+    event: String,
+    data: Vec<String>,
+    id: Option<String>,
+    size: usize,
+}
+
+impl SseParser {
+    /// Feeds bytes; returns the events they complete.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<SseEvent>, &'static str> {
+        self.buffer.extend_from_slice(bytes);
+        let mut events = Vec::new();
+        while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8(line).map_err(|_| "an event stream line is not UTF-8")?;
+            self.size += line.len();
+            if self.size > MAX_EVENT_BYTES {
+                return Err("an event is too large");
+            }
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    events.push(SseEvent {
+                        event: if self.event.is_empty() {
+                            "message".into()
+                        } else {
+                            std::mem::take(&mut self.event)
+                        },
+                        data: self.data.join("\n"),
+                        id: self.id.clone(),
+                    });
+                }
+                self.event.clear();
+                self.data.clear();
+                self.size = 0;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line.as_str(), ""),
+            };
+            match field {
+                "event" => self.event = value.to_owned(),
+                "data" => self.data.push(value.to_owned()),
+                "id" if !value.contains('\0') => self.id = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        if self.buffer.len() > MAX_EVENT_BYTES {
+            return Err("an event stream line is too long");
+        }
+        Ok(events)
+    }
+}
+
+/// Whether `path` exists and is a file only its owner can read and write.
+pub fn is_private_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0)
+}

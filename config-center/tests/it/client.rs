@@ -1,0 +1,638 @@
+//! The client library against a small in-test gateway that implements the HTTP contract
+//! of `docs/config-center.md` and signs releases with real keys.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
+};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use config_center::client::{Client, ClientConfig, ClientError, Origin, SseParser};
+use config_center::{Entry, Format, Snapshot, content_hash, signing};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use secrecy::SecretString;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::common::DEADLINE;
+
+/// A signing key and its public JWK.
+struct SigningKey {
+    kid: String,
+    alg: Algorithm,
+    key: EncodingKey,
+    jwk: serde_json::Value,
+}
+
+fn ed25519(kid: &str) -> SigningKey {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+    SigningKey {
+        kid: kid.into(),
+        alg: Algorithm::EdDSA,
+        key: EncodingKey::from_ed_der(pkcs8.as_ref()),
+        jwk: json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"}),
+    }
+}
+
+fn es256(kid: &str) -> SigningKey {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+    let point = pair.public_key().as_ref();
+    let (x, y) = (
+        URL_SAFE_NO_PAD.encode(&point[1..33]),
+        URL_SAFE_NO_PAD.encode(&point[33..65]),
+    );
+    SigningKey {
+        kid: kid.into(),
+        alg: Algorithm::ES256,
+        key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+        jwk: json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"}),
+    }
+}
+
+/// A release signed the way the gateway signs: a compact JWS over the claims, detached.
+fn signed(key: &SigningKey, version: u64, entries: Vec<Entry>) -> Snapshot {
+    let mut snapshot = Snapshot {
+        environment: "prod".into(),
+        application: "orders".into(),
+        version,
+        issued_at: time::OffsetDateTime::from_unix_timestamp(1_800_000_000 + version as i64)
+            .unwrap(),
+        content_hash: content_hash(&entries),
+        entries,
+        signature: String::new(),
+    };
+    let mut header = Header::new(key.alg);
+    header.kid = Some(key.kid.clone());
+    let compact = jsonwebtoken::encode(&header, &snapshot.claims(), &key.key).unwrap();
+    // what the gateway signs is exactly signing_payload(&claims)
+    let payload = compact.split('.').nth(1).unwrap();
+    assert_eq!(
+        URL_SAFE_NO_PAD.decode(payload).unwrap(),
+        signing::signing_payload(&snapshot.claims())
+    );
+    snapshot.signature = signing::detach(&compact).unwrap();
+    snapshot
+}
+
+fn plain(key: &str, value: &str) -> Entry {
+    Entry {
+        key: key.into(),
+        value: value.into(),
+        format: Format::Plain,
+        secret: false,
+    }
+}
+
+/// The in-test gateway.
+struct Gateway {
+    current: watch::Sender<Option<Snapshot>>,
+    jwks: Mutex<Vec<serde_json::Value>>,
+    stream: AtomicBool,
+    jwks_fetches: AtomicUsize,
+    polls: AtomicUsize,
+    /// Bumping it ends every open event stream at its next wake-up.
+    epoch: AtomicU64,
+    /// The `Last-Event-ID` of every watch request.
+    resume_ids: Mutex<Vec<String>>,
+}
+
+type Shared = Arc<Gateway>;
+
+fn error(status: StatusCode, code: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "error_description": code})),
+    )
+        .into_response()
+}
+
+fn authorised(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        == Some("Bearer test-token")
+}
+
+fn snapshot_response(s: &Snapshot) -> Response {
+    (
+        [(header::ETAG, format!("\"{}\"", s.version))],
+        Json(s.clone()),
+    )
+        .into_response()
+}
+
+async fn jwks(State(g): State<Shared>) -> Response {
+    g.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    let keys = g.jwks.lock().unwrap().clone();
+    Json(json!({"keys": keys})).into_response()
+}
+
+async fn read(State(g): State<Shared>, headers: HeaderMap) -> Response {
+    if !authorised(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+    let current = g.current.borrow().clone();
+    let Some(s) = current else {
+        return error(StatusCode::NOT_FOUND, "not_found");
+    };
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("\"{}\"", s.version))
+    {
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    snapshot_response(&s)
+}
+
+#[derive(serde::Deserialize)]
+struct VersionQuery {
+    version: Option<u64>,
+}
+
+async fn poll(
+    State(g): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<VersionQuery>,
+) -> Response {
+    if !authorised(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+    g.polls.fetch_add(1, Ordering::SeqCst);
+    let held = q.version.unwrap_or(0);
+    let mut rx = g.current.subscribe();
+    let wait = rx.wait_for(|s| s.as_ref().is_some_and(|s| s.version > held));
+    match tokio::time::timeout(Duration::from_secs(30), wait).await {
+        Ok(Ok(s)) => match s.as_ref() {
+            Some(s) => snapshot_response(s),
+            None => StatusCode::NOT_MODIFIED.into_response(),
+        },
+        _ => StatusCode::NOT_MODIFIED.into_response(),
+    }
+}
+
+async fn watch_sse(
+    State(g): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<VersionQuery>,
+) -> Response {
+    if !authorised(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+    if !g.stream.load(Ordering::SeqCst) {
+        return error(StatusCode::NOT_IMPLEMENTED, "streaming_disabled");
+    }
+    let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    g.resume_ids
+        .lock()
+        .unwrap()
+        .push(header_id.unwrap_or_default().to_owned());
+    let resume = header_id
+        .and_then(|v| v.parse().ok())
+        .or(q.version)
+        .unwrap_or(0u64);
+    let rx = g.current.subscribe();
+    let epoch = g.epoch.load(Ordering::SeqCst);
+    let state = (rx, resume, true, Arc::clone(&g));
+    let stream =
+        futures::stream::unfold(state, move |(mut rx, mut sent, mut first, g)| async move {
+            loop {
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                first = false;
+                if g.epoch.load(Ordering::SeqCst) != epoch {
+                    return None;
+                }
+                let next = rx.borrow_and_update().clone();
+                // a newer release, or any other release the test server switched to
+                if let Some(s) = next
+                    && s.version != sent
+                {
+                    sent = s.version;
+                    let event = Event::default()
+                        .event("release")
+                        .id(s.version.to_string())
+                        .data(serde_json::to_string(&s).unwrap());
+                    return Some((Ok::<_, Infallible>(event), (rx, sent, first, g)));
+                }
+            }
+        });
+    Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
+}
+
+async fn start_gateway(
+    key: &SigningKey,
+    first: Option<Snapshot>,
+) -> (Shared, url::Url, tokio::task::JoinHandle<()>) {
+    let (current, _) = watch::channel(first);
+    let g = Arc::new(Gateway {
+        current,
+        jwks: Mutex::new(vec![key.jwk.clone()]),
+        stream: AtomicBool::new(true),
+        jwks_fetches: AtomicUsize::new(0),
+        polls: AtomicUsize::new(0),
+        epoch: AtomicU64::new(0),
+        resume_ids: Mutex::new(Vec::new()),
+    });
+    let router = Router::new()
+        .route("/oauth2/jwks", get(jwks))
+        .route("/config/v1/{env}/{app}", get(read))
+        .route("/config/v1/{env}/{app}/poll", get(poll))
+        .route("/config/v1/{env}/{app}/watch", get(watch_sse))
+        .with_state(Arc::clone(&g));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (g, url, task)
+}
+
+fn config(gateways: Vec<url::Url>, dir: &std::path::Path) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        gateways,
+        "prod",
+        "orders",
+        SecretString::from("test-token"),
+        dir,
+    );
+    c.backoff_initial = Duration::from_millis(50);
+    c.backoff_max = Duration::from_millis(400);
+    c.request_timeout = Duration::from_secs(5);
+    c
+}
+
+async fn wait_for_version(client: &Client, version: u64) {
+    let mut rx = client.subscribe();
+    tokio::time::timeout(DEADLINE, rx.wait_for(|s| s.version >= version))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "version {version} did not arrive; holding {}",
+                client.version()
+            )
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_client_verifies_its_snapshot_and_follows_releases_over_sse() {
+    let key = ed25519("k1");
+    let v1 = signed(
+        &key,
+        1,
+        vec![
+            plain("port", "8080"),
+            plain("name", "orders"),
+            Entry {
+                key: "limits".into(),
+                value: "max: 5\nnames: [a, b]\n".into(),
+                format: Format::Yaml,
+                secret: false,
+            },
+        ],
+    );
+    let (g, url, _server) = start_gateway(&key, Some(v1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!(client.version(), 1);
+    assert_eq!(client.origin(), Origin::Gateway);
+    assert_eq!(client.get::<u16>("port").unwrap(), Some(8080));
+    assert_eq!(
+        client.get::<String>("port").unwrap().as_deref(),
+        Some("8080")
+    );
+    assert_eq!(
+        client.get::<String>("name").unwrap().as_deref(),
+        Some("orders")
+    );
+    #[derive(serde::Deserialize, PartialEq, Debug)]
+    struct Limits {
+        max: u32,
+        names: Vec<String>,
+    }
+    assert_eq!(
+        client.get::<Limits>("limits").unwrap(),
+        Some(Limits {
+            max: 5,
+            names: vec!["a".into(), "b".into()]
+        })
+    );
+    assert!(matches!(
+        client.get::<u16>("name").unwrap_err(),
+        ClientError::Decode { .. }
+    ));
+    assert_eq!(client.get::<String>("absent").unwrap(), None);
+
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![plain("port", "9090")])));
+    wait_for_version(&client, 2).await;
+    assert_eq!(client.get::<u16>("port").unwrap(), Some(9090));
+    assert_eq!(
+        g.polls.load(Ordering::SeqCst),
+        0,
+        "SSE was used, not long-poll"
+    );
+}
+
+#[tokio::test]
+async fn the_client_falls_back_to_long_poll_when_the_gateway_does_not_stream() {
+    let key = es256("ec1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    g.stream.store(false, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!(client.version(), 1);
+    tokio::time::timeout(DEADLINE, async {
+        while g.polls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![plain("a", "2")])));
+    wait_for_version(&client, 2).await;
+    assert_eq!(client.get_str("a").as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn a_tampered_snapshot_is_refused() {
+    let key = ed25519("k1");
+    let mut bad = signed(&key, 1, vec![plain("db.url", "pg://real")]);
+    bad.entries[0].value = "pg://evil".into();
+    let (g, url, _server) = start_gateway(&key, Some(bad.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Unavailable(ref m) if m.contains("content hash")),
+        "{err}"
+    );
+
+    // the hash recomputed to match: now the signature no longer covers it
+    bad.content_hash = content_hash(&bad.entries);
+    g.current.send_replace(Some(bad));
+    let err = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Unavailable(ref m) if m.contains("signature")),
+        "{err}"
+    );
+
+    // signed by a key the gateway does not publish
+    let stranger = ed25519("k1");
+    g.current.send_replace(Some(signed(
+        &stranger,
+        1,
+        vec![plain("db.url", "pg://evil")],
+    )));
+    let err = Client::start(config(vec![url], dir.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Unavailable(ref m) if m.contains("signature")),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("prod__orders.json").exists(),
+        "nothing refused reaches the disk"
+    );
+}
+
+#[tokio::test]
+async fn an_older_release_is_refused_and_a_new_kid_is_fetched_from_jwks() {
+    let k1 = ed25519("k1");
+    let (g, url, _server) = start_gateway(&k1, Some(signed(&k1, 5, vec![plain("a", "5")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!(client.version(), 5);
+    let fetches = g.jwks_fetches.load(Ordering::SeqCst);
+
+    // a downgrade, validly signed, then a release under a rotated-in key
+    g.current
+        .send_replace(Some(signed(&k1, 3, vec![plain("a", "3")])));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let k2 = es256("k2");
+    g.jwks.lock().unwrap().push(k2.jwk.clone());
+    g.current
+        .send_replace(Some(signed(&k2, 6, vec![plain("a", "6")])));
+    wait_for_version(&client, 6).await;
+    assert_eq!(client.get_str("a").as_deref(), Some("6"));
+    assert!(
+        g.jwks_fetches.load(Ordering::SeqCst) > fetches,
+        "the unknown kid made it refetch JWKS"
+    );
+    // the downgrade never became current
+    let mut rx = client.subscribe();
+    assert_eq!(rx.borrow_and_update().version, 6);
+}
+
+#[tokio::test]
+async fn the_client_starts_from_its_last_known_good_copy_when_every_gateway_is_down() {
+    let key = ed25519("k1");
+    let (_g, url, server) = start_gateway(
+        &key,
+        Some(signed(
+            &key,
+            4,
+            vec![Entry {
+                key: "db.password".into(),
+                value: "hunter2".into(),
+                format: Format::Plain,
+                secret: true,
+            }],
+        )),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap();
+    let copy = dir.path().join("prod__orders.json");
+    assert!(
+        config_center::client::is_private_file(&copy),
+        "the copy may hold secrets: 0600"
+    );
+    assert!(!format!("{first:?}").contains("hunter2"));
+    drop(first);
+    server.abort();
+    let _ = server.await;
+
+    let down = url::Url::parse(&format!("http://127.0.0.1:{}", harness::free_port())).unwrap();
+    let client = Client::start(config(vec![down.clone(), url], dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(client.origin(), Origin::Disk);
+    assert_eq!(client.version(), 4);
+    assert_eq!(client.get_str("db.password").as_deref(), Some("hunter2"));
+
+    // with no copy and no gateway, start fails and says so
+    let empty = tempfile::tempdir().unwrap();
+    let err = Client::start(config(vec![down], empty.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+}
+
+#[tokio::test]
+async fn the_client_reconnects_when_its_stream_ends_and_resumes_from_its_version() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        while g.resume_ids.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // the stream ends without delivering version 2: only a reconnect can bring it
+    g.epoch.fetch_add(1, Ordering::SeqCst);
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![plain("a", "2")])));
+    wait_for_version(&client, 2).await;
+    let ids = g.resume_ids.lock().unwrap().clone();
+    assert_eq!(ids.first().map(String::as_str), Some("1"));
+    assert_eq!(
+        ids.get(1).map(String::as_str),
+        Some("1"),
+        "the reconnect resumed from the held version: {ids:?}"
+    );
+}
+
+#[test]
+fn the_sse_parser_handles_split_chunks_comments_and_crlf() {
+    let mut p = SseParser::default();
+    assert!(p.feed(b": keep-alive\n\nevent: rel").unwrap().is_empty());
+    let events = p
+        .feed(b"ease\r\nid: 7\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n")
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event, "release");
+    assert_eq!(events[0].id.as_deref(), Some("7"));
+    assert_eq!(events[0].data, "{\"a\":\n1}");
+    let events = p.feed(b"data:x\n\n").unwrap();
+    assert_eq!(events[0].event, "message");
+}
+
+/// Captures every log line (TRACE, all targets) written while it is the default.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // the store: publish, read, diff with secrets
+    let t = crate::common::sqlite_store("logs").await;
+    let (e, a) = (crate::common::env("prod"), crate::common::app("orders"));
+    let note = config_center::ChangeNote::new("ops", "");
+    t.store
+        .publish(
+            &e,
+            &a,
+            config_center::Expected::Version(0),
+            vec![crate::common::secret("db.password", "LOGGED-SECRET-1")],
+            &note,
+        )
+        .await
+        .unwrap();
+    t.store
+        .publish(
+            &e,
+            &a,
+            config_center::Expected::Version(1),
+            vec![crate::common::secret("db.password", "LOGGED-SECRET-2")],
+            &note,
+        )
+        .await
+        .unwrap();
+    let release = t.store.current(&e, &a).await.unwrap().unwrap();
+    tracing::info!(?release, "a release in a log line");
+    let diff = t.store.diff(&e, &a, 1, 2, false).await.unwrap();
+    tracing::info!(?diff, "a diff in a log line");
+
+    // the client: fetch, watch, refuse a tampered copy
+    let key = ed25519("k1");
+    let secret_entry = |v: &str| Entry {
+        key: "token".into(),
+        value: v.into(),
+        format: Format::Plain,
+        secret: true,
+    };
+    let (g, url, _server) = start_gateway(
+        &key,
+        Some(signed(&key, 1, vec![secret_entry("LOGGED-SECRET-3")])),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![url], dir.path());
+    cfg.token = SecretString::from("test-token");
+    let client = Client::start(cfg.clone()).await.unwrap();
+    tracing::info!(?client, config = ?cfg, "a client in a log line");
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![secret_entry("LOGGED-SECRET-4")])));
+    wait_for_version(&client, 2).await;
+    tracing::info!(snapshot = ?client.snapshot(), "a snapshot in a log line");
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("config release published"),
+        "logs were captured"
+    );
+    assert!(
+        logs.contains("config snapshot accepted"),
+        "logs were captured"
+    );
+    for secret in [
+        "LOGGED-SECRET-1",
+        "LOGGED-SECRET-2",
+        "LOGGED-SECRET-3",
+        "LOGGED-SECRET-4",
+        "test-token",
+    ] {
+        assert!(!logs.contains(secret), "{secret} was logged");
+    }
+}

@@ -1,0 +1,145 @@
+//! The cross-instance change feed on Postgres.
+
+use config_center::feed::ChangeFeed;
+use config_center::{ChangeNote, Expected, FeedEvent, Pool, Store};
+
+use crate::common::{self, DEADLINE, app, entry, env};
+
+#[tokio::test]
+async fn a_publish_on_one_instance_reaches_a_listener_on_another_pool() {
+    let t = common::postgres_store("feed_cross").await;
+    // a second "instance": its own pool on the same database
+    let Pool::Postgres(other) = common::pool_for(&t.url).await else {
+        unreachable!()
+    };
+    let mut feed = ChangeFeed::postgres(other);
+    let first = tokio::time::timeout(DEADLINE, feed.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, FeedEvent::Resync);
+    t.store
+        .publish(
+            &env("prod"),
+            &app("orders"),
+            Expected::Version(0),
+            vec![entry("k", "v")],
+            &ChangeNote::default(),
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(DEADLINE, feed.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let FeedEvent::Release(event) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(event.version, 1);
+    assert_eq!(event.application.as_str(), "orders");
+}
+
+#[tokio::test]
+async fn a_refused_publish_sends_no_notification() {
+    let t = common::postgres_store("feed_refused").await;
+    let mut feed = t.store.change_feed();
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, feed.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        FeedEvent::Resync
+    );
+    let (e, a) = (env("prod"), app("orders"));
+    t.store
+        .publish(
+            &e,
+            &a,
+            Expected::Version(0),
+            vec![entry("k", "1")],
+            &ChangeNote::default(),
+        )
+        .await
+        .unwrap();
+    // stale: rolled back, so its NOTIFY is never delivered
+    assert!(
+        t.store
+            .publish(
+                &e,
+                &a,
+                Expected::Version(0),
+                vec![entry("k", "2")],
+                &ChangeNote::default()
+            )
+            .await
+            .is_err()
+    );
+    t.store
+        .publish(
+            &e,
+            &a,
+            Expected::Version(1),
+            vec![entry("k", "3")],
+            &ChangeNote::default(),
+        )
+        .await
+        .unwrap();
+    let mut versions = Vec::new();
+    for _ in 0..2 {
+        if let FeedEvent::Release(ev) = tokio::time::timeout(DEADLINE, feed.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            versions.push(ev.version);
+        }
+    }
+    assert_eq!(versions, [1, 2]);
+}
+
+#[tokio::test]
+async fn the_feed_reconnects_after_its_connection_is_killed_and_asks_for_a_resync() {
+    let t = common::postgres_store("feed_reconnect").await;
+    let mut feed = t.store.change_feed();
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, feed.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        FeedEvent::Resync
+    );
+    // kill every listening backend from outside
+    let Pool::Postgres(p) = t.store.pool() else {
+        unreachable!()
+    };
+    let recv = tokio::spawn(async move {
+        let got = tokio::time::timeout(DEADLINE, feed.recv()).await;
+        (got, feed)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        .execute(p)
+        .await
+        .unwrap();
+    let (got, mut feed) = recv.await.unwrap();
+    assert_eq!(got.unwrap().unwrap(), FeedEvent::Resync);
+    let store = Store::new(t.store.pool().clone(), t.store.envelope().clone());
+    store
+        .publish(
+            &env("prod"),
+            &app("orders"),
+            Expected::Version(0),
+            vec![entry("k", "v")],
+            &ChangeNote::default(),
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(DEADLINE, feed.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(got, FeedEvent::Release(ref ev) if ev.version == 1),
+        "{got:?}"
+    );
+}
