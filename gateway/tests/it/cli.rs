@@ -2,6 +2,7 @@
 //! message naming the field, before binding anything.
 
 use std::process::Command;
+use std::time::Duration;
 
 use super::support::*;
 
@@ -166,9 +167,16 @@ async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
             "{series} missing:\n{metrics}"
         );
     }
-    let banner = child.output();
-    assert!(
-        banner.contains(&format!("https://localhost:{https}/")),
-        "{banner}"
-    );
+    // the banner follows the bootstrap client, which waits for the schema
+    let want = format!("https://localhost:{https}/");
+    let log = child.log.clone();
+    eventually(Duration::from_secs(20), "the dev banner", || {
+        let (log, want) = (log.clone(), want.clone());
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&want)
+        }
+    })
+    .await;
 }
