@@ -49,6 +49,9 @@ pub enum StartError {
     /// The key source could not be prepared.
     #[error("signing keys: {0}")]
     Keys(#[from] keyrotation::KeyError),
+    /// The config center's key wrapper could not be prepared.
+    #[error("config center: {0}")]
+    ConfigCenter(String),
 }
 
 /// A running instance.
@@ -102,6 +105,13 @@ impl Application {
             )),
         };
 
+        let wrapper = crate::config_api::key_wrapper(&config)
+            .await
+            .map_err(StartError::ConfigCenter)?;
+        let config_center =
+            crate::config_api::ConfigCenter::new(&config, &db, wrapper, keys.clone())
+                .map_err(|e| StartError::ConfigCenter(e.to_string()))?;
+
         let https = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
         let https_addr = local_addr(&https, config.server.listen)?;
@@ -122,6 +132,7 @@ impl Application {
             audit: audit.clone(),
             clients,
             refresh,
+            config_center,
         };
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {
@@ -140,6 +151,16 @@ impl Application {
             let watcher = tls.spawn_watcher(tls_config.reload_interval, shutdown.clone());
             async move {
                 let _ = watcher.await;
+            }
+        });
+        tasks.spawn({
+            let feed = state.config_center.hub.spawn(
+                db.clone(),
+                config.config_center.reconcile_interval,
+                shutdown.clone(),
+            );
+            async move {
+                let _ = feed.await;
             }
         });
         tasks.spawn({

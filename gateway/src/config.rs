@@ -97,6 +97,9 @@ pub struct Config {
     /// The admin API (keys, later clients and sessions).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The config center: environments, encryption of values, watches.
+    #[serde(default)]
+    pub config_center: ConfigCenterConfig,
 }
 
 /// `[server]`
@@ -345,6 +348,57 @@ pub struct AdminConfig {
     pub token: Option<SecretString>,
 }
 
+/// `[config_center]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigCenterConfig {
+    /// The environments configuration is kept for; names are lower-case ASCII.
+    pub environments: Vec<String>,
+    /// What wraps the per-environment data keys: `transit` (Vault Transit, production)
+    /// or `local` (a master key file, a single dev instance). Unset: `transit` when a
+    /// `[vault]` section exists, `local` otherwise.
+    pub key_wrapper: Option<KeyWrapperKind>,
+    /// The master key file when the wrapper is `local` (created, mode 0600, if missing);
+    /// defaults to `config-master.key` in `keys.file_dir`.
+    pub master_key_file: Option<PathBuf>,
+    /// The Vault Transit mount when `key_wrapper = "transit"`.
+    pub transit_mount: String,
+    /// The Transit key that wraps data keys.
+    pub transit_key: String,
+    /// How often the releases this instance serves are compared with the database, so a
+    /// lost change notification heals by itself.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// The longest a long-poll is held before it answers 304; shorter than
+    /// `server.request_timeout` and every proxy's read timeout.
+    #[serde(with = "humantime_serde")]
+    pub long_poll_timeout: Duration,
+}
+
+impl Default for ConfigCenterConfig {
+    fn default() -> Self {
+        Self {
+            environments: vec!["dev".to_owned(), "test".to_owned(), "prod".to_owned()],
+            key_wrapper: None,
+            master_key_file: None,
+            transit_mount: "transit".to_owned(),
+            transit_key: "portcullis-config".to_owned(),
+            reconcile_interval: Duration::from_secs(30),
+            long_poll_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// What wraps config data keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyWrapperKind {
+    /// Vault Transit.
+    Transit,
+    /// A local master key file.
+    Local,
+}
+
 // === Loading ===
 
 /// Reads `path`, applies `PORTCULLIS_*` overrides from `env`, and validates.
@@ -566,6 +620,8 @@ impl Config {
             }
         }
 
+        self.validate_config_center()?;
+
         if !self.server.admin_listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::field(
                 "admin.token",
@@ -630,6 +686,72 @@ impl Config {
                 "missing: keys.source = \"file\" needs a directory for the ring",
             )),
             _ => Ok(()),
+        }
+    }
+
+    fn validate_config_center(&self) -> Result<(), ConfigError> {
+        let c = &self.config_center;
+        if c.environments.is_empty() {
+            return Err(ConfigError::field(
+                "config_center.environments",
+                "must name at least one environment",
+            ));
+        }
+        config_center::Environments::new(c.environments.iter())
+            .map_err(|e| ConfigError::field("config_center.environments", e.to_string()))?;
+        for (name, d) in [
+            ("config_center.reconcile_interval", c.reconcile_interval),
+            ("config_center.long_poll_timeout", c.long_poll_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::field(name, "must be greater than 0"));
+            }
+        }
+        if c.long_poll_timeout >= self.server.request_timeout
+            || c.long_poll_timeout >= Duration::from_secs(60)
+        {
+            return Err(ConfigError::field(
+                "config_center.long_poll_timeout",
+                "must be shorter than server.request_timeout and than 60s (the read \
+                 timeout of proxies in front)",
+            ));
+        }
+        self.config_wrapper().map(|_| ())
+    }
+
+    /// The wrapper of config data keys, resolved: (`transit`, None) or (`local`, the
+    /// master key file).
+    pub fn config_wrapper(&self) -> Result<(KeyWrapperKind, Option<PathBuf>), ConfigError> {
+        let c = &self.config_center;
+        let kind = c.key_wrapper.unwrap_or(if self.vault.is_some() {
+            KeyWrapperKind::Transit
+        } else {
+            KeyWrapperKind::Local
+        });
+        match kind {
+            KeyWrapperKind::Transit if self.vault.is_none() => Err(ConfigError::field(
+                "config_center.key_wrapper",
+                "`transit` needs a [vault] section",
+            )),
+            KeyWrapperKind::Transit => Ok((kind, None)),
+            KeyWrapperKind::Local => {
+                let file = c
+                    .master_key_file
+                    .clone()
+                    .or_else(|| {
+                        self.keys
+                            .file_dir
+                            .as_ref()
+                            .map(|d| d.join("config-master.key"))
+                    })
+                    .ok_or_else(|| {
+                        ConfigError::field(
+                            "config_center.master_key_file",
+                            "missing: the `local` wrapper needs a master key file",
+                        )
+                    })?;
+                Ok((kind, Some(file)))
+            }
         }
     }
 

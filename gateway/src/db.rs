@@ -28,6 +28,9 @@ pub enum DbError {
     /// Migrations failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The config center's migrations failed.
+    #[error("config center schema: {0}")]
+    ConfigCenter(#[from] config_center::StoreError),
     /// The schema is not in place yet (migrations still pending).
     #[error("database schema not migrated yet")]
     NotMigrated,
@@ -106,14 +109,33 @@ impl Database {
         }
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations: the gateway's own, then the config center's. Both
+    /// share sqlx's bookkeeping table (the config center numbers its migrations from
+    /// 1001), so each ignores the other's rows.
     pub async fn migrate(&self) -> Result<(), DbError> {
         match &self.pool {
-            Pool::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
-            Pool::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+            Pool::Postgres(p) => {
+                let mut m = sqlx::migrate!("./migrations/postgres");
+                m.set_ignore_missing(true);
+                m.run(p).await?;
+            }
+            Pool::Sqlite(p) => {
+                let mut m = sqlx::migrate!("./migrations/sqlite");
+                m.set_ignore_missing(true);
+                m.run(p).await?;
+            }
         }
+        config_center::migrate(&self.config_center_pool()).await?;
         self.migrated.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The same pool, as the config center names it.
+    pub fn config_center_pool(&self) -> config_center::Pool {
+        match &self.pool {
+            Pool::Postgres(p) => config_center::Pool::Postgres(p.clone()),
+            Pool::Sqlite(p) => config_center::Pool::Sqlite(p.clone()),
+        }
     }
 
     /// Whether migrations have completed.

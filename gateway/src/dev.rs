@@ -94,6 +94,8 @@ pub fn dev_config(
         },
         vault: None,
         admin: Default::default(),
+        // values sealed under `config-master.key` in the data directory
+        config_center: Default::default(),
     })
 }
 

@@ -345,6 +345,45 @@ impl From<crate::refresh::RefreshError> for ApiError {
     }
 }
 
+impl From<config_center::ModelError> for ApiError {
+    fn from(e: config_center::ModelError) -> Self {
+        Self::bad_request("invalid_request", e.to_string())
+    }
+}
+
+impl From<config_center::StoreError> for ApiError {
+    fn from(e: config_center::StoreError) -> Self {
+        match e {
+            config_center::StoreError::Invalid(m) => m.into(),
+            config_center::StoreError::Conflict { expected, current } => Self::Conflict {
+                code: "version_conflict",
+                description: format!(
+                    "the write expected version {expected} to be current, but it is {current}"
+                ),
+            },
+            config_center::StoreError::NotFound { .. } => Self::NotFound,
+            e @ config_center::StoreError::Crypto(_) => {
+                Self::unavailable("config encryption key", e)
+            }
+            e
+            @ (config_center::StoreError::Database(_) | config_center::StoreError::Migrate(_)) => {
+                Self::unavailable("database", e)
+            }
+            e => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<crate::config_api::HubError> for ApiError {
+    fn from(e: crate::config_api::HubError) -> Self {
+        match e {
+            crate::config_api::HubError::Store(s) => s.into(),
+            crate::config_api::HubError::Keys(k) => k.into(),
+            e => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
 /// `a: b: c` from an error and its sources, for logs.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

@@ -13,6 +13,7 @@ pub mod authn;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod config_api;
 pub mod db;
 pub mod dev;
 pub mod error;

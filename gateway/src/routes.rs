@@ -18,6 +18,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::authn::BearerAuth;
+use crate::config_api;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry;
@@ -35,6 +37,15 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("POST", "/oauth2/revoke"),
     ("GET", "/.well-known/oauth-authorization-server"),
     ("GET", "/.well-known/openid-configuration"),
+    ("GET", "/config/v1/{env}/{app}"),
+    ("PUT", "/config/v1/{env}/{app}"),
+    ("PATCH", "/config/v1/{env}/{app}"),
+    ("GET", "/config/v1/{env}/{app}/poll"),
+    ("GET", "/config/v1/{env}/{app}/watch"),
+    ("GET", "/config/v1/{env}/{app}/releases"),
+    ("GET", "/config/v1/{env}/{app}/releases/{version}"),
+    ("GET", "/config/v1/{env}/{app}/diff"),
+    ("POST", "/config/v1/{env}/{app}/rollback"),
 ];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
@@ -77,6 +88,7 @@ pub fn router(state: AppState) -> Router {
             "/.well-known/openid-configuration",
             get(oauth::discovery::openid_configuration),
         )
+        .merge(config_routes(&state))
         .fallback(not_found)
         // per-route counters and latency, labelled by route template
         .layer(middleware::from_fn(telemetry::record_request))
@@ -86,7 +98,9 @@ pub fn router(state: AppState) -> Router {
         }))
         // a client that stalls while sending its body is cut off
         .layer(RequestBodyTimeoutLayer::new(request_timeout))
-        // the whole request, body included, is bounded in time
+        // the time to the response head is bounded; a long-poll answers before it
+        // (config_center.long_poll_timeout is validated to be shorter) and an SSE stream
+        // has its head at once, so neither is cut off
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
@@ -107,6 +121,31 @@ pub fn router(state: AppState) -> Router {
         // long, odd characters)
         .layer(middleware::from_fn(sanitize_request_id))
         .with_state(state)
+}
+
+/// The config center's routes; every one needs a bearer token, and each handler checks
+/// the scope for its environment and application.
+fn config_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/config/v1/{env}/{app}",
+            get(config_api::snapshot)
+                .put(config_api::publish)
+                .patch(config_api::edit),
+        )
+        .route("/config/v1/{env}/{app}/releases", get(config_api::history))
+        .route(
+            "/config/v1/{env}/{app}/releases/{version}",
+            get(config_api::release),
+        )
+        .route("/config/v1/{env}/{app}/poll", get(config_api::poll))
+        .route("/config/v1/{env}/{app}/watch", get(config_api::watch))
+        .route("/config/v1/{env}/{app}/diff", get(config_api::diff))
+        .route(
+            "/config/v1/{env}/{app}/rollback",
+            post(config_api::rollback),
+        )
+        .route_layer(BearerAuth::new(state.keys.clone()))
 }
 
 fn request_span(req: &Request<Body>) -> tracing::Span {

@@ -31,4 +31,6 @@ pub struct AppState {
     pub clients: ClientStore,
     /// Refresh tokens (Redis, or in process for a single `--dev` instance).
     pub refresh: Arc<dyn RefreshStore>,
+    /// The config center.
+    pub config_center: crate::config_api::ConfigCenter,
 }

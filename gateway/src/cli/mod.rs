@@ -12,6 +12,7 @@ use crate::dev;
 use crate::telemetry;
 
 mod clients;
+mod config_center;
 
 /// Exit status for invalid configuration or usage (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
@@ -42,6 +43,10 @@ enum Command {
     /// straight against the database.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
+    /// The config center: get, set, rm, import, export, history, diff, rollback, watch —
+    /// through a gateway's HTTPS API with a `config:*` scoped token.
+    #[command(subcommand)]
+    Config(config_center::ConfigCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +120,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Keys(cmd) => keys(cmd),
         Command::Clients(cmd) => clients::run(cmd),
+        Command::Config(cmd) => config_center::run(cmd),
     }
 }
 

@@ -6,6 +6,7 @@ mod authn;
 mod cli;
 mod clients;
 mod cluster;
+mod config_api;
 mod keys;
 mod least_privilege;
 mod limits;

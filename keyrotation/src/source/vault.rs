@@ -469,6 +469,13 @@ impl VaultKeySource {
             .map_err(|e| KeyError::InvalidConfig(format!("vault client: {e}")))
     }
 
+    /// The client with a valid token, logging in first if needed, for other features
+    /// that talk to the same Vault (the config center's Transit key). With a static token
+    /// this makes no request.
+    pub async fn authenticated_client(&self) -> Result<Arc<VaultClient>, KeyError> {
+        self.client().await
+    }
+
     /// The client with a valid token, logging in first if needed.
     async fn client(&self) -> Result<Arc<VaultClient>, KeyError> {
         if let Some(client) = self.inner.client.read().await.as_ref() {

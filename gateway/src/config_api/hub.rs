@@ -1,0 +1,278 @@
+//! The serving side of the config center: one signed, serialized snapshot per
+//! (environment, application) that this instance has been asked for, shared by every
+//! reader, long-poller and SSE watcher.
+//!
+//! A release reaches watchers like this: the store publishes and notifies (Postgres
+//! `NOTIFY`, or in process for SQLite); every instance's feed task hears the note and,
+//! if anybody on that instance holds the (environment, application), reads the release
+//! **once**, signs it **once**, serializes it **once** and swaps it into a `watch`
+//! channel; each watcher then writes the same `Bytes` to its socket. A periodic reconcile
+//! compares the newest versions in the database with what is held, so a lost
+//! notification heals by itself. While the database is away, what is held keeps being
+//! served.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use config_center::{AppName, Environment, ReleaseEvent, Snapshot, Store, StoreError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::KeyService;
+
+/// One release, ready to send.
+#[derive(Debug)]
+pub struct Published {
+    /// The release version.
+    pub version: u64,
+    /// The snapshot JSON (`GET /config/v1/{env}/{app}` body and SSE `data`).
+    pub json: Bytes,
+    /// The whole SSE event (`event`, `id`, `data`), shared by every watcher.
+    pub sse: Bytes,
+}
+
+impl Published {
+    fn new(snapshot: &Snapshot) -> Result<Self, serde_json::Error> {
+        let json = serde_json::to_vec(snapshot)?;
+        let mut sse = Vec::with_capacity(json.len() + 48);
+        sse.extend_from_slice(
+            format!("event: release\nid: {}\ndata: ", snapshot.version).as_bytes(),
+        );
+        sse.extend_from_slice(&json);
+        sse.extend_from_slice(b"\n\n");
+        Ok(Self {
+            version: snapshot.version,
+            json: Bytes::from(json),
+            sse: Bytes::from(sse),
+        })
+    }
+
+    /// The strong ETag of this release.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.version)
+    }
+}
+
+/// Why the hub could not produce a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The store failed (database or key unwrap).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No key may sign now.
+    #[error(transparent)]
+    Keys(#[from] keyrotation::KeyError),
+    /// The signature could not be detached (a bug).
+    #[error("release signature: {0}")]
+    Signature(String),
+    /// Serializing a snapshot failed (a bug).
+    #[error("serializing a snapshot: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+type Slot = watch::Sender<Option<Arc<Published>>>;
+
+/// The per-instance cache and fan-out of releases. Cheap to clone.
+#[derive(Clone)]
+pub struct ConfigHub {
+    store: Store,
+    keys: KeyService,
+    slots: Arc<Mutex<HashMap<(String, String), Slot>>>,
+    // one load at a time per instance: a burst of notes for one release reads it once
+    loading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for ConfigHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigHub").finish_non_exhaustive()
+    }
+}
+
+impl ConfigHub {
+    /// A hub over `store`, signing with `keys`.
+    pub fn new(store: Store, keys: KeyService) -> Self {
+        Self {
+            store,
+            keys,
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            loading: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The store behind the hub.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn slot(&self, env: &Environment, app: &AppName) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry((env.to_string(), app.to_string()))
+            .or_insert_with(|| watch::channel(None).0)
+            .clone()
+    }
+
+    fn existing_slot(&self, env: &str, app: &str) -> Option<Slot> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(&(env.to_owned(), app.to_owned())).cloned()
+    }
+
+    /// The current release of (env, app): what is held, else read from the store.
+    /// `Ok(None)` when nothing was ever published.
+    pub async fn current(
+        &self,
+        env: &Environment,
+        app: &AppName,
+    ) -> Result<Option<Arc<Published>>, HubError> {
+        let slot = self.slot(env, app);
+        if let Some(held) = slot.borrow().clone() {
+            return Ok(Some(held));
+        }
+        self.load(env, app, &slot).await
+    }
+
+    /// A receiver that sees every release of (env, app) from now on, primed with the
+    /// current one.
+    pub async fn subscribe(
+        &self,
+        env: &Environment,
+        app: &AppName,
+    ) -> Result<watch::Receiver<Option<Arc<Published>>>, HubError> {
+        let slot = self.slot(env, app);
+        if slot.borrow().is_none() {
+            self.load(env, app, &slot).await?;
+        }
+        Ok(slot.subscribe())
+    }
+
+    /// Reads, signs and publishes the newest release into `slot`, unless a newer one is
+    /// held already.
+    async fn load(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        slot: &Slot,
+    ) -> Result<Option<Arc<Published>>, HubError> {
+        let _one_at_a_time = self.loading.lock().await;
+        let Some(release) = self.store.current(env, app).await? else {
+            return Ok(slot.borrow().clone());
+        };
+        let held = slot.borrow().as_ref().map(|p| p.version);
+        if held.is_some_and(|v| v >= release.version) {
+            return Ok(slot.borrow().clone());
+        }
+        let mut snapshot = Snapshot::unsigned(&release);
+        let compact = self.keys.sign(&snapshot.claims())?;
+        snapshot.signature = config_center::signing::detach(&compact)
+            .map_err(|e| HubError::Signature(e.to_string()))?;
+        let published = Arc::new(Published::new(&snapshot)?);
+        metrics::counter!("portcullis_config_releases_loaded_total").increment(1);
+        slot.send_replace(Some(published.clone()));
+        Ok(Some(published))
+    }
+
+    /// A release note arrived: refresh the slot if anybody here holds it and it is older.
+    async fn on_release(&self, event: &ReleaseEvent) {
+        let Some(slot) = self.existing_slot(event.environment.as_str(), event.application.as_str())
+        else {
+            return;
+        };
+        if slot
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| p.version >= event.version)
+        {
+            return;
+        }
+        if let Err(e) = self
+            .load(&event.environment, &event.application, &slot)
+            .await
+        {
+            tracing::warn!(
+                environment = %event.environment,
+                application = %event.application,
+                error = %crate::error::chain(&e),
+                "config release could not be loaded; the reconcile retries"
+            );
+        }
+    }
+
+    /// Compares every held slot with the newest versions in the database (nothing to do,
+    /// and no query, while this instance holds nothing).
+    pub async fn reconcile(&self) -> Result<(), HubError> {
+        if self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Ok(());
+        }
+        for event in self.store.latest_versions().await? {
+            self.on_release(&event).await;
+        }
+        Ok(())
+    }
+
+    /// How many watchers (SSE and long-poll) hold a receiver right now.
+    pub fn watchers(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().map(watch::Sender::receiver_count).sum()
+    }
+
+    /// Runs the change feed and the periodic reconcile until `stop`. Every step, database
+    /// calls included, is abandoned when `stop` fires, so shutdown never waits for a
+    /// database that does not answer.
+    /// Listening starts once `db` is migrated: before, there is nothing to listen for.
+    pub fn spawn(
+        &self,
+        db: crate::db::Database,
+        reconcile_every: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            while !db.is_migrated() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            let mut feed = hub.store.change_feed();
+            let mut tick = tokio::time::interval(reconcile_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = hub.step(&mut feed, &mut tick) => {}
+                }
+            }
+        })
+    }
+
+    /// Waits for a change note or the reconcile tick, and acts on it.
+    async fn step(&self, feed: &mut config_center::ChangeFeed, tick: &mut tokio::time::Interval) {
+        let reconcile = tokio::select! {
+            event = feed.recv() => match event {
+                Ok(config_center::FeedEvent::Release(e)) => {
+                    self.on_release(&e).await;
+                    false
+                }
+                Ok(config_center::FeedEvent::Resync) => true,
+                Err(_) => {
+                    // the pool is closed (shutting down): rely on the reconcile alone
+                    tracing::warn!("config change feed closed; relying on the periodic reconcile");
+                    *feed = self.store.change_feed();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    false
+                }
+            },
+            _ = tick.tick() => true,
+        };
+        if reconcile && let Err(e) = self.reconcile().await {
+            tracing::warn!(error = %crate::error::chain(&e), "config reconcile failed");
+        }
+    }
+}

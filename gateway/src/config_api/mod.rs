@@ -1,0 +1,750 @@
+//! The HTTP face of the config center (`/config/v1/…`): snapshot reads with ETags,
+//! long-poll and Server-Sent-Events watches for nodes, and writes, history, diff and
+//! rollback for ops. The domain (names, storage, encryption, change feed) lives in the
+//! `config-center` crate; this module only authorises, translates and streams.
+//!
+//! Access is per environment and application, from token scopes:
+//! `config:read:<env>` (or `config:read:<env>:<app>`) reads plaintext snapshots (nodes);
+//! `config:write:<env>[:<app>]` publishes, edits and rolls back; `config:reveal:<env>`
+//! shows secret values in history and diffs, which are masked otherwise. An admin token
+//! (`portcullis:admin`) may do all of it. See `docs/config-center.md`.
+
+pub mod hub;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Extension, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use config_center::{
+    AppName, ChangeNote, ConfigEntry, ConfigKey, Edit, Environment, Expected, Format,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::audit::AuditEvent;
+use crate::authn::Principal;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub use hub::{ConfigHub, HubError, Published};
+
+/// How often an idle SSE stream carries a comment, so proxies keep it open.
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The scope that may do everything here.
+const ADMIN_SCOPE: &str = "portcullis:admin";
+
+// === the service ===
+
+/// The config center of one instance. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ConfigCenter {
+    /// Releases held for readers and watchers.
+    pub hub: ConfigHub,
+    /// The configured environments.
+    pub environments: std::sync::Arc<config_center::Environments>,
+    /// The longest hold of a long-poll.
+    pub long_poll_max: Duration,
+}
+
+impl ConfigCenter {
+    /// The config center over `db`, sealing values with `wrapper` and signing releases
+    /// with `keys`. Connects to nothing yet.
+    pub fn new(
+        config: &crate::config::Config,
+        db: &crate::db::Database,
+        wrapper: config_center::KeyWrapper,
+        keys: crate::keys::KeyService,
+    ) -> Result<Self, config_center::ModelError> {
+        let environments =
+            config_center::Environments::new(config.config_center.environments.iter())?;
+        let store = config_center::Store::new(
+            db.config_center_pool(),
+            config_center::Envelope::new(wrapper),
+        );
+        Ok(Self {
+            hub: ConfigHub::new(store, keys),
+            environments: std::sync::Arc::new(environments),
+            long_poll_max: config.config_center.long_poll_timeout,
+        })
+    }
+}
+
+/// The wrapper of config data keys `config` asks for: a local master key file (created
+/// if missing) or a Vault Transit key (with the `[vault]` credentials; a static token
+/// makes no request here, AppRole logs in).
+pub async fn key_wrapper(
+    config: &crate::config::Config,
+) -> Result<config_center::KeyWrapper, String> {
+    use crate::config::KeyWrapperKind;
+    let (kind, file) = config.config_wrapper().map_err(|e| e.to_string())?;
+    match (kind, file) {
+        (KeyWrapperKind::Local, Some(file)) => config_center::LocalWrapper::open_or_create(&file)
+            .map(config_center::KeyWrapper::Local)
+            .map_err(|e| e.to_string()),
+        (KeyWrapperKind::Local, None) => Err("no master key file".to_owned()),
+        (KeyWrapperKind::Transit, _) => {
+            let settings = config
+                .vault
+                .clone()
+                .ok_or_else(|| "config_center.key_wrapper = transit needs [vault]".to_owned())?;
+            let vault = keyrotation::VaultKeySource::new(settings).map_err(|e| e.to_string())?;
+            let client = vault
+                .authenticated_client()
+                .await
+                .map_err(|e| e.to_string())?;
+            let c = &config.config_center;
+            Ok(config_center::KeyWrapper::Transit(
+                config_center::TransitWrapper::new(client, &c.transit_mount, &c.transit_key),
+            ))
+        }
+    }
+}
+
+// === access ===
+
+/// What a principal wants to do to an (environment, application).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Read,
+    Write,
+    Reveal,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Reveal => "reveal",
+        }
+    }
+}
+
+fn may(p: &Principal, action: Action, env: &Environment, app: &AppName) -> bool {
+    let a = action.as_str();
+    p.has_scope(ADMIN_SCOPE)
+        || p.has_scope(&format!("config:{a}:{env}"))
+        || p.has_scope(&format!("config:{a}:{env}:{app}"))
+}
+
+fn require(
+    p: &Principal,
+    action: Action,
+    env: &Environment,
+    app: &AppName,
+) -> Result<(), ApiError> {
+    if may(p, action, env, app) {
+        Ok(())
+    } else {
+        metrics::counter!("portcullis_bearer_rejections_total", "reason" => "scope").increment(1);
+        Err(ApiError::InsufficientScope {
+            required: format!("config:{}:{env}", action.as_str()),
+        })
+    }
+}
+
+/// Parses the path's names; every refusal names the field.
+fn names(state: &AppState, env: &str, app: &str) -> Result<(Environment, AppName), ApiError> {
+    let env = state.config_center.environments.parse(env)?;
+    let app = AppName::parse(app)?;
+    Ok((env, app))
+}
+
+// === reading ===
+
+/// `GET /config/v1/{env}/{app}`: the current signed snapshot, with `ETag`; 304 when
+/// `If-None-Match` names it.
+pub async fn snapshot(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Read, &env, &app)?;
+    let published = state
+        .config_center
+        .hub
+        .current(&env, &app)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let etag = published.etag();
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        return Ok(not_modified(&etag));
+    }
+    Ok(snapshot_response(&published))
+}
+
+fn snapshot_response(published: &Published) -> Response {
+    let mut r = Response::new(Body::from(published.json.clone()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&published.etag()) {
+        h.insert(header::ETAG, v);
+    }
+    // plaintext secrets may be inside: no shared cache may keep it
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn not_modified(etag: &str) -> Response {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+/// `?version=N` of the long-poll and the watch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromVersion {
+    /// The version the node holds (0 or absent: none).
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// `GET /config/v1/{env}/{app}/poll?version=N`: the newest snapshot as soon as one newer
+/// than N exists (at once if it does already), else 304 after at most 30 s.
+pub async fn poll(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    query: Result<Query<FromVersion>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Read, &env, &app)?;
+    let held = query_version(query)?;
+    let mut rx = state.config_center.hub.subscribe(&env, &app).await?;
+    let wait = async {
+        loop {
+            let current = rx.borrow_and_update().clone();
+            if let Some(p) = current
+                && p.version > held
+            {
+                return Some(p);
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    let wait_for = state.config_center.long_poll_max;
+    match tokio::time::timeout(wait_for, wait).await {
+        Ok(Some(p)) => Ok(snapshot_response(&p)),
+        Ok(None) | Err(_) => Ok(not_modified(&format!("\"{held}\""))),
+    }
+}
+
+fn query_version(
+    query: Result<Query<FromVersion>, axum::extract::rejection::QueryRejection>,
+) -> Result<u64, ApiError> {
+    query
+        .map(|Query(q)| q.version.unwrap_or(0))
+        .map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))
+}
+
+/// `GET /config/v1/{env}/{app}/watch`: Server-Sent Events, one `release` event per
+/// release newer than the node's (from `Last-Event-ID` or `?version=`), the newest at once
+/// if the node is behind; a keep-alive comment every 15 s.
+pub async fn watch(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: Result<Query<FromVersion>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Read, &env, &app)?;
+    let from_header = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_request",
+                        "Last-Event-ID must be a version number",
+                    )
+                })?,
+        ),
+    };
+    let held = match from_header {
+        Some(v) => v,
+        None => query_version(query)?,
+    };
+    let rx = state.config_center.hub.subscribe(&env, &app).await?;
+    metrics::gauge!("portcullis_config_watchers").increment(1.0);
+    let stream = futures::stream::unfold(
+        WatchState {
+            rx,
+            held,
+            tick: keep_alive_timer(),
+            _gauge: WatcherGauge,
+        },
+        |mut s| async move {
+            loop {
+                let current = s.rx.borrow_and_update().clone();
+                if let Some(p) = current
+                    && p.version > s.held
+                {
+                    s.held = p.version;
+                    return Some((Ok::<Bytes, Infallible>(p.sse.clone()), s));
+                }
+                tokio::select! {
+                    changed = s.rx.changed() => if changed.is_err() { return None },
+                    _ = s.tick.tick() => {
+                        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), s));
+                    }
+                }
+            }
+        },
+    );
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // nginx buffers responses by default; an event must not wait in its buffer
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(r)
+}
+
+fn keep_alive_timer() -> tokio::time::Interval {
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+struct WatchState {
+    rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Published>>>,
+    held: u64,
+    tick: tokio::time::Interval,
+    _gauge: WatcherGauge,
+}
+
+/// Counts a watcher for as long as its stream lives.
+struct WatcherGauge;
+
+impl Drop for WatcherGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("portcullis_config_watchers").decrement(1.0);
+    }
+}
+
+/// `?limit=` of the history.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// At most this many releases (default 50, at most 1000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// A release without its entries, as listed.
+#[derive(Debug, Serialize)]
+pub struct ReleaseView {
+    version: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: time::OffsetDateTime,
+    author: String,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollback_of: Option<u64>,
+}
+
+impl From<config_center::ReleaseInfo> for ReleaseView {
+    fn from(i: config_center::ReleaseInfo) -> Self {
+        Self {
+            version: i.version,
+            created_at: i.created_at,
+            author: i.author,
+            message: i.message,
+            rollback_of: i.rollback_of,
+        }
+    }
+}
+
+/// `GET /config/v1/{env}/{app}/releases`: the history, newest first.
+pub async fn history(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Read, &env, &app)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let rows = state
+        .config_center
+        .hub
+        .store()
+        .history(&env, &app, limit)
+        .await?;
+    let releases: Vec<ReleaseView> = rows.into_iter().map(ReleaseView::from).collect();
+    Ok(Json(
+        json!({ "environment": env.as_str(), "application": app.as_str(), "releases": releases }),
+    ))
+}
+
+/// `GET /config/v1/{env}/{app}/releases/{version}`: one release's entries; secret values
+/// masked without `config:reveal:<env>`.
+pub async fn release(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app, version)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Read, &env, &app)?;
+    let version = parse_version("version", &version)?;
+    let reveal = may(&principal, Action::Reveal, &env, &app);
+    let r = state
+        .config_center
+        .hub
+        .store()
+        .release(&env, &app, version)
+        .await?;
+    let body = json!({
+        "environment": env.as_str(),
+        "application": app.as_str(),
+        "version": r.version,
+        "created_at": r.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "author": r.author,
+        "message": r.message,
+        "rollback_of": r.rollback_of,
+        "entries": r.listing(reveal),
+    });
+    let mut resp = Json(body).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// `?from=&to=` of a diff.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    /// The older release.
+    pub from: u64,
+    /// The newer release.
+    pub to: u64,
+}
+
+/// `GET /config/v1/{env}/{app}/diff?from=A&to=B`: what changed between two releases.
+pub async fn diff(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    query: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Read, &env, &app)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let reveal = may(&principal, Action::Reveal, &env, &app);
+    let d = state
+        .config_center
+        .hub
+        .store()
+        .diff(&env, &app, q.from, q.to, reveal)
+        .await?;
+    let mut resp = Json(diff_json(&d)).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+fn diff_json(d: &config_center::Diff) -> serde_json::Value {
+    let changes: Vec<serde_json::Value> = d
+        .changes
+        .iter()
+        .map(|c| {
+            json!({
+                "key": c.key,
+                "change": match c.kind {
+                    config_center::ChangeKind::Added => "added",
+                    config_center::ChangeKind::Removed => "removed",
+                    config_center::ChangeKind::Changed => "changed",
+                },
+                "before": c.before,
+                "after": c.after,
+            })
+        })
+        .collect();
+    json!({ "from": d.from, "to": d.to, "changes": changes })
+}
+
+fn parse_version(field: &str, text: &str) -> Result<u64, ApiError> {
+    text.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_request",
+            format!("{field} must be a release number (1, 2, …)"),
+        )
+    })
+}
+
+// === writing ===
+
+/// One entry in a write.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryIn {
+    /// The key.
+    pub key: String,
+    /// The value, as text.
+    pub value: String,
+    /// `plain` (default), `properties`, `yaml` or `json`; the value is checked against it.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Masked in listings, history, diffs and audit.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+impl EntryIn {
+    fn parse(&self) -> Result<ConfigEntry, ApiError> {
+        let format = match &self.format {
+            None => Format::Plain,
+            Some(f) => Format::parse(f)?,
+        };
+        Ok(ConfigEntry::parse(
+            &self.key,
+            &self.value,
+            format,
+            self.secret,
+        )?)
+    }
+}
+
+/// `PUT /config/v1/{env}/{app}`: the full snapshot of a new release.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBody {
+    /// The version the writer based this on (0: none yet); absent: whatever is current.
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+    /// Every entry of the new release.
+    pub entries: Vec<EntryIn>,
+    /// Why.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `PATCH /config/v1/{env}/{app}`: edits to the current release.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditBody {
+    /// The version the writer based this on; absent: whatever is current.
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+    /// Entries to add or replace.
+    #[serde(default)]
+    pub set: Vec<EntryIn>,
+    /// Keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Why.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `POST /config/v1/{env}/{app}/rollback`: republishes release `to` as a new release.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// The release to restore.
+    pub to: u64,
+    /// The version the writer saw as current (after looking at the diff).
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+    /// Why.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A JSON body, with a precise 400 for anything that is not the documented shape.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            // the body-limit middleware turns this into the JSON 413 naming the limit
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(e.into_response()),
+            Err(e) => Err(ApiError::bad_request("invalid_request", e.body_text()).into_response()),
+        }
+    }
+}
+
+fn expected(v: Option<u64>) -> Expected {
+    v.map_or(Expected::Any, Expected::Version)
+}
+
+fn written(
+    state: &AppState,
+    principal: &Principal,
+    action: &str,
+    info: &config_center::ReleaseInfo,
+    keys: Vec<String>,
+    from: Option<u64>,
+) -> Response {
+    // keys only, never values: the audit trail must not hold a secret
+    state.audit.record(AuditEvent {
+        at: time::OffsetDateTime::now_utc(),
+        actor: principal_actor(principal),
+        action: action.to_owned(),
+        target: format!("{}/{}", info.environment, info.application),
+        source_ip: None,
+        detail: json!({
+            "version": info.version,
+            "previous_version": info.version.saturating_sub(1),
+            "rollback_of": info.rollback_of,
+            "restored_from": from,
+            "keys": keys,
+            "message": info.message,
+        }),
+    });
+    metrics::counter!("portcullis_config_releases_total", "environment" => info.environment.to_string())
+        .increment(1);
+    let body = json!({
+        "environment": info.environment.as_str(),
+        "application": info.application.as_str(),
+        "version": info.version,
+        "rollback_of": info.rollback_of,
+    });
+    let mut r = (StatusCode::CREATED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", info.version)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+fn principal_actor(p: &Principal) -> String {
+    if p.roles.is_empty() {
+        format!("client:{}", p.subject)
+    } else {
+        format!("user:{}", p.subject)
+    }
+}
+
+/// `PUT /config/v1/{env}/{app}`.
+pub async fn publish(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    JsonBody(body): JsonBody<PublishBody>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Write, &env, &app)?;
+    let entries = body
+        .entries
+        .iter()
+        .map(EntryIn::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys = entries.iter().map(|e| e.key.to_string()).collect();
+    let note = ChangeNote::new(principal.subject.clone(), body.message);
+    let info = state
+        .config_center
+        .hub
+        .store()
+        .publish(&env, &app, expected(body.expected_version), entries, &note)
+        .await?;
+    Ok(written(
+        &state,
+        &principal,
+        "config.publish",
+        &info,
+        keys,
+        None,
+    ))
+}
+
+/// `PATCH /config/v1/{env}/{app}`.
+pub async fn edit(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    JsonBody(body): JsonBody<EditBody>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Write, &env, &app)?;
+    if body.set.is_empty() && body.remove.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "an edit needs at least one entry in `set` or key in `remove`",
+        ));
+    }
+    let mut edits = Vec::with_capacity(body.set.len() + body.remove.len());
+    let mut keys = Vec::with_capacity(edits.capacity());
+    for e in &body.set {
+        let entry = e.parse()?;
+        keys.push(entry.key.to_string());
+        edits.push(Edit::Put(entry));
+    }
+    for k in &body.remove {
+        let key = ConfigKey::parse(k)?;
+        keys.push(key.to_string());
+        edits.push(Edit::Delete(key));
+    }
+    let note = ChangeNote::new(principal.subject.clone(), body.message);
+    let info = state
+        .config_center
+        .hub
+        .store()
+        .apply(&env, &app, expected(body.expected_version), &edits, &note)
+        .await?;
+    Ok(written(
+        &state,
+        &principal,
+        "config.edit",
+        &info,
+        keys,
+        None,
+    ))
+}
+
+/// `POST /config/v1/{env}/{app}/rollback`.
+pub async fn rollback(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    JsonBody(body): JsonBody<RollbackBody>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Write, &env, &app)?;
+    let note = ChangeNote::new(principal.subject.clone(), body.message);
+    let store = state.config_center.hub.store();
+    let info = store
+        .rollback(&env, &app, body.to, expected(body.expected_version), &note)
+        .await?;
+    Ok(written(
+        &state,
+        &principal,
+        "config.rollback",
+        &info,
+        Vec::new(),
+        Some(body.to),
+    ))
+}
