@@ -1,0 +1,401 @@
+//! Config hot reload at fleet size: the time from a config write to its arrival at N SSE
+//! watchers (p50/p99/max), the memory each idle watcher costs the server, and snapshot
+//! reads per second.
+//!
+//! ```sh
+//! ulimit -n 20000   # each process needs a descriptor per watcher
+//! BENCH_WATCHERS=1000 BENCH_INSTANCES=1 cargo bench -p portcullis --bench config_watch
+//! BENCH_WATCHERS=10000 BENCH_INSTANCES=1 cargo bench -p portcullis --bench config_watch
+//! BENCH_WATCHERS=10000 BENCH_INSTANCES=3 cargo bench -p portcullis --bench config_watch
+//! ```
+//!
+//! Each instance is the release `portcullis` binary in its own process (so its RSS is its
+//! own), all on one real Postgres from the test harness; the watchers are raw HTTP/1.1
+//! streams over TLS from this process, spread evenly over the instances. A round is: PUT a
+//! new release on instance 0, then wait until every watcher has read the event carrying
+//! its version. The latency of a watcher is from just before the PUT to the moment its
+//! event was read, so it includes the write (encryption, the Postgres commit and NOTIFY)
+//! and the other instances' change feeds. Results go to stdout; copy them into
+//! docs/benchmarks.md with the machine and date.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis::clients::{GrantType, NewClient, ScopeSet};
+use rustls::pki_types::ServerName;
+use secrecy::ExposeSecret;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+
+const HASH_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const APP: &str = "executor-orders";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Instance {
+    child: Child,
+    https: u16,
+    admin: u16,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Instance {
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let watchers = env_or("BENCH_WATCHERS", 1000) as usize;
+    let instances = env_or("BENCH_INSTANCES", 1) as usize;
+    let rounds = env_or("BENCH_ROUNDS", 5) as usize;
+    let pg = harness::Postgres::shared();
+    let db = pg.fresh_database("bench_watch").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = portcullis::dev::ensure_certificate(dir.path()).unwrap();
+    let master = dir.path().join("config-master.key");
+
+    // the client every watcher and the writer use, created straight in the database
+    let config_text = |https: u16, admin: u16, keys: &std::path::Path| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{https}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             public_url = \"https://localhost:{https}\"\nmax_connections = 50000\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"{db}\"\nmax_connections = 8\n\
+             [tokens]\nhash_key = \"{HASH_KEY}\"\n[log]\nlevel = \"warn\"\n\
+             [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n\
+             [config_center]\nmaster_key_file = \"{}\"\nreconcile_interval = \"1h\"\n",
+            cert.display(),
+            key.display(),
+            keys.display(),
+            master.display()
+        )
+    };
+    let config = portcullis::config::from_table(
+        toml::from_str(&config_text(0, 0, dir.path())).unwrap(),
+        std::iter::empty(),
+    )
+    .unwrap();
+    let database = portcullis::db::Database::connect_lazy(&config.database).unwrap();
+    database.migrate().await.unwrap();
+    let clients = portcullis::clients::ClientStore::with_cache_ttl(
+        database.clone(),
+        config.server_key().unwrap(),
+        Duration::ZERO,
+    );
+    let (client, secret) = clients
+        .create(
+            NewClient {
+                id: None,
+                name: "bench".to_owned(),
+                grant_types: BTreeSet::from([GrantType::ClientCredentials]),
+                scopes: ScopeSet::parse("config:read:prod config:write:prod").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+
+    let mut fleet = Vec::new();
+    for i in 0..instances {
+        let (https, admin) = (harness::free_port(), harness::free_port());
+        let keys = dir.path().join(format!("keys-{i}"));
+        std::fs::create_dir_all(&keys).unwrap();
+        let file = dir.path().join(format!("portcullis-{i}.toml"));
+        std::fs::write(&file, config_text(https, admin, &keys)).unwrap();
+        let log = std::fs::File::create(dir.path().join(format!("portcullis-{i}.log"))).unwrap();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 20000 2>/dev/null; exec {} serve --config {}",
+                env!("CARGO_BIN_EXE_portcullis"),
+                file.display()
+            ))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        fleet.push(Instance {
+            child,
+            https,
+            admin,
+        });
+    }
+    let http = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    for inst in &fleet {
+        let url = format!("http://127.0.0.1:{}/readyz", inst.admin);
+        let end = Instant::now() + Duration::from_secs(30);
+        while !http
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(Instant::now() < end, "instance not ready: {url}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut tokens = Vec::new();
+    for inst in &fleet {
+        let r: serde_json::Value = http
+            .post(format!("https://localhost:{}/oauth2/token", inst.https))
+            .basic_auth(client.id.as_str(), Some(secret.expose_secret()))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tokens.push(r["access_token"].as_str().unwrap().to_owned());
+    }
+    let publish = |n: u64| {
+        let (http, https, token) = (http.clone(), fleet[0].https, tokens[0].clone());
+        async move {
+            let entries: Vec<serde_json::Value> = (0..20)
+                .map(|k| serde_json::json!({ "key": format!("key.{k}"), "value": format!("value {k} of release {n}") }))
+                .collect();
+            let r = http
+                .put(format!("https://localhost:{https}/config/v1/prod/{APP}"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "entries": entries }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["version"].as_u64().unwrap()
+        }
+    };
+    let first = publish(0).await;
+
+    let baseline: Vec<u64> = fleet.iter().map(Instance::rss_kib).collect();
+    let tls = Arc::new(tls_config(&std::fs::read(&cert).unwrap()));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    let connecting = Arc::new(Semaphore::new(256));
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+    let started = Instant::now();
+    for w in 0..watchers {
+        let inst = w % instances;
+        let (port, token) = (fleet[inst].https, tokens[inst].clone());
+        let (tls, tx, ready, gate) = (
+            tls.clone(),
+            tx.clone(),
+            ready_tx.clone(),
+            connecting.clone(),
+        );
+        tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let mut stream = open_watch(&tls, port, &token, first).await;
+            drop(permit);
+            let _ = ready.send(());
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut tail = String::new();
+            loop {
+                let n = match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let at = Instant::now();
+                tail.push_str(&String::from_utf8_lossy(&buf[..n]));
+                while let Some(i) = tail.find("\nid: ") {
+                    let rest = &tail[i + 5..];
+                    let Some(end) = rest.find('\n') else { break };
+                    if let Ok(v) = rest[..end].parse::<u64>() {
+                        let _ = tx.send((w, v, at));
+                    }
+                    tail = rest[end..].to_owned();
+                }
+                if tail.len() > 64 * 1024 {
+                    tail = tail.split_off(tail.len() - 64);
+                }
+            }
+        });
+    }
+    for _ in 0..watchers {
+        ready_rx.recv().await.unwrap();
+    }
+    println!(
+        "{watchers} watchers connected over {instances} instance(s) in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let loaded: Vec<u64> = fleet.iter().map(Instance::rss_kib).collect();
+    for (i, (b, l)) in baseline.iter().zip(&loaded).enumerate() {
+        let per = (l.saturating_sub(*b)) as f64 * 1024.0 / (watchers / instances) as f64;
+        println!(
+            "instance {i}: RSS {b} KiB idle, {l} KiB with {} watchers: {:.0} bytes per watcher",
+            watchers / instances,
+            per
+        );
+    }
+
+    let mut all = Vec::new();
+    for round in 1..=rounds as u64 {
+        let t0 = Instant::now();
+        let version = publish(round).await;
+        let mut arrived = vec![None; watchers];
+        let mut count = 0;
+        let deadline = tokio::time::sleep(Duration::from_secs(60));
+        tokio::pin!(deadline);
+        while count < watchers {
+            tokio::select! {
+                m = rx.recv() => {
+                    let (w, v, at) = m.unwrap();
+                    if v == version && arrived[w].is_none() {
+                        arrived[w] = Some(at.duration_since(t0));
+                        count += 1;
+                    }
+                }
+                () = &mut deadline => panic!("round {round}: only {count} of {watchers} watchers got version {version}"),
+            }
+        }
+        let mut lat: Vec<Duration> = arrived.into_iter().map(Option::unwrap).collect();
+        lat.sort();
+        println!(
+            "round {round} (version {version}): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            ms(lat[lat.len() / 2]),
+            ms(lat[lat.len() * 99 / 100]),
+            ms(lat[lat.len() - 1])
+        );
+        all.extend(lat);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    all.sort();
+    println!(
+        "== {watchers} watchers, {instances} instance(s), {rounds} rounds: p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        ms(all[all.len() / 2]),
+        ms(all[all.len() * 99 / 100]),
+        ms(all[all.len() - 1])
+    );
+
+    if Command::new("wrk").arg("--version").output().is_ok() && instances == 1 {
+        let script = dir.path().join("read.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "wrk.headers[\"Authorization\"] = \"Bearer {}\"\n",
+                tokens[0]
+            ),
+        )
+        .unwrap();
+        println!(
+            "== snapshot reads (GET /config/v1/prod/{APP}), 64 connections, 10 s, while the watchers stay connected"
+        );
+        let out = Command::new("wrk")
+            .args(["-t2", "-c64", "-d10s", "--latency", "-s"])
+            .arg(&script)
+            .arg(format!(
+                "https://127.0.0.1:{}/config/v1/prod/{APP}",
+                fleet[0].https
+            ))
+            .output()
+            .unwrap();
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn tls_config(cert_pem: &[u8]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(cert_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+async fn open_watch(
+    tls: &Arc<rustls::ClientConfig>,
+    port: u16,
+    token: &str,
+    from: u64,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let r: Result<_, std::io::Error> = async {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut s = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await?;
+            s.write_all(
+                format!(
+                    "GET /config/v1/prod/{APP}/watch?version={from} HTTP/1.1\r\nhost: localhost\r\n\
+                     authorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+            // the head, up to the blank line
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if s.read(&mut byte).await? == 0 {
+                    return Err(std::io::Error::other("closed before the head"));
+                }
+                head.push(byte[0]);
+            }
+            if !head.starts_with(b"HTTP/1.1 200") {
+                return Err(std::io::Error::other(
+                    String::from_utf8_lossy(&head).into_owned(),
+                ));
+            }
+            Ok(s)
+        }
+        .await;
+        match r {
+            Ok(s) => return s,
+            Err(e) if attempt < 20 => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => panic!("cannot open a watch: {e}"),
+        }
+    }
+}
