@@ -103,6 +103,8 @@ struct Gateway {
     current: watch::Sender<Option<Snapshot>>,
     jwks: Mutex<Vec<serde_json::Value>>,
     stream: AtomicBool,
+    /// Answer 404 on the watch route, as a gateway without it would.
+    watch_missing: AtomicBool,
     jwks_fetches: AtomicUsize,
     polls: AtomicUsize,
     /// Bumping it ends every open event stream at its next wake-up.
@@ -194,6 +196,9 @@ async fn watch_sse(
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
+    if g.watch_missing.load(Ordering::SeqCst) {
+        return error(StatusCode::NOT_FOUND, "not_found");
+    }
     if !g.stream.load(Ordering::SeqCst) {
         return error(StatusCode::NOT_IMPLEMENTED, "streaming_disabled");
     }
@@ -251,6 +256,7 @@ async fn start_gateway(
         current,
         jwks: Mutex::new(vec![key.jwk.clone()]),
         stream: AtomicBool::new(true),
+        watch_missing: AtomicBool::new(false),
         jwks_fetches: AtomicUsize::new(0),
         polls: AtomicUsize::new(0),
         epoch: AtomicU64::new(0),
@@ -376,6 +382,25 @@ async fn the_client_falls_back_to_long_poll_when_the_gateway_does_not_stream() {
         .send_replace(Some(signed(&key, 2, vec![plain("a", "2")])));
     wait_for_version(&client, 2).await;
     assert_eq!(client.get_str("a").as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn the_client_long_polls_after_repeated_stream_failures() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    g.watch_missing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        while g.polls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![plain("a", "2")])));
+    wait_for_version(&client, 2).await;
 }
 
 #[tokio::test]
@@ -555,15 +580,27 @@ impl std::io::Write for Captured {
     }
 }
 
+fn capture_logs() -> Captured {
+    static CAPTURE: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            captured
+        })
+        .clone()
+}
+
 #[tokio::test]
 async fn secrets_never_reach_the_logs() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // the global default (a scoped one races with callsite interest caching when tests
+    // run in parallel); it captures every test of this binary from now on
+    let captured = capture_logs();
 
     // the store: publish, read, diff with secrets
     let t = crate::common::sqlite_store("logs").await;
