@@ -522,12 +522,22 @@ impl Store {
         })?;
         let info = self.info_from_row(env, app, info)?;
         let mut entries = Vec::with_capacity(rows.len());
+        // one data key lookup per key version, not per entry
+        let mut keys: std::collections::HashMap<i64, std::sync::Arc<DataKey>> =
+            std::collections::HashMap::new();
         for (key, format, secret, key_version, sealed) in rows {
             let key = ConfigKey::parse(&key)
                 .map_err(|e| StoreError::Corrupt(format!("stored key: {e}")))?;
             let format = Format::parse(&format)
                 .map_err(|e| StoreError::Corrupt(format!("stored format: {e}")))?;
-            let data_key = self.data_key(env, key_version).await?;
+            let data_key = match keys.get(&key_version) {
+                Some(k) => std::sync::Arc::clone(k),
+                None => {
+                    let k = self.data_key(env, key_version).await?;
+                    keys.insert(key_version, std::sync::Arc::clone(&k));
+                    k
+                }
+            };
             let aad = value_aad(env, app, version, &key, format, secret, key_version);
             let plain = data_key
                 .open(&aad, &sealed)
@@ -1075,6 +1085,9 @@ impl Store {
         env: &Environment,
         key_version: i64,
     ) -> Result<std::sync::Arc<DataKey>, StoreError> {
+        if let Some(key) = self.envelope.cached(env, key_version) {
+            return Ok(key);
+        }
         let stored = self
             .stored_key(env, Some(key_version))
             .await?

@@ -551,6 +551,58 @@ async fn the_client_reconnects_when_its_stream_ends_and_resumes_from_its_version
     );
 }
 
+#[tokio::test]
+async fn a_release_from_the_store_signed_by_keyrotation_keys_verifies_in_the_client() {
+    use keyrotation::{KeyAlgorithm, KeyRing, Keys, Policy};
+    let t = crate::common::sqlite_store("e2e").await;
+    let (e, a) = (crate::common::env("prod"), crate::common::app("orders"));
+    t.store
+        .publish(
+            &e,
+            &a,
+            config_center::Expected::Version(0),
+            vec![
+                crate::common::entry("server.port", "8443"),
+                crate::common::secret("db.password", "s3cret"),
+            ],
+            &config_center::ChangeNote::new("ops", ""),
+        )
+        .await
+        .unwrap();
+    let release = t.store.current(&e, &a).await.unwrap().unwrap();
+
+    for alg in [
+        KeyAlgorithm::ES256,
+        KeyAlgorithm::EdDSA,
+        KeyAlgorithm::RS256,
+    ] {
+        // the gateway's path: unsigned snapshot, Keys::sign over its claims, detached
+        let now = time::OffsetDateTime::now_utc();
+        let policy = Policy {
+            algorithm: alg,
+            ..Policy::default()
+        };
+        let ring = keyrotation::plan(&KeyRing::empty(), &policy, now)
+            .unwrap()
+            .ring;
+        let keys = Keys::from_ring(ring, Some(1), now).unwrap();
+        let mut snapshot = Snapshot::unsigned(&release);
+        let jws = keys.sign(&snapshot.claims(), now).unwrap();
+        snapshot.signature = signing::detach(&jws).unwrap();
+
+        let dummy = ed25519("unused");
+        let (g, url, _server) = start_gateway(&dummy, Some(snapshot)).await;
+        *g.jwks.lock().unwrap() = keys.jwks(now)["keys"].as_array().unwrap().clone();
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::start(config(vec![url], dir.path()))
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(client.version(), 1);
+        assert_eq!(client.get::<u16>("server.port").unwrap(), Some(8443));
+        assert_eq!(client.get_str("db.password").as_deref(), Some("s3cret"));
+    }
+}
+
 #[test]
 fn the_sse_parser_handles_split_chunks_comments_and_crlf() {
     let mut p = SseParser::default();
