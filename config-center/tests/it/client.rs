@@ -111,6 +111,8 @@ struct Gateway {
     epoch: AtomicU64,
     /// The `Last-Event-ID` of every watch request.
     resume_ids: Mutex<Vec<String>>,
+    /// Every version sent as an event.
+    sent: Mutex<Vec<u64>>,
 }
 
 type Shared = Arc<Gateway>;
@@ -203,16 +205,17 @@ async fn watch_sse(
         return error(StatusCode::NOT_IMPLEMENTED, "streaming_disabled");
     }
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    g.resume_ids
-        .lock()
-        .unwrap()
-        .push(header_id.unwrap_or_default().to_owned());
     let resume = header_id
         .and_then(|v| v.parse().ok())
         .or(q.version)
         .unwrap_or(0u64);
     let rx = g.current.subscribe();
     let epoch = g.epoch.load(Ordering::SeqCst);
+    // recorded once the stream is set up, so a test seeing it may end the stream
+    g.resume_ids
+        .lock()
+        .unwrap()
+        .push(header_id.unwrap_or_default().to_owned());
     let state = (rx, resume, true, Arc::clone(&g));
     let stream =
         futures::stream::unfold(state, move |(mut rx, mut sent, mut first, g)| async move {
@@ -230,6 +233,7 @@ async fn watch_sse(
                     && s.version != sent
                 {
                     sent = s.version;
+                    g.sent.lock().unwrap().push(s.version);
                     let event = Event::default()
                         .event("release")
                         .id(s.version.to_string())
@@ -261,6 +265,7 @@ async fn start_gateway(
         polls: AtomicUsize::new(0),
         epoch: AtomicU64::new(0),
         resume_ids: Mutex::new(Vec::new()),
+        sent: Mutex::new(Vec::new()),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -461,7 +466,14 @@ async fn an_older_release_is_refused_and_a_new_kid_is_fetched_from_jwks() {
     // a downgrade, validly signed, then a release under a rotated-in key
     g.current
         .send_replace(Some(signed(&k1, 3, vec![plain("a", "3")])));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // events on one stream are handled in order: once 3 is sent, 6 comes after it
+    tokio::time::timeout(DEADLINE, async {
+        while !g.sent.lock().unwrap().contains(&3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
     let k2 = es256("k2");
     g.jwks.lock().unwrap().push(k2.jwk.clone());
     g.current

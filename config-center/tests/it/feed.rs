@@ -117,7 +117,7 @@ async fn the_feed_reconnects_after_its_connection_is_killed_and_asks_for_a_resyn
         (got, feed)
     });
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database() AND pid <> pg_backend_pid()")
         .execute(p)
         .await
         .unwrap();
