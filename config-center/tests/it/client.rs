@@ -113,6 +113,8 @@ struct Gateway {
     resume_ids: Mutex<Vec<String>>,
     /// Every version sent as an event.
     sent: Mutex<Vec<u64>>,
+    /// The query of every plain read.
+    read_queries: Mutex<Vec<std::collections::HashMap<String, String>>>,
 }
 
 type Shared = Arc<Gateway>;
@@ -146,7 +148,12 @@ async fn jwks(State(g): State<Shared>) -> Response {
     Json(json!({"keys": keys})).into_response()
 }
 
-async fn read(State(g): State<Shared>, headers: HeaderMap) -> Response {
+async fn read(
+    State(g): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    g.read_queries.lock().unwrap().push(query);
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
@@ -266,6 +273,7 @@ async fn start_gateway(
         epoch: AtomicU64::new(0),
         resume_ids: Mutex::new(Vec::new()),
         sent: Mutex::new(Vec::new()),
+        read_queries: Mutex::new(Vec::new()),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -406,6 +414,25 @@ async fn the_client_long_polls_after_repeated_stream_failures() {
     g.current
         .send_replace(Some(signed(&key, 2, vec![plain("a", "2")])));
     wait_for_version(&client, 2).await;
+}
+
+#[tokio::test]
+async fn the_client_names_its_instance_and_labels_for_gray_releases() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![url], dir.path());
+    cfg.instance = Some("node-7".into());
+    cfg.labels = [("zone", "a"), ("tier", "canary")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let _client = Client::start(cfg).await.unwrap();
+    let query = g.read_queries.lock().unwrap()[0].clone();
+    assert_eq!(query.get("instance").map(String::as_str), Some("node-7"));
+    let labels = config_center::GraySelector::parse_labels(&query["labels"]).unwrap();
+    assert_eq!(labels.get("zone").map(String::as_str), Some("a"));
+    assert_eq!(labels.get("tier").map(String::as_str), Some("canary"));
 }
 
 #[tokio::test]
