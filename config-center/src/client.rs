@@ -786,27 +786,41 @@ impl Shared {
         let gateways = self.config.gateways.clone();
         let mut delay = self.config.backoff_initial;
         let mut index = 0usize;
-        let mut long_poll = vec![false; gateways.len()];
+        let mut modes = vec![Mode::default(); gateways.len()];
         loop {
-            let Some(gateway) = gateways.get(index % gateways.len().max(1)) else {
+            let slot = index % gateways.len().max(1);
+            let (Some(gateway), Some(mode)) = (gateways.get(slot), modes.get_mut(slot)) else {
                 return;
             };
-            let slot = index % gateways.len();
-            let outcome = if long_poll.get(slot).copied().unwrap_or(false) {
+            let polling = mode.polls_left > 0;
+            let outcome = if polling {
+                mode.polls_left = mode.polls_left.saturating_sub(1);
                 self.poll_round(gateway).await
             } else {
                 self.sse_round(gateway).await
             };
             match outcome {
-                Round::Healthy => delay = self.config.backoff_initial,
-                Round::NoStream => {
-                    tracing::info!(%gateway, "config watch falls back to long-poll");
-                    if let Some(flag) = long_poll.get_mut(slot) {
-                        *flag = true;
+                Round::Healthy => {
+                    delay = self.config.backoff_initial;
+                    if !polling {
+                        mode.sse_failures = 0;
                     }
+                }
+                Round::NoStream => {
+                    tracing::info!(%gateway, "config watch falls back to long-poll: the gateway does not stream");
+                    mode.polls_left = u32::MAX;
                     continue;
                 }
                 Round::Failed(e) => {
+                    if !polling {
+                        mode.sse_failures += 1;
+                        if mode.sse_failures >= SSE_FAILURES_BEFORE_POLL {
+                            // a proxy that buffers or cuts event streams looks like this
+                            tracing::info!(%gateway, "config watch tries long-poll after repeated stream failures");
+                            mode.sse_failures = 0;
+                            mode.polls_left = POLL_ROUNDS_BEFORE_SSE;
+                        }
+                    }
                     tracing::warn!(%gateway, error = %e, retry_in = ?delay, "config watch interrupted");
                     index = index.wrapping_add(1);
                     tokio::time::sleep(delay).await;
@@ -817,12 +831,19 @@ impl Shared {
     }
 
     async fn poll_round(&self, gateway: &Url) -> Round {
+        let started = tokio::time::Instant::now();
         match self.poll(gateway, self.held_version()).await {
             Ok(Some(snapshot)) => {
                 self.offer(snapshot);
                 Round::Healthy
             }
-            Ok(None) => Round::Healthy,
+            Ok(None) => {
+                // a gateway answering 304 at once would otherwise make this spin
+                if started.elapsed() < Duration::from_secs(1) {
+                    tokio::time::sleep(self.config.backoff_initial).await;
+                }
+                Round::Healthy
+            }
             Err(ClientError::NoRelease) => Round::Failed(ClientError::NoRelease),
             Err(e) => Round::Failed(e),
         }
@@ -938,6 +959,20 @@ enum Round {
     Healthy,
     NoStream,
     Failed(ClientError),
+}
+
+/// Consecutive failed event streams on one gateway before it is long-polled instead.
+const SSE_FAILURES_BEFORE_POLL: u32 = 3;
+/// Long-poll rounds before an event stream is tried again.
+const POLL_ROUNDS_BEFORE_SSE: u32 = 20;
+
+/// How one gateway is watched.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mode {
+    sse_failures: u32,
+    /// Long-poll rounds left before trying SSE again (`u32::MAX`: the gateway does not
+    /// stream at all).
+    polls_left: u32,
 }
 
 // === SSE ===

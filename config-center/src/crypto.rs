@@ -515,6 +515,15 @@ impl Envelope {
         Ok(key)
     }
 
+    /// The cached data key `key_version` of `env`, if unwrapped before.
+    pub(crate) fn cached(&self, env: &Environment, key_version: i64) -> Option<Arc<DataKey>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(env.clone(), key_version))
+            .cloned()
+    }
+
     /// Remembers a key this instance just created.
     pub(crate) fn remember(
         &self,

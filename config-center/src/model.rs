@@ -382,12 +382,12 @@ impl Format {
     fn check(self, value: &str) -> Result<(), String> {
         match self {
             Format::Plain => Ok(()),
-            Format::Json => serde_json::from_str::<serde::de::IgnoredAny>(value)
+            // into a Value: serde_json refuses nesting past 128 levels
+            Format::Json => serde_json::from_str::<serde_json::Value>(value)
                 .map(|_| ())
                 .map_err(|e| format!("line {} column {}", e.line(), e.column())),
-            Format::Yaml => yaml_rust2::YamlLoader::load_from_str(value)
-                .map(|_| ())
-                .map_err(|e| {
+            Format::Yaml => {
+                let docs = yaml_rust2::YamlLoader::load_from_str(value).map_err(|e| {
                     let m = e.marker();
                     format!(
                         "{} at line {} column {}",
@@ -395,10 +395,37 @@ impl Format {
                         m.line(),
                         m.col() + 1
                     )
-                }),
+                })?;
+                if docs.iter().any(|d| yaml_depth(d) > MAX_NESTING) {
+                    return Err(format!("nested deeper than {MAX_NESTING} levels"));
+                }
+                Ok(())
+            }
             Format::Properties => check_properties(value),
         }
     }
+}
+
+/// Deepest nesting accepted in a YAML value (JSON: serde_json's own limit of 128).
+pub const MAX_NESTING: usize = 128;
+
+/// The nesting depth of a YAML document, without recursion.
+fn yaml_depth(doc: &yaml_rust2::Yaml) -> usize {
+    use yaml_rust2::Yaml;
+    let mut deepest = 0;
+    let mut stack = vec![(doc, 1usize)];
+    while let Some((node, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        match node {
+            Yaml::Array(items) => stack.extend(items.iter().map(|i| (i, depth + 1))),
+            Yaml::Hash(map) => stack.extend(
+                map.iter()
+                    .flat_map(|(k, v)| [(k, depth + 1), (v, depth + 1)]),
+            ),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// The YAML scanner's description, which names the problem but not the text.

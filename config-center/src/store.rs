@@ -522,12 +522,22 @@ impl Store {
         })?;
         let info = self.info_from_row(env, app, info)?;
         let mut entries = Vec::with_capacity(rows.len());
+        // one data key lookup per key version, not per entry
+        let mut keys: std::collections::HashMap<i64, std::sync::Arc<DataKey>> =
+            std::collections::HashMap::new();
         for (key, format, secret, key_version, sealed) in rows {
             let key = ConfigKey::parse(&key)
                 .map_err(|e| StoreError::Corrupt(format!("stored key: {e}")))?;
             let format = Format::parse(&format)
                 .map_err(|e| StoreError::Corrupt(format!("stored format: {e}")))?;
-            let data_key = self.data_key(env, key_version).await?;
+            let data_key = match keys.get(&key_version) {
+                Some(k) => std::sync::Arc::clone(k),
+                None => {
+                    let k = self.data_key(env, key_version).await?;
+                    keys.insert(key_version, std::sync::Arc::clone(&k));
+                    k
+                }
+            };
             let aad = value_aad(env, app, version, &key, format, secret, key_version);
             let plain = data_key
                 .open(&aad, &sealed)
@@ -709,14 +719,24 @@ impl Store {
 
     /// Makes the gray release in progress the main release (same version, so instances
     /// that already hold it keep it; every other instance moves up to it).
-    pub async fn promote(&self, env: &Environment, app: &AppName) -> Result<u64, StoreError> {
-        const SQL: &str = "UPDATE config_releases SET status = 'main' WHERE environment = $1 AND application = $2 AND status = 'gray' RETURNING version";
+    ///
+    /// `expected` names the gray release's version (it is the head while in progress).
+    pub async fn promote(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        expected: Expected,
+    ) -> Result<u64, StoreError> {
+        const SQL: &str = "UPDATE config_releases SET status = 'main' WHERE environment = $1 AND application = $2 AND status = 'gray' AND version = $3 RETURNING version";
+        let gray = self.expect_gray(env, app, expected).await?;
+        let gray_i64 = to_i64(gray)?;
         const NOTIFY: &str = "SELECT pg_notify($1, $2)";
         let promoted: Option<i64> = on_pool!(&self.pool, |p, pg| {
             let mut tx = p.begin().await?;
             let version: Option<i64> = sqlx::query_scalar(SQL)
                 .bind(env.as_str())
                 .bind(app.as_str())
+                .bind(gray_i64)
                 .fetch_optional(&mut *tx)
                 .await?;
             if let (Some(v), true) = (version, pg) {
@@ -738,16 +758,16 @@ impl Store {
     /// Aborts the gray release in progress: it is never served again, and the current
     /// main release is republished as a new version so that every instance — those that
     /// held the gray one too — moves forward to it (clients never go back a version).
+    ///
+    /// `expected` names the gray release's version (it is the head while in progress).
     pub async fn abort_gray(
         &self,
         env: &Environment,
         app: &AppName,
+        expected: Expected,
         note: &ChangeNote,
     ) -> Result<ReleaseInfo, StoreError> {
-        let gray = self
-            .gray_version(env, app)
-            .await?
-            .ok_or(StoreError::NoGray)?;
+        let gray = self.expect_gray(env, app, expected).await?;
         let main_release = self.current(env, app).await?;
         let entries = main_release
             .as_ref()
@@ -766,6 +786,26 @@ impl Store {
             .await?;
         tracing::info!(environment = %env, application = %app, gray, version = info.version, "gray config release aborted");
         Ok(info)
+    }
+
+    /// The gray release in progress, checked against `expected`.
+    async fn expect_gray(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        expected: Expected,
+    ) -> Result<u64, StoreError> {
+        let gray = self
+            .gray_version(env, app)
+            .await?
+            .ok_or(StoreError::NoGray)?;
+        match expected {
+            Expected::Version(v) if v != gray => Err(StoreError::Conflict {
+                expected: v,
+                current: gray,
+            }),
+            _ => Ok(gray),
+        }
     }
 
     /// What an instance receives: the gray release in progress when its selector
@@ -1075,6 +1115,9 @@ impl Store {
         env: &Environment,
         key_version: i64,
     ) -> Result<std::sync::Arc<DataKey>, StoreError> {
+        if let Some(key) = self.envelope.cached(env, key_version) {
+            return Ok(key);
+        }
         let stored = self
             .stored_key(env, Some(key_version))
             .await?

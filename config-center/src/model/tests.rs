@@ -207,3 +207,23 @@ fn gray_selectors_match_listed_instances_or_all_their_labels() {
     assert!(GraySelector::parse_labels("zone=a/b").is_err());
     assert!(GraySelector::parse_labels("").unwrap().is_empty());
 }
+
+#[test]
+fn deeply_nested_documents_are_handled_without_overflowing_the_stack() {
+    let key = ConfigKey::parse("k").unwrap();
+    let depth = 30_000;
+    let json = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    assert!(
+        Value::parse(&key, Format::Json, &json).is_err(),
+        "serde_json's recursion limit"
+    );
+    let yaml = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    assert!(Value::parse(&key, Format::Yaml, &yaml).is_err());
+    let yaml_block: String = (0..2_000)
+        .map(|i| format!("{}-\n", " ".repeat(i * 2)))
+        .collect();
+    assert!(Value::parse(&key, Format::Yaml, &yaml_block).is_err());
+    let fine = format!("{}{}", "[".repeat(20), "]".repeat(20));
+    assert!(Value::parse(&key, Format::Yaml, &fine).is_ok());
+    assert!(Value::parse(&key, Format::Json, &fine).is_ok());
+}

@@ -103,12 +103,18 @@ struct Gateway {
     current: watch::Sender<Option<Snapshot>>,
     jwks: Mutex<Vec<serde_json::Value>>,
     stream: AtomicBool,
+    /// Answer 404 on the watch route, as a gateway without it would.
+    watch_missing: AtomicBool,
     jwks_fetches: AtomicUsize,
     polls: AtomicUsize,
     /// Bumping it ends every open event stream at its next wake-up.
     epoch: AtomicU64,
     /// The `Last-Event-ID` of every watch request.
     resume_ids: Mutex<Vec<String>>,
+    /// Every version sent as an event.
+    sent: Mutex<Vec<u64>>,
+    /// The query of every plain read.
+    read_queries: Mutex<Vec<std::collections::HashMap<String, String>>>,
 }
 
 type Shared = Arc<Gateway>;
@@ -142,7 +148,12 @@ async fn jwks(State(g): State<Shared>) -> Response {
     Json(json!({"keys": keys})).into_response()
 }
 
-async fn read(State(g): State<Shared>, headers: HeaderMap) -> Response {
+async fn read(
+    State(g): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    g.read_queries.lock().unwrap().push(query);
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
@@ -194,20 +205,24 @@ async fn watch_sse(
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
+    if g.watch_missing.load(Ordering::SeqCst) {
+        return error(StatusCode::NOT_FOUND, "not_found");
+    }
     if !g.stream.load(Ordering::SeqCst) {
         return error(StatusCode::NOT_IMPLEMENTED, "streaming_disabled");
     }
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    g.resume_ids
-        .lock()
-        .unwrap()
-        .push(header_id.unwrap_or_default().to_owned());
     let resume = header_id
         .and_then(|v| v.parse().ok())
         .or(q.version)
         .unwrap_or(0u64);
     let rx = g.current.subscribe();
     let epoch = g.epoch.load(Ordering::SeqCst);
+    // recorded once the stream is set up, so a test seeing it may end the stream
+    g.resume_ids
+        .lock()
+        .unwrap()
+        .push(header_id.unwrap_or_default().to_owned());
     let state = (rx, resume, true, Arc::clone(&g));
     let stream =
         futures::stream::unfold(state, move |(mut rx, mut sent, mut first, g)| async move {
@@ -225,6 +240,7 @@ async fn watch_sse(
                     && s.version != sent
                 {
                     sent = s.version;
+                    g.sent.lock().unwrap().push(s.version);
                     let event = Event::default()
                         .event("release")
                         .id(s.version.to_string())
@@ -251,10 +267,13 @@ async fn start_gateway(
         current,
         jwks: Mutex::new(vec![key.jwk.clone()]),
         stream: AtomicBool::new(true),
+        watch_missing: AtomicBool::new(false),
         jwks_fetches: AtomicUsize::new(0),
         polls: AtomicUsize::new(0),
         epoch: AtomicU64::new(0),
         resume_ids: Mutex::new(Vec::new()),
+        sent: Mutex::new(Vec::new()),
+        read_queries: Mutex::new(Vec::new()),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -379,6 +398,44 @@ async fn the_client_falls_back_to_long_poll_when_the_gateway_does_not_stream() {
 }
 
 #[tokio::test]
+async fn the_client_long_polls_after_repeated_stream_failures() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    g.watch_missing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        while g.polls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![plain("a", "2")])));
+    wait_for_version(&client, 2).await;
+}
+
+#[tokio::test]
+async fn the_client_names_its_instance_and_labels_for_gray_releases() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![url], dir.path());
+    cfg.instance = Some("node-7".into());
+    cfg.labels = [("zone", "a"), ("tier", "canary")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let _client = Client::start(cfg).await.unwrap();
+    let query = g.read_queries.lock().unwrap()[0].clone();
+    assert_eq!(query.get("instance").map(String::as_str), Some("node-7"));
+    let labels = config_center::GraySelector::parse_labels(&query["labels"]).unwrap();
+    assert_eq!(labels.get("zone").map(String::as_str), Some("a"));
+    assert_eq!(labels.get("tier").map(String::as_str), Some("canary"));
+}
+
+#[tokio::test]
 async fn a_tampered_snapshot_is_refused() {
     let key = ed25519("k1");
     let mut bad = signed(&key, 1, vec![plain("db.url", "pg://real")]);
@@ -436,7 +493,14 @@ async fn an_older_release_is_refused_and_a_new_kid_is_fetched_from_jwks() {
     // a downgrade, validly signed, then a release under a rotated-in key
     g.current
         .send_replace(Some(signed(&k1, 3, vec![plain("a", "3")])));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // events on one stream are handled in order: once 3 is sent, 6 comes after it
+    tokio::time::timeout(DEADLINE, async {
+        while !g.sent.lock().unwrap().contains(&3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
     let k2 = es256("k2");
     g.jwks.lock().unwrap().push(k2.jwk.clone());
     g.current
@@ -526,6 +590,58 @@ async fn the_client_reconnects_when_its_stream_ends_and_resumes_from_its_version
     );
 }
 
+#[tokio::test]
+async fn a_release_from_the_store_signed_by_keyrotation_keys_verifies_in_the_client() {
+    use keyrotation::{KeyAlgorithm, KeyRing, Keys, Policy};
+    let t = crate::common::sqlite_store("e2e").await;
+    let (e, a) = (crate::common::env("prod"), crate::common::app("orders"));
+    t.store
+        .publish(
+            &e,
+            &a,
+            config_center::Expected::Version(0),
+            vec![
+                crate::common::entry("server.port", "8443"),
+                crate::common::secret("db.password", "s3cret"),
+            ],
+            &config_center::ChangeNote::new("ops", ""),
+        )
+        .await
+        .unwrap();
+    let release = t.store.current(&e, &a).await.unwrap().unwrap();
+
+    for alg in [
+        KeyAlgorithm::ES256,
+        KeyAlgorithm::EdDSA,
+        KeyAlgorithm::RS256,
+    ] {
+        // the gateway's path: unsigned snapshot, Keys::sign over its claims, detached
+        let now = time::OffsetDateTime::now_utc();
+        let policy = Policy {
+            algorithm: alg,
+            ..Policy::default()
+        };
+        let ring = keyrotation::plan(&KeyRing::empty(), &policy, now)
+            .unwrap()
+            .ring;
+        let keys = Keys::from_ring(ring, Some(1), now).unwrap();
+        let mut snapshot = Snapshot::unsigned(&release);
+        let jws = keys.sign(&snapshot.claims(), now).unwrap();
+        snapshot.signature = signing::detach(&jws).unwrap();
+
+        let dummy = ed25519("unused");
+        let (g, url, _server) = start_gateway(&dummy, Some(snapshot)).await;
+        *g.jwks.lock().unwrap() = keys.jwks(now)["keys"].as_array().unwrap().clone();
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::start(config(vec![url], dir.path()))
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(client.version(), 1);
+        assert_eq!(client.get::<u16>("server.port").unwrap(), Some(8443));
+        assert_eq!(client.get_str("db.password").as_deref(), Some("s3cret"));
+    }
+}
+
 #[test]
 fn the_sse_parser_handles_split_chunks_comments_and_crlf() {
     let mut p = SseParser::default();
@@ -555,15 +671,27 @@ impl std::io::Write for Captured {
     }
 }
 
+fn capture_logs() -> Captured {
+    static CAPTURE: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            captured
+        })
+        .clone()
+}
+
 #[tokio::test]
 async fn secrets_never_reach_the_logs() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // the global default (a scoped one races with callsite interest caching when tests
+    // run in parallel); it captures every test of this binary from now on
+    let captured = capture_logs();
 
     // the store: publish, read, diff with secrets
     let t = crate::common::sqlite_store("logs").await;

@@ -90,17 +90,22 @@ pub fn vault_client(addr: &str, token: &str) -> Arc<VaultClient> {
 
 /// A Transit wrapper on a new transit mount of the shared OpenBao, its key created.
 pub async fn transit_wrapper(mount_suffix: &str) -> TransitWrapper {
+    transit_wrapper_on(mount_suffix).await.0
+}
+
+/// Like [`transit_wrapper`], also naming the mount.
+pub async fn transit_wrapper_on(mount_suffix: &str) -> (TransitWrapper, String) {
     let bao = harness::OpenBao::shared();
     let mount = format!("transit-{mount_suffix}-{}", uuid_like());
     bao.bao(&["secrets", "enable", &format!("-path={mount}"), "transit"])
         .unwrap();
     let wrapper = TransitWrapper::new(
         vault_client(&bao.addr(), &bao.root_token()),
-        mount,
+        mount.clone(),
         "config-data-keys",
     );
     wrapper.ensure_key().await.unwrap();
-    wrapper
+    (wrapper, mount)
 }
 
 /// A short unique suffix (process id and a counter).

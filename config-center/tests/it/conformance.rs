@@ -653,7 +653,14 @@ pub async fn a_gray_release_reaches_only_matching_instances_until_promoted(t: Te
     let latest = s.latest_versions().await.unwrap();
     assert_eq!(latest.iter().map(|r| r.version).collect::<Vec<_>>(), [2]);
 
-    assert_eq!(s.promote(&e, &a).await.unwrap(), 2);
+    assert!(matches!(
+        s.promote(&e, &a, Expected::Version(1)).await.unwrap_err(),
+        StoreError::Conflict {
+            expected: 1,
+            current: 2
+        }
+    ));
+    assert_eq!(s.promote(&e, &a, Expected::Version(2)).await.unwrap(), 2);
     assert_eq!(s.current_version(&e, &a).await.unwrap(), Some(2));
     assert_eq!(served(None, "").await, 2);
     assert_eq!(
@@ -661,7 +668,7 @@ pub async fn a_gray_release_reaches_only_matching_instances_until_promoted(t: Te
         ReleaseStatus::Main
     );
     assert!(matches!(
-        s.promote(&e, &a).await.unwrap_err(),
+        s.promote(&e, &a, Expected::Any).await.unwrap_err(),
         StoreError::NoGray
     ));
     s.publish(
@@ -698,7 +705,10 @@ pub async fn aborting_a_gray_release_moves_everyone_forward_to_the_main_content(
     )
     .await
     .unwrap();
-    let back = s.abort_gray(&e, &a, &note()).await.unwrap();
+    let back = s
+        .abort_gray(&e, &a, Expected::Version(2), &note())
+        .await
+        .unwrap();
     assert_eq!(
         (back.version, back.status, back.rollback_of),
         (3, ReleaseStatus::Main, Some(1))
@@ -731,7 +741,9 @@ pub async fn aborting_a_gray_release_moves_everyone_forward_to_the_main_content(
         ]
     );
     assert!(matches!(
-        s.abort_gray(&e, &a, &note()).await.unwrap_err(),
+        s.abort_gray(&e, &a, Expected::Any, &note())
+            .await
+            .unwrap_err(),
         StoreError::NoGray
     ));
     assert_eq!(

@@ -15,7 +15,7 @@ async fn sqlite_pool(dir: &std::path::Path) -> config_center::Pool {
 async fn transit_rotation_and_rewrap_keep_old_releases_readable() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(dir.path()).await;
-    let wrapper = common::transit_wrapper("rotate").await;
+    let (wrapper, mount) = common::transit_wrapper_on("rotate").await;
     let store = Store::new(
         pool.clone(),
         Envelope::new(KeyWrapper::Transit(wrapper.clone())),
@@ -39,6 +39,14 @@ async fn transit_rotation_and_rewrap_keep_old_releases_readable() {
     );
     assert!(!raw.contains("before-rotation"));
 
+    let config_center::Pool::Sqlite(sqlite) = &pool else {
+        unreachable!()
+    };
+    let old_wrapped: String = sqlx::query_scalar("SELECT wrapped FROM config_data_keys")
+        .fetch_one(sqlite)
+        .await
+        .unwrap();
+
     // rotate the Transit key while the store keeps serving, then rewrap
     KeyWrapper::Transit(wrapper.clone()).rotate().await.unwrap();
     store
@@ -58,6 +66,24 @@ async fn transit_rotation_and_rewrap_keep_old_releases_readable() {
         "{raw}"
     );
 
+    // retire Transit key version 1: only rewrapped data keys still unwrap
+    harness::OpenBao::shared()
+        .bao(&[
+            "write",
+            &format!("{mount}/keys/config-data-keys/config"),
+            "min_decryption_version=2",
+        ])
+        .unwrap();
+    let bao = harness::OpenBao::shared();
+    let refused = bao.bao(&[
+        "write",
+        &format!("{mount}/decrypt/config-data-keys"),
+        &format!("ciphertext={old_wrapped}"),
+    ]);
+    assert!(
+        refused.is_err(),
+        "version 1 is retired: the old wrapped key no longer unwraps"
+    );
     // a fresh instance (empty cache) reads both releases through the rewrapped key
     let fresh = Store::new(pool, Envelope::new(KeyWrapper::Transit(wrapper)));
     assert_eq!(

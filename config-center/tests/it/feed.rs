@@ -117,7 +117,7 @@ async fn the_feed_reconnects_after_its_connection_is_killed_and_asks_for_a_resyn
         (got, feed)
     });
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database() AND pid <> pg_backend_pid()")
         .execute(p)
         .await
         .unwrap();
@@ -142,4 +142,67 @@ async fn the_feed_reconnects_after_its_connection_is_killed_and_asks_for_a_resyn
         matches!(got, FeedEvent::Release(ref ev) if ev.version == 1),
         "{got:?}"
     );
+}
+
+#[tokio::test]
+async fn gray_publish_promotion_and_abort_are_announced() {
+    use std::collections::BTreeMap;
+
+    use config_center::GraySelector;
+
+    let t = common::postgres_store("feed_gray").await;
+    let Pool::Postgres(other) = common::pool_for(&t.url).await else {
+        unreachable!()
+    };
+    let mut feed = ChangeFeed::postgres(other);
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, feed.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        FeedEvent::Resync
+    );
+    let (e, a) = (env("prod"), app("orders"));
+    let note = ChangeNote::default();
+    let selector = GraySelector::new(["node-1".to_owned()], BTreeMap::new()).unwrap();
+    let s = &t.store;
+    s.publish(&e, &a, Expected::Version(0), vec![entry("k", "1")], &note)
+        .await
+        .unwrap();
+    s.publish_gray(
+        &e,
+        &a,
+        Expected::Version(1),
+        vec![entry("k", "2")],
+        &selector,
+        &note,
+    )
+    .await
+    .unwrap();
+    s.promote(&e, &a, Expected::Version(2)).await.unwrap();
+    s.publish_gray(
+        &e,
+        &a,
+        Expected::Version(2),
+        vec![entry("k", "3")],
+        &selector,
+        &note,
+    )
+    .await
+    .unwrap();
+    s.abort_gray(&e, &a, Expected::Version(3), &note)
+        .await
+        .unwrap();
+    let mut versions = Vec::new();
+    while versions.len() < 5 {
+        if let FeedEvent::Release(ev) = tokio::time::timeout(DEADLINE, feed.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            versions.push(ev.version);
+        }
+    }
+    // publish 1, gray 2, promotion of 2, gray 3, abort as 4
+    assert_eq!(versions, [1, 2, 2, 3, 4]);
 }
