@@ -362,6 +362,14 @@ impl From<config_center::StoreError> for ApiError {
                 ),
             },
             config_center::StoreError::NotFound { .. } => Self::NotFound,
+            config_center::StoreError::GrayInProgress(v) => Self::Conflict {
+                code: "gray_in_progress",
+                description: format!("gray release {v} is in progress; promote or abort it first"),
+            },
+            config_center::StoreError::NoGray => Self::Conflict {
+                code: "no_gray_release",
+                description: "no gray release is in progress".to_owned(),
+            },
             e @ config_center::StoreError::Crypto(_) => {
                 Self::unavailable("config encryption key", e)
             }

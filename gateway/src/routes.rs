@@ -46,6 +46,9 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("GET", "/config/v1/{env}/{app}/releases/{version}"),
     ("GET", "/config/v1/{env}/{app}/diff"),
     ("POST", "/config/v1/{env}/{app}/rollback"),
+    ("PUT", "/config/v1/{env}/{app}/gray"),
+    ("DELETE", "/config/v1/{env}/{app}/gray"),
+    ("POST", "/config/v1/{env}/{app}/gray/promote"),
 ];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
@@ -144,6 +147,14 @@ fn config_routes(state: &AppState) -> Router<AppState> {
         .route(
             "/config/v1/{env}/{app}/rollback",
             post(config_api::rollback),
+        )
+        .route(
+            "/config/v1/{env}/{app}/gray",
+            axum::routing::put(config_api::publish_gray).delete(config_api::abort_gray),
+        )
+        .route(
+            "/config/v1/{env}/{app}/gray/promote",
+            post(config_api::promote_gray),
         )
         .route_layer(BearerAuth::new(state.keys.clone()))
 }

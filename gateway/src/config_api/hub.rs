@@ -11,12 +11,15 @@
 //! notification heals by itself. While the database is away, what is held keeps being
 //! served.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use config_center::{AppName, Environment, ReleaseEvent, Snapshot, Store, StoreError};
+use config_center::{
+    AppName, Environment, GraySelector, Release, ReleaseEvent, ReleaseStatus, Snapshot, Store,
+    StoreError,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -72,7 +75,39 @@ pub enum HubError {
     Json(#[from] serde_json::Error),
 }
 
-type Slot = watch::Sender<Option<Arc<Published>>>;
+/// What an instance holds of one (environment, application): the main release, and the
+/// gray release in progress (newer than the main one) with who receives it.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// The current main release.
+    pub main: Option<Arc<Published>>,
+    /// The gray release in progress and its selector.
+    pub gray: Option<(GraySelector, Arc<Published>)>,
+}
+
+impl Held {
+    /// The release an instance with this id and these labels receives.
+    pub fn for_instance(
+        &self,
+        instance: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<Arc<Published>> {
+        match &self.gray {
+            Some((selector, gray)) if selector.matches(instance, labels) => Some(gray.clone()),
+            _ => self.main.clone(),
+        }
+    }
+
+    fn main_version(&self) -> Option<u64> {
+        self.main.as_ref().map(|p| p.version)
+    }
+
+    fn gray_version(&self) -> Option<u64> {
+        self.gray.as_ref().map(|(_, p)| p.version)
+    }
+}
+
+type Slot = watch::Sender<Arc<Held>>;
 
 /// The per-instance cache and fan-out of releases. Cheap to clone.
 #[derive(Clone)]
@@ -110,7 +145,7 @@ impl ConfigHub {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots
             .entry((env.to_string(), app.to_string()))
-            .or_insert_with(|| watch::channel(None).0)
+            .or_insert_with(|| watch::channel(Arc::new(Held::default())).0)
             .clone()
     }
 
@@ -119,61 +154,104 @@ impl ConfigHub {
         slots.get(&(env.to_owned(), app.to_owned())).cloned()
     }
 
-    /// The current release of (env, app): what is held, else read from the store.
-    /// `Ok(None)` when nothing was ever published.
-    pub async fn current(
-        &self,
-        env: &Environment,
-        app: &AppName,
-    ) -> Result<Option<Arc<Published>>, HubError> {
+    /// What is held of (env, app), read from the store first if nothing is.
+    pub async fn current(&self, env: &Environment, app: &AppName) -> Result<Arc<Held>, HubError> {
         let slot = self.slot(env, app);
-        if let Some(held) = slot.borrow().clone() {
-            return Ok(Some(held));
+        let held = slot.borrow().clone();
+        if held.main.is_some() {
+            return Ok(held);
         }
         self.load(env, app, &slot).await
     }
 
-    /// A receiver that sees every release of (env, app) from now on, primed with the
-    /// current one.
+    /// A receiver that sees every change of (env, app) from now on, primed with what is
+    /// held now.
     pub async fn subscribe(
         &self,
         env: &Environment,
         app: &AppName,
-    ) -> Result<watch::Receiver<Option<Arc<Published>>>, HubError> {
+    ) -> Result<watch::Receiver<Arc<Held>>, HubError> {
         let slot = self.slot(env, app);
-        if slot.borrow().is_none() {
+        if slot.borrow().main.is_none() {
             self.load(env, app, &slot).await?;
         }
         Ok(slot.subscribe())
     }
 
-    /// Reads, signs and publishes the newest release into `slot`, unless a newer one is
-    /// held already.
+    /// Reads the newest main release and the gray one in progress, and swaps them into
+    /// `slot` when they differ from what it holds; each new release is signed and
+    /// serialized once, here.
     async fn load(
         &self,
         env: &Environment,
         app: &AppName,
         slot: &Slot,
-    ) -> Result<Option<Arc<Published>>, HubError> {
+    ) -> Result<Arc<Held>, HubError> {
         let _one_at_a_time = self.loading.lock().await;
-        let Some(release) = self.store.current(env, app).await? else {
-            return Ok(slot.borrow().clone());
-        };
-        let held = slot.borrow().as_ref().map(|p| p.version);
-        if held.is_some_and(|v| v >= release.version) {
-            return Ok(slot.borrow().clone());
+        let held = slot.borrow().clone();
+        let main_version = self.store.current_version(env, app).await?;
+        let gray_version = self
+            .store
+            .gray_version(env, app)
+            .await?
+            .filter(|g| Some(*g) > main_version);
+        if held.main_version() == main_version && held.gray_version() == gray_version {
+            return Ok(held);
         }
-        let mut snapshot = Snapshot::unsigned(&release);
+        let main = match main_version {
+            None => None,
+            Some(v) if Some(v) == held.main_version() => held.main.clone(),
+            Some(v) => Some(self.publish(&self.store.release(env, app, v).await?)?),
+        };
+        let gray = match gray_version {
+            None => None,
+            Some(v) if Some(v) == held.gray_version() => held.gray.clone(),
+            Some(v) => {
+                let release = self.store.release(env, app, v).await?;
+                // promoted or aborted between the two reads: the next note says which
+                match (&release.status, release.gray.clone()) {
+                    (ReleaseStatus::Gray, Some(selector)) => {
+                        Some((selector, self.publish(&release)?))
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let new = Arc::new(Held { main, gray });
+        slot.send_replace(new.clone());
+        Ok(new)
+    }
+
+    /// Reloads (env, app) now if this instance holds it: a write made through this
+    /// instance is then visible to its next read (read-your-writes), without waiting for
+    /// the change feed to bring the note back.
+    pub async fn refresh(&self, env: &Environment, app: &AppName) {
+        let Some(slot) = self.existing_slot(env.as_str(), app.as_str()) else {
+            return;
+        };
+        if let Err(e) = self.load(env, app, &slot).await {
+            tracing::warn!(
+                environment = %env,
+                application = %app,
+                error = %crate::error::chain(&e),
+                "config release could not be reloaded after a write; the change feed retries"
+            );
+        }
+    }
+
+    /// Signs and serializes one release.
+    fn publish(&self, release: &Release) -> Result<Arc<Published>, HubError> {
+        let mut snapshot = Snapshot::unsigned(release);
         let compact = self.keys.sign(&snapshot.claims())?;
         snapshot.signature = config_center::signing::detach(&compact)
             .map_err(|e| HubError::Signature(e.to_string()))?;
-        let published = Arc::new(Published::new(&snapshot)?);
         metrics::counter!("portcullis_config_releases_loaded_total").increment(1);
-        slot.send_replace(Some(published.clone()));
-        Ok(Some(published))
+        Ok(Arc::new(Published::new(&snapshot)?))
     }
 
-    /// A release note arrived: refresh the slot if anybody here holds it and it is older.
+    /// A release note arrived: refresh the slot if anybody here holds it and its main
+    /// release is older. (A gray release promoted to main keeps its version, so the main
+    /// version alone decides.)
     async fn on_release(&self, event: &ReleaseEvent) {
         let Some(slot) = self.existing_slot(event.environment.as_str(), event.application.as_str())
         else {
@@ -181,8 +259,8 @@ impl ConfigHub {
         };
         if slot
             .borrow()
-            .as_ref()
-            .is_some_and(|p| p.version >= event.version)
+            .main_version()
+            .is_some_and(|v| v >= event.version)
         {
             return;
         }

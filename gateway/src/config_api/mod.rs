@@ -11,11 +11,14 @@
 
 pub mod hub;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -31,7 +34,7 @@ use crate::authn::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use hub::{ConfigHub, HubError, Published};
+pub use hub::{ConfigHub, Held, HubError, Published};
 
 /// How often an idle SSE stream carries a comment, so proxies keep it open.
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -157,22 +160,66 @@ fn names(state: &AppState, env: &str, app: &str) -> Result<(Environment, AppName
 
 // === reading ===
 
-/// `GET /config/v1/{env}/{app}`: the current signed snapshot, with `ETag`; 304 when
-/// `If-None-Match` names it.
+/// Who is asking, for gray releases: `?instance=<id>&labels=k1=v1,k2=v2`, and for the
+/// long-poll and the watch the version the node holds (`?version=N`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// The node's instance id.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// The node's labels, `k1=v1,k2=v2`.
+    #[serde(default)]
+    pub labels: Option<String>,
+    /// The version the node holds (0 or absent: none).
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// A parsed [`Node`].
+struct Who {
+    instance: Option<String>,
+    labels: BTreeMap<String, String>,
+    version: u64,
+}
+
+impl Who {
+    fn pick(&self, held: &Held) -> Option<Arc<Published>> {
+        held.for_instance(self.instance.as_deref(), &self.labels)
+    }
+}
+
+fn who(query: Result<Query<Node>, QueryRejection>) -> Result<Who, ApiError> {
+    let Query(node) = query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let labels = match &node.labels {
+        Some(text) => config_center::GraySelector::parse_labels(text)?,
+        None => BTreeMap::new(),
+    };
+    if let Some(id) = &node.instance {
+        // the selector's own check of an instance id
+        config_center::GraySelector::new([id.clone()], BTreeMap::new())?;
+    }
+    Ok(Who {
+        instance: node.instance,
+        labels,
+        version: node.version.unwrap_or(0),
+    })
+}
+
+/// `GET /config/v1/{env}/{app}`: the current signed snapshot (the gray release for nodes
+/// it selects), with `ETag`; 304 when `If-None-Match` names it.
 pub async fn snapshot(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((env, app)): Path<(String, String)>,
+    query: Result<Query<Node>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Read, &env, &app)?;
-    let published = state
-        .config_center
-        .hub
-        .current(&env, &app)
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let who = who(query)?;
+    let held = state.config_center.hub.current(&env, &app).await?;
+    let published = who.pick(&held).ok_or(ApiError::NotFound)?;
     let etag = published.etag();
     let matches = headers
         .get(header::IF_NONE_MATCH)
@@ -207,32 +254,23 @@ fn not_modified(etag: &str) -> Response {
     r
 }
 
-/// `?version=N` of the long-poll and the watch.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FromVersion {
-    /// The version the node holds (0 or absent: none).
-    #[serde(default)]
-    pub version: Option<u64>,
-}
-
 /// `GET /config/v1/{env}/{app}/poll?version=N`: the newest snapshot as soon as one newer
-/// than N exists (at once if it does already), else 304 after at most 30 s.
+/// than N exists (at once if it does already), else 304 after the long-poll timeout.
 pub async fn poll(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((env, app)): Path<(String, String)>,
-    query: Result<Query<FromVersion>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<Node>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Read, &env, &app)?;
-    let held = query_version(query)?;
+    let who = who(query)?;
     let mut rx = state.config_center.hub.subscribe(&env, &app).await?;
     let wait = async {
         loop {
-            let current = rx.borrow_and_update().clone();
+            let current = who.pick(&rx.borrow_and_update());
             if let Some(p) = current
-                && p.version > held
+                && p.version > who.version
             {
                 return Some(p);
             }
@@ -244,16 +282,8 @@ pub async fn poll(
     let wait_for = state.config_center.long_poll_max;
     match tokio::time::timeout(wait_for, wait).await {
         Ok(Some(p)) => Ok(snapshot_response(&p)),
-        Ok(None) | Err(_) => Ok(not_modified(&format!("\"{held}\""))),
+        Ok(None) | Err(_) => Ok(not_modified(&format!("\"{}\"", who.version))),
     }
-}
-
-fn query_version(
-    query: Result<Query<FromVersion>, axum::extract::rejection::QueryRejection>,
-) -> Result<u64, ApiError> {
-    query
-        .map(|Query(q)| q.version.unwrap_or(0))
-        .map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))
 }
 
 /// `GET /config/v1/{env}/{app}/watch`: Server-Sent Events, one `release` event per
@@ -264,44 +294,36 @@ pub async fn watch(
     Extension(principal): Extension<Principal>,
     Path((env, app)): Path<(String, String)>,
     headers: HeaderMap,
-    query: Result<Query<FromVersion>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<Node>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Read, &env, &app)?;
-    let from_header = match headers.get("last-event-id") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_request",
-                        "Last-Event-ID must be a version number",
-                    )
-                })?,
-        ),
-    };
-    let held = match from_header {
-        Some(v) => v,
-        None => query_version(query)?,
-    };
+    let mut who = who(query)?;
+    if let Some(v) = headers.get("last-event-id") {
+        who.version = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_request", "Last-Event-ID must be a version number")
+            })?;
+    }
     let rx = state.config_center.hub.subscribe(&env, &app).await?;
     metrics::gauge!("portcullis_config_watchers").increment(1.0);
     let stream = futures::stream::unfold(
         WatchState {
             rx,
-            held,
+            who,
             tick: keep_alive_timer(),
             _gauge: WatcherGauge,
         },
         |mut s| async move {
             loop {
-                let current = s.rx.borrow_and_update().clone();
+                let current = s.who.pick(&s.rx.borrow_and_update());
                 if let Some(p) = current
-                    && p.version > s.held
+                    && p.version > s.who.version
                 {
-                    s.held = p.version;
+                    s.who.version = p.version;
                     return Some((Ok::<Bytes, Infallible>(p.sse.clone()), s));
                 }
                 tokio::select! {
@@ -333,8 +355,8 @@ fn keep_alive_timer() -> tokio::time::Interval {
 }
 
 struct WatchState {
-    rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Published>>>,
-    held: u64,
+    rx: tokio::sync::watch::Receiver<Arc<Held>>,
+    who: Who,
     tick: tokio::time::Interval,
     _gauge: WatcherGauge,
 }
@@ -386,7 +408,7 @@ pub async fn history(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((env, app)): Path<(String, String)>,
-    query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<Limit>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Read, &env, &app)?;
@@ -452,7 +474,7 @@ pub async fn diff(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((env, app)): Path<(String, String)>,
-    query: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<DiffQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Read, &env, &app)?;
@@ -671,6 +693,7 @@ pub async fn publish(
         .store()
         .publish(&env, &app, expected(body.expected_version), entries, &note)
         .await?;
+    state.config_center.hub.refresh(&env, &app).await;
     Ok(written(
         &state,
         &principal,
@@ -715,6 +738,7 @@ pub async fn edit(
         .store()
         .apply(&env, &app, expected(body.expected_version), &edits, &note)
         .await?;
+    state.config_center.hub.refresh(&env, &app).await;
     Ok(written(
         &state,
         &principal,
@@ -739,6 +763,7 @@ pub async fn rollback(
     let info = store
         .rollback(&env, &app, body.to, expected(body.expected_version), &note)
         .await?;
+    state.config_center.hub.refresh(&env, &app).await;
     Ok(written(
         &state,
         &principal,
@@ -746,5 +771,152 @@ pub async fn rollback(
         &info,
         Vec::new(),
         Some(body.to),
+    ))
+}
+
+// === gray releases ===
+
+/// Who receives a gray release.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorIn {
+    /// Instance ids.
+    #[serde(default)]
+    pub instances: Vec<String>,
+    /// Labels an instance must all carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `PUT /config/v1/{env}/{app}/gray`: a release served only to the selected instances.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrayBody {
+    /// The version the writer based this on; absent: whatever is current.
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+    /// Every entry of the gray release.
+    pub entries: Vec<EntryIn>,
+    /// Who receives it.
+    pub selector: SelectorIn,
+    /// Why.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `PUT /config/v1/{env}/{app}/gray`.
+pub async fn publish_gray(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    JsonBody(body): JsonBody<GrayBody>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Write, &env, &app)?;
+    let entries = body
+        .entries
+        .iter()
+        .map(EntryIn::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let selector = config_center::GraySelector::new(body.selector.instances, body.selector.labels)?;
+    let keys = entries.iter().map(|e| e.key.to_string()).collect();
+    let note = ChangeNote::new(principal.subject.clone(), body.message);
+    let info = state
+        .config_center
+        .hub
+        .store()
+        .publish_gray(
+            &env,
+            &app,
+            expected(body.expected_version),
+            entries,
+            &selector,
+            &note,
+        )
+        .await?;
+    state.config_center.hub.refresh(&env, &app).await;
+    Ok(written(
+        &state,
+        &principal,
+        "config.gray",
+        &info,
+        keys,
+        None,
+    ))
+}
+
+/// `?version=N` of promote and abort: the gray release the operator looked at (absent:
+/// whichever is in progress).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrayVersion {
+    /// The gray release's version.
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+fn gray_version(query: Result<Query<GrayVersion>, QueryRejection>) -> Result<Expected, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    Ok(expected(q.version))
+}
+
+/// `POST /config/v1/{env}/{app}/gray/promote`: the gray release becomes the main one, for
+/// every instance.
+pub async fn promote_gray(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    query: Result<Query<GrayVersion>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Write, &env, &app)?;
+    let which = gray_version(query)?;
+    let version = state
+        .config_center
+        .hub
+        .store()
+        .promote(&env, &app, which)
+        .await?;
+    state.config_center.hub.refresh(&env, &app).await;
+    state.audit.record(AuditEvent {
+        at: time::OffsetDateTime::now_utc(),
+        actor: principal_actor(&principal),
+        action: "config.promote".to_owned(),
+        target: format!("{env}/{app}"),
+        source_ip: None,
+        detail: json!({ "version": version }),
+    });
+    Ok(Json(
+        json!({ "environment": env.as_str(), "application": app.as_str(), "version": version }),
+    )
+    .into_response())
+}
+
+/// `DELETE /config/v1/{env}/{app}/gray`: the gray release is never served again; the main
+/// release is republished as a new version, so every instance moves forward to it.
+pub async fn abort_gray(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((env, app)): Path<(String, String)>,
+    query: Result<Query<GrayVersion>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (env, app) = names(&state, &env, &app)?;
+    require(&principal, Action::Write, &env, &app)?;
+    let which = gray_version(query)?;
+    let note = ChangeNote::new(principal.subject.clone(), "gray release aborted");
+    let info = state
+        .config_center
+        .hub
+        .store()
+        .abort_gray(&env, &app, which, &note)
+        .await?;
+    state.config_center.hub.refresh(&env, &app).await;
+    Ok(written(
+        &state,
+        &principal,
+        "config.abort_gray",
+        &info,
+        Vec::new(),
+        None,
     ))
 }

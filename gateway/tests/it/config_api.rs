@@ -918,3 +918,113 @@ async fn the_cli_imports_sets_exports_diffs_and_rolls_back_through_the_api() {
         "{err}"
     );
 }
+
+// === gray releases ===
+
+#[tokio::test]
+async fn a_gray_release_reaches_only_the_selected_instances_until_promoted() {
+    let app = spawn_app(|_| {}).await;
+    let api = Api::new(&app);
+    api.publish(entries_v1()).await;
+    let node = |who: &str| Api::path("prod", APP, who);
+    let read = |who: &'static str| {
+        let api = &api;
+        async move {
+            let (s, _, b) = api.get(&node(who), "config:read:prod").await;
+            assert_eq!(s, 200, "{b}");
+            b["version"].as_u64().unwrap()
+        }
+    };
+
+    // canary: node-7 by id, and every node labelled zone=b
+    let (s, _, b) = api
+        .send(
+            reqwest::Method::PUT,
+            &Api::path("prod", APP, "/gray"),
+            WRITER,
+            Some(json!({
+                "entries": [{ "key": "db.url", "value": "postgres://canary" }],
+                "selector": { "instances": ["node-7"], "labels": { "zone": "b" } },
+                "message": "canary"
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let gray = b["version"].as_u64().unwrap();
+    assert_eq!(gray, 2);
+    assert_eq!(read("?instance=node-7").await, 2);
+    assert_eq!(read("?instance=node-1&labels=zone%3Db,rack%3D4").await, 2);
+    assert_eq!(read("?instance=node-1&labels=zone%3Da").await, 1);
+    assert_eq!(read("").await, 1);
+
+    // a watcher outside the selection hears nothing until the promotion
+    let mut outside = open_watch(&api, Some(1)).await;
+    // no other release may be published meanwhile
+    let (s, b) = api
+        .put(
+            "prod",
+            APP,
+            WRITER,
+            json!({ "entries": [{ "key": "x", "value": "y" }] }),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(b["error"], "gray_in_progress");
+
+    let (s, _, b) = api
+        .send(
+            reqwest::Method::POST,
+            &Api::path("prod", APP, &format!("/gray/promote?version={gray}")),
+            WRITER,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let got = read_events(&mut outside, 1).await;
+    assert_eq!(got[0].0, 2, "the promoted release reaches everybody");
+    assert!(got[0].1.to_string().contains("postgres://canary"));
+    assert_eq!(read("").await, 2);
+
+    // a second canary, aborted: every node moves forward to a republished main release
+    let (s, _, b) = api
+        .send(
+            reqwest::Method::PUT,
+            &Api::path("prod", APP, "/gray"),
+            WRITER,
+            Some(json!({
+                "entries": [{ "key": "db.url", "value": "postgres://bad-canary" }],
+                "selector": { "instances": ["node-7"] }
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(read("?instance=node-7").await, 3);
+    let (s, _, b) = api
+        .send(
+            reqwest::Method::DELETE,
+            &Api::path("prod", APP, "/gray"),
+            WRITER,
+            None,
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["version"], 4);
+    let (_, _, snap) = api.get(&node("?instance=node-7"), "config:read:prod").await;
+    assert_eq!(snap["version"], 4);
+    assert!(
+        snap.to_string().contains("postgres://canary") && !snap.to_string().contains("bad-canary")
+    );
+
+    // selectors and node names are checked like any other name
+    let (s, _, b) = api.get(&node("?instance=..%2Fx"), "config:read:prod").await;
+    assert_eq!(s, 400, "{b}");
+    let (s, _, b) = api
+        .send(
+            reqwest::Method::PUT,
+            &Api::path("prod", APP, "/gray"),
+            WRITER,
+            Some(json!({ "entries": [], "selector": {} })),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+}
