@@ -43,7 +43,8 @@ pub enum RedisConn {
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    // boxed: a cluster client is more than twice the size of a standalone one
+    Cluster(Box<ClusterClient>),
 }
 
 /// A lazily connected, self-healing Redis connection.
@@ -67,13 +68,13 @@ impl RedisHandle {
         let url = config.url.expose_secret();
         let client = if config.cluster {
             let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
-            Client::Cluster(
+            Client::Cluster(Box::new(
                 ClusterClient::builder(seeds)
                     .connection_timeout(config.command_timeout)
                     .response_timeout(config.command_timeout)
                     .build()
                     .map_err(|_| RedisError::Url)?,
-            )
+            ))
         } else {
             Client::Single(redis::Client::open(url).map_err(|_| RedisError::Url)?)
         };
