@@ -102,6 +102,21 @@ impl Application {
             )),
         };
 
+        let sso = crate::sso::Sso::new(&config.sso, &config.server.public_url, redis.clone())
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let failures: Arc<dyn crate::protect::lockout::FailureStore> = match &redis {
+            Some(handle) => Arc::new(crate::protect::lockout::RedisFailureStore::new(
+                handle.clone(),
+            )),
+            None => Arc::new(crate::protect::lockout::MemoryFailureStore::new()),
+        };
+        let lockout = crate::protect::Lockout::new(failures, config.protection.lockout.clone());
+        let rate = crate::protect::rate::RateLimits::new(
+            config.protection.auth_rate,
+            config.protection.token_rate,
+        )
+        .ok_or_else(|| StartError::Config("protection: empty rate bucket".to_owned()))?;
+
         let https = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
         let https_addr = local_addr(&https, config.server.listen)?;
@@ -122,6 +137,9 @@ impl Application {
             audit: audit.clone(),
             clients,
             refresh,
+            sso,
+            lockout,
+            rate,
         };
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {

@@ -97,6 +97,12 @@ pub struct Config {
     /// The admin API (keys, later clients and sessions).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// SSO for console users: identity providers, role mapping, console session.
+    #[serde(default)]
+    pub sso: crate::sso::settings::SsoSettings,
+    /// Login protection: per-IP rate limits, failure counters, trusted proxies.
+    #[serde(default)]
+    pub protection: crate::protect::ProtectionSettings,
 }
 
 /// `[server]`
@@ -565,6 +571,13 @@ impl Config {
                 }
             }
         }
+
+        self.sso
+            .validate()
+            .map_err(|e| ConfigError::field(e.field, e.message))?;
+        self.protection
+            .validate()
+            .map_err(|(field, message)| ConfigError::field(field, message))?;
 
         if !self.server.admin_listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::field(

@@ -94,6 +94,8 @@ pub fn dev_config(
         },
         vault: None,
         admin: Default::default(),
+        sso: Default::default(),
+        protection: Default::default(),
     })
 }
 

@@ -31,4 +31,10 @@ pub struct AppState {
     pub clients: ClientStore,
     /// Refresh tokens (Redis, or in process for a single `--dev` instance).
     pub refresh: Arc<dyn RefreshStore>,
+    /// SSO for console users.
+    pub sso: crate::sso::Sso,
+    /// Failed-attempt counters per account and per client id.
+    pub lockout: crate::protect::Lockout,
+    /// Per-IP token buckets of the login and token endpoints.
+    pub rate: crate::protect::rate::RateLimits,
 }

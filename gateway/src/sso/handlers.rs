@@ -1,0 +1,268 @@
+//! `/auth/*`: the HTTP face of SSO. Thin: the flow is in [`super::Sso`], the session in
+//! [`super::session`]; these functions turn outcomes into redirects, cookies, audit
+//! events and metrics.
+
+use axum::Json;
+use axum::extract::{Extension, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::audit::AuditEvent;
+use crate::error::ApiError;
+use crate::protect::ClientIp;
+use crate::state::AppState;
+
+use super::session::{self, ID_TOKEN_COOKIE, LOGIN_COOKIE, REFRESH_COOKIE, Resolved};
+use super::{Callback, SsoError};
+
+/// The query of `GET /auth/login`.
+#[derive(Debug, Deserialize)]
+pub struct LoginQuery {
+    /// The provider's name (optional when only one is configured).
+    pub provider: Option<String>,
+    /// Where to go after the login: a relative path on this site.
+    pub redirect: Option<String>,
+}
+
+/// `GET /auth/login`: 302 to the provider, with the login cookie set.
+pub async fn login(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    Query(query): Query<LoginQuery>,
+) -> Result<Response, ApiError> {
+    let started = match state
+        .sso
+        .start(query.provider.as_deref(), query.redirect.as_deref())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "failure", "reason" => e.reason()).increment(1);
+            if matches!(e, SsoError::InvalidRedirect) {
+                tracing::warn!(client_ip = %ip, "open-redirect attempt refused at login");
+            }
+            return Err(e.into());
+        }
+    };
+    let location = HeaderValue::from_str(&started.authorize_url)
+        .map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut response = redirect(StatusCode::FOUND, location);
+    if let Some(cookie) = session::set_cookie(
+        LOGIN_COOKIE,
+        &started.state,
+        state.sso.settings().login_timeout,
+    ) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    Ok(response)
+}
+
+/// `GET /auth/callback`: finishes the login and starts the session, or refuses with no
+/// session at all.
+pub async fn callback(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    Query(query): Query<Callback>,
+) -> Response {
+    let now = state.keys.now();
+    let cookie = session::read_cookie(&headers, LOGIN_COOKIE);
+    let result = state.sso.finish(&query, cookie.as_deref(), now).await;
+    let source_ip = Some(ip.to_string());
+    let mut response = match result {
+        Ok(login) if login.roles.is_empty() => {
+            metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "refused", "reason" => "no_role").increment(1);
+            state.audit.record(AuditEvent {
+                at: now,
+                actor: format!("user:{}", login.subject()),
+                action: "login.refused".to_owned(),
+                target: login.provider.clone(),
+                source_ip,
+                detail: serde_json::json!({ "reason": "no_role", "groups": login.groups }),
+            });
+            ApiError::from(SsoError::NoRole).into_response()
+        }
+        Ok(login) => match session::establish(&state, &login, now).await {
+            Ok(cookies) => {
+                metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "success", "reason" => "").increment(1);
+                state.audit.record(AuditEvent {
+                    at: now,
+                    actor: format!("user:{}", login.subject()),
+                    action: "login.success".to_owned(),
+                    target: login.provider.clone(),
+                    source_ip,
+                    detail: serde_json::json!({
+                        "method": "sso",
+                        "roles": login.roles,
+                    }),
+                });
+                match HeaderValue::from_str(&login.redirect) {
+                    Ok(location) => {
+                        let mut r = redirect(StatusCode::FOUND, location);
+                        for c in cookies {
+                            r.headers_mut().append(header::SET_COOKIE, c);
+                        }
+                        return r;
+                    }
+                    Err(e) => ApiError::Internal(Box::new(e)).into_response(),
+                }
+            }
+            Err(e) => e.into_response(),
+        },
+        Err(e) => {
+            let reason = e.reason();
+            tracing::info!(reason, error = %e, client_ip = %ip, "SSO login refused");
+            metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "failure", "reason" => reason).increment(1);
+            state.audit.record(AuditEvent {
+                at: now,
+                actor: "anonymous".to_owned(),
+                action: "login.failure".to_owned(),
+                target: "sso".to_owned(),
+                source_ip,
+                detail: serde_json::json!({ "method": "sso", "reason": reason }),
+            });
+            ApiError::from(e).into_response()
+        }
+    };
+    response
+        .headers_mut()
+        .append(header::SET_COOKIE, session::clear_cookie(LOGIN_COOKIE));
+    response
+}
+
+/// `GET /auth/me`: who the session is, renewing the access cookie when it has expired.
+pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    match session::resolve(&state, &headers).await? {
+        Resolved::Active { user, set_cookies } => {
+            let mut response = Json(user).into_response();
+            no_store(&mut response);
+            for c in set_cookies {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+            Ok(response)
+        }
+        Resolved::None { stale } => {
+            let mut response = ApiError::LoginRequired.into_response();
+            if stale {
+                for c in session::clear_session_cookies() {
+                    response.headers_mut().append(header::SET_COOKIE, c);
+                }
+            }
+            Ok(response)
+        }
+    }
+}
+
+/// `GET /auth/logout`: without a session, back to `/`; with one, a page whose button
+/// posts to `/auth/logout` (a GET must not end a session: any page could embed it).
+pub async fn logout_page(headers: HeaderMap) -> Response {
+    if !session::has_session_cookie(&headers) {
+        return redirect(StatusCode::SEE_OTHER, HeaderValue::from_static("/"));
+    }
+    let mut response = Html(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Sign out</title></head>\
+         <body><h1>Sign out of Portcullis?</h1>\
+         <form method=\"post\" action=\"/auth/logout\"><button type=\"submit\">Sign out</button>\
+         </form></body></html>",
+    )
+    .into_response();
+    no_store(&mut response);
+    response
+}
+
+/// `POST /auth/logout`: revokes the session's refresh family, clears the cookies, and
+/// sends the browser through the provider's `end_session_endpoint` when it has one.
+pub async fn logout(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let sso = state.sso.settings();
+    let now = state.keys.now();
+    let access = session::access_claims(&state, &headers);
+    let mut provider = access.as_ref().map(|c| c.idp.clone());
+    let mut subject = access.as_ref().map(|c| c.base.sub.clone());
+    let mut family = access.as_ref().and_then(|c| c.base.sid.clone());
+    if let Some(rt) = session::read_cookie(&headers, REFRESH_COOKIE) {
+        let rt = SecretString::from(rt);
+        if let Some(s) = state.refresh.inspect(&rt, now).await? {
+            provider = provider.or_else(|| {
+                s.session
+                    .get("provider")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_owned)
+            });
+            subject = subject.or_else(|| Some(s.subject.clone()));
+            family = Some(s.family.to_string());
+        }
+        // any genuine token of the family revokes it, rotated ones included
+        state
+            .refresh
+            .revoke_token(&rt, &sso.console_client_id)
+            .await
+            .or_else(|e| {
+                if e.is_invalid_grant() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            })?;
+    }
+    if let Some(f) = &family
+        && let Ok(id) = f.parse::<crate::refresh::FamilyId>()
+    {
+        state.refresh.revoke_family(&id).await?;
+    }
+    if let Some(subject) = &subject {
+        metrics::counter!("portcullis_logout_total").increment(1);
+        state.audit.record(AuditEvent {
+            at: now,
+            actor: format!("user:{subject}"),
+            action: "logout".to_owned(),
+            target: family.clone().unwrap_or_default(),
+            source_ip: Some(ip.to_string()),
+            detail: serde_json::json!({ "provider": provider }),
+        });
+    }
+    let location = match (provider, session::read_cookie(&headers, ID_TOKEN_COOKIE)) {
+        (Some(p), Some(id_token)) => end_session_url(&state, &p, &id_token).await,
+        _ => None,
+    }
+    .unwrap_or_else(|| "/".to_owned());
+    let location = HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut response = redirect(StatusCode::SEE_OTHER, location);
+    for c in session::clear_session_cookies() {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    Ok(response)
+}
+
+/// The provider's `end_session_endpoint` with `id_token_hint`, `post_logout_redirect_uri`
+/// and `client_id` (RP-Initiated Logout 1.0 §2); `None` when it has none or cannot be
+/// reached (the local logout stands either way).
+async fn end_session_url(state: &AppState, provider: &str, id_token: &str) -> Option<String> {
+    let provider = state.sso.provider(Some(provider)).ok()?;
+    let metadata = provider.metadata().await.ok()?;
+    let endpoint = metadata.end_session_endpoint.as_ref()?;
+    let mut url = url::Url::parse(endpoint).ok()?;
+    url.query_pairs_mut()
+        .append_pair("id_token_hint", id_token)
+        .append_pair(
+            "post_logout_redirect_uri",
+            &provider.post_logout_redirect_uri,
+        )
+        .append_pair("client_id", &provider.settings.client_id);
+    Some(url.to_string())
+}
+
+fn redirect(status: StatusCode, location: HeaderValue) -> Response {
+    let mut response = (status, [(header::LOCATION, location)]).into_response();
+    no_store(&mut response);
+    response
+}
+
+fn no_store(response: &mut Response) {
+    crate::oauth::token::no_store(response.headers_mut());
+}
