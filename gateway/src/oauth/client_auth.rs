@@ -87,7 +87,20 @@ pub async fn authenticate(
 ) -> Result<Client, ApiError> {
     let now = state.keys.now();
     let id = presented.client_id.as_str();
-    let had_failures = match state.lockout.check(Kind::Client, id, now).await? {
+    // Client secrets are 256-bit random values, so guessing them is hopeless with or
+    // without the counters: when Redis is away the counters are skipped (logged, counted)
+    // rather than taking every service's token endpoint down with them. The per-IP
+    // buckets still apply. (Human passwords fail closed instead.)
+    let verdict = match state.lockout.check(Kind::Client, id, now).await {
+        Ok(v) => v,
+        Err(e) => {
+            counters_unavailable(&e);
+            Verdict::Allowed {
+                had_failures: false,
+            }
+        }
+    };
+    let had_failures = match verdict {
         Verdict::Allowed { had_failures } => had_failures,
         Verdict::Refused(refusal) => {
             metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
@@ -97,15 +110,22 @@ pub async fn authenticate(
     let result = state.clients.authenticate(id, &presented.secret, now).await;
     match result {
         Ok(client) => {
-            if had_failures {
-                state.lockout.succeeded(Kind::Client, id).await?;
+            if had_failures && let Err(e) = state.lockout.succeeded(Kind::Client, id).await {
+                counters_unavailable(&e);
             }
             Ok(client)
         }
         Err(ClientError::InvalidClient) => {
             metrics::counter!("portcullis_client_auth_failures_total").increment(1);
             metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "failure", "reason" => "invalid_client").increment(1);
-            let next = state.lockout.failed(Kind::Client, id, now).await?;
+            let next = state
+                .lockout
+                .failed(Kind::Client, id, now)
+                .await
+                .unwrap_or_else(|e| {
+                    counters_unavailable(&e);
+                    None
+                });
             if let Some(refusal) = next.filter(|r| r.locked) {
                 metrics::counter!("portcullis_login_lockouts_total", "kind" => "client")
                     .increment(1);
@@ -128,6 +148,11 @@ pub async fn authenticate(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn counters_unavailable(e: &crate::protect::lockout::LockoutUnavailable) {
+    metrics::counter!("portcullis_lockout_unavailable_total", "kind" => "client").increment(1);
+    tracing::warn!(error = %crate::error::chain(e), "login-attempt counters unavailable; client checked without them");
 }
 
 #[cfg(test)]
