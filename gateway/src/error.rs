@@ -126,6 +126,9 @@ pub enum ApiError {
         /// Seconds until a new attempt may succeed (at least 1).
         retry_after: u64,
     },
+    /// A break-glass login with a wrong name or password (the same answer for both).
+    #[error("invalid credentials")]
+    InvalidCredentials,
     /// A console route without a session (401, no `WWW-Authenticate`: browsers log in
     /// at `/auth/login`, not with a challenge).
     #[error("login required")]
@@ -218,6 +221,11 @@ impl ApiError {
             Self::TooManyRequests {
                 code, description, ..
             } => (StatusCode::TOO_MANY_REQUESTS, code, description.clone()),
+            Self::InvalidCredentials => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "wrong user name or password".to_owned(),
+            ),
             Self::LoginRequired => (
                 StatusCode::UNAUTHORIZED,
                 "login_required",

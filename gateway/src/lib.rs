@@ -6,6 +6,7 @@
 //! listeners and runs the instance. Tests build `Application`s on port 0 directly.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod audit;

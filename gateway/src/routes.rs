@@ -42,6 +42,7 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("GET", "/auth/me"),
     ("GET", "/auth/logout"),
     ("POST", "/auth/logout"),
+    ("POST", "/auth/local"),
 ];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/login", get(sso::handlers::login))
         .route("/callback", get(sso::handlers::callback))
         .route("/me", get(sso::handlers::me))
+        .route("/local", post(sso::handlers::local_login))
         .route(
             "/logout",
             get(sso::handlers::logout_page).post(sso::handlers::logout),
@@ -161,26 +163,16 @@ async fn csrf_guard(public_origin: String, req: Request, next: Next) -> Response
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
     );
-    if unsafe_method && sso::session::has_session_cookie(req.headers()) {
-        let headers = req.headers();
-        let claimed = headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| {
-                headers
-                    .get(header::REFERER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(origin_of)
-            });
-        if claimed.as_deref() != Some(public_origin.as_str()) || public_origin.is_empty() {
-            metrics::counter!("portcullis_csrf_rejected_total").increment(1);
-            return ApiError::Forbidden {
-                code: "csrf_rejected",
-                description: "cross-site request refused: Origin is not this site".to_owned(),
-            }
-            .into_response();
+    if unsafe_method
+        && sso::session::has_session_cookie(req.headers())
+        && !sso::session::from_origin(req.headers(), &public_origin)
+    {
+        metrics::counter!("portcullis_csrf_rejected_total").increment(1);
+        return ApiError::Forbidden {
+            code: "csrf_rejected",
+            description: "cross-site request refused: Origin is not this site".to_owned(),
         }
+        .into_response();
     }
     next.run(req).await
 }

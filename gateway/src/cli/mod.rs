@@ -12,6 +12,7 @@ use crate::dev;
 use crate::telemetry;
 
 mod clients;
+mod users;
 
 /// Exit status for invalid configuration or usage (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
@@ -42,6 +43,9 @@ enum Command {
     /// straight against the database.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
+    /// Break-glass local console accounts (used only when `sso.local_accounts` is on).
+    #[command(subcommand)]
+    Users(users::UsersCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +119,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Keys(cmd) => keys(cmd),
         Command::Clients(cmd) => clients::run(cmd),
+        Command::Users(cmd) => users::run(cmd),
     }
 }
 

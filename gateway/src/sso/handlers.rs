@@ -3,18 +3,22 @@
 //! events and metrics.
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::accounts::{self, AccountError};
 use crate::audit::AuditEvent;
 use crate::error::ApiError;
-use crate::protect::ClientIp;
+use crate::protect::{ClientIp, Kind, Verdict};
 use crate::state::AppState;
 
-use super::session::{self, ID_TOKEN_COOKIE, LOGIN_COOKIE, REFRESH_COOKIE, Resolved};
+use super::session::{
+    self, ID_TOKEN_COOKIE, LOGIN_COOKIE, NewSession, REFRESH_COOKIE, Resolved, SessionInfo,
+};
 use super::{Callback, SsoError};
 
 /// The query of `GET /auth/login`.
@@ -48,7 +52,7 @@ pub async fn login(
     };
     let location = HeaderValue::from_str(&started.authorize_url)
         .map_err(|e| ApiError::Internal(Box::new(e)))?;
-    let mut response = redirect(StatusCode::FOUND, location);
+    let mut response = redirect_to(StatusCode::FOUND, location);
     if let Some(cookie) = session::set_cookie(
         LOGIN_COOKIE,
         &started.state,
@@ -84,7 +88,7 @@ pub async fn callback(
             });
             ApiError::from(SsoError::NoRole).into_response()
         }
-        Ok(login) => match session::establish(&state, &login, now).await {
+        Ok(login) => match session::establish(&state, &(&login).into(), now).await {
             Ok(cookies) => {
                 metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "success", "reason" => "").increment(1);
                 state.audit.record(AuditEvent {
@@ -100,7 +104,7 @@ pub async fn callback(
                 });
                 match HeaderValue::from_str(&login.redirect) {
                     Ok(location) => {
-                        let mut r = redirect(StatusCode::FOUND, location);
+                        let mut r = redirect_to(StatusCode::FOUND, location);
                         for c in cookies {
                             r.headers_mut().append(header::SET_COOKIE, c);
                         }
@@ -132,6 +136,125 @@ pub async fn callback(
     response
 }
 
+/// `POST /auth/local`: a break-glass login with a local account (form fields `username`,
+/// `password`, optional `redirect`). Refused unless `sso.local_accounts` is on; from our
+/// own pages only (Origin); under the per-account lockout, which fails closed; every
+/// attempt audited.
+pub async fn local_login(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !state.sso.settings().local_accounts {
+        return Err(ApiError::Forbidden {
+            code: "local_login_disabled",
+            description: "local accounts are not enabled on this instance".to_owned(),
+        });
+    }
+    let origin = url::Url::parse(&state.config.server.public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    if !session::from_origin(&headers, &origin) {
+        return Err(ApiError::Forbidden {
+            code: "csrf_rejected",
+            description: "cross-site request refused: Origin is not this site".to_owned(),
+        });
+    }
+    let mut form = crate::oauth::token::parse_form(&headers, &body)?;
+    let missing = || ApiError::bad_request("invalid_request", "username and password are required");
+    let name = form
+        .take("username")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(missing)?;
+    let password = SecretString::from(form.take("password").ok_or_else(missing)?);
+    let redirect = match form.take("redirect") {
+        None => "/".to_owned(),
+        Some(r) => super::redirect::safe_redirect(&r).ok_or(SsoError::InvalidRedirect)?,
+    };
+    let now = state.keys.now();
+    let source_ip = Some(ip.to_string());
+    let audit = |action: &str, detail: serde_json::Value| {
+        state.audit.record(AuditEvent {
+            at: now,
+            actor: format!("user:local:{name}"),
+            action: action.to_owned(),
+            target: "local".to_owned(),
+            source_ip: source_ip.clone(),
+            detail,
+        });
+    };
+    // fail closed: a human password has no entropy guarantee, so no counters, no login
+    let had_failures = match state.lockout.check(Kind::Account, &name, now).await? {
+        Verdict::Allowed { had_failures } => had_failures,
+        Verdict::Refused(refusal) => {
+            metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
+            audit(
+                "login.failure",
+                serde_json::json!({ "method": "local", "break_glass": true, "reason": "locked" }),
+            );
+            return Err(ApiError::too_many_attempts(refusal));
+        }
+    };
+    let account = accounts::verify(&state.db, &name, &password)
+        .await
+        .map_err(|e| match e {
+            e @ AccountError::Db(_) => ApiError::unavailable("database", e),
+            e => ApiError::Internal(Box::new(e)),
+        })?;
+    let Some(account) = account else {
+        metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "failure", "reason" => "invalid_credentials").increment(1);
+        audit(
+            "login.failure",
+            serde_json::json!({ "method": "local", "break_glass": true, "reason": "invalid_credentials" }),
+        );
+        if let Some(refusal) = state
+            .lockout
+            .failed(Kind::Account, &name, now)
+            .await?
+            .filter(|r| r.locked)
+        {
+            metrics::counter!("portcullis_login_lockouts_total", "kind" => "account").increment(1);
+            audit(
+                "login.lockout",
+                serde_json::json!({ "kind": "account", "locked_for_secs": refusal.retry_after.as_secs() }),
+            );
+        }
+        return Err(ApiError::InvalidCredentials);
+    };
+    if had_failures {
+        state.lockout.succeeded(Kind::Account, &name).await?;
+    }
+    let roles: Vec<String> = account
+        .roles
+        .iter()
+        .map(|r| r.as_str().to_owned())
+        .collect();
+    let new = NewSession {
+        subject: format!("local:{}", account.name),
+        info: SessionInfo {
+            roles: roles.clone(),
+            provider: "local".to_owned(),
+            email: None,
+            name: None,
+            preferred_username: Some(account.name.clone()),
+        },
+        id_token: None,
+    };
+    let cookies = session::establish(&state, &new, now).await?;
+    metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "success", "reason" => "").increment(1);
+    audit(
+        "login.success",
+        serde_json::json!({ "method": "local", "break_glass": true, "roles": roles }),
+    );
+    let location = HeaderValue::from_str(&redirect).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut response = redirect_to(StatusCode::SEE_OTHER, location);
+    for c in cookies {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    Ok(response)
+}
+
 /// `GET /auth/me`: who the session is, renewing the access cookie when it has expired.
 pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     match session::resolve(&state, &headers).await? {
@@ -159,7 +282,7 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Res
 /// posts to `/auth/logout` (a GET must not end a session: any page could embed it).
 pub async fn logout_page(headers: HeaderMap) -> Response {
     if !session::has_session_cookie(&headers) {
-        return redirect(StatusCode::SEE_OTHER, HeaderValue::from_static("/"));
+        return redirect_to(StatusCode::SEE_OTHER, HeaderValue::from_static("/"));
     }
     let mut response = Html(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Sign out</title></head>\
@@ -232,7 +355,7 @@ pub async fn logout(
     }
     .unwrap_or_else(|| "/".to_owned());
     let location = HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(Box::new(e)))?;
-    let mut response = redirect(StatusCode::SEE_OTHER, location);
+    let mut response = redirect_to(StatusCode::SEE_OTHER, location);
     for c in session::clear_session_cookies() {
         response.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -257,7 +380,7 @@ async fn end_session_url(state: &AppState, provider: &str, id_token: &str) -> Op
     Some(url.to_string())
 }
 
-fn redirect(status: StatusCode, location: HeaderValue) -> Response {
+fn redirect_to(status: StatusCode, location: HeaderValue) -> Response {
     let mut response = (status, [(header::LOCATION, location)]).into_response();
     no_store(&mut response);
     response

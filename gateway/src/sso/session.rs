@@ -147,36 +147,72 @@ pub fn read_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// Whether the request's `Origin` (or, without one, its `Referer`) is `origin`.
+pub fn from_origin(headers: &HeaderMap, origin: &str) -> bool {
+    let claimed = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            headers
+                .get(header::REFERER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|r| url::Url::parse(r).ok())
+                .map(|u| u.origin().ascii_serialization())
+        });
+    !origin.is_empty() && claimed.as_deref() == Some(origin)
+}
+
 /// Whether the request carries a session cookie (CSRF protection applies to it).
 pub fn has_session_cookie(headers: &HeaderMap) -> bool {
     read_cookie(headers, REFRESH_COOKIE).is_some() || read_cookie(headers, ACCESS_COOKIE).is_some()
 }
 
-/// Starts the session of a successful login: a new refresh family and a first access
-/// token. Returns the `Set-Cookie` values.
+/// Who a new session is for: from an SSO login or a break-glass account.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// `<provider>:<sub>`, or `local:<name>`.
+    pub subject: String,
+    /// What is remembered in the refresh family.
+    pub info: SessionInfo,
+    /// The provider's ID token, for `id_token_hint` at logout (SSO only).
+    pub id_token: Option<String>,
+}
+
+impl From<&LoggedIn> for NewSession {
+    fn from(login: &LoggedIn) -> Self {
+        Self {
+            subject: login.subject(),
+            info: SessionInfo {
+                roles: login.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+                provider: login.provider.clone(),
+                email: login.claims.email.clone(),
+                name: login.claims.name.clone(),
+                preferred_username: login.claims.preferred_username.clone(),
+            },
+            id_token: Some(login.id_token.clone()),
+        }
+    }
+}
+
+/// Starts a session: a new refresh family and a first access token. Returns the
+/// `Set-Cookie` values.
 pub async fn establish(
     state: &AppState,
-    login: &LoggedIn,
+    new: &NewSession,
     now: OffsetDateTime,
 ) -> Result<Vec<HeaderValue>, ApiError> {
     let sso = state.sso.settings();
-    let info = SessionInfo {
-        roles: login.roles.iter().map(|r| r.as_str().to_owned()).collect(),
-        provider: login.provider.clone(),
-        email: login.claims.email.clone(),
-        name: login.claims.name.clone(),
-        preferred_username: login.claims.preferred_username.clone(),
-    };
     let issued = state
         .refresh
         .issue(
             NewFamily {
                 client_id: sso.console_client_id.clone(),
-                subject: login.subject(),
+                subject: new.subject.clone(),
                 scope: CONSOLE_SCOPE.to_owned(),
                 audience: Vec::new(),
                 auth_time: now,
-                session: serde_json::to_value(&info)
+                session: serde_json::to_value(&new.info)
                     .map_err(|e| ApiError::Internal(Box::new(e)))?,
             },
             now,
@@ -184,15 +220,17 @@ pub async fn establish(
         .await?;
     let (access, _) = mint(
         state,
-        &login.subject(),
+        &new.subject,
         &issued.session.family.to_string(),
-        &info,
+        &new.info,
     )?;
     let lifetime = state.config.refresh.absolute_lifetime;
     Ok([
         set_cookie(REFRESH_COOKIE, issued.token.expose_secret(), lifetime),
         set_cookie(ACCESS_COOKIE, &access, sso.access_token_lifetime),
-        set_cookie(ID_TOKEN_COOKIE, &login.id_token, lifetime),
+        new.id_token
+            .as_deref()
+            .and_then(|t| set_cookie(ID_TOKEN_COOKIE, t, lifetime)),
         Some(clear_cookie(LOGIN_COOKIE)),
     ]
     .into_iter()

@@ -38,6 +38,9 @@ pub struct SsoSettings {
     pub jwks_min_refetch: Duration,
     /// Prefix of the Redis keys of pending logins.
     pub key_prefix: String,
+    /// Break-glass local accounts (`POST /auth/local`, created by `portcullis users
+    /// create`). Off by default.
+    pub local_accounts: bool,
 }
 
 impl Default for SsoSettings {
@@ -52,6 +55,7 @@ impl Default for SsoSettings {
             http_timeout: Duration::from_secs(5),
             jwks_min_refetch: Duration::from_secs(10),
             key_prefix: "portcullis:sso:".to_owned(),
+            local_accounts: false,
         }
     }
 }

@@ -9,6 +9,7 @@ mod cluster;
 mod keys;
 mod least_privilege;
 mod limits;
+mod local_accounts;
 mod openapi;
 mod protection;
 mod readiness;
