@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::roles::RoleRule;
@@ -236,14 +236,6 @@ impl ProviderSettings {
             }
             (None, None) => Err("no client secret".to_owned()),
         }
-    }
-
-    /// The secret is set (for `Debug`-free checks).
-    pub fn has_secret(&self) -> bool {
-        self.client_secret
-            .as_ref()
-            .is_some_and(|s| !s.expose_secret().is_empty())
-            || self.client_secret_file.is_some()
     }
 }
 
