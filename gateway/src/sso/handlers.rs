@@ -2,13 +2,14 @@
 //! [`super::session`]; these functions turn outcomes into redirects, cookies, audit
 //! events and metrics.
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use secrecy::SecretString;
-use serde::Deserialize;
 
 use crate::accounts::{self, AccountError};
 use crate::audit::AuditEvent;
@@ -21,24 +22,38 @@ use super::session::{
 };
 use super::{Callback, SsoError};
 
-/// The query of `GET /auth/login`.
-#[derive(Debug, Deserialize)]
-pub struct LoginQuery {
-    /// The provider's name (optional when only one is configured).
-    pub provider: Option<String>,
-    /// Where to go after the login: a relative path on this site.
-    pub redirect: Option<String>,
+/// The parameters of a query string, decoded once; a repeated parameter is refused
+/// (which of two `state`s or `redirect`s would count is exactly what an attacker wants
+/// to choose).
+fn query_params(raw: Option<&str>) -> Result<HashMap<String, String>, ApiError> {
+    let mut params = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if params
+            .insert(k.clone().into_owned(), v.into_owned())
+            .is_some()
+        {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("parameter `{k}` is repeated"),
+            ));
+        }
+    }
+    Ok(params)
 }
 
 /// `GET /auth/login`: 302 to the provider, with the login cookie set.
 pub async fn login(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
-    Query(query): Query<LoginQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    let query = query_params(raw.as_deref())?;
     let started = match state
         .sso
-        .start(query.provider.as_deref(), query.redirect.as_deref())
+        .start(
+            query.get("provider").map(String::as_str),
+            query.get("redirect").map(String::as_str),
+        )
         .await
     {
         Ok(s) => s,
@@ -69,8 +84,19 @@ pub async fn callback(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
-    Query(query): Query<Callback>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let mut params = match query_params(raw.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let query = Callback {
+        code: params.remove("code"),
+        state: params.remove("state"),
+        iss: params.remove("iss"),
+        error: params.remove("error"),
+        error_description: params.remove("error_description"),
+    };
     let now = state.keys.now();
     let cookie = session::read_cookie(&headers, LOGIN_COOKIE);
     let result = state.sso.finish(&query, cookie.as_deref(), now).await;

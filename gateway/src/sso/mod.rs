@@ -392,7 +392,7 @@ impl Sso {
 }
 
 /// The query of `GET /auth/callback`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub struct Callback {
     /// The authorization code.
     pub code: Option<String>,

@@ -513,6 +513,54 @@ async fn open_redirects_are_refused() {
 }
 
 #[tokio::test]
+async fn a_repeated_state_or_redirect_is_refused() {
+    let f = SsoFixture::start(|_| {}).await;
+    let login = f
+        .browser
+        .get(f.app.url("/auth/login?redirect=/a&redirect=//evil.example"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(login).await, "invalid_request");
+    let callback = f.login_at_idp("", "alice", "alice-correct-horse").await;
+    let doubled = format!("{callback}&state=other");
+    let response = f.browser.get(doubled).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(f.cookie(REFRESH_COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn logout_page_offers_a_form_and_never_ends_the_session_by_itself() {
+    let f = SsoFixture::start(|_| {}).await;
+    let anonymous = f
+        .browser
+        .get(f.app.url("/auth/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        f.login("bob", "bob-battery-staple").await.status(),
+        StatusCode::FOUND
+    );
+    let page = f
+        .browser
+        .get(f.app.url("/auth/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("method=\"post\" action=\"/auth/logout\"")
+    );
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn cross_site_logout_is_refused() {
     let f = SsoFixture::start(|_| {}).await;
     assert_eq!(
