@@ -708,3 +708,67 @@ async fn the_verifier_refuses_real_id_tokens_for_another_client_issuer_time_or_n
         Err(IdTokenError::Signature | IdTokenError::Malformed)
     ));
 }
+
+#[tokio::test]
+async fn a_login_started_on_one_instance_finishes_on_another_sharing_redis() {
+    let redis_url = harness::Redis::shared().url();
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4());
+    let shared = {
+        let prefix = prefix.clone();
+        let redis_url = redis_url.clone();
+        move |c: &mut Config| {
+            c.redis = Some(toml::from_str(&format!("url = \"{redis_url}\"\n")).unwrap());
+            c.sso.key_prefix = format!("{prefix}sso:");
+            c.refresh.key_prefix = format!("{prefix}rt:");
+        }
+    };
+    let f = SsoFixture::start(shared.clone()).await;
+    // the second instance sits behind the same public URL, with the same provider
+    let public = f.origin();
+    let sso = f.app.state.config.sso.clone();
+    let other = spawn_app(move |c| {
+        c.server.public_url = public;
+        c.sso = sso;
+        shared(c);
+    })
+    .await;
+
+    let callback = f.login_at_idp("", "alice", "alice-correct-horse").await;
+    let login_cookie = f.cookie(LOGIN_COOKIE).unwrap();
+    // the balancer sends the callback to the other instance; the browser's cookies go along
+    let to_other = reqwest::Client::builder()
+        .cookie_provider(f.jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(other.pki.ca_pem().as_bytes()).unwrap(),
+        )
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", other.https)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let mut url = callback.clone();
+    url.set_port(Some(other.https.port())).unwrap();
+    let response = to_other.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    let me: serde_json::Value = to_other
+        .get(other.url("/auth/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["roles"], serde_json::json!(["admin", "viewer"]));
+    // and the state is spent for the first instance too, login cookie and all
+    let replay = f
+        .app
+        .https_client()
+        .get(callback.as_str())
+        .header(header::COOKIE, format!("{LOGIN_COOKIE}={login_cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(replay).await, "invalid_state");
+}
