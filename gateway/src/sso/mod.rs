@@ -138,8 +138,8 @@ type OidcClient = oauth2::Client<
     EndpointSet,
 >;
 
-/// A started login: where to send the browser, and the `state` to bind to it.
-#[derive(Debug)]
+/// A started login: where to send the browser, and the `state` to bind to it. `Debug`
+/// shows neither (the URL carries `state` and `nonce`).
 pub struct Started {
     /// The provider's authorization URL with every parameter.
     pub authorize_url: String,
@@ -147,8 +147,14 @@ pub struct Started {
     pub state: String,
 }
 
-/// A finished, validated login.
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started").finish_non_exhaustive()
+    }
+}
+
+/// A finished, validated login. `Debug` leaves the raw ID token out.
+#[derive(Clone)]
 pub struct LoggedIn {
     /// The provider's name.
     pub provider: String,
@@ -162,6 +168,16 @@ pub struct LoggedIn {
     pub groups: Vec<String>,
     /// The mapped roles (possibly none: the caller refuses).
     pub roles: Vec<Role>,
+}
+
+impl std::fmt::Debug for LoggedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggedIn")
+            .field("provider", &self.provider)
+            .field("sub", &self.claims.sub)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LoggedIn {
@@ -391,8 +407,8 @@ impl Sso {
     }
 }
 
-/// The query of `GET /auth/callback`.
-#[derive(Debug, Default)]
+/// The query of `GET /auth/callback`. `Debug` leaves `code` and `state` out.
+#[derive(Default)]
 pub struct Callback {
     /// The authorization code.
     pub code: Option<String>,
@@ -404,6 +420,15 @@ pub struct Callback {
     pub error: Option<String>,
     /// Its description (never echoed).
     pub error_description: Option<String>,
+}
+
+impl std::fmt::Debug for Callback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callback")
+            .field("iss", &self.iss)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
 }
 
 fn oauth_client(

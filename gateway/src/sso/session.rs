@@ -169,7 +169,7 @@ pub fn has_session_cookie(headers: &HeaderMap) -> bool {
 }
 
 /// Who a new session is for: from an SSO login or a break-glass account.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NewSession {
     /// `<provider>:<sub>`, or `local:<name>`.
     pub subject: String,
@@ -177,6 +177,15 @@ pub struct NewSession {
     pub info: SessionInfo,
     /// The provider's ID token, for `id_token_hint` at logout (SSO only).
     pub id_token: Option<String>,
+}
+
+impl std::fmt::Debug for NewSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSession")
+            .field("subject", &self.subject)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
 }
 
 impl From<&LoggedIn> for NewSession {
