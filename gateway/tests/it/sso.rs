@@ -772,3 +772,62 @@ async fn a_login_started_on_one_instance_finishes_on_another_sharing_redis() {
     assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(replay).await, "invalid_state");
 }
+
+/// Collects every log line of the test's thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_code_state_token_cookie_or_secret_reaches_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let f = SsoFixture::start(|_| {}).await;
+    let callback = f
+        .login_at_idp("?redirect=/jobs", "alice", "alice-correct-horse")
+        .await;
+    let code = param(&callback, "code");
+    let state = param(&callback, "state");
+    assert_eq!(
+        f.browser
+            .get(callback.clone())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::FOUND
+    );
+    // a refused replay logs its reason, not its parameters
+    f.browser.get(callback).send().await.unwrap();
+    f.clock.advance(time::Duration::minutes(10));
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+    let secrets = [
+        code,
+        state,
+        f.cookie(REFRESH_COOKIE).unwrap(),
+        f.cookie(ACCESS_COOKIE).unwrap(),
+        f.cookie("__Host-portcullis-idt").unwrap(),
+        f.idp.options().client_secret.clone(),
+        "alice-correct-horse".to_owned(),
+    ];
+    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(logs.contains("SSO login refused"), "nothing was captured");
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
+    }
+}
