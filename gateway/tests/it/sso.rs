@@ -831,3 +831,20 @@ async fn no_code_state_token_cookie_or_secret_reaches_the_logs() {
         assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
     }
 }
+
+#[tokio::test]
+async fn with_userinfo_configured_the_login_still_maps_the_providers_claims() {
+    let f = SsoFixture::start(|c| {
+        c.sso.providers[0].userinfo = true;
+        // the groups come from userinfo only when the ID token lacks them; the test
+        // provider puts them in both, so this checks the call and the sub match
+    })
+    .await;
+    assert_eq!(
+        f.login("bob", "bob-battery-staple").await.status(),
+        StatusCode::FOUND
+    );
+    let me: serde_json::Value = f.me().await.json().await.unwrap();
+    assert_eq!(me["email"], "bob@example.com");
+    assert_eq!(me["roles"], serde_json::json!(["operator", "viewer"]));
+}
