@@ -848,3 +848,62 @@ async fn with_userinfo_configured_the_login_still_maps_the_providers_claims() {
     assert_eq!(me["email"], "bob@example.com");
     assert_eq!(me["roles"], serde_json::json!(["operator", "viewer"]));
 }
+
+#[tokio::test]
+async fn with_several_providers_the_login_names_one_and_es256_id_tokens_verify() {
+    let f = SsoFixture::start(|c| {
+        let mut es = c.sso.providers[0].clone();
+        es.name = "test-es".to_owned();
+        es.client_id = format!("{}-es256", es.client_id);
+        es.id_token_algorithms = vec!["ES256".to_owned()];
+        c.sso.providers.push(es);
+    })
+    .await;
+    let ambiguous = f
+        .browser
+        .get(f.app.url("/auth/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ambiguous.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(ambiguous).await, "unknown_provider");
+    let unknown = f
+        .browser
+        .get(f.app.url("/auth/login?provider=nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(unknown).await, "unknown_provider");
+
+    let callback = f
+        .login_at_idp("?provider=test-es", "alice", "alice-correct-horse")
+        .await;
+    assert_eq!(
+        f.browser.get(callback).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    let me: serde_json::Value = f.me().await.json().await.unwrap();
+    assert_eq!(me["provider"], "test-es");
+    assert_eq!(me["subject"], "test-es:alice");
+    assert_eq!(me["roles"], serde_json::json!(["admin", "viewer"]));
+}
+
+#[tokio::test]
+async fn an_id_token_signed_with_an_algorithm_not_pinned_is_refused() {
+    // the provider signs this client's ID tokens RS256; we accept only ES256
+    let f = SsoFixture::start(|c| {
+        c.sso.providers[0].id_token_algorithms = vec!["ES256".to_owned()];
+    })
+    .await;
+    let response = f.login("alice", "alice-correct-horse").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_id_token");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("RS256")
+    );
+    assert!(f.cookie(REFRESH_COOKIE).is_none());
+}
