@@ -120,6 +120,28 @@ async fn behind_a_trusted_proxy_the_real_client_is_limited() {
     );
 }
 
+#[tokio::test]
+async fn the_token_endpoint_has_its_own_bucket() {
+    let app = spawn_app(|c| {
+        c.protection.token_rate = RateSettings {
+            burst: 2,
+            replenish_every: Duration::from_secs(3600),
+        };
+    })
+    .await;
+    for _ in 0..2 {
+        let r = token_request(&app, "some-client", "some-secret").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let limited = token_request(&app, "some-client", "some-secret").await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers().contains_key(header::RETRY_AFTER));
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    // the login endpoints are another bucket
+    assert_eq!(get_me(&app, None).await.status(), StatusCode::UNAUTHORIZED);
+}
+
 fn lockout_settings(prefix: &str) -> LockoutSettings {
     LockoutSettings {
         free_failures: 1,
