@@ -175,7 +175,9 @@ impl ApiError {
         }
     }
 
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    /// The status, machine-readable code and description this error answers with (the
+    /// browser pages of the login flow render them as HTML).
+    pub fn parts(&self) -> (StatusCode, &'static str, String) {
         match self {
             Self::OAuth { code, description } => (
                 if *code == OAuthCode::InvalidClient {

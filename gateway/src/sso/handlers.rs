@@ -45,9 +45,20 @@ fn query_params(raw: Option<&str>) -> Result<HashMap<String, String>, ApiError> 
 pub async fn login(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
+) -> Response {
+    start_login(&state, ip, raw.as_deref())
+        .await
+        .unwrap_or_else(|e| refusal(&headers, e))
+}
+
+async fn start_login(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    raw: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let query = query_params(raw.as_deref())?;
+    let query = query_params(raw)?;
     let started = match state
         .sso
         .start(
@@ -88,7 +99,7 @@ pub async fn callback(
 ) -> Response {
     let mut params = match query_params(raw.as_deref()) {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => return refusal(&headers, e),
     };
     let query = Callback {
         code: params.remove("code"),
@@ -112,7 +123,7 @@ pub async fn callback(
                 source_ip,
                 detail: serde_json::json!({ "reason": "no_role", "groups": login.groups }),
             });
-            ApiError::from(SsoError::NoRole).into_response()
+            refusal(&headers, ApiError::from(SsoError::NoRole))
         }
         Ok(login) => match session::establish(&state, &(&login).into(), now).await {
             Ok(cookies) => {
@@ -136,10 +147,10 @@ pub async fn callback(
                         }
                         return r;
                     }
-                    Err(e) => ApiError::Internal(Box::new(e)).into_response(),
+                    Err(e) => refusal(&headers, ApiError::Internal(Box::new(e))),
                 }
             }
-            Err(e) => e.into_response(),
+            Err(e) => refusal(&headers, e),
         },
         Err(e) => {
             let reason = e.reason();
@@ -153,7 +164,7 @@ pub async fn callback(
                 source_ip,
                 detail: serde_json::json!({ "method": "sso", "reason": reason }),
             });
-            ApiError::from(e).into_response()
+            refusal(&headers, ApiError::from(e))
         }
     };
     response
@@ -404,6 +415,45 @@ async fn end_session_url(state: &AppState, provider: &str, id_token: &str) -> Op
         )
         .append_pair("client_id", &provider.settings.client_id);
     Some(url.to_string())
+}
+
+/// Whether the client is a browser asking for a page (`Accept: text/html`).
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+/// The refusal as a small page for a browser, as JSON for anything else; same status and
+/// headers (`Retry-After`, `Cache-Control`) either way.
+fn refusal(headers: &HeaderMap, error: ApiError) -> Response {
+    if !wants_html(headers) {
+        return error.into_response();
+    }
+    let (_, code, description) = error.parts();
+    let mut response = error.into_response();
+    let page = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Sign-in refused</title>\
+         </head><body><h1>Sign-in refused</h1><p id=\"error\" data-code=\"{code}\">{}</p>\
+         <p><a href=\"/auth/login\">Sign in again</a></p></body></html>",
+        escape_html(&description)
+    );
+    *response.body_mut() = axum::body::Body::from(page);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    response
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 fn redirect_to(status: StatusCode, location: HeaderValue) -> Response {

@@ -271,6 +271,30 @@ async fn user_without_a_role_is_refused_and_no_session_is_made() {
     assert!(sessions.is_empty());
 }
 
+#[tokio::test]
+async fn a_browser_without_a_role_gets_a_clear_403_page() {
+    let f = SsoFixture::start(|_| {}).await;
+    let callback = f.login_at_idp("", "carol", "carol-tr0ub4dor").await;
+    let response = f
+        .browser
+        .get(callback)
+        .header(header::ACCEPT, "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = response.text().await.unwrap();
+    assert!(page.contains("data-code=\"no_role\""), "{page}");
+    assert!(page.contains("no role in the scheduler console"), "{page}");
+    assert!(f.cookie(REFRESH_COOKIE).is_none());
+}
+
 fn with_param(url: &Url, name: &str, value: &str) -> Url {
     let pairs: Vec<(String, String)> = url
         .query_pairs()
