@@ -59,7 +59,8 @@ async fn token_endpoint() {
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"{db}\"\nmax_connections = 16\n\
          [tokens]\nhash_key = \"{HASH_KEY}\"\n[log]\nlevel = \"warn\"\n\
-         [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
+         [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n\
+         [protection.token_rate]\nburst = 1000000\nreplenish_every = \"1us\"\n",
         cert.display(),
         key.display(),
         dir.path().display()

@@ -111,6 +111,20 @@ impl Application {
         let config_center =
             crate::config_api::ConfigCenter::new(&config, &db, wrapper, keys.clone())
                 .map_err(|e| StartError::ConfigCenter(e.to_string()))?;
+        let sso = crate::sso::Sso::new(&config.sso, &config.server.public_url, redis.clone())
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let failures: Arc<dyn crate::protect::lockout::FailureStore> = match &redis {
+            Some(handle) => Arc::new(crate::protect::lockout::RedisFailureStore::new(
+                handle.clone(),
+            )),
+            None => Arc::new(crate::protect::lockout::MemoryFailureStore::new()),
+        };
+        let lockout = crate::protect::Lockout::new(failures, config.protection.lockout.clone());
+        let rate = crate::protect::rate::RateLimits::new(
+            config.protection.auth_rate,
+            config.protection.token_rate,
+        )
+        .ok_or_else(|| StartError::Config("protection: empty rate bucket".to_owned()))?;
 
         let https = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
@@ -133,6 +147,9 @@ impl Application {
             clients,
             refresh,
             config_center,
+            sso,
+            lockout,
+            rate,
         };
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {

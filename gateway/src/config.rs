@@ -100,6 +100,12 @@ pub struct Config {
     /// The config center: environments, encryption of values, watches.
     #[serde(default)]
     pub config_center: ConfigCenterConfig,
+    /// SSO for console users: identity providers, role mapping, console session.
+    #[serde(default)]
+    pub sso: crate::sso::settings::SsoSettings,
+    /// Login protection: per-IP rate limits, failure counters, trusted proxies.
+    #[serde(default)]
+    pub protection: crate::protect::ProtectionSettings,
 }
 
 /// `[server]`
@@ -621,6 +627,12 @@ impl Config {
         }
 
         self.validate_config_center()?;
+        self.sso
+            .validate()
+            .map_err(|e| ConfigError::field(e.field, e.message))?;
+        self.protection
+            .validate()
+            .map_err(|(field, message)| ConfigError::field(field, message))?;
 
         if !self.server.admin_listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::field(

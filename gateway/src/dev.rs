@@ -96,6 +96,8 @@ pub fn dev_config(
         admin: Default::default(),
         // values sealed under `config-master.key` in the data directory
         config_center: Default::default(),
+        sso: Default::default(),
+        protection: Default::default(),
     })
 }
 

@@ -108,6 +108,31 @@ pub enum ApiError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The request is understood and refused (403).
+    #[error("{description}")]
+    Forbidden {
+        /// Machine-readable reason (`no_role`, `csrf_rejected`, …).
+        code: &'static str,
+        /// For humans.
+        description: String,
+    },
+    /// Too many requests or failed attempts: 429 with `Retry-After`.
+    #[error("{description}")]
+    TooManyRequests {
+        /// Machine-readable reason (`rate_limited`, `too_many_attempts`).
+        code: &'static str,
+        /// For humans; never says whether an account exists.
+        description: String,
+        /// Seconds until a new attempt may succeed (at least 1).
+        retry_after: u64,
+    },
+    /// A break-glass login with a wrong name or password (the same answer for both).
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// A console route without a session (401, no `WWW-Authenticate`: browsers log in
+    /// at `/auth/login`, not with a challenge).
+    #[error("login required")]
+    LoginRequired,
     /// A bug or an unexpected failure; logged, answered with an opaque 500.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -150,7 +175,9 @@ impl ApiError {
         }
     }
 
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    /// The status, machine-readable code and description this error answers with (the
+    /// browser pages of the login flow render them as HTML).
+    pub fn parts(&self) -> (StatusCode, &'static str, String) {
         match self {
             Self::OAuth { code, description } => (
                 if *code == OAuthCode::InvalidClient {
@@ -190,6 +217,22 @@ impl ApiError {
             Self::Conflict { code, description } => {
                 (StatusCode::CONFLICT, code, description.clone())
             }
+            Self::Forbidden { code, description } => {
+                (StatusCode::FORBIDDEN, code, description.clone())
+            }
+            Self::TooManyRequests {
+                code, description, ..
+            } => (StatusCode::TOO_MANY_REQUESTS, code, description.clone()),
+            Self::InvalidCredentials => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "wrong user name or password".to_owned(),
+            ),
+            Self::LoginRequired => (
+                StatusCode::UNAUTHORIZED,
+                "login_required",
+                "no console session; log in at /auth/login".to_owned(),
+            ),
             Self::Unavailable { dependency, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
@@ -268,6 +311,12 @@ impl IntoResponse for ApiError {
             }
             Self::Unavailable { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::TooManyRequests { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from((*retry_after).max(1)),
+                );
             }
             _ => {}
         }
@@ -382,12 +431,78 @@ impl From<config_center::StoreError> for ApiError {
     }
 }
 
+impl From<crate::sso::SsoError> for ApiError {
+    fn from(e: crate::sso::SsoError) -> Self {
+        use crate::sso::SsoError as S;
+        let failed = |e: &S| Self::bad_request("login_failed", format!("the login failed: {e}"));
+        match e {
+            S::Disabled => Self::bad_request(
+                "sso_not_configured",
+                "no identity provider is configured on this instance",
+            ),
+            S::UnknownProvider => Self::bad_request(
+                "unknown_provider",
+                "name a configured identity provider with ?provider=",
+            ),
+            S::InvalidRedirect => Self::bad_request(
+                "invalid_redirect",
+                "redirect must be a relative path on this site, such as /jobs",
+            ),
+            S::InvalidState => Self::bad_request(
+                "invalid_state",
+                "this login is invalid, expired or already used; start again at /auth/login",
+            ),
+            S::ProviderDenied(_) => Self::Forbidden {
+                code: "login_failed",
+                description: "the identity provider did not complete the login".to_owned(),
+            },
+            S::IdToken(ref inner) => {
+                Self::bad_request("invalid_id_token", format!("the login failed: {inner}"))
+            }
+            S::NoRole => Self::Forbidden {
+                code: "no_role",
+                description: "your account has no role in the scheduler console; \
+                              ask an administrator to grant you one"
+                    .to_owned(),
+            },
+            e @ (S::IssuerMismatch
+            | S::MissingCode
+            | S::CodeRejected(_)
+            | S::NoIdToken
+            | S::UserinfoMismatch) => failed(&e),
+            e @ (S::ProviderUnavailable(_) | S::ProviderMisconfigured(_)) => {
+                Self::unavailable("identity provider", e)
+            }
+            e @ S::Store(_) => Self::unavailable("login-state store", e),
+            e @ S::Config(_) => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
 impl From<crate::config_api::HubError> for ApiError {
     fn from(e: crate::config_api::HubError) -> Self {
         match e {
             crate::config_api::HubError::Store(s) => s.into(),
             crate::config_api::HubError::Keys(k) => k.into(),
             e => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<crate::protect::lockout::LockoutUnavailable> for ApiError {
+    fn from(e: crate::protect::lockout::LockoutUnavailable) -> Self {
+        Self::unavailable("login-attempt counters", e)
+    }
+}
+
+impl ApiError {
+    /// The refusal of a locked or backing-off account or client: the same words whether
+    /// or not it exists.
+    pub fn too_many_attempts(refusal: crate::protect::Refusal) -> Self {
+        Self::TooManyRequests {
+            code: "too_many_attempts",
+            description: "too many failed attempts; try again later".to_owned(),
+            retry_after: refusal.retry_after.as_secs_f64().ceil() as u64,
         }
     }
 }

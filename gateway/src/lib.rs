@@ -6,6 +6,7 @@
 //! listeners and runs the instance. Tests build `Application`s on port 0 directly.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod audit;
@@ -19,12 +20,15 @@ pub mod dev;
 pub mod error;
 pub mod keys;
 pub mod oauth;
+pub mod outbound;
+pub mod protect;
 pub mod readiness;
 pub mod redis_store;
 pub mod refresh;
 pub mod routes;
 pub mod server;
 pub mod server_key;
+pub mod sso;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

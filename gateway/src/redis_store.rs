@@ -43,7 +43,7 @@ pub enum RedisConn {
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    // boxed: a cluster client is twice the size of a single one, and handles are cloned
+    // boxed: a cluster client is more than twice the size of a standalone one
     Cluster(Box<ClusterClient>),
 }
 

@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::oauth;
+use crate::protect;
+use crate::sso;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -49,6 +51,12 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("PUT", "/config/v1/{env}/{app}/gray"),
     ("DELETE", "/config/v1/{env}/{app}/gray"),
     ("POST", "/config/v1/{env}/{app}/gray/promote"),
+    ("GET", "/auth/login"),
+    ("GET", "/auth/callback"),
+    ("GET", "/auth/me"),
+    ("GET", "/auth/logout"),
+    ("POST", "/auth/logout"),
+    ("POST", "/auth/local"),
 ];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
@@ -75,12 +83,31 @@ pub fn router(state: AppState) -> Router {
     let server = &state.config.server;
     let max_body = server.max_body_bytes;
     let request_timeout = server.request_timeout;
+    let protection = &state.config.protection;
+    let trusted = protection.trusted();
+    let public_origin = origin_of(&server.public_url);
+    // the login endpoints share one per-IP bucket: a flood of logins, callbacks or
+    // probes of /auth/me is refused before any provider or store is asked
+    let auth = Router::new()
+        .route("/login", get(sso::handlers::login))
+        .route("/callback", get(sso::handlers::callback))
+        .route("/me", get(sso::handlers::me))
+        .route("/local", post(sso::handlers::local_login))
+        .route(
+            "/logout",
+            get(sso::handlers::logout_page).post(sso::handlers::logout),
+        )
+        .route_layer(state.rate.auth.clone());
     // each `layer` wraps everything above it, so read the stack bottom-up: the last
     // layer is the first a request meets
     Router::new()
         .route("/", get(index))
         .route("/oauth2/jwks", get(jwks))
-        .route("/oauth2/token", post(oauth::token::token))
+        // its own bucket: guessing client secrets is limited per IP before any lookup
+        .route(
+            "/oauth2/token",
+            post(oauth::token::token).route_layer(state.rate.token.clone()),
+        )
         .route("/oauth2/introspect", post(oauth::introspect::introspect))
         .route("/oauth2/revoke", post(oauth::revoke::revoke))
         .route(
@@ -92,7 +119,13 @@ pub fn router(state: AppState) -> Router {
             get(oauth::discovery::openid_configuration),
         )
         .merge(config_routes(&state))
+        .nest("/auth", auth)
         .fallback(not_found)
+        // a cookie-carrying state change must come from our own pages (CSRF); inside
+        // the metrics layer, so refusals are counted per route
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            csrf_guard(public_origin.clone(), req, next)
+        }))
         // per-route counters and latency, labelled by route template
         .layer(middleware::from_fn(telemetry::record_request))
         // body size: refused up front when declared, enforced while read otherwise
@@ -123,6 +156,11 @@ pub fn router(state: AppState) -> Router {
         // first of all, drop a client-supplied id we would not want in our logs (too
         // long, odd characters)
         .layer(middleware::from_fn(sanitize_request_id))
+        // who the client is (X-Forwarded-For believed only from trusted proxies), for
+        // rate limits, lockouts and audit; outermost, so every layer can use it
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            protect::client_ip::resolve(trusted.clone(), req, next)
+        }))
         .with_state(state)
 }
 
@@ -157,6 +195,36 @@ fn config_routes(state: &AppState) -> Router<AppState> {
             post(config_api::promote_gray),
         )
         .route_layer(BearerAuth::new(state.keys.clone()))
+}
+
+/// `scheme://host[:port]` of a URL, as browsers write `Origin`.
+fn origin_of(url: &str) -> String {
+    url::Url::parse(url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default()
+}
+
+/// Refuses POST/PUT/PATCH/DELETE requests that carry a console session cookie unless
+/// their `Origin` (or, without one, `Referer`) is our public origin. `SameSite=Lax`
+/// already keeps the cookies off most cross-site requests; this closes the rest
+/// (same-site subdomains, old browsers).
+async fn csrf_guard(public_origin: String, req: Request, next: Next) -> Response {
+    let unsafe_method = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if unsafe_method
+        && sso::session::has_session_cookie(req.headers())
+        && !sso::session::from_origin(req.headers(), &public_origin)
+    {
+        metrics::counter!("portcullis_csrf_rejected_total").increment(1);
+        return ApiError::Forbidden {
+            code: "csrf_rejected",
+            description: "cross-site request refused: Origin is not this site".to_owned(),
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn request_span(req: &Request<Body>) -> tracing::Span {

@@ -33,4 +33,10 @@ pub struct AppState {
     pub refresh: Arc<dyn RefreshStore>,
     /// The config center.
     pub config_center: crate::config_api::ConfigCenter,
+    /// SSO for console users.
+    pub sso: crate::sso::Sso,
+    /// Failed-attempt counters per account and per client id.
+    pub lockout: crate::protect::Lockout,
+    /// Per-IP token buckets of the login and token endpoints.
+    pub rate: crate::protect::rate::RateLimits,
 }

@@ -210,7 +210,7 @@ pub(super) fn run(cmd: ClientsCommand) -> ExitCode {
     })
 }
 
-fn load_config(target: &Target) -> Result<Config, String> {
+pub(super) fn load_config(target: &Target) -> Result<Config, String> {
     if target.dev {
         let admin = config::ServerConfig::default().admin_listen;
         dev::dev_config(&target.data_dir, dev::DEFAULT_LISTEN, admin).map_err(|e| e.to_string())

@@ -223,14 +223,9 @@ struct Api {
 
 impl Api {
     fn new(t: &Target) -> Result<Self, CliError> {
-        let mut builder = reqwest::Client::builder();
-        if let Some(ca) = &t.cacert {
-            let pem = std::fs::read(ca)
-                .map_err(|e| CliError::Usage(format!("--cacert {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| CliError::Usage(format!("--cacert {}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
+        let tls = crate::outbound::tls_config(t.cacert.as_deref())
+            .map_err(|e| CliError::Usage(format!("--cacert: {e}")))?;
+        let builder = reqwest::Client::builder().use_preconfigured_tls(tls);
         let http = builder
             .build()
             .map_err(|e| CliError::Usage(format!("HTTP client: {e}")))?;

@@ -13,6 +13,7 @@ use crate::telemetry;
 
 mod clients;
 mod config_center;
+mod users;
 
 /// Exit status for invalid configuration or usage (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
@@ -47,6 +48,9 @@ enum Command {
     /// through a gateway's HTTPS API with a `config:*` scoped token.
     #[command(subcommand)]
     Config(config_center::ConfigCommand),
+    /// Break-glass local console accounts (used only when `sso.local_accounts` is on).
+    #[command(subcommand)]
+    Users(users::UsersCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +125,7 @@ pub fn run() -> ExitCode {
         Command::Keys(cmd) => keys(cmd),
         Command::Clients(cmd) => clients::run(cmd),
         Command::Config(cmd) => config_center::run(cmd),
+        Command::Users(cmd) => users::run(cmd),
     }
 }
 

@@ -223,3 +223,73 @@ fn missing_or_short_hash_key_is_refused() {
     let err = load(&path, std::iter::once(short)).unwrap_err();
     assert_eq!(field_of(err), "tokens.hash_key");
 }
+
+const PROVIDER: &str = "[[sso.providers]]\nname = \"corp\"\nissuer = \"https://idp.example.com\"\n\
+                        client_id = \"portcullis\"\nclient_secret = \"s3cret\"\n";
+
+#[test]
+fn an_sso_provider_and_role_rules_load_with_their_defaults() {
+    let f = Files::new();
+    let text = f.toml(&format!(
+        "{PROVIDER}[[sso.roles]]\nrole = \"admin\"\ngroups = [\"ops\"]\nprovider = \"corp\"\n"
+    ));
+    let c = f.load(&text, &[]).unwrap();
+    let p = &c.sso.providers[0];
+    assert_eq!(p.scopes, ["openid", "email", "profile"]);
+    assert_eq!(p.id_token_algorithms, ["RS256", "ES256"]);
+    assert_eq!(c.sso.access_token_lifetime, Duration::from_secs(300));
+    assert!(!c.sso.local_accounts);
+    assert_eq!(c.protection.lockout.max_failures, 10);
+}
+
+#[test]
+fn unsafe_or_inconsistent_sso_settings_are_refused_naming_the_field() {
+    let f = Files::new();
+    for (extra, field) in [
+        (
+            PROVIDER.replace("https://idp.example.com", "http://idp.example.com"),
+            "sso.providers[0].issuer",
+        ),
+        (
+            format!("{PROVIDER}id_token_algorithms = [\"HS256\"]\n"),
+            "sso.providers[0].id_token_algorithms",
+        ),
+        (
+            PROVIDER.replace("client_secret = \"s3cret\"\n", ""),
+            "sso.providers[0].client_secret_file",
+        ),
+        (format!("{PROVIDER}{PROVIDER}"), "sso.providers[1].name"),
+        (
+            format!(
+                "{PROVIDER}[[sso.roles]]\nrole = \"admin\"\nprovider = \"other\"\ngroups = [\"x\"]\n"
+            ),
+            "sso.roles[0].provider",
+        ),
+        (
+            format!("{PROVIDER}[[sso.roles]]\nrole = \"admin\"\n"),
+            "sso.roles[0]",
+        ),
+        (
+            "[protection]\ntrusted_proxies = [\"10.0.0.0/33\"]\n".to_owned(),
+            "protection.trusted_proxies[0]",
+        ),
+        (
+            "[protection.lockout]\nfree_failures = 5\nmax_failures = 5\n".to_owned(),
+            "protection.lockout",
+        ),
+        (
+            "[protection.auth_rate]\nburst = 0\nreplenish_every = \"1s\"\n".to_owned(),
+            "protection.auth_rate.burst",
+        ),
+    ] {
+        let err = f.load(&f.toml(&extra), &[]).unwrap_err();
+        assert_eq!(field_of(err), field, "{extra}");
+    }
+}
+
+#[test]
+fn a_plain_http_provider_is_accepted_on_loopback_only() {
+    let f = Files::new();
+    let text = f.toml(&PROVIDER.replace("https://idp.example.com", "http://127.0.0.1:8080"));
+    assert!(f.load(&text, &[]).is_ok());
+}

@@ -6,9 +6,11 @@ use axum::http::{HeaderMap, header};
 use base64::Engine;
 use secrecy::SecretString;
 
+use crate::audit::AuditEvent;
 use crate::clients::{Client, ClientError};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::form::{Form, decode_component};
+use crate::protect::{Kind, Verdict};
 use crate::state::AppState;
 
 /// Credentials as presented, before checking.
@@ -75,16 +77,70 @@ fn parse_basic(value: &[u8]) -> Result<(String, SecretString), ApiError> {
     Ok((id, SecretString::from(secret)))
 }
 
-/// Authenticates the presented credentials against the client store.
-pub async fn authenticate(state: &AppState, presented: &Presented) -> Result<Client, ApiError> {
-    let result = state
-        .clients
-        .authenticate(&presented.client_id, &presented.secret, state.keys.now())
-        .await;
+/// Authenticates the presented credentials against the client store, under the per-client
+/// failure counter: a client id that is backing off or locked is refused (429) before its
+/// secret is looked at, and every failure counts, whether or not the client exists.
+pub async fn authenticate(
+    state: &AppState,
+    presented: &Presented,
+    source_ip: Option<std::net::IpAddr>,
+) -> Result<Client, ApiError> {
+    let now = state.keys.now();
+    let id = presented.client_id.as_str();
+    // Client secrets are 256-bit random values, so guessing them is hopeless with or
+    // without the counters: when Redis is away the counters are skipped (logged, counted)
+    // rather than taking every service's token endpoint down with them. The per-IP
+    // buckets still apply. (Human passwords fail closed instead.)
+    let verdict = match state.lockout.check(Kind::Client, id, now).await {
+        Ok(v) => v,
+        Err(e) => {
+            counters_unavailable(&e);
+            Verdict::Allowed {
+                had_failures: false,
+            }
+        }
+    };
+    let had_failures = match verdict {
+        Verdict::Allowed { had_failures } => had_failures,
+        Verdict::Refused(refusal) => {
+            metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
+            return Err(ApiError::too_many_attempts(refusal));
+        }
+    };
+    let result = state.clients.authenticate(id, &presented.secret, now).await;
     match result {
-        Ok(client) => Ok(client),
+        Ok(client) => {
+            if had_failures && let Err(e) = state.lockout.succeeded(Kind::Client, id).await {
+                counters_unavailable(&e);
+            }
+            Ok(client)
+        }
         Err(ClientError::InvalidClient) => {
             metrics::counter!("portcullis_client_auth_failures_total").increment(1);
+            metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "failure", "reason" => "invalid_client").increment(1);
+            let next = state
+                .lockout
+                .failed(Kind::Client, id, now)
+                .await
+                .unwrap_or_else(|e| {
+                    counters_unavailable(&e);
+                    None
+                });
+            if let Some(refusal) = next.filter(|r| r.locked) {
+                metrics::counter!("portcullis_login_lockouts_total", "kind" => "client")
+                    .increment(1);
+                state.audit.record(AuditEvent {
+                    at: now,
+                    actor: format!("client:{id}"),
+                    action: "login.lockout".to_owned(),
+                    target: id.to_owned(),
+                    source_ip: source_ip.map(|ip| ip.to_string()),
+                    detail: serde_json::json!({
+                        "kind": "client",
+                        "locked_for_secs": refusal.retry_after.as_secs(),
+                    }),
+                });
+            }
             Err(ApiError::oauth(
                 OAuthCode::InvalidClient,
                 "client authentication failed",
@@ -92,6 +148,11 @@ pub async fn authenticate(state: &AppState, presented: &Presented) -> Result<Cli
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn counters_unavailable(e: &crate::protect::lockout::LockoutUnavailable) {
+    metrics::counter!("portcullis_lockout_unavailable_total", "kind" => "client").increment(1);
+    tracing::warn!(error = %crate::error::chain(e), "login-attempt counters unavailable; client checked without them");
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ use crate::state::AppState;
 /// The handler.
 pub async fn introspect(
     State(state): State<AppState>,
+    axum::extract::Extension(crate::protect::ClientIp(ip)): axum::extract::Extension<
+        crate::protect::ClientIp,
+    >,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -29,7 +32,7 @@ pub async fn introspect(
     let token = form
         .take("token")
         .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "token is required"))?;
-    let client = client_auth::authenticate(&state, &presented).await?;
+    let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
     let answer = if looks_like_jwt(&token) {
         introspect_jwt(&state, &token)
     } else {

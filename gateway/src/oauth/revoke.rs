@@ -20,6 +20,9 @@ use crate::state::AppState;
 /// The handler.
 pub async fn revoke(
     State(state): State<AppState>,
+    axum::extract::Extension(crate::protect::ClientIp(ip)): axum::extract::Extension<
+        crate::protect::ClientIp,
+    >,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -28,7 +31,7 @@ pub async fn revoke(
     let token = form
         .take("token")
         .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "token is required"))?;
-    let client = client_auth::authenticate(&state, &presented).await?;
+    let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
     if token.split('.').count() == 3 && !token.starts_with("rt1.") {
         return Err(ApiError::oauth(
             OAuthCode::UnsupportedTokenType,

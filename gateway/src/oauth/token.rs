@@ -71,6 +71,9 @@ pub fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, ApiError> {
 /// The handler.
 pub async fn token(
     State(state): State<AppState>,
+    axum::extract::Extension(crate::protect::ClientIp(ip)): axum::extract::Extension<
+        crate::protect::ClientIp,
+    >,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<TokenResponse, ApiError> {
@@ -89,7 +92,7 @@ pub async fn token(
             ));
         }
     };
-    let client = client_auth::authenticate(&state, &presented).await?;
+    let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
     client.check_grant(grant)?;
     let response = match grant {
         GrantType::ClientCredentials => client_credentials(&state, &client, &mut form)?,

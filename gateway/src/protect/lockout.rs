@@ -1,0 +1,433 @@
+//! Failed-attempt counters per account and per client id, shared by every instance
+//! (Redis; in process for a single `--dev` instance), with exponential backoff and a
+//! temporary lockout.
+//!
+//! Each identifier has a record: how many failures in a row, and when the last one was.
+//! From it and the current instant (the injectable clock, so expiry is testable):
+//!
+//! - the record is stale (the last failure is `lockout` or more ago): nothing is held
+//!   against the identifier, and the next failure starts counting from one;
+//! - `failures >= max_failures`: locked until `last + lockout`;
+//! - `failures > free_failures`: the next attempt waits `backoff_base * 2^(failures -
+//!   free_failures - 1)` (at most `backoff_max`) after the last failure;
+//! - otherwise: allowed.
+//!
+//! Whether the identifier exists plays no part: an unknown account is counted and locked
+//! exactly like a real one, and the refusal reads the same.
+//!
+//! Redis layout: `<key_prefix><kind>:<sha256(id)>`, a hash `{f, last}` (last in Unix ms),
+//! its TTL only garbage collection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+
+use crate::redis_store::{RedisConn, RedisError, RedisHandle};
+
+/// `[protection.lockout]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockoutSettings {
+    /// Failures in a row allowed before any backoff.
+    pub free_failures: u32,
+    /// Failures in a row that lock the identifier.
+    pub max_failures: u32,
+    /// The first backoff; each further failure doubles it.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// The longest backoff.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How long a lock lasts; also how long a failure is remembered.
+    #[serde(with = "humantime_serde")]
+    pub lockout: Duration,
+    /// Prefix of the Redis keys.
+    pub key_prefix: String,
+}
+
+impl Default for LockoutSettings {
+    fn default() -> Self {
+        Self {
+            free_failures: 3,
+            max_failures: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            lockout: Duration::from_secs(15 * 60),
+            key_prefix: "portcullis:lock:".to_owned(),
+        }
+    }
+}
+
+impl LockoutSettings {
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_failures == 0 {
+            return Err("max_failures must be greater than 0".to_owned());
+        }
+        if self.free_failures >= self.max_failures {
+            return Err("free_failures must be less than max_failures".to_owned());
+        }
+        if self.lockout.is_zero() || self.backoff_base.is_zero() {
+            return Err("lockout and backoff_base must be greater than 0".to_owned());
+        }
+        if self.backoff_max < self.backoff_base {
+            return Err("backoff_max must be at least backoff_base".to_owned());
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err("key_prefix must not contain '{' or '}'".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// What is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A user account (break-glass local login).
+    Account,
+    /// An OAuth client id at the token, introspection and revocation endpoints.
+    Client,
+}
+
+impl Kind {
+    /// As in keys, metrics and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Account => "account",
+            Self::Client => "client",
+        }
+    }
+}
+
+/// One identifier's failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FailureRecord {
+    /// Failures in a row.
+    pub failures: u32,
+    /// The last one, Unix milliseconds.
+    pub last_ms: i64,
+}
+
+/// The counters could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("login-attempt counters unavailable")]
+pub struct LockoutUnavailable(#[source] pub RedisError);
+
+/// An attempt refused before any credential is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// When the identifier may try again.
+    pub retry_after: Duration,
+    /// Locked (as opposed to backing off).
+    pub locked: bool,
+}
+
+/// Where the counters live.
+#[async_trait]
+pub trait FailureStore: Send + Sync + 'static {
+    /// The record under `key`, if any.
+    async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable>;
+    /// Counts one failure at `now_ms` (starting over when the last is `reset_ms` or more
+    /// ago) and returns the new record; the stored record lives `ttl` at least.
+    async fn record_failure(
+        &self,
+        key: &str,
+        now_ms: i64,
+        reset_ms: i64,
+        ttl: Duration,
+    ) -> Result<FailureRecord, LockoutUnavailable>;
+    /// Forgets `key`.
+    async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable>;
+}
+
+/// The counters and the policy over them. Cheap to clone.
+#[derive(Clone)]
+pub struct Lockout {
+    store: Arc<dyn FailureStore>,
+    settings: Arc<LockoutSettings>,
+}
+
+impl std::fmt::Debug for Lockout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lockout")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a check found: nothing to hold against the identifier, or a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go ahead; `had_failures` says whether a success should clear a record.
+    Allowed {
+        /// A record with failures exists.
+        had_failures: bool,
+    },
+    /// Refused.
+    Refused(Refusal),
+}
+
+impl Lockout {
+    /// Over `store` with `settings`.
+    pub fn new(store: Arc<dyn FailureStore>, settings: LockoutSettings) -> Self {
+        Self {
+            store,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Whether `id` may attempt a login now.
+    pub async fn check(
+        &self,
+        kind: Kind,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Verdict, LockoutUnavailable> {
+        let record = self.store.get(&self.key(kind, id)).await?;
+        Ok(match record {
+            None => Verdict::Allowed {
+                had_failures: false,
+            },
+            Some(r) => match self.refusal(r, ms(now)) {
+                Some(refusal) => Verdict::Refused(refusal),
+                None => Verdict::Allowed {
+                    had_failures: r.failures > 0,
+                },
+            },
+        })
+    }
+
+    /// Counts a failed attempt of `id`; returns the refusal the next attempt would meet
+    /// now (`locked` when this failure locked it).
+    pub async fn failed(
+        &self,
+        kind: Kind,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Refusal>, LockoutUnavailable> {
+        let s = &self.settings;
+        let record = self
+            .store
+            .record_failure(
+                &self.key(kind, id),
+                ms(now),
+                duration_ms(s.lockout),
+                s.lockout + Duration::from_secs(60),
+            )
+            .await?;
+        Ok(self.refusal(record, ms(now)))
+    }
+
+    /// Forgets the failures of `id` after a successful attempt.
+    pub async fn succeeded(&self, kind: Kind, id: &str) -> Result<(), LockoutUnavailable> {
+        self.store.clear(&self.key(kind, id)).await
+    }
+
+    fn key(&self, kind: Kind, id: &str) -> String {
+        let digest = Sha256::digest(id.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}{}:{hex}", self.settings.key_prefix, kind.as_str())
+    }
+
+    /// The policy of the module docs.
+    fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
+        let s = &self.settings;
+        let lockout = duration_ms(s.lockout);
+        let since = now.saturating_sub(r.last_ms);
+        if r.failures == 0 || since >= lockout {
+            return None;
+        }
+        let (until, locked) = if r.failures >= s.max_failures {
+            (r.last_ms.saturating_add(lockout), true)
+        } else if r.failures > s.free_failures {
+            let doublings = (r.failures - s.free_failures - 1).min(30);
+            let wait = duration_ms(s.backoff_base)
+                .saturating_mul(1i64 << doublings)
+                .min(duration_ms(s.backoff_max));
+            (r.last_ms.saturating_add(wait), false)
+        } else {
+            return None;
+        };
+        (until > now).then(|| Refusal {
+            retry_after: Duration::from_millis(u64::try_from(until - now).unwrap_or(0)),
+            locked,
+        })
+    }
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+// === Redis ===
+
+/// Counts a failure atomically: starts over when the last failure is stale.
+const RECORD_FAILURE: &str = r"
+local v = redis.call('HMGET', KEYS[1], 'f', 'last')
+local f = tonumber(v[1]) or 0
+local last = tonumber(v[2]) or 0
+local now = tonumber(ARGV[1])
+if f > 0 and now - last >= tonumber(ARGV[2]) then f = 0 end
+f = f + 1
+redis.call('HSET', KEYS[1], 'f', f, 'last', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {f, now}
+";
+
+/// Counters in Redis, shared by every instance.
+#[derive(Clone)]
+pub struct RedisFailureStore {
+    redis: RedisHandle,
+    script: Arc<redis::Script>,
+}
+
+impl std::fmt::Debug for RedisFailureStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisFailureStore").finish_non_exhaustive()
+    }
+}
+
+impl RedisFailureStore {
+    /// Over the shared connection.
+    pub fn new(redis: RedisHandle) -> Self {
+        Self {
+            redis,
+            script: Arc::new(redis::Script::new(RECORD_FAILURE)),
+        }
+    }
+
+    async fn conn(&self) -> Result<RedisConn, LockoutUnavailable> {
+        self.redis.connection().await.map_err(LockoutUnavailable)
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, LockoutUnavailable> {
+        match tokio::time::timeout(self.redis.timeout(), fut).await {
+            Err(_) => Err(LockoutUnavailable(RedisError::Timeout)),
+            Ok(Err(e)) => Err(LockoutUnavailable(RedisError::Redis(e))),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+}
+
+#[async_trait]
+impl FailureStore for RedisFailureStore {
+    async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg("f").arg("last");
+        let conn = self.conn().await?;
+        let (f, last): (Option<u32>, Option<i64>) = self
+            .timed(async move {
+                match conn {
+                    RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+                    RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+                }
+            })
+            .await?;
+        Ok(match (f, last) {
+            (Some(failures), Some(last_ms)) => Some(FailureRecord { failures, last_ms }),
+            _ => None,
+        })
+    }
+
+    async fn record_failure(
+        &self,
+        key: &str,
+        now_ms: i64,
+        reset_ms: i64,
+        ttl: Duration,
+    ) -> Result<FailureRecord, LockoutUnavailable> {
+        let mut invocation = self.script.key(key);
+        invocation
+            .arg(now_ms)
+            .arg(reset_ms)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let conn = self.conn().await?;
+        let (failures, last_ms): (u32, i64) = self
+            .timed(async move {
+                match conn {
+                    RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
+                    RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+                }
+            })
+            .await?;
+        Ok(FailureRecord { failures, last_ms })
+    }
+
+    async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key);
+        let conn = self.conn().await?;
+        let _: i64 = self
+            .timed(async move {
+                match conn {
+                    RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+                    RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+                }
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+// === in process ===
+
+/// Counters in this process (a single `--dev` instance only).
+#[derive(Debug, Default)]
+pub struct MemoryFailureStore {
+    records: Mutex<HashMap<String, FailureRecord>>,
+}
+
+/// Past this many records, stale ones are swept on insert.
+const SWEEP_AT: usize = 10_000;
+
+impl MemoryFailureStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl FailureStore for MemoryFailureStore {
+    async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable> {
+        Ok(self.records.lock().await.get(key).copied())
+    }
+
+    async fn record_failure(
+        &self,
+        key: &str,
+        now_ms: i64,
+        reset_ms: i64,
+        _ttl: Duration,
+    ) -> Result<FailureRecord, LockoutUnavailable> {
+        let mut records = self.records.lock().await;
+        if records.len() >= SWEEP_AT {
+            records.retain(|_, r| now_ms.saturating_sub(r.last_ms) < reset_ms);
+        }
+        let r = records.entry(key.to_owned()).or_default();
+        if r.failures > 0 && now_ms.saturating_sub(r.last_ms) >= reset_ms {
+            r.failures = 0;
+        }
+        r.failures = r.failures.saturating_add(1);
+        r.last_ms = now_ms;
+        Ok(*r)
+    }
+
+    async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {
+        self.records.lock().await.remove(key);
+        Ok(())
+    }
+}

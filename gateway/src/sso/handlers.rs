@@ -1,0 +1,467 @@
+//! `/auth/*`: the HTTP face of SSO. Thin: the flow is in [`super::Sso`], the session in
+//! [`super::session`]; these functions turn outcomes into redirects, cookies, audit
+//! events and metrics.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Extension, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use secrecy::SecretString;
+
+use crate::accounts::{self, AccountError};
+use crate::audit::AuditEvent;
+use crate::error::ApiError;
+use crate::protect::{ClientIp, Kind, Verdict};
+use crate::state::AppState;
+
+use super::session::{
+    self, ID_TOKEN_COOKIE, LOGIN_COOKIE, NewSession, REFRESH_COOKIE, Resolved, SessionInfo,
+};
+use super::{Callback, SsoError};
+
+/// The parameters of a query string, decoded once; a repeated parameter is refused
+/// (which of two `state`s or `redirect`s would count is exactly what an attacker wants
+/// to choose).
+fn query_params(raw: Option<&str>) -> Result<HashMap<String, String>, ApiError> {
+    let mut params = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if params
+            .insert(k.clone().into_owned(), v.into_owned())
+            .is_some()
+        {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("parameter `{k}` is repeated"),
+            ));
+        }
+    }
+    Ok(params)
+}
+
+/// `GET /auth/login`: 302 to the provider, with the login cookie set.
+pub async fn login(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    start_login(&state, ip, raw.as_deref())
+        .await
+        .unwrap_or_else(|e| refusal(&headers, e))
+}
+
+async fn start_login(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    raw: Option<&str>,
+) -> Result<Response, ApiError> {
+    let query = query_params(raw)?;
+    let started = match state
+        .sso
+        .start(
+            query.get("provider").map(String::as_str),
+            query.get("redirect").map(String::as_str),
+        )
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "failure", "reason" => e.reason()).increment(1);
+            if matches!(e, SsoError::InvalidRedirect) {
+                tracing::warn!(client_ip = %ip, "open-redirect attempt refused at login");
+            }
+            return Err(e.into());
+        }
+    };
+    let location = HeaderValue::from_str(&started.authorize_url)
+        .map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut response = redirect_to(StatusCode::FOUND, location);
+    if let Some(cookie) = session::set_cookie(
+        LOGIN_COOKIE,
+        &started.state,
+        state.sso.settings().login_timeout,
+    ) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    Ok(response)
+}
+
+/// `GET /auth/callback`: finishes the login and starts the session, or refuses with no
+/// session at all.
+pub async fn callback(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let mut params = match query_params(raw.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return refusal(&headers, e),
+    };
+    let query = Callback {
+        code: params.remove("code"),
+        state: params.remove("state"),
+        iss: params.remove("iss"),
+        error: params.remove("error"),
+        error_description: params.remove("error_description"),
+    };
+    let now = state.keys.now();
+    let cookie = session::read_cookie(&headers, LOGIN_COOKIE);
+    let result = state.sso.finish(&query, cookie.as_deref(), now).await;
+    let source_ip = Some(ip.to_string());
+    let mut response = match result {
+        Ok(login) if login.roles.is_empty() => {
+            metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "refused", "reason" => "no_role").increment(1);
+            state.audit.record(AuditEvent {
+                at: now,
+                actor: format!("user:{}", login.subject()),
+                action: "login.refused".to_owned(),
+                target: login.provider.clone(),
+                source_ip,
+                detail: serde_json::json!({ "reason": "no_role", "groups": login.groups }),
+            });
+            refusal(&headers, ApiError::from(SsoError::NoRole))
+        }
+        Ok(login) => match session::establish(&state, &(&login).into(), now).await {
+            Ok(cookies) => {
+                metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "success", "reason" => "").increment(1);
+                state.audit.record(AuditEvent {
+                    at: now,
+                    actor: format!("user:{}", login.subject()),
+                    action: "login.success".to_owned(),
+                    target: login.provider.clone(),
+                    source_ip,
+                    detail: serde_json::json!({
+                        "method": "sso",
+                        "roles": login.roles,
+                    }),
+                });
+                match HeaderValue::from_str(&login.redirect) {
+                    Ok(location) => {
+                        let mut r = redirect_to(StatusCode::FOUND, location);
+                        for c in cookies {
+                            r.headers_mut().append(header::SET_COOKIE, c);
+                        }
+                        return r;
+                    }
+                    Err(e) => refusal(&headers, ApiError::Internal(Box::new(e))),
+                }
+            }
+            Err(e) => refusal(&headers, e),
+        },
+        Err(e) => {
+            let reason = e.reason();
+            tracing::info!(reason, error = %e, client_ip = %ip, "SSO login refused");
+            metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "failure", "reason" => reason).increment(1);
+            state.audit.record(AuditEvent {
+                at: now,
+                actor: "anonymous".to_owned(),
+                action: "login.failure".to_owned(),
+                target: "sso".to_owned(),
+                source_ip,
+                detail: serde_json::json!({ "method": "sso", "reason": reason }),
+            });
+            refusal(&headers, ApiError::from(e))
+        }
+    };
+    response
+        .headers_mut()
+        .append(header::SET_COOKIE, session::clear_cookie(LOGIN_COOKIE));
+    response
+}
+
+/// `POST /auth/local`: a break-glass login with a local account (form fields `username`,
+/// `password`, optional `redirect`). Refused unless `sso.local_accounts` is on; from our
+/// own pages only (Origin); under the per-account lockout, which fails closed; every
+/// attempt audited.
+pub async fn local_login(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !state.sso.settings().local_accounts {
+        return Err(ApiError::Forbidden {
+            code: "local_login_disabled",
+            description: "local accounts are not enabled on this instance".to_owned(),
+        });
+    }
+    let origin = url::Url::parse(&state.config.server.public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    if !session::from_origin(&headers, &origin) {
+        return Err(ApiError::Forbidden {
+            code: "csrf_rejected",
+            description: "cross-site request refused: Origin is not this site".to_owned(),
+        });
+    }
+    let mut form = crate::oauth::token::parse_form(&headers, &body)?;
+    let missing = || ApiError::bad_request("invalid_request", "username and password are required");
+    let name = form
+        .take("username")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(missing)?;
+    let password = SecretString::from(form.take("password").ok_or_else(missing)?);
+    let redirect = match form.take("redirect") {
+        None => "/".to_owned(),
+        Some(r) => super::redirect::safe_redirect(&r).ok_or(SsoError::InvalidRedirect)?,
+    };
+    let now = state.keys.now();
+    let source_ip = Some(ip.to_string());
+    let audit = |action: &str, detail: serde_json::Value| {
+        state.audit.record(AuditEvent {
+            at: now,
+            actor: format!("user:local:{name}"),
+            action: action.to_owned(),
+            target: "local".to_owned(),
+            source_ip: source_ip.clone(),
+            detail,
+        });
+    };
+    // fail closed: a human password has no entropy guarantee, so no counters, no login
+    let had_failures = match state.lockout.check(Kind::Account, &name, now).await? {
+        Verdict::Allowed { had_failures } => had_failures,
+        Verdict::Refused(refusal) => {
+            metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
+            audit(
+                "login.failure",
+                serde_json::json!({ "method": "local", "break_glass": true, "reason": "locked" }),
+            );
+            return Err(ApiError::too_many_attempts(refusal));
+        }
+    };
+    let account = accounts::verify(&state.db, &name, &password)
+        .await
+        .map_err(|e| match e {
+            e @ AccountError::Db(_) => ApiError::unavailable("database", e),
+            e => ApiError::Internal(Box::new(e)),
+        })?;
+    let Some(account) = account else {
+        metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "failure", "reason" => "invalid_credentials").increment(1);
+        audit(
+            "login.failure",
+            serde_json::json!({ "method": "local", "break_glass": true, "reason": "invalid_credentials" }),
+        );
+        if let Some(refusal) = state
+            .lockout
+            .failed(Kind::Account, &name, now)
+            .await?
+            .filter(|r| r.locked)
+        {
+            metrics::counter!("portcullis_login_lockouts_total", "kind" => "account").increment(1);
+            audit(
+                "login.lockout",
+                serde_json::json!({ "kind": "account", "locked_for_secs": refusal.retry_after.as_secs() }),
+            );
+        }
+        return Err(ApiError::InvalidCredentials);
+    };
+    if had_failures {
+        state.lockout.succeeded(Kind::Account, &name).await?;
+    }
+    let roles: Vec<String> = account
+        .roles
+        .iter()
+        .map(|r| r.as_str().to_owned())
+        .collect();
+    let new = NewSession {
+        subject: format!("local:{}", account.name),
+        info: SessionInfo {
+            roles: roles.clone(),
+            provider: "local".to_owned(),
+            email: None,
+            name: None,
+            preferred_username: Some(account.name.clone()),
+        },
+        id_token: None,
+    };
+    let cookies = session::establish(&state, &new, now).await?;
+    metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "success", "reason" => "").increment(1);
+    audit(
+        "login.success",
+        serde_json::json!({ "method": "local", "break_glass": true, "roles": roles }),
+    );
+    let location = HeaderValue::from_str(&redirect).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut response = redirect_to(StatusCode::SEE_OTHER, location);
+    for c in cookies {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    Ok(response)
+}
+
+/// `GET /auth/me`: who the session is, renewing the access cookie when it has expired.
+pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    match session::resolve(&state, &headers).await? {
+        Resolved::Active { user, set_cookies } => {
+            let mut response = Json(user).into_response();
+            no_store(&mut response);
+            for c in set_cookies {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+            Ok(response)
+        }
+        Resolved::None { stale } => {
+            let mut response = ApiError::LoginRequired.into_response();
+            if stale {
+                for c in session::clear_session_cookies() {
+                    response.headers_mut().append(header::SET_COOKIE, c);
+                }
+            }
+            Ok(response)
+        }
+    }
+}
+
+/// `GET /auth/logout`: without a session, back to `/`; with one, a page whose button
+/// posts to `/auth/logout` (a GET must not end a session: any page could embed it).
+pub async fn logout_page(headers: HeaderMap) -> Response {
+    if !session::has_session_cookie(&headers) {
+        return redirect_to(StatusCode::SEE_OTHER, HeaderValue::from_static("/"));
+    }
+    let mut response = Html(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Sign out</title></head>\
+         <body><h1>Sign out of Portcullis?</h1>\
+         <form method=\"post\" action=\"/auth/logout\"><button type=\"submit\">Sign out</button>\
+         </form></body></html>",
+    )
+    .into_response();
+    no_store(&mut response);
+    response
+}
+
+/// `POST /auth/logout`: revokes the session's refresh family, clears the cookies, and
+/// sends the browser through the provider's `end_session_endpoint` when it has one.
+pub async fn logout(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let sso = state.sso.settings();
+    let now = state.keys.now();
+    let access = session::access_claims(&state, &headers);
+    let mut provider = access.as_ref().map(|c| c.idp.clone());
+    let mut subject = access.as_ref().map(|c| c.base.sub.clone());
+    let mut family = access.as_ref().and_then(|c| c.base.sid.clone());
+    if let Some(rt) = session::read_cookie(&headers, REFRESH_COOKIE) {
+        let rt = SecretString::from(rt);
+        if let Some(s) = state.refresh.inspect(&rt, now).await? {
+            provider = provider.or_else(|| {
+                s.session
+                    .get("provider")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_owned)
+            });
+            subject = subject.or_else(|| Some(s.subject.clone()));
+            family = Some(s.family.to_string());
+        }
+        // any genuine token of the family revokes it, rotated ones included
+        state
+            .refresh
+            .revoke_token(&rt, &sso.console_client_id)
+            .await
+            .or_else(|e| {
+                if e.is_invalid_grant() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            })?;
+    }
+    if let Some(f) = &family
+        && let Ok(id) = f.parse::<crate::refresh::FamilyId>()
+    {
+        state.refresh.revoke_family(&id).await?;
+    }
+    if let Some(subject) = &subject {
+        metrics::counter!("portcullis_logout_total").increment(1);
+        state.audit.record(AuditEvent {
+            at: now,
+            actor: format!("user:{subject}"),
+            action: "logout".to_owned(),
+            target: family.clone().unwrap_or_default(),
+            source_ip: Some(ip.to_string()),
+            detail: serde_json::json!({ "provider": provider }),
+        });
+    }
+    let location = match (provider, session::read_cookie(&headers, ID_TOKEN_COOKIE)) {
+        (Some(p), Some(id_token)) => end_session_url(&state, &p, &id_token).await,
+        _ => None,
+    }
+    .unwrap_or_else(|| "/".to_owned());
+    let location = HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut response = redirect_to(StatusCode::SEE_OTHER, location);
+    for c in session::clear_session_cookies() {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    Ok(response)
+}
+
+/// The provider's `end_session_endpoint` with `id_token_hint`, `post_logout_redirect_uri`
+/// and `client_id` (RP-Initiated Logout 1.0 §2); `None` when it has none or cannot be
+/// reached (the local logout stands either way).
+async fn end_session_url(state: &AppState, provider: &str, id_token: &str) -> Option<String> {
+    let provider = state.sso.provider(Some(provider)).ok()?;
+    let metadata = provider.metadata().await.ok()?;
+    let endpoint = metadata.end_session_endpoint.as_ref()?;
+    let mut url = url::Url::parse(endpoint).ok()?;
+    url.query_pairs_mut()
+        .append_pair("id_token_hint", id_token)
+        .append_pair(
+            "post_logout_redirect_uri",
+            &provider.post_logout_redirect_uri,
+        )
+        .append_pair("client_id", &provider.settings.client_id);
+    Some(url.to_string())
+}
+
+/// Whether the client is a browser asking for a page (`Accept: text/html`).
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+/// The refusal as a small page for a browser, as JSON for anything else; same status and
+/// headers (`Retry-After`, `Cache-Control`) either way.
+fn refusal(headers: &HeaderMap, error: ApiError) -> Response {
+    if !wants_html(headers) {
+        return error.into_response();
+    }
+    let (_, code, description) = error.parts();
+    let mut response = error.into_response();
+    let page = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Sign-in refused</title>\
+         </head><body><h1>Sign-in refused</h1><p id=\"error\" data-code=\"{code}\">{}</p>\
+         <p><a href=\"/auth/login\">Sign in again</a></p></body></html>",
+        escape_html(&description)
+    );
+    *response.body_mut() = axum::body::Body::from(page);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    response
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn redirect_to(status: StatusCode, location: HeaderValue) -> Response {
+    let mut response = (status, [(header::LOCATION, location)]).into_response();
+    no_store(&mut response);
+    response
+}
+
+fn no_store(response: &mut Response) {
+    crate::oauth::token::no_store(response.headers_mut());
+}

@@ -1,0 +1,525 @@
+//! SSO for console users: OpenID Connect login against any standards-compliant provider
+//! (authorization code flow with PKCE S256, `state` and `nonce` kept server-side, single
+//! use), ID token validation, role mapping, and the console session that follows (cookies
+//! carrying a refresh token of the refresh store and a short-lived access token).
+//!
+//! The HTTP face is [`handlers`]; this module is the flow itself.
+
+pub mod handlers;
+pub mod id_token;
+pub mod pending;
+pub mod provider;
+pub mod redirect;
+pub mod roles;
+pub mod session;
+pub mod settings;
+
+use std::sync::Arc;
+
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
+    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
+};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::redis_store::RedisHandle;
+use id_token::{Expected, IdClaims, IdTokenError};
+use pending::{MemoryPendingStore, PendingError, PendingLogin, PendingStore, RedisPendingStore};
+use provider::Provider;
+use roles::{Identity, Role};
+use settings::SsoSettings;
+
+/// Why a login could not start or finish. Mapped to HTTP in `error.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum SsoError {
+    /// Configuration that only shows at start-up (a secret file, a CA file).
+    #[error("sso configuration: {0}")]
+    Config(String),
+    /// No provider is configured.
+    #[error("SSO is not configured")]
+    Disabled,
+    /// `provider=` names no configured provider (or is missing with several configured).
+    #[error("unknown identity provider")]
+    UnknownProvider,
+    /// `redirect=` is not a same-origin relative path.
+    #[error("the post-login redirect must be a relative path on this site")]
+    InvalidRedirect,
+    /// `state` is missing, unknown, used already, expired, or not this browser's.
+    #[error("the login state is invalid, expired or already used")]
+    InvalidState,
+    /// The provider answered the authorization request with an error.
+    #[error("the identity provider refused the login: {0}")]
+    ProviderDenied(String),
+    /// The callback's `iss` is not the provider the login went to (mix-up, RFC 9207).
+    #[error("the callback comes from another issuer")]
+    IssuerMismatch,
+    /// The callback has no `code`.
+    #[error("the callback has no authorization code")]
+    MissingCode,
+    /// The provider refused the code (replayed, expired, PKCE mismatch, other client).
+    #[error("the identity provider refused the authorization code: {0}")]
+    CodeRejected(String),
+    /// The token response carries no ID token.
+    #[error("the identity provider sent no ID token")]
+    NoIdToken,
+    /// The ID token failed validation.
+    #[error(transparent)]
+    IdToken(#[from] IdTokenError),
+    /// The userinfo answer is not about the ID token's subject.
+    #[error("userinfo is about another subject")]
+    UserinfoMismatch,
+    /// The user maps to no role.
+    #[error("no console role is granted to this user")]
+    NoRole,
+    /// The provider could not be reached or answered with a server error.
+    #[error("identity provider unavailable: {0}")]
+    ProviderUnavailable(String),
+    /// The provider answered something unusable (bad discovery, bad JSON).
+    #[error("identity provider answered unexpectedly: {0}")]
+    ProviderMisconfigured(String),
+    /// The pending-login store failed.
+    #[error(transparent)]
+    Store(#[from] PendingError),
+}
+
+impl SsoError {
+    /// A short machine-readable reason, for metrics and audit.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "config",
+            Self::Disabled => "disabled",
+            Self::UnknownProvider => "unknown_provider",
+            Self::InvalidRedirect => "invalid_redirect",
+            Self::InvalidState => "invalid_state",
+            Self::ProviderDenied(_) => "provider_denied",
+            Self::IssuerMismatch => "issuer_mismatch",
+            Self::MissingCode => "missing_code",
+            Self::CodeRejected(_) => "code_rejected",
+            Self::NoIdToken => "no_id_token",
+            Self::IdToken(_) => "invalid_id_token",
+            Self::UserinfoMismatch => "userinfo_mismatch",
+            Self::NoRole => "no_role",
+            Self::ProviderUnavailable(_) => "provider_unavailable",
+            Self::ProviderMisconfigured(_) => "provider_misconfigured",
+            Self::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+/// The `id_token` of a token response (OpenID Connect Core §3.1.3.3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdTokenFields {
+    /// The ID token, a JWT.
+    #[serde(default)]
+    pub id_token: Option<String>,
+}
+
+impl ExtraTokenFields for IdTokenFields {}
+
+type OidcTokenResponse = StandardTokenResponse<IdTokenFields, BasicTokenType>;
+
+type OidcClient = oauth2::Client<
+    BasicErrorResponse,
+    OidcTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// A started login: where to send the browser, and the `state` to bind to it. `Debug`
+/// shows neither (the URL carries `state` and `nonce`).
+pub struct Started {
+    /// The provider's authorization URL with every parameter.
+    pub authorize_url: String,
+    /// The `state` (goes into the login cookie as well).
+    pub state: String,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started").finish_non_exhaustive()
+    }
+}
+
+/// A finished, validated login. `Debug` leaves the raw ID token out.
+#[derive(Clone)]
+pub struct LoggedIn {
+    /// The provider's name.
+    pub provider: String,
+    /// The validated ID token's claims (merged with userinfo when configured).
+    pub claims: IdClaims,
+    /// The raw ID token (for `id_token_hint` at logout).
+    pub id_token: String,
+    /// Where the browser goes next.
+    pub redirect: String,
+    /// The groups the provider reported.
+    pub groups: Vec<String>,
+    /// The mapped roles (possibly none: the caller refuses).
+    pub roles: Vec<Role>,
+}
+
+impl std::fmt::Debug for LoggedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggedIn")
+            .field("provider", &self.provider)
+            .field("sub", &self.claims.sub)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoggedIn {
+    /// `<provider>:<sub>`: unique across providers.
+    pub fn subject(&self) -> String {
+        format!("{}:{}", self.provider, self.claims.sub)
+    }
+}
+
+/// The SSO service. Cheap to clone.
+#[derive(Clone)]
+pub struct Sso {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    providers: Vec<Arc<Provider>>,
+    settings: SsoSettings,
+    pending: Arc<dyn PendingStore>,
+}
+
+impl std::fmt::Debug for Sso {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sso")
+            .field("providers", &self.inner.providers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sso {
+    /// Prepares every provider; makes no request (discovery happens at first login, so
+    /// an instance starts while a provider is away).
+    pub fn new(
+        settings: &SsoSettings,
+        public_url: &str,
+        redis: Option<RedisHandle>,
+    ) -> Result<Self, SsoError> {
+        let providers = settings
+            .providers
+            .iter()
+            .map(|p| Provider::new(p, settings, public_url).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pending: Arc<dyn PendingStore> = match redis {
+            Some(r) => Arc::new(RedisPendingStore::new(r, settings.key_prefix.clone())),
+            None => Arc::new(MemoryPendingStore::new()),
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                providers,
+                settings: settings.clone(),
+                pending,
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &SsoSettings {
+        &self.inner.settings
+    }
+
+    /// The provider called `name`; without a name, the only one configured.
+    pub fn provider(&self, name: Option<&str>) -> Result<Arc<Provider>, SsoError> {
+        let providers = &self.inner.providers;
+        if providers.is_empty() {
+            return Err(SsoError::Disabled);
+        }
+        match name {
+            Some(n) => providers.iter().find(|p| p.settings.name == n).cloned(),
+            None if providers.len() == 1 => providers.first().cloned(),
+            None => None,
+        }
+        .ok_or(SsoError::UnknownProvider)
+    }
+
+    /// Starts a login at `provider`, returning to `redirect` (default `/`) afterwards.
+    #[tracing::instrument(skip_all, fields(provider = provider.unwrap_or("-")))]
+    pub async fn start(
+        &self,
+        provider: Option<&str>,
+        redirect: Option<&str>,
+    ) -> Result<Started, SsoError> {
+        let redirect = match redirect {
+            None | Some("") => "/".to_owned(),
+            Some(r) => redirect::safe_redirect(r).ok_or(SsoError::InvalidRedirect)?,
+        };
+        let provider = self.provider(provider)?;
+        let metadata = provider.metadata().await?;
+        let client = oauth_client(&provider, &metadata)?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let nonce = CsrfToken::new_random_len(32).secret().clone();
+        let mut request = client
+            .authorize_url(CsrfToken::new_random)
+            .set_pkce_challenge(challenge)
+            .add_extra_param("nonce", nonce.clone())
+            .add_scope(Scope::new("openid".to_owned()));
+        for scope in &provider.settings.scopes {
+            if scope != "openid" {
+                request = request.add_scope(Scope::new(scope.clone()));
+            }
+        }
+        let (url, state) = request.url();
+        let pending = PendingLogin {
+            provider: provider.settings.name.clone(),
+            pkce_verifier: verifier.secret().clone(),
+            nonce,
+            redirect,
+        };
+        self.inner
+            .pending
+            .put(state.secret(), &pending, self.inner.settings.login_timeout)
+            .await?;
+        Ok(Started {
+            authorize_url: url.to_string(),
+            state: state.secret().clone(),
+        })
+    }
+
+    /// Finishes a login from the callback's parameters: `state` must match the browser's
+    /// login cookie and a pending login (which it consumes), the code is exchanged with
+    /// the PKCE verifier, and the ID token validated against the login's nonce.
+    #[tracing::instrument(skip_all)]
+    pub async fn finish(
+        &self,
+        callback: &Callback,
+        state_cookie: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<LoggedIn, SsoError> {
+        let state = callback.state.as_deref().unwrap_or_default();
+        // the cookie ties the login to the browser that started it (login CSRF): a
+        // callback URL made elsewhere fails here, without consuming anything
+        let bound = state_cookie.is_some_and(|c| {
+            !state.is_empty()
+                && c.len() == state.len()
+                && aws_lc_rs::constant_time::verify_slices_are_equal(c.as_bytes(), state.as_bytes())
+                    .is_ok()
+        });
+        if !bound {
+            return Err(SsoError::InvalidState);
+        }
+        let pending = self
+            .inner
+            .pending
+            .take(state)
+            .await?
+            .ok_or(SsoError::InvalidState)?;
+        let provider = self.provider(Some(&pending.provider))?;
+        if let Some(error) = &callback.error {
+            return Err(SsoError::ProviderDenied(error.chars().take(64).collect()));
+        }
+        let metadata = provider.metadata().await?;
+        if let Some(iss) = &callback.iss
+            && *iss != metadata.issuer
+        {
+            return Err(SsoError::IssuerMismatch);
+        }
+        let code = callback.code.clone().ok_or(SsoError::MissingCode)?;
+        let client = oauth_client(&provider, &metadata)?;
+        let response = client
+            .exchange_code(AuthorizationCode::new(code))
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()))
+            .request_async(&provider.http)
+            .await
+            .map_err(|e| match e {
+                oauth2::RequestTokenError::ServerResponse(r) => {
+                    SsoError::CodeRejected(r.error().as_ref().to_owned())
+                }
+                oauth2::RequestTokenError::Request(e) => {
+                    SsoError::ProviderUnavailable(e.to_string())
+                }
+                oauth2::RequestTokenError::Parse(e, _) => {
+                    SsoError::ProviderMisconfigured(e.to_string())
+                }
+                oauth2::RequestTokenError::Other(e) => SsoError::ProviderMisconfigured(e),
+            })?;
+        let id_token = response
+            .extra_fields()
+            .id_token
+            .clone()
+            .ok_or(SsoError::NoIdToken)?;
+        let expected = Expected {
+            issuer: &metadata.issuer,
+            client_id: &provider.settings.client_id,
+            nonce: &pending.nonce,
+            algorithms: &provider.algorithms,
+            leeway: self.inner.settings.leeway,
+            now,
+        };
+        let jwks = provider.jwks(false).await?;
+        let mut claims = match id_token::verify(&id_token, &jwks, &expected) {
+            // the provider may have rotated its keys since we cached them
+            Err(IdTokenError::UnknownKey(_)) => {
+                let jwks = provider.jwks(true).await?;
+                id_token::verify(&id_token, &jwks, &expected)?
+            }
+            other => other?,
+        };
+        if provider.settings.userinfo
+            && let Some(endpoint) = &metadata.userinfo_endpoint
+        {
+            merge_userinfo(
+                &provider,
+                endpoint,
+                response.access_token().secret(),
+                &mut claims,
+            )
+            .await?;
+        }
+        let groups = groups_of(&claims, &provider.settings.groups_claim);
+        let identity = Identity {
+            provider: provider.settings.name.clone(),
+            subject: claims.sub.clone(),
+            verified_email: claims
+                .email
+                .clone()
+                .filter(|_| claims.email_verified == Some(true)),
+            groups: groups.clone(),
+        };
+        let roles = roles::map_roles(&self.inner.settings.roles, &identity);
+        Ok(LoggedIn {
+            provider: provider.settings.name.clone(),
+            claims,
+            id_token,
+            redirect: pending.redirect,
+            groups,
+            roles,
+        })
+    }
+}
+
+/// The query of `GET /auth/callback`. `Debug` leaves `code` and `state` out.
+#[derive(Default)]
+pub struct Callback {
+    /// The authorization code.
+    pub code: Option<String>,
+    /// Our `state`, echoed.
+    pub state: Option<String>,
+    /// The issuer (RFC 9207), when the provider sends it.
+    pub iss: Option<String>,
+    /// An error instead of a code.
+    pub error: Option<String>,
+    /// Its description (never echoed).
+    pub error_description: Option<String>,
+}
+
+impl std::fmt::Debug for Callback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callback")
+            .field("iss", &self.iss)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+fn oauth_client(
+    provider: &Provider,
+    metadata: &provider::Metadata,
+) -> Result<OidcClient, SsoError> {
+    let bad = |what: &str| SsoError::ProviderMisconfigured(format!("{what} is not a valid URL"));
+    // client_secret_basic unless the provider only takes client_secret_post
+    let post_only = metadata
+        .token_endpoint_auth_methods_supported
+        .as_ref()
+        .is_some_and(|m| {
+            !m.iter().any(|x| x == "client_secret_basic")
+                && m.iter().any(|x| x == "client_secret_post")
+        });
+    let client = oauth2::Client::new(ClientId::new(provider.settings.client_id.clone()))
+        .set_client_secret(ClientSecret::new(
+            provider.secret.expose_secret().to_owned(),
+        ))
+        .set_auth_uri(
+            AuthUrl::new(metadata.authorization_endpoint.clone())
+                .map_err(|_| bad("authorization_endpoint"))?,
+        )
+        .set_token_uri(
+            TokenUrl::new(metadata.token_endpoint.clone()).map_err(|_| bad("token_endpoint"))?,
+        )
+        .set_redirect_uri(
+            RedirectUrl::new(provider.redirect_uri.clone())
+                .map_err(|_| SsoError::Config("redirect_uri is not a valid URL".to_owned()))?,
+        )
+        .set_auth_type(if post_only {
+            AuthType::RequestBody
+        } else {
+            AuthType::BasicAuth
+        });
+    Ok(client)
+}
+
+/// Userinfo (Core §5.3) with the access token; its `sub` must be the ID token's
+/// (§5.3.2), and its email and groups complete or replace the ID token's.
+async fn merge_userinfo(
+    provider: &Provider,
+    endpoint: &str,
+    access_token: &str,
+    claims: &mut IdClaims,
+) -> Result<(), SsoError> {
+    let response = provider
+        .http
+        .get(endpoint)
+        .bearer_auth(access_token)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| SsoError::ProviderUnavailable(e.to_string()))?;
+    if !response.status().is_success() {
+        return Err(SsoError::ProviderUnavailable(format!(
+            "userinfo answered {}",
+            response.status()
+        )));
+    }
+    let info: serde_json::Map<String, serde_json::Value> = response
+        .json()
+        .await
+        .map_err(|e| SsoError::ProviderMisconfigured(format!("userinfo: {e}")))?;
+    if info.get("sub").and_then(|s| s.as_str()) != Some(claims.sub.as_str()) {
+        return Err(SsoError::UserinfoMismatch);
+    }
+    for (name, value) in info {
+        match name.as_str() {
+            "email" => claims.email = value.as_str().map(str::to_owned),
+            "email_verified" => claims.email_verified = value.as_bool(),
+            "name" => claims.name = value.as_str().map(str::to_owned),
+            "preferred_username" => claims.preferred_username = value.as_str().map(str::to_owned),
+            // the ID token's protocol claims are never overridden
+            "sub" | "iss" | "aud" | "exp" | "iat" | "nbf" | "nonce" | "azp" => {}
+            _ => {
+                claims.extra.insert(name, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The groups claim: an array of strings, or one string.
+fn groups_of(claims: &IdClaims, claim: &str) -> Vec<String> {
+    match claims.extra.get(claim) {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        Some(serde_json::Value::String(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    }
+}

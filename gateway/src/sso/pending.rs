@@ -1,0 +1,183 @@
+//! Pending logins: what `/auth/login` must remember until `/auth/callback` (provider,
+//! PKCE verifier, nonce, where to go after). Single use and short-lived: the callback
+//! takes the record out atomically (`GETDEL` in Redis), so a replayed `state` finds
+//! nothing. Stored under a hash of `state`, never `state` itself.
+//!
+//! Redis (shared by every instance: the callback may reach another instance than the
+//! login did), or in process for a single `--dev` instance. Both pass the same
+//! conformance tests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::redis_store::{RedisConn, RedisHandle};
+
+/// What a pending login remembers. The PKCE verifier and nonce are secrets of this login:
+/// `Debug` does not show them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLogin {
+    /// The provider's name.
+    pub provider: String,
+    /// The PKCE code verifier.
+    pub pkce_verifier: String,
+    /// The nonce the ID token must carry.
+    pub nonce: String,
+    /// Where to send the browser after the login (a checked relative path).
+    pub redirect: String,
+}
+
+impl std::fmt::Debug for PendingLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingLogin")
+            .field("provider", &self.provider)
+            .field("redirect", &self.redirect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PendingError {
+    /// Redis failed or did not answer in time.
+    #[error("pending-login store unavailable")]
+    Unavailable(#[source] crate::redis_store::RedisError),
+    /// A stored record does not parse.
+    #[error("pending-login record does not parse")]
+    Corrupt,
+}
+
+/// Where pending logins live.
+#[async_trait]
+pub trait PendingStore: Send + Sync + 'static {
+    /// Stores `login` under `state` for `ttl`.
+    async fn put(
+        &self,
+        state: &str,
+        login: &PendingLogin,
+        ttl: Duration,
+    ) -> Result<(), PendingError>;
+
+    /// Takes the login stored under `state` out of the store: a second call finds nothing.
+    async fn take(&self, state: &str) -> Result<Option<PendingLogin>, PendingError>;
+}
+
+fn key_of(prefix: &str, state: &str) -> String {
+    let digest = Sha256::digest(state.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}login:{hex}")
+}
+
+// === Redis ===
+
+/// Pending logins in Redis, with a key TTL of the login timeout.
+#[derive(Debug, Clone)]
+pub struct RedisPendingStore {
+    redis: RedisHandle,
+    prefix: String,
+}
+
+impl RedisPendingStore {
+    /// Over the shared connection; keys start with `prefix`.
+    pub fn new(redis: RedisHandle, prefix: String) -> Self {
+        Self { redis, prefix }
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, PendingError> {
+        use crate::redis_store::RedisError as E;
+        let conn = self
+            .redis
+            .connection()
+            .await
+            .map_err(PendingError::Unavailable)?;
+        let result = tokio::time::timeout(self.redis.timeout(), async move {
+            match conn {
+                RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+                RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await;
+        match result {
+            Err(_) => Err(PendingError::Unavailable(E::Timeout)),
+            Ok(Err(e)) => Err(PendingError::Unavailable(E::Redis(e))),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+}
+
+#[async_trait]
+impl PendingStore for RedisPendingStore {
+    async fn put(
+        &self,
+        state: &str,
+        login: &PendingLogin,
+        ttl: Duration,
+    ) -> Result<(), PendingError> {
+        let value = serde_json::to_string(login).map_err(|_| PendingError::Corrupt)?;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key_of(&self.prefix, state))
+            .arg(value)
+            .arg("PX")
+            .arg(ms);
+        let _: () = self.run(cmd).await?;
+        Ok(())
+    }
+
+    async fn take(&self, state: &str) -> Result<Option<PendingLogin>, PendingError> {
+        let mut cmd = redis::cmd("GETDEL");
+        cmd.arg(key_of(&self.prefix, state));
+        let value: Option<String> = self.run(cmd).await?;
+        value
+            .map(|v| serde_json::from_str(&v).map_err(|_| PendingError::Corrupt))
+            .transpose()
+    }
+}
+
+// === in process ===
+
+/// Pending logins in this process (a single `--dev` instance only).
+#[derive(Debug, Default)]
+pub struct MemoryPendingStore {
+    entries: Mutex<HashMap<String, (PendingLogin, Instant)>>,
+}
+
+/// Past this many pending logins, expired ones are swept on insert.
+const SWEEP_AT: usize = 1024;
+
+impl MemoryPendingStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl PendingStore for MemoryPendingStore {
+    async fn put(
+        &self,
+        state: &str,
+        login: &PendingLogin,
+        ttl: Duration,
+    ) -> Result<(), PendingError> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().await;
+        if entries.len() >= SWEEP_AT {
+            entries.retain(|_, (_, until)| *until > now);
+        }
+        entries.insert(key_of("", state), (login.clone(), now + ttl));
+        Ok(())
+    }
+
+    async fn take(&self, state: &str) -> Result<Option<PendingLogin>, PendingError> {
+        let mut entries = self.entries.lock().await;
+        Ok(entries
+            .remove(&key_of("", state))
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(login, _)| login))
+    }
+}

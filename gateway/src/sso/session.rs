@@ -1,0 +1,367 @@
+//! The console session: cookies and what they carry.
+//!
+//! - `__Host-portcullis-rt`: a refresh token of the refresh store (one family per login,
+//!   subject `<provider>:<sub>`, client `sso.console_client_id`);
+//! - `__Host-portcullis-at`: a short-lived access token signed by our keys, with the
+//!   user's roles; renewed from the refresh cookie when it has expired;
+//! - `__Host-portcullis-idt`: the provider's ID token, only for `id_token_hint` at logout;
+//! - `__Host-portcullis-login`: the `state` of a login in progress.
+//!
+//! All `HttpOnly; Secure; SameSite=Lax; Path=/` with the `__Host-` prefix, so no
+//! subdomain can set or shadow them.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::ApiError;
+use crate::oauth::claims::{AccessClaims, Audiences};
+use crate::refresh::{NewFamily, RefreshError};
+use crate::state::AppState;
+
+use super::LoggedIn;
+
+/// The refresh-token cookie.
+pub const REFRESH_COOKIE: &str = "__Host-portcullis-rt";
+/// The access-token cookie.
+pub const ACCESS_COOKIE: &str = "__Host-portcullis-at";
+/// The ID-token cookie (logout hint).
+pub const ID_TOKEN_COOKIE: &str = "__Host-portcullis-idt";
+/// The pending-login cookie.
+pub const LOGIN_COOKIE: &str = "__Host-portcullis-login";
+
+/// The scope of console access tokens.
+pub const CONSOLE_SCOPE: &str = "console";
+
+/// A console access token: the access-token claims plus who the user is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsoleClaims {
+    /// The standard claims (`roles` and `sid` included).
+    #[serde(flatten)]
+    pub base: AccessClaims,
+    /// The provider's name.
+    pub idp: String,
+    /// Email, as the provider reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Login name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_username: Option<String>,
+}
+
+/// What a session's refresh family remembers (no secrets).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Console roles (the refresh grant reads `roles` too).
+    pub roles: Vec<String>,
+    /// The provider's name.
+    pub provider: String,
+    /// Email.
+    pub email: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Login name.
+    pub preferred_username: Option<String>,
+}
+
+/// The user of a console request, as `/auth/me` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsoleUser {
+    /// `<provider>:<sub>`.
+    pub subject: String,
+    /// The login name (`preferred_username`, else the subject).
+    pub user: String,
+    /// Email.
+    pub email: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Console roles.
+    pub roles: Vec<String>,
+    /// The provider's name.
+    pub provider: String,
+    /// The session (refresh family) id.
+    pub session: Option<String>,
+    /// When the current access token expires (Unix seconds).
+    pub expires_at: i64,
+}
+
+/// A request's session, if any, and the cookies to set when it was renewed.
+#[derive(Debug)]
+pub enum Resolved {
+    /// A live session.
+    Active {
+        /// Who.
+        user: ConsoleUser,
+        /// `Set-Cookie` values of a renewal (empty when the access token was still good).
+        set_cookies: Vec<HeaderValue>,
+    },
+    /// No usable session; `stale` when cookies were presented that no longer work (they
+    /// should be cleared).
+    None {
+        /// Cookies to clear.
+        stale: bool,
+    },
+}
+
+/// `name=value; Path=/; Max-Age=…; HttpOnly; Secure; SameSite=Lax`.
+pub fn set_cookie(name: &str, value: &str, max_age: Duration) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
+        max_age.as_secs()
+    ))
+    .ok()
+}
+
+/// A `Set-Cookie` that removes `name`.
+pub fn clear_cookie(name: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{name}=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Lax"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("invalid=; Max-Age=0"))
+}
+
+/// `Set-Cookie` values that end a session in the browser.
+pub fn clear_session_cookies() -> Vec<HeaderValue> {
+    [REFRESH_COOKIE, ACCESS_COOKIE, ID_TOKEN_COOKIE]
+        .iter()
+        .map(|c| clear_cookie(c))
+        .collect()
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn read_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether the request's `Origin` (or, without one, its `Referer`) is `origin`.
+pub fn from_origin(headers: &HeaderMap, origin: &str) -> bool {
+    let claimed = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            headers
+                .get(header::REFERER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|r| url::Url::parse(r).ok())
+                .map(|u| u.origin().ascii_serialization())
+        });
+    !origin.is_empty() && claimed.as_deref() == Some(origin)
+}
+
+/// Whether the request carries a session cookie (CSRF protection applies to it).
+pub fn has_session_cookie(headers: &HeaderMap) -> bool {
+    read_cookie(headers, REFRESH_COOKIE).is_some() || read_cookie(headers, ACCESS_COOKIE).is_some()
+}
+
+/// Who a new session is for: from an SSO login or a break-glass account.
+#[derive(Clone)]
+pub struct NewSession {
+    /// `<provider>:<sub>`, or `local:<name>`.
+    pub subject: String,
+    /// What is remembered in the refresh family.
+    pub info: SessionInfo,
+    /// The provider's ID token, for `id_token_hint` at logout (SSO only).
+    pub id_token: Option<String>,
+}
+
+impl std::fmt::Debug for NewSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSession")
+            .field("subject", &self.subject)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<&LoggedIn> for NewSession {
+    fn from(login: &LoggedIn) -> Self {
+        Self {
+            subject: login.subject(),
+            info: SessionInfo {
+                roles: login.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+                provider: login.provider.clone(),
+                email: login.claims.email.clone(),
+                name: login.claims.name.clone(),
+                preferred_username: login.claims.preferred_username.clone(),
+            },
+            id_token: Some(login.id_token.clone()),
+        }
+    }
+}
+
+/// Starts a session: a new refresh family and a first access token. Returns the
+/// `Set-Cookie` values.
+pub async fn establish(
+    state: &AppState,
+    new: &NewSession,
+    now: OffsetDateTime,
+) -> Result<Vec<HeaderValue>, ApiError> {
+    let sso = state.sso.settings();
+    let issued = state
+        .refresh
+        .issue(
+            NewFamily {
+                client_id: sso.console_client_id.clone(),
+                subject: new.subject.clone(),
+                scope: CONSOLE_SCOPE.to_owned(),
+                audience: Vec::new(),
+                auth_time: now,
+                session: serde_json::to_value(&new.info)
+                    .map_err(|e| ApiError::Internal(Box::new(e)))?,
+            },
+            now,
+        )
+        .await?;
+    let (access, _) = mint(
+        state,
+        &new.subject,
+        &issued.session.family.to_string(),
+        &new.info,
+    )?;
+    let lifetime = state.config.refresh.absolute_lifetime;
+    Ok([
+        set_cookie(REFRESH_COOKIE, issued.token.expose_secret(), lifetime),
+        set_cookie(ACCESS_COOKIE, &access, sso.access_token_lifetime),
+        new.id_token
+            .as_deref()
+            .and_then(|t| set_cookie(ID_TOKEN_COOKIE, t, lifetime)),
+        Some(clear_cookie(LOGIN_COOKIE)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// Signs a console access token; returns it and its claims.
+fn mint(
+    state: &AppState,
+    subject: &str,
+    family: &str,
+    info: &SessionInfo,
+) -> Result<(String, ConsoleClaims), ApiError> {
+    let now = state.keys.now().unix_timestamp();
+    let lifetime =
+        i64::try_from(state.sso.settings().access_token_lifetime.as_secs()).unwrap_or(i64::MAX);
+    let claims = ConsoleClaims {
+        base: AccessClaims {
+            iss: state.config.issuer(),
+            sub: subject.to_owned(),
+            aud: Audiences::One(state.config.issuer()),
+            exp: now.saturating_add(lifetime),
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: CONSOLE_SCOPE.to_owned(),
+            client_id: state.sso.settings().console_client_id.clone(),
+            roles: info.roles.clone(),
+            sid: Some(family.to_owned()),
+        },
+        idp: info.provider.clone(),
+        email: info.email.clone(),
+        name: info.name.clone(),
+        preferred_username: info.preferred_username.clone(),
+    };
+    let token = state.keys.sign(&claims)?;
+    Ok((token, claims))
+}
+
+fn user_of(claims: &ConsoleClaims) -> ConsoleUser {
+    ConsoleUser {
+        subject: claims.base.sub.clone(),
+        user: claims
+            .preferred_username
+            .clone()
+            .unwrap_or_else(|| claims.base.sub.clone()),
+        email: claims.email.clone(),
+        name: claims.name.clone(),
+        roles: claims.base.roles.clone(),
+        provider: claims.idp.clone(),
+        session: claims.base.sid.clone(),
+        expires_at: claims.base.exp,
+    }
+}
+
+/// The verified console claims of the access cookie, if it is good now.
+pub fn access_claims(state: &AppState, headers: &HeaderMap) -> Option<ConsoleClaims> {
+    let token = read_cookie(headers, ACCESS_COOKIE)?;
+    let claims: ConsoleClaims = state.keys.verify(&token).ok()?;
+    (claims.base.client_id == state.sso.settings().console_client_id
+        && claims.base.scope == CONSOLE_SCOPE)
+        .then_some(claims)
+}
+
+/// The request's session: the access cookie when it is good, else a transparent renewal
+/// from the refresh cookie (which rotates it).
+#[tracing::instrument(skip_all)]
+pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, ApiError> {
+    if let Some(claims) = access_claims(state, headers) {
+        return Ok(Resolved::Active {
+            user: user_of(&claims),
+            set_cookies: Vec::new(),
+        });
+    }
+    let Some(refresh) = read_cookie(headers, REFRESH_COOKIE) else {
+        return Ok(Resolved::None {
+            stale: read_cookie(headers, ACCESS_COOKIE).is_some(),
+        });
+    };
+    let sso = state.sso.settings();
+    let presented = SecretString::from(refresh);
+    let refreshed = match state
+        .refresh
+        .refresh(&presented, &sso.console_client_id, state.keys.now())
+        .await
+    {
+        Ok(r) => r,
+        Err(RefreshError::Reused {
+            family, subject, ..
+        }) => {
+            metrics::counter!("portcullis_refresh_reuse_detected_total").increment(1);
+            state.audit.record(crate::audit::AuditEvent {
+                at: state.keys.now(),
+                actor: format!("user:{subject}"),
+                action: "refresh.reuse_detected".to_owned(),
+                target: family.to_string(),
+                source_ip: None,
+                detail: serde_json::json!({ "console": true, "family_revoked": true }),
+            });
+            return Ok(Resolved::None { stale: true });
+        }
+        Err(e) if e.is_invalid_grant() => return Ok(Resolved::None { stale: true }),
+        Err(e) => return Err(e.into()),
+    };
+    let session = &refreshed.session;
+    let info: SessionInfo = serde_json::from_value(session.session.clone())
+        .map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let (access, claims) = mint(state, &session.subject, &session.family.to_string(), &info)?;
+    let set_cookies = [
+        set_cookie(
+            REFRESH_COOKIE,
+            refreshed.token.expose_secret(),
+            state.config.refresh.absolute_lifetime,
+        ),
+        set_cookie(ACCESS_COOKIE, &access, sso.access_token_lifetime),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    Ok(Resolved::Active {
+        user: user_of(&claims),
+        set_cookies,
+    })
+}

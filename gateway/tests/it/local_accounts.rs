@@ -1,0 +1,224 @@
+//! Break-glass local accounts: created by the CLI (password on stdin) in a real Postgres,
+//! off unless enabled, audited on every use, and under the per-account lockout whose
+//! answer does not tell whether the account exists.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::Postgres;
+use keyrotation::ManualClock;
+use portcullis::config::Config;
+use portcullis::protect::LockoutSettings;
+use reqwest::{StatusCode, header};
+use secrecy::SecretString;
+use time::OffsetDateTime;
+
+use super::support::*;
+
+const PASSWORD: &str = "open-sesame-in-an-emergency";
+
+fn origin(app: &TestApp) -> String {
+    format!("https://localhost:{}", app.https.port())
+}
+
+async fn local_login(
+    app: &TestApp,
+    client: &reqwest::Client,
+    user: &str,
+    password: &str,
+) -> reqwest::Response {
+    client
+        .post(app.url("/auth/local"))
+        .header(header::ORIGIN, origin(app))
+        .form(&[
+            ("username", user),
+            ("password", password),
+            ("redirect", "/jobs"),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn browser(app: &TestApp) -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(reqwest::Certificate::from_pem(app.pki.ca_pem().as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", app.https)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// `portcullis users create NAME --role …` against `app`'s database, password on stdin.
+fn cli_create(app: &TestApp, database_url: &str, name: &str, roles: &[&str], password: &str) {
+    let config = app.dir.path().join("cli.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
+         [database]\nurl = \"{database_url}\"\n\
+         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
+         [keys]\nsource = \"file\"\nfile_dir = \"{dir}\"\n[sso]\nlocal_accounts = true\n",
+        dir = app.dir.path().display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut command = Command::new(binary());
+    command
+        .args(["users", "create", name, "--config"])
+        .arg(&config);
+    for role in roles {
+        command.args(["--role", role]);
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains(password) && !stderr.contains(password),
+        "the password was echoed"
+    );
+}
+
+async fn spawn_with_postgres(
+    name: &str,
+    clock: Arc<ManualClock>,
+    customize: impl FnOnce(&mut Config),
+) -> (TestApp, String) {
+    let db = Postgres::shared()
+        .fresh_database(&format!("local_{name}"))
+        .unwrap();
+    let url = db.clone();
+    // Origin checks need the public URL to be where the instance really listens
+    let port = harness::free_port();
+    let app = spawn_app_with_clock(clock, move |c| {
+        c.server.listen = ([127, 0, 0, 1], port).into();
+        c.server.public_url = format!("https://localhost:{port}");
+        c.database.url = SecretString::from(url);
+        c.sso.local_accounts = true;
+        customize(c);
+    })
+    .await;
+    (app, db)
+}
+
+#[tokio::test]
+async fn break_glass_login_is_refused_unless_enabled() {
+    let app = spawn_app(|_| {}).await;
+    let response = local_login(&app, &browser(&app), "breakglass", PASSWORD).await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "local_login_disabled");
+}
+
+#[tokio::test]
+async fn a_cli_created_account_logs_in_with_its_roles_and_every_use_is_audited() {
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let (app, db) = spawn_with_postgres("login", clock, |_| {}).await;
+    cli_create(&app, &db, "breakglass", &["admin", "operator"], PASSWORD);
+
+    let client = browser(&app);
+    let wrong = local_login(&app, &client, "breakglass", "not-the-password-at-all").await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let ok = local_login(&app, &client, "breakglass", PASSWORD).await;
+    assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+    assert_eq!(ok.headers()[header::LOCATION], "/jobs");
+    let me: serde_json::Value = client
+        .get(app.url("/auth/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["user"], "breakglass");
+    assert_eq!(me["provider"], "local");
+    assert_eq!(me["roles"], serde_json::json!(["admin", "operator"]));
+
+    // a login without our Origin is refused (login CSRF)
+    let cross = client
+        .post(app.url("/auth/local"))
+        .form(&[("username", "breakglass"), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+
+    let state = app.state.clone();
+    eventually(Duration::from_secs(10), "audit entries stored", || {
+        let db = state.db.clone();
+        async move {
+            let ok = portcullis::audit::recent(&db, "login.success", 10)
+                .await
+                .unwrap_or_default();
+            let failed = portcullis::audit::recent(&db, "login.failure", 10)
+                .await
+                .unwrap_or_default();
+            let created = portcullis::audit::recent(&db, "local_account.create", 10)
+                .await
+                .unwrap_or_default();
+            ok.iter()
+                .any(|(actor, _, d)| actor == "user:local:breakglass" && d.contains("break_glass"))
+                && failed
+                    .iter()
+                    .any(|(actor, _, _)| actor == "user:local:breakglass")
+                && created.iter().any(|(_, target, _)| target == "breakglass")
+        }
+    })
+    .await;
+    // the stored hash is Argon2id, never the password
+    let stored = Postgres::shared()
+        .psql(
+            db.rsplit('/').next().unwrap(),
+            "SELECT password_hash FROM local_accounts WHERE name = 'breakglass'",
+        )
+        .unwrap();
+    assert!(stored.contains("$argon2id$"), "{stored}");
+    assert!(!stored.contains(PASSWORD));
+}
+
+#[tokio::test]
+async fn a_locked_account_reads_the_same_as_an_unknown_one() {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let (app, db) = spawn_with_postgres("lockout", clock.clone(), |c| {
+        c.protection.lockout = LockoutSettings {
+            free_failures: 1,
+            max_failures: 2,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            lockout: Duration::from_secs(900),
+            key_prefix: prefix,
+        };
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    let client = browser(&app);
+    let mut bodies = Vec::new();
+    for user in ["breakglass", "nobody"] {
+        let first = local_login(&app, &client, user, "wrong-password-123456").await;
+        assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
+        bodies.push(first.text().await.unwrap());
+        // past the 1 ms backoff
+        clock.advance(time::Duration::milliseconds(5));
+        let second = local_login(&app, &client, user, "wrong-password-123456").await;
+        assert_eq!(second.status(), StatusCode::UNAUTHORIZED);
+        let locked = local_login(&app, &client, user, PASSWORD).await;
+        assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS, "{user}");
+        assert!(locked.headers().contains_key(header::RETRY_AFTER));
+        bodies.push(locked.text().await.unwrap());
+    }
+    // wrong password vs unknown account, and their lockouts, answer alike
+    assert_eq!(bodies[0], bodies[2]);
+    assert_eq!(bodies[1], bodies[3]);
+}

@@ -1,0 +1,402 @@
+//! Login protection: per-IP token buckets (with X-Forwarded-For believed only from trusted
+//! proxies), and failure counters with lockout shared through Redis by every instance;
+//! then the conformance suite the in-process stores must pass like the Redis ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::Redis;
+use keyrotation::{Clock, ManualClock};
+use portcullis::config::{Config, RedisConfig};
+use portcullis::protect::lockout::{
+    FailureStore, LockoutSettings, MemoryFailureStore, RedisFailureStore,
+};
+use portcullis::protect::{Kind, Lockout, RateSettings, Verdict};
+use portcullis::redis_store::RedisHandle;
+use portcullis::sso::pending::{MemoryPendingStore, PendingLogin, PendingStore, RedisPendingStore};
+use reqwest::{StatusCode, header};
+use time::OffsetDateTime;
+
+use super::support::*;
+
+fn redis_config() -> RedisConfig {
+    let text = format!("url = \"{}\"\n", Redis::shared().url());
+    toml::from_str(&text).unwrap()
+}
+
+fn tight_auth_rate(c: &mut Config, burst: u32) {
+    c.protection.auth_rate = RateSettings {
+        burst,
+        replenish_every: Duration::from_secs(3600),
+    };
+}
+
+async fn get_me(app: &TestApp, forwarded_for: Option<&str>) -> reqwest::Response {
+    let mut request = app.https_client().get(app.url("/auth/me"));
+    if let Some(xff) = forwarded_for {
+        request = request.header("x-forwarded-for", xff);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn rapid_attempts_from_one_ip_are_limited_with_retry_after() {
+    let app = spawn_app(|c| tight_auth_rate(c, 3)).await;
+    for _ in 0..3 {
+        assert_eq!(get_me(&app, None).await.status(), StatusCode::UNAUTHORIZED);
+    }
+    let limited = get_me(&app, None).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = limited.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    let metrics = app
+        .https_client()
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("portcullis_rate_limited_total{endpoint=\"auth\"}"),
+        "{metrics}"
+    );
+    // the bucket is the login endpoints'; the rest of the site is not affected
+    let jwks = app
+        .https_client()
+        .get(app.url("/oauth2/jwks"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jwks.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let app = spawn_app(|c| tight_auth_rate(c, 2)).await;
+    for i in 0..2 {
+        let xff = format!("198.51.100.{i}");
+        assert_eq!(
+            get_me(&app, Some(&xff)).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // a new made-up address each time does not buy a new bucket
+    let limited = get_me(&app, Some("198.51.100.99")).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_real_client_is_limited() {
+    let app = spawn_app(|c| {
+        tight_auth_rate(c, 2);
+        c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
+    })
+    .await;
+    let client_a = "203.0.113.10";
+    for _ in 0..2 {
+        assert_eq!(
+            get_me(&app, Some(client_a)).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // a spoofed entry on the left does not hide client A: the chain is read from the right
+    let spoofed = format!("192.0.2.1, {client_a}");
+    assert_eq!(
+        get_me(&app, Some(&spoofed)).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // another client behind the same proxy has its own bucket
+    assert_eq!(
+        get_me(&app, Some("203.0.113.20")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn the_token_endpoint_has_its_own_bucket() {
+    let app = spawn_app(|c| {
+        c.protection.token_rate = RateSettings {
+            burst: 2,
+            replenish_every: Duration::from_secs(3600),
+        };
+    })
+    .await;
+    for _ in 0..2 {
+        let r = token_request(&app, "some-client", "some-secret").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let limited = token_request(&app, "some-client", "some-secret").await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers().contains_key(header::RETRY_AFTER));
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    // the login endpoints are another bucket
+    assert_eq!(get_me(&app, None).await.status(), StatusCode::UNAUTHORIZED);
+}
+
+fn lockout_settings(prefix: &str) -> LockoutSettings {
+    LockoutSettings {
+        free_failures: 1,
+        max_failures: 3,
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        lockout: Duration::from_secs(600),
+        key_prefix: prefix.to_owned(),
+    }
+}
+
+async fn token_request(app: &TestApp, client_id: &str, secret: &str) -> reqwest::Response {
+    app.https_client()
+        .post(app.url("/oauth2/token"))
+        .basic_auth(client_id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_client_locked_on_one_instance_is_locked_on_another_until_the_lockout_ends() {
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let configure = |c: &mut Config| {
+        c.redis = Some(redis_config());
+        c.refresh.key_prefix = format!("{prefix}rt:");
+        c.protection.lockout = lockout_settings(&prefix);
+    };
+    let first = spawn_app_with_clock(clock.clone(), configure).await;
+    let second = spawn_app_with_clock(clock.clone(), configure).await;
+
+    // the backoff after the free failure is 1 ms of the manual clock
+    for _ in 0..3 {
+        let r = token_request(&first, "ghost-client", "wrong").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        clock.advance(time::Duration::milliseconds(5));
+    }
+    let locked = token_request(&second, "ghost-client", "wrong").await;
+    assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = locked.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 500 && retry <= 600, "{retry}");
+    let body: serde_json::Value = locked.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_attempts");
+
+    // still locked a moment before the end, free at the end
+    clock.advance(time::Duration::seconds(590));
+    assert_eq!(
+        token_request(&first, "ghost-client", "wrong")
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    clock.advance(time::Duration::seconds(10));
+    assert_eq!(
+        token_request(&second, "ghost-client", "wrong")
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+// === conformance: in-process stores behave like the Redis ones ===
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+fn redis_handle() -> RedisHandle {
+    RedisHandle::new(&redis_config()).unwrap()
+}
+
+fn failure_store(backend: Backend) -> Arc<dyn FailureStore> {
+    match backend {
+        Backend::Memory => Arc::new(MemoryFailureStore::new()),
+        Backend::Redis => Arc::new(RedisFailureStore::new(redis_handle())),
+    }
+}
+
+fn pending_store(backend: Backend) -> Arc<dyn PendingStore> {
+    let prefix = format!("test-{}:sso:", uuid::Uuid::new_v4());
+    match backend {
+        Backend::Memory => Arc::new(MemoryPendingStore::new()),
+        Backend::Redis => Arc::new(RedisPendingStore::new(redis_handle(), prefix)),
+    }
+}
+
+async fn lockout_backs_off_locks_and_forgets(backend: Backend) {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let settings = LockoutSettings {
+        free_failures: 2,
+        max_failures: 5,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(4),
+        lockout: Duration::from_secs(300),
+        key_prefix: prefix,
+    };
+    let lockout = Lockout::new(failure_store(backend), settings);
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let allowed = |v: Verdict| matches!(v, Verdict::Allowed { .. });
+
+    assert_eq!(
+        lockout
+            .check(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap(),
+        Verdict::Allowed {
+            had_failures: false
+        }
+    );
+    // two free failures: no wait
+    for _ in 0..2 {
+        assert!(
+            lockout
+                .failed(Kind::Account, "mallory", clock.now())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    // the third waits 1 s, the fourth 2 s
+    let r = lockout
+        .failed(Kind::Account, "mallory", clock.now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.retry_after, r.locked), (Duration::from_secs(1), false));
+    assert!(!allowed(
+        lockout
+            .check(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap()
+    ));
+    clock.advance(time::Duration::seconds(1));
+    assert!(allowed(
+        lockout
+            .check(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap()
+    ));
+    let r = lockout
+        .failed(Kind::Account, "mallory", clock.now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.retry_after, Duration::from_secs(2));
+    clock.advance(time::Duration::seconds(2));
+    // the fifth locks for the lockout period
+    let r = lockout
+        .failed(Kind::Account, "mallory", clock.now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.locked);
+    assert_eq!(r.retry_after, Duration::from_secs(300));
+    // other identifiers and other kinds are not affected
+    assert!(allowed(
+        lockout
+            .check(Kind::Account, "alice", clock.now())
+            .await
+            .unwrap()
+    ));
+    assert!(allowed(
+        lockout
+            .check(Kind::Client, "mallory", clock.now())
+            .await
+            .unwrap()
+    ));
+    clock.advance(time::Duration::seconds(299));
+    assert!(!allowed(
+        lockout
+            .check(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap()
+    ));
+    clock.advance(time::Duration::seconds(1));
+    assert!(allowed(
+        lockout
+            .check(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap()
+    ));
+    // after the lockout a failure counts from one again
+    assert!(
+        lockout
+            .failed(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // and a success forgets everything
+    lockout.succeeded(Kind::Account, "mallory").await.unwrap();
+    assert_eq!(
+        lockout
+            .check(Kind::Account, "mallory", clock.now())
+            .await
+            .unwrap(),
+        Verdict::Allowed {
+            had_failures: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn lockout_backs_off_locks_and_forgets_in_memory() {
+    lockout_backs_off_locks_and_forgets(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn lockout_backs_off_locks_and_forgets_in_redis() {
+    lockout_backs_off_locks_and_forgets(Backend::Redis).await;
+}
+
+fn pending() -> PendingLogin {
+    PendingLogin {
+        provider: "test".to_owned(),
+        pkce_verifier: "verifier".to_owned(),
+        nonce: "nonce".to_owned(),
+        redirect: "/jobs".to_owned(),
+    }
+}
+
+async fn pending_login_is_single_use_and_expires(backend: Backend) {
+    let store = pending_store(backend);
+    store
+        .put("state-1", &pending(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(store.take("state-2").await.unwrap().is_none());
+    assert_eq!(store.take("state-1").await.unwrap(), Some(pending()));
+    assert!(store.take("state-1").await.unwrap().is_none());
+
+    // the TTL is a real-time key TTL (Redis PX), not a logical instant, so this one test
+    // lets real time pass: far more than the TTL, far less than a test timeout
+    store
+        .put("short", &pending(), Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(store.take("short").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn pending_login_is_single_use_and_expires_in_memory() {
+    pending_login_is_single_use_and_expires(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn pending_login_is_single_use_and_expires_in_redis() {
+    pending_login_is_single_use_and_expires(Backend::Redis).await;
+}
