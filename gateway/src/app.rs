@@ -180,6 +180,17 @@ impl Application {
                 let _ = feed.await;
             }
         });
+        if let Some(env) = &config.config_center.runtime_environment {
+            let env = state
+                .config_center
+                .environments
+                .parse(env)
+                .map_err(|e| StartError::ConfigCenter(e.to_string()))?;
+            let follow = crate::runtime::spawn(state.clone(), env, shutdown.clone());
+            tasks.spawn(async move {
+                let _ = follow.await;
+            });
+        }
         tasks.spawn({
             let handle = state.metrics.clone();
             let stop = shutdown.clone();

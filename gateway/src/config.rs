@@ -375,6 +375,10 @@ pub struct ConfigCenterConfig {
     /// lost change notification heals by itself.
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// The environment whose application `portcullis` holds this instance's own runtime
+    /// settings (log level, rate limits, lockout policy), applied without a restart.
+    /// Unset: runtime settings are off.
+    pub runtime_environment: Option<String>,
     /// The longest a long-poll is held before it answers 304; shorter than
     /// `server.request_timeout` and every proxy's read timeout.
     #[serde(with = "humantime_serde")]
@@ -390,6 +394,7 @@ impl Default for ConfigCenterConfig {
             transit_mount: "transit".to_owned(),
             transit_key: "portcullis-config".to_owned(),
             reconcile_interval: Duration::from_secs(30),
+            runtime_environment: None,
             long_poll_timeout: Duration::from_secs(25),
         }
     }
@@ -709,8 +714,13 @@ impl Config {
                 "must name at least one environment",
             ));
         }
-        config_center::Environments::new(c.environments.iter())
+        let environments = config_center::Environments::new(c.environments.iter())
             .map_err(|e| ConfigError::field("config_center.environments", e.to_string()))?;
+        if let Some(env) = &c.runtime_environment {
+            environments.parse(env).map_err(|e| {
+                ConfigError::field("config_center.runtime_environment", e.to_string())
+            })?;
+        }
         for (name, d) in [
             ("config_center.reconcile_interval", c.reconcile_interval),
             ("config_center.long_poll_timeout", c.long_poll_timeout),

@@ -94,8 +94,12 @@ pub fn dev_config(
         },
         vault: None,
         admin: Default::default(),
-        // values sealed under `config-master.key` in the data directory
-        config_center: Default::default(),
+        // values sealed under `config-master.key` in the data directory; this instance's
+        // own runtime settings under dev/portcullis
+        config_center: crate::config::ConfigCenterConfig {
+            runtime_environment: Some("dev".to_owned()),
+            ..Default::default()
+        },
         sso: Default::default(),
         protection: Default::default(),
     })

@@ -26,6 +26,7 @@ pub mod readiness;
 pub mod redis_store;
 pub mod refresh;
 pub mod routes;
+pub mod runtime;
 pub mod server;
 pub mod server_key;
 pub mod sso;

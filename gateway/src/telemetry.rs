@@ -10,24 +10,32 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry};
 
 use crate::config::{LogConfig, LogFormat};
 
+/// The handle that changes the log filter of the installed subscriber. The subscriber is
+/// process-wide by nature (one per process), so its handle is too.
+static LOG_FILTER: OnceLock<tracing_subscriber::reload::Handle<EnvFilter, Registry>> =
+    OnceLock::new();
+
+/// The filter for an operator's `level`: vaultrs logs every lost check-and-set race (an
+/// expected event when instances rotate together) at ERROR; our own code reports Vault
+/// failures, so it is muted unless the operator asks for it by name.
+fn filter_for(level: &str) -> Result<EnvFilter, String> {
+    let full = if level.contains("vaultrs") {
+        level.to_owned()
+    } else {
+        format!("{level},vaultrs=off,rustify=off")
+    };
+    EnvFilter::try_new(&full).map_err(|e| format!("invalid log.level `{level}`: {e}"))
+}
+
 /// Installs the global tracing subscriber. A second call (tests) leaves the first in place.
 pub fn init_logging(config: &LogConfig) -> Result<(), String> {
-    // vaultrs logs every lost check-and-set race (an expected event when instances
-    // rotate together) at ERROR; our own code reports Vault failures, so it is muted
-    // unless the operator asks for it by name
-    let level = if config.level.contains("vaultrs") {
-        config.level.clone()
-    } else {
-        format!("{},vaultrs=off,rustify=off", config.level)
-    };
-    let filter = EnvFilter::try_new(&level)
-        .map_err(|e| format!("invalid log.level `{}`: {e}", config.level))?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter_for(&config.level)?);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match config.format {
         LogFormat::Json => registry
@@ -45,8 +53,28 @@ pub fn init_logging(config: &LogConfig) -> Result<(), String> {
             .try_init(),
     };
     // already installed (a second instance in the same process): keep the first one
-    let _ = result;
+    if result.is_ok() {
+        let _ = LOG_FILTER.set(handle);
+    }
     Ok(())
+}
+
+/// Changes the log filter of the running process (runtime settings). `Ok(false)` when
+/// this process did not install Portcullis's subscriber (an embedding program, tests).
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    let filter = filter_for(level)?;
+    match LOG_FILTER.get() {
+        Some(handle) => handle
+            .reload(filter)
+            .map(|()| true)
+            .map_err(|e| format!("log filter reload: {e}")),
+        None => Ok(false),
+    }
+}
+
+/// Checks a log level without applying it.
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    filter_for(level).map(|_| ())
 }
 
 /// Latency buckets, in seconds, for every `*_seconds` histogram.

@@ -150,13 +150,14 @@ pub trait FailureStore: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Lockout {
     store: Arc<dyn FailureStore>,
-    settings: Arc<LockoutSettings>,
+    // swapped by the runtime settings; each check reads the policy current at that moment
+    settings: Arc<arc_swap::ArcSwap<LockoutSettings>>,
 }
 
 impl std::fmt::Debug for Lockout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lockout")
-            .field("settings", &self.settings)
+            .field("settings", &self.settings.load())
             .finish_non_exhaustive()
     }
 }
@@ -178,8 +179,20 @@ impl Lockout {
     pub fn new(store: Arc<dyn FailureStore>, settings: LockoutSettings) -> Self {
         Self {
             store,
-            settings: Arc::new(settings),
+            settings: Arc::new(arc_swap::ArcSwap::from_pointee(settings)),
         }
+    }
+
+    /// Replaces the policy (thresholds, backoff, lockout) from now on; the key prefix is
+    /// kept, so the counters already recorded still count.
+    pub fn set_settings(&self, mut settings: LockoutSettings) {
+        settings.key_prefix = self.settings.load().key_prefix.clone();
+        self.settings.store(Arc::new(settings));
+    }
+
+    /// The policy in force.
+    pub fn settings(&self) -> Arc<LockoutSettings> {
+        self.settings.load_full()
     }
 
     /// Whether `id` may attempt a login now.
@@ -211,7 +224,7 @@ impl Lockout {
         id: &str,
         now: OffsetDateTime,
     ) -> Result<Option<Refusal>, LockoutUnavailable> {
-        let s = &self.settings;
+        let s = self.settings.load();
         let record = self
             .store
             .record_failure(
@@ -232,12 +245,12 @@ impl Lockout {
     fn key(&self, kind: Kind, id: &str) -> String {
         let digest = Sha256::digest(id.as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}{}:{hex}", self.settings.key_prefix, kind.as_str())
+        format!("{}{}:{hex}", self.settings.load().key_prefix, kind.as_str())
     }
 
     /// The policy of the module docs.
     fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
-        let s = &self.settings;
+        let s = self.settings.load();
         let lockout = duration_ms(s.lockout);
         let since = now.saturating_sub(r.last_ms);
         if r.failures == 0 || since >= lockout {

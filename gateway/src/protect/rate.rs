@@ -6,8 +6,14 @@
 //! The buckets are per instance (in memory): with N instances behind a balancer a client
 //! gets up to N times the burst. The cluster-wide defence is the failure counters.
 
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+use tower::{Layer, Service, ServiceExt};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -43,14 +49,15 @@ impl KeyExtractor for ClientIpKey {
 /// The rate-limit layer of one endpoint group.
 pub type RateLayer = GovernorLayer<ClientIpKey, NoOpMiddleware<QuantaInstant>, Body>;
 
-/// The buckets of one instance, built once at start-up so that every router built from
-/// the same state shares them.
+/// The buckets of one instance, built at start-up so that every router built from the
+/// same state shares them, and swapped whole when the runtime settings change them
+/// (`runtime`): a swap starts fresh buckets, which is what a changed limit means.
 #[derive(Clone)]
 pub struct RateLimits {
     /// `/auth/*`.
-    pub auth: RateLayer,
+    pub auth: SwappableRate,
     /// `/oauth2/token`.
-    pub token: RateLayer,
+    pub token: SwappableRate,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -64,9 +71,79 @@ impl RateLimits {
     /// configuration validation already).
     pub fn new(auth: RateSettings, token: RateSettings) -> Option<Self> {
         Some(Self {
-            auth: layer(auth, "auth")?,
-            token: layer(token, "token")?,
+            auth: SwappableRate::new(auth, "auth")?,
+            token: SwappableRate::new(token, "token")?,
         })
+    }
+}
+
+/// A rate-limit layer whose buckets can be replaced while it serves.
+#[derive(Clone)]
+pub struct SwappableRate {
+    endpoint: &'static str,
+    current: Arc<ArcSwap<RateLayer>>,
+}
+
+impl SwappableRate {
+    fn new(settings: RateSettings, endpoint: &'static str) -> Option<Self> {
+        Some(Self {
+            endpoint,
+            current: Arc::new(ArcSwap::from_pointee(layer(settings, endpoint)?)),
+        })
+    }
+
+    /// Replaces the buckets; `false` (and nothing changes) for settings that make no
+    /// bucket.
+    pub fn set(&self, settings: RateSettings) -> bool {
+        match layer(settings, self.endpoint) {
+            Some(l) => {
+                self.current.store(Arc::new(l));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<S> Layer<S> for SwappableRate {
+    type Service = SwappableRateService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SwappableRateService {
+            inner,
+            current: self.current.clone(),
+        }
+    }
+}
+
+/// The service of [`SwappableRate`]: each request goes through the buckets current when
+/// it arrives.
+#[derive(Clone)]
+pub struct SwappableRateService<S> {
+    inner: S,
+    current: Arc<ArcSwap<RateLayer>>,
+}
+
+impl<S> Service<Request<Body>> for SwappableRateService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // readiness is checked on the clone that serves, in `call`
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let governed = self.current.load().layer(self.inner.clone());
+        Box::pin(governed.oneshot(req))
     }
 }
 

@@ -15,6 +15,7 @@ mod openapi;
 mod protection;
 mod readiness;
 mod refresh;
+mod runtime;
 mod shutdown;
 mod sso;
 mod support;

@@ -1,0 +1,188 @@
+//! Portcullis's own runtime settings, kept in the config center like any application's
+//! (environment `config_center.runtime_environment`, application `portcullis`) and
+//! applied by every instance without a restart.
+//!
+//! | key | what it changes |
+//! | --- | --- |
+//! | `log.level` | the log filter (`info`, `portcullis=debug,info`, …) |
+//! | `protection.auth_rate.burst`, `protection.auth_rate.replenish_every` | per-IP buckets of `/auth/*` |
+//! | `protection.token_rate.burst`, `protection.token_rate.replenish_every` | per-IP buckets of `/oauth2/token` |
+//! | `protection.lockout.free_failures`, `.max_failures`, `.backoff_base`, `.backoff_max`, `.lockout` | the failure counters' policy |
+//!
+//! A key that is absent falls back to the configuration file's value, so removing it
+//! undoes it. A release is applied whole or not at all: one unknown key or invalid value
+//! and the instance keeps what it had, logs why, and counts it in
+//! `portcullis_runtime_settings_rejected_total`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use config_center::{AppName, Environment, Snapshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::protect::RateSettings;
+use crate::protect::lockout::LockoutSettings;
+use crate::state::AppState;
+
+/// The application name the settings live under.
+pub const APP: &str = "portcullis";
+
+/// The settings one release asks for, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeSettings {
+    /// The log filter.
+    pub log_level: String,
+    /// `/auth/*` buckets.
+    pub auth_rate: RateSettings,
+    /// `/oauth2/token` buckets.
+    pub token_rate: RateSettings,
+    /// Failure counters.
+    pub lockout: LockoutSettings,
+}
+
+impl RuntimeSettings {
+    /// The configuration file's values: what an absent key means.
+    pub fn baseline(state: &AppState) -> Self {
+        Self {
+            log_level: state.config.log.level.clone(),
+            auth_rate: state.config.protection.auth_rate,
+            token_rate: state.config.protection.token_rate,
+            lockout: state.config.protection.lockout.clone(),
+        }
+    }
+
+    /// `baseline` with the release's keys applied; every refusal names the key.
+    pub fn from_entries(
+        baseline: &Self,
+        entries: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let mut s = baseline.clone();
+        for (key, value) in entries {
+            let v = value.trim();
+            match key.as_str() {
+                "log.level" => {
+                    crate::telemetry::check_log_level(v)?;
+                    s.log_level = v.to_owned();
+                }
+                "protection.auth_rate.burst" => s.auth_rate.burst = number(key, v)?,
+                "protection.auth_rate.replenish_every" => {
+                    s.auth_rate.replenish_every = duration(key, v)?;
+                }
+                "protection.token_rate.burst" => s.token_rate.burst = number(key, v)?,
+                "protection.token_rate.replenish_every" => {
+                    s.token_rate.replenish_every = duration(key, v)?;
+                }
+                "protection.lockout.free_failures" => s.lockout.free_failures = number(key, v)?,
+                "protection.lockout.max_failures" => s.lockout.max_failures = number(key, v)?,
+                "protection.lockout.backoff_base" => s.lockout.backoff_base = duration(key, v)?,
+                "protection.lockout.backoff_max" => s.lockout.backoff_max = duration(key, v)?,
+                "protection.lockout.lockout" => s.lockout.lockout = duration(key, v)?,
+                other => return Err(format!("`{other}` is not a runtime setting")),
+            }
+        }
+        for (name, r) in [
+            ("protection.auth_rate", s.auth_rate),
+            ("protection.token_rate", s.token_rate),
+        ] {
+            if r.burst == 0 || r.replenish_every.is_zero() {
+                return Err(format!(
+                    "{name}: burst and replenish_every must be greater than 0"
+                ));
+            }
+        }
+        s.lockout
+            .validate()
+            .map_err(|e| format!("protection.lockout: {e}"))?;
+        Ok(s)
+    }
+
+    /// Puts these settings in force on this instance.
+    fn apply(&self, state: &AppState) -> Result<(), String> {
+        crate::telemetry::set_log_level(&self.log_level)?;
+        if !(state.rate.auth.set(self.auth_rate) && state.rate.token.set(self.token_rate)) {
+            return Err("a rate bucket could not be built".to_owned());
+        }
+        state.lockout.set_settings(self.lockout.clone());
+        Ok(())
+    }
+}
+
+fn number(key: &str, v: &str) -> Result<u32, String> {
+    v.parse()
+        .map_err(|_| format!("`{key}` must be a whole number, not `{v}`"))
+}
+
+fn duration(key: &str, v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v).map_err(|e| format!("`{key}` must be a duration such as 30s: {e}"))
+}
+
+/// Follows the `portcullis` application of `env` until `stop`, applying each release.
+pub fn spawn(
+    state: AppState,
+    env: Environment,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(app) = AppName::parse(APP) else {
+            return;
+        };
+        let baseline = RuntimeSettings::baseline(&state);
+        let hub = state.config_center.hub.clone();
+        let mut delay = Duration::from_millis(200);
+        // the schema first, then a subscription; both retried while the database is away
+        let mut rx = loop {
+            if state.db.is_migrated() {
+                match hub.subscribe(&env, &app).await {
+                    Ok(rx) => break rx,
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::chain(&e), "runtime settings: cannot read them yet; retrying")
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        };
+        let mut applied = None;
+        loop {
+            let main = rx.borrow_and_update().main.clone();
+            if let Some(release) = main
+                && applied != Some(release.version)
+            {
+                applied = Some(release.version);
+                follow(&state, &baseline, &release.json, release.version);
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    })
+}
+
+/// Applies one release of the settings, or keeps the current ones and says why.
+fn follow(state: &AppState, baseline: &RuntimeSettings, json: &[u8], version: u64) {
+    let outcome = serde_json::from_slice::<Snapshot>(json)
+        .map_err(|e| format!("unreadable snapshot: {e}"))
+        .and_then(|snapshot| {
+            let entries: BTreeMap<String, String> = snapshot
+                .entries
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect();
+            RuntimeSettings::from_entries(baseline, &entries)
+        })
+        .and_then(|settings| settings.apply(state));
+    match outcome {
+        Ok(()) => {
+            metrics::gauge!("portcullis_runtime_settings_version").set(version as f64);
+            tracing::info!(version, "runtime settings applied");
+        }
+        Err(reason) => {
+            metrics::counter!("portcullis_runtime_settings_rejected_total").increment(1);
+            tracing::error!(version, %reason, "runtime settings refused; the previous ones stay in force");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Portcullis's own runtime settings, kept in the config center and applied without a
+//! restart.
+
+use std::time::Duration;
+
+use portcullis::oauth::claims::{AccessClaims, Audiences};
+use serde_json::json;
+
+use super::support::*;
+
+fn admin_token(app: &TestApp) -> String {
+    let now = app.state.keys.now().unix_timestamp();
+    app.state
+        .keys
+        .sign(&AccessClaims {
+            iss: app.state.config.issuer(),
+            sub: "ops".to_owned(),
+            aud: Audiences::One(app.state.config.issuer()),
+            exp: now + 600,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: "config:read:dev config:write:dev".to_owned(),
+            client_id: "ops".to_owned(),
+            roles: vec![],
+            sid: None,
+        })
+        .unwrap()
+}
+
+async fn publish(app: &TestApp, entries: serde_json::Value) -> u16 {
+    app.https_client()
+        .put(app.url("/config/v1/dev/portcullis"))
+        .bearer_auth(admin_token(app))
+        .json(&json!({ "entries": entries, "message": "tune" }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// How many of `n` quick requests to `/auth/login` were refused with 429.
+async fn limited(app: &TestApp, n: usize) -> usize {
+    let http = app.https_client();
+    let mut refused = 0;
+    for _ in 0..n {
+        let r = http.get(app.url("/auth/login")).send().await.unwrap();
+        if r.status().as_u16() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+            refused += 1;
+        }
+    }
+    refused
+}
+
+async fn rejected_total(app: &TestApp) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("portcullis_runtime_settings_rejected_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn rate_limits_follow_the_config_center_without_a_restart() {
+    let app = spawn_app(|c| {
+        c.config_center.runtime_environment = Some("dev".to_owned());
+        c.protection.auth_rate.burst = 1000;
+    })
+    .await;
+    assert_eq!(limited(&app, 5).await, 0, "the file's generous limit");
+
+    let status = publish(
+        &app,
+        json!([
+            { "key": "protection.auth_rate.burst", "value": "2" },
+            { "key": "protection.auth_rate.replenish_every", "value": "1h" },
+            { "key": "log.level", "value": "info,portcullis=debug" }
+        ]),
+    )
+    .await;
+    assert_eq!(status, 201);
+    eventually(Duration::from_secs(10), "the tighter limit applies", || {
+        let app = &app;
+        async move { limited(app, 3).await > 0 }
+    })
+    .await;
+
+    // an invalid release is refused whole: the tighter limit stays
+    let before = rejected_total(&app).await;
+    let status = publish(
+        &app,
+        json!([
+            { "key": "protection.auth_rate.burst", "value": "0" },
+            { "key": "log.level", "value": "debug" }
+        ]),
+    )
+    .await;
+    assert_eq!(status, 201);
+    eventually(Duration::from_secs(10), "the refusal is counted", || {
+        let app = &app;
+        async move { rejected_total(app).await > before }
+    })
+    .await;
+    assert!(
+        limited(&app, 3).await > 0,
+        "the previous limit is still in force"
+    );
+    let status = publish(&app, json!([{ "key": "no.such.setting", "value": "1" }])).await;
+    assert_eq!(status, 201);
+    eventually(
+        Duration::from_secs(10),
+        "an unknown key is refused too",
+        || {
+            let app = &app;
+            async move { rejected_total(app).await > before + 1.0 }
+        },
+    )
+    .await;
+
+    // removing the keys goes back to the file's values
+    assert_eq!(publish(&app, json!([])).await, 201);
+    eventually(Duration::from_secs(10), "the file's limit is back", || {
+        let app = &app;
+        async move { limited(app, 5).await == 0 }
+    })
+    .await;
+}
