@@ -435,6 +435,10 @@ async fn logs_never_contain_tokens_secret_ids_or_private_keys() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests run on other threads without this subscriber; a callsite they reach
+    // first may have cached "no interest" before this subscriber existed (tracing's
+    // interest cache is global), which would hide its events from this capture.
+    tracing::callsite::rebuild_interest_cache();
 
     // A rotator role for a ring path of this test's own.
     let ring_path = unique_path("logs");
