@@ -137,7 +137,7 @@ impl Application {
         tasks.spawn(async move {
             let _ = audit_task.await;
         });
-        let state = AppState {
+        let state = AppState::new(crate::state::Shared {
             config: config.clone(),
             db: db.clone(),
             redis,
@@ -150,7 +150,7 @@ impl Application {
             sso,
             lockout,
             rate,
-        };
+        });
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {
                 let _ = task.await;

@@ -6,6 +6,13 @@
 //! listeners and runs the instance. Tests build `Application`s on port 0 directly.
 #![forbid(unsafe_code)]
 
+/// The process allocator of the `portcullis` binary and of everything else that links
+/// this library (its tests and benchmarks, so they measure what runs): mimalloc's
+/// per-thread heaps instead of glibc's locked arenas, which cost the token endpoint a
+/// measurable share of its CPU in futex wake-ups under load (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod accounts;
 pub mod admin;
 pub mod app;
