@@ -166,6 +166,56 @@ pub enum ConfigCommand {
         #[arg(long, short = 'm', default_value = "")]
         message: String,
     },
+    /// Publish a file as a gray release, served only to the selected instances.
+    Gray {
+        #[command(flatten)]
+        target: Target,
+        /// The environment.
+        env: String,
+        /// The application.
+        app: String,
+        /// The file (`-`: standard input).
+        file: PathBuf,
+        /// Its format (default: from the file name's extension).
+        #[arg(long, value_enum)]
+        format: Option<FileFormat>,
+        /// Keys whose values are secret (repeatable).
+        #[arg(long = "secret")]
+        secrets: Vec<String>,
+        /// An instance id that receives it (repeatable).
+        #[arg(long = "instance")]
+        instances: Vec<String>,
+        /// A label `k=v` an instance must carry to receive it (repeatable; all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Why.
+        #[arg(long, short = 'm', default_value = "")]
+        message: String,
+    },
+    /// Promote the gray release in progress to every instance.
+    Promote {
+        #[command(flatten)]
+        target: Target,
+        /// The environment.
+        env: String,
+        /// The application.
+        app: String,
+        /// The gray release you looked at (refused if another is in progress).
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Abort the gray release in progress: every instance moves to the main content.
+    Abort {
+        #[command(flatten)]
+        target: Target,
+        /// The environment.
+        env: String,
+        /// The application.
+        app: String,
+        /// The gray release you looked at.
+        #[arg(long)]
+        version: Option<u64>,
+    },
     /// Follow releases as they are published (Server-Sent Events), one JSON line each.
     Watch {
         #[command(flatten)]
@@ -357,23 +407,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             secrets,
             message,
         } => {
-            let format = format
-                .or_else(|| format_of(&file))
-                .ok_or_else(|| CliError::Usage("say --format (properties, yaml, json)".into()))?;
-            let text = if file.as_os_str() == "-" {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                    .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
-                s
-            } else {
-                std::fs::read_to_string(&file)
-                    .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?
-            };
-            let map = parse_file(format, &text).map_err(CliError::Usage)?;
-            let entries: Vec<Value> = map
-                .into_iter()
-                .map(|(k, v)| json!({ "key": k, "value": v, "secret": secrets.contains(&k) }))
-                .collect();
+            let entries = file_entries(&file, format, &secrets)?;
             let n = entries.len();
             let api = Api::new(&target)?;
             let out = api
@@ -384,6 +418,77 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
                 )
                 .await?;
             println!("{env}/{app}: release {} ({n} keys)", out["version"]);
+        }
+        ConfigCommand::Gray {
+            target,
+            env,
+            app,
+            file,
+            format,
+            secrets,
+            instances,
+            labels,
+            message,
+        } => {
+            let entries = file_entries(&file, format, &secrets)?;
+            let labels: BTreeMap<String, String> = labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| CliError::Usage(format!("--label {l}: expected k=v")))
+                })
+                .collect::<Result<_, _>>()?;
+            let api = Api::new(&target)?;
+            let out = api
+                .call(
+                    reqwest::Method::PUT,
+                    &Api::url(&env, &app, "/gray"),
+                    Some(json!({
+                        "entries": entries,
+                        "selector": { "instances": instances, "labels": labels },
+                        "message": message,
+                    })),
+                )
+                .await?;
+            println!("{env}/{app}: gray release {}", out["version"]);
+        }
+        ConfigCommand::Promote {
+            target,
+            env,
+            app,
+            version,
+        } => {
+            let api = Api::new(&target)?;
+            let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+            let out = api
+                .call(
+                    reqwest::Method::POST,
+                    &Api::url(&env, &app, &format!("/gray/promote{query}")),
+                    None,
+                )
+                .await?;
+            println!("{env}/{app}: release {} promoted", out["version"]);
+        }
+        ConfigCommand::Abort {
+            target,
+            env,
+            app,
+            version,
+        } => {
+            let api = Api::new(&target)?;
+            let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+            let out = api
+                .call(
+                    reqwest::Method::DELETE,
+                    &Api::url(&env, &app, &format!("/gray{query}")),
+                    None,
+                )
+                .await?;
+            println!(
+                "{env}/{app}: gray release aborted; release {}",
+                out["version"]
+            );
         }
         ConfigCommand::Export {
             target,
@@ -487,6 +592,31 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Reads an import file into the API's entries.
+fn file_entries(
+    file: &std::path::Path,
+    format: Option<FileFormat>,
+    secrets: &[String],
+) -> Result<Vec<Value>, CliError> {
+    let format = format
+        .or_else(|| format_of(file))
+        .ok_or_else(|| CliError::Usage("say --format (properties, yaml, json)".into()))?;
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?
+    };
+    let map = parse_file(format, &text).map_err(CliError::Usage)?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| json!({ "key": k, "value": v, "secret": secrets.contains(&k) }))
+        .collect())
 }
 
 fn entries(snapshot: &Value) -> Vec<Value> {

@@ -44,7 +44,8 @@ enum Command {
     /// straight against the database.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
-    /// The config center: get, set, rm, import, export, history, diff, rollback, watch —
+    /// The config center: get, set, rm, import, export, history, diff, rollback, gray,
+    /// promote, abort, watch —
     /// through a gateway's HTTPS API with a `config:*` scoped token.
     #[command(subcommand)]
     Config(config_center::ConfigCommand),

@@ -1028,3 +1028,57 @@ async fn a_gray_release_reaches_only_the_selected_instances_until_promoted() {
         .await;
     assert_eq!(s, 400, "{b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_a_gray_release_then_promotes_it() {
+    let app = spawn_app(|_| {}).await;
+    let api = Api::new(&app);
+    api.publish(entries_v1()).await;
+    let props = app.dir.path().join("canary.properties");
+    std::fs::write(&props, "db.url=postgres://canary\n").unwrap();
+    let scope = "config:read:prod config:write:prod";
+    let p = props.to_str().unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &app,
+            scope,
+            &["gray", "prod", APP, p, "--label", "zone=b"],
+            None,
+        )
+    });
+    assert!(ok, "{err}");
+    assert!(out.contains("gray release 2"), "{out}");
+    let (_, _, b) = api
+        .get(
+            &Api::path("prod", APP, "?labels=zone%3Db"),
+            "config:read:prod",
+        )
+        .await;
+    assert_eq!(b["version"], 2);
+    let (_, _, b) = api
+        .get(&Api::path("prod", APP, ""), "config:read:prod")
+        .await;
+    assert_eq!(b["version"], 1);
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &app,
+            scope,
+            &["promote", "prod", APP, "--version", "2"],
+            None,
+        )
+    });
+    assert!(ok, "{err}");
+    assert!(out.contains("release 2 promoted"), "{out}");
+    let (_, _, b) = api
+        .get(&Api::path("prod", APP, ""), "config:read:prod")
+        .await;
+    assert_eq!(b["version"], 2);
+    // nothing left to promote
+    let (ok, _, err) =
+        tokio::task::block_in_place(|| cli(&app, scope, &["abort", "prod", APP], None));
+    assert!(!ok);
+    assert!(
+        err.contains("409") && err.contains("no_gray_release"),
+        "{err}"
+    );
+}
