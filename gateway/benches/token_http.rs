@@ -124,9 +124,12 @@ async fn token_endpoint() {
 fn wrk(script: &std::path::Path, url: &str) {
     let seconds = env_or("BENCH_SECONDS", 10);
     let connections = env_or("BENCH_CONNECTIONS", 64);
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .to_string();
+    // one load-generator thread per core unless BENCH_WRK_THREADS says otherwise
+    let threads = env_or(
+        "BENCH_WRK_THREADS",
+        std::thread::available_parallelism().map_or(2, |n| n.get() as u64),
+    )
+    .to_string();
     let out = Command::new("wrk")
         .args([
             "-t",
