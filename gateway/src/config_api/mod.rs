@@ -624,7 +624,9 @@ fn expected(v: Option<u64>) -> Expected {
     v.map_or(Expected::Any, Expected::Version)
 }
 
-fn written(
+/// The answer to a write, after making it visible to this instance's next read and
+/// recording it in the audit trail.
+async fn written(
     state: &AppState,
     principal: &Principal,
     action: &str,
@@ -632,6 +634,11 @@ fn written(
     keys: Vec<String>,
     from: Option<u64>,
 ) -> Response {
+    state
+        .config_center
+        .hub
+        .refresh(&info.environment, &info.application)
+        .await;
     // keys only, never values: the audit trail must not hold a secret
     state.audit.record(AuditEvent {
         at: time::OffsetDateTime::now_utc(),
@@ -693,15 +700,7 @@ pub async fn publish(
         .store()
         .publish(&env, &app, expected(body.expected_version), entries, &note)
         .await?;
-    state.config_center.hub.refresh(&env, &app).await;
-    Ok(written(
-        &state,
-        &principal,
-        "config.publish",
-        &info,
-        keys,
-        None,
-    ))
+    Ok(written(&state, &principal, "config.publish", &info, keys, None).await)
 }
 
 /// `PATCH /config/v1/{env}/{app}`.
@@ -738,15 +737,7 @@ pub async fn edit(
         .store()
         .apply(&env, &app, expected(body.expected_version), &edits, &note)
         .await?;
-    state.config_center.hub.refresh(&env, &app).await;
-    Ok(written(
-        &state,
-        &principal,
-        "config.edit",
-        &info,
-        keys,
-        None,
-    ))
+    Ok(written(&state, &principal, "config.edit", &info, keys, None).await)
 }
 
 /// `POST /config/v1/{env}/{app}/rollback`.
@@ -763,7 +754,6 @@ pub async fn rollback(
     let info = store
         .rollback(&env, &app, body.to, expected(body.expected_version), &note)
         .await?;
-    state.config_center.hub.refresh(&env, &app).await;
     Ok(written(
         &state,
         &principal,
@@ -771,7 +761,8 @@ pub async fn rollback(
         &info,
         Vec::new(),
         Some(body.to),
-    ))
+    )
+    .await)
 }
 
 // === gray releases ===
@@ -834,15 +825,7 @@ pub async fn publish_gray(
             &note,
         )
         .await?;
-    state.config_center.hub.refresh(&env, &app).await;
-    Ok(written(
-        &state,
-        &principal,
-        "config.gray",
-        &info,
-        keys,
-        None,
-    ))
+    Ok(written(&state, &principal, "config.gray", &info, keys, None).await)
 }
 
 /// `?version=N` of promote and abort: the gray release the operator looked at (absent:
@@ -910,7 +893,6 @@ pub async fn abort_gray(
         .store()
         .abort_gray(&env, &app, which, &note)
         .await?;
-    state.config_center.hub.refresh(&env, &app).await;
     Ok(written(
         &state,
         &principal,
@@ -918,5 +900,6 @@ pub async fn abort_gray(
         &info,
         Vec::new(),
         None,
-    ))
+    )
+    .await)
 }
