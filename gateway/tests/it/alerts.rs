@@ -1,0 +1,114 @@
+//! `deploy/prometheus/alerts.yml`, the metric catalogue (`docs/operations/metrics.md`)
+//! and the code agree: every alert is well formed and uses only catalogued series, and
+//! every catalogued series is one the code exports.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// `portcullis_*` names in `text`, histogram suffixes folded into their family.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("portcullis_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end] == b'_'
+                || bytes[end].is_ascii_digit())
+        {
+            end += 1;
+        }
+        let mut name = &text[start..end];
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix)
+                && base.ends_with("_seconds")
+            {
+                name = base;
+            }
+        }
+        out.insert(name.to_owned());
+        i = end;
+    }
+    out
+}
+
+fn catalogue() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(root().join("docs/operations/metrics.md")).unwrap();
+    // only the tables' first column counts as a definition
+    text.lines()
+        .filter(|l| l.starts_with("| `portcullis_"))
+        .flat_map(|l| metric_names(l.split('|').nth(1).unwrap()))
+        .collect()
+}
+
+fn source_text() -> String {
+    let mut all = String::new();
+    for dir in ["gateway/src", "keyrotation/src", "config-center/src"] {
+        let mut stack = vec![root().join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    all.push_str(&std::fs::read_to_string(&p).unwrap());
+                }
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn every_alert_is_well_formed_and_uses_only_catalogued_metrics() {
+    let text = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    let groups = docs[0]["groups"].as_vec().expect("a list of groups");
+    let catalogue = catalogue();
+    let mut alerts = BTreeSet::new();
+    for group in groups {
+        assert!(group["name"].as_str().is_some());
+        for rule in group["rules"].as_vec().expect("rules") {
+            let name = rule["alert"].as_str().expect("every rule is an alert");
+            assert!(alerts.insert(name.to_owned()), "{name} twice");
+            let expr = rule["expr"].as_str().expect("an expr");
+            assert!(
+                matches!(rule["labels"]["severity"].as_str(), Some("page" | "ticket")),
+                "{name}: severity page or ticket"
+            );
+            assert!(
+                rule["annotations"]["summary"].as_str().is_some(),
+                "{name}: summary"
+            );
+            let used = metric_names(expr);
+            assert!(
+                !used.is_empty() || expr.contains("up{"),
+                "{name}: no metric"
+            );
+            for m in used {
+                assert!(
+                    catalogue.contains(&m),
+                    "{name} uses {m}, which metrics.md does not list"
+                );
+            }
+        }
+    }
+    assert!(alerts.len() >= 10, "{alerts:?}");
+}
+
+#[test]
+fn every_catalogued_metric_is_exported_by_the_code() {
+    let source = source_text();
+    for m in catalogue() {
+        assert!(
+            source.contains(&format!("\"{m}\"")),
+            "metrics.md lists {m}, which no code exports"
+        );
+    }
+}
