@@ -221,9 +221,28 @@ impl KeyWrapper {
 /// authentication and token renewal); this type only calls `transit/*`.
 #[derive(Clone)]
 pub struct TransitWrapper {
-    client: Arc<VaultClient>,
+    source: Arc<dyn VaultClientSource>,
     mount: String,
     key_name: String,
+}
+
+/// Where a [`TransitWrapper`] gets its Vault client for each call: the owner of the
+/// client's authentication (the gateway's Vault source, which renews its token and logs
+/// in again with AppRole) hands out whichever client is current.
+#[async_trait::async_trait]
+pub trait VaultClientSource: Send + Sync {
+    /// The client to use now.
+    async fn client(&self) -> Result<Arc<VaultClient>, CryptoError>;
+}
+
+/// One fixed client (a static token that outlives the process).
+struct FixedClient(Arc<VaultClient>);
+
+#[async_trait::async_trait]
+impl VaultClientSource for FixedClient {
+    async fn client(&self) -> Result<Arc<VaultClient>, CryptoError> {
+        Ok(self.0.clone())
+    }
 }
 
 impl fmt::Debug for TransitWrapper {
@@ -257,8 +276,17 @@ impl TransitWrapper {
         mount: impl Into<String>,
         key_name: impl Into<String>,
     ) -> Self {
+        Self::with_source(Arc::new(FixedClient(client)), mount, key_name)
+    }
+
+    /// A wrapper that asks `source` for the current client on every call.
+    pub fn with_source(
+        source: Arc<dyn VaultClientSource>,
+        mount: impl Into<String>,
+        key_name: impl Into<String>,
+    ) -> Self {
         Self {
-            client,
+            source,
             mount: mount.into(),
             key_name: key_name.into(),
         }
@@ -266,12 +294,23 @@ impl TransitWrapper {
 
     /// Creates the Transit key (aes256-gcm96) if it does not exist yet.
     pub async fn ensure_key(&self) -> Result<(), CryptoError> {
-        match vaultrs::transit::key::read(&*self.client, &self.mount, &self.key_name).await {
+        match vaultrs::transit::key::read(
+            &*self.source.client().await?,
+            &self.mount,
+            &self.key_name,
+        )
+        .await
+        {
             Ok(_) => Ok(()),
             Err(vaultrs::error::ClientError::APIError { code: 404, .. }) => {
-                vaultrs::transit::key::create(&*self.client, &self.mount, &self.key_name, None)
-                    .await
-                    .map_err(vault_error)
+                vaultrs::transit::key::create(
+                    &*self.source.client().await?,
+                    &self.mount,
+                    &self.key_name,
+                    None,
+                )
+                .await
+                .map_err(vault_error)
             }
             Err(e) => Err(vault_error(e)),
         }
@@ -280,7 +319,7 @@ impl TransitWrapper {
     async fn wrap(&self, key: &[u8]) -> Result<String, CryptoError> {
         let plaintext = Zeroizing::new(STANDARD.encode(key));
         let response = vaultrs::transit::data::encrypt(
-            &*self.client,
+            &*self.source.client().await?,
             &self.mount,
             &self.key_name,
             &plaintext,
@@ -294,7 +333,7 @@ impl TransitWrapper {
     /// `Ok(None)` when Vault refuses the ciphertext (wrong key): the caller names it.
     async fn unwrap(&self, wrapped: &str) -> Result<Option<Zeroizing<Vec<u8>>>, CryptoError> {
         match vaultrs::transit::data::decrypt(
-            &*self.client,
+            &*self.source.client().await?,
             &self.mount,
             &self.key_name,
             wrapped,
@@ -313,14 +352,20 @@ impl TransitWrapper {
     }
 
     async fn rewrap(&self, wrapped: &str) -> Result<String, CryptoError> {
-        vaultrs::transit::data::rewrap(&*self.client, &self.mount, &self.key_name, wrapped, None)
-            .await
-            .map(|r| r.ciphertext)
-            .map_err(vault_error)
+        vaultrs::transit::data::rewrap(
+            &*self.source.client().await?,
+            &self.mount,
+            &self.key_name,
+            wrapped,
+            None,
+        )
+        .await
+        .map(|r| r.ciphertext)
+        .map_err(vault_error)
     }
 
     async fn rotate(&self) -> Result<(), CryptoError> {
-        vaultrs::transit::key::rotate(&*self.client, &self.mount, &self.key_name)
+        vaultrs::transit::key::rotate(&*self.source.client().await?, &self.mount, &self.key_name)
             .await
             .map_err(vault_error)
     }

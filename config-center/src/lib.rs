@@ -25,7 +25,9 @@ pub mod signing;
 pub mod store;
 pub mod wire;
 
-pub use crypto::{CryptoError, Envelope, KeyWrapper, LocalWrapper, TransitWrapper};
+pub use crypto::{
+    CryptoError, Envelope, KeyWrapper, LocalWrapper, TransitWrapper, VaultClientSource,
+};
 pub use feed::{ChangeFeed, FeedClosed, FeedEvent, ReleaseEvent};
 pub use model::{
     AppName, ConfigEntry, ConfigKey, Environment, Environments, Format, GraySelector, ModelError,

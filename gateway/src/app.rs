@@ -105,9 +105,8 @@ impl Application {
             )),
         };
 
-        let wrapper = crate::config_api::key_wrapper(&config)
-            .await
-            .map_err(StartError::ConfigCenter)?;
+        let (wrapper, transit_vault) =
+            crate::config_api::key_wrapper(&config, &keys).map_err(StartError::ConfigCenter)?;
         let config_center =
             crate::config_api::ConfigCenter::new(&config, &db, wrapper, keys.clone())
                 .map_err(|e| StartError::ConfigCenter(e.to_string()))?;
@@ -170,6 +169,13 @@ impl Application {
                 let _ = watcher.await;
             }
         });
+        if let Some(vault) = transit_vault {
+            // the Transit key's own Vault login, when the ring does not live in Vault
+            let renewal = vault.spawn_token_renewal(shutdown.clone());
+            tasks.spawn(async move {
+                let _ = renewal.await;
+            });
+        }
         tasks.spawn({
             let feed = state.config_center.hub.spawn(
                 db.clone(),

@@ -148,6 +148,12 @@ impl KeyService {
         &self.verify
     }
 
+    /// The Vault source of the ring, when the ring lives in Vault: its client (token
+    /// renewed, AppRole logged in again) serves other Vault features too.
+    pub fn vault(&self) -> Option<&VaultKeySource> {
+        self.vault.as_ref()
+    }
+
     /// Signs `claims` with the active key. `NoActiveKey` when none may sign now (e.g. the
     /// active key's window ended while Vault was unreachable): the caller answers 503.
     pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, KeyError> {

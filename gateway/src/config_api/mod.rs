@@ -78,33 +78,62 @@ impl ConfigCenter {
 }
 
 /// The wrapper of config data keys `config` asks for: a local master key file (created
-/// if missing) or a Vault Transit key (with the `[vault]` credentials; a static token
-/// makes no request here, AppRole logs in).
-pub async fn key_wrapper(
+/// if missing) or a Vault Transit key. Transit calls use the key ring's own Vault source
+/// when the ring lives in Vault (one authentication, renewed), else a source of their own
+/// whose token renewal the caller must spawn (the second value). Makes no request, so an
+/// instance starts while Vault is away.
+pub fn key_wrapper(
     config: &crate::config::Config,
-) -> Result<config_center::KeyWrapper, String> {
+    keys: &crate::keys::KeyService,
+) -> Result<
+    (
+        config_center::KeyWrapper,
+        Option<keyrotation::VaultKeySource>,
+    ),
+    String,
+> {
     use crate::config::KeyWrapperKind;
     let (kind, file) = config.config_wrapper().map_err(|e| e.to_string())?;
     match (kind, file) {
         (KeyWrapperKind::Local, Some(file)) => config_center::LocalWrapper::open_or_create(&file)
-            .map(config_center::KeyWrapper::Local)
+            .map(|w| (config_center::KeyWrapper::Local(w), None))
             .map_err(|e| e.to_string()),
         (KeyWrapperKind::Local, None) => Err("no master key file".to_owned()),
         (KeyWrapperKind::Transit, _) => {
-            let settings = config
-                .vault
-                .clone()
-                .ok_or_else(|| "config_center.key_wrapper = transit needs [vault]".to_owned())?;
-            let vault = keyrotation::VaultKeySource::new(settings).map_err(|e| e.to_string())?;
-            let client = vault
-                .authenticated_client()
-                .await
-                .map_err(|e| e.to_string())?;
+            let (vault, own) = match keys.vault() {
+                Some(v) => (v.clone(), None),
+                None => {
+                    let settings = config.vault.clone().ok_or_else(|| {
+                        "config_center.key_wrapper = transit needs [vault]".to_owned()
+                    })?;
+                    let v =
+                        keyrotation::VaultKeySource::new(settings).map_err(|e| e.to_string())?;
+                    (v.clone(), Some(v))
+                }
+            };
             let c = &config.config_center;
-            Ok(config_center::KeyWrapper::Transit(
-                config_center::TransitWrapper::new(client, &c.transit_mount, &c.transit_key),
-            ))
+            let wrapper = config_center::TransitWrapper::with_source(
+                Arc::new(VaultClients(vault)),
+                &c.transit_mount,
+                &c.transit_key,
+            );
+            Ok((config_center::KeyWrapper::Transit(wrapper), own))
         }
+    }
+}
+
+/// Hands the Transit wrapper the Vault source's current client.
+struct VaultClients(keyrotation::VaultKeySource);
+
+#[async_trait::async_trait]
+impl config_center::VaultClientSource for VaultClients {
+    async fn client(
+        &self,
+    ) -> Result<Arc<vaultrs::client::VaultClient>, config_center::CryptoError> {
+        self.0
+            .authenticated_client()
+            .await
+            .map_err(|e| config_center::CryptoError::KeyService(e.to_string()))
     }
 }
 
