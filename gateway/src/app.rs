@@ -150,6 +150,7 @@ impl Application {
             sso,
             lockout,
             rate,
+            proxy: crate::proxy::Proxy::new(&config.proxy),
         };
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {
@@ -180,6 +181,15 @@ impl Application {
                 let _ = feed.await;
             }
         });
+        if let Some(checks) = state
+            .proxy
+            .as_ref()
+            .and_then(|p| p.spawn_health_checks(shutdown.clone()))
+        {
+            tasks.spawn(async move {
+                let _ = checks.await;
+            });
+        }
         tasks.spawn({
             let handle = state.metrics.clone();
             let stop = shutdown.clone();

@@ -98,6 +98,7 @@ pub fn dev_config(
         config_center: Default::default(),
         sso: Default::default(),
         protection: Default::default(),
+        proxy: Default::default(),
     })
 }
 
