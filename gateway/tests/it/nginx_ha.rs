@@ -345,3 +345,257 @@ async fn killing_an_instance_process_under_load_loses_no_get() {
     );
     assert_failed_over(&certs.access_log(), victim_addr);
 }
+
+/// Refreshes through nginx, paced, each with the refresh token the last success
+/// returned; plus a discovery GET each round, which needs no Redis.
+struct RefreshLoad {
+    ok: Arc<AtomicUsize>,
+    unavailable: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl RefreshLoad {
+    fn start(edge: &Edge, client: (String, String), first: String) -> Self {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let unavailable = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (token_url, discovery_url) = (
+            edge.url("/oauth2/token"),
+            edge.url("/.well-known/openid-configuration"),
+        );
+        let task = tokio::spawn({
+            let http = edge.client.clone();
+            let (ok, unavailable, stop) = (ok.clone(), unavailable.clone(), stop.clone());
+            async move {
+                let mut failures = Vec::new();
+                let mut token = first;
+                // paced under the edge's rate limit on /oauth2/token (50 r/s per address)
+                let mut pace = tokio::time::interval(Duration::from_millis(30));
+                while !stop.load(Ordering::SeqCst) {
+                    pace.tick().await;
+                    let r = http
+                        .post(&token_url)
+                        .basic_auth(&client.0, Some(&client.1))
+                        .form(&[("grant_type", "refresh_token"), ("refresh_token", &token)])
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == StatusCode::OK => {
+                            let body: serde_json::Value = r.json().await.unwrap_or_default();
+                            match body["refresh_token"].as_str() {
+                                Some(next) => {
+                                    token = next.to_owned();
+                                    ok.fetch_add(1, Ordering::SeqCst);
+                                }
+                                None => {
+                                    failures.push(format!("refresh: 200 without a token: {body}"))
+                                }
+                            }
+                        }
+                        Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                            unavailable.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            let status = r.status();
+                            let body = r.text().await.unwrap_or_default();
+                            failures.push(format!("refresh: {status} {body}"));
+                        }
+                        Err(e) => failures.push(format!("refresh: {e}")),
+                    }
+                    match http.get(&discovery_url).send().await {
+                        Ok(r) if r.status() == StatusCode::OK => {}
+                        Ok(r) => failures.push(format!("discovery: {}", r.status())),
+                        Err(e) => failures.push(format!("discovery: {e}")),
+                    }
+                }
+                failures
+            }
+        });
+        Self {
+            ok,
+            unavailable,
+            stop,
+            task,
+        }
+    }
+
+    async fn until(&self, what: &str, probe: impl Fn(usize, usize) -> bool) {
+        let (ok, unavailable) = (self.ok.clone(), self.unavailable.clone());
+        let probe = &probe;
+        eventually(Duration::from_secs(60), what, || {
+            let (ok, unavailable) = (ok.clone(), unavailable.clone());
+            async move {
+                probe(
+                    ok.load(Ordering::SeqCst),
+                    unavailable.load(Ordering::SeqCst),
+                )
+            }
+        })
+        .await;
+    }
+
+    async fn finish(self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let failures = self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.unavailable.load(Ordering::SeqCst),
+            failures,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_under_load_delays_refreshes_and_loses_nothing() {
+    use std::collections::BTreeSet;
+
+    use portcullis::clients::{GrantType, NewClient, ScopeSet};
+    use portcullis::config::RedisConfig;
+    use portcullis::refresh::NewFamily;
+    use secrecy::{ExposeSecret, SecretString};
+
+    let certs = Certs::new();
+    let redis = harness::Redis::start_persistent().unwrap();
+    let db = harness::Postgres::shared()
+        .fresh_database("ha_redis_restart")
+        .unwrap();
+    let prefix = format!("ha-{}:", uuid::Uuid::new_v4());
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let (cert, key) = (certs.instance_cert.clone(), certs.instance_key.clone());
+        let (db, redis_url, prefix) = (db.clone(), redis.url(), prefix.clone());
+        let app = spawn_app(move |c| {
+            c.tls = Some(TlsConfig {
+                cert,
+                key,
+                reload_interval: Duration::from_secs(10),
+            });
+            c.protection.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
+            c.database.url = SecretString::from(db);
+            c.redis = Some(RedisConfig {
+                url: SecretString::from(redis_url),
+                cluster: false,
+                command_timeout: Duration::from_millis(500),
+            });
+            c.refresh.key_prefix = prefix;
+        })
+        .await;
+        instances.push(app);
+    }
+    let state = &instances[0].state;
+    let now = state.keys.now();
+    let (client, secret) = state
+        .clients
+        .create(
+            NewClient {
+                id: None,
+                name: "ha-drill".to_owned(),
+                grant_types: BTreeSet::from([GrantType::RefreshToken]),
+                scopes: ScopeSet::parse("jobs:read").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let issued = state
+        .refresh
+        .issue(
+            NewFamily {
+                client_id: client.id.to_string(),
+                subject: "alice".to_owned(),
+                scope: "jobs:read".to_owned(),
+                audience: vec![],
+                auth_time: now,
+                session: serde_json::json!({}),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let edge = Edge::start(
+        &certs,
+        [instances[0].https, instances[1].https, instances[2].https],
+    )
+    .await;
+
+    let load = RefreshLoad::start(
+        &edge,
+        (client.id.to_string(), secret.expose_secret().to_owned()),
+        issued.token.expose_secret().to_owned(),
+    );
+    load.until("20 refreshes before the restart", |ok, _| ok >= 20)
+        .await;
+    redis.stop();
+    load.until("refreshes answered 503 while Redis is away", |_, u| u >= 12)
+        .await;
+    let before = load.ok.load(Ordering::SeqCst);
+    redis.restart().unwrap();
+    load.until("20 refreshes after the restart", |ok, _| ok >= before + 20)
+        .await;
+    let (ok, unavailable, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{ok} refreshed, {unavailable} answered 503, and these failed: {failures:?}\n\
+         nginx log:\n{}",
+        edge.log()
+    );
+}
+
+#[tokio::test]
+async fn an_admin_cluster_outage_does_not_take_the_instances_out_of_nginx() {
+    let certs = Certs::new();
+    let mut node = AdminNode::start("a").await;
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let (cert, key) = (certs.instance_cert.clone(), certs.instance_key.clone());
+        let app = spawn_app(|c| {
+            c.tls = Some(TlsConfig {
+                cert,
+                key,
+                reload_interval: Duration::from_secs(10),
+            });
+            proxy_to(c, &[&node]);
+        })
+        .await;
+        instances.push(app);
+    }
+    let edge = Edge::start(
+        &certs,
+        [instances[0].https, instances[1].https, instances[2].https],
+    )
+    .await;
+    node.kill().await;
+    // every instance answers proxied requests with its own JSON 502/503 ...
+    for i in 0..9 {
+        let r = edge
+            .client
+            .get(edge.url(&format!("/public/{i}")))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert!(
+            status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status}"
+        );
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            ["upstream_unavailable", "temporarily_unavailable"]
+                .contains(&body["error"].as_str().unwrap_or_default()),
+            "{body}"
+        );
+    }
+    // ... and nginx keeps them all: what needs no admin node still answers
+    for _ in 0..6 {
+        let r = edge
+            .client
+            .get(edge.url("/.well-known/openid-configuration"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "nginx log:\n{}", edge.log());
+    }
+}
