@@ -620,6 +620,40 @@ async fn session_routes_send_browsers_to_log_in_and_answer_scripts_401() {
 }
 
 #[tokio::test]
+async fn an_expired_console_access_cookie_is_renewed_on_the_way_through() {
+    let node = AdminNode::start("a").await;
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
+    let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    // past the console access token's lifetime (5 minutes), within the session's
+    clock.advance(time::Duration::minutes(10));
+    let response = client(&app)
+        .get(app.url("/jobinfo/list"))
+        .header(header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let renewed: Vec<String> = response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().split('=').next().unwrap().to_owned())
+        .collect();
+    assert!(
+        renewed.contains(&"__Host-portcullis-at".to_owned())
+            && renewed.contains(&"__Host-portcullis-rt".to_owned()),
+        "{renewed:?}"
+    );
+    let seen = node.seen();
+    assert_eq!(seen[0].header("x-portcullis-user"), Some("carol"));
+    assert_eq!(seen[0].header("x-portcullis-roles"), Some("operator"));
+    assert_eq!(seen[0].header("cookie"), None);
+}
+
+#[tokio::test]
 async fn unknown_and_ambiguous_paths_are_not_forwarded() {
     let node = AdminNode::start("a").await;
     let app = spawn_app(|c| proxy_to(c, &[&node])).await;
