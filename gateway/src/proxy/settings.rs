@@ -68,8 +68,8 @@ impl Default for ProxySettings {
 pub struct HealthSettings {
     /// Consecutive failures (connect errors, timeouts, 502/503) that mark a node down.
     pub failures: u32,
-    /// How long a node marked down by failures gets no traffic; after it, one request
-    /// tries it again.
+    /// How long a node marked down by failures gets no traffic; after it, the node gets
+    /// requests again and a single failure takes it out at once.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
     /// Active checks: `GET <node><check_path>` every `check_interval`; a node that does

@@ -2,8 +2,8 @@
 //!
 //! Round robin over the nodes that may get traffic. Passive health: `failures`
 //! consecutive failures (connect errors, timeouts, 502/503) take a node out for
-//! `cooldown`; after it, the next request tries the node again and one more failure takes
-//! it out again at once (half-open), one success puts it back. Active health (optional):
+//! `cooldown`; after it, the node gets requests again and a single failure takes it out
+//! again at once (half-open), one success puts it back. Active health (optional):
 //! a periodic `GET check_path`; a node that fails it gets no traffic until it passes.
 
 use std::sync::Mutex;

@@ -815,6 +815,56 @@ async fn a_failed_idempotent_request_is_retried_on_the_other_node_but_a_post_is_
 }
 
 #[tokio::test]
+async fn a_node_failing_its_active_check_gets_no_traffic_until_it_passes() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        // passive checks out of the way: only the active check decides here
+        c.proxy.health.failures = 1000;
+        c.proxy.health.check_path = Some("/health".to_owned());
+        c.proxy.health.check_interval = Duration::from_millis(100);
+    })
+    .await;
+    let proxy = app.state.proxy.clone().unwrap();
+    a.fail_with(503);
+    eventually(Duration::from_secs(10), "a fails its check", || {
+        let proxy = proxy.clone();
+        async move { !proxy.upstreams().nodes()[0].healthy() }
+    })
+    .await;
+    let http = client(&app);
+    for i in 0..4 {
+        let r = http
+            .get(app.url(&format!("/public/while-down/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(node_of(&json(r).await), "b");
+    }
+    assert!(
+        a.seen().iter().all(|s| s.path == "/health"),
+        "a got only health checks while failing them"
+    );
+    a.fail_with(0);
+    eventually(Duration::from_secs(10), "a passes its check again", || {
+        let proxy = proxy.clone();
+        async move { proxy.upstreams().nodes()[0].healthy() }
+    })
+    .await;
+    let mut served = Vec::new();
+    for i in 0..4 {
+        let r = http
+            .get(app.url(&format!("/public/after/{i}")))
+            .send()
+            .await
+            .unwrap();
+        served.push(node_of(&json(r).await));
+    }
+    assert!(served.contains(&"a".to_owned()), "{served:?}");
+}
+
+#[tokio::test]
 async fn with_every_node_down_the_answer_is_a_json_502_or_503() {
     let mut a = AdminNode::start("a").await;
     let app = spawn_app(|c| {
