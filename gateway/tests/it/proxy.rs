@@ -201,6 +201,10 @@ async fn serve(
             Vec::new()
         },
     });
+    if path.starts_with("/public/hang") {
+        // a node that took the request and never answers
+        std::future::pending::<()>().await;
+    }
     let fail = state.fail_with.load(Ordering::SeqCst);
     if fail != 0 {
         return Ok(full(
@@ -882,6 +886,25 @@ async fn with_every_node_down_the_answer_is_a_json_502_or_503() {
     assert_eq!(next.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(next.headers().contains_key(header::RETRY_AFTER));
     assert_eq!(json(next).await["error"], "temporarily_unavailable");
+}
+
+#[tokio::test]
+async fn a_node_that_does_not_answer_in_time_gets_a_504_and_no_second_try() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        c.proxy.read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let r = client(&app)
+        .get(app.url("/public/hang"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(json(r).await["error"], "upstream_timeout");
+    // the node may still be working on it: a GET that timed out is not sent again
+    assert_eq!(a.seen().len() + b.seen().len(), 1);
 }
 
 // === streaming and upgrades ===
