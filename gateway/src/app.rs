@@ -149,6 +149,7 @@ impl Application {
             sso,
             lockout,
             rate,
+            proxy: crate::proxy::Proxy::new(&config.proxy),
         });
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {
@@ -195,6 +196,15 @@ impl Application {
             let follow = crate::runtime::spawn(state.clone(), env, shutdown.clone());
             tasks.spawn(async move {
                 let _ = follow.await;
+            });
+        }
+        if let Some(checks) = state
+            .proxy
+            .as_ref()
+            .and_then(|p| p.spawn_health_checks(shutdown.clone()))
+        {
+            tasks.spawn(async move {
+                let _ = checks.await;
             });
         }
         tasks.spawn({

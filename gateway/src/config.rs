@@ -106,6 +106,9 @@ pub struct Config {
     /// Login protection: per-IP rate limits, failure counters, trusted proxies.
     #[serde(default)]
     pub protection: crate::protect::ProtectionSettings,
+    /// The reverse proxy to the admin cluster: nodes, timeouts, health, routes.
+    #[serde(default)]
+    pub proxy: crate::proxy::settings::ProxySettings,
 }
 
 /// `[server]`
@@ -638,6 +641,9 @@ impl Config {
         self.protection
             .validate()
             .map_err(|(field, message)| ConfigError::field(field, message))?;
+        self.proxy
+            .validate(self.server.request_timeout)
+            .map_err(|e| ConfigError::field(e.field, e.message))?;
 
         if !self.server.admin_listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::field(

@@ -102,6 +102,7 @@ pub fn dev_config(
         },
         sso: Default::default(),
         protection: Default::default(),
+        proxy: Default::default(),
     })
 }
 

@@ -133,6 +133,16 @@ pub enum ApiError {
     /// at `/auth/login`, not with a challenge).
     #[error("login required")]
     LoginRequired,
+    /// A proxied console route without a session, asked by a script rather than a
+    /// browser page: 401 with a challenge naming where to log in.
+    #[error("console session required")]
+    SessionRequired,
+    /// No admin node could answer (502); the cause is logged, never sent.
+    #[error("bad gateway")]
+    BadGateway(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The admin node did not answer in time (504).
+    #[error("gateway timeout")]
+    GatewayTimeout(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A bug or an unexpected failure; logged, answered with an opaque 500.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -233,6 +243,21 @@ impl ApiError {
                 "login_required",
                 "no console session; log in at /auth/login".to_owned(),
             ),
+            Self::SessionRequired => (
+                StatusCode::UNAUTHORIZED,
+                "login_required",
+                "this page needs a console session; log in at /auth/login".to_owned(),
+            ),
+            Self::BadGateway(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the admin cluster could not answer; try again shortly".to_owned(),
+            ),
+            Self::GatewayTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the admin cluster did not answer in time".to_owned(),
+            ),
             Self::Unavailable { dependency, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
@@ -253,6 +278,9 @@ impl IntoResponse for ApiError {
         match &self {
             Self::Internal(cause) => {
                 tracing::error!(error = %chain(cause.as_ref()), "internal error")
+            }
+            Self::BadGateway(cause) | Self::GatewayTimeout(cause) => {
+                tracing::warn!(status = status.as_u16(), error = %chain(cause.as_ref()), "proxied request failed")
             }
             Self::Unavailable {
                 dependency,
@@ -308,6 +336,16 @@ impl IntoResponse for ApiError {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
+            }
+            Self::SessionRequired => {
+                // RFC 9110 §11.6.1: a 401 carries a challenge; this one names the login
+                // page, since a console session is made by logging in, not by a header
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Session realm=\"portcullis\", login_uri=\"/auth/login\"",
+                    ),
+                );
             }
             Self::Unavailable { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -485,6 +523,21 @@ impl From<crate::config_api::HubError> for ApiError {
             crate::config_api::HubError::Store(s) => s.into(),
             crate::config_api::HubError::Keys(k) => k.into(),
             e => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<crate::proxy::ProxyError> for ApiError {
+    fn from(e: crate::proxy::ProxyError) -> Self {
+        use crate::proxy::ProxyError as P;
+        match e {
+            e @ P::NoNode => Self::unavailable("admin cluster", e),
+            e @ P::Failed { .. } => Self::BadGateway(Box::new(e)),
+            e @ P::Timeout { .. } => Self::GatewayTimeout(Box::new(e)),
+            P::AmbiguousPath(reason) => Self::bad_request("invalid_path", reason.to_string()),
+            P::BodyTooLarge { limit } => Self::PayloadTooLarge { limit },
+            e @ P::ClientBody(_) => Self::bad_request("invalid_request", format!("{e}")),
+            e @ P::Build(_) => Self::Internal(Box::new(e)),
         }
     }
 }

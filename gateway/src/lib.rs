@@ -29,6 +29,7 @@ pub mod keys;
 pub mod oauth;
 pub mod outbound;
 pub mod protect;
+pub mod proxy;
 pub mod readiness;
 pub mod redis_store;
 pub mod refresh;

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
     let protection = &state.config.protection;
     let trusted = protection.trusted();
     let public_origin = origin_of(&server.public_url);
+    let proxy = state.proxy.clone();
     // the login endpoints share one per-IP bucket: a flood of logins, callbacks or
     // probes of /auth/me is refused before any provider or store is asked
     let auth = Router::new()
@@ -120,7 +121,9 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(config_routes(&state))
         .nest("/auth", auth)
-        .fallback(not_found)
+        // everything else: forwarded to the admin cluster when a proxy route covers it,
+        // 404 otherwise
+        .fallback(crate::proxy::handle)
         // a cookie-carrying state change must come from our own pages (CSRF); inside
         // the metrics layer, so refusals are counted per route
         .layer(middleware::from_fn(move |req: Request, next: Next| {
@@ -128,9 +131,18 @@ pub fn router(state: AppState) -> Router {
         }))
         // per-route counters and latency, labelled by route template
         .layer(middleware::from_fn(telemetry::record_request))
-        // body size: refused up front when declared, enforced while read otherwise
+        // body size: refused up front when declared, enforced while read otherwise;
+        // requests for the admin cluster have the proxy's own limit
         .layer(middleware::from_fn(move |req: Request, next: Next| {
-            limit_body(max_body, req, next)
+            let proxied = req.extensions().get::<MatchedPath>().is_none()
+                && proxy
+                    .as_ref()
+                    .is_some_and(|p| p.would_forward(req.method(), req.uri().path()));
+            let max = match (&proxy, proxied) {
+                (Some(p), true) => p.max_body_bytes(),
+                _ => max_body,
+            };
+            limit_body(max, proxied, req, next)
         }))
         // a client that stalls while sending its body is cut off
         .layer(RequestBodyTimeoutLayer::new(request_timeout))
@@ -255,7 +267,7 @@ async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-async fn limit_body(max: usize, req: Request, next: Next) -> Response {
+async fn limit_body(max: usize, proxied: bool, req: Request, next: Next) -> Response {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -268,7 +280,9 @@ async fn limit_body(max: usize, req: Request, next: Next) -> Response {
     // overflow into 413
     let req = req.map(|body| Body::new(http_body_util::Limited::new(body, max)));
     let response = next.run(req).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE
+    // a node's own 413 is its answer to give; ours are JSON already
+    if !proxied
+        && response.status() == StatusCode::PAYLOAD_TOO_LARGE
         && response.headers().get(header::CONTENT_TYPE)
             != Some(&HeaderValue::from_static("application/json"))
     {

@@ -60,4 +60,6 @@ pub struct Shared {
     pub lockout: crate::protect::Lockout,
     /// Per-IP token buckets of the login and token endpoints.
     pub rate: crate::protect::rate::RateLimits,
+    /// The reverse proxy to the admin cluster, when `proxy.upstreams` names nodes.
+    pub proxy: Option<crate::proxy::Proxy>,
 }

@@ -293,3 +293,64 @@ fn a_plain_http_provider_is_accepted_on_loopback_only() {
     let text = f.toml(&PROVIDER.replace("https://idp.example.com", "http://127.0.0.1:8080"));
     assert!(f.load(&text, &[]).is_ok());
 }
+
+#[test]
+fn proxy_routes_load_and_upstreams_come_from_the_environment() {
+    let f = Files::new();
+    let c = f
+        .load(
+            &f.toml(
+                "[proxy]\nread_timeout = \"20s\"\n\
+                 [[proxy.routes]]\nprefix = \"/api/\"\nauth = \"bearer\"\n\
+                 scopes = [\"scheduler:executor\"]\n\
+                 [[proxy.routes]]\nprefix = \"/\"\nauth = \"session\"\n",
+            ),
+            &[(
+                "PORTCULLIS_PROXY__UPSTREAMS",
+                "[\"http://10.0.0.5:8080\", \"http://10.0.0.6:8080\"]",
+            )],
+        )
+        .unwrap();
+    assert_eq!(c.proxy.upstreams.len(), 2);
+    assert_eq!(c.proxy.read_timeout, Duration::from_secs(20));
+    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2));
+    assert_eq!(c.proxy.health.failures, 3);
+    assert_eq!(c.proxy.routes.len(), 2);
+}
+
+#[test]
+fn unsafe_or_inconsistent_proxy_settings_are_refused_naming_the_field() {
+    let f = Files::new();
+    let up = "[proxy]\nupstreams = [\"http://10.0.0.5:8080\"]\n";
+    for (extra, field) in [
+        (
+            "[proxy]\nupstreams = [\"https://10.0.0.5\"]\n".to_owned(),
+            "proxy.upstreams[0]",
+        ),
+        (
+            format!("{up}[[proxy.routes]]\nprefix = \"/public/..;/x\"\nauth = \"public\"\n"),
+            "proxy.routes[0].prefix",
+        ),
+        (
+            format!("{up}[[proxy.routes]]\nprefix = \"/oauth2/\"\nauth = \"public\"\n"),
+            "proxy.routes[0].prefix",
+        ),
+        (
+            format!(
+                "{up}[[proxy.routes]]\nprefix = \"/x/\"\nauth = \"session\"\nscopes = [\"a\"]\n"
+            ),
+            "proxy.routes[0].scopes",
+        ),
+        (
+            "[[proxy.routes]]\nprefix = \"/x/\"\nauth = \"public\"\n".to_owned(),
+            "proxy.upstreams",
+        ),
+        (
+            format!("{up}read_timeout = \"31s\"\n"),
+            "proxy.read_timeout",
+        ),
+    ] {
+        let err = f.load(&f.toml(&extra), &[]).unwrap_err();
+        assert_eq!(field_of(err), field, "{extra}");
+    }
+}

@@ -418,7 +418,7 @@ async fn end_session_url(state: &AppState, provider: &str, id_token: &str) -> Op
 }
 
 /// Whether the client is a browser asking for a page (`Accept: text/html`).
-fn wants_html(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_html(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

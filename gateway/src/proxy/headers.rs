@@ -1,0 +1,425 @@
+//! What a request carries to an admin node, and what a node's answer carries back.
+//!
+//! The node trusts the identity headers Portcullis sets, so nothing a client sends may
+//! look like one: every inbound header in the identity families below is removed, in any
+//! spelling (`X_Forwarded_User` is a legal header name that some servlet containers and
+//! CGI-style gateways read as `X-Forwarded-User`), before the verified identity is added.
+
+use std::net::IpAddr;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use crate::sso::session::{ACCESS_COOKIE, ID_TOKEN_COOKIE, LOGIN_COOKIE, REFRESH_COOKIE};
+
+/// The verified user header.
+pub const USER: HeaderName = HeaderName::from_static("x-portcullis-user");
+/// The verified email header (console users whose provider reported one).
+pub const EMAIL: HeaderName = HeaderName::from_static("x-portcullis-email");
+/// Roles, comma-separated.
+pub const ROLES: HeaderName = HeaderName::from_static("x-portcullis-roles");
+/// Scopes, space-separated as in OAuth.
+pub const SCOPES: HeaderName = HeaderName::from_static("x-portcullis-scopes");
+/// W3C Trace Context.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// W3C Trace Context vendor state, kept only with a valid `traceparent`.
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Name prefixes (normalised: lower case, `_` as `-`) of headers that carry identity.
+const IDENTITY_PREFIXES: &[&str] = &[
+    // X-Forwarded-User/-Email/-Groups/-Roles/-Scopes/-Access-Token, and For/Host/Proto,
+    // which are set again below
+    "x-forwarded-",
+    "x-auth-request-",
+    "x-remote-",
+    "remote-",
+    "x-portcullis-",
+    "x-webauth-",
+];
+
+/// Whole names (normalised) of headers that carry identity or client addresses.
+const IDENTITY_NAMES: &[&str] = &["forwarded", "x-real-ip", "x-client-ip", "authorization"];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Who a request is, as verified by Portcullis.
+#[derive(Clone, Default)]
+pub struct Identity {
+    /// The login name, or the client id of a service token.
+    pub user: String,
+    /// Email, when known.
+    pub email: Option<String>,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// The validated access token, for `proxy.forward_token`.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("user", &self.user)
+            .field("roles", &self.roles)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the forwarded request says about where it came from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The client address Portcullis resolved (X-Forwarded-For only from trusted proxies).
+    pub client_ip: IpAddr,
+    /// The host the client asked for.
+    pub host: Option<HeaderValue>,
+}
+
+fn normalised(name: &HeaderName) -> String {
+    name.as_str().replace('_', "-")
+}
+
+fn is_identity(name: &HeaderName) -> bool {
+    let n = normalised(name);
+    IDENTITY_NAMES.contains(&n.as_str()) || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
+}
+
+/// Names listed in `Connection` are hop-by-hop for this message too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase().replace('_', "-"))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
+    let n = normalised(name);
+    HOP_BY_HOP.contains(&n.as_str()) || listed.contains(&n)
+}
+
+/// Removes hop-by-hop headers; `upgrade` keeps `Connection: upgrade` and `Upgrade`, which
+/// a WebSocket handshake needs end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let listed = connection_listed(headers);
+    let upgrade_value = upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n, &listed))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(&n);
+    }
+    if let Some(u) = upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, u);
+    }
+}
+
+/// Prepares a client's request headers for a node: hop-by-hop and identity headers out,
+/// our session cookies out of `Cookie`, then the verified identity, request id, trace
+/// context and forwarding headers in.
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    identity: Option<&Identity>,
+    origin: &Origin,
+    forward_token: bool,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    let names: Vec<HeaderName> = headers.keys().filter(|n| is_identity(n)).cloned().collect();
+    for n in names {
+        headers.remove(&n);
+    }
+    // the node gets a Host of its own (set from its address by the client)
+    headers.remove(header::HOST);
+    strip_session_cookies(headers);
+    propagate_trace(headers);
+
+    if let Some(id) = identity {
+        insert(headers, USER, &id.user);
+        if let Some(email) = &id.email {
+            insert(headers, EMAIL, email);
+        }
+        insert(headers, ROLES, &id.roles.join(","));
+        insert(headers, SCOPES, &id.scopes.join(" "));
+        if forward_token && let Some(token) = &id.token {
+            insert(headers, header::AUTHORIZATION, &format!("Bearer {token}"));
+        }
+    }
+    insert(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &origin.client_ip.to_string(),
+    );
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("https"),
+    );
+    if let Some(host) = &origin.host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    }
+}
+
+/// Prepares a node's response headers for the client: hop-by-hop out, and no node may
+/// set (or clear) Portcullis's own session cookies.
+pub fn from_upstream(headers: &mut HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    let keep: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.split('=').next())
+                .map(str::trim);
+            !name.is_some_and(is_session_cookie)
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in keep {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
+
+fn is_session_cookie(name: &str) -> bool {
+    [REFRESH_COOKIE, ACCESS_COOKIE, ID_TOKEN_COOKIE, LOGIN_COOKIE].contains(&name)
+}
+
+/// Removes Portcullis's cookies from `Cookie`, keeping the node's own (its session,
+/// preferences) in one header.
+fn strip_session_cookies(headers: &mut HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| !is_session_cookie(pair.split('=').next().unwrap_or_default().trim()))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name, v);
+        }
+        // a value with control characters cannot be a header; the node simply does not
+        // get it (and never a client's version of it, which was removed above)
+        Err(_) => tracing::warn!(header = %name, "identity value not representable as a header"),
+    }
+}
+
+/// Keeps the trace of a valid incoming `traceparent` with a new span id for our hop,
+/// or starts a trace; `tracestate` survives only with a valid parent.
+fn propagate_trace(headers: &mut HeaderMap) {
+    let incoming = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    let (trace_id, flags) = match incoming {
+        Some((trace, flags)) => (trace, flags),
+        None => {
+            headers.remove(&TRACESTATE);
+            (random_hex(32), "00".to_owned())
+        }
+    };
+    let value = format!("00-{trace_id}-{}-{flags}", random_hex(16));
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(TRACEPARENT, v);
+    }
+}
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>` → (trace id, flags), per W3C
+/// Trace Context §3.2 (lower-case hex, ids not all zeros).
+pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let [version, trace, parent, flags] = parts.as_slice() else {
+        return None;
+    };
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let ok = *version == "00"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    ok.then(|| ((*trace).to_owned(), (*flags).to_owned()))
+}
+
+fn random_hex(len: usize) -> String {
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        out.push_str(&uuid::Uuid::new_v4().simple().to_string());
+    }
+    out.truncate(len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin {
+            client_ip: "198.51.100.7".parse().unwrap(),
+            host: Some(HeaderValue::from_static("portcullis.example")),
+        }
+    }
+
+    #[test]
+    fn identity_headers_in_any_spelling_are_replaced_by_the_verified_ones() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-forwarded-user",
+            "X_Forwarded_User",
+            "x-forwarded-email",
+            "x-forwarded-groups",
+            "x_forwarded_roles",
+            "x-forwarded-scopes",
+            "x-auth-request-user",
+            "X_Auth_Request_Email",
+            "x-remote-user",
+            "remote-user",
+            "Remote_User",
+            "x-portcullis-user",
+            "X_Portcullis_Roles",
+            "forwarded",
+            "authorization",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("mallory"),
+            );
+        }
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        let id = Identity {
+            user: "alice".to_owned(),
+            email: None,
+            roles: vec!["admin".to_owned(), "viewer".to_owned()],
+            scopes: vec!["console".to_owned()],
+            token: Some("t".to_owned()),
+        };
+        to_upstream(&mut h, Some(&id), &origin(), false, false);
+        assert!(
+            h.values().all(|v| v != "mallory"),
+            "a spoofed value survived: {h:?}"
+        );
+        assert_eq!(h["x-portcullis-user"], "alice");
+        assert_eq!(h["x-portcullis-roles"], "admin,viewer");
+        assert_eq!(h["x-portcullis-scopes"], "console");
+        assert!(!h.contains_key("x-portcullis-email"));
+        assert!(!h.contains_key("authorization"));
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7");
+        assert_eq!(h["x-forwarded-host"], "portcullis.example");
+        assert_eq!(h["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn session_cookies_stay_here_and_the_nodes_own_go_on() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_static("__Host-portcullis-at=secret; XXL_JOB_LOGIN_IDENTITY=abc"),
+        );
+        h.append(
+            "cookie",
+            HeaderValue::from_static("__Host-portcullis-rt=secret2"),
+        );
+        to_upstream(&mut h, None, &origin(), false, false);
+        assert_eq!(h["cookie"], "XXL_JOB_LOGIN_IDENTITY=abc");
+
+        let mut r = HeaderMap::new();
+        r.append(
+            "set-cookie",
+            HeaderValue::from_static("__Host-portcullis-at=x; Path=/"),
+        );
+        r.append(
+            "set-cookie",
+            HeaderValue::from_static("JSESSIONID=1; Path=/"),
+        );
+        from_upstream(&mut r, false);
+        assert_eq!(r.get_all("set-cookie").iter().count(), 1);
+        assert_eq!(r["set-cookie"], "JSESSIONID=1; Path=/");
+    }
+
+    #[test]
+    fn a_valid_trace_is_continued_and_a_bad_one_restarted() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_str(&format!("00-{trace}-00f067aa0ba902b7-01")).unwrap(),
+        );
+        h.insert("tracestate", HeaderValue::from_static("vendor=1"));
+        propagate_trace(&mut h);
+        let (t, flags) = parse_traceparent(h["traceparent"].to_str().unwrap()).unwrap();
+        assert_eq!((t.as_str(), flags.as_str()), (trace, "01"));
+        assert!(
+            !h["traceparent"]
+                .to_str()
+                .unwrap()
+                .contains("00f067aa0ba902b7")
+        );
+        assert!(h.contains_key("tracestate"));
+
+        let mut bad = HeaderMap::new();
+        bad.insert(
+            "traceparent",
+            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        );
+        bad.insert("tracestate", HeaderValue::from_static("vendor=1"));
+        propagate_trace(&mut bad);
+        assert!(parse_traceparent(bad["traceparent"].to_str().unwrap()).is_some());
+        assert!(!bad.contains_key("tracestate"));
+    }
+}

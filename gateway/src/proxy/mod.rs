@@ -1,0 +1,612 @@
+//! The reverse proxy to the admin cluster: every request the router does not serve itself
+//! and that falls under a `[[proxy.routes]]` prefix is authenticated per its route, has
+//! its identity headers replaced by verified ones, and is forwarded to an admin node.
+//!
+//! - a pooled HTTP/1.1 client (keep-alive) over plain TCP to the nodes, bodies streamed
+//!   both ways, a connect timeout and a deadline for the response head;
+//! - round robin over the nodes that may get traffic ([`upstream`]);
+//! - an idempotent request whose body could be held (none, or a small declared one) is
+//!   retried once on another node when the first could not be reached, failed before
+//!   answering, or answered 502/503; anything else is sent exactly once;
+//! - WebSocket (HTTP/1.1 `Upgrade`) handshakes are passed through and the two upgraded
+//!   connections joined.
+//!
+//! Refusals and failures become HTTP in `error.rs` like every other error.
+
+pub mod headers;
+pub mod policy;
+pub mod settings;
+pub mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+
+use crate::authn;
+use crate::error::ApiError;
+use crate::protect::ClientIp;
+use crate::sso::session::{self, CONSOLE_SCOPE, Resolved};
+use crate::state::AppState;
+use headers::{Identity, Origin};
+use policy::{AmbiguousPath, Route, RouteTable};
+use settings::{ProxySettings, RouteAuth};
+use upstream::{Outcome, Upstreams};
+
+/// Why a request could not be forwarded. Mapped to HTTP in `error.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Every node is marked down (or the only other one was the one that just failed).
+    #[error("no admin node is available")]
+    NoNode,
+    /// The node could not be reached, or the connection failed before it answered.
+    #[error("admin node {node} failed")]
+    Failed {
+        /// `host:port`.
+        node: String,
+        /// The client's error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The node sent no response head in time.
+    #[error("admin node {node} sent no response within {}", humantime::format_duration(*timeout))]
+    Timeout {
+        /// `host:port`.
+        node: String,
+        /// `proxy.read_timeout`.
+        timeout: Duration,
+    },
+    /// The path could mean something else to the node than to us.
+    #[error(transparent)]
+    AmbiguousPath(#[from] AmbiguousPath),
+    /// The request body exceeds `proxy.max_body_bytes`.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// `proxy.max_body_bytes`.
+        limit: usize,
+    },
+    /// The client's body could not be read (it went away, or sent garbage).
+    #[error("the request body could not be read")]
+    ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The request to the node could not be built.
+    #[error("invalid request to an admin node")]
+    Build(#[source] axum::http::Error),
+}
+
+/// The HTTP client to the nodes.
+type HttpClient = Client<HttpConnector, Body>;
+
+/// The proxy of one instance; cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: HttpClient,
+    upstreams: Upstreams,
+    routes: RouteTable,
+    settings: ProxySettings,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.inner.upstreams)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// The proxy for validated settings; `None` when no admin node is configured.
+    pub fn new(settings: &ProxySettings) -> Option<Self> {
+        if !settings.enabled() {
+            return None;
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_node)
+            .build(connector);
+        Some(Self {
+            inner: Arc::new(Inner {
+                client,
+                upstreams: Upstreams::new(&settings.upstreams, settings.health.clone()),
+                routes: RouteTable::new(&settings.routes),
+                settings: settings.clone(),
+            }),
+        })
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &RouteTable {
+        &self.inner.routes
+    }
+
+    /// The nodes and their health.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.inner.upstreams
+    }
+
+    /// `proxy.max_body_bytes`.
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.settings.max_body_bytes
+    }
+
+    /// Whether `method` on the raw `path` would be forwarded (the body limit of proxied
+    /// requests is the proxy's).
+    pub fn would_forward(&self, method: &Method, path: &str) -> bool {
+        policy::decoded_path(path).is_ok_and(|p| self.inner.routes.find(method, &p).is_some())
+    }
+
+    /// Runs the active health checks until `stop`, when `proxy.health.check_path` is set.
+    pub fn spawn_health_checks(
+        &self,
+        stop: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (path, interval, timeout) = self.inner.upstreams.active_check()?;
+        let path = path.to_owned();
+        let this = self.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let checks =
+                    (0..this.inner.upstreams.nodes().len()).map(|i| this.check(i, &path, timeout));
+                futures::future::join_all(checks).await;
+            }
+        }))
+    }
+
+    async fn check(&self, index: usize, path: &str, timeout: Duration) {
+        let Some(node) = self.inner.upstreams.nodes().get(index) else {
+            return;
+        };
+        let Ok(uri) = node.uri(path) else {
+            return;
+        };
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = uri;
+        let up = match tokio::time::timeout(timeout, self.inner.client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let ok = resp.status().is_success();
+                // read the (small) answer so the connection goes back to the pool
+                let _ = tokio::time::timeout(
+                    timeout,
+                    http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect(),
+                )
+                .await;
+                ok
+            }
+            _ => false,
+        };
+        self.inner.upstreams.record_check(index, up);
+    }
+
+    /// Forwards `req` (already authenticated) with `identity` to a node and returns the
+    /// node's answer, streaming.
+    pub async fn forward(
+        &self,
+        mut req: Request,
+        identity: Option<&Identity>,
+        origin: &Origin,
+    ) -> Result<Response, ProxyError> {
+        let settings = &self.inner.settings;
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        // read before the hop-by-hop headers go: the layers in front wrap the body in
+        // ways that hide its size, the headers do not
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+        if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: settings.max_body_bytes,
+            });
+        }
+        // a body can be sent twice only if we hold it; hold it only when it is small and
+        // its size is known up front: declared, or absent (no length, not chunked) on a
+        // method that carries none by convention
+        let replay_limit = settings.retry_buffer_bytes;
+        let replayable = is_idempotent(&parts.method)
+            && !upgrade
+            && match declared {
+                Some(n) => n <= replay_limit as u64,
+                None => {
+                    !chunked
+                        && matches!(
+                            parts.method,
+                            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+                        )
+                }
+            };
+        headers::to_upstream(
+            &mut parts.headers,
+            identity,
+            origin,
+            settings.forward_token,
+            upgrade,
+        );
+        let (replay, body) = if replayable {
+            let held = http_body_util::Limited::new(body, replay_limit.max(1))
+                .collect()
+                .await
+                .map_err(|e| client_body_error(e, settings.max_body_bytes))?
+                .to_bytes();
+            (Some(held), Body::empty())
+        } else {
+            (None, body)
+        };
+        let first = self.inner.upstreams.pick(None).ok_or(ProxyError::NoNode)?;
+        let first_body = match &replay {
+            Some(bytes) => Body::from(bytes.clone()),
+            None => body,
+        };
+        let answer = self.attempt(first, &parts, first_body).await;
+        let answer = match replay {
+            Some(bytes) if should_retry(&answer) => match self.inner.upstreams.pick(Some(first)) {
+                Some(second) => {
+                    metrics::counter!("portcullis_upstream_retries_total").increment(1);
+                    tracing::info!(
+                        from = %self.node_name(first),
+                        to = %self.node_name(second),
+                        method = %parts.method,
+                        "retrying an idempotent request on another admin node"
+                    );
+                    self.attempt(second, &parts, Body::from(bytes)).await
+                }
+                None => answer,
+            },
+            _ => answer,
+        }?;
+        Ok(into_client_response(answer, client_upgrade))
+    }
+
+    fn node_name(&self, index: usize) -> &str {
+        self.inner
+            .upstreams
+            .nodes()
+            .get(index)
+            .map_or("?", |n| n.authority.as_str())
+    }
+
+    /// One try on node `index`; records the outcome for health and metrics.
+    async fn attempt(
+        &self,
+        index: usize,
+        parts: &request::Parts,
+        body: Body,
+    ) -> Result<axum::http::Response<Incoming>, ProxyError> {
+        let node = self
+            .inner
+            .upstreams
+            .nodes()
+            .get(index)
+            .ok_or(ProxyError::NoNode)?;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = node.uri(path_and_query).map_err(ProxyError::Build)?;
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = parts.headers.clone();
+
+        let timeout = self.inner.settings.read_timeout;
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, self.inner.client.request(req)).await;
+        metrics::histogram!(
+            "portcullis_upstream_request_duration_seconds",
+            "node" => node.authority.clone()
+        )
+        .record(started.elapsed().as_secs_f64());
+        let (outcome, result) = match result {
+            Err(_) => (
+                Some(Outcome::Timeout),
+                Err(ProxyError::Timeout {
+                    node: node.authority.clone(),
+                    timeout,
+                }),
+            ),
+            Ok(Ok(resp)) => {
+                let outcome = match resp.status() {
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => {
+                        Outcome::ErrorStatus
+                    }
+                    _ => Outcome::Ok,
+                };
+                (Some(outcome), Ok(resp))
+            }
+            // the client's own body failed (too large, cut off): not the node's fault
+            Ok(Err(e)) if is_client_side(&e) => (
+                None,
+                Err(client_body_error(
+                    Box::new(e),
+                    self.inner.settings.max_body_bytes,
+                )),
+            ),
+            Ok(Err(e)) => {
+                let outcome = if e.is_connect() {
+                    Outcome::ConnectError
+                } else {
+                    Outcome::Error
+                };
+                (
+                    Some(outcome),
+                    Err(ProxyError::Failed {
+                        node: node.authority.clone(),
+                        source: e,
+                    }),
+                )
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.inner.upstreams.record(index, outcome);
+        }
+        result
+    }
+}
+
+/// GET, HEAD, OPTIONS, PUT and DELETE may be sent twice (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// A retry on another node helps when the first could not be reached, failed before
+/// answering, or said it cannot serve (502/503); a timeout is not retried, since the node
+/// may still be working on the request and the client's deadline is mostly spent.
+fn should_retry(answer: &Result<axum::http::Response<Incoming>, ProxyError>) -> bool {
+    match answer {
+        Ok(resp) => matches!(
+            resp.status(),
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+        ),
+        Err(ProxyError::Failed { .. }) => true,
+        Err(_) => false,
+    }
+}
+
+/// Whether an error of the client came from the request body we were streaming.
+fn is_client_side(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_user()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn client_body_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> ProxyError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return ProxyError::BodyTooLarge { limit };
+        }
+        cur = err.source();
+    }
+    ProxyError::ClientBody(e)
+}
+
+/// `Connection: upgrade` with an `Upgrade` protocol (a WebSocket handshake).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The node's answer as ours: headers cleaned, body streamed; a `101 Switching
+/// Protocols` joins the client's and the node's upgraded connections.
+fn into_client_response(
+    mut resp: axum::http::Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && let Some(client) = client_upgrade {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::from_upstream(&mut parts.headers, switching);
+    Response::from_parts(parts, Body::new(body))
+}
+
+// === the handler ===
+
+/// The router's fallback: forwards what a route covers, 404 for the rest.
+pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+    let Some(proxy) = state.proxy.clone() else {
+        return ApiError::NotFound.into_response();
+    };
+    let path = match policy::decoded_path(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => return ApiError::from(ProxyError::from(e)).into_response(),
+    };
+    let Some(route) = proxy.routes().find(req.method(), &path).cloned() else {
+        return ApiError::NotFound.into_response();
+    };
+    // the head alone crosses the awaits of authentication: the body is not `Sync`
+    let (head, body) = req.into_parts();
+    let (identity, set_cookies) = match authorize(&state, &route, &head).await {
+        Ok(ok) => ok,
+        Err(refusal) => return refusal,
+    };
+    let origin = Origin {
+        client_ip: client_ip(&head),
+        host: head.headers.get(header::HOST).cloned().or_else(|| {
+            head.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        }),
+    };
+    let req = Request::from_parts(head, body);
+    let mut response = match proxy.forward(req, identity.as_ref(), &origin).await {
+        Ok(r) => r,
+        Err(e) => ApiError::from(e).into_response(),
+    };
+    for c in set_cookies {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+fn client_ip(head: &request::Parts) -> IpAddr {
+    head.extensions
+        .get::<ClientIp>()
+        .map(|c| c.0)
+        .or_else(|| {
+            head.extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+        })
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+/// Who the request is, per its route; a refusal is a finished response (401, 403, or a
+/// redirect to the login for a browser). The `Set-Cookie`s of a renewed console session
+/// go on whatever the node answers.
+async fn authorize(
+    state: &AppState,
+    route: &Route,
+    req: &request::Parts,
+) -> Result<(Option<Identity>, Vec<HeaderValue>), Response> {
+    match route.auth {
+        RouteAuth::Public => Ok((None, Vec::new())),
+        RouteAuth::Bearer => {
+            let authorization = req.headers.get(header::AUTHORIZATION);
+            let principal = authn::authenticate(&state.keys, authorization, &route.scopes)
+                .map_err(IntoResponse::into_response)?;
+            check_roles(route, &principal.roles).map_err(IntoResponse::into_response)?;
+            let token = authorization
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .map(|(_, t)| t.trim().to_owned());
+            Ok((
+                Some(Identity {
+                    user: principal.subject,
+                    email: None,
+                    roles: principal.roles,
+                    scopes: principal.scopes,
+                    token,
+                }),
+                Vec::new(),
+            ))
+        }
+        RouteAuth::Session => match session::resolve(state, &req.headers).await {
+            Ok(Resolved::Active { user, set_cookies }) => {
+                if let Err(e) = check_roles(route, &user.roles) {
+                    let mut refusal = e.into_response();
+                    for c in set_cookies {
+                        refusal.headers_mut().append(header::SET_COOKIE, c);
+                    }
+                    return Err(refusal);
+                }
+                Ok((
+                    Some(Identity {
+                        user: user.user,
+                        email: user.email,
+                        roles: user.roles,
+                        scopes: vec![CONSOLE_SCOPE.to_owned()],
+                        token: None,
+                    }),
+                    set_cookies,
+                ))
+            }
+            Ok(Resolved::None { stale }) => Err(login_required(req, stale)),
+            Err(e) => Err(e.into_response()),
+        },
+    }
+}
+
+/// The user needs one of the route's roles, when it names any.
+fn check_roles(route: &Route, held: &[String]) -> Result<(), ApiError> {
+    if route.roles.is_empty() || route.roles.iter().any(|r| held.contains(r)) {
+        return Ok(());
+    }
+    metrics::counter!("portcullis_proxy_refusals_total", "reason" => "role").increment(1);
+    Err(ApiError::Forbidden {
+        code: "insufficient_role",
+        description: format!(
+            "this page needs one of the roles: {}",
+            route.roles.join(", ")
+        ),
+    })
+}
+
+/// No console session: a browser asking for a page is sent to log in and brought back;
+/// anything else (XHR, API clients) gets 401.
+fn login_required(req: &request::Parts, stale: bool) -> Response {
+    metrics::counter!("portcullis_proxy_refusals_total", "reason" => "no_session").increment(1);
+    let page = matches!(req.method, Method::GET | Method::HEAD)
+        && crate::sso::handlers::wants_html(&req.headers);
+    let mut response = if page {
+        let back = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let location = format!(
+            "/auth/login?redirect={}",
+            url::form_urlencoded::byte_serialize(back.as_bytes()).collect::<String>()
+        );
+        match HeaderValue::from_str(&location) {
+            Ok(location) => {
+                let mut r = (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
+                crate::oauth::token::no_store(r.headers_mut());
+                r
+            }
+            Err(_) => ApiError::SessionRequired.into_response(),
+        }
+    } else {
+        ApiError::SessionRequired.into_response()
+    };
+    if stale {
+        for c in session::clear_session_cookies() {
+            response.headers_mut().append(header::SET_COOKIE, c);
+        }
+    }
+    response
+}

@@ -1,0 +1,308 @@
+//! The admin nodes and what Portcullis knows of their health.
+//!
+//! Round robin over the nodes that may get traffic. Passive health: `failures`
+//! consecutive failures (connect errors, timeouts, 502/503) take a node out for
+//! `cooldown`; after it, the node gets requests again and a single failure takes it out
+//! again at once (half-open), one success puts it back. Active health (optional):
+//! a periodic `GET check_path`; a node that fails it gets no traffic until it passes.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::http::Uri;
+
+use super::settings::{HealthSettings, parse_upstream};
+
+/// One admin node.
+#[derive(Debug)]
+pub struct Node {
+    /// `host:port`, as configured; the label of its metrics.
+    pub authority: String,
+    passive: Mutex<Passive>,
+    /// Set by the active check while the node fails it.
+    active_down: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Passive {
+    consecutive_failures: u32,
+    down_until: Option<Instant>,
+}
+
+/// How one attempt on a node ended, for health and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The node answered (any status but 502/503).
+    Ok,
+    /// The node answered 502 or 503.
+    ErrorStatus,
+    /// No connection could be made.
+    ConnectError,
+    /// The connection failed before a response head arrived.
+    Error,
+    /// No response head within `proxy.read_timeout`.
+    Timeout,
+}
+
+impl Outcome {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ErrorStatus => "error_status",
+            Self::ConnectError => "connect_error",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    fn is_failure(self) -> bool {
+        self != Self::Ok
+    }
+}
+
+impl Node {
+    fn new(authority: String) -> Self {
+        metrics::gauge!("portcullis_upstream_healthy", "node" => authority.clone()).set(1.0);
+        Self {
+            authority,
+            passive: Mutex::new(Passive::default()),
+            active_down: AtomicBool::new(false),
+        }
+    }
+
+    /// `http://<authority><path_and_query>`.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, axum::http::Error> {
+        Uri::builder()
+            .scheme("http")
+            .authority(self.authority.as_str())
+            .path_and_query(path_and_query)
+            .build()
+    }
+
+    fn passive(&self) -> std::sync::MutexGuard<'_, Passive> {
+        // the guarded data is two plain numbers, valid whatever a panicking holder did
+        self.passive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the node may get a request now.
+    fn available(&self, now: Instant) -> bool {
+        if self.active_down.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.passive().down_until.is_none_or(|until| now >= until)
+    }
+
+    /// Whether the node is counted healthy (the gauge's value).
+    pub fn healthy(&self) -> bool {
+        self.available(Instant::now())
+    }
+
+    fn set_gauge(&self, up: bool) {
+        metrics::gauge!("portcullis_upstream_healthy", "node" => self.authority.clone())
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn record(&self, outcome: Outcome, health: &HealthSettings, now: Instant) {
+        metrics::counter!(
+            "portcullis_upstream_requests_total",
+            "node" => self.authority.clone(),
+            "outcome" => outcome.as_str()
+        )
+        .increment(1);
+        let mut p = self.passive();
+        if !outcome.is_failure() {
+            let was_down = p.down_until.is_some();
+            p.consecutive_failures = 0;
+            p.down_until = None;
+            drop(p);
+            if was_down {
+                tracing::info!(node = %self.authority, "admin node answers again");
+            }
+            self.set_gauge(!self.active_down.load(Ordering::Relaxed));
+            return;
+        }
+        p.consecutive_failures = p.consecutive_failures.saturating_add(1);
+        if p.consecutive_failures >= health.failures {
+            let first = p.down_until.is_none_or(|until| now >= until);
+            p.down_until = Some(now + health.cooldown);
+            drop(p);
+            if first {
+                tracing::warn!(
+                    node = %self.authority,
+                    outcome = outcome.as_str(),
+                    cooldown = %humantime::format_duration(health.cooldown),
+                    "admin node marked down"
+                );
+            }
+            self.set_gauge(false);
+        }
+    }
+
+    fn set_active(&self, up: bool) {
+        let was_down = self.active_down.swap(!up, Ordering::Relaxed);
+        if was_down == up {
+            if up {
+                tracing::info!(node = %self.authority, "admin node passes its health check again");
+            } else {
+                tracing::warn!(node = %self.authority, "admin node fails its health check");
+            }
+        }
+        if up {
+            // a passing check also ends a passive cool-down: the node demonstrably answers
+            let mut p = self.passive();
+            p.consecutive_failures = 0;
+            p.down_until = None;
+        }
+        self.set_gauge(up);
+    }
+}
+
+/// The admin nodes.
+#[derive(Debug)]
+pub struct Upstreams {
+    nodes: Vec<Node>,
+    next: AtomicUsize,
+    health: HealthSettings,
+}
+
+impl Upstreams {
+    /// From validated `proxy.upstreams` (entries that do not parse were refused then).
+    pub fn new(upstreams: &[String], health: HealthSettings) -> Self {
+        let nodes = upstreams
+            .iter()
+            .filter_map(|u| parse_upstream(u).ok())
+            .map(|(_, authority)| Node::new(authority))
+            .collect();
+        Self {
+            nodes,
+            next: AtomicUsize::new(0),
+            health,
+        }
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The health settings.
+    pub fn health(&self) -> &HealthSettings {
+        &self.health
+    }
+
+    /// The next node in turn that may get traffic, skipping `exclude` (the node a retry
+    /// must avoid).
+    pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
+        self.pick_at(exclude, Instant::now())
+    }
+
+    fn pick_at(&self, exclude: Option<usize>, now: Instant) -> Option<usize> {
+        let n = self.nodes.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|i| (start + i) % n)
+            .filter(|i| Some(*i) != exclude)
+            .find(|i| self.nodes[*i].available(now))
+    }
+
+    /// Records how an attempt on node `index` ended.
+    pub fn record(&self, index: usize, outcome: Outcome) {
+        self.record_at(index, outcome, Instant::now());
+    }
+
+    fn record_at(&self, index: usize, outcome: Outcome, now: Instant) {
+        if let Some(node) = self.nodes.get(index) {
+            node.record(outcome, &self.health, now);
+        }
+    }
+
+    /// Records an active check's verdict on node `index`.
+    pub fn record_check(&self, index: usize, up: bool) {
+        if let Some(node) = self.nodes.get(index) {
+            node.set_active(up);
+        }
+    }
+
+    /// The active-check interval and timeout, when active checks are configured.
+    pub fn active_check(&self) -> Option<(&str, Duration, Duration)> {
+        self.health
+            .check_path
+            .as_deref()
+            .map(|p| (p, self.health.check_interval, self.health.check_timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn two(failures: u32, cooldown: Duration) -> Upstreams {
+        Upstreams::new(
+            &[
+                "http://127.0.0.1:1".to_owned(),
+                "http://127.0.0.1:2".to_owned(),
+            ],
+            HealthSettings {
+                failures,
+                cooldown,
+                ..HealthSettings::default()
+            },
+        )
+    }
+
+    #[test]
+    fn round_robin_alternates_between_healthy_nodes() {
+        let u = two(3, Duration::from_secs(10));
+        let picks: Vec<usize> = (0..4).filter_map(|_| u.pick(None)).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+        assert_eq!(u.pick(Some(0)), Some(1));
+    }
+
+    #[test]
+    fn consecutive_failures_take_a_node_out_and_a_success_resets_the_count() {
+        let u = two(2, Duration::from_secs(60));
+        u.record(0, Outcome::ConnectError);
+        u.record(0, Outcome::Ok);
+        u.record(0, Outcome::Timeout);
+        assert!(u.nodes()[0].healthy(), "failures were not consecutive");
+        u.record(0, Outcome::ErrorStatus);
+        assert!(!u.nodes()[0].healthy());
+        let picks: Vec<usize> = (0..3).filter_map(|_| u.pick(None)).collect();
+        assert_eq!(picks, [1, 1, 1]);
+        assert_eq!(u.pick(Some(1)), None);
+    }
+
+    #[test]
+    fn after_the_cooldown_one_request_tries_again_and_one_failure_ends_it() {
+        let u = two(2, Duration::from_secs(10));
+        let t0 = Instant::now();
+        u.record_at(0, Outcome::ConnectError, t0);
+        u.record_at(0, Outcome::ConnectError, t0);
+        assert!(!u.nodes()[0].available(t0 + Duration::from_secs(9)));
+        let later = t0 + Duration::from_secs(11);
+        assert!(u.nodes()[0].available(later));
+        u.record_at(0, Outcome::ConnectError, later);
+        assert!(!u.nodes()[0].available(later + Duration::from_secs(1)));
+        u.record_at(0, Outcome::Ok, later + Duration::from_secs(30));
+        assert!(u.nodes()[0].available(later + Duration::from_secs(30)));
+        assert_eq!(u.pick_at(Some(1), later + Duration::from_secs(30)), Some(0));
+    }
+
+    #[test]
+    fn a_failed_active_check_takes_a_node_out_until_it_passes() {
+        let u = two(3, Duration::from_secs(10));
+        u.record_check(1, false);
+        assert_eq!(u.pick(None), Some(0));
+        assert_eq!(u.pick(None), Some(0));
+        u.record_check(1, true);
+        assert!(u.nodes()[1].healthy());
+    }
+}

@@ -1,0 +1,601 @@
+//! `deploy/nginx/portcullis.conf.template`, rendered with test ports and certificates,
+//! run by a real nginx in front of three Portcullis instances, each proxying to two
+//! admin nodes of the test: requests go through, nginx's X-Forwarded-For is believed,
+//! and neither stopping an instance nor killing an instance's process (SIGKILL) under
+//! continuous GETs loses a request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use harness::{Nginx, render_template};
+use portcullis::config::TlsConfig;
+use reqwest::StatusCode;
+
+use super::proxy::{AdminNode, proxy_to};
+use super::support::*;
+
+const TEMPLATE: &str = include_str!("../../../deploy/nginx/portcullis.conf.template");
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One CA for everything: nginx's edge certificate, and the instances' certificate that
+/// nginx verifies when it re-encrypts.
+struct Certs {
+    pki: Pki,
+    dir: tempfile::TempDir,
+    instance_cert: PathBuf,
+    instance_key: PathBuf,
+}
+
+impl Certs {
+    fn new() -> Self {
+        let pki = Pki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = pki.leaf();
+        let instance_cert = write(dir.path(), "instance.pem", &leaf.cert_pem);
+        let instance_key = write(dir.path(), "instance.key", &leaf.key_pem);
+        Self {
+            pki,
+            dir,
+            instance_cert,
+            instance_key,
+        }
+    }
+
+    fn access_log(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+}
+
+/// nginx from the template in front of `instances`, and a client that trusts it.
+struct Edge {
+    nginx: Nginx,
+    client: reqwest::Client,
+}
+
+impl Edge {
+    async fn start(certs: &Certs, instances: [SocketAddr; 3]) -> Self {
+        let edge_leaf = certs.pki.leaf();
+        let path = |p: PathBuf| p.display().to_string();
+        let listen = harness::free_port();
+        let config = render_template(
+            TEMPLATE,
+            &[
+                ("LISTEN", format!("127.0.0.1:{listen}")),
+                ("SERVER_NAME", "localhost".to_owned()),
+                (
+                    "TLS_CERT",
+                    path(write(certs.dir.path(), "edge.pem", &edge_leaf.cert_pem)),
+                ),
+                (
+                    "TLS_KEY",
+                    path(write(certs.dir.path(), "edge.key", &edge_leaf.key_pem)),
+                ),
+                (
+                    "UPSTREAM_CA",
+                    path(write(certs.dir.path(), "ca.pem", &certs.pki.ca_pem())),
+                ),
+                ("UPSTREAM_TLS_NAME", "localhost".to_owned()),
+                ("INSTANCE_1", instances[0].to_string()),
+                ("INSTANCE_2", instances[1].to_string()),
+                ("INSTANCE_3", instances[2].to_string()),
+                ("ACCESS_LOG", path(certs.access_log())),
+            ],
+        )
+        .unwrap();
+        let nginx = tokio::task::spawn_blocking(move || Nginx::start(&config))
+            .await
+            .unwrap()
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(certs.pki.ca_pem().as_bytes()).unwrap(),
+            )
+            .tls_built_in_root_certs(false)
+            .resolve("localhost", ([127, 0, 0, 1], nginx.port()).into())
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Self { nginx, client }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.nginx.port())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.nginx.log_path()).unwrap_or_default()
+    }
+}
+
+/// GETs through nginx, one after another, until stopped; counts them and keeps every
+/// failure.
+struct Load {
+    done: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Load {
+    fn start(edge: &Edge) -> Self {
+        let done = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let urls = [
+            edge.url("/public/load"),
+            edge.url("/.well-known/openid-configuration"),
+        ];
+        let task = tokio::spawn({
+            let (client, done, stop) = (edge.client.clone(), done.clone(), stop.clone());
+            async move {
+                let mut failures = Vec::new();
+                let mut i = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let target = &urls[i % 2];
+                    match client.get(target).send().await {
+                        Ok(r) if r.status() == StatusCode::OK => {}
+                        Ok(r) => failures.push(format!("{target}: {}", r.status())),
+                        Err(e) => failures.push(format!("{target}: {e}")),
+                    }
+                    i += 1;
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                failures
+            }
+        });
+        Self { done, stop, task }
+    }
+
+    async fn reach(&self, n: usize, what: &str) {
+        let done = self.done.clone();
+        eventually(Duration::from_secs(60), what, || {
+            let done = done.clone();
+            async move { done.load(Ordering::SeqCst) >= n }
+        })
+        .await;
+    }
+
+    fn count(&self) -> usize {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
+}
+
+async fn refuses_connections(addr: SocketAddr) {
+    eventually(
+        Duration::from_secs(20),
+        "the instance refuses connections",
+        || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+}
+
+/// Whether nginx's log shows requests answered by `addr`, and requests that met `addr`
+/// and moved on to another instance (`$upstream_addr` lists both).
+fn assert_failed_over(log_path: &Path, addr: SocketAddr) {
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        log.contains(&format!("upstream={addr} ")),
+        "{addr} served nothing before it went away:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("upstream={addr}, ")),
+        "no request met {addr} and moved on:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn nginx_fronts_three_instances_and_stopping_one_loses_no_get() {
+    let certs = Certs::new();
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let (cert, key) = (certs.instance_cert.clone(), certs.instance_key.clone());
+        let app = spawn_app(|c| {
+            c.tls = Some(TlsConfig {
+                cert,
+                key,
+                reload_interval: Duration::from_secs(10),
+            });
+            c.protection.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
+            proxy_to(c, &[&a, &b]);
+        })
+        .await;
+        instances.push(app);
+    }
+    let edge = Edge::start(
+        &certs,
+        [instances[0].https, instances[1].https, instances[2].https],
+    )
+    .await;
+
+    // Portcullis's own endpoints and proxied ones both answer through nginx
+    let discovery = edge
+        .client
+        .get(edge.url("/.well-known/openid-configuration"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(discovery.status(), StatusCode::OK);
+    let proxied = edge
+        .client
+        .get(edge.url("/public/hello"))
+        .header("X-Forwarded-For", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), StatusCode::OK);
+    let echoed_id = proxied.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let seen = a
+        .seen()
+        .into_iter()
+        .chain(b.seen())
+        .find(|s| s.path == "/public/hello")
+        .unwrap();
+    // nginx appended the peer it saw; the instance trusts nginx (127.0.0.1) and takes
+    // the first untrusted hop from the right as the client
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
+    // nginx's $request_id: 32 hex digits, the same at the node and in the response
+    let id = seen.header("x-request-id").unwrap();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(id, echoed_id);
+
+    // continuous GETs while the third instance stops
+    let load = Load::start(&edge);
+    load.reach(20, "20 requests before the stop").await;
+    let stopped = instances.pop().unwrap();
+    let stopped_addr = stopped.https;
+    stopped.stop.cancel();
+    refuses_connections(stopped_addr).await;
+    let at_stop = load.count();
+    load.reach(at_stop + 60, "60 requests after the stop").await;
+    let failures = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "requests failed while an instance stopped: {failures:?}\nnginx log:\n{}",
+        edge.log()
+    );
+    assert_failed_over(&certs.access_log(), stopped_addr);
+    drop(stopped);
+}
+
+/// A `portcullis serve` process of its own (own SQLite database and key ring) proxying
+/// public paths to `nodes`; returns it (with its HTTPS address and its directory) once
+/// `/readyz` answers 200.
+async fn spawn_process(
+    certs: &Certs,
+    nodes: &[&AdminNode],
+) -> (Child, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (https, admin) = (harness::free_port(), harness::free_port());
+    let upstreams: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{https}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         shutdown_grace = \"5s\"\n\
+         [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [database]\nurl = \"sqlite://{d}/portcullis.db\"\n\
+         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
+         [keys]\nsource = \"file\"\nfile_dir = \"{d}\"\n\
+         [protection]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [proxy]\nupstreams = [{upstreams}]\n\
+         [[proxy.routes]]\nprefix = \"/public/\"\nauth = \"public\"\n",
+        cert = certs.instance_cert.display(),
+        key = certs.instance_key.display(),
+        d = dir.path().display(),
+        upstreams = upstreams.join(", "),
+    );
+    let file = write(dir.path(), "portcullis.toml", &config);
+    let child = Child::spawn(&["serve", "--config", &file.display().to_string()]);
+    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    eventually(Duration::from_secs(30), "the process is ready", || {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://{admin_addr}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    (child, ([127, 0, 0, 1], https).into(), dir)
+}
+
+#[tokio::test]
+async fn killing_an_instance_process_under_load_loses_no_get() {
+    let certs = Certs::new();
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let mut processes = Vec::new();
+    for _ in 0..3 {
+        processes.push(spawn_process(&certs, &[&a, &b]).await);
+    }
+    let edge = Edge::start(&certs, [processes[0].1, processes[1].1, processes[2].1]).await;
+
+    let load = Load::start(&edge);
+    load.reach(30, "30 requests before the kill").await;
+    let (mut victim, victim_addr, _victim_dir) = processes.pop().unwrap();
+    victim.signal("KILL");
+    assert!(
+        victim.wait(Duration::from_secs(10)).await.is_some(),
+        "SIGKILL ends the process"
+    );
+    refuses_connections(victim_addr).await;
+    let at_kill = load.count();
+    load.reach(at_kill + 60, "60 requests after the kill").await;
+    let failures = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "requests failed around the kill: {failures:?}\nnginx log:\n{}",
+        edge.log()
+    );
+    assert_failed_over(&certs.access_log(), victim_addr);
+}
+
+/// Refreshes through nginx, paced, each with the refresh token the last success
+/// returned; plus a discovery GET each round, which needs no Redis.
+struct RefreshLoad {
+    ok: Arc<AtomicUsize>,
+    unavailable: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl RefreshLoad {
+    fn start(edge: &Edge, client: (String, String), first: String) -> Self {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let unavailable = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (token_url, discovery_url) = (
+            edge.url("/oauth2/token"),
+            edge.url("/.well-known/openid-configuration"),
+        );
+        let task = tokio::spawn({
+            let http = edge.client.clone();
+            let (ok, unavailable, stop) = (ok.clone(), unavailable.clone(), stop.clone());
+            async move {
+                let mut failures = Vec::new();
+                let mut token = first;
+                // paced under the edge's rate limit on /oauth2/token (50 r/s per address)
+                let mut pace = tokio::time::interval(Duration::from_millis(30));
+                while !stop.load(Ordering::SeqCst) {
+                    pace.tick().await;
+                    let r = http
+                        .post(&token_url)
+                        .basic_auth(&client.0, Some(&client.1))
+                        .form(&[("grant_type", "refresh_token"), ("refresh_token", &token)])
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == StatusCode::OK => {
+                            let body: serde_json::Value = r.json().await.unwrap_or_default();
+                            match body["refresh_token"].as_str() {
+                                Some(next) => {
+                                    token = next.to_owned();
+                                    ok.fetch_add(1, Ordering::SeqCst);
+                                }
+                                None => {
+                                    failures.push(format!("refresh: 200 without a token: {body}"))
+                                }
+                            }
+                        }
+                        Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                            unavailable.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            let status = r.status();
+                            let body = r.text().await.unwrap_or_default();
+                            failures.push(format!("refresh: {status} {body}"));
+                        }
+                        Err(e) => failures.push(format!("refresh: {e}")),
+                    }
+                    match http.get(&discovery_url).send().await {
+                        Ok(r) if r.status() == StatusCode::OK => {}
+                        Ok(r) => failures.push(format!("discovery: {}", r.status())),
+                        Err(e) => failures.push(format!("discovery: {e}")),
+                    }
+                }
+                failures
+            }
+        });
+        Self {
+            ok,
+            unavailable,
+            stop,
+            task,
+        }
+    }
+
+    async fn until(&self, what: &str, probe: impl Fn(usize, usize) -> bool) {
+        let (ok, unavailable) = (self.ok.clone(), self.unavailable.clone());
+        let probe = &probe;
+        eventually(Duration::from_secs(60), what, || {
+            let (ok, unavailable) = (ok.clone(), unavailable.clone());
+            async move {
+                probe(
+                    ok.load(Ordering::SeqCst),
+                    unavailable.load(Ordering::SeqCst),
+                )
+            }
+        })
+        .await;
+    }
+
+    async fn finish(self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let failures = self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.unavailable.load(Ordering::SeqCst),
+            failures,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_under_load_delays_refreshes_and_loses_nothing() {
+    use std::collections::BTreeSet;
+
+    use portcullis::clients::{GrantType, NewClient, ScopeSet};
+    use portcullis::config::RedisConfig;
+    use portcullis::refresh::NewFamily;
+    use secrecy::{ExposeSecret, SecretString};
+
+    let certs = Certs::new();
+    let redis = harness::Redis::start_persistent().unwrap();
+    let db = harness::Postgres::shared()
+        .fresh_database("ha_redis_restart")
+        .unwrap();
+    let prefix = format!("ha-{}:", uuid::Uuid::new_v4());
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let (cert, key) = (certs.instance_cert.clone(), certs.instance_key.clone());
+        let (db, redis_url, prefix) = (db.clone(), redis.url(), prefix.clone());
+        let app = spawn_app(move |c| {
+            c.tls = Some(TlsConfig {
+                cert,
+                key,
+                reload_interval: Duration::from_secs(10),
+            });
+            c.protection.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
+            c.database.url = SecretString::from(db);
+            c.redis = Some(RedisConfig {
+                url: SecretString::from(redis_url),
+                cluster: false,
+                command_timeout: Duration::from_millis(500),
+            });
+            c.refresh.key_prefix = prefix;
+        })
+        .await;
+        instances.push(app);
+    }
+    let state = &instances[0].state;
+    let now = state.keys.now();
+    let (client, secret) = state
+        .clients
+        .create(
+            NewClient {
+                id: None,
+                name: "ha-drill".to_owned(),
+                grant_types: BTreeSet::from([GrantType::RefreshToken]),
+                scopes: ScopeSet::parse("jobs:read").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let issued = state
+        .refresh
+        .issue(
+            NewFamily {
+                client_id: client.id.to_string(),
+                subject: "alice".to_owned(),
+                scope: "jobs:read".to_owned(),
+                audience: vec![],
+                auth_time: now,
+                session: serde_json::json!({}),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let edge = Edge::start(
+        &certs,
+        [instances[0].https, instances[1].https, instances[2].https],
+    )
+    .await;
+
+    let load = RefreshLoad::start(
+        &edge,
+        (client.id.to_string(), secret.expose_secret().to_owned()),
+        issued.token.expose_secret().to_owned(),
+    );
+    load.until("20 refreshes before the restart", |ok, _| ok >= 20)
+        .await;
+    redis.stop();
+    load.until("refreshes answered 503 while Redis is away", |_, u| u >= 12)
+        .await;
+    let before = load.ok.load(Ordering::SeqCst);
+    redis.restart().unwrap();
+    load.until("20 refreshes after the restart", |ok, _| ok >= before + 20)
+        .await;
+    let (ok, unavailable, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{ok} refreshed, {unavailable} answered 503, and these failed: {failures:?}\n\
+         nginx log:\n{}",
+        edge.log()
+    );
+}
+
+#[tokio::test]
+async fn an_admin_cluster_outage_does_not_take_the_instances_out_of_nginx() {
+    let certs = Certs::new();
+    let mut node = AdminNode::start("a").await;
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let (cert, key) = (certs.instance_cert.clone(), certs.instance_key.clone());
+        let app = spawn_app(|c| {
+            c.tls = Some(TlsConfig {
+                cert,
+                key,
+                reload_interval: Duration::from_secs(10),
+            });
+            proxy_to(c, &[&node]);
+        })
+        .await;
+        instances.push(app);
+    }
+    let edge = Edge::start(
+        &certs,
+        [instances[0].https, instances[1].https, instances[2].https],
+    )
+    .await;
+    node.kill().await;
+    // every instance answers proxied requests with its own JSON 502/503 ...
+    for i in 0..9 {
+        let r = edge
+            .client
+            .get(edge.url(&format!("/public/{i}")))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert!(
+            status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status}"
+        );
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            ["upstream_unavailable", "temporarily_unavailable"]
+                .contains(&body["error"].as_str().unwrap_or_default()),
+            "{body}"
+        );
+    }
+    // ... and nginx keeps them all: what needs no admin node still answers
+    for _ in 0..6 {
+        let r = edge
+            .client
+            .get(edge.url("/.well-known/openid-configuration"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "nginx log:\n{}", edge.log());
+    }
+}

@@ -1,0 +1,1024 @@
+//! The reverse proxy to the admin cluster, against admin nodes this test runs (small
+//! HTTP/1.1 servers that record what reached them): identity headers, route policy,
+//! round robin, passive health, retries, streaming and upgrades.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use portcullis::config::Config;
+use portcullis::oauth::claims::{AccessClaims, Audiences};
+use portcullis::proxy::settings::{RouteAuth, RouteSettings};
+use portcullis::sso::session::{NewSession, SessionInfo};
+use reqwest::{StatusCode, header};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::support::*;
+
+// === an admin node ===
+
+/// One request as an admin node saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// Every header, lower-case name → values in order.
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+struct NodeState {
+    name: String,
+    seen: Mutex<Vec<Seen>>,
+    /// 0: answer normally; otherwise the status every plain request gets.
+    fail_with: AtomicU16,
+}
+
+/// A small admin node on a port of its own; `kill` drops its listener and every open
+/// connection at once, as a crashed process would.
+pub struct AdminNode {
+    pub addr: SocketAddr,
+    state: Arc<NodeState>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+type NodeBody = BoxBody<Bytes, Infallible>;
+
+impl AdminNode {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(NodeState {
+            name: name.to_owned(),
+            seen: Mutex::new(Vec::new()),
+            fail_with: AtomicU16::new(0),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
+                connections.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            state,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn fail_with(&self, status: u16) {
+        self.state.fail_with.store(status, Ordering::SeqCst);
+    }
+
+    /// Stops the node abruptly: listener closed, open connections dropped.
+    pub async fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for AdminNode {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn full(status: StatusCode, name: &str, body: impl Into<Bytes>) -> hyper::Response<NodeBody> {
+    hyper::Response::builder()
+        .status(status)
+        .header("x-node", name)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()).boxed())
+        .unwrap()
+}
+
+/// The bytes of `GET /big?bytes=N`: a pattern the test can recompute.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+async fn serve(
+    state: Arc<NodeState>,
+    mut req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<NodeBody>, Infallible> {
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    if req.headers().contains_key(header::UPGRADE) {
+        state.seen.lock().unwrap().push(Seen {
+            method,
+            path,
+            headers,
+            body: Vec::new(),
+        });
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Ok(hyper::Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "test-node")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap());
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let digest = hex(&Sha256::digest(&body));
+    let body_len = body.len();
+    state.seen.lock().unwrap().push(Seen {
+        method: method.clone(),
+        path: path.clone(),
+        headers,
+        body: if body_len <= 64 * 1024 {
+            body.to_vec()
+        } else {
+            Vec::new()
+        },
+    });
+    if path.starts_with("/public/hang") {
+        // a node that took the request and never answers
+        std::future::pending::<()>().await;
+    }
+    let fail = state.fail_with.load(Ordering::SeqCst);
+    if fail != 0 {
+        return Ok(full(
+            StatusCode::from_u16(fail).unwrap(),
+            &state.name,
+            "{\"error\":\"node says no\"}",
+        ));
+    }
+    if let Some(n) = path.strip_prefix("/api/big?bytes=") {
+        let len: usize = n.parse().unwrap();
+        let data = Bytes::from(pattern(len));
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..len)
+            .step_by(64 * 1024)
+            .map(|at| Ok(Frame::data(data.slice(at..(at + 64 * 1024).min(len)))))
+            .collect();
+        return Ok(hyper::Response::builder()
+            .header("x-node", state.name.as_str())
+            .body(StreamBody::new(futures::stream::iter(chunks)).boxed())
+            .unwrap());
+    }
+    let answer = serde_json::json!({
+        "node": state.name,
+        "method": method,
+        "path": path,
+        "body_len": body_len,
+        "body_sha256": digest,
+    });
+    Ok(full(StatusCode::OK, &state.name, answer.to_string()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// === the gateway in front ===
+
+pub fn route(prefix: &str, auth: RouteAuth) -> RouteSettings {
+    RouteSettings {
+        prefix: prefix.to_owned(),
+        methods: None,
+        auth,
+        scopes: vec![],
+        roles: vec![],
+    }
+}
+
+/// The routes of these tests: executor APIs by bearer token, the console by session
+/// (job edits for admins only), a public area.
+pub fn routes() -> Vec<RouteSettings> {
+    vec![
+        RouteSettings {
+            scopes: vec!["scheduler:executor".to_owned()],
+            ..route("/api/", RouteAuth::Bearer)
+        },
+        route("/jobinfo/", RouteAuth::Session),
+        RouteSettings {
+            methods: Some(vec!["POST".to_owned()]),
+            roles: vec!["admin".to_owned()],
+            ..route("/jobinfo/", RouteAuth::Session)
+        },
+        route("/public/", RouteAuth::Public),
+    ]
+}
+
+/// Points `config` at `nodes` with the test routes.
+pub fn proxy_to(config: &mut Config, nodes: &[&AdminNode]) {
+    config.proxy.upstreams = nodes.iter().map(|n| n.url()).collect();
+    config.proxy.routes = routes();
+    config.proxy.connect_timeout = Duration::from_secs(1);
+    config.proxy.read_timeout = Duration::from_secs(10);
+}
+
+fn client(app: &TestApp) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(app.pki.ca_pem().as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", app.https)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn token(app: &TestApp, scope: &str, roles: &[&str]) -> String {
+    let now = app.state.keys.now().unix_timestamp();
+    let claims = AccessClaims {
+        iss: app.state.config.issuer(),
+        sub: "executor-orders".to_owned(),
+        aud: Audiences::One(app.state.config.issuer()),
+        exp: now + 600,
+        iat: now,
+        nbf: now,
+        jti: uuid::Uuid::new_v4().to_string(),
+        scope: scope.to_owned(),
+        client_id: "executor-orders".to_owned(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        sid: None,
+    };
+    app.state.keys.sign(&claims).unwrap()
+}
+
+/// A real console session (refresh family and access token, as a login makes them);
+/// returns the `Cookie` header a browser would send.
+async fn session_cookie(app: &TestApp, user: &str, roles: &[&str]) -> String {
+    let new = NewSession {
+        subject: format!("test:{user}"),
+        info: SessionInfo {
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            provider: "test".to_owned(),
+            email: Some(format!("{user}@example.com")),
+            name: None,
+            preferred_username: Some(user.to_owned()),
+        },
+        id_token: None,
+    };
+    let cookies = portcullis::sso::session::establish(&app.state, &new, app.state.keys.now())
+        .await
+        .unwrap();
+    cookies
+        .iter()
+        .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_owned())
+        .filter(|pair| !pair.ends_with('='))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+async fn json(response: reqwest::Response) -> serde_json::Value {
+    response.json().await.unwrap()
+}
+
+// === identity ===
+
+/// Every spelling of every identity header family a client might try.
+const SPOOFED: &[&str] = &[
+    "X-Forwarded-User",
+    "X_Forwarded_User",
+    "x-forwarded-email",
+    "X_Forwarded_Email",
+    "X-Forwarded-Groups",
+    "X_Forwarded_Groups",
+    "X-Forwarded-Roles",
+    "X_Forwarded_Roles",
+    "X-Forwarded-Scopes",
+    "X_Forwarded_Scopes",
+    "X-Forwarded-Preferred-Username",
+    "X-Forwarded-Access-Token",
+    "X-Auth-Request-User",
+    "X_Auth_Request_Email",
+    "X-Auth-Request-Groups",
+    "X-Remote-User",
+    "X_Remote_User",
+    "Remote-User",
+    "Remote_User",
+    "X-Portcullis-User",
+    "X_Portcullis_User",
+    "X-Portcullis-Email",
+    "X-Portcullis-Roles",
+    "X_Portcullis_Roles",
+    "X-Portcullis-Scopes",
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Real-IP",
+];
+
+fn spoof(mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    for name in SPOOFED {
+        req = req.header(*name, "mallory");
+    }
+    req
+}
+
+fn assert_no_spoof(seen: &Seen) {
+    for (name, values) in &seen.headers {
+        assert!(
+            values.iter().all(|v| !v.contains("mallory")),
+            "spoofed {name}: {values:?} reached the node"
+        );
+    }
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_an_admin_node() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+
+    // a bearer route: the verified service identity, and nothing the client claimed
+    let bearer = token(&app, "scheduler:executor jobs:read", &[]);
+    let response = spoof(http.post(app.url("/api/registry")))
+        .bearer_auth(&bearer)
+        .header("X-Request-Id", "req-42")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // a console route with a real session
+    let cookie = session_cookie(&app, "alice", &["viewer"]).await;
+    let response = spoof(http.get(app.url("/jobinfo/list")))
+        .header(
+            header::COOKIE,
+            format!("{cookie}; XXL_JOB_LOGIN_IDENTITY=node-own"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // a public route: no identity at all
+    let response = spoof(http.get(app.url("/public/logo.png")))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = node.seen();
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        assert_no_spoof(s);
+        assert!(s.header("traceparent").is_some(), "a trace is started");
+        assert!(s.header("x-request-id").is_some());
+        assert_eq!(s.header("x-forwarded-proto"), Some("https"));
+        assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+        assert!(!s.headers.contains_key("x_forwarded_user"));
+    }
+    let (api, console, public) = (&seen[0], &seen[1], &seen[2]);
+    assert_eq!(api.header("x-portcullis-user"), Some("executor-orders"));
+    assert_eq!(
+        api.header("x-portcullis-scopes"),
+        Some("scheduler:executor jobs:read")
+    );
+    assert_eq!(api.header("x-request-id"), Some("req-42"));
+    assert_eq!(api.header("authorization"), None, "the token stays here");
+    assert_eq!(api.body, b"{}");
+
+    assert_eq!(console.header("x-portcullis-user"), Some("alice"));
+    assert_eq!(
+        console.header("x-portcullis-email"),
+        Some("alice@example.com")
+    );
+    assert_eq!(console.header("x-portcullis-roles"), Some("viewer"));
+    assert_eq!(
+        console.header("cookie"),
+        Some("XXL_JOB_LOGIN_IDENTITY=node-own"),
+        "session cookies stay here, the node's own go on"
+    );
+
+    assert!(
+        !public
+            .headers
+            .keys()
+            .any(|k| k.starts_with("x-portcullis-")),
+        "{:?}",
+        public.headers
+    );
+    assert_eq!(public.header("authorization"), None);
+}
+
+#[tokio::test]
+async fn a_valid_traceparent_is_continued_and_the_token_is_forwarded_when_configured() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.proxy.forward_token = true;
+    })
+    .await;
+    let bearer = token(&app, "scheduler:executor", &[]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = client(&app)
+        .get(app.url("/api/registry"))
+        .bearer_auth(&bearer)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = &node.seen()[0];
+    let parent = seen.header("traceparent").unwrap();
+    assert!(parent.starts_with(&format!("00-{trace}-")), "{parent}");
+    assert!(parent.ends_with("-01"));
+    assert!(
+        !parent.contains("00f067aa0ba902b7"),
+        "our hop has its own span id"
+    );
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {bearer}").as_str())
+    );
+}
+
+// === route policy ===
+
+#[tokio::test]
+async fn bearer_routes_refuse_missing_invalid_and_underscoped_tokens() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+
+    let none = http.get(app.url("/api/registry")).send().await.unwrap();
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        none.headers()[header::WWW_AUTHENTICATE],
+        "Bearer realm=\"portcullis\""
+    );
+
+    let forged = http
+        .get(app.url("/api/registry"))
+        .bearer_auth("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        forged.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
+
+    let narrow = http
+        .get(app.url("/api/registry"))
+        .bearer_auth(token(&app, "jobs:read", &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(narrow.status(), StatusCode::FORBIDDEN);
+    assert!(
+        narrow.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("scope=\"scheduler:executor\"")
+    );
+    assert_eq!(json(narrow).await["error"], "insufficient_scope");
+
+    assert!(
+        node.seen().is_empty(),
+        "nothing unauthenticated was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn session_routes_send_browsers_to_log_in_and_answer_scripts_401() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+
+    let page = http
+        .get(app.url("/jobinfo/list?group=2&page=1"))
+        .header(header::ACCEPT, "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::FOUND);
+    assert_eq!(
+        page.headers()[header::LOCATION],
+        "/auth/login?redirect=%2Fjobinfo%2Flist%3Fgroup%3D2%26page%3D1"
+    );
+
+    let xhr = http
+        .get(app.url("/jobinfo/list"))
+        .header(header::ACCEPT, "application/json")
+        .header("X-Requested-With", "XMLHttpRequest")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(xhr.status(), StatusCode::UNAUTHORIZED);
+    assert!(xhr.headers().contains_key(header::WWW_AUTHENTICATE));
+    assert_eq!(json(xhr).await["error"], "login_required");
+
+    // a bearer token is no console session
+    let bearer = http
+        .get(app.url("/jobinfo/list"))
+        .bearer_auth(token(&app, "console", &["admin"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), StatusCode::UNAUTHORIZED);
+    assert!(node.seen().is_empty());
+
+    // with a session the page is served; a job edit needs the admin role
+    let viewer = session_cookie(&app, "bob", &["viewer"]).await;
+    let list = http
+        .get(app.url("/jobinfo/list"))
+        .header(header::COOKIE, &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), StatusCode::OK);
+    // cookie-carrying writes must come from our own origin (CSRF)
+    let origin = app.state.config.server.public_url.clone();
+    let edit = http
+        .post(app.url("/jobinfo/update"))
+        .header(header::COOKIE, &viewer)
+        .header(header::ORIGIN, &origin)
+        .body("id=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(edit.status(), StatusCode::FORBIDDEN);
+    assert_eq!(json(edit).await["error"], "insufficient_role");
+    let admin = session_cookie(&app, "alice", &["admin", "viewer"]).await;
+    let edit = http
+        .post(app.url("/jobinfo/update"))
+        .header(header::COOKIE, &admin)
+        .header(header::ORIGIN, &origin)
+        .body("id=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(edit.status(), StatusCode::OK);
+    let seen = node.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("x-portcullis-user"), Some("alice"));
+    assert_eq!(seen[1].header("x-portcullis-roles"), Some("admin,viewer"));
+}
+
+#[tokio::test]
+async fn an_expired_console_access_cookie_is_renewed_on_the_way_through() {
+    let node = AdminNode::start("a").await;
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
+    let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    // past the console access token's lifetime (5 minutes), within the session's
+    clock.advance(time::Duration::minutes(10));
+    let response = client(&app)
+        .get(app.url("/jobinfo/list"))
+        .header(header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let renewed: Vec<String> = response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().split('=').next().unwrap().to_owned())
+        .collect();
+    assert!(
+        renewed.contains(&"__Host-portcullis-at".to_owned())
+            && renewed.contains(&"__Host-portcullis-rt".to_owned()),
+        "{renewed:?}"
+    );
+    let seen = node.seen();
+    assert_eq!(seen[0].header("x-portcullis-user"), Some("carol"));
+    assert_eq!(seen[0].header("x-portcullis-roles"), Some("operator"));
+    assert_eq!(seen[0].header("cookie"), None);
+}
+
+#[tokio::test]
+async fn unknown_and_ambiguous_paths_are_not_forwarded() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let mut conn = Conn::over(app.tls().await).await;
+    let (parts, _) = conn.get("/elsewhere").await.unwrap();
+    assert_eq!(parts.status, 404, "outside every route prefix");
+    for path in [
+        "/public/../jobinfo/list",
+        "/public/%2e%2e/jobinfo/list",
+        "/public/..;/jobinfo/list",
+        "/public%2f..%2fjobinfo/list",
+        "/public//x",
+    ] {
+        let (parts, body) = conn.get(path).await.unwrap();
+        assert_eq!(
+            parts.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    assert!(node.seen().is_empty());
+}
+
+// === balancing, health and retries ===
+
+fn node_of(body: &serde_json::Value) -> String {
+    body["node"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn requests_are_spread_round_robin_over_the_nodes() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| proxy_to(c, &[&a, &b])).await;
+    let http = client(&app);
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        let r = http.get(app.url("/public/ping")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        served.push(node_of(&json(r).await));
+    }
+    assert_eq!(served.iter().filter(|n| *n == "a").count(), 3, "{served:?}");
+    assert!(served.windows(2).all(|w| w[0] != w[1]), "{served:?}");
+}
+
+#[tokio::test]
+async fn a_killed_node_is_routed_around_and_no_idempotent_request_fails() {
+    let (a, mut b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        c.proxy.health.failures = 2;
+        c.proxy.health.cooldown = Duration::from_secs(60);
+    })
+    .await;
+    let http = client(&app);
+    // warm both nodes' keep-alive connections, then kill one
+    for _ in 0..4 {
+        let r = http.get(app.url("/public/ping")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    b.kill().await;
+    for i in 0..10 {
+        let r = http.get(app.url("/public/ping")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "GET {i} after the kill");
+        assert_eq!(node_of(&json(r).await), "a");
+        let put = http
+            .put(app.url(&format!("/public/item/{i}")))
+            .body(format!("payload {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::OK, "PUT {i} after the kill");
+    }
+    let proxy = app.state.proxy.as_ref().unwrap();
+    assert!(!proxy.upstreams().nodes()[1].healthy(), "b is marked down");
+    assert!(proxy.upstreams().nodes()[0].healthy());
+    // the retried PUTs reached a with their bodies intact
+    let puts: Vec<Vec<u8>> = a
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "PUT")
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(puts.len(), 10);
+    assert!(
+        puts.iter()
+            .enumerate()
+            .all(|(i, b)| *b == format!("payload {i}").into_bytes())
+    );
+
+    let metrics = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = format!("portcullis_upstream_healthy{{node=\"{}\"}} 0", b.addr);
+    assert!(metrics.contains(&gauge), "{gauge} missing");
+    assert!(metrics.contains("portcullis_upstream_requests_total{"));
+}
+
+#[tokio::test]
+async fn a_failed_idempotent_request_is_retried_on_the_other_node_but_a_post_is_not() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        // keep the failing node in rotation, so every request of the test may meet it
+        c.proxy.health.failures = 1000;
+    })
+    .await;
+    a.fail_with(503);
+    let http = client(&app);
+    for i in 0..4 {
+        let r = http
+            .get(app.url(&format!("/public/get/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "GET {i}");
+        assert_eq!(node_of(&json(r).await), "b");
+    }
+    assert!(
+        a.seen().iter().any(|s| s.method == "GET"),
+        "a was tried first at least once"
+    );
+
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        let r = http
+            .post(app.url(&format!("/public/post/{i}")))
+            .body("run")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status());
+    }
+    // round robin: one POST met the failing node and got its answer, unretried
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE]);
+    let posts = |n: &AdminNode| {
+        n.seen()
+            .into_iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.path)
+            .collect::<Vec<_>>()
+    };
+    let (on_a, on_b) = (posts(&a), posts(&b));
+    assert_eq!(
+        on_a.len() + on_b.len(),
+        2,
+        "each POST was sent exactly once"
+    );
+    assert!(on_a.iter().all(|p| !on_b.contains(p)));
+}
+
+#[tokio::test]
+async fn a_node_failing_its_active_check_gets_no_traffic_until_it_passes() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        // passive checks out of the way: only the active check decides here
+        c.proxy.health.failures = 1000;
+        c.proxy.health.check_path = Some("/health".to_owned());
+        c.proxy.health.check_interval = Duration::from_millis(100);
+    })
+    .await;
+    let proxy = app.state.proxy.clone().unwrap();
+    a.fail_with(503);
+    eventually(Duration::from_secs(10), "a fails its check", || {
+        let proxy = proxy.clone();
+        async move { !proxy.upstreams().nodes()[0].healthy() }
+    })
+    .await;
+    let http = client(&app);
+    for i in 0..4 {
+        let r = http
+            .get(app.url(&format!("/public/while-down/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(node_of(&json(r).await), "b");
+    }
+    assert!(
+        a.seen().iter().all(|s| s.path == "/health"),
+        "a got only health checks while failing them"
+    );
+    a.fail_with(0);
+    eventually(Duration::from_secs(10), "a passes its check again", || {
+        let proxy = proxy.clone();
+        async move { proxy.upstreams().nodes()[0].healthy() }
+    })
+    .await;
+    let mut served = Vec::new();
+    for i in 0..4 {
+        let r = http
+            .get(app.url(&format!("/public/after/{i}")))
+            .send()
+            .await
+            .unwrap();
+        served.push(node_of(&json(r).await));
+    }
+    assert!(served.contains(&"a".to_owned()), "{served:?}");
+}
+
+#[tokio::test]
+async fn with_every_node_down_the_answer_is_a_json_502_or_503() {
+    let mut a = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a]);
+        c.proxy.health.failures = 1;
+        c.proxy.health.cooldown = Duration::from_secs(60);
+    })
+    .await;
+    a.kill().await;
+    let http = client(&app);
+    let first = http.get(app.url("/public/ping")).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(json(first).await["error"], "upstream_unavailable");
+    let next = http.get(app.url("/public/ping")).send().await.unwrap();
+    assert_eq!(next.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(next.headers().contains_key(header::RETRY_AFTER));
+    assert_eq!(json(next).await["error"], "temporarily_unavailable");
+}
+
+#[tokio::test]
+async fn a_node_that_does_not_answer_in_time_gets_a_504_and_no_second_try() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        c.proxy.read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let r = client(&app)
+        .get(app.url("/public/hang"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(json(r).await["error"], "upstream_timeout");
+    // the node may still be working on it: a GET that timed out is not sent again
+    assert_eq!(a.seen().len() + b.seen().len(), 1);
+}
+
+// === streaming and upgrades ===
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_past_the_gateways_own_body_limit() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.server.max_body_bytes = 64 * 1024;
+        c.proxy.max_body_bytes = 12 * 1024 * 1024;
+    })
+    .await;
+    let bearer = token(&app, "scheduler:executor", &[]);
+    let size = 8 * 1024 * 1024;
+
+    // upload, chunked (no declared length), in 100 pieces
+    let mut conn = {
+        let (send, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(app.tls().await))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        send
+    };
+    let data = Bytes::from(pattern(size));
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..size)
+        .step_by(size / 100)
+        .map(|at| Ok(Frame::data(data.slice(at..(at + size / 100).min(size)))))
+        .collect();
+    let req = hyper::Request::post("/api/upload")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(StreamBody::new(futures::stream::iter(chunks)).boxed())
+        .unwrap();
+    let resp = conn.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["body_len"], size);
+    assert_eq!(answer["body_sha256"], hex(&Sha256::digest(&data)));
+
+    // download
+    let http = client(&app);
+    let down = http
+        .get(app.url(&format!("/api/big?bytes={size}")))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(down.status(), StatusCode::OK);
+    let got = down.bytes().await.unwrap();
+    assert_eq!(got.len(), size);
+    assert!(got == data, "the download arrived intact");
+
+    // past the proxy's own limit: refused on the declared length, before the node
+    // sees a byte (the body is never sent)
+    let before = node.seen().len();
+    let mut tls = app.tls().await;
+    let head = format!(
+        "POST /api/upload HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {bearer}\r\n\
+         content-length: {}\r\n\r\n",
+        13 * 1024 * 1024
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(node.seen().len(), before);
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_passed_through_both_ways() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(app.tls().await))
+            .await
+            .unwrap();
+    tokio::spawn(connection.with_upgrades());
+    let req = hyper::Request::get("/public/ws")
+        .header("host", "localhost")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers()["upgrade"], "websocket");
+    assert_eq!(resp.headers()["sec-websocket-accept"], "test-node");
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = TokioIo::new(upgraded);
+    io.write_all(b"ping through portcullis").await.unwrap();
+    let mut buf = vec![0u8; 23];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping through portcullis");
+    let seen = &node.seen()[0];
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert_eq!(
+        seen.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+}
