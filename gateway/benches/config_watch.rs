@@ -271,6 +271,7 @@ async fn run() {
     for round in 1..=rounds as u64 {
         let t0 = Instant::now();
         let version = publish(round).await;
+        let write = t0.elapsed();
         let mut arrived = vec![None; watchers];
         let mut count = 0;
         let deadline = tokio::time::sleep(Duration::from_secs(60));
@@ -290,7 +291,8 @@ async fn run() {
         let mut lat: Vec<Duration> = arrived.into_iter().map(Option::unwrap).collect();
         lat.sort();
         println!(
-            "round {round} (version {version}): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            "round {round} (version {version}): the write answered in {:.1} ms; arrivals p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            ms(write),
             ms(lat[lat.len() / 2]),
             ms(lat[lat.len() * 99 / 100]),
             ms(lat[lat.len() - 1])

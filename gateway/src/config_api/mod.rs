@@ -568,6 +568,16 @@ pub struct EntryIn {
     pub secret: bool,
 }
 
+/// The entries of a write, checked, and their keys (for the audit trail).
+fn parse_entries(entries: &[EntryIn]) -> Result<(Vec<ConfigEntry>, Vec<String>), ApiError> {
+    let parsed = entries
+        .iter()
+        .map(EntryIn::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys = parsed.iter().map(|e| e.key.to_string()).collect();
+    Ok((parsed, keys))
+}
+
 impl EntryIn {
     fn parse(&self) -> Result<ConfigEntry, ApiError> {
         let format = match &self.format {
@@ -716,12 +726,7 @@ pub async fn publish(
 ) -> Result<Response, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Write, &env, &app)?;
-    let entries = body
-        .entries
-        .iter()
-        .map(EntryIn::parse)
-        .collect::<Result<Vec<_>, _>>()?;
-    let keys = entries.iter().map(|e| e.key.to_string()).collect();
+    let (entries, keys) = parse_entries(&body.entries)?;
     let note = ChangeNote::new(principal.subject.clone(), body.message);
     let info = state
         .config_center
@@ -833,13 +838,8 @@ pub async fn publish_gray(
 ) -> Result<Response, ApiError> {
     let (env, app) = names(&state, &env, &app)?;
     require(&principal, Action::Write, &env, &app)?;
-    let entries = body
-        .entries
-        .iter()
-        .map(EntryIn::parse)
-        .collect::<Result<Vec<_>, _>>()?;
+    let (entries, keys) = parse_entries(&body.entries)?;
     let selector = config_center::GraySelector::new(body.selector.instances, body.selector.labels)?;
-    let keys = entries.iter().map(|e| e.key.to_string()).collect();
     let note = ChangeNote::new(principal.subject.clone(), body.message);
     let info = state
         .config_center
