@@ -8,6 +8,7 @@
 //! | `protection.auth_rate.burst`, `protection.auth_rate.replenish_every` | per-IP buckets of `/auth/*` |
 //! | `protection.token_rate.burst`, `protection.token_rate.replenish_every` | per-IP buckets of `/oauth2/token` |
 //! | `protection.lockout.free_failures`, `.max_failures`, `.backoff_base`, `.backoff_max`, `.lockout` | the failure counters' policy |
+//! | `proxy.upstreams` | the admin nodes, comma-separated `http://host:port` (the proxy must be configured at start-up) |
 //!
 //! A key that is absent falls back to the configuration file's value, so removing it
 //! undoes it. A release is applied whole or not at all: one unknown key or invalid value
@@ -38,6 +39,8 @@ pub struct RuntimeSettings {
     pub token_rate: RateSettings,
     /// Failure counters.
     pub lockout: LockoutSettings,
+    /// The admin nodes the proxy forwards to.
+    pub upstreams: Vec<String>,
 }
 
 impl RuntimeSettings {
@@ -48,6 +51,7 @@ impl RuntimeSettings {
             auth_rate: state.config.protection.auth_rate,
             token_rate: state.config.protection.token_rate,
             lockout: state.config.protection.lockout.clone(),
+            upstreams: state.config.proxy.upstreams.clone(),
         }
     }
 
@@ -77,6 +81,21 @@ impl RuntimeSettings {
                 "protection.lockout.backoff_base" => s.lockout.backoff_base = duration(key, v)?,
                 "protection.lockout.backoff_max" => s.lockout.backoff_max = duration(key, v)?,
                 "protection.lockout.lockout" => s.lockout.lockout = duration(key, v)?,
+                "proxy.upstreams" => {
+                    s.upstreams = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    for u in &s.upstreams {
+                        crate::proxy::settings::parse_upstream(u)
+                            .map_err(|e| format!("`{key}`: {e}"))?;
+                    }
+                    if s.upstreams.is_empty() {
+                        return Err(format!("`{key}` names no admin node"));
+                    }
+                }
                 other => return Err(format!("`{other}` is not a runtime setting")),
             }
         }
@@ -101,6 +120,20 @@ impl RuntimeSettings {
         crate::telemetry::set_log_level(&self.log_level)?;
         if !(state.rate.auth.set(self.auth_rate) && state.rate.token.set(self.token_rate)) {
             return Err("a rate bucket could not be built".to_owned());
+        }
+        match &state.proxy {
+            // an unchanged list keeps the nodes' health as it is
+            Some(proxy) if !proxy.upstreams().same_nodes(&self.upstreams) => {
+                proxy.set_upstreams(&self.upstreams)?;
+            }
+            None if !self.upstreams.is_empty() => {
+                return Err(
+                    "proxy.upstreams: the proxy is off on this instance ([proxy] has no \
+                     upstreams at start-up)"
+                        .to_owned(),
+                );
+            }
+            _ => {}
         }
         state.lockout.set_settings(self.lockout.clone());
         Ok(())

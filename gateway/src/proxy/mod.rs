@@ -22,6 +22,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request};
@@ -94,7 +96,9 @@ pub struct Proxy {
 
 struct Inner {
     client: HttpClient,
-    upstreams: Upstreams,
+    // swapped whole by the runtime settings (`proxy.upstreams`); a request keeps the list
+    // it started with, so its retry and health records stay on the same nodes
+    upstreams: ArcSwap<Upstreams>,
     routes: RouteTable,
     settings: ProxySettings,
 }
@@ -102,7 +106,7 @@ struct Inner {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstreams", &self.inner.upstreams)
+            .field("upstreams", &self.inner.upstreams.load())
             .finish_non_exhaustive()
     }
 }
@@ -126,7 +130,10 @@ impl Proxy {
         Some(Self {
             inner: Arc::new(Inner {
                 client,
-                upstreams: Upstreams::new(&settings.upstreams, settings.health.clone()),
+                upstreams: ArcSwap::from_pointee(Upstreams::new(
+                    &settings.upstreams,
+                    settings.health.clone(),
+                )),
                 routes: RouteTable::new(&settings.routes),
                 settings: settings.clone(),
             }),
@@ -138,9 +145,25 @@ impl Proxy {
         &self.inner.routes
     }
 
-    /// The nodes and their health.
-    pub fn upstreams(&self) -> &Upstreams {
-        &self.inner.upstreams
+    /// The nodes and their health, as they are now.
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.inner.upstreams.load_full()
+    }
+
+    /// Replaces the admin nodes (runtime settings): requests from now on go to `list`,
+    /// each node starting healthy; requests under way finish on the nodes they had.
+    pub fn set_upstreams(&self, list: &[String]) -> Result<(), String> {
+        if list.is_empty() {
+            return Err("proxy.upstreams: at least one admin node is needed".to_owned());
+        }
+        for u in list {
+            settings::parse_upstream(u).map_err(|e| format!("proxy.upstreams: {e}"))?;
+        }
+        let health = self.inner.upstreams.load().health().clone();
+        self.inner
+            .upstreams
+            .store(Arc::new(Upstreams::new(list, health)));
+        Ok(())
     }
 
     /// `proxy.max_body_bytes`.
@@ -159,8 +182,11 @@ impl Proxy {
         &self,
         stop: CancellationToken,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        let (path, interval, timeout) = self.inner.upstreams.active_check()?;
-        let path = path.to_owned();
+        let (path, interval, timeout) = {
+            let ups = self.inner.upstreams.load();
+            let (path, interval, timeout) = ups.active_check()?;
+            (path.to_owned(), interval, timeout)
+        };
         let this = self.clone();
         Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -170,15 +196,15 @@ impl Proxy {
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let checks =
-                    (0..this.inner.upstreams.nodes().len()).map(|i| this.check(i, &path, timeout));
+                let ups = this.inner.upstreams.load_full();
+                let checks = (0..ups.nodes().len()).map(|i| this.check(&ups, i, &path, timeout));
                 futures::future::join_all(checks).await;
             }
         }))
     }
 
-    async fn check(&self, index: usize, path: &str, timeout: Duration) {
-        let Some(node) = self.inner.upstreams.nodes().get(index) else {
+    async fn check(&self, ups: &Upstreams, index: usize, path: &str, timeout: Duration) {
+        let Some(node) = ups.nodes().get(index) else {
             return;
         };
         let Ok(uri) = node.uri(path) else {
@@ -199,7 +225,7 @@ impl Proxy {
             }
             _ => false,
         };
-        self.inner.upstreams.record_check(index, up);
+        ups.record_check(index, up);
     }
 
     /// Forwards `req` (already authenticated) with `identity` to a node and returns the
@@ -260,23 +286,24 @@ impl Proxy {
         } else {
             (None, body)
         };
-        let first = self.inner.upstreams.pick(None).ok_or(ProxyError::NoNode)?;
+        let ups = self.inner.upstreams.load_full();
+        let first = ups.pick(None).ok_or(ProxyError::NoNode)?;
         let first_body = match &replay {
             Some(bytes) => Body::from(bytes.clone()),
             None => body,
         };
-        let answer = self.attempt(first, &parts, first_body).await;
+        let answer = self.attempt(&ups, first, &parts, first_body).await;
         let answer = match replay {
-            Some(bytes) if should_retry(&answer) => match self.inner.upstreams.pick(Some(first)) {
+            Some(bytes) if should_retry(&answer) => match ups.pick(Some(first)) {
                 Some(second) => {
                     metrics::counter!("portcullis_upstream_retries_total").increment(1);
                     tracing::info!(
-                        from = %self.node_name(first),
-                        to = %self.node_name(second),
+                        from = %node_name(&ups, first),
+                        to = %node_name(&ups, second),
                         method = %parts.method,
                         "retrying an idempotent request on another admin node"
                     );
-                    self.attempt(second, &parts, Body::from(bytes)).await
+                    self.attempt(&ups, second, &parts, Body::from(bytes)).await
                 }
                 None => answer,
             },
@@ -285,27 +312,15 @@ impl Proxy {
         Ok(into_client_response(answer, client_upgrade))
     }
 
-    fn node_name(&self, index: usize) -> &str {
-        self.inner
-            .upstreams
-            .nodes()
-            .get(index)
-            .map_or("?", |n| n.authority.as_str())
-    }
-
     /// One try on node `index`; records the outcome for health and metrics.
     async fn attempt(
         &self,
+        ups: &Upstreams,
         index: usize,
         parts: &request::Parts,
         body: Body,
     ) -> Result<axum::http::Response<Incoming>, ProxyError> {
-        let node = self
-            .inner
-            .upstreams
-            .nodes()
-            .get(index)
-            .ok_or(ProxyError::NoNode)?;
+        let node = ups.nodes().get(index).ok_or(ProxyError::NoNode)?;
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = node.uri(path_and_query).map_err(ProxyError::Build)?;
         let mut req = Request::new(body);
@@ -363,10 +378,14 @@ impl Proxy {
             }
         };
         if let Some(outcome) = outcome {
-            self.inner.upstreams.record(index, outcome);
+            ups.record(index, outcome);
         }
         result
     }
+}
+
+fn node_name(ups: &Upstreams, index: usize) -> &str {
+    ups.nodes().get(index).map_or("?", |n| n.authority.as_str())
 }
 
 /// GET, HEAD, OPTIONS, PUT and DELETE may be sent twice (RFC 9110 §9.2.2).

@@ -184,6 +184,14 @@ impl Upstreams {
         }
     }
 
+    /// Whether `list` names exactly these nodes, in this order.
+    pub fn same_nodes(&self, list: &[String]) -> bool {
+        list.len() == self.nodes.len()
+            && list.iter().zip(&self.nodes).all(|(u, n)| {
+                parse_upstream(u).is_ok_and(|(_, authority)| authority == n.authority)
+            })
+    }
+
     /// Every node.
     pub fn nodes(&self) -> &[Node] {
         &self.nodes

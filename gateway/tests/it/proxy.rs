@@ -1022,3 +1022,73 @@ async fn websocket_upgrades_are_passed_through_both_ways() {
         Some("dGhlIHNhbXBsZSBub25jZQ==")
     );
 }
+
+#[tokio::test]
+async fn admin_nodes_follow_the_runtime_settings_without_a_restart() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a]);
+        c.config_center.runtime_environment = Some("dev".to_owned());
+    })
+    .await;
+    let http = client(&app);
+    let served_by = |http: reqwest::Client, url: String| async move {
+        let r = http.get(url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        node_of(&json(r).await)
+    };
+    let ping = app.url("/public/ping");
+    assert_eq!(served_by(http.clone(), ping.clone()).await, "a");
+
+    let publish = |entries: serde_json::Value| {
+        let (http, app) = (http.clone(), &app);
+        async move {
+            let r = http
+                .put(app.url("/config/v1/dev/portcullis"))
+                .bearer_auth(token(app, "config:read:dev config:write:dev", &[]))
+                .json(&serde_json::json!({ "entries": entries }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+        }
+    };
+    publish(serde_json::json!([{ "key": "proxy.upstreams", "value": b.url() }])).await;
+    eventually(Duration::from_secs(10), "requests move to b", || {
+        let (http, ping) = (http.clone(), ping.clone());
+        async move { served_by(http, ping).await == "b" }
+    })
+    .await;
+    // an unusable list is refused whole (and counted): b stays
+    let rejected = || async {
+        let text = reqwest::get(format!("http://{}/metrics", app.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("portcullis_runtime_settings_rejected_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = rejected().await;
+    publish(serde_json::json!([{ "key": "proxy.upstreams", "value": "ftp://nowhere:21" }])).await;
+    eventually(
+        Duration::from_secs(10),
+        "the refusal is counted",
+        || async { rejected().await > before },
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(served_by(http.clone(), ping.clone()).await, "b");
+    }
+    // removing the key goes back to the configuration file's nodes
+    publish(serde_json::json!([])).await;
+    eventually(Duration::from_secs(10), "requests are back on a", || {
+        let (http, ping) = (http.clone(), ping.clone());
+        async move { served_by(http, ping).await == "a" }
+    })
+    .await;
+}
