@@ -71,4 +71,22 @@ if [ ! -d "$oidc/node_modules/oidc-provider" ]; then
 fi
 log "oidc-provider: $(node -p "require('$oidc/node_modules/oidc-provider/package.json').version")"
 
+# --- promtool (checks deploy/prometheus/alerts.yml) -----------------------------
+# Debian's prometheus package carries promtool. It is unpacked into .tools, not
+# installed, so no Prometheus service is set up on the machine.
+prom="$tools/prometheus"
+if [ ! -x "$prom/usr/bin/promtool" ]; then
+  log "unpacking promtool from Debian's prometheus package into $prom"
+  dl=$(mktemp -d)
+  chmod 755 "$dl"
+  if ! (cd "$dl" && apt-get download -qq prometheus >/dev/null 2>&1); then
+    apt-get update -qq
+    (cd "$dl" && apt-get download -qq prometheus >/dev/null)
+  fi
+  mkdir -p "$prom"
+  dpkg-deb -x "$dl"/prometheus_*.deb "$prom"
+  rm -rf "$dl"
+fi
+log "promtool: $("$prom/usr/bin/promtool" --version 2>&1 | head -n 1)"
+
 log "ready"
