@@ -251,6 +251,11 @@ fn print_dev_banner(
          \n\nA bootstrap admin client ({creds_file}, mode 0600):\
          \n  curl --cacert {cert} -u '{id}:<secret from {creds_file}>' \\\
          \n       -d grant_type=client_credentials https://{host}:{port}/oauth2/token\
+         \n\nWith that token ($TOKEN), the config center (docs/config-center.md):\
+         \n  PORTCULLIS_URL=https://{host}:{port} PORTCULLIS_TOKEN=$TOKEN PORTCULLIS_CACERT={cert} \\\
+         \n    portcullis config set dev executor-orders db.pool.size 8\
+         \n  curl --cacert {cert} -H \"authorization: Bearer $TOKEN\" \\\
+         \n       https://{host}:{port}/config/v1/dev/executor-orders/watch\
          \n\nStop with Ctrl-C.\n",
         port = https.port(),
         data = data_dir.display(),
