@@ -100,17 +100,31 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// The route label of a response from a handler that serves paths the router does not
+/// match itself (the proxy's configured routes), so metrics name the configured route
+/// (`proxy:/jobinfo/`) instead of `unmatched`. Bounded: one per configured route.
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub String);
+
 /// Records every request: `portcullis_http_requests_total` and
 /// `portcullis_http_request_duration_seconds`, labelled by route template (never the raw
 /// path, which would explode cardinality and may carry identifiers).
 pub async fn record_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req
+    let matched = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map(|p| p.as_str().to_owned());
     let response = next.run(req).await;
+    let route = matched
+        .or_else(|| {
+            response
+                .extensions()
+                .get::<RouteLabel>()
+                .map(|l| l.0.clone())
+        })
+        .unwrap_or_else(|| "unmatched".to_owned());
     let status = response.status().as_u16().to_string();
     metrics::counter!(
         "portcullis_http_requests_total",

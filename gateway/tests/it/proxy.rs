@@ -701,6 +701,21 @@ async fn requests_are_spread_round_robin_over_the_nodes() {
     }
     assert_eq!(served.iter().filter(|n| *n == "a").count(), 3, "{served:?}");
     assert!(served.windows(2).all(|w| w[0] != w[1]), "{served:?}");
+    // proxied requests are counted under their configured route, not `unmatched`
+    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("portcullis_http_requests_total")
+                && l.contains("route=\"proxy:/public/\"")
+                && l.contains("status=\"200\"")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
