@@ -459,15 +459,15 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             app,
             version,
         } => {
-            let api = Api::new(&target)?;
-            let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
-            let out = api
-                .call(
-                    reqwest::Method::POST,
-                    &Api::url(&env, &app, &format!("/gray/promote{query}")),
-                    None,
-                )
-                .await?;
+            let out = gray_step(
+                &target,
+                &env,
+                &app,
+                version,
+                reqwest::Method::POST,
+                "/promote",
+            )
+            .await?;
             println!("{env}/{app}: release {} promoted", out["version"]);
         }
         ConfigCommand::Abort {
@@ -476,15 +476,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             app,
             version,
         } => {
-            let api = Api::new(&target)?;
-            let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
-            let out = api
-                .call(
-                    reqwest::Method::DELETE,
-                    &Api::url(&env, &app, &format!("/gray{query}")),
-                    None,
-                )
-                .await?;
+            let out = gray_step(&target, &env, &app, version, reqwest::Method::DELETE, "").await?;
             println!(
                 "{env}/{app}: gray release aborted; release {}",
                 out["version"]
@@ -592,6 +584,26 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Promotes (`POST …/gray/promote`) or aborts (`DELETE …/gray`) the gray release, naming
+/// the version looked at when given.
+async fn gray_step(
+    target: &Target,
+    env: &str,
+    app: &str,
+    version: Option<u64>,
+    method: reqwest::Method,
+    suffix: &str,
+) -> Result<Value, CliError> {
+    let api = Api::new(target)?;
+    let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+    api.call(
+        method,
+        &Api::url(env, app, &format!("/gray{suffix}{query}")),
+        None,
+    )
+    .await
 }
 
 /// Reads an import file into the API's entries.
