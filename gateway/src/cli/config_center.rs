@@ -29,6 +29,17 @@ pub struct Target {
     cacert: Option<PathBuf>,
 }
 
+/// Which (environment, application), through which gateway: what every subcommand names.
+#[derive(Debug, Args)]
+pub struct Address {
+    #[command(flatten)]
+    target: Target,
+    /// The environment.
+    env: String,
+    /// The application.
+    app: String,
+}
+
 /// The format of an import or export file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FileFormat {
@@ -46,22 +57,14 @@ pub enum ConfigCommand {
     /// Print the current release (all keys, or one key's value).
     Get {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// Only this key's value.
         key: Option<String>,
     },
     /// Set one key (a new release).
     Set {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The key.
         key: String,
         /// The value (`-` reads it from standard input, which keeps it out of shell
@@ -80,11 +83,7 @@ pub enum ConfigCommand {
     /// Remove keys (a new release).
     Rm {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The keys.
         #[arg(required = true)]
         keys: Vec<String>,
@@ -95,11 +94,7 @@ pub enum ConfigCommand {
     /// Publish a file as the full content of a new release.
     Import {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The file (`-`: standard input).
         file: PathBuf,
         /// Its format (default: from the file name's extension).
@@ -115,11 +110,7 @@ pub enum ConfigCommand {
     /// Print the current release as a file.
     Export {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The output format.
         #[arg(long, value_enum, default_value = "properties")]
         format: FileFormat,
@@ -127,11 +118,7 @@ pub enum ConfigCommand {
     /// List the releases, newest first.
     History {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// At most this many.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -139,11 +126,7 @@ pub enum ConfigCommand {
     /// Show what changed between two releases.
     Diff {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The older release.
         from: u64,
         /// The newer release.
@@ -152,11 +135,7 @@ pub enum ConfigCommand {
     /// Republish an earlier release as a new one, after showing the diff.
     Rollback {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The release to restore.
         version: u64,
         /// Do it without asking.
@@ -169,11 +148,7 @@ pub enum ConfigCommand {
     /// Publish a file as a gray release, served only to the selected instances.
     Gray {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The file (`-`: standard input).
         file: PathBuf,
         /// Its format (default: from the file name's extension).
@@ -195,11 +170,7 @@ pub enum ConfigCommand {
     /// Promote the gray release in progress to every instance.
     Promote {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The gray release you looked at (refused if another is in progress).
         #[arg(long)]
         version: Option<u64>,
@@ -207,11 +178,7 @@ pub enum ConfigCommand {
     /// Abort the gray release in progress: every instance moves to the main content.
     Abort {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The gray release you looked at.
         #[arg(long)]
         version: Option<u64>,
@@ -219,11 +186,7 @@ pub enum ConfigCommand {
     /// Follow releases as they are published (Server-Sent Events), one JSON line each.
     Watch {
         #[command(flatten)]
-        target: Target,
-        /// The environment.
-        env: String,
-        /// The application.
-        app: String,
+        at: Address,
         /// The version already held (events start after it).
         #[arg(long, default_value_t = 0)]
         from: u64,
@@ -330,9 +293,7 @@ impl Api {
 async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
     match cmd {
         ConfigCommand::Get {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             key,
         } => {
             let api = Api::new(&target)?;
@@ -349,9 +310,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             }
         }
         ConfigCommand::Set {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             key,
             value,
             secret,
@@ -381,9 +340,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             println!("{env}/{app}: release {}", out["version"]);
         }
         ConfigCommand::Rm {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             keys,
             message,
         } => {
@@ -399,9 +356,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             println!("{env}/{app}: release {}", out["version"]);
         }
         ConfigCommand::Import {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             file,
             format,
             secrets,
@@ -420,9 +375,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             println!("{env}/{app}: release {} ({n} keys)", out["version"]);
         }
         ConfigCommand::Gray {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             file,
             format,
             secrets,
@@ -454,9 +407,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             println!("{env}/{app}: gray release {}", out["version"]);
         }
         ConfigCommand::Promote {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             version,
         } => {
             let out = gray_step(
@@ -471,9 +422,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             println!("{env}/{app}: release {} promoted", out["version"]);
         }
         ConfigCommand::Abort {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             version,
         } => {
             let out = gray_step(&target, &env, &app, version, reqwest::Method::DELETE, "").await?;
@@ -483,9 +432,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             );
         }
         ConfigCommand::Export {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             format,
         } => {
             let api = Api::new(&target)?;
@@ -502,9 +449,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             print!("{}", render_file(format, &map));
         }
         ConfigCommand::History {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             limit,
         } => {
             let api = Api::new(&target)?;
@@ -526,9 +471,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             }
         }
         ConfigCommand::Diff {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             from,
             to,
         } => {
@@ -539,9 +482,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             print_diff(&d);
         }
         ConfigCommand::Rollback {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             version,
             yes,
             message,
@@ -574,9 +515,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             println!("{env}/{app}: release {}", out["version"]);
         }
         ConfigCommand::Watch {
-            target,
-            env,
-            app,
+            at: Address { target, env, app },
             from,
         } => {
             let api = Api::new(&target)?;

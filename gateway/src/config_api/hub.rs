@@ -141,8 +141,15 @@ impl ConfigHub {
         &self.store
     }
 
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Slot>> {
+        // the map holds only channels: it is valid whatever a panicking holder did
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn slot(&self, env: &Environment, app: &AppName) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots();
         slots
             .entry((env.to_string(), app.to_string()))
             .or_insert_with(|| watch::channel(Arc::new(Held::default())).0)
@@ -150,7 +157,7 @@ impl ConfigHub {
     }
 
     fn existing_slot(&self, env: &str, app: &str) -> Option<Slot> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots();
         slots.get(&(env.to_owned(), app.to_owned())).cloned()
     }
 
@@ -280,24 +287,13 @@ impl ConfigHub {
     /// Compares every held slot with the newest versions in the database (nothing to do,
     /// and no query, while this instance holds nothing).
     pub async fn reconcile(&self) -> Result<(), HubError> {
-        if self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
+        if self.slots().is_empty() {
             return Ok(());
         }
         for event in self.store.latest_versions().await? {
             self.on_release(&event).await;
         }
         Ok(())
-    }
-
-    /// How many watchers (SSE and long-poll) hold a receiver right now.
-    pub fn watchers(&self) -> usize {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.values().map(watch::Sender::receiver_count).sum()
     }
 
     /// Runs the change feed and the periodic reconcile until `stop`. Every step, database

@@ -180,6 +180,20 @@ fn require(
     }
 }
 
+/// Parses the path's names and checks that `p` may do `action` there: the first step of
+/// every handler.
+fn authorized(
+    state: &AppState,
+    p: &Principal,
+    action: Action,
+    env: &str,
+    app: &str,
+) -> Result<(Environment, AppName), ApiError> {
+    let (env, app) = names(state, env, app)?;
+    require(p, action, &env, &app)?;
+    Ok((env, app))
+}
+
 /// Parses the path's names; every refusal names the field.
 fn names(state: &AppState, env: &str, app: &str) -> Result<(Environment, AppName), ApiError> {
     let env = state.config_center.environments.parse(env)?;
@@ -244,8 +258,7 @@ pub async fn snapshot(
     query: Result<Query<Node>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Read, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let who = who(query)?;
     let held = state.config_center.hub.current(&env, &app).await?;
     let published = who.pick(&held).ok_or(ApiError::NotFound)?;
@@ -291,8 +304,7 @@ pub async fn poll(
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<Node>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Read, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let who = who(query)?;
     let mut rx = state.config_center.hub.subscribe(&env, &app).await?;
     let wait = async {
@@ -325,8 +337,7 @@ pub async fn watch(
     headers: HeaderMap,
     query: Result<Query<Node>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Read, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let mut who = who(query)?;
     if let Some(v) = headers.get("last-event-id") {
         who.version = v
@@ -439,8 +450,7 @@ pub async fn history(
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<Limit>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Read, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let rows = state
@@ -462,8 +472,7 @@ pub async fn release(
     Extension(principal): Extension<Principal>,
     Path((env, app, version)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Read, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let version = parse_version("version", &version)?;
     let reveal = may(&principal, Action::Reveal, &env, &app);
     let r = state
@@ -505,8 +514,7 @@ pub async fn diff(
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<DiffQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Read, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
     let reveal = may(&principal, Action::Reveal, &env, &app);
     let d = state
@@ -724,8 +732,7 @@ pub async fn publish(
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Write, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     let (entries, keys) = parse_entries(&body.entries)?;
     let note = ChangeNote::new(principal.subject.clone(), body.message);
     let info = state
@@ -744,8 +751,7 @@ pub async fn edit(
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<EditBody>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Write, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     if body.set.is_empty() && body.remove.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_request",
@@ -781,8 +787,7 @@ pub async fn rollback(
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<RollbackBody>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Write, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     let note = ChangeNote::new(principal.subject.clone(), body.message);
     let store = state.config_center.hub.store();
     let info = store
@@ -836,8 +841,7 @@ pub async fn publish_gray(
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<GrayBody>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Write, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     let (entries, keys) = parse_entries(&body.entries)?;
     let selector = config_center::GraySelector::new(body.selector.instances, body.selector.labels)?;
     let note = ChangeNote::new(principal.subject.clone(), body.message);
@@ -880,8 +884,7 @@ pub async fn promote_gray(
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<GrayVersion>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Write, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     let which = gray_version(query)?;
     let version = state
         .config_center
@@ -912,8 +915,7 @@ pub async fn abort_gray(
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<GrayVersion>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (env, app) = names(&state, &env, &app)?;
-    require(&principal, Action::Write, &env, &app)?;
+    let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     let which = gray_version(query)?;
     let note = ChangeNote::new(principal.subject.clone(), "gray release aborted");
     let info = state

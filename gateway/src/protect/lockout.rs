@@ -190,11 +190,6 @@ impl Lockout {
         self.settings.store(Arc::new(settings));
     }
 
-    /// The policy in force.
-    pub fn settings(&self) -> Arc<LockoutSettings> {
-        self.settings.load_full()
-    }
-
     /// Whether `id` may attempt a login now.
     pub async fn check(
         &self,
