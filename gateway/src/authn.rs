@@ -21,7 +21,6 @@ use tower::{Layer, Service};
 
 use crate::error::ApiError;
 use crate::keys::KeyService;
-use crate::oauth::claims::AccessClaims;
 
 /// Who a verified request comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +65,7 @@ pub fn authenticate(
         })
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::MissingBearer)?;
-    let claims: AccessClaims = keys.verify(token).map_err(|e| {
+    let verified = keys.verify_access(token).map_err(|e| {
         metrics::counter!("portcullis_bearer_rejections_total", "reason" => "invalid").increment(1);
         tracing::debug!(error = %e, "bearer token refused");
         ApiError::Unauthorized {
@@ -74,25 +73,19 @@ pub fn authenticate(
             description: "the access token is invalid or expired".to_owned(),
         }
     })?;
-    let scopes: Vec<String> = claims
-        .scope
-        .split(' ')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let missing: Vec<&String> = required.iter().filter(|r| !scopes.contains(r)).collect();
-    if !missing.is_empty() {
+    if !required.iter().all(|r| verified.scopes.contains(r)) {
         metrics::counter!("portcullis_bearer_rejections_total", "reason" => "scope").increment(1);
         return Err(ApiError::InsufficientScope {
             required: required.join(" "),
         });
     }
+    let claims = &verified.claims;
     Ok(Principal {
-        subject: claims.sub,
-        client_id: claims.client_id,
-        scopes,
-        roles: claims.roles,
-        token_id: claims.jti,
+        subject: claims.sub.clone(),
+        client_id: claims.client_id.clone(),
+        scopes: verified.scopes.clone(),
+        roles: claims.roles.clone(),
+        token_id: claims.jti.clone(),
         expires_at: claims.exp,
     })
 }

@@ -268,6 +268,10 @@ pub struct TokensConfig {
     /// `0s` reads the database on every token request.
     #[serde(with = "humantime_serde")]
     pub client_cache_ttl: Duration,
+    /// How many verified access tokens an instance remembers, so that a token presented
+    /// again is not verified again (`0` turns the cache off). A remembered token is still
+    /// checked for expiry and for its key being trusted on every use.
+    pub verified_cache_entries: usize,
 }
 
 impl Default for TokensConfig {
@@ -279,9 +283,14 @@ impl Default for TokensConfig {
             hash_key: None,
             hash_key_file: None,
             client_cache_ttl: Duration::from_secs(5),
+            verified_cache_entries: 10_000,
         }
     }
 }
+
+/// A cached token holds its text (~0.5–1 KiB) and claims: a million is ~1–2 GiB, the
+/// most that makes sense for one instance.
+const MAX_VERIFIED_CACHE_ENTRIES: usize = 1_000_000;
 
 /// `[keys]`
 #[derive(Debug, Clone, Deserialize)]
@@ -601,6 +610,12 @@ impl Config {
             return Err(ConfigError::field(
                 "tokens.access_token_lifetime",
                 "must be at least 1s",
+            ));
+        }
+        if self.tokens.verified_cache_entries > MAX_VERIFIED_CACHE_ENTRIES {
+            return Err(ConfigError::field(
+                "tokens.verified_cache_entries",
+                format!("must be at most {MAX_VERIFIED_CACHE_ENTRIES}"),
             ));
         }
         self.validate_keys()?;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, KeySourceKind, RotationKind};
+use crate::verified::{VerifiedAccess, VerifiedTokens};
 
 /// Signing keys as one instance sees them. Cheap to clone.
 #[derive(Clone)]
@@ -28,6 +29,7 @@ pub struct KeyService {
     vault: Option<VaultKeySource>,
     reload_interval: Duration,
     jwks_max_age: Duration,
+    verified: Arc<VerifiedTokens>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -82,6 +84,7 @@ impl KeyService {
             vault,
             reload_interval: config.keys.reload_interval,
             jwks_max_age: jwks_max_age(config.keys.prepublish_lead),
+            verified: Arc::new(VerifiedTokens::new(config.tokens.verified_cache_entries)),
         })
     }
 
@@ -163,6 +166,18 @@ impl KeyService {
     /// Verifies one of our tokens now.
     pub fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, KeyError> {
         self.keys().verify(token, &self.verify, self.now())
+    }
+
+    /// Verifies one of our access tokens now, through the memory of tokens verified
+    /// before (see [`crate::verified`]).
+    pub fn verify_access(&self, token: &str) -> Result<Arc<VerifiedAccess>, KeyError> {
+        self.verified
+            .verify(self.keys(), &self.verify, token, self.now())
+    }
+
+    /// The memory of verified access tokens.
+    pub fn verified_tokens(&self) -> &VerifiedTokens {
+        &self.verified
     }
 
     /// The JWKS document now.

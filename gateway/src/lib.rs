@@ -41,3 +41,4 @@ pub mod sso;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod verified;

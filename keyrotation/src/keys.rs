@@ -55,6 +55,34 @@ pub struct VerifyParams {
     pub algorithms: Vec<KeyAlgorithm>,
 }
 
+/// A verified token: its claims, the key that signed it, and when it is valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified<T> {
+    /// The claims.
+    pub claims: T,
+    /// The `kid` of the key that signed it.
+    pub kid: String,
+    /// When the token is acceptable, leeway included.
+    pub window: ValidityWindow,
+}
+
+/// When a token is acceptable, in unix seconds with the verifier's leeway applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValidityWindow {
+    /// `nbf - leeway`, when the token has an `nbf`.
+    pub not_before: Option<f64>,
+    /// `exp + leeway`.
+    pub until: f64,
+}
+
+impl ValidityWindow {
+    /// Whether `now` falls inside the window, by the same rule a verification applies.
+    pub fn contains(&self, now: OffsetDateTime) -> bool {
+        let now_s = now.unix_timestamp_nanos() as f64 / 1e9;
+        now_s <= self.until && self.not_before.is_none_or(|nb| nb <= now_s)
+    }
+}
+
 /// The state of the ring at an instant, for the admin API and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingStatus {
@@ -235,6 +263,20 @@ impl Keys {
         params: &VerifyParams,
         now: OffsetDateTime,
     ) -> Result<T, KeyError> {
+        self.verify_detailed(token, params, now).map(|v| v.claims)
+    }
+
+    /// [`Keys::verify`], also returning what decides whether the verification still holds
+    /// later: the key that signed and the token's validity window. A caller that keeps
+    /// verified tokens must, on each reuse, check that window against its clock and that
+    /// [`Keys::trusts`] the key still, so that a cached answer never outlives what a fresh
+    /// verification would accept.
+    pub fn verify_detailed<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        params: &VerifyParams,
+        now: OffsetDateTime,
+    ) -> Result<Verified<T>, KeyError> {
         if params.algorithms.is_empty() {
             return Err(KeyError::InvalidVerifyParams("no algorithm is allowed"));
         }
@@ -269,9 +311,25 @@ impl Keys {
             jsonwebtoken::decode::<Map<String, Value>>(token, &key.material.decoding, &validation)
                 .map_err(map_jwt_error)?;
         let claims = data.claims;
-        check_registered_claims(&claims, params, now)?;
-        serde_json::from_value(Value::Object(claims))
-            .map_err(|e| KeyError::ClaimsShape(e.to_string()))
+        let window = check_registered_claims(&claims, params, now)?;
+        let claims = serde_json::from_value(Value::Object(claims))
+            .map_err(|e| KeyError::ClaimsShape(e.to_string()))?;
+        Ok(Verified {
+            claims,
+            kid,
+            window,
+        })
+    }
+
+    /// Whether a token signed by `kid` may still be accepted at `now`: the key is in the
+    /// ring and published (neither retired nor declared compromised).
+    pub fn trusts(&self, kid: &str, now: OffsetDateTime) -> bool {
+        self.inner
+            .ring
+            .load()
+            .keys
+            .iter()
+            .any(|k| k.record.kid.as_str() == kid && k.record.is_published_at(now))
     }
 
     /// The JWKS document at `now`: every key that may verify a live token (next, active,
@@ -426,14 +484,15 @@ fn check_registered_claims(
     claims: &Map<String, Value>,
     params: &VerifyParams,
     now: OffsetDateTime,
-) -> Result<(), KeyError> {
+) -> Result<ValidityWindow, KeyError> {
     let now_s = now.unix_timestamp_nanos() as f64 / 1e9;
     let leeway = params.leeway.as_secs_f64();
     let exp = numeric_date(claims, "exp")?.ok_or(KeyError::InvalidClaim("exp"))?;
     if now_s > exp + leeway {
         return Err(KeyError::Expired);
     }
-    if let Some(nbf) = numeric_date(claims, "nbf")?
+    let nbf = numeric_date(claims, "nbf")?;
+    if let Some(nbf) = nbf
         && nbf > now_s + leeway
     {
         return Err(KeyError::NotYetValid);
@@ -452,5 +511,8 @@ fn check_registered_claims(
     if !aud_ok {
         return Err(KeyError::InvalidAudience);
     }
-    Ok(())
+    Ok(ValidityWindow {
+        not_before: nbf.map(|n| n - leeway),
+        until: exp + leeway,
+    })
 }

@@ -547,6 +547,90 @@ async fn bearer_routes_refuse_missing_invalid_and_underscoped_tokens() {
     );
 }
 
+// === the memory of verified tokens ===
+
+async fn registry_status(http: &reqwest::Client, app: &TestApp, token: &str) -> StatusCode {
+    http.get(app.url("/api/registry"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn a_remembered_token_is_refused_once_it_expires() {
+    let node = AdminNode::start("a").await;
+    // on a whole second, so that `exp` (whole seconds) is exactly 600 s away
+    let start = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let clock = Arc::new(keyrotation::ManualClock::new(start));
+    let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+    let token = token(&app, "scheduler:executor", &[]);
+
+    for _ in 0..3 {
+        assert_eq!(registry_status(&http, &app, &token).await, StatusCode::OK);
+    }
+    assert_eq!(
+        app.state.keys.verified_tokens().len(),
+        1,
+        "the token was verified once and remembered"
+    );
+
+    // 600 s of lifetime and 30 s of leeway: the last acceptable second, then one past it
+    clock.advance(time::Duration::seconds(630));
+    assert_eq!(registry_status(&http, &app, &token).await, StatusCode::OK);
+    clock.advance(time::Duration::seconds(2));
+    assert_eq!(
+        registry_status(&http, &app, &token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(node.seen().len(), 4);
+}
+
+#[tokio::test]
+async fn a_remembered_token_is_refused_at_once_after_an_emergency_rotation() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+    let stolen = token(&app, "scheduler:executor", &[]);
+    assert_eq!(registry_status(&http, &app, &stolen).await, StatusCode::OK);
+    assert_eq!(registry_status(&http, &app, &stolen).await, StatusCode::OK);
+    assert_eq!(app.state.keys.verified_tokens().len(), 1);
+
+    app.state
+        .keys
+        .rotate(Some("signing key copied off a laptop".to_owned()))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        registry_status(&http, &app, &stolen).await,
+        StatusCode::UNAUTHORIZED,
+        "no grace for a token of the compromised key"
+    );
+    let fresh = token(&app, "scheduler:executor", &[]);
+    assert_eq!(registry_status(&http, &app, &fresh).await, StatusCode::OK);
+    assert_eq!(node.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn with_the_memory_off_every_request_is_verified_and_served() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.tokens.verified_cache_entries = 0;
+    })
+    .await;
+    let http = client(&app);
+    let token = token(&app, "scheduler:executor", &[]);
+    assert_eq!(registry_status(&http, &app, &token).await, StatusCode::OK);
+    assert_eq!(registry_status(&http, &app, &token).await, StatusCode::OK);
+    assert!(app.state.keys.verified_tokens().is_empty());
+}
+
 #[tokio::test]
 async fn session_routes_send_browsers_to_log_in_and_answer_scripts_401() {
     let node = AdminNode::start("a").await;

@@ -313,6 +313,12 @@ fn emergency_rotation_retires_the_compromised_key_at_once() {
 
     let plan =
         keyrotation::emergency_rotate(&ring, &policy, now, "key leaked in a backup").unwrap();
+    // the handle that held the victim stops trusting it once the new ring is published
+    let generation = keys.generation();
+    assert!(keys.trusts(&victim.kid.to_string(), now));
+    assert!(keys.publish(plan.ring.clone(), None, now).unwrap());
+    assert!(keys.generation() > generation);
+    assert!(!keys.trusts(&victim.kid.to_string(), now));
     let keys = Keys::from_ring(plan.ring.clone(), None, now).unwrap();
 
     // The compromised key no longer verifies, nor appears in JWKS.

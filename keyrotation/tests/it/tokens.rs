@@ -429,3 +429,30 @@ fn status_reports_each_key_and_the_next_rotation() {
     assert_eq!(json["keys"][0]["state"], "active");
     assert!(json["keys"][0]["activate_at"].is_string());
 }
+
+#[test]
+fn a_detailed_verification_names_the_key_and_the_window_a_cache_must_respect() {
+    let now = t0();
+    let (_, keys) = keys_with(KeyAlgorithm::ES256, now);
+    let p = params(&[KeyAlgorithm::ES256]);
+    let issued = claims(now, HOUR);
+    let token = keys.sign(&issued, now).unwrap();
+
+    let verified = keys.verify_detailed::<Claims>(&token, &p, now).unwrap();
+    assert_eq!(verified.claims, issued);
+    assert_eq!(verified.kid, kid_of(&keys));
+    assert!(keys.trusts(&verified.kid, now));
+    assert!(!keys.trusts("no-such-kid", now));
+
+    // the window is exactly what a fresh verification accepts, leeway included
+    let leeway = time::Duration::try_from(LEEWAY).unwrap();
+    let last = now + HOUR + leeway;
+    assert!(verified.window.contains(last));
+    keys.verify::<Claims>(&token, &p, last).unwrap();
+    let late = last + time::Duration::seconds(1);
+    assert!(!verified.window.contains(late));
+    assert!(keys.verify::<Claims>(&token, &p, late).is_err());
+    let early = now - leeway - time::Duration::seconds(1);
+    assert!(!verified.window.contains(early));
+    assert!(keys.verify::<Claims>(&token, &p, early).is_err());
+}
