@@ -769,6 +769,13 @@ async fn a_while(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
+/// Writes a figure line straight to the process's stderr: the test harness captures
+/// `println!` of passing tests, and these lines are meant for the CI log.
+fn report(line: String) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_drill_under_continuous_mixed_load() {
     let certs = Certs::new();
@@ -1117,10 +1124,10 @@ async fn ha_drill_under_continuous_mixed_load() {
 
     // --- figures ---
     let figures = drill.figures.lock().unwrap().clone();
-    println!(
+    report(format!(
         "HA-DRILL nginx -> 3 portcullis processes -> 2 admin nodes; shared Postgres, Redis (appendonly), OpenBao"
-    );
-    println!(
+    ));
+    report(format!(
         "HA-DRILL {:<20} | {:>16} | {:>17} | {:>16} | {:>16} | {:>12} | {:>17} | {:>9} | {:>7} | {:>6}",
         "phase",
         "get ok/503/fail",
@@ -1132,7 +1139,7 @@ async fn ha_drill_under_continuous_mixed_load() {
         "dead 502",
         "rt lost",
         "missed"
-    );
+    ));
     for (i, f) in figures.iter().enumerate() {
         let c = |k: Kind| {
             let c = f.counts[k.index()];
@@ -1144,7 +1151,7 @@ async fn ha_drill_under_continuous_mixed_load() {
         } else {
             "-".to_owned()
         };
-        println!(
+        report(format!(
             "HA-DRILL {:<20} | {:>16} | {:>17} | {:>16} | {:>16} | {:>12} | {:>17} | {:>9} | {:>7} | {:>6}",
             PHASES[i],
             c(Kind::Get),
@@ -1156,7 +1163,7 @@ async fn ha_drill_under_continuous_mixed_load() {
             f.not_retried,
             f.refresh_lost,
             f.versions_missed
-        );
+        ));
         let mut timings: Vec<String> = f
             .timings
             .iter()
@@ -1173,15 +1180,15 @@ async fn ha_drill_under_continuous_mixed_load() {
             ));
         }
         if !timings.is_empty() {
-            println!("HA-DRILL {:<20}   {}", "", timings.join("; "));
+            report(format!("HA-DRILL {:<20}   {}", "", timings.join("; ")));
         }
     }
     let failures = drill.failures.lock().unwrap().clone();
     for f in &failures {
-        println!("HA-DRILL failure {f}");
+        report(format!("HA-DRILL failure {f}"));
     }
     for r in drill.reconnects.lock().unwrap().iter() {
-        println!("HA-DRILL reconnect {r}");
+        report(format!("HA-DRILL reconnect {r}"));
     }
     let violations = drill.watch_violations.lock().unwrap().clone();
 
