@@ -195,7 +195,7 @@ struct Dependency {
 
 /// Writes a figure line straight to the process's stderr: the test harness captures
 /// `println!` of passing tests, and these lines are meant for the CI log.
-fn report(line: String) {
+fn report(line: impl std::fmt::Display) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
@@ -348,7 +348,7 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
     assert_eq!(r.status(), StatusCode::CREATED);
 
     // --- the dependencies, in the order they are exercised ---
-    let deps = vec![
+    let deps = [
         Dependency {
             name: "redis",
             check: "redis",
@@ -623,9 +623,9 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
     // --- figures ---
     let tallies = faults.tallies.lock().unwrap().clone();
     let errors = faults.errors.lock().unwrap().clone();
-    report(format!(
-        "FAULTS one instance; Redis (appendonly), Postgres, OpenBao (raft), oidc-provider; light load on every feature"
-    ));
+    report(
+        "FAULTS one instance; Redis (appendonly), Postgres, OpenBao (raft), oidc-provider; light load on every feature",
+    );
     report(format!(
         "FAULTS {:<9} | {:>9} | {:>9} | {:<44} | {:>11} | {:>12} | {:>13} | {:>12}",
         "down",

@@ -22,8 +22,18 @@
 //! started again; Redis restarted. Each request is counted in the phase it ended in.
 //! One table line per phase is printed (prefix `HA-DRILL`), and asserted: no failed
 //! idempotent request, no lost refresh token, no missed version, and failed POST/PUTs
-//! bounded by the requests in flight at the fault (an in-flight request on a process
-//! that is killed may or may not have taken effect: that is the client's to retry).
+//! bounded by the requests in flight at the fault plus those nginx sent to the dead
+//! process before it noticed (its access log shows them: 502 with only the dead process
+//! as upstream). Such a request may or may not have taken effect; nginx never resends a
+//! POST, and the client retries (a refresh chain presents the same token again, which
+//! within `refresh.reuse_grace` yields the same successor).
+//!
+//! Figures are timed as follows: `nginx marks it down` is the second request nginx sent
+//! to the killed process (`max_fails=2`), from its access log (`$msec`); `every instance
+//! took the node out` is when `portcullis_upstream_healthy{node}` read 0 on every live
+//! instance; `nginx sends to it again` is the first request a restarted process answered
+//! (nginx tries a failed peer again after `fail_timeout`, 10 s); the Redis figures come
+//! from `/readyz` of every instance and from the first refresh answered 200.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -771,7 +781,7 @@ async fn a_while(d: Duration) {
 
 /// Writes a figure line straight to the process's stderr: the test harness captures
 /// `println!` of passing tests, and these lines are meant for the CI log.
-fn report(line: String) {
+fn report(line: impl std::fmt::Display) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
@@ -779,7 +789,7 @@ fn report(line: String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_drill_under_continuous_mixed_load() {
     let certs = Certs::new();
-    let mut nodes = vec![AdminNode::start("a").await, AdminNode::start("b").await];
+    let mut nodes = [AdminNode::start("a").await, AdminNode::start("b").await];
     let redis = Arc::new(harness::Redis::start_persistent().unwrap());
     let bao = harness::OpenBao::shared();
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -1124,9 +1134,9 @@ async fn ha_drill_under_continuous_mixed_load() {
 
     // --- figures ---
     let figures = drill.figures.lock().unwrap().clone();
-    report(format!(
-        "HA-DRILL nginx -> 3 portcullis processes -> 2 admin nodes; shared Postgres, Redis (appendonly), OpenBao"
-    ));
+    report(
+        "HA-DRILL nginx -> 3 portcullis processes -> 2 admin nodes; shared Postgres, Redis (appendonly), OpenBao",
+    );
     report(format!(
         "HA-DRILL {:<20} | {:>16} | {:>17} | {:>16} | {:>16} | {:>12} | {:>17} | {:>9} | {:>7} | {:>6}",
         "phase",
