@@ -8,6 +8,8 @@ mod cli;
 mod clients;
 mod cluster;
 mod config_api;
+mod faults;
+mod ha_drill;
 mod keys;
 mod least_privilege;
 mod limits;

@@ -17,9 +17,9 @@ use reqwest::StatusCode;
 use super::proxy::{AdminNode, proxy_to};
 use super::support::*;
 
-const TEMPLATE: &str = include_str!("../../../deploy/nginx/portcullis.conf.template");
+pub const TEMPLATE: &str = include_str!("../../../deploy/nginx/portcullis.conf.template");
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
@@ -27,15 +27,15 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// One CA for everything: nginx's edge certificate, and the instances' certificate that
 /// nginx verifies when it re-encrypts.
-struct Certs {
-    pki: Pki,
-    dir: tempfile::TempDir,
-    instance_cert: PathBuf,
-    instance_key: PathBuf,
+pub struct Certs {
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+    pub instance_cert: PathBuf,
+    pub instance_key: PathBuf,
 }
 
 impl Certs {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let pki = Pki::new();
         let dir = tempfile::tempdir().unwrap();
         let leaf = pki.leaf();
@@ -49,19 +49,19 @@ impl Certs {
         }
     }
 
-    fn access_log(&self) -> PathBuf {
+    pub fn access_log(&self) -> PathBuf {
         self.dir.path().join("access.log")
     }
 }
 
 /// nginx from the template in front of `instances`, and a client that trusts it.
-struct Edge {
-    nginx: Nginx,
-    client: reqwest::Client,
+pub struct Edge {
+    pub nginx: Nginx,
+    pub client: reqwest::Client,
 }
 
 impl Edge {
-    async fn start(certs: &Certs, instances: [SocketAddr; 3]) -> Self {
+    pub async fn start(certs: &Certs, instances: [SocketAddr; 3]) -> Self {
         let edge_leaf = certs.pki.leaf();
         let path = |p: PathBuf| p.display().to_string();
         let listen = harness::free_port();
@@ -107,11 +107,11 @@ impl Edge {
         Self { nginx, client }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.nginx.port())
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.nginx.log_path()).unwrap_or_default()
     }
 }
@@ -172,7 +172,7 @@ impl Load {
     }
 }
 
-async fn refuses_connections(addr: SocketAddr) {
+pub async fn refuses_connections(addr: SocketAddr) {
     eventually(
         Duration::from_secs(20),
         "the instance refuses connections",

@@ -72,28 +72,27 @@ impl AdminNode {
             seen: Mutex::new(Vec::new()),
             fail_with: AtomicU16::new(0),
         });
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = shared.clone();
-                let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
-                connections.spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
-                });
+        let task = Some(accept_loop(listener, state.clone()));
+        Self { addr, state, task }
+    }
+
+    /// Starts a killed node again on the same address (what the instances were
+    /// configured with), keeping what it saw before.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                // the old listener's socket may take a moment to be released
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot bind {} again: {e}", self.addr),
             }
-        });
-        Self {
-            addr,
-            state,
-            task: Some(task),
-        }
+        };
+        self.task = Some(accept_loop(listener, self.state.clone()));
     }
 
     pub fn url(&self) -> String {
@@ -115,6 +114,27 @@ impl AdminNode {
             let _ = task.await;
         }
     }
+}
+
+/// Serves every connection `listener` accepts until the returned task is aborted, which
+/// also drops the open connections (the join set goes with the task).
+fn accept_loop(listener: TcpListener, state: Arc<NodeState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
+            connections.spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    })
 }
 
 impl Drop for AdminNode {
@@ -190,6 +210,10 @@ async fn serve(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let digest = hex(&Sha256::digest(&body));
+    let user = headers
+        .get("x-portcullis-user")
+        .and_then(|v| v.first())
+        .cloned();
     let body_len = body.len();
     state.seen.lock().unwrap().push(Seen {
         method: method.clone(),
@@ -227,6 +251,8 @@ async fn serve(
     }
     let answer = serde_json::json!({
         "node": state.name,
+        // the identity the gateway injected, echoed so a client can check it end to end
+        "user": user,
         "method": method,
         "path": path,
         "body_len": body_len,
