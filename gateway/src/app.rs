@@ -149,7 +149,7 @@ impl Application {
             sso,
             lockout,
             rate,
-            proxy: crate::proxy::Proxy::new(&config.proxy),
+            proxy: crate::proxy::Proxy::new(&config.proxy).map_err(StartError::Config)?,
         });
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {

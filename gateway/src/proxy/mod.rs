@@ -30,6 +30,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, re
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -85,8 +86,9 @@ pub enum ProxyError {
     Build(#[source] axum::http::Error),
 }
 
-/// The HTTP client to the nodes.
-type HttpClient = Client<HttpConnector, Body>;
+/// The HTTP client to the nodes: plain TCP for `http://` nodes, our rustls for
+/// `https://` ones.
+type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 /// The proxy of one instance; cheap to clone.
 #[derive(Clone)]
@@ -114,20 +116,35 @@ impl std::fmt::Debug for Proxy {
 // === impl Proxy ===
 
 impl Proxy {
-    /// The proxy for validated settings; `None` when no admin node is configured.
-    pub fn new(settings: &ProxySettings) -> Option<Self> {
+    /// The proxy for validated settings; `None` when no admin node is configured. Fails
+    /// when the TLS files for `https://` nodes cannot be read.
+    pub fn new(settings: &ProxySettings) -> Result<Option<Self>, String> {
         if !settings.enabled() {
-            return None;
+            return Ok(None);
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(settings.connect_timeout));
+        tcp.set_nodelay(true);
+        // the https connector hands http:// URIs to the TCP connector as they are
+        tcp.enforce_http(false);
+        let tls = crate::outbound::client_tls_config(
+            settings.tls_ca_file.as_deref(),
+            settings
+                .tls_client_cert
+                .as_deref()
+                .zip(settings.tls_client_key.as_deref()),
+        )?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_node)
             .build(connector);
-        Some(Self {
+        Ok(Some(Self {
             inner: Arc::new(Inner {
                 client,
                 upstreams: ArcSwap::from_pointee(Upstreams::new(
@@ -137,7 +154,7 @@ impl Proxy {
                 routes: RouteTable::new(&settings.routes),
                 settings: settings.clone(),
             }),
-        })
+        }))
     }
 
     /// The route table.

@@ -2,6 +2,7 @@
 //! their health is judged, and `[[proxy.routes]]`, which paths are forwarded under which
 //! authentication.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::http::{Method, Uri};
@@ -39,6 +40,14 @@ pub struct ProxySettings {
     /// Send the validated access token of bearer routes to the node as
     /// `Authorization: Bearer`. Off: nodes see only the `X-Portcullis-*` identity.
     pub forward_token: bool,
+    /// PEM file of CAs trusted, besides the system roots, for `https://` admin nodes (a
+    /// private CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) Portcullis presents to `https://` admin nodes that require
+    /// client certificates (mTLS); with `tls_client_key`.
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert`.
+    pub tls_client_key: Option<PathBuf>,
     /// Passive and active health checks.
     pub health: HealthSettings,
     /// `[[proxy.routes]]`: which paths are forwarded, and how they are authenticated.
@@ -56,6 +65,9 @@ impl Default for ProxySettings {
             max_body_bytes: 16 * 1024 * 1024,
             retry_buffer_bytes: 64 * 1024,
             forward_token: false,
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             health: HealthSettings::default(),
             routes: Vec::new(),
         }
@@ -208,6 +220,19 @@ impl ProxySettings {
                 "must be an absolute path such as /health",
             ));
         }
+        if self.tls_client_cert.is_some() != self.tls_client_key.is_some() {
+            return Err(err(
+                "proxy.tls_client_cert",
+                "tls_client_cert and tls_client_key go together",
+            ));
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            crate::outbound::tls_config(Some(ca)).map_err(|m| err("proxy.tls_ca_file", m))?;
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
+            crate::outbound::client_identity(cert, key)
+                .map_err(|m| err("proxy.tls_client_cert", m))?;
+        }
         if !self.routes.is_empty() && self.upstreams.is_empty() {
             return Err(err(
                 "proxy.upstreams",
@@ -291,16 +316,17 @@ impl RouteSettings {
     }
 }
 
-/// `http://host:port` → (`http`, `host:port`); anything else (another scheme, a path,
-/// credentials, a query) is refused with the reason.
-pub fn parse_upstream(text: &str) -> Result<(String, String), String> {
+/// `http://host:port` or `https://host:port` → (scheme, `host:port`); anything else
+/// (another scheme, a path, credentials, a query) is refused with the reason.
+pub fn parse_upstream(text: &str) -> Result<(&'static str, String), String> {
     let uri: Uri = text.parse().map_err(|_| format!("`{text}` is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
         Some(other) => {
             return Err(format!(
-                "scheme `{other}` is not supported; admin nodes are reached over http:// \
-                 on a private network"
+                "scheme `{other}` is not supported; admin nodes are reached over http:// or \
+                 https://"
             ));
         }
         None => {
@@ -308,7 +334,7 @@ pub fn parse_upstream(text: &str) -> Result<(String, String), String> {
                 "`{text}` needs the scheme, e.g. http://10.0.0.5:8080"
             ));
         }
-    }
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| format!("`{text}` has no host"))?;
@@ -323,7 +349,7 @@ pub fn parse_upstream(text: &str) -> Result<(String, String), String> {
             "`{text}` must not have a path or query: paths are forwarded as requested"
         ));
     }
-    Ok(("http".to_owned(), authority.as_str().to_owned()))
+    Ok((scheme, authority.as_str().to_owned()))
 }
 
 #[cfg(test)]
@@ -348,7 +374,11 @@ mod tests {
             "10.0.0.5:8080"
         );
         assert!(parse_upstream("http://10.0.0.5:8080/").is_ok());
-        assert!(parse_upstream("https://10.0.0.5").is_err());
+        assert_eq!(
+            parse_upstream("https://10.0.0.5:8443").unwrap(),
+            ("https", "10.0.0.5:8443".to_owned())
+        );
+        assert!(parse_upstream("ftp://10.0.0.5").is_err());
         assert!(parse_upstream("10.0.0.5:8080").is_err());
         assert!(parse_upstream("http://a:b@10.0.0.5").is_err());
         assert!(parse_upstream("http://10.0.0.5/xxl-job-admin").is_err());

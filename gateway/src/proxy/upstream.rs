@@ -17,6 +17,8 @@ use super::settings::{HealthSettings, parse_upstream};
 /// One admin node.
 #[derive(Debug)]
 pub struct Node {
+    /// `http` or `https`.
+    pub scheme: &'static str,
     /// `host:port`, as configured; the label of its metrics.
     pub authority: String,
     passive: Mutex<Passive>,
@@ -63,19 +65,20 @@ impl Outcome {
 }
 
 impl Node {
-    fn new(authority: String) -> Self {
+    fn new(scheme: &'static str, authority: String) -> Self {
         metrics::gauge!("portcullis_upstream_healthy", "node" => authority.clone()).set(1.0);
         Self {
+            scheme,
             authority,
             passive: Mutex::new(Passive::default()),
             active_down: AtomicBool::new(false),
         }
     }
 
-    /// `http://<authority><path_and_query>`.
+    /// `<scheme>://<authority><path_and_query>`.
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, axum::http::Error> {
         Uri::builder()
-            .scheme("http")
+            .scheme(self.scheme)
             .authority(self.authority.as_str())
             .path_and_query(path_and_query)
             .build()
@@ -175,7 +178,7 @@ impl Upstreams {
         let nodes = upstreams
             .iter()
             .filter_map(|u| parse_upstream(u).ok())
-            .map(|(_, authority)| Node::new(authority))
+            .map(|(scheme, authority)| Node::new(scheme, authority))
             .collect();
         Self {
             nodes,
@@ -188,7 +191,8 @@ impl Upstreams {
     pub fn same_nodes(&self, list: &[String]) -> bool {
         list.len() == self.nodes.len()
             && list.iter().zip(&self.nodes).all(|(u, n)| {
-                parse_upstream(u).is_ok_and(|(_, authority)| authority == n.authority)
+                parse_upstream(u)
+                    .is_ok_and(|(scheme, authority)| scheme == n.scheme && authority == n.authority)
             })
     }
 

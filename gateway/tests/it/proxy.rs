@@ -59,12 +59,23 @@ pub struct AdminNode {
     pub addr: SocketAddr,
     state: Arc<NodeState>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Set for a node served over TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 type NodeBody = BoxBody<Bytes, Infallible>;
 
 impl AdminNode {
     pub async fn start(name: &str) -> Self {
+        Self::start_with(name, None).await
+    }
+
+    /// A node served over TLS with `tls` (e.g. one that requires client certificates).
+    pub async fn start_tls(name: &str, tls: rustls::ServerConfig) -> Self {
+        Self::start_with(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await
+    }
+
+    async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(NodeState {
@@ -72,8 +83,13 @@ impl AdminNode {
             seen: Mutex::new(Vec::new()),
             fail_with: AtomicU16::new(0),
         });
-        let task = Some(accept_loop(listener, state.clone()));
-        Self { addr, state, task }
+        let task = Some(accept_loop(listener, state.clone(), tls.clone()));
+        Self {
+            addr,
+            state,
+            task,
+            tls,
+        }
     }
 
     /// Starts a killed node again on the same address (what the instances were
@@ -92,11 +108,12 @@ impl AdminNode {
                 Err(e) => panic!("cannot bind {} again: {e}", self.addr),
             }
         };
-        self.task = Some(accept_loop(listener, self.state.clone()));
+        self.task = Some(accept_loop(listener, self.state.clone(), self.tls.clone()));
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -118,7 +135,11 @@ impl AdminNode {
 
 /// Serves every connection `listener` accepts until the returned task is aborted, which
 /// also drops the open connections (the join set goes with the task).
-fn accept_loop(listener: TcpListener, state: Arc<NodeState>) -> tokio::task::JoinHandle<()> {
+fn accept_loop(
+    listener: TcpListener,
+    state: Arc<NodeState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
         loop {
@@ -127,11 +148,27 @@ fn accept_loop(listener: TcpListener, state: Arc<NodeState>) -> tokio::task::Joi
             };
             let state = state.clone();
             let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
+            let tls = tls.clone();
             connections.spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades()
+                            .await;
+                    }
+                    Some(tls) => {
+                        // a client the node's TLS refuses never gets to send a request
+                        let Ok(stream) = tls.accept(stream).await else {
+                            return;
+                        };
+                        let _ = http
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades()
+                            .await;
+                    }
+                }
             });
         }
     })
@@ -521,6 +558,105 @@ async fn a_valid_traceparent_is_continued_and_the_token_is_forwarded_when_config
         seen.header("authorization"),
         Some(format!("Bearer {bearer}").as_str())
     );
+}
+
+// === https admin nodes ===
+
+/// A node's TLS: a certificate of `pki`, and client certificates of `pki` required.
+fn mtls_node_config(pki: &Pki) -> rustls::ServerConfig {
+    use rustls::pki_types::pem::PemObject as _;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let leaf = pki.leaf();
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn https_admin_nodes_are_reached_with_the_private_ca_and_a_client_certificate() {
+    let node_pki = Pki::new();
+    let node = AdminNode::start_tls("tls", mtls_node_config(&node_pki)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("nodes-ca.pem");
+    std::fs::write(&ca, node_pki.ca_pem()).unwrap();
+    let (cert, key) = install_leaf(dir.path(), &node_pki.leaf());
+
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.proxy.tls_ca_file = Some(ca.clone());
+        c.proxy.tls_client_cert = Some(cert.clone());
+        c.proxy.tls_client_key = Some(key.clone());
+    })
+    .await;
+    let http = client(&app);
+    let r = http.get(app.url("/public/hello")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-node"], "tls");
+    assert_eq!(node.seen().len(), 1);
+
+    // without the client certificate the node refuses the handshake: 502, nothing served
+    let no_identity = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.proxy.tls_ca_file = Some(ca.clone());
+    })
+    .await;
+    let r = client(&no_identity)
+        .get(no_identity.url("/public/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+
+    // without the private CA the node's certificate is not trusted: 502 as well
+    let no_ca = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.proxy.tls_client_cert = Some(cert.clone());
+        c.proxy.tls_client_key = Some(key.clone());
+    })
+    .await;
+    let r = client(&no_ca)
+        .get(no_ca.url("/public/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        node.seen().len(),
+        1,
+        "only the authenticated request got through"
+    );
+}
+
+#[test]
+fn a_client_certificate_without_its_key_is_refused_before_start() {
+    let mut settings = portcullis::proxy::settings::ProxySettings {
+        upstreams: vec!["https://10.0.0.5:8443".to_owned()],
+        ..Default::default()
+    };
+    settings.tls_client_cert = Some("/etc/portcullis/node-client.pem".into());
+    let e = settings.validate(Duration::from_secs(30)).unwrap_err();
+    assert_eq!(e.field, "proxy.tls_client_cert");
+    settings.tls_client_cert = None;
+    settings.tls_ca_file = Some("/nonexistent/ca.pem".into());
+    let e = settings.validate(Duration::from_secs(30)).unwrap_err();
+    assert_eq!(e.field, "proxy.tls_ca_file");
 }
 
 // === route policy ===
