@@ -324,8 +324,12 @@ fn unsafe_or_inconsistent_proxy_settings_are_refused_naming_the_field() {
     let up = "[proxy]\nupstreams = [\"http://10.0.0.5:8080\"]\n";
     for (extra, field) in [
         (
-            "[proxy]\nupstreams = [\"https://10.0.0.5\"]\n".to_owned(),
+            "[proxy]\nupstreams = [\"ftp://10.0.0.5\"]\n".to_owned(),
             "proxy.upstreams[0]",
+        ),
+        (
+            format!("{up}tls_client_key = \"/etc/portcullis/node-client.key\"\n"),
+            "proxy.tls_client_cert",
         ),
         (
             format!("{up}[[proxy.routes]]\nprefix = \"/public/..;/x\"\nauth = \"public\"\n"),
