@@ -316,6 +316,7 @@ impl TransitWrapper {
         }
     }
 
+    #[tracing::instrument(name = "vault.transit.encrypt", skip_all, fields(otel.kind = "client"))]
     async fn wrap(&self, key: &[u8]) -> Result<String, CryptoError> {
         let plaintext = Zeroizing::new(STANDARD.encode(key));
         let response = vaultrs::transit::data::encrypt(
@@ -331,6 +332,7 @@ impl TransitWrapper {
     }
 
     /// `Ok(None)` when Vault refuses the ciphertext (wrong key): the caller names it.
+    #[tracing::instrument(name = "vault.transit.decrypt", skip_all, fields(otel.kind = "client"))]
     async fn unwrap(&self, wrapped: &str) -> Result<Option<Zeroizing<Vec<u8>>>, CryptoError> {
         match vaultrs::transit::data::decrypt(
             &*self.source.client().await?,

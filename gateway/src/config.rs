@@ -77,6 +77,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Span export (OpenTelemetry).
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// The database (clients, config center, audit).
     pub database: DatabaseConfig,
     /// Redis (refresh tokens, login counters, SSO state). Absent: in-process stores,
@@ -194,6 +197,30 @@ impl Default for LogConfig {
         Self {
             level: "info".to_owned(),
             format: LogFormat::Json,
+        }
+    }
+}
+
+/// `[tracing]`: export of request and dependency spans over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL, e.g. `http://127.0.0.1:4318/v1/traces` (a
+    /// local OpenTelemetry Collector or agent). Unset: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of new traces sampled, 0.0–1.0; a request carrying a `traceparent` follows
+    /// its caller's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "portcullis".to_owned(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -610,6 +637,21 @@ impl Config {
             return Err(ConfigError::field(
                 "tokens.access_token_lifetime",
                 "must be at least 1s",
+            ));
+        }
+        if let Some(endpoint) = &self.tracing.otlp_endpoint {
+            check_url("tracing.otlp_endpoint", endpoint, &["http"])?;
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(ConfigError::field(
+                "tracing.sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if self.tracing.service_name.trim().is_empty() {
+            return Err(ConfigError::field(
+                "tracing.service_name",
+                "must not be empty",
             ));
         }
         if self.tokens.verified_cache_entries > MAX_VERIFIED_CACHE_ENTRIES {

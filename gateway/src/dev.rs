@@ -76,6 +76,7 @@ pub fn dev_config(
             level: "info".to_owned(),
             format: LogFormat::Pretty,
         },
+        tracing: crate::config::TracingConfig::default(),
         database: DatabaseConfig {
             url: SecretString::from(format!("sqlite://{}", db_path.display())),
             max_connections: 4,

@@ -245,12 +245,29 @@ fn request_span(req: &Request<Body>) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
+        otel.name = %format_args!("{} {}", req.method(), route_of(req)),
+        otel.kind = "server",
         request_id = %id,
         method = %req.method(),
         path = %req.uri().path(),
-    )
+    );
+    // exported spans join the caller's trace (W3C traceparent)
+    telemetry::adopt_remote_parent(&span, req.headers());
+    span
+}
+
+/// The route template when the router matched one, else the path's first segment (span
+/// names stay few).
+fn route_of(req: &Request<Body>) -> String {
+    match req.extensions().get::<MatchedPath>() {
+        Some(p) => p.as_str().to_owned(),
+        None => {
+            let first = req.uri().path().split('/').nth(1).unwrap_or("");
+            format!("/{first}")
+        }
+    }
 }
 
 async fn sanitize_request_id(mut req: Request, next: Next) -> Response {

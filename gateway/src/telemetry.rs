@@ -10,11 +10,12 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry};
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, TracingConfig};
 
 /// The handle that changes the log filter of the installed subscriber. The subscriber is
 /// process-wide by nature (one per process), so its handle is too.
@@ -35,28 +36,139 @@ fn filter_for(level: &str) -> Result<EnvFilter, String> {
 
 /// Installs the global tracing subscriber. A second call (tests) leaves the first in place.
 pub fn init_logging(config: &LogConfig) -> Result<(), String> {
+    init_telemetry(config, &TracingConfig::default())
+}
+
+/// The span exporter, when `[tracing] otlp_endpoint` is set; kept to flush at shutdown.
+static TRACER_PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Installs the global tracing subscriber: log lines filtered by `log.level` (reloadable),
+/// and, with `tracing.otlp_endpoint`, every span of ours exported over OTLP/HTTP whatever
+/// the log level. A second call (tests) leaves the first in place.
+pub fn init_telemetry(config: &LogConfig, tracing: &TracingConfig) -> Result<(), String> {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter_for(&config.level)?);
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match config.format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = match config.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let tracer = match &tracing.otlp_endpoint {
+        Some(endpoint) => Some(otlp_tracer(endpoint, tracing)?),
+        None => None,
+    };
+    // spans only (log lines stay in the log), of our crates, at info and above
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span()
+                    && *meta.level() <= tracing::Level::INFO
+                    && ["portcullis", "keyrotation", "config_center"]
+                        .iter()
+                        .any(|c| meta.target().starts_with(c))
+            }))
+    });
+    let result = tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(spans)
+        .try_init();
     // already installed (a second instance in the same process): keep the first one
     if result.is_ok() {
         let _ = LOG_FILTER.set(handle);
     }
     Ok(())
+}
+
+fn otlp_tracer(endpoint: &str, config: &TracingConfig) -> Result<SdkTracer, String> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint)
+        .with_timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("tracing.otlp_endpoint: {e}"))?;
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio)));
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(sampler)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder_empty()
+                .with_service_name(config.service_name.clone())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("portcullis");
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let _ = TRACER_PROVIDER.set(provider);
+    Ok(tracer)
+}
+
+/// Whether spans are exported (so trace context is worth extracting and injecting).
+pub fn exporting_spans() -> bool {
+    TRACER_PROVIDER.get().is_some()
+}
+
+/// Sends the spans still buffered; at shutdown.
+pub fn flush_spans() {
+    if let Some(provider) = TRACER_PROVIDER.get()
+        && let Err(e) = provider.shutdown()
+    {
+        tracing::warn!(error = %e, "span export at shutdown failed");
+    }
+}
+
+/// Makes `span` a child of the caller's span named by a valid W3C `traceparent` in
+/// `headers`, when spans are exported.
+pub fn adopt_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !exporting_spans() {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
+    let _ = span.set_parent(parent);
+}
+
+/// `(trace id, span id, flags)` of the current span as W3C hex, when spans are exported
+/// and the current span is recorded; what an upstream's `traceparent` should name.
+pub fn current_trace_context() -> Option<(String, String, u8)> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !exporting_spans() {
+        return None;
+    }
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        (
+            sc.trace_id().to_string(),
+            sc.span_id().to_string(),
+            sc.trace_flags().to_u8(),
+        )
+    })
+}
+
+/// Reads W3C trace context from request headers.
+struct Headers<'a>(&'a axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(axum::http::HeaderName::as_str).collect()
+    }
 }
 
 /// Changes the log filter of the running process (runtime settings). `Ok(false)` when

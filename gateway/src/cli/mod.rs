@@ -151,7 +151,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = telemetry::init_logging(&config.log) {
+    // before the runtime: the span exporter's blocking HTTP client must not be made
+    // inside it
+    if let Err(e) = telemetry::init_telemetry(&config.log, &config.tracing) {
         eprintln!("portcullis: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -159,7 +161,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let app = match Application::build(config.clone()).await {
             Ok(app) => app,
             Err(e) => {
@@ -185,7 +187,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         });
         app.run_until_stopped().await;
         ExitCode::SUCCESS
-    })
+    });
+    // outside the runtime: the exporter's last batch goes out on its own thread
+    telemetry::flush_spans();
+    code
 }
 
 /// Builds a runtime, or says why not and gives the exit status.

@@ -237,9 +237,26 @@ fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// Keeps the trace of a valid incoming `traceparent` with a new span id for our hop,
-/// or starts a trace; `tracestate` survives only with a valid parent.
+/// Keeps the trace of a valid incoming `traceparent` with a new span id for our hop (the
+/// exported request span's when spans are exported), or starts a trace; `tracestate`
+/// survives only with a valid parent.
 fn propagate_trace(headers: &mut HeaderMap) {
+    // spans exported: the node's parent is our request span, in the caller's trace
+    if let Some((trace_id, span_id, flags)) = crate::telemetry::current_trace_context() {
+        if headers
+            .get(&TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent)
+            .is_none()
+        {
+            headers.remove(&TRACESTATE);
+        }
+        let value = format!("00-{trace_id}-{span_id}-{flags:02x}");
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(TRACEPARENT, v);
+        }
+        return;
+    }
     let incoming = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())

@@ -247,6 +247,7 @@ impl Proxy {
 
     /// Forwards `req` (already authenticated) with `identity` to a node and returns the
     /// node's answer, streaming.
+    #[tracing::instrument(name = "proxy.forward", skip_all, fields(otel.kind = "client"))]
     pub async fn forward(
         &self,
         mut req: Request,

@@ -22,6 +22,7 @@ mod readiness;
 mod refresh;
 mod runtime;
 mod shutdown;
+mod spans;
 mod sso;
 mod support;
 mod tls_reload;

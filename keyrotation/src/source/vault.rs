@@ -664,11 +664,13 @@ impl VaultKeySource {
 
 #[async_trait]
 impl KeySource for VaultKeySource {
+    #[tracing::instrument(name = "vault.kv.read", skip_all, fields(otel.kind = "client"))]
     async fn load(&self) -> Result<Option<Versioned<KeyRing>>, KeyError> {
         self.with_client(|client| async move { self.read_ring(&client).await })
             .await
     }
 
+    #[tracing::instrument(name = "vault.kv.write", skip_all, fields(otel.kind = "client"))]
     async fn store(
         &self,
         ring: &KeyRing,
