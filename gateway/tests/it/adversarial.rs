@@ -767,6 +767,47 @@ async fn too_many_headers_and_an_oversized_chunked_body_are_refused() {
     assert_eq!(good.get("/").await.unwrap().0.status, 200);
 }
 
+// === hostile config values ===
+
+#[tokio::test]
+async fn a_yaml_value_that_expands_without_bound_is_refused_and_nothing_is_stored() {
+    let app = spawn_app(|_| {}).await;
+    let token = app
+        .state
+        .keys
+        .sign(&claims(&app, "config:read:prod config:write:prod"))
+        .unwrap();
+    // "billion laughs": each level names the previous one nine times, 9^10 nodes in all
+    let mut bomb = String::from("l0: &l0 [x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let p = format!("*l{}", i - 1);
+        bomb.push_str(&format!("l{i}: &l{i} [{}]\n", vec![p; 9].join(", ")));
+    }
+    let path = app.url("/config/v1/prod/executor-orders");
+    let started = std::time::Instant::now();
+    let resp = app
+        .https_client()
+        .put(&path)
+        .bearer_auth(&token)
+        .json(&json!({ "entries": [{ "key": "laughs", "value": bomb, "format": "yaml" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request", "{body}");
+    // a guard, not a benchmark: expanding the value takes minutes and gigabytes
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let read = app
+        .https_client()
+        .get(&path)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::NOT_FOUND, "nothing was stored");
+}
+
 // === secrets in logs ===
 
 /// Collects every log line of the process.
