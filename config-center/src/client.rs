@@ -242,20 +242,14 @@ impl Client {
         if config.gateways.is_empty() {
             return Err(ClientError::Config("no gateway configured".into()));
         }
-        let mut builder = reqwest::Client::builder()
+        let tls = tls_config(config.ca_pem.as_deref()).map_err(ClientError::Config)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .connect_timeout(config.request_timeout)
             .user_agent(concat!(
                 "portcullis-config-client/",
                 env!("CARGO_PKG_VERSION")
-            ));
-        if let Some(pem) = &config.ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ClientError::Config(format!("ca_pem: {e}")))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder
+            ))
             .build()
             .map_err(|e| ClientError::Config(format!("HTTP client: {e}")))?;
         let placeholder = Arc::new(Snapshot {
@@ -388,6 +382,29 @@ impl Client {
             Err(e) => Err(decode(e.to_string())),
         }
     }
+}
+
+/// The client's TLS: rustls on aws-lc-rs (the one crypto provider Portcullis links),
+/// trusting the bundled web PKI roots plus the PEM CAs of `ca_pem`.
+fn tls_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("ca_pem: {e}"))?;
+            roots.add(cert).map_err(|e| format!("ca_pem: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Converts the first YAML document of `text` into a JSON value.

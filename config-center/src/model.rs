@@ -386,21 +386,7 @@ impl Format {
             Format::Json => serde_json::from_str::<serde_json::Value>(value)
                 .map(|_| ())
                 .map_err(|e| format!("line {} column {}", e.line(), e.column())),
-            Format::Yaml => {
-                let docs = yaml_rust2::YamlLoader::load_from_str(value).map_err(|e| {
-                    let m = e.marker();
-                    format!(
-                        "{} at line {} column {}",
-                        yaml_reason(&e),
-                        m.line(),
-                        m.col() + 1
-                    )
-                })?;
-                if docs.iter().any(|d| yaml_depth(d) > MAX_NESTING) {
-                    return Err(format!("nested deeper than {MAX_NESTING} levels"));
-                }
-                Ok(())
-            }
+            Format::Yaml => check_yaml(value),
             Format::Properties => check_properties(value),
         }
     }
@@ -409,23 +395,96 @@ impl Format {
 /// Deepest nesting accepted in a YAML value (JSON: serde_json's own limit of 128).
 pub const MAX_NESTING: usize = 128;
 
-/// The nesting depth of a YAML document, without recursion.
-fn yaml_depth(doc: &yaml_rust2::Yaml) -> usize {
-    use yaml_rust2::Yaml;
-    let mut deepest = 0;
-    let mut stack = vec![(doc, 1usize)];
-    while let Some((node, depth)) = stack.pop() {
-        deepest = deepest.max(depth);
-        match node {
-            Yaml::Array(items) => stack.extend(items.iter().map(|i| (i, depth + 1))),
-            Yaml::Hash(map) => stack.extend(
-                map.iter()
-                    .flat_map(|(k, v)| [(k, depth + 1), (v, depth + 1)]),
-            ),
+/// Most nodes a YAML value may stand for once its aliases are expanded (each alias
+/// counted as a copy of what it names). Without aliases a value within
+/// [`MAX_VALUE_LEN`] has far fewer; with them, ten short lines can stand for billions
+/// ("billion laughs"), which any reader that expands aliases — the client library's
+/// loader among them — would build in memory.
+pub const MAX_YAML_NODES: u64 = 100_000;
+
+/// Checks a YAML value from the parser's events, without building a document: nesting
+/// and the expanded size are computed per node, so an alias costs what it names without
+/// being copied.
+fn check_yaml(value: &str) -> Result<(), String> {
+    let mut shape = YamlShape::default();
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(value);
+    parser.load(&mut shape, true).map_err(|e| {
+        let m = e.marker();
+        format!(
+            "{} at line {} column {}",
+            yaml_reason(&e),
+            m.line(),
+            m.col() + 1
+        )
+    })?;
+    if shape.deepest > MAX_NESTING {
+        return Err(format!("nested deeper than {MAX_NESTING} levels"));
+    }
+    if shape.nodes > MAX_YAML_NODES {
+        return Err(format!(
+            "expands to more than {MAX_YAML_NODES} nodes through its aliases"
+        ));
+    }
+    Ok(())
+}
+
+/// Size and height of YAML nodes, from parser events.
+#[derive(Default)]
+struct YamlShape {
+    /// Open sequences and mappings: (anchor id, nodes so far, tallest child).
+    open: Vec<(usize, u64, usize)>,
+    /// Anchored nodes: (nodes, height).
+    anchors: std::collections::HashMap<usize, (u64, usize)>,
+    /// Nodes of every document, aliases expanded.
+    nodes: u64,
+    /// Height of the tallest document, aliases expanded.
+    deepest: usize,
+}
+
+impl YamlShape {
+    fn add(&mut self, nodes: u64, height: usize) {
+        match self.open.last_mut() {
+            Some((_, n, tallest)) => {
+                *n = n.saturating_add(nodes);
+                *tallest = (*tallest).max(height);
+            }
+            None => {
+                self.nodes = self.nodes.saturating_add(nodes);
+                self.deepest = self.deepest.max(height);
+            }
+        }
+    }
+}
+
+impl yaml_rust2::parser::MarkedEventReceiver for YamlShape {
+    fn on_event(&mut self, event: yaml_rust2::parser::Event, _mark: yaml_rust2::scanner::Marker) {
+        use yaml_rust2::parser::Event;
+        match event {
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.open.push((anchor, 1, 0));
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, nodes, tallest)) = self.open.pop() {
+                    let height = tallest.saturating_add(1);
+                    if anchor > 0 {
+                        self.anchors.insert(anchor, (nodes, height));
+                    }
+                    self.add(nodes, height);
+                }
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                if anchor > 0 {
+                    self.anchors.insert(anchor, (1, 1));
+                }
+                self.add(1, 1);
+            }
+            Event::Alias(anchor) => {
+                let (nodes, height) = self.anchors.get(&anchor).copied().unwrap_or((1, 1));
+                self.add(nodes, height);
+            }
             _ => {}
         }
     }
-    deepest
 }
 
 /// The YAML scanner's description, which names the problem but not the text.

@@ -227,3 +227,47 @@ fn deeply_nested_documents_are_handled_without_overflowing_the_stack() {
     assert!(Value::parse(&key, Format::Yaml, &fine).is_ok());
     assert!(Value::parse(&key, Format::Json, &fine).is_ok());
 }
+
+/// A "billion laughs" document: each level names the one before nine times, so ten
+/// short lines stand for 9^10 nodes. Checking it must not build them.
+fn alias_bomb(levels: usize) -> String {
+    let mut text = String::from("l0: &l0 [x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..levels {
+        let p = i - 1;
+        text.push_str(&format!(
+            "l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_yaml_alias_bomb_is_refused_without_expanding_it() {
+    let key = ConfigKey::parse("k").unwrap();
+    let bomb = alias_bomb(10);
+    assert!(bomb.len() < 1024, "small enough to pass every size limit");
+    let started = std::time::Instant::now();
+    let err = Value::parse(&key, Format::Yaml, &bomb).unwrap_err();
+    assert!(
+        err.to_string().contains("expands to more than"),
+        "refused for its expansion: {err}"
+    );
+    // not a wall-clock limit on the check: a guard that the bomb was not expanded at all
+    // (expanding it takes minutes and gigabytes)
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // a few aliases, as hand-written configuration uses them, stay valid
+    let anchors = "defaults: &d {pool: 10, timeout: 5s}\nprod: *d\ntest: *d\n";
+    assert!(Value::parse(&key, Format::Yaml, anchors).is_ok());
+    assert!(Value::parse(&key, Format::Yaml, &alias_bomb(3)).is_ok());
+}
+
+#[test]
+fn an_alias_does_not_hide_nesting_past_the_limit() {
+    let key = ConfigKey::parse("k").unwrap();
+    // 100 levels under an anchor, used 100 levels deep: 200 levels once expanded
+    let deep = format!("{}x{}", "[".repeat(100), "]".repeat(100));
+    let text = format!("- &a {deep}\n- {}*a{}\n", "[".repeat(100), "]".repeat(100));
+    assert!(Value::parse(&key, Format::Yaml, &text).is_err());
+    let shallow = format!("- &a {deep}\n- [*a]\n");
+    assert!(Value::parse(&key, Format::Yaml, &shallow).is_ok());
+}

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin_clients;
+mod adversarial;
 mod alerts;
 mod authn;
 mod cli;
