@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A short fuzzing run of every cargo-fuzz target in fuzz/ (JWT verification, the token
 # endpoint's form and client authentication, config names and values, the forwarded
-# headers), FUZZ_SECONDS each (default 25). Installs cargo-fuzz into .tools/cargo when it
-# is missing. Works on a stable toolchain: no sanitizer (`-s none`), coverage
+# headers), FUZZ_SECONDS each (default 25). Installs cargo-fuzz beside the build cache when
+# it is missing. Works on a stable toolchain: no sanitizer (`-s none`), coverage
 # instrumentation only; Rust code needs no AddressSanitizer to crash on a panic, an
 # overflow (checks are on) or running out of memory.
 #
@@ -17,7 +17,8 @@ cd "$root"
 log() { printf '[fuzz] %s\n' "$*"; }
 
 version=0.13.2
-tools="$root/.tools/cargo"
+# installed beside the build cache, so a fresh clone on the same machine reuses them
+tools="${CARGO_TARGET_DIR:-$root/target}/cargo-tools/root"
 export PATH="$tools/bin:$PATH"
 if ! cargo-fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $version"; then
   log "installing cargo-fuzz $version into $tools"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Supply-chain policy (deny.toml) with cargo-deny: licences, banned crates (one crypto
 # provider, aws-lc-rs; no OpenSSL), where crates come from, and security advisories when
-# the advisory database can be fetched. Installs cargo-deny into .tools/cargo when it is
-# missing (a few minutes, once per machine).
+# the advisory database can be fetched. Installs cargo-deny beside the build cache when it
+# is missing (a few minutes, once per machine).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -11,7 +11,8 @@ cd "$root"
 log() { printf '[supply-chain] %s\n' "$*"; }
 
 version=0.20.2
-tools="$root/.tools/cargo"
+# installed beside the build cache, so a fresh clone on the same machine reuses them
+tools="${CARGO_TARGET_DIR:-$root/target}/cargo-tools/root"
 deny="$tools/bin/cargo-deny"
 if ! "$deny" --version 2>/dev/null | grep -qx "cargo-deny $version"; then
   log "installing cargo-deny $version into $tools"
