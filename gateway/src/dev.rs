@@ -103,6 +103,7 @@ pub fn dev_config(
         sso: Default::default(),
         protection: Default::default(),
         proxy: Default::default(),
+        audit: Default::default(),
     })
 }
 

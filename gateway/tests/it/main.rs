@@ -3,6 +3,7 @@
 
 mod admin_clients;
 mod alerts;
+mod audit;
 mod authn;
 mod cli;
 mod clients;
