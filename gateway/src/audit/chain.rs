@@ -182,7 +182,7 @@ fn chain_after(mut seq: i64, mut prev: String, events: &[AuditEvent]) -> Vec<Row
                 source_ip.as_deref(),
                 &detail,
             );
-            let row = Row {
+            Row {
                 seq,
                 at_unix_ms,
                 actor: e.actor.clone(),
@@ -193,8 +193,7 @@ fn chain_after(mut seq: i64, mut prev: String, events: &[AuditEvent]) -> Vec<Row
                 prev_hash: std::mem::replace(&mut prev, hash.clone()),
                 hash,
                 hash_version: HASH_VERSION,
-            };
-            row
+            }
         })
         .collect()
 }
