@@ -169,6 +169,30 @@ fn verify_json_chain(records: &[Value]) {
     }
 }
 
+/// Runs `scripts/audit-verify.py` (the independent verifier of the documentation) on
+/// JSON lines; returns its exit code and output.
+fn python_verify(lines: &[u8]) -> (i32, String) {
+    use std::io::Write;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/audit-verify.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(lines).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 fn database_name(url: &str) -> &str {
     url.rsplit('/').next().unwrap()
 }
@@ -451,6 +475,13 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
     let streamed = sink_lines(&sink);
     assert_eq!(streamed[..records.len()], records[..]);
     verify_json_chain(&streamed);
+    // and by the documented verifier, which knows nothing of Portcullis
+    let (code, out) = python_verify(&std::fs::read(&sink).unwrap());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{} records, chain intact", streamed.len())),
+        "{out}"
+    );
 
     // no secret of the session, anywhere in the trail
     let rows = Postgres::shared()
@@ -919,6 +950,17 @@ async fn the_file_sink_gets_every_record_and_follows_rotation() {
     both.extend(new.clone());
     // one unbroken chain across the two files, the same as the database holds
     verify_json_chain(&both);
+    let mut joined = std::fs::read(&rotated).unwrap();
+    joined.extend(std::fs::read(&sink).unwrap());
+    let (code, out) = python_verify(&joined);
+    assert_eq!(code, 0, "{out}");
+    // an altered line is caught by the independent verifier as well
+    let text = String::from_utf8(joined).unwrap();
+    let altered = text.replacen("\"target\":\"1\"", "\"target\":\"9\"", 1);
+    assert_ne!(altered, text);
+    let (code, out) = python_verify(altered.as_bytes());
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("hash mismatch"), "{out}");
     let targets: Vec<_> = new.iter().map(|r| r["target"].clone()).collect();
     assert_eq!(targets, [json!("3"), json!("4")]);
     let stored: BTreeMap<i64, String> = all_records_sqlite(&app).await;
