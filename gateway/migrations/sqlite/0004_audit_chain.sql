@@ -7,8 +7,6 @@ ALTER TABLE audit_events ADD COLUMN prev_hash TEXT;
 ALTER TABLE audit_events ADD COLUMN hash TEXT;
 ALTER TABLE audit_events ADD COLUMN hash_version INTEGER;
 CREATE UNIQUE INDEX audit_events_seq ON audit_events (seq);
-CREATE INDEX audit_events_actor ON audit_events (actor, seq);
-CREATE INDEX audit_events_target ON audit_events (target, seq);
 
 -- The last record of the chain; every append locks this one row first, so instances
 -- sharing the database append one after another and the chain never forks.

@@ -17,8 +17,8 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{AuditEvent, AuditRecord};
-use crate::db::Database;
+use super::AuditEvent;
+use crate::db::{Database, Pool};
 
 /// The version of the encoding new records are hashed with.
 pub const HASH_VERSION: i32 = 1;
@@ -117,49 +117,99 @@ pub(super) const COLUMNS: &str =
     "seq, at_unix_ms, actor, action, target, source_ip, detail, prev_hash, hash, hash_version";
 
 /// Appends `events` in one transaction, chained after the current head; returns the
-/// stored records. Either all are stored or none.
-pub async fn append(db: &Database, events: &[AuditEvent]) -> Result<Vec<AuditRecord>, sqlx::Error> {
+/// stored rows. Either all are stored or none.
+pub async fn append(db: &Database, events: &[AuditEvent]) -> Result<Vec<Row>, sqlx::Error> {
     if !db.is_migrated() {
         return Err(sqlx::Error::PoolTimedOut);
     }
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    // taking the head's lock first: on Postgres the row lock, on SQLite the write lock
-    // (a write as the first statement, so no read snapshot can go stale before it)
+    // the first statement of every append locks and reads the head, so appends from every
+    // instance are serialised: on Postgres the row lock; on SQLite the write lock, taken
+    // by a write so that no read snapshot can go stale before it
     const LOCK_HEAD: &str =
         "UPDATE audit_chain_head SET seq = seq WHERE id = 1 RETURNING seq, hash";
     const MOVE_HEAD: &str = "UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1";
-    let rows = crate::on_pool!(db.pool(), |p| {
-        let mut tx = p.begin().await?;
-        let (head_seq, head_hash): (i64, String) =
-            sqlx::query_as(LOCK_HEAD).fetch_one(&mut *tx).await?;
-        let rows = chain_after(head_seq, head_hash, events);
-        let mut insert = sqlx::QueryBuilder::new(format!("INSERT INTO audit_events ({COLUMNS}) "));
-        insert.push_values(&rows, |mut b, r| {
-            b.push_bind(r.seq)
-                .push_bind(r.at_unix_ms)
-                .push_bind(&r.actor)
-                .push_bind(&r.action)
-                .push_bind(&r.target)
-                .push_bind(&r.source_ip)
-                .push_bind(&r.detail)
-                .push_bind(&r.prev_hash)
-                .push_bind(&r.hash)
-                .push_bind(r.hash_version);
-        });
-        insert.build().execute(&mut *tx).await?;
-        if let Some(last) = rows.last() {
-            sqlx::query(MOVE_HEAD)
-                .bind(last.seq)
-                .bind(&last.hash)
+    macro_rules! lock_head {
+        ($tx:ident) => {
+            sqlx::query_as::<_, (i64, String)>(LOCK_HEAD)
+                .fetch_one(&mut *$tx)
+                .await?
+        };
+    }
+    macro_rules! move_head {
+        ($tx:ident, $rows:ident) => {
+            if let Some(last) = $rows.last() {
+                sqlx::query(MOVE_HEAD)
+                    .bind(last.seq)
+                    .bind(&last.hash)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+        };
+    }
+    let rows = match db.pool() {
+        Pool::Postgres(p) => {
+            let mut tx = p.begin().await?;
+            let (seq, hash) = lock_head!(tx);
+            let rows = chain_after(seq, hash, events);
+            // one statement text whatever the batch size, so it is prepared once per
+            // connection: ten arrays, unnested into rows
+            const INSERT: &str = "INSERT INTO audit_events (seq, at_unix_ms, actor, action, \
+                 target, source_ip, detail, prev_hash, hash, hash_version) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[])";
+            sqlx::query(INSERT)
+                .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.at_unix_ms).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.action.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.target.as_str()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.source_ip.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.prev_hash.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.hash_version).collect::<Vec<_>>())
                 .execute(&mut *tx)
                 .await?;
+            move_head!(tx, rows);
+            tx.commit().await?;
+            rows
         }
-        tx.commit().await?;
-        rows
-    });
-    Ok(rows.into_iter().map(AuditRecord::from).collect())
+        Pool::Sqlite(p) => {
+            let mut tx = p.begin().await?;
+            let (seq, hash) = lock_head!(tx);
+            let rows = chain_after(seq, hash, events);
+            let mut insert =
+                sqlx::QueryBuilder::new(format!("INSERT INTO audit_events ({COLUMNS}) "));
+            insert.push_values(&rows, |mut b, r| {
+                b.push_bind(r.seq)
+                    .push_bind(r.at_unix_ms)
+                    .push_bind(&r.actor)
+                    .push_bind(&r.action)
+                    .push_bind(&r.target)
+                    .push_bind(&r.source_ip)
+                    .push_bind(&r.detail)
+                    .push_bind(&r.prev_hash)
+                    .push_bind(&r.hash)
+                    .push_bind(r.hash_version);
+            });
+            insert.build().execute(&mut *tx).await?;
+            move_head!(tx, rows);
+            tx.commit().await?;
+            rows
+        }
+    };
+    Ok(rows)
 }
 
 /// The rows `events` become after a head at (`seq`, `hash`).

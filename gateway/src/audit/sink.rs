@@ -46,6 +46,11 @@ impl Sink {
         }
     }
 
+    /// Whether records go anywhere.
+    pub fn is_enabled(&self) -> bool {
+        !matches!(self, Self::None)
+    }
+
     /// Writes `records`, one line each. A failure is logged and counted; the records are
     /// stored in the database whatever happens here.
     pub fn write(&mut self, records: &[AuditRecord]) {
