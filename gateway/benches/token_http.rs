@@ -118,6 +118,43 @@ async fn token_endpoint() {
         &script,
         &format!("https://127.0.0.1:{}/oauth2/token", addr.port()),
     );
+    audit_backlog(&state).await;
+}
+
+/// How the audit trail kept up with the load: the `token.issue` records stored once the
+/// writer has drained its queue, how long that took after the load stopped, and how many
+/// events overflowed the queue (compare the first with wrk's request count).
+async fn audit_backlog(state: &portcullis::state::AppState) {
+    let portcullis::db::Pool::Postgres(pool) = state.db.pool() else {
+        return;
+    };
+    let stopped = Instant::now();
+    let (mut last, mut changed) = (-1_i64, Instant::now());
+    loop {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM audit_events WHERE action = 'token.issue'")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if n != last {
+            (last, changed) = (n, Instant::now());
+        } else if changed.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        if stopped.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rendered = state.metrics.render();
+    let dropped = rendered
+        .lines()
+        .find(|l| l.starts_with("portcullis_audit_dropped_total"))
+        .unwrap_or("portcullis_audit_dropped_total 0");
+    println!(
+        "audit trail: {last} token.issue records stored, the queue drained {:.1}s after the load stopped; {dropped}\n",
+        changed.duration_since(stopped).as_secs_f64()
+    );
 }
 
 /// Runs wrk with one thread per core and prints its report.

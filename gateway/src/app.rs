@@ -132,7 +132,7 @@ impl Application {
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let (audit, audit_task) = Audit::start(db.clone(), shutdown.clone());
+        let (audit, audit_task) = Audit::start(db.clone(), &config.audit.sink, shutdown.clone());
         tasks.spawn(async move {
             let _ = audit_task.await;
         });

@@ -112,6 +112,9 @@ pub struct Config {
     /// The reverse proxy to the admin cluster: nodes, timeouts, health, routes.
     #[serde(default)]
     pub proxy: crate::proxy::settings::ProxySettings,
+    /// The audit trail: where stored records are streamed.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// `[server]`
@@ -391,6 +394,44 @@ pub struct AdminConfig {
     /// Bearer token required on the admin API (`/admin/*` on the admin listener).
     /// Required when the admin listener is not on a loopback address.
     pub token: Option<SecretString>,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Where every stored audit record is also written, one JSON object per line:
+    /// `"none"` (the default), `"stdout"`, or `"file:/absolute/path"` (appended; follows
+    /// rotation).
+    pub sink: AuditSinkKind,
+}
+
+/// Where audit records are streamed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AuditSinkKind {
+    /// Nowhere.
+    #[default]
+    None,
+    /// Standard output.
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+}
+
+impl TryFrom<String> for AuditSinkKind {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "none" => Ok(Self::None),
+            "stdout" => Ok(Self::Stdout),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if Path::new(path).is_absolute() => Ok(Self::File(PathBuf::from(path))),
+                _ => Err("expected \"none\", \"stdout\" or \"file:/absolute/path\"".to_owned()),
+            },
+        }
+    }
 }
 
 /// `[config_center]`
@@ -701,6 +742,19 @@ impl Config {
         self.proxy
             .validate(self.server.request_timeout)
             .map_err(|e| ConfigError::field(e.field, e.message))?;
+
+        if let AuditSinkKind::File(path) = &self.audit.sink {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if path.is_dir() || !dir.is_some_and(Path::is_dir) {
+                return Err(ConfigError::field(
+                    "audit.sink",
+                    format!(
+                        "{}: must name a file in an existing directory",
+                        path.display()
+                    ),
+                ));
+            }
+        }
 
         if !self.server.admin_listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::field(

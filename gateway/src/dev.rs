@@ -104,6 +104,7 @@ pub fn dev_config(
         sso: Default::default(),
         protection: Default::default(),
         proxy: Default::default(),
+        audit: Default::default(),
     })
 }
 

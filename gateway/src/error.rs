@@ -384,6 +384,16 @@ impl From<keyrotation::KeyError> for ApiError {
     }
 }
 
+impl From<crate::audit::AuditError> for ApiError {
+    fn from(e: crate::audit::AuditError) -> Self {
+        use crate::audit::AuditError as A;
+        match e {
+            A::Filter(f) => Self::bad_request("invalid_request", f.to_string()),
+            A::Store(e) => Self::unavailable("database", e),
+        }
+    }
+}
+
 impl From<crate::clients::ClientError> for ApiError {
     fn from(e: crate::clients::ClientError) -> Self {
         use crate::clients::ClientError as C;

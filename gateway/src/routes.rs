@@ -76,6 +76,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/sessions"),
     ("DELETE", "/admin/sessions"),
     ("DELETE", "/admin/sessions/{family}"),
+    ("GET", "/admin/audit"),
 ];
 
 /// The public router (HTTPS listener).
@@ -371,6 +372,7 @@ pub fn admin_router(state: AppState) -> Router {
                     "/sessions/{family}",
                     axum::routing::delete(crate::admin::sessions::revoke),
                 )
+                .route("/audit", get(crate::admin::audit::list))
                 .route_layer(middleware::from_fn_with_state(
                     state.clone(),
                     crate::admin::require_admin,

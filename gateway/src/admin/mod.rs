@@ -1,4 +1,4 @@
-//! The admin API on the admin listener: signing-key status and rotation.
+//! The admin API on the admin listener: signing keys, clients, sessions, the audit trail.
 //!
 //! The admin listener is loopback by default. When `admin.token` is set (required for a
 //! non-loopback listener) every `/admin/*` request must carry it as a bearer token.
@@ -16,6 +16,7 @@ use crate::audit::AuditEvent;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub mod audit;
 pub mod clients;
 pub mod sessions;
 

@@ -11,6 +11,7 @@ use crate::config::{self, Config};
 use crate::dev;
 use crate::telemetry;
 
+mod audit;
 mod clients;
 mod config_center;
 mod users;
@@ -52,6 +53,10 @@ enum Command {
     /// Break-glass local console accounts (used only when `sso.local_accounts` is on).
     #[command(subcommand)]
     Users(users::UsersCommand),
+    /// The audit trail: verify its hash chain, list records — straight against the
+    /// database (read only).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +132,7 @@ pub fn run() -> ExitCode {
         Command::Clients(cmd) => clients::run(cmd),
         Command::Config(cmd) => config_center::run(cmd),
         Command::Users(cmd) => users::run(cmd),
+        Command::Audit(cmd) => audit::run(cmd),
     }
 }
 

@@ -358,3 +358,37 @@ fn unsafe_or_inconsistent_proxy_settings_are_refused_naming_the_field() {
         assert_eq!(field_of(err), field, "{extra}");
     }
 }
+
+#[test]
+fn the_audit_sink_is_none_by_default_and_each_bad_value_names_audit_sink() {
+    let f = Files::new();
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(c.audit.sink, AuditSinkKind::None);
+    let d = f.dir.path().display();
+    let c = f
+        .load(
+            &f.toml(&format!("[audit]\nsink = \"file:{d}/audit.jsonl\"\n")),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        c.audit.sink,
+        AuditSinkKind::File(f.dir.path().join("audit.jsonl"))
+    );
+    let c = f
+        .load(&f.toml(""), &[("PORTCULLIS_AUDIT__SINK", "stdout")])
+        .unwrap();
+    assert_eq!(c.audit.sink, AuditSinkKind::Stdout);
+    for bad in [
+        "sink = \"syslog\"".to_owned(),
+        "sink = \"file:relative/audit.jsonl\"".to_owned(),
+        format!("sink = \"file:{d}/missing-dir/audit.jsonl\""),
+        format!("sink = \"file:{d}\""),
+        "sinks = \"stdout\"".to_owned(),
+    ] {
+        let err = f
+            .load(&f.toml(&format!("[audit]\n{bad}\n")), &[])
+            .unwrap_err();
+        assert!(field_of(err).starts_with("audit.sink"), "{bad}");
+    }
+}

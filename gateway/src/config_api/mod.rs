@@ -32,6 +32,7 @@ use serde_json::json;
 use crate::audit::AuditEvent;
 use crate::authn::Principal;
 use crate::error::ApiError;
+use crate::protect::ClientIp;
 use crate::state::AppState;
 
 pub use hub::{ConfigHub, Held, HubError, Published};
@@ -676,6 +677,7 @@ fn expected(v: Option<u64>) -> Expected {
 async fn written(
     state: &AppState,
     principal: &Principal,
+    source_ip: std::net::IpAddr,
     action: &str,
     info: &config_center::ReleaseInfo,
     keys: Vec<String>,
@@ -692,7 +694,7 @@ async fn written(
         actor: principal_actor(principal),
         action: action.to_owned(),
         target: format!("{}/{}", info.environment, info.application),
-        source_ip: None,
+        source_ip: Some(source_ip.to_string()),
         detail: json!({
             "version": info.version,
             "previous_version": info.version.saturating_sub(1),
@@ -729,6 +731,7 @@ fn principal_actor(p: &Principal) -> String {
 pub async fn publish(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, ApiError> {
@@ -741,13 +744,14 @@ pub async fn publish(
         .store()
         .publish(&env, &app, expected(body.expected_version), entries, &note)
         .await?;
-    Ok(written(&state, &principal, "config.publish", &info, keys, None).await)
+    Ok(written(&state, &principal, ip, "config.publish", &info, keys, None).await)
 }
 
 /// `PATCH /config/v1/{env}/{app}`.
 pub async fn edit(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<EditBody>,
 ) -> Result<Response, ApiError> {
@@ -777,13 +781,14 @@ pub async fn edit(
         .store()
         .apply(&env, &app, expected(body.expected_version), &edits, &note)
         .await?;
-    Ok(written(&state, &principal, "config.edit", &info, keys, None).await)
+    Ok(written(&state, &principal, ip, "config.edit", &info, keys, None).await)
 }
 
 /// `POST /config/v1/{env}/{app}/rollback`.
 pub async fn rollback(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<RollbackBody>,
 ) -> Result<Response, ApiError> {
@@ -796,6 +801,7 @@ pub async fn rollback(
     Ok(written(
         &state,
         &principal,
+        ip,
         "config.rollback",
         &info,
         Vec::new(),
@@ -838,6 +844,7 @@ pub struct GrayBody {
 pub async fn publish_gray(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     JsonBody(body): JsonBody<GrayBody>,
 ) -> Result<Response, ApiError> {
@@ -858,7 +865,7 @@ pub async fn publish_gray(
             &note,
         )
         .await?;
-    Ok(written(&state, &principal, "config.gray", &info, keys, None).await)
+    Ok(written(&state, &principal, ip, "config.gray", &info, keys, None).await)
 }
 
 /// `?version=N` of promote and abort: the gray release the operator looked at (absent:
@@ -881,6 +888,7 @@ fn gray_version(query: Result<Query<GrayVersion>, QueryRejection>) -> Result<Exp
 pub async fn promote_gray(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<GrayVersion>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -898,7 +906,7 @@ pub async fn promote_gray(
         actor: principal_actor(&principal),
         action: "config.promote".to_owned(),
         target: format!("{env}/{app}"),
-        source_ip: None,
+        source_ip: Some(ip.to_string()),
         detail: json!({ "version": version }),
     });
     Ok(Json(
@@ -912,6 +920,7 @@ pub async fn promote_gray(
 pub async fn abort_gray(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     query: Result<Query<GrayVersion>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -927,6 +936,7 @@ pub async fn abort_gray(
     Ok(written(
         &state,
         &principal,
+        ip,
         "config.abort_gray",
         &info,
         Vec::new(),

@@ -126,14 +126,26 @@ pub async fn authenticate(
                     counters_unavailable(&e);
                     None
                 });
+            // the id as presented only when it is a well-formed client id: a caller that
+            // swapped id and secret must not leave its secret in the trail
+            let who = crate::clients::ClientId::parse(id)
+                .map_or_else(|_| "(malformed)".to_owned(), |c| c.as_str().to_owned());
+            state.audit.record(AuditEvent {
+                at: now,
+                actor: format!("client:{who}"),
+                action: "login.failure".to_owned(),
+                target: who.clone(),
+                source_ip: source_ip.map(|ip| ip.to_string()),
+                detail: serde_json::json!({ "kind": "client", "reason": "invalid_client" }),
+            });
             if let Some(refusal) = next.filter(|r| r.locked) {
                 metrics::counter!("portcullis_login_lockouts_total", "kind" => "client")
                     .increment(1);
                 state.audit.record(AuditEvent {
                     at: now,
-                    actor: format!("client:{id}"),
+                    actor: format!("client:{who}"),
                     action: "login.lockout".to_owned(),
-                    target: id.to_owned(),
+                    target: who,
                     source_ip: source_ip.map(|ip| ip.to_string()),
                     detail: serde_json::json!({
                         "kind": "client",

@@ -2,10 +2,12 @@
 //! the store); a rotated token re-used after the grace window revokes its family, which is
 //! audited.
 
+use std::net::IpAddr;
+
 use secrecy::SecretString;
 
 use crate::audit::AuditEvent;
-use crate::clients::{Client, ScopeSet};
+use crate::clients::{Client, GrantType, ScopeSet};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::form::Form;
 use crate::oauth::token::{AccessGrant, TokenResponse, mint, requested_scope};
@@ -17,6 +19,7 @@ pub async fn refresh(
     state: &AppState,
     client: &Client,
     form: &mut Form,
+    source_ip: IpAddr,
 ) -> Result<TokenResponse, ApiError> {
     let presented = form
         .take("refresh_token")
@@ -55,7 +58,7 @@ pub async fn refresh(
                 actor: format!("client:{client_id}"),
                 action: "refresh.reuse_detected".to_owned(),
                 target: family.to_string(),
-                source_ip: None,
+                source_ip: Some(source_ip.to_string()),
                 detail: serde_json::json!({ "subject": subject, "family_revoked": true }),
             });
             return Err(ApiError::oauth(
@@ -71,6 +74,15 @@ pub async fn refresh(
     )
     .increment(1);
     let session = &refreshed.session;
+    // the family id, never a token: the family is what an operator revokes
+    state.audit.record(AuditEvent {
+        at: now,
+        actor: format!("client:{}", client.id),
+        action: "token.refresh".to_owned(),
+        target: session.family.to_string(),
+        source_ip: Some(source_ip.to_string()),
+        detail: serde_json::json!({ "subject": session.subject, "replayed": refreshed.replayed }),
+    });
     let granted = ScopeSet::parse(&session.scope).unwrap_or_default();
     let scope = if requested.is_empty() {
         granted
@@ -101,6 +113,8 @@ pub async fn refresh(
             lifetime: client
                 .access_token_lifetime
                 .unwrap_or(state.config.tokens.access_token_lifetime),
+            grant: GrantType::RefreshToken,
+            source_ip,
         },
         Some(refreshed.token),
     )

@@ -52,7 +52,7 @@ pub async fn revoke(
                     actor: format!("client:{}", client.id),
                     action: "refresh.revoke".to_owned(),
                     target: client.id.to_string(),
-                    source_ip: None,
+                    source_ip: Some(ip.to_string()),
                     detail: serde_json::json!({ "via": "rfc7009" }),
                 });
             }

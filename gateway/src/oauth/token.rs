@@ -10,6 +10,9 @@ use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+use std::net::IpAddr;
+
+use crate::audit::AuditEvent;
 use crate::clients::{Audience, Client, GrantType, ScopeSet};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::claims::{AccessClaims, Audiences};
@@ -95,9 +98,9 @@ pub async fn token(
     let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
     client.check_grant(grant)?;
     let response = match grant {
-        GrantType::ClientCredentials => client_credentials(&state, &client, &mut form)?,
+        GrantType::ClientCredentials => client_credentials(&state, &client, &mut form, ip)?,
         GrantType::RefreshToken => {
-            super::refresh_grant::refresh(&state, &client, &mut form).await?
+            super::refresh_grant::refresh(&state, &client, &mut form, ip).await?
         }
         GrantType::AuthorizationCode => {
             return Err(ApiError::oauth(
@@ -115,6 +118,7 @@ fn client_credentials(
     state: &AppState,
     client: &Client,
     form: &mut Form,
+    source_ip: IpAddr,
 ) -> Result<TokenResponse, ApiError> {
     let requested = requested_scope(form)?;
     let scope = client.grant_scopes(&requested)?;
@@ -146,6 +150,8 @@ fn client_credentials(
             roles: Vec::new(),
             session: None,
             lifetime,
+            grant: GrantType::ClientCredentials,
+            source_ip,
         },
         None,
     )
@@ -176,9 +182,14 @@ pub struct AccessGrant {
     pub session: Option<String>,
     /// Lifetime.
     pub lifetime: std::time::Duration,
+    /// The grant it is issued by (for the audit trail).
+    pub grant: GrantType,
+    /// Who asked (for the audit trail).
+    pub source_ip: IpAddr,
 }
 
-/// Signs an access token and builds the response.
+/// Signs an access token, records `token.issue` in the audit trail (the token's id, never
+/// the token) and builds the response.
 pub fn mint(
     state: &AppState,
     grant: AccessGrant,
@@ -200,6 +211,21 @@ pub fn mint(
         sid: grant.session,
     };
     let access_token = state.keys.sign(&claims)?;
+    state.audit.record(AuditEvent {
+        at: state.keys.now(),
+        actor: format!("client:{}", claims.client_id),
+        action: "token.issue".to_owned(),
+        target: claims.jti.clone(),
+        source_ip: Some(grant.source_ip.to_string()),
+        detail: serde_json::json!({
+            "grant": grant.grant.as_str(),
+            "subject": claims.sub,
+            "scope": claims.scope,
+            "aud": claims.aud,
+            "exp": claims.exp,
+            "sid": claims.sid,
+        }),
+    });
     Ok(TokenResponse {
         access_token,
         token_type: "Bearer",

@@ -247,7 +247,8 @@ pub async fn establish(
     .collect())
 }
 
-/// Signs a console access token; returns it and its claims.
+/// Signs a console access token (recorded as `token.issue`, by its id); returns it and
+/// its claims.
 fn mint(
     state: &AppState,
     subject: &str,
@@ -277,6 +278,20 @@ fn mint(
         preferred_username: info.preferred_username.clone(),
     };
     let token = state.keys.sign(&claims)?;
+    state.audit.record(crate::audit::AuditEvent {
+        at: state.keys.now(),
+        actor: format!("user:{subject}"),
+        action: "token.issue".to_owned(),
+        target: claims.base.jti.clone(),
+        source_ip: None,
+        detail: serde_json::json!({
+            "grant": "console_session",
+            "client_id": claims.base.client_id,
+            "scope": claims.base.scope,
+            "exp": claims.base.exp,
+            "sid": family,
+        }),
+    });
     Ok((token, claims))
 }
 

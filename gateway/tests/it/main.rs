@@ -4,6 +4,7 @@
 mod admin_clients;
 mod adversarial;
 mod alerts;
+mod audit;
 mod authn;
 mod cli;
 mod clients;

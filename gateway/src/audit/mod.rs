@@ -1,0 +1,321 @@
+//! The audit trail: who did what, when, from where — hash-chained, so that tampering with
+//! history is detectable.
+//!
+//! [`Audit::record`] only queues the event (a non-blocking `try_send`: token issuance runs
+//! at tens of thousands per second and must not wait for the trail). A background writer
+//! drains the queue in batches and appends each batch to the chain in one transaction
+//! ([`chain::append`]), retrying while the database is away so that a short outage loses
+//! nothing; the bounded queue keeps memory bounded during a long one (overflow is counted
+//! in `portcullis_audit_dropped_total` and the event logged in full, the only copy left).
+//! Each stored record is then streamed to the JSON-lines sink (`[audit] sink`) and logged
+//! at debug level (target `audit`).
+//!
+//! Events never carry secrets: callers pass identifiers, never tokens, secrets or values.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AuditSinkKind;
+use crate::db::Database;
+
+pub mod chain;
+pub mod query;
+pub mod sink;
+
+pub use chain::{ChainBreak, Intact, verify};
+pub use query::{ActionFilter, AuditFilter, FilterError, Page, RawFilter, list};
+
+/// How many events may wait for the database: a few seconds of peak token issuance.
+const QUEUE: usize = 65_536;
+
+/// The most events appended in one transaction.
+const BATCH: usize = 500;
+
+/// How long the writer waits for more events before appending a batch that is not full:
+/// at tens of thousands of events per second this makes batches of hundreds; a lone
+/// event is stored this much later.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// Why the trail could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// A filter does not parse.
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    /// The database failed.
+    #[error("audit store: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+/// One audit event, as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who: `user:<sub>`, `client:<id>`, `operator:cli:<user>`, `instance:<addr>`.
+    pub actor: String,
+    /// What, dotted: `key.transition`, `token.issue`, …
+    pub action: String,
+    /// What it was done to (a kid, a client id, a token id, …).
+    pub target: String,
+    /// From where, when a request caused it.
+    pub source_ip: Option<String>,
+    /// Details (JSON), secret-free.
+    pub detail: serde_json::Value,
+}
+
+/// One stored record: an event and its place in the chain. This is what the admin API,
+/// `portcullis audit list` and the sink show.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    /// Chain position: 1, 2, 3, … with no gap.
+    pub seq: i64,
+    /// When (millisecond precision, RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// When, in milliseconds since the Unix epoch: the value that is hashed.
+    pub at_unix_ms: i64,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// To what.
+    pub target: String,
+    /// From where.
+    pub source_ip: Option<String>,
+    /// Details. Hashed as their compact serialisation with keys sorted.
+    pub detail: serde_json::Value,
+    /// The hash of record `seq - 1`.
+    pub prev_hash: String,
+    /// This record's hash.
+    pub hash: String,
+    /// The version of the hash encoding.
+    pub hash_version: i32,
+}
+
+impl From<chain::Row> for AuditRecord {
+    fn from(r: chain::Row) -> Self {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.at_unix_ms) * 1_000_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Self {
+            seq: r.seq,
+            at,
+            at_unix_ms: r.at_unix_ms,
+            actor: r.actor,
+            action: r.action,
+            target: r.target,
+            source_ip: r.source_ip,
+            // stored by us as JSON; text that no longer parses is shown as a string
+            detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::String(r.detail)),
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+            hash_version: r.hash_version,
+        }
+    }
+}
+
+/// Records audit events. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    tx: mpsc::Sender<AuditEvent>,
+}
+
+// === impl Audit ===
+
+impl Audit {
+    /// Starts the writer over `db`, streaming stored records to `sink`; it stops when
+    /// `stop` is cancelled, after storing what is queued.
+    pub fn start(
+        db: Database,
+        sink: &AuditSinkKind,
+        stop: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(writer(db, rx, sink::Sink::new(sink), stop));
+        (Self { tx }, task)
+    }
+
+    /// Records `event`: queued at once, stored and streamed as soon as the database takes
+    /// it. Never waits.
+    pub fn record(&self, event: AuditEvent) {
+        if let Err(e) = self.tx.try_send(event) {
+            let (mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) =
+                e;
+            metrics::counter!("portcullis_audit_dropped_total").increment(1);
+            // the only copy left: log it whole
+            tracing::error!(
+                target: "audit",
+                actor = %event.actor,
+                action = %event.action,
+                target_id = %event.target,
+                source_ip = event.source_ip.as_deref().unwrap_or("-"),
+                detail = %event.detail,
+                "audit queue full; event kept only in this log line"
+            );
+        }
+    }
+}
+
+async fn writer(
+    db: Database,
+    mut rx: mpsc::Receiver<AuditEvent>,
+    mut sink: sink::Sink,
+    stop: CancellationToken,
+) {
+    let mut hup = hangup();
+    let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
+    'run: loop {
+        if batch.is_empty() {
+            let first = tokio::select! {
+                () = stop.cancelled() => break 'run,
+                () = next_hangup(&mut hup) => {
+                    sink.reopen();
+                    continue 'run;
+                }
+                e = rx.recv() => match e { Some(e) => e, None => break 'run },
+            };
+            batch.push(first);
+            // linger a moment for more: at high rates, fewer and fuller transactions
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
+            while batch.len() < BATCH {
+                tokio::select! {
+                    biased;
+                    e = rx.recv() => match e { Some(e) => batch.push(e), None => break },
+                    () = &mut linger => break,
+                    () = stop.cancelled() => break,
+                }
+            }
+        }
+        // right after start-up the schema may still be migrating: wait for it quietly
+        while !db.is_migrated() {
+            tokio::select! {
+                () = stop.cancelled() => break 'run,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match chain::append(&db, &batch).await {
+                Ok(records) => {
+                    stored(&mut sink, records);
+                    batch.clear();
+                    break;
+                }
+                Err(e) => {
+                    metrics::counter!("portcullis_audit_write_failures_total").increment(1);
+                    tracing::warn!(error = %e, events = batch.len(), "audit write failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => break 'run,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    // shutting down: store what is still queued, one attempt per batch
+    while let Ok(e) = rx.try_recv() {
+        batch.push(e);
+    }
+    for chunk in batch.chunks(BATCH) {
+        match chain::append(&db, chunk).await {
+            Ok(records) => stored(&mut sink, records),
+            Err(e) => {
+                tracing::error!(error = %e, "audit write failed at shutdown; events kept only in the log");
+                for event in chunk {
+                    tracing::error!(
+                        target: "audit",
+                        actor = %event.actor,
+                        action = %event.action,
+                        target_id = %event.target,
+                        source_ip = event.source_ip.as_deref().unwrap_or("-"),
+                        detail = %event.detail,
+                        "audit event not stored"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// After a batch is committed: counted, streamed, logged at debug. The rows become
+/// [`AuditRecord`]s (their detail parsed back) only when something reads them.
+fn stored(sink: &mut sink::Sink, rows: Vec<chain::Row>) {
+    metrics::counter!("portcullis_audit_records_total").increment(rows.len() as u64);
+    let debug = tracing::enabled!(target: "audit", tracing::Level::DEBUG);
+    if !sink.is_enabled() && !debug {
+        return;
+    }
+    let records: Vec<AuditRecord> = rows.into_iter().map(AuditRecord::from).collect();
+    sink.write(&records);
+    if debug {
+        for r in &records {
+            tracing::debug!(
+                target: "audit",
+                seq = r.seq,
+                actor = %r.actor,
+                action = %r.action,
+                target_id = %r.target,
+                source_ip = r.source_ip.as_deref().unwrap_or("-"),
+                detail = %r.detail,
+                "audit"
+            );
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangup() -> Hangup {
+    None
+}
+
+/// Resolves on SIGHUP; never when signals are unavailable.
+async fn next_hangup(hup: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(s) = hup
+        && s.recv().await.is_some()
+    {
+        return;
+    }
+    let _ = hup;
+    std::future::pending::<()>().await;
+}
+
+/// Stores one event now (the CLI, which has no background writer).
+pub async fn store(db: &Database, e: &AuditEvent) -> Result<(), sqlx::Error> {
+    chain::append(db, std::slice::from_ref(e)).await.map(|_| ())
+}
+
+/// Reads back recent events of one action, newest first (tests).
+pub async fn recent(
+    db: &Database,
+    action: &str,
+    limit: i64,
+) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+    const SQL: &str = "SELECT actor, target, detail FROM audit_events WHERE action = $1 \
+                       ORDER BY id DESC LIMIT $2";
+    let rows: Vec<(String, String, String)> = crate::on_pool!(db.pool(), |p| {
+        sqlx::query_as(SQL)
+            .bind(action)
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+    });
+    Ok(rows)
+}

@@ -1,0 +1,988 @@
+//! The hash-chained audit trail, against real Postgres (and Redis) and the `--dev` SQLite:
+//! what a session leaves in it, one chain across instances, tampering caught by
+//! `portcullis audit verify`, the admin API's filters and pages, the JSON-lines sink, and
+//! no secret anywhere in it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Postgres, Redis};
+use portcullis::audit::{AuditEvent, ChainBreak};
+use portcullis::clients::{GrantType, NewClient, ScopeSet};
+use portcullis::refresh::NewFamily;
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::support::*;
+
+const ADMIN_TOKEN: &str = "audit-admin-token-5b1f0e9c2d7a4e38";
+const CONFIG_SECRET: &str = "pw-audit-Zq81-never-in-the-trail";
+
+// === helpers ===
+
+/// An instance on the Postgres database `db` and the shared Redis (own key prefix), with
+/// `admin.token` and the given sink.
+async fn pg_app(db: &str, sink: Option<&Path>) -> TestApp {
+    let (db, redis) = (db.to_owned(), Redis::shared().url());
+    let sink = sink.map(|p| format!("file:{}", p.display()));
+    spawn_app(move |c| {
+        c.database.url = SecretString::from(db);
+        c.redis = Some(portcullis::config::RedisConfig {
+            url: SecretString::from(redis),
+            cluster: false,
+            command_timeout: Duration::from_secs(2),
+        });
+        c.refresh.key_prefix = format!("audit-{}:", uuid::Uuid::new_v4());
+        c.refresh.reuse_grace = Duration::from_millis(1);
+        c.admin.token = Some(SecretString::from(ADMIN_TOKEN));
+        if let Some(s) = sink {
+            c.audit.sink = s.parse_sink();
+        }
+    })
+    .await
+}
+
+trait ParseSink {
+    fn parse_sink(self) -> portcullis::config::AuditSinkKind;
+}
+
+impl ParseSink for String {
+    fn parse_sink(self) -> portcullis::config::AuditSinkKind {
+        portcullis::config::AuditSinkKind::try_from(self).unwrap()
+    }
+}
+
+/// `GET /admin/audit<query>` with the admin token.
+async fn audit_api(app: &TestApp, query: &str) -> (StatusCode, Value) {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/admin/audit{query}", app.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap())
+}
+
+/// Every record, through the API, following the cursor.
+async fn all_records(app: &TestApp) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut query = "?limit=1000".to_owned();
+    loop {
+        let (status, body) = audit_api(app, &query).await;
+        assert_eq!(status, 200, "{body}");
+        out.extend(body["records"].as_array().unwrap().iter().cloned());
+        match body["next_after_seq"].as_str() {
+            Some(next) => query = format!("?limit=1000&after_seq={next}"),
+            None => return out,
+        }
+    }
+}
+
+/// Waits until the trail holds `n` records of `action`.
+async fn wait_for(app: &TestApp, action: &str, n: usize) {
+    let state = app.state.clone();
+    eventually(
+        Duration::from_secs(20),
+        &format!("{n} `{action}` records stored"),
+        || {
+            let db = state.db.clone();
+            async move {
+                portcullis::audit::recent(&db, action, 100_000)
+                    .await
+                    .map(|r| r.len() >= n)
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+}
+
+/// Runs `portcullis audit <args>` against `database_url` (a config file written next to
+/// `app`'s certificate and key ring); returns the exit code, stdout and stderr.
+fn cli(app: &TestApp, database_url: &str, args: &[&str]) -> (i32, String, String) {
+    let config = app.dir.path().join("audit-cli.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
+         [database]\nurl = \"{database_url}\"\n\
+         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
+         [keys]\nsource = \"file\"\nfile_dir = \"{dir}\"\n",
+        dir = app.dir.path().display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(binary())
+        .arg("audit")
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn event(actor: &str, action: &str, target: &str, at: OffsetDateTime) -> AuditEvent {
+    AuditEvent {
+        at,
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        source_ip: Some("192.0.2.1".to_owned()),
+        detail: json!({ "n": target }),
+    }
+}
+
+fn sink_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect()
+}
+
+/// Re-verifies records as a SIEM would, from their JSON form alone: every link and hash.
+fn verify_json_chain(records: &[Value]) {
+    let mut prev = portcullis::audit::chain::GENESIS.to_owned();
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seq"].as_i64().unwrap(), i as i64 + 1, "gap before {r}");
+        assert_eq!(r["prev_hash"].as_str().unwrap(), prev, "link of {r}");
+        let hash = portcullis::audit::chain::record_hash(
+            r["seq"].as_i64().unwrap(),
+            &prev,
+            r["at_unix_ms"].as_i64().unwrap(),
+            r["actor"].as_str().unwrap(),
+            r["action"].as_str().unwrap(),
+            r["target"].as_str().unwrap(),
+            r["source_ip"].as_str(),
+            &r["detail"].to_string(),
+        );
+        assert_eq!(r["hash"].as_str().unwrap(), hash, "hash of {r}");
+        prev = hash;
+    }
+}
+
+/// Runs `scripts/audit-verify.py` (the independent verifier of the documentation) on
+/// JSON lines; returns its exit code and output.
+fn python_verify(lines: &[u8]) -> (i32, String) {
+    use std::io::Write;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/audit-verify.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(lines).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn database_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap()
+}
+
+// === a whole session ===
+
+#[tokio::test]
+async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secret() {
+    let started = OffsetDateTime::now_utc() - Duration::from_secs(1);
+    let db = Postgres::shared().fresh_database("audit_session").unwrap();
+    let sink_dir = tempfile::tempdir().unwrap();
+    let sink = sink_dir.path().join("audit.jsonl");
+    let app = pg_app(&db, Some(&sink)).await;
+    let http = app.https_client();
+    let admin = reqwest::Client::new();
+
+    // a client, registered through the admin API
+    let created: Value = admin
+        .post(format!("http://{}/admin/clients", app.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({
+            "id": "svc-audit",
+            "name": "audited service",
+            "grant_types": ["client_credentials", "refresh_token"],
+            "scopes": ["config:read:prod", "config:write:prod"],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+
+    // a wrong secret, then a token
+    let wrong = http
+        .post(app.url("/oauth2/token"))
+        .basic_auth("svc-audit", Some("not-the-secret"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let issued: Value = http
+        .post(app.url("/oauth2/token"))
+        .basic_auth("svc-audit", Some(&secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = issued["access_token"].as_str().unwrap().to_owned();
+    let claims: Value = app.state.keys.verify(&access).unwrap();
+    let jti = claims["jti"].as_str().unwrap().to_owned();
+
+    // a user's session: refreshed, then its first token re-used (the family is revoked)
+    let now = app.state.keys.now();
+    let family = |subject: &str| NewFamily {
+        client_id: "svc-audit".to_owned(),
+        subject: subject.to_owned(),
+        scope: "config:read:prod".to_owned(),
+        audience: vec![],
+        auth_time: now,
+        session: json!({}),
+    };
+    let first = app.state.refresh.issue(family("alice"), now).await.unwrap();
+    let refresh = |token: String| {
+        let (http, url, secret) = (http.clone(), app.url("/oauth2/token"), secret.clone());
+        async move {
+            let r = http
+                .post(url)
+                .basic_auth("svc-audit", Some(secret))
+                .form(&[("grant_type", "refresh_token"), ("refresh_token", &token)])
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let rt1 = first.token.expose_secret().to_owned();
+    let (status, body) = refresh(rt1.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let rt2 = body["refresh_token"].as_str().unwrap().to_owned();
+    let refreshed_access = body["access_token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (status, _) = refresh(rt1.clone()).await;
+    assert_eq!(status, 400, "re-use past the grace window");
+
+    // another session, revoked by its client (RFC 7009)
+    let second = app.state.refresh.issue(family("bob"), now).await.unwrap();
+    let rt3 = second.token.expose_secret().to_owned();
+    let revoked = http
+        .post(app.url("/oauth2/revoke"))
+        .basic_auth("svc-audit", Some(&secret))
+        .form(&[("token", rt3.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+
+    // a key rotation through the admin API
+    let rotated = admin
+        .post(format!("http://{}/admin/keys/rotate", app.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+
+    // config: a write with a secret value, a gray release promoted, a rollback
+    let config = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut req = http
+            .request(
+                method,
+                app.url(&format!("/config/v1/prod/executor-orders{path}")),
+            )
+            .bearer_auth(&access);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, b) = config(
+        reqwest::Method::PUT,
+        "",
+        Some(json!({ "entries": [
+            { "key": "db.url", "value": "postgres://orders-db/orders" },
+            { "key": "db.password", "value": CONFIG_SECRET, "secret": true },
+        ] })),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = config(
+        reqwest::Method::PUT,
+        "/gray",
+        Some(json!({
+            "entries": [{ "key": "db.url", "value": "postgres://canary" }],
+            "selector": { "instances": ["node-7"] },
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let gray = b["version"].as_u64().unwrap();
+    let (s, b) = config(
+        reqwest::Method::POST,
+        &format!("/gray/promote?version={gray}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = config(reqwest::Method::POST, "/rollback", Some(json!({ "to": 1 }))).await;
+    assert_eq!(s, 201, "{b}");
+
+    for action in [
+        "client.create",
+        "login.failure",
+        "token.issue",
+        "token.refresh",
+        "refresh.reuse_detected",
+        "refresh.revoke",
+        "key.rotate",
+        "key.transition",
+        "config.publish",
+        "config.gray",
+        "config.promote",
+        "config.rollback",
+    ] {
+        wait_for(&app, action, 1).await;
+    }
+    let records = all_records(&app).await;
+    let ended = OffsetDateTime::now_utc() + Duration::from_secs(1);
+    let find = |action: &str| -> Vec<&Value> {
+        records.iter().filter(|r| r["action"] == action).collect()
+    };
+    // who, when, from where, what
+    let check = |r: &Value, actor: &str, target: &str, from_request: bool| {
+        assert_eq!(r["actor"], actor, "{r}");
+        assert_eq!(r["target"], target, "{r}");
+        let at = OffsetDateTime::parse(
+            r["at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        assert!(started <= at && at <= ended, "{r}");
+        if from_request {
+            assert_eq!(r["source_ip"], "127.0.0.1", "{r}");
+        }
+    };
+    check(
+        find("client.create")[0],
+        "operator:admin-api",
+        "svc-audit",
+        true,
+    );
+    check(
+        find("login.failure")[0],
+        "client:svc-audit",
+        "svc-audit",
+        true,
+    );
+    let issue = find("token.issue");
+    assert_eq!(
+        issue.len(),
+        2,
+        "client_credentials and the refresh: {issue:?}"
+    );
+    check(issue[0], "client:svc-audit", &jti, true);
+    assert_eq!(issue[0]["detail"]["grant"], "client_credentials");
+    assert_eq!(issue[1]["detail"]["grant"], "refresh_token");
+    assert_eq!(issue[1]["detail"]["subject"], "alice");
+    let family_id = first.session.family.to_string();
+    check(
+        find("token.refresh")[0],
+        "client:svc-audit",
+        &family_id,
+        true,
+    );
+    check(
+        find("refresh.reuse_detected")[0],
+        "client:svc-audit",
+        &family_id,
+        true,
+    );
+    check(
+        find("refresh.revoke")[0],
+        "client:svc-audit",
+        "svc-audit",
+        true,
+    );
+    assert_eq!(find("key.rotate")[0]["actor"], "operator:admin-api");
+    assert!(
+        find("key.transition")
+            .iter()
+            .all(|r| r["actor"].as_str().unwrap().starts_with("instance:"))
+    );
+    for action in [
+        "config.publish",
+        "config.gray",
+        "config.promote",
+        "config.rollback",
+    ] {
+        check(
+            find(action)[0],
+            "client:svc-audit",
+            "prod/executor-orders",
+            true,
+        );
+    }
+    assert_eq!(find("config.rollback")[0]["detail"]["restored_from"], 1);
+    let keys: BTreeSet<&str> = find("config.publish")[0]["detail"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["db.password", "db.url"]));
+
+    // the chain holds: from the API's JSON, and by `portcullis audit verify`
+    verify_json_chain(&records);
+    let (code, out, err) = cli(&app, &db, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("{} records, chain intact", records.len())),
+        "{out}"
+    );
+
+    // the sink received the same records, and they verify on their own
+    let expected = records.len();
+    eventually(Duration::from_secs(10), "sink caught up", || {
+        let n = sink_lines(&sink).len();
+        async move { n >= expected }
+    })
+    .await;
+    let streamed = sink_lines(&sink);
+    assert_eq!(streamed[..records.len()], records[..]);
+    verify_json_chain(&streamed);
+    // and by the documented verifier, which knows nothing of Portcullis
+    let (code, out) = python_verify(&std::fs::read(&sink).unwrap());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{} records, chain intact", streamed.len())),
+        "{out}"
+    );
+
+    // no secret of the session, anywhere in the trail
+    let rows = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT row_to_json(a)::text FROM audit_events a",
+        )
+        .unwrap();
+    let file = std::fs::read_to_string(&sink).unwrap();
+    let signature = |jwt: &str| jwt.rsplit('.').next().unwrap().to_owned();
+    for secret in [
+        secret.as_str(),
+        access.as_str(),
+        &signature(&access),
+        &refreshed_access,
+        &rt1,
+        &rt2,
+        &rt3,
+        ADMIN_TOKEN,
+        CONFIG_SECRET,
+    ] {
+        assert!(!rows.contains(secret), "a secret is in audit_events");
+        assert!(!file.contains(secret), "a secret is in the sink");
+    }
+}
+
+// === one chain across instances ===
+
+#[tokio::test]
+async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
+    let db = Postgres::shared().fresh_database("audit_three").unwrap();
+    let spawn = || {
+        let db = db.clone();
+        spawn_app(move |c| c.database.url = SecretString::from(db))
+    };
+    let apps = [spawn().await, spawn().await, spawn().await];
+    let (client, secret) = apps[0]
+        .state
+        .clients
+        .create(
+            NewClient {
+                id: Some("svc-three".parse().unwrap()),
+                name: "three".to_owned(),
+                grant_types: BTreeSet::from([GrantType::ClientCredentials]),
+                scopes: ScopeSet::parse("jobs:run").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            apps[0].state.keys.now(),
+        )
+        .await
+        .unwrap();
+    let secret = secret.expose_secret().to_owned();
+
+    // tokens through every instance at once, and bursts recorded straight into each
+    const TOKENS: usize = 60;
+    const DIRECT: usize = 400;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, app) in apps.iter().enumerate() {
+        for _ in 0..TOKENS {
+            let (http, url) = (app.https_client(), app.url("/oauth2/token"));
+            let (id, secret) = (client.id.to_string(), secret.clone());
+            tasks.spawn(async move {
+                let r = http
+                    .post(url)
+                    .basic_auth(id, Some(secret))
+                    .form(&[("grant_type", "client_credentials")])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            });
+        }
+        let audit = app.state.audit.clone();
+        tasks.spawn(async move {
+            for n in 0..DIRECT {
+                audit.record(event(
+                    &format!("instance:{i}"),
+                    "test.burst",
+                    &n.to_string(),
+                    OffsetDateTime::now_utc(),
+                ));
+                if n % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    wait_for(&apps[0], "token.issue", 3 * TOKENS).await;
+    wait_for(&apps[0], "test.burst", 3 * DIRECT).await;
+
+    let total: i64 = Postgres::shared()
+        .psql(database_name(&db), "SELECT count(*) FROM audit_events")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let max_seq: i64 = Postgres::shared()
+        .psql(database_name(&db), "SELECT max(seq) FROM audit_events")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(max_seq, total, "every record has its own position, no gap");
+    let intact = portcullis::audit::verify(&apps[1].state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(intact.records, total);
+    let (code, out, err) = cli(&apps[2], &db, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("{total} records, chain intact")),
+        "{out}"
+    );
+    // all three wrote into it
+    let writers = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT count(DISTINCT actor) FROM audit_events WHERE action = 'test.burst'",
+        )
+        .unwrap();
+    assert_eq!(writers.trim(), "3");
+}
+
+// === tampering ===
+
+#[tokio::test]
+async fn altering_or_deleting_a_record_makes_audit_verify_fail_naming_its_seq() {
+    let db = Postgres::shared().fresh_database("audit_tamper").unwrap();
+    let app = spawn_app({
+        let db = db.clone();
+        move |c| c.database.url = SecretString::from(db)
+    })
+    .await;
+    // a fixed set: no background writer adds records while the test tampers
+    let t0 = OffsetDateTime::now_utc();
+    for n in 1..=10 {
+        portcullis::audit::store(
+            &app.state.db,
+            &event("operator:test", "test.tamper", &n.to_string(), t0),
+        )
+        .await
+        .unwrap();
+    }
+    let psql = |sql: &str| Postgres::shared().psql(database_name(&db), sql).unwrap();
+    let verify = || cli(&app, &db, &["verify"]);
+    let total: i64 = psql("SELECT max(seq) FROM audit_events")
+        .trim()
+        .parse()
+        .unwrap();
+    let (code, out, err) = verify();
+    assert_eq!(code, 0, "{out}{err}");
+
+    // a record's content changed
+    let original = psql("SELECT detail FROM audit_events WHERE seq = 4");
+    psql("UPDATE audit_events SET detail = '{\"n\":\"forged\"}' WHERE seq = 4");
+    let (code, out, _) = verify();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("seq 4: hash mismatch"), "{out}");
+    psql(&format!(
+        "UPDATE audit_events SET detail = '{}' WHERE seq = 4",
+        original.trim()
+    ));
+    assert_eq!(verify().0, 0, "restored");
+
+    // changed, and its hash recomputed by someone who knows the format: the next link breaks
+    let row: Value = serde_json::from_str(&psql(
+        "SELECT row_to_json(a)::text FROM audit_events a WHERE seq = 4",
+    ))
+    .unwrap();
+    let forged = portcullis::audit::chain::record_hash(
+        4,
+        row["prev_hash"].as_str().unwrap(),
+        row["at_unix_ms"].as_i64().unwrap(),
+        row["actor"].as_str().unwrap(),
+        row["action"].as_str().unwrap(),
+        row["target"].as_str().unwrap(),
+        row["source_ip"].as_str(),
+        "{\"n\":\"forged\"}",
+    );
+    psql(&format!(
+        "UPDATE audit_events SET detail = '{{\"n\":\"forged\"}}', hash = '{forged}' WHERE seq = 4"
+    ));
+    let (code, out, _) = verify();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("seq 5: prev mismatch"), "{out}");
+    psql(&format!(
+        "UPDATE audit_events SET detail = '{}', hash = '{}' WHERE seq = 4",
+        original.trim(),
+        row["hash"].as_str().unwrap()
+    ));
+    assert_eq!(verify().0, 0, "restored");
+
+    // a record deleted from the middle
+    psql("CREATE TABLE kept AS SELECT * FROM audit_events WHERE seq = 6");
+    psql("DELETE FROM audit_events WHERE seq = 6");
+    let (code, out, _) = verify();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("seq 6: missing"), "{out}");
+    let json_out = cli(&app, &db, &["verify", "--json"]).1;
+    let report: Value = serde_json::from_str(json_out.trim()).unwrap();
+    assert_eq!(report["intact"], false);
+    assert_eq!(report["first_broken_seq"], 6);
+    psql("INSERT INTO audit_events SELECT * FROM kept");
+    assert_eq!(verify().0, 0, "restored");
+
+    // the newest record cut off the end
+    psql(&format!(
+        "CREATE TABLE kept_last AS SELECT * FROM audit_events WHERE seq = {total}"
+    ));
+    psql(&format!("DELETE FROM audit_events WHERE seq = {total}"));
+    let (code, out, _) = verify();
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains(&format!("seq {total}: missing (truncated")),
+        "{out}"
+    );
+    psql("INSERT INTO audit_events SELECT * FROM kept_last");
+    assert_eq!(verify().0, 0, "restored");
+
+    // a record slipped in beside the chain, without a position
+    psql(
+        "INSERT INTO audit_events (at_unix_ms, actor, action, target, detail) \
+         VALUES (0, 'intruder', 'login.success', 'x', '{}')",
+    );
+    let (code, out, _) = verify();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("has no chain position"), "{out}");
+}
+
+#[tokio::test]
+async fn an_altered_record_is_detected_on_sqlite_too() {
+    let app = spawn_app(|_| {}).await;
+    let t0 = OffsetDateTime::now_utc();
+    for n in 1..=5 {
+        app.state
+            .audit
+            .record(event("operator:test", "test.sqlite", &n.to_string(), t0));
+    }
+    wait_for(&app, "test.sqlite", 5).await;
+    let url = format!("sqlite://{}/portcullis.db", app.dir.path().display());
+    let (code, out, err) = cli(&app, &url, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let seq: i64 = match app.state.db.pool() {
+        portcullis::db::Pool::Sqlite(p) => {
+            let (seq,): (i64,) = sqlx::query_as(
+                "SELECT seq FROM audit_events WHERE action = 'test.sqlite' AND target = '3'",
+            )
+            .fetch_one(p)
+            .await
+            .unwrap();
+            sqlx::query("UPDATE audit_events SET actor = 'someone-else' WHERE seq = $1")
+                .bind(seq)
+                .execute(p)
+                .await
+                .unwrap();
+            seq
+        }
+        portcullis::db::Pool::Postgres(_) => unreachable!("the test instance runs on SQLite"),
+    };
+    assert_eq!(
+        portcullis::audit::verify(&app.state.db)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        ChainBreak::HashMismatch { seq }
+    );
+    let (code, out, _) = cli(&app, &url, &["verify"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains(&format!("seq {seq}: hash mismatch")), "{out}");
+}
+
+// === the admin API and the CLI listing ===
+
+#[tokio::test]
+async fn the_audit_api_filters_pages_and_refuses_bad_filters_with_400() {
+    let app = spawn_app(|c| c.admin.token = Some(SecretString::from(ADMIN_TOKEN))).await;
+    let at =
+        |s: &str| OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap();
+    let events = [
+        event(
+            "user:alice",
+            "login.success",
+            "alice",
+            at("2026-01-01T00:00:01Z"),
+        ),
+        event(
+            "user:bob",
+            "login.failure",
+            "bob",
+            at("2026-01-01T00:00:02Z"),
+        ),
+        event(
+            "user:bob",
+            "login.lockout",
+            "bob",
+            at("2026-01-01T00:00:03Z"),
+        ),
+        event(
+            "client:svc",
+            "token.issue",
+            "jti-1",
+            at("2026-01-01T00:00:04Z"),
+        ),
+        event(
+            "client:svc",
+            "token.issue",
+            "jti-2",
+            at("2026-01-01T00:00:05Z"),
+        ),
+        event("user:alice", "logout", "alice", at("2026-01-01T00:00:06Z")),
+        event(
+            "user:alice",
+            "loginx.other",
+            "alice",
+            at("2026-01-01T00:00:07Z"),
+        ),
+    ];
+    for e in &events {
+        app.state.audit.record(e.clone());
+    }
+    wait_for(&app, "loginx.other", 1).await;
+
+    let targets = |body: &Value| -> Vec<String> {
+        body["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["action"] != "key.transition")
+            .map(|r| r["target"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let get = |q: &'static str| audit_api(&app, q);
+
+    let (s, b) = get("?action=token.issue").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(targets(&b), ["jti-1", "jti-2"]);
+    // a prefix takes whole words only: `login.*` is not `loginx.other`
+    let (_, b) = get("?action=login.*").await;
+    assert_eq!(targets(&b), ["alice", "bob", "bob"]);
+    let (_, b) = get("?actor=user:bob").await;
+    assert_eq!(targets(&b), ["bob", "bob"]);
+    let (_, b) = get("?target=alice&action=logout").await;
+    assert_eq!(targets(&b), ["alice"]);
+    let (_, b) = get("?since=2026-01-01T00:00:02Z&until=2026-01-01T00:00:04Z").await;
+    assert_eq!(targets(&b), ["bob", "bob"]);
+
+    // pages of two, continued by the cursor, cover everything once, in chain order
+    let mut seen = Vec::new();
+    let mut query = "?limit=2&since=2026-01-01T00:00:00Z&until=2026-01-02T00:00:00Z".to_owned();
+    let mut pages = 0;
+    loop {
+        let (s, b) = audit_api(&app, &query).await;
+        assert_eq!(s, 200, "{b}");
+        assert!(b["records"].as_array().unwrap().len() <= 2);
+        seen.extend(targets(&b));
+        pages += 1;
+        match b["next_after_seq"].as_str() {
+            Some(c) => {
+                query = format!(
+                    "?limit=2&since=2026-01-01T00:00:00Z&until=2026-01-02T00:00:00Z&after_seq={c}"
+                )
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(
+        seen,
+        ["alice", "bob", "bob", "jti-1", "jti-2", "alice", "alice"]
+    );
+
+    // bad filters: 400, machine-readable, naming the parameter
+    for (query, field) in [
+        ("?since=yesterday", "since"),
+        ("?until=2026-13-01T00:00:00Z", "until"),
+        (
+            "?since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+            "until",
+        ),
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=ten", "limit"),
+        ("?after_seq=-3", "after_seq"),
+        ("?after_seq=abc", "after_seq"),
+        ("?action=login*", "action"),
+        ("?action=Login.Success", "action"),
+        ("?actor=", "actor"),
+        ("?secret=1", "query"),
+    ] {
+        let (s, b) = audit_api(&app, query).await;
+        assert_eq!(s, 400, "{query}: {b}");
+        assert_eq!(b["error"], "invalid_request", "{query}");
+        let description = b["error_description"].as_str().unwrap();
+        assert!(
+            description.starts_with(&format!("invalid {field}")),
+            "{query}: {description}"
+        );
+    }
+
+    // the admin token is required like on every /admin route
+    let none = reqwest::get(format!("http://{}/admin/audit", app.admin))
+        .await
+        .unwrap();
+    assert_eq!(none.status(), 401);
+
+    // the CLI lists the same records, as JSON lines
+    let url = format!("sqlite://{}/portcullis.db", app.dir.path().display());
+    let (code, out, err) = cli(&app, &url, &["list", "--action", "login.*"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (_, api) = get("?action=login.*").await;
+    assert_eq!(Value::Array(lines), api["records"]);
+    let (code, _, err) = cli(&app, &url, &["list", "--since", "soon"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("invalid since"), "{err}");
+}
+
+// === the sink ===
+
+#[tokio::test]
+async fn the_file_sink_gets_every_record_and_follows_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink: PathBuf = dir.path().join("audit.jsonl");
+    let kind = format!("file:{}", sink.display()).parse_sink();
+    let app = spawn_app(move |c| c.audit.sink = kind).await;
+    let t0 = OffsetDateTime::now_utc();
+    for n in 0..3 {
+        app.state
+            .audit
+            .record(event("operator:test", "test.sink", &n.to_string(), t0));
+    }
+    wait_for(&app, "test.sink", 3).await;
+    eventually(Duration::from_secs(10), "three lines", || {
+        let n = sink_lines(&sink)
+            .iter()
+            .filter(|r| r["action"] == "test.sink")
+            .count();
+        async move { n == 3 }
+    })
+    .await;
+
+    // rotated away (as logrotate does): the next records start a new file
+    let rotated = dir.path().join("audit.jsonl.1");
+    std::fs::rename(&sink, &rotated).unwrap();
+    for n in 3..5 {
+        app.state
+            .audit
+            .record(event("operator:test", "test.sink", &n.to_string(), t0));
+    }
+    eventually(Duration::from_secs(10), "a new file", || {
+        let n = sink_lines(&sink).len();
+        async move { n == 2 }
+    })
+    .await;
+    let old = sink_lines(&rotated);
+    let new = sink_lines(&sink);
+    let mut both = old.clone();
+    both.extend(new.clone());
+    // one unbroken chain across the two files, the same as the database holds
+    verify_json_chain(&both);
+    let mut joined = std::fs::read(&rotated).unwrap();
+    joined.extend(std::fs::read(&sink).unwrap());
+    let (code, out) = python_verify(&joined);
+    assert_eq!(code, 0, "{out}");
+    // an altered line is caught by the independent verifier as well
+    let text = String::from_utf8(joined).unwrap();
+    let altered = text.replacen("\"target\":\"1\"", "\"target\":\"9\"", 1);
+    assert_ne!(altered, text);
+    let (code, out) = python_verify(altered.as_bytes());
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("hash mismatch"), "{out}");
+    let targets: Vec<_> = new.iter().map(|r| r["target"].clone()).collect();
+    assert_eq!(targets, [json!("3"), json!("4")]);
+    let stored: BTreeMap<i64, String> = all_records_sqlite(&app).await;
+    for r in &both {
+        assert_eq!(
+            stored[&r["seq"].as_i64().unwrap()],
+            r["hash"].as_str().unwrap()
+        );
+    }
+}
+
+/// seq → hash, straight from the SQLite database.
+async fn all_records_sqlite(app: &TestApp) -> BTreeMap<i64, String> {
+    match app.state.db.pool() {
+        portcullis::db::Pool::Sqlite(p) => sqlx::query_as::<_, (i64, String)>(
+            "SELECT seq, hash FROM audit_events WHERE seq IS NOT NULL",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect(),
+        portcullis::db::Pool::Postgres(_) => unreachable!("the test instance runs on SQLite"),
+    }
+}
