@@ -10,9 +10,7 @@ use clap::Subcommand;
 use super::clients::{Target, load_config};
 use super::{EXIT_CONFIG, EXIT_FAILURE, runtime};
 use crate::audit::{AuditFilter, ChainBreak, RawFilter};
-use crate::config;
 use crate::db::Database;
-use crate::telemetry;
 
 /// Exit status of `audit verify` when the chain is broken (1 is kept for "could not
 /// check", 2 for command-line errors).
@@ -75,10 +73,7 @@ pub(super) fn run(cmd: AuditCommand) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let _ = telemetry::init_logging(&config::LogConfig {
-        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        format: config::LogFormat::Pretty,
-    });
+    super::quiet_logging();
     let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
         Err(code) => return code,

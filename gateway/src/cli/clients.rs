@@ -22,7 +22,6 @@ use crate::config::{self, Config};
 use crate::db::Database;
 use crate::dev;
 use crate::refresh::{RedisRefreshStore, RefreshStore};
-use crate::telemetry;
 
 /// `portcullis clients …`
 #[derive(Debug, Subcommand)]
@@ -181,10 +180,7 @@ pub(super) fn run(cmd: ClientsCommand) -> ExitCode {
         }
     };
     let dev = target.dev;
-    let _ = telemetry::init_logging(&config::LogConfig {
-        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        format: config::LogFormat::Pretty,
-    });
+    super::quiet_logging();
     let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
         Err(code) => return code,

@@ -199,6 +199,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     code
 }
 
+/// Logging for the operator commands: warnings only (or `RUST_LOG`), for a terminal.
+fn quiet_logging() {
+    let _ = telemetry::init_logging(&config::LogConfig {
+        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        format: config::LogFormat::Pretty,
+    });
+}
+
 /// Builds a runtime, or says why not and gives the exit status.
 fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
     builder.enable_all().build().map_err(|e| {
@@ -288,10 +296,7 @@ fn keys(cmd: KeysCommand) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let _ = telemetry::init_logging(&config::LogConfig {
-        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        format: config::LogFormat::Pretty,
-    });
+    quiet_logging();
     let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
         Err(code) => return code,

@@ -12,10 +12,8 @@ use super::clients::{Target, load_config};
 use super::{EXIT_CONFIG, EXIT_FAILURE, runtime};
 use crate::accounts::{self, AccountError};
 use crate::audit::AuditEvent;
-use crate::config;
 use crate::db::Database;
 use crate::sso::roles::Role;
-use crate::telemetry;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum UsersCommand {
@@ -54,10 +52,7 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let _ = telemetry::init_logging(&config::LogConfig {
-        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        format: config::LogFormat::Pretty,
-    });
+    super::quiet_logging();
     let mut line = String::new();
     if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
         eprintln!("portcullis: cannot read the password from standard input: {e}");
