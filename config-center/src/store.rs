@@ -475,6 +475,7 @@ impl Store {
 
     /// The newest served version (main or gray) of every (environment, application)
     /// that has a release, for a periodic reconcile of watchers against the change feed.
+    #[tracing::instrument(name = "db.config.latest_versions", skip_all, fields(otel.kind = "client"))]
     pub async fn latest_versions(&self) -> Result<Vec<ReleaseEvent>, StoreError> {
         const SQL: &str = "SELECT environment, application, MAX(version) FROM config_releases WHERE status <> 'aborted' GROUP BY environment, application";
         let rows: Vec<(String, String, i64)> = on_pool!(&self.pool, |p, _pg| sqlx::query_as(SQL)
@@ -489,6 +490,7 @@ impl Store {
     }
 
     /// Release `version` of (env, app), decrypted.
+    #[tracing::instrument(name = "db.config.release", skip_all, fields(otel.kind = "client"))]
     pub async fn release(
         &self,
         env: &Environment,
@@ -574,6 +576,7 @@ impl Store {
     }
 
     /// The current release of (env, app), decrypted; `None` when nothing was published.
+    #[tracing::instrument(name = "db.config.current", skip_all, fields(otel.kind = "client"))]
     pub async fn current(
         &self,
         env: &Environment,
@@ -586,6 +589,7 @@ impl Store {
     }
 
     /// Releases of (env, app), newest first, at most `limit`.
+    #[tracing::instrument(name = "db.config.history", skip_all, fields(otel.kind = "client"))]
     pub async fn history(
         &self,
         env: &Environment,
@@ -631,6 +635,7 @@ impl Store {
 
     /// The differences from release `from` to release `to` (any two, either order);
     /// secret values masked unless `reveal`.
+    #[tracing::instrument(name = "db.config.diff", skip_all, fields(otel.kind = "client"))]
     pub async fn diff(
         &self,
         env: &Environment,
@@ -680,6 +685,7 @@ impl Store {
     /// Publishes `entries` as the full snapshot of a new main release of (env, app).
     /// `expected` names the head version ([`Store::head_version`]). Refused while a gray
     /// release is in progress.
+    #[tracing::instrument(name = "db.config.publish", skip_all, fields(otel.kind = "client"))]
     pub async fn publish(
         &self,
         env: &Environment,
@@ -696,6 +702,7 @@ impl Store {
     /// Publishes `entries` as a gray release: served only to instances `selector`
     /// matches ([`Store::snapshot_for`]) until [`Store::promote`] or [`Store::abort_gray`].
     /// One gray release at a time per (environment, application).
+    #[tracing::instrument(name = "db.config.publish_gray", skip_all, fields(otel.kind = "client"))]
     pub async fn publish_gray(
         &self,
         env: &Environment,
@@ -721,6 +728,7 @@ impl Store {
     /// that already hold it keep it; every other instance moves up to it).
     ///
     /// `expected` names the gray release's version (it is the head while in progress).
+    #[tracing::instrument(name = "db.config.promote", skip_all, fields(otel.kind = "client"))]
     pub async fn promote(
         &self,
         env: &Environment,
@@ -760,6 +768,7 @@ impl Store {
     /// held the gray one too — moves forward to it (clients never go back a version).
     ///
     /// `expected` names the gray release's version (it is the head while in progress).
+    #[tracing::instrument(name = "db.config.abort_gray", skip_all, fields(otel.kind = "client"))]
     pub async fn abort_gray(
         &self,
         env: &Environment,
@@ -810,6 +819,7 @@ impl Store {
 
     /// What an instance receives: the gray release in progress when its selector
     /// matches `instance` or `labels`, otherwise the current main release.
+    #[tracing::instrument(name = "db.config.snapshot_for", skip_all, fields(otel.kind = "client"))]
     pub async fn snapshot_for(
         &self,
         env: &Environment,
@@ -833,6 +843,7 @@ impl Store {
     }
 
     /// Applies `edits` to the current main release and publishes the result.
+    #[tracing::instrument(name = "db.config.apply", skip_all, fields(otel.kind = "client"))]
     pub async fn apply(
         &self,
         env: &Environment,
@@ -886,6 +897,7 @@ impl Store {
     }
 
     /// Republishes release `to`'s snapshot as a new main release (nothing is deleted).
+    #[tracing::instrument(name = "db.config.rollback", skip_all, fields(otel.kind = "client"))]
     pub async fn rollback(
         &self,
         env: &Environment,
@@ -1170,6 +1182,7 @@ impl Store {
 
     /// Starts a new data key for `env`: later releases are sealed under it, earlier ones
     /// stay readable under theirs. Returns the new key version.
+    #[tracing::instrument(name = "db.config.rotate_data_key", skip_all, fields(otel.kind = "client"))]
     pub async fn rotate_data_key(&self, env: &Environment) -> Result<i64, StoreError> {
         let next = self
             .stored_key(env, None)
@@ -1183,6 +1196,7 @@ impl Store {
     /// [`crate::KeyWrapper::rotate`]), one row at a time with compare-and-set, while the
     /// store keeps serving: old and new wrapped forms both unwrap until the old Transit
     /// key version is retired. Returns how many rows were re-wrapped.
+    #[tracing::instrument(name = "db.config.rewrap_data_keys", skip_all, fields(otel.kind = "client"))]
     pub async fn rewrap_data_keys(&self) -> Result<u64, StoreError> {
         const ALL: &str =
             "SELECT environment, key_version, wrapped FROM config_data_keys WHERE wrapper = $1";

@@ -118,6 +118,7 @@ pub(super) const COLUMNS: &str =
 
 /// Appends `events` in one transaction, chained after the current head; returns the
 /// stored rows. Either all are stored or none.
+#[tracing::instrument(name = "db.audit.append", skip_all, fields(otel.kind = "client", records = events.len()))]
 pub async fn append(db: &Database, events: &[AuditEvent]) -> Result<Vec<Row>, sqlx::Error> {
     if !db.is_migrated() {
         return Err(sqlx::Error::PoolTimedOut);
@@ -338,6 +339,7 @@ pub struct Intact {
 const PAGE: i64 = 1000;
 
 /// Walks the whole chain in one consistent snapshot.
+#[tracing::instrument(name = "db.audit.verify", skip_all, fields(otel.kind = "client"))]
 pub async fn verify(db: &Database) -> Result<Result<Intact, ChainBreak>, sqlx::Error> {
     const HEAD: &str = "SELECT seq, hash, legacy_max_id FROM audit_chain_head WHERE id = 1";
     const UNCHAINED: &str = "SELECT MIN(id) FROM audit_events WHERE seq IS NULL AND id > $1";

@@ -179,6 +179,7 @@ pub struct Page {
 }
 
 /// The records `filter` selects, one page.
+#[tracing::instrument(name = "db.audit.list", skip_all, fields(otel.kind = "client"))]
 pub async fn list(db: &Database, filter: &AuditFilter) -> Result<Page, sqlx::Error> {
     // one text for both backends: an absent filter is a NULL parameter
     let sql = format!(

@@ -332,6 +332,7 @@ impl RedisFailureStore {
 
 #[async_trait]
 impl FailureStore for RedisFailureStore {
+    #[tracing::instrument(name = "redis.lockout.get", skip_all, fields(otel.kind = "client"))]
     async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable> {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(key).arg("f").arg("last");
@@ -350,6 +351,7 @@ impl FailureStore for RedisFailureStore {
         })
     }
 
+    #[tracing::instrument(name = "redis.lockout.record_failure", skip_all, fields(otel.kind = "client"))]
     async fn record_failure(
         &self,
         key: &str,
@@ -374,6 +376,7 @@ impl FailureStore for RedisFailureStore {
         Ok(FailureRecord { failures, last_ms })
     }
 
+    #[tracing::instrument(name = "redis.lockout.clear", skip_all, fields(otel.kind = "client"))]
     async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(key);

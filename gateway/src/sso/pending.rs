@@ -111,6 +111,7 @@ impl RedisPendingStore {
 
 #[async_trait]
 impl PendingStore for RedisPendingStore {
+    #[tracing::instrument(name = "redis.sso_state.put", skip_all, fields(otel.kind = "client"))]
     async fn put(
         &self,
         state: &str,
@@ -128,6 +129,7 @@ impl PendingStore for RedisPendingStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "redis.sso_state.take", skip_all, fields(otel.kind = "client"))]
     async fn take(&self, state: &str) -> Result<Option<PendingLogin>, PendingError> {
         let mut cmd = redis::cmd("GETDEL");
         cmd.arg(key_of(&self.prefix, state));
