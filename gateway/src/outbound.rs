@@ -13,14 +13,21 @@ pub fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, Strin
     client_tls_config(extra_ca, None)
 }
 
+/// The certificates of a PEM file: CAs to trust, or a client's chain. Lets configuration
+/// be checked before start without loading the system roots, which
+/// [`client_tls_config`] does once when the client is built.
+pub fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A client certificate chain and its key, from PEM files.
 pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// Reads a client certificate chain and its private key (PEM) for mutual TLS.
 pub fn client_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, String> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let chain = pem_certs(cert)?;
     if chain.is_empty() {
         return Err(format!("{}: no certificate in the file", cert.display()));
     }
@@ -38,10 +45,7 @@ pub fn client_tls_config(
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(ca) = extra_ca {
-        let certs = CertificateDer::pem_file_iter(ca)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
-        for cert in certs {
+        for cert in pem_certs(ca)? {
             roots
                 .add(cert)
                 .map_err(|e| format!("{}: {e}", ca.display()))?;

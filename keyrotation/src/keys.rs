@@ -41,6 +41,16 @@ struct LoadedKey {
     material: Material,
 }
 
+impl LoadedRing {
+    /// The key `kid`, if it is published at `now`: the only keys a token may be verified
+    /// with (compromised and retired keys never are).
+    fn published(&self, kid: &str, now: OffsetDateTime) -> Option<&LoadedKey> {
+        self.keys
+            .iter()
+            .find(|k| k.record.kid.as_str() == kid && k.record.is_published_at(now))
+    }
+}
+
 /// What a token must satisfy besides its signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyParams {
@@ -291,11 +301,7 @@ impl Keys {
         let kid = header.kid.ok_or(KeyError::MissingKid)?;
 
         let loaded = self.inner.ring.load();
-        let key = loaded
-            .keys
-            .iter()
-            .find(|k| k.record.kid.as_str() == kid && k.record.is_published_at(now))
-            .ok_or(KeyError::UnknownKid)?;
+        let key = loaded.published(&kid, now).ok_or(KeyError::UnknownKid)?;
         if key.record.alg != alg {
             return Err(KeyError::AlgorithmMismatch);
         }
@@ -324,12 +330,7 @@ impl Keys {
     /// Whether a token signed by `kid` may still be accepted at `now`: the key is in the
     /// ring and published (neither retired nor declared compromised).
     pub fn trusts(&self, kid: &str, now: OffsetDateTime) -> bool {
-        self.inner
-            .ring
-            .load()
-            .keys
-            .iter()
-            .any(|k| k.record.kid.as_str() == kid && k.record.is_published_at(now))
+        self.inner.ring.load().published(kid, now).is_some()
     }
 
     /// The JWKS document at `now`: every key that may verify a live token (next, active,

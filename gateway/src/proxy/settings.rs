@@ -227,7 +227,7 @@ impl ProxySettings {
             ));
         }
         if let Some(ca) = &self.tls_ca_file {
-            crate::outbound::tls_config(Some(ca)).map_err(|m| err("proxy.tls_ca_file", m))?;
+            crate::outbound::pem_certs(ca).map_err(|m| err("proxy.tls_ca_file", m))?;
         }
         if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
             crate::outbound::client_identity(cert, key)

@@ -21,13 +21,13 @@
 //! feature, other errors, time until `/readyz` reported the outage, and time from the
 //! dependency's return until every degraded feature and `/readyz` were back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::{OidcOptions, OidcProvider, OpenBao, Postgres, Redis};
-use portcullis::clients::{GrantType, NewClient, ScopeSet};
+use portcullis::clients::GrantType;
 use portcullis::config::{KeySourceKind, RedisConfig};
 use portcullis::refresh::NewFamily;
 use portcullis::sso::settings::SsoSettings;
@@ -274,30 +274,18 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
     let state = &app.state;
     let now = state.keys.now();
     let scopes = format!("scheduler:executor config:read:prod:{APP} config:write:prod:{APP}");
-    let (client, secret) = state
-        .clients
-        .create(
-            NewClient {
-                id: None,
-                name: "faults".to_owned(),
-                grant_types: BTreeSet::from([
-                    GrantType::ClientCredentials,
-                    GrantType::RefreshToken,
-                ]),
-                scopes: ScopeSet::parse(&scopes).unwrap(),
-                audiences: vec![],
-                access_token_lifetime: None,
-            },
-            now,
-        )
-        .await
-        .unwrap();
-    let creds = (client.id.to_string(), secret.expose_secret().to_owned());
+    let creds = register_client(
+        state,
+        "faults",
+        &[GrantType::ClientCredentials, GrantType::RefreshToken],
+        &scopes,
+    )
+    .await;
     let first_refresh = state
         .refresh
         .issue(
             NewFamily {
-                client_id: client.id.to_string(),
+                client_id: creds.0.clone(),
                 subject: "chain".to_owned(),
                 scope: "scheduler:executor".to_owned(),
                 audience: vec![],

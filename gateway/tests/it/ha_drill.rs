@@ -35,13 +35,13 @@
 //! (nginx tries a failed peer again after `fail_timeout`, 10 s); the Redis figures come
 //! from `/readyz` of every instance and from the first refresh answered 200.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use portcullis::clients::{GrantType, NewClient, ScopeSet};
+use portcullis::clients::GrantType;
 use portcullis::config::{KeySourceKind, RedisConfig};
 use portcullis::refresh::NewFamily;
 use reqwest::StatusCode;
@@ -845,32 +845,20 @@ async fn ha_drill_under_continuous_mixed_load() {
     let state = &setup.state;
     let now = state.keys.now();
     let scopes = format!("scheduler:executor config:read:prod:{APP} config:write:prod:{APP}");
-    let (client, secret) = state
-        .clients
-        .create(
-            NewClient {
-                id: None,
-                name: "ha-drill".to_owned(),
-                grant_types: BTreeSet::from([
-                    GrantType::ClientCredentials,
-                    GrantType::RefreshToken,
-                ]),
-                scopes: ScopeSet::parse(&scopes).unwrap(),
-                audiences: vec![],
-                access_token_lifetime: None,
-            },
-            now,
-        )
-        .await
-        .unwrap();
-    let creds = (client.id.to_string(), secret.expose_secret().to_owned());
+    let creds = register_client(
+        state,
+        "ha-drill",
+        &[GrantType::ClientCredentials, GrantType::RefreshToken],
+        &scopes,
+    )
+    .await;
     let mut firsts = Vec::new();
     for i in 0..CHAINS {
         let issued = state
             .refresh
             .issue(
                 NewFamily {
-                    client_id: client.id.to_string(),
+                    client_id: creds.0.clone(),
                     subject: format!("chain-{i}"),
                     scope: "scheduler:executor".to_owned(),
                     audience: vec![],

@@ -448,9 +448,7 @@ impl RefreshLoad {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_under_load_delays_refreshes_and_loses_nothing() {
-    use std::collections::BTreeSet;
-
-    use portcullis::clients::{GrantType, NewClient, ScopeSet};
+    use portcullis::clients::GrantType;
     use portcullis::config::RedisConfig;
     use portcullis::refresh::NewFamily;
     use secrecy::{ExposeSecret, SecretString};
@@ -485,26 +483,12 @@ async fn a_redis_restart_under_load_delays_refreshes_and_loses_nothing() {
     }
     let state = &instances[0].state;
     let now = state.keys.now();
-    let (client, secret) = state
-        .clients
-        .create(
-            NewClient {
-                id: None,
-                name: "ha-drill".to_owned(),
-                grant_types: BTreeSet::from([GrantType::RefreshToken]),
-                scopes: ScopeSet::parse("jobs:read").unwrap(),
-                audiences: vec![],
-                access_token_lifetime: None,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    let creds = register_client(state, "ha-drill", &[GrantType::RefreshToken], "jobs:read").await;
     let issued = state
         .refresh
         .issue(
             NewFamily {
-                client_id: client.id.to_string(),
+                client_id: creds.0.clone(),
                 subject: "alice".to_owned(),
                 scope: "jobs:read".to_owned(),
                 audience: vec![],
@@ -521,11 +505,7 @@ async fn a_redis_restart_under_load_delays_refreshes_and_loses_nothing() {
     )
     .await;
 
-    let load = RefreshLoad::start(
-        &edge,
-        (client.id.to_string(), secret.expose_secret().to_owned()),
-        issued.token.expose_secret().to_owned(),
-    );
+    let load = RefreshLoad::start(&edge, creds, issued.token.expose_secret().to_owned());
     load.until("20 refreshes before the restart", |ok, _| ok >= 20)
         .await;
     redis.stop();

@@ -258,6 +258,33 @@ where
     }
 }
 
+/// Registers a client through `state`'s store (as `portcullis clients create` does) with
+/// `grants` and `scopes`; returns its id and secret.
+pub async fn register_client(
+    state: &portcullis::state::AppState,
+    name: &str,
+    grants: &[portcullis::clients::GrantType],
+    scopes: &str,
+) -> (String, String) {
+    use secrecy::ExposeSecret as _;
+    let (client, secret) = state
+        .clients
+        .create(
+            portcullis::clients::NewClient {
+                id: None,
+                name: name.to_owned(),
+                grant_types: grants.iter().copied().collect(),
+                scopes: portcullis::clients::ScopeSet::parse(scopes).unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            state.keys.now(),
+        )
+        .await
+        .unwrap();
+    (client.id.to_string(), secret.expose_secret().to_owned())
+}
+
 /// Path of the built `portcullis` binary.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_portcullis")
