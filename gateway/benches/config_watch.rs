@@ -19,6 +19,10 @@
 //! docs/benchmarks.md with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use support::env_or;
+
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -33,13 +37,6 @@ use tokio::sync::{Semaphore, mpsc};
 
 const HASH_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const APP: &str = "executor-orders";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Instance {
     child: Child,
@@ -66,7 +63,7 @@ impl Instance {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some() {
+    if support::skipped() {
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

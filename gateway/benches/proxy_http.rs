@@ -18,6 +18,10 @@
 //! stdout; copy them into docs/benchmarks.md with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use support::env_or;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -26,16 +30,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use portcullis::oauth::claims::{AccessClaims, Audiences};
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     // `cargo test --benches` runs benches once as tests: do nothing then
-    if std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some() {
+    if support::skipped() {
         return;
     }
     let workers = env_or("BENCH_WORKERS", 2) as usize;

@@ -14,6 +14,8 @@
 //! driven (untimed) before each timed callback. In-process store (no Redis), SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use harness::{OidcOptions, OidcProvider};
@@ -21,13 +23,10 @@ use harness::{OidcOptions, OidcProvider};
 const HASH_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn main() {
-    if std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some() {
+    if support::skipped() {
         return;
     }
-    let logins: usize = std::env::var("BENCH_LOGINS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let logins = support::env_or("BENCH_LOGINS", 50) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

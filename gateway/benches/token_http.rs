@@ -13,6 +13,10 @@
 //! docs/benchmarks.md with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use support::env_or;
+
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Arc;
@@ -23,16 +27,9 @@ use portcullis::clients::{GrantType, NewClient, ScopeSet};
 use portcullis::refresh::{NewFamily, RedisRefreshStore, RefreshSettings, RefreshStore};
 use secrecy::{ExposeSecret, SecretString};
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     // `cargo test --benches` runs benches once as tests: do nothing then
-    if std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some() {
+    if support::skipped() {
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
