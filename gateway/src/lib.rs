@@ -24,6 +24,7 @@ pub mod config;
 pub mod config_api;
 pub mod db;
 pub mod dev;
+pub mod edge;
 pub mod error;
 pub mod keys;
 pub mod oauth;

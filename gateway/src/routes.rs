@@ -4,14 +4,13 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::oauth;
-use crate::protect;
 use crate::sso;
 use serde_json::json;
 use tower::ServiceBuilder;
@@ -22,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::authn::BearerAuth;
 use crate::config_api;
+use crate::edge::{EdgeLayer, GuardLayer};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry;
@@ -100,9 +100,7 @@ pub fn router(state: AppState) -> Router {
             get(sso::handlers::logout_page).post(sso::handlers::logout),
         )
         .route_layer(state.rate.auth.clone());
-    // each `layer` wraps everything above it, so read the stack bottom-up: the last
-    // layer is the first a request meets
-    Router::new()
+    let routes = Router::new()
         .route("/", get(index))
         .route("/oauth2/jwks", get(jwks))
         // its own bucket: guessing client secrets is limited per IP before any lookup
@@ -125,28 +123,30 @@ pub fn router(state: AppState) -> Router {
         // everything else: forwarded to the admin cluster when a proxy route covers it,
         // 404 otherwise
         .fallback(crate::proxy::handle)
-        // a cookie-carrying state change must come from our own pages (CSRF); inside
-        // the metrics layer, so refusals are counted per route
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            csrf_guard(public_origin.clone(), req, next)
+        // after routing, on every route: the body limit (the proxy's own for what it
+        // forwards), the CSRF check, per-route metrics and the span's name
+        .layer(GuardLayer::new(max_body, public_origin, proxy))
+        .with_state(state);
+    // Everything that does not need the route runs around the router, composed once:
+    // `Router::layer` would box each of these around every route and clone it per call.
+    // The first layer listed is the first a request meets.
+    let stack = ServiceBuilder::new()
+        // who the client is (X-Forwarded-For believed only from trusted proxies), for
+        // rate limits, lockouts and audit; and a client-supplied request id we would not
+        // want in our logs (too long, odd characters) is dropped
+        .layer(EdgeLayer::new(trusted))
+        // make sure every request has an id, so every later layer and log line can carry
+        // it; an id set by nginx (`$request_id`) is kept end to end
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // one span per request with its id; headers and bodies are never recorded, as
+        // they carry credentials
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // echo the id on the response, including on errors made by inner layers
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // a panic in a handler becomes an opaque 500, not a dropped connection
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal("handler panicked".into()).into_response()
         }))
-        // per-route counters and latency, labelled by route template
-        .layer(middleware::from_fn(telemetry::record_request))
-        // body size: refused up front when declared, enforced while read otherwise;
-        // requests for the admin cluster have the proxy's own limit
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            let proxied = req.extensions().get::<MatchedPath>().is_none()
-                && proxy
-                    .as_ref()
-                    .is_some_and(|p| p.would_forward(req.method(), req.uri().path()));
-            let max = match (&proxy, proxied) {
-                (Some(p), true) => p.max_body_bytes(),
-                _ => max_body,
-            };
-            limit_body(max, proxied, req, next)
-        }))
-        // a client that stalls while sending its body is cut off
-        .layer(RequestBodyTimeoutLayer::new(request_timeout))
         // the time to the response head is bounded; a long-poll answers before it
         // (config_center.long_poll_timeout is validated to be shorter) and an SSE stream
         // has its head at once, so neither is cut off
@@ -154,27 +154,10 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
-        // a panic in a handler becomes an opaque 500, not a dropped connection
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Internal("handler panicked".into()).into_response()
-        }))
-        // echo the id on the response, including on errors made by inner layers
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        // one span per request with its id; headers and bodies are never recorded, as
-        // they carry credentials
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        // make sure every request has an id, so every later layer and log line can carry
-        // it; an id set by nginx (`$request_id`) is kept end to end
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        // first of all, drop a client-supplied id we would not want in our logs (too
-        // long, odd characters)
-        .layer(middleware::from_fn(sanitize_request_id))
-        // who the client is (X-Forwarded-For believed only from trusted proxies), for
-        // rate limits, lockouts and audit; outermost, so every layer can use it
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            protect::client_ip::resolve(trusted.clone(), req, next)
-        }))
-        .with_state(state)
+        // a client that stalls while sending its body is cut off
+        .layer(RequestBodyTimeoutLayer::new(request_timeout))
+        .service(routes);
+    Router::new().fallback_service(stack)
 }
 
 /// The config center's routes; every one needs a bearer token, and each handler checks
@@ -217,38 +200,16 @@ fn origin_of(url: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Refuses POST/PUT/PATCH/DELETE requests that carry a console session cookie unless
-/// their `Origin` (or, without one, `Referer`) is our public origin. `SameSite=Lax`
-/// already keeps the cookies off most cross-site requests; this closes the rest
-/// (same-site subdomains, old browsers).
-async fn csrf_guard(public_origin: String, req: Request, next: Next) -> Response {
-    let unsafe_method = !matches!(
-        *req.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
-    );
-    if unsafe_method
-        && sso::session::has_session_cookie(req.headers())
-        && !sso::session::from_origin(req.headers(), &public_origin)
-    {
-        metrics::counter!("portcullis_csrf_rejected_total").increment(1);
-        return ApiError::Forbidden {
-            code: "csrf_rejected",
-            description: "cross-site request refused: Origin is not this site".to_owned(),
-        }
-        .into_response();
-    }
-    next.run(req).await
-}
-
 fn request_span(req: &Request<Body>) -> tracing::Span {
     let id = req
         .headers()
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    // named by its route once the router has matched it (`edge::Guard`)
     let span = tracing::info_span!(
         "request",
-        otel.name = %format_args!("{} {}", req.method(), route_of(req)),
+        otel.name = tracing::field::Empty,
         otel.kind = "server",
         request_id = %id,
         method = %req.method(),
@@ -257,56 +218,6 @@ fn request_span(req: &Request<Body>) -> tracing::Span {
     // exported spans join the caller's trace (W3C traceparent)
     telemetry::adopt_remote_parent(&span, req.headers());
     span
-}
-
-/// The route template when the router matched one, else the path's first segment (span
-/// names stay few).
-fn route_of(req: &Request<Body>) -> String {
-    match req.extensions().get::<MatchedPath>() {
-        Some(p) => p.as_str().to_owned(),
-        None => {
-            let first = req.uri().path().split('/').nth(1).unwrap_or("");
-            format!("/{first}")
-        }
-    }
-}
-
-async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
-    let ok = req.headers().get(&REQUEST_ID).is_none_or(|v| {
-        let b = v.as_bytes();
-        !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-    });
-    if !ok {
-        req.headers_mut().remove(&REQUEST_ID);
-    }
-    next.run(req).await
-}
-
-async fn limit_body(max: usize, proxied: bool, req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return ApiError::PayloadTooLarge { limit: max }.into_response();
-    }
-    // undeclared (chunked) bodies are counted as they are read; extractors turn the
-    // overflow into 413
-    let req = req.map(|body| Body::new(http_body_util::Limited::new(body, max)));
-    let response = next.run(req).await;
-    // a node's own 413 is its answer to give; ours are JSON already
-    if !proxied
-        && response.status() == StatusCode::PAYLOAD_TOO_LARGE
-        && response.headers().get(header::CONTENT_TYPE)
-            != Some(&HeaderValue::from_static("application/json"))
-    {
-        return ApiError::PayloadTooLarge { limit: max }.into_response();
-    }
-    response
 }
 
 async fn index(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -3,12 +3,11 @@
 //! Both are process-wide: the first `Application` in a process installs them and later
 //! ones (several instances in one test binary) reuse them.
 
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::{Method, StatusCode};
+use metrics::SharedString;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing_subscriber::layer::SubscriberExt;
@@ -138,6 +137,24 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap
     let _ = span.set_parent(parent);
 }
 
+/// Names the current span `name` (the request span is made before routing and named
+/// once the route is known): as its `otel.name` field for the logs, and on the exported
+/// span, whose name tracing-opentelemetry does not update from a recorded field once
+/// its context exists.
+pub fn name_current_span(name: impl FnOnce() -> String) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let name = name();
+    span.record("otel.name", name.as_str());
+    if exporting_spans() {
+        span.context().span().update_name(name);
+    }
+}
+
 /// `(trace id, span id, flags)` of the current span as W3C hex, when spans are exported
 /// and the current span is recorded; what an upstream's `traceparent` should name.
 pub fn current_trace_context() -> Option<(String, String, u8)> {
@@ -216,39 +233,45 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// match itself (the proxy's configured routes), so metrics name the configured route
 /// (`proxy:/jobinfo/`) instead of `unmatched`. Bounded: one per configured route.
 #[derive(Debug, Clone)]
-pub struct RouteLabel(pub String);
+pub struct RouteLabel(pub std::sync::Arc<str>);
 
-/// Records every request: `portcullis_http_requests_total` and
+/// Records one request: `portcullis_http_requests_total` and
 /// `portcullis_http_request_duration_seconds`, labelled by route template (never the raw
-/// path, which would explode cardinality and may carry identifiers).
-pub async fn record_request(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let matched = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let response = next.run(req).await;
-    let route = matched
-        .or_else(|| {
-            response
-                .extensions()
-                .get::<RouteLabel>()
-                .map(|l| l.0.clone())
-        })
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let status = response.status().as_u16().to_string();
+/// path, which would explode cardinality and may carry identifiers); `None` is
+/// `unmatched`.
+pub fn record_request(
+    method: &Method,
+    route: Option<Arc<str>>,
+    status: StatusCode,
+    elapsed: Duration,
+) {
+    let method = method_label(method);
+    let route = route.map_or(SharedString::const_str("unmatched"), SharedString::from);
     metrics::counter!(
         "portcullis_http_requests_total",
-        "method" => method.clone(), "route" => route.clone(), "status" => status
+        "method" => method.clone(), "route" => route.clone(), "status" => status.as_u16().to_string()
     )
     .increment(1);
     metrics::histogram!(
         "portcullis_http_request_duration_seconds",
         "method" => method, "route" => route
     )
-    .record(start.elapsed().as_secs_f64());
-    response
+    .record(elapsed.as_secs_f64());
+}
+
+/// The method as a label, without an allocation for the usual ones.
+fn method_label(method: &Method) -> SharedString {
+    let known = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => return SharedString::from_owned(method.as_str().to_owned()),
+    };
+    SharedString::const_str(known)
 }
 
 /// Drains histogram samples into their buckets every few seconds, so that memory stays

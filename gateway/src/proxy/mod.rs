@@ -20,6 +20,8 @@ pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use axum::http::uri::PathAndQuery;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -188,10 +190,15 @@ impl Proxy {
         self.inner.settings.max_body_bytes
     }
 
-    /// Whether `method` on the raw `path` would be forwarded (the body limit of proxied
-    /// requests is the proxy's).
-    pub fn would_forward(&self, method: &Method, path: &str) -> bool {
-        policy::decoded_path(path).is_ok_and(|p| self.inner.routes.find(method, &p).is_some())
+    /// The route `method` on the raw `path` falls under, if any; an ambiguous path is
+    /// refused whatever the routes say.
+    pub fn resolve(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Result<Option<Arc<Route>>, AmbiguousPath> {
+        let path = policy::decoded_path(path)?;
+        Ok(self.inner.routes.find(method, &path).cloned())
     }
 
     /// Runs the active health checks until `stop`, when `proxy.health.check_path` is set.
@@ -224,7 +231,10 @@ impl Proxy {
         let Some(node) = ups.nodes().get(index) else {
             return;
         };
-        let Ok(uri) = node.uri(path) else {
+        let Ok(path) = PathAndQuery::try_from(path) else {
+            return;
+        };
+        let Ok(uri) = node.uri(Some(&path)) else {
             return;
         };
         let mut req = Request::new(Body::empty());
@@ -339,8 +349,9 @@ impl Proxy {
         body: Body,
     ) -> Result<axum::http::Response<Incoming>, ProxyError> {
         let node = ups.nodes().get(index).ok_or(ProxyError::NoNode)?;
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = node.uri(path_and_query).map_err(ProxyError::Build)?;
+        let uri = node
+            .uri(parts.uri.path_and_query())
+            .map_err(ProxyError::Build)?;
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
@@ -352,7 +363,7 @@ impl Proxy {
         let result = tokio::time::timeout(timeout, self.inner.client.request(req)).await;
         metrics::histogram!(
             "portcullis_upstream_request_duration_seconds",
-            "node" => node.authority.clone()
+            "node" => node.label()
         )
         .record(started.elapsed().as_secs_f64());
         let (outcome, result) = match result {
@@ -497,19 +508,27 @@ fn into_client_response(
 
 // === the handler ===
 
+/// Which proxy route a request falls under, decided once before the handler (by the
+/// route guard, which needs it for the body limit) and taken by [`handle`].
+#[derive(Debug, Clone)]
+pub struct ResolvedRoute(pub Result<Option<Arc<Route>>, AmbiguousPath>);
+
 /// The router's fallback: forwards what a route covers, 404 for the rest.
-pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response {
     let Some(proxy) = state.proxy.clone() else {
         return ApiError::NotFound.into_response();
     };
-    let path = match policy::decoded_path(req.uri().path()) {
-        Ok(p) => p,
+    // the route guard has usually decided already (`edge::Guard`)
+    let resolved = match req.extensions_mut().remove::<ResolvedRoute>() {
+        Some(ResolvedRoute(r)) => r,
+        None => proxy.resolve(req.method(), req.uri().path()),
+    };
+    let route = match resolved {
+        Ok(Some(route)) => route,
+        Ok(None) => return ApiError::NotFound.into_response(),
         Err(e) => return ApiError::from(ProxyError::from(e)).into_response(),
     };
-    let Some(route) = proxy.routes().find(req.method(), &path).cloned() else {
-        return ApiError::NotFound.into_response();
-    };
-    let label = crate::telemetry::RouteLabel(format!("proxy:{}", route.prefix));
+    let label = crate::telemetry::RouteLabel(route.label.clone());
     let mut response = async move {
         // the head alone crosses the awaits of authentication: the body is not `Sync`
         let (head, body) = req.into_parts();

@@ -7,6 +7,8 @@
 //! slashes or backslashes, `;` path parameters (Tomcat drops `;…` per segment, so
 //! `/public/..;/admin` is a classic bypass), empty segments — are refused outright.
 
+use std::sync::Arc;
+
 use axum::http::Method;
 
 use super::settings::{RouteAuth, RouteSettings};
@@ -24,6 +26,8 @@ pub struct Route {
     pub scopes: Vec<String>,
     /// Roles of which the user needs one (empty: any user).
     pub roles: Vec<String>,
+    /// Its metrics label, `proxy:<prefix>`, built once.
+    pub label: Arc<str>,
 }
 
 impl Route {
@@ -48,7 +52,7 @@ impl Route {
 /// Every configured route.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    routes: Vec<Route>,
+    routes: Vec<Arc<Route>>,
 }
 
 impl RouteTable {
@@ -56,16 +60,19 @@ impl RouteTable {
     pub fn new(settings: &[RouteSettings]) -> Self {
         let routes = settings
             .iter()
-            .map(|r| Route {
-                prefix: r.prefix.clone(),
-                methods: r.methods.as_ref().map(|ms| {
-                    ms.iter()
-                        .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                        .collect()
-                }),
-                auth: r.auth,
-                scopes: r.scopes.clone(),
-                roles: r.roles.clone(),
+            .map(|r| {
+                Arc::new(Route {
+                    prefix: r.prefix.clone(),
+                    methods: r.methods.as_ref().map(|ms| {
+                        ms.iter()
+                            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                            .collect()
+                    }),
+                    auth: r.auth,
+                    scopes: r.scopes.clone(),
+                    roles: r.roles.clone(),
+                    label: Arc::from(format!("proxy:{}", r.prefix)),
+                })
             })
             .collect();
         Self { routes }
@@ -74,7 +81,7 @@ impl RouteTable {
     /// The route for `method` on `path` (already decoded by [`decoded_path`]): the
     /// longest prefix among the routes that apply to the method; on a tie, a route that
     /// names the method wins over one for all methods.
-    pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
+    pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
         self.routes
             .iter()
             .filter(|r| r.matches_path(path) && r.matches_method(method))

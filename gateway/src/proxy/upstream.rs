@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::Uri;
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
 
 use super::settings::{HealthSettings, parse_upstream};
 
@@ -21,6 +22,10 @@ pub struct Node {
     pub scheme: &'static str,
     /// `host:port`, as configured; the label of its metrics.
     pub authority: String,
+    /// The same as a metrics label, shared rather than copied per request.
+    label: metrics::SharedString,
+    /// The scheme and authority of every request URI to the node, parsed once.
+    uri_base: Option<(Scheme, Authority)>,
     passive: Mutex<Passive>,
     /// Set by the active check while the node fails it.
     active_down: AtomicBool,
@@ -66,22 +71,46 @@ impl Outcome {
 
 impl Node {
     fn new(scheme: &'static str, authority: String) -> Self {
-        metrics::gauge!("portcullis_upstream_healthy", "node" => authority.clone()).set(1.0);
+        let label = metrics::SharedString::from(std::sync::Arc::<str>::from(authority.as_str()));
+        metrics::gauge!("portcullis_upstream_healthy", "node" => label.clone()).set(1.0);
+        let uri_base = Scheme::try_from(scheme)
+            .ok()
+            .zip(Authority::try_from(authority.as_str()).ok());
         Self {
             scheme,
             authority,
+            label,
+            uri_base,
             passive: Mutex::new(Passive::default()),
             active_down: AtomicBool::new(false),
         }
     }
 
     /// `<scheme>://<authority><path_and_query>`.
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, axum::http::Error> {
-        Uri::builder()
-            .scheme(self.scheme)
-            .authority(self.authority.as_str())
-            .path_and_query(path_and_query)
-            .build()
+    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, axum::http::Error> {
+        let path_and_query = path_and_query
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        match &self.uri_base {
+            // the usual case: no parsing, and the parts share their bytes
+            Some((scheme, authority)) => {
+                let mut parts = axum::http::uri::Parts::default();
+                parts.scheme = Some(scheme.clone());
+                parts.authority = Some(authority.clone());
+                parts.path_and_query = Some(path_and_query);
+                Ok(Uri::from_parts(parts)?)
+            }
+            None => Uri::builder()
+                .scheme(self.scheme)
+                .authority(self.authority.as_str())
+                .path_and_query(path_and_query)
+                .build(),
+        }
+    }
+
+    /// The node as a metrics label.
+    pub fn label(&self) -> metrics::SharedString {
+        self.label.clone()
     }
 
     fn passive(&self) -> std::sync::MutexGuard<'_, Passive> {
@@ -105,14 +134,17 @@ impl Node {
     }
 
     fn set_gauge(&self, up: bool) {
-        metrics::gauge!("portcullis_upstream_healthy", "node" => self.authority.clone())
-            .set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!("portcullis_upstream_healthy", "node" => self.label.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     fn record(&self, outcome: Outcome, health: &HealthSettings, now: Instant) {
         metrics::counter!(
             "portcullis_upstream_requests_total",
-            "node" => self.authority.clone(),
+            "node" => self.label.clone(),
             "outcome" => outcome.as_str()
         )
         .increment(1);

@@ -124,3 +124,45 @@ async fn every_response_carries_a_request_id_and_a_sane_client_id_is_kept() {
     let (parts, _) = conn.request(replaced).await.unwrap();
     assert_ne!(parts.headers["x-request-id"], "bad id with spaces");
 }
+
+#[tokio::test]
+async fn requests_are_counted_by_route_template_including_early_refusals() {
+    let app = spawn_app(|c| c.server.max_body_bytes = 1024).await;
+    let mut conn = Conn::over(app.tls().await).await;
+    // two different applications, one template; no token, so 401
+    for app_name in ["metrics-probe-a", "metrics-probe-b"] {
+        let (parts, _) = conn
+            .get(&format!("/config/v1/metrics-env/{app_name}"))
+            .await
+            .unwrap();
+        assert_eq!(parts.status, 401);
+    }
+    // refused for its declared size before the handler runs: still counted, by template
+    let req = http::Request::put("/config/v1/metrics-env/metrics-probe-a")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .unwrap();
+    assert_eq!(conn.request(req).await.unwrap().0.status, 413);
+
+    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = |method: &str, status: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("portcullis_http_requests_total{")
+                && l.contains(&format!("method=\"{method}\""))
+                && l.contains("route=\"/config/v1/{env}/{app}\"")
+                && l.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(counted("GET", "401"), "{metrics}");
+    assert!(counted("PUT", "413"), "{metrics}");
+    assert!(
+        !metrics.contains("metrics-probe-"),
+        "a raw path became a label: {metrics}"
+    );
+}
