@@ -621,7 +621,7 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_creates_and_lists_clients_whose_secret_then_works() {
     let app_dir = tempfile::tempdir().unwrap();
     let dir = app_dir.path();

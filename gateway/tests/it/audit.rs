@@ -199,7 +199,7 @@ fn database_name(url: &str) -> &str {
 
 // === a whole session ===
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secret() {
     let started = OffsetDateTime::now_utc() - Duration::from_secs(1);
     let db = Postgres::shared().fresh_database("audit_session").unwrap();
@@ -510,7 +510,7 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
 
 // === one chain across instances ===
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
     let db = Postgres::shared().fresh_database("audit_three").unwrap();
     let spawn = || {
@@ -612,7 +612,7 @@ async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
 
 // === tampering ===
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn altering_or_deleting_a_record_makes_audit_verify_fail_naming_its_seq() {
     let db = Postgres::shared().fresh_database("audit_tamper").unwrap();
     let app = spawn_app({
@@ -716,7 +716,7 @@ async fn altering_or_deleting_a_record_makes_audit_verify_fail_naming_its_seq() 
     assert!(out.contains("has no chain position"), "{out}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_altered_record_is_detected_on_sqlite_too() {
     let app = spawn_app(|_| {}).await;
     let t0 = OffsetDateTime::now_utc();
@@ -760,7 +760,7 @@ async fn an_altered_record_is_detected_on_sqlite_too() {
 
 // === the admin API and the CLI listing ===
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_api_filters_pages_and_refuses_bad_filters_with_400() {
     let app = spawn_app(|c| c.admin.token = Some(SecretString::from(ADMIN_TOKEN))).await;
     let at =

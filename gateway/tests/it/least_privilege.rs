@@ -36,7 +36,7 @@ fn cli(config: &std::path::Path, vault_token: &str, args: &[&str]) -> std::proce
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
     let bao = OpenBao::start().unwrap();
     let serving = token_with(&bao, "portcullis-serving");

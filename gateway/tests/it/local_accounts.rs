@@ -121,7 +121,7 @@ async fn break_glass_login_is_refused_unless_enabled() {
     assert_eq!(body["error"], "local_login_disabled");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cli_created_account_logs_in_with_its_roles_and_every_use_is_audited() {
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let (app, db) = spawn_with_postgres("login", clock, |_| {}).await;
@@ -187,7 +187,7 @@ async fn a_cli_created_account_logs_in_with_its_roles_and_every_use_is_audited()
     assert!(!stored.contains(PASSWORD));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_account_reads_the_same_as_an_unknown_one() {
     let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
