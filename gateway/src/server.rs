@@ -5,10 +5,11 @@
 //! axum's own `serve` cannot terminate TLS nor bound the request head, which is why the
 //! loop is written out here; everything per-request lives in the router's tower layers.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -31,7 +33,9 @@ use crate::tls::ReloadableTls;
 pub struct ConnectionLimits {
     /// A client must finish the TLS handshake within this time.
     pub tls_handshake_timeout: Duration,
-    /// A client must send its whole request head within this time (slowloris).
+    /// A client must send its whole request head within this time (slowloris), counted
+    /// from the connection's start for the first request and from the first byte of
+    /// each later one; the wait for that byte is bounded by `idle_timeout` instead.
     pub header_read_timeout: Duration,
     /// Largest request head, in bytes.
     pub max_header_bytes: usize,
@@ -104,7 +108,10 @@ pub async fn serve_https(
             if closing.is_cancelled() {
                 return;
             }
-            serve_connection(tls_stream, peer, router, limits, closing).await;
+            // HTTP/2 has no request head to time: a quiet h2 connection may still be
+            // exchanging PINGs and SETTINGS, which must not look like a slow head
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
         });
     }
     drop(listener);
@@ -120,26 +127,29 @@ pub async fn serve_https(
 }
 
 /// Serves one connection until the client leaves, it stays idle for
-/// `limits.idle_timeout`, or `closing` is cancelled; the last two end it gracefully (an
-/// HTTP/1.1 connection after the response in progress, HTTP/2 by GOAWAY after the
-/// streams already opened), so a request racing with the close is not cut off.
+/// `limits.idle_timeout`, a request head takes longer than `limits.header_read_timeout`
+/// (dropped at once), or `closing` is cancelled. Idleness and shutdown end it gracefully
+/// (HTTP/1.1 after the response in progress, HTTP/2 by GOAWAY after the streams already
+/// opened), so a request already received is answered in full. `time_heads` is false
+/// for HTTP/2 negotiated by ALPN.
 async fn serve_connection<S>(
     stream: S,
+    time_heads: bool,
     peer: SocketAddr,
     router: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(time_heads));
     let requests = activity.clone();
     // the socket peer rides along as `ConnectInfo`, as with axum's own server
     let service = TowerToHyperService::new(tower::service_fn(
         move |mut req: axum::extract::Request<hyper::body::Incoming>| {
             // the head has arrived: the connection is busy until the response body is
             // sent or dropped (the guard travels in the future, then in the body)
-            let in_flight = InFlight::start(&requests);
+            let in_flight = InFlight::start(&requests, req.version());
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
             let mut router = router.clone();
@@ -154,33 +164,49 @@ async fn serve_connection<S>(
         },
     ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // no header_read_timeout here: hyper's runs from the end of one response to the end
+    // of the next head, so it would also close every idle keep-alive connection after
+    // that (short) time, abruptly; `IdleTimer` separates the two waits
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let idle = activity.idle_for(limits.idle_timeout);
-    tokio::pin!(idle);
+    let mut timer = IdleTimer::new(activity, limits.idle_timeout, limits.header_read_timeout);
     let mut ending = false;
     let result = loop {
         tokio::select! {
+            // the connection first: the bytes it reads may start a head, which the timer
+            // must see in the same wake-up
+            biased;
             result = conn.as_mut() => break result,
             () = closing.cancelled(), if !ending => {
                 ending = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = &mut idle, if !ending => {
-                ending = true;
-                tracing::debug!(%peer, "closing an idle connection");
-                conn.as_mut().graceful_shutdown();
-            }
+            expired = &mut timer, if !ending => match expired {
+                Expired::Idle => {
+                    ending = true;
+                    tracing::debug!(%peer, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                }
+                Expired::Head => {
+                    // a graceful close would wait for the unfinished head; drop the
+                    // connection, as hyper's own header timeout does
+                    tracing::debug!(%peer, "request head timed out; dropping the connection");
+                    return;
+                }
+            },
         }
     };
     if let Err(e) = result {
@@ -190,48 +216,126 @@ async fn serve_connection<S>(
 
 // === impl Activity ===
 
-/// What a connection's idle timer reads: requests in flight and when the last one
-/// ended. Two atomics written once per request, so the request path takes no lock and
-/// allocates nothing; the timer wakes at most once per `idle_timeout`.
+/// Stands for "no request head is being read".
+const NO_HEAD: u64 = u64::MAX;
+
+/// What a connection's timer reads: requests in flight, when the last one ended, and
+/// when the next head began. Atomics written once or twice per request, so the request
+/// path takes no lock and allocates nothing.
 struct Activity {
     opened: Instant,
     /// Requests whose head has arrived and whose response body is not yet sent or dropped.
     in_flight: AtomicUsize,
     /// When a request last ended (or the connection opened), in nanoseconds since `opened`.
     last_end_nanos: AtomicU64,
+    /// When the first byte of the next request head was read, in nanoseconds since
+    /// `opened`, or [`NO_HEAD`]. The first head is timed from the start.
+    head_start_nanos: AtomicU64,
+    /// Whether heads are timed: HTTP/1.1 only.
+    time_heads: AtomicBool,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(time_heads: bool) -> Self {
         Self {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_end_nanos: AtomicU64::new(0),
+            head_start_nanos: AtomicU64::new(if time_heads { 0 } else { NO_HEAD }),
+            time_heads: AtomicBool::new(time_heads),
         }
     }
 
-    /// Completes once no request has been in flight for `timeout`. One sleep at a time,
-    /// re-armed for the time still missing, rather than a timer per request.
-    async fn idle_for(&self, timeout: Duration) {
-        let mut deadline = self.opened + timeout;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            // Acquire pairs with the Release in `InFlight::drop`: seeing 0 means seeing
-            // the end time the last request stored before it left
-            if self.in_flight.load(Ordering::Acquire) > 0 {
-                // a request is running: the connection cannot be idle long enough
-                // before a whole timeout from now
-                deadline = Instant::now() + timeout;
-                continue;
-            }
-            let ended = self.opened
-                + Duration::from_nanos(self.last_end_nanos.load(Ordering::Relaxed))
-                + timeout;
-            if ended <= Instant::now() {
-                return;
-            }
-            deadline = ended;
+    fn nanos_since_open(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(NO_HEAD - 1)
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        self.opened + Duration::from_nanos(nanos)
+    }
+
+    /// Bytes arrived: with no request in flight they begin the next request head.
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_start_nanos.load(Ordering::Relaxed) == NO_HEAD
+            && self.time_heads.load(Ordering::Relaxed)
+        {
+            self.head_start_nanos
+                .store(self.nanos_since_open(), Ordering::Relaxed);
         }
+    }
+
+    /// When the connection must close unless something happens, and why; `None` while a
+    /// request is in flight.
+    fn due(&self, idle: Duration, head: Duration) -> Option<(Instant, Expired)> {
+        // Acquire pairs with the Release in `InFlight::drop`: seeing 0 means seeing the
+        // end time the last request stored before it left
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let idle_due = self.at(self.last_end_nanos.load(Ordering::Relaxed)) + idle;
+        match self.head_start_nanos.load(Ordering::Relaxed) {
+            NO_HEAD => Some((idle_due, Expired::Idle)),
+            started => Some((self.at(started) + head, Expired::Head)),
+        }
+    }
+}
+
+/// Why a connection's timer fired.
+#[derive(Debug, Clone, Copy)]
+enum Expired {
+    /// No request in flight for `idle_timeout`.
+    Idle,
+    /// A request head took longer than `header_read_timeout`.
+    Head,
+}
+
+/// Completes when the connection has been idle for `idle`, or a request head has taken
+/// longer than `head`. One sleep per connection: re-armed for the time still missing when
+/// it fires, and brought forward when a head begins (checked whenever the connection's
+/// task wakes, which reading that head does), rather than a timer per request.
+struct IdleTimer {
+    activity: Arc<Activity>,
+    idle: Duration,
+    head: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(activity: Arc<Activity>, idle: Duration, head: Duration) -> Self {
+        let first = activity
+            .due(idle, head)
+            .map_or(activity.opened + idle, |(due, _)| due);
+        Self {
+            activity,
+            idle,
+            head,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+        }
+    }
+}
+
+impl Future for IdleTimer {
+    type Output = Expired;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Expired> {
+        let this = &mut *self;
+        // brought forward: a head began since the sleep was armed
+        if let Some((due, _)) = this.activity.due(this.idle, this.head)
+            && due < this.sleep.deadline()
+        {
+            this.sleep.as_mut().reset(due);
+        }
+        while this.sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            match this.activity.due(this.idle, this.head) {
+                // busy: it cannot be idle long enough before a whole timeout from now
+                None => this.sleep.as_mut().reset(now + this.idle),
+                Some((due, why)) if due <= now => return Poll::Ready(why),
+                Some((due, _)) => this.sleep.as_mut().reset(due),
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -239,8 +343,13 @@ impl Activity {
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: &Arc<Activity>) -> Self {
+    fn start(activity: &Arc<Activity>, version: http::Version) -> Self {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.head_start_nanos.store(NO_HEAD, Ordering::Relaxed);
+        if version == http::Version::HTTP_2 {
+            // h2 without ALPN (prior knowledge): nothing to time from here on
+            activity.time_heads.store(false, Ordering::Relaxed);
+        }
         Self(activity.clone())
     }
 }
@@ -248,10 +357,61 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
-        let now = u64::try_from(activity.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = activity.nanos_since_open();
         // max: with HTTP/2 several requests may end at once, in any order
         activity.last_end_nanos.fetch_max(now, Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// The connection's stream, telling [`Activity`] when bytes arrive.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -64,6 +64,102 @@ async fn an_idle_http1_connection_is_closed_with_close_notify_after_the_timeout(
     );
 }
 
+/// Reads one HTTP/1.1 answer with a `Content-Length` body off a raw connection.
+async fn read_answer(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(LATE, tls.read(&mut chunk))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "the connection closed before the answer");
+        seen.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if seen.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_http1_connection_outlives_the_header_timeout_until_the_idle_timeout() {
+    // the wait for the next request is the idle timeout's, not the header timeout's
+    let idle = Duration::from_millis(1500);
+    let app = spawn_app(|c| {
+        c.server.idle_timeout = idle;
+        c.server.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut tls = app.tls().await;
+    tls.write_all(b"GET /oauth2/jwks HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    assert!(read_answer(&mut tls).await.starts_with("HTTP/1.1 200"));
+
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(LATE, tls.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection was closed within 5 s");
+    let closed_after = sent.elapsed();
+    read.expect("the server closed the connection with close_notify");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        closed_after >= idle,
+        "closed {closed_after:?} after the request, before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_head_started_after_a_long_idle_wait_must_still_arrive_within_the_header_timeout() {
+    let header = Duration::from_millis(300);
+    let app = spawn_app(|c| {
+        c.server.idle_timeout = Duration::from_secs(60);
+        c.server.header_read_timeout = header;
+    })
+    .await;
+    let mut tls = app.tls().await;
+    tls.write_all(b"GET /oauth2/jwks HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_answer(&mut tls).await.starts_with("HTTP/1.1 200"));
+
+    // idle for twice the header timeout: the connection stays open, nothing arrives
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(header * 2, tls.read(&mut byte))
+            .await
+            .is_err(),
+        "the server closed or wrote to a connection waiting for its next request"
+    );
+
+    // then half a head, and no more: cut off after the header timeout, not the idle one
+    tls.write_all(b"GET /oauth2/jwks HTTP/1.1\r\nhost: loc")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(LATE, tls.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the slow head was not cut off within 5 s");
+    let waited = started.elapsed();
+    assert!(
+        waited >= header,
+        "cut off {waited:?} after the head began, before the header timeout"
+    );
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
 #[tokio::test]
 async fn a_connection_making_a_request_every_100ms_stays_open_across_several_timeouts() {
     let app = spawn_idle_app().await;
