@@ -14,8 +14,7 @@ use super::support::*;
 /// Short enough for a quick test, long enough that a request every 100 ms on a loaded
 /// 2-core machine never leaves a connection idle for that long.
 const IDLE: Duration = Duration::from_millis(500);
-/// A close may come late on a loaded machine, never early; and well before
-/// `server.header_read_timeout` (10 s), which also ends idle HTTP/1.1 connections.
+/// A close may come late on a loaded machine, never early.
 const LATE: Duration = Duration::from_secs(5);
 
 async fn spawn_idle_app() -> TestApp {
