@@ -219,6 +219,7 @@ impl Application {
             max_header_bytes: config.server.max_header_bytes,
             max_connections: config.server.max_connections,
             shutdown_grace: config.server.shutdown_grace,
+            idle_timeout: config.server.idle_timeout,
         };
         tasks.spawn(serve_https(
             https,

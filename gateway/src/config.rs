@@ -133,13 +133,15 @@ pub struct ServerConfig {
     /// Longest time a request may take, start to end (long-polls excepted when they exist).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// A client must send its complete request head within this time.
+    /// A client must send its complete request head within this time: the first one
+    /// counted from the end of the TLS handshake, later ones from their first byte.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A client must finish the TLS handshake within this time.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
-    /// A connection with no request for this long is closed.
+    /// A connection with no request in flight for this long is closed gracefully; a
+    /// request is in flight from its head to the end of its response body. Not zero.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Largest request body accepted, in bytes.

@@ -1,23 +1,30 @@
 //! The HTTPS accept loop: TLS handshakes with a deadline, HTTP/1.1 and HTTP/2 through
-//! hyper-util, limits on concurrent connections and request heads, and graceful shutdown
-//! that lets in-flight requests finish within a deadline.
+//! hyper-util, limits on concurrent connections and request heads, an idle timer per
+//! connection, and graceful shutdown that lets in-flight requests finish within a deadline.
 //!
 //! axum's own `serve` cannot terminate TLS nor bound the request head, which is why the
 //! loop is written out here; everything per-request lives in the router's tower layers.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::tls::ReloadableTls;
 
@@ -26,7 +33,9 @@ use crate::tls::ReloadableTls;
 pub struct ConnectionLimits {
     /// A client must finish the TLS handshake within this time.
     pub tls_handshake_timeout: Duration,
-    /// A client must send its whole request head within this time (slowloris).
+    /// A client must send its whole request head within this time (slowloris), counted
+    /// from the connection's start for the first request and from the first byte of
+    /// each later one; the wait for that byte is bounded by `idle_timeout` instead.
     pub header_read_timeout: Duration,
     /// Largest request head, in bytes.
     pub max_header_bytes: usize,
@@ -34,6 +43,9 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// After shutdown starts, how long in-flight requests may run.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is shut down gracefully.
+    /// Must be greater than zero.
+    pub idle_timeout: Duration,
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` is cancelled, then stops
@@ -46,7 +58,8 @@ pub async fn serve_https(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    // every connection task, handshakes included, so shutdown can wait for them
+    let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         // take a permit before accepting: over the limit, clients wait in the backlog
@@ -73,9 +86,8 @@ pub async fn serve_https(
         let _ = stream.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.current());
         let router = router.clone();
-        let watcher = graceful.watcher();
         let closing = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             let tls_stream =
                 match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
@@ -96,7 +108,10 @@ pub async fn serve_https(
             if closing.is_cancelled() {
                 return;
             }
-            serve_connection(tls_stream, peer, router, limits, watcher).await;
+            // HTTP/2 has no request head to time: a quiet h2 connection may still be
+            // exchanging PINGs and SETTINGS, which must not look like a slow head
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
         });
     }
     drop(listener);
@@ -104,46 +119,330 @@ pub async fn serve_https(
         grace = %humantime::format_duration(limits.shutdown_grace),
         "HTTPS listener closed; waiting for in-flight requests"
     );
-    match tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await {
+    connections.close();
+    match tokio::time::timeout(limits.shutdown_grace, connections.wait()).await {
         Ok(()) => tracing::info!("all connections finished"),
         Err(_) => tracing::warn!("shutdown grace elapsed; dropping remaining connections"),
     }
 }
 
+/// Serves one connection until the client leaves, it stays idle for
+/// `limits.idle_timeout`, a request head takes longer than `limits.header_read_timeout`
+/// (dropped at once), or `closing` is cancelled. Idleness and shutdown end it gracefully
+/// (HTTP/1.1 after the response in progress, HTTP/2 by GOAWAY after the streams already
+/// opened), so a request already received is answered in full. `time_heads` is false
+/// for HTTP/2 negotiated by ALPN.
 async fn serve_connection<S>(
     stream: S,
+    time_heads: bool,
     peer: SocketAddr,
     router: Router,
     limits: ConnectionLimits,
-    watcher: hyper_util::server::graceful::Watcher,
+    closing: CancellationToken,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = Arc::new(Activity::new(time_heads));
+    let requests = activity.clone();
     // the socket peer rides along as `ConnectInfo`, as with axum's own server
     let service = TowerToHyperService::new(tower::service_fn(
         move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            // the head has arrived: the connection is busy until the response body is
+            // sent or dropped (the guard travels in the future, then in the body)
+            let in_flight = InFlight::start(&requests, req.version());
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
             let mut router = router.clone();
             async move {
                 use tower::Service;
-                router.call(req.map(axum::body::Body::new)).await
+                let response = router.call(req.map(axum::body::Body::new)).await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody {
+                    inner: body,
+                    in_flight: Some(in_flight),
+                }))
             }
         },
     ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // no header_read_timeout here: hyper's runs from the end of one response to the end
+    // of the next head, so it would also close every idle keep-alive connection after
+    // that (short) time, abruptly; `IdleTimer` separates the two waits
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut timer = IdleTimer::new(activity, limits.idle_timeout, limits.header_read_timeout);
+    let mut ending = false;
+    let result = loop {
+        tokio::select! {
+            // the connection first: the bytes it reads may start a head, which the timer
+            // must see in the same wake-up
+            biased;
+            result = conn.as_mut() => break result,
+            () = closing.cancelled(), if !ending => {
+                ending = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            expired = &mut timer, if !ending => match expired {
+                Expired::Idle => {
+                    ending = true;
+                    tracing::debug!(%peer, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                }
+                Expired::Head => {
+                    // a graceful close would wait for the unfinished head; drop the
+                    // connection, as hyper's own header timeout does
+                    tracing::debug!(%peer, "request head timed out; dropping the connection");
+                    return;
+                }
+            },
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection closed with an error");
+    }
+}
+
+// === impl Activity ===
+
+/// Stands for "no request head is being read".
+const NO_HEAD: u64 = u64::MAX;
+
+/// What a connection's timer reads: requests in flight, when the last one ended, and
+/// when the next head began. Atomics written once or twice per request, so the request
+/// path takes no lock and allocates nothing.
+struct Activity {
+    opened: Instant,
+    /// Requests whose head has arrived and whose response body is not yet sent or dropped.
+    in_flight: AtomicUsize,
+    /// When a request last ended (or the connection opened), in nanoseconds since `opened`.
+    last_end_nanos: AtomicU64,
+    /// When the first byte of the next request head was read, in nanoseconds since
+    /// `opened`, or [`NO_HEAD`]. The first head is timed from the start.
+    head_start_nanos: AtomicU64,
+    /// Whether heads are timed: HTTP/1.1 only.
+    time_heads: AtomicBool,
+}
+
+impl Activity {
+    fn new(time_heads: bool) -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_end_nanos: AtomicU64::new(0),
+            head_start_nanos: AtomicU64::new(if time_heads { 0 } else { NO_HEAD }),
+            time_heads: AtomicBool::new(time_heads),
+        }
+    }
+
+    fn nanos_since_open(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(NO_HEAD - 1)
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        self.opened + Duration::from_nanos(nanos)
+    }
+
+    /// Bytes arrived: with no request in flight they begin the next request head.
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_start_nanos.load(Ordering::Relaxed) == NO_HEAD
+            && self.time_heads.load(Ordering::Relaxed)
+        {
+            self.head_start_nanos
+                .store(self.nanos_since_open(), Ordering::Relaxed);
+        }
+    }
+
+    /// When the connection must close unless something happens, and why; `None` while a
+    /// request is in flight.
+    fn due(&self, idle: Duration, head: Duration) -> Option<(Instant, Expired)> {
+        // Acquire pairs with the Release in `InFlight::drop`: seeing 0 means seeing the
+        // end time the last request stored before it left
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let idle_due = self.at(self.last_end_nanos.load(Ordering::Relaxed)) + idle;
+        match self.head_start_nanos.load(Ordering::Relaxed) {
+            NO_HEAD => Some((idle_due, Expired::Idle)),
+            started => Some((self.at(started) + head, Expired::Head)),
+        }
+    }
+}
+
+/// Why a connection's timer fired.
+#[derive(Debug, Clone, Copy)]
+enum Expired {
+    /// No request in flight for `idle_timeout`.
+    Idle,
+    /// A request head took longer than `header_read_timeout`.
+    Head,
+}
+
+/// Completes when the connection has been idle for `idle`, or a request head has taken
+/// longer than `head`. One sleep per connection: re-armed for the time still missing when
+/// it fires, and brought forward when a head begins (checked whenever the connection's
+/// task wakes, which reading that head does), rather than a timer per request.
+struct IdleTimer {
+    activity: Arc<Activity>,
+    idle: Duration,
+    head: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(activity: Arc<Activity>, idle: Duration, head: Duration) -> Self {
+        let first = activity
+            .due(idle, head)
+            .map_or(activity.opened + idle, |(due, _)| due);
+        Self {
+            activity,
+            idle,
+            head,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+        }
+    }
+}
+
+impl Future for IdleTimer {
+    type Output = Expired;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Expired> {
+        let this = &mut *self;
+        // brought forward: a head began since the sleep was armed
+        if let Some((due, _)) = this.activity.due(this.idle, this.head)
+            && due < this.sleep.deadline()
+        {
+            this.sleep.as_mut().reset(due);
+        }
+        while this.sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            match this.activity.due(this.idle, this.head) {
+                // busy: it cannot be idle long enough before a whole timeout from now
+                None => this.sleep.as_mut().reset(now + this.idle),
+                Some((due, why)) if due <= now => return Poll::Ready(why),
+                Some((due, _)) => this.sleep.as_mut().reset(due),
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// One request in flight on a connection, from its head to the end of its response body.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>, version: http::Version) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.head_start_nanos.store(NO_HEAD, Ordering::Relaxed);
+        if version == http::Version::HTTP_2 {
+            // h2 without ALPN (prior knowledge): nothing to time from here on
+            activity.time_heads.store(false, Ordering::Relaxed);
+        }
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let now = activity.nanos_since_open();
+        // max: with HTTP/2 several requests may end at once, in any order
+        activity.last_end_nanos.fetch_max(now, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// The connection's stream, telling [`Activity`] when bytes arrive.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until the last frame is sent,
+/// the body fails, or hyper drops it (client gone, HEAD, upgrade).
+struct TrackedBody<B> {
+    inner: B,
+    in_flight: Option<InFlight>,
+}
+
+impl<B: Body + Unpin> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            // done: do not wait for hyper to drop the body
+            self.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

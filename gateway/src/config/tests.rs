@@ -392,3 +392,27 @@ fn the_audit_sink_is_none_by_default_and_each_bad_value_names_audit_sink() {
         assert!(field_of(err).starts_with("audit.sink"), "{bad}");
     }
 }
+
+#[test]
+fn idle_timeout_defaults_to_two_minutes_and_zero_or_garbage_is_refused_naming_it() {
+    let f = Files::new();
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
+    let c = f
+        .load(&f.toml(""), &[("PORTCULLIS_SERVER__IDLE_TIMEOUT", "75s")])
+        .unwrap();
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(75));
+
+    // zero would keep idle connections forever: refused, not read as "never"
+    let err = f
+        .load(&f.toml("[server]\nidle_timeout = \"0s\"\n"), &[])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration at `server.idle_timeout`: must be greater than 0"
+    );
+    let err = f
+        .load(&f.toml(""), &[("PORTCULLIS_SERVER__IDLE_TIMEOUT", "soon")])
+        .unwrap_err();
+    assert_eq!(field_of(err), "server.idle_timeout");
+}

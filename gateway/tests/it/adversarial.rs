@@ -418,7 +418,7 @@ async fn identity_headers_in_any_spelling_or_framing_never_reach_an_admin_node()
     assert_eq!(api.header("x-forwarded-for"), Some("127.0.0.1"));
 
     // over HTTP/2 as well
-    let mut h2 = http2(&app).await;
+    let mut h2 = app.http2().await;
     for name in ["x-portcullis-user", "x_portcullis_user", "x-forwarded-user"] {
         let req = http::Request::get(app.url("/public/h2"))
             .header(name, "mallory")
@@ -431,27 +431,6 @@ async fn identity_headers_in_any_spelling_or_framing_never_reach_an_admin_node()
     let seen = node.seen();
     assert_eq!(seen.len(), accepted.len() + 1 + 3);
     assert_nothing_from_mallory(&seen);
-}
-
-/// An HTTP/2 connection to `app` (ALPN `h2`).
-async fn http2(
-    app: &TestApp,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
-    let mut config = (*app.pki.client_config()).clone();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(app.https).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
 }
 
 // === X-Forwarded-For ===

@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 
 use super::support::*;
 
-const APP: &str = "executor-orders";
+pub(super) const APP: &str = "executor-orders";
 
-fn token(app: &TestApp, scope: &str) -> String {
+pub(super) fn token(app: &TestApp, scope: &str) -> String {
     let now = app.state.keys.now().unix_timestamp();
     let claims = AccessClaims {
         iss: app.state.config.issuer(),
@@ -32,20 +32,20 @@ fn token(app: &TestApp, scope: &str) -> String {
 
 const WRITER: &str = "config:read:prod config:write:prod";
 
-struct Api<'a> {
+pub(super) struct Api<'a> {
     app: &'a TestApp,
     http: reqwest::Client,
 }
 
 impl<'a> Api<'a> {
-    fn new(app: &'a TestApp) -> Self {
+    pub(super) fn new(app: &'a TestApp) -> Self {
         Self {
             app,
             http: app.https_client(),
         }
     }
 
-    fn path(env: &str, name: &str, rest: &str) -> String {
+    pub(super) fn path(env: &str, name: &str, rest: &str) -> String {
         format!("/config/v1/{env}/{name}{rest}")
     }
 
@@ -87,7 +87,7 @@ impl<'a> Api<'a> {
         (s, b)
     }
 
-    async fn publish(&self, entries: Value) -> u64 {
+    pub(super) async fn publish(&self, entries: Value) -> u64 {
         let (status, body) = self
             .put(
                 "prod",
@@ -101,7 +101,7 @@ impl<'a> Api<'a> {
     }
 }
 
-fn entries_v1() -> Value {
+pub(super) fn entries_v1() -> Value {
     json!([
         { "key": "db.url", "value": "postgres://orders-db/orders" },
         { "key": "db.password", "value": "pw-Kq9x-v1", "secret": true },
@@ -463,7 +463,7 @@ async fn a_long_poll_with_nothing_new_answers_304_after_the_timeout() {
 }
 
 /// Reads SSE events from a streaming response until `n` `release` events arrived.
-async fn read_events(resp: &mut reqwest::Response, n: usize) -> Vec<(u64, Value)> {
+pub(super) async fn read_events(resp: &mut reqwest::Response, n: usize) -> Vec<(u64, Value)> {
     let mut parser = config_center::client::SseParser::default();
     let mut out = Vec::new();
     while out.len() < n {
@@ -482,7 +482,7 @@ async fn read_events(resp: &mut reqwest::Response, n: usize) -> Vec<(u64, Value)
     out
 }
 
-async fn open_watch(api: &Api<'_>, last_event_id: Option<u64>) -> reqwest::Response {
+pub(super) async fn open_watch(api: &Api<'_>, last_event_id: Option<u64>) -> reqwest::Response {
     let mut req = api
         .http
         .get(api.app.url(&Api::path("prod", APP, "/watch")))

@@ -12,6 +12,7 @@ mod cluster;
 mod config_api;
 mod faults;
 mod ha_drill;
+mod idle;
 mod keys;
 mod least_privilege;
 mod limits;

@@ -40,6 +40,7 @@ async fn in_flight_request_finishes_after_shutdown_starts() {
         max_header_bytes: 16 * 1024,
         max_connections: 100,
         shutdown_grace: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(60),
     };
     let server = tokio::spawn(serve_https(listener, tls, router, limits, stop.clone()));
 

@@ -166,6 +166,23 @@ impl TestApp {
         tls_connect(self.https, self.pki.client_config()).await
     }
 
+    /// An HTTP/2 connection (ALPN `h2`) to this instance; its driver runs in a task.
+    pub async fn http2(
+        &self,
+    ) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+        let mut config = (*self.pki.client_config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tls_connect(self.https, Arc::new(config)).await;
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
     /// A reqwest client that trusts this instance's certificate; use [`Self::url`].
     pub fn https_client(&self) -> reqwest::Client {
         reqwest::Client::builder()
