@@ -58,17 +58,7 @@ pub fn record_hash(
         h.update((field.len() as u64).to_be_bytes());
         h.update(field.as_bytes());
     }
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
+    hex::encode(h.finalize())
 }
 
 /// A stored record as the database holds it (`detail` as its exact text).

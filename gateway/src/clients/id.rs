@@ -48,12 +48,7 @@ impl ClientId {
     pub fn generate() -> Result<Self, ClientError> {
         let mut bytes = [0u8; 10];
         random_bytes(&mut bytes).map_err(|_| ClientError::Rng)?;
-        let mut id = String::with_capacity(27);
-        id.push_str("client-");
-        for b in bytes {
-            id.push_str(&format!("{b:02x}"));
-        }
-        Ok(Self(id))
+        Ok(Self(format!("client-{}", hex::encode(bytes))))
     }
 
     /// The identifier.

@@ -75,11 +75,16 @@ impl Form {
 
 /// `+` is a space, `%XX` a byte; the result must be UTF-8.
 fn decode(raw: &[u8]) -> Result<String, FormError> {
-    let plus: Vec<u8> = raw
-        .iter()
-        .map(|b| if *b == b'+' { b' ' } else { *b })
-        .collect();
-    let bytes: Vec<u8> = percent_decode(&plus).collect();
+    let bytes: Vec<u8> = if raw.contains(&b'+') {
+        let plus: Vec<u8> = raw
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        percent_decode(&plus).collect()
+    } else {
+        // the usual case (`grant_type=client_credentials`): one copy, not two
+        percent_decode(raw).collect()
+    };
     String::from_utf8(bytes).map_err(|_| FormError::NotUtf8)
 }
 

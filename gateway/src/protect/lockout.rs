@@ -238,8 +238,8 @@ impl Lockout {
     }
 
     fn key(&self, kind: Kind, id: &str) -> String {
-        let digest = Sha256::digest(id.as_bytes());
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        // on every client authentication: one hex string, not one per byte
+        let hex = hex::encode(Sha256::digest(id.as_bytes()));
         format!("{}{}:{hex}", self.settings.load().key_prefix, kind.as_str())
     }
 

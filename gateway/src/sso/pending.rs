@@ -67,8 +67,7 @@ pub trait PendingStore: Send + Sync + 'static {
 }
 
 fn key_of(prefix: &str, state: &str) -> String {
-    let digest = Sha256::digest(state.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(Sha256::digest(state.as_bytes()));
     format!("{prefix}login:{hex}")
 }
 
