@@ -7,7 +7,7 @@
 //! also revokes its refresh tokens at once, so only access-token issuance lags by the TTL.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::Client;
@@ -19,7 +19,8 @@ const MAX_ENTRIES: usize = 10_000;
 #[derive(Debug)]
 pub struct ClientCache {
     ttl: Duration,
-    entries: RwLock<HashMap<String, (Instant, Client)>>,
+    // shared, so a hit costs a reference count rather than a copy of the record
+    entries: RwLock<HashMap<String, (Instant, Arc<Client>)>>,
 }
 
 impl ClientCache {
@@ -32,7 +33,7 @@ impl ClientCache {
     }
 
     /// The cached record of `id`, if fresh.
-    pub fn get(&self, id: &str) -> Option<Client> {
+    pub fn get(&self, id: &str) -> Option<Arc<Client>> {
         if self.ttl.is_zero() {
             return None;
         }
@@ -44,7 +45,7 @@ impl ClientCache {
     }
 
     /// Remembers `client`.
-    pub fn put(&self, client: &Client) {
+    pub fn put(&self, client: &Arc<Client>) {
         if self.ttl.is_zero() {
             return;
         }

@@ -1,5 +1,6 @@
 //! Clients in the database: one SQL text per operation, run on Postgres or SQLite.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -147,7 +148,7 @@ impl ClientStore {
         client_id: &str,
         presented_secret: &SecretString,
         now: OffsetDateTime,
-    ) -> Result<Client, ClientError> {
+    ) -> Result<Arc<Client>, ClientError> {
         let presented = secret::hash(
             &self.key,
             client_id.as_bytes(),
@@ -161,7 +162,7 @@ impl ClientStore {
         let client = match (cached, row) {
             (Some(client), _) => Some(client),
             (None, Some(row)) => {
-                let client = row.into_client()?;
+                let client = Arc::new(row.into_client()?);
                 self.cache.put(&client);
                 Some(client)
             }

@@ -84,7 +84,7 @@ pub async fn authenticate(
     state: &AppState,
     presented: &Presented,
     source_ip: Option<std::net::IpAddr>,
-) -> Result<Client, ApiError> {
+) -> Result<std::sync::Arc<Client>, ApiError> {
     let now = state.keys.now();
     let id = presented.client_id.as_str();
     // Client secrets are 256-bit random values, so guessing them is hopeless with or

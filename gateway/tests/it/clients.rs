@@ -215,8 +215,8 @@ async fn a_created_client_authenticates_with_its_secret_and_nothing_else(b: Back
         .authenticate("executor-orders", &s, b.clock.now())
         .await
         .unwrap();
-    assert_eq!(client, created);
-    assert_eq!(client, b.store.get(&id("executor-orders")).await.unwrap());
+    assert_eq!(*client, created);
+    assert_eq!(*client, b.store.get(&id("executor-orders")).await.unwrap());
     assert!(client.enabled);
     assert_eq!(client.created_at, b.clock.now());
 
