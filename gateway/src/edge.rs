@@ -29,7 +29,6 @@ use crate::error::ApiError;
 use crate::protect::client_ip::{ClientIp, TrustedProxies};
 use crate::proxy::{Proxy, ResolvedRoute};
 use crate::routes::REQUEST_ID;
-use crate::telemetry::RouteLabel;
 
 // === outside the router ===
 
@@ -192,13 +191,18 @@ where
             .get::<MatchedPath>()
             .map(|m| self.template(m));
         name_span(&method, matched.as_deref(), req.uri().path());
+        // the metrics label: the route template, or the proxy route's `proxy:<prefix>`
+        let mut route = matched.clone();
         // a request no route matched goes to the proxy's fallback: decide its route once
         let mut proxied = false;
         if matched.is_none()
             && let Some(proxy) = &self.config.proxy
         {
             let resolved = proxy.resolve(&method, req.uri().path());
-            proxied = matches!(resolved, Ok(Some(_)));
+            if let Ok(Some(r)) = &resolved {
+                proxied = true;
+                route = Some(r.label.clone());
+            }
             req.extensions_mut().insert(ResolvedRoute(resolved));
         }
         let max = match (&self.config.proxy, proxied) {
@@ -232,12 +236,6 @@ where
                     }
                 }
             };
-            let route = matched.or_else(|| {
-                response
-                    .extensions()
-                    .get::<RouteLabel>()
-                    .map(|l| l.0.clone())
-            });
             crate::telemetry::record_request(&method, route, response.status(), start.elapsed());
             Ok(response)
         })

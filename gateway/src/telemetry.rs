@@ -229,12 +229,6 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// The route label of a response from a handler that serves paths the router does not
-/// match itself (the proxy's configured routes), so metrics name the configured route
-/// (`proxy:/jobinfo/`) instead of `unmatched`. Bounded: one per configured route.
-#[derive(Debug, Clone)]
-pub struct RouteLabel(pub std::sync::Arc<str>);
-
 /// Records one request: `portcullis_http_requests_total` and
 /// `portcullis_http_request_duration_seconds`, labelled by route template (never the raw
 /// path, which would explode cardinality and may carry identifiers); `None` is

@@ -528,34 +528,28 @@ pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response
         Ok(None) => return ApiError::NotFound.into_response(),
         Err(e) => return ApiError::from(ProxyError::from(e)).into_response(),
     };
-    let label = crate::telemetry::RouteLabel(route.label.clone());
-    let mut response = async move {
-        // the head alone crosses the awaits of authentication: the body is not `Sync`
-        let (head, body) = req.into_parts();
-        let (identity, set_cookies) = match authorize(&state, &route, &head).await {
-            Ok(ok) => ok,
-            Err(refusal) => return refusal,
-        };
-        let origin = Origin {
-            client_ip: client_ip(&head),
-            host: head.headers.get(header::HOST).cloned().or_else(|| {
-                head.uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            }),
-        };
-        let req = Request::from_parts(head, body);
-        let mut response = match proxy.forward(req, identity.as_ref(), &origin).await {
-            Ok(r) => r,
-            Err(e) => ApiError::from(e).into_response(),
-        };
-        for c in set_cookies {
-            response.headers_mut().append(header::SET_COOKIE, c);
-        }
-        response
+    // the head alone crosses the awaits of authentication: the body is not `Sync`
+    let (head, body) = req.into_parts();
+    let (identity, set_cookies) = match authorize(&state, &route, &head).await {
+        Ok(ok) => ok,
+        Err(refusal) => return refusal,
+    };
+    let origin = Origin {
+        client_ip: client_ip(&head),
+        host: head.headers.get(header::HOST).cloned().or_else(|| {
+            head.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        }),
+    };
+    let req = Request::from_parts(head, body);
+    let mut response = match proxy.forward(req, identity.as_ref(), &origin).await {
+        Ok(r) => r,
+        Err(e) => ApiError::from(e).into_response(),
+    };
+    for c in set_cookies {
+        response.headers_mut().append(header::SET_COOKIE, c);
     }
-    .await;
-    response.extensions_mut().insert(label);
     response
 }
 
