@@ -147,16 +147,7 @@ impl Audit {
             let (mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) =
                 e;
             metrics::counter!("portcullis_audit_dropped_total").increment(1);
-            // the only copy left: log it whole
-            tracing::error!(
-                target: "audit",
-                actor = %event.actor,
-                action = %event.action,
-                target_id = %event.target,
-                source_ip = event.source_ip.as_deref().unwrap_or("-"),
-                detail = %event.detail,
-                "audit queue full; event kept only in this log line"
-            );
+            log_unstored(&event, "the audit queue is full");
         }
     }
 }
@@ -229,19 +220,25 @@ async fn writer(
             Err(e) => {
                 tracing::error!(error = %e, "audit write failed at shutdown; events kept only in the log");
                 for event in chunk {
-                    tracing::error!(
-                        target: "audit",
-                        actor = %event.actor,
-                        action = %event.action,
-                        target_id = %event.target,
-                        source_ip = event.source_ip.as_deref().unwrap_or("-"),
-                        detail = %event.detail,
-                        "audit event not stored"
-                    );
+                    log_unstored(event, "the database refused it at shutdown");
                 }
             }
         }
     }
+}
+
+/// Logs an event that will not be stored, whole: the log line is the only copy left.
+fn log_unstored(event: &AuditEvent, why: &'static str) {
+    tracing::error!(
+        target: "audit",
+        actor = %event.actor,
+        action = %event.action,
+        target_id = %event.target,
+        source_ip = event.source_ip.as_deref().unwrap_or("-"),
+        detail = %event.detail,
+        why,
+        "audit event not stored; kept only in this log line"
+    );
 }
 
 /// After a batch is committed: counted, streamed, logged at debug. The rows become
