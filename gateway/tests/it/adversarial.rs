@@ -886,24 +886,26 @@ async fn session_logs_capture() {
     // a wrong secret first (close to the right one), then the right one
     let near_miss = format!("{}x", &secret[..secret.len() - 1]);
     secrets.push(near_miss.clone());
-    let refused = http
-        .post(app.url("/oauth2/token"))
-        .basic_auth("executor-orders", Some(&near_miss))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap();
+    let refused = post_as_client(
+        &http,
+        app.url("/oauth2/token"),
+        "executor-orders",
+        &near_miss,
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
-    let granted: Value = http
-        .post(app.url("/oauth2/token"))
-        .basic_auth("executor-orders", Some(&secret))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let granted: Value = post_as_client(
+        &http,
+        app.url("/oauth2/token"),
+        "executor-orders",
+        &secret,
+        &[("grant_type", "client_credentials")],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let access = granted["access_token"].as_str().unwrap().to_owned();
     secrets.push(access.clone());
 
@@ -944,33 +946,36 @@ async fn session_logs_capture() {
     let second = refreshed["refresh_token"].as_str().unwrap().to_owned();
     secrets.push(second.clone());
     secrets.push(refreshed["access_token"].as_str().unwrap().to_owned());
-    let introspected = http
-        .post(app.url("/oauth2/introspect"))
-        .basic_auth("executor-orders", Some(&secret))
-        .form(&[("token", access.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let introspected = post_as_client(
+        &http,
+        app.url("/oauth2/introspect"),
+        "executor-orders",
+        &secret,
+        &[("token", access.as_str())],
+    )
+    .await;
     assert_eq!(introspected.status(), StatusCode::OK);
-    let revoked = http
-        .post(app.url("/oauth2/revoke"))
-        .basic_auth("executor-orders", Some(&secret))
-        .form(&[("token", second.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let revoked = post_as_client(
+        &http,
+        app.url("/oauth2/revoke"),
+        "executor-orders",
+        &secret,
+        &[("token", second.as_str())],
+    )
+    .await;
     assert_eq!(revoked.status(), StatusCode::OK);
     // the rotated token presented again: reuse, the family is revoked and audited
-    let reuse = http
-        .post(app.url("/oauth2/token"))
-        .basic_auth("executor-orders", Some(&secret))
-        .form(&[
+    let reuse = post_as_client(
+        &http,
+        app.url("/oauth2/token"),
+        "executor-orders",
+        &secret,
+        &[
             ("grant_type", "refresh_token"),
             ("refresh_token", first.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     assert_eq!(reuse.status(), StatusCode::BAD_REQUEST);
 
     // a secret config value written, then read back by a node with the right

@@ -105,16 +105,7 @@ async fn wait_for(app: &TestApp, action: &str, n: usize) {
 /// Runs `portcullis audit <args>` against `database_url` (a config file written next to
 /// `app`'s certificate and key ring); returns the exit code, stdout and stderr.
 fn cli(app: &TestApp, database_url: &str, args: &[&str]) -> (i32, String, String) {
-    let config = app.dir.path().join("audit-cli.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
-         [database]\nurl = \"{database_url}\"\n\
-         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
-         [keys]\nsource = \"file\"\nfile_dir = \"{dir}\"\n",
-        dir = app.dir.path().display(),
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = app.cli_config("audit-cli.toml", database_url, "");
     let out = Command::new(binary())
         .arg("audit")
         .args(args)
@@ -228,24 +219,26 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
     let secret = created["secret"].as_str().unwrap().to_owned();
 
     // a wrong secret, then a token
-    let wrong = http
-        .post(app.url("/oauth2/token"))
-        .basic_auth("svc-audit", Some("not-the-secret"))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap();
+    let wrong = post_as_client(
+        &http,
+        app.url("/oauth2/token"),
+        "svc-audit",
+        "not-the-secret",
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
     assert_eq!(wrong.status(), 401);
-    let issued: Value = http
-        .post(app.url("/oauth2/token"))
-        .basic_auth("svc-audit", Some(&secret))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let issued: Value = post_as_client(
+        &http,
+        app.url("/oauth2/token"),
+        "svc-audit",
+        &secret,
+        &[("grant_type", "client_credentials")],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let access = issued["access_token"].as_str().unwrap().to_owned();
     let claims: Value = app.state.keys.verify(&access).unwrap();
     let jti = claims["jti"].as_str().unwrap().to_owned();
@@ -264,13 +257,14 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
     let refresh = |token: String| {
         let (http, url, secret) = (http.clone(), app.url("/oauth2/token"), secret.clone());
         async move {
-            let r = http
-                .post(url)
-                .basic_auth("svc-audit", Some(secret))
-                .form(&[("grant_type", "refresh_token"), ("refresh_token", &token)])
-                .send()
-                .await
-                .unwrap();
+            let r = post_as_client(
+                &http,
+                url,
+                "svc-audit",
+                &secret,
+                &[("grant_type", "refresh_token"), ("refresh_token", &token)],
+            )
+            .await;
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
@@ -286,13 +280,14 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
     // another session, revoked by its client (RFC 7009)
     let second = app.state.refresh.issue(family("bob"), now).await.unwrap();
     let rt3 = second.token.expose_secret().to_owned();
-    let revoked = http
-        .post(app.url("/oauth2/revoke"))
-        .basic_auth("svc-audit", Some(&secret))
-        .form(&[("token", rt3.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let revoked = post_as_client(
+        &http,
+        app.url("/oauth2/revoke"),
+        "svc-audit",
+        &secret,
+        &[("token", rt3.as_str())],
+    )
+    .await;
     assert_eq!(revoked.status(), 200);
 
     // a key rotation through the admin API
@@ -545,13 +540,14 @@ async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
             let (http, url) = (app.https_client(), app.url("/oauth2/token"));
             let (id, secret) = (client.id.to_string(), secret.clone());
             tasks.spawn(async move {
-                let r = http
-                    .post(url)
-                    .basic_auth(id, Some(secret))
-                    .form(&[("grant_type", "client_credentials")])
-                    .send()
-                    .await
-                    .unwrap();
+                let r = post_as_client(
+                    &http,
+                    url,
+                    &id,
+                    &secret,
+                    &[("grant_type", "client_credentials")],
+                )
+                .await;
                 assert_eq!(r.status(), 200);
             });
         }

@@ -56,16 +56,7 @@ fn browser(app: &TestApp) -> reqwest::Client {
 
 /// `portcullis users create NAME --role …` against `app`'s database, password on stdin.
 fn cli_create(app: &TestApp, database_url: &str, name: &str, roles: &[&str], password: &str) {
-    let config = app.dir.path().join("cli.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
-         [database]\nurl = \"{database_url}\"\n\
-         [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
-         [keys]\nsource = \"file\"\nfile_dir = \"{dir}\"\n[sso]\nlocal_accounts = true\n",
-        dir = app.dir.path().display(),
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = app.cli_config("cli.toml", database_url, "[sso]\nlocal_accounts = true\n");
     let mut command = Command::new(binary());
     command
         .args(["users", "create", name, "--config"])

@@ -199,6 +199,40 @@ impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.https.port())
     }
+
+    /// Writes `name` next to this instance's certificate and key ring: a configuration for
+    /// an operator command (`portcullis audit|users …`) on `database_url`, with `extra`
+    /// TOML appended; returns its path.
+    pub fn cli_config(&self, name: &str, database_url: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
+             [database]\nurl = \"{database_url}\"\n\
+             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
+             [keys]\nsource = \"file\"\nfile_dir = \"{dir}\"\n{extra}",
+            dir = self.dir.path().display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// POSTs `form` to `url` as client `id` with HTTP Basic `secret` (the token,
+/// introspection and revocation endpoints).
+pub async fn post_as_client(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    id: &str,
+    secret: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    http.post(url)
+        .basic_auth(id, Some(secret))
+        .form(form)
+        .send()
+        .await
+        .unwrap()
 }
 
 pub async fn tls_connect(
