@@ -171,15 +171,21 @@ async fn writer(
                 e = rx.recv() => match e { Some(e) => e, None => break 'run },
             };
             batch.push(first);
-            // linger a moment for more: at high rates, fewer and fuller transactions
-            let linger = tokio::time::sleep(LINGER);
-            tokio::pin!(linger);
-            while batch.len() < BATCH {
+            // linger a moment for more, unless a batch is already waiting: at high rates,
+            // fewer and fuller transactions. The queue is not watched meanwhile, so the
+            // request path's `try_send` does not wake this task (and the thread it sleeps
+            // on) once per event.
+            if rx.len() + 1 < BATCH {
                 tokio::select! {
                     biased;
-                    e = rx.recv() => match e { Some(e) => batch.push(e), None => break },
-                    () = &mut linger => break,
-                    () = stop.cancelled() => break,
+                    () = stop.cancelled() => {}
+                    () = tokio::time::sleep(LINGER) => {}
+                }
+            }
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
                 }
             }
         }
