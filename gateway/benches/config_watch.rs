@@ -100,7 +100,7 @@ async fn run() {
     };
     let config = portcullis::config::from_table(
         toml::from_str(&config_text(0, 0, dir.path())).unwrap(),
-        std::iter::empty(),
+        support::portcullis_env(),
     )
     .unwrap();
     let database = portcullis::db::Database::connect_lazy(&config.database).unwrap();

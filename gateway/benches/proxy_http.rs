@@ -79,7 +79,8 @@ async fn run(workers: usize) {
         d = dir.path().display(),
     );
     let config =
-        portcullis::config::from_table(toml::from_str(&text).unwrap(), std::iter::empty()).unwrap();
+        portcullis::config::from_table(toml::from_str(&text).unwrap(), support::portcullis_env())
+            .unwrap();
     let app = portcullis::app::Application::build(config).await.unwrap();
     let state = app.state().clone();
     let portcullis_addr = app.https_addr();

@@ -89,7 +89,8 @@ async fn run(logins: usize) {
         options.client_secret,
     );
     let config =
-        portcullis::config::from_table(toml::from_str(&text).unwrap(), std::iter::empty()).unwrap();
+        portcullis::config::from_table(toml::from_str(&text).unwrap(), support::portcullis_env())
+            .unwrap();
     let app = portcullis::app::Application::build(config).await.unwrap();
     let state = app.state().clone();
     let stop = app.shutdown_token();

@@ -63,7 +63,8 @@ async fn token_endpoint() {
         dir.path().display()
     );
     let config =
-        portcullis::config::from_table(toml::from_str(&text).unwrap(), std::iter::empty()).unwrap();
+        portcullis::config::from_table(toml::from_str(&text).unwrap(), support::portcullis_env())
+            .unwrap();
     let app = portcullis::app::Application::build(config).await.unwrap();
     let state = app.state().clone();
     let addr = app.https_addr();

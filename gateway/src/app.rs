@@ -22,6 +22,7 @@ use crate::server::{ConnectionLimits, serve_https};
 use crate::state::AppState;
 use crate::telemetry;
 use crate::tls::{ReloadableTls, TlsError};
+use crate::workers::Workers;
 
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ pub enum StartError {
     /// The config center's key wrapper could not be prepared.
     #[error("config center: {0}")]
     ConfigCenter(String),
+    /// The connection workers' threads could not be started.
+    #[error("cannot start the connection workers: {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A running instance.
@@ -61,6 +65,8 @@ pub struct Application {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     state: AppState,
+    // dropped last: the connections they serve are drained by then
+    _workers: Option<Arc<Workers>>,
 }
 
 impl Application {
@@ -221,11 +227,20 @@ impl Application {
             shutdown_grace: config.server.shutdown_grace,
             idle_timeout: config.server.idle_timeout,
         };
+        let workers = match config
+            .server
+            .workers
+            .unwrap_or_else(crate::workers::default_count)
+        {
+            0 => None,
+            n => Some(Arc::new(Workers::start(n).map_err(StartError::Workers)?)),
+        };
         tasks.spawn(serve_https(
             https,
             tls,
             routes::router(state.clone()),
             limits,
+            workers.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(serve_admin(
@@ -241,6 +256,7 @@ impl Application {
             shutdown,
             tasks,
             state,
+            _workers: workers,
         })
     }
 

@@ -150,6 +150,10 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Most simultaneous connections on the HTTPS listener; more wait in the backlog.
     pub max_connections: usize,
+    /// Threads serving HTTPS connections, each with its own single-threaded runtime (see
+    /// `docs/architecture.md`); unset means one per core, `0` serves them on the shared
+    /// runtime instead.
+    pub workers: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -166,6 +170,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             max_header_bytes: 16 * 1024,
             max_connections: 10_000,
+            workers: None,
         }
     }
 }
@@ -602,6 +607,12 @@ impl Config {
             return Err(ConfigError::field(
                 "server.max_connections",
                 "must be greater than 0",
+            ));
+        }
+        if s.workers.is_some_and(|w| w > crate::workers::MAX_WORKERS) {
+            return Err(ConfigError::field(
+                "server.workers",
+                format!("must be at most {}", crate::workers::MAX_WORKERS),
             ));
         }
         for (name, d) in [

@@ -43,3 +43,4 @@ pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod verified;
+pub mod workers;

@@ -19,14 +19,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::tls::ReloadableTls;
+use crate::workers::Workers;
 
 /// Connection-level limits of the HTTPS listener.
 #[derive(Debug, Clone, Copy)]
@@ -50,12 +51,14 @@ pub struct ConnectionLimits {
 
 /// Serves `router` over TLS on `listener` until `shutdown` is cancelled, then stops
 /// accepting and waits up to `limits.shutdown_grace` for open connections to finish
-/// their requests.
+/// their requests. Each connection is served on the next of `workers`, or on the
+/// caller's runtime when there are none.
 pub async fn serve_https(
     listener: TcpListener,
     tls: ReloadableTls,
     router: Router,
     limits: ConnectionLimits,
+    workers: Option<Arc<Workers>>,
     shutdown: CancellationToken,
 ) {
     // every connection task, handshakes included, so shutdown can wait for them
@@ -84,35 +87,37 @@ pub async fn serve_https(
             },
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.current());
-        let router = router.clone();
-        let closing = shutdown.clone();
-        connections.spawn(async move {
-            let _permit = permit;
-            let tls_stream =
-                match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        metrics::counter!("portcullis_tls_handshake_failures_total").increment(1);
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        metrics::counter!("portcullis_tls_handshake_failures_total").increment(1);
-                        return;
-                    }
-                };
-            if closing.is_cancelled() {
-                return;
+        let connection = Connection {
+            peer,
+            _permit: permit,
+            acceptor: TlsAcceptor::from(tls.current()),
+            router: router.clone(),
+            limits,
+            closing: shutdown.clone(),
+        };
+        match &workers {
+            None => {
+                connections.spawn(connection.serve(stream));
             }
-            // HTTP/2 has no request head to time: a quiet h2 connection may still be
-            // exchanging PINGs and SETTINGS, which must not look like a slow head
-            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
-        });
+            // the worker's own reactor must watch the socket, or every read would be a
+            // wake-up from this runtime's thread: hand it over as a plain socket
+            Some(workers) => match stream.into_std() {
+                Ok(stream) => {
+                    connections.spawn_on(
+                        async move {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => connection.serve(stream).await,
+                                Err(e) => {
+                                    tracing::warn!(%peer, error = %e, "connection hand-over failed");
+                                }
+                            }
+                        },
+                        workers.next(),
+                    );
+                }
+                Err(e) => tracing::warn!(%peer, error = %e, "connection hand-over failed"),
+            },
+        }
     }
     drop(listener);
     tracing::info!(
@@ -123,6 +128,53 @@ pub async fn serve_https(
     match tokio::time::timeout(limits.shutdown_grace, connections.wait()).await {
         Ok(()) => tracing::info!("all connections finished"),
         Err(_) => tracing::warn!("shutdown grace elapsed; dropping remaining connections"),
+    }
+}
+
+/// An accepted connection, before its TLS handshake.
+struct Connection {
+    peer: SocketAddr,
+    /// Held while the connection lives (`max_connections`).
+    _permit: OwnedSemaphorePermit,
+    acceptor: TlsAcceptor,
+    router: Router,
+    limits: ConnectionLimits,
+    closing: CancellationToken,
+}
+
+impl Connection {
+    /// Completes the TLS handshake within its deadline, then serves the connection.
+    async fn serve(self, stream: TcpStream) {
+        let Self {
+            peer,
+            _permit,
+            acceptor,
+            router,
+            limits,
+            closing,
+        } = self;
+        let tls_stream =
+            match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    metrics::counter!("portcullis_tls_handshake_failures_total").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    metrics::counter!("portcullis_tls_handshake_failures_total").increment(1);
+                    return;
+                }
+            };
+        if closing.is_cancelled() {
+            return;
+        }
+        // HTTP/2 has no request head to time: a quiet h2 connection may still be
+        // exchanging PINGs and SETTINGS, which must not look like a slow head
+        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
     }
 }
 

@@ -13,3 +13,9 @@ pub fn env_or(name: &str, default: u64) -> u64 {
 pub fn skipped() -> bool {
     std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some()
 }
+
+/// The `PORTCULLIS_*` variables of the environment, applied over each bench's
+/// configuration (`PORTCULLIS_SERVER__WORKERS=0` serves on the shared runtime).
+pub fn portcullis_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with(portcullis::config::ENV_PREFIX))
+}

@@ -416,3 +416,31 @@ fn idle_timeout_defaults_to_two_minutes_and_zero_or_garbage_is_refused_naming_it
         .unwrap_err();
     assert_eq!(field_of(err), "server.idle_timeout");
 }
+
+#[test]
+fn workers_default_to_one_per_core_zero_means_the_shared_runtime_and_too_many_are_refused() {
+    let f = Files::new();
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(
+        c.server.workers, None,
+        "unset: one per core, decided at start"
+    );
+    let c = f
+        .load(&f.toml(""), &[("PORTCULLIS_SERVER__WORKERS", "0")])
+        .unwrap();
+    assert_eq!(c.server.workers, Some(0));
+    let c = f.load(&f.toml("[server]\nworkers = 3\n"), &[]).unwrap();
+    assert_eq!(c.server.workers, Some(3));
+
+    let err = f
+        .load(&f.toml("[server]\nworkers = 65\n"), &[])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration at `server.workers`: must be at most 64"
+    );
+    let err = f
+        .load(&f.toml("[server]\nworkers = -1\n"), &[])
+        .unwrap_err();
+    assert_eq!(field_of(err), "server.workers");
+}

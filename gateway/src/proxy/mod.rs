@@ -19,7 +19,7 @@ pub mod settings;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::http::uri::PathAndQuery;
 use std::time::{Duration, Instant};
@@ -99,7 +99,12 @@ pub struct Proxy {
 }
 
 struct Inner {
-    client: HttpClient,
+    /// One pool of node connections per connection worker, and one (the first) for
+    /// requests served off the workers. A node connection is driven by a task on the
+    /// thread that opened it, so a request only takes connections its own thread drives:
+    /// handing a request to another thread's connection would wake that thread twice.
+    clients: Box<[OnceLock<HttpClient>]>,
+    connector: HttpsConnector<HttpConnector>,
     // swapped whole by the runtime settings (`proxy.upstreams`); a request keeps the list
     // it started with, so its retry and health records stay on the same nodes
     upstreams: ArcSwap<Upstreams>,
@@ -141,14 +146,12 @@ impl Proxy {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_node)
-            .build(connector);
         Ok(Some(Self {
             inner: Arc::new(Inner {
-                client,
+                clients: (0..=crate::workers::MAX_WORKERS)
+                    .map(|_| OnceLock::new())
+                    .collect(),
+                connector,
                 upstreams: ArcSwap::from_pointee(Upstreams::new(
                     &settings.upstreams,
                     settings.health.clone(),
@@ -157,6 +160,19 @@ impl Proxy {
                 settings: settings.clone(),
             }),
         }))
+    }
+
+    /// The client (pool of node connections) of the calling thread.
+    fn client(&self) -> &HttpClient {
+        let slot = crate::workers::current().map_or(0, |i| i + 1);
+        let clients = &self.inner.clients;
+        clients[slot.min(clients.len() - 1)].get_or_init(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.inner.settings.pool_idle_timeout)
+                .pool_max_idle_per_host(self.inner.settings.pool_max_idle_per_node)
+                .build(self.inner.connector.clone())
+        })
     }
 
     /// The route table.
@@ -239,7 +255,7 @@ impl Proxy {
         };
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = uri;
-        let up = match tokio::time::timeout(timeout, self.inner.client.request(req)).await {
+        let up = match tokio::time::timeout(timeout, self.client().request(req)).await {
             Ok(Ok(resp)) => {
                 let ok = resp.status().is_success();
                 // read the (small) answer so the connection goes back to the pool
@@ -360,7 +376,7 @@ impl Proxy {
 
         let timeout = self.inner.settings.read_timeout;
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.inner.client.request(req)).await;
+        let result = tokio::time::timeout(timeout, self.client().request(req)).await;
         metrics::histogram!(
             "portcullis_upstream_request_duration_seconds",
             "node" => node.label()

@@ -6,19 +6,32 @@ use axum::Router;
 use axum::routing::get;
 use portcullis::server::{ConnectionLimits, serve_https};
 use portcullis::tls::ReloadableTls;
+use portcullis::workers::Workers;
 use tokio_util::sync::CancellationToken;
 
 use super::support::*;
 
 #[tokio::test]
 async fn in_flight_request_finishes_after_shutdown_starts() {
+    in_flight_request_finishes(None).await;
+}
+
+#[tokio::test]
+async fn in_flight_request_on_a_connection_worker_finishes_after_shutdown_starts() {
+    let workers = std::sync::Arc::new(Workers::start(2).unwrap());
+    in_flight_request_finishes(Some(workers.clone())).await;
+    // the listener's loop has let go of them; the instance drops them last
+    assert_eq!(std::sync::Arc::strong_count(&workers), 1);
+}
+
+async fn in_flight_request_finishes(workers: Option<std::sync::Arc<Workers>>) {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = install_leaf(dir.path(), &pki.leaf());
     let tls = ReloadableTls::load(&cert, &key).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<Option<usize>>();
     let entered_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(entered_tx)));
     let router = Router::new().route(
         "/slow",
@@ -26,7 +39,7 @@ async fn in_flight_request_finishes_after_shutdown_starts() {
             let entered = entered_tx.clone();
             async move {
                 if let Some(tx) = entered.lock().unwrap().take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(portcullis::workers::current());
                 }
                 tokio::time::sleep(Duration::from_millis(700)).await;
                 "finished"
@@ -42,11 +55,24 @@ async fn in_flight_request_finishes_after_shutdown_starts() {
         shutdown_grace: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
     };
-    let server = tokio::spawn(serve_https(listener, tls, router, limits, stop.clone()));
+    let on_workers = workers.is_some();
+    let server = tokio::spawn(serve_https(
+        listener,
+        tls,
+        router,
+        limits,
+        workers,
+        stop.clone(),
+    ));
 
     let mut conn = Conn::over(tls_connect(addr, pki.client_config()).await).await;
     let in_flight = tokio::spawn(async move { conn.get("/slow").await });
-    entered_rx.await.unwrap();
+    let served_by = entered_rx.await.unwrap();
+    assert_eq!(
+        served_by.is_some(),
+        on_workers,
+        "served on a connection worker exactly when there are workers"
+    );
     stop.cancel();
 
     // new connections are refused once the listener has closed
