@@ -40,6 +40,9 @@ const BATCH: usize = 500;
 /// event is stored this much later.
 const LINGER: Duration = Duration::from_millis(10);
 
+/// How often a lingering writer looks whether a full batch is waiting.
+const LINGER_STEP: Duration = Duration::from_millis(1);
+
 /// Why the trail could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -171,15 +174,16 @@ async fn writer(
                 e = rx.recv() => match e { Some(e) => e, None => break 'run },
             };
             batch.push(first);
-            // linger a moment for more, unless a batch is already waiting: at high rates,
-            // fewer and fuller transactions. The queue is not watched meanwhile, so the
-            // request path's `try_send` does not wake this task (and the thread it sleeps
-            // on) once per event.
-            if rx.len() + 1 < BATCH {
+            // linger until a full batch waits or LINGER has passed: at high rates, fewer
+            // and fuller transactions. The queue's length is looked at every millisecond
+            // rather than awaited, so the request path's `try_send` does not wake this
+            // task (and the thread it sleeps on) once per event.
+            let until = tokio::time::Instant::now() + LINGER;
+            while rx.len() + 1 < BATCH && tokio::time::Instant::now() < until {
                 tokio::select! {
                     biased;
-                    () = stop.cancelled() => {}
-                    () = tokio::time::sleep(LINGER) => {}
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(LINGER_STEP) => {}
                 }
             }
             while batch.len() < BATCH {
