@@ -13,7 +13,8 @@
 //! own), all on one real Postgres from the test harness; the watchers are raw HTTP/1.1
 //! streams over TLS from this process, spread evenly over the instances. A round is: PUT a
 //! new release on instance 0, then wait until every watcher has read the event carrying
-//! its version. The latency of a watcher is from just before the PUT to the moment its
+//! its version; rounds are `BENCH_ROUNDS` (5) with `BENCH_ROUND_GAP_MS` (500) of quiet
+//! between them. The latency of a watcher is from just before the PUT to the moment its
 //! event was read, so it includes the write (encryption, the Postgres commit and NOTIFY)
 //! and the other instances' change feeds. Results go to stdout; copy them into
 //! docs/benchmarks.md with the machine and date.
@@ -77,6 +78,8 @@ async fn run() {
     let watchers = env_or("BENCH_WATCHERS", 1000) as usize;
     let instances = env_or("BENCH_INSTANCES", 1) as usize;
     let rounds = env_or("BENCH_ROUNDS", 5) as usize;
+    // the quiet time between rounds; in production changes are minutes apart
+    let round_gap_ms = env_or("BENCH_ROUND_GAP_MS", 500);
     let pg = harness::Postgres::shared();
     let db = pg.fresh_database("bench_watch").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -223,8 +226,11 @@ async fn run() {
             let mut stream = open_watch(&tls, port, &token, first).await;
             drop(permit);
             let _ = ready.send(());
-            let mut buf = vec![0u8; 16 * 1024];
-            let mut tail = String::new();
+            // written now, so its pages are mapped while connecting: a zeroed buffer
+            // comes from calloc untouched, and the first event would pay its page faults
+            // (10,000 watchers × 4 pages, measured as part of round 1)
+            let mut buf = vec![0xffu8; 16 * 1024];
+            let mut tail = String::with_capacity(1024);
             loop {
                 let n = match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
@@ -295,7 +301,7 @@ async fn run() {
             ms(lat[lat.len() - 1])
         );
         all.extend(lat);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(round_gap_ms)).await;
     }
     all.sort();
     println!(
