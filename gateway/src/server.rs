@@ -171,10 +171,33 @@ impl Connection {
         if closing.is_cancelled() {
             return;
         }
+        let _open = OpenConnection::new();
         // HTTP/2 has no request head to time: a quiet h2 connection may still be
         // exchanging PINGs and SETTINGS, which must not look like a slow head
         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
         serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
+    }
+}
+
+/// Counts an established connection in `portcullis_https_connections_open`, labelled by
+/// the connection worker serving it (`shared` without workers), while it lives.
+struct OpenConnection(metrics::Gauge);
+
+impl OpenConnection {
+    fn new() -> Self {
+        let worker = crate::workers::current()
+            .map_or(metrics::SharedString::const_str("shared"), |i| {
+                metrics::SharedString::from(i.to_string())
+            });
+        let gauge = metrics::gauge!("portcullis_https_connections_open", "worker" => worker);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

@@ -30,3 +30,4 @@ mod sso;
 mod support;
 mod tls_reload;
 mod token;
+mod workers;
