@@ -807,20 +807,7 @@ impl std::io::Write for Captured {
 /// and max level are process-global; see `sso::no_code_state_token_cookie_or_secret…`).
 #[test]
 fn no_secret_of_a_whole_session_reaches_the_logs_even_at_trace() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "adversarial::session_logs_capture",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the capture ran: {text}");
+    run_alone("adversarial::session_logs_capture");
 }
 
 const ADMIN_TOKEN: &str = "adversarial-admin-token-5b0c81d2e7f4";

@@ -816,20 +816,7 @@ impl std::io::Write for Captured {
 /// finishing on other threads a capture was seen (in CI) to miss events.
 #[test]
 fn no_code_state_token_cookie_or_secret_reaches_the_logs() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sso::logs_capture",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the capture ran: {text}");
+    run_alone("sso::logs_capture");
 }
 
 #[tokio::test]

@@ -12,20 +12,7 @@ use super::support::*;
 fn open_connections_are_counted_per_worker_and_released_when_they_close() {
     // the metrics recorder is process-wide: alone in a process, no other test's
     // connections are counted with ours
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "workers::connections_gauge_capture",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the capture ran: {text}");
+    run_alone("workers::connections_gauge_capture");
 }
 
 /// `portcullis_https_connections_open{worker="<worker>"}` in a scrape, 0 when absent.
