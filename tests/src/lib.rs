@@ -242,3 +242,25 @@ pub(crate) fn user_ids(name: &str) -> Result<(u32, u32)> {
             looked_in: "/etc/passwd".into(),
         })
 }
+
+/// Runs the ignored test `name` (its full path, `module::test`) alone in a child process
+/// of the calling test binary and panics unless it ran and passed: for checks that need
+/// what is process-wide (the tracing subscriber, the metrics recorder) to themselves.
+#[allow(clippy::expect_used)] // an assertion helper: failing the calling test is its job
+pub fn run_alone(name: &str) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("the test binary runs again");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{name} ran: {text}");
+}

@@ -807,7 +807,7 @@ impl std::io::Write for Captured {
 /// and max level are process-global; see `sso::no_code_state_token_cookie_or_secret…`).
 #[test]
 fn no_secret_of_a_whole_session_reaches_the_logs_even_at_trace() {
-    run_alone("adversarial::session_logs_capture");
+    harness::run_alone("adversarial::session_logs_capture");
 }
 
 const ADMIN_TOKEN: &str = "adversarial-admin-token-5b0c81d2e7f4";

@@ -816,7 +816,7 @@ impl std::io::Write for Captured {
 /// finishing on other threads a capture was seen (in CI) to miss events.
 #[test]
 fn no_code_state_token_cookie_or_secret_reaches_the_logs() {
-    run_alone("sso::logs_capture");
+    harness::run_alone("sso::logs_capture");
 }
 
 #[tokio::test]

@@ -417,23 +417,3 @@ pub async fn wait_for_port(addr: SocketAddr) {
     })
     .await;
 }
-
-/// Runs the ignored test `name` (its full path, `module::test`) alone in a child process
-/// of this test binary and fails unless it ran and passed: for checks that need what is
-/// process-wide (the tracing subscriber, the metrics recorder) to themselves.
-pub fn run_alone(name: &str) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            name,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "{name} ran: {text}");
-}

@@ -12,7 +12,7 @@ use super::support::*;
 fn open_connections_are_counted_per_worker_and_released_when_they_close() {
     // the metrics recorder is process-wide: alone in a process, no other test's
     // connections are counted with ours
-    run_alone("workers::connections_gauge_capture");
+    harness::run_alone("workers::connections_gauge_capture");
 }
 
 /// `portcullis_https_connections_open{worker="<worker>"}` in a scrape, 0 when absent.

@@ -431,20 +431,7 @@ impl std::io::Write for Captured {
 /// this test pass or fail for reasons that are not about secrets.
 #[test]
 fn logs_never_contain_tokens_secret_ids_or_private_keys() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "vault::logs_capture",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the capture ran: {text}");
+    harness::run_alone("vault::logs_capture");
 }
 
 #[tokio::test]
