@@ -168,7 +168,16 @@ pub fn workspace_root() -> PathBuf {
         .map(PathBuf::from)
         .and_then(|dir| dir.parent().map(Path::to_path_buf))
         .filter(|root| root.join("Cargo.lock").is_file());
-    runtime.unwrap_or_else(|| {
+    // a bench or test binary run by hand (no cargo, so no CARGO_MANIFEST_DIR): the
+    // checkout it is run from, found by this very crate's file
+    let from_cwd = || {
+        std::env::current_dir().ok().and_then(|dir| {
+            dir.ancestors()
+                .find(|a| a.join("Cargo.lock").is_file() && a.join("tests/src/lib.rs").is_file())
+                .map(Path::to_path_buf)
+        })
+    };
+    runtime.or_else(from_cwd).unwrap_or_else(|| {
         let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         manifest_dir
             .parent()
