@@ -103,17 +103,7 @@ pub async fn serve_https(
             // wake-up from this runtime's thread: hand it over as a plain socket
             Some(workers) => match stream.into_std() {
                 Ok(stream) => {
-                    connections.spawn_on(
-                        async move {
-                            match TcpStream::from_std(stream) {
-                                Ok(stream) => connection.serve(stream).await,
-                                Err(e) => {
-                                    tracing::warn!(%peer, error = %e, "connection hand-over failed");
-                                }
-                            }
-                        },
-                        workers.next(),
-                    );
+                    connections.spawn_on(connection.serve_handed_over(stream), workers.next());
                 }
                 Err(e) => tracing::warn!(%peer, error = %e, "connection hand-over failed"),
             },
@@ -143,6 +133,15 @@ struct Connection {
 }
 
 impl Connection {
+    /// [`Connection::serve`] for a socket handed over from another runtime: registered
+    /// with the reactor of the runtime this runs on first.
+    async fn serve_handed_over(self, stream: std::net::TcpStream) {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => self.serve(stream).await,
+            Err(e) => tracing::warn!(peer = %self.peer, error = %e, "connection hand-over failed"),
+        }
+    }
+
     /// Completes the TLS handshake within its deadline, then serves the connection.
     async fn serve(self, stream: TcpStream) {
         let Self {
