@@ -145,12 +145,7 @@ async fn requests_are_counted_by_route_template_including_early_refusals() {
         .unwrap();
     assert_eq!(conn.request(req).await.unwrap().0.status, 413);
 
-    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let counted = |method: &str, status: &str| {
         metrics.lines().any(|l| {
             l.starts_with("portcullis_http_requests_total{")

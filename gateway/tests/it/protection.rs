@@ -55,15 +55,7 @@ async fn rapid_attempts_from_one_ip_are_limited_with_retry_after() {
     assert!(retry >= 1);
     let body: serde_json::Value = limited.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
-    let metrics = app
-        .https_client()
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("portcullis_rate_limited_total{endpoint=\"auth\"}"),
         "{metrics}"

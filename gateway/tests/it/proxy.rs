@@ -948,12 +948,7 @@ async fn requests_are_spread_round_robin_over_the_nodes() {
     assert_eq!(served.iter().filter(|n| *n == "a").count(), 3, "{served:?}");
     assert!(served.windows(2).all(|w| w[0] != w[1]), "{served:?}");
     // proxied requests are counted under their configured route, not `unmatched`
-    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()
@@ -1009,17 +1004,7 @@ async fn a_killed_node_is_routed_around_and_no_idempotent_request_fails() {
             .all(|(i, b)| *b == format!("payload {i}").into_bytes())
     );
 
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let gauge = format!("portcullis_upstream_healthy{{node=\"{}\"}} 0", b.addr);
     assert!(metrics.contains(&gauge), "{gauge} missing");
     assert!(metrics.contains("portcullis_upstream_requests_total{"));
@@ -1321,19 +1306,7 @@ async fn admin_nodes_follow_the_runtime_settings_without_a_restart() {
     })
     .await;
     // an unusable list is refused whole (and counted): b stays
-    let rejected = || async {
-        let text = reqwest::get(format!("http://{}/metrics", app.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with("portcullis_runtime_settings_rejected_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let rejected = || app.sample("portcullis_runtime_settings_rejected_total");
     let before = rejected().await;
     publish(serde_json::json!([{ "key": "proxy.upstreams", "value": "ftp://nowhere:21" }])).await;
     eventually(

@@ -55,17 +55,8 @@ async fn limited(app: &TestApp, n: usize) -> usize {
 }
 
 async fn rejected_total(app: &TestApp) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", app.admin))
+    app.sample("portcullis_runtime_settings_rejected_total")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with("portcullis_runtime_settings_rejected_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -162,6 +162,26 @@ pub async fn spawn_app_with_clock(
 }
 
 impl TestApp {
+    /// The instance's Prometheus scrape, from its admin listener.
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of `series` in the instance's scrape; see [`sample`].
+    pub async fn sample(&self, series: &str) -> f64 {
+        sample(&self.metrics().await, series)
+    }
+
     pub async fn tls(&self) -> TlsStream<TcpStream> {
         tls_connect(self.https, self.pki.client_config()).await
     }
@@ -416,4 +436,13 @@ pub async fn wait_for_port(addr: SocketAddr) {
         TcpStream::connect(addr).await.is_ok()
     })
     .await;
+}
+
+/// The value of `series` — a name, with its labels exactly as the scrape renders them —
+/// in `scrape`, 0 when absent.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }

@@ -17,27 +17,17 @@ fn open_connections_are_counted_per_worker_and_released_when_they_close() {
 
 /// `portcullis_https_connections_open{worker="<worker>"}` in a scrape, 0 when absent.
 fn open_on(scrape: &str, worker: &str) -> f64 {
-    let series = format!("portcullis_https_connections_open{{worker=\"{worker}\"}} ");
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
-async fn scrape(app: &TestApp) -> String {
-    reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    sample(
+        scrape,
+        &format!("portcullis_https_connections_open{{worker=\"{worker}\"}}"),
+    )
 }
 
 #[tokio::test]
 #[ignore = "run in a process of its own by open_connections_are_counted_per_worker_and_released_when_they_close"]
 async fn connections_gauge_capture() {
     let app = spawn_app(|c| c.server.workers = Some(2)).await;
-    let before = scrape(&app).await;
+    let before = app.metrics().await;
     let (zero, one) = (open_on(&before, "0"), open_on(&before, "1"));
 
     let mut open = Vec::new();
@@ -52,7 +42,7 @@ async fn connections_gauge_capture() {
         assert!(buf.starts_with(b"HTTP/1.1 200"));
         open.push(tls);
     }
-    let during = scrape(&app).await;
+    let during = app.metrics().await;
     assert_eq!(open_on(&during, "0") - zero, 3.0, "{during}");
     assert_eq!(open_on(&during, "1") - one, 3.0, "{during}");
     assert_eq!(open_on(&during, "shared"), 0.0, "{during}");
@@ -62,7 +52,7 @@ async fn connections_gauge_capture() {
         Duration::from_secs(10),
         "closed connections released",
         || async {
-            let after = scrape(&app).await;
+            let after = app.metrics().await;
             open_on(&after, "0") == zero && open_on(&after, "1") == one
         },
     )
