@@ -233,24 +233,83 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// `portcullis_http_request_duration_seconds`, labelled by route template (never the raw
 /// path, which would explode cardinality and may carry identifiers); `None` is
 /// `unmatched`.
+///
+/// The pair of handles for a (method, route, status) is looked up in the registry once
+/// per thread and kept: a registry look-up builds the labels, hashes them and takes a
+/// shard lock, and this runs for every request.
 pub fn record_request(
     method: &Method,
     route: Option<Arc<str>>,
     status: StatusCode,
     elapsed: Duration,
 ) {
-    let method = method_label(method);
+    let seconds = elapsed.as_secs_f64();
+    let Some(method_index) = method_index(method) else {
+        // an extension method: rare, not worth a cache entry
+        let (counter, histogram) = request_handles(method_label(method), route, status);
+        counter.increment(1);
+        histogram.record(seconds);
+        return;
+    };
+    REQUEST_HANDLES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let key = (method_index, route, status.as_u16());
+        if let Some((counter, histogram)) = cache.get(&key) {
+            counter.increment(1);
+            histogram.record(seconds);
+            return;
+        }
+        // bounded: routes and statuses are few, but proxy routes can be reloaded
+        if cache.len() >= REQUEST_HANDLES_MAX {
+            cache.clear();
+        }
+        let handles = request_handles(method_label(method), key.1.clone(), status);
+        handles.0.increment(1);
+        handles.1.record(seconds);
+        cache.insert(key, handles);
+    });
+}
+
+/// The most (method, route, status) handle pairs one thread keeps.
+const REQUEST_HANDLES_MAX: usize = 1024;
+
+type RequestKey = (u8, Option<Arc<str>>, u16);
+
+thread_local! {
+    static REQUEST_HANDLES: std::cell::RefCell<std::collections::HashMap<RequestKey, (metrics::Counter, metrics::Histogram)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The registry's handles for one (method, route, status).
+fn request_handles(
+    method: SharedString,
+    route: Option<Arc<str>>,
+    status: StatusCode,
+) -> (metrics::Counter, metrics::Histogram) {
     let route = route.map_or(SharedString::const_str("unmatched"), SharedString::from);
-    metrics::counter!(
+    let counter = metrics::counter!(
         "portcullis_http_requests_total",
         "method" => method.clone(), "route" => route.clone(), "status" => status.as_u16().to_string()
-    )
-    .increment(1);
-    metrics::histogram!(
+    );
+    let histogram = metrics::histogram!(
         "portcullis_http_request_duration_seconds",
         "method" => method, "route" => route
-    )
-    .record(elapsed.as_secs_f64());
+    );
+    (counter, histogram)
+}
+
+/// The usual methods by number, for the handle cache's key.
+fn method_index(method: &Method) -> Option<u8> {
+    Some(match *method {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::PATCH => 3,
+        Method::DELETE => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        _ => return None,
+    })
 }
 
 /// The method as a label, without an allocation for the usual ones.

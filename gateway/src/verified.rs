@@ -14,8 +14,8 @@
 //! Access tokens are not revocable one by one (see `oauth::revoke`), so revocation has
 //! nothing to flush here; a disabled client's tokens live out their lifetime either way.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use keyrotation::{KeyError, Keys, ValidityWindow, VerifyParams};
 use time::OffsetDateTime;
@@ -39,6 +39,25 @@ pub struct VerifiedTokens {
     cache: Option<quick_cache::sync::Cache<Box<str>, Arc<VerifiedAccess>>>,
     /// The ring generation the entries were verified under.
     generation: AtomicU64,
+    /// The hit, miss and flush counters, looked up in the registry on first use (after
+    /// the recorder is installed) rather than per request.
+    counters: OnceLock<Counters>,
+}
+
+struct Counters {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+    flush: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            hit: metrics::counter!("portcullis_verified_cache_total", "result" => "hit"),
+            miss: metrics::counter!("portcullis_verified_cache_total", "result" => "miss"),
+            flush: metrics::counter!("portcullis_verified_cache_flushes_total"),
+        }
+    }
 }
 
 impl std::fmt::Debug for VerifiedTokens {
@@ -55,6 +74,7 @@ impl VerifiedTokens {
         Self {
             cache: (capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)),
             generation: AtomicU64::new(0),
+            counters: OnceLock::new(),
         }
     }
 
@@ -69,23 +89,23 @@ impl VerifiedTokens {
         let Some(cache) = &self.cache else {
             return fresh(keys, params, token, now).map(Arc::new);
         };
+        let counters = self.counters.get_or_init(Counters::new);
         let generation = keys.generation();
         if self.generation.load(Ordering::Acquire) != generation {
             // the ring changed: forget everything verified under the old one
             cache.clear();
             self.generation.store(generation, Ordering::Release);
-            metrics::counter!("portcullis_verified_cache_flushes_total").increment(1);
+            counters.flush.increment(1);
         }
         if let Some(hit) = cache.get(token) {
             if hit.window.contains(now) && keys.trusts(&hit.kid, now) {
-                metrics::counter!("portcullis_verified_cache_total", "result" => "hit")
-                    .increment(1);
+                counters.hit.increment(1);
                 return Ok(hit);
             }
             // expired, or its key is no longer trusted: verify afresh for the precise error
             cache.remove(token);
         }
-        metrics::counter!("portcullis_verified_cache_total", "result" => "miss").increment(1);
+        counters.miss.increment(1);
         let verified = Arc::new(fresh(keys, params, token, now)?);
         // only entries verified under the generation in force are kept
         if keys.generation() == generation {

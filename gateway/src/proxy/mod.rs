@@ -377,11 +377,7 @@ impl Proxy {
         let timeout = self.inner.settings.read_timeout;
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.client().request(req)).await;
-        metrics::histogram!(
-            "portcullis_upstream_request_duration_seconds",
-            "node" => node.label()
-        )
-        .record(started.elapsed().as_secs_f64());
+        node.record_duration(started.elapsed());
         let (outcome, result) = match result {
             Err(_) => (
                 Some(Outcome::Timeout),

@@ -22,13 +22,47 @@ pub struct Node {
     pub scheme: &'static str,
     /// `host:port`, as configured; the label of its metrics.
     pub authority: String,
-    /// The same as a metrics label, shared rather than copied per request.
-    label: metrics::SharedString,
+    /// Its metrics' handles (labelled `node` = the authority), looked up in the registry
+    /// once rather than per request.
+    metrics: NodeMetrics,
     /// The scheme and authority of every request URI to the node, parsed once.
     uri_base: Option<(Scheme, Authority)>,
     passive: Mutex<Passive>,
     /// Set by the active check while the node fails it.
     active_down: AtomicBool,
+}
+
+/// A node's metric handles.
+struct NodeMetrics {
+    healthy: metrics::Gauge,
+    duration: metrics::Histogram,
+    /// `portcullis_upstream_requests_total` per [`Outcome`], in its declaration order.
+    outcomes: [metrics::Counter; Outcome::ALL.len()],
+}
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeMetrics").finish_non_exhaustive()
+    }
+}
+
+impl NodeMetrics {
+    fn new(label: &metrics::SharedString) -> Self {
+        Self {
+            healthy: metrics::gauge!("portcullis_upstream_healthy", "node" => label.clone()),
+            duration: metrics::histogram!(
+                "portcullis_upstream_request_duration_seconds",
+                "node" => label.clone()
+            ),
+            outcomes: Outcome::ALL.map(|outcome| {
+                metrics::counter!(
+                    "portcullis_upstream_requests_total",
+                    "node" => label.clone(),
+                    "outcome" => outcome.as_str()
+                )
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +87,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order.
+    pub const ALL: [Self; 5] = [
+        Self::Ok,
+        Self::ErrorStatus,
+        Self::ConnectError,
+        Self::Error,
+        Self::Timeout,
+    ];
+
     /// The metrics label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -72,14 +115,15 @@ impl Outcome {
 impl Node {
     fn new(scheme: &'static str, authority: String) -> Self {
         let label = metrics::SharedString::from(std::sync::Arc::<str>::from(authority.as_str()));
-        metrics::gauge!("portcullis_upstream_healthy", "node" => label.clone()).set(1.0);
+        let metrics = NodeMetrics::new(&label);
+        metrics.healthy.set(1.0);
         let uri_base = Scheme::try_from(scheme)
             .ok()
             .zip(Authority::try_from(authority.as_str()).ok());
         Self {
             scheme,
             authority,
-            label,
+            metrics,
             uri_base,
             passive: Mutex::new(Passive::default()),
             active_down: AtomicBool::new(false),
@@ -108,11 +152,6 @@ impl Node {
         }
     }
 
-    /// The node as a metrics label.
-    pub fn label(&self) -> metrics::SharedString {
-        self.label.clone()
-    }
-
     fn passive(&self) -> std::sync::MutexGuard<'_, Passive> {
         // the guarded data is two plain numbers, valid whatever a panicking holder did
         self.passive
@@ -134,20 +173,16 @@ impl Node {
     }
 
     fn set_gauge(&self, up: bool) {
-        metrics::gauge!("portcullis_upstream_healthy", "node" => self.label.clone()).set(if up {
-            1.0
-        } else {
-            0.0
-        });
+        self.metrics.healthy.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Records how long one attempt on the node took to its response head.
+    pub fn record_duration(&self, elapsed: Duration) {
+        self.metrics.duration.record(elapsed.as_secs_f64());
     }
 
     fn record(&self, outcome: Outcome, health: &HealthSettings, now: Instant) {
-        metrics::counter!(
-            "portcullis_upstream_requests_total",
-            "node" => self.label.clone(),
-            "outcome" => outcome.as_str()
-        )
-        .increment(1);
+        self.metrics.outcomes[outcome as usize].increment(1);
         let mut p = self.passive();
         if !outcome.is_failure() {
             let was_down = p.down_until.is_some();
@@ -300,6 +335,40 @@ mod tests {
                 ..HealthSettings::default()
             },
         )
+    }
+
+    #[test]
+    fn each_outcome_is_counted_under_its_own_label_and_node() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            // handles are taken when the nodes are made, so make them under the recorder
+            let u = two(100, Duration::from_secs(10));
+            for (n, outcome) in Outcome::ALL.into_iter().enumerate() {
+                for _ in 0..=n {
+                    u.record(1, outcome);
+                }
+            }
+            u.nodes()[0].record_duration(Duration::from_millis(3));
+        });
+        let text = handle.render();
+        for (n, outcome) in Outcome::ALL.into_iter().enumerate() {
+            let series = format!(
+                "portcullis_upstream_requests_total{{node=\"127.0.0.1:2\",outcome=\"{}\"}} {}",
+                outcome.as_str(),
+                n + 1
+            );
+            assert!(text.contains(&series), "{series} missing from\n{text}");
+        }
+        // the other node's series exist from the start, at zero
+        assert!(
+            text.contains(
+                "portcullis_upstream_requests_total{node=\"127.0.0.1:1\",outcome=\"ok\"} 0"
+            )
+        );
+        assert!(text.contains(
+            "portcullis_upstream_request_duration_seconds_count{node=\"127.0.0.1:1\"} 1"
+        ));
     }
 
     #[test]
