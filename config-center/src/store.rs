@@ -24,6 +24,10 @@ use crate::model::{
 /// How often a publish with [`Expected::Any`] retries after losing a race.
 const ANY_RETRIES: usize = 16;
 
+/// Entries written by one `INSERT` of a publish: 8 parameters each, so a statement stays
+/// well under SQLite's 32,766 and Postgres's 65,535 parameters.
+const ENTRIES_PER_INSERT: usize = 1_000;
+
 /// The mask shown in place of a secret value.
 pub const MASK: &str = "******";
 
@@ -989,10 +993,11 @@ impl Store {
     ) -> Result<Attempt, StoreError> {
         const ABORT: &str = "UPDATE config_releases SET status = 'aborted' WHERE environment = $1 AND application = $2 AND status = 'gray'";
         const RELEASE: &str = "INSERT INTO config_releases (environment, application, version, created_at_unix_ms, author, message, rollback_of, status, gray_selector) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-        const COUNT: &str =
-            "SELECT COUNT(*) FROM config_releases WHERE environment = $1 AND application = $2";
-        const GRAY: &str = "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2 AND status = 'gray' AND version <> $3";
-        const ENTRY: &str = "INSERT INTO config_entries (environment, application, version, key, format, secret, data_key_version, sealed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        // both checks in one round trip: how many releases exist (the new one included),
+        // and the newest other release still in gray
+        const CHECK: &str = "SELECT COUNT(*), MAX(CASE WHEN status = 'gray' AND version <> $3 THEN version END) \
+             FROM config_releases WHERE environment = $1 AND application = $2";
+        const ENTRIES: &str = "INSERT INTO config_entries (environment, application, version, key, format, secret, data_key_version, sealed) ";
         const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
         let sealed = release
@@ -1043,9 +1048,10 @@ impl Store {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let count: i64 = sqlx::query_scalar(COUNT)
+            let (count, gray): (i64, Option<i64>) = sqlx::query_as(CHECK)
                 .bind(env.as_str())
                 .bind(app.as_str())
+                .bind(v)
                 .fetch_one(&mut *tx)
                 .await?;
             if count != v {
@@ -1053,28 +1059,26 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(Attempt::Conflict);
             }
-            let gray: Option<i64> = sqlx::query_scalar(GRAY)
-                .bind(env.as_str())
-                .bind(app.as_str())
-                .bind(v)
-                .fetch_one(&mut *tx)
-                .await?;
             if let Some(gray) = gray {
                 tx.rollback().await?;
                 return Ok(Attempt::GrayInProgress(gray));
             }
-            for (e, sealed) in release.entries.iter().zip(&sealed) {
-                sqlx::query(ENTRY)
-                    .bind(env.as_str())
-                    .bind(app.as_str())
-                    .bind(v)
-                    .bind(e.key.as_str())
-                    .bind(e.format.as_str())
-                    .bind(e.secret)
-                    .bind(key_version)
-                    .bind(sealed.as_slice())
-                    .execute(&mut *tx)
-                    .await?;
+            // many rows a statement: one round trip per ENTRIES_PER_INSERT entries rather
+            // than one per entry
+            let rows: Vec<_> = release.entries.iter().zip(&sealed).collect();
+            for chunk in rows.chunks(ENTRIES_PER_INSERT) {
+                let mut insert = sqlx::QueryBuilder::new(ENTRIES);
+                insert.push_values(chunk, |mut b, (e, sealed)| {
+                    b.push_bind(env.as_str())
+                        .push_bind(app.as_str())
+                        .push_bind(v)
+                        .push_bind(e.key.as_str())
+                        .push_bind(e.format.as_str())
+                        .push_bind(e.secret)
+                        .push_bind(key_version)
+                        .push_bind(sealed.as_slice());
+                });
+                insert.build().execute(&mut *tx).await?;
             }
             if pg {
                 // delivered to listeners only when (and if) the transaction commits

@@ -54,6 +54,41 @@ pub async fn publish_creates_increasing_versions_with_full_snapshots(t: TestStor
     assert_eq!(s.current_version(&e, &app("other")).await.unwrap(), None);
 }
 
+/// A publish is written a thousand entries a statement: the largest release allowed
+/// spans several statements and still comes back whole, in one release.
+pub async fn the_largest_release_is_stored_whole(t: TestStore) {
+    let (e, a) = (env("prod"), app("big"));
+    let s = &t.store;
+    let entries: Vec<ConfigEntry> = (0..config_center::model::MAX_ENTRIES)
+        .map(|i| entry(&format!("key.{i:05}"), &format!("value {i}")))
+        .collect();
+    let info = s
+        .publish(&e, &a, Expected::Version(0), entries, &note())
+        .await
+        .unwrap();
+    assert_eq!(info.version, 1);
+    let back = s.release(&e, &a, 1).await.unwrap();
+    assert_eq!(back.entries.len(), config_center::model::MAX_ENTRIES);
+    for i in [0, 999, 1_000, 1_001, config_center::model::MAX_ENTRIES - 1] {
+        let key = format!("key.{i:05}");
+        assert_eq!(
+            back.get(&key).unwrap().value.expose(),
+            format!("value {i}"),
+            "{key}"
+        );
+    }
+    // one more than allowed is refused, and nothing is stored
+    let too_many: Vec<ConfigEntry> = (0..=config_center::model::MAX_ENTRIES)
+        .map(|i| entry(&format!("key.{i:05}"), "v"))
+        .collect();
+    assert!(
+        s.publish(&e, &a, Expected::Version(1), too_many, &note())
+            .await
+            .is_err()
+    );
+    assert_eq!(s.current_version(&e, &a).await.unwrap(), Some(1));
+}
+
 pub async fn stale_write_is_refused(t: TestStore) {
     let (e, a) = (env("prod"), app("orders"));
     let s = &t.store;
@@ -773,6 +808,7 @@ macro_rules! conformance {
                 };
             }
             case!(publish_creates_increasing_versions_with_full_snapshots);
+            case!(the_largest_release_is_stored_whole);
             case!(stale_write_is_refused);
             case!(concurrent_publishes_never_share_a_version);
             case!(concurrent_writers_on_the_same_version_let_exactly_one_win);
