@@ -17,7 +17,6 @@ use axum::Router;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -174,6 +173,10 @@ impl Connection {
         // HTTP/2 has no request head to time: a quiet h2 connection may still be
         // exchanging PINGs and SETTINGS, which must not look like a slow head
         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        // the connection waits on a token of its own, cancelled with the listener's: its
+        // wait is polled on every wake-up, and polling the shared token would take a lock
+        // (and a cache line) every other connection on every core takes too
+        let closing = closing.child_token();
         serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
     }
 }
@@ -217,26 +220,11 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new(time_heads));
-    let requests = activity.clone();
-    // the socket peer rides along as `ConnectInfo`, as with axum's own server
-    let service = TowerToHyperService::new(tower::service_fn(
-        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-            // the head has arrived: the connection is busy until the response body is
-            // sent or dropped (the guard travels in the future, then in the body)
-            let in_flight = InFlight::start(&requests, req.version());
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            let mut router = router.clone();
-            async move {
-                use tower::Service;
-                let response = router.call(req.map(axum::body::Body::new)).await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody {
-                    inner: body,
-                    in_flight: Some(in_flight),
-                }))
-            }
-        },
-    ));
+    let service = ConnService {
+        router: std::sync::Mutex::new(router),
+        requests: activity.clone(),
+        peer,
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // no header_read_timeout here: hyper's runs from the end of one response to the end
     // of the next head, so it would also close every idle keep-alive connection after
@@ -285,6 +273,64 @@ async fn serve_connection<S>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection closed with an error");
+    }
+}
+
+/// One connection's service: hands each request to the router. hyper calls it by shared
+/// reference; the router is called in place (it is always ready, and its future owns what
+/// it needs), where an adapter would clone it per request — a reference count every
+/// connection on every core shares. The lock is only ever taken by this connection's own
+/// task, so it is never contended.
+struct ConnService {
+    router: std::sync::Mutex<Router>,
+    /// What the idle timer reads.
+    requests: Arc<Activity>,
+    /// The socket peer, handed to the router as `ConnectInfo` (as axum's own server does).
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
+    type Response = http::Response<TrackedBody<axum::body::Body>>;
+    type Error = std::convert::Infallible;
+    type Future = Respond;
+
+    fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> Respond {
+        // the head has arrived: the connection is busy until the response body is sent or
+        // dropped (the guard travels in the future, then in the body)
+        let in_flight = InFlight::start(&self.requests, req.version());
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        let mut router = self
+            .router
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Respond {
+            inner: tower::Service::call(&mut *router, req.map(axum::body::Body::new)),
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+/// The router's answer to one request, its body tracked for the idle timer.
+struct Respond {
+    inner: axum::routing::future::RouteFuture<std::convert::Infallible>,
+    in_flight: Option<InFlight>,
+}
+
+impl Future for Respond {
+    type Output = Result<http::Response<TrackedBody<axum::body::Body>>, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = match Pin::new(&mut self.inner).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(response)) => response,
+            Poll::Ready(Err(never)) => match never {},
+        };
+        let in_flight = self.in_flight.take();
+        Poll::Ready(Ok(response.map(|body| TrackedBody {
+            inner: body,
+            in_flight,
+        })))
     }
 }
 

@@ -28,6 +28,11 @@ pub struct Node {
     /// The scheme and authority of every request URI to the node, parsed once.
     uri_base: Option<(Scheme, Authority)>,
     passive: Mutex<Passive>,
+    /// Whether `passive` holds anything (a failure count or a cool-down), written only
+    /// under its lock. While it is false, as it is for a node that answers, a request
+    /// reads this one flag and writes nothing: the workers serving requests on other cores
+    /// do not pass the node's lock and cache lines back and forth.
+    troubled: AtomicBool,
     /// Set by the active check while the node fails it.
     active_down: AtomicBool,
 }
@@ -126,6 +131,7 @@ impl Node {
             metrics,
             uri_base,
             passive: Mutex::new(Passive::default()),
+            troubled: AtomicBool::new(false),
             active_down: AtomicBool::new(false),
         }
     }
@@ -164,6 +170,9 @@ impl Node {
         if self.active_down.load(Ordering::Relaxed) {
             return false;
         }
+        if !self.troubled.load(Ordering::Acquire) {
+            return true;
+        }
         self.passive().down_until.is_none_or(|until| now >= until)
     }
 
@@ -183,11 +192,16 @@ impl Node {
 
     fn record(&self, outcome: Outcome, health: &HealthSettings, now: Instant) {
         self.metrics.outcomes[outcome as usize].increment(1);
+        if !outcome.is_failure() && !self.troubled.load(Ordering::Acquire) {
+            // the usual case: nothing to reset
+            return;
+        }
         let mut p = self.passive();
         if !outcome.is_failure() {
             let was_down = p.down_until.is_some();
             p.consecutive_failures = 0;
             p.down_until = None;
+            self.troubled.store(false, Ordering::Release);
             drop(p);
             if was_down {
                 tracing::info!(node = %self.authority, "admin node answers again");
@@ -196,6 +210,7 @@ impl Node {
             return;
         }
         p.consecutive_failures = p.consecutive_failures.saturating_add(1);
+        self.troubled.store(true, Ordering::Release);
         if p.consecutive_failures >= health.failures {
             let first = p.down_until.is_none_or(|until| now >= until);
             p.down_until = Some(now + health.cooldown);
@@ -226,6 +241,7 @@ impl Node {
             let mut p = self.passive();
             p.consecutive_failures = 0;
             p.down_until = None;
+            self.troubled.store(false, Ordering::Release);
         }
         self.set_gauge(up);
     }
@@ -235,9 +251,17 @@ impl Node {
 #[derive(Debug)]
 pub struct Upstreams {
     nodes: Vec<Node>,
-    next: AtomicUsize,
+    /// The round-robin position, one per connection worker (slot 0 off the workers), each
+    /// on its own cache line: every worker turns through the nodes without writing to a
+    /// line another core reads.
+    next: Box<[Padded<AtomicUsize>]>,
     health: HealthSettings,
 }
+
+/// A value alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
 
 impl Upstreams {
     /// From validated `proxy.upstreams` (entries that do not parse were refused then).
@@ -249,7 +273,9 @@ impl Upstreams {
             .collect();
         Self {
             nodes,
-            next: AtomicUsize::new(0),
+            next: (0..=crate::workers::MAX_WORKERS)
+                .map(|_| Padded::default())
+                .collect(),
             health,
         }
     }
@@ -284,7 +310,9 @@ impl Upstreams {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let slot = crate::workers::current().map_or(0, |i| i + 1);
+        let next = &self.next[slot.min(self.next.len() - 1)].0;
+        let start = next.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|i| (start + i) % n)
             .filter(|i| Some(*i) != exclude)
