@@ -14,7 +14,7 @@
 //! streams over TLS from this process, spread evenly over the instances. A round is: PUT a
 //! new release on instance 0, then wait until every watcher has read the event carrying
 //! its version; rounds are `BENCH_ROUNDS` (5) with `BENCH_ROUND_GAP_MS` (500) of quiet
-//! between them. The latency of a watcher is from just before the PUT to the moment its
+//! between them. `BENCH_PORTCULLIS_BIN` runs another build of the binary (for an A/B). The latency of a watcher is from just before the PUT to the moment its
 //! event was read, so it includes the write (encryption, the Postgres commit and NOTIFY)
 //! and the other instances' change feeds. Results go to stdout; copy them into
 //! docs/benchmarks.md with the machine and date.
@@ -140,7 +140,9 @@ async fn run() {
             .arg("-c")
             .arg(format!(
                 "ulimit -n 20000 2>/dev/null; exec {} serve --config {}",
-                env!("CARGO_BIN_EXE_portcullis"),
+                // another build of the binary, for an A/B with the same bench
+                std::env::var("BENCH_PORTCULLIS_BIN")
+                    .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").to_owned()),
                 file.display()
             ))
             .stdout(log.try_clone().unwrap())
