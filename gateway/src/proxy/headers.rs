@@ -5,6 +5,7 @@
 //! spelling (`X_Forwarded_User` is a legal header name that some servlet containers and
 //! CGI-style gateways read as `X-Forwarded-User`), before the verified identity is added.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -86,13 +87,20 @@ pub struct Origin {
     pub host: Option<HeaderValue>,
 }
 
-fn normalised(name: &HeaderName) -> String {
-    name.as_str().replace('_', "-")
+/// The name with `_` read as `-` (header names are lower case already); a copy only for
+/// a name that has an underscore.
+fn normalised(name: &HeaderName) -> std::borrow::Cow<'_, str> {
+    let n = name.as_str();
+    if n.contains('_') {
+        std::borrow::Cow::Owned(n.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(n)
+    }
 }
 
 fn is_identity(name: &HeaderName) -> bool {
     let n = normalised(name);
-    IDENTITY_NAMES.contains(&n.as_str()) || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
+    IDENTITY_NAMES.contains(&n.as_ref()) || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
 }
 
 /// Names listed in `Connection` are hop-by-hop for this message too.
@@ -109,7 +117,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 
 fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
     let n = normalised(name);
-    HOP_BY_HOP.contains(&n.as_str()) || listed.contains(&n)
+    HOP_BY_HOP.contains(&n.as_ref()) || listed.iter().any(|l| *l == n)
 }
 
 /// Removes hop-by-hop headers; `upgrade` keeps `Connection: upgrade` and `Upgrade`, which
@@ -153,21 +161,25 @@ pub fn to_upstream(
     strip_session_cookies(headers);
     propagate_trace(headers);
 
+    // room for what is added below, in one step rather than a growth per header
+    headers.reserve(8);
     if let Some(id) = identity {
-        insert(headers, USER, &id.user);
+        insert(headers, USER, id.user.clone());
         if let Some(email) = &id.email {
-            insert(headers, EMAIL, email);
+            insert(headers, EMAIL, email.clone());
         }
-        insert(headers, ROLES, &id.roles.join(","));
-        insert(headers, SCOPES, &id.scopes.join(" "));
+        insert(headers, ROLES, id.roles.join(","));
+        insert(headers, SCOPES, id.scopes.join(" "));
         if forward_token && let Some(token) = &id.token {
-            insert(headers, header::AUTHORIZATION, &format!("Bearer {token}"));
+            insert(headers, header::AUTHORIZATION, format!("Bearer {token}"));
         }
     }
+    let mut client_ip = String::with_capacity(45);
+    let _ = write!(client_ip, "{}", origin.client_ip);
     insert(
         headers,
         HeaderName::from_static("x-forwarded-for"),
-        &origin.client_ip.to_string(),
+        client_ip,
     );
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -226,8 +238,9 @@ fn strip_session_cookies(headers: &mut HeaderMap) {
     }
 }
 
-fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
+/// Inserts `value` (checked, and kept without a copy).
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         Ok(v) => {
             headers.insert(name, v);
         }
@@ -251,27 +264,32 @@ fn propagate_trace(headers: &mut HeaderMap) {
         {
             headers.remove(&TRACESTATE);
         }
-        let value = format!("00-{trace_id}-{span_id}-{flags:02x}");
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(TRACEPARENT, v);
-        }
+        insert(
+            headers,
+            TRACEPARENT,
+            format!("00-{trace_id}-{span_id}-{flags:02x}"),
+        );
         return;
     }
     let incoming = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
-    let (trace_id, flags) = match incoming {
-        Some((trace, flags)) => (trace, flags),
+    // `00-<trace id>-<our span id>-<flags>`, written into one string
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    match &incoming {
+        Some((trace, _)) => value.push_str(trace),
         None => {
             headers.remove(&TRACESTATE);
-            (random_hex(32), "00".to_owned())
+            push_random_hex(&mut value, 16);
         }
-    };
-    let value = format!("00-{trace_id}-{}-{flags}", random_hex(16));
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(TRACEPARENT, v);
     }
+    value.push('-');
+    push_random_hex(&mut value, 8);
+    value.push('-');
+    value.push_str(incoming.as_ref().map_or("00", |(_, flags)| flags.as_str()));
+    insert(headers, TRACEPARENT, value);
 }
 
 /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>` → (trace id, flags), per W3C
@@ -295,13 +313,15 @@ pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
     ok.then(|| ((*trace).to_owned(), (*flags).to_owned()))
 }
 
-fn random_hex(len: usize) -> String {
-    let mut out = String::with_capacity(len);
-    while out.len() < len {
-        out.push_str(&uuid::Uuid::new_v4().simple().to_string());
+/// Appends `bytes` random bytes (at most 16) as lower-case hex. The bytes come from a v4
+/// UUID (the thread-local generator behind `uuid`), never all zeros.
+fn push_random_hex(out: &mut String, bytes: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id = uuid::Uuid::new_v4();
+    for b in &id.as_bytes()[..bytes.min(16)] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
-    out.truncate(len);
-    out
 }
 
 #[cfg(test)]

@@ -94,19 +94,22 @@ impl RouteTable {
 #[error("the request path is ambiguous ({0}); write it without it")]
 pub struct AmbiguousPath(pub &'static str);
 
-/// The percent-decoded path, or why it is refused.
-pub fn decoded_path(raw: &str) -> Result<String, AmbiguousPath> {
+/// The percent-decoded path, or why it is refused. A path with nothing encoded in it (the
+/// usual case) is returned as it is, without a copy.
+pub fn decoded_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, AmbiguousPath> {
     if !raw.starts_with('/') {
         return Err(AmbiguousPath("not an absolute path"));
     }
     if raw.contains(';') {
         return Err(AmbiguousPath("`;` path parameters"));
     }
-    let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
-    let decoded = String::from_utf8(bytes).map_err(|_| AmbiguousPath("not UTF-8"))?;
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| AmbiguousPath("not UTF-8"))?;
     // what decoding produced must not change the path's structure
-    let raw_slashes = raw.matches('/').count();
-    if decoded.matches('/').count() != raw_slashes {
+    if let std::borrow::Cow::Owned(d) = &decoded
+        && d.matches('/').count() != raw.matches('/').count()
+    {
         return Err(AmbiguousPath("an encoded `/`"));
     }
     if decoded.contains(['\\', ';']) {
@@ -115,14 +118,13 @@ pub fn decoded_path(raw: &str) -> Result<String, AmbiguousPath> {
     if decoded.chars().any(char::is_control) {
         return Err(AmbiguousPath("control characters"));
     }
-    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
-    let last = segments.len().saturating_sub(1);
-    for (i, s) in segments.iter().enumerate() {
-        if *s == "." || *s == ".." {
+    let mut segments = decoded.split('/').skip(1).peekable();
+    while let Some(s) = segments.next() {
+        if s == "." || s == ".." {
             return Err(AmbiguousPath("a `.` or `..` segment"));
         }
         // `/a//b` is `/a/b` to some servers and not to others; a trailing `/` is fine
-        if s.is_empty() && i != last {
+        if s.is_empty() && segments.peek().is_some() {
             return Err(AmbiguousPath("an empty segment"));
         }
     }
@@ -187,7 +189,16 @@ mod tests {
     fn paths_a_node_could_read_differently_are_refused() {
         assert_eq!(decoded_path("/%61dmin/x").unwrap(), "/admin/x");
         assert_eq!(decoded_path("/jobs/").unwrap(), "/jobs/");
+        assert_eq!(decoded_path("/").unwrap(), "/");
+        // nothing encoded: the path itself, not a copy
+        assert!(matches!(
+            decoded_path("/api/registry").unwrap(),
+            std::borrow::Cow::Borrowed("/api/registry")
+        ));
         for bad in [
+            "/a/./b",
+            "/a/%2E%2E/b",
+            "/a\\b",
             "/public/../admin",
             "/public/%2e%2e/admin",
             "/public/..;/admin",
