@@ -14,8 +14,11 @@
 //! same machine (`BENCH_WRK_THREADS`, default one per core; `BENCH_CONNECTIONS`
 //! keep-alive connections), every request carrying the same bearer token — an executor
 //! or console polling the admin cluster. Each run is checked to have received no
-//! error answer, so a front that refused the token cannot look fast. Results go to
-//! stdout; copy them into docs/benchmarks.md with the machine and date.
+//! error answer, so a front that refused the token cannot look fast. Besides throughput
+//! and latency, each front's own CPU time per request is read from `/proc` (every
+//! process holding its listening socket; for Portcullis, this bench's process): a figure
+//! the run-to-run noise of a shared 2-core machine moves far less. Results go to stdout;
+//! copy them into docs/benchmarks.md with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -199,7 +202,13 @@ async fn run(workers: usize) {
         ("HAProxy 2.6, jwt_verify ES256", haproxy_port),
         ("Portcullis, full validation", portcullis_addr.port()),
     ] {
-        let report = wrk(&token, &format!("https://127.0.0.1:{port}{PATH}"));
+        // the front's own CPU time: what it costs per request, whatever the machine's
+        // noise does to the throughput of one run
+        let front = support::listeners(port);
+        let cpu_before = support::cpu_seconds(&front);
+        let mut report = wrk(&token, &format!("https://127.0.0.1:{port}{PATH}"));
+        report.cpu_us_per_request =
+            (support::cpu_seconds(&front) - cpu_before) * 1e6 / report.requests.max(1) as f64;
         println!("## {name}\n{}", report.raw);
         assert_eq!(
             report.errors, 0,
@@ -209,14 +218,15 @@ async fn run(workers: usize) {
     }
     let nginx_rps = rows[0].1.requests_per_second;
     let haproxy_rps = rows[1].1.requests_per_second;
-    println!("| front | requests/s | p50 | p99 | × nginx | × HAProxy |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| front | requests/s | p50 | p99 | front CPU per request | × nginx | × HAProxy |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (name, r) in &rows {
         println!(
-            "| {name} | {:.0} | {} | {} | {:.2} | {:.2} |",
+            "| {name} | {:.0} | {} | {} | {:.1} µs | {:.2} | {:.2} |",
             r.requests_per_second,
             r.p50,
             r.p99,
+            r.cpu_us_per_request,
             r.requests_per_second / nginx_rps,
             r.requests_per_second / haproxy_rps
         );
@@ -292,7 +302,11 @@ impl Drop for Haproxy {
 /// What one wrk run measured.
 struct Report {
     raw: String,
+    /// Requests completed in the run.
+    requests: u64,
     requests_per_second: f64,
+    /// The front's CPU time (user + system, all its processes and threads) per request.
+    cpu_us_per_request: f64,
     p50: String,
     p99: String,
     /// Non-2xx answers plus socket errors.
@@ -345,8 +359,16 @@ fn wrk(token: &str, url: &str) -> Report {
                 .sum()
         })
         .unwrap_or(0);
+    // "  329345 requests in 10.01s, 55.91MB read"
+    let requests = raw
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
     Report {
         raw,
+        requests,
+        cpu_us_per_request: 0.0,
         requests_per_second,
         p50,
         p99,

@@ -19,3 +19,77 @@ pub fn skipped() -> bool {
 pub fn portcullis_env() -> impl Iterator<Item = (String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with(portcullis::config::ENV_PREFIX))
 }
+
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all read CPU times"
+)]
+/// The processes holding the listening TCP socket on `port` (IPv4): for nginx its master
+/// and workers, for HAProxy its process, for an in-process Portcullis this bench itself.
+pub fn listeners(port: u16) -> Vec<u32> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // "sl local_address rem_address st ... inode": local "0100007F:1F90", state 0A = LISTEN
+    let inode = tcp.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        (local_port == port && *f.get(3)? == "0A").then(|| f.get(9).map(|s| s.to_string()))?
+    });
+    let Some(inode) = inode else {
+        return Vec::new();
+    };
+    let wanted = format!("socket:[{inode}]");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let holds = std::fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
+            });
+        if holds {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all read CPU times"
+)]
+/// CPU time (user + system, every thread) used so far by `pids`, in seconds.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // the fields after the command name's closing parenthesis start at field 3;
+            // utime and stime are fields 14 and 15
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all read CPU times"
+)]
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
