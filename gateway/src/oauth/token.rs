@@ -109,8 +109,23 @@ pub async fn token(
             ));
         }
     };
-    metrics::counter!("portcullis_tokens_issued_total", "grant" => grant.as_str()).increment(1);
+    issued_counter(grant).increment(1);
     Ok(response)
+}
+
+/// `portcullis_tokens_issued_total` for `grant`, looked up in the registry once per grant
+/// (on first use, after the recorder is installed) rather than once per token.
+fn issued_counter(grant: GrantType) -> &'static metrics::Counter {
+    static ISSUED: [std::sync::OnceLock<metrics::Counter>; 3] =
+        [const { std::sync::OnceLock::new() }; 3];
+    let slot = match grant {
+        GrantType::ClientCredentials => 0,
+        GrantType::RefreshToken => 1,
+        GrantType::AuthorizationCode => 2,
+    };
+    ISSUED[slot].get_or_init(
+        || metrics::counter!("portcullis_tokens_issued_total", "grant" => grant.as_str()),
+    )
 }
 
 /// RFC 6749 §4.4: a token for the client itself.

@@ -423,6 +423,8 @@ async fn client_credentials_issues_tokens_whose_claims_are_right() {
         .await;
     let issuer = f.issuer();
     let active_kid = f.app.state.keys.status().active_kid.unwrap();
+    const ISSUED: &str = "portcullis_tokens_issued_total{grant=\"client_credentials\"}";
+    let issued_before = f.app.sample(ISSUED).await;
 
     // client_secret_basic, no scope asked: everything allowed, for the issuer
     let a = f
@@ -466,6 +468,8 @@ async fn client_credentials_issues_tokens_whose_claims_are_right() {
     assert_eq!(claims["scope"], "read");
     assert_ne!(claims["jti"], jti1, "every token has its own jti");
     uuid::Uuid::parse_str(&jti1).unwrap();
+    // counted (other tests of this process issue tokens too: at least these two)
+    assert!(f.app.sample(ISSUED).await >= issued_before + 2.0);
 
     // a client with audiences: its first one by default, and its own lifetime
     let a = f.token(&api, &[("grant_type", "client_credentials")]).await;
