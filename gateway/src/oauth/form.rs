@@ -4,8 +4,6 @@
 //! twice is an error, not "the first one wins"; bytes that do not decode to UTF-8 are an
 //! error, not replacement characters; empty values count as absent.
 
-use std::collections::HashMap;
-
 use percent_encoding::percent_decode;
 
 /// Why a form was refused; each maps to `invalid_request` with this text.
@@ -17,7 +15,7 @@ pub enum FormError {
     /// A name or value is not UTF-8 once decoded.
     #[error("the form is not valid UTF-8")]
     NotUtf8,
-    /// Too many parameters (a cheap guard against hash flooding).
+    /// Too many parameters.
     #[error("too many parameters")]
     TooMany,
 }
@@ -25,16 +23,18 @@ pub enum FormError {
 /// Most parameters accepted in one form.
 const MAX_PARAMS: usize = 64;
 
-/// A parsed form: names to values, each name at most once, empty values dropped.
+/// A parsed form: names to values, each name at most once, empty values dropped. A
+/// handful of pairs searched in order: an OAuth form has two to five parameters, and
+/// `MAX_PARAMS` bounds the search.
 #[derive(Debug, Default, Clone)]
 pub struct Form {
-    params: HashMap<String, String>,
+    params: Vec<(String, String)>,
 }
 
 impl Form {
     /// Parses a body.
     pub fn parse(body: &[u8]) -> Result<Self, FormError> {
-        let mut params = HashMap::new();
+        let mut params: Vec<(String, String)> = Vec::with_capacity(4);
         for pair in body.split(|b| *b == b'&') {
             if pair.is_empty() {
                 continue;
@@ -48,44 +48,49 @@ impl Form {
             };
             let name = decode(name)?;
             let value = decode(value)?;
-            if params.contains_key(&name) {
+            if params.iter().any(|(n, _)| *n == name) {
                 return Err(FormError::Duplicate(name));
             }
-            if !value.is_empty() {
-                params.insert(name, value);
-            } else {
-                // an empty value still claims the name: `a=&a=x` is a duplicate
-                params.insert(name, String::new());
-            }
+            // an empty value still claims the name: `a=&a=x` is a duplicate
+            params.push((name, value));
         }
-        params.retain(|_, v| !v.is_empty());
+        params.retain(|(_, v)| !v.is_empty());
         Ok(Self { params })
     }
 
     /// The value of `name`, if present and non-empty.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.get(name).map(String::as_str)
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Removes and returns `name`.
     pub fn take(&mut self, name: &str) -> Option<String> {
-        self.params.remove(name)
+        let i = self.params.iter().position(|(n, _)| n == name)?;
+        Some(self.params.swap_remove(i).1)
     }
 }
 
 /// `+` is a space, `%XX` a byte; the result must be UTF-8.
 fn decode(raw: &[u8]) -> Result<String, FormError> {
-    let bytes: Vec<u8> = if raw.contains(&b'+') {
+    if raw.contains(&b'+') {
         let plus: Vec<u8> = raw
             .iter()
             .map(|b| if *b == b'+' { b' ' } else { *b })
             .collect();
-        percent_decode(&plus).collect()
-    } else {
-        // the usual case (`grant_type=client_credentials`): one copy, not two
-        percent_decode(raw).collect()
-    };
-    String::from_utf8(bytes).map_err(|_| FormError::NotUtf8)
+        return utf8(percent_decode(&plus));
+    }
+    // the usual case (`grant_type=client_credentials`): one exact-size copy
+    utf8(percent_decode(raw))
+}
+
+fn utf8(decoded: percent_encoding::PercentDecode<'_>) -> Result<String, FormError> {
+    decoded
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| FormError::NotUtf8)
 }
 
 /// Decodes one `application/x-www-form-urlencoded` component (used for the parts of
