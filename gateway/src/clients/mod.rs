@@ -111,6 +111,29 @@ pub struct Client {
     secrets: SecretHashes,
 }
 
+#[cfg(test)]
+impl Client {
+    /// An enabled client with id `id` and no usable secret, for unit tests.
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn for_tests(id: &str) -> Self {
+        Self {
+            id: ClientId::parse(id).unwrap(),
+            name: id.to_owned(),
+            grant_types: BTreeSet::from([GrantType::ClientCredentials]),
+            scopes: ScopeSet::parse("read").unwrap(),
+            audiences: Vec::new(),
+            access_token_lifetime: None,
+            enabled: true,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+            secrets: SecretHashes {
+                current: [0u8; 32],
+                previous: None,
+            },
+        }
+    }
+}
+
 /// What [`ClientStore::create`] needs.
 #[derive(Debug, Clone)]
 pub struct NewClient {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 
+use super::cache::Lookup;
 use super::secret::{self, SecretHashes};
 use super::{
     Audience, Client, ClientError, ClientId, ClientUpdate, GrantType, NewClient, ScopeSet,
@@ -154,10 +155,25 @@ impl ClientStore {
             client_id.as_bytes(),
             presented_secret.expose_secret().as_bytes(),
         );
-        let cached = self.cache.get(client_id);
+        let cached = match self.cache.lookup(client_id) {
+            Lookup::Fresh(client) | Lookup::Refreshing(client) => Some(client),
+            Lookup::Miss => None,
+        };
         let row = match (&cached, ClientId::parse(client_id)) {
             (Some(_), _) | (None, Err(_)) => None,
-            (None, Ok(id)) => self.fetch(id.as_str()).await?,
+            (None, Ok(id)) => match self.fetch(id.as_str()).await {
+                Ok(Some(row)) => Some(row),
+                Ok(None) => {
+                    // deleted meanwhile (through another instance): no old record either
+                    self.cache.forget(client_id);
+                    None
+                }
+                Err(e) => {
+                    // let the next request read it again rather than wait out the TTL
+                    self.cache.refresh_failed(client_id);
+                    return Err(e);
+                }
+            },
         };
         let client = match (cached, row) {
             (Some(client), _) => Some(client),
