@@ -14,10 +14,11 @@
 //! streams over TLS from this process, spread evenly over the instances. A round is: PUT a
 //! new release on instance 0, then wait until every watcher has read the event carrying
 //! its version; rounds are `BENCH_ROUNDS` (5) with `BENCH_ROUND_GAP_MS` (500) of quiet
-//! between them. `BENCH_PORTCULLIS_BIN` runs another build of the binary (for an A/B). The latency of a watcher is from just before the PUT to the moment its
-//! event was read, so it includes the write (encryption, the Postgres commit and NOTIFY)
-//! and the other instances' change feeds. Results go to stdout; copy them into
-//! docs/benchmarks.md with the machine and date.
+//! between them. `BENCH_PORTCULLIS_BIN` runs another build of the binary (for an A/B).
+//! The latency of a watcher is from just before the PUT to the moment its event was
+//! read, so it includes the write (encryption, the Postgres commit and NOTIFY) and the
+//! other instances' change feeds. Results go to stdout; copy them into docs/benchmarks.md
+//! with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

@@ -204,11 +204,9 @@ async fn run(workers: usize) {
     ] {
         // the front's own CPU time: what it costs per request, whatever the machine's
         // noise does to the throughput of one run
-        let front = support::listeners(port);
-        let cpu_before = support::cpu_seconds(&front);
+        let front = support::ServerCpu::start(port);
         let mut report = wrk(&token, &format!("https://127.0.0.1:{port}{PATH}"));
-        report.cpu_us_per_request =
-            (support::cpu_seconds(&front) - cpu_before) * 1e6 / report.requests.max(1) as f64;
+        report.cpu_us_per_request = front.micros_per(report.requests);
         println!("## {name}\n{}", report.raw);
         assert_eq!(
             report.errors, 0,
@@ -359,12 +357,7 @@ fn wrk(token: &str, url: &str) -> Report {
                 .sum()
         })
         .unwrap_or(0);
-    // "  329345 requests in 10.01s, 55.91MB read"
-    let requests = raw
-        .lines()
-        .find(|l| l.contains(" requests in "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let requests = support::wrk_requests(&raw);
     Report {
         raw,
         requests,

@@ -157,8 +157,7 @@ async fn audit_backlog(state: &portcullis::state::AppState) {
 /// this bench's process — the Postgres backends writing the audit trail are not in it).
 fn wrk(script: &std::path::Path, port: u16, path: &str) {
     let url = format!("https://127.0.0.1:{port}{path}");
-    let server = support::listeners(port);
-    let cpu_before = support::cpu_seconds(&server);
+    let server = support::ServerCpu::start(port);
     let seconds = env_or("BENCH_SECONDS", 10);
     let connections = env_or("BENCH_CONNECTIONS", 64);
     // one load-generator thread per core unless BENCH_WRK_THREADS says otherwise
@@ -182,18 +181,13 @@ fn wrk(script: &std::path::Path, port: u16, path: &str) {
         ])
         .output()
         .expect("wrk is needed: apt-get install wrk");
-    let cpu = support::cpu_seconds(&server) - cpu_before;
     let report = String::from_utf8_lossy(&out.stdout);
     println!("{report}");
-    // "  189719 requests in 10.04s, 148.00MB read"
-    let requests: u64 = report
-        .lines()
-        .find(|l| l.contains(" requests in "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let requests = support::wrk_requests(&report);
     println!(
-        "server CPU per request: {:.1} µs ({cpu:.2} s for {requests} requests)",
-        cpu * 1e6 / requests.max(1) as f64
+        "server CPU per request: {:.1} µs ({:.2} s for {requests} requests)",
+        server.micros_per(requests),
+        server.seconds()
     );
 }
 

@@ -243,20 +243,20 @@ pub fn record_request(
     status: StatusCode,
     elapsed: Duration,
 ) {
-    let seconds = elapsed.as_secs_f64();
-    let Some(method_index) = method_index(method) else {
-        // an extension method: rare, not worth a cache entry
-        let (counter, histogram) = request_handles(method_label(method), route, status);
+    let record = |(counter, histogram): &(metrics::Counter, metrics::Histogram)| {
         counter.increment(1);
-        histogram.record(seconds);
+        histogram.record(elapsed.as_secs_f64());
+    };
+    let Some(index) = method_index(method) else {
+        // an extension method: rare, not worth a cache entry
+        record(&request_handles(method_label(method), route, status));
         return;
     };
     REQUEST_HANDLES.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let key = (method_index, route, status.as_u16());
-        if let Some((counter, histogram)) = cache.get(&key) {
-            counter.increment(1);
-            histogram.record(seconds);
+        let key = (index, route, status.as_u16());
+        if let Some(handles) = cache.get(&key) {
+            record(handles);
             return;
         }
         // bounded: routes and statuses are few, but proxy routes can be reloaded
@@ -264,8 +264,7 @@ pub fn record_request(
             cache.clear();
         }
         let handles = request_handles(method_label(method), key.1.clone(), status);
-        handles.0.increment(1);
-        handles.1.record(seconds);
+        record(&handles);
         cache.insert(key, handles);
     });
 }
@@ -298,33 +297,32 @@ fn request_handles(
     (counter, histogram)
 }
 
-/// The usual methods by number, for the handle cache's key.
+/// The usual methods and their labels: labels without an allocation, and the handle
+/// cache's key (the place in this table).
+const METHODS: [(Method, &str); 7] = [
+    (Method::GET, "GET"),
+    (Method::POST, "POST"),
+    (Method::PUT, "PUT"),
+    (Method::PATCH, "PATCH"),
+    (Method::DELETE, "DELETE"),
+    (Method::HEAD, "HEAD"),
+    (Method::OPTIONS, "OPTIONS"),
+];
+
+/// The method's place in [`METHODS`].
 fn method_index(method: &Method) -> Option<u8> {
-    Some(match *method {
-        Method::GET => 0,
-        Method::POST => 1,
-        Method::PUT => 2,
-        Method::PATCH => 3,
-        Method::DELETE => 4,
-        Method::HEAD => 5,
-        Method::OPTIONS => 6,
-        _ => return None,
-    })
+    METHODS
+        .iter()
+        .position(|(m, _)| m == method)
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// The method as a label, without an allocation for the usual ones.
 fn method_label(method: &Method) -> SharedString {
-    let known = match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => return SharedString::from_owned(method.as_str().to_owned()),
-    };
-    SharedString::const_str(known)
+    match METHODS.iter().find(|(m, _)| m == method) {
+        Some((_, label)) => SharedString::const_str(label),
+        None => SharedString::from_owned(method.as_str().to_owned()),
+    }
 }
 
 /// Drains histogram samples into their buckets every few seconds, so that memory stays

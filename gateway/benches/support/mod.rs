@@ -20,13 +20,57 @@ pub fn portcullis_env() -> impl Iterator<Item = (String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with(portcullis::config::ENV_PREFIX))
 }
 
+/// The CPU time a server spends from the moment this is made: every process holding the
+/// listening TCP socket on its port (IPv4) — for nginx its master and workers, for HAProxy
+/// its process, for an in-process Portcullis this bench itself — read from `/proc`.
 #[allow(
     dead_code,
     reason = "each bench binary compiles this module; not all read CPU times"
 )]
-/// The processes holding the listening TCP socket on `port` (IPv4): for nginx its master
-/// and workers, for HAProxy its process, for an in-process Portcullis this bench itself.
-pub fn listeners(port: u16) -> Vec<u32> {
+pub struct ServerCpu {
+    pids: Vec<u32>,
+    start: f64,
+}
+
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all read CPU times"
+)]
+impl ServerCpu {
+    /// Starts counting for the server listening on `port`.
+    pub fn start(port: u16) -> Self {
+        let pids = listeners(port);
+        let start = cpu_seconds(&pids);
+        Self { pids, start }
+    }
+
+    /// The CPU time spent since the start, in seconds.
+    pub fn seconds(&self) -> f64 {
+        cpu_seconds(&self.pids) - self.start
+    }
+
+    /// The CPU time spent since the start per request, in microseconds.
+    pub fn micros_per(&self, requests: u64) -> f64 {
+        self.seconds() * 1e6 / requests.max(1) as f64
+    }
+}
+
+/// The requests a wrk report says it completed ("  329345 requests in 10.01s, …").
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all run wrk"
+)]
+pub fn wrk_requests(report: &str) -> u64 {
+    report
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The processes holding the listening TCP socket on `port`.
+#[allow(dead_code)]
+fn listeners(port: u16) -> Vec<u32> {
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     // "sl local_address rem_address st ... inode": local "0100007F:1F90", state 0A = LISTEN
     let inode = tcp.lines().skip(1).find_map(|line| {
@@ -61,12 +105,9 @@ pub fn listeners(port: u16) -> Vec<u32> {
     pids
 }
 
-#[allow(
-    dead_code,
-    reason = "each bench binary compiles this module; not all read CPU times"
-)]
 /// CPU time (user + system, every thread) used so far by `pids`, in seconds.
-pub fn cpu_seconds(pids: &[u32]) -> f64 {
+#[allow(dead_code)]
+fn cpu_seconds(pids: &[u32]) -> f64 {
     let ticks: u64 = pids
         .iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
@@ -81,15 +122,16 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / clock_ticks_per_second()
 }
 
-#[allow(
-    dead_code,
-    reason = "each bench binary compiles this module; not all read CPU times"
-)]
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), asked once.
+#[allow(dead_code)]
 fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }

@@ -52,7 +52,9 @@ impl std::fmt::Debug for NodeMetrics {
 }
 
 impl NodeMetrics {
-    fn new(label: &metrics::SharedString) -> Self {
+    /// The handles of node `authority` (its `node` label, shared by every series).
+    fn new(authority: &str) -> Self {
+        let label = metrics::SharedString::from(std::sync::Arc::<str>::from(authority));
         Self {
             healthy: metrics::gauge!("portcullis_upstream_healthy", "node" => label.clone()),
             duration: metrics::histogram!(
@@ -119,8 +121,7 @@ impl Outcome {
 
 impl Node {
     fn new(scheme: &'static str, authority: String) -> Self {
-        let label = metrics::SharedString::from(std::sync::Arc::<str>::from(authority.as_str()));
-        let metrics = NodeMetrics::new(&label);
+        let metrics = NodeMetrics::new(&authority);
         metrics.healthy.set(1.0);
         let uri_base = Scheme::try_from(scheme)
             .ok()
@@ -165,6 +166,13 @@ impl Node {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Forgets failures and any cool-down; `p` is this node's locked passive state.
+    fn clear_passive(&self, p: &mut Passive) {
+        p.consecutive_failures = 0;
+        p.down_until = None;
+        self.troubled.store(false, Ordering::Release);
+    }
+
     /// Whether the node may get a request now.
     fn available(&self, now: Instant) -> bool {
         if self.active_down.load(Ordering::Relaxed) {
@@ -199,9 +207,7 @@ impl Node {
         let mut p = self.passive();
         if !outcome.is_failure() {
             let was_down = p.down_until.is_some();
-            p.consecutive_failures = 0;
-            p.down_until = None;
-            self.troubled.store(false, Ordering::Release);
+            self.clear_passive(&mut p);
             drop(p);
             if was_down {
                 tracing::info!(node = %self.authority, "admin node answers again");
@@ -238,10 +244,7 @@ impl Node {
         }
         if up {
             // a passing check also ends a passive cool-down: the node demonstrably answers
-            let mut p = self.passive();
-            p.consecutive_failures = 0;
-            p.down_until = None;
-            self.troubled.store(false, Ordering::Release);
+            self.clear_passive(&mut self.passive());
         }
         self.set_gauge(up);
     }
