@@ -186,7 +186,11 @@ mod tests {
 
     #[test]
     fn basic_parts_are_form_decoded() {
-        let mut form = Form::parse(b"grant_type=client_credentials").unwrap();
+        let mut form = Form::parse(
+            b"grant_type=client_credentials",
+            &["grant_type", "client_id", "client_secret"],
+        )
+        .unwrap();
         let p = presented(&basic("my%2Bclient:s%3Acret"), &mut form).unwrap();
         assert_eq!(p.client_id, "my+client");
         assert_eq!(p.secret.expose_secret(), "s:cret");
@@ -195,9 +199,17 @@ mod tests {
 
     #[test]
     fn both_methods_or_none_are_refused() {
-        let mut form = Form::parse(b"client_id=a&client_secret=b").unwrap();
+        let mut form = Form::parse(
+            b"client_id=a&client_secret=b",
+            &["grant_type", "client_id", "client_secret"],
+        )
+        .unwrap();
         assert!(presented(&basic("a:b"), &mut form).is_err());
-        let mut form = Form::parse(b"grant_type=x").unwrap();
+        let mut form = Form::parse(
+            b"grant_type=x",
+            &["grant_type", "client_id", "client_secret"],
+        )
+        .unwrap();
         let err = presented(&HeaderMap::new(), &mut form).err().unwrap();
         assert!(matches!(
             err,
@@ -206,7 +218,11 @@ mod tests {
                 ..
             }
         ));
-        let mut form = Form::parse(b"client_id=a").unwrap();
+        let mut form = Form::parse(
+            b"client_id=a",
+            &["grant_type", "client_id", "client_secret"],
+        )
+        .unwrap();
         assert!(presented(&HeaderMap::new(), &mut form).is_err());
     }
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::claims::AccessClaims;
 use crate::oauth::client_auth;
-use crate::oauth::token::{no_store, parse_form};
+use crate::oauth::token::{TOKEN_HINT_PARAMS, no_store, parse_form};
 use crate::state::AppState;
 
 /// The handler.
@@ -27,7 +27,7 @@ pub async fn introspect(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut form = parse_form(&headers, &body)?;
+    let mut form = parse_form(&headers, &body, TOKEN_HINT_PARAMS)?;
     let presented = client_auth::presented(&headers, &mut form)?;
     let token = form
         .take("token")

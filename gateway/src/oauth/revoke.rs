@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use crate::audit::AuditEvent;
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::client_auth;
-use crate::oauth::token::{no_store, parse_form};
+use crate::oauth::token::{TOKEN_HINT_PARAMS, no_store, parse_form};
 use crate::refresh::{InvalidReason, RefreshError};
 use crate::state::AppState;
 
@@ -26,7 +26,7 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut form = parse_form(&headers, &body)?;
+    let mut form = parse_form(&headers, &body, TOKEN_HINT_PARAMS)?;
     let presented = client_auth::presented(&headers, &mut form)?;
     let token = form
         .take("token")

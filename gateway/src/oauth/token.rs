@@ -51,9 +51,23 @@ pub fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
+/// The parameters `POST /oauth2/token` reads.
+const TOKEN_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    "resource",
+    "refresh_token",
+];
+
+/// The parameters introspection and revocation read (RFC 7662 §2.1, RFC 7009 §2.1).
+pub const TOKEN_HINT_PARAMS: &[&str] = &["token", "token_type_hint", "client_id", "client_secret"];
+
 /// Parses an OAuth form body: the content type must be
-/// `application/x-www-form-urlencoded`; parameters may not repeat; bytes must be UTF-8.
-pub fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, ApiError> {
+/// `application/x-www-form-urlencoded`; the parameters in `known` may not repeat and must
+/// be UTF-8; every other parameter is ignored (RFC 6749 §3.1).
+pub fn parse_form(headers: &HeaderMap, body: &Bytes, known: &[&str]) -> Result<Form, ApiError> {
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -68,7 +82,7 @@ pub fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, ApiError> {
             "the body must be application/x-www-form-urlencoded",
         ));
     }
-    Form::parse(body).map_err(|e| ApiError::oauth(OAuthCode::InvalidRequest, e.to_string()))
+    Form::parse(body, known).map_err(|e| ApiError::oauth(OAuthCode::InvalidRequest, e.to_string()))
 }
 
 /// The handler.
@@ -80,7 +94,7 @@ pub async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<TokenResponse, ApiError> {
-    let mut form = parse_form(&headers, &body)?;
+    let mut form = parse_form(&headers, &body, TOKEN_PARAMS)?;
     let grant = form
         .take("grant_type")
         .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "grant_type is required"))?;

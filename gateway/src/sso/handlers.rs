@@ -198,7 +198,8 @@ pub async fn local_login(
             description: "cross-site request refused: Origin is not this site".to_owned(),
         });
     }
-    let mut form = crate::oauth::token::parse_form(&headers, &body)?;
+    let mut form =
+        crate::oauth::token::parse_form(&headers, &body, &["username", "password", "redirect"])?;
     let missing = || ApiError::bad_request("invalid_request", "username and password are required");
     let name = form
         .take("username")

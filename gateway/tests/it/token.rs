@@ -579,6 +579,35 @@ async fn malformed_token_requests_are_invalid_request_and_change_nothing() {
     f.rotate(&svc, &rt).await;
 }
 
+/// RFC 6749 §3.1: "The authorization server MUST ignore unrecognized request parameters"
+/// — repeated, empty or not UTF-8, an unknown parameter changes nothing; only the
+/// endpoint's own parameters may not repeat.
+#[tokio::test]
+async fn unrecognized_parameters_are_ignored_however_often_they_appear() {
+    let f = Fixture::new("unrecognized").await;
+    let svc = f.client("svc-unrecognized", &[CC], "read", &[], None).await;
+    let a = f
+        .raw_token(
+            &svc,
+            "application/x-www-form-urlencoded",
+            b"extra=1&grant_type=client_credentials&extra=2&extra=&odd=%FF&%FE%FF=x&__main__"
+                .to_vec(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(a.body["access_token"].is_string(), "{}", a.body);
+    assert_eq!(a.body["scope"], "read");
+    // the same body with a known parameter twice is still refused
+    let a = f
+        .raw_token(
+            &svc,
+            "application/x-www-form-urlencoded",
+            b"extra=1&grant_type=client_credentials&scope=read&scope=read".to_vec(),
+        )
+        .await;
+    assert_error(&a, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
 #[tokio::test]
 async fn unknown_grants_and_grants_a_client_may_not_use_are_refused() {
     let f = Fixture::new("grants").await;
