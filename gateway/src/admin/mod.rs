@@ -79,14 +79,25 @@ pub async fn rotate_keys(
     body: Result<Json<RotateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
-    let emergency = match (req.emergency, req.reason) {
-        (true, Some(r)) if !r.trim().is_empty() && r.len() <= 500 => Some(r),
-        (true, _) => {
+    // a reason, when given, is 1 to 500 characters and goes to the audit log; an
+    // emergency rotation must give one, and the ring records it as well
+    let reason = match req.reason {
+        Some(r) if r.trim().is_empty() || r.chars().count() > 500 => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "reason must be 1 to 500 characters",
+            ));
+        }
+        r => r,
+    };
+    let emergency = match (req.emergency, &reason) {
+        (true, None) => {
             return Err(ApiError::bad_request(
                 "invalid_request",
                 "an emergency rotation needs a reason (1 to 500 characters)",
             ));
         }
+        (true, Some(r)) => Some(r.clone()),
         (false, _) => None,
     };
     let outcome = state.keys.rotate(emergency.clone()).await?;
@@ -106,7 +117,7 @@ pub async fn rotate_keys(
             .map(|k| k.to_string())
             .unwrap_or_default(),
         source_ip: Some(peer.ip().to_string()),
-        detail: serde_json::json!({ "reason": emergency, "transitions": outcome.transitions }),
+        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }),
     });
     Ok(Json(serde_json::json!({
         "transitions": outcome.transitions,

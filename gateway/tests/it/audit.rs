@@ -290,11 +290,20 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
     .await;
     assert_eq!(revoked.status(), 200);
 
-    // a key rotation through the admin API
+    // a key rotation through the admin API: a reason over 500 characters is refused and
+    // rotates nothing; a scheduled rotation's reason is recorded like an emergency's
+    let too_long = admin
+        .post(format!("http://{}/admin/keys/rotate", app.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({ "reason": "x".repeat(501) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_long.status(), 400);
     let rotated = admin
         .post(format!("http://{}/admin/keys/rotate", app.admin))
         .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
+        .json(&json!({ "reason": "brought forward for the audit (OPS-42)" }))
         .send()
         .await
         .unwrap();
@@ -423,7 +432,16 @@ async fn a_full_session_is_in_the_trail_with_who_when_where_and_what_and_no_secr
         "svc-audit",
         true,
     );
+    assert_eq!(
+        find("key.rotate").len(),
+        1,
+        "the refused rotation is not recorded"
+    );
     assert_eq!(find("key.rotate")[0]["actor"], "operator:admin-api");
+    assert_eq!(
+        find("key.rotate")[0]["detail"]["reason"],
+        "brought forward for the audit (OPS-42)"
+    );
     assert!(
         find("key.transition")
             .iter()
