@@ -503,7 +503,14 @@ impl Store {
     ) -> Result<Release, StoreError> {
         const INFO: &str = "SELECT version, created_at_unix_ms, author, message, rollback_of, status, gray_selector FROM config_releases WHERE environment = $1 AND application = $2 AND version = $3";
         const ENTRIES: &str = "SELECT key, format, secret, data_key_version, sealed FROM config_entries WHERE environment = $1 AND application = $2 AND version = $3";
-        let v = to_i64(version)?;
+        // versions are stored as BIGINT: a larger one names no release
+        let Ok(v) = i64::try_from(version) else {
+            return Err(StoreError::NotFound {
+                environment: env.to_string(),
+                application: app.to_string(),
+                version: Some(version),
+            });
+        };
         let (info, rows): (Option<InfoRow>, Vec<EntryRow>) = on_pool!(&self.pool, |p, _pg| {
             let mut tx = p.begin().await?;
             let info = sqlx::query_as(INFO)
@@ -929,6 +936,16 @@ impl Store {
         expected: Expected,
         release: NewRelease<'_>,
     ) -> Result<ReleaseInfo, StoreError> {
+        // no stored version is i64::MAX or more, so such an expectation never holds (and
+        // its successor would not fit)
+        if let Expected::Version(v) = expected
+            && v >= i64::MAX as u64
+        {
+            return Err(StoreError::Conflict {
+                expected: v,
+                current: self.head_version(env, app).await?.unwrap_or(0),
+            });
+        }
         let (key_version, data_key) = self.current_data_key(env).await?;
         for _ in 0..ANY_RETRIES {
             let base = match expected {

@@ -619,6 +619,57 @@ pub async fn a_publish_reaches_the_change_feed(t: TestStore) {
     );
 }
 
+/// Versions are stored as BIGINT. A larger one, as a client may send in a URL, names no
+/// release and can never be the current version: not found, or a conflict, never a store
+/// error (which the API would answer with a 500) and never an overflow.
+pub async fn versions_beyond_the_stored_range_are_not_found_or_a_conflict(t: TestStore) {
+    let (e, a) = (env("prod"), app("edge"));
+    let s = &t.store;
+    s.publish(&e, &a, Expected::Version(0), vec![entry("k", "v")], &note())
+        .await
+        .unwrap();
+    for huge in [i64::MAX as u64 + 1, u64::MAX] {
+        assert!(
+            matches!(
+                s.release(&e, &a, huge).await,
+                Err(StoreError::NotFound { version: Some(v), .. }) if v == huge
+            ),
+            "release {huge}"
+        );
+        assert!(
+            matches!(
+                s.diff(&e, &a, 1, huge, false).await,
+                Err(StoreError::NotFound { .. })
+            ),
+            "diff to {huge}"
+        );
+        assert!(
+            matches!(
+                s.rollback(&e, &a, huge, Expected::Any, &note()).await,
+                Err(StoreError::NotFound { .. })
+            ),
+            "rollback to {huge}"
+        );
+    }
+    for expected in [i64::MAX as u64 - 1, i64::MAX as u64, u64::MAX] {
+        let r = s
+            .publish(
+                &e,
+                &a,
+                Expected::Version(expected),
+                vec![entry("k", "w")],
+                &note(),
+            )
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::Conflict { current: 1, .. })),
+            "expected {expected}: {r:?}"
+        );
+    }
+    // nothing was written by any of it
+    assert_eq!(s.current_version(&e, &a).await.unwrap(), Some(1));
+}
+
 fn labels(text: &str) -> BTreeMap<String, String> {
     GraySelector::parse_labels(text).unwrap()
 }
@@ -809,6 +860,7 @@ macro_rules! conformance {
             }
             case!(publish_creates_increasing_versions_with_full_snapshots);
             case!(the_largest_release_is_stored_whole);
+            case!(versions_beyond_the_stored_range_are_not_found_or_a_conflict);
             case!(stale_write_is_refused);
             case!(concurrent_publishes_never_share_a_version);
             case!(concurrent_writers_on_the_same_version_let_exactly_one_win);

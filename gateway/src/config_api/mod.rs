@@ -607,7 +607,7 @@ impl EntryIn {
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
     /// The version the writer based this on (0: none yet); absent: whatever is current.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "release_number::optional")]
     pub expected_version: Option<u64>,
     /// Every entry of the new release.
     pub entries: Vec<EntryIn>,
@@ -621,7 +621,7 @@ pub struct PublishBody {
 #[serde(deny_unknown_fields)]
 pub struct EditBody {
     /// The version the writer based this on; absent: whatever is current.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "release_number::optional")]
     pub expected_version: Option<u64>,
     /// Entries to add or replace.
     #[serde(default)]
@@ -639,13 +639,48 @@ pub struct EditBody {
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     /// The release to restore.
+    #[serde(deserialize_with = "release_number::required")]
     pub to: u64,
     /// The version the writer saw as current (after looking at the diff).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "release_number::optional")]
     pub expected_version: Option<u64>,
     /// Why.
     #[serde(default)]
     pub message: String,
+}
+
+/// Release numbers in JSON bodies. JSON does not tell `5` from `5.0` (RFC 8259 §6), and
+/// JSON Schema counts both as integers, so a whole number written with a fraction or an
+/// exponent is accepted while it is exact (at most 2^53); a negative, fractional or
+/// inexact number is refused with 400.
+mod release_number {
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    /// Largest whole number an `f64` holds exactly, with every smaller one.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        whole(serde_json::Number::deserialize(d)?)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Option::<serde_json::Number>::deserialize(d)?
+            .map(whole)
+            .transpose()
+    }
+
+    fn whole<E: Error>(n: serde_json::Number) -> Result<u64, E> {
+        if let Some(v) = n.as_u64() {
+            return Ok(v);
+        }
+        match n.as_f64() {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Some(f) if (0.0..=EXACT).contains(&f) && f.fract() == 0.0 => Ok(f as u64),
+            _ => Err(E::custom(format!(
+                "expected a release number (a whole number, 0 or more), found {n}"
+            ))),
+        }
+    }
 }
 
 /// A JSON body, with a precise 400 for anything that is not the documented shape.
@@ -829,7 +864,7 @@ pub struct SelectorIn {
 #[serde(deny_unknown_fields)]
 pub struct GrayBody {
     /// The version the writer based this on; absent: whatever is current.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "release_number::optional")]
     pub expected_version: Option<u64>,
     /// Every entry of the gray release.
     pub entries: Vec<EntryIn>,
@@ -943,4 +978,33 @@ pub async fn abort_gray(
         None,
     )
     .await)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::RollbackBody;
+
+    fn rollback(json: &str) -> Result<RollbackBody, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn release_numbers_are_whole_numbers_however_written() {
+        let b = rollback(r#"{"to": 3.0, "expected_version": 7e0}"#).unwrap();
+        assert_eq!((b.to, b.expected_version), (3, Some(7)));
+        let b = rollback(r#"{"to": 18446744073709551615, "expected_version": null}"#).unwrap();
+        assert_eq!((b.to, b.expected_version), (u64::MAX, None));
+        for bad in [
+            r#"{"to": 3.5}"#,
+            r#"{"to": -1}"#,
+            r#"{"to": -0.5}"#,
+            r#"{"to": 1e300}"#,
+            r#"{"to": "3"}"#,
+            r#"{"to": 1, "expected_version": 2.25}"#,
+        ] {
+            let e = rollback(bad).err().unwrap();
+            assert!(!e.to_string().is_empty(), "{bad}");
+        }
+    }
 }
