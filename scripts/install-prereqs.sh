@@ -63,6 +63,17 @@ if ! "$venv/bin/python" -c "import cryptography, jwt, sys; sys.exit(jwt.__versio
 fi
 log "PyJWT: $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)')"
 
+# --- schemathesis (checks the running API against docs/api/openapi.json) -------
+# In a virtualenv of its own: its dependencies stay apart from OpenBao's and PyJWT's.
+st_version=4.32.5
+st_venv="$tools/schemathesis"
+if [ "$("$st_venv/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, version $st_version" ]; then
+  log "installing schemathesis==$st_version into $st_venv"
+  python3 -m venv "$st_venv"
+  "$st_venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$st_version"
+fi
+log "$("$st_venv/bin/schemathesis" --version)"
+
 # --- OIDC test provider ------------------------------------------------------
 oidc="$root/tests/oidc"
 if [ ! -d "$oidc/node_modules/oidc-provider" ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (Redis,
 # Postgres, nginx, OpenBao, the OIDC provider; idempotent) and runs every crate's tests
-# against those real servers, then checks the shipped Prometheus alert rules with promtool.
+# against those real servers, then checks the running API against its OpenAPI reference
+# (schemathesis) and the shipped Prometheus alert rules with promtool.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 
@@ -22,6 +23,9 @@ export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
 # The end-to-end suites run the `portcullis` binary; build it before any test starts.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@"
+
+# the running API against its reference, docs/api/openapi.json (schemathesis)
+bash scripts/api-contract.sh
 
 # the shipped alert rules, as Prometheus itself reads them
 "$root/.tools/prometheus/usr/bin/promtool" check rules deploy/prometheus/alerts.yml
