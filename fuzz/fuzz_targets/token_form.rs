@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use portcullis::clients::Audience;
 use portcullis::oauth::client_auth;
 use portcullis::oauth::form::Form;
-use portcullis::oauth::token::{parse_form, requested_scope};
+use portcullis::oauth::token::{TOKEN_PARAMS, parse_form, requested_scope};
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(3, |b| *b == b'\n');
@@ -26,8 +26,10 @@ fuzz_target!(|data: &[u8]| {
         headers.insert(header::AUTHORIZATION, v);
     }
 
-    // the form parser alone: a name it accepts is there once, with a non-empty value
-    if let Ok(mut form) = Form::parse(body) {
+    // the form parser alone: a name it accepts is there once, with a non-empty value,
+    // and a name the endpoint does not define is never there
+    if let Ok(mut form) = Form::parse(body, TOKEN_PARAMS) {
+        assert!(form.get("token").is_none(), "an unknown parameter was kept");
         for name in [
             "grant_type",
             "scope",
@@ -43,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let body = bytes::Bytes::copy_from_slice(body);
-    let Ok(mut form) = parse_form(&headers, &body) else {
+    let Ok(mut form) = parse_form(&headers, &body, TOKEN_PARAMS) else {
         return;
     };
     let _ = form.take("grant_type");

@@ -52,7 +52,7 @@ pub fn no_store(headers: &mut HeaderMap) {
 }
 
 /// The parameters `POST /oauth2/token` reads.
-const TOKEN_PARAMS: &[&str] = &[
+pub const TOKEN_PARAMS: &[&str] = &[
     "grant_type",
     "client_id",
     "client_secret",
