@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request};
@@ -85,6 +85,7 @@ where
             .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
         let ip = self.trusted.client_ip(peer, req.headers());
         req.extensions_mut().insert(ClientIp(ip));
+        req.extensions_mut().insert(Arrived(Instant::now()));
         if req
             .headers()
             .get(&REQUEST_ID)
@@ -95,6 +96,11 @@ where
         self.inner.call(req)
     }
 }
+
+/// When the request reached the first layer: before the timeout layer started its clock,
+/// so a request still running when that clock ran out has been here at least as long.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived(pub Instant);
 
 /// A request id we are willing to log and echo: 1–128 of `[A-Za-z0-9._:-]`.
 fn acceptable_request_id(v: &HeaderValue) -> bool {
@@ -112,6 +118,7 @@ struct GuardConfig {
     max_body: usize,
     public_origin: Arc<str>,
     proxy: Option<Proxy>,
+    request_timeout: Duration,
 }
 
 /// The body limit, the CSRF check, request metrics and the span name; see the module
@@ -123,13 +130,20 @@ pub struct GuardLayer {
 
 impl GuardLayer {
     /// Bodies up to `max_body` bytes (the proxy's own limit for what it forwards);
-    /// cookie-carrying state changes only from `public_origin`.
-    pub fn new(max_body: usize, public_origin: String, proxy: Option<Proxy>) -> Self {
+    /// cookie-carrying state changes only from `public_origin`; `request_timeout` is the
+    /// outer timeout layer's, so that a request it cut off is counted as its 408.
+    pub fn new(
+        max_body: usize,
+        public_origin: String,
+        proxy: Option<Proxy>,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
             config: Arc::new(GuardConfig {
                 max_body,
                 public_origin: Arc::from(public_origin),
                 proxy,
+                request_timeout,
             }),
         }
     }
@@ -184,7 +198,10 @@ where
     }
 
     fn call(&mut self, mut req: Request) -> BoxedResponse {
-        let start = Instant::now();
+        let start = req
+            .extensions()
+            .get::<Arrived>()
+            .map_or_else(Instant::now, |a| a.0);
         let method = req.method().clone();
         let matched = req
             .extensions()
@@ -213,7 +230,17 @@ where
         // the clone that was made ready is the one called; the one left behind is fresh
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let recording = Recording {
+            method,
+            route,
+            start,
+            timeout: self.config.request_timeout,
+            status: None,
+        };
         Box::pin(async move {
+            // the whole recording moves into the future (a closure would take only the
+            // field it assigns), so it is dropped with the future, however that ends
+            let mut recording = recording;
             let response = match early {
                 Some(refusal) => refusal,
                 None => {
@@ -236,9 +263,47 @@ where
                     }
                 }
             };
-            crate::telemetry::record_request(&method, route, response.status(), start.elapsed());
+            recording.status = Some(response.status());
             Ok(response)
         })
+    }
+}
+
+/// nginx's "client closed request": the client went away before the answer was ready,
+/// so nobody received one.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Records a request in `portcullis_http_requests_total` and its duration when the
+/// request's future ends, however it ends:
+/// - with the response's status when the handler answered;
+/// - 500 when the handler panicked (the catch-panic layer outside answers 500);
+/// - 408 when it was still running at `server.request_timeout` (the timeout layer
+///   outside dropped it and answers 408);
+/// - 499 when the client went away first (the connection dropped it).
+///
+/// Those three never reach the end of the handler's future, so counting at its end alone
+/// missed exactly the requests an operator most needs to see.
+struct Recording {
+    method: Method,
+    route: Option<Arc<str>>,
+    start: Instant,
+    timeout: Duration,
+    status: Option<StatusCode>,
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let status = self.status.unwrap_or_else(|| {
+            if std::thread::panicking() {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else if elapsed >= self.timeout {
+                StatusCode::REQUEST_TIMEOUT
+            } else {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+        });
+        crate::telemetry::record_request(&self.method, self.route.take(), status, elapsed);
     }
 }
 

@@ -127,7 +127,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(crate::proxy::handle)
         // after routing, on every route: the body limit (the proxy's own for what it
         // forwards), the CSRF check, per-route metrics and the span's name
-        .layer(GuardLayer::new(max_body, public_origin, proxy))
+        .layer(GuardLayer::new(
+            max_body,
+            public_origin,
+            proxy,
+            request_timeout,
+        ))
         .with_state(state);
     // Everything that does not need the route runs around the router, composed once:
     // `Router::layer` would box each of these around every route and clone it per call.

@@ -657,6 +657,53 @@ async fn a_client_that_stops_sending_its_body_is_cut_off_while_others_are_served
         408,
         "unexpected answer to a stalled upload: {answer}"
     );
+    // and the request is counted with that status, by its route
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("portcullis_http_requests_total{")
+                && l.contains("route=\"/oauth2/token\"")
+                && l.contains("status=\"408\"")),
+        "{metrics}"
+    );
+}
+
+/// A request whose client goes away before the answer is counted as 499 (nginx's
+/// "client closed request"), by its route: counting only answered requests hid it.
+#[tokio::test]
+async fn a_request_its_client_abandons_is_counted_as_499() {
+    let app = spawn_app(|c| c.config_center.long_poll_timeout = Duration::from_secs(20)).await;
+    let token = app
+        .state
+        .keys
+        .sign(&claims(&app, "config:read:prod"))
+        .unwrap();
+    // a long-poll with nothing newer is held; the client sends it and hangs up at once
+    let mut tls = app.tls().await;
+    tls.write_all(
+        format!(
+            "GET /config/v1/prod/abandoned/poll?version=0 HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    drop(tls);
+    eventually(
+        Duration::from_secs(10),
+        "the abandoned poll is counted as 499",
+        || async {
+            app.metrics().await.lines().any(|l| {
+                l.starts_with("portcullis_http_requests_total{")
+                    && l.contains("route=\"/config/v1/{env}/{app}/poll\"")
+                    && l.contains("status=\"499\"")
+            })
+        },
+    )
+    .await;
 }
 
 async fn watch(app: &TestApp, token: &str) -> reqwest::Response {
