@@ -673,32 +673,39 @@ async fn a_client_that_stops_sending_its_body_is_cut_off_while_others_are_served
 /// "client closed request"), by its route: counting only answered requests hid it.
 #[tokio::test]
 async fn a_request_its_client_abandons_is_counted_as_499() {
-    let app = spawn_app(|c| c.config_center.long_poll_timeout = Duration::from_secs(20)).await;
-    let token = app
-        .state
-        .keys
-        .sign(&claims(&app, "config:read:prod"))
-        .unwrap();
-    // a long-poll with nothing newer is held; the client sends it and hangs up at once
+    // an admin node that reads a request, says so, and never answers
+    let node = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_addr = node.local_addr().unwrap();
+    let (arrived, mut arrivals) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let (mut socket, _) = node.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let _ = socket.read(&mut buf).await;
+        let _ = arrived.send(()).await;
+        while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let app = spawn_app(|c| {
+        c.proxy.upstreams = vec![format!("http://{node_addr}")];
+        c.proxy.routes = super::proxy::routes();
+        c.proxy.read_timeout = Duration::from_secs(20);
+    })
+    .await;
     let mut tls = app.tls().await;
-    tls.write_all(
-        format!(
-            "GET /config/v1/prod/abandoned/poll?version=0 HTTP/1.1\r\nHost: localhost\r\n\
-             Authorization: Bearer {token}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    tls.flush().await.unwrap();
+    tls.write_all(b"GET /public/hangs HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // the request is under way (the node has it); then the client leaves
+    tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+        .await
+        .expect("the request reached the node");
     drop(tls);
     eventually(
         Duration::from_secs(10),
-        "the abandoned poll is counted as 499",
+        "the abandoned request is counted as 499",
         || async {
             app.metrics().await.lines().any(|l| {
                 l.starts_with("portcullis_http_requests_total{")
-                    && l.contains("route=\"/config/v1/{env}/{app}/poll\"")
+                    && l.contains("route=\"proxy:/public/\"")
                     && l.contains("status=\"499\"")
             })
         },
