@@ -95,7 +95,8 @@ async fn run() {
              [tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"{db}\"\nmax_connections = 8\n\
              [tokens]\nhash_key = \"{HASH_KEY}\"\n[log]\nlevel = \"warn\"\n\
              [keys]\nsource = \"file\"\nfile_dir = \"{}\"\n\
-             [config_center]\nmaster_key_file = \"{}\"\nreconcile_interval = \"1h\"\n",
+             [config_center]\nmaster_key_file = \"{}\"\nreconcile_interval = \"1h\"\n\
+             max_watches_per_client = 0\n",
             cert.display(),
             key.display(),
             keys.display(),

@@ -470,6 +470,11 @@ pub struct ConfigCenterConfig {
     /// `server.request_timeout` and every proxy's read timeout.
     #[serde(with = "humantime_serde")]
     pub long_poll_timeout: Duration,
+    /// The most SSE watches one client address may hold open on this instance (the
+    /// address behind trusted proxies, as for rate limits), so that one client cannot
+    /// take every connection; past it a watch is answered 429 `too_many_watches`.
+    /// 0: no limit.
+    pub max_watches_per_client: usize,
 }
 
 impl Default for ConfigCenterConfig {
@@ -483,6 +488,7 @@ impl Default for ConfigCenterConfig {
             reconcile_interval: Duration::from_secs(30),
             runtime_environment: None,
             long_poll_timeout: Duration::from_secs(25),
+            max_watches_per_client: 1000,
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct ConfigCenter {
     pub environments: std::sync::Arc<config_center::Environments>,
     /// The longest hold of a long-poll.
     pub long_poll_max: Duration,
+    /// Open watches per client address.
+    pub watch_slots: std::sync::Arc<WatchSlots>,
 }
 
 impl ConfigCenter {
@@ -74,6 +76,9 @@ impl ConfigCenter {
             hub: ConfigHub::new(store, keys),
             environments: std::sync::Arc::new(environments),
             long_poll_max: config.config_center.long_poll_timeout,
+            watch_slots: std::sync::Arc::new(WatchSlots::new(
+                config.config_center.max_watches_per_client,
+            )),
         })
     }
 }
@@ -334,6 +339,7 @@ pub async fn poll(
 pub async fn watch(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(crate::protect::ClientIp(ip)): Extension<crate::protect::ClientIp>,
     Path((env, app)): Path<(String, String)>,
     headers: HeaderMap,
     query: Result<Query<Node>, QueryRejection>,
@@ -349,14 +355,23 @@ pub async fn watch(
                 ApiError::bad_request("invalid_request", "Last-Event-ID must be a version number")
             })?;
     }
+    let slot = state.config_center.watch_slots.take(ip).ok_or_else(|| {
+        let limit = state.config_center.watch_slots.limit;
+        ApiError::TooManyRequests {
+            code: "too_many_watches",
+            description: format!(
+                "this address holds {limit} watches on this instance already; close one first"
+            ),
+            retry_after: SSE_KEEP_ALIVE.as_secs(),
+        }
+    })?;
     let rx = state.config_center.hub.subscribe(&env, &app).await?;
-    metrics::gauge!("portcullis_config_watchers").increment(1.0);
     let stream = futures::stream::unfold(
         WatchState {
             rx,
             who,
             tick: keep_alive_timer(),
-            _gauge: WatcherGauge,
+            _slot: slot,
         },
         |mut s| async move {
             loop {
@@ -399,15 +414,72 @@ struct WatchState {
     rx: tokio::sync::watch::Receiver<Arc<Held>>,
     who: Who,
     tick: tokio::time::Interval,
-    _gauge: WatcherGauge,
+    _slot: WatchSlot,
 }
 
-/// Counts a watcher for as long as its stream lives.
-struct WatcherGauge;
+/// The watches open on this instance, by client address, so that one address cannot
+/// hold every connection (`config_center.max_watches_per_client`; 0: no limit). Opening
+/// and closing a watch is rare next to requests, so one lock is enough.
+#[derive(Debug)]
+pub struct WatchSlots {
+    limit: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
 
-impl Drop for WatcherGauge {
+impl WatchSlots {
+    /// At most `limit` watches per address (0: no limit).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// A slot for one more watch from `ip`, or `None` when it holds the limit already.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<WatchSlot> {
+        if self.limit > 0 {
+            let mut open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let held = open.entry(ip).or_insert(0);
+            if *held >= self.limit {
+                return None;
+            }
+            *held += 1;
+        }
+        metrics::gauge!("portcullis_config_watchers").increment(1.0);
+        Some(WatchSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open watch: counted in `portcullis_config_watchers` and against its address for
+/// as long as its stream lives.
+struct WatchSlot {
+    slots: Arc<WatchSlots>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for WatchSlot {
     fn drop(&mut self) {
         metrics::gauge!("portcullis_config_watchers").decrement(1.0);
+        if self.slots.limit == 0 {
+            return;
+        }
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = open.get_mut(&self.ip) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -773,6 +773,58 @@ async fn idle_watchers_cannot_hold_more_than_the_connection_limit() {
     assert_eq!(status, 200);
 }
 
+/// One client address cannot take every connection with watches: past
+/// `config_center.max_watches_per_client` a watch is refused with 429 (while other
+/// requests from it are still served), and a closed watch frees its slot.
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_watches() {
+    let app = spawn_app(|c| c.config_center.max_watches_per_client = 2).await;
+    let token = app
+        .state
+        .keys
+        .sign(&claims(&app, "config:read:prod"))
+        .unwrap();
+    let mut watchers = vec![watch(&app, &token).await, watch(&app, &token).await];
+
+    let url = app.url("/config/v1/prod/executor-orders/watch");
+    let refused = app
+        .https_client()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_watches", "{body}");
+    // the address is not shut out of anything else
+    let read = app
+        .https_client()
+        .get(app.url("/config/v1/prod/executor-orders"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::NOT_FOUND);
+
+    // a watcher leaves: its slot is free again once the instance sees it go
+    drop(watchers.pop());
+    eventually(Duration::from_secs(10), "a freed slot is given out", || {
+        let (client, url, token) = (app.https_client(), url.clone(), token.clone());
+        async move {
+            let r = client.get(&url).bearer_auth(&token).send().await.unwrap();
+            let ok = r.status() == StatusCode::OK;
+            if ok {
+                // keep the stream from outliving the probe
+                drop(r);
+            }
+            ok
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn too_many_headers_and_an_oversized_chunked_body_are_refused() {
     let app = spawn_app(|c| c.server.max_body_bytes = 1024).await;
