@@ -659,14 +659,7 @@ async fn a_client_that_stops_sending_its_body_is_cut_off_while_others_are_served
     );
     // and the request is counted with that status, by its route
     let metrics = app.metrics().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("portcullis_http_requests_total{")
-                && l.contains("route=\"/oauth2/token\"")
-                && l.contains("status=\"408\"")),
-        "{metrics}"
-    );
+    assert!(counted(&metrics, "/oauth2/token", 408), "{metrics}");
 }
 
 /// A request whose client goes away before the answer is counted as 499 (nginx's
@@ -702,13 +695,7 @@ async fn a_request_its_client_abandons_is_counted_as_499() {
     eventually(
         Duration::from_secs(10),
         "the abandoned request is counted as 499",
-        || async {
-            app.metrics().await.lines().any(|l| {
-                l.starts_with("portcullis_http_requests_total{")
-                    && l.contains("route=\"proxy:/public/\"")
-                    && l.contains("status=\"499\"")
-            })
-        },
+        || async { counted(&app.metrics().await, "proxy:/public/", 499) },
     )
     .await;
 }

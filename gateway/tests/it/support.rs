@@ -313,6 +313,17 @@ impl Conn {
     }
 }
 
+/// Whether `metrics` (the Prometheus text) counts a request on `route` answered (or
+/// ended) with `status` in `portcullis_http_requests_total`.
+pub fn counted(metrics: &str, route: &str, status: u16) -> bool {
+    let (route, status) = (format!("route=\"{route}\""), format!("status=\"{status}\""));
+    metrics.lines().any(|l| {
+        l.starts_with("portcullis_http_requests_total{")
+            && l.contains(&route)
+            && l.contains(&status)
+    })
+}
+
 /// Polls `probe` until it returns true or `deadline` passes.
 pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut probe: F)
 where
