@@ -8,6 +8,7 @@
 #
 #   scripts/api-contract.sh            # after `cargo build --bins`; part of scripts/test.sh
 #   CONTRACT_MAX_EXAMPLES=200 scripts/api-contract.sh    # a longer run
+#   CONTRACT_EXPLORE=1 scripts/api-contract.sh            # other inputs than CI's, each run
 #
 # Generation is deterministic (a fixed seed), so a failure reproduces with the same
 # command; the report names each failing request as a curl line.
@@ -79,6 +80,10 @@ for _ in $(seq 1 100); do
 done
 
 examples=${CONTRACT_MAX_EXAMPLES:-25}
+# deterministic unless asked to explore (CONTRACT_EXPLORE=1: a new random seed each run,
+# printed in the report so that a finding can be replayed with --seed)
+generation=(--seed 20261130 --generation-deterministic)
+[ "${CONTRACT_EXPLORE:-0}" = 1 ] && generation=()
 run() { # name, base url, then schemathesis options
   local name=$1 url=$2
   shift 2
@@ -86,7 +91,7 @@ run() { # name, base url, then schemathesis options
   SCHEMATHESIS_HOOKS="$root/tests/contract/hooks.py" \
     PORTCULLIS_TOKEN="$token" PORTCULLIS_CLIENT_ID="$id" PORTCULLIS_CLIENT_SECRET="$secret" "$st" --config-file tests/contract/schemathesis.toml run \
     docs/api/openapi.json --url "$url" --tls-verify false \
-    --max-examples "$examples" --seed 20261130 --generation-deterministic \
+    --max-examples "$examples" "${generation[@]}" \
     --report junit --report-dir "$work/reports" "$@" || {
     log "$name: FAILED; the server's warnings and errors follow"
     grep -E 'WARN|ERROR' "$work/server.log" | tail -n 20 >&2 || true
