@@ -90,16 +90,13 @@ pub async fn rotate_keys(
         }
         r => r,
     };
-    let emergency = match (req.emergency, &reason) {
-        (true, None) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "an emergency rotation needs a reason (1 to 500 characters)",
-            ));
-        }
-        (true, Some(r)) => Some(r.clone()),
-        (false, _) => None,
-    };
+    if req.emergency && reason.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "an emergency rotation needs a reason (1 to 500 characters)",
+        ));
+    }
+    let emergency = if req.emergency { reason.clone() } else { None };
     let outcome = state.keys.rotate(emergency.clone()).await?;
     state.audit.record(AuditEvent {
         at: state.keys.now(),

@@ -11,9 +11,10 @@
 
 pub mod hub;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Json;
@@ -54,7 +55,7 @@ pub struct ConfigCenter {
     /// The longest hold of a long-poll.
     pub long_poll_max: Duration,
     /// Open watches per client address.
-    pub watch_slots: std::sync::Arc<WatchSlots>,
+    pub watch_slots: Arc<WatchSlots>,
 }
 
 impl ConfigCenter {
@@ -76,9 +77,7 @@ impl ConfigCenter {
             hub: ConfigHub::new(store, keys),
             environments: std::sync::Arc::new(environments),
             long_poll_max: config.config_center.long_poll_timeout,
-            watch_slots: std::sync::Arc::new(WatchSlots::new(
-                config.config_center.max_watches_per_client,
-            )),
+            watch_slots: Arc::new(WatchSlots::new(config.config_center.max_watches_per_client)),
         })
     }
 }
@@ -339,7 +338,7 @@ pub async fn poll(
 pub async fn watch(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Extension(crate::protect::ClientIp(ip)): Extension<crate::protect::ClientIp>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     Path((env, app)): Path<(String, String)>,
     headers: HeaderMap,
     query: Result<Query<Node>, QueryRejection>,
@@ -423,7 +422,7 @@ struct WatchState {
 #[derive(Debug)]
 pub struct WatchSlots {
     limit: usize,
-    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    open: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl WatchSlots {
@@ -431,17 +430,14 @@ impl WatchSlots {
     pub fn new(limit: usize) -> Self {
         Self {
             limit,
-            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+            open: Mutex::new(HashMap::new()),
         }
     }
 
     /// A slot for one more watch from `ip`, or `None` when it holds the limit already.
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<WatchSlot> {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<WatchSlot> {
         if self.limit > 0 {
-            let mut open = self
-                .open
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
             let held = open.entry(ip).or_insert(0);
             if *held >= self.limit {
                 return None;
@@ -460,7 +456,7 @@ impl WatchSlots {
 /// as long as its stream lives.
 struct WatchSlot {
     slots: Arc<WatchSlots>,
-    ip: std::net::IpAddr,
+    ip: IpAddr,
 }
 
 impl Drop for WatchSlot {
@@ -473,7 +469,7 @@ impl Drop for WatchSlot {
             .slots
             .open
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(held) = open.get_mut(&self.ip) {
             *held -= 1;
             if *held == 0 {

@@ -171,6 +171,7 @@ fn counters_unavailable(e: &crate::protect::lockout::LockoutUnavailable) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::oauth::token::TOKEN_PARAMS;
     use axum::http::HeaderValue;
     use secrecy::ExposeSecret;
 
@@ -186,11 +187,7 @@ mod tests {
 
     #[test]
     fn basic_parts_are_form_decoded() {
-        let mut form = Form::parse(
-            b"grant_type=client_credentials",
-            &["grant_type", "client_id", "client_secret"],
-        )
-        .unwrap();
+        let mut form = Form::parse(b"grant_type=client_credentials", TOKEN_PARAMS).unwrap();
         let p = presented(&basic("my%2Bclient:s%3Acret"), &mut form).unwrap();
         assert_eq!(p.client_id, "my+client");
         assert_eq!(p.secret.expose_secret(), "s:cret");
@@ -199,17 +196,9 @@ mod tests {
 
     #[test]
     fn both_methods_or_none_are_refused() {
-        let mut form = Form::parse(
-            b"client_id=a&client_secret=b",
-            &["grant_type", "client_id", "client_secret"],
-        )
-        .unwrap();
+        let mut form = Form::parse(b"client_id=a&client_secret=b", TOKEN_PARAMS).unwrap();
         assert!(presented(&basic("a:b"), &mut form).is_err());
-        let mut form = Form::parse(
-            b"grant_type=x",
-            &["grant_type", "client_id", "client_secret"],
-        )
-        .unwrap();
+        let mut form = Form::parse(b"grant_type=x", TOKEN_PARAMS).unwrap();
         let err = presented(&HeaderMap::new(), &mut form).err().unwrap();
         assert!(matches!(
             err,
@@ -218,11 +207,7 @@ mod tests {
                 ..
             }
         ));
-        let mut form = Form::parse(
-            b"client_id=a",
-            &["grant_type", "client_id", "client_secret"],
-        )
-        .unwrap();
+        let mut form = Form::parse(b"client_id=a", TOKEN_PARAMS).unwrap();
         assert!(presented(&HeaderMap::new(), &mut form).is_err());
     }
 }
