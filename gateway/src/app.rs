@@ -207,7 +207,7 @@ impl Application {
         if let Some(checks) = state
             .proxy
             .as_ref()
-            .and_then(|p| p.spawn_health_checks(shutdown.clone()))
+            .map(|p| p.spawn_upkeep(shutdown.clone()))
         {
             tasks.spawn(async move {
                 let _ = checks.await;

@@ -15,11 +15,12 @@
 
 pub mod headers;
 pub mod policy;
+pub mod pool;
 pub mod settings;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::http::uri::PathAndQuery;
 use std::time::{Duration, Instant};
@@ -31,11 +32,8 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn;
@@ -45,6 +43,7 @@ use crate::sso::session::{self, CONSOLE_SCOPE, Resolved};
 use crate::state::AppState;
 use headers::{Identity, Origin};
 use policy::{AmbiguousPath, Route, RouteTable};
+use pool::{NodeError, NodePool, PooledBody};
 use settings::{ProxySettings, RouteAuth};
 use upstream::{Outcome, Upstreams};
 
@@ -59,9 +58,9 @@ pub enum ProxyError {
     Failed {
         /// `host:port`.
         node: String,
-        /// The client's error.
+        /// What went wrong.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: NodeError,
     },
     /// The node sent no response head in time.
     #[error("admin node {node} sent no response within {}", humantime::format_duration(*timeout))]
@@ -88,10 +87,6 @@ pub enum ProxyError {
     Build(#[source] axum::http::Error),
 }
 
-/// The HTTP client to the nodes: plain TCP for `http://` nodes, our rustls for
-/// `https://` ones.
-type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
-
 /// The proxy of one instance; cheap to clone.
 #[derive(Clone)]
 pub struct Proxy {
@@ -99,12 +94,9 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// One pool of node connections per connection worker, and one (the first) for
-    /// requests served off the workers. A node connection is driven by a task on the
-    /// thread that opened it, so a request only takes connections its own thread drives:
-    /// handing a request to another thread's connection would wake that thread twice.
-    clients: Box<[OnceLock<HttpClient>]>,
-    connector: HttpsConnector<HttpConnector>,
+    /// Connections to the nodes, kept per connection worker: plain TCP for `http://`
+    /// nodes, our rustls for `https://` ones.
+    pool: NodePool,
     // swapped whole by the runtime settings (`proxy.upstreams`); a request keeps the list
     // it started with, so its retry and health records stay on the same nodes
     upstreams: ArcSwap<Upstreams>,
@@ -148,10 +140,11 @@ impl Proxy {
             .wrap_connector(tcp);
         Ok(Some(Self {
             inner: Arc::new(Inner {
-                clients: (0..=crate::workers::MAX_WORKERS)
-                    .map(|_| OnceLock::new())
-                    .collect(),
-                connector,
+                pool: NodePool::new(
+                    connector,
+                    settings.pool_idle_timeout,
+                    settings.pool_max_idle_per_node,
+                ),
                 upstreams: ArcSwap::from_pointee(Upstreams::new(
                     &settings.upstreams,
                     settings.health.clone(),
@@ -160,19 +153,6 @@ impl Proxy {
                 settings: settings.clone(),
             }),
         }))
-    }
-
-    /// The client (pool of node connections) of the calling thread.
-    fn client(&self) -> &HttpClient {
-        let slot = crate::workers::current().map_or(0, |i| i + 1);
-        let clients = &self.inner.clients;
-        clients[slot.min(clients.len() - 1)].get_or_init(|| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(self.inner.settings.pool_idle_timeout)
-                .pool_max_idle_per_host(self.inner.settings.pool_max_idle_per_node)
-                .build(self.inner.connector.clone())
-        })
     }
 
     /// The route table.
@@ -217,30 +197,48 @@ impl Proxy {
         Ok(self.inner.routes.find(method, &path).cloned())
     }
 
-    /// Runs the active health checks until `stop`, when `proxy.health.check_path` is set.
-    pub fn spawn_health_checks(
-        &self,
-        stop: CancellationToken,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let (path, interval, timeout) = {
+    /// Runs the proxy's background work until `stop`: closing node connections idle for
+    /// longer than `proxy.pool_idle_timeout`, and the active health checks when
+    /// `proxy.health.check_path` is set.
+    pub fn spawn_upkeep(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let checks = {
             let ups = self.inner.upstreams.load();
-            let (path, interval, timeout) = ups.active_check()?;
-            (path.to_owned(), interval, timeout)
+            ups.active_check()
+                .map(|(path, interval, timeout)| (path.to_owned(), interval, timeout))
         };
         let this = self.clone();
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let prune_every = (self.inner.settings.pool_idle_timeout / 2).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut prune = tokio::time::interval(prune_every);
+            prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut check = checks.as_ref().map(|(_, interval, _)| {
+                let mut tick = tokio::time::interval(*interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            });
             loop {
+                let due_check = async {
+                    match &mut check {
+                        Some(tick) => {
+                            tick.tick().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    _ = tick.tick() => {}
+                    _ = prune.tick() => this.inner.pool.prune(),
+                    () = due_check => {
+                        if let Some((path, _, timeout)) = &checks {
+                            let ups = this.inner.upstreams.load_full();
+                            let all = (0..ups.nodes().len())
+                                .map(|i| this.check(&ups, i, path, *timeout));
+                            futures::future::join_all(all).await;
+                        }
+                    }
                 }
-                let ups = this.inner.upstreams.load_full();
-                let checks = (0..ups.nodes().len()).map(|i| this.check(&ups, i, &path, timeout));
-                futures::future::join_all(checks).await;
             }
-        }))
+        })
     }
 
     async fn check(&self, ups: &Upstreams, index: usize, path: &str, timeout: Duration) {
@@ -250,12 +248,13 @@ impl Proxy {
         let Ok(path) = PathAndQuery::try_from(path) else {
             return;
         };
-        let Ok(uri) = node.uri(Some(&path)) else {
-            return;
-        };
         let mut req = Request::new(Body::empty());
-        *req.uri_mut() = uri;
-        let up = match tokio::time::timeout(timeout, self.client().request(req)).await {
+        *req.uri_mut() = path.into();
+        if let Some(host) = &node.host {
+            req.headers_mut().insert(header::HOST, host.clone());
+        }
+        let sent = self.inner.pool.send(&node.key, &node.target, req);
+        let up = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(resp)) => {
                 let ok = resp.status().is_success();
                 // read the (small) answer so the connection goes back to the pool
@@ -336,8 +335,16 @@ impl Proxy {
             Some(bytes) => Body::from(bytes.clone()),
             None => body,
         };
-        let answer = self.attempt(&ups, first, &parts, first_body).await;
-        let answer = match replay {
+        // the headers are copied only when a second node could get the request
+        let retry = replay.filter(|_| ups.nodes().len() > 1);
+        let first_headers = match retry {
+            Some(_) => parts.headers.clone(),
+            None => std::mem::take(&mut parts.headers),
+        };
+        let answer = self
+            .attempt(&ups, first, &parts, first_headers, first_body)
+            .await;
+        let answer = match retry {
             Some(bytes) if should_retry(&answer) => match ups.pick(Some(first)) {
                 Some(second) => {
                     metrics::counter!("portcullis_upstream_retries_total").increment(1);
@@ -347,7 +354,9 @@ impl Proxy {
                         method = %parts.method,
                         "retrying an idempotent request on another admin node"
                     );
-                    self.attempt(&ups, second, &parts, Body::from(bytes)).await
+                    let headers = std::mem::take(&mut parts.headers);
+                    self.attempt(&ups, second, &parts, headers, Body::from(bytes))
+                        .await
                 }
                 None => answer,
             },
@@ -356,27 +365,36 @@ impl Proxy {
         Ok(into_client_response(answer, client_upgrade))
     }
 
-    /// One try on node `index`; records the outcome for health and metrics.
+    /// One try on node `index` with the request `parts` (whose own headers are not
+    /// used) and `headers`; records the outcome for health and metrics.
     async fn attempt(
         &self,
         ups: &Upstreams,
         index: usize,
         parts: &request::Parts,
+        mut headers: HeaderMap,
         body: Body,
-    ) -> Result<axum::http::Response<Incoming>, ProxyError> {
+    ) -> Result<axum::http::Response<PooledBody>, ProxyError> {
         let node = ups.nodes().get(index).ok_or(ProxyError::NoNode)?;
-        let uri = node
-            .uri(parts.uri.path_and_query())
-            .map_err(ProxyError::Build)?;
+        if let Some(host) = &node.host {
+            headers.insert(header::HOST, host.clone());
+        }
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
+        // origin-form: the node is reached directly, not as a proxy
+        *req.uri_mut() = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            .into();
         *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = parts.headers.clone();
+        *req.headers_mut() = headers;
 
         let timeout = self.inner.settings.read_timeout;
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.client().request(req)).await;
+        let sent = self.inner.pool.send(&node.key, &node.target, req);
+        let result = tokio::time::timeout(timeout, sent).await;
         node.record_duration(started.elapsed());
         let (outcome, result) = match result {
             Err(_) => (
@@ -440,7 +458,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// A retry on another node helps when the first could not be reached, failed before
 /// answering, or said it cannot serve (502/503); a timeout is not retried, since the node
 /// may still be working on the request and the client's deadline is mostly spent.
-fn should_retry(answer: &Result<axum::http::Response<Incoming>, ProxyError>) -> bool {
+fn should_retry(answer: &Result<axum::http::Response<PooledBody>, ProxyError>) -> bool {
     match answer {
         Ok(resp) => matches!(
             resp.status(),
@@ -452,20 +470,18 @@ fn should_retry(answer: &Result<axum::http::Response<Incoming>, ProxyError>) -> 
 }
 
 /// Whether an error of the client came from the request body we were streaming.
-fn is_client_side(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn is_client_side(e: &NodeError) -> bool {
+    let NodeError::Http(h) = e else {
+        return false;
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(h);
     while let Some(err) = cur {
         if err.is::<http_body_util::LengthLimitError>() {
             return true;
         }
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && h.is_user()
-        {
-            return true;
-        }
         cur = err.source();
     }
-    false
+    h.is_user()
 }
 
 fn client_body_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> ProxyError {
@@ -493,7 +509,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// The node's answer as ours: headers cleaned, body streamed; a `101 Switching
 /// Protocols` joins the client's and the node's upgraded connections.
 fn into_client_response(
-    mut resp: axum::http::Response<Incoming>,
+    mut resp: axum::http::Response<PooledBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

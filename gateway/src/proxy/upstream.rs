@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::Uri;
 use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{HeaderValue, Uri};
 
 use super::settings::{HealthSettings, parse_upstream};
 
@@ -25,8 +25,13 @@ pub struct Node {
     /// Its metrics' handles (labelled `node` = the authority), looked up in the registry
     /// once rather than per request.
     metrics: NodeMetrics,
-    /// The scheme and authority of every request URI to the node, parsed once.
-    uri_base: Option<(Scheme, Authority)>,
+    /// `scheme://authority`: what its pooled connections are kept under.
+    pub key: String,
+    /// The node's address as a URI, what a new connection is opened to.
+    pub target: Uri,
+    /// The `Host` header of every request to the node: its authority, without the
+    /// scheme's default port.
+    pub host: Option<HeaderValue>,
     passive: Mutex<Passive>,
     /// Whether `passive` holds anything (a failure count or a cool-down), written only
     /// under its lock. While it is false, as it is for a node that answers, a request
@@ -123,39 +128,37 @@ impl Node {
     fn new(scheme: &'static str, authority: String) -> Self {
         let metrics = NodeMetrics::new(&authority);
         metrics.healthy.set(1.0);
-        let uri_base = Scheme::try_from(scheme)
+        let parsed = Scheme::try_from(scheme)
             .ok()
             .zip(Authority::try_from(authority.as_str()).ok());
+        let target = parsed
+            .clone()
+            .and_then(|(scheme, authority)| {
+                let mut parts = axum::http::uri::Parts::default();
+                parts.scheme = Some(scheme);
+                parts.authority = Some(authority);
+                parts.path_and_query = Some(PathAndQuery::from_static("/"));
+                Uri::from_parts(parts).ok()
+            })
+            .unwrap_or_default();
+        let host = parsed.and_then(|(scheme, authority)| {
+            let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+            let host = match authority.port_u16() {
+                Some(port) if port == default_port => authority.host(),
+                _ => authority.as_str(),
+            };
+            HeaderValue::from_str(host).ok()
+        });
         Self {
+            key: format!("{scheme}://{authority}"),
+            target,
+            host,
             scheme,
             authority,
             metrics,
-            uri_base,
             passive: Mutex::new(Passive::default()),
             troubled: AtomicBool::new(false),
             active_down: AtomicBool::new(false),
-        }
-    }
-
-    /// `<scheme>://<authority><path_and_query>`.
-    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, axum::http::Error> {
-        let path_and_query = path_and_query
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        match &self.uri_base {
-            // the usual case: no parsing, and the parts share their bytes
-            Some((scheme, authority)) => {
-                let mut parts = axum::http::uri::Parts::default();
-                parts.scheme = Some(scheme.clone());
-                parts.authority = Some(authority.clone());
-                parts.path_and_query = Some(path_and_query);
-                Ok(Uri::from_parts(parts)?)
-            }
-            None => Uri::builder()
-                .scheme(self.scheme)
-                .authority(self.authority.as_str())
-                .path_and_query(path_and_query)
-                .build(),
         }
     }
 

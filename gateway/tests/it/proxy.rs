@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,26 @@ struct NodeState {
     seen: Mutex<Vec<Seen>>,
     /// 0: answer normally; otherwise the status every plain request gets.
     fail_with: AtomicU16,
+    /// Connections accepted, and connections open now.
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// Counts a node connection open while it lives.
+struct OpenConnection(Arc<NodeState>);
+
+impl OpenConnection {
+    fn new(state: &Arc<NodeState>) -> Self {
+        state.accepted.fetch_add(1, Ordering::SeqCst);
+        state.open.fetch_add(1, Ordering::SeqCst);
+        Self(state.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A small admin node on a port of its own; `kill` drops its listener and every open
@@ -82,6 +102,8 @@ impl AdminNode {
             name: name.to_owned(),
             seen: Mutex::new(Vec::new()),
             fail_with: AtomicU16::new(0),
+            accepted: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
         });
         let task = Some(accept_loop(listener, state.clone(), tls.clone()));
         Self {
@@ -124,6 +146,16 @@ impl AdminNode {
         self.state.fail_with.store(status, Ordering::SeqCst);
     }
 
+    /// TCP connections the node has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections open to the node now.
+    pub fn open(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
     /// Stops the node abruptly: listener closed, open connections dropped.
     pub async fn kill(&mut self) {
         if let Some(task) = self.task.take() {
@@ -146,10 +178,12 @@ fn accept_loop(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let counted = OpenConnection::new(&state);
             let state = state.clone();
             let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
             let tls = tls.clone();
             connections.spawn(async move {
+                let _counted = counted;
                 let http = hyper::server::conn::http1::Builder::new();
                 match tls {
                     None => {
@@ -950,6 +984,103 @@ async fn requests_are_spread_round_robin_over_the_nodes() {
     // proxied requests are counted under their configured route, not `unmatched`
     let metrics = app.metrics().await;
     assert!(counted(&metrics, "proxy:/public/", 200), "{metrics}");
+}
+
+#[tokio::test]
+async fn node_connections_are_kept_alive_and_reused_with_the_nodes_own_host() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+    for i in 0..20 {
+        let r = if i % 2 == 0 {
+            http.get(app.url("/public/ping")).send().await.unwrap()
+        } else {
+            http.post(app.url("/public/item"))
+                .body(format!("body {i}"))
+                .send()
+                .await
+                .unwrap()
+        };
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+        assert_eq!(json(r).await["node"], "a");
+    }
+    // one client connection, served by one worker: one connection to the node, kept
+    assert_eq!(node.accepted(), 1, "node connections opened");
+    assert_eq!(node.open(), 1);
+    let seen = node.seen();
+    assert_eq!(seen.len(), 20);
+    let host = node.addr.to_string();
+    assert!(
+        seen.iter()
+            .all(|s| s.headers.get("host") == Some(&vec![host.clone()])),
+        "every request names the node itself as its Host: {:?}",
+        seen.iter()
+            .map(|s| s.headers.get("host"))
+            .collect::<Vec<_>>()
+    );
+    assert!(seen.iter().all(|s| s.path.starts_with("/public/")));
+}
+
+#[tokio::test]
+async fn a_restarted_node_gets_the_next_request_even_a_post_on_a_new_connection() {
+    let mut node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let http = client(&app);
+    for _ in 0..3 {
+        let r = http.get(app.url("/public/ping")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(node.accepted(), 1);
+    // the node's process restarts: its end of the kept connection is gone
+    node.restart().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // a POST is never retried, so it must not be sent on the dead connection
+    let r = http
+        .post(app.url("/public/after-restart"))
+        .body("once")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(node.accepted(), 2, "a new connection to the restarted node");
+    let posts: Vec<Seen> = node
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].body, b"once");
+}
+
+#[tokio::test]
+async fn idle_node_connections_are_closed_after_the_pool_idle_timeout() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.proxy.pool_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let http = client(&app);
+    for _ in 0..3 {
+        let r = http.get(app.url("/public/ping")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(node.open(), 1);
+    let idle_since = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(node.open(), 1, "kept while younger than the idle timeout");
+    while node.open() > 0 {
+        assert!(
+            idle_since.elapsed() < Duration::from_secs(5),
+            "the idle connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(idle_since.elapsed() >= Duration::from_secs(1));
+    // and the next request simply opens a new one
+    let r = http.get(app.url("/public/ping")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(node.accepted(), 2);
 }
 
 #[tokio::test]
