@@ -319,16 +319,20 @@ impl Proxy {
             settings.forward_token,
             upgrade,
         );
-        let (replay, body) = if replayable {
-            let held = http_body_util::Limited::new(body, replay_limit.max(1))
-                .collect()
-                .await
-                .map_err(|e| client_body_error(e, settings.max_body_bytes))?
-                .to_bytes();
-            (Some(held), Body::empty())
-        } else {
-            (None, body)
-        };
+        let (replay, body) =
+            if replayable && (declared == Some(0) || hyper::body::Body::is_end_stream(&body)) {
+                // nothing to read (a GET, usually): no read, and no body deadline to arm
+                (Some(bytes::Bytes::new()), Body::empty())
+            } else if replayable {
+                let held = http_body_util::Limited::new(body, replay_limit.max(1))
+                    .collect()
+                    .await
+                    .map_err(|e| client_body_error(e, settings.max_body_bytes))?
+                    .to_bytes();
+                (Some(held), Body::empty())
+            } else {
+                (None, body)
+            };
         let ups = self.inner.upstreams.load_full();
         let first = ups.pick(None).ok_or(ProxyError::NoNode)?;
         let first_body = match &replay {
