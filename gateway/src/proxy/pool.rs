@@ -1,23 +1,19 @@
 //! Keep-alive connections to the admin nodes, one set per connection worker.
 //!
-//! A node connection has no task of its own: the request using it drives it, inside the
-//! task of the client's connection, from sending the request to the end of the node's
-//! answer. The node's socket then wakes that one task directly, and no channel hop to a
-//! second task is made per request. A request takes an idle connection of its node kept
-//! by its own worker (the most recently used, whose buffers are warm) or opens one; the
-//! connection goes back to its worker's set when the node's answer has been read to its
-//! end. An answer abandoned half-way and a connection that failed are not reused; an
-//! upgraded (`101`) connection is handed to a task of its own to finish the switch.
+//! A node connection is an HTTP/1.1 connection driven by a task on the thread that
+//! opened it; only requests served on that thread take it, so a proxied request never
+//! wakes another core. A request takes an idle connection of its node (the most recently
+//! used, whose buffers are warm) or opens one; the connection goes back to its set when
+//! the node's answer has been read to its end, with nothing spawned per request. An
+//! answer abandoned half-way, an upgraded (`101`) connection and a connection that failed
+//! are not reused.
 //!
 //! Idle connections are closed after `proxy.pool_idle_timeout` (checked as connections
 //! are taken and given back, and by [`NodePool::prune`] in the background), and at most
-//! `proxy.pool_max_idle_per_node` are kept per node and worker. A kept connection is
-//! driven once more before it is used: one the node closed meanwhile is seen closed then
-//! and replaced, before any request is written to it.
+//! `proxy.pool_max_idle_per_node` are kept per node and worker.
 
 use std::collections::VecDeque;
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -40,9 +36,6 @@ pub enum NodeError {
     /// The connection failed before the response head arrived, or the request body did.
     #[error(transparent)]
     Http(#[from] hyper::Error),
-    /// A new connection ended before it could take the request.
-    #[error("the node closed a new connection before taking the request")]
-    Closed,
 }
 
 impl NodeError {
@@ -82,48 +75,8 @@ struct Slot {
 }
 
 struct Idle {
-    link: Link,
-    since: Instant,
-}
-
-/// One HTTP/1.1 connection to a node: the handle requests are sent on, and the future
-/// that reads and writes the socket, polled by whichever request is using it.
-struct Link {
     sender: SendRequest<Body>,
-    connection: Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
-    /// Set once the connection future has completed: closed, failed or upgraded.
-    ended: bool,
-    /// How it failed, if it did.
-    error: Option<hyper::Error>,
-}
-
-impl Link {
-    /// Lets the connection read and write what it can; whether it has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.ended
-            && let Poll::Ready(result) = self.connection.as_mut().poll(cx)
-        {
-            self.ended = true;
-            self.error = result.err();
-        }
-        self.ended
-    }
-
-    /// Whether it may still take a request.
-    fn usable(&self) -> bool {
-        !self.ended && !self.sender.is_closed()
-    }
-
-    /// Drives the connection until it can take a request (`true`) or has ended.
-    async fn ready(&mut self) -> bool {
-        poll_fn(|cx| {
-            if self.drive(cx) {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
-        })
-        .await
-    }
+    since: Instant,
 }
 
 impl Slot {
@@ -199,32 +152,20 @@ impl NodePool {
         let cell = &self.inner.slots[index];
         loop {
             let (key, kept) = cell.take(key);
-            let fresh = kept.is_none();
-            let mut link = match kept {
-                Some(link) => link,
-                None => self.connect(target).await?,
+            let Some(mut sender) = kept else {
+                let mut sender = self.connect(target).await?;
+                let resp = sender.send_request(req).await?;
+                return Ok(keep(cell, key, sender, resp));
             };
-            if !link.ready().await {
-                if fresh {
-                    return Err(link.error.map_or(NodeError::Closed, NodeError::Http));
-                }
-                // the node closed it while it was idle
+            if sender.ready().await.is_err() {
                 continue;
             }
-            let answer = {
-                let mut sent = pin!(link.sender.try_send_request(req));
-                poll_fn(|cx| {
-                    link.drive(cx);
-                    sent.as_mut().poll(cx)
-                })
-                .await
-            };
-            match answer {
-                Ok(resp) => return Ok(keep(cell, key, link, resp)),
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(keep(cell, key, sender, resp)),
                 Err(mut e) => match e.take_message() {
-                    // a kept connection closed before the request was written: another
-                    Some(unsent) if !fresh => req = unsent,
-                    _ => return Err(NodeError::Http(e.into_error())),
+                    // the connection closed before the request was written: try another
+                    Some(unsent) => req = unsent,
+                    None => return Err(NodeError::Http(e.into_error())),
                 },
             }
         }
@@ -240,7 +181,7 @@ impl NodePool {
         }
     }
 
-    async fn connect(&self, target: &Uri) -> Result<Link, NodeError> {
+    async fn connect(&self, target: &Uri) -> Result<SendRequest<Body>, NodeError> {
         let io = self
             .inner
             .connector
@@ -249,44 +190,32 @@ impl NodePool {
             .await
             .map_err(NodeError::Connect)?;
         let (sender, connection) = http1::Builder::new().handshake(io).await?;
-        Ok(Link {
-            sender,
-            connection: Box::pin(connection.with_upgrades()),
-            ended: false,
-            error: None,
-        })
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "admin node connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 }
 
-/// The answer, its body driving `link` and handing it back to `cell` once read to the
-/// end (at once when it has none); an upgrade gets a task to finish the switch on.
+/// The answer, with `sender` handed back to `cell` once its body has been read to the
+/// end (at once when it has none); an upgrade keeps the connection.
 fn keep(
     cell: &Arc<SlotCell>,
     key: Arc<str>,
-    link: Link,
+    sender: SendRequest<Body>,
     resp: Response<Incoming>,
 ) -> Response<PooledBody> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if !link.ended {
-            let connection = link.connection;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "admin node connection ended with an error");
-                }
-            });
-        }
-        return resp.map(|body| PooledBody { body, link: None });
-    }
+    let reuse = resp.status() != StatusCode::SWITCHING_PROTOCOLS;
     resp.map(|body| {
         let mut body = PooledBody {
             body,
-            link: Some((
-                link,
-                GiveBack {
-                    cell: cell.clone(),
-                    key,
-                },
-            )),
+            back: reuse.then(|| GiveBack {
+                cell: cell.clone(),
+                key,
+                sender,
+            }),
         };
         if body.body.is_end_stream() {
             body.give_back();
@@ -303,7 +232,7 @@ impl SlotCell {
 
     /// The slot's key for `key`, and the most recently used idle connection of that
     /// node that is still open, if any.
-    fn take(&self, key: &str) -> (Arc<str>, Option<Link>) {
+    fn take(&self, key: &str) -> (Arc<str>, Option<SendRequest<Body>>) {
         let oldest = Instant::now().checked_sub(self.idle_timeout);
         let mut slot = self.lock();
         let (key, list) = slot.node(key);
@@ -314,15 +243,15 @@ impl SlotCell {
                 list.clear();
                 break;
             }
-            if idle.link.usable() {
-                return (key, Some(idle.link));
+            if !idle.sender.is_closed() {
+                return (key, Some(idle.sender));
             }
         }
         (key, None)
     }
 
-    fn put(&self, key: &str, link: Link) {
-        if !link.usable() || self.max_idle_per_node == 0 {
+    fn put(&self, key: &str, sender: SendRequest<Body>) {
+        if sender.is_closed() || self.max_idle_per_node == 0 {
             return;
         }
         let now = Instant::now();
@@ -338,27 +267,26 @@ impl SlotCell {
         if list.len() >= self.max_idle_per_node {
             list.pop_front();
         }
-        list.push_back(Idle { link, since: now });
+        list.push_back(Idle { sender, since: now });
     }
 }
 
-/// Where a connection goes back to.
 struct GiveBack {
     cell: Arc<SlotCell>,
     key: Arc<str>,
+    sender: SendRequest<Body>,
 }
 
-/// A node's answer body: reading it drives the connection it arrives on, which goes back
-/// to the pool when the body ends.
+/// A node's answer body; its connection returns to the pool when the body ends.
 pub struct PooledBody {
     body: Incoming,
-    link: Option<(Link, GiveBack)>,
+    back: Option<GiveBack>,
 }
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((link, GiveBack { cell, key })) = self.link.take() {
-            cell.put(&key, link);
+        if let Some(GiveBack { cell, key, sender }) = self.back.take() {
+            cell.put(&key, sender);
         }
     }
 }
@@ -371,14 +299,11 @@ impl hyper::body::Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some((link, _)) = &mut self.link {
-            link.drive(cx);
-        }
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         match &frame {
             None => self.give_back(),
             // a connection that failed mid-body is not kept
-            Some(Err(_)) => self.link = None,
+            Some(Err(_)) => self.back = None,
             Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
             Some(Ok(_)) => {}
         }
@@ -397,7 +322,7 @@ impl hyper::body::Body for PooledBody {
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PooledBody")
-            .field("reusable", &self.link.is_some())
+            .field("reusable", &self.back.is_some())
             .finish_non_exhaustive()
     }
 }
