@@ -547,7 +547,6 @@ impl From<crate::proxy::ProxyError> for ApiError {
             P::AmbiguousPath(reason) => Self::bad_request("invalid_path", reason.to_string()),
             P::BodyTooLarge { limit } => Self::PayloadTooLarge { limit },
             e @ P::ClientBody(_) => Self::bad_request("invalid_request", format!("{e}")),
-            e @ P::Build(_) => Self::Internal(Box::new(e)),
         }
     }
 }

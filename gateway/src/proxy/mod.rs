@@ -82,9 +82,6 @@ pub enum ProxyError {
     /// The client's body could not be read (it went away, or sent garbage).
     #[error("the request body could not be read")]
     ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The request to the node could not be built.
-    #[error("invalid request to an admin node")]
-    Build(#[source] axum::http::Error),
 }
 
 /// The proxy of one instance; cheap to clone.
@@ -250,10 +247,7 @@ impl Proxy {
         };
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = path.into();
-        if let Some(host) = &node.host {
-            req.headers_mut().insert(header::HOST, host.clone());
-        }
-        let sent = self.inner.pool.send(&node.key, &node.target, req);
+        let sent = self.inner.pool.send(node, req);
         let up = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(resp)) => {
                 let ok = resp.status().is_success();
@@ -376,13 +370,10 @@ impl Proxy {
         ups: &Upstreams,
         index: usize,
         parts: &request::Parts,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Body,
     ) -> Result<axum::http::Response<PooledBody>, ProxyError> {
         let node = ups.nodes().get(index).ok_or(ProxyError::NoNode)?;
-        if let Some(host) = &node.host {
-            headers.insert(header::HOST, host.clone());
-        }
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         // origin-form: the node is reached directly, not as a proxy
@@ -397,7 +388,7 @@ impl Proxy {
 
         let timeout = self.inner.settings.read_timeout;
         let started = Instant::now();
-        let sent = self.inner.pool.send(&node.key, &node.target, req);
+        let sent = self.inner.pool.send(node, req);
         let result = tokio::time::timeout(timeout, sent).await;
         node.record_duration(started.elapsed());
         let (outcome, result) = match result {

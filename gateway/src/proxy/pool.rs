@@ -19,13 +19,15 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{Request, Response, StatusCode, Uri};
+use axum::http::{Request, Response, StatusCode, Uri, header};
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service as _;
+
+use super::upstream::Node;
 
 /// Why a node did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +98,19 @@ impl Slot {
     /// Drops the connections idle since before `oldest` (the oldest are at the front).
     fn prune(&mut self, oldest: Instant) {
         for (_, list) in &mut self.nodes {
-            while list.front().is_some_and(|i| i.since < oldest) {
-                list.pop_front();
-            }
+            drop_expired(list, Some(oldest));
         }
         self.nodes.retain(|(_, list)| !list.is_empty());
+    }
+}
+
+/// Drops the connections idle since before `oldest` (the oldest are at the front).
+fn drop_expired(list: &mut VecDeque<Idle>, oldest: Option<Instant>) {
+    while list
+        .front()
+        .is_some_and(|i| oldest.is_some_and(|o| i.since < o))
+    {
+        list.pop_front();
     }
 }
 
@@ -136,16 +146,18 @@ impl NodePool {
         }
     }
 
-    /// Sends `req` to the node `key` (`scheme://authority`) reached at `target` (its
-    /// scheme and authority). `req` carries an origin-form URI and the node's `Host`.
-    /// A kept connection found closed, or closed before it took the request, is
+    /// Sends `req` (with an origin-form URI) to `node`, naming the node itself as its
+    /// `Host`. A kept connection found closed, or closed before it took the request, is
     /// replaced by another; a request the node may have seen is never sent twice here.
     pub async fn send(
         &self,
-        key: &str,
-        target: &Uri,
+        node: &Node,
         mut req: Request<Body>,
     ) -> Result<Response<PooledBody>, NodeError> {
+        if let Some(host) = &node.host {
+            req.headers_mut().insert(header::HOST, host.clone());
+        }
+        let (key, target) = (node.key.as_str(), &node.target);
         let index = crate::workers::current()
             .map_or(0, |i| i + 1)
             .min(self.inner.slots.len() - 1);
@@ -258,12 +270,7 @@ impl SlotCell {
         let oldest = now.checked_sub(self.idle_timeout);
         let mut slot = self.lock();
         let (_, list) = slot.node(key);
-        while list
-            .front()
-            .is_some_and(|i| oldest.is_some_and(|o| i.since < o))
-        {
-            list.pop_front();
-        }
+        drop_expired(list, oldest);
         if list.len() >= self.max_idle_per_node {
             list.pop_front();
         }
