@@ -23,6 +23,7 @@ pub mod clients;
 pub mod config;
 pub mod config_api;
 pub mod db;
+pub mod detach;
 pub mod dev;
 pub mod edge;
 pub mod error;

@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::detach::{Detach, Detached, Handoff, Takeover};
 use crate::tls::ReloadableTls;
 use crate::workers::Workers;
 
@@ -93,6 +94,7 @@ pub async fn serve_https(
             router: router.clone(),
             limits,
             closing: shutdown.clone(),
+            tracker: connections.clone(),
         };
         match &workers {
             None => {
@@ -129,6 +131,8 @@ struct Connection {
     router: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
+    /// Every connection task; a stream taken over from hyper runs on as one of them.
+    tracker: TaskTracker,
 }
 
 impl Connection {
@@ -150,6 +154,7 @@ impl Connection {
             router,
             limits,
             closing,
+            tracker,
         } = self;
         let tls_stream =
             match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await
@@ -177,7 +182,39 @@ impl Connection {
         // wait is polled on every wake-up, and polling the shared token would take a lock
         // (and a cache line) every other connection on every core takes too
         let closing = closing.child_token();
-        serve_connection(tls_stream, !h2, peer, router, limits, closing).await;
+        // an HTTP/1.1 connection over TLS 1.3 can be handed to a response that streams
+        // for long (`detach`); HTTP/2 multiplexes, and TLS 1.2 records are not sealed there
+        let handoff = (!h2
+            && tls_stream.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3))
+        .then(|| Arc::new(Handoff::default()));
+        let Some((stream, run)) = serve_connection(
+            tls_stream,
+            !h2,
+            peer,
+            router,
+            limits,
+            closing.clone(),
+            handoff,
+        )
+        .await
+        else {
+            return;
+        };
+        let detached = Detached::from_tls(stream, closing);
+        let outcome = if detached.is_ok() { "taken" } else { "failed" };
+        metrics::counter!("portcullis_detached_streams_total", "outcome" => outcome).increment(1);
+        match detached {
+            // the stream runs in a task of its own, holding the connection's permit and
+            // gauge: this task, sized for hyper and rustls, ends here
+            Ok(detached) => {
+                tracker.spawn(async move {
+                    let _open = _open;
+                    let _permit = _permit;
+                    run(detached).await;
+                });
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "stream takeover failed; closing"),
+        }
     }
 }
 
@@ -216,7 +253,9 @@ async fn serve_connection<S>(
     router: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
-) where
+    handoff: Option<Arc<Handoff>>,
+) -> Option<(S, Takeover)>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new(time_heads));
@@ -224,7 +263,10 @@ async fn serve_connection<S>(
         router: std::sync::Mutex::new(router),
         requests: activity.clone(),
         peer,
+        detach: handoff.clone().map(Detach::new),
     };
+    // where the stream goes when hyper is dropped for a takeover
+    let kept: Kept<S> = Arc::default();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // no header_read_timeout here: hyper's runs from the end of one response to the end
     // of the next head, so it would also close every idle keep-alive connection after
@@ -239,11 +281,12 @@ async fn serve_connection<S>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let io = TokioIo::new(Watched {
-        inner: stream,
+        inner: Some(stream),
         activity: activity.clone(),
+        handoff: handoff.clone().map(|h| (h, kept.clone())),
     });
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    // boxed, so that a takeover can drop it before this function returns
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
     let mut timer = IdleTimer::new(activity, limits.idle_timeout, limits.header_read_timeout);
     let mut ending = false;
     let result = loop {
@@ -251,7 +294,15 @@ async fn serve_connection<S>(
             // the connection first: the bytes it reads may start a head, which the timer
             // must see in the same wake-up
             biased;
-            result = conn.as_mut() => break result,
+            served = Served { conn: conn.as_mut(), handoff: handoff.as_deref() } => match served {
+                Ok(result) => break result,
+                Err(run) => {
+                    // dropping hyper leaves the stream in `kept` (`Watched`'s drop)
+                    drop(conn);
+                    let stream = kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    return stream.map(|s| (s, run));
+                }
+            },
             () = closing.cancelled(), if !ending => {
                 ending = true;
                 conn.as_mut().graceful_shutdown();
@@ -266,13 +317,35 @@ async fn serve_connection<S>(
                     // a graceful close would wait for the unfinished head; drop the
                     // connection, as hyper's own header timeout does
                     tracing::debug!(%peer, "request head timed out; dropping the connection");
-                    return;
+                    return None;
                 }
             },
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection closed with an error");
+    }
+    None
+}
+
+/// Polls a connection, and completes with the takeover instead once a response wants
+/// the connection and hyper has flushed everything before it.
+struct Served<'a, C> {
+    conn: Pin<&'a mut C>,
+    handoff: Option<&'a Handoff>,
+}
+
+impl<C: Future> Future for Served<'_, C> {
+    type Output = Result<C::Output, Takeover>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(result) = self.conn.as_mut().poll(cx) {
+            return Poll::Ready(Ok(result));
+        }
+        match self.handoff.and_then(Handoff::ready) {
+            Some(run) => Poll::Ready(Err(run)),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -287,6 +360,8 @@ struct ConnService {
     requests: Arc<Activity>,
     /// The socket peer, handed to the router as `ConnectInfo` (as axum's own server does).
     peer: SocketAddr,
+    /// The connection's offer to a streaming response, on HTTP/1.1 over TLS 1.3.
+    detach: Option<Detach>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
@@ -300,6 +375,11 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let in_flight = InFlight::start(&self.requests, req.version());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(self.peer));
+        if let Some(detach) = &self.detach
+            && req.version() == http::Version::HTTP_11
+        {
+            req.extensions_mut().insert(detach.clone());
+        }
         let mut router = self
             .router
             .lock()
@@ -484,10 +564,43 @@ impl Drop for InFlight {
     }
 }
 
-/// The connection's stream, telling [`Activity`] when bytes arrive.
+/// Where a connection's stream is left for a takeover.
+type Kept<S> = Arc<std::sync::Mutex<Option<S>>>;
+
+/// The connection's stream, telling [`Activity`] when bytes arrive, and the handoff
+/// when writes are flushed. Dropped (with hyper) after a response asked for the
+/// connection, it leaves the stream in the handoff's slot.
 struct Watched<S> {
-    inner: S,
+    // `None` only once given up
+    inner: Option<S>,
     activity: Arc<Activity>,
+    handoff: Option<(Arc<Handoff>, Kept<S>)>,
+}
+
+impl<S> Watched<S> {
+    fn stream(&mut self) -> std::io::Result<&mut S> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| std::io::ErrorKind::NotConnected.into())
+    }
+
+    fn on_write(&self) {
+        if let Some((handoff, _)) = &self.handoff {
+            handoff.on_write();
+        }
+    }
+}
+
+impl<S> Drop for Watched<S> {
+    fn drop(&mut self) {
+        if let Some((handoff, kept)) = &self.handoff
+            && handoff.wanted()
+        {
+            *kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = self.inner.take();
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -497,7 +610,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = Pin::new(self.stream()?).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.on_read();
         }
@@ -511,7 +624,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.on_write();
+        Pin::new(self.stream()?).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -519,19 +633,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.on_write();
+        Pin::new(self.stream()?).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner
+            .as_ref()
+            .is_some_and(AsyncWrite::is_write_vectored)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(self.stream()?).poll_flush(cx);
+        if let (Poll::Ready(Ok(())), Some((handoff, _))) = (&flushed, &self.handoff) {
+            handoff.on_flushed();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Pin::new(self.stream()?).poll_shutdown(cx)
     }
 }
 

@@ -66,6 +66,9 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsEr
         .with_no_client_auth()
         .with_single_cert(chain, key_der)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // a long-lived stream (a config watch) is written with the TLS 1.3 traffic key
+    // after hyper and rustls are dropped (`detach`); the key stays in this process
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 

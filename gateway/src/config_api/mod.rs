@@ -32,6 +32,7 @@ use serde_json::json;
 
 use crate::audit::AuditEvent;
 use crate::authn::Principal;
+use crate::detach::{Detach, Detached};
 use crate::error::ApiError;
 use crate::protect::ClientIp;
 use crate::state::AppState;
@@ -342,6 +343,7 @@ pub async fn watch(
     Path((env, app)): Path<(String, String)>,
     headers: HeaderMap,
     query: Result<Query<Node>, QueryRejection>,
+    detach: Option<Extension<Detach>>,
 ) -> Result<Response, ApiError> {
     let (env, app) = authorized(&state, &principal, Action::Read, &env, &app)?;
     let mut who = who(query)?;
@@ -365,32 +367,24 @@ pub async fn watch(
         }
     })?;
     let rx = state.config_center.hub.subscribe(&env, &app).await?;
-    let stream = futures::stream::unfold(
-        WatchState {
-            rx,
-            who,
-            tick: keep_alive_timer(),
-            _slot: slot,
-        },
-        |mut s| async move {
-            loop {
-                let current = s.who.pick(&s.rx.borrow_and_update());
-                if let Some(p) = current
-                    && p.version > s.who.version
-                {
-                    s.who.version = p.version;
-                    return Some((Ok::<Bytes, Infallible>(p.sse.clone()), s));
-                }
-                tokio::select! {
-                    changed = s.rx.changed() => if changed.is_err() { return None },
-                    _ = s.tick.tick() => {
-                        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), s));
-                    }
-                }
+    let watch = WatchState {
+        rx,
+        who,
+        tick: keep_alive_timer(),
+        _slot: slot,
+    };
+    let body = match detach {
+        // HTTP/1.1 over TLS 1.3: once the head is out, the stream runs on the bare
+        // connection (`crate::detach`), a few KiB per idle watcher
+        Some(Extension(detach)) => detach.body(move |connection| watch.run_detached(connection)),
+        None => Body::from_stream(futures::stream::unfold(watch, |mut s| async move {
+            match s.next().await {
+                WatchEvent::Send(bytes) => Some((Ok::<Bytes, Infallible>(bytes), s)),
+                WatchEvent::End => None,
             }
-        },
-    );
-    let mut r = Response::new(Body::from_stream(stream));
+        })),
+    };
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -414,6 +408,73 @@ struct WatchState {
     who: Who,
     tick: tokio::time::Interval,
     _slot: WatchSlot,
+}
+
+/// What a watch sends next.
+enum WatchEvent {
+    /// An event (a newer release for this node) or a keep-alive comment.
+    Send(Bytes),
+    /// The hub is gone: the instance is shutting down.
+    End,
+}
+
+impl WatchState {
+    /// Waits for the next thing to send: the release for this node when it is newer than
+    /// the one it has, else a keep-alive comment when one is due.
+    async fn next(&mut self) -> WatchEvent {
+        loop {
+            let newer = {
+                let held = self.rx.borrow_and_update();
+                self.who
+                    .pick(&held)
+                    .filter(|p| p.version > self.who.version)
+                    .map(|p| (p.version, p.sse.clone()))
+            };
+            if let Some((version, sse)) = newer {
+                self.who.version = version;
+                return WatchEvent::Send(sse);
+            }
+            tokio::select! {
+                changed = self.rx.changed() => if changed.is_err() { return WatchEvent::End },
+                _ = self.tick.tick() => {
+                    return WatchEvent::Send(Bytes::from_static(b": keep-alive\n\n"));
+                }
+            }
+        }
+    }
+
+    /// The watch on a connection taken over from hyper: runs until the client leaves or
+    /// writing to it fails, or the hub or the server ends it (then the body is ended).
+    async fn run_detached(mut self, connection: Detached) {
+        if self.stream_detached(&connection).await {
+            connection.finish().await;
+        }
+    }
+
+    /// Sends events until the hub or the server ends the watch (`true`: end the body) or
+    /// the client is gone (`false`).
+    async fn stream_detached(&mut self, connection: &Detached) -> bool {
+        // waited on across events, so that each is registered once, not once per event
+        let client_done = connection.client_done();
+        let closing = connection.closing().cancelled();
+        tokio::pin!(client_done, closing);
+        loop {
+            let event = tokio::select! {
+                event = self.next() => event,
+                () = &mut client_done => return false,
+                () = &mut closing => WatchEvent::End,
+            };
+            match event {
+                WatchEvent::Send(bytes) => {
+                    if let Err(e) = connection.send(&bytes).await {
+                        tracing::debug!(error = %e, "watch ended: the client could not be written to");
+                        return false;
+                    }
+                }
+                WatchEvent::End => return true,
+            }
+        }
+    }
 }
 
 /// The watches open on this instance, by client address, so that one address cannot

@@ -30,4 +30,5 @@ mod sso;
 mod support;
 mod tls_reload;
 mod token;
+mod watch_stream;
 mod workers;
