@@ -15,6 +15,7 @@
 //! new release on instance 0, then wait until every watcher has read the event carrying
 //! its version; rounds are `BENCH_ROUNDS` (5) with `BENCH_ROUND_GAP_MS` (500) of quiet
 //! between them. `BENCH_PORTCULLIS_BIN` runs another build of the binary (for an A/B).
+//! Watchers connect `BENCH_CONNECTING` (256) at a time.
 //! The latency of a watcher is from just before the PUT to the moment its event was
 //! read, so it includes the write (encryption, the Postgres commit and NOTIFY) and the
 //! other instances' change feeds. Results go to stdout; copy them into docs/benchmarks.md
@@ -213,7 +214,7 @@ async fn run() {
     let baseline: Vec<u64> = fleet.iter().map(Instance::rss_kib).collect();
     let tls = Arc::new(tls_config(&std::fs::read(&cert).unwrap()));
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
-    let connecting = Arc::new(Semaphore::new(256));
+    let connecting = Arc::new(Semaphore::new(env_or("BENCH_CONNECTING", 256) as usize));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let started = Instant::now();
     for w in 0..watchers {
