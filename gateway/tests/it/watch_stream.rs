@@ -94,67 +94,85 @@ impl Chunked {
     }
 }
 
-/// Reads until `n` release events arrived; their versions.
-async fn releases(
-    tls: &mut TlsStream<TcpStream>,
-    chunked: &mut Chunked,
-    sse: &mut config_center::client::SseParser,
-    n: usize,
-) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while out.len() < n {
-        let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
-            .await
-            .expect("an event within 10 s")
-            .expect("the stream reads cleanly");
-        assert!(read > 0, "the stream stays open");
-        chunked.feed(&buf[..read]);
-        let body = std::mem::take(&mut chunked.body);
-        for e in sse.feed(&body).unwrap() {
-            if e.event == "release" {
-                out.push(e.id.unwrap().parse().unwrap());
+/// An open watch as a plain client reads it.
+struct Watch {
+    tls: TlsStream<TcpStream>,
+    chunked: Chunked,
+    sse: config_center::client::SseParser,
+}
+
+impl Watch {
+    /// Publishes release 1 on `app`, opens a watch with the given TLS versions, checks
+    /// its head (200, chunked) and reads release 1 from it.
+    async fn start(app: &TestApp, versions: &[&'static rustls::SupportedProtocolVersion]) -> Self {
+        Api::new(app).publish(entries_v1()).await;
+        let (tls, head) = open(app, versions).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(head.contains("content-type: text/event-stream"), "{head}");
+        let mut watch = Self {
+            tls,
+            chunked: Chunked::default(),
+            sse: Default::default(),
+        };
+        assert_eq!(watch.releases(1).await, [1]);
+        watch
+    }
+
+    /// Reads until `n` release events arrived; their versions.
+    async fn releases(&mut self, n: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while out.len() < n {
+            let read = tokio::time::timeout(Duration::from_secs(10), self.tls.read(&mut buf))
+                .await
+                .expect("an event within 10 s")
+                .expect("the stream reads cleanly");
+            assert!(read > 0, "the stream stays open");
+            self.chunked.feed(&buf[..read]);
+            let body = std::mem::take(&mut self.chunked.body);
+            for e in self.sse.feed(&body).unwrap() {
+                if e.event == "release" {
+                    out.push(e.id.unwrap().parse().unwrap());
+                }
             }
         }
+        out
     }
-    out
+
+    /// Reads to the end of the TLS stream, within 10 s; whether it ended cleanly.
+    async fn read_to_end(&mut self) -> (Vec<u8>, bool) {
+        let mut rest = Vec::new();
+        let clean = tokio::time::timeout(Duration::from_secs(10), self.tls.read_to_end(&mut rest))
+            .await
+            .expect("the stream ends")
+            .is_ok();
+        (rest, clean)
+    }
 }
 
 #[tokio::test]
 async fn a_watch_on_tls13_streams_chunked_events_and_ends_with_the_last_chunk_and_close_notify() {
     let app = spawn_app(|_| {}).await;
     let api = Api::new(&app);
-    api.publish(entries_v1()).await;
+    let mut watch = Watch::start(&app, &[&rustls::version::TLS13]).await;
 
-    let (mut tls, head) = open(&app, &[&rustls::version::TLS13]).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("transfer-encoding: chunked"), "{head}");
-    assert!(head.contains("content-type: text/event-stream"), "{head}");
-    let (mut chunked, mut sse) = (Chunked::default(), Default::default());
-    assert_eq!(releases(&mut tls, &mut chunked, &mut sse, 1).await, [1]);
-
-    // a release made after the takeover arrives on the same stream, in a large record
-    // sequence the client keeps verifying
+    // releases made after the takeover arrive on the same stream, in a record sequence
+    // the client keeps verifying
     for (i, value) in ["postgres://v2", "postgres://v3"].into_iter().enumerate() {
         api.publish(json!([{ "key": "db.url", "value": value }]))
             .await;
-        assert_eq!(
-            releases(&mut tls, &mut chunked, &mut sse, 1).await,
-            [i as u64 + 2]
-        );
+        assert_eq!(watch.releases(1).await, [i as u64 + 2]);
     }
 
     // shutdown: the body ends with its last chunk, then the TLS stream ends with
     // close_notify (rustls reports a bare TCP close as an error)
     app.stop.cancel();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
-        .await
-        .expect("the stream ends at shutdown")
-        .expect("a clean TLS close");
-    chunked.feed(&rest);
-    assert!(chunked.ended, "the body's last chunk was sent");
-    assert!(chunked.raw.is_empty(), "nothing after it");
+    let (rest, clean) = watch.read_to_end().await;
+    assert!(clean, "a clean TLS close");
+    watch.chunked.feed(&rest);
+    assert!(watch.chunked.ended, "the body's last chunk was sent");
+    assert!(watch.chunked.raw.is_empty(), "nothing after it");
 }
 
 /// On the bare connection a stream has nothing to read: whatever the client sends (here a
@@ -163,22 +181,17 @@ async fn a_watch_on_tls13_streams_chunked_events_and_ends_with_the_last_chunk_an
 #[tokio::test]
 async fn a_watcher_that_sends_anything_on_tls13_is_closed_and_its_slot_freed() {
     let app = spawn_app(|c| c.config_center.max_watches_per_client = 1).await;
-    let api = Api::new(&app);
-    api.publish(entries_v1()).await;
-    let (mut tls, _) = open(&app, &[&rustls::version::TLS13]).await;
-    let (mut chunked, mut sse) = (Chunked::default(), Default::default());
-    assert_eq!(releases(&mut tls, &mut chunked, &mut sse, 1).await, [1]);
+    let mut watch = Watch::start(&app, &[&rustls::version::TLS13]).await;
     // the address holds its one watch
     let (_, head) = open(&app, &[&rustls::version::TLS13]).await;
     assert!(head.starts_with("http/1.1 429"), "{head}");
 
-    tls.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+    watch
+        .tls
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
-        .await
-        .expect("the instance closes the connection");
+    let (rest, _) = watch.read_to_end().await;
     assert!(rest.is_empty(), "no answer to the pipelined request");
     // its slot is freed: a new watch from the same address is accepted
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -199,20 +212,17 @@ async fn a_watcher_that_sends_anything_on_tls13_is_closed_and_its_slot_freed() {
 async fn a_watch_on_tls12_is_served_by_hyper_with_the_same_events() {
     let app = spawn_app(|_| {}).await;
     let api = Api::new(&app);
-    api.publish(entries_v1()).await;
-    let (mut tls, head) = open(&app, &[&rustls::version::TLS12]).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("transfer-encoding: chunked"), "{head}");
-    let (mut chunked, mut sse) = (Chunked::default(), Default::default());
-    assert_eq!(releases(&mut tls, &mut chunked, &mut sse, 1).await, [1]);
+    let mut watch = Watch::start(&app, &[&rustls::version::TLS12]).await;
     api.publish(json!([{ "key": "db.url", "value": "postgres://v2" }]))
         .await;
-    assert_eq!(releases(&mut tls, &mut chunked, &mut sse, 1).await, [2]);
+    assert_eq!(watch.releases(1).await, [2]);
     // hyper holds a pipelined request until the stream ends: the stream goes on
-    tls.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+    watch
+        .tls
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
     api.publish(json!([{ "key": "db.url", "value": "postgres://v3" }]))
         .await;
-    assert_eq!(releases(&mut tls, &mut chunked, &mut sse, 1).await, [3]);
+    assert_eq!(watch.releases(1).await, [3]);
 }
