@@ -165,7 +165,9 @@ impl NodePool {
         loop {
             let (key, kept) = cell.take(key);
             let Some(mut sender) = kept else {
-                let mut sender = self.connect(target).await?;
+                // boxed: opening a connection is rare next to reusing one, and its future
+                // (connector and handshake) would otherwise size every request's future
+                let mut sender = Box::pin(self.connect(target)).await?;
                 let resp = sender.send_request(req).await?;
                 return Ok(keep(cell, key, sender, resp));
             };
