@@ -209,21 +209,37 @@ impl Sealer {
         })
     }
 
-    /// Appends `plaintext` to `out` as TLS 1.3 records of `content_type`, split at the
-    /// record size limit.
+    /// Appends the plaintext `parts`, one after the other, to `out` as TLS 1.3 records of
+    /// `content_type`, split at the record size limit; each part is copied once, straight
+    /// into its record.
     fn seal(
         &self,
         content_type: u8,
-        plaintext: &[u8],
+        parts: &[&[u8]],
         out: &mut Vec<u8>,
     ) -> Result<(), DetachError> {
-        for fragment in plaintext.chunks(MAX_FRAGMENT) {
-            let start = out.len();
-            out.extend_from_slice(&[0; HEADER_LEN]);
-            out.extend_from_slice(fragment);
-            self.seal_in_place(content_type, out, start)?;
+        // where the record being filled begins in `out`
+        let mut record: Option<usize> = None;
+        for mut part in parts.iter().copied() {
+            while !part.is_empty() {
+                let start = *record.get_or_insert_with(|| {
+                    out.extend_from_slice(&[0; HEADER_LEN]);
+                    out.len() - HEADER_LEN
+                });
+                let room = MAX_FRAGMENT - (out.len() - start - HEADER_LEN);
+                let (now, rest) = part.split_at(room.min(part.len()));
+                out.extend_from_slice(now);
+                part = rest;
+                if now.len() == room {
+                    self.seal_in_place(content_type, out, start)?;
+                    record = None;
+                }
+            }
         }
-        Ok(())
+        match record {
+            Some(start) => self.seal_in_place(content_type, out, start),
+            None => Ok(()),
+        }
     }
 
     /// Seals the record that begins at `out[start]`: a header's room, then its plaintext
@@ -314,20 +330,11 @@ impl Detached {
         let size = format!("{:X}\r\n", data.len());
         let chunk_len = size.len() + data.len() + 2;
         let mut out = Vec::with_capacity(chunk_len + (chunk_len / MAX_FRAGMENT + 1) * OVERHEAD);
-        if chunk_len <= MAX_FRAGMENT {
-            // the usual event: the chunk is framed where it is sealed, one copy
-            out.extend_from_slice(&[0; HEADER_LEN]);
-            out.extend_from_slice(size.as_bytes());
-            out.extend_from_slice(data);
-            out.extend_from_slice(b"\r\n");
-            self.sealer.seal_in_place(APPLICATION_DATA, &mut out, 0)?;
-        } else {
-            let mut chunk = Vec::with_capacity(chunk_len);
-            chunk.extend_from_slice(size.as_bytes());
-            chunk.extend_from_slice(data);
-            chunk.extend_from_slice(b"\r\n");
-            self.sealer.seal(APPLICATION_DATA, &chunk, &mut out)?;
-        }
+        self.sealer.seal(
+            APPLICATION_DATA,
+            &[size.as_bytes(), data, b"\r\n"],
+            &mut out,
+        )?;
         self.write(&out).await
     }
 
@@ -336,8 +343,8 @@ impl Detached {
         let mut records = Vec::with_capacity(64);
         let sealed = self
             .sealer
-            .seal(APPLICATION_DATA, b"0\r\n\r\n", &mut records)
-            .and_then(|()| self.sealer.seal(ALERT, &[1, 0], &mut records));
+            .seal(APPLICATION_DATA, &[b"0\r\n\r\n"], &mut records)
+            .and_then(|()| self.sealer.seal(ALERT, &[&[1, 0]], &mut records));
         if sealed.is_ok() && self.write(&records).await.is_ok() {
             let _ = tokio::time::timeout(WRITE_TIMEOUT, self.socket.shutdown()).await;
         }
@@ -508,15 +515,15 @@ mod tests {
             let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
             let mut wire = Vec::new();
             sealer
-                .seal(APPLICATION_DATA, b"event: a\n\n", &mut wire)
+                .seal(APPLICATION_DATA, &[b"event: a\n\n"], &mut wire)
                 .unwrap();
-            sealer.seal(APPLICATION_DATA, &big, &mut wire).unwrap();
+            sealer.seal(APPLICATION_DATA, &[&big], &mut wire).unwrap();
             let (got, closed) = deliver(&mut client, &wire);
             assert!(!closed);
             assert_eq!(&got[..10], b"event: a\n\n");
             assert_eq!(&got[10..], &big[..], "{suite:?}");
             let mut wire = Vec::new();
-            sealer.seal(ALERT, &[1, 0], &mut wire).unwrap();
+            sealer.seal(ALERT, &[&[1, 0]], &mut wire).unwrap();
             let (rest, closed) = deliver(&mut client, &wire);
             assert!(rest.is_empty());
             assert!(closed, "close_notify ends the client's stream cleanly");
@@ -531,7 +538,9 @@ mod tests {
         // one ahead: a record the client never saw would be skipped
         let sealer = Sealer::new(secrets, seq + 1).unwrap();
         let mut wire = Vec::new();
-        sealer.seal(APPLICATION_DATA, b"data", &mut wire).unwrap();
+        sealer
+            .seal(APPLICATION_DATA, &[b"data"], &mut wire)
+            .unwrap();
         let mut slice = wire.as_slice();
         client.read_tls(&mut slice).unwrap();
         assert!(
@@ -547,7 +556,7 @@ mod tests {
         let (_, secrets) = server.dangerous_extract_secrets().unwrap().tx;
         let sealer = Sealer::new(secrets, RECORD_LIMIT).unwrap();
         assert!(matches!(
-            sealer.seal(APPLICATION_DATA, b"x", &mut Vec::new()),
+            sealer.seal(APPLICATION_DATA, &[b"x"], &mut Vec::new()),
             Err(DetachError::KeyExhausted)
         ));
     }

@@ -102,13 +102,18 @@ impl Row {
     }
 }
 
+/// The columns of [`Row`], in order, as a literal (so `COPY` can be built from it).
+macro_rules! columns {
+    () => {
+        "seq, at_unix_ms, actor, action, target, source_ip, detail, prev_hash, hash, hash_version"
+    };
+}
+
 /// The columns of [`Row`], in order.
-pub(super) const COLUMNS: &str =
-    "seq, at_unix_ms, actor, action, target, source_ip, detail, prev_hash, hash, hash_version";
+pub(super) const COLUMNS: &str = columns!();
 
 /// Appends rows on Postgres; the columns are [`COLUMNS`], in [`copy_text`]'s format.
-const COPY: &str = "COPY audit_events (seq, at_unix_ms, actor, action, target, source_ip, \
-     detail, prev_hash, hash, hash_version) FROM STDIN";
+const COPY: &str = concat!("COPY audit_events (", columns!(), ") FROM STDIN");
 
 /// Appends `events` in one transaction, chained after the current head; returns the
 /// stored rows. Either all are stored or none.
