@@ -21,6 +21,7 @@ use tower::{Layer, Service};
 
 use crate::error::ApiError;
 use crate::keys::KeyService;
+use crate::verified::VerifiedAccess;
 
 /// Who a verified request comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,25 @@ pub fn authenticate(
     authorization: Option<&header::HeaderValue>,
     required: &[String],
 ) -> Result<Principal, ApiError> {
+    let verified = verify_bearer(keys, authorization, required)?;
+    let claims = &verified.claims;
+    Ok(Principal {
+        subject: claims.sub.clone(),
+        client_id: claims.client_id.clone(),
+        scopes: verified.scopes.clone(),
+        roles: claims.roles.clone(),
+        token_id: claims.jti.clone(),
+        expires_at: claims.exp,
+    })
+}
+
+/// [`authenticate`] without making a [`Principal`]: the verification as remembered,
+/// shared with every request that presents the same token (the proxy reads it as is).
+pub fn verify_bearer(
+    keys: &KeyService,
+    authorization: Option<&header::HeaderValue>,
+    required: &[String],
+) -> Result<Arc<VerifiedAccess>, ApiError> {
     let Some(value) = authorization else {
         return Err(ApiError::MissingBearer);
     };
@@ -79,15 +99,7 @@ pub fn authenticate(
             required: required.join(" "),
         });
     }
-    let claims = &verified.claims;
-    Ok(Principal {
-        subject: claims.sub.clone(),
-        client_id: claims.client_id.clone(),
-        scopes: verified.scopes.clone(),
-        roles: claims.roles.clone(),
-        token_id: claims.jti.clone(),
-        expires_at: claims.exp,
-    })
+    Ok(verified)
 }
 
 // === BearerAuth ===

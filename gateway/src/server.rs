@@ -375,8 +375,11 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let in_flight = InFlight::start(&self.requests, req.version());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(self.peer));
+        // offered to the one route that streams (`GET …/watch`), not carried by the rest
         if let Some(detach) = &self.detach
             && req.version() == http::Version::HTTP_11
+            && req.method() == http::Method::GET
+            && req.uri().path().ends_with("/watch")
         {
             req.extensions_mut().insert(detach.clone());
         }

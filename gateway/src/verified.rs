@@ -21,6 +21,7 @@ use keyrotation::{KeyError, Keys, ValidityWindow, VerifyParams};
 use time::OffsetDateTime;
 
 use crate::oauth::claims::AccessClaims;
+use crate::proxy::headers::Identity;
 
 /// One remembered verification.
 #[derive(Debug)]
@@ -31,6 +32,17 @@ pub struct VerifiedAccess {
     pub scopes: Vec<String>,
     kid: String,
     window: ValidityWindow,
+    /// The identity headers a proxied request with this token carries, made on first use.
+    identity: OnceLock<Identity>,
+}
+
+impl VerifiedAccess {
+    /// Who the token is, as the headers a node gets: made once per remembered token, so a
+    /// proxied request clones shared values instead of joining and copying strings.
+    pub fn identity(&self) -> &Identity {
+        self.identity
+            .get_or_init(|| Identity::new(&self.claims.sub, None, &self.claims.roles, &self.scopes))
+    }
 }
 
 /// The memory. Cheap to share (`Arc`).
@@ -144,5 +156,6 @@ fn fresh(
         scopes,
         kid: verified.kid,
         window: verified.window,
+        identity: OnceLock::new(),
     })
 }

@@ -53,19 +53,40 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Who a request is, as verified by Portcullis.
+/// Who a request is, as verified by Portcullis: the identity headers' values, checked
+/// once when the identity is made (a verified token's are made once per token and
+/// shared by every request that presents it), so forwarding a request copies none of
+/// them.
 #[derive(Clone, Default)]
 pub struct Identity {
-    /// The login name, or the client id of a service token.
-    pub user: String,
-    /// Email, when known.
-    pub email: Option<String>,
-    /// Roles.
-    pub roles: Vec<String>,
-    /// Scopes.
-    pub scopes: Vec<String>,
-    /// The validated access token, for `proxy.forward_token`.
-    pub token: Option<String>,
+    user: Option<HeaderValue>,
+    email: Option<HeaderValue>,
+    roles: Option<HeaderValue>,
+    scopes: Option<HeaderValue>,
+    /// The `Authorization` value the token came in, for `proxy.forward_token`.
+    token: Option<HeaderValue>,
+}
+
+impl Identity {
+    /// The identity of `user`; a value that cannot be a header (control characters) is
+    /// left out, with a warning, and the node does not get that header.
+    pub fn new(user: &str, email: Option<&str>, roles: &[String], scopes: &[String]) -> Self {
+        Self {
+            user: value(&USER, user.to_owned()),
+            email: email.and_then(|e| value(&EMAIL, e.to_owned())),
+            roles: value(&ROLES, roles.join(",")),
+            scopes: value(&SCOPES, scopes.join(" ")),
+            token: None,
+        }
+    }
+
+    /// The same identity, presented with the bearer token in `authorization` (forwarded
+    /// only where `proxy.forward_token` is set).
+    #[must_use]
+    pub fn with_token(mut self, authorization: Option<&HeaderValue>) -> Self {
+        self.token = authorization.cloned();
+        self
+    }
 }
 
 impl std::fmt::Debug for Identity {
@@ -103,38 +124,63 @@ fn is_identity(name: &HeaderName) -> bool {
     IDENTITY_NAMES.contains(&n.as_ref()) || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
 }
 
-/// Names listed in `Connection` are hop-by-hop for this message too.
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase().replace('_', "-"))
-        .filter(|t| !t.is_empty())
-        .collect()
+/// Whether the (lower-case) header name `name` is `token`, read case-insensitively and
+/// with `_` as `-` on both sides.
+fn same_name(name: &str, token: &str) -> bool {
+    fn norm(b: u8) -> u8 {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    }
+    name.len() == token.len()
+        && name
+            .bytes()
+            .zip(token.bytes())
+            .all(|(a, b)| norm(a) == norm(b))
 }
 
-fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
-    let n = normalised(name);
-    HOP_BY_HOP.contains(&n.as_ref()) || listed.iter().any(|l| *l == n)
+/// Hop-by-hop: one of [`HOP_BY_HOP`], or a name the message's `Connection` lists.
+fn is_hop_by_hop(headers: &HeaderMap, name: &HeaderName) -> bool {
+    let name = name.as_str();
+    HOP_BY_HOP.iter().any(|h| same_name(name, h))
+        || headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| same_name(name, t.trim()))
+}
+
+/// Removes every header `doomed` picks. The names are gathered first (a map cannot lose
+/// entries while it is read); up to eight are held on the stack, which covers every
+/// ordinary message, so the usual case allocates nothing.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderMap, &HeaderName) -> bool) {
+    let mut few: [Option<HeaderName>; 8] = Default::default();
+    let mut more = Vec::new();
+    let mut held = 0;
+    for name in headers.keys().filter(|n| doomed(headers, n)) {
+        match few.get_mut(held) {
+            Some(slot) => {
+                *slot = Some(name.clone());
+                held += 1;
+            }
+            None => more.push(name.clone()),
+        }
+    }
+    for name in few.iter().flatten().chain(&more) {
+        headers.remove(name);
+    }
 }
 
 /// Removes hop-by-hop headers; `upgrade` keeps `Connection: upgrade` and `Upgrade`, which
 /// a WebSocket handshake needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let listed = connection_listed(headers);
     let upgrade_value = upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n, &listed))
-        .cloned()
-        .collect();
-    for n in names {
-        headers.remove(&n);
-    }
+    remove_where(headers, is_hop_by_hop);
     if let Some(u) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, u);
@@ -152,25 +198,31 @@ pub fn to_upstream(
     upgrade: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
-    let names: Vec<HeaderName> = headers.keys().filter(|n| is_identity(n)).cloned().collect();
-    for n in names {
-        headers.remove(&n);
-    }
     // the node gets a Host of its own (set from its address by the client)
-    headers.remove(header::HOST);
+    remove_where(headers, |_, n| is_identity(n) || *n == header::HOST);
     strip_session_cookies(headers);
     propagate_trace(headers);
 
     // room for what is added below, in one step rather than a growth per header
     headers.reserve(8);
     if let Some(id) = identity {
-        insert(headers, USER, id.user.clone());
-        if let Some(email) = &id.email {
-            insert(headers, EMAIL, email.clone());
+        for (name, value) in [
+            (USER, &id.user),
+            (EMAIL, &id.email),
+            (ROLES, &id.roles),
+            (SCOPES, &id.scopes),
+        ] {
+            if let Some(v) = value {
+                headers.insert(name, v.clone());
+            }
         }
-        insert(headers, ROLES, id.roles.join(","));
-        insert(headers, SCOPES, id.scopes.join(" "));
-        if forward_token && let Some(token) = &id.token {
+        let token = id
+            .token
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .map(|(_, t)| t.trim());
+        if forward_token && let Some(token) = token {
             insert(headers, header::AUTHORIZATION, format!("Bearer {token}"));
         }
     }
@@ -238,15 +290,23 @@ fn strip_session_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Inserts `value` (checked, and kept without a copy).
-fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
+/// `text` as the value of header `name` (checked, and kept without a copy).
+fn value(name: &HeaderName, text: String) -> Option<HeaderValue> {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(text)) {
+        Ok(v) => Some(v),
         // a value with control characters cannot be a header; the node simply does not
-        // get it (and never a client's version of it, which was removed above)
-        Err(_) => tracing::warn!(header = %name, "identity value not representable as a header"),
+        // get it (and never a client's version of it, which is removed before forwarding)
+        Err(_) => {
+            tracing::warn!(header = %name, "identity value not representable as a header");
+            None
+        }
+    }
+}
+
+/// Inserts `text` as the value of `name`, if it can be one.
+fn insert(headers: &mut HeaderMap, name: HeaderName, text: String) {
+    if let Some(v) = value(&name, text) {
+        headers.insert(name, v);
     }
 }
 
@@ -363,13 +423,13 @@ mod tests {
         }
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-request-id", HeaderValue::from_static("abc"));
-        let id = Identity {
-            user: "alice".to_owned(),
-            email: None,
-            roles: vec!["admin".to_owned(), "viewer".to_owned()],
-            scopes: vec!["console".to_owned()],
-            token: Some("t".to_owned()),
-        };
+        let id = Identity::new(
+            "alice",
+            None,
+            &["admin".to_owned(), "viewer".to_owned()],
+            &["console".to_owned()],
+        )
+        .with_token(Some(&HeaderValue::from_static("Bearer t")));
         to_upstream(&mut h, Some(&id), &origin(), false, false);
         assert!(
             h.values().all(|v| v != "mallory"),
@@ -399,6 +459,46 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+
+        // listed in any case, with `_` for `-` on either side
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Close"));
+        h.append(
+            "connection",
+            HeaderValue::from_static(" X_Secret ,, x-other"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x_other", HeaderValue::from_static("1"));
+        h.insert("transfer_encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn a_verified_identity_is_forwarded_and_its_token_only_when_asked() {
+        let id = Identity::new("svc", Some("a@example.com"), &[], &["jobs:run".to_owned()])
+            .with_token(Some(&HeaderValue::from_static("bearer  abc.def ")));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("bearer  abc.def "),
+        );
+        to_upstream(&mut h, Some(&id), &origin(), false, false);
+        assert_eq!(h["x-portcullis-user"], "svc");
+        assert_eq!(h["x-portcullis-email"], "a@example.com");
+        assert_eq!(h["x-portcullis-roles"], "");
+        assert_eq!(h["x-portcullis-scopes"], "jobs:run");
+        assert!(!h.contains_key("authorization"));
+        let mut h = HeaderMap::new();
+        to_upstream(&mut h, Some(&id), &origin(), true, false);
+        assert_eq!(h["authorization"], "Bearer abc.def");
+        // a value that cannot be a header is left out, never sent mangled
+        let bad = Identity::new("a\nb", None, &[], &[]);
+        let mut h = HeaderMap::new();
+        to_upstream(&mut h, Some(&bad), &origin(), false, false);
+        assert!(!h.contains_key("x-portcullis-user"));
     }
 
     #[test]

@@ -600,23 +600,11 @@ async fn authorize(
         RouteAuth::Public => Ok((None, Vec::new())),
         RouteAuth::Bearer => {
             let authorization = req.headers.get(header::AUTHORIZATION);
-            let principal = authn::authenticate(&state.keys, authorization, &route.scopes)
+            let verified = authn::verify_bearer(&state.keys, authorization, &route.scopes)
                 .map_err(IntoResponse::into_response)?;
-            check_roles(route, &principal.roles).map_err(IntoResponse::into_response)?;
-            let token = authorization
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split_once(' '))
-                .map(|(_, t)| t.trim().to_owned());
-            Ok((
-                Some(Identity {
-                    user: principal.subject,
-                    email: None,
-                    roles: principal.roles,
-                    scopes: principal.scopes,
-                    token,
-                }),
-                Vec::new(),
-            ))
+            check_roles(route, &verified.claims.roles).map_err(IntoResponse::into_response)?;
+            let identity = verified.identity().clone().with_token(authorization);
+            Ok((Some(identity), Vec::new()))
         }
         RouteAuth::Session => match session::resolve(state, &req.headers).await {
             Ok(Resolved::Active { user, set_cookies }) => {
@@ -627,16 +615,13 @@ async fn authorize(
                     }
                     return Err(refusal);
                 }
-                Ok((
-                    Some(Identity {
-                        user: user.user,
-                        email: user.email,
-                        roles: user.roles,
-                        scopes: vec![CONSOLE_SCOPE.to_owned()],
-                        token: None,
-                    }),
-                    set_cookies,
-                ))
+                let identity = Identity::new(
+                    &user.user,
+                    user.email.as_deref(),
+                    &user.roles,
+                    &[CONSOLE_SCOPE.to_owned()],
+                );
+                Ok((Some(identity), set_cookies))
             }
             Ok(Resolved::None { stale }) => Err(login_required(req, stale)),
             Err(e) => Err(e.into_response()),
