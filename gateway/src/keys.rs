@@ -114,7 +114,7 @@ impl KeyService {
                             action: "key.transition".to_owned(),
                             target: t.kid.to_string(),
                             source_ip: None,
-                            detail: serde_json::to_value(&t).unwrap_or_default(),
+                            detail: serde_json::to_value(&t).unwrap_or_default().into(),
                         }),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                             tracing::error!(missed = n, "audit of key transitions lagged");

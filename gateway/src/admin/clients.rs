@@ -508,7 +508,7 @@ pub(super) fn audit(state: &AppState, peer: SocketAddr, action: &str, target: &s
         action: action.to_owned(),
         target: target.to_owned(),
         source_ip: Some(peer.ip().to_string()),
-        detail,
+        detail: detail.into(),
     });
 }
 

@@ -114,7 +114,7 @@ pub async fn rotate_keys(
             .map(|k| k.to_string())
             .unwrap_or_default(),
         source_ip: Some(peer.ip().to_string()),
-        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }),
+        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }).into(),
     });
     Ok(Json(serde_json::json!({
         "transitions": outcome.transitions,

@@ -235,7 +235,7 @@ fn chain_after(mut seq: i64, mut prev: String, events: &[AuditEvent]) -> Vec<Row
             let at_unix_ms =
                 i64::try_from(e.at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
             let source_ip = e.source_ip.clone().filter(|s| !s.is_empty());
-            let detail = e.detail.to_string();
+            let detail = e.detail.as_str().to_owned();
             let hash = record_hash(
                 seq,
                 &prev,
@@ -523,7 +523,7 @@ mod tests {
             action: action.to_owned(),
             target: "t".to_owned(),
             source_ip: None,
-            detail: serde_json::json!({ "b": 1, "a": [true] }),
+            detail: serde_json::json!({ "b": 1, "a": [true] }).into(),
         }
     }
 

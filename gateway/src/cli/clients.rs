@@ -447,7 +447,7 @@ async fn audit(ctx: &Ctx, action: &str, target: &str, detail: Value) {
         action: action.to_owned(),
         target: target.to_owned(),
         source_ip: None,
-        detail,
+        detail: detail.into(),
     };
     if let Err(e) = crate::audit::store(&ctx.db, &event).await {
         eprintln!("portcullis: warning: done, but its audit record was not stored: {e}");

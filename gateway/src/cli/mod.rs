@@ -412,7 +412,7 @@ async fn audit_cli(
             .map(|t| t.kid.to_string())
             .unwrap_or_default(),
         source_ip: None,
-        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }),
+        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }).into(),
     };
     let stored = async {
         let db = crate::db::Database::connect_lazy(&config.database).map_err(|e| e.to_string())?;

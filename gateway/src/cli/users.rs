@@ -87,7 +87,8 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
                     source_ip: None,
                     detail: serde_json::json!({
                         "roles": roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
-                    }),
+                    })
+                    .into(),
                 };
                 if let Err(e) = crate::audit::store(&db, &event).await {
                     eprintln!("portcullis: account created, but the audit entry failed: {e}");

@@ -866,7 +866,8 @@ async fn written(
             "restored_from": from,
             "keys": keys,
             "message": info.message,
-        }),
+        })
+        .into(),
     });
     metrics::counter!("portcullis_config_releases_total", "environment" => info.environment.to_string())
         .increment(1);
@@ -1071,7 +1072,7 @@ pub async fn promote_gray(
         action: "config.promote".to_owned(),
         target: format!("{env}/{app}"),
         source_ip: Some(ip.to_string()),
-        detail: json!({ "version": version }),
+        detail: json!({ "version": version }).into(),
     });
     Ok(Json(
         json!({ "environment": env.as_str(), "application": app.as_str(), "version": version }),

@@ -136,7 +136,7 @@ pub async fn authenticate(
                 action: "login.failure".to_owned(),
                 target: who.clone(),
                 source_ip: source_ip.map(|ip| ip.to_string()),
-                detail: serde_json::json!({ "kind": "client", "reason": "invalid_client" }),
+                detail: serde_json::json!({ "kind": "client", "reason": "invalid_client" }).into(),
             });
             if let Some(refusal) = next.filter(|r| r.locked) {
                 metrics::counter!("portcullis_login_lockouts_total", "kind" => "client")
@@ -150,7 +150,8 @@ pub async fn authenticate(
                     detail: serde_json::json!({
                         "kind": "client",
                         "locked_for_secs": refusal.retry_after.as_secs(),
-                    }),
+                    })
+                    .into(),
                 });
             }
             Err(ApiError::oauth(

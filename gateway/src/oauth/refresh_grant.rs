@@ -59,7 +59,7 @@ pub async fn refresh(
                 action: "refresh.reuse_detected".to_owned(),
                 target: family.to_string(),
                 source_ip: Some(source_ip.to_string()),
-                detail: serde_json::json!({ "subject": subject, "family_revoked": true }),
+                detail: serde_json::json!({ "subject": subject, "family_revoked": true }).into(),
             });
             return Err(ApiError::oauth(
                 OAuthCode::InvalidGrant,
@@ -81,7 +81,8 @@ pub async fn refresh(
         action: "token.refresh".to_owned(),
         target: session.family.to_string(),
         source_ip: Some(source_ip.to_string()),
-        detail: serde_json::json!({ "subject": session.subject, "replayed": refreshed.replayed }),
+        detail: serde_json::json!({ "subject": session.subject, "replayed": refreshed.replayed })
+            .into(),
     });
     let granted = ScopeSet::parse(&session.scope).unwrap_or_default();
     let scope = if requested.is_empty() {

@@ -53,7 +53,7 @@ pub async fn revoke(
                     action: "refresh.revoke".to_owned(),
                     target: client.id.to_string(),
                     source_ip: Some(ip.to_string()),
-                    detail: serde_json::json!({ "via": "rfc7009" }),
+                    detail: serde_json::json!({ "via": "rfc7009" }).into(),
                 });
             }
         }

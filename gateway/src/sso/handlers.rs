@@ -121,7 +121,7 @@ pub async fn callback(
                 action: "login.refused".to_owned(),
                 target: login.provider.clone(),
                 source_ip,
-                detail: serde_json::json!({ "reason": "no_role", "groups": login.groups }),
+                detail: serde_json::json!({ "reason": "no_role", "groups": login.groups }).into(),
             });
             refusal(&headers, ApiError::from(SsoError::NoRole))
         }
@@ -137,7 +137,8 @@ pub async fn callback(
                     detail: serde_json::json!({
                         "method": "sso",
                         "roles": login.roles,
-                    }),
+                    })
+                    .into(),
                 });
                 match HeaderValue::from_str(&login.redirect) {
                     Ok(location) => {
@@ -162,7 +163,7 @@ pub async fn callback(
                 action: "login.failure".to_owned(),
                 target: "sso".to_owned(),
                 source_ip,
-                detail: serde_json::json!({ "method": "sso", "reason": reason }),
+                detail: serde_json::json!({ "method": "sso", "reason": reason }).into(),
             });
             refusal(&headers, ApiError::from(e))
         }
@@ -219,7 +220,7 @@ pub async fn local_login(
             action: action.to_owned(),
             target: "local".to_owned(),
             source_ip: source_ip.clone(),
-            detail,
+            detail: detail.into(),
         });
     };
     // fail closed: a human password has no entropy guarantee, so no counters, no login
@@ -384,7 +385,7 @@ pub async fn logout(
             action: "logout".to_owned(),
             target: family.clone().unwrap_or_default(),
             source_ip: Some(ip.to_string()),
-            detail: serde_json::json!({ "provider": provider }),
+            detail: serde_json::json!({ "provider": provider }).into(),
         });
     }
     let location = match (provider, session::read_cookie(&headers, ID_TOKEN_COOKIE)) {

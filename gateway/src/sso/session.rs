@@ -290,7 +290,8 @@ fn mint(
             "scope": claims.base.scope,
             "exp": claims.base.exp,
             "sid": family,
-        }),
+        })
+        .into(),
     });
     Ok((token, claims))
 }
@@ -353,7 +354,7 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
                 action: "refresh.reuse_detected".to_owned(),
                 target: family.to_string(),
                 source_ip: None,
-                detail: serde_json::json!({ "console": true, "family_revoked": true }),
+                detail: serde_json::json!({ "console": true, "family_revoked": true }).into(),
             });
             return Ok(Resolved::None { stale: true });
         }

@@ -127,7 +127,7 @@ fn event(actor: &str, action: &str, target: &str, at: OffsetDateTime) -> AuditEv
         action: action.to_owned(),
         target: target.to_owned(),
         source_ip: Some("192.0.2.1".to_owned()),
-        detail: json!({ "n": target }),
+        detail: json!({ "n": target }).into(),
     }
 }
 
@@ -550,7 +550,7 @@ async fn values_with_tabs_newlines_and_backslashes_are_stored_exactly_and_the_ch
             action: "test.escape".to_owned(),
             target: (*v).to_owned(),
             source_ip: None,
-            detail: json!({ "value": v, "raw": format!("{v}\t{v}") }),
+            detail: json!({ "value": v, "raw": format!("{v}\t{v}") }).into(),
         })
         .collect();
     for e in &events {
@@ -565,7 +565,10 @@ async fn values_with_tabs_newlines_and_backslashes_are_stored_exactly_and_the_ch
         assert_eq!(actor, &e.actor);
         assert_eq!(target, &e.target);
         let detail: Value = serde_json::from_str(detail).unwrap();
-        assert_eq!(detail, e.detail);
+        assert_eq!(
+            detail,
+            serde_json::from_str::<Value>(e.detail.as_str()).unwrap()
+        );
     }
     // a batch of them in one append, as the writer stores them
     portcullis::audit::chain::append(&app.state.db, &events)
