@@ -15,7 +15,11 @@
 //! new release on instance 0, then wait until every watcher has read the event carrying
 //! its version; rounds are `BENCH_ROUNDS` (5) with `BENCH_ROUND_GAP_MS` (500) of quiet
 //! between them. `BENCH_PORTCULLIS_BIN` runs another build of the binary (for an A/B).
-//! Watchers connect `BENCH_CONNECTING` (256) at a time.
+//! Watchers connect `BENCH_CONNECTING` (256) at a time. The watchers run like wrk's
+//! connections: one single-threaded event loop per core, each watcher on one loop for
+//! good, and each notes its own arrival time (the orchestration looks every millisecond
+//! whether all have arrived), so the load generator spends no work stealing or wake-ups
+//! per event.
 //! The latency of a watcher is from just before the PUT to the moment its event was
 //! read, so it includes the write (encryption, the Postgres commit and NOTIFY) and the
 //! other instances' change feeds. Results go to stdout; copy them into docs/benchmarks.md
@@ -29,6 +33,7 @@ use support::env_or;
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use portcullis::clients::{GrantType, NewClient, ScopeSet};
@@ -69,7 +74,9 @@ fn main() {
     if support::skipped() {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // the orchestration (writes, counting arrivals) on this thread; the watchers on their
+    // own loops (`Loops`)
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -213,20 +220,21 @@ async fn run() {
 
     let baseline: Vec<u64> = fleet.iter().map(Instance::rss_kib).collect();
     let tls = Arc::new(tls_config(&std::fs::read(&cert).unwrap()));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    let loops = Loops::start();
+    let arrivals = Arc::new(Arrivals::new(watchers));
     let connecting = Arc::new(Semaphore::new(env_or("BENCH_CONNECTING", 256) as usize));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let started = Instant::now();
     for w in 0..watchers {
         let inst = w % instances;
         let (port, token) = (fleet[inst].https, tokens[inst].clone());
-        let (tls, tx, ready, gate) = (
+        let (tls, arrivals, ready, gate) = (
             tls.clone(),
-            tx.clone(),
+            arrivals.clone(),
             ready_tx.clone(),
             connecting.clone(),
         );
-        tokio::spawn(async move {
+        loops.spawn(w, async move {
             let permit = gate.acquire_owned().await.unwrap();
             let mut stream = open_watch(&tls, port, &token, first).await;
             drop(permit);
@@ -235,8 +243,8 @@ async fn run() {
             // comes from calloc untouched, and the first event would pay its page faults
             // (10,000 watchers × 4 pages, measured as part of round 1)
             let mut buf = vec![0xffu8; 16 * 1024];
-            // the bytes since the last complete `id:` line; events are scanned as bytes
-            // (a lossy UTF-8 copy of every read was a sixth of this client's CPU)
+            // a line not complete at the end of a read; events are scanned as bytes, in
+            // the read buffer itself unless a line spans two reads
             let mut tail: Vec<u8> = Vec::with_capacity(16 * 1024);
             loop {
                 let n = match stream.read(&mut buf).await {
@@ -244,27 +252,15 @@ async fn run() {
                     Ok(n) => n,
                 };
                 let at = Instant::now();
-                tail.extend_from_slice(&buf[..n]);
-                let mut scanned = 0;
-                let mut partial = None;
-                while let Some(i) = memchr::memmem::find(&tail[scanned..], b"\nid: ") {
-                    let start = scanned + i + 5;
-                    let Some(end) = memchr::memchr(b'\n', &tail[start..]) else {
-                        // the id line is not complete yet: keep it for the next read
-                        partial = Some(scanned + i);
-                        break;
-                    };
-                    if let Some(v) = std::str::from_utf8(&tail[start..start + end])
-                        .ok()
-                        .and_then(|t| t.parse::<u64>().ok())
-                    {
-                        let _ = tx.send((w, v, at));
-                    }
-                    scanned = start + end;
+                let found = |v| arrivals.arrived(w, v, at);
+                if tail.is_empty() {
+                    let done = scan_ids(&buf[..n], found);
+                    tail.extend_from_slice(&buf[done..n]);
+                } else {
+                    tail.extend_from_slice(&buf[..n]);
+                    let done = scan_ids(&tail, found);
+                    tail.drain(..done);
                 }
-                // what may begin an `id:` line is kept; the rest was scanned
-                let keep = partial.unwrap_or_else(|| scanned.max(tail.len().saturating_sub(4)));
-                tail.drain(..keep);
             }
         });
     }
@@ -286,28 +282,28 @@ async fn run() {
         );
     }
 
+    // the CPU both sides spend on the rounds (the gaps between them are idle)
+    let instances_cpu = support::ServerCpu::of(fleet.iter().map(|i| i.child.id()).collect());
+    let watchers_cpu = support::ServerCpu::of(vec![std::process::id()]);
     let mut all = Vec::new();
     for round in 1..=rounds as u64 {
         let t0 = Instant::now();
         let version = publish(round).await;
         let write = t0.elapsed();
-        let mut arrived = vec![None; watchers];
-        let mut count = 0;
-        let deadline = tokio::time::sleep(Duration::from_secs(60));
-        tokio::pin!(deadline);
-        while count < watchers {
-            tokio::select! {
-                m = rx.recv() => {
-                    let (w, v, at) = m.unwrap();
-                    if v == version && arrived[w].is_none() {
-                        arrived[w] = Some(at.duration_since(t0));
-                        count += 1;
-                    }
-                }
-                () = &mut deadline => panic!("round {round}: only {count} of {watchers} watchers got version {version}"),
+        // each watcher noted its own arrival time; this only looks every millisecond
+        // whether all have arrived (so counting costs no wake-up per event)
+        loop {
+            let count = arrivals.count(version);
+            if count == watchers {
+                break;
             }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "round {round}: only {count} of {watchers} watchers got version {version}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let mut lat: Vec<Duration> = arrived.into_iter().map(Option::unwrap).collect();
+        let mut lat = arrivals.latencies(t0);
         lat.sort();
         println!(
             "round {round} (version {version}): the write answered in {:.1} ms; arrivals p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
@@ -319,6 +315,12 @@ async fn run() {
         all.extend(lat);
         tokio::time::sleep(Duration::from_millis(round_gap_ms)).await;
     }
+    let events = (rounds * watchers) as u64;
+    println!(
+        "CPU per delivered event: the instances {:.1} µs, the watchers (this process) {:.1} µs",
+        instances_cpu.micros_per(events),
+        watchers_cpu.micros_per(events)
+    );
     all.sort();
     println!(
         "== {watchers} watchers, {instances} instance(s), {rounds} rounds: p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
@@ -351,6 +353,104 @@ async fn run() {
             .unwrap();
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+}
+
+/// The watchers' event loops, built like wrk's: one single-threaded runtime per core, each
+/// watcher on one of them for good, no work stealing and no wake-ups between them.
+struct Loops(Vec<tokio::runtime::Handle>);
+
+impl Loops {
+    fn start() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        Self(
+            (0..cores)
+                .map(|i| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let handle = rt.handle().clone();
+                    std::thread::Builder::new()
+                        .name(format!("watchers-{i}"))
+                        .spawn(move || rt.block_on(std::future::pending::<()>()))
+                        .unwrap();
+                    handle
+                })
+                .collect(),
+        )
+    }
+
+    fn spawn(&self, w: usize, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0[w % self.0.len()].spawn(task);
+    }
+}
+
+/// Each watcher's newest version and when it was read, written by the watcher itself.
+struct Arrivals {
+    epoch: Instant,
+    version: Vec<AtomicU64>,
+    at_nanos: Vec<AtomicU64>,
+}
+
+impl Arrivals {
+    fn new(watchers: usize) -> Self {
+        Self {
+            epoch: Instant::now(),
+            version: (0..watchers).map(|_| AtomicU64::new(0)).collect(),
+            at_nanos: (0..watchers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn arrived(&self, w: usize, version: u64, at: Instant) {
+        if version > self.version[w].load(Ordering::Relaxed) {
+            let nanos = u64::try_from(at.duration_since(self.epoch).as_nanos()).unwrap();
+            self.at_nanos[w].store(nanos, Ordering::Relaxed);
+            self.version[w].store(version, Ordering::Release);
+        }
+    }
+
+    fn count(&self, version: u64) -> usize {
+        self.version
+            .iter()
+            .filter(|v| v.load(Ordering::Acquire) == version)
+            .count()
+    }
+
+    /// Every watcher's time from `t0` to reading the version it holds.
+    fn latencies(&self, t0: Instant) -> Vec<Duration> {
+        let from = t0.duration_since(self.epoch);
+        self.at_nanos
+            .iter()
+            .map(|a| Duration::from_nanos(a.load(Ordering::Relaxed)).saturating_sub(from))
+            .collect()
+    }
+}
+
+/// Hands the version of every complete `id: <version>` line in `data` to `found`;
+/// returns how many leading bytes are done with: everything up to the last line end (the
+/// rest is a line still arriving). `data` begins at a line start, so after an ordinary
+/// read, which ends with the event's blank line, nothing is left over.
+fn scan_ids(data: &[u8], mut found: impl FnMut(u64)) -> usize {
+    let Some(last) = memchr::memrchr(b'\n', data) else {
+        return 0;
+    };
+    let lines = &data[..=last];
+    let mut parse = |at: usize| {
+        let end = at + memchr::memchr(b'\n', &lines[at..]).unwrap_or(0);
+        if let Some(v) = std::str::from_utf8(&lines[at..end])
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            found(v);
+        }
+    };
+    if lines.starts_with(b"id: ") {
+        parse(4);
+    }
+    for i in memchr::memmem::find_iter(lines, b"\nid: ") {
+        parse(i + 5);
+    }
+    last + 1
 }
 
 fn ms(d: Duration) -> f64 {

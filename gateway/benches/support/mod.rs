@@ -44,6 +44,12 @@ impl ServerCpu {
         Self { pids, start }
     }
 
+    /// Starts counting for the processes `pids`.
+    pub fn of(pids: Vec<u32>) -> Self {
+        let start = cpu_seconds(&pids);
+        Self { pids, start }
+    }
+
     /// The CPU time spent since the start, in seconds.
     pub fn seconds(&self) -> f64 {
         cpu_seconds(&self.pids) - self.start
