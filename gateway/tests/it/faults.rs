@@ -523,6 +523,14 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
                                 let e = e.to_string();
                                 if e.contains(&idp_addr) && e.contains("error sending request") {
                                     f.book_idp_unreachable();
+                                } else if !e.contains(&idp_addr)
+                                    && e.contains("got 503")
+                                    && e.contains("\"temporarily_unavailable\"")
+                                {
+                                    // the login began, and a later step of ours (the
+                                    // harness opens the login URL again) met the outage:
+                                    // a clear 503 from Portcullis, not a failure
+                                    f.book("sso", Some(StatusCode::SERVICE_UNAVAILABLE), &e);
                                 } else {
                                     f.book("sso", None, &format!("at the IdP: {e}"));
                                 }
