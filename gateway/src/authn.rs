@@ -73,17 +73,8 @@ pub fn verify_bearer(
     authorization: Option<&header::HeaderValue>,
     required: &[String],
 ) -> Result<Arc<VerifiedAccess>, ApiError> {
-    let Some(value) = authorization else {
-        return Err(ApiError::MissingBearer);
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .filter(|t| !t.is_empty())
+    let token = authorization
+        .and_then(bearer_token)
         .ok_or(ApiError::MissingBearer)?;
     let verified = keys.verify_access(token).map_err(|e| {
         metrics::counter!("portcullis_bearer_rejections_total", "reason" => "invalid").increment(1);
@@ -100,6 +91,14 @@ pub fn verify_bearer(
         });
     }
     Ok(verified)
+}
+
+/// The token of an `Authorization: Bearer <token>` value (RFC 6750 §2.1; the scheme in
+/// any case), or `None` for any other value.
+pub fn bearer_token(value: &header::HeaderValue) -> Option<&str> {
+    let (scheme, rest) = value.to_str().ok()?.split_once(' ')?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 // === BearerAuth ===

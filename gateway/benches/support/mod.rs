@@ -39,9 +39,7 @@ pub struct ServerCpu {
 impl ServerCpu {
     /// Starts counting for the server listening on `port`.
     pub fn start(port: u16) -> Self {
-        let pids = listeners(port);
-        let start = cpu_seconds(&pids);
-        Self { pids, start }
+        Self::of(listeners(port))
     }
 
     /// Starts counting for the processes `pids`.

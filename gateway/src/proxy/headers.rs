@@ -216,13 +216,8 @@ pub fn to_upstream(
                 headers.insert(name, v.clone());
             }
         }
-        let token = id
-            .token
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .map(|(_, t)| t.trim());
-        if forward_token && let Some(token) = token {
+        if forward_token && let Some(token) = id.token.as_ref().and_then(crate::authn::bearer_token)
+        {
             insert(headers, header::AUTHORIZATION, format!("Bearer {token}"));
         }
     }
