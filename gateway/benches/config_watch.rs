@@ -16,7 +16,8 @@
 //! its version; rounds are `BENCH_ROUNDS` (5) with `BENCH_ROUND_GAP_MS` (500) of quiet
 //! between them. `BENCH_PORTCULLIS_BIN` runs another build of the binary (for an A/B).
 //! Watchers connect `BENCH_CONNECTING` (256) at a time. The watchers run like wrk's
-//! connections: one single-threaded event loop per core, each watcher on one loop for
+//! connections: one single-threaded event loop per core (`BENCH_WATCHER_LOOPS` sets how
+//! many), each watcher on one loop for
 //! good, and each notes its own arrival time (the orchestration looks every millisecond
 //! whether all have arrived), so the load generator spends no work stealing or wake-ups
 //! per event.
@@ -362,8 +363,9 @@ struct Loops(Vec<tokio::runtime::Handle>);
 impl Loops {
     fn start() -> Self {
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let loops = env_or("BENCH_WATCHER_LOOPS", cores as u64).max(1);
         Self(
-            (0..cores)
+            (0..loops)
                 .map(|i| {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
