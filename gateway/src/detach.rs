@@ -281,6 +281,23 @@ impl Sealer {
     }
 }
 
+/// The size line of an HTTP/1.1 chunk of `len` bytes (upper-case hex, CRLF), in `buf`.
+fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut at = 16;
+    let mut rest = len;
+    loop {
+        at -= 1;
+        buf[at] = HEX[rest & 0xF];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    buf[16..].copy_from_slice(b"\r\n");
+    &buf[at..]
+}
+
 /// A response stream's connection after the takeover: the socket and the key to seal
 /// records with.
 pub struct Detached {
@@ -320,22 +337,35 @@ impl Detached {
         })
     }
 
-    /// Sends `data` as one chunk of the response body. A stream sends one chunk at a
-    /// time: the next call waits for this one.
-    pub async fn send(&self, data: &[u8]) -> Result<(), DetachError> {
+    /// Appends `data` to `out` as one chunk of the response body, sealed as TLS records.
+    /// Records must reach the socket in the order they are sealed: a stream seals and
+    /// writes under one lock (see `config_api::fanout`).
+    pub fn seal_chunk(&self, data: &[u8], out: &mut Vec<u8>) -> Result<(), DetachError> {
         if data.is_empty() {
             // an empty chunk would end the body
             return Ok(());
         }
-        let size = format!("{:X}\r\n", data.len());
+        let mut line = [0u8; 18];
+        let size = chunk_size_line(data.len(), &mut line);
         let chunk_len = size.len() + data.len() + 2;
-        let mut out = Vec::with_capacity(chunk_len + (chunk_len / MAX_FRAGMENT + 1) * OVERHEAD);
-        self.sealer.seal(
-            APPLICATION_DATA,
-            &[size.as_bytes(), data, b"\r\n"],
-            &mut out,
-        )?;
-        self.write(&out).await
+        out.reserve(chunk_len + (chunk_len / MAX_FRAGMENT + 1) * OVERHEAD);
+        self.sealer
+            .seal(APPLICATION_DATA, &[size, data, b"\r\n"], out)
+    }
+
+    /// Writes as much of `bytes` as the socket takes now, without waiting: how much that
+    /// was (all of it unless the socket's buffer is full).
+    pub fn try_write(&self, mut bytes: &[u8]) -> Result<usize, DetachError> {
+        let total = bytes.len();
+        while !bytes.is_empty() {
+            match self.socket.try_write(bytes) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(total - bytes.len())
     }
 
     /// Ends the body (its last chunk), says `close_notify` and closes the connection.
@@ -378,7 +408,7 @@ impl Detached {
 
     /// Writes all of `bytes`, waiting at most [`WRITE_TIMEOUT`] for a client that does
     /// not read.
-    async fn write(&self, mut bytes: &[u8]) -> Result<(), DetachError> {
+    pub async fn write(&self, mut bytes: &[u8]) -> Result<(), DetachError> {
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
         while !bytes.is_empty() {
             match self.socket.try_write(bytes) {
@@ -547,6 +577,21 @@ mod tests {
             client.process_new_packets().is_err(),
             "the nonce is bound to the sequence"
         );
+    }
+
+    #[test]
+    fn chunk_size_lines_are_upper_case_hex_with_crlf() {
+        let mut buf = [0u8; 18];
+        for (len, line) in [
+            (1usize, "1\r\n"),
+            (15, "F\r\n"),
+            (16, "10\r\n"),
+            (2_047, "7FF\r\n"),
+            (1 << 20, "100000\r\n"),
+            (usize::MAX, "FFFFFFFFFFFFFFFF\r\n"),
+        ] {
+            assert_eq!(chunk_size_line(len, &mut buf), line.as_bytes(), "{len}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! shows secret values in history and diffs, which are masked otherwise. An admin token
 //! (`portcullis:admin`) may do all of it. See `docs/config-center.md`.
 
+mod fanout;
 pub mod hub;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,7 +33,7 @@ use serde_json::json;
 
 use crate::audit::AuditEvent;
 use crate::authn::Principal;
-use crate::detach::{Detach, Detached};
+use crate::detach::Detach;
 use crate::error::ApiError;
 use crate::protect::ClientIp;
 use crate::state::AppState;
@@ -57,6 +58,8 @@ pub struct ConfigCenter {
     pub long_poll_max: Duration,
     /// Open watches per client address.
     pub watch_slots: Arc<WatchSlots>,
+    /// The relays that send releases to watches on bare connections.
+    fanout: Arc<fanout::FanOut>,
 }
 
 impl ConfigCenter {
@@ -79,6 +82,7 @@ impl ConfigCenter {
             environments: std::sync::Arc::new(environments),
             long_poll_max: config.config_center.long_poll_timeout,
             watch_slots: Arc::new(WatchSlots::new(config.config_center.max_watches_per_client)),
+            fanout: Arc::default(),
         })
     }
 }
@@ -375,8 +379,13 @@ pub async fn watch(
     };
     let body = match detach {
         // HTTP/1.1 over TLS 1.3: once the head is out, the stream runs on the bare
-        // connection (`crate::detach`), a few KiB per idle watcher
-        Some(Extension(detach)) => detach.body(move |connection| watch.run_detached(connection)),
+        // connection (`crate::detach`), a few KiB per idle watcher, and its worker's relay
+        // writes each release to it (`fanout`)
+        Some(Extension(detach)) => {
+            let fanout = state.config_center.fanout.clone();
+            let key = (env.to_string(), app.to_string());
+            detach.body(move |connection| fanout.run(key, connection, watch))
+        }
         None => Body::from_stream(futures::stream::unfold(watch, |mut s| async move {
             match s.next().await {
                 WatchEvent::Send(bytes) => Some((Ok::<Bytes, Infallible>(bytes), s)),
@@ -439,39 +448,6 @@ impl WatchState {
                 _ = self.tick.tick() => {
                     return WatchEvent::Send(Bytes::from_static(b": keep-alive\n\n"));
                 }
-            }
-        }
-    }
-
-    /// The watch on a connection taken over from hyper: runs until the client leaves or
-    /// writing to it fails, or the hub or the server ends it (then the body is ended).
-    async fn run_detached(mut self, connection: Detached) {
-        if self.stream_detached(&connection).await {
-            connection.finish().await;
-        }
-    }
-
-    /// Sends events until the hub or the server ends the watch (`true`: end the body) or
-    /// the client is gone (`false`).
-    async fn stream_detached(&mut self, connection: &Detached) -> bool {
-        // waited on across events, so that each is registered once, not once per event
-        let client_done = connection.client_done();
-        let closing = connection.closing().cancelled();
-        tokio::pin!(client_done, closing);
-        loop {
-            let event = tokio::select! {
-                event = self.next() => event,
-                () = &mut client_done => return false,
-                () = &mut closing => WatchEvent::End,
-            };
-            match event {
-                WatchEvent::Send(bytes) => {
-                    if let Err(e) = connection.send(&bytes).await {
-                        tracing::debug!(error = %e, "watch ended: the client could not be written to");
-                        return false;
-                    }
-                }
-                WatchEvent::End => return true,
             }
         }
     }

@@ -20,6 +20,16 @@ async fn open(
     app: &TestApp,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> (TlsStream<TcpStream>, String) {
+    let tcp = TcpStream::connect(app.https).await.unwrap();
+    open_on(app, versions, tcp).await
+}
+
+/// [`open`] on a given TCP connection.
+async fn open_on(
+    app: &TestApp,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    tcp: TcpStream,
+) -> (TlsStream<TcpStream>, String) {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(app.pki.ca_pem().as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -31,7 +41,6 @@ async fn open(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = TcpStream::connect(app.https).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
@@ -105,8 +114,18 @@ impl Watch {
     /// Publishes release 1 on `app`, opens a watch with the given TLS versions, checks
     /// its head (200, chunked) and reads release 1 from it.
     async fn start(app: &TestApp, versions: &[&'static rustls::SupportedProtocolVersion]) -> Self {
+        let tcp = TcpStream::connect(app.https).await.unwrap();
+        Self::start_on(app, versions, tcp).await
+    }
+
+    /// [`Watch::start`] on a given TCP connection.
+    async fn start_on(
+        app: &TestApp,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        tcp: TcpStream,
+    ) -> Self {
         Api::new(app).publish(entries_v1()).await;
-        let (tls, head) = open(app, versions).await;
+        let (tls, head) = open_on(app, versions, tcp).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert!(head.contains("transfer-encoding: chunked"), "{head}");
         assert!(head.contains("content-type: text/event-stream"), "{head}");
@@ -225,4 +244,49 @@ async fn a_watch_on_tls12_is_served_by_hyper_with_the_same_events() {
     api.publish(json!([{ "key": "db.url", "value": "postgres://v3" }]))
         .await;
     assert_eq!(watch.releases(1).await, [3]);
+}
+
+/// A node that stops reading while releases keep coming: once its socket takes no more,
+/// it is not sent a queue of every release (memory per watcher stays bounded), and when
+/// it reads again it gets what was already on its way, then the newest release, in one
+/// valid TLS stream; after that, releases reach it as they come again.
+#[tokio::test]
+async fn a_node_that_stops_reading_gets_the_newest_release_when_it_reads_again() {
+    let app = spawn_app(|_| {}).await;
+    let api = Api::new(&app);
+    // a small receive window, so the server's side fills after a few MiB
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(app.https).await.unwrap();
+    let mut watch = Watch::start_on(&app, &[&rustls::version::TLS13], tcp).await;
+
+    // ~700 KiB per release, 16 releases: far more than the kernel buffers of one
+    // connection hold (the send buffer grows to 4 MiB at most here)
+    let published = 16;
+    let mut newest = 0;
+    for round in 0..published {
+        let entries: Vec<_> = (0..12)
+            .map(|k| json!({ "key": format!("blob.{k}"), "value": format!("{round}{}", "x".repeat(60_000)) }))
+            .collect();
+        newest = api.publish(serde_json::Value::Array(entries)).await;
+    }
+
+    let mut seen = Vec::new();
+    while seen.last() != Some(&newest) {
+        seen.extend(watch.releases(1).await);
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "versions only go up: {seen:?}"
+    );
+    assert!(
+        seen.len() < published,
+        "a node that did not read was sent the newest release, not every one: {seen:?}"
+    );
+
+    // caught up: the next release comes as any other
+    let next = api
+        .publish(json!([{ "key": "db.url", "value": "postgres://after" }]))
+        .await;
+    assert_eq!(watch.releases(1).await, [next]);
 }
