@@ -254,6 +254,9 @@ pub struct DatabaseConfig {
     /// Pool size.
     #[serde(default = "default_db_pool")]
     pub max_connections: u32,
+    /// Connections kept open while idle (Postgres), opened once the schema is in place.
+    #[serde(default = "default_db_min_connections")]
+    pub min_connections: u32,
     /// How long to wait for a connection from the pool.
     #[serde(with = "humantime_serde", default = "default_connect_timeout")]
     pub acquire_timeout: Duration,
@@ -261,6 +264,10 @@ pub struct DatabaseConfig {
 
 fn default_db_pool() -> u32 {
     10
+}
+
+fn default_db_min_connections() -> u32 {
+    4
 }
 
 fn default_connect_timeout() -> Duration {
@@ -676,6 +683,12 @@ impl Config {
             return Err(ConfigError::field(
                 "database.max_connections",
                 "must be greater than 0",
+            ));
+        }
+        if self.database.min_connections > self.database.max_connections {
+            return Err(ConfigError::field(
+                "database.min_connections",
+                "must not be greater than database.max_connections",
             ));
         }
         if let Some(redis) = &self.redis {

@@ -80,6 +80,7 @@ pub fn dev_config(
         database: DatabaseConfig {
             url: SecretString::from(format!("sqlite://{}", db_path.display())),
             max_connections: 4,
+            min_connections: 1,
             acquire_timeout: Duration::from_secs(3),
         },
         redis: None,

@@ -444,3 +444,20 @@ fn workers_default_to_one_per_core_zero_means_the_shared_runtime_and_too_many_ar
         .unwrap_err();
     assert_eq!(field_of(err), "server.workers");
 }
+
+#[test]
+fn database_min_connections_defaults_to_four_and_may_not_exceed_the_pool() {
+    let f = Files::new();
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(c.database.min_connections, 4);
+    let err = f
+        .load(
+            &f.toml("").replace(
+                "[database]\n",
+                "[database]\nmax_connections = 2\nmin_connections = 3\n",
+            ),
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(field_of(err), "database.min_connections");
+}

@@ -31,6 +31,7 @@ async fn backend(url: String, dir: Option<tempfile::TempDir>) -> Backend {
     let db = Database::connect_lazy(&DatabaseConfig {
         url: SecretString::from(url),
         max_connections: 4,
+        min_connections: 1,
         acquire_timeout: Duration::from_secs(30),
     })
     .unwrap();
@@ -733,4 +734,34 @@ async fn bootstrap_admin_creates_the_admin_client_once(b: Backend) {
     );
     accepted(&b, "admin", &s).await;
     assert_eq!(b.store.list().await.unwrap().len(), 1);
+}
+
+/// Once migrated, a Postgres pool holds its `min_connections` open, so the first writes
+/// after start-up do not each wait for a new connection.
+#[tokio::test]
+async fn a_migrated_postgres_pool_holds_its_minimum_connections_open() {
+    let url = Postgres::shared().fresh_database("pool_minimum").unwrap();
+    let db = Database::connect_lazy(&DatabaseConfig {
+        url: SecretString::from(url),
+        max_connections: 6,
+        min_connections: 3,
+        acquire_timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    let Pool::Postgres(pool) = db.pool() else {
+        panic!("a postgres pool");
+    };
+    assert_eq!(pool.size(), 0, "nothing is opened before the schema");
+    db.migrate().await.unwrap();
+    assert!(pool.size() >= 3, "{} connections open", pool.size());
+    // and back in the pool, idle (each is given back by a task of its own)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pool.num_idle() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} idle",
+            pool.num_idle()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
