@@ -1,20 +1,24 @@
-//! Releases to the watches on bare connections (`crate::detach`), one pass per
-//! connection worker.
+//! Releases to the watches on bare connections (`crate::detach`), in one pass shared
+//! by the connection workers.
 //!
-//! Each such watch registers with the relay of its (connection worker, environment,
-//! application). The relay is the only task on that worker waiting on the hub's channel:
-//! when a release comes, it walks its watches and, for each whose node should get it,
-//! seals the shared event as one chunk and writes it to the socket without waiting — no
-//! task wake-up and no poll per watch. A socket that cannot take the whole event at once
-//! (a node that reads slowly) gets the rest from its watch's own task, which then owns the
-//! writing until it has caught up, and sends the newest release it skipped meanwhile.
+//! Each such watch registers with the relay of its (environment, application). Every
+//! connection worker holding such a watch runs one relay task for it, the only task on
+//! that worker waiting on the hub's channel. When a release comes, the first of them to
+//! wake takes a snapshot of the watches (a pass) and the others join it: each takes the
+//! next 64 watches until none are left, so the workers finish together however the
+//! watches and the rest of the load fall on them. For each watch whose node should get
+//! the release, the relay seals the shared event as one chunk and writes it to the
+//! socket without waiting — no task wake-up and no poll per watch. A socket that cannot
+//! take the whole event at once (a node that reads slowly) gets the rest from its watch's
+//! own task, which then owns the writing until it has caught up, and sends the newest
+//! release it skipped meanwhile.
 //!
 //! A watch's own task also sends the release a node is behind on when it connects, the
 //! keep-alive comments, and ends the stream (the client left, the server shuts down, or
 //! the hub is gone).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, watch};
@@ -23,28 +27,36 @@ use super::hub::Held;
 use super::{WatchSlot, Who};
 use crate::detach::{DetachError, Detached};
 
-/// Watches a relay walks before it lets the worker's other tasks run.
+/// Watches a relay takes from a pass at a time (from its end); after each batch it lets
+/// the worker's other tasks run.
 const PASS_BATCH: usize = 64;
 /// The keep-alive comment of an idle stream.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
-type RelayKey = (Option<usize>, String, String);
-
-/// The relays of one instance, by (connection worker, environment, application).
+/// The relays of one instance, by (environment, application).
 #[derive(Debug, Default)]
 pub struct FanOut {
-    relays: Mutex<HashMap<RelayKey, Arc<Relay>>>,
+    relays: Mutex<HashMap<(String, String), Arc<Relay>>>,
 }
 
-/// The watches of one (worker, environment, application) and the task that sends them
-/// each release.
+/// The watches of one (environment, application), and the pass over them in progress.
 #[derive(Debug, Default)]
 struct Relay {
     watches: Mutex<HashMap<u64, Arc<Watcher>>>,
     next_id: AtomicU64,
-    /// Cleared when its task ends (the hub's channel closed): a new watch then starts a
-    /// new relay.
-    running: AtomicBool,
+    /// The workers (by index; `None` off the workers) running a relay task for it.
+    workers: Mutex<HashSet<Option<usize>>>,
+    /// The newest pass: the release it sends and the watches it walks.
+    pass: Mutex<Option<Arc<Pass>>>,
+}
+
+/// One release on its way to a snapshot of the watches.
+#[derive(Debug)]
+struct Pass {
+    held: Arc<Held>,
+    /// The watches not taken yet: each is let go once sent to, so that a watch that ends
+    /// is not held until the next release.
+    left: Mutex<Vec<Arc<Watcher>>>,
 }
 
 /// One watch as the relay and its own task share it.
@@ -120,57 +132,77 @@ impl FanOut {
         finish(watcher, end, slot).await;
     }
 
-    /// Adds `watcher` to the relay of this worker for `key`, starting the relay if none
-    /// runs.
+    /// Adds `watcher` to the relay of `key`, starting a relay task on this worker if
+    /// none runs here.
     fn register(
         &self,
-        (env, app): (String, String),
+        key: (String, String),
         rx: &watch::Receiver<Arc<Held>>,
         watcher: &Arc<Watcher>,
     ) -> (Arc<Relay>, u64) {
-        let mut relays = lock(&self.relays);
-        let relay = relays
-            .entry((crate::workers::current(), env, app))
-            .or_default();
-        if !relay.running.load(Ordering::Acquire) {
-            *relay = Arc::new(Relay::default());
-            relay.running.store(true, Ordering::Release);
-            // on this worker: the relay's writes never cross threads
-            tokio::spawn(relay.clone().run(rx.clone()));
+        let relay = lock(&self.relays).entry(key).or_default().clone();
+        let worker = crate::workers::current();
+        if lock(&relay.workers).insert(worker) {
+            tokio::spawn(relay.clone().run(worker, rx.clone()));
         }
         let id = relay.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&relay.watches).insert(id, watcher.clone());
-        (relay.clone(), id)
+        (relay, id)
     }
 }
 
 impl Relay {
-    /// Sends every release to the watches, until the hub's channel closes.
-    async fn run(self: Arc<Self>, mut rx: watch::Receiver<Arc<Held>>) {
-        // the sealed event of one watch at a time, reused
+    /// One worker's share of sending every release to the watches, until the hub's
+    /// channel closes.
+    async fn run(self: Arc<Self>, worker: Option<usize>, mut rx: watch::Receiver<Arc<Held>>) {
+        // the sealed event of one watch at a time, and the watches taken from a pass
         let mut scratch = Vec::new();
+        let mut batch = Vec::with_capacity(PASS_BATCH);
         loop {
-            let closed = rx.changed().await.is_err();
-            if closed {
-                self.running.store(false, Ordering::Release);
-            }
-            let held = rx.borrow_and_update().clone();
-            // a snapshot: watches come and go while the pass lets other tasks run
-            let watches: Vec<Arc<Watcher>> = lock(&self.watches).values().cloned().collect();
-            for (i, watcher) in watches.iter().enumerate() {
-                if closed {
+            if rx.changed().await.is_err() {
+                // the hub is gone (shutting down): every stream ends; a watch opened
+                // after this starts a relay task again, which ends it too
+                lock(&self.workers).remove(&worker);
+                let watches: Vec<Arc<Watcher>> = lock(&self.watches).values().cloned().collect();
+                for watcher in &watches {
                     watcher.end();
-                } else {
-                    watcher.offer(&held, &mut scratch);
                 }
-                if i % PASS_BATCH == PASS_BATCH - 1 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            if closed {
                 return;
             }
+            let held = rx.borrow_and_update().clone();
+            let pass = self.pass_for(held);
+            loop {
+                {
+                    let mut left = lock(&pass.left);
+                    let from = left.len().saturating_sub(PASS_BATCH);
+                    batch.extend(left.drain(from..));
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                for watcher in batch.drain(..) {
+                    watcher.offer(&pass.held, &mut scratch);
+                }
+                tokio::task::yield_now().await;
+            }
         }
+    }
+
+    /// The pass sending `held`: the one in progress if it sends the same, else a new one
+    /// over a snapshot of the watches (they come and go while a pass runs).
+    fn pass_for(&self, held: Arc<Held>) -> Arc<Pass> {
+        let mut pass = lock(&self.pass);
+        if let Some(p) = pass.as_ref()
+            && Arc::ptr_eq(&p.held, &held)
+        {
+            return p.clone();
+        }
+        let new = Arc::new(Pass {
+            held,
+            left: Mutex::new(lock(&self.watches).values().cloned().collect()),
+        });
+        *pass = Some(new.clone());
+        new
     }
 }
 
