@@ -479,7 +479,7 @@ impl Arrivals {
 /// Hands the version of every complete `id: <version>` line in `data` to `found`;
 /// returns how many leading bytes are done with: everything up to the last line end (the
 /// rest is a line still arriving). `data` begins at a line start, so after an ordinary
-/// read, which ends with the event's blank line, nothing is left over.
+/// record, which ends with the event's blank line, nothing is left over.
 fn scan_ids(data: &[u8], mut found: impl FnMut(u64)) -> usize {
     let Some(last) = memchr::memrchr(b'\n', data) else {
         return 0;

@@ -410,21 +410,17 @@ impl Detached {
     /// not read.
     pub async fn write(&self, mut bytes: &[u8]) -> Result<(), DetachError> {
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
-        while !bytes.is_empty() {
-            match self.socket.try_write(bytes) {
-                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // the writer slot, as `client_done` takes the reader's
-                    let writable = std::future::poll_fn(|cx| self.socket.poll_write_ready(cx));
-                    tokio::time::timeout_at(deadline, writable)
-                        .await
-                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                }
-                Err(e) => return Err(e.into()),
+        loop {
+            bytes = &bytes[self.try_write(bytes)?..];
+            if bytes.is_empty() {
+                return Ok(());
             }
+            // the writer slot, as `client_done` takes the reader's
+            let writable = std::future::poll_fn(|cx| self.socket.poll_write_ready(cx));
+            tokio::time::timeout_at(deadline, writable)
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         }
-        Ok(())
     }
 }
 

@@ -30,8 +30,6 @@ use crate::detach::{DetachError, Detached};
 /// Watches a relay takes from a pass at a time (from its end); after each batch it lets
 /// the worker's other tasks run.
 const PASS_BATCH: usize = 64;
-/// The keep-alive comment of an idle stream.
-const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 /// The relays of one instance, by (environment, application).
 #[derive(Debug, Default)]
@@ -214,7 +212,7 @@ impl Watcher {
         if state.busy || state.failed || state.ended {
             return;
         }
-        let Some(release) = newer(&state.who, held) else {
+        let Some(release) = state.who.newer(held) else {
             return;
         };
         state.who.version = release.version;
@@ -281,7 +279,7 @@ impl Watcher {
                     let mut state = lock(&self.state);
                     // a stream that is writing needs no comment to stay open
                     if !state.busy && !state.failed {
-                        self.push(&mut state, KEEP_ALIVE, &mut Vec::new());
+                        self.push(&mut state, super::KEEP_ALIVE_COMMENT, &mut Vec::new());
                     }
                 }
             }
@@ -302,7 +300,7 @@ impl Watcher {
                     std::mem::take(&mut state.backlog)
                 } else {
                     let held = rx.borrow().clone();
-                    match newer(&state.who, &held) {
+                    match state.who.newer(&held) {
                         Some(release) => {
                             state.who.version = release.version;
                             state.busy = true;
@@ -327,11 +325,6 @@ impl Watcher {
             }
         }
     }
-}
-
-/// The release for the node `who` is, if it is newer than the one it has.
-fn newer(who: &Who, held: &Held) -> Option<Arc<super::Published>> {
-    who.pick(held).filter(|p| p.version > who.version)
 }
 
 /// Ends a watch that left its relay: on [`End::Finish`], writes what is still owed, then

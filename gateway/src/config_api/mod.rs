@@ -42,6 +42,8 @@ pub use hub::{ConfigHub, Held, HubError, Published};
 
 /// How often an idle SSE stream carries a comment, so proxies keep it open.
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// That comment.
+const KEEP_ALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
 /// The scope that may do everything here.
 const ADMIN_SCOPE: &str = "portcullis:admin";
 
@@ -240,6 +242,11 @@ impl Who {
     fn pick(&self, held: &Held) -> Option<Arc<Published>> {
         held.for_instance(self.instance.as_deref(), &self.labels)
     }
+
+    /// The release this node gets from `held`, if it is newer than the one it has.
+    fn newer(&self, held: &Held) -> Option<Arc<Published>> {
+        self.pick(held).filter(|p| p.version > self.version)
+    }
 }
 
 fn who(query: Result<Query<Node>, QueryRejection>) -> Result<Who, ApiError> {
@@ -319,10 +326,8 @@ pub async fn poll(
     let mut rx = state.config_center.hub.subscribe(&env, &app).await?;
     let wait = async {
         loop {
-            let current = who.pick(&rx.borrow_and_update());
-            if let Some(p) = current
-                && p.version > who.version
-            {
+            let current = who.newer(&rx.borrow_and_update());
+            if let Some(p) = current {
                 return Some(p);
             }
             if rx.changed().await.is_err() {
@@ -379,8 +384,8 @@ pub async fn watch(
     };
     let body = match detach {
         // HTTP/1.1 over TLS 1.3: once the head is out, the stream runs on the bare
-        // connection (`crate::detach`), a few KiB per idle watcher, and its worker's relay
-        // writes each release to it (`fanout`)
+        // connection (`crate::detach`), a few KiB per idle watcher, and the relay of its
+        // environment and application writes each release to it (`fanout`)
         Some(Extension(detach)) => {
             let fanout = state.config_center.fanout.clone();
             let key = (env.to_string(), app.to_string());
@@ -434,10 +439,7 @@ impl WatchState {
         loop {
             let newer = {
                 let held = self.rx.borrow_and_update();
-                self.who
-                    .pick(&held)
-                    .filter(|p| p.version > self.who.version)
-                    .map(|p| (p.version, p.sse.clone()))
+                self.who.newer(&held).map(|p| (p.version, p.sse.clone()))
             };
             if let Some((version, sse)) = newer {
                 self.who.version = version;
@@ -446,7 +448,7 @@ impl WatchState {
             tokio::select! {
                 changed = self.rx.changed() => if changed.is_err() { return WatchEvent::End },
                 _ = self.tick.tick() => {
-                    return WatchEvent::Send(Bytes::from_static(b": keep-alive\n\n"));
+                    return WatchEvent::Send(Bytes::from_static(KEEP_ALIVE_COMMENT));
                 }
             }
         }
