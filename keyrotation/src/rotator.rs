@@ -241,8 +241,21 @@ impl Rotator {
         let source = &self.inner.source;
         let mut conflicts = 0;
         // For a rotation: the key that was active when the operator asked, so that a retry
-        // after a conflict does not rotate twice.
-        let mut target = None;
+        // after a conflict, or a second instance asked at the same moment, does not rotate
+        // twice. A routine rotation starts from the key this instance serves (the one its
+        // status showed the operator): if the store's active key is another one, someone
+        // already rotated it away and nothing more is done. An emergency starts from the
+        // store's active key, so that a compromise is never left unanswered because this
+        // instance had not reloaded yet.
+        let mut target = match &action {
+            Action::Rotate { emergency: None } => self
+                .inner
+                .keys
+                .ring()
+                .signing_key_at(self.inner.clock.now())
+                .map(|k| k.kid.clone()),
+            _ => None,
+        };
         loop {
             let loaded = source.load().await?;
             let now = self.inner.clock.now();

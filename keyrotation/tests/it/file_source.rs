@@ -212,3 +212,51 @@ async fn a_read_only_rotator_never_writes_and_cannot_create_a_ring() {
     assert_eq!(read.version, 1);
     assert_eq!(reader.health().consecutive_failures, 0);
 }
+
+/// Two operators press "rotate now" on two instances, one after the other, each having
+/// seen the same active key: the key is rotated once, not twice. An emergency rotation
+/// acts on the stored active key whatever this instance last loaded.
+#[tokio::test]
+async fn rotate_now_on_a_second_instance_after_the_first_rotated_does_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let instance = || {
+        Rotator::new(
+            Arc::new(FileKeySource::new(dir.path()).unwrap()),
+            Keys::empty(),
+            Policy::default(),
+            RotationMode::InProcess,
+            Arc::new(clock.clone()),
+        )
+    };
+    let (a, b) = (instance(), instance());
+    a.reload_once().await.unwrap();
+    b.reload_once().await.unwrap();
+    let shown = b.keys().status(clock.now()).active_kid.unwrap();
+
+    clock.advance(HOUR);
+    let first = a.rotate(false).await.unwrap();
+    assert!(!first.transitions.is_empty());
+    let second = b.rotate(false).await.unwrap();
+    assert!(second.transitions.is_empty(), "{second:?}");
+    assert_eq!(second.version, first.version);
+    // The second instance now serves what the first wrote.
+    assert_eq!(b.keys().ring(), a.keys().ring());
+    assert_ne!(b.keys().status(clock.now()).active_kid, Some(shown));
+
+    // Asked again, now that it serves the new key, it rotates that one.
+    let third = b.rotate(false).await.unwrap();
+    assert!(!third.transitions.is_empty());
+    assert_eq!(third.version, first.version + 1);
+
+    // An emergency on the instance that has not reloaded still retires the stored key.
+    let stored_active = b.keys().status(clock.now()).active_kid.unwrap();
+    let emergency = a.rotate(true).await.unwrap();
+    assert!(
+        emergency
+            .transitions
+            .iter()
+            .any(|t| t.kid == stored_active && t.to == Some(KeyState::Retired)),
+        "{emergency:?}"
+    );
+}
