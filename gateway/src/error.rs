@@ -374,6 +374,10 @@ impl From<keyrotation::KeyError> for ApiError {
                               rotate with `portcullis keys rotate`"
                         .to_owned(),
             },
+            K::NotInRing(kid) => Self::bad_request(
+                "unknown_kid",
+                format!("the key ring holds no key with id {kid}"),
+            ),
             e if e.is_source_unavailable() => Self::unavailable("key source", e),
             e if e.is_token_rejection() => Self::Unauthorized {
                 code: "invalid_token",

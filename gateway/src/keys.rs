@@ -195,10 +195,16 @@ impl KeyService {
         self.keys().status(self.now())
     }
 
-    /// Brings the next rotation forward, or (with a note) retires the active key as
+    /// Brings the next rotation forward, or (with a note) retires the suspect keys as
     /// compromised. Every instance follows within its reload interval.
-    pub async fn rotate(&self, emergency: Option<String>) -> Result<ReloadOutcome, KeyError> {
-        let outcome = self.rotator.rotate_with_reason(emergency).await?;
+    pub async fn rotate(
+        &self,
+        emergency: Option<(String, keyrotation::Suspects)>,
+    ) -> Result<ReloadOutcome, KeyError> {
+        let outcome = match emergency {
+            Some((note, suspects)) => self.rotator.emergency(note, suspects).await?,
+            None => self.rotator.rotate_with_reason(None).await?,
+        };
         self.record_metrics();
         Ok(outcome)
     }

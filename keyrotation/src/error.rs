@@ -108,6 +108,9 @@ pub enum KeyError {
     /// The stored ring cannot be decoded (the message never echoes stored values).
     #[error("stored key ring is corrupt: {0}")]
     CorruptRing(String),
+    /// An emergency rotation names a key the ring does not hold.
+    #[error("the key ring holds no key with id {0}")]
+    NotInRing(String),
     /// Check-and-set kept failing because other writers kept winning.
     #[error("gave up writing the key ring after {0} check-and-set conflicts")]
     TooManyConflicts(u32),

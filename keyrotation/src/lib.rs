@@ -36,7 +36,8 @@ pub use error::KeyError;
 pub use keys::{KeyStatus, Keys, RingStatus, ValidityWindow, Verified, VerifyParams};
 pub use model::{Compromise, KeyAlgorithm, KeyRecord, KeyRing, KeyState, Kid, PrivateKey};
 pub use plan::{
-    ACTIVATION_BACKDATE, Plan, Transition, TransitionReason, emergency_rotate, plan, rotate_now,
+    ACTIVATION_BACKDATE, Plan, Suspects, Transition, TransitionReason, emergency_rotate, plan,
+    rotate_now,
 };
 pub use policy::Policy;
 pub use rotator::{ReloadOutcome, RotationMode, Rotator, RotatorHealth};

@@ -58,7 +58,7 @@ pub enum TransitionReason {
     Overdue,
     /// An operator brought the next rotation forward.
     RotateNow,
-    /// An operator declared the active key compromised.
+    /// An operator declared keys compromised.
     Compromised {
         /// The operator's reason.
         note: String,
@@ -130,14 +130,32 @@ pub fn rotate_now(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Resul
     Ok(planner.finish())
 }
 
-/// Emergency rotation after a key compromise: the active key is retired at once (flagged
-/// compromised, gone from JWKS, verifying nothing); a pending next key, stored alongside it,
-/// is discarded; a fresh key signs immediately.
+/// Which keys an emergency rotation declares compromised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Suspects {
+    /// Every key that still verifies: the active key and the keys retiring after it. The
+    /// ring is stored as one secret and held whole in every instance's memory, so whoever
+    /// read one key (a Vault token, a backup, a crash dump) could read them all. Tokens the
+    /// retiring keys signed are refused too; their holders obtain new ones.
+    EveryVerifyingKey,
+    /// These keys only, by kid (a key known to have leaked on its own). A key that is
+    /// already compromised, or no longer verifies or waits to sign, is left as it is.
+    Keys(Vec<Kid>),
+}
+
+/// Emergency rotation after a key compromise. Each suspect key that verifies is retired at
+/// once (flagged compromised, gone from JWKS, verifying nothing); a suspect key still
+/// waiting to sign is discarded. When the active key is among them, every pending next key,
+/// stored alongside it, is discarded too, and a fresh key signs immediately.
+///
+/// Errors with [`KeyError::NotInRing`] when [`Suspects::Keys`] names a key the ring does
+/// not hold. When every named key was already dealt with, the plan is empty.
 pub fn emergency_rotate(
     ring: &KeyRing,
     policy: &Policy,
     now: OffsetDateTime,
     note: &str,
+    suspects: &Suspects,
 ) -> Result<Plan, KeyError> {
     let reason = TransitionReason::Compromised {
         note: note.to_owned(),
@@ -146,33 +164,40 @@ pub fn emergency_rotate(
     planner.drop_expired();
     planner.ensure_active()?;
     let active = planner.active_index().ok_or(KeyError::NoActiveKey)?;
-    planner.record_index(active);
-    let compromised_kid = planner.ring.keys[active].kid.clone();
-    {
-        let key = &mut planner.ring.keys[active];
-        key.compromised = Some(Compromise {
-            at: now,
-            reason: note.to_owned(),
+    let named: &[Kid] = match suspects {
+        Suspects::EveryVerifyingKey => &[],
+        Suspects::Keys(kids) => {
+            if let Some(missing) = kids.iter().find(|k| ring.key(k).is_none()) {
+                return Err(KeyError::NotInRing(missing.to_string()));
+            }
+            kids
+        }
+    };
+    let hit = |key: &KeyRecord| {
+        key.compromised.is_none()
+            && match (suspects, key.state_at(now)) {
+                (_, KeyState::Retired) => false,
+                (Suspects::EveryVerifyingKey, KeyState::Next) => false,
+                (Suspects::EveryVerifyingKey, _) => true,
+                (Suspects::Keys(_), _) => named.contains(&key.kid),
+            }
+    };
+    if !planner.ring.keys.iter().any(hit) {
+        return Ok(Plan {
+            ring: ring.clone(),
+            transitions: Vec::new(),
         });
-        key.retire_at = key.retire_at.min(now).max(key.activate_at);
-        key.expire_at = key.expire_at.min(now).max(key.retire_at);
-        planner.transitions.push(Transition {
-            kid: key.kid.clone(),
-            from: Some(key.recorded_state),
-            to: Some(KeyState::Retired),
-            at: now,
-            reason: reason.clone(),
-        });
-        key.recorded_state = KeyState::Retired;
     }
-    // Pending keys never signed; they were stored with the compromised one, so they go too.
+    let active_hit = hit(&planner.ring.keys[active]);
     let mut index = 0;
     while index < planner.ring.keys.len() {
         let key = &planner.ring.keys[index];
-        if key.kid != compromised_kid
-            && key.compromised.is_none()
-            && key.state_at(now) == KeyState::Next
-        {
+        let state = key.state_at(now);
+        // Pending keys never signed: a suspect one goes, and with a compromised active key
+        // every pending one goes, since they were stored with it.
+        let discard =
+            state == KeyState::Next && key.compromised.is_none() && (hit(key) || active_hit);
+        if discard {
             planner.transitions.push(Transition {
                 kid: key.kid.clone(),
                 from: Some(key.recorded_state),
@@ -181,13 +206,37 @@ pub fn emergency_rotate(
                 reason: reason.clone(),
             });
             planner.ring.keys.remove(index);
-        } else {
-            index += 1;
+            continue;
         }
+        if hit(key) {
+            // what the schedule already did to it first, under its own reason
+            planner.record_index(index);
+            let key = &mut planner.ring.keys[index];
+            key.compromised = Some(Compromise {
+                at: now,
+                reason: note.to_owned(),
+            });
+            key.retire_at = key.retire_at.min(now).max(key.activate_at);
+            key.expire_at = key.expire_at.min(now).max(key.retire_at);
+            planner.transitions.push(Transition {
+                kid: key.kid.clone(),
+                from: Some(key.recorded_state),
+                to: Some(KeyState::Retired),
+                at: now,
+                reason: reason.clone(),
+            });
+            key.recorded_state = KeyState::Retired;
+        }
+        index += 1;
     }
-    let at = planner.immediate_activation();
-    let fresh = planner.generate(at, at, reason.clone())?;
-    planner.set_reason(fresh, reason);
+    if active_hit {
+        let at = planner.immediate_activation();
+        let fresh = planner.generate(at, at, reason.clone())?;
+        planner.set_reason(fresh, reason);
+    } else {
+        // a discarded next key is replaced when the schedule is due for one
+        planner.ensure_successor()?;
+    }
     Ok(planner.finish())
 }
 

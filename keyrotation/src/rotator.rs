@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::source::{KeySource, StoreOutcome, Versioned};
-use crate::{Clock, KeyError, KeyRing, Keys, Plan, Policy, Transition};
+use crate::{Clock, KeyError, KeyRing, KeyState, Keys, Kid, Plan, Policy, Suspects, Transition};
 
 /// How many check-and-set conflicts one call tolerates before giving up (each conflict
 /// means another instance wrote; after a reload there is normally nothing left to do).
@@ -88,7 +88,9 @@ struct Inner {
 /// What kind of write a call makes.
 enum Action {
     Plan,
-    Rotate { emergency: Option<String> },
+    Rotate {
+        emergency: Option<(String, Suspects)>,
+    },
 }
 
 // === impl Rotator ===
@@ -184,24 +186,54 @@ impl Rotator {
 
     /// Rotates now, for the CLI and admin API: `emergency = false` brings the next
     /// rotation forward (the current key keeps verifying for the overlap);
-    /// `emergency = true` declares the active key compromised (it stops verifying at once).
+    /// `emergency = true` declares every key that still verifies compromised (they stop
+    /// verifying at once; see [`Suspects::EveryVerifyingKey`]).
     /// Check-and-set like every write; if another instance rotated the same key meanwhile,
     /// nothing more is done. Refused with [`KeyError::ReadOnly`] in read-only mode.
     pub async fn rotate(&self, emergency: bool) -> Result<ReloadOutcome, KeyError> {
-        let note = emergency.then(|| "declared compromised by an operator".to_owned());
-        self.rotate_with_reason(note).await
+        if emergency {
+            self.emergency(
+                "declared compromised by an operator".to_owned(),
+                Suspects::EveryVerifyingKey,
+            )
+            .await
+        } else {
+            self.rotate_with_reason(None).await
+        }
     }
 
-    /// Like [`Self::rotate`]; `Some(note)` is an emergency rotation recording `note` as the
-    /// reason (audit log, ring status).
+    /// Like [`Self::rotate`]; `Some(note)` is an emergency rotation of every verifying key
+    /// recording `note` as the reason (audit log, ring status).
     pub async fn rotate_with_reason(
         &self,
         emergency: Option<String>,
     ) -> Result<ReloadOutcome, KeyError> {
+        match emergency {
+            Some(note) => self.emergency(note, Suspects::EveryVerifyingKey).await,
+            None => self.write(Action::Rotate { emergency: None }).await,
+        }
+    }
+
+    /// Emergency rotation of `suspects` ([`crate::emergency_rotate`]), recording `note` as
+    /// the reason. The keys are fixed when the ring is first loaded, so a retry after a
+    /// check-and-set conflict acts on the same keys, and keys another instance already
+    /// retired are left as they are.
+    pub async fn emergency(
+        &self,
+        note: String,
+        suspects: Suspects,
+    ) -> Result<ReloadOutcome, KeyError> {
+        self.write(Action::Rotate {
+            emergency: Some((note, suspects)),
+        })
+        .await
+    }
+
+    async fn write(&self, action: Action) -> Result<ReloadOutcome, KeyError> {
         if self.inner.mode == RotationMode::ReadOnly {
             return Err(KeyError::ReadOnly);
         }
-        self.run(Action::Rotate { emergency }).await
+        self.run(action).await
     }
 
     /// Runs [`Self::reload_once`] now and then every `interval` until `cancel` fires.
@@ -240,13 +272,11 @@ impl Rotator {
         let _serial = self.inner.serial.lock().await;
         let source = &self.inner.source;
         let mut conflicts = 0;
-        // For a rotation: the key that was active when the operator asked, so that a retry
-        // after a conflict, or a second instance asked at the same moment, does not rotate
-        // twice. A routine rotation starts from the key this instance serves (the one its
-        // status showed the operator): if the store's active key is another one, someone
-        // already rotated it away and nothing more is done. An emergency starts from the
-        // store's active key, so that a compromise is never left unanswered because this
-        // instance had not reloaded yet.
+        // For a routine rotation: the key that was active when the operator asked, so that
+        // a retry after a conflict, or a second instance asked at the same moment, does
+        // not rotate twice. It starts as the key this instance serves (the one its status
+        // showed the operator): if the store's active key is another one, someone already
+        // rotated it away and nothing more is done.
         let mut target = match &action {
             Action::Rotate { emergency: None } => self
                 .inner
@@ -256,6 +286,9 @@ impl Rotator {
                 .map(|k| k.kid.clone()),
             _ => None,
         };
+        // For an emergency: the suspect keys, named once from the first ring loaded (never
+        // from this instance's copy, which may be older than the store's).
+        let mut suspects: Option<Suspects> = None;
         loop {
             let loaded = source.load().await?;
             let now = self.inner.clock.now();
@@ -269,19 +302,26 @@ impl Rotator {
             let plan = match &action {
                 Action::Plan if !write_allowed => None,
                 Action::Plan => Some(crate::plan(&ring, &self.inner.policy, now)?),
-                Action::Rotate { emergency } => {
+                Action::Rotate {
+                    emergency: Some((note, asked)),
+                } => {
+                    let fixed = suspects.get_or_insert_with(|| name_suspects(asked, &ring, now));
+                    Some(crate::emergency_rotate(
+                        &ring,
+                        &self.inner.policy,
+                        now,
+                        note,
+                        fixed,
+                    )?)
+                }
+                Action::Rotate { emergency: None } => {
                     let active = ring.signing_key_at(now).map(|k| k.kid.clone());
                     match (&target, &active) {
                         // Someone already rotated the key we were asked to rotate.
                         (Some(t), a) if a.as_ref() != Some(t) => None,
                         _ => {
                             target = active.or_else(|| target.clone());
-                            Some(match emergency {
-                                Some(note) => {
-                                    crate::emergency_rotate(&ring, &self.inner.policy, now, note)?
-                                }
-                                None => crate::rotate_now(&ring, &self.inner.policy, now)?,
-                            })
+                            Some(crate::rotate_now(&ring, &self.inner.policy, now)?)
                         }
                     }
                 }
@@ -373,5 +413,29 @@ impl std::fmt::Debug for Rotator {
             .field("mode", &self.inner.mode)
             .field("policy", &self.inner.policy)
             .finish_non_exhaustive()
+    }
+}
+
+/// The keys an emergency acts on, named from the ring as loaded: "every verifying key"
+/// becomes the kids that verify now (unless none does, then the planner's own choice).
+fn name_suspects(asked: &Suspects, ring: &KeyRing, now: OffsetDateTime) -> Suspects {
+    match asked {
+        Suspects::EveryVerifyingKey => {
+            let kids: Vec<Kid> = ring
+                .keys
+                .iter()
+                .filter(|k| {
+                    k.compromised.is_none()
+                        && matches!(k.state_at(now), KeyState::Active | KeyState::Retiring)
+                })
+                .map(|k| k.kid.clone())
+                .collect();
+            if kids.is_empty() {
+                Suspects::EveryVerifyingKey
+            } else {
+                Suspects::Keys(kids)
+            }
+        }
+        named => named.clone(),
     }
 }

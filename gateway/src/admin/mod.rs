@@ -65,11 +65,14 @@ pub async fn key_status(State(state): State<AppState>) -> Json<keyrotation::Ring
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
-    /// Retire the active key at once (it stops verifying everywhere).
+    /// Retire the suspect keys at once (they stop verifying everywhere): every key that
+    /// still verifies, or only `kid`.
     #[serde(default)]
     pub emergency: bool,
     /// Why; recorded in the ring and the audit log. Required for an emergency.
     pub reason: Option<String>,
+    /// With `emergency`: the one key known to be compromised (active, retiring or next).
+    pub kid: Option<String>,
 }
 
 /// `POST /admin/keys/rotate`: bring the next rotation forward, or an emergency rotation.
@@ -96,8 +99,24 @@ pub async fn rotate_keys(
             "an emergency rotation needs a reason (1 to 500 characters)",
         ));
     }
+    let suspects = match (&req.kid, req.emergency) {
+        (None, _) => keyrotation::Suspects::EveryVerifyingKey,
+        (Some(_), false) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "kid names a compromised key: it goes with \"emergency\": true",
+            ));
+        }
+        (Some(kid), true) => keyrotation::Suspects::Keys(vec![
+            keyrotation::Kid::parse(kid)
+                .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?,
+        ]),
+    };
     let emergency = if req.emergency { reason.clone() } else { None };
-    let outcome = state.keys.rotate(emergency.clone()).await?;
+    let outcome = state
+        .keys
+        .rotate(emergency.clone().map(|note| (note, suspects)))
+        .await?;
     state.audit.record(AuditEvent {
         at: state.keys.now(),
         actor: "operator:admin-api".to_owned(),
@@ -114,7 +133,12 @@ pub async fn rotate_keys(
             .map(|k| k.to_string())
             .unwrap_or_default(),
         source_ip: Some(peer.ip().to_string()),
-        detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }).into(),
+        detail: serde_json::json!({
+            "reason": reason,
+            "kid": req.kid,
+            "transitions": outcome.transitions,
+        })
+        .into(),
     });
     Ok(Json(serde_json::json!({
         "transitions": outcome.transitions,

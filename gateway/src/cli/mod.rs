@@ -70,8 +70,9 @@ enum KeysCommand {
         json: bool,
     },
     /// Rotate: bring the next rotation forward (default), run the scheduled planning
-    /// pass (`--scheduled`, for a timer job holding the write policy), or retire the
-    /// active key as compromised (`--emergency --reason …`).
+    /// pass (`--scheduled`, for a timer job holding the write policy), or retire every
+    /// key that still verifies as compromised (`--emergency --reason …`; `--kid` for one
+    /// key only).
     Rotate {
         #[command(flatten)]
         target: KeysTarget,
@@ -79,13 +80,17 @@ enum KeysCommand {
         /// time, drop expired ones). Run it from a timer more often than the lead time.
         #[arg(long, conflicts_with = "emergency")]
         scheduled: bool,
-        /// The active key is compromised: it stops signing and verifying at once, on every
-        /// instance within its reload interval.
+        /// The keys are compromised: every key that still verifies (the active one and those
+        /// retiring, stored with it) stops signing and verifying at once, on every
+        /// instance within its reload interval; a fresh key signs.
         #[arg(long, requires = "reason")]
         emergency: bool,
         /// Why (recorded in the ring and the audit log).
         #[arg(long)]
         reason: Option<String>,
+        /// With --emergency: only this key is compromised (its id, as `keys status` shows).
+        #[arg(long, requires = "emergency")]
+        kid: Option<String>,
     },
 }
 
@@ -346,6 +351,7 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
             scheduled,
             emergency,
             reason,
+            kid,
             ..
         } => {
             let (action, outcome) = if scheduled {
@@ -358,7 +364,13 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
                     .reload_once()
                     .await
                     .map_err(|e| e.to_string())?;
-                let note = emergency.then(|| reason.clone().unwrap_or_default());
+                let suspects = match kid {
+                    Some(kid) => keyrotation::Suspects::Keys(vec![
+                        keyrotation::Kid::parse(&kid).map_err(|e| e.to_string())?,
+                    ]),
+                    None => keyrotation::Suspects::EveryVerifyingKey,
+                };
+                let note = emergency.then(|| (reason.clone().unwrap_or_default(), suspects));
                 let action = if emergency {
                     "key.rotate.emergency"
                 } else {

@@ -379,3 +379,85 @@ async fn vault_outage_degrades_readiness_keeps_verifying_and_recovers() {
     inst.verify(&fresh).unwrap();
     inst.verify(&token).unwrap();
 }
+
+#[tokio::test]
+async fn an_emergency_retires_every_verifying_key_or_only_the_one_named() {
+    let bao = OpenBao::shared();
+    let db = Postgres::shared().fresh_database("keyskid").unwrap();
+    let clock = start_clock();
+    let inst = instance(
+        bao,
+        &bao.root_token(),
+        &format!("portcullis/kid-{}", uuid::Uuid::new_v4().simple()),
+        &db,
+        clock.clone(),
+        |_| {},
+    )
+    .await;
+    inst.app.state().keys.rotator().reload_once().await.unwrap();
+    let admin = inst.app.admin_addr();
+    let rotate = |body: Value| async move {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{admin}/admin/keys/rotate"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap())
+    };
+    let old = inst.sign(clock.now(), HOUR).unwrap();
+    // a routine rotation: the old key retires and keeps verifying for the overlap
+    let (status, _) = rotate(json!({})).await;
+    assert_eq!(status, 200);
+    let current = inst.sign(clock.now(), HOUR).unwrap();
+    assert_ne!(kid_of(&current), kid_of(&old));
+    inst.verify(&old).unwrap();
+    let version = inst.app.state().keys.keys().ring_version();
+
+    // refused precisely, nothing written
+    for (body, code) in [
+        (json!({ "kid": kid_of(&old) }), "invalid_request"),
+        (
+            json!({ "emergency": true, "reason": "r", "kid": "no-such-key" }),
+            "unknown_kid",
+        ),
+        (
+            json!({ "emergency": true, "reason": "r", "kid": "../etc" }),
+            "invalid_request",
+        ),
+    ] {
+        let (status, err) = rotate(body.clone()).await;
+        assert_eq!((status, err["error"].as_str()), (400, Some(code)), "{body}");
+    }
+    assert_eq!(inst.app.state().keys.keys().ring_version(), version);
+
+    // the retiring key alone: its tokens are refused, the active key goes on signing
+    let (status, body) = rotate(json!({
+        "emergency": true, "reason": "old key in a leaked backup", "kid": kid_of(&old),
+    }))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(matches!(inst.verify(&old), Err(KeyError::UnknownKid)));
+    inst.verify(&current).unwrap();
+    assert_eq!(
+        kid_of(&inst.sign(clock.now(), HOUR).unwrap()),
+        kid_of(&current)
+    );
+    assert!(!inst.jwks_kids().await.contains(&kid_of(&old)));
+
+    // without a kid: every key that still verifies goes, a fresh key signs
+    let retiring = inst.sign(clock.now(), HOUR).unwrap();
+    let (status, _) = rotate(json!({})).await;
+    assert_eq!(status, 200);
+    let active = inst.sign(clock.now(), HOUR).unwrap();
+    inst.verify(&retiring).unwrap();
+    let (status, body) =
+        rotate(json!({ "emergency": true, "reason": "ring read by a stolen token" })).await;
+    assert_eq!(status, 200, "{body}");
+    for token in [&retiring, &active] {
+        assert!(matches!(inst.verify(token), Err(KeyError::UnknownKid)));
+    }
+    let fresh = inst.sign(clock.now(), HOUR).unwrap();
+    assert_eq!(inst.jwks_kids().await, vec![kid_of(&fresh)]);
+}

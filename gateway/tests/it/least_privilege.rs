@@ -125,4 +125,41 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
     )
     .await;
     assert!(keys.rotator().health().reloads >= 2);
+
+    // 5. the first key (retiring now) leaked on its own: the job retires it alone; a kid
+    //    without --emergency is refused before anything is read
+    let first_kid = first.to_string();
+    let out = cli(&file, &rotator, &["rotate", "--kid", &first_kid]);
+    assert!(!out.status.success(), "--kid without --emergency was taken");
+    let out = cli(
+        &file,
+        &rotator,
+        &[
+            "rotate",
+            "--emergency",
+            "--reason",
+            "old key in a leaked backup",
+            "--kid",
+            &first_kid,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = keys.status().active_kid.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "instance drops the compromised key",
+        || async {
+            let status = keys.status();
+            status
+                .keys
+                .iter()
+                .any(|k| k.kid == first && k.compromised_at.is_some() && !k.published)
+        },
+    )
+    .await;
+    assert_eq!(keys.status().active_kid, Some(second));
 }

@@ -798,7 +798,10 @@ async fn a_remembered_token_is_refused_at_once_after_an_emergency_rotation() {
 
     app.state
         .keys
-        .rotate(Some("signing key copied off a laptop".to_owned()))
+        .rotate(Some((
+            "signing key copied off a laptop".to_owned(),
+            keyrotation::Suspects::EveryVerifyingKey,
+        )))
         .await
         .unwrap();
 

@@ -1,8 +1,8 @@
 //! The key life cycle over simulated months, with an injected clock.
 
 use keyrotation::{
-    ACTIVATION_BACKDATE, Clock, KeyAlgorithm, KeyError, KeyRing, KeyState, Keys, Kid, ManualClock,
-    Policy, Transition, TransitionReason,
+    ACTIVATION_BACKDATE, Clock, KeyAlgorithm, KeyError, KeyRecord, KeyRing, KeyState, Keys, Kid,
+    ManualClock, Policy, Suspects, Transition, TransitionReason,
 };
 use time::OffsetDateTime;
 
@@ -311,8 +311,14 @@ fn emergency_rotation_retires_the_compromised_key_at_once() {
     let keys = Keys::from_ring(ring.clone(), None, now).unwrap();
     let stolen = keys.sign(&claims(now, HOUR), now).unwrap();
 
-    let plan =
-        keyrotation::emergency_rotate(&ring, &policy, now, "key leaked in a backup").unwrap();
+    let plan = keyrotation::emergency_rotate(
+        &ring,
+        &policy,
+        now,
+        "key leaked in a backup",
+        &Suspects::EveryVerifyingKey,
+    )
+    .unwrap();
     // the handle that held the victim stops trusting it once the new ring is published
     let generation = keys.generation();
     assert!(keys.trusts(&victim.kid.to_string(), now));
@@ -371,6 +377,155 @@ fn emergency_rotation_retires_the_compromised_key_at_once() {
         Some("key leaked in a backup")
     );
     assert!(!victim_status.published);
+}
+
+/// A ring a day after a scheduled rotation: `old` retiring (verifying for the overlap),
+/// `current` active, and a token each signed.
+fn ring_with_a_retiring_key() -> (
+    KeyRing,
+    KeyRecord,
+    KeyRecord,
+    OffsetDateTime,
+    String,
+    String,
+) {
+    let policy = Policy::default();
+    let first = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let old = first.keys[0].clone();
+    let signed_old_at = old.retire_at - DAY * 2;
+    let ring = keyrotation::plan(&first, &policy, signed_old_at)
+        .unwrap()
+        .ring;
+    let old_token = Keys::from_ring(ring.clone(), None, signed_old_at)
+        .unwrap()
+        .sign(&claims(signed_old_at, DAY * 3), signed_old_at)
+        .unwrap();
+    let now = old.retire_at + DAY;
+    let ring = keyrotation::plan(&ring, &policy, now).unwrap().ring;
+    let current = ring.signing_key_at(now).unwrap().clone();
+    assert_ne!(current.kid, old.kid);
+    assert_eq!(
+        ring.key(&old.kid).unwrap().state_at(now),
+        KeyState::Retiring
+    );
+    let current_token = Keys::from_ring(ring.clone(), None, now)
+        .unwrap()
+        .sign(&claims(now, HOUR), now)
+        .unwrap();
+    (ring, old, current, now, old_token, current_token)
+}
+
+#[test]
+fn an_emergency_retires_the_retiring_key_too_since_it_was_stored_with_the_active_one() {
+    let (ring, old, current, now, old_token, current_token) = ring_with_a_retiring_key();
+    let p = params(&[KeyAlgorithm::ES256]);
+    let before = Keys::from_ring(ring.clone(), None, now).unwrap();
+    before
+        .verify::<serde_json::Value>(&old_token, &p, now)
+        .unwrap();
+
+    let plan = keyrotation::emergency_rotate(
+        &ring,
+        &Policy::default(),
+        now,
+        "ring read with a leaked token",
+        &Suspects::EveryVerifyingKey,
+    )
+    .unwrap();
+    let keys = Keys::from_ring(plan.ring.clone(), None, now).unwrap();
+    for token in [&old_token, &current_token] {
+        let err = keys
+            .verify::<serde_json::Value>(token, &p, now)
+            .unwrap_err();
+        assert!(matches!(err, KeyError::UnknownKid), "{err}");
+    }
+    let fresh = kid_of(&keys.sign(&claims(now, HOUR), now).unwrap());
+    assert_eq!(jwks_kids(&keys, now), vec![fresh.to_string()]);
+    for victim in [&old.kid, &current.kid] {
+        assert!(plan.ring.key(victim).unwrap().compromised.is_some());
+        assert!(plan.transitions.iter().any(|t| &t.kid == victim
+            && t.to == Some(KeyState::Retired)
+            && matches!(t.reason, TransitionReason::Compromised { .. })));
+    }
+}
+
+#[test]
+fn an_emergency_naming_the_retiring_key_leaves_the_active_key_signing() {
+    let (ring, old, current, now, old_token, current_token) = ring_with_a_retiring_key();
+    let p = params(&[KeyAlgorithm::ES256]);
+    let named = Suspects::Keys(vec![old.kid.clone()]);
+    let plan = keyrotation::emergency_rotate(&ring, &Policy::default(), now, "old backup", &named)
+        .unwrap();
+    let keys = Keys::from_ring(plan.ring.clone(), None, now).unwrap();
+    assert!(matches!(
+        keys.verify::<serde_json::Value>(&old_token, &p, now),
+        Err(KeyError::UnknownKid)
+    ));
+    keys.verify::<serde_json::Value>(&current_token, &p, now)
+        .unwrap();
+    assert_eq!(
+        kid_of(&keys.sign(&claims(now, HOUR), now).unwrap()),
+        current.kid
+    );
+    assert_eq!(jwks_kids(&keys, now), vec![current.kid.to_string()]);
+    assert_eq!(plan.transitions.len(), 1, "{:?}", plan.transitions);
+
+    // Named again (a second operator, a retry): nothing more to write.
+    let again =
+        keyrotation::emergency_rotate(&plan.ring, &Policy::default(), now, "old backup", &named)
+            .unwrap();
+    assert!(again.is_empty(), "{:?}", again.transitions);
+    assert_eq!(again.ring, plan.ring);
+}
+
+#[test]
+fn an_emergency_naming_an_unknown_key_changes_nothing() {
+    let (ring, _, _, now, _, _) = ring_with_a_retiring_key();
+    let named = Suspects::Keys(vec![Kid::parse("no-such-key").unwrap()]);
+    let err =
+        keyrotation::emergency_rotate(&ring, &Policy::default(), now, "typo", &named).unwrap_err();
+    assert!(
+        matches!(&err, KeyError::NotInRing(kid) if kid == "no-such-key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_emergency_naming_the_pending_key_discards_it_and_the_schedule_replaces_it() {
+    let policy = Policy::default();
+    let first = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let active = first.keys[0].clone();
+    let now = active.retire_at - DAY * 2;
+    let ring = keyrotation::plan(&first, &policy, now).unwrap().ring;
+    let pending = ring
+        .keys
+        .iter()
+        .find(|k| k.state_at(now) == KeyState::Next)
+        .unwrap()
+        .clone();
+    let plan = keyrotation::emergency_rotate(
+        &ring,
+        &policy,
+        now,
+        "exported by mistake",
+        &Suspects::Keys(vec![pending.kid.clone()]),
+    )
+    .unwrap();
+    assert!(plan.ring.key(&pending.kid).is_none());
+    assert_eq!(plan.ring.signing_key_at(now).unwrap().kid, active.kid);
+    // within the lead of the active key's retirement: a new next key was generated
+    let successor = plan
+        .ring
+        .keys
+        .iter()
+        .find(|k| k.state_at(now) == KeyState::Next)
+        .unwrap();
+    assert_ne!(successor.kid, pending.kid);
+    assert_eq!(successor.activate_at, active.retire_at);
 }
 
 #[test]

@@ -127,7 +127,13 @@ fn run(s: &Scenario) -> (Policy, Duration, Duration, History) {
         let plan: Plan = match op {
             Op::Plan => keyrotation::plan(&ring, &policy, now),
             Op::RotateNow => keyrotation::rotate_now(&ring, &policy, now),
-            Op::Emergency => keyrotation::emergency_rotate(&ring, &policy, now, "test"),
+            Op::Emergency => keyrotation::emergency_rotate(
+                &ring,
+                &policy,
+                now,
+                "test",
+                &keyrotation::Suspects::EveryVerifyingKey,
+            ),
         }
         .unwrap();
         ring = plan.ring;
