@@ -319,7 +319,7 @@ fn wrk(token: &str, url: &str) -> Report {
         "BENCH_WRK_THREADS",
         std::thread::available_parallelism().map_or(2, |n| n.get() as u64),
     );
-    let out = Command::new("wrk")
+    let out = support::wrk_command()
         .args([
             "-t",
             &threads.to_string(),

@@ -166,7 +166,7 @@ fn wrk(script: &std::path::Path, port: u16, path: &str) {
         std::thread::available_parallelism().map_or(2, |n| n.get() as u64),
     )
     .to_string();
-    let out = Command::new("wrk")
+    let out = support::wrk_command()
         .args([
             "-t",
             &threads,

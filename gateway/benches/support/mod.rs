@@ -9,6 +9,25 @@ pub fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The `wrk` command the benches run. `BENCH_WRK_SCHED=batch` starts it in the
+/// `SCHED_BATCH` class (`chrt`, util-linux): on the server's own cores it then waits for
+/// its turn instead of preempting the server each time an answer wakes it, as the
+/// config_watch load generator does by default. The default leaves wrk in the normal class.
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all run wrk"
+)]
+pub fn wrk_command() -> std::process::Command {
+    if std::env::var("BENCH_WRK_SCHED").as_deref() == Ok("batch") {
+        println!("wrk runs in the SCHED_BATCH class (BENCH_WRK_SCHED=batch)");
+        let mut c = std::process::Command::new("chrt");
+        c.args(["--batch", "0", "wrk"]);
+        c
+    } else {
+        std::process::Command::new("wrk")
+    }
+}
+
 /// Whether this run is `cargo test --benches` (or `BENCH_SKIP` is set): then skip.
 pub fn skipped() -> bool {
     std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some()
