@@ -10,6 +10,17 @@ use keyrotation::{
 
 use crate::common::{DAY, HOUR, claims, key_source_conformance, t0};
 
+/// A writing rotator over the ring file in `dir`, on `clock`.
+fn file_rotator(dir: &std::path::Path, clock: &ManualClock) -> Rotator {
+    Rotator::new(
+        Arc::new(FileKeySource::new(dir).unwrap()),
+        Keys::empty(),
+        Policy::default(),
+        RotationMode::InProcess,
+        Arc::new(clock.clone()),
+    )
+}
+
 #[tokio::test]
 async fn file_source_behaves_like_every_key_source() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,17 +100,7 @@ async fn a_corrupt_ring_file_is_reported_without_its_content() {
 async fn racing_rotators_on_one_file_write_each_change_once() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(t0());
-    let rotators: Vec<Rotator> = (0..3)
-        .map(|_| {
-            Rotator::new(
-                Arc::new(FileKeySource::new(dir.path()).unwrap()),
-                Keys::empty(),
-                Policy::default(),
-                RotationMode::InProcess,
-                Arc::new(clock.clone()),
-            )
-        })
-        .collect();
+    let rotators: Vec<Rotator> = (0..3).map(|_| file_rotator(dir.path(), &clock)).collect();
 
     for step in [time::Duration::ZERO, DAY * 23, DAY * 30, DAY * 60, DAY * 67] {
         clock.set(t0() + step);
@@ -127,13 +128,7 @@ async fn racing_rotators_on_one_file_write_each_change_once() {
 async fn rotator_over_a_file_creates_rotates_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(t0());
-    let rotator = Rotator::new(
-        Arc::new(FileKeySource::new(dir.path()).unwrap()),
-        Keys::empty(),
-        Policy::default(),
-        RotationMode::InProcess,
-        Arc::new(clock.clone()),
-    );
+    let rotator = file_rotator(dir.path(), &clock);
     let mut audit = rotator.subscribe();
 
     let first = rotator.reload_once().await.unwrap();
@@ -220,16 +215,10 @@ async fn a_read_only_rotator_never_writes_and_cannot_create_a_ring() {
 async fn rotate_now_on_a_second_instance_after_the_first_rotated_does_nothing_more() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(t0());
-    let instance = || {
-        Rotator::new(
-            Arc::new(FileKeySource::new(dir.path()).unwrap()),
-            Keys::empty(),
-            Policy::default(),
-            RotationMode::InProcess,
-            Arc::new(clock.clone()),
-        )
-    };
-    let (a, b) = (instance(), instance());
+    let (a, b) = (
+        file_rotator(dir.path(), &clock),
+        file_rotator(dir.path(), &clock),
+    );
     a.reload_once().await.unwrap();
     b.reload_once().await.unwrap();
     let shown = b.keys().status(clock.now()).active_kid.unwrap();

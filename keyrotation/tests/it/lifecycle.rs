@@ -296,17 +296,25 @@ fn rotate_now_without_a_pending_key_activates_a_fresh_one() {
     );
 }
 
-#[test]
-fn emergency_rotation_retires_the_compromised_key_at_once() {
-    let policy = Policy::default();
-    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+/// A first key two days before its retirement, with its successor published: the ring,
+/// the active key and the pending one.
+fn ring_with_a_pending_key(policy: &Policy) -> (KeyRing, KeyRecord, KeyRecord) {
+    let first = keyrotation::plan(&KeyRing::empty(), policy, t0())
         .unwrap()
         .ring;
-    let victim = ring.keys[0].clone();
-    let ring = keyrotation::plan(&ring, &policy, victim.retire_at - DAY * 2)
+    let active = first.keys[0].clone();
+    let ring = keyrotation::plan(&first, policy, active.retire_at - DAY * 2)
         .unwrap()
         .ring;
     let pending = ring.keys[1].clone();
+    assert_eq!(pending.state_at(active.retire_at - DAY * 2), KeyState::Next);
+    (ring, active, pending)
+}
+
+#[test]
+fn emergency_rotation_retires_the_compromised_key_at_once() {
+    let policy = Policy::default();
+    let (ring, victim, pending) = ring_with_a_pending_key(&policy);
     let now = victim.retire_at - DAY;
     let keys = Keys::from_ring(ring.clone(), None, now).unwrap();
     let stolen = keys.sign(&claims(now, HOUR), now).unwrap();
@@ -495,18 +503,8 @@ fn an_emergency_naming_an_unknown_key_changes_nothing() {
 #[test]
 fn an_emergency_naming_the_pending_key_discards_it_and_the_schedule_replaces_it() {
     let policy = Policy::default();
-    let first = keyrotation::plan(&KeyRing::empty(), &policy, t0())
-        .unwrap()
-        .ring;
-    let active = first.keys[0].clone();
+    let (ring, active, pending) = ring_with_a_pending_key(&policy);
     let now = active.retire_at - DAY * 2;
-    let ring = keyrotation::plan(&first, &policy, now).unwrap().ring;
-    let pending = ring
-        .keys
-        .iter()
-        .find(|k| k.state_at(now) == KeyState::Next)
-        .unwrap()
-        .clone();
     let plan = keyrotation::emergency_rotate(
         &ring,
         &policy,
