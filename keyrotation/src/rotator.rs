@@ -417,7 +417,9 @@ impl std::fmt::Debug for Rotator {
 }
 
 /// The keys an emergency acts on, named from the ring as loaded: "every verifying key"
-/// becomes the kids that verify now (unless none does, then the planner's own choice).
+/// becomes the kids that verify now and those waiting to sign (stored with them), unless
+/// none does (then the planner's own choice). Naming the waiting keys too keeps them
+/// suspect if a retry finds one of them activated meanwhile.
 fn name_suspects(asked: &Suspects, ring: &KeyRing, now: OffsetDateTime) -> Suspects {
     match asked {
         Suspects::EveryVerifyingKey => {
@@ -426,7 +428,10 @@ fn name_suspects(asked: &Suspects, ring: &KeyRing, now: OffsetDateTime) -> Suspe
                 .iter()
                 .filter(|k| {
                     k.compromised.is_none()
-                        && matches!(k.state_at(now), KeyState::Active | KeyState::Retiring)
+                        && matches!(
+                            k.state_at(now),
+                            KeyState::Next | KeyState::Active | KeyState::Retiring
+                        )
                 })
                 .map(|k| k.kid.clone())
                 .collect();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use keyrotation::{
     Clock, FileKeySource, KeyError, KeyRing, KeySource, KeyState, Keys, ManualClock, Policy,
-    RotationMode, Rotator, StoreOutcome, TransitionReason,
+    RotationMode, Rotator, StoreOutcome, Suspects, TransitionReason,
 };
 
 use crate::common::{DAY, HOUR, claims, key_source_conformance, t0};
@@ -248,4 +248,90 @@ async fn rotate_now_on_a_second_instance_after_the_first_rotated_does_nothing_mo
             .any(|t| t.kid == stored_active && t.to == Some(KeyState::Retired)),
         "{emergency:?}"
     );
+}
+
+/// A ring file on which another writer brings the rotation forward just before this
+/// instance's first write, so that the write conflicts and the rotator retries.
+struct RotatedUnderneath {
+    inner: FileKeySource,
+    at: time::OffsetDateTime,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl KeySource for RotatedUnderneath {
+    async fn load(&self) -> Result<Option<keyrotation::Versioned<KeyRing>>, KeyError> {
+        self.inner.load().await
+    }
+
+    async fn store(
+        &self,
+        ring: &KeyRing,
+        expected_version: Option<u64>,
+    ) -> Result<StoreOutcome, KeyError> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let stored = self.inner.load().await?.unwrap();
+            let other = keyrotation::rotate_now(&stored.value, &Policy::default(), self.at)?;
+            self.inner.store(&other.ring, Some(stored.version)).await?;
+        }
+        self.inner.store(ring, expected_version).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The keys an emergency retires are named from the ring it first loaded: a key that was
+/// waiting to sign then (stored with the others, so leaked with them) and that another
+/// instance activated before the retry is retired too.
+#[tokio::test]
+async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let writer = file_rotator(dir.path(), &clock);
+    writer.reload_once().await.unwrap();
+    let first = writer.keys().status(clock.now()).active_kid.unwrap();
+    let retire_at = writer.keys().ring().key(&first).unwrap().retire_at;
+    clock.set(retire_at - DAY * 2);
+    writer.reload_once().await.unwrap();
+    let waiting = writer
+        .keys()
+        .ring()
+        .keys
+        .iter()
+        .find(|k| k.state_at(clock.now()) == KeyState::Next)
+        .unwrap()
+        .kid
+        .clone();
+
+    let source = RotatedUnderneath {
+        inner: FileKeySource::new(dir.path()).unwrap(),
+        at: clock.now(),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    };
+    let operator = Rotator::new(
+        Arc::new(source),
+        Keys::empty(),
+        Policy::default(),
+        RotationMode::InProcess,
+        Arc::new(clock.clone()),
+    );
+    let out = operator
+        .emergency(
+            "ring read with a leaked token".to_owned(),
+            Suspects::EveryVerifyingKey,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.conflicts, 1);
+    let ring = operator.keys().ring();
+    for kid in [&first, &waiting] {
+        assert!(
+            ring.key(kid).unwrap().compromised.is_some(),
+            "{kid} not retired"
+        );
+    }
+    let signing = ring.signing_key_at(clock.now()).unwrap();
+    assert!(signing.kid != first && signing.kid != waiting);
 }
