@@ -250,11 +250,13 @@ async fn rotate_now_on_a_second_instance_after_the_first_rotated_does_nothing_mo
     );
 }
 
-/// A ring file on which another writer brings the rotation forward just before this
-/// instance's first write, so that the write conflicts and the rotator retries.
+/// A ring file on which another writer brings the rotation forward (or, with
+/// `emergency`, rotates in emergency) just before this instance's first write, so that
+/// the write conflicts and the rotator retries.
 struct RotatedUnderneath {
     inner: FileKeySource,
     at: time::OffsetDateTime,
+    emergency: bool,
     armed: std::sync::atomic::AtomicBool,
 }
 
@@ -271,7 +273,18 @@ impl KeySource for RotatedUnderneath {
     ) -> Result<StoreOutcome, KeyError> {
         if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             let stored = self.inner.load().await?.unwrap();
-            let other = keyrotation::rotate_now(&stored.value, &Policy::default(), self.at)?;
+            let policy = Policy::default();
+            let other = if self.emergency {
+                keyrotation::emergency_rotate(
+                    &stored.value,
+                    &policy,
+                    self.at,
+                    "the other operator",
+                    &Suspects::EveryVerifyingKey,
+                )?
+            } else {
+                keyrotation::rotate_now(&stored.value, &policy, self.at)?
+            };
             self.inner.store(&other.ring, Some(stored.version)).await?;
         }
         self.inner.store(ring, expected_version).await
@@ -285,11 +298,13 @@ impl KeySource for RotatedUnderneath {
 /// The keys an emergency retires are named from the ring it first loaded: a key that was
 /// waiting to sign then (stored with the others, so leaked with them) and that another
 /// instance activated before the retry is retired too.
-#[tokio::test]
-async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(t0());
-    let writer = file_rotator(dir.path(), &clock);
+/// A ring two days before its first key retires, its successor waiting: the rotator
+/// over it, the active kid and the waiting kid.
+async fn ring_with_a_waiting_key(
+    dir: &std::path::Path,
+    clock: &ManualClock,
+) -> (keyrotation::Kid, keyrotation::Kid) {
+    let writer = file_rotator(dir, clock);
     writer.reload_once().await.unwrap();
     let first = writer.keys().status(clock.now()).active_kid.unwrap();
     let retire_at = writer.keys().ring().key(&first).unwrap().retire_at;
@@ -304,18 +319,66 @@ async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting(
         .unwrap()
         .kid
         .clone();
+    (first, waiting)
+}
 
-    let source = RotatedUnderneath {
-        inner: FileKeySource::new(dir.path()).unwrap(),
-        at: clock.now(),
-        armed: std::sync::atomic::AtomicBool::new(true),
-    };
-    let operator = Rotator::new(
+fn operator_over(source: RotatedUnderneath, clock: &ManualClock) -> Rotator {
+    Rotator::new(
         Arc::new(source),
         Keys::empty(),
         Policy::default(),
         RotationMode::InProcess,
         Arc::new(clock.clone()),
+    )
+}
+
+/// Two operators declare the same compromise at once: the second's retry finds the keys
+/// it named retired (or discarded) by the first, and writes nothing more.
+#[tokio::test]
+async fn an_emergency_retried_after_another_emergency_writes_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let (first, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
+    let operator = operator_over(
+        RotatedUnderneath {
+            inner: FileKeySource::new(dir.path()).unwrap(),
+            at: clock.now(),
+            emergency: true,
+            armed: std::sync::atomic::AtomicBool::new(true),
+        },
+        &clock,
+    );
+    let out = operator
+        .emergency("the same leak".to_owned(), Suspects::EveryVerifyingKey)
+        .await
+        .unwrap();
+    assert_eq!(out.conflicts, 1);
+    assert!(out.transitions.is_empty(), "{:?}", out.transitions);
+    let ring = operator.keys().ring();
+    assert!(ring.key(&first).unwrap().compromised.is_some());
+    assert!(ring.key(&waiting).is_none());
+    // the other operator's fresh key signs
+    assert!(
+        ring.signing_key_at(clock.now())
+            .unwrap()
+            .compromised
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let (first, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
+    let operator = operator_over(
+        RotatedUnderneath {
+            inner: FileKeySource::new(dir.path()).unwrap(),
+            at: clock.now(),
+            emergency: false,
+            armed: std::sync::atomic::AtomicBool::new(true),
+        },
+        &clock,
     );
     let out = operator
         .emergency(
