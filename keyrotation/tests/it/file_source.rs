@@ -322,79 +322,63 @@ async fn ring_with_a_waiting_key(
     (first, waiting)
 }
 
-fn operator_over(source: RotatedUnderneath, clock: &ManualClock) -> Rotator {
-    Rotator::new(
-        Arc::new(source),
+/// On a ring with a waiting key, an instance declares every verifying key compromised
+/// while another writer's write (an emergency, or a rotation brought forward) lands just
+/// before its own: the outcome, the ring it then holds, the first and the waiting kid, and
+/// the instant.
+async fn emergency_over_another_writer(
+    other_emergency: bool,
+) -> (
+    keyrotation::ReloadOutcome,
+    KeyRing,
+    keyrotation::Kid,
+    keyrotation::Kid,
+    time::OffsetDateTime,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let (first, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
+    let operator = Rotator::new(
+        Arc::new(RotatedUnderneath {
+            inner: FileKeySource::new(dir.path()).unwrap(),
+            at: clock.now(),
+            emergency: other_emergency,
+            armed: std::sync::atomic::AtomicBool::new(true),
+        }),
         Keys::empty(),
         Policy::default(),
         RotationMode::InProcess,
         Arc::new(clock.clone()),
-    )
+    );
+    let out = operator
+        .emergency("a leak".to_owned(), Suspects::EveryVerifyingKey)
+        .await
+        .unwrap();
+    assert_eq!(out.conflicts, 1);
+    (out, operator.keys().ring(), first, waiting, clock.now())
 }
 
 /// Two operators declare the same compromise at once: the second's retry finds the keys
 /// it named retired (or discarded) by the first, and writes nothing more.
 #[tokio::test]
 async fn an_emergency_retried_after_another_emergency_writes_nothing_more() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(t0());
-    let (first, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
-    let operator = operator_over(
-        RotatedUnderneath {
-            inner: FileKeySource::new(dir.path()).unwrap(),
-            at: clock.now(),
-            emergency: true,
-            armed: std::sync::atomic::AtomicBool::new(true),
-        },
-        &clock,
-    );
-    let out = operator
-        .emergency("the same leak".to_owned(), Suspects::EveryVerifyingKey)
-        .await
-        .unwrap();
-    assert_eq!(out.conflicts, 1);
+    let (out, ring, first, waiting, now) = emergency_over_another_writer(true).await;
     assert!(out.transitions.is_empty(), "{:?}", out.transitions);
-    let ring = operator.keys().ring();
     assert!(ring.key(&first).unwrap().compromised.is_some());
     assert!(ring.key(&waiting).is_none());
     // the other operator's fresh key signs
-    assert!(
-        ring.signing_key_at(clock.now())
-            .unwrap()
-            .compromised
-            .is_none()
-    );
+    assert!(ring.signing_key_at(now).unwrap().compromised.is_none());
 }
 
 #[tokio::test]
 async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(t0());
-    let (first, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
-    let operator = operator_over(
-        RotatedUnderneath {
-            inner: FileKeySource::new(dir.path()).unwrap(),
-            at: clock.now(),
-            emergency: false,
-            armed: std::sync::atomic::AtomicBool::new(true),
-        },
-        &clock,
-    );
-    let out = operator
-        .emergency(
-            "ring read with a leaked token".to_owned(),
-            Suspects::EveryVerifyingKey,
-        )
-        .await
-        .unwrap();
-    assert_eq!(out.conflicts, 1);
-    let ring = operator.keys().ring();
+    let (_, ring, first, waiting, now) = emergency_over_another_writer(false).await;
     for kid in [&first, &waiting] {
         assert!(
             ring.key(kid).unwrap().compromised.is_some(),
             "{kid} not retired"
         );
     }
-    let signing = ring.signing_key_at(clock.now()).unwrap();
+    let signing = ring.signing_key_at(now).unwrap();
     assert!(signing.kid != first && signing.kid != waiting);
 }
