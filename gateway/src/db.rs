@@ -63,8 +63,6 @@ pub enum Pool {
 pub struct Database {
     pool: Pool,
     migrated: Arc<AtomicBool>,
-    /// Postgres connections opened once the schema is in place and kept while idle.
-    min_connections: u32,
 }
 
 impl Database {
@@ -97,7 +95,6 @@ impl Database {
         Ok(Self {
             pool,
             migrated: Arc::new(AtomicBool::new(false)),
-            min_connections: config.min_connections,
         })
     }
 
@@ -142,8 +139,8 @@ impl Database {
     /// made now is made on demand, as before.
     async fn warm(&self) {
         if let Pool::Postgres(p) = &self.pool {
-            let held =
-                futures::future::join_all((0..self.min_connections).map(|_| p.acquire())).await;
+            let min = p.options().get_min_connections();
+            let held = futures::future::join_all((0..min).map(|_| p.acquire())).await;
             let opened = held.iter().filter(|c| c.is_ok()).count();
             tracing::debug!(opened, "database pool warmed");
         }

@@ -143,6 +143,17 @@ pub enum Suspects {
     Keys(Vec<Kid>),
 }
 
+impl Suspects {
+    /// The suspects an operator names: the one key `kid` when given (refused with
+    /// [`KeyError::InvalidKid`] when it is not a key id), else every verifying key.
+    pub fn named(kid: Option<&str>) -> Result<Self, KeyError> {
+        Ok(match kid {
+            Some(kid) => Self::Keys(vec![Kid::parse(kid)?]),
+            None => Self::EveryVerifyingKey,
+        })
+    }
+}
+
 /// Emergency rotation after a key compromise. Each suspect key that verifies is retired at
 /// once (flagged compromised, gone from JWKS, verifying nothing); a suspect key still
 /// waiting to sign is discarded. When the active key is among them, every pending next key,

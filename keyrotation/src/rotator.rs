@@ -305,26 +305,19 @@ impl Rotator {
                 Action::Rotate {
                     emergency: Some((note, asked)),
                 } => {
-                    let first_attempt = suspects.is_none();
-                    let fixed = suspects.get_or_insert_with(|| name_suspects(asked, &ring, now));
                     // On a retry, a named key another writer discarded meanwhile (a waiting
                     // key, by its own emergency) needs nothing more; only the first ring
                     // loaded is where an unknown kid is the operator's mistake.
-                    let still_held = match fixed {
-                        Suspects::Keys(kids) if !first_attempt => Suspects::Keys(
-                            kids.iter()
-                                .filter(|k| ring.key(k).is_some())
-                                .cloned()
-                                .collect(),
-                        ),
-                        named => named.clone(),
-                    };
+                    if let Some(Suspects::Keys(kids)) = &mut suspects {
+                        kids.retain(|k| ring.key(k).is_some());
+                    }
+                    let fixed = suspects.get_or_insert_with(|| name_suspects(asked, &ring, now));
                     Some(crate::emergency_rotate(
                         &ring,
                         &self.inner.policy,
                         now,
                         note,
-                        &still_held,
+                        fixed,
                     )?)
                 }
                 Action::Rotate { emergency: None } => {

@@ -99,19 +99,14 @@ pub async fn rotate_keys(
             "an emergency rotation needs a reason (1 to 500 characters)",
         ));
     }
-    let suspects = match (&req.kid, req.emergency) {
-        (None, _) => keyrotation::Suspects::EveryVerifyingKey,
-        (Some(_), false) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "kid names a compromised key: it goes with \"emergency\": true",
-            ));
-        }
-        (Some(kid), true) => keyrotation::Suspects::Keys(vec![
-            keyrotation::Kid::parse(kid)
-                .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?,
-        ]),
-    };
+    if req.kid.is_some() && !req.emergency {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "kid names a compromised key: it goes with \"emergency\": true",
+        ));
+    }
+    let suspects = keyrotation::Suspects::named(req.kid.as_deref())
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
     let emergency = if req.emergency { reason.clone() } else { None };
     let outcome = state
         .keys

@@ -364,12 +364,8 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
                     .reload_once()
                     .await
                     .map_err(|e| e.to_string())?;
-                let suspects = match kid {
-                    Some(kid) => keyrotation::Suspects::Keys(vec![
-                        keyrotation::Kid::parse(&kid).map_err(|e| e.to_string())?,
-                    ]),
-                    None => keyrotation::Suspects::EveryVerifyingKey,
-                };
+                let suspects =
+                    keyrotation::Suspects::named(kid.as_deref()).map_err(|e| e.to_string())?;
                 let note = emergency.then(|| (reason.clone().unwrap_or_default(), suspects));
                 let action = if emergency {
                     "key.rotate.emergency"
