@@ -115,6 +115,7 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
              shutdown_grace = \"10s\"\n\
              [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
              [database]\nurl = \"postgres://p@127.0.0.1:{db_port}/p\"\nacquire_timeout = \"30s\"\n\
+             min_connections = 0\n\
              [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"file\"\nfile_dir = \"{}\"\n",
             cert.display(),
             key.display(),
@@ -127,7 +128,8 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
     wait_for_port(admin_addr).await;
 
     // the migration task holds the first database connection; the readiness probe opens
-    // the second, which is how we know the request is in flight
+    // the second, which is how we know the request is in flight (`min_connections = 0`
+    // above: the pool opens no connection of its own in the background)
     accepted.recv().await.unwrap();
     let client = reqwest::Client::new();
     let probe = tokio::spawn(async move {
