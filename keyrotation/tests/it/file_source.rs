@@ -295,11 +295,8 @@ impl KeySource for RotatedUnderneath {
     }
 }
 
-/// The keys an emergency retires are named from the ring it first loaded: a key that was
-/// waiting to sign then (stored with the others, so leaked with them) and that another
-/// instance activated before the retry is retired too.
-/// A ring two days before its first key retires, its successor waiting: the rotator
-/// over it, the active kid and the waiting kid.
+/// Writes a ring two days before its first key retires, its successor waiting, into
+/// `dir`: the active kid and the waiting kid.
 async fn ring_with_a_waiting_key(
     dir: &std::path::Path,
     clock: &ManualClock,
@@ -370,6 +367,9 @@ async fn an_emergency_retried_after_another_emergency_writes_nothing_more() {
     assert!(ring.signing_key_at(now).unwrap().compromised.is_none());
 }
 
+/// The keys an emergency retires are named from the ring it first loaded: a key that was
+/// waiting to sign then (stored with the others, so leaked with them) and that another
+/// instance activated before the retry is retired too.
 #[tokio::test]
 async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting() {
     let (_, ring, first, waiting, now) = emergency_over_another_writer(false).await;
