@@ -112,7 +112,13 @@ async fn token_endpoint() {
     println!(
         "== Portcullis: client_credentials, ES256, TLS keep-alive, {connections} connections, {seconds}s"
     );
-    wrk(&script, addr.port(), "/oauth2/token");
+    let postgres = support::NamedCpu::start("postgres");
+    let requests = wrk(&script, addr.port(), "/oauth2/token");
+    // read before audit_backlog's counting queries add their own
+    println!(
+        "Postgres CPU per token (every backend, during the load): {:.1} µs",
+        postgres.seconds() * 1e6 / requests.max(1) as f64
+    );
     audit_backlog(&state).await;
 }
 
@@ -155,7 +161,7 @@ async fn audit_backlog(state: &portcullis::state::AppState) {
 /// Runs wrk with one thread per core and prints its report, with the CPU time the server
 /// listening on `port` spent per request (every process holding the socket; for Portcullis
 /// this bench's process — the Postgres backends writing the audit trail are not in it).
-fn wrk(script: &std::path::Path, port: u16, path: &str) {
+fn wrk(script: &std::path::Path, port: u16, path: &str) -> u64 {
     let url = format!("https://127.0.0.1:{port}{path}");
     let server = support::ServerCpu::start(port);
     let seconds = env_or("BENCH_SECONDS", 10);
@@ -189,6 +195,7 @@ fn wrk(script: &std::path::Path, port: u16, path: &str) {
         server.micros_per(requests),
         server.seconds()
     );
+    requests
 }
 
 /// The same load against the Node `oidc-provider` of the test harness, configured for

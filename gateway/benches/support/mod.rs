@@ -78,6 +78,52 @@ impl ServerCpu {
     }
 }
 
+/// The CPU time every process named `comm` spends from the moment this is made, those
+/// started meanwhile included (their whole time): the Postgres backends appending the
+/// audit trail, which a bench's server CPU leaves out.
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all read CPU times"
+)]
+pub struct NamedCpu {
+    comm: &'static str,
+    start: std::collections::HashMap<u32, f64>,
+}
+
+#[allow(dead_code)]
+impl NamedCpu {
+    /// Starts counting for the processes named `comm`.
+    pub fn start(comm: &'static str) -> Self {
+        let start = named(comm)
+            .into_iter()
+            .map(|pid| (pid, cpu_seconds(&[pid])))
+            .collect();
+        Self { comm, start }
+    }
+
+    /// The CPU time spent since the start, in seconds (exited processes' time is lost).
+    pub fn seconds(&self) -> f64 {
+        named(self.comm)
+            .into_iter()
+            .map(|pid| cpu_seconds(&[pid]) - self.start.get(&pid).copied().unwrap_or(0.0))
+            .sum()
+    }
+}
+
+/// The processes whose command name is `comm`.
+#[allow(dead_code)]
+fn named(comm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
 /// The requests a wrk report says it completed ("  329345 requests in 10.01s, …").
 #[allow(
     dead_code,
