@@ -20,8 +20,11 @@ bash scripts/install-prereqs.sh
 # servers the tests start are not starved.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
 
-# The end-to-end suites run the `portcullis` binary; build it before any test starts.
-cargo build --workspace --bins
+# Build every test, and with them the `portcullis` binary the end-to-end suites and the
+# API contract run, before any test starts. `cargo test` builds it with the features the
+# tests unify, so it is compiled once (a separate `cargo build --bins` resolves the
+# dependencies' features without the dev-dependencies and compiles ~60 crates twice).
+cargo test --workspace --no-run
 cargo test --workspace --no-fail-fast "$@"
 
 # the running API against its reference, docs/api/openapi.json (schemathesis)
