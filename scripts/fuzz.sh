@@ -5,10 +5,11 @@
 # (default: all).
 #
 # The targets are a member of the workspace and build in its dev profile, so they share
-# the test build's compiled dependencies: only our own crates are compiled again, with
-# libFuzzer's coverage instrumentation (scripts/fuzz-rustc, cargo's
-# RUSTC_WORKSPACE_WRAPPER). On a 2-core machine that is a few minutes instead of the
-# quarter of an hour an instrumented build of every dependency takes (cargo-fuzz's way).
+# most of the test build's compiled dependencies (those used with other features are
+# compiled again); our own crates are compiled again with libFuzzer's coverage
+# instrumentation (scripts/fuzz-rustc, cargo's RUSTC_WORKSPACE_WRAPPER). In a cold CI run
+# on a 2-core machine that took 3 minutes, against 11 for an instrumented build of every
+# dependency (cargo-fuzz's way); docs/security.md says what that trades.
 # No sanitizer is needed: Rust code crashes without AddressSanitizer on a panic, an
 # overflow (checks are on in this profile) or running out of memory.
 #
