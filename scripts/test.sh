@@ -22,8 +22,9 @@ export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
 
 # Build every test, and with them the `portcullis` binary the end-to-end suites and the
 # API contract run, before any test starts. `cargo test` builds it with the features the
-# tests unify, so it is compiled once (a separate `cargo build --bins` resolves the
-# dependencies' features without the dev-dependencies and compiles ~60 crates twice).
+# tests unify, so it is compiled once (the separate `cargo build --bins` this script ran
+# before resolved the dependencies' features without the dev-dependencies, and ~34 crates
+# were compiled twice).
 cargo test --workspace --no-run
 cargo test --workspace --no-fail-fast "$@"
 
