@@ -35,21 +35,21 @@ if [ ${#targets[@]} -eq 0 ]; then
   done
 fi
 
-log "building ${targets[*]} (instrumented: our crates; shared: every dependency)"
+log "building ${targets[*]} (our crates instrumented, dependencies shared with the tests where their features match)"
 RUSTC_WORKSPACE_WRAPPER="$root/scripts/fuzz-rustc" cargo build -p portcullis-fuzz --bins
 
-mkdir -p "$target_dir/fuzz"
 for t in "${targets[@]}"; do
   mkdir -p "$corpus/$t" "fuzz/artifacts/$t"
+  out="$target_dir/fuzz/$t.log"
   log "$t: ${seconds}s"
   # -rss_limit_mb: an input that makes a parser allocate without bound is a crash too
   if ! "$target_dir/debug/$t" -artifact_prefix="fuzz/artifacts/$t/" \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-    "$corpus/$t" "fuzz/seeds/$t" >"$target_dir/fuzz/$t.log" 2>&1; then
-    tail -n 60 "$target_dir/fuzz/$t.log"
+    "$corpus/$t" "fuzz/seeds/$t" >"$out" 2>&1; then
+    tail -n 60 "$out"
     log "$t: FAILED; the input is in fuzz/artifacts/$t/"
     exit 1
   fi
-  grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb)|Done [0-9]+ runs' "$target_dir/fuzz/$t.log" || true
+  grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb)|Done [0-9]+ runs' "$out" || true
 done
 log "no crash in ${#targets[@]} targets"
