@@ -38,8 +38,9 @@ pub(super) enum AuditCommand {
         /// Exact actor (`client:svc-orders`, `user:alice`, …).
         #[arg(long)]
         actor: Option<String>,
-        /// Exact target (a client id, a kid, `prod/executor-orders`, …).
-        #[arg(long = "target", value_name = "TARGET")]
+        /// Exact target (a client id, a kid, `prod/executor-orders`, …); a kid may begin
+        /// with `-`.
+        #[arg(long = "target", value_name = "TARGET", allow_hyphen_values = true)]
         on: Option<String>,
         /// Records at or after this instant (RFC 3339).
         #[arg(long)]

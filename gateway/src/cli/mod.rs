@@ -89,7 +89,8 @@ enum KeysCommand {
         #[arg(long)]
         reason: Option<String>,
         /// With --emergency: only this key is compromised (its id, as `keys status` shows).
-        #[arg(long, requires = "emergency")]
+        /// Key ids are base64url, so one may begin with `-`: taken as the value, not a flag.
+        #[arg(long, requires = "emergency", allow_hyphen_values = true)]
         kid: Option<String>,
     },
 }
@@ -480,5 +481,31 @@ fn print_status(status: &keyrotation::RingStatus, json: bool) {
                 .as_ref()
                 .map_or(String::new(), |r| format!("  COMPROMISED: {r}")),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kid_that_begins_with_a_hyphen_is_the_value_of_kid() {
+        let cli = Cli::try_parse_from([
+            "portcullis",
+            "keys",
+            "rotate",
+            "--emergency",
+            "--reason",
+            "leaked",
+            "--kid",
+            "-fQ1x",
+            "--dev",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Keys(KeysCommand::Rotate { kid, target, .. }) = cli.command else {
+            panic!("not keys rotate: {cli:?}");
+        };
+        assert_eq!(kid.as_deref(), Some("-fQ1x"));
+        assert!(target.dev, "the flag after the kid was still read");
     }
 }
