@@ -17,7 +17,11 @@
 //! error answer, so a front that refused the token cannot look fast. Besides throughput
 //! and latency, each front's own CPU time per request is read from `/proc` (every
 //! process holding its listening socket; for Portcullis, this bench's process): a figure
-//! the run-to-run noise of a shared 2-core machine moves far less. Results go to stdout;
+//! the run-to-run noise of a shared 2-core machine moves far less. A fourth front is the
+//! floor of Portcullis's own stack (`support::floor::proxy`: tokio, rustls and hyper
+//! forwarding, served the way Portcullis serves, with no token check or header work), so
+//! that each run also says how much of the gap to nginx is the stack's and how much is
+//! Portcullis's. Results go to stdout;
 //! copy them into docs/benchmarks.md with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -160,13 +164,35 @@ async fn run(workers: usize) {
     .unwrap();
     let haproxy = Haproxy::start(&haproxy_cfg, haproxy_port);
 
+    // the stack's floor: tokio, rustls and hyper forwarding with none of Portcullis's work
+    let floor_addr = support::floor::proxy(
+        &cert,
+        &key,
+        workers,
+        format!("127.0.0.1:{upstream_port}").parse().unwrap(),
+        support::floor::Stack::Bare,
+    );
+    let framework_addr = support::floor::proxy(
+        &cert,
+        &key,
+        workers,
+        format!("127.0.0.1:{upstream_port}").parse().unwrap(),
+        support::floor::Stack::Framework,
+    );
+
     // each front must pass the token through (and HAProxy must refuse a bad one)
     let http = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .no_proxy()
         .build()
         .unwrap();
-    for port in [portcullis_addr.port(), nginx_port, haproxy_port] {
+    for port in [
+        portcullis_addr.port(),
+        nginx_port,
+        haproxy_port,
+        floor_addr.port(),
+        framework_addr.port(),
+    ] {
         let r = http
             .get(format!("https://127.0.0.1:{port}{PATH}"))
             .bearer_auth(&token)
@@ -201,6 +227,8 @@ async fn run(workers: usize) {
         ("nginx, no auth", nginx_port),
         ("HAProxy 2.6, jwt_verify ES256", haproxy_port),
         ("Portcullis, full validation", portcullis_addr.port()),
+        ("floor: hyper + rustls, no auth", floor_addr.port()),
+        ("floor + axum and tower-http layers", framework_addr.port()),
     ] {
         // the front's own CPU time: what it costs per request, whatever the machine's
         // noise does to the throughput of one run

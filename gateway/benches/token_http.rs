@@ -9,7 +9,10 @@
 //! The server runs in this process on a multi-threaded runtime; the load comes from `wrk`
 //! (one thread per core, `BENCH_CONNECTIONS` keep-alive connections) on the same machine,
 //! so the figures include the load generator's share of the CPU. Postgres and Redis are
-//! real servers started by the test harness. Results go to stdout; copy them into
+//! real servers started by the test harness. After Portcullis, the same load goes to the
+//! floor of its stack (`support::floor::token`: tokio, rustls and hyper around the same
+//! signature, with no client authentication or audit record), the least any server built
+//! from these parts spends per token here. Results go to stdout; copy them into
 //! docs/benchmarks.md with the machine and date.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -120,6 +123,21 @@ async fn token_endpoint() {
         postgres.seconds() * 1e6 / requests.max(1) as f64
     );
     audit_backlog(&state).await;
+
+    // the stack's floor: the same signature and TLS with none of the endpoint's other work
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let floor = support::floor::token(
+        &cert,
+        &key,
+        workers,
+        state.keys.clone(),
+        state.config.issuer(),
+    );
+    println!(
+        "== floor: hyper + rustls signing a token per request ({workers} workers; no client \
+         authentication, no audit record)"
+    );
+    wrk(&script, floor.port(), "/oauth2/token");
 }
 
 /// How the audit trail kept up with the load: the `token.issue` records stored once the

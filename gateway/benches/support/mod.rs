@@ -1,6 +1,12 @@
 //! What the HTTP benches share: their knobs come from the environment, and `cargo test
 //! --benches` runs them once as tests, when they do nothing.
 
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all compare with the floor"
+)]
+pub mod floor;
+
 /// The number in the environment variable `name`, or `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
