@@ -23,7 +23,12 @@ use tower_http::trace::TraceLayer;
 
 use crate::authn::BearerAuth;
 use crate::config_api;
-use crate::edge::{EdgeLayer, GuardLayer};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use tower::Layer as _;
+
+use crate::edge::{EdgeLayer, Guard, GuardLayer};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry;
@@ -92,6 +97,9 @@ pub fn router(state: AppState) -> Router {
     let proxy = state.proxy.clone();
     // the login endpoints share one per-IP bucket: a flood of logins, callbacks or
     // probes of /auth/me is refused before any provider or store is asked
+    // after routing, on every route: the body limit (the proxy's own for what it
+    // forwards), the CSRF check, per-route metrics and the span's name
+    let guard = GuardLayer::new(max_body, public_origin, proxy.clone(), request_timeout);
     let auth = Router::new()
         .route("/login", get(sso::handlers::login))
         .route("/callback", get(sso::handlers::callback))
@@ -125,15 +133,15 @@ pub fn router(state: AppState) -> Router {
         // everything else: forwarded to the admin cluster when a proxy route covers it,
         // 404 otherwise
         .fallback(crate::proxy::handle)
-        // after routing, on every route: the body limit (the proxy's own for what it
-        // forwards), the CSRF check, per-route metrics and the span's name
-        .layer(GuardLayer::new(
-            max_body,
-            public_origin,
-            proxy,
-            request_timeout,
-        ))
-        .with_state(state);
+        .layer(guard.clone())
+        .with_state(state.clone());
+    // a request outside the paths Portcullis serves itself can only be the proxy's: it
+    // skips the router (and its per-route boxing) for the same guard and handler the
+    // router's fallback would have given it
+    let dispatch = Dispatch {
+        proxied: proxy.is_some().then(|| guard.layer(Forward(state))),
+        own: routes,
+    };
     // Everything that does not need the route runs around the router, composed once:
     // `Router::layer` would box each of these around every route and clone it per call.
     // The first layer listed is the first a request meets.
@@ -163,8 +171,75 @@ pub fn router(state: AppState) -> Router {
         ))
         // a client that stalls while sending its body is cut off
         .layer(RequestBodyTimeoutLayer::new(request_timeout))
-        .service(routes);
+        .service(dispatch);
     Router::new().fallback_service(stack)
+}
+
+/// Whether Portcullis serves `path` itself: `/` and everything under the prefixes no proxy
+/// route may overlap (`proxy::settings`), which hold every public route.
+fn served_here(path: &str) -> bool {
+    path == "/"
+        || crate::proxy::settings::RESERVED_PREFIXES
+            .iter()
+            .any(|p| path.starts_with(p))
+}
+
+/// Sends a request for a path Portcullis serves itself to its router, and any other to
+/// the proxy's handler behind the route guard: what the router's fallback does, without
+/// the router.
+#[derive(Clone)]
+struct Dispatch {
+    own: Router,
+    /// `None` when no proxy is configured: then everything goes to the router.
+    proxied: Option<Guard<Forward>>,
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for Dispatch
+where
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures::future::Either<
+        <Router as tower::Service<Request>>::Future,
+        <Guard<Forward> as tower::Service<Request>>::Future,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // both are always ready (the router and the guard around a handler)
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        use futures::future::Either;
+        let req = req.map(Body::new);
+        match &mut self.proxied {
+            Some(proxied) if !served_here(req.uri().path()) => {
+                Either::Right(tower::Service::call(proxied, req))
+            }
+            _ => Either::Left(tower::Service::call(&mut self.own, req)),
+        }
+    }
+}
+
+/// The proxy's handler as a service.
+#[derive(Clone)]
+struct Forward(AppState);
+
+impl tower::Service<Request> for Forward {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move { Ok(crate::proxy::handle(State(state), req).await) })
+    }
 }
 
 /// The config center's routes; every one needs a bearer token, and each handler checks
@@ -346,5 +421,27 @@ impl MakeRequestId for NewRequestId {
         axum::http::HeaderValue::from_str(id)
             .ok()
             .map(RequestId::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_public_route_is_served_here_and_nothing_next_to_them_is() {
+        // a public route outside `served_here` would be sent to the proxy, not answered
+        for (_, path) in PUBLIC_ROUTES {
+            assert!(served_here(path), "{path} would bypass the router");
+        }
+        for path in [
+            "/api/jobs",
+            "/oauth2",
+            "/authx/login",
+            "/config/v2/x",
+            "//oauth2/token",
+        ] {
+            assert!(!served_here(path), "{path}");
+        }
     }
 }

@@ -9,8 +9,10 @@ use axum::http::{Method, Uri};
 use serde::Deserialize;
 
 /// Paths Portcullis serves itself; a proxy route under one of them would be confusing at
-/// best (some requests answered here, some forwarded) and is refused.
-const RESERVED_PREFIXES: &[&str] = &["/oauth2/", "/auth/", "/config/v1/", "/.well-known/"];
+/// best (some requests answered here, some forwarded) and is refused. Together with `/`
+/// they hold every public route, so a request outside them goes to the proxy without
+/// passing the router (`routes::Dispatch`).
+pub const RESERVED_PREFIXES: &[&str] = &["/oauth2/", "/auth/", "/config/v1/", "/.well-known/"];
 
 /// `[proxy]`
 #[derive(Debug, Clone, Deserialize)]
