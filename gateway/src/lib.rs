@@ -35,6 +35,7 @@ pub mod proxy;
 pub mod readiness;
 pub mod redis_store;
 pub mod refresh;
+pub mod request_span;
 pub mod routes;
 pub mod runtime;
 pub mod server;

@@ -19,7 +19,6 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::authn::BearerAuth;
 use crate::config_api;
@@ -30,6 +29,7 @@ use tower::Layer as _;
 
 use crate::edge::{EdgeLayer, Guard, GuardLayer};
 use crate::error::ApiError;
+use crate::request_span::RequestSpanLayer;
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -155,7 +155,7 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, NewRequestId))
         // one span per request with its id; headers and bodies are never recorded, as
         // they carry credentials
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(RequestSpanLayer::new(request_span))
         // echo the id on the response, including on errors made by inner layers
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // a panic in a handler becomes an opaque 500, not a dropped connection
