@@ -177,19 +177,21 @@ impl Node {
     }
 
     /// Whether the node may get a request now.
-    fn available(&self, now: Instant) -> bool {
+    /// Whether the node may get traffic; the clock (`now`) is read only for a node that
+    /// failed lately.
+    fn available(&self, now: impl FnOnce() -> Instant) -> bool {
         if self.active_down.load(Ordering::Relaxed) {
             return false;
         }
         if !self.troubled.load(Ordering::Acquire) {
             return true;
         }
-        self.passive().down_until.is_none_or(|until| now >= until)
+        self.passive().down_until.is_none_or(|until| now() >= until)
     }
 
     /// Whether the node is counted healthy (the gauge's value).
     pub fn healthy(&self) -> bool {
-        self.available(Instant::now())
+        self.available(Instant::now)
     }
 
     fn set_gauge(&self, up: bool) {
@@ -201,7 +203,7 @@ impl Node {
         self.metrics.duration.record(elapsed.as_secs_f64());
     }
 
-    fn record(&self, outcome: Outcome, health: &HealthSettings, now: Instant) {
+    fn record(&self, outcome: Outcome, health: &HealthSettings, now: impl FnOnce() -> Instant) {
         self.metrics.outcomes[outcome as usize].increment(1);
         if !outcome.is_failure() && !self.troubled.load(Ordering::Acquire) {
             // the usual case: nothing to reset
@@ -221,6 +223,7 @@ impl Node {
         p.consecutive_failures = p.consecutive_failures.saturating_add(1);
         self.troubled.store(true, Ordering::Release);
         if p.consecutive_failures >= health.failures {
+            let now = now();
             let first = p.down_until.is_none_or(|until| now >= until);
             p.down_until = Some(now + health.cooldown);
             drop(p);
@@ -308,10 +311,10 @@ impl Upstreams {
     /// The next node in turn that may get traffic, skipping `exclude` (the node a retry
     /// must avoid).
     pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
-        self.pick_at(exclude, Instant::now())
+        self.pick_at(exclude, Instant::now)
     }
 
-    fn pick_at(&self, exclude: Option<usize>, now: Instant) -> Option<usize> {
+    fn pick_at(&self, exclude: Option<usize>, now: impl Fn() -> Instant) -> Option<usize> {
         let n = self.nodes.len();
         if n == 0 {
             return None;
@@ -322,15 +325,15 @@ impl Upstreams {
         (0..n)
             .map(|i| (start + i) % n)
             .filter(|i| Some(*i) != exclude)
-            .find(|i| self.nodes[*i].available(now))
+            .find(|i| self.nodes[*i].available(&now))
     }
 
     /// Records how an attempt on node `index` ended.
     pub fn record(&self, index: usize, outcome: Outcome) {
-        self.record_at(index, outcome, Instant::now());
+        self.record_at(index, outcome, Instant::now);
     }
 
-    fn record_at(&self, index: usize, outcome: Outcome, now: Instant) {
+    fn record_at(&self, index: usize, outcome: Outcome, now: impl FnOnce() -> Instant) {
         if let Some(node) = self.nodes.get(index) {
             node.record(outcome, &self.health, now);
         }
@@ -431,16 +434,19 @@ mod tests {
     fn after_the_cooldown_one_request_tries_again_and_one_failure_ends_it() {
         let u = two(2, Duration::from_secs(10));
         let t0 = Instant::now();
-        u.record_at(0, Outcome::ConnectError, t0);
-        u.record_at(0, Outcome::ConnectError, t0);
-        assert!(!u.nodes()[0].available(t0 + Duration::from_secs(9)));
+        u.record_at(0, Outcome::ConnectError, || t0);
+        u.record_at(0, Outcome::ConnectError, || t0);
+        assert!(!u.nodes()[0].available(|| t0 + Duration::from_secs(9)));
         let later = t0 + Duration::from_secs(11);
-        assert!(u.nodes()[0].available(later));
-        u.record_at(0, Outcome::ConnectError, later);
-        assert!(!u.nodes()[0].available(later + Duration::from_secs(1)));
-        u.record_at(0, Outcome::Ok, later + Duration::from_secs(30));
-        assert!(u.nodes()[0].available(later + Duration::from_secs(30)));
-        assert_eq!(u.pick_at(Some(1), later + Duration::from_secs(30)), Some(0));
+        assert!(u.nodes()[0].available(|| later));
+        u.record_at(0, Outcome::ConnectError, || later);
+        assert!(!u.nodes()[0].available(|| later + Duration::from_secs(1)));
+        u.record_at(0, Outcome::Ok, || later + Duration::from_secs(30));
+        assert!(u.nodes()[0].available(|| later + Duration::from_secs(30)));
+        assert_eq!(
+            u.pick_at(Some(1), || later + Duration::from_secs(30)),
+            Some(0)
+        );
     }
 
     #[test]
