@@ -141,8 +141,8 @@ pub fn token(
 pub enum Stack {
     /// hyper calls the forwarding directly.
     Bare,
-    /// An axum `Router` whose fallback forwards, behind the tower-http layers Portcullis
-    /// runs around its router (request id, trace span, panic catcher, timeouts).
+    /// An axum `Router` whose fallback forwards, behind the layers Portcullis runs
+    /// around its router (request id, request span, panic catcher, timeouts).
     Framework,
 }
 
@@ -173,7 +173,9 @@ pub fn proxy(
                 });
             let stack = tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(id.clone(), MakeRequestUuid))
-                .layer(tower_http::trace::TraceLayer::new_for_http())
+                .layer(portcullis::request_span::RequestSpanLayer::new(
+                    |_: &axum::extract::Request| tracing::info_span!("request"),
+                ))
                 .layer(PropagateRequestIdLayer::new(id))
                 .layer(tower_http::catch_panic::CatchPanicLayer::new())
                 .layer(tower_http::timeout::TimeoutLayer::with_status_code(
