@@ -164,21 +164,12 @@ async fn run(workers: usize) {
     .unwrap();
     let haproxy = Haproxy::start(&haproxy_cfg, haproxy_port);
 
-    // the stack's floor: tokio, rustls and hyper forwarding with none of Portcullis's work
-    let floor_addr = support::floor::proxy(
-        &cert,
-        &key,
-        workers,
-        format!("127.0.0.1:{upstream_port}").parse().unwrap(),
-        support::floor::Stack::Bare,
-    );
-    let framework_addr = support::floor::proxy(
-        &cert,
-        &key,
-        workers,
-        format!("127.0.0.1:{upstream_port}").parse().unwrap(),
-        support::floor::Stack::Framework,
-    );
+    // the stack's floor: tokio, rustls and hyper forwarding with none of Portcullis's
+    // work, bare and behind the framework Portcullis runs
+    let upstream_addr = format!("127.0.0.1:{upstream_port}").parse().unwrap();
+    let floor = |stack| support::floor::proxy(&cert, &key, workers, upstream_addr, stack);
+    let floor_addr = floor(support::floor::Stack::Bare);
+    let framework_addr = floor(support::floor::Stack::Framework);
 
     // each front must pass the token through (and HAProxy must refuse a bad one)
     let http = reqwest::Client::builder()
