@@ -72,7 +72,7 @@ where
         };
         SpanFuture {
             inner,
-            span: Some(span),
+            span,
             arrived,
         }
     }
@@ -83,7 +83,7 @@ pin_project_lite::pin_project! {
     pub struct SpanFuture<F> {
         #[pin]
         inner: F,
-        span: Option<Span>,
+        span: Span,
         arrived: Option<Instant>,
     }
 }
@@ -96,23 +96,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let span = this.span.take().unwrap_or_else(Span::none);
         let result = {
-            let _entered = span.enter();
-            match this.inner.poll(cx) {
-                Poll::Pending => None,
-                Poll::Ready(result) => {
-                    if let Ok(response) = &result {
-                        head_ready(response.status(), *this.arrived);
-                    }
-                    Some(result)
-                }
+            let _entered = this.span.enter();
+            let result = ready!(this.inner.poll(cx));
+            if let Ok(response) = &result {
+                head_ready(response.status(), *this.arrived);
             }
+            result
         };
-        let Some(result) = result else {
-            *this.span = Some(span);
-            return Poll::Pending;
-        };
+        // the body holds the span from here on
+        let span = std::mem::replace(this.span, Span::none());
         Poll::Ready(result.map(|response| response.map(|inner| SpanBody { inner, span })))
     }
 }

@@ -1,6 +1,9 @@
 //! The two routers: the public HTTPS one and the admin (ops) one. Built by plain
 //! functions so tests can drive them with `oneshot` as well as over real sockets.
 
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -13,6 +16,7 @@ use axum::routing::{get, post};
 use crate::oauth;
 use crate::sso;
 use serde_json::json;
+use tower::Layer as _;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
@@ -22,11 +26,6 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 use crate::authn::BearerAuth;
 use crate::config_api;
-use std::convert::Infallible;
-use std::task::{Context, Poll};
-
-use tower::Layer as _;
-
 use crate::edge::{EdgeLayer, Guard, GuardLayer};
 use crate::error::ApiError;
 use crate::request_span::RequestSpanLayer;
@@ -95,11 +94,11 @@ pub fn router(state: AppState) -> Router {
     let trusted = protection.trusted();
     let public_origin = origin_of(&server.public_url);
     let proxy = state.proxy.clone();
-    // the login endpoints share one per-IP bucket: a flood of logins, callbacks or
-    // probes of /auth/me is refused before any provider or store is asked
     // after routing, on every route: the body limit (the proxy's own for what it
     // forwards), the CSRF check, per-route metrics and the span's name
     let guard = GuardLayer::new(max_body, public_origin, proxy.clone(), request_timeout);
+    // the login endpoints share one per-IP bucket: a flood of logins, callbacks or
+    // probes of /auth/me is refused before any provider or store is asked
     let auth = Router::new()
         .route("/login", get(sso::handlers::login))
         .route("/callback", get(sso::handlers::callback))

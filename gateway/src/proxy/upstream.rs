@@ -176,9 +176,8 @@ impl Node {
         self.troubled.store(false, Ordering::Release);
     }
 
-    /// Whether the node may get a request now.
-    /// Whether the node may get traffic; the clock (`now`) is read only for a node that
-    /// failed lately.
+    /// Whether the node may get a request now; the clock (`now`) is read only for a node
+    /// that failed lately.
     fn available(&self, now: impl FnOnce() -> Instant) -> bool {
         if self.active_down.load(Ordering::Relaxed) {
             return false;
