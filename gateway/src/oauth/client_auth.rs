@@ -77,9 +77,21 @@ fn parse_basic(value: &[u8]) -> Result<(String, SecretString), ApiError> {
     Ok((id, SecretString::from(secret)))
 }
 
-/// Authenticates the presented credentials against the client store, under the per-client
-/// failure counter: a client id that is backing off or locked is refused (429) before its
-/// secret is looked at, and every failure counts, whether or not the client exists.
+/// Authenticates the presented credentials against the client store, with the per-client
+/// failure counter on the failure path only.
+///
+/// The secret is checked first (a keyed hash compared in constant time: microseconds), and
+/// a correct secret is never refused by the counter, nor does it read or write it. A client
+/// secret is 256 random bits, so the counter protects nothing a correct secret could be
+/// guessed through; refusing the correct secret of a locked client id would only let
+/// anyone who knows a service's client id (it is in every token the service shows) lock
+/// that service out of its tokens. It also keeps Redis off the path of every token issued.
+///
+/// A wrong secret is then held against the id: refused with 429 while the id backs off or
+/// is locked (not counted), counted and answered 401 otherwise, whether or not the client
+/// exists. When Redis is away the counters are skipped (logged, counted); the per-IP
+/// buckets still apply. (Human passwords keep the check before the secret, and fail
+/// closed.)
 pub async fn authenticate(
     state: &AppState,
     presented: &Presented,
@@ -87,80 +99,66 @@ pub async fn authenticate(
 ) -> Result<std::sync::Arc<Client>, ApiError> {
     let now = state.keys.now();
     let id = presented.client_id.as_str();
-    // Client secrets are 256-bit random values, so guessing them is hopeless with or
-    // without the counters: when Redis is away the counters are skipped (logged, counted)
-    // rather than taking every service's token endpoint down with them. The per-IP
-    // buckets still apply. (Human passwords fail closed instead.)
-    let verdict = match state.lockout.check(Kind::Client, id, now).await {
-        Ok(v) => v,
-        Err(e) => {
-            counters_unavailable(&e);
-            Verdict::Allowed {
-                had_failures: false,
-            }
-        }
-    };
-    let had_failures = match verdict {
-        Verdict::Allowed { had_failures } => had_failures,
-        Verdict::Refused(refusal) => {
-            metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
-            return Err(ApiError::too_many_attempts(refusal));
-        }
-    };
-    let result = state.clients.authenticate(id, &presented.secret, now).await;
-    match result {
-        Ok(client) => {
-            if had_failures && let Err(e) = state.lockout.succeeded(Kind::Client, id).await {
-                counters_unavailable(&e);
-            }
-            Ok(client)
-        }
-        Err(ClientError::InvalidClient) => {
-            metrics::counter!("portcullis_client_auth_failures_total").increment(1);
-            metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "failure", "reason" => "invalid_client").increment(1);
-            let next = state
-                .lockout
-                .failed(Kind::Client, id, now)
-                .await
-                .unwrap_or_else(|e| {
-                    counters_unavailable(&e);
-                    None
-                });
-            // the id as presented only when it is a well-formed client id: a caller that
-            // swapped id and secret must not leave its secret in the trail
-            let who = crate::clients::ClientId::parse(id)
-                .map_or_else(|_| "(malformed)".to_owned(), |c| c.as_str().to_owned());
-            state.audit.record(AuditEvent {
-                at: now,
-                actor: format!("client:{who}"),
-                action: "login.failure".to_owned(),
-                target: who.clone(),
-                source_ip: source_ip.map(|ip| ip.to_string()),
-                detail: serde_json::json!({ "kind": "client", "reason": "invalid_client" }).into(),
-            });
-            if let Some(refusal) = next.filter(|r| r.locked) {
-                metrics::counter!("portcullis_login_lockouts_total", "kind" => "client")
-                    .increment(1);
-                state.audit.record(AuditEvent {
-                    at: now,
-                    actor: format!("client:{who}"),
-                    action: "login.lockout".to_owned(),
-                    target: who,
-                    source_ip: source_ip.map(|ip| ip.to_string()),
-                    detail: serde_json::json!({
-                        "kind": "client",
-                        "locked_for_secs": refusal.retry_after.as_secs(),
-                    })
-                    .into(),
-                });
-            }
-            Err(ApiError::oauth(
-                OAuthCode::InvalidClient,
-                "client authentication failed",
-            ))
-        }
+    match state.clients.authenticate(id, &presented.secret, now).await {
+        Ok(client) => Ok(client),
+        Err(ClientError::InvalidClient) => Err(failed(state, id, now, source_ip).await),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A wrong secret (or an unknown id) for `id`: the refusal it meets, or the failure it counts.
+async fn failed(
+    state: &AppState,
+    id: &str,
+    now: time::OffsetDateTime,
+    source_ip: Option<std::net::IpAddr>,
+) -> ApiError {
+    match state.lockout.check(Kind::Client, id, now).await {
+        Ok(Verdict::Refused(refusal)) => {
+            metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
+            return ApiError::too_many_attempts(refusal);
+        }
+        Ok(Verdict::Allowed { .. }) => {}
+        Err(e) => counters_unavailable(&e),
+    }
+    metrics::counter!("portcullis_client_auth_failures_total").increment(1);
+    metrics::counter!("portcullis_login_total", "method" => "client_secret", "outcome" => "failure", "reason" => "invalid_client").increment(1);
+    let next = state
+        .lockout
+        .failed(Kind::Client, id, now)
+        .await
+        .unwrap_or_else(|e| {
+            counters_unavailable(&e);
+            None
+        });
+    // the id as presented only when it is a well-formed client id: a caller that swapped
+    // id and secret must not leave its secret in the trail
+    let who = crate::clients::ClientId::parse(id)
+        .map_or_else(|_| "(malformed)".to_owned(), |c| c.as_str().to_owned());
+    state.audit.record(AuditEvent {
+        at: now,
+        actor: format!("client:{who}"),
+        action: "login.failure".to_owned(),
+        target: who.clone(),
+        source_ip: source_ip.map(|ip| ip.to_string()),
+        detail: serde_json::json!({ "kind": "client", "reason": "invalid_client" }).into(),
+    });
+    if let Some(refusal) = next.filter(|r| r.locked) {
+        metrics::counter!("portcullis_login_lockouts_total", "kind" => "client").increment(1);
+        state.audit.record(AuditEvent {
+            at: now,
+            actor: format!("client:{who}"),
+            action: "login.lockout".to_owned(),
+            target: who,
+            source_ip: source_ip.map(|ip| ip.to_string()),
+            detail: serde_json::json!({
+                "kind": "client",
+                "locked_for_secs": refusal.retry_after.as_secs(),
+            })
+            .into(),
+        });
+    }
+    ApiError::oauth(OAuthCode::InvalidClient, "client authentication failed")
 }
 
 fn counters_unavailable(e: &crate::protect::lockout::LockoutUnavailable) {

@@ -201,6 +201,58 @@ async fn a_client_locked_on_one_instance_is_locked_on_another_until_the_lockout_
     );
 }
 
+/// Client ids are not secret (every token a service shows carries its `client_id`), so
+/// whoever knows one can run its counter up to the lockout. That must not cost the service
+/// its tokens: while wrong secrets for its id are refused with 429, its real secret is
+/// served at once and leaves the counter as it was.
+#[tokio::test]
+async fn a_locked_client_id_is_still_served_with_its_real_secret() {
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        c.redis = Some(redis_config());
+        c.refresh.key_prefix = format!("{prefix}rt:");
+        c.protection.lockout = lockout_settings(&prefix);
+    })
+    .await;
+    let (id, secret) = register_client(
+        &app.state,
+        "executor-orders",
+        &[portcullis::clients::GrantType::ClientCredentials],
+        "jobs:run",
+    )
+    .await;
+
+    for _ in 0..3 {
+        let r = token_request(&app, &id, "not-the-secret").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        clock.advance(time::Duration::milliseconds(5));
+    }
+    let refused = token_request(&app, &id, "not-the-secret").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_attempts");
+
+    for _ in 0..2 {
+        let served = token_request(&app, &id, &secret).await;
+        assert_eq!(served.status(), StatusCode::OK);
+        let body: serde_json::Value = served.json().await.unwrap();
+        assert_eq!(body["token_type"], "Bearer", "{body}");
+    }
+    // the real secret neither unlocked the id for guessers nor counted against it
+    let still = token_request(&app, &id, "not-the-secret").await;
+    assert_eq!(still.status(), StatusCode::TOO_MANY_REQUESTS);
+    let lockout = Lockout::new(
+        Arc::new(RedisFailureStore::new(redis_handle())),
+        lockout_settings(&prefix),
+    );
+    let verdict = lockout.check(Kind::Client, &id, clock.now()).await.unwrap();
+    assert!(
+        matches!(verdict, Verdict::Refused(r) if r.locked),
+        "{verdict:?}"
+    );
+}
+
 // === conformance: in-process stores behave like the Redis ones ===
 
 #[derive(Clone, Copy, Debug)]
