@@ -145,6 +145,16 @@ fn lockout_settings(prefix: &str) -> LockoutSettings {
     }
 }
 
+/// Counters in the shared Redis under a prefix of this test's own, so tests never see each
+/// other's counts.
+fn shared_lockout(prefix: &str) -> impl Fn(&mut Config) + '_ {
+    move |c: &mut Config| {
+        c.redis = Some(redis_config());
+        c.refresh.key_prefix = format!("{prefix}rt:");
+        c.protection.lockout = lockout_settings(prefix);
+    }
+}
+
 async fn token_request(app: &TestApp, client_id: &str, secret: &str) -> reqwest::Response {
     app.https_client()
         .post(app.url("/oauth2/token"))
@@ -159,13 +169,8 @@ async fn token_request(app: &TestApp, client_id: &str, secret: &str) -> reqwest:
 async fn a_client_locked_on_one_instance_is_locked_on_another_until_the_lockout_ends() {
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
-    let configure = |c: &mut Config| {
-        c.redis = Some(redis_config());
-        c.refresh.key_prefix = format!("{prefix}rt:");
-        c.protection.lockout = lockout_settings(&prefix);
-    };
-    let first = spawn_app_with_clock(clock.clone(), configure).await;
-    let second = spawn_app_with_clock(clock.clone(), configure).await;
+    let first = spawn_app_with_clock(clock.clone(), shared_lockout(&prefix)).await;
+    let second = spawn_app_with_clock(clock.clone(), shared_lockout(&prefix)).await;
 
     // the backoff after the free failure is 1 ms of the manual clock
     for _ in 0..3 {
@@ -209,12 +214,7 @@ async fn a_client_locked_on_one_instance_is_locked_on_another_until_the_lockout_
 async fn a_locked_client_id_is_still_served_with_its_real_secret() {
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
-    let app = spawn_app_with_clock(clock.clone(), |c| {
-        c.redis = Some(redis_config());
-        c.refresh.key_prefix = format!("{prefix}rt:");
-        c.protection.lockout = lockout_settings(&prefix);
-    })
-    .await;
+    let app = spawn_app_with_clock(clock.clone(), shared_lockout(&prefix)).await;
     let (id, secret) = register_client(
         &app.state,
         "executor-orders",
