@@ -319,8 +319,11 @@ fn refuse_early(config: &GuardConfig, req: &Request, max: usize) -> Option<Respo
         return Some(ApiError::PayloadTooLarge { limit: max }.into_response());
     }
     // `SameSite=Lax` already keeps the session cookies off most cross-site requests;
-    // this closes the rest (same-site subdomains, old browsers)
-    let unsafe_method = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    // this closes the rest (same-site subdomains, old browsers). A WebSocket handshake is
+    // a GET, but what follows it is as good as any state change, and browsers send
+    // cookies and `Origin` with it whatever page opened it (cross-site WebSocket hijacking)
+    let unsafe_method = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || crate::proxy::is_upgrade(req.headers());
     if unsafe_method
         && crate::sso::session::has_session_cookie(req.headers())
         && !crate::sso::session::from_origin(req.headers(), &config.public_origin)

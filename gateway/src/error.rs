@@ -60,6 +60,9 @@ pub enum ApiError {
     /// No such route or resource.
     #[error("not found")]
     NotFound,
+    /// A method requests are not forwarded with (405, with `Allow`).
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// The body is larger than `server.max_body_bytes`.
     #[error("request body too large")]
     PayloadTooLarge {
@@ -213,6 +216,13 @@ impl ApiError {
                 "not_found",
                 "no such resource".to_owned(),
             ),
+            Self::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "requests are forwarded with GET, HEAD, POST, PUT, DELETE, PATCH or OPTIONS \
+                 (upper case) only"
+                    .to_owned(),
+            ),
             Self::PayloadTooLarge { limit } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
@@ -321,6 +331,12 @@ impl IntoResponse for ApiError {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
+            }
+            Self::MethodNotAllowed => {
+                headers.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+                );
             }
             Self::MissingBearer => {
                 headers.insert(
@@ -544,11 +560,15 @@ impl From<crate::config_api::HubError> for ApiError {
 impl From<crate::proxy::ProxyError> for ApiError {
     fn from(e: crate::proxy::ProxyError) -> Self {
         use crate::proxy::ProxyError as P;
+        use crate::proxy::policy::Unroutable;
         match e {
             e @ P::NoNode => Self::unavailable("admin cluster", e),
             e @ P::Failed { .. } => Self::BadGateway(Box::new(e)),
             e @ P::Timeout { .. } => Self::GatewayTimeout(Box::new(e)),
-            P::AmbiguousPath(reason) => Self::bad_request("invalid_path", reason.to_string()),
+            P::Unroutable(Unroutable::Path(reason)) => {
+                Self::bad_request("invalid_path", reason.to_string())
+            }
+            P::Unroutable(Unroutable::Method) => Self::MethodNotAllowed,
             P::BodyTooLarge { limit } => Self::PayloadTooLarge { limit },
             e @ P::ClientBody(_) => Self::bad_request("invalid_request", format!("{e}")),
         }

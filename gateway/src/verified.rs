@@ -40,8 +40,10 @@ impl VerifiedAccess {
     /// Who the token is, as the headers a node gets: made once per remembered token, so a
     /// proxied request clones shared values instead of joining and copying strings.
     pub fn identity(&self) -> &Identity {
-        self.identity
-            .get_or_init(|| Identity::new(&self.claims.sub, None, &self.claims.roles, &self.scopes))
+        self.identity.get_or_init(|| {
+            let sub = &self.claims.sub;
+            Identity::new(sub, sub, None, &self.claims.roles, &self.scopes)
+        })
     }
 }
 

@@ -14,6 +14,9 @@ use crate::sso::session::{ACCESS_COOKIE, ID_TOKEN_COOKIE, LOGIN_COOKIE, REFRESH_
 
 /// The verified user header.
 pub const USER: HeaderName = HeaderName::from_static("x-portcullis-user");
+/// The verified subject header: unique and stable (`<provider>:<sub>`, `local:<name>`,
+/// or a service token's `sub`), where the user header is a login name.
+pub const SUBJECT: HeaderName = HeaderName::from_static("x-portcullis-subject");
 /// The verified email header (console users whose provider reported one).
 pub const EMAIL: HeaderName = HeaderName::from_static("x-portcullis-email");
 /// Roles, comma-separated.
@@ -35,10 +38,26 @@ const IDENTITY_PREFIXES: &[&str] = &[
     "remote-",
     "x-portcullis-",
     "x-webauth-",
+    // Keycloak Gatekeeper / louketo-proxy: X-Auth-Username, X-Auth-Roles, …
+    "x-auth-",
 ];
 
-/// Whole names (normalised) of headers that carry identity or client addresses.
-const IDENTITY_NAMES: &[&str] = &["forwarded", "x-real-ip", "x-client-ip", "authorization"];
+/// Whole names (normalised) of headers that carry identity or client addresses, or
+/// that frameworks read as another path or method than the request's own.
+const IDENTITY_NAMES: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "authorization",
+    "x-authenticated-user",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
 const HOP_BY_HOP: &[&str] = &[
@@ -60,6 +79,7 @@ const HOP_BY_HOP: &[&str] = &[
 #[derive(Clone, Default)]
 pub struct Identity {
     user: Option<HeaderValue>,
+    subject: Option<HeaderValue>,
     email: Option<HeaderValue>,
     roles: Option<HeaderValue>,
     scopes: Option<HeaderValue>,
@@ -70,9 +90,16 @@ pub struct Identity {
 impl Identity {
     /// The identity of `user`; a value that cannot be a header (control characters) is
     /// left out, with a warning, and the node does not get that header.
-    pub fn new(user: &str, email: Option<&str>, roles: &[String], scopes: &[String]) -> Self {
+    pub fn new(
+        user: &str,
+        subject: &str,
+        email: Option<&str>,
+        roles: &[String],
+        scopes: &[String],
+    ) -> Self {
         Self {
             user: value(&USER, user.to_owned()),
+            subject: value(&SUBJECT, subject.to_owned()),
             email: email.and_then(|e| value(&EMAIL, e.to_owned())),
             roles: value(&ROLES, roles.join(",")),
             scopes: value(&SCOPES, scopes.join(" ")),
@@ -93,6 +120,7 @@ impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
             .field("user", &self.user)
+            .field("subject", &self.subject)
             .field("roles", &self.roles)
             .field("scopes", &self.scopes)
             .finish_non_exhaustive()
@@ -104,7 +132,7 @@ impl std::fmt::Debug for Identity {
 pub struct Origin {
     /// The client address Portcullis resolved (X-Forwarded-For only from trusted proxies).
     pub client_ip: IpAddr,
-    /// The host the client asked for.
+    /// The public host (of `server.public_url`).
     pub host: Option<HeaderValue>,
 }
 
@@ -197,9 +225,15 @@ pub fn to_upstream(
     forward_token: bool,
     upgrade: bool,
 ) {
+    // the request id is ours to send (checked or made at the edge): a client that lists
+    // it in `Connection` must not keep it from the node's logs
+    let request_id = headers.get(&crate::routes::REQUEST_ID).cloned();
     strip_hop_by_hop(headers, upgrade);
     // the node gets a Host of its own (set from its address by the client)
     remove_where(headers, |_, n| is_identity(n) || *n == header::HOST);
+    if let Some(id) = request_id {
+        headers.insert(crate::routes::REQUEST_ID, id);
+    }
     strip_session_cookies(headers);
     propagate_trace(headers);
 
@@ -208,6 +242,7 @@ pub fn to_upstream(
     if let Some(id) = identity {
         for (name, value) in [
             (USER, &id.user),
+            (SUBJECT, &id.subject),
             (EMAIL, &id.email),
             (ROLES, &id.roles),
             (SCOPES, &id.scopes),
@@ -244,13 +279,12 @@ pub fn from_upstream(headers: &mut HeaderMap, upgrade: bool) {
     let keep: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
+        // the name is read from the bytes: a value that is not UTF-8 elsewhere must not
+        // carry one of our cookies past the check
         .filter(|v| {
-            let name = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.split('=').next())
-                .map(str::trim);
-            !name.is_some_and(is_session_cookie)
+            let bytes = v.as_bytes();
+            let name = bytes.split(|b| *b == b'=').next().unwrap_or(bytes);
+            !std::str::from_utf8(name.trim_ascii()).is_ok_and(is_session_cookie)
         })
         .cloned()
         .collect();
@@ -410,6 +444,15 @@ mod tests {
             "X_Portcullis_Roles",
             "forwarded",
             "authorization",
+            "x-auth-username",
+            "X_Auth_Roles",
+            "x-authenticated-user",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-http-method-override",
+            "x-method-override",
         ] {
             h.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -418,8 +461,11 @@ mod tests {
         }
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-request-id", HeaderValue::from_static("abc"));
+        // listing it as hop-by-hop does not take it from the node
+        h.insert("connection", HeaderValue::from_static("x-request-id"));
         let id = Identity::new(
             "alice",
+            "corp:4a7c",
             None,
             &["admin".to_owned(), "viewer".to_owned()],
             &["console".to_owned()],
@@ -431,6 +477,7 @@ mod tests {
             "a spoofed value survived: {h:?}"
         );
         assert_eq!(h["x-portcullis-user"], "alice");
+        assert_eq!(h["x-portcullis-subject"], "corp:4a7c");
         assert_eq!(h["x-portcullis-roles"], "admin,viewer");
         assert_eq!(h["x-portcullis-scopes"], "console");
         assert!(!h.contains_key("x-portcullis-email"));
@@ -474,8 +521,14 @@ mod tests {
 
     #[test]
     fn a_verified_identity_is_forwarded_and_its_token_only_when_asked() {
-        let id = Identity::new("svc", Some("a@example.com"), &[], &["jobs:run".to_owned()])
-            .with_token(Some(&HeaderValue::from_static("bearer  abc.def ")));
+        let id = Identity::new(
+            "svc",
+            "svc",
+            Some("a@example.com"),
+            &[],
+            &["jobs:run".to_owned()],
+        )
+        .with_token(Some(&HeaderValue::from_static("bearer  abc.def ")));
         let mut h = HeaderMap::new();
         h.insert(
             "authorization",
@@ -491,7 +544,7 @@ mod tests {
         to_upstream(&mut h, Some(&id), &origin(), true, false);
         assert_eq!(h["authorization"], "Bearer abc.def");
         // a value that cannot be a header is left out, never sent mangled
-        let bad = Identity::new("a\nb", None, &[], &[]);
+        let bad = Identity::new("a\nb", "a\nb", None, &[], &[]);
         let mut h = HeaderMap::new();
         to_upstream(&mut h, Some(&bad), &origin(), false, false);
         assert!(!h.contains_key("x-portcullis-user"));
@@ -519,6 +572,11 @@ mod tests {
         r.append(
             "set-cookie",
             HeaderValue::from_static("JSESSIONID=1; Path=/"),
+        );
+        // bytes that are not UTF-8 later in the value do not hide the name
+        r.append(
+            "set-cookie",
+            HeaderValue::from_bytes(b" __Host-portcullis-rt =x; Path=/; X=\xff").unwrap(),
         );
         from_upstream(&mut r, false);
         assert_eq!(r.get_all("set-cookie").iter().count(), 1);

@@ -42,7 +42,7 @@ use crate::protect::ClientIp;
 use crate::sso::session::{self, CONSOLE_SCOPE, Resolved};
 use crate::state::AppState;
 use headers::{Identity, Origin};
-use policy::{AmbiguousPath, Route, RouteTable};
+use policy::{Route, RouteTable, Unroutable};
 use pool::{NodeError, NodePool, PooledBody};
 use settings::{ProxySettings, RouteAuth};
 use upstream::{Outcome, Upstreams};
@@ -72,7 +72,7 @@ pub enum ProxyError {
     },
     /// The path could mean something else to the node than to us.
     #[error(transparent)]
-    AmbiguousPath(#[from] AmbiguousPath),
+    Unroutable(#[from] Unroutable),
     /// The request body exceeds `proxy.max_body_bytes`.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge {
@@ -99,6 +99,9 @@ struct Inner {
     upstreams: ArcSwap<Upstreams>,
     routes: RouteTable,
     settings: ProxySettings,
+    /// `X-Forwarded-Host`: the host of `server.public_url`, whatever `Host` a client sent,
+    /// so a node that builds links or redirects from it cannot be pointed elsewhere.
+    public_host: Option<HeaderValue>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -114,7 +117,7 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// The proxy for validated settings; `None` when no admin node is configured. Fails
     /// when the TLS files for `https://` nodes cannot be read.
-    pub fn new(settings: &ProxySettings) -> Result<Option<Self>, String> {
+    pub fn new(settings: &ProxySettings, public_url: &str) -> Result<Option<Self>, String> {
         if !settings.enabled() {
             return Ok(None);
         }
@@ -148,6 +151,14 @@ impl Proxy {
                 )),
                 routes: RouteTable::new(&settings.routes),
                 settings: settings.clone(),
+                public_host: url::Url::parse(public_url).ok().and_then(|u| {
+                    let host = u.host_str()?;
+                    let authority = match u.port() {
+                        Some(port) => format!("{host}:{port}"),
+                        None => host.to_owned(),
+                    };
+                    HeaderValue::from_str(&authority).ok()
+                }),
             }),
         }))
     }
@@ -185,13 +196,9 @@ impl Proxy {
 
     /// The route `method` on the raw `path` falls under, if any; an ambiguous path is
     /// refused whatever the routes say.
-    pub fn resolve(
-        &self,
-        method: &Method,
-        path: &str,
-    ) -> Result<Option<Arc<Route>>, AmbiguousPath> {
+    pub fn resolve(&self, method: &Method, path: &str) -> Result<Option<Arc<Route>>, Unroutable> {
         let path = policy::decoded_path(path)?;
-        Ok(self.inner.routes.find(method, &path).cloned())
+        Ok(self.inner.routes.find(method, &path)?.cloned())
     }
 
     /// Runs the proxy's background work until `stop`: closing node connections idle for
@@ -490,9 +497,14 @@ fn client_body_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) 
     ProxyError::ClientBody(e)
 }
 
-/// `Connection: upgrade` with an `Upgrade` protocol (a WebSocket handshake).
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+/// A WebSocket handshake: `Connection: upgrade` with `Upgrade: websocket`. Another
+/// protocol (`h2c`, say) is not passed through: its `Upgrade` is dropped with the other
+/// hop-by-hop headers and the node gets a plain request.
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -534,7 +546,7 @@ fn into_client_response(
 /// Which proxy route a request falls under, decided once before the handler (by the
 /// route guard, which needs it for the body limit) and taken by [`handle`].
 #[derive(Debug, Clone)]
-pub struct ResolvedRoute(pub Result<Option<Arc<Route>>, AmbiguousPath>);
+pub struct ResolvedRoute(pub Result<Option<Arc<Route>>, Unroutable>);
 
 /// The router's fallback: forwards what a route covers, 404 for the rest.
 pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response {
@@ -559,11 +571,7 @@ pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response
     };
     let origin = Origin {
         client_ip: client_ip(&head),
-        host: head.headers.get(header::HOST).cloned().or_else(|| {
-            head.uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        }),
+        host: proxy.inner.public_host.clone(),
     };
     let req = Request::from_parts(head, body);
     let mut response = match proxy.forward(req, identity.as_ref(), &origin).await {
@@ -617,6 +625,7 @@ async fn authorize(
                 }
                 let identity = Identity::new(
                     &user.user,
+                    &user.subject,
                     user.email.as_deref(),
                     &user.roles,
                     &[CONSOLE_SCOPE.to_owned()],

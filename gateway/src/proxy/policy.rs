@@ -6,6 +6,11 @@
 //! here. Paths a node could read as another path than we do — dot segments, encoded
 //! slashes or backslashes, `;` path parameters (Tomcat drops `;…` per segment, so
 //! `/public/..;/admin` is a classic bypass), empty segments — are refused outright.
+//!
+//! So are methods outside the standard set (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS)
+//! unless a route names them: a route limited to `POST` must not be sidestepped with
+//! `post` (a different, extension method to HTTP, but `POST` to a framework that folds
+//! case), `TRACE` or an invented method that a node's handler accepts all the same.
 
 use std::sync::Arc;
 
@@ -18,6 +23,8 @@ use super::settings::{RouteAuth, RouteSettings};
 pub struct Route {
     /// The configured prefix.
     pub prefix: String,
+    /// Only the prefix itself matches, nothing under it.
+    pub exact: bool,
     /// Methods it applies to; `None`: all.
     pub methods: Option<Vec<Method>>,
     /// How requests are authenticated.
@@ -32,7 +39,9 @@ pub struct Route {
 
 impl Route {
     fn matches_path(&self, path: &str) -> bool {
-        if self.prefix.ends_with('/') {
+        if self.exact {
+            path == self.prefix
+        } else if self.prefix.ends_with('/') {
             path.starts_with(&self.prefix)
         } else {
             path == self.prefix
@@ -63,6 +72,7 @@ impl RouteTable {
             .map(|r| {
                 Arc::new(Route {
                     prefix: r.prefix.clone(),
+                    exact: r.exact,
                     methods: r.methods.as_ref().map(|ms| {
                         ms.iter()
                             .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
@@ -79,14 +89,49 @@ impl RouteTable {
     }
 
     /// The route for `method` on `path` (already decoded by [`decoded_path`]): the
-    /// longest prefix among the routes that apply to the method; on a tie, a route that
-    /// names the method wins over one for all methods.
-    pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
-        self.routes
+    /// longest prefix among the routes that apply to the method; on a tie, an exact route
+    /// wins over a prefix, and a route that names the method over one for all methods.
+    /// A method outside [`STANDARD_METHODS`] is refused unless some route names it.
+    pub fn find(&self, method: &Method, path: &str) -> Result<Option<&Arc<Route>>, Unroutable> {
+        if !STANDARD_METHODS.contains(method) && !self.names(method) {
+            return Err(Unroutable::Method);
+        }
+        Ok(self
+            .routes
             .iter()
             .filter(|r| r.matches_path(path) && r.matches_method(method))
-            .max_by_key(|r| (r.prefix.len(), r.methods.is_some()))
+            .max_by_key(|r| (r.prefix.len(), r.exact, r.methods.is_some())))
     }
+
+    /// Whether some route names `method` in its `methods`.
+    fn names(&self, method: &Method) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.methods.as_ref().is_some_and(|ms| ms.contains(method)))
+    }
+}
+
+/// The methods requests are forwarded with when no route names others. `TRACE` and
+/// `CONNECT` are not among them: nothing in an admin console needs them.
+pub const STANDARD_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
+
+/// Why a request cannot be matched to a route at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unroutable {
+    /// The path could mean another path to the node.
+    #[error(transparent)]
+    Path(#[from] AmbiguousPath),
+    /// A method no route names and that is not a standard one.
+    #[error("the method is not one that requests are forwarded with")]
+    Method,
 }
 
 /// Why a path is not forwarded.
@@ -139,6 +184,7 @@ mod tests {
     fn table() -> RouteTable {
         let r = |prefix: &str, methods: Option<&[&str]>, auth| RouteSettings {
             prefix: prefix.to_owned(),
+            exact: false,
             methods: methods.map(|ms| ms.iter().map(|m| (*m).to_owned()).collect()),
             auth,
             scopes: vec![],
@@ -153,7 +199,7 @@ mod tests {
     }
 
     fn auth(method: Method, path: &str) -> Option<RouteAuth> {
-        table().find(&method, path).map(|r| r.auth)
+        table().find(&method, path).unwrap().map(|r| r.auth)
     }
 
     #[test]
@@ -175,14 +221,63 @@ mod tests {
     fn without_a_catch_all_unknown_paths_match_nothing() {
         let t = RouteTable::new(&[RouteSettings {
             prefix: "/jobinfo/".to_owned(),
+            exact: false,
             methods: None,
             auth: RouteAuth::Session,
             scopes: vec![],
             roles: vec![],
         }]);
-        assert!(t.find(&Method::GET, "/jobinfo/list").is_some());
-        assert!(t.find(&Method::GET, "/jobinfo").is_none());
-        assert!(t.find(&Method::GET, "/other").is_none());
+        assert!(t.find(&Method::GET, "/jobinfo/list").unwrap().is_some());
+        assert!(t.find(&Method::GET, "/jobinfo").unwrap().is_none());
+        assert!(t.find(&Method::GET, "/other").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_exact_route_matches_its_path_alone_and_wins_the_tie() {
+        let route = |prefix: &str, exact, roles: &[&str]| RouteSettings {
+            prefix: prefix.to_owned(),
+            exact,
+            methods: None,
+            auth: RouteAuth::Session,
+            scopes: vec![],
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        };
+        let t = RouteTable::new(&[
+            route("/admin/", false, &["operator"]),
+            route("/admin/jobinfo", false, &["operator"]),
+            route("/admin/jobinfo", true, &[]),
+        ]);
+        let roles = |path: &str| t.find(&Method::GET, path).unwrap().unwrap().roles.clone();
+        assert!(roles("/admin/jobinfo").is_empty());
+        assert_eq!(roles("/admin/jobinfo/add"), ["operator"]);
+        assert_eq!(roles("/admin/jobinfo/"), ["operator"]);
+        assert_eq!(roles("/admin/other"), ["operator"]);
+    }
+
+    #[test]
+    fn methods_outside_the_standard_set_are_refused_unless_a_route_names_them() {
+        let t = table();
+        for m in ["post", "Get", "TRACE", "CONNECT", "PROPFIND", "X"] {
+            let m = Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(
+                t.find(&m, "/jobinfo/x").err(),
+                Some(Unroutable::Method),
+                "{m}"
+            );
+        }
+        for m in STANDARD_METHODS {
+            assert!(t.find(&m, "/jobinfo/x").unwrap().is_some(), "{m}");
+        }
+        let dav = RouteTable::new(&[RouteSettings {
+            prefix: "/dav/".to_owned(),
+            exact: false,
+            methods: Some(vec!["PROPFIND".to_owned()]),
+            auth: RouteAuth::Session,
+            scopes: vec![],
+            roles: vec![],
+        }]);
+        let propfind = Method::from_bytes(b"PROPFIND").unwrap();
+        assert!(dav.find(&propfind, "/dav/x").unwrap().is_some());
     }
 
     #[test]

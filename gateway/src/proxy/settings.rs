@@ -139,6 +139,10 @@ pub struct RouteSettings {
     /// Path prefix: `/api/` matches everything under `/api/`; `/api` matches `/api`
     /// and everything under `/api/` (never `/apix`).
     pub prefix: String,
+    /// Match `prefix` only as the whole path, nothing under it (nginx's `location =`):
+    /// for a page whose sub-paths need more than it does.
+    #[serde(default)]
+    pub exact: bool,
     /// Methods this route applies to; absent: every method.
     #[serde(default)]
     pub methods: Option<Vec<String>>,
@@ -362,6 +366,7 @@ mod tests {
     fn route(prefix: &str) -> RouteSettings {
         RouteSettings {
             prefix: prefix.to_owned(),
+            exact: false,
             methods: None,
             auth: RouteAuth::Session,
             scopes: vec![],

@@ -195,7 +195,13 @@ impl From<&LoggedIn> for NewSession {
             info: SessionInfo {
                 roles: login.roles.iter().map(|r| r.as_str().to_owned()).collect(),
                 provider: login.provider.clone(),
-                email: login.claims.email.clone(),
+                // an address the provider has not verified names nobody: admin nodes
+                // get no `X-Portcullis-Email` rather than a claim a user typed in
+                email: login
+                    .claims
+                    .email
+                    .clone()
+                    .filter(|_| login.claims.email_verified == Some(true)),
                 name: login.claims.name.clone(),
                 preferred_username: login.claims.preferred_username.clone(),
             },
@@ -301,8 +307,9 @@ fn user_of(claims: &ConsoleClaims) -> ConsoleUser {
         subject: claims.base.sub.clone(),
         user: claims
             .preferred_username
-            .clone()
-            .unwrap_or_else(|| claims.base.sub.clone()),
+            .as_deref()
+            .filter(|n| plain_login_name(n))
+            .map_or_else(|| claims.base.sub.clone(), str::to_owned),
         email: claims.email.clone(),
         name: claims.name.clone(),
         roles: claims.base.roles.clone(),
@@ -310,6 +317,14 @@ fn user_of(claims: &ConsoleClaims) -> ConsoleUser {
         session: claims.base.sid.clone(),
         expires_at: claims.base.exp,
     }
+}
+
+/// Whether a provider's `preferred_username` can be an admin node's user name as it is:
+/// visible ASCII only, so no space a servlet container trims (`" admin"` is not `admin`),
+/// no bytes it decodes as Latin-1, nothing that is not a plain name. Any other is replaced
+/// by the subject, which is unique.
+pub fn plain_login_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The verified console claims of the access cookie, if it is good now.

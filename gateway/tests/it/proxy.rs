@@ -341,6 +341,7 @@ fn hex(bytes: &[u8]) -> String {
 pub fn route(prefix: &str, auth: RouteAuth) -> RouteSettings {
     RouteSettings {
         prefix: prefix.to_owned(),
+        exact: false,
         methods: None,
         auth,
         scopes: vec![],
@@ -521,8 +522,14 @@ async fn spoofed_identity_headers_never_reach_an_admin_node() {
 
     let seen = node.seen();
     assert_eq!(seen.len(), 3);
+    let public_host = url::Url::parse(&app.state.config.server.public_url).unwrap();
+    let public_host = match public_host.port() {
+        Some(port) => format!("{}:{port}", public_host.host_str().unwrap()),
+        None => public_host.host_str().unwrap().to_owned(),
+    };
     for s in &seen {
         assert_no_spoof(s);
+        assert_eq!(s.header("x-forwarded-host"), Some(public_host.as_str()));
         assert!(s.header("traceparent").is_some(), "a trace is started");
         assert!(s.header("x-request-id").is_some());
         assert_eq!(s.header("x-forwarded-proto"), Some("https"));
@@ -531,6 +538,7 @@ async fn spoofed_identity_headers_never_reach_an_admin_node() {
     }
     let (api, console, public) = (&seen[0], &seen[1], &seen[2]);
     assert_eq!(api.header("x-portcullis-user"), Some("executor-orders"));
+    assert_eq!(api.header("x-portcullis-subject"), Some("executor-orders"));
     assert_eq!(
         api.header("x-portcullis-scopes"),
         Some("scheduler:executor jobs:read")
@@ -540,6 +548,7 @@ async fn spoofed_identity_headers_never_reach_an_admin_node() {
     assert_eq!(api.body, b"{}");
 
     assert_eq!(console.header("x-portcullis-user"), Some("alice"));
+    assert_eq!(console.header("x-portcullis-subject"), Some("test:alice"));
     assert_eq!(
         console.header("x-portcullis-email"),
         Some("alice@example.com")
@@ -871,6 +880,32 @@ async fn session_routes_send_browsers_to_log_in_and_answer_scripts_401() {
 
     // with a session the page is served; a job edit needs the admin role
     let viewer = session_cookie(&app, "bob", &["viewer"]).await;
+    // a login name a node could read as another user's is replaced by the subject
+    for name in [" alice", "al ice", "älice"] {
+        let cookie = session_cookie(&app, name, &["viewer"]).await;
+        let page = http
+            .get(app.url("/jobinfo/list"))
+            .header(header::COOKIE, &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), StatusCode::OK, "{name:?}");
+    }
+    let users: Vec<_> = node
+        .seen()
+        .iter()
+        .map(|s| {
+            (
+                s.header("x-portcullis-user").map(str::to_owned),
+                s.header("x-portcullis-subject").map(str::to_owned),
+            )
+        })
+        .collect();
+    for (user, subject) in &users {
+        assert_eq!(user, subject, "{users:?}");
+    }
+    assert_eq!(users.len(), 3);
+    let seen_before = users.len();
     let list = http
         .get(app.url("/jobinfo/list"))
         .header(header::COOKIE, &viewer)
@@ -901,9 +936,11 @@ async fn session_routes_send_browsers_to_log_in_and_answer_scripts_401() {
         .unwrap();
     assert_eq!(edit.status(), StatusCode::OK);
     let seen = node.seen();
-    assert_eq!(seen.len(), 2);
-    assert_eq!(seen[1].header("x-portcullis-user"), Some("alice"));
-    assert_eq!(seen[1].header("x-portcullis-roles"), Some("admin,viewer"));
+    assert_eq!(seen.len(), seen_before + 2);
+    let last = &seen[seen_before + 1];
+    assert_eq!(last.header("x-portcullis-user"), Some("alice"));
+    assert_eq!(last.header("x-portcullis-subject"), Some("test:alice"));
+    assert_eq!(last.header("x-portcullis-roles"), Some("admin,viewer"));
 }
 
 #[tokio::test]
@@ -963,6 +1000,84 @@ async fn unknown_and_ambiguous_paths_are_not_forwarded() {
         );
     }
     assert!(node.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_method_a_route_does_not_name_cannot_slip_past_its_roles() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let viewer = session_cookie(&app, "bob", &["viewer"]).await;
+    let origin = app.state.config.server.public_url.clone();
+    let mut conn = Conn::over(app.tls().await).await;
+    // `POST /jobinfo/` needs the admin role: a viewer may not reach it as `post` (an
+    // extension method to HTTP, `POST` to a case-folding framework), nor with `TRACE`
+    // or an invented method that a handler without a method of its own answers
+    for method in ["post", "Post", "TRACE", "PROPFIND", "JOBRUN"] {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri("/jobinfo/update")
+            .header("host", "localhost")
+            .header(header::COOKIE, &viewer)
+            .header(header::ORIGIN, &origin)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let (parts, body) = conn.request(req).await.unwrap();
+        assert_eq!(
+            parts.status,
+            405,
+            "{method}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(
+            parts.headers[header::ALLOW],
+            "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "method_not_allowed", "{method}");
+    }
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+}
+
+#[tokio::test]
+async fn an_exact_route_opens_its_page_and_nothing_under_it() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.proxy.routes = vec![
+            RouteSettings {
+                roles: vec!["operator".to_owned()],
+                ..route("/console/", RouteAuth::Session)
+            },
+            RouteSettings {
+                exact: true,
+                ..route("/console/jobinfo", RouteAuth::Session)
+            },
+        ];
+    })
+    .await;
+    let viewer = session_cookie(&app, "bob", &["viewer"]).await;
+    let http = client(&app);
+    let get = |path: &str| {
+        http.get(app.url(path))
+            .header(header::COOKIE, &viewer)
+            .send()
+    };
+    assert_eq!(
+        get("/console/jobinfo").await.unwrap().status(),
+        StatusCode::OK
+    );
+    for below in [
+        "/console/jobinfo/trigger?id=1",
+        "/console/jobinfo/",
+        "/console/user/add",
+    ] {
+        let refused = get(below).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{below}");
+        assert_eq!(json(refused).await["error"], "insufficient_role", "{below}");
+    }
+    let seen = node.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/console/jobinfo");
 }
 
 // === balancing, health and retries ===
@@ -1394,6 +1509,56 @@ async fn websocket_upgrades_are_passed_through_both_ways() {
         seen.header("sec-websocket-key"),
         Some("dGhlIHNhbXBsZSBub25jZQ==")
     );
+}
+
+#[tokio::test]
+async fn a_websocket_handshake_with_a_session_must_come_from_our_origin() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let operator = session_cookie(&app, "carol", &["operator"]).await;
+    let origin = app.state.config.server.public_url.clone();
+    let handshake = |from: Option<&str>, protocol: &str| {
+        let mut req = hyper::Request::get("/jobinfo/ws")
+            .header("host", "localhost")
+            .header(header::COOKIE, &operator)
+            .header("connection", "Upgrade")
+            .header("upgrade", protocol)
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        if let Some(o) = from {
+            req = req.header(header::ORIGIN, o);
+        }
+        req.body(Full::<Bytes>::default()).unwrap()
+    };
+    // a page on another origin opening a socket with the operator's cookies
+    for from in [Some("https://evil.example"), None] {
+        let mut conn = Conn::over(app.tls().await).await;
+        let (parts, body) = conn.request(handshake(from, "websocket")).await.unwrap();
+        assert_eq!(parts.status, 403, "{from:?}");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "csrf_rejected");
+    }
+    assert!(node.seen().is_empty());
+
+    // from our own origin the handshake goes through
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(app.tls().await))
+            .await
+            .unwrap();
+    tokio::spawn(connection.with_upgrades());
+    let resp = send
+        .send_request(handshake(Some(&origin), "websocket"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+    // another protocol is not passed on: the node gets a plain request
+    let mut conn = Conn::over(app.tls().await).await;
+    let (parts, _) = conn.request(handshake(Some(&origin), "h2c")).await.unwrap();
+    assert_eq!(parts.status, 200);
+    let seen = node.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("upgrade"), None);
 }
 
 #[tokio::test]
