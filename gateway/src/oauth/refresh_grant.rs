@@ -10,7 +10,7 @@ use crate::audit::AuditEvent;
 use crate::clients::{Client, GrantType, ScopeSet};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::form::Form;
-use crate::oauth::token::{AccessGrant, TokenResponse, mint, requested_scope};
+use crate::oauth::token::{AccessGrant, TokenResponse, ensure_can_sign, mint, requested_scope};
 use crate::refresh::RefreshError;
 use crate::state::AppState;
 
@@ -28,6 +28,9 @@ pub async fn refresh(
     // a narrower scope may be asked for (RFC 6749 §6); checked before rotating, so a
     // malformed request does not consume the token
     let requested = requested_scope(form)?;
+    // nothing is rotated unless the access token can be signed: a 503 leaves the
+    // presented token as it was, to be used again once signing works
+    ensure_can_sign(state)?;
     let now = state.keys.now();
     // a wider scope is refused before rotating too: refused after a rotation, the client
     // would hold only the rotated token, whose next use past the grace window counts as

@@ -229,6 +229,20 @@ struct IssueDetail<'a> {
     subject: &'a str,
 }
 
+/// `Ok` when a key can sign now, else the 503 [`mint`] would answer (`signing keys`
+/// unavailable). A refresh checks this before it rotates: a rotation whose access token
+/// then cannot be signed leaves the client holding a used-up token, whose next use past
+/// the grace window counts as re-use and revokes the whole session. What remains is the
+/// instant between this check and the signature (a key retiring, or a ring being swapped
+/// in, in between); a retry within the grace window then gets the same successor.
+pub fn ensure_can_sign(state: &AppState) -> Result<(), ApiError> {
+    if state.keys.keys().can_sign(state.keys.now()) {
+        Ok(())
+    } else {
+        Err(keyrotation::KeyError::NoActiveKey.into())
+    }
+}
+
 /// Signs an access token, records `token.issue` in the audit trail (the token's id, never
 /// the token) and builds the response.
 pub fn mint(

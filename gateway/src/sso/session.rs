@@ -351,6 +351,9 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
             stale: read_cookie(headers, ACCESS_COOKIE).is_some(),
         });
     };
+    // nothing is rotated unless the renewed access token can be signed (see
+    // `ensure_can_sign`): the refresh cookie stays good for the next request
+    crate::oauth::token::ensure_can_sign(state)?;
     let sso = state.sso.settings();
     let presented = SecretString::from(refresh);
     let refreshed = match state

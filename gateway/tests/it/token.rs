@@ -12,14 +12,15 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use harness::{Postgres, Redis};
-use keyrotation::{Clock, ManualClock};
+use keyrotation::{Clock, KeyRing, ManualClock};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use portcullis::clients::{Audience, ClientId, GrantType, NewClient, ScopeSet};
 use portcullis::config::{Config, RedisConfig};
 use portcullis::refresh::NewFamily;
 use reqwest::StatusCode;
 use reqwest::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderMap, PRAGMA, RETRY_AFTER, WWW_AUTHENTICATE,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HeaderMap, PRAGMA, RETRY_AFTER, SET_COOKIE,
+    WWW_AUTHENTICATE,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -1189,6 +1190,125 @@ async fn without_redis_refresh_answers_503_and_loses_nothing() {
     .await;
     assert_eq!(f.generation(rt).await, Some(0));
     f.rotate(svc, rt).await;
+}
+
+// === signing keys away ===
+
+/// A fixture whose key ring is never reloaded behind the test's back (the tests below
+/// swap rings in by hand).
+async fn held_ring_fixture(name: &str) -> Fixture {
+    Fixture::with(name, &Redis::shared().url(), |c| {
+        c.keys.reload_interval = Duration::from_secs(3600);
+    })
+    .await
+}
+
+/// Leaves the instance with a ring that cannot sign, as when the active key's window
+/// ended while the key source was unreachable: that key now only verifies, and no other
+/// has taken over. Returns the ring and version to put back with [`resume_signing`].
+fn stop_signing(f: &Fixture) -> (KeyRing, Option<u64>) {
+    let keys = f.app.state.keys.keys();
+    let (ring, version) = (keys.ring(), keys.ring_version());
+    let now = f.now();
+    let mut stalled = ring.clone();
+    for key in stalled.keys.iter_mut().filter(|k| k.signs_at(now)) {
+        key.retire_at = now;
+    }
+    keys.publish(stalled, version, now).unwrap();
+    assert!(!keys.can_sign(now));
+    (ring, version)
+}
+
+fn resume_signing(f: &Fixture, (ring, version): (KeyRing, Option<u64>)) {
+    let keys = f.app.state.keys.keys();
+    keys.publish(ring, version, f.now()).unwrap();
+    assert!(keys.can_sign(f.now()));
+}
+
+#[track_caller]
+fn assert_keys_unavailable(a: &Answer) {
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert_eq!(
+        a.body,
+        json!({
+            "error": "temporarily_unavailable",
+            "error_description": "signing keys is unavailable; try again shortly",
+        })
+    );
+    assert_no_store(a);
+    assert_eq!(header(a, &RETRY_AFTER), Some("5"));
+}
+
+#[tokio::test]
+async fn a_refresh_that_cannot_be_signed_rotates_nothing() {
+    let f = held_ring_fixture("nosign").await;
+    let svc = f.service("svc-nosign").await;
+    let rt = f.login(&svc, "alice", "read").await;
+
+    let held = stop_signing(&f);
+    assert_keys_unavailable(&f.refresh(&svc, &rt, &[]).await);
+    assert_eq!(f.generation(&rt).await, Some(0), "the token was used up");
+
+    // signing works again only after the grace window: the same token still refreshes,
+    // and is not taken for a re-used one
+    f.clock.advance(GRACE + time::Duration::seconds(1));
+    resume_signing(&f, held);
+    let successor = f.rotate(&svc, &rt).await;
+    assert_eq!(f.generation(&successor).await, Some(1));
+    f.rotate(&svc, &successor).await;
+}
+
+#[tokio::test]
+async fn a_console_renewal_that_cannot_be_signed_keeps_the_session() {
+    let f = held_ring_fixture("console-nosign").await;
+    let console = f.app.state.sso.settings().console_client_id.clone();
+    let issued = f
+        .app
+        .state
+        .refresh
+        .issue(
+            NewFamily {
+                client_id: console,
+                subject: "corp:alice".to_owned(),
+                scope: "console".to_owned(),
+                audience: Vec::new(),
+                auth_time: f.now(),
+                session: json!({ "roles": ["viewer"], "provider": "corp" }),
+            },
+            f.now(),
+        )
+        .await
+        .unwrap();
+    let rt = issued.token.expose_secret().to_owned();
+    let me = |rt: &str| {
+        send(
+            f.http
+                .get(f.app.url("/auth/me"))
+                .header(COOKIE, format!("__Host-portcullis-rt={rt}")),
+        )
+    };
+
+    let held = stop_signing(&f);
+    let a = me(&rt).await;
+    assert_keys_unavailable(&a);
+    assert!(a.headers.get(SET_COOKIE).is_none());
+    assert_eq!(f.generation(&rt).await, Some(0), "the cookie was used up");
+
+    f.clock.advance(GRACE + time::Duration::seconds(1));
+    resume_signing(&f, held);
+    let a = me(&rt).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.body["subject"], "corp:alice");
+    let renewed = a
+        .headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("__Host-portcullis-rt="))
+        .and_then(|v| v.split(';').next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(f.generation(&renewed).await, Some(1));
 }
 
 // === discovery ===
