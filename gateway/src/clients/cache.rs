@@ -6,6 +6,12 @@
 //! drop the entry at once; other instances see a change within the TTL. Disabling a client
 //! also revokes its refresh tokens at once, so only access-token issuance lags by the TTL.
 //!
+//! A write must not be undone by a read that raced it: a request whose `SELECT` ran before
+//! the write committed holds the old record, and caching it after the write would keep a
+//! disabled client (or a secret rotated without overlap) working here for up to twice
+//! the TTL. So a write forgets the record again once it is done ([`ClientCache::writing`]),
+//! and a record read before any forget since is not cached ([`ReadTicket`]).
+//!
 //! When a record's TTL is up, one request reads it again while the requests arriving
 //! meanwhile keep using the old record — for at most one more TTL. Without this every
 //! request for a busy client waited on the same database read at each expiry, and a slow
@@ -13,7 +19,7 @@
 //! record is never used: every request reads the database, as with no cache.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -47,6 +53,22 @@ pub struct ClientCache {
     ttl: Duration,
     // shared, so a hit costs a reference count rather than a copy of the record
     entries: RwLock<HashMap<String, Entry>>,
+    /// How many times an entry was forgotten; changed and read under the `entries` lock.
+    forgets: AtomicU64,
+}
+
+/// Taken before a record is read from the database, and handed to [`ClientCache::put`]:
+/// if anything was forgotten since, the record may predate a write and is not cached.
+/// (One count for all ids: writes are rare, and a record not cached is only read again.)
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTicket(u64);
+
+/// A write to one client under way: see [`ClientCache::writing`].
+#[derive(Debug)]
+#[must_use = "the record is forgotten again when this is dropped, after the write"]
+pub struct Writing<'a> {
+    cache: &'a ClientCache,
+    id: String,
 }
 
 impl ClientCache {
@@ -55,7 +77,13 @@ impl ClientCache {
         Self {
             ttl,
             entries: RwLock::new(HashMap::new()),
+            forgets: AtomicU64::new(0),
         }
+    }
+
+    /// The ticket of a database read about to start.
+    pub fn ticket(&self) -> ReadTicket {
+        ReadTicket(self.forgets.load(Ordering::Acquire))
     }
 
     /// What the cache has for `id` now.
@@ -85,16 +113,26 @@ impl ClientCache {
         Lookup::Miss
     }
 
-    /// Remembers `client`, read just now.
-    pub fn put(&self, client: &Arc<Client>) {
-        self.put_at(client, Instant::now());
+    /// Remembers `client`, read just now by a read that took `ticket` before it started;
+    /// unless an entry was forgotten since (a write may have committed after the read).
+    pub fn put(&self, client: &Arc<Client>, ticket: ReadTicket) {
+        self.put_at(client, ticket, Instant::now());
     }
 
-    fn put_at(&self, client: &Arc<Client>, now: Instant) {
+    fn put_at(&self, client: &Arc<Client>, ticket: ReadTicket, now: Instant) {
         if self.ttl.is_zero() {
             return;
         }
         if let Ok(mut entries) = self.entries.write() {
+            // under the lock `forget` counts under: either this put comes first and the
+            // forget removes it, or the forget comes first and the count tells
+            if self.forgets.load(Ordering::Acquire) != ticket.0 {
+                // not kept; an older entry (another id was forgotten) is read again next
+                if let Some(entry) = entries.get(client.id.as_str()) {
+                    entry.refreshing.store(false, Ordering::Release);
+                }
+                return;
+            }
             if entries.len() >= MAX_ENTRIES {
                 entries.clear();
             }
@@ -118,11 +156,30 @@ impl ClientCache {
         }
     }
 
-    /// Forgets `id` (after a write).
+    /// Forgets `id` (a deleted client, a write).
     pub fn forget(&self, id: &str) {
         if let Ok(mut entries) = self.entries.write() {
+            self.forgets.fetch_add(1, Ordering::AcqRel);
             entries.remove(id);
         }
+    }
+
+    /// Forgets `id` now and again when the returned guard is dropped. Hold it across a
+    /// write to `id`: a record cached while the write was under way is then forgotten
+    /// once the write is over, however it ended (committed, failed, or its caller gone
+    /// mid-way, when it may still have committed).
+    pub fn writing(&self, id: &str) -> Writing<'_> {
+        self.forget(id);
+        Writing {
+            cache: self,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.cache.forget(&self.id);
     }
 }
 
@@ -149,7 +206,7 @@ mod tests {
         let cache = ClientCache::new(ttl);
         let t0 = Instant::now();
         assert_eq!(kind(&cache.lookup_at("svc", t0)), "miss");
-        cache.put_at(&client("svc"), t0);
+        cache.put_at(&client("svc"), cache.ticket(), t0);
         assert_eq!(
             kind(&cache.lookup_at("svc", t0 + Duration::from_secs(4))),
             "fresh"
@@ -171,7 +228,7 @@ mod tests {
         assert_eq!(kind(&cache.lookup_at("svc", too_late)), "miss");
 
         // a new read makes it fresh again
-        cache.put_at(&client("svc"), too_late);
+        cache.put_at(&client("svc"), cache.ticket(), too_late);
         assert_eq!(kind(&cache.lookup_at("svc", too_late)), "fresh");
         // a write through this instance forgets it at once
         cache.forget("svc");
@@ -180,9 +237,38 @@ mod tests {
     }
 
     #[test]
+    fn a_record_read_before_a_write_committed_is_not_cached_after_it() {
+        let cache = ClientCache::new(Duration::from_secs(5));
+        let now = Instant::now();
+        // a token request misses and reads the record: the write has not committed yet
+        let ticket = cache.ticket();
+        let before_the_write = client("svc");
+        // the write (a disable, a secret rotation) commits and is over
+        drop(cache.writing("svc"));
+        // the read's answer, the old record, arrives only now: it must not be kept
+        cache.put_at(&before_the_write, ticket, now);
+        assert_eq!(kind(&cache.lookup_at("svc", now)), "miss");
+        // a read that starts after the write is cached as usual
+        cache.put_at(&client("svc"), cache.ticket(), now);
+        assert_eq!(kind(&cache.lookup_at("svc", now)), "fresh");
+    }
+
+    #[test]
+    fn a_record_cached_while_a_write_is_under_way_is_forgotten_when_it_ends() {
+        let cache = ClientCache::new(Duration::from_secs(5));
+        let now = Instant::now();
+        let write = cache.writing("svc");
+        // read and cached after the write began and before it committed: the old record
+        cache.put_at(&client("svc"), cache.ticket(), now);
+        assert_eq!(kind(&cache.lookup_at("svc", now)), "fresh");
+        drop(write);
+        assert_eq!(kind(&cache.lookup_at("svc", now)), "miss");
+    }
+
+    #[test]
     fn a_zero_ttl_caches_nothing() {
         let cache = ClientCache::new(Duration::ZERO);
-        cache.put(&client("svc"));
+        cache.put(&client("svc"), cache.ticket());
         assert_eq!(kind(&cache.lookup("svc")), "miss");
     }
 }

@@ -155,6 +155,8 @@ impl ClientStore {
             client_id.as_bytes(),
             presented_secret.expose_secret().as_bytes(),
         );
+        // before the read: a write that commits meanwhile keeps its answer out of the cache
+        let ticket = self.cache.ticket();
         let cached = match self.cache.lookup(client_id) {
             Lookup::Fresh(client) | Lookup::Refreshing(client) => Some(client),
             Lookup::Miss => None,
@@ -179,7 +181,7 @@ impl ClientStore {
             (Some(client), _) => Some(client),
             (None, Some(row)) => {
                 let client = Arc::new(row.into_client()?);
-                self.cache.put(&client);
+                self.cache.put(&client, ticket);
                 Some(client)
             }
             (None, None) => None,
@@ -212,7 +214,8 @@ impl ClientStore {
         overlap: Duration,
         now: OffsetDateTime,
     ) -> Result<SecretString, ClientError> {
-        self.cache.forget(id.as_str());
+        // forgotten now and once the write is over (see `ClientCache::writing`)
+        let _writing = self.cache.writing(id.as_str());
         let secret = secret::generate()?;
         let hash = secret::hash_for(&self.key, id, secret.expose_secret());
         let now_ms = unix_ms(now);
@@ -271,7 +274,8 @@ impl ClientStore {
         change: ClientUpdate,
         now: OffsetDateTime,
     ) -> Result<Client, ClientError> {
-        self.cache.forget(id.as_str());
+        // forgotten now and once the write is over (see `ClientCache::writing`)
+        let _writing = self.cache.writing(id.as_str());
         if let Some(name) = &change.name {
             validate_name(name)?;
         }
@@ -315,7 +319,8 @@ impl ClientStore {
     /// Removes client `id` for good.
     #[tracing::instrument(skip_all, fields(client_id = %id))]
     pub async fn delete(&self, id: &ClientId) -> Result<(), ClientError> {
-        self.cache.forget(id.as_str());
+        // forgotten now and once the write is over (see `ClientCache::writing`)
+        let _writing = self.cache.writing(id.as_str());
         const SQL: &str = "DELETE FROM oauth_clients WHERE id = $1";
         let affected = crate::on_pool!(self.db.pool(), |p| {
             sqlx::query(SQL)
@@ -370,7 +375,8 @@ impl ClientStore {
         enabled: bool,
         now: OffsetDateTime,
     ) -> Result<(), ClientError> {
-        self.cache.forget(id.as_str());
+        // forgotten now and once the write is over (see `ClientCache::writing`)
+        let _writing = self.cache.writing(id.as_str());
         const SQL: &str =
             "UPDATE oauth_clients SET enabled = $1, updated_at_unix_ms = $2 WHERE id = $3";
         let affected = crate::on_pool!(self.db.pool(), |p| {
