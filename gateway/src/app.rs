@@ -98,7 +98,8 @@ impl Application {
             db.clone(),
             server_key.clone(),
             config.tokens.client_cache_ttl,
-        );
+        )
+        .with_rules(crate::clients::ClientRules::from_config(&config));
         let refresh: Arc<dyn crate::refresh::RefreshStore> = match &redis {
             Some(handle) => Arc::new(crate::refresh::LazyRedisRefreshStore::new(
                 handle.clone(),

@@ -830,13 +830,17 @@ impl Config {
                 "must be shorter than keys.rotation_period",
             ));
         }
-        let longest = self.tokens.access_token_lifetime + self.tokens.leeway;
-        if k.overlap < longest {
+        let (field, longest) = self.longest_configured_lifetime();
+        let needed = longest.saturating_add(self.tokens.leeway);
+        if k.overlap < needed {
             return Err(ConfigError::field(
                 "keys.overlap",
                 format!(
-                    "must be at least the longest token lifetime plus leeway ({})",
-                    humantime::format_duration(longest)
+                    "must be at least the longest token lifetime ({field} = {}) plus \
+                     tokens.leeway ({}): {}",
+                    humantime::format_duration(longest),
+                    humantime::format_duration(self.tokens.leeway),
+                    humantime::format_duration(needed)
                 ),
             ));
         }
@@ -926,6 +930,28 @@ impl Config {
         }
     }
 
+    /// The longest lifetime the configuration gives tokens signed by our keys, and the
+    /// field that sets it: the longer of `tokens.access_token_lifetime` and
+    /// `sso.access_token_lifetime` (console access tokens). A client's own lifetime is held
+    /// to [`Self::max_token_lifetime`] instead, when it is set.
+    pub fn longest_configured_lifetime(&self) -> (&'static str, Duration) {
+        if self.sso.access_token_lifetime > self.tokens.access_token_lifetime {
+            ("sso.access_token_lifetime", self.sso.access_token_lifetime)
+        } else {
+            (
+                "tokens.access_token_lifetime",
+                self.tokens.access_token_lifetime,
+            )
+        }
+    }
+
+    /// The longest lifetime any token we sign may have: `keys.overlap` less
+    /// `tokens.leeway`. A key verifies for `overlap` after it stops signing, so a token
+    /// signed just before then still verifies until it expires.
+    pub fn max_token_lifetime(&self) -> Duration {
+        self.keys.overlap.saturating_sub(self.tokens.leeway)
+    }
+
     /// The signing-key policy, checked against the longest token lifetime plus leeway.
     pub fn key_policy(&self) -> Result<keyrotation::Policy, keyrotation::KeyError> {
         let k = &self.keys;
@@ -936,7 +962,7 @@ impl Config {
             overlap: k.overlap,
             ..keyrotation::Policy::default()
         };
-        policy.validate(self.tokens.access_token_lifetime, self.tokens.leeway)?;
+        policy.validate(self.longest_configured_lifetime().1, self.tokens.leeway)?;
         Ok(policy)
     }
 

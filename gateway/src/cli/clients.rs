@@ -17,7 +17,7 @@ use crate::admin::clients::{
     ClientView, Rotated, WithSecret, format_duration, overlap_end, parse_id, parse_new_client,
     parse_overlap, settings_detail,
 };
-use crate::clients::{ClientError, ClientId, ClientStore};
+use crate::clients::{ClientError, ClientId, ClientRules, ClientStore};
 use crate::config::{self, Config};
 use crate::db::Database;
 use crate::dev;
@@ -228,7 +228,7 @@ async fn connect(config: Config, dev: bool) -> Result<Ctx, Failure> {
     db.migrate()
         .await
         .map_err(|e| Failure::Other(format!("database: {e}")))?;
-    let clients = ClientStore::new(db.clone(), key);
+    let clients = ClientStore::new(db.clone(), key).with_rules(ClientRules::from_config(&config));
     Ok(Ctx {
         config,
         dev,

@@ -41,6 +41,34 @@ const MAX_AUDIENCES: usize = 32;
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// What the configuration asks of every client, checked when one is registered or
+/// changed.
+#[derive(Debug, Clone)]
+pub struct ClientRules {
+    /// The longest access-token lifetime a client may have: 24 h, and no more than
+    /// `keys.overlap` less `tokens.leeway`, so that the key that signed a token still
+    /// verifies it until it expires.
+    pub max_lifetime: Duration,
+}
+
+impl Default for ClientRules {
+    /// Lifetimes up to 24 h.
+    fn default() -> Self {
+        Self {
+            max_lifetime: MAX_LIFETIME,
+        }
+    }
+}
+
+impl ClientRules {
+    /// The rules `config` sets.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_lifetime: config.max_token_lifetime().min(MAX_LIFETIME),
+        }
+    }
+}
+
 /// What went wrong with a client operation.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -147,7 +175,8 @@ pub struct NewClient {
     pub scopes: ScopeSet,
     /// Allowed audiences; the first is the default. At most 32, no repeats.
     pub audiences: Vec<Audience>,
-    /// Its own access-token lifetime, whole seconds from 1 s to 24 h; `None`: the default.
+    /// Its own access-token lifetime, whole seconds from 1 s to 24 h and at most
+    /// [`ClientRules::max_lifetime`]; `None`: the default.
     pub access_token_lifetime: Option<Duration>,
 }
 
@@ -277,12 +306,22 @@ fn validate_audiences(audiences: &[Audience]) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn validate_lifetime(lifetime: Option<Duration>) -> Result<(), ClientError> {
+fn validate_lifetime(lifetime: Option<Duration>, max: Duration) -> Result<(), ClientError> {
     let Some(d) = lifetime else { return Ok(()) };
     if d.subsec_nanos() != 0 || d < MIN_LIFETIME || d > MAX_LIFETIME {
         return Err(ClientError::Invalid(
             "access_token_lifetime",
             "whole seconds from 1 s to 24 h".to_owned(),
+        ));
+    }
+    if d > max {
+        return Err(ClientError::Invalid(
+            "access_token_lifetime",
+            format!(
+                "at most {} here (keys.overlap less tokens.leeway), so that no token outlives \
+                 the key that verifies it",
+                humantime::format_duration(max)
+            ),
         ));
     }
     Ok(())

@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 use super::cache::Lookup;
 use super::secret::{self, SecretHashes};
 use super::{
-    Audience, Client, ClientError, ClientId, ClientUpdate, GrantType, NewClient, ScopeSet,
-    validate_audiences, validate_grants, validate_lifetime, validate_name,
+    Audience, Client, ClientError, ClientId, ClientRules, ClientUpdate, GrantType, NewClient,
+    ScopeSet, validate_audiences, validate_grants, validate_lifetime, validate_name,
 };
 use crate::db::Database;
 
@@ -30,6 +30,7 @@ pub struct ClientStore {
     db: Database,
     key: crate::server_key::ServerKey,
     cache: std::sync::Arc<super::cache::ClientCache>,
+    rules: Arc<ClientRules>,
 }
 
 /// One row as stored.
@@ -68,7 +69,15 @@ impl ClientStore {
             db,
             key,
             cache: std::sync::Arc::new(super::cache::ClientCache::new(ttl)),
+            rules: Arc::new(ClientRules::default()),
         }
+    }
+
+    /// This store, checking new and changed clients against `rules` (from the
+    /// configuration: [`ClientRules::from_config`]).
+    pub fn with_rules(mut self, rules: ClientRules) -> Self {
+        self.rules = Arc::new(rules);
+        self
     }
 
     /// Registers a client and returns it with its secret — the only time the secret is
@@ -83,7 +92,7 @@ impl ClientStore {
         validate_name(&new.name)?;
         validate_grants(&new.grant_types)?;
         validate_audiences(&new.audiences)?;
-        validate_lifetime(new.access_token_lifetime)?;
+        validate_lifetime(new.access_token_lifetime, self.rules.max_lifetime)?;
         let id = match new.id {
             Some(id) => id,
             None => ClientId::generate()?,
@@ -286,7 +295,7 @@ impl ClientStore {
             validate_audiences(audiences)?;
         }
         if let Some(lifetime) = change.access_token_lifetime {
-            validate_lifetime(lifetime)?;
+            validate_lifetime(lifetime, self.rules.max_lifetime)?;
         }
         let grants = change.grant_types.as_ref().map(GrantType::format_set);
         let scopes = change.scopes.as_ref().map(ScopeSet::to_string);

@@ -144,6 +144,27 @@ fn overlap_shorter_than_token_lifetime_is_refused() {
 }
 
 #[test]
+fn overlap_shorter_than_the_console_token_lifetime_is_refused() {
+    let f = Files::new();
+    let text = f.toml(
+        "overlap = \"1h\"\n[tokens]\naccess_token_lifetime = \"15m\"\n\
+         [sso]\naccess_token_lifetime = \"1h\"\n",
+    );
+    let err = f.load(&text, &[]).unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(field_of(err), "keys.overlap");
+    assert!(msg.contains("sso.access_token_lifetime = 1h"), "{msg}");
+    assert!(msg.contains("1h 30s"), "{msg}");
+
+    // the console lifetime plus the leeway fits
+    f.load(
+        &text.replace("overlap = \"1h\"", "overlap = \"1h 30s\""),
+        &[],
+    )
+    .unwrap();
+}
+
+#[test]
 fn vault_source_without_vault_section_is_refused() {
     let f = Files::new();
     let text = f

@@ -10,7 +10,9 @@ use crate::audit::AuditEvent;
 use crate::clients::{Client, GrantType, ScopeSet};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::form::Form;
-use crate::oauth::token::{AccessGrant, TokenResponse, ensure_can_sign, mint, requested_scope};
+use crate::oauth::token::{
+    AccessGrant, TokenResponse, access_token_lifetime, ensure_can_sign, mint, requested_scope,
+};
 use crate::refresh::RefreshError;
 use crate::state::AppState;
 
@@ -114,9 +116,7 @@ pub async fn refresh(
             scope: scope.to_string(),
             roles,
             session: Some(session.family.to_string()),
-            lifetime: client
-                .access_token_lifetime
-                .unwrap_or(state.config.tokens.access_token_lifetime),
+            lifetime: access_token_lifetime(state, client),
             grant: GrantType::RefreshToken,
             source_ip,
         },

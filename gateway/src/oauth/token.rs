@@ -166,9 +166,7 @@ fn client_credentials(
         .audience_for(resource.as_ref())?
         .map(|a| a.as_str().to_owned())
         .unwrap_or_else(|| state.config.issuer());
-    let lifetime = client
-        .access_token_lifetime
-        .unwrap_or(state.config.tokens.access_token_lifetime);
+    let lifetime = access_token_lifetime(state, client);
     mint(
         state,
         AccessGrant {
@@ -184,6 +182,17 @@ fn client_credentials(
         },
         None,
     )
+}
+
+/// The lifetime of `client`'s access tokens: its own, else `tokens.access_token_lifetime`;
+/// never more than `keys.overlap` less `tokens.leeway` ([`crate::config::Config::max_token_lifetime`]).
+/// Creating or changing a client refuses a longer lifetime, so only one stored before the
+/// overlap was shortened is capped here (`expires_in` says so).
+pub fn access_token_lifetime(state: &AppState, client: &Client) -> std::time::Duration {
+    client
+        .access_token_lifetime
+        .unwrap_or(state.config.tokens.access_token_lifetime)
+        .min(state.config.max_token_lifetime())
 }
 
 /// The `scope` parameter, parsed; absent means "everything allowed".

@@ -6,7 +6,7 @@ use std::time::Duration;
 use harness::{Postgres, Redis};
 use portcullis::refresh::{NewFamily, RefreshError};
 use reqwest::StatusCode;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 use super::support::*;
@@ -16,6 +16,11 @@ const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 /// An instance on a fresh Postgres database and the shared Redis (own key prefix), with
 /// `admin.token` set.
 async fn app() -> TestApp {
+    app_with(|_| {}).await
+}
+
+/// [`app`], with more configuration.
+async fn app_with(customize: impl FnOnce(&mut portcullis::config::Config)) -> TestApp {
     let db = Postgres::shared().fresh_database("admin_clients").unwrap();
     let redis = Redis::shared().url();
     spawn_app(move |c| {
@@ -27,6 +32,7 @@ async fn app() -> TestApp {
         });
         c.refresh.key_prefix = format!("admin-clients-{}:", uuid::Uuid::new_v4());
         c.admin.token = Some(SecretString::from(ADMIN_TOKEN));
+        customize(c);
     })
     .await
 }
@@ -310,6 +316,72 @@ async fn disabling_a_client_refuses_it_and_revokes_its_refresh_tokens_at_once() 
         rows[0]
     );
     assert_eq!(audited(&app, "client.enable", 1).await[0].1, id);
+}
+
+#[tokio::test]
+async fn no_client_lifetime_outlives_the_key_overlap() {
+    // keys.overlap 2h, tokens.leeway 30s: a token living longer than 1h 59m 30s could
+    // outlive the key that signed it
+    let app = app_with(|c| c.keys.overlap = Duration::from_secs(2 * 3600)).await;
+    let refused = json!({
+        "error": "invalid_request",
+        "error_description": "invalid access_token_lifetime: at most 1h 59m 30s here \
+            (keys.overlap less tokens.leeway), so that no token outlives the key that \
+            verifies it",
+    });
+    let (status, body, _) = send(
+        admin(&app, reqwest::Method::POST, "/admin/clients")
+            .json(&json!({ "name": "long-lived", "access_token_lifetime": "2h" })),
+    )
+    .await;
+    assert_eq!((status, body), (StatusCode::BAD_REQUEST, refused.clone()));
+    assert_eq!(app.state.clients.list().await.unwrap().len(), 0);
+
+    // at the bound: registered, and its tokens live exactly that long
+    let (id, secret) = create(
+        &app,
+        json!({ "name": "long-lived", "access_token_lifetime": "1h 59m 30s" }),
+    )
+    .await;
+    let (status, body) = token(&app, &id, &secret).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 7170);
+    // nor may a change make it longer
+    let change = portcullis::clients::ClientUpdate {
+        access_token_lifetime: Some(Some(Duration::from_secs(7171))),
+        ..Default::default()
+    };
+    let err = app
+        .state
+        .clients
+        .update(&id.parse().unwrap(), change, app.state.keys.now())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        refused["error_description"].as_str().unwrap()
+    );
+
+    // a lifetime stored before the overlap was shortened is capped when tokens are minted
+    let key = app.state.config.server_key().unwrap();
+    let unruled = portcullis::clients::ClientStore::new(app.state.db.clone(), key);
+    let (old, old_secret) = unruled
+        .create(
+            portcullis::clients::NewClient {
+                id: None,
+                name: "registered earlier".to_owned(),
+                grant_types: [portcullis::clients::GrantType::ClientCredentials].into(),
+                scopes: portcullis::clients::ScopeSet::new(),
+                audiences: vec![],
+                access_token_lifetime: Some(Duration::from_secs(3 * 3600)),
+            },
+            app.state.keys.now(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = token(&app, old.id.as_str(), old_secret.expose_secret()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 7170);
 }
 
 #[tokio::test]
