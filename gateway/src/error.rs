@@ -423,6 +423,10 @@ impl From<crate::clients::ClientError> for ApiError {
                 code: "already_exists",
                 description: "a client with that id exists already".to_owned(),
             },
+            e @ C::ReservedId(_) => Self::Conflict {
+                code: "reserved_client_id",
+                description: e.to_string(),
+            },
             C::InvalidClient => {
                 Self::oauth(OAuthCode::InvalidClient, "client authentication failed")
             }

@@ -162,7 +162,7 @@ impl ClientsCommand {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Invalid(..) => Self::Usage(e.to_string()),
+            ClientError::Invalid(..) | ClientError::ReservedId(_) => Self::Usage(e.to_string()),
             e @ ClientError::AlreadyExists => Self::Other(e.to_string()),
             e => Self::Other(crate::error::chain(&e)),
         }

@@ -45,6 +45,10 @@ const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// changed.
 #[derive(Debug, Clone)]
 pub struct ClientRules {
+    /// Ids no client may take: `sso.console_client_id`, which console sessions are bound
+    /// to. A client holding it could trade console refresh cookies for bearer tokens with
+    /// the user's roles, and disabling it would end every console session.
+    pub reserved_ids: Vec<String>,
     /// The longest access-token lifetime a client may have: 24 h, and no more than
     /// `keys.overlap` less `tokens.leeway`, so that the key that signed a token still
     /// verifies it until it expires.
@@ -52,9 +56,10 @@ pub struct ClientRules {
 }
 
 impl Default for ClientRules {
-    /// Lifetimes up to 24 h.
+    /// No reserved id; lifetimes up to 24 h.
     fn default() -> Self {
         Self {
+            reserved_ids: Vec::new(),
             max_lifetime: MAX_LIFETIME,
         }
     }
@@ -64,6 +69,7 @@ impl ClientRules {
     /// The rules `config` sets.
     pub fn from_config(config: &crate::config::Config) -> Self {
         Self {
+            reserved_ids: vec![config.sso.console_client_id.clone()],
             max_lifetime: config.max_token_lifetime().min(MAX_LIFETIME),
         }
     }
@@ -78,6 +84,13 @@ pub enum ClientError {
     /// A client with that id exists already.
     #[error("a client with that id exists already")]
     AlreadyExists,
+    /// The id is `sso.console_client_id`, which no client may have
+    /// ([`ClientRules::reserved_ids`]).
+    #[error(
+        "client id {0} is sso.console_client_id: console sessions are bound to it, so no \
+         client may have it"
+    )]
+    ReservedId(ClientId),
     /// Client authentication failed: unknown id, wrong or expired secret, or a disabled
     /// client — deliberately one error, so callers cannot tell which (RFC 6749 §5.2
     /// `invalid_client`).

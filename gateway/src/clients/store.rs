@@ -82,7 +82,8 @@ impl ClientStore {
 
     /// Registers a client and returns it with its secret — the only time the secret is
     /// available: only its hash is stored. [`ClientError::AlreadyExists`] when the id is
-    /// taken; [`ClientError::Invalid`] (nothing stored) for bad settings.
+    /// taken, [`ClientError::ReservedId`] when the configuration keeps it for console
+    /// sessions; [`ClientError::Invalid`] (nothing stored) for bad settings.
     #[tracing::instrument(skip_all, fields(client_id))]
     pub async fn create(
         &self,
@@ -94,6 +95,9 @@ impl ClientStore {
         validate_audiences(&new.audiences)?;
         validate_lifetime(new.access_token_lifetime, self.rules.max_lifetime)?;
         let id = match new.id {
+            Some(id) if self.rules.reserved_ids.iter().any(|r| r == id.as_str()) => {
+                return Err(ClientError::ReservedId(id));
+            }
             Some(id) => id,
             None => ClientId::generate()?,
         };

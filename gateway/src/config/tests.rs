@@ -291,6 +291,10 @@ fn unsafe_or_inconsistent_sso_settings_are_refused_naming_the_field() {
             "sso.roles[0]",
         ),
         (
+            "[sso]\nconsole_client_id = \"admin\"\n".to_owned(),
+            "sso.console_client_id",
+        ),
+        (
             "[protection]\ntrusted_proxies = [\"10.0.0.0/33\"]\n".to_owned(),
             "protection.trusted_proxies[0]",
         ),

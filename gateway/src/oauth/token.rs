@@ -110,6 +110,15 @@ pub async fn token(
         }
     };
     let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
+    if client.id.as_str() == state.sso.settings().console_client_id {
+        // registered before that id was refused: it would trade console sessions' refresh
+        // cookies for bearer tokens carrying the users' roles
+        return Err(ApiError::oauth(
+            OAuthCode::UnauthorizedClient,
+            "this client id is sso.console_client_id, reserved for console sessions; \
+             register the client under another id",
+        ));
+    }
     client.check_grant(grant)?;
     let response = match grant {
         GrantType::ClientCredentials => client_credentials(&state, &client, &mut form, ip)?,

@@ -137,6 +137,13 @@ impl SsoSettings {
         if self.console_client_id.trim().is_empty() {
             return Err(err("sso.console_client_id", "must not be empty"));
         }
+        if self.console_client_id == crate::clients::ADMIN_CLIENT_ID {
+            // no client may have the console's id, and `--dev` registers this one
+            return Err(err(
+                "sso.console_client_id",
+                "must not be `admin`, the id of the bootstrap admin client",
+            ));
+        }
         if self.http_timeout.is_zero() {
             return Err(err("sso.http_timeout", "must be greater than 0"));
         }

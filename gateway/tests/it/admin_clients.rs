@@ -319,6 +319,83 @@ async fn disabling_a_client_refuses_it_and_revokes_its_refresh_tokens_at_once() 
 }
 
 #[tokio::test]
+async fn the_console_client_id_cannot_be_registered() {
+    let app = app_with(|c| c.sso.console_client_id = "ops-console".to_owned()).await;
+    let (status, body, _) = send(
+        admin(&app, reqwest::Method::POST, "/admin/clients")
+            .json(&json!({ "id": "ops-console", "name": "console" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        body,
+        json!({
+            "error": "reserved_client_id",
+            "error_description": "client id ops-console is sso.console_client_id: console \
+                sessions are bound to it, so no client may have it",
+        })
+    );
+    assert!(app.state.clients.list().await.unwrap().is_empty());
+    // the default console id is an ordinary id where another is configured
+    create(
+        &app,
+        json!({ "id": "portcullis-console", "name": "not the console" }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_registered_under_the_console_id_gets_no_token() {
+    let app = app().await;
+    let console = app.state.sso.settings().console_client_id.clone();
+    // registered before the id was refused (a store without the configuration's rules)
+    let key = app.state.config.server_key().unwrap();
+    let (_, secret) = portcullis::clients::ClientStore::new(app.state.db.clone(), key)
+        .create(
+            portcullis::clients::NewClient {
+                id: Some(console.parse().unwrap()),
+                name: "console".to_owned(),
+                grant_types: [
+                    portcullis::clients::GrantType::ClientCredentials,
+                    portcullis::clients::GrantType::RefreshToken,
+                ]
+                .into(),
+                scopes: portcullis::clients::ScopeSet::new(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            app.state.keys.now(),
+        )
+        .await
+        .unwrap();
+    let secret = secret.expose_secret().to_owned();
+    // a console session: its refresh cookie must not buy a bearer token with its roles
+    let (rt, _) = issue(&app, &console, "corp:alice").await;
+    for form in [
+        vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt.expose_secret()),
+        ],
+        vec![("grant_type", "client_credentials")],
+    ] {
+        let resp = app
+            .https_client()
+            .post(app.url("/oauth2/token"))
+            .basic_auth(&console, Some(&secret))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        let (status, body): (StatusCode, Value) = (resp.status(), resp.json().await.unwrap());
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "unauthorized_client", "{body}");
+    }
+    // the session is untouched
+    let now = app.state.keys.now();
+    assert!(app.state.refresh.inspect(&rt, now).await.unwrap().is_some());
+}
+
+#[tokio::test]
 async fn no_client_lifetime_outlives_the_key_overlap() {
     // keys.overlap 2h, tokens.leeway 30s: a token living longer than 1h 59m 30s could
     // outlive the key that signed it
@@ -773,6 +850,9 @@ async fn the_cli_creates_and_lists_clients_whose_secret_then_works() {
     let (status, _, stderr) = cli(&["create", "--id", "executor-billing", "--name", "again"]);
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("exists already"), "{stderr}");
+    let (status, _, stderr) = cli(&["create", "--id", "portcullis-console", "--name", "x"]);
+    assert_eq!(status.code(), Some(64));
+    assert!(stderr.contains("is sso.console_client_id"), "{stderr}");
     // no shared refresh store in this configuration: disable says so, and still disables
     let (status, stdout, stderr) = cli(&["disable", "executor-billing"]);
     assert!(status.success(), "{stderr}");
