@@ -10,10 +10,19 @@
 //! (decimal), actor, action, target, source_ip (empty when absent), detail (the stored
 //! JSON text: compact, keys sorted).
 //!
+//! What is stored, and so hashed, is what the database can hold: Postgres refuses a NUL
+//! character in `text` (and `\u0000` in `jsonb`), so every NUL in a field, and in a
+//! string or key of the detail, becomes U+FFFD (�) first ([`storable`],
+//! [`storable_json`]): the stored row and its hash agree. A NUL is never meaningful in
+//! what the trail records (a name, an address, a detail), only a way to make the
+//! database refuse it.
+//!
 //! The one-row table `audit_chain_head` holds the last seq and hash. An append locks that
 //! row first (an `UPDATE` in the same transaction: a row lock on Postgres, the write lock
 //! on SQLite), so appends from every instance are serialised and the chain never forks;
 //! the head also lets `verify` notice records cut off the end.
+
+use std::borrow::Cow;
 
 use sha2::{Digest, Sha256};
 
@@ -59,6 +68,68 @@ pub fn record_hash(
         h.update(field.as_bytes());
     }
     hex::encode(h.finalize())
+}
+
+/// `text` as it is stored: every NUL replaced by U+FFFD (Postgres `text` cannot hold a NUL
+/// and refuses the whole row, SQLSTATE 22021).
+pub fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// A detail's JSON text as it is stored: [`storable`], and every NUL in a string or a key
+/// (`\u0000` in the text, which `jsonb` refuses: a SIEM's table, a query casting the
+/// column) replaced by U+FFFD, the text then serialised again canonically (compact, keys
+/// sorted, non-ASCII unescaped — a replaced key may sort elsewhere), so that an
+/// independent verifier re-serialising the detail gets the hashed text back.
+pub fn storable_json(json: &str) -> Cow<'_, str> {
+    // serde_json writes a NUL only as this escape; the text may also hold it after an
+    // escaped backslash (`\\u0000`, no NUL), which the parse tells apart
+    if !json.contains("\\u0000") {
+        return storable(json);
+    }
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(mut value) => {
+            if replace_nul(&mut value) {
+                Cow::Owned(value.to_string())
+            } else {
+                storable(json)
+            }
+        }
+        Err(_) => storable(json),
+    }
+}
+
+/// Replaces every NUL in `value`'s strings and keys by U+FFFD; whether there was one.
+fn replace_nul(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            *s = s.replace('\0', "\u{FFFD}");
+            true
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |any, v| replace_nul(v) | any),
+        Value::Object(map) => {
+            let mut any = false;
+            *map = std::mem::take(map)
+                .into_iter()
+                .map(|(key, mut v)| {
+                    any |= replace_nul(&mut v);
+                    if key.contains('\0') {
+                        any = true;
+                        (key.replace('\0', "\u{FFFD}"), v)
+                    } else {
+                        (key, v)
+                    }
+                })
+                .collect();
+            any
+        }
+        Value::String(_) | Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 /// A stored record as the database holds it (`detail` as its exact text).
@@ -226,7 +297,8 @@ fn copy_text(rows: &[Row]) -> String {
     out
 }
 
-/// The rows `events` become after a head at (`seq`, `hash`).
+/// The rows `events` become after a head at (`seq`, `hash`): each field as it is stored
+/// ([`storable`]), hashed as stored.
 fn chain_after(mut seq: i64, mut prev: String, events: &[AuditEvent]) -> Vec<Row> {
     events
         .iter()
@@ -234,24 +306,31 @@ fn chain_after(mut seq: i64, mut prev: String, events: &[AuditEvent]) -> Vec<Row
             seq += 1;
             let at_unix_ms =
                 i64::try_from(e.at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-            let source_ip = e.source_ip.clone().filter(|s| !s.is_empty());
-            let detail = e.detail.as_str().to_owned();
+            let actor = storable(&e.actor).into_owned();
+            let action = storable(&e.action).into_owned();
+            let target = storable(&e.target).into_owned();
+            let source_ip = e
+                .source_ip
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|s| storable(s).into_owned());
+            let detail = storable_json(e.detail.as_str()).into_owned();
             let hash = record_hash(
                 seq,
                 &prev,
                 at_unix_ms,
-                &e.actor,
-                &e.action,
-                &e.target,
+                &actor,
+                &action,
+                &target,
                 source_ip.as_deref(),
                 &detail,
             );
             Row {
                 seq,
                 at_unix_ms,
-                actor: e.actor.clone(),
-                action: e.action.clone(),
-                target: e.target.clone(),
+                actor,
+                action,
+                target,
                 source_ip,
                 detail,
                 prev_hash: std::mem::replace(&mut prev, hash.clone()),
@@ -514,6 +593,61 @@ mod tests {
         assert_eq!(fields[2], "x\\\\y\\nz\\r");
         assert_eq!(fields[3], "a\\tb");
         assert_eq!(fields[5], "\\N", "no source address is NULL");
+    }
+
+    #[test]
+    fn a_nul_in_any_field_is_stored_and_hashed_as_a_replacement_character() {
+        let mut e = event("act\0ion");
+        e.actor = "user:local:\0".to_owned();
+        e.target = "a\0b\0".to_owned();
+        e.source_ip = Some("\0".to_owned());
+        e.detail = serde_json::json!({ "k\0": ["\0", "x\0y"] }).into();
+        let rows = chain_after(0, GENESIS.to_owned(), &[e]);
+        let r = &rows[0];
+        assert_eq!(r.actor, "user:local:\u{FFFD}");
+        assert_eq!(r.action, "act\u{FFFD}ion");
+        assert_eq!(r.target, "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(r.source_ip.as_deref(), Some("\u{FFFD}"));
+        assert_eq!(r.detail, "{\"k\u{FFFD}\":[\"\u{FFFD}\",\"x\u{FFFD}y\"]}");
+        assert_eq!(r.expected_hash(), r.hash, "hashed as stored");
+        assert!(!copy_text(&rows).contains('\0'));
+    }
+
+    #[test]
+    fn a_nul_in_a_detail_is_replaced_and_the_detail_stays_canonical() {
+        for value in [
+            serde_json::json!({ "a": "\0", "b": "\\u0000", "c": "\\\0", "d": "\u{1}\"\\" }),
+            serde_json::json!(["\\\\u0000\0", { "\0": null }, "plain", 1]),
+            serde_json::json!({ "nothing": "to do", "grüße": "日本" }),
+            // a replaced key sorts after "b" now
+            serde_json::json!({ "\0": 1, "b": { "\0x": 2, "a": 3 } }),
+        ] {
+            let text = serde_json::to_string(&value).unwrap();
+            // the canonical text of the value with U+FFFD for each NUL
+            let expected = serde_json::to_string(&with_nul_replaced(value)).unwrap();
+            assert_eq!(storable_json(&text), expected, "{text}");
+        }
+        // nothing to replace: borrowed, not copied
+        assert!(matches!(
+            storable_json(r#"{"a":"\\u0000"}"#),
+            Cow::Borrowed(_)
+        ));
+        assert!(matches!(storable_json("{}"), Cow::Borrowed(_)));
+    }
+
+    /// `value` with every NUL in its strings and keys replaced by U+FFFD.
+    fn with_nul_replaced(value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => Value::String(s.replace('\0', "\u{FFFD}")),
+            Value::Array(a) => Value::Array(a.into_iter().map(with_nul_replaced).collect()),
+            Value::Object(o) => Value::Object(
+                o.into_iter()
+                    .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), with_nul_replaced(v)))
+                    .collect(),
+            ),
+            other => other,
+        }
     }
 
     fn event(action: &str) -> AuditEvent {

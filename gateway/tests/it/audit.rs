@@ -586,6 +586,165 @@ async fn values_with_tabs_newlines_and_backslashes_are_stored_exactly_and_the_ch
     assert_eq!(escaped.len(), 2 * nasty.len());
 }
 
+// === what the database cannot store ===
+
+/// An instance on the Postgres database `db` with break-glass local accounts on (its
+/// public URL where it really listens, for the Origin check) and a file sink at `sink`.
+async fn local_accounts_app(db: &str, sink: &Path) -> TestApp {
+    let (db, sink) = (db.to_owned(), format!("file:{}", sink.display()));
+    let port = harness::free_port();
+    spawn_app(move |c| {
+        c.server.listen = ([127, 0, 0, 1], port).into();
+        c.server.public_url = format!("https://localhost:{port}");
+        c.database.url = SecretString::from(db);
+        c.sso.local_accounts = true;
+        c.audit.sink = sink.parse_sink();
+    })
+    .await
+}
+
+/// The NUL request from the review: one unauthenticated request put a NUL byte into a
+/// login failure's actor, Postgres refused the batch (SQLSTATE 22021) and the writer
+/// retried it for ever, holding every later event of the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_byte_in_a_login_name_does_not_stop_the_trail_and_the_chain_verifies() {
+    let db = Postgres::shared()
+        .fresh_database("audit_nul_login")
+        .unwrap();
+    let sink_dir = tempfile::tempdir().unwrap();
+    let sink = sink_dir.path().join("audit.jsonl");
+    let app = local_accounts_app(&db, &sink).await;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(app.pki.ca_pem().as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", app.https)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let origin = format!("https://localhost:{}", app.https.port());
+
+    for name in ["\0", "nobody-after-the-nul"] {
+        let response = http
+            .post(app.url("/auth/local"))
+            .header(reqwest::header::ORIGIN, &origin)
+            .form(&[("username", name), ("password", "x")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{name:?}");
+    }
+
+    // the normal failure after it is stored, and so is the NUL one, without its NUL
+    let state = app.state.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the login failure after the NUL one is stored",
+        || {
+            let db = state.db.clone();
+            async move {
+                portcullis::audit::recent(&db, "login.failure", 10)
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|(actor, _, _)| actor == "user:local:nobody-after-the-nul")
+            }
+        },
+    )
+    .await;
+    let failures = portcullis::audit::recent(&app.state.db, "login.failure", 10)
+        .await
+        .unwrap();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    for (actor, target, detail) in &failures {
+        assert!(
+            !format!("{actor}{target}{detail}").contains('\0'),
+            "a NUL was stored: {actor:?}"
+        );
+    }
+
+    // the chain verifies in the database and, from the sink's lines, independently
+    let intact = portcullis::audit::verify(&app.state.db)
+        .await
+        .unwrap()
+        .expect("the chain is intact");
+    eventually(Duration::from_secs(10), "every record in the sink", || {
+        let n = sink_lines(&sink).len() as i64;
+        async move { n == intact.records }
+    })
+    .await;
+    verify_json_chain(&sink_lines(&sink));
+    let (code, out) = python_verify(&std::fs::read(&sink).unwrap());
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_any_field_is_stored_as_a_replacement_character_and_hashed_as_stored() {
+    let db = Postgres::shared()
+        .fresh_database("audit_nul_fields")
+        .unwrap();
+    let sink_dir = tempfile::tempdir().unwrap();
+    let sink = sink_dir.path().join("audit.jsonl");
+    let app = pg_app(&db, Some(&sink)).await;
+    let at = OffsetDateTime::from_unix_timestamp(1_764_460_800).unwrap();
+    app.state.audit.record(AuditEvent {
+        at,
+        actor: "user:a\0b".to_owned(),
+        action: "test.nul".to_owned(),
+        target: "\0".to_owned(),
+        source_ip: Some("192.0.2.1\0".to_owned()),
+        // `\u0000` in JSON text: Postgres stores it in `text`, but `jsonb` (a SIEM's
+        // table, a query casting the column) refuses it
+        detail: json!({ "name\0": "x\0y", "list": ["\0", "\\u0000"] }).into(),
+    });
+    app.state
+        .audit
+        .record(event("operator:test", "test.nul", "after", at));
+    wait_for(&app, "test.nul", 2).await;
+
+    let mut stored = portcullis::audit::recent(&app.state.db, "test.nul", 10)
+        .await
+        .unwrap();
+    stored.reverse();
+    assert_eq!(stored[0].0, "user:a\u{FFFD}b");
+    assert_eq!(stored[0].1, "\u{FFFD}");
+    assert_eq!(
+        stored[0].2, r#"{"list":["�","\\u0000"],"name�":"x�y"}"#,
+        "canonical JSON: an escaped backslash followed by u0000 is not a NUL"
+    );
+    assert_eq!(stored[1].1, "after");
+    let ip = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT source_ip FROM audit_events WHERE action = 'test.nul' AND target <> 'after'",
+        )
+        .unwrap();
+    assert_eq!(ip.trim(), "192.0.2.1\u{FFFD}");
+    // jsonb takes every stored detail
+    let cast = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT count(detail::jsonb) FROM audit_events WHERE action = 'test.nul'",
+        )
+        .unwrap();
+    assert_eq!(cast.trim(), "2");
+
+    portcullis::audit::verify(&app.state.db)
+        .await
+        .unwrap()
+        .expect("the stored rows and their hashes agree");
+    eventually(Duration::from_secs(10), "both in the sink", || {
+        let n = sink_lines(&sink)
+            .iter()
+            .filter(|r| r["action"] == "test.nul")
+            .count();
+        async move { n == 2 }
+    })
+    .await;
+    let (code, out) = python_verify(&std::fs::read(&sink).unwrap());
+    assert_eq!(code, 0, "{out}");
+}
+
 // === one chain across instances ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
