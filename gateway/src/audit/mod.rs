@@ -7,11 +7,15 @@
 //! ([`chain::append`]), retrying while the database is away so that a short outage loses
 //! nothing; the bounded queue keeps memory bounded during a long one (overflow is counted
 //! in `portcullis_audit_dropped_total` and the event logged in full, the only copy left).
-//! Each stored record is then streamed to the JSON-lines sink (`[audit] sink`) and logged
-//! at debug level (target `audit`).
+//! An event the database refuses for what it contains is no outage: retrying it would hold
+//! every event behind it for ever, so it is isolated (the batch split until it stands
+//! alone), counted in `portcullis_audit_refused_total`, logged in full, and the rest is
+//! stored. Each stored record is then streamed to the JSON-lines sink (`[audit] sink`) and
+//! logged at debug level (target `audit`).
 //!
 //! Events never carry secrets: callers pass identifiers, never tokens, secrets or values.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -244,23 +248,14 @@ async fn writer(
             }
         }
         let mut delay = Duration::from_millis(100);
-        loop {
-            match chain::append(&db, &batch).await {
-                Ok(records) => {
-                    stored(&mut sink, records);
-                    batch.clear();
-                    break;
-                }
-                Err(e) => {
-                    metrics::counter!("portcullis_audit_write_failures_total").increment(1);
-                    tracing::warn!(error = %e, events = batch.len(), "audit write failed; retrying");
-                    tokio::select! {
-                        () = stop.cancelled() => break 'run,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+        while let Err(e) = write(&db, &mut batch, &mut sink).await {
+            metrics::counter!("portcullis_audit_write_failures_total").increment(1);
+            tracing::warn!(error = %e, events = batch.len(), "audit write failed; retrying");
+            tokio::select! {
+                () = stop.cancelled() => break 'run,
+                () = tokio::time::sleep(delay) => {}
             }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
     // shutting down: store what is still queued, one attempt per batch
@@ -268,16 +263,99 @@ async fn writer(
         batch.push(e);
     }
     for chunk in batch.chunks(BATCH) {
-        match chain::append(&db, chunk).await {
-            Ok(records) => stored(&mut sink, records),
-            Err(e) => {
-                tracing::error!(error = %e, "audit write failed at shutdown; events kept only in the log");
-                for event in chunk {
-                    log_unstored(event, "the database refused it at shutdown");
-                }
+        let mut chunk = chunk.to_vec();
+        if let Err(e) = write(&db, &mut chunk, &mut sink).await {
+            tracing::error!(error = %e, "audit write failed at shutdown; events kept only in the log");
+            for event in &chunk {
+                log_unstored(event, "the database refused it at shutdown");
             }
         }
     }
+}
+
+/// Appends `batch` to the chain, streams what was stored and leaves `batch` empty. An
+/// event the database refuses for its content ([`refused_for_its_content`]) is isolated
+/// by splitting the batch until it stands alone, then set aside ([`set_aside`]), so that
+/// it cannot hold the events behind it. On any other error (the database is away) the
+/// events not yet stored stay in `batch`, to be retried.
+async fn write(
+    db: &Database,
+    batch: &mut Vec<AuditEvent>,
+    sink: &mut sink::Sink,
+) -> Result<(), sqlx::Error> {
+    // the parts of `batch` still to append, the next one last: everything before the
+    // next one has been stored or set aside, so the chain keeps the recorded order
+    let mut todo: Vec<Range<usize>> = Vec::new();
+    todo.push(0..batch.len());
+    while let Some(part) = todo.pop() {
+        let Some(events) = batch.get(part.clone()) else {
+            continue;
+        };
+        match chain::append(db, events).await {
+            Ok(rows) => stored(sink, rows),
+            Err(e) if refused_for_its_content(&e) => match events {
+                [event] => set_aside(event, &e),
+                _ => {
+                    let middle = part.start + part.len() / 2;
+                    todo.push(middle..part.end);
+                    todo.push(part.start..middle);
+                }
+            },
+            Err(e) => {
+                batch.drain(..part.start);
+                return Err(e);
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
+}
+
+/// Whether the database refused an append for what its events contain, so that the same
+/// events would be refused however often they were retried: on Postgres SQLSTATE class
+/// 22 (data exception: a NUL in text, a value out of range) or class 54 (program limit
+/// exceeded: a value too large for an index); a CHECK or NOT NULL violation; SQLite's
+/// SQLITE_TOOBIG; a value the driver could not encode. Everything else — a lost
+/// connection, a timeout, a unique violation (which would say the chain head is wrong,
+/// not the event) — is retried.
+fn refused_for_its_content(e: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    match e {
+        sqlx::Error::Encode(_) => true,
+        sqlx::Error::Database(d) => {
+            matches!(
+                d.kind(),
+                ErrorKind::CheckViolation | ErrorKind::NotNullViolation
+            ) || match d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                Some(pg) => matches!(pg.code().get(..2), Some("22" | "54")),
+                // SQLITE_TOOBIG
+                None => d.code().as_deref() == Some("18"),
+            }
+        }
+        _ => false,
+    }
+}
+
+/// An event the database refused for its content: counted, and logged whole with the
+/// database's reason (its SQLSTATE and message, never a connection detail or a secret:
+/// events carry none).
+fn set_aside(event: &AuditEvent, e: &sqlx::Error) {
+    metrics::counter!("portcullis_audit_refused_total").increment(1);
+    let code = match e {
+        sqlx::Error::Database(d) => d.code().map(std::borrow::Cow::into_owned),
+        _ => None,
+    };
+    tracing::error!(
+        target: "audit",
+        actor = %event.actor.escape_debug(),
+        action = %event.action.escape_debug(),
+        target_id = %event.target.escape_debug(),
+        source_ip = %event.source_ip.as_deref().unwrap_or("-").escape_debug(),
+        detail = %event.detail,
+        code = code.as_deref().unwrap_or("-"),
+        error = %e,
+        "the database refused an audit event for its content; kept only in this log line"
+    );
 }
 
 /// Logs an event that will not be stored, whole: the log line is the only copy left.

@@ -745,6 +745,51 @@ async fn a_nul_in_any_field_is_stored_as_a_replacement_character_and_hashed_as_s
     assert_eq!(code, 0, "{out}");
 }
 
+/// Sanitising covers what we know Postgres refuses; anything else it refuses for an
+/// event's content (here a CHECK constraint stands for it) must cost that event only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_database_refuses_is_set_aside_and_the_rest_of_its_batch_is_stored() {
+    let db = Postgres::shared().fresh_database("audit_refused").unwrap();
+    let app = pg_app(&db, None).await;
+    Postgres::shared()
+        .psql(
+            database_name(&db),
+            "ALTER TABLE audit_events ADD CONSTRAINT refuses_poison CHECK (target <> 'poison')",
+        )
+        .unwrap();
+    let refused_before = app.sample("portcullis_audit_refused_total").await;
+    let at = OffsetDateTime::now_utc();
+    // one batch (recorded together, well within the writer's linger)
+    for target in ["first", "poison", "last"] {
+        app.state
+            .audit
+            .record(event("operator:test", "test.refused", target, at));
+    }
+    wait_for(&app, "test.refused", 2).await;
+    // and the trail goes on
+    app.state
+        .audit
+        .record(event("operator:test", "test.after", "x", at));
+    wait_for(&app, "test.after", 1).await;
+
+    let mut targets: Vec<String> = portcullis::audit::recent(&app.state.db, "test.refused", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, target, _)| target)
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["first", "last"]);
+    assert!(
+        app.sample("portcullis_audit_refused_total").await >= refused_before + 1.0,
+        "the refused event is counted"
+    );
+    portcullis::audit::verify(&app.state.db)
+        .await
+        .unwrap()
+        .expect("no position was taken by the refused event");
+}
+
 // === one chain across instances ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
