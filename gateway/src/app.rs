@@ -1,6 +1,7 @@
 //! Building and running one Portcullis instance: `Application::build` validates nothing
 //! (the configuration already is), binds both listeners and starts the background tasks;
-//! `run_until_stopped` serves until the shutdown token is cancelled.
+//! `run_until_stopped` serves until the shutdown token is cancelled, then lets the
+//! listeners drain, then the audit writer store what their last requests recorded.
 //!
 //! Tests call `build` with port 0 and read the bound addresses back.
 
@@ -64,6 +65,11 @@ pub struct Application {
     admin_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// Stops the audit writer: cancelled only after `tasks` (the listeners among them)
+    /// have returned, so that what the requests answered during the shutdown grace
+    /// recorded is stored.
+    audit_stop: CancellationToken,
+    audit_writer: tokio::task::JoinHandle<()>,
     state: AppState,
     // dropped last: the connections they serve are drained by then
     _workers: Option<Arc<Workers>>,
@@ -139,10 +145,10 @@ impl Application {
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let (audit, audit_task) = Audit::start(db.clone(), &config.audit.sink, shutdown.clone());
-        tasks.spawn(async move {
-            let _ = audit_task.await;
-        });
+        // not `shutdown`: the writer must outlive every request, see `run_until_stopped`
+        let audit_stop = CancellationToken::new();
+        let (audit, audit_writer) =
+            Audit::start(db.clone(), &config.audit.sink, audit_stop.clone());
         let state = AppState::new(crate::state::Shared {
             config: config.clone(),
             db: db.clone(),
@@ -257,6 +263,8 @@ impl Application {
             admin_addr,
             shutdown,
             tasks,
+            audit_stop,
+            audit_writer,
             state,
             _workers: workers,
         })
@@ -282,10 +290,18 @@ impl Application {
         &self.state
     }
 
-    /// Serves until the shutdown token is cancelled and every listener has drained.
+    /// Serves until the shutdown token is cancelled and every listener has drained, then
+    /// stores the audit events still queued.
     pub async fn run_until_stopped(mut self) {
         self.shutdown.cancelled().await;
         while self.tasks.join_next().await.is_some() {}
+        // every request has been answered, or `shutdown_grace` is over: what they recorded
+        // is queued. The writer stores it (the database is still open) and stops; an event
+        // recorded after this (a connection outliving the grace) is logged instead
+        self.audit_stop.cancel();
+        if let Err(e) = (&mut self.audit_writer).await {
+            tracing::error!(error = %e, "the audit writer failed");
+        }
         self.state.db.close().await;
         tracing::info!("Portcullis stopped");
     }

@@ -13,6 +13,10 @@
 //! stored. Each stored record is then streamed to the JSON-lines sink (`[audit] sink`) and
 //! logged at debug level (target `audit`).
 //!
+//! The writer stops only when told to after the listeners have returned, so that the
+//! requests answered during the shutdown grace are in the trail: it then stores what is
+//! queued, for at most [`DRAIN_DEADLINE`] while the database is away.
+//!
 //! Events never carry secrets: callers pass identifiers, never tokens, secrets or values.
 
 use std::ops::Range;
@@ -22,6 +26,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::AuditSinkKind;
 use crate::db::Database;
@@ -46,6 +51,11 @@ const LINGER: Duration = Duration::from_millis(10);
 
 /// How often a lingering writer looks whether a full batch is waiting.
 const LINGER_STEP: Duration = Duration::from_millis(1);
+
+/// How long a stopping writer keeps trying to store what is queued while the database is
+/// away; then the rest goes to the log. With the default `server.shutdown_grace` (30 s)
+/// this stays inside the 40 s the systemd unit allows for a stop.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why the trail could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -178,8 +188,10 @@ pub struct Audit {
 // === impl Audit ===
 
 impl Audit {
-    /// Starts the writer over `db`, streaming stored records to `sink`; it stops when
-    /// `stop` is cancelled, after storing what is queued.
+    /// Starts the writer over `db`, streaming stored records to `sink`. It stops when
+    /// `stop` is cancelled — cancel it once nothing records any more (the listeners have
+    /// returned), since later events are only logged — or when every handle is dropped,
+    /// after storing what is queued (for at most [`DRAIN_DEADLINE`]).
     pub fn start(
         db: Database,
         sink: &AuditSinkKind,
@@ -194,10 +206,12 @@ impl Audit {
     /// it. Never waits.
     pub fn record(&self, event: AuditEvent) {
         if let Err(e) = self.tx.try_send(event) {
-            let (mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) =
-                e;
+            let (event, why) = match e {
+                mpsc::error::TrySendError::Full(event) => (event, "the audit queue is full"),
+                mpsc::error::TrySendError::Closed(event) => (event, "the audit writer has stopped"),
+            };
             metrics::counter!("portcullis_audit_dropped_total").increment(1);
-            log_unstored(&event, "the audit queue is full");
+            log_unstored(&event, why);
         }
     }
 }
@@ -208,6 +222,17 @@ async fn writer(
     mut sink: sink::Sink,
     stop: CancellationToken,
 ) {
+    // DRAIN_DEADLINE after `stop`, `cut` is cancelled: a write still waiting for the
+    // database then is abandoned, whether it started before `stop` or after
+    let cut = CancellationToken::new();
+    let _timer = AbortOnDropHandle::new(tokio::spawn({
+        let (stop, cut) = (stop.clone(), cut.clone());
+        async move {
+            stop.cancelled().await;
+            tokio::time::sleep(DRAIN_DEADLINE).await;
+            cut.cancel();
+        }
+    }));
     let mut hup = hangup();
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
     'run: loop {
@@ -248,7 +273,13 @@ async fn writer(
             }
         }
         let mut delay = Duration::from_millis(100);
-        while let Err(e) = write(&db, &mut batch, &mut sink).await {
+        loop {
+            let written = tokio::select! {
+                biased;
+                written = write(&db, &mut batch, &mut sink) => written,
+                () = cut.cancelled() => break 'run,
+            };
+            let Err(e) = written else { break };
             metrics::counter!("portcullis_audit_write_failures_total").increment(1);
             tracing::warn!(error = %e, events = batch.len(), "audit write failed; retrying");
             tokio::select! {
@@ -258,18 +289,64 @@ async fn writer(
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
-    // shutting down: store what is still queued, one attempt per batch
-    while let Ok(e) = rx.try_recv() {
-        batch.push(e);
-    }
-    for chunk in batch.chunks(BATCH) {
-        let mut chunk = chunk.to_vec();
-        if let Err(e) = write(&db, &mut chunk, &mut sink).await {
-            tracing::error!(error = %e, "audit write failed at shutdown; events kept only in the log");
-            for event in &chunk {
-                log_unstored(event, "the database refused it at shutdown");
+    // told to stop, or every handle is gone: either way the drain has DRAIN_DEADLINE
+    stop.cancel();
+    drain(&db, &mut rx, batch, &mut sink, &cut).await;
+}
+
+/// Stops the queue and stores what is in it (and `batch`, taken from it already),
+/// retrying while the database is away until `cut` is cancelled; what is left then is
+/// logged whole. An event both stored and logged is possible (a write abandoned at the
+/// deadline may have committed), an event neither is not.
+async fn drain(
+    db: &Database,
+    rx: &mut mpsc::Receiver<AuditEvent>,
+    mut batch: Vec<AuditEvent>,
+    sink: &mut sink::Sink,
+    cut: &CancellationToken,
+) {
+    // from here on `record` logs instead of queueing
+    rx.close();
+    let mut delay = Duration::from_millis(100);
+    // the migration task has stopped with the listeners: an unmigrated schema stays so
+    while db.is_migrated() && !cut.is_cancelled() {
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
             }
         }
+        if batch.is_empty() {
+            return;
+        }
+        let e = tokio::select! {
+            biased;
+            written = write(db, &mut batch, sink) => match written {
+                Ok(()) => continue,
+                Err(e) => e,
+            },
+            () = cut.cancelled() => break,
+        };
+        metrics::counter!("portcullis_audit_write_failures_total").increment(1);
+        tracing::warn!(error = %e, events = batch.len(), "audit write failed at shutdown; retrying");
+        tokio::select! {
+            () = cut.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+    let left = batch.len() + rx.len();
+    if left > 0 {
+        tracing::error!(
+            events = left,
+            "the database did not take the audit events queued at shutdown; they are kept only in the log"
+        );
+    }
+    for event in batch
+        .into_iter()
+        .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+    {
+        log_unstored(&event, "the database was away at shutdown");
     }
 }
 

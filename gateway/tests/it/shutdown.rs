@@ -158,3 +158,161 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
     );
     assert!(child.output().contains("SIGTERM"), "{}", child.output());
 }
+
+// === the audit trail at shutdown ===
+
+/// An instance on the Postgres database `url`, run in the background; the handle ends
+/// when `run_until_stopped` has returned.
+async fn pg_instance(
+    url: &str,
+) -> (
+    Pki,
+    tempfile::TempDir,
+    portcullis::app::Application,
+    portcullis::state::AppState,
+) {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &pki.leaf());
+    config.database.url = secrecy::SecretString::from(url.to_owned());
+    config.validate().unwrap();
+    let app = portcullis::app::Application::build(config).await.unwrap();
+    let state = app.state().clone();
+    let ready = state.clone();
+    eventually(
+        Duration::from_secs(20),
+        "schema migrated and keys loaded",
+        || {
+            let s = ready.clone();
+            async move { s.db.is_migrated() && s.keys.readiness().is_ok() }
+        },
+    )
+    .await;
+    (pki, dir, app, state)
+}
+
+/// Reads the response on `tls` up to the end of its head; returns it.
+async fn read_head(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut byte))
+            .await
+            .expect("no response")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// The writer used to stop with the listeners: a request answered during the grace
+/// period recorded its event into a closed queue, and the event was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_event_of_a_request_answered_during_shutdown_is_stored() {
+    use base64::Engine as _;
+    use secrecy::ExposeSecret;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = harness::Postgres::shared()
+        .fresh_database("shutdown_audit")
+        .unwrap();
+    let (pki, _dir, app, state) = pg_instance(&db).await;
+    let (https, stop) = (app.https_addr(), app.shutdown_token());
+    let running = tokio::spawn(app.run_until_stopped());
+    let (client, secret) = state
+        .clients
+        .create(
+            portcullis::clients::NewClient {
+                id: Some("svc-shutdown".parse().unwrap()),
+                name: "shutdown".to_owned(),
+                grant_types: std::collections::BTreeSet::from([
+                    portcullis::clients::GrantType::ClientCredentials,
+                ]),
+                scopes: portcullis::clients::ScopeSet::parse("jobs:run").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: None,
+            },
+            state.keys.now(),
+        )
+        .await
+        .unwrap();
+
+    // a token request whose body is held back: `Expect: 100-continue` makes the server
+    // say when the handler starts reading it, so the request is surely in flight
+    let body = "grant_type=client_credentials";
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        client.id,
+        secret.expose_secret()
+    ));
+    let mut tls = tls_connect(https, pki.client_config()).await;
+    tls.write_all(
+        format!(
+            "POST /oauth2/token HTTP/1.1\r\nhost: localhost\r\nauthorization: Basic {basic}\r\n\
+             content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\
+             expect: 100-continue\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let interim = read_head(&mut tls).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+
+    stop.cancel();
+    eventually(Duration::from_secs(5), "listener closed", || async {
+        tokio::net::TcpStream::connect(https).await.is_err()
+    })
+    .await;
+    // the listeners are closed and shutdown is under way; now the request completes
+    tls.write_all(body.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("a content-length");
+    let mut json = vec![0u8; length];
+    tls.read_exact(&mut json).await.unwrap();
+    let token: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    let jwt = token["access_token"].as_str().unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwt.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let jti = claims["jti"].as_str().unwrap();
+
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the instance did not stop")
+        .unwrap();
+    let stored = harness::Postgres::shared()
+        .psql(
+            db.rsplit('/').next().unwrap(),
+            &format!(
+                "SELECT count(*) FROM audit_events WHERE action = 'token.issue' AND target = '{jti}'"
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        stored.trim(),
+        "1",
+        "the token answered during shutdown is not in the trail"
+    );
+}
