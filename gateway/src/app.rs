@@ -25,6 +25,9 @@ use crate::telemetry;
 use crate::tls::{ReloadableTls, TlsError};
 use crate::workers::Workers;
 
+/// How long a stopping instance waits for its database pool to close.
+const POOL_CLOSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -302,7 +305,16 @@ impl Application {
         if let Err(e) = (&mut self.audit_writer).await {
             tracing::error!(error = %e, "the audit writer failed");
         }
-        self.state.db.close().await;
+        // closing the pool waits for every connection it is opening; with the database
+        // refusing connections, sqlx keeps reopening `min_connections` for up to 300 s
+        if tokio::time::timeout(POOL_CLOSE_DEADLINE, self.state.db.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the database pool did not close in time; its connections end with the process"
+            );
+        }
         tracing::info!("Portcullis stopped");
     }
 }

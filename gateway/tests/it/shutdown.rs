@@ -316,3 +316,41 @@ async fn the_audit_event_of_a_request_answered_during_shutdown_is_stored() {
         "the token answered during shutdown is not in the trail"
     );
 }
+
+/// The writer outlives the listeners, but not for ever: with the database gone, the
+/// instance still stops within the grace period, the writer's own deadline (the events
+/// it could not store go to the log) and a bounded wait for the pool to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_database_is_gone_still_stops_in_bounded_time() {
+    let pg = harness::Postgres::start().unwrap();
+    let db = pg.fresh_database("gone").unwrap();
+    let (_pki, _dir, app, state) = pg_instance(&db).await;
+    let stop = app.shutdown_token();
+    let running = tokio::spawn(app.run_until_stopped());
+    // a connection in use when the database goes away (a request's query), released
+    // after: the pool then reopens its minimum connections in the background
+    let in_use = match state.db.pool() {
+        portcullis::db::Pool::Postgres(p) => p.acquire().await.unwrap(),
+        portcullis::db::Pool::Sqlite(_) => unreachable!("the instance runs on Postgres"),
+    };
+    pg.stop();
+    drop(in_use);
+    let at = time::OffsetDateTime::now_utc();
+    for n in 0..3 {
+        state.audit.record(portcullis::audit::AuditEvent {
+            at,
+            actor: "operator:test".to_owned(),
+            action: "test.unstored".to_owned(),
+            target: n.to_string(),
+            source_ip: None,
+            detail: serde_json::json!({}).into(),
+        });
+    }
+    stop.cancel();
+    // nothing is in flight: the listeners return at once; the writer gives up 5 s after
+    // it is told to stop, and the pool's close is not waited for longer than 2 s
+    tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("shutdown hung on the audit trail or the database pool")
+        .unwrap();
+}
