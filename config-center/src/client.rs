@@ -49,7 +49,9 @@ pub struct ClientConfig {
     /// The application to read.
     pub application: String,
     /// The bearer token (`config:read:<env>` scope); replace it with
-    /// [`Client::set_token`] before it expires.
+    /// [`Client::set_token`] before it expires. The gateway ends a watch when the token it
+    /// was opened with expires; the client then reconnects at once with the token set
+    /// last, resuming from the version it holds (`Last-Event-ID`).
     pub token: SecretString,
     /// This node's instance id, for gray releases.
     pub instance: Option<String>,

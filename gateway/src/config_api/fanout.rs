@@ -14,14 +14,19 @@
 //! release it skipped meanwhile.
 //!
 //! A watch's own task also sends the release a node is behind on when it connects, the
-//! keep-alive comments, and ends the stream (the client left, the server shuts down, or
-//! the hub is gone).
+//! keep-alive comments, and ends the stream (the client left, the server shuts down, the
+//! hub is gone, or the watch's token expired).
+//!
+//! A watch lasts no longer than its token ([`super::token_deadline`]). Its own task ends
+//! it then; the relay, which may reach the watch before that task has run, compares the
+//! deadline with the instant it took for its batch and sends nothing to an expired watch.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use super::hub::Held;
 use super::{WatchSlot, Who};
@@ -60,6 +65,8 @@ struct Pass {
 /// One watch as the relay and its own task share it.
 struct Watcher {
     connection: Detached,
+    /// When the watch's token expires: nothing is sent from then on.
+    deadline: Instant,
     state: Mutex<State>,
     /// Wakes the watch's own task: bytes to finish writing, a write failed, or the hub
     /// ended.
@@ -80,7 +87,7 @@ struct State {
     busy: bool,
     /// Writing failed or the key is spent: the stream ends without its last chunk.
     failed: bool,
-    /// The hub's channel closed: the stream ends properly.
+    /// The hub's channel closed or the token expired: the stream ends properly.
     ended: bool,
 }
 
@@ -88,7 +95,8 @@ struct State {
 enum End {
     /// The client left, or writing to it failed: the connection is just dropped.
     Gone,
-    /// The server or the hub ends it: the last chunk and `close_notify` are sent.
+    /// The server, the hub or the token's expiry ends it: the last chunk and
+    /// `close_notify` are sent.
     Finish,
 }
 
@@ -111,10 +119,12 @@ impl FanOut {
             rx,
             who,
             mut tick,
+            deadline,
             _slot: slot,
         } = watch;
         let watcher = Arc::new(Watcher {
             connection,
+            deadline,
             state: Mutex::new(State {
                 who,
                 backlog: Vec::new(),
@@ -178,8 +188,10 @@ impl Relay {
                 if batch.is_empty() {
                     break;
                 }
+                // one clock read per batch: a batch is written without yielding
+                let now = Instant::now();
                 for watcher in batch.drain(..) {
-                    watcher.offer(&pass.held, &mut scratch);
+                    watcher.offer(&pass.held, now, &mut scratch);
                 }
                 tokio::task::yield_now().await;
             }
@@ -206,10 +218,20 @@ impl Relay {
 
 impl Watcher {
     /// Sends `held`'s release for this node if it is newer than what the node has, unless
-    /// the own task is writing (it sends the newest when it is done).
-    fn offer(&self, held: &Held, scratch: &mut Vec<u8>) {
+    /// the own task is writing (it sends the newest when it is done) or the watch's token
+    /// has expired at `now` (the stream is ended instead, whether or not the own task has
+    /// woken for it yet).
+    fn offer(&self, held: &Held, now: Instant, scratch: &mut Vec<u8>) {
         let mut state = lock(&self.state);
-        if state.busy || state.failed || state.ended {
+        if state.failed || state.ended {
+            return;
+        }
+        if now >= self.deadline {
+            state.ended = true;
+            self.wake.notify_one();
+            return;
+        }
+        if state.busy {
             return;
         }
         let Some(release) = state.who.newer(held) else {
@@ -249,7 +271,7 @@ impl Watcher {
     }
 
     /// Serves the stream until it ends: sends what the node is behind on, finishes writes
-    /// the relay handed over, and sends keep-alive comments.
+    /// the relay handed over, and sends keep-alive comments, until the token expires.
     async fn stream(
         &self,
         rx: &watch::Receiver<Arc<Held>>,
@@ -257,7 +279,8 @@ impl Watcher {
     ) -> End {
         let client_done = self.connection.client_done();
         let closing = self.connection.closing().cancelled();
-        tokio::pin!(client_done, closing);
+        let expiry = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(client_done, closing, expiry);
         loop {
             if self.catch_up(rx).await.is_err() {
                 return End::Gone;
@@ -275,6 +298,7 @@ impl Watcher {
                 () = self.wake.notified() => {}
                 () = &mut client_done => return End::Gone,
                 () = &mut closing => return End::Finish,
+                () = &mut expiry => lock(&self.state).ended = true,
                 _ = tick.tick() => {
                     let mut state = lock(&self.state);
                     // a stream that is writing needs no comment to stay open
@@ -287,7 +311,9 @@ impl Watcher {
     }
 
     /// Writes the backlog, then the newest release for this node if it is newer than the
-    /// one it has, until there is nothing more; then the relay writes again.
+    /// one it has, until there is nothing more; then the relay writes again. Once the
+    /// token has expired only the backlog is written: it holds the rest of TLS records
+    /// sealed before, which must be complete before the stream can end properly.
     async fn catch_up(&self, rx: &watch::Receiver<Arc<Held>>) -> Result<(), DetachError> {
         loop {
             let bytes = {
@@ -298,6 +324,10 @@ impl Watcher {
                 if !state.backlog.is_empty() {
                     state.busy = true;
                     std::mem::take(&mut state.backlog)
+                } else if Instant::now() >= self.deadline {
+                    state.ended = true;
+                    state.busy = false;
+                    return Ok(());
                 } else {
                     let held = rx.borrow().clone();
                     match state.who.newer(&held) {

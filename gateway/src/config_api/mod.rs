@@ -44,6 +44,9 @@ pub use hub::{ConfigHub, Held, HubError, Published};
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// That comment.
 const KEEP_ALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
+/// The longest one token holds a watch or a long-poll, whatever its `exp` says, so the
+/// deadline is always an instant the runtime can count to (our tokens live far less).
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 86_400);
 /// The scope that may do everything here.
 const ADMIN_SCOPE: &str = "portcullis:admin";
 
@@ -206,6 +209,24 @@ fn authorized(
     Ok((env, app))
 }
 
+/// When the token `p` presented stops being accepted — its `exp` plus the verifier's
+/// leeway, the instant a new request with it would be refused — on the runtime's clock.
+/// A long-poll or a watch is authorised by that token, so it is held no longer: what a
+/// request with the token could not read must not reach it on a stream opened earlier.
+fn token_deadline(state: &AppState, p: &Principal) -> tokio::time::Instant {
+    let keys = &state.keys;
+    let leeway =
+        time::Duration::try_from(keys.verify_params().leeway).unwrap_or(time::Duration::MAX);
+    let valid_until = time::Duration::seconds(p.expires_at).saturating_add(leeway);
+    let now = keys.now() - time::OffsetDateTime::UNIX_EPOCH;
+    // negative (expired already): no time left
+    let left = Duration::try_from(valid_until.saturating_sub(now))
+        .unwrap_or(Duration::ZERO)
+        .min(FAR_FUTURE);
+    let start = tokio::time::Instant::now();
+    start.checked_add(left).unwrap_or(start)
+}
+
 /// Parses the path's names; every refusal names the field.
 fn names(state: &AppState, env: &str, app: &str) -> Result<(Environment, AppName), ApiError> {
     let env = state.config_center.environments.parse(env)?;
@@ -314,7 +335,8 @@ fn not_modified(etag: &str) -> Response {
 }
 
 /// `GET /config/v1/{env}/{app}/poll?version=N`: the newest snapshot as soon as one newer
-/// than N exists (at once if it does already), else 304 after the long-poll timeout.
+/// than N exists (at once if it does already), else 304 after the long-poll timeout, or
+/// when the token expires if that comes first.
 pub async fn poll(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -335,8 +357,9 @@ pub async fn poll(
             }
         }
     };
-    let wait_for = state.config_center.long_poll_max;
-    match tokio::time::timeout(wait_for, wait).await {
+    let timeout = tokio::time::Instant::now() + state.config_center.long_poll_max;
+    let until = timeout.min(token_deadline(&state, &principal));
+    match tokio::time::timeout_at(until, wait).await {
         Ok(Some(p)) => Ok(snapshot_response(&p)),
         Ok(None) | Err(_) => Ok(not_modified(&format!("\"{}\"", who.version))),
     }
@@ -344,7 +367,8 @@ pub async fn poll(
 
 /// `GET /config/v1/{env}/{app}/watch`: Server-Sent Events, one `release` event per
 /// release newer than the node's (from `Last-Event-ID` or `?version=`), the newest at once
-/// if the node is behind; a keep-alive comment every 15 s.
+/// if the node is behind; a keep-alive comment every 15 s. The stream ends (properly) when
+/// the token expires; the node reconnects with a fresh one from the version it holds.
 pub async fn watch(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -380,6 +404,7 @@ pub async fn watch(
         rx,
         who,
         tick: keep_alive_timer(),
+        deadline: token_deadline(&state, &principal),
         _slot: slot,
     };
     let body = match detach {
@@ -421,6 +446,8 @@ struct WatchState {
     rx: tokio::sync::watch::Receiver<Arc<Held>>,
     who: Who,
     tick: tokio::time::Interval,
+    /// When the watch's token expires ([`token_deadline`]): nothing is sent after it.
+    deadline: tokio::time::Instant,
     _slot: WatchSlot,
 }
 
@@ -428,15 +455,19 @@ struct WatchState {
 enum WatchEvent {
     /// An event (a newer release for this node) or a keep-alive comment.
     Send(Bytes),
-    /// The hub is gone: the instance is shutting down.
+    /// The token expired, or the hub is gone (the instance is shutting down).
     End,
 }
 
 impl WatchState {
     /// Waits for the next thing to send: the release for this node when it is newer than
-    /// the one it has, else a keep-alive comment when one is due.
+    /// the one it has, else a keep-alive comment when one is due; the end once the token
+    /// has expired.
     async fn next(&mut self) -> WatchEvent {
         loop {
+            if tokio::time::Instant::now() >= self.deadline {
+                return WatchEvent::End;
+            }
             let newer = {
                 let held = self.rx.borrow_and_update();
                 self.who.newer(&held).map(|p| (p.version, p.sse.clone()))
@@ -447,6 +478,7 @@ impl WatchState {
             }
             tokio::select! {
                 changed = self.rx.changed() => if changed.is_err() { return WatchEvent::End },
+                () = tokio::time::sleep_until(self.deadline) => return WatchEvent::End,
                 _ = self.tick.tick() => {
                     return WatchEvent::Send(Bytes::from_static(KEEP_ALIVE_COMMENT));
                 }

@@ -13,12 +13,17 @@ use super::support::*;
 pub(super) const APP: &str = "executor-orders";
 
 pub(super) fn token(app: &TestApp, scope: &str) -> String {
+    token_until(app, scope, app.state.keys.now().unix_timestamp() + 600)
+}
+
+/// A token with `scope` that expires at `exp` (unix seconds).
+pub(super) fn token_until(app: &TestApp, scope: &str, exp: i64) -> String {
     let now = app.state.keys.now().unix_timestamp();
     let claims = AccessClaims {
         iss: app.state.config.issuer(),
         sub: "ops-cli".to_owned(),
         aud: Audiences::One(app.state.config.issuer()),
-        exp: now + 600,
+        exp,
         iat: now,
         nbf: now,
         jti: uuid::Uuid::new_v4().to_string(),
@@ -462,6 +467,28 @@ async fn a_long_poll_with_nothing_new_answers_304_after_the_timeout() {
     assert_eq!(h["etag"], "\"1\"");
 }
 
+/// A long-poll is authorised by its token, so it is held no longer than the token is
+/// valid: it answers 304 when the token expires, long before the long-poll timeout.
+#[tokio::test]
+async fn a_long_poll_is_held_no_longer_than_its_token_is_valid() {
+    // the long-poll timeout is 25 s; the token is valid for 2 s at most
+    let app = spawn_app(|c| c.tokens.leeway = Duration::ZERO).await;
+    let api = Api::new(&app);
+    api.publish(entries_v1()).await;
+    let exp = app.state.keys.now().unix_timestamp() + 2;
+    let poll = api
+        .http
+        .get(app.url(&Api::path("prod", APP, "/poll?version=1")))
+        .bearer_auth(token_until(&app, "config:read:prod", exp))
+        .send();
+    let resp = tokio::time::timeout(Duration::from_secs(15), poll)
+        .await
+        .expect("the poll ends when its token expires, not after the long-poll timeout")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 304);
+    assert!(app.state.keys.now().unix_timestamp() >= exp);
+}
+
 /// Reads SSE events from a streaming response until `n` `release` events arrived.
 pub(super) async fn read_events(resp: &mut reqwest::Response, n: usize) -> Vec<(u64, Value)> {
     let mut parser = config_center::client::SseParser::default();
@@ -625,6 +652,57 @@ async fn the_client_library_verifies_and_follows_a_real_instance_and_starts_from
     let offline = config_center::client::Client::start(cfg).await.unwrap();
     assert_eq!(offline.version(), 2);
     assert_eq!(offline.get_str("db.url").as_deref(), Some("postgres://v2"));
+}
+
+/// A watch ends when its token expires; the client library reconnects with the token it
+/// was given meanwhile and resumes from the version it holds, so the node misses nothing
+/// (here: a release made while it had no valid token).
+#[tokio::test]
+async fn the_client_library_resumes_with_its_new_token_after_a_watch_ends_at_token_expiry() {
+    let app = spawn_app(|c| c.tokens.leeway = Duration::ZERO).await;
+    let api = Api::new(&app);
+    api.publish(entries_v1()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let exp = app.state.keys.now().unix_timestamp() + 2;
+    let mut cfg = config_center::client::ClientConfig::new(
+        vec![url::Url::parse(&app.url("/")).unwrap()],
+        "prod",
+        APP,
+        SecretString::from(token_until(&app, "config:read:prod", exp)),
+        cache.path(),
+    );
+    cfg.ca_pem = Some(app.pki.ca_pem().into_bytes());
+    let client = config_center::client::Client::start(cfg).await.unwrap();
+    assert_eq!(client.version(), 1);
+
+    eventually(Duration::from_secs(10), "the node's token expired", || {
+        let now = app.state.keys.now().unix_timestamp();
+        async move { now > exp }
+    })
+    .await;
+    let v2 = api
+        .publish(json!([{ "key": "db.url", "value": "postgres://v2" }]))
+        .await;
+    client.set_token(SecretString::from(token(&app, "config:read:prod")));
+    let mut changes = client.subscribe();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while changes.borrow_and_update().version < v2 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the release made meanwhile reaches the node");
+    let v3 = api
+        .publish(json!([{ "key": "db.url", "value": "postgres://v3" }]))
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while changes.borrow_and_update().version < v3 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("later releases follow");
+    assert_eq!(client.get_str("db.url").as_deref(), Some("postgres://v3"));
 }
 
 // === several instances, Postgres, Vault Transit ===

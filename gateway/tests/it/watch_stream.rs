@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::config_api::{APP, Api, entries_v1, token};
+use super::config_api::{APP, Api, entries_v1, token, token_until};
 use super::support::*;
 
 /// A raw HTTP/1.1 watch over TLS with the given protocol versions, no ALPN; its response
@@ -29,6 +29,16 @@ async fn open_on(
     app: &TestApp,
     versions: &[&'static rustls::SupportedProtocolVersion],
     tcp: TcpStream,
+) -> (TlsStream<TcpStream>, String) {
+    open_with(app, versions, tcp, &token(app, "config:read:prod")).await
+}
+
+/// [`open_on`] with a given bearer token.
+async fn open_with(
+    app: &TestApp,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    tcp: TcpStream,
+    bearer: &str,
 ) -> (TlsStream<TcpStream>, String) {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(app.pki.ca_pem().as_bytes()) {
@@ -49,7 +59,7 @@ async fn open_on(
         "GET {} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\
          accept: text/event-stream\r\n\r\n",
         Api::path("prod", APP, "/watch"),
-        token(app, "config:read:prod"),
+        bearer,
     );
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -124,8 +134,18 @@ impl Watch {
         versions: &[&'static rustls::SupportedProtocolVersion],
         tcp: TcpStream,
     ) -> Self {
+        Self::start_with(app, versions, tcp, &token(app, "config:read:prod")).await
+    }
+
+    /// [`Watch::start_on`] with a given bearer token.
+    async fn start_with(
+        app: &TestApp,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        tcp: TcpStream,
+        bearer: &str,
+    ) -> Self {
         Api::new(app).publish(entries_v1()).await;
-        let (tls, head) = open_on(app, versions, tcp).await;
+        let (tls, head) = open_with(app, versions, tcp, bearer).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert!(head.contains("transfer-encoding: chunked"), "{head}");
         assert!(head.contains("content-type: text/event-stream"), "{head}");
@@ -148,6 +168,31 @@ impl Watch {
                 .expect("an event within 10 s")
                 .expect("the stream reads cleanly");
             assert!(read > 0, "the stream stays open");
+            self.chunked.feed(&buf[..read]);
+            let body = std::mem::take(&mut self.chunked.body);
+            for e in self.sse.feed(&body).unwrap() {
+                if e.event == "release" {
+                    out.push(e.id.unwrap().parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads until the body's last chunk, within 10 s; the versions of the release
+    /// events read on the way.
+    async fn releases_until_the_body_ends(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !self.chunked.ended {
+            let read = tokio::time::timeout(Duration::from_secs(10), self.tls.read(&mut buf))
+                .await
+                .expect("the body ends within 10 s")
+                .expect("the stream reads cleanly");
+            assert!(
+                read > 0,
+                "the connection closed before the body's last chunk"
+            );
             self.chunked.feed(&buf[..read]);
             let body = std::mem::take(&mut self.chunked.body);
             for e in self.sse.feed(&body).unwrap() {
@@ -289,4 +334,45 @@ async fn a_node_that_stops_reading_gets_the_newest_release_when_it_reads_again()
         .publish(json!([{ "key": "db.url", "value": "postgres://after" }]))
         .await;
     assert_eq!(watch.releases(1).await, [next]);
+}
+
+/// A watch is authorised by the token it was opened with, and ends (properly: the last
+/// chunk) when that token expires: a release made after that is not sent on it, and the
+/// node reconnects with a fresh token (the client library does) from the version it holds.
+async fn a_watch_ends_when_its_token_expires(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> (TestApp, Watch) {
+    let app = spawn_app(|c| c.tokens.leeway = Duration::ZERO).await;
+    let exp = app.state.keys.now().unix_timestamp() + 2;
+    let bearer = token_until(&app, "config:read:prod", exp);
+    let tcp = TcpStream::connect(app.https).await.unwrap();
+    let mut watch = Watch::start_with(&app, versions, tcp, &bearer).await;
+
+    eventually(Duration::from_secs(10), "the watch's token expired", || {
+        let now = app.state.keys.now().unix_timestamp();
+        async move { now > exp }
+    })
+    .await;
+    Api::new(&app)
+        .publish(json!([{ "key": "db.password", "value": "rotated-after-expiry", "secret": true }]))
+        .await;
+    let sent = watch.releases_until_the_body_ends().await;
+    assert!(
+        sent.is_empty(),
+        "a release reached an expired watch: {sent:?}"
+    );
+    (app, watch)
+}
+
+#[tokio::test]
+async fn a_watch_on_tls13_ends_with_close_notify_when_its_token_expires() {
+    let (_app, mut watch) = a_watch_ends_when_its_token_expires(&[&rustls::version::TLS13]).await;
+    let (rest, clean) = watch.read_to_end().await;
+    assert!(clean, "a clean TLS close");
+    assert!(rest.is_empty(), "nothing after the last chunk");
+}
+
+#[tokio::test]
+async fn a_watch_on_tls12_ends_when_its_token_expires() {
+    a_watch_ends_when_its_token_expires(&[&rustls::version::TLS12]).await;
 }
