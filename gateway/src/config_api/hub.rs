@@ -10,6 +10,13 @@
 //! compares the newest versions in the database with what is held, so a lost
 //! notification heals by itself. While the database is away, what is held keeps being
 //! served.
+//!
+//! A held release keeps the signature it was given until the key that made it no longer
+//! signs: a ring change (a rotation, an emergency rotation withdrawing the key from JWKS)
+//! or the ring's own schedule (the next key taking over, the old one leaving JWKS weeks
+//! later). The next read of it (a snapshot, a long-poll, a new watch) then signs it again
+//! with the key signing now, from the bytes held, so it verifies against the JWKS of the
+//! moment even while the database is away.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,10 +27,16 @@ use config_center::{
     AppName, Environment, GraySelector, Release, ReleaseEvent, ReleaseStatus, Snapshot, Store,
     StoreError,
 };
+use keyrotation::RingStatus;
+use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyService;
+
+/// How long a held release whose signature could not be renewed (no key may sign now)
+/// is served with the signature it has before signing it is tried again.
+const RESIGN_RETRY: time::Duration = time::Duration::seconds(10);
 
 /// One release, ready to send.
 #[derive(Debug)]
@@ -34,10 +47,31 @@ pub struct Published {
     pub json: Bytes,
     /// The whole SSE event (`event`, `id`, `data`), shared by every watcher.
     pub sse: Bytes,
+    /// Who signed it, and for how long that signature is the one to serve.
+    signed: Signed,
+}
+
+/// The key that signed a held release, and how long the signature stays current: while
+/// the ring is the one it was made under and, by that ring's schedule, no other key has
+/// begun to sign.
+#[derive(Debug, Clone)]
+struct Signed {
+    /// The signing key's id.
+    kid: Option<keyrotation::Kid>,
+    /// The key ring generation ([`keyrotation::Keys::generation`]) it was signed under.
+    generation: u64,
+    /// When, by that ring, another key signs (or this one stops).
+    until: Option<OffsetDateTime>,
+}
+
+impl Signed {
+    fn current(&self, generation: u64, now: OffsetDateTime) -> bool {
+        self.generation == generation && self.until.is_some_and(|until| now < until)
+    }
 }
 
 impl Published {
-    fn new(snapshot: &Snapshot) -> Result<Self, serde_json::Error> {
+    fn new(snapshot: &Snapshot, signed: Signed) -> Result<Self, serde_json::Error> {
         let json = serde_json::to_vec(snapshot)?;
         let mut sse = Vec::with_capacity(json.len() + 48);
         sse.extend_from_slice(
@@ -49,12 +83,18 @@ impl Published {
             version: snapshot.version,
             json: Bytes::from(json),
             sse: Bytes::from(sse),
+            signed,
         })
     }
 
     /// The strong ETag of this release.
     pub fn etag(&self) -> String {
         format!("\"{}\"", self.version)
+    }
+
+    /// The id of the key that signed it.
+    pub fn kid(&self) -> Option<&keyrotation::Kid> {
+        self.signed.kid.as_ref()
     }
 }
 
@@ -73,6 +113,21 @@ pub enum HubError {
     /// Serializing a snapshot failed (a bug).
     #[error("serializing a snapshot: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// When, by the ring in `status`, the key signing at `status.at` stops being the one that
+/// signs: it retires, or a later key becomes active (the newest active key signs).
+/// `None` when no key signs.
+fn signer_until(status: &RingStatus) -> Option<OffsetDateTime> {
+    let active = status.active_kid.as_ref()?;
+    let retires = status.keys.iter().find(|k| &k.kid == active)?.retire_at;
+    let successor = status
+        .keys
+        .iter()
+        .filter(|k| k.compromised_at.is_none() && k.activate_at > status.at)
+        .map(|k| k.activate_at)
+        .min();
+    Some(successor.map_or(retires, |s| s.min(retires)))
 }
 
 /// What an instance holds of one (environment, application): the main release, and the
@@ -104,6 +159,14 @@ impl Held {
 
     fn gray_version(&self) -> Option<u64> {
         self.gray.as_ref().map(|(_, p)| p.version)
+    }
+
+    /// Whether every release held carries a signature that is current (see [`Signed`]).
+    fn signed_currently(&self, generation: u64, now: OffsetDateTime) -> bool {
+        self.main
+            .iter()
+            .chain(self.gray.iter().map(|(_, p)| p))
+            .all(|p| p.signed.current(generation, now))
     }
 }
 
@@ -161,28 +224,113 @@ impl ConfigHub {
         slots.get(&(env.to_owned(), app.to_owned())).cloned()
     }
 
-    /// What is held of (env, app), read from the store first if nothing is.
+    /// What is held of (env, app), read from the store first if nothing is, and signed
+    /// again first if its signing key no longer signs.
     pub async fn current(&self, env: &Environment, app: &AppName) -> Result<Arc<Held>, HubError> {
         let slot = self.slot(env, app);
         let held = slot.borrow().clone();
-        if held.main.is_some() {
+        if held.main.is_none() {
+            return self.load(env, app, &slot).await;
+        }
+        if self.signed_currently(&held) {
             return Ok(held);
         }
-        self.load(env, app, &slot).await
+        Ok(self.resign(&slot).await)
     }
 
     /// A receiver that sees every change of (env, app) from now on, primed with what is
-    /// held now.
+    /// held now (signed again first if its signing key no longer signs).
     pub async fn subscribe(
         &self,
         env: &Environment,
         app: &AppName,
     ) -> Result<watch::Receiver<Arc<Held>>, HubError> {
         let slot = self.slot(env, app);
-        if slot.borrow().main.is_none() {
+        let held = slot.borrow().clone();
+        if held.main.is_none() {
             self.load(env, app, &slot).await?;
+        } else if !self.signed_currently(&held) {
+            self.resign(&slot).await;
         }
         Ok(slot.subscribe())
+    }
+
+    /// Whether `held`'s signatures are current: two atomic loads and a clock read, so
+    /// every read may ask.
+    fn signed_currently(&self, held: &Held) -> bool {
+        held.signed_currently(self.keys.keys().generation(), self.keys.now())
+    }
+
+    /// Signs what `slot` holds again where its signature is not current, and swaps the
+    /// result in (watchers see the same versions, so nothing is sent to them). Needs no
+    /// database: the held bytes are signed again.
+    async fn resign(&self, slot: &Slot) -> Arc<Held> {
+        let _one_at_a_time = self.loading.lock().await;
+        let held = slot.borrow().clone();
+        let (generation, now) = (self.keys.keys().generation(), self.keys.now());
+        if held.signed_currently(generation, now) {
+            // signed again while this one waited
+            return held;
+        }
+        let new = Arc::new(Held {
+            main: held.main.as_ref().map(|p| self.kept(p, generation, now)),
+            gray: held
+                .gray
+                .as_ref()
+                .map(|(s, p)| (s.clone(), self.kept(p, generation, now))),
+        });
+        slot.send_replace(new.clone());
+        new
+    }
+
+    /// `published` if its signature is current, else the same release signed by the key
+    /// signing now. When no key may sign now, it is kept as it is (its key may still be
+    /// in JWKS) and signing it is tried again after [`RESIGN_RETRY`].
+    fn kept(
+        &self,
+        published: &Arc<Published>,
+        generation: u64,
+        now: OffsetDateTime,
+    ) -> Arc<Published> {
+        if published.signed.current(generation, now) {
+            return published.clone();
+        }
+        let resigned = serde_json::from_slice::<Snapshot>(&published.json)
+            .map_err(HubError::from)
+            .and_then(|snapshot| {
+                let target = format!("{}/{}", snapshot.environment, snapshot.application);
+                self.sign(snapshot).map(|p| (p, target))
+            });
+        match resigned {
+            Ok((p, target)) => {
+                tracing::info!(
+                    %target,
+                    version = p.version,
+                    from_kid = ?published.kid().map(keyrotation::Kid::as_str),
+                    kid = ?p.kid().map(keyrotation::Kid::as_str),
+                    "held config release signed again: its signing key no longer signs"
+                );
+                metrics::counter!("portcullis_config_releases_resigned_total").increment(1);
+                p
+            }
+            Err(e) => {
+                tracing::warn!(
+                    version = published.version,
+                    error = %crate::error::chain(&e),
+                    "held config release could not be signed again; serving its old signature"
+                );
+                Arc::new(Published {
+                    version: published.version,
+                    json: published.json.clone(),
+                    sse: published.sse.clone(),
+                    signed: Signed {
+                        kid: published.signed.kid.clone(),
+                        generation,
+                        until: Some(now + RESIGN_RETRY),
+                    },
+                })
+            }
+        }
     }
 
     /// Reads the newest main release and the gray one in progress, and swaps them into
@@ -202,17 +350,26 @@ impl ConfigHub {
             .gray_version(env, app)
             .await?
             .filter(|g| Some(*g) > main_version);
-        if held.main_version() == main_version && held.gray_version() == gray_version {
+        let (generation, now) = (self.keys.keys().generation(), self.keys.now());
+        if held.main_version() == main_version
+            && held.gray_version() == gray_version
+            && held.signed_currently(generation, now)
+        {
             return Ok(held);
         }
         let main = match main_version {
             None => None,
-            Some(v) if Some(v) == held.main_version() => held.main.clone(),
+            Some(v) if Some(v) == held.main_version() => {
+                held.main.as_ref().map(|p| self.kept(p, generation, now))
+            }
             Some(v) => Some(self.publish(&self.store.release(env, app, v).await?)?),
         };
         let gray = match gray_version {
             None => None,
-            Some(v) if Some(v) == held.gray_version() => held.gray.clone(),
+            Some(v) if Some(v) == held.gray_version() => held
+                .gray
+                .as_ref()
+                .map(|(s, p)| (s.clone(), self.kept(p, generation, now))),
             Some(v) => {
                 let release = self.store.release(env, app, v).await?;
                 // promoted or aborted between the two reads: the next note says which
@@ -248,12 +405,28 @@ impl ConfigHub {
 
     /// Signs and serializes one release.
     fn publish(&self, release: &Release) -> Result<Arc<Published>, HubError> {
-        let mut snapshot = Snapshot::unsigned(release);
-        let compact = self.keys.sign(&snapshot.claims())?;
+        let published = self.sign(Snapshot::unsigned(release))?;
+        metrics::counter!("portcullis_config_releases_loaded_total").increment(1);
+        Ok(published)
+    }
+
+    /// Signs `snapshot` with the key signing now and serializes it, noting which key that
+    /// is and until when it signs.
+    fn sign(&self, mut snapshot: Snapshot) -> Result<Arc<Published>, HubError> {
+        let keys = self.keys.keys();
+        let now = self.keys.now();
+        // the ring as it is before signing: should it change meanwhile, the generation
+        // noted is already old, and the next read signs again
+        let status = keys.status(now);
+        let compact = keys.sign(&snapshot.claims(), now)?;
         snapshot.signature = config_center::signing::detach(&compact)
             .map_err(|e| HubError::Signature(e.to_string()))?;
-        metrics::counter!("portcullis_config_releases_loaded_total").increment(1);
-        Ok(Arc::new(Published::new(&snapshot)?))
+        let signed = Signed {
+            until: signer_until(&status),
+            kid: status.active_kid,
+            generation: status.generation,
+        };
+        Ok(Arc::new(Published::new(&snapshot, signed)?))
     }
 
     /// A release note arrived: refresh the slot if anybody here holds it and its main
@@ -348,5 +521,87 @@ impl ConfigHub {
         if reconcile && let Err(e) = self.reconcile().await {
             tracing::warn!(error = %crate::error::chain(&e), "config reconcile failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use keyrotation::{KeyAlgorithm, KeyState, KeyStatus, Kid, RingStatus};
+    use time::{Duration, OffsetDateTime};
+
+    use super::{Signed, signer_until};
+
+    fn key(kid: &str, activate_at: OffsetDateTime, retire_at: OffsetDateTime) -> KeyStatus {
+        KeyStatus {
+            kid: Kid::parse(kid).unwrap(),
+            alg: KeyAlgorithm::ES256,
+            state: KeyState::Active,
+            published: true,
+            created_at: activate_at,
+            publish_at: activate_at,
+            activate_at,
+            retire_at,
+            expire_at: retire_at + Duration::days(30),
+            compromised_at: None,
+            compromise_reason: None,
+        }
+    }
+
+    fn ring(at: OffsetDateTime, active: &str, keys: Vec<KeyStatus>) -> RingStatus {
+        RingStatus {
+            at,
+            active_kid: Some(Kid::parse(active).unwrap()),
+            active_key_age_seconds: None,
+            next_rotation_at: None,
+            ring_version: None,
+            generation: 3,
+            loaded_at: None,
+            keys,
+        }
+    }
+
+    #[test]
+    fn a_signature_is_current_until_another_key_signs_or_the_ring_changes() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let old = key("old", t - Duration::days(10), t + Duration::days(20));
+        // the successor takes over when the active key retires
+        let next = key("next", t + Duration::days(20), t + Duration::days(50));
+        let status = ring(t, "old", vec![old.clone(), next.clone()]);
+        assert_eq!(signer_until(&status), Some(t + Duration::days(20)));
+
+        // a key activated earlier than the active one retires (a rotation brought
+        // forward) takes over then
+        let early = key("early", t + Duration::days(2), t + Duration::days(32));
+        let status = ring(t, "old", vec![old.clone(), next, early.clone()]);
+        assert_eq!(signer_until(&status), Some(t + Duration::days(2)));
+
+        // a compromised successor never signs
+        let mut bad = early;
+        bad.compromised_at = Some(t);
+        let status = ring(t, "old", vec![old.clone(), bad]);
+        assert_eq!(signer_until(&status), Some(t + Duration::days(20)));
+
+        // no key signs: nothing is current
+        let mut none = ring(t, "old", vec![old]);
+        none.active_kid = None;
+        assert_eq!(signer_until(&none), None);
+
+        let signed = Signed {
+            kid: Some(Kid::parse("old").unwrap()),
+            generation: 3,
+            until: Some(t + Duration::days(20)),
+        };
+        assert!(signed.current(3, t));
+        assert!(
+            !signed.current(3, t + Duration::days(20)),
+            "the successor signs"
+        );
+        assert!(!signed.current(4, t), "the ring changed");
+        let unknown = Signed {
+            until: None,
+            ..signed
+        };
+        assert!(!unknown.current(3, t));
     }
 }

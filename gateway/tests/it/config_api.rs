@@ -705,6 +705,128 @@ async fn the_client_library_resumes_with_its_new_token_after_a_watch_ends_at_tok
     assert_eq!(client.get_str("db.url").as_deref(), Some("postgres://v3"));
 }
 
+/// The kid of a snapshot's detached signature, and whether `jwks` publishes it.
+fn signed_by(snapshot: &Value, jwks: &Value) -> (String, bool) {
+    let signature = snapshot["signature"].as_str().unwrap();
+    let kid = jose_kid(signature.split('.').next().unwrap());
+    let published = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["kid"] == kid.as_str());
+    (kid, published)
+}
+
+/// A node starting from nothing: `Client::start` fetches the snapshot and verifies its
+/// signature against the instance's JWKS.
+async fn node_starts(app: &TestApp) -> Result<u64, config_center::client::ClientError> {
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = config_center::client::ClientConfig::new(
+        vec![url::Url::parse(&app.url("/")).unwrap()],
+        "prod",
+        APP,
+        SecretString::from(token(app, "config:read:prod")),
+        cache.path(),
+    );
+    cfg.ca_pem = Some(app.pki.ca_pem().into_bytes());
+    config_center::client::Client::start(cfg)
+        .await
+        .map(|c| c.version())
+}
+
+/// After an emergency rotation JWKS no longer holds the key that signed the held release:
+/// the release is signed again by the new key, so snapshots, the events of new watches and
+/// a node starting now all verify.
+#[tokio::test]
+async fn held_releases_are_signed_again_after_an_emergency_rotation() {
+    let app = spawn_app(|_| {}).await;
+    let api = Api::new(&app);
+    api.publish(entries_v1()).await;
+    let path = Api::path("prod", APP, "");
+    let (_, _, before) = api.get(&path, "config:read:prod").await;
+    let (old, published) = signed_by(&before, &app.state.keys.jwks());
+    assert!(published);
+    assert_eq!(node_starts(&app).await.unwrap(), 1);
+
+    app.state
+        .keys
+        .rotate(Some((
+            "signing key copied off a laptop".to_owned(),
+            keyrotation::Suspects::EveryVerifyingKey,
+        )))
+        .await
+        .unwrap();
+    let jwks = app.state.keys.jwks();
+
+    let (status, headers, after) = api.get(&path, "config:read:prod").await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(headers["etag"], "\"1\"", "the same release");
+    let (kid, published) = signed_by(&after, &jwks);
+    assert_ne!(kid, old);
+    assert!(published, "signed by a key in JWKS now");
+    let snapshot: config_center::Snapshot = serde_json::from_value(after).unwrap();
+    assert_eq!(snapshot.entries.len(), 3);
+
+    let mut watch = open_watch(&api, None).await;
+    let (_, event) = read_events(&mut watch, 1).await.remove(0);
+    assert!(
+        signed_by(&event, &jwks).1,
+        "a new watch's event verifies too"
+    );
+    assert_eq!(node_starts(&app).await.unwrap(), 1, "a node starting now");
+}
+
+/// Weeks after a scheduled rotation the old key leaves JWKS, with no change to the ring
+/// (key states follow the clock): a held release is signed by the key signing now.
+#[tokio::test]
+async fn held_releases_follow_a_scheduled_rotation_to_the_next_key() {
+    let clock = std::sync::Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        // the old key leaves JWKS while its successor is still the one signing
+        c.keys.overlap = Duration::from_secs(2 * 3600);
+        // only the reloads below change the ring
+        c.keys.reload_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let keys = &app.state.keys;
+    let first = keys.status().active_kid.unwrap();
+    let retire_at = keys
+        .status()
+        .keys
+        .iter()
+        .find(|k| k.kid == first)
+        .unwrap()
+        .retire_at;
+    // the successor is planned within the pre-publication lead
+    clock.set(retire_at - time::Duration::days(1));
+    keys.rotator().reload_once().await.unwrap();
+    assert_eq!(keys.status().keys.len(), 2, "{:?}", keys.status());
+
+    let api = Api::new(&app);
+    api.publish(entries_v1()).await;
+    let path = Api::path("prod", APP, "");
+    let (_, _, before) = api.get(&path, "config:read:prod").await;
+    assert_eq!(signed_by(&before, &keys.jwks()).0, first.to_string());
+
+    // past the old key's overlap: the successor signs, the old key is out of JWKS
+    clock.set(retire_at + time::Duration::hours(3));
+    let generation = keys.keys().generation();
+    let now_signing = keys.status().active_kid.unwrap();
+    assert_ne!(now_signing, first);
+    let (_, _, after) = api.get(&path, "config:read:prod").await;
+    let (kid, published) = signed_by(&after, &keys.jwks());
+    assert_eq!(kid, now_signing.to_string());
+    assert!(published);
+    assert_eq!(node_starts(&app).await.unwrap(), 1);
+    assert_eq!(
+        keys.keys().generation(),
+        generation,
+        "the ring did not change"
+    );
+}
+
 // === several instances, Postgres, Vault Transit ===
 
 /// An instance on `database` whose values are sealed under the shared `master_key`.
