@@ -28,6 +28,13 @@ const ANY_RETRIES: usize = 16;
 /// well under SQLite's 32,766 and Postgres's 65,535 parameters.
 const ENTRIES_PER_INSERT: usize = 1_000;
 
+/// Marks one gray release aborted (`$3`: its version), if it is still gray.
+const ABORT_GRAY: &str = "UPDATE config_releases SET status = 'aborted' WHERE environment = $1 AND application = $2 AND version = $3 AND status = 'gray'";
+/// The current main version of (`$1`, `$2`).
+const MAIN_VERSION: &str = "SELECT MAX(version) FROM config_releases WHERE environment = $1 AND application = $2 AND status = 'main'";
+/// Sends a change note (Postgres; delivered when and if the transaction commits).
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
 /// The mask shown in place of a secret value.
 pub const MASK: &str = "******";
 
@@ -325,7 +332,7 @@ fn main<'a>(
         rollback_of,
         status: ReleaseStatus::Main,
         gray: None,
-        abort_gray: false,
+        abort: None,
     }
 }
 
@@ -372,6 +379,16 @@ enum Attempt {
     Done,
     Conflict,
     GrayInProgress(i64),
+    /// The gray release to abort is no longer in gray (promoted or aborted meanwhile).
+    NoGray,
+}
+
+/// The gray release an abort retires, and the main release whose content it republishes
+/// (both as read before the transaction, and checked again inside it).
+#[derive(Debug, Clone, Copy)]
+struct AbortOf {
+    gray: i64,
+    main: Option<i64>,
 }
 
 /// One release to insert.
@@ -381,8 +398,8 @@ struct NewRelease<'a> {
     rollback_of: Option<u64>,
     status: ReleaseStatus,
     gray: Option<&'a GraySelector>,
-    /// Abort the gray release in progress in the same transaction.
-    abort_gray: bool,
+    /// Abort this gray release in the same transaction.
+    abort: Option<AbortOf>,
 }
 
 impl Store {
@@ -730,7 +747,7 @@ impl Store {
             rollback_of: None,
             status: ReleaseStatus::Gray,
             gray: Some(selector),
-            abort_gray: false,
+            abort: None,
         };
         self.publish_checked(env, app, expected, release).await
     }
@@ -749,7 +766,6 @@ impl Store {
         const SQL: &str = "UPDATE config_releases SET status = 'main' WHERE environment = $1 AND application = $2 AND status = 'gray' AND version = $3 RETURNING version";
         let gray = self.expect_gray(env, app, expected).await?;
         let gray_i64 = to_i64(gray)?;
-        const NOTIFY: &str = "SELECT pg_notify($1, $2)";
         let promoted: Option<i64> = on_pool!(&self.pool, |p, pg| {
             let mut tx = p.begin().await?;
             let version: Option<i64> = sqlx::query_scalar(SQL)
@@ -779,6 +795,9 @@ impl Store {
     /// held the gray one too — moves forward to it (clients never go back a version).
     ///
     /// `expected` names the gray release's version (it is the head while in progress).
+    /// The transaction checks that the release is still gray and the main release still
+    /// the one read: an abort that loses a race with a promote gets [`StoreError::NoGray`]
+    /// and changes nothing.
     #[tracing::instrument(name = "db.config.abort_gray", skip_all, fields(otel.kind = "client"))]
     pub async fn abort_gray(
         &self,
@@ -799,7 +818,13 @@ impl Store {
             rollback_of: main_release.as_ref().map(|r| r.version),
             status: ReleaseStatus::Main,
             gray: None,
-            abort_gray: true,
+            abort: Some(AbortOf {
+                gray: to_i64(gray)?,
+                main: main_release
+                    .as_ref()
+                    .map(|r| to_i64(r.version))
+                    .transpose()?,
+            }),
         };
         let info = self
             .publish_checked(env, app, Expected::Version(gray), release)
@@ -982,6 +1007,7 @@ impl Store {
                     });
                 }
                 Attempt::GrayInProgress(v) => return Err(StoreError::GrayInProgress(to_u64(v)?)),
+                Attempt::NoGray => return Err(StoreError::NoGray),
                 Attempt::Conflict if expected == Expected::Any => continue,
                 Attempt::Conflict => {
                     return Err(StoreError::Conflict {
@@ -1008,14 +1034,12 @@ impl Store {
         key_version: i64,
         data_key: &DataKey,
     ) -> Result<Attempt, StoreError> {
-        const ABORT: &str = "UPDATE config_releases SET status = 'aborted' WHERE environment = $1 AND application = $2 AND status = 'gray'";
         const RELEASE: &str = "INSERT INTO config_releases (environment, application, version, created_at_unix_ms, author, message, rollback_of, status, gray_selector) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
         // both checks in one round trip: how many releases exist (the new one included),
         // and the newest other release still in gray
         const CHECK: &str = "SELECT COUNT(*), MAX(CASE WHEN status = 'gray' AND version <> $3 THEN version END) \
              FROM config_releases WHERE environment = $1 AND application = $2";
         const ENTRIES: &str = "INSERT INTO config_entries (environment, application, version, key, format, secret, data_key_version, sealed) ";
-        const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
         let sealed = release
             .entries
@@ -1037,12 +1061,31 @@ impl Store {
 
         on_pool!(&self.pool, |p, pg| {
             let mut tx = p.begin().await?;
-            if release.abort_gray {
-                sqlx::query(ABORT)
+            if let Some(abort) = release.abort {
+                // a write, so on SQLite it takes the write lock before the read below; on
+                // Postgres it locks the gray row, which a concurrent promote waits for
+                let aborted = sqlx::query(ABORT_GRAY)
                     .bind(env.as_str())
                     .bind(app.as_str())
+                    .bind(abort.gray)
                     .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if aborted != 1 {
+                    // promoted (or aborted) since it was read: republishing the main
+                    // content read before would undo that
+                    tx.rollback().await?;
+                    return Ok(Attempt::NoGray);
+                }
+                let main: Option<i64> = sqlx::query_scalar(MAIN_VERSION)
+                    .bind(env.as_str())
+                    .bind(app.as_str())
+                    .fetch_one(&mut *tx)
                     .await?;
+                if main != abort.main {
+                    tx.rollback().await?;
+                    return Ok(Attempt::Conflict);
+                }
             }
             // the write comes first: on SQLite it takes the write lock before any read
             let inserted = sqlx::query(RELEASE)

@@ -847,6 +847,63 @@ pub async fn aborting_a_gray_release_moves_everyone_forward_to_the_main_content(
     );
 }
 
+/// A promote and an abort of the same gray release, at once: exactly one of them wins,
+/// and what is served afterwards is what the winner said (the abort never republishes the
+/// old main content over a promotion it did not see).
+pub async fn an_abort_racing_a_promote_never_undoes_the_promotion(t: TestStore) {
+    let e = env("prod");
+    let s = &t.store;
+    let selector = GraySelector::new(["node-7".to_owned()], BTreeMap::new()).unwrap();
+    for round in 0..8 {
+        let a = app(&format!("race-{round}"));
+        s.publish(
+            &e,
+            &a,
+            Expected::Version(0),
+            vec![entry("k", "old")],
+            &note(),
+        )
+        .await
+        .unwrap();
+        s.publish_gray(
+            &e,
+            &a,
+            Expected::Version(1),
+            vec![entry("k", "new")],
+            &selector,
+            &note(),
+        )
+        .await
+        .unwrap();
+        let note = note();
+        let (aborted, promoted) = tokio::join!(
+            s.abort_gray(&e, &a, Expected::Version(2), &note),
+            s.promote(&e, &a, Expected::Version(2)),
+        );
+        let current = s.current(&e, &a).await.unwrap().unwrap();
+        let served = current.get("k").unwrap().value.expose().to_owned();
+        match (aborted, promoted) {
+            (Err(StoreError::NoGray), Ok(2)) => {
+                assert_eq!((current.version, served.as_str()), (2, "new"), "{round}");
+                assert_eq!(s.head_version(&e, &a).await.unwrap(), Some(2), "{round}");
+            }
+            (Ok(aborted), Err(StoreError::NoGray)) => {
+                assert_eq!(aborted.version, 3, "{round}");
+                assert_eq!((current.version, served.as_str()), (3, "old"), "{round}");
+                assert_eq!(
+                    s.release(&e, &a, 2).await.unwrap().status,
+                    ReleaseStatus::Aborted
+                );
+            }
+            (aborted, promoted) => panic!(
+                "round {round}: both or neither succeeded: abort {aborted:?}, promote \
+                 {promoted:?}; now serving version {} = {served:?}",
+                current.version
+            ),
+        }
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:path) => {
         mod $backend {
@@ -876,6 +933,7 @@ macro_rules! conformance {
             case!(a_publish_reaches_the_change_feed);
             case!(a_gray_release_reaches_only_matching_instances_until_promoted);
             case!(aborting_a_gray_release_moves_everyone_forward_to_the_main_content);
+            case!(an_abort_racing_a_promote_never_undoes_the_promotion);
         }
     };
 }
