@@ -320,6 +320,17 @@ pub struct Diff {
     pub changes: Vec<KeyChange>,
 }
 
+/// What [`Store::abort_gray`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aborted {
+    /// The gray release's version, now aborted.
+    pub gray: u64,
+    /// The main release republished as a new version, so that the instances that held
+    /// the gray release move forward to it; `None` when there was no main release to
+    /// republish (nothing is served then, as before the gray release).
+    pub republished: Option<ReleaseInfo>,
+}
+
 /// A main release of `entries`.
 fn main<'a>(
     entries: &'a [ConfigEntry],
@@ -388,7 +399,7 @@ enum Attempt {
 #[derive(Debug, Clone, Copy)]
 struct AbortOf {
     gray: i64,
-    main: Option<i64>,
+    main: i64,
 }
 
 /// One release to insert.
@@ -494,11 +505,14 @@ impl Store {
         max.map(to_u64).transpose()
     }
 
-    /// The newest served version (main or gray) of every (environment, application)
-    /// that has a release, for a periodic reconcile of watchers against the change feed.
+    /// The newest version (of any status) of every (environment, application) that has a
+    /// release, for a periodic reconcile of watchers against the change feed. An aborted
+    /// release is the newest only when its abort republished nothing (no main release):
+    /// it is listed so that an instance that missed the note still drops the gray
+    /// release it holds.
     #[tracing::instrument(name = "db.config.latest_versions", skip_all, fields(otel.kind = "client"))]
     pub async fn latest_versions(&self) -> Result<Vec<ReleaseEvent>, StoreError> {
-        const SQL: &str = "SELECT environment, application, MAX(version) FROM config_releases WHERE status <> 'aborted' GROUP BY environment, application";
+        const SQL: &str = "SELECT environment, application, MAX(version) FROM config_releases GROUP BY environment, application";
         let rows: Vec<(String, String, i64)> = on_pool!(&self.pool, |p, _pg| sqlx::query_as(SQL)
             .fetch_all(p)
             .await?);
@@ -793,6 +807,8 @@ impl Store {
     /// Aborts the gray release in progress: it is never served again, and the current
     /// main release is republished as a new version so that every instance — those that
     /// held the gray one too — moves forward to it (clients never go back a version).
+    /// With no main release (the first release of the application was published gray),
+    /// nothing is republished: every instance finds no release, as before.
     ///
     /// `expected` names the gray release's version (it is the head while in progress).
     /// The transaction checks that the release is still gray and the main release still
@@ -805,32 +821,86 @@ impl Store {
         app: &AppName,
         expected: Expected,
         note: &ChangeNote,
-    ) -> Result<ReleaseInfo, StoreError> {
+    ) -> Result<Aborted, StoreError> {
         let gray = self.expect_gray(env, app, expected).await?;
-        let main_release = self.current(env, app).await?;
-        let entries = main_release
-            .as_ref()
-            .map(|r| r.entries.clone())
-            .unwrap_or_default();
+        let Some(main_release) = self.current(env, app).await? else {
+            self.retire_gray(env, app, gray).await?;
+            tracing::info!(environment = %env, application = %app, gray, "gray config release aborted; no main release to republish");
+            return Ok(Aborted {
+                gray,
+                republished: None,
+            });
+        };
         let release = NewRelease {
-            entries: &entries,
+            entries: &main_release.entries,
             note,
-            rollback_of: main_release.as_ref().map(|r| r.version),
+            rollback_of: Some(main_release.version),
             status: ReleaseStatus::Main,
             gray: None,
             abort: Some(AbortOf {
                 gray: to_i64(gray)?,
-                main: main_release
-                    .as_ref()
-                    .map(|r| to_i64(r.version))
-                    .transpose()?,
+                main: to_i64(main_release.version)?,
             }),
         };
         let info = self
             .publish_checked(env, app, Expected::Version(gray), release)
             .await?;
         tracing::info!(environment = %env, application = %app, gray, version = info.version, "gray config release aborted");
-        Ok(info)
+        Ok(Aborted {
+            gray,
+            republished: Some(info),
+        })
+    }
+
+    /// Marks gray release `gray` aborted and publishes nothing, when there is no main
+    /// release; the note tells the other instances to drop the gray release they hold.
+    async fn retire_gray(
+        &self,
+        env: &Environment,
+        app: &AppName,
+        gray: u64,
+    ) -> Result<(), StoreError> {
+        let v = to_i64(gray)?;
+        let payload = format!("{env}/{app}/{gray}");
+        on_pool!(&self.pool, |p, pg| {
+            let mut tx = p.begin().await?;
+            let aborted = sqlx::query(ABORT_GRAY)
+                .bind(env.as_str())
+                .bind(app.as_str())
+                .bind(v)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if aborted != 1 {
+                // promoted (or aborted) since it was read
+                tx.rollback().await?;
+                return Err(StoreError::NoGray);
+            }
+            let main: Option<i64> = sqlx::query_scalar(MAIN_VERSION)
+                .bind(env.as_str())
+                .bind(app.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            if let Some(main) = main {
+                // a main release appeared since it was read (none can while a release is
+                // gray): refuse, so that the operator looks again
+                tx.rollback().await?;
+                return Err(StoreError::Conflict {
+                    expected: gray,
+                    current: to_u64(main)?,
+                });
+            }
+            if pg {
+                sqlx::query(NOTIFY)
+                    .bind(NOTIFY_CHANNEL)
+                    .bind(&payload)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        self.announce(env, app, gray);
+        Ok(())
     }
 
     /// The gray release in progress, checked against `expected`.
@@ -1082,7 +1152,7 @@ impl Store {
                     .bind(app.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
-                if main != abort.main {
+                if main != Some(abort.main) {
                     tx.rollback().await?;
                     return Ok(Attempt::Conflict);
                 }

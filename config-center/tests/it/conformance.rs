@@ -791,10 +791,12 @@ pub async fn aborting_a_gray_release_moves_everyone_forward_to_the_main_content(
     )
     .await
     .unwrap();
-    let back = s
+    let aborted = s
         .abort_gray(&e, &a, Expected::Version(2), &note())
         .await
         .unwrap();
+    assert_eq!(aborted.gray, 2);
+    let back = aborted.republished.unwrap();
     assert_eq!(
         (back.version, back.status, back.rollback_of),
         (3, ReleaseStatus::Main, Some(1))
@@ -888,7 +890,7 @@ pub async fn an_abort_racing_a_promote_never_undoes_the_promotion(t: TestStore) 
                 assert_eq!(s.head_version(&e, &a).await.unwrap(), Some(2), "{round}");
             }
             (Ok(aborted), Err(StoreError::NoGray)) => {
-                assert_eq!(aborted.version, 3, "{round}");
+                assert_eq!(aborted.republished.map(|r| r.version), Some(3), "{round}");
                 assert_eq!((current.version, served.as_str()), (3, "old"), "{round}");
                 assert_eq!(
                     s.release(&e, &a, 2).await.unwrap().status,
@@ -902,6 +904,71 @@ pub async fn an_abort_racing_a_promote_never_undoes_the_promotion(t: TestStore) 
             ),
         }
     }
+}
+
+/// Aborting a gray release when no main release exists publishes nothing: every node,
+/// the gray ones included, finds no release (404), as before the gray release.
+pub async fn aborting_a_first_gray_release_publishes_nothing(t: TestStore) {
+    let (e, a) = (env("prod"), app("orders"));
+    let s = &t.store;
+    let selector = GraySelector::new(["node-7".to_owned()], BTreeMap::new()).unwrap();
+    s.publish_gray(
+        &e,
+        &a,
+        Expected::Version(0),
+        vec![entry("k", "canary")],
+        &selector,
+        &note(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.snapshot_for(&e, &a, Some("node-7"), &BTreeMap::new())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let aborted = s
+        .abort_gray(&e, &a, Expected::Version(1), &note())
+        .await
+        .unwrap();
+    assert_eq!(aborted.gray, 1);
+    assert!(aborted.republished.is_none(), "{aborted:?}");
+    for instance in [Some("node-7"), Some("node-8"), None] {
+        let served = s
+            .snapshot_for(&e, &a, instance, &BTreeMap::new())
+            .await
+            .unwrap();
+        assert!(served.is_none(), "{instance:?} is served {served:?}");
+    }
+    assert_eq!(s.current_version(&e, &a).await.unwrap(), None);
+    assert_eq!(s.head_version(&e, &a).await.unwrap(), Some(1));
+    assert_eq!(
+        s.release(&e, &a, 1).await.unwrap().status,
+        ReleaseStatus::Aborted
+    );
+    // the reconcile still sees the application, so an instance that missed the note
+    // drops the gray release it holds
+    let latest = s.latest_versions().await.unwrap();
+    assert_eq!(latest.iter().map(|r| r.version).collect::<Vec<_>>(), [1]);
+    assert!(matches!(
+        s.abort_gray(&e, &a, Expected::Any, &note())
+            .await
+            .unwrap_err(),
+        StoreError::NoGray
+    ));
+    // the next release follows the aborted one
+    let next = s
+        .publish(
+            &e,
+            &a,
+            Expected::Version(1),
+            vec![entry("k", "v2")],
+            &note(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.version, 2);
 }
 
 macro_rules! conformance {
@@ -934,6 +1001,7 @@ macro_rules! conformance {
             case!(a_gray_release_reaches_only_matching_instances_until_promoted);
             case!(aborting_a_gray_release_moves_everyone_forward_to_the_main_content);
             case!(an_abort_racing_a_promote_never_undoes_the_promotion);
+            case!(aborting_a_first_gray_release_publishes_nothing);
         }
     };
 }

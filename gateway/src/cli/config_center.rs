@@ -175,7 +175,8 @@ pub enum ConfigCommand {
         #[arg(long)]
         version: Option<u64>,
     },
-    /// Abort the gray release in progress: every instance moves to the main content.
+    /// Abort the gray release in progress: every instance moves to the main content (or,
+    /// when there is no main release, is served none).
     Abort {
         #[command(flatten)]
         at: Address,
@@ -426,10 +427,14 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
             version,
         } => {
             let out = gray_step(&target, &env, &app, version, reqwest::Method::DELETE, "").await?;
-            println!(
-                "{env}/{app}: gray release aborted; release {}",
-                out["version"]
-            );
+            match out["version"].as_u64() {
+                Some(v) => println!("{env}/{app}: gray release aborted; release {v}"),
+                None => println!(
+                    "{env}/{app}: gray release {} aborted; there is no main release, so none \
+                     is served",
+                    out["aborted"]
+                ),
+            }
         }
         ConfigCommand::Export {
             at: Address { target, env, app },

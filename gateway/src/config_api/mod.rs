@@ -1091,7 +1091,8 @@ pub async fn promote_gray(
 }
 
 /// `DELETE /config/v1/{env}/{app}/gray`: the gray release is never served again; the main
-/// release is republished as a new version, so every instance moves forward to it.
+/// release is republished as a new version, so every instance moves forward to it (201).
+/// With no main release, nothing is republished and nothing is served (200).
 pub async fn abort_gray(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -1102,22 +1103,40 @@ pub async fn abort_gray(
     let (env, app) = authorized(&state, &principal, Action::Write, &env, &app)?;
     let which = gray_version(query)?;
     let note = ChangeNote::new(principal.subject.clone(), "gray release aborted");
-    let info = state
+    let aborted = state
         .config_center
         .hub
         .store()
         .abort_gray(&env, &app, which, &note)
         .await?;
-    Ok(written(
-        &state,
-        &principal,
-        ip,
-        "config.abort_gray",
-        &info,
-        Vec::new(),
-        None,
-    )
-    .await)
+    if let Some(info) = &aborted.republished {
+        return Ok(written(
+            &state,
+            &principal,
+            ip,
+            "config.abort_gray",
+            info,
+            Vec::new(),
+            None,
+        )
+        .await);
+    }
+    state.config_center.hub.refresh(&env, &app).await;
+    state.audit.record(AuditEvent {
+        at: time::OffsetDateTime::now_utc(),
+        actor: principal_actor(&principal),
+        action: "config.abort_gray".to_owned(),
+        target: format!("{env}/{app}"),
+        source_ip: Some(ip.to_string()),
+        detail: json!({ "aborted": aborted.gray, "version": null }).into(),
+    });
+    Ok(Json(json!({
+        "environment": env.as_str(),
+        "application": app.as_str(),
+        "aborted": aborted.gray,
+        "version": null,
+    }))
+    .into_response())
 }
 
 #[cfg(test)]

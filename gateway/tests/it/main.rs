@@ -10,6 +10,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod config_api;
+mod config_gray;
 mod faults;
 mod ha_drill;
 mod idle;
