@@ -11,9 +11,12 @@
 //! | `proxy.upstreams` | the admin nodes, comma-separated `http://host:port` (the proxy must be configured at start-up) |
 //!
 //! A key that is absent falls back to the configuration file's value, so removing it
-//! undoes it. A release is applied whole or not at all: one unknown key or invalid value
-//! and the instance keeps what it had, logs why, and counts it in
-//! `portcullis_runtime_settings_rejected_total`.
+//! undoes it. A release is applied whole or not at all: one unknown key or invalid value,
+//! or a setting this instance cannot take (admin nodes while its proxy is off), and the
+//! instance keeps what it had, logs why, and counts it in
+//! `portcullis_runtime_settings_rejected_total`. Every check is made before anything
+//! changes (`RuntimeSettings::stage`), then everything is put in force together
+//! (`Staged::commit`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protect::RateSettings;
 use crate::protect::lockout::LockoutSettings;
+use crate::protect::rate::RateLayer;
+use crate::proxy::upstream::Upstreams;
 use crate::state::AppState;
 
 /// The application name the settings live under.
@@ -115,16 +120,21 @@ impl RuntimeSettings {
         Ok(s)
     }
 
-    /// Puts these settings in force on this instance.
-    fn apply(&self, state: &AppState) -> Result<(), String> {
-        crate::telemetry::set_log_level(&self.log_level)?;
-        if !(state.rate.auth.set(self.auth_rate) && state.rate.token.set(self.token_rate)) {
-            return Err("a rate bucket could not be built".to_owned());
-        }
-        match &state.proxy {
+    /// Readies these settings for this instance without changing anything: whatever can
+    /// fail (a bucket that cannot be built, admin nodes while the proxy is off) fails
+    /// here, so that [`Staged::commit`] puts all of them in force or none.
+    fn stage(&self, state: &AppState) -> Result<Staged, String> {
+        crate::telemetry::check_log_level(&self.log_level)?;
+        let buckets = |name: &str, rate: &crate::protect::rate::SwappableRate, s| {
+            rate.prepare(s)
+                .ok_or_else(|| format!("{name}: the rate buckets could not be built"))
+        };
+        let auth = buckets("protection.auth_rate", &state.rate.auth, self.auth_rate)?;
+        let token = buckets("protection.token_rate", &state.rate.token, self.token_rate)?;
+        let upstreams = match &state.proxy {
             // an unchanged list keeps the nodes' health as it is
             Some(proxy) if !proxy.upstreams().same_nodes(&self.upstreams) => {
-                proxy.set_upstreams(&self.upstreams)?;
+                Some(proxy.prepare_upstreams(&self.upstreams)?)
             }
             None if !self.upstreams.is_empty() => {
                 return Err(
@@ -133,9 +143,39 @@ impl RuntimeSettings {
                         .to_owned(),
                 );
             }
-            _ => {}
+            _ => None,
+        };
+        Ok(Staged {
+            log_level: self.log_level.clone(),
+            auth,
+            token,
+            upstreams,
+            lockout: self.lockout.clone(),
+        })
+    }
+}
+
+/// Settings checked and built by [`RuntimeSettings::stage`], not yet in force.
+struct Staged {
+    log_level: String,
+    auth: RateLayer,
+    token: RateLayer,
+    /// `None`: the admin nodes stay as they are.
+    upstreams: Option<Upstreams>,
+    lockout: LockoutSettings,
+}
+
+impl Staged {
+    /// Puts the settings in force on this instance. Only reloading the log filter can
+    /// fail (when the subscriber is gone), and it goes first: then nothing has changed.
+    fn commit(self, state: &AppState) -> Result<(), String> {
+        crate::telemetry::set_log_level(&self.log_level)?;
+        state.rate.auth.install(self.auth);
+        state.rate.token.install(self.token);
+        if let (Some(proxy), Some(upstreams)) = (&state.proxy, self.upstreams) {
+            proxy.install_upstreams(upstreams);
         }
-        state.lockout.set_settings(self.lockout.clone());
+        state.lockout.set_settings(self.lockout);
         Ok(())
     }
 }
@@ -207,7 +247,8 @@ fn follow(state: &AppState, baseline: &RuntimeSettings, json: &[u8], version: u6
                 .collect();
             RuntimeSettings::from_entries(baseline, &entries)
         })
-        .and_then(|settings| settings.apply(state));
+        .and_then(|settings| settings.stage(state))
+        .and_then(|staged| staged.commit(state));
     match outcome {
         Ok(()) => {
             metrics::gauge!("portcullis_runtime_settings_version").set(version as f64);

@@ -92,16 +92,16 @@ impl SwappableRate {
         })
     }
 
-    /// Replaces the buckets; `false` (and nothing changes) for settings that make no
+    /// Fresh buckets for `settings`, not yet in force (runtime settings check a whole
+    /// release before they put any of it in force); `None` for settings that make no
     /// bucket.
-    pub fn set(&self, settings: RateSettings) -> bool {
-        match layer(settings, self.endpoint) {
-            Some(l) => {
-                self.current.store(Arc::new(l));
-                true
-            }
-            None => false,
-        }
+    pub fn prepare(&self, settings: RateSettings) -> Option<RateLayer> {
+        layer(settings, self.endpoint)
+    }
+
+    /// Replaces the buckets with ones from [`SwappableRate::prepare`].
+    pub fn install(&self, buckets: RateLayer) {
+        self.current.store(Arc::new(buckets));
     }
 }
 

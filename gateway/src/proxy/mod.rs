@@ -173,9 +173,10 @@ impl Proxy {
         self.inner.upstreams.load_full()
     }
 
-    /// Replaces the admin nodes (runtime settings): requests from now on go to `list`,
-    /// each node starting healthy; requests under way finish on the nodes they had.
-    pub fn set_upstreams(&self, list: &[String]) -> Result<(), String> {
+    /// The admin nodes `list` names, checked, each starting healthy, for
+    /// [`Proxy::install_upstreams`]; nothing changes yet (runtime settings check a whole
+    /// release before they put any of it in force).
+    pub fn prepare_upstreams(&self, list: &[String]) -> Result<Upstreams, String> {
         if list.is_empty() {
             return Err("proxy.upstreams: at least one admin node is needed".to_owned());
         }
@@ -183,10 +184,13 @@ impl Proxy {
             settings::parse_upstream(u).map_err(|e| format!("proxy.upstreams: {e}"))?;
         }
         let health = self.inner.upstreams.load().health().clone();
-        self.inner
-            .upstreams
-            .store(Arc::new(Upstreams::new(list, health)));
-        Ok(())
+        Ok(Upstreams::new(list, health))
+    }
+
+    /// Replaces the admin nodes (runtime settings): requests from now on go to
+    /// `upstreams`; requests under way finish on the nodes they had.
+    pub fn install_upstreams(&self, upstreams: Upstreams) {
+        self.inner.upstreams.store(Arc::new(upstreams));
     }
 
     /// `proxy.max_body_bytes`.

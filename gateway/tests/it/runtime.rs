@@ -20,7 +20,7 @@ fn admin_token(app: &TestApp) -> String {
             iat: now,
             nbf: now,
             jti: uuid::Uuid::new_v4().to_string(),
-            scope: "config:read:dev config:write:dev".to_owned(),
+            scope: "config:read:dev config:write:dev:portcullis".to_owned(),
             client_id: "ops".to_owned(),
             roles: vec![],
             sid: None,
@@ -48,6 +48,20 @@ async fn limited(app: &TestApp, n: usize) -> usize {
         let r = http.get(app.url("/auth/login")).send().await.unwrap();
         if r.status().as_u16() == 429 {
             assert!(r.headers().contains_key("retry-after"));
+            refused += 1;
+        }
+    }
+    refused
+}
+
+/// How many of `n` quick requests to `/oauth2/token` were refused with 429.
+async fn token_limited(app: &TestApp, n: usize) -> usize {
+    let http = app.https_client();
+    let mut refused = 0;
+    for _ in 0..n {
+        // no credentials at all: refused by the endpoint, after its rate limit
+        let r = http.post(app.url("/oauth2/token")).send().await.unwrap();
+        if r.status().as_u16() == 429 {
             refused += 1;
         }
     }
@@ -123,4 +137,43 @@ async fn rate_limits_follow_the_config_center_without_a_restart() {
         async move { limited(app, 5).await == 0 }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_release_this_instance_cannot_apply_changes_none_of_its_settings() {
+    let app = spawn_app(|c| {
+        c.config_center.runtime_environment = Some("dev".to_owned());
+        c.protection.token_rate.burst = 1000;
+        c.proxy.upstreams.clear();
+    })
+    .await;
+    assert!(
+        app.state.proxy.is_none(),
+        "the proxy is off on this instance"
+    );
+    assert_eq!(token_limited(&app, 5).await, 0, "the file's generous limit");
+
+    // valid keys, but admin nodes for a proxy this instance does not run: the whole
+    // release is refused, the token endpoint's limit included
+    let before = rejected_total(&app).await;
+    let status = publish(
+        &app,
+        json!([
+            { "key": "protection.token_rate.burst", "value": "2" },
+            { "key": "protection.token_rate.replenish_every", "value": "1h" },
+            { "key": "proxy.upstreams", "value": "http://127.0.0.1:9" }
+        ]),
+    )
+    .await;
+    assert_eq!(status, 201);
+    eventually(Duration::from_secs(10), "the refusal is counted", || {
+        let app = &app;
+        async move { rejected_total(app).await > before }
+    })
+    .await;
+    assert_eq!(
+        token_limited(&app, 5).await,
+        0,
+        "the token endpoint's limit changed although the release was refused"
+    );
 }
