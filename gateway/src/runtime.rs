@@ -17,6 +17,9 @@
 //! `portcullis_runtime_settings_rejected_total`. Every check is made before anything
 //! changes (`RuntimeSettings::stage`), then everything is put in force together
 //! (`Staged::commit`).
+//!
+//! Writing the application takes `config:write:<env>:portcullis` or `portcullis:admin`;
+//! an environment-wide `config:write:<env>` does not reach it (`config_api`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

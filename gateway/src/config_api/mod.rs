@@ -7,7 +7,9 @@
 //! `config:read:<env>` (or `config:read:<env>:<app>`) reads plaintext snapshots (nodes);
 //! `config:write:<env>[:<app>]` publishes, edits and rolls back; `config:reveal:<env>`
 //! shows secret values in history and diffs, which are masked otherwise. An admin token
-//! (`portcullis:admin`) may do all of it. See `docs/config-center.md`.
+//! (`portcullis:admin`) may do all of it. Portcullis's own runtime settings (the
+//! application `portcullis`) are written only with `config:write:<env>:portcullis` or
+//! the admin scope, never with an environment-wide grant. See `docs/config-center.md`.
 
 mod fanout;
 pub mod hub;
@@ -172,11 +174,20 @@ impl Action {
     }
 }
 
+/// Whether an environment-wide grant (`config:<action>:<env>`) covers `action` on `app`.
+/// Not writes of the runtime settings ([`crate::runtime::APP`]): whoever writes them
+/// steers every instance (where the proxy sends console requests and their identity
+/// headers, how hard logins are throttled), which a credential meant for executor configs
+/// must not. They need `config:write:<env>:portcullis` or the admin scope.
+fn env_wide_covers(action: Action, app: &AppName) -> bool {
+    !(action == Action::Write && app.as_str() == crate::runtime::APP)
+}
+
 fn may(p: &Principal, action: Action, env: &Environment, app: &AppName) -> bool {
     let a = action.as_str();
     p.has_scope(ADMIN_SCOPE)
-        || p.has_scope(&format!("config:{a}:{env}"))
         || p.has_scope(&format!("config:{a}:{env}:{app}"))
+        || (env_wide_covers(action, app) && p.has_scope(&format!("config:{a}:{env}")))
 }
 
 fn require(
@@ -186,13 +197,16 @@ fn require(
     app: &AppName,
 ) -> Result<(), ApiError> {
     if may(p, action, env, app) {
-        Ok(())
-    } else {
-        metrics::counter!("portcullis_bearer_rejections_total", "reason" => "scope").increment(1);
-        Err(ApiError::InsufficientScope {
-            required: format!("config:{}:{env}", action.as_str()),
-        })
+        return Ok(());
     }
+    metrics::counter!("portcullis_bearer_rejections_total", "reason" => "scope").increment(1);
+    let a = action.as_str();
+    let required = if env_wide_covers(action, app) {
+        format!("config:{a}:{env}")
+    } else {
+        format!("config:{a}:{env}:{app}")
+    };
+    Err(ApiError::InsufficientScope { required })
 }
 
 /// Parses the path's names and checks that `p` may do `action` there: the first step of

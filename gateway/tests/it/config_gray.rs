@@ -1,4 +1,5 @@
-//! The config center over HTTPS: aborting a gray release with no main release behind it.
+//! The config center over HTTPS: aborting a gray release with no main release behind it,
+//! and who may write Portcullis's own runtime settings (the application `portcullis`).
 
 use serde_json::{Value, json};
 
@@ -90,4 +91,106 @@ async fn aborting_a_first_gray_release_leaves_every_node_without_a_release() {
     assert_eq!(b["version"], 2);
     let (s, b) = read("?instance=node-7").await;
     assert_eq!((s, b["version"].as_u64()), (200, Some(2)), "{b}");
+}
+
+/// Every write route of an (environment, application), with a body that succeeds on a
+/// fresh application when the caller may write (run in this order).
+fn writes(env: &str, app: &str) -> Vec<(reqwest::Method, String, Option<Value>, u16)> {
+    let base = format!("/config/v1/{env}/{app}");
+    let entries = json!([{ "key": "log.level", "value": "info" }]);
+    vec![
+        (
+            reqwest::Method::PUT,
+            base.clone(),
+            Some(json!({ "entries": entries })),
+            201,
+        ),
+        (
+            reqwest::Method::PATCH,
+            base.clone(),
+            Some(json!({ "set": entries })),
+            201,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{base}/rollback"),
+            Some(json!({ "to": 1 })),
+            201,
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{base}/gray"),
+            Some(json!({ "entries": entries, "selector": { "instances": ["node-7"] } })),
+            201,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{base}/gray/promote"),
+            None,
+            200,
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{base}/gray"),
+            Some(json!({ "entries": entries, "selector": { "instances": ["node-7"] } })),
+            201,
+        ),
+        (reqwest::Method::DELETE, format!("{base}/gray"), None, 201),
+    ]
+}
+
+#[tokio::test]
+async fn an_environment_wide_writer_may_not_write_the_runtime_settings() {
+    let app = spawn_app(|c| {
+        c.config_center.runtime_environment = Some("prod".to_owned());
+    })
+    .await;
+    let env_wide = "config:read:prod config:write:prod config:reveal:prod";
+    for (method, path, body, _) in writes("prod", "portcullis") {
+        let (s, challenge, b) = call(&app, method.clone(), &path, env_wide, body).await;
+        assert_eq!(s, 403, "{method} {path}: {b}");
+        assert_eq!(b["error"], "insufficient_scope", "{method} {path}");
+        assert!(
+            challenge.contains("config:write:prod:portcullis"),
+            "{method} {path}: the challenge names the grant it needs: {challenge}"
+        );
+    }
+    let (s, _, b) = call(
+        &app,
+        reqwest::Method::GET,
+        "/config/v1/prod/portcullis",
+        env_wide,
+        None,
+    )
+    .await;
+    assert_eq!(
+        s, 404,
+        "nothing was written, and reading stays env-wide: {b}"
+    );
+
+    // the same token still writes every other application of the environment
+    for (method, path, body, want) in writes("prod", "executor-orders") {
+        let (s, _, b) = call(&app, method.clone(), &path, env_wide, body).await;
+        assert_eq!(s, want, "{method} {path}: {b}");
+    }
+    // a grant for the application itself, or the gateway's admin scope, may
+    for (scope, env) in [
+        ("config:read:prod config:write:prod:portcullis", "prod"),
+        ("portcullis:admin", "test"),
+    ] {
+        for (method, path, body, want) in writes(env, "portcullis") {
+            let (s, _, b) = call(&app, method.clone(), &path, scope, body).await;
+            assert_eq!(s, want, "{scope}: {method} {path}: {b}");
+        }
+    }
+    // an explicit grant is for its own environment only
+    let (s, _, b) = call(
+        &app,
+        reqwest::Method::PATCH,
+        "/config/v1/dev/portcullis",
+        "config:write:prod:portcullis config:write:dev",
+        Some(json!({ "set": [{ "key": "log.level", "value": "debug" }] })),
+    )
+    .await;
+    assert_eq!(s, 403, "{b}");
 }

@@ -1583,7 +1583,11 @@ async fn admin_nodes_follow_the_runtime_settings_without_a_restart() {
         async move {
             let r = http
                 .put(app.url("/config/v1/dev/portcullis"))
-                .bearer_auth(token(app, "config:read:dev config:write:dev", &[]))
+                .bearer_auth(token(
+                    app,
+                    "config:read:dev config:write:dev:portcullis",
+                    &[],
+                ))
                 .json(&serde_json::json!({ "entries": entries }))
                 .send()
                 .await
