@@ -8,10 +8,11 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
+use super::config_files::{FileEntries, FileEntry, FileFormat, format_of, parse_file, render_file};
 use super::{EXIT_CONFIG, EXIT_FAILURE, runtime};
 
 /// Where the gateway is and how to authenticate to it.
@@ -38,17 +39,6 @@ pub struct Address {
     env: String,
     /// The application.
     app: String,
-}
-
-/// The format of an import or export file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FileFormat {
-    /// `key=value` lines (Java properties, without line continuations).
-    Properties,
-    /// A YAML mapping; nested mappings become dotted keys.
-    Yaml,
-    /// A JSON object; nested objects become dotted keys.
-    Json,
 }
 
 /// The subcommands.
@@ -91,7 +81,8 @@ pub enum ConfigCommand {
         #[arg(long, short = 'm', default_value = "")]
         message: String,
     },
-    /// Publish a file as the full content of a new release.
+    /// Publish a file as the full content of a new release (an export imports back to
+    /// the same entries, formats and secret flags included).
     Import {
         #[command(flatten)]
         at: Address,
@@ -100,14 +91,15 @@ pub enum ConfigCommand {
         /// Its format (default: from the file name's extension).
         #[arg(long, value_enum)]
         format: Option<FileFormat>,
-        /// Keys whose values are secret (repeatable).
+        /// Keys whose values are secret (repeatable), besides those the file marks.
         #[arg(long = "secret")]
         secrets: Vec<String>,
         /// Why.
         #[arg(long, short = 'm', default_value = "")]
         message: String,
     },
-    /// Print the current release as a file.
+    /// Print the current release as a file, each entry's format and secret flag noted
+    /// (`#@portcullis` comments in properties, the `#portcullis` key in JSON and YAML).
     Export {
         #[command(flatten)]
         at: Address,
@@ -154,7 +146,7 @@ pub enum ConfigCommand {
         /// Its format (default: from the file name's extension).
         #[arg(long, value_enum)]
         format: Option<FileFormat>,
-        /// Keys whose values are secret (repeatable).
+        /// Keys whose values are secret (repeatable), besides those the file marks.
         #[arg(long = "secret")]
         secrets: Vec<String>,
         /// An instance id that receives it (repeatable).
@@ -442,15 +434,7 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
         } => {
             let api = Api::new(&target)?;
             let snap = api.get(&Api::url(&env, &app, "")).await?;
-            let map: BTreeMap<String, String> = entries(&snap)
-                .into_iter()
-                .filter_map(|e| {
-                    Some((
-                        e["key"].as_str()?.to_owned(),
-                        e["value"].as_str()?.to_owned(),
-                    ))
-                })
-                .collect();
+            let map = snapshot_entries(&snap)?;
             print!("{}", render_file(format, &map));
         }
         ConfigCommand::History {
@@ -550,7 +534,8 @@ async fn gray_step(
     .await
 }
 
-/// Reads an import file into the API's entries.
+/// Reads an import file into the API's entries; `--secret` keys are marked secret besides
+/// those the file marks.
 fn file_entries(
     file: &std::path::Path,
     format: Option<FileFormat>,
@@ -568,11 +553,47 @@ fn file_entries(
         std::fs::read_to_string(file)
             .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?
     };
-    let map = parse_file(format, &text).map_err(CliError::Usage)?;
+    let map = parse_file(format, &text)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    if let Some(missing) = secrets.iter().find(|k| !map.contains_key(*k)) {
+        return Err(CliError::Usage(format!(
+            "--secret {missing}: the file has no such key"
+        )));
+    }
     Ok(map
         .into_iter()
-        .map(|(k, v)| json!({ "key": k, "value": v, "secret": secrets.contains(&k) }))
+        .map(|(k, e)| {
+            let secret = e.secret || secrets.contains(&k);
+            json!({ "key": k, "value": e.value, "format": e.format.as_str(), "secret": secret })
+        })
         .collect())
+}
+
+/// A snapshot's entries as a file holds them.
+fn snapshot_entries(snapshot: &Value) -> Result<FileEntries, CliError> {
+    entries(snapshot)
+        .into_iter()
+        .map(|e| {
+            let key = e["key"].as_str();
+            let value = e["value"].as_str();
+            let (Some(key), Some(value)) = (key, value) else {
+                return Err(CliError::Usage(
+                    "the snapshot holds an entry without a key or a value".into(),
+                ));
+            };
+            let format = match e["format"].as_str() {
+                Some(f) => config_center::Format::parse(f)
+                    .map_err(|err| CliError::Usage(format!("entry `{key}`: {err}")))?,
+                None => config_center::Format::Plain,
+            };
+            let entry = FileEntry {
+                value: value.to_owned(),
+                format,
+                secret: e["secret"].as_bool().unwrap_or(false),
+            };
+            Ok((key.to_owned(), entry))
+        })
+        .collect()
 }
 
 fn entries(snapshot: &Value) -> Vec<Value> {
@@ -660,184 +681,4 @@ async fn watch(api: &Api, env: &str, app: &str, from: u64) -> Result<(), CliErro
         }
     }
     Ok(())
-}
-
-// === file formats ===
-
-fn format_of(path: &std::path::Path) -> Option<FileFormat> {
-    match path.extension()?.to_str()? {
-        "properties" | "props" => Some(FileFormat::Properties),
-        "yaml" | "yml" => Some(FileFormat::Yaml),
-        "json" => Some(FileFormat::Json),
-        _ => None,
-    }
-}
-
-/// Flattens a file into `key → value` (nested mappings become dotted keys).
-pub fn parse_file(format: FileFormat, text: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    match format {
-        FileFormat::Properties => {
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim_start();
-                if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
-                    continue;
-                }
-                let split = line
-                    .find(['=', ':'])
-                    .ok_or_else(|| format!("line {}: expected `key=value`", n + 1))?;
-                let (k, v) = line.split_at(split);
-                insert(&mut out, k.trim(), v[1..].trim().to_owned())?;
-            }
-        }
-        FileFormat::Json => {
-            let v: Value = serde_json::from_str(text).map_err(|e| format!("JSON: {e}"))?;
-            flatten_json(&mut out, String::new(), &v)?;
-        }
-        FileFormat::Yaml => {
-            let docs =
-                yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| format!("YAML: {e}"))?;
-            let doc = docs.into_iter().next().unwrap_or(yaml_rust2::Yaml::Null);
-            flatten_yaml(&mut out, String::new(), &doc)?;
-        }
-    }
-    Ok(out)
-}
-
-fn insert(out: &mut BTreeMap<String, String>, key: &str, value: String) -> Result<(), String> {
-    if key.is_empty() {
-        return Err("an empty key".into());
-    }
-    if out.insert(key.to_owned(), value).is_some() {
-        return Err(format!("key `{key}` appears twice"));
-    }
-    Ok(())
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{prefix}.{key}")
-    }
-}
-
-fn flatten_json(
-    out: &mut BTreeMap<String, String>,
-    prefix: String,
-    v: &Value,
-) -> Result<(), String> {
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                flatten_json(out, join(&prefix, k), v)?;
-            }
-            Ok(())
-        }
-        _ if prefix.is_empty() => Err("the JSON file must be an object".into()),
-        Value::String(s) => insert(out, &prefix, s.clone()),
-        Value::Null => insert(out, &prefix, String::new()),
-        other => insert(out, &prefix, other.to_string()),
-    }
-}
-
-fn flatten_yaml(
-    out: &mut BTreeMap<String, String>,
-    prefix: String,
-    v: &yaml_rust2::Yaml,
-) -> Result<(), String> {
-    use yaml_rust2::Yaml;
-    match v {
-        Yaml::Hash(h) => {
-            for (k, v) in h {
-                let key = match k {
-                    Yaml::String(s) => s.clone(),
-                    Yaml::Integer(i) => i.to_string(),
-                    Yaml::Boolean(b) => b.to_string(),
-                    _ => return Err(format!("a key under `{prefix}` is not a scalar")),
-                };
-                flatten_yaml(out, join(&prefix, &key), v)?;
-            }
-            Ok(())
-        }
-        _ if prefix.is_empty() => Err("the YAML file must be a mapping".into()),
-        Yaml::String(s) | Yaml::Real(s) => insert(out, &prefix, s.clone()),
-        Yaml::Integer(i) => insert(out, &prefix, i.to_string()),
-        Yaml::Boolean(b) => insert(out, &prefix, b.to_string()),
-        Yaml::Null => insert(out, &prefix, String::new()),
-        _ => Err(format!(
-            "`{prefix}`: lists and aliases are not config values; quote them as text"
-        )),
-    }
-}
-
-/// Renders `key → value` as a file.
-pub fn render_file(format: FileFormat, map: &BTreeMap<String, String>) -> String {
-    match format {
-        FileFormat::Properties => map
-            .iter()
-            .map(|(k, v)| format!("{k}={}\n", v.replace('\\', "\\\\").replace('\n', "\\n")))
-            .collect(),
-        FileFormat::Json => {
-            let obj: serde_json::Map<String, Value> = map
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
-            format!(
-                "{}\n",
-                serde_json::to_string_pretty(&Value::Object(obj)).unwrap_or_default()
-            )
-        }
-        FileFormat::Yaml => map
-            .iter()
-            .map(|(k, v)| {
-                // JSON strings are valid YAML scalars: quoting keeps every value text
-                format!(
-                    "{}: {}\n",
-                    serde_json::to_string(k).unwrap_or_default(),
-                    serde_json::to_string(v).unwrap_or_default()
-                )
-            })
-            .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn every_format_flattens_to_dotted_keys_and_renders_back() {
-        let yaml = "db:\n  url: postgres://x\n  pool: 8\nfeature: true\n";
-        let json = r#"{"db": {"url": "postgres://x", "pool": 8}, "feature": true}"#;
-        let props = "# comment\ndb.url=postgres://x\ndb.pool = 8\nfeature: true\n";
-        let want: BTreeMap<String, String> = [
-            ("db.pool", "8"),
-            ("db.url", "postgres://x"),
-            ("feature", "true"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        assert_eq!(parse_file(FileFormat::Yaml, yaml).unwrap(), want);
-        assert_eq!(parse_file(FileFormat::Json, json).unwrap(), want);
-        assert_eq!(parse_file(FileFormat::Properties, props).unwrap(), want);
-        for f in [FileFormat::Yaml, FileFormat::Json, FileFormat::Properties] {
-            assert_eq!(
-                parse_file(f, &render_file(f, &want)).unwrap(),
-                want,
-                "{f:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn malformed_files_are_refused_with_the_reason() {
-        assert!(parse_file(FileFormat::Json, "[1, 2]").is_err());
-        assert!(parse_file(FileFormat::Yaml, "- a\n- b\n").is_err());
-        assert!(parse_file(FileFormat::Yaml, "a: [1, 2]\n").is_err());
-        assert!(parse_file(FileFormat::Properties, "no separator here\n").is_err());
-        assert!(parse_file(FileFormat::Properties, "a=1\na=2\n").is_err());
-    }
 }

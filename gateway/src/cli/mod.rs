@@ -14,6 +14,7 @@ use crate::telemetry;
 mod audit;
 mod clients;
 mod config_center;
+mod config_files;
 mod users;
 
 /// Exit status for invalid configuration or usage (sysexits `EX_USAGE`).

@@ -180,3 +180,100 @@ async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
     })
     .await;
 }
+
+// === `portcullis config export` and `import` ===
+
+/// Runs `portcullis config <args>` against `app` with a token of `scope`.
+fn config_cli(app: &TestApp, scope: &str, args: &[&str]) -> (bool, String, String) {
+    let ca = app.dir.path().join("ca.pem");
+    std::fs::write(&ca, app.pki.ca_pem()).unwrap();
+    let out = Command::new(binary())
+        .arg("config")
+        .args(args)
+        .env("PORTCULLIS_URL", app.url(""))
+        .env("PORTCULLIS_TOKEN", super::config_api::token(app, scope))
+        .env("PORTCULLIS_CACERT", &ca)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_release_imports_back_to_the_same_snapshot_in_every_format() {
+    let app = spawn_app(|_| {}).await;
+    let scope = "config:read:prod config:write:prod";
+    let entries = serde_json::json!([
+        { "key": "path", "value": r"C:\logs\app" },
+        { "key": "route:a", "value": "http://a:8080/x?y=1" },
+        { "key": "tls.key", "value": "-----BEGIN PRIVATE KEY-----\nMC4CAQ\n-----END PRIVATE KEY-----\n", "secret": true },
+        { "key": "crlf", "value": "one\r\ntwo\rthree" },
+        { "key": "padded", "value": "  both ends \t " },
+        { "key": "empty", "value": "" },
+        { "key": "equals", "value": "=x:y= z" },
+        { "key": "hash", "value": "#not a comment" },
+        { "key": "unicode", "value": "Grüße, 東京, 🚀" },
+        { "key": "controls", "value": "bell\u{7} nel\u{85} ls\u{2028}" },
+        { "key": "trailing.backslash", "value": "ends with \\" },
+        { "key": "pool", "value": "{\"size\": 8}", "format": "json" },
+        { "key": "spring", "value": "a: 1\nb:\n  - x\n", "format": "yaml", "secret": true },
+        { "key": "props", "value": "x=1\ny=2\n", "format": "properties" }
+    ]);
+    let http = app.https_client();
+    let snapshot = |name: String| {
+        let (http, app) = (http.clone(), &app);
+        async move {
+            let r = http
+                .get(app.url(&format!("/config/v1/prod/{name}")))
+                .bearer_auth(super::config_api::token(app, scope))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{name}");
+            let body: serde_json::Value = r.json().await.unwrap();
+            body["entries"].clone()
+        }
+    };
+    let r = http
+        .put(app.url("/config/v1/prod/source"))
+        .bearer_auth(super::config_api::token(&app, scope))
+        .json(&serde_json::json!({ "entries": entries }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let source = snapshot("source".to_owned()).await;
+    assert_eq!(source.as_array().unwrap().len(), 14);
+
+    for format in ["properties", "json", "yaml"] {
+        let (ok, exported, err) = tokio::task::block_in_place(|| {
+            config_cli(
+                &app,
+                scope,
+                &["export", "prod", "source", "--format", format],
+            )
+        });
+        assert!(ok, "export --format {format}: {err}");
+        let file = app.dir.path().join(format!("source.{format}"));
+        std::fs::write(&file, &exported).unwrap();
+        let copy = format!("copy-{format}");
+        let (ok, out, err) = tokio::task::block_in_place(|| {
+            config_cli(
+                &app,
+                scope,
+                &["import", "prod", &copy, file.to_str().unwrap()],
+            )
+        });
+        assert!(ok, "import of the {format} export: {err}\n{exported}");
+        assert!(out.contains("(14 keys)"), "{out}");
+        assert_eq!(
+            snapshot(copy).await,
+            source,
+            "the {format} export did not import back to the same snapshot:\n{exported}"
+        );
+    }
+}

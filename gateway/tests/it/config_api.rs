@@ -1073,7 +1073,7 @@ async fn the_cli_imports_sets_exports_diffs_and_rolls_back_through_the_api() {
     let exported = run(vec!["export", "prod", APP, "--format", "properties"], None).await;
     assert_eq!(
         exported,
-        "db.password=pw-cli-1\ndb.pool=8\ndb.url=postgres://orders-db/orders\nfeature=on\n"
+        "#@portcullis secret\ndb.password=pw-cli-1\ndb.pool=8\ndb.url=postgres://orders-db/orders\nfeature=on\n"
     );
     let out = run(vec!["rm", "prod", APP, "feature"], None).await;
     assert!(out.contains("release 3"), "{out}");
