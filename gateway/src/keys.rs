@@ -20,6 +20,10 @@ use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, KeySourceKind, RotationKind};
 use crate::verified::{VerifiedAccess, VerifiedTokens};
 
+/// What the reload interval is padded with to make the propagation delay: the reload
+/// itself (one Vault read) and the clock skew between instances.
+const PROPAGATION_MARGIN: Duration = Duration::from_secs(5);
+
 /// Signing keys as one instance sees them. Cheap to clone.
 #[derive(Clone)]
 pub struct KeyService {
@@ -49,7 +53,8 @@ impl KeyService {
         clock: Arc<dyn Clock>,
         rotation: RotationKind,
     ) -> Result<Self, KeyError> {
-        let policy = config.key_policy()?;
+        let mut policy = config.key_policy()?;
+        policy.propagation_delay = propagation_delay(config.keys.reload_interval);
         let (source, vault): (Arc<dyn KeySource>, Option<VaultKeySource>) = match config.keys.source
         {
             KeySourceKind::Vault => {
@@ -196,7 +201,8 @@ impl KeyService {
     }
 
     /// Brings the next rotation forward, or (with a note) retires the suspect keys as
-    /// compromised. Every instance follows within its reload interval.
+    /// compromised. Every instance follows within its reload interval; a rotation brought
+    /// forward signs with its new key only after [`propagation_delay`].
     pub async fn rotate(
         &self,
         emergency: Option<(String, keyrotation::Suspects)>,
@@ -253,6 +259,15 @@ impl KeyService {
             },
         );
     }
+}
+
+/// How long a key published by a rotation brought forward waits before it signs: two
+/// reload intervals (an instance that missed one reload, e.g. Vault answered slowly, still
+/// has the key) plus [`PROPAGATION_MARGIN`]. 65 s with the default 30 s interval.
+pub fn propagation_delay(reload_interval: Duration) -> Duration {
+    reload_interval
+        .saturating_mul(2)
+        .saturating_add(PROPAGATION_MARGIN)
 }
 
 /// JWKS may be cached for a quarter of the pre-publication lead (a new key is then in

@@ -27,6 +27,9 @@ pub struct Plan {
     pub ring: KeyRing,
     /// What changed, in order, for the audit log.
     pub transitions: Vec<Transition>,
+    /// Instants changed that no transition records yet (a rotation brought forward whose
+    /// successor signs later): the ring must be written all the same.
+    rescheduled: bool,
 }
 
 /// One event in a key's life, for the audit log.
@@ -72,7 +75,7 @@ pub enum TransitionReason {
 impl Plan {
     /// True when nothing needs writing.
     pub fn is_empty(&self) -> bool {
-        self.transitions.is_empty()
+        self.transitions.is_empty() && !self.rescheduled
     }
 }
 
@@ -95,9 +98,17 @@ pub fn plan(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan
     Ok(planner.finish())
 }
 
-/// Brings the next rotation forward (not an emergency): the next key (or a fresh one when
-/// none is pending) signs from `now`; the current key goes retiring now and keeps
-/// verifying for the normal overlap.
+/// Brings the next rotation forward (not an emergency).
+///
+/// The successor is the pending next key, or a fresh key generated and published now when
+/// none is pending. It signs from the first instant it has been in the stored ring for the
+/// policy's propagation delay ([`Policy::propagation_delay`]): `now` for a next key
+/// published that long ago, `now` plus the delay for a fresh one. Every instance has
+/// reloaded the ring by then, so none is handed a token whose key it does not hold. The
+/// current key signs until that instant and verifies for the normal overlap after it.
+///
+/// When the current key stops signing no later than that anyway (a rotation already
+/// brought forward, by another instance or a second operator), nothing changes.
 pub fn rotate_now(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan, KeyError> {
     let mut planner = Planner::new(ring, policy, now);
     planner.drop_expired();
@@ -105,25 +116,36 @@ pub fn rotate_now(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Resul
     let active = planner.active_index().ok_or(KeyError::NoActiveKey)?;
     // Record what already happened (e.g. the activation) under its own reason first.
     planner.record_index(active);
-    let successor = match planner.pending_key() {
+    let pending = planner.pending_key();
+    let activate_at = match pending {
+        Some(i) => now.max(planner.ring.keys[i].created_at + policy.propagation()),
+        None => now + policy.propagation(),
+    };
+    if planner.ring.keys[active].retire_at <= activate_at {
+        planner.ensure_successor()?;
+        return Ok(planner.finish());
+    }
+    let successor = match pending {
         Some(i) => i,
-        None => planner.generate(now, now, TransitionReason::RotateNow)?,
+        None => planner.generate(now, activate_at, TransitionReason::RotateNow)?,
     };
     planner.set_reason(successor, TransitionReason::RotateNow);
     planner.set_reason(active, TransitionReason::RotateNow);
     let (period, overlap) = (policy.period(), policy.overlap_td());
     {
         let old = &mut planner.ring.keys[active];
-        old.retire_at = now;
-        old.expire_at = now + overlap;
+        old.retire_at = activate_at;
+        old.expire_at = activate_at + overlap;
     }
     {
         let new = &mut planner.ring.keys[successor];
         new.publish_at = new.publish_at.min(now);
-        new.activate_at = now;
-        new.retire_at = now + period;
+        new.activate_at = activate_at;
+        new.retire_at = activate_at + period;
         new.expire_at = new.retire_at + overlap;
     }
+    // Written even when no state changes yet (a pending key rescheduled to sign sooner).
+    planner.rescheduled = true;
     // Successor of the successor, if the lead is longer than what is left (never with a
     // valid policy, but the function stays total).
     planner.ensure_successor()?;
@@ -197,6 +219,7 @@ pub fn emergency_rotate(
         return Ok(Plan {
             ring: ring.clone(),
             transitions: Vec::new(),
+            rescheduled: false,
         });
     }
     let active_hit = hit(&planner.ring.keys[active]);
@@ -259,6 +282,8 @@ struct Planner<'p> {
     transitions: Vec<Transition>,
     /// Reasons for the state changes [`Planner::record_index`] will find, by key.
     reasons: Vec<(Kid, TransitionReason)>,
+    /// See [`Plan::is_empty`].
+    rescheduled: bool,
 }
 
 // === impl Planner ===
@@ -273,6 +298,7 @@ impl<'p> Planner<'p> {
             now,
             transitions: Vec::new(),
             reasons: Vec::new(),
+            rescheduled: false,
         }
     }
 
@@ -455,6 +481,7 @@ impl<'p> Planner<'p> {
         Plan {
             ring: self.ring,
             transitions: self.transitions,
+            rescheduled: self.rescheduled,
         }
     }
 }

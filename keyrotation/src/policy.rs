@@ -32,6 +32,16 @@ pub struct Policy {
     /// before it is dropped. Default 7 days.
     #[serde(with = "crate::duration")]
     pub retired_retention: Duration,
+    /// How long a key must have been in the stored ring before a rotation brought forward
+    /// ([`crate::rotate_now`]) lets it sign: long enough for every instance to have reloaded
+    /// the ring, so that none is handed a token whose key it does not hold yet. Set it to
+    /// at least twice the instances' reload interval plus the time a reload takes and the
+    /// clock skew between them (the gateway derives it from `keys.reload_interval`).
+    /// Default 65 s (reloads every 30 s). Never longer than the pre-publication lead is
+    /// used. Emergency rotations do not wait: instances that meet the new key's `kid`
+    /// before their next reload reload at once.
+    #[serde(with = "crate::duration")]
+    pub propagation_delay: Duration,
 }
 
 // === impl Policy ===
@@ -44,6 +54,7 @@ impl Default for Policy {
             prepublish_lead: Duration::from_secs(7 * DAY),
             overlap: Duration::from_secs(30 * DAY),
             retired_retention: Duration::from_secs(7 * DAY),
+            propagation_delay: Duration::from_secs(65),
         }
     }
 }
@@ -86,6 +97,7 @@ impl Policy {
             ("rotation_period", self.rotation_period),
             ("overlap", self.overlap),
             ("retired_retention", self.retired_retention),
+            ("propagation_delay", self.propagation_delay),
         ] {
             if d > Duration::from_secs(100 * 365 * DAY) {
                 return Err(KeyError::InvalidPolicy(format!(
@@ -117,6 +129,12 @@ impl Policy {
     pub(crate) fn retention(&self) -> time::Duration {
         to_time(self.retired_retention)
     }
+
+    /// The propagation delay in force: at most the lead, which is what keys planned on
+    /// schedule get.
+    pub(crate) fn propagation(&self) -> time::Duration {
+        to_time(self.propagation_delay.min(self.prepublish_lead))
+    }
 }
 
 /// Converts, saturating: policy durations are validated far below the limit.
@@ -138,6 +156,7 @@ mod tests {
         assert_eq!(p.rotation_period, Duration::from_secs(30 * DAY));
         assert_eq!(p.prepublish_lead, Duration::from_secs(7 * DAY));
         assert_eq!(p.overlap, Duration::from_secs(30 * DAY));
+        assert_eq!(p.propagation_delay, Duration::from_secs(65));
         assert!(p.validate(HOUR, MINUTE).is_ok());
     }
 

@@ -185,7 +185,8 @@ impl Rotator {
     }
 
     /// Rotates now, for the CLI and admin API: `emergency = false` brings the next
-    /// rotation forward (the current key keeps verifying for the overlap);
+    /// rotation forward (the successor signs once every instance can know it, see
+    /// [`crate::rotate_now`]; the current key keeps verifying for the overlap);
     /// `emergency = true` declares every key that still verifies compromised (they stop
     /// verifying at once; see [`Suspects::EveryVerifyingKey`]).
     /// Check-and-set like every write; if another instance rotated the same key meanwhile,
@@ -336,6 +337,7 @@ impl Rotator {
             let Some(Plan {
                 ring: planned,
                 transitions,
+                ..
             }) = plan.filter(|p| !p.is_empty())
             else {
                 let Some(version) = expected else {

@@ -15,6 +15,9 @@ use time::OffsetDateTime;
 use super::support::*;
 
 const HOUR: time::Duration = time::Duration::hours(1);
+/// A token lifetime that outlives the propagation delay of a rotation brought forward on
+/// these instances (two hourly reload intervals).
+const LONG: time::Duration = time::Duration::hours(6);
 
 /// An in-process instance whose ring lives in `bao` at `ring_path`.
 struct Instance {
@@ -70,6 +73,53 @@ impl Instance {
 
     fn verify(&self, token: &str) -> Result<Value, KeyError> {
         self.app.state().keys.verify(token)
+    }
+
+    /// An access token for the config API (`config:read:prod`), signed by this instance,
+    /// for [`LONG`].
+    fn sign_access(&self, now: OffsetDateTime) -> String {
+        self.app
+            .state()
+            .keys
+            .sign(&json!({
+                "iss": "https://portcullis.test",
+                "aud": "https://portcullis.test",
+                "sub": "executor-orders",
+                "client_id": "executor-orders",
+                "scope": "config:read:prod",
+                "jti": uuid::Uuid::new_v4().to_string(),
+                "iat": now.unix_timestamp(),
+                "nbf": now.unix_timestamp(),
+                "exp": (now + LONG).unix_timestamp(),
+            }))
+            .unwrap()
+    }
+
+    /// The status of a config API read with `token` over HTTPS: what any bearer route
+    /// answers after verifying the token.
+    async fn read_config_with(&self, token: &str) -> u16 {
+        let mut conn =
+            Conn::over(tls_connect(self.app.https_addr(), self.pki_client.clone()).await).await;
+        let request = http::Request::get("/config/v1/prod/executor-orders")
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::default())
+            .unwrap();
+        conn.request(request).await.unwrap().0.status.as_u16()
+    }
+
+    async fn rotate(&self, body: Value) -> Value {
+        let resp = reqwest::Client::new()
+            .post(format!(
+                "http://{}/admin/keys/rotate",
+                self.app.admin_addr()
+            ))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
     }
 
     async fn jwks_kids(&self) -> Vec<String> {
@@ -406,11 +456,18 @@ async fn an_emergency_retires_every_verifying_key_or_only_the_one_named() {
         let status = resp.status().as_u16();
         (status, resp.json::<Value>().await.unwrap())
     };
-    let old = inst.sign(clock.now(), HOUR).unwrap();
+    // a routine rotation: the next key signs once every instance can know it
+    let activate_next = || {
+        let status = inst.app.state().keys.status();
+        let next = status.keys.iter().find(|k| k.state == KeyState::Next);
+        clock.set(next.expect("a next key").activate_at);
+    };
+    let old = inst.sign(clock.now(), LONG).unwrap();
     // a routine rotation: the old key retires and keeps verifying for the overlap
     let (status, _) = rotate(json!({})).await;
     assert_eq!(status, 200);
-    let current = inst.sign(clock.now(), HOUR).unwrap();
+    activate_next();
+    let current = inst.sign(clock.now(), LONG).unwrap();
     assert_ne!(kid_of(&current), kid_of(&old));
     inst.verify(&old).unwrap();
     let version = inst.app.state().keys.keys().ring_version();
@@ -441,16 +498,18 @@ async fn an_emergency_retires_every_verifying_key_or_only_the_one_named() {
     assert!(matches!(inst.verify(&old), Err(KeyError::UnknownKid)));
     inst.verify(&current).unwrap();
     assert_eq!(
-        kid_of(&inst.sign(clock.now(), HOUR).unwrap()),
+        kid_of(&inst.sign(clock.now(), LONG).unwrap()),
         kid_of(&current)
     );
     assert!(!inst.jwks_kids().await.contains(&kid_of(&old)));
 
     // without a kid: every key that still verifies goes, a fresh key signs
-    let retiring = inst.sign(clock.now(), HOUR).unwrap();
+    let retiring = inst.sign(clock.now(), LONG).unwrap();
     let (status, _) = rotate(json!({})).await;
     assert_eq!(status, 200);
-    let active = inst.sign(clock.now(), HOUR).unwrap();
+    activate_next();
+    let active = inst.sign(clock.now(), LONG).unwrap();
+    assert_ne!(kid_of(&active), kid_of(&retiring));
     inst.verify(&retiring).unwrap();
     let (status, body) =
         rotate(json!({ "emergency": true, "reason": "ring read by a stolen token" })).await;
@@ -458,6 +517,79 @@ async fn an_emergency_retires_every_verifying_key_or_only_the_one_named() {
     for token in [&retiring, &active] {
         assert!(matches!(inst.verify(token), Err(KeyError::UnknownKid)));
     }
-    let fresh = inst.sign(clock.now(), HOUR).unwrap();
+    let fresh = inst.sign(clock.now(), LONG).unwrap();
     assert_eq!(inst.jwks_kids().await, vec![kid_of(&fresh)]);
+}
+
+/// Two instances on one ring that reload it only hourly, both loaded.
+async fn two_instances(name: &str, clock: &Arc<ManualClock>) -> (Instance, Instance) {
+    let bao = OpenBao::shared();
+    let db = Postgres::shared().fresh_database(name).unwrap();
+    let ring = format!("portcullis/{name}-{}", uuid::Uuid::new_v4().simple());
+    let a = instance(bao, &bao.root_token(), &ring, &db, clock.clone(), |_| {}).await;
+    let b = instance(bao, &bao.root_token(), &ring, &db, clock.clone(), |_| {}).await;
+    for i in [&a, &b] {
+        let keys = i.app.state().keys.clone();
+        eventually(Duration::from_secs(10), "ring loaded", || async {
+            keys.rotator().health().reloads >= 1 && keys.readiness().is_ok()
+        })
+        .await;
+    }
+    // the second instance to load reads what the first wrote
+    b.app.state().keys.rotator().reload_once().await.unwrap();
+    assert_eq!(
+        a.app.state().keys.status().active_kid,
+        b.app.state().keys.status().active_kid
+    );
+    (a, b)
+}
+
+/// "Rotate now" with no next key pending generates one: it is published at once, but
+/// signs only after a propagation delay covering every instance's reload, and the current
+/// key signs until then. So a token minted right after the rotation verifies on an
+/// instance that has not reloaded, and one minted after the delay verifies there too.
+#[tokio::test]
+async fn a_rotation_brought_forward_signs_only_with_keys_every_instance_can_know() {
+    let clock = start_clock();
+    let (a, b) = two_instances("keysnow", &clock).await;
+    let old = a.app.state().keys.status().active_kid.unwrap().to_string();
+
+    a.rotate(json!({})).await;
+    let token = a.sign_access(clock.now());
+    assert_ne!(b.read_config_with(&token).await, 401);
+    assert_eq!(kid_of(&token), old, "the current key signs until the delay");
+
+    // the new key is in the rotating instance's JWKS at once
+    let status = a.app.state().keys.status();
+    let new = status
+        .keys
+        .iter()
+        .find(|k| k.state == KeyState::Next)
+        .expect("a next key");
+    assert!(a.jwks_kids().await.contains(&new.kid.to_string()));
+    // two reload intervals (an hour here) and a margin
+    let delay = portcullis::keys::propagation_delay(Duration::from_secs(3600));
+    assert_eq!(new.activate_at - clock.now(), delay);
+    assert_eq!(
+        status
+            .keys
+            .iter()
+            .find(|k| k.kid.as_str() == old)
+            .unwrap()
+            .retire_at,
+        new.activate_at
+    );
+
+    // after the delay the new key signs, and the other instance, having reloaded by then,
+    // accepts its tokens
+    clock.set(new.activate_at);
+    let later = a.sign_access(clock.now());
+    assert_eq!(kid_of(&later), new.kid.to_string());
+    b.app.state().keys.rotator().reload_once().await.unwrap();
+    assert_ne!(b.read_config_with(&later).await, 401);
+    assert_ne!(
+        b.read_config_with(&token).await,
+        401,
+        "old tokens still verify"
+    );
 }

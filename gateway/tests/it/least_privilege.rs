@@ -53,7 +53,7 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
         &file,
         format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[database]\nurl = \"{db}\"\n\
-             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"vault\"\nrotation = \"external\"\n\
+             [tokens]\nhash_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n[keys]\nsource = \"vault\"\nrotation = \"external\"\nreload_interval = \"200ms\"\n\
              [vault]\naddr = \"{}\"\n",
             cert.display(),
             key.display(),
@@ -111,7 +111,8 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
     );
     assert!(!err.contains(&serving), "the token leaked into the error");
 
-    // 4. the job rotates; the read-only instance follows on its next reload
+    // 4. the job rotates; the read-only instance follows on its next reload (the new key
+    //    signs after the propagation delay: two 200 ms reload intervals and 5 s)
     let out = cli(&file, &rotator, &["rotate"]);
     assert!(
         out.status.success(),
@@ -119,7 +120,7 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
         String::from_utf8_lossy(&out.stderr)
     );
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         "instance follows the rotation",
         || async { keys.status().active_kid.is_some_and(|k| k != first) },
     )

@@ -278,22 +278,96 @@ fn rotate_now_activates_the_next_key_and_keeps_the_old_one_for_the_overlap() {
     assert_eq!(new_key.retire_at, now + DAY * 30, "a full period from now");
 }
 
+/// With no next key pending, a rotation brought forward generates one: published at once,
+/// signing only after the propagation delay (every instance has reloaded the ring by
+/// then), while the current key signs until that instant and verifies for the overlap
+/// after it.
 #[test]
-fn rotate_now_without_a_pending_key_activates_a_fresh_one() {
+fn rotate_now_without_a_pending_key_publishes_a_fresh_one_that_signs_after_the_delay() {
     let policy = Policy::default();
     let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
         .unwrap()
         .ring;
+    let old = ring.keys[0].clone();
     let now = t0() + DAY;
     let plan = keyrotation::rotate_now(&ring, &policy, now).unwrap();
     assert_eq!(plan.ring.keys.len(), 2);
-    let active = plan.ring.signing_key_at(now).unwrap();
-    assert_ne!(active.kid, ring.keys[0].kid);
+    let fresh = plan.ring.keys.iter().find(|k| k.kid != old.kid).unwrap();
+    let activation = fresh.activate_at;
+    let delay = time::Duration::try_from(policy.propagation_delay).unwrap();
     assert_eq!(
-        plan.ring.keys[0].state_at(now),
+        activation,
+        now + delay,
+        "signs only after the propagation delay"
+    );
+    assert_eq!(fresh.publish_at, now, "published at once");
+    assert_eq!(fresh.state_at(now), KeyState::Next);
+    assert!(fresh.is_published_at(now));
+    assert_eq!(fresh.retire_at, activation + DAY * 30, "a full period");
+    let rotated = plan.ring.key(&old.kid).unwrap();
+    assert_eq!(rotated.retire_at, activation);
+    assert_eq!(rotated.expire_at, activation + DAY * 30, "normal overlap");
+    assert_eq!(plan.ring.signing_key_at(now).unwrap().kid, old.kid);
+    let second = time::Duration::SECOND;
+    assert_eq!(
+        plan.ring.signing_key_at(activation - second).unwrap().kid,
+        old.kid
+    );
+    assert_eq!(plan.ring.signing_key_at(activation).unwrap().kid, fresh.kid);
+    assert_eq!(
+        rotated.state_at(activation),
         KeyState::Retiring,
         "old key still verifies"
     );
+    assert_eq!(
+        plan.transitions
+            .iter()
+            .map(|t| (t.kid.clone(), t.from, t.to, t.at, t.reason.clone()))
+            .collect::<Vec<_>>(),
+        vec![(
+            fresh.kid.clone(),
+            None,
+            Some(KeyState::Next),
+            now,
+            TransitionReason::RotateNow
+        )],
+        "only the publication has happened"
+    );
+}
+
+/// A next key planned moments ago is not known everywhere yet either: brought forward, it
+/// signs once it has been in the ring for the propagation delay. Asked again meanwhile
+/// (a second operator, another instance), nothing more changes.
+#[test]
+fn rotate_now_lets_a_just_planned_next_key_sign_after_the_delay_and_only_once() {
+    let policy = Policy::default();
+    let delay = time::Duration::try_from(policy.propagation_delay).unwrap();
+    let first = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let old = first.keys[0].clone();
+    // the next key is planned the moment the lead begins
+    let planned_at = old.retire_at - DAY * 7;
+    let ring = keyrotation::plan(&first, &policy, planned_at).unwrap().ring;
+    let pending = ring.keys[1].clone();
+    assert_eq!(pending.created_at, planned_at);
+
+    let now = planned_at + time::Duration::SECOND * 10;
+    let plan = keyrotation::rotate_now(&ring, &policy, now).unwrap();
+    assert!(!plan.is_empty(), "rescheduled instants are written");
+    assert!(plan.transitions.is_empty(), "{:?}", plan.transitions);
+    let next = plan.ring.key(&pending.kid).unwrap();
+    assert_eq!(next.activate_at, planned_at + delay);
+    assert_eq!(
+        plan.ring.key(&old.kid).unwrap().retire_at,
+        planned_at + delay
+    );
+    assert_eq!(plan.ring.signing_key_at(now).unwrap().kid, old.kid);
+
+    let again = keyrotation::rotate_now(&plan.ring, &policy, now + time::Duration::SECOND);
+    let again = again.unwrap();
+    assert!(again.is_empty(), "{:?}", again.transitions);
+    assert_eq!(again.ring, plan.ring);
 }
 
 /// A first key two days before its retirement, with its successor published: the ring,

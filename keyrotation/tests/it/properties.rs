@@ -33,6 +33,8 @@ struct Scenario {
     leeway_s: u64,
     extra_overlap_h: u64,
     retention_h: u64,
+    /// How long a key brought forward waits before it signs.
+    propagation_s: u64,
     /// Gap before each step, in thousandths of the lead, and the step.
     steps: Vec<(u64, Op)>,
 }
@@ -55,6 +57,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 0u64..=120,
                 0u64..=720,
                 0u64..=336,
+                0u64..=600,
                 proptest::collection::vec(step, 10..60),
             )
         })
@@ -66,6 +69,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 leeway_s,
                 extra_overlap_h,
                 retention_h,
+                propagation_s,
                 steps,
             )| {
                 Scenario {
@@ -75,6 +79,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     leeway_s,
                     extra_overlap_h,
                     retention_h,
+                    propagation_s,
                     steps,
                 }
             },
@@ -107,6 +112,7 @@ fn run(s: &Scenario) -> (Policy, Duration, Duration, History) {
         prepublish_lead: hours(s.lead_h),
         overlap: max_lifetime + leeway + hours(s.extra_overlap_h),
         retired_retention: hours(s.retention_h),
+        propagation_delay: Duration::from_secs(s.propagation_s),
     };
     policy.validate(max_lifetime, leeway).unwrap();
 
