@@ -2,7 +2,8 @@
 //! executors and console users (the proxy, the config API, the admin API).
 //!
 //! The layer takes the token from `Authorization: Bearer …` (RFC 6750 §2.1; no query or
-//! body tokens), verifies it against the live key ring — `kid` among published keys,
+//! body tokens), verifies it against the live key ring — `kid` among published keys (a
+//! `kid` this instance does not hold yet makes it reload the ring first, rate-limited),
 //! algorithm pinned by configuration, `iss`, `aud`, `exp` and `nbf` with leeway — checks
 //! the route's required scopes, and hands the handler a [`Principal`] in the request
 //! extensions. Refusals follow RFC 6750 §3: 401 with `WWW-Authenticate: Bearer` (with
@@ -49,12 +50,12 @@ impl Principal {
 
 /// Verifies the bearer token of a request's `Authorization` header and checks that it
 /// carries every scope in `required`.
-pub fn authenticate(
+pub async fn authenticate(
     keys: &KeyService,
     authorization: Option<&header::HeaderValue>,
     required: &[String],
 ) -> Result<Principal, ApiError> {
-    let verified = verify_bearer(keys, authorization, required)?;
+    let verified = verify_bearer(keys, authorization, required).await?;
     let claims = &verified.claims;
     Ok(Principal {
         subject: claims.sub.clone(),
@@ -68,7 +69,7 @@ pub fn authenticate(
 
 /// [`authenticate`] without making a [`Principal`]: the verification as remembered,
 /// shared with every request that presents the same token (the proxy reads it as is).
-pub fn verify_bearer(
+pub async fn verify_bearer(
     keys: &KeyService,
     authorization: Option<&header::HeaderValue>,
     required: &[String],
@@ -76,7 +77,7 @@ pub fn verify_bearer(
     let token = authorization
         .and_then(bearer_token)
         .ok_or(ApiError::MissingBearer)?;
-    let verified = keys.verify_access(token).map_err(|e| {
+    let verified = keys.verify_access_current(token).await.map_err(|e| {
         metrics::counter!("portcullis_bearer_rejections_total", "reason" => "invalid").increment(1);
         tracing::debug!(error = %e, "bearer token refused");
         ApiError::Unauthorized {
@@ -166,23 +167,24 @@ where
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
-        let verdict = authenticate(
-            &self.auth.keys,
-            req.headers().get(header::AUTHORIZATION),
-            &self.auth.required,
-        );
-        match verdict {
-            Ok(principal) => {
-                req.extensions_mut().insert(principal);
-                // the clone that was polled ready is the one that must serve
-                let clone = self.inner.clone();
-                let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move { ready.call(req).await })
+        // the clone that was polled ready is the one that must serve
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let verdict = authenticate(
+                &auth.keys,
+                req.headers().get(header::AUTHORIZATION),
+                &auth.required,
+            )
+            .await;
+            match verdict {
+                Ok(principal) => {
+                    req.extensions_mut().insert(principal);
+                    ready.call(req).await
+                }
+                Err(e) => Ok(e.into_response()),
             }
-            Err(e) => {
-                let response = e.into_response();
-                Box::pin(async move { Ok(response) })
-            }
-        }
+        })
     }
 }

@@ -14,11 +14,17 @@ use keyrotation::{
 };
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, KeySourceKind, RotationKind};
 use crate::verified::{VerifiedAccess, VerifiedTokens};
+
+/// How often, at most, tokens naming a key this instance does not hold make it reload the
+/// ring: enough to pick up a key another instance just wrote, too rarely for forged kids
+/// to turn into load on Vault.
+pub const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the reload interval is padded with to make the propagation delay: the reload
 /// itself (one Vault read) and the clock skew between instances.
@@ -34,6 +40,10 @@ pub struct KeyService {
     reload_interval: Duration,
     jwks_max_age: Duration,
     verified: Arc<VerifiedTokens>,
+    /// When a token with an unknown `kid` last made this instance reload; held across that
+    /// reload, so that concurrent requests wait for the one reload instead of starting
+    /// their own.
+    unknown_kid_reload: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -90,6 +100,7 @@ impl KeyService {
             reload_interval: config.keys.reload_interval,
             jwks_max_age: jwks_max_age(config.keys.prepublish_lead),
             verified: Arc::new(VerifiedTokens::new(config.tokens.verified_cache_entries)),
+            unknown_kid_reload: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -168,16 +179,90 @@ impl KeyService {
         self.keys().sign(claims, self.now())
     }
 
-    /// Verifies one of our tokens now.
+    /// Verifies one of our tokens now, with the ring held.
     pub fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, KeyError> {
         self.keys().verify(token, &self.verify, self.now())
     }
 
-    /// Verifies one of our access tokens now, through the memory of tokens verified
-    /// before (see [`crate::verified`]).
+    /// [`Self::verify`], reloading the ring (rate-limited) and verifying again when the
+    /// token names a key this instance does not hold yet. What request paths call.
+    pub async fn verify_current<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+    ) -> Result<T, KeyError> {
+        let generation = self.keys().generation();
+        match self.verify(token) {
+            Err(KeyError::UnknownKid) if self.reload_for_unknown_kid(generation).await => {
+                self.verify(token)
+            }
+            other => other,
+        }
+    }
+
+    /// Verifies one of our access tokens now, with the ring held, through the memory of
+    /// tokens verified before (see [`crate::verified`]).
     pub fn verify_access(&self, token: &str) -> Result<Arc<VerifiedAccess>, KeyError> {
         self.verified
             .verify(self.keys(), &self.verify, token, self.now())
+    }
+
+    /// [`Self::verify_access`], reloading the ring (rate-limited) and verifying again when
+    /// the token names a key this instance does not hold yet. What request paths call.
+    pub async fn verify_access_current(
+        &self,
+        token: &str,
+    ) -> Result<Arc<VerifiedAccess>, KeyError> {
+        let generation = self.keys().generation();
+        match self.verify_access(token) {
+            Err(KeyError::UnknownKid) if self.reload_for_unknown_kid(generation).await => {
+                self.verify_access(token)
+            }
+            other => other,
+        }
+    }
+
+    /// A well-formed token named a key this instance does not hold, under ring generation
+    /// `seen`: another instance may have written a key since this one last reloaded (an
+    /// emergency rotation signs with its fresh key at once; a late reload, a rotation job
+    /// elsewhere). Reloads the ring now and says whether it changed since `seen`, so that
+    /// the caller verifies again before refusing.
+    ///
+    /// At most one such reload per [`UNKNOWN_KID_RELOAD_INTERVAL`] per instance, and one
+    /// at a time: a caller arriving while one runs waits for it and re-checks, and one
+    /// arriving soon after it is refused at once. A forged `kid` costs Vault one read
+    /// every few seconds at worst.
+    async fn reload_for_unknown_kid(&self, seen: u64) -> bool {
+        let mut last = self.unknown_kid_reload.lock().await;
+        if self.keys().generation() != seen {
+            // reloaded while this request waited (that reload, or the periodic one)
+            return true;
+        }
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < UNKNOWN_KID_RELOAD_INTERVAL) {
+            metrics::counter!("portcullis_keys_unknown_kid_reloads_total", "result" => "skipped")
+                .increment(1);
+            return false;
+        }
+        *last = Some(now);
+        match self.rotator.reload_once().await {
+            Ok(_) => {
+                let changed = self.keys().generation() != seen;
+                metrics::counter!("portcullis_keys_unknown_kid_reloads_total", "result" => if changed { "changed" } else { "unchanged" })
+                    .increment(1);
+                tracing::info!(
+                    changed,
+                    "a token named a key this instance did not hold; ring reloaded"
+                );
+                changed
+            }
+            Err(e) => {
+                metrics::counter!("portcullis_keys_unknown_kid_reloads_total", "result" => "failed")
+                    .increment(1);
+                tracing::warn!(source = %self.rotator.describe_source(), error = %e,
+                    "a token named a key this instance did not hold; reloading the ring failed");
+                false
+            }
+        }
     }
 
     /// The memory of verified access tokens.
@@ -202,7 +287,8 @@ impl KeyService {
 
     /// Brings the next rotation forward, or (with a note) retires the suspect keys as
     /// compromised. Every instance follows within its reload interval; a rotation brought
-    /// forward signs with its new key only after [`propagation_delay`].
+    /// forward signs with its new key only after [`propagation_delay`], and an instance
+    /// meeting a key it does not hold reloads at once.
     pub async fn rotate(
         &self,
         emergency: Option<(String, keyrotation::Suspects)>,

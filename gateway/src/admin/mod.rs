@@ -52,7 +52,7 @@ pub async fn require_admin(
     if state.config.admin.token.is_none() && authorization.is_none() {
         return Ok(next.run(req).await);
     }
-    crate::authn::authenticate(&state.keys, authorization, &[ADMIN_SCOPE.to_owned()])?;
+    crate::authn::authenticate(&state.keys, authorization, &[ADMIN_SCOPE.to_owned()]).await?;
     Ok(next.run(req).await)
 }
 

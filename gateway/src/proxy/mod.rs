@@ -613,6 +613,7 @@ async fn authorize(
         RouteAuth::Bearer => {
             let authorization = req.headers.get(header::AUTHORIZATION);
             let verified = authn::verify_bearer(&state.keys, authorization, &route.scopes)
+                .await
                 .map_err(IntoResponse::into_response)?;
             check_roles(route, &verified.claims.roles).map_err(IntoResponse::into_response)?;
             let identity = verified.identity().clone().with_token(authorization);

@@ -343,7 +343,7 @@ pub async fn logout(
 ) -> Result<Response, ApiError> {
     let sso = state.sso.settings();
     let now = state.keys.now();
-    let access = session::access_claims(&state, &headers);
+    let access = session::access_claims(&state, &headers).await;
     let mut provider = access.as_ref().map(|c| c.idp.clone());
     let mut subject = access.as_ref().map(|c| c.base.sub.clone());
     let mut family = access.as_ref().and_then(|c| c.base.sid.clone());

@@ -328,9 +328,9 @@ pub fn plain_login_name(name: &str) -> bool {
 }
 
 /// The verified console claims of the access cookie, if it is good now.
-pub fn access_claims(state: &AppState, headers: &HeaderMap) -> Option<ConsoleClaims> {
+pub async fn access_claims(state: &AppState, headers: &HeaderMap) -> Option<ConsoleClaims> {
     let token = read_cookie(headers, ACCESS_COOKIE)?;
-    let claims: ConsoleClaims = state.keys.verify(&token).ok()?;
+    let claims: ConsoleClaims = state.keys.verify_current(&token).await.ok()?;
     (claims.base.client_id == state.sso.settings().console_client_id
         && claims.base.scope == CONSOLE_SCOPE)
         .then_some(claims)
@@ -340,7 +340,7 @@ pub fn access_claims(state: &AppState, headers: &HeaderMap) -> Option<ConsoleCla
 /// from the refresh cookie (which rotates it).
 #[tracing::instrument(skip_all)]
 pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, ApiError> {
-    if let Some(claims) = access_claims(state, headers) {
+    if let Some(claims) = access_claims(state, headers).await {
         return Ok(Resolved::Active {
             user: user_of(&claims),
             set_cookies: Vec::new(),

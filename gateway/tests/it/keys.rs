@@ -580,16 +580,49 @@ async fn a_rotation_brought_forward_signs_only_with_keys_every_instance_can_know
         new.activate_at
     );
 
-    // after the delay the new key signs, and the other instance, having reloaded by then,
-    // accepts its tokens
+    // after the delay the new key signs, and the other instance accepts its tokens
     clock.set(new.activate_at);
     let later = a.sign_access(clock.now());
     assert_eq!(kid_of(&later), new.kid.to_string());
-    b.app.state().keys.rotator().reload_once().await.unwrap();
     assert_ne!(b.read_config_with(&later).await, 401);
     assert_ne!(
         b.read_config_with(&token).await,
         401,
         "old tokens still verify"
     );
+}
+
+/// After an emergency rotation the fresh key signs at once. An instance that meets its
+/// `kid` before its next reload tick reloads the ring (once; not again for a while, so
+/// forged kids cannot make it hammer Vault) and accepts the token.
+#[tokio::test]
+async fn an_instance_meeting_an_unknown_kid_reloads_the_ring_before_refusing() {
+    let clock = start_clock();
+    let (a, b) = two_instances("keyskid2", &clock).await;
+    let compromised = a.sign_access(clock.now());
+    assert_ne!(b.read_config_with(&compromised).await, 401);
+
+    a.rotate(json!({ "emergency": true, "reason": "key in a crash dump" }))
+        .await;
+    let fresh = a.sign_access(clock.now());
+    assert_ne!(kid_of(&fresh), kid_of(&compromised));
+    let reloads = b.app.state().keys.rotator().health().reloads;
+    assert_ne!(b.read_config_with(&fresh).await, 401);
+    assert_eq!(b.app.state().keys.rotator().health().reloads, reloads + 1);
+    // the reload also dropped the compromised key there
+    assert_eq!(b.read_config_with(&compromised).await, 401);
+
+    // a token naming a key no ring holds is refused without another reload
+    use base64::Engine;
+    let b64 = |v: Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+    };
+    let forged = format!(
+        "{}.{}.{}",
+        b64(json!({ "alg": "ES256", "typ": "JWT", "kid": "no-such-key" })),
+        b64(json!({ "sub": "x" })),
+        b64(json!("signature"))
+    );
+    assert_eq!(b.read_config_with(&forged).await, 401);
+    assert_eq!(b.app.state().keys.rotator().health().reloads, reloads + 1);
 }
