@@ -15,6 +15,17 @@
 //! Whether the identifier exists plays no part: an unknown account is counted and locked
 //! exactly like a real one, and the refusal reads the same.
 //!
+//! Two ways to use it:
+//!
+//! - [`Lockout::attempt`] (accounts: human passwords) counts the attempt *before* the
+//!   credential is checked, in one atomic step that refuses instead when the identifier is
+//!   held back; a success then clears the record ([`Lockout::succeeded`]). Attempts made
+//!   in parallel cannot all pass a check that none of them has counted yet, so at most
+//!   `max_failures` passwords are ever tried per lockout period.
+//! - [`Lockout::check`] then [`Lockout::failed`] (client ids): a wrong secret is refused
+//!   while held back and counted otherwise; a correct secret never touches the counter
+//!   (see `oauth::client_auth` for why).
+//!
 //! Redis layout: `<key_prefix><kind>:<sha256(id)>`, a hash `{f, last}` (last in Unix ms),
 //! its TTL only garbage collection.
 
@@ -128,6 +139,71 @@ pub struct Refusal {
     pub locked: bool,
 }
 
+/// The policy of the module docs in milliseconds, as a store applies it inside its atomic
+/// [`FailureStore::count_attempt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Failures in a row allowed before any backoff.
+    pub free_failures: u32,
+    /// Failures in a row that lock.
+    pub max_failures: u32,
+    /// The first backoff.
+    pub backoff_base_ms: i64,
+    /// The longest backoff.
+    pub backoff_max_ms: i64,
+    /// How long a lock lasts and a failure is remembered.
+    pub lockout_ms: i64,
+}
+
+impl Thresholds {
+    fn of(s: &LockoutSettings) -> Self {
+        Self {
+            free_failures: s.free_failures,
+            max_failures: s.max_failures,
+            backoff_base_ms: duration_ms(s.backoff_base),
+            backoff_max_ms: duration_ms(s.backoff_max),
+            lockout_ms: duration_ms(s.lockout),
+        }
+    }
+
+    /// The refusal `r` means for an attempt at `now` (Unix ms), if any.
+    pub fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
+        let since = now.saturating_sub(r.last_ms);
+        if r.failures == 0 || since >= self.lockout_ms {
+            return None;
+        }
+        let (until, locked) = if r.failures >= self.max_failures {
+            (r.last_ms.saturating_add(self.lockout_ms), true)
+        } else if r.failures > self.free_failures {
+            let doublings = (r.failures - self.free_failures - 1).min(30);
+            let wait = self
+                .backoff_base_ms
+                .saturating_mul(1i64 << doublings)
+                .min(self.backoff_max_ms);
+            (r.last_ms.saturating_add(wait), false)
+        } else {
+            return None;
+        };
+        (until > now).then(|| Refusal {
+            retry_after: Duration::from_millis(u64::try_from(until - now).unwrap_or(0)),
+            locked,
+        })
+    }
+}
+
+/// What counting an attempt found ([`Lockout::attempt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// Counted as a failure, which a success then clears ([`Lockout::succeeded`]).
+    Counted {
+        /// The refusal the next attempt meets if this one fails (`locked` when this
+        /// attempt is the one that locks).
+        if_failed: Option<Refusal>,
+    },
+    /// Refused, and not counted.
+    Refused(Refusal),
+}
+
 /// Where the counters live.
 #[async_trait]
 pub trait FailureStore: Send + Sync + 'static {
@@ -142,6 +218,17 @@ pub trait FailureStore: Send + Sync + 'static {
         reset_ms: i64,
         ttl: Duration,
     ) -> Result<FailureRecord, LockoutUnavailable>;
+    /// In one atomic step: when the record under `key` holds the identifier back at
+    /// `now_ms` by `policy` ([`Thresholds::refusal`]), changes nothing and returns
+    /// `(false, record)`; otherwise counts one failure as [`Self::record_failure`] does
+    /// (reset after `policy.lockout_ms`) and returns `(true, new record)`.
+    async fn count_attempt(
+        &self,
+        key: &str,
+        now_ms: i64,
+        policy: &Thresholds,
+        ttl: Duration,
+    ) -> Result<(bool, FailureRecord), LockoutUnavailable>;
     /// Forgets `key`.
     async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable>;
 }
@@ -232,6 +319,41 @@ impl Lockout {
         Ok(self.refusal(record, ms(now)))
     }
 
+    /// Counts an attempt of `id` before its credential is checked, atomically across
+    /// instances: refused (and not counted) while `id` backs off or is locked, otherwise
+    /// counted as a failure at once. A success must then clear it with
+    /// [`Self::succeeded`]; a failure needs nothing more.
+    pub async fn attempt(
+        &self,
+        kind: Kind,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Attempt, LockoutUnavailable> {
+        let s = self.settings.load();
+        let policy = Thresholds::of(&s);
+        let now = ms(now);
+        let (counted, record) = self
+            .store
+            .count_attempt(
+                &self.key(kind, id),
+                now,
+                &policy,
+                s.lockout + Duration::from_secs(60),
+            )
+            .await?;
+        Ok(if counted {
+            Attempt::Counted {
+                if_failed: policy.refusal(record, now),
+            }
+        } else {
+            // the store refused by the same rule, so there is a refusal to report
+            Attempt::Refused(policy.refusal(record, now).unwrap_or(Refusal {
+                retry_after: Duration::from_secs(1),
+                locked: record.failures >= policy.max_failures,
+            }))
+        })
+    }
+
     /// Forgets the failures of `id` after a successful attempt.
     pub async fn succeeded(&self, kind: Kind, id: &str) -> Result<(), LockoutUnavailable> {
         self.store.clear(&self.key(kind, id)).await
@@ -245,27 +367,7 @@ impl Lockout {
 
     /// The policy of the module docs.
     fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
-        let s = self.settings.load();
-        let lockout = duration_ms(s.lockout);
-        let since = now.saturating_sub(r.last_ms);
-        if r.failures == 0 || since >= lockout {
-            return None;
-        }
-        let (until, locked) = if r.failures >= s.max_failures {
-            (r.last_ms.saturating_add(lockout), true)
-        } else if r.failures > s.free_failures {
-            let doublings = (r.failures - s.free_failures - 1).min(30);
-            let wait = duration_ms(s.backoff_base)
-                .saturating_mul(1i64 << doublings)
-                .min(duration_ms(s.backoff_max));
-            (r.last_ms.saturating_add(wait), false)
-        } else {
-            return None;
-        };
-        (until > now).then(|| Refusal {
-            retry_after: Duration::from_millis(u64::try_from(until - now).unwrap_or(0)),
-            locked,
-        })
+        Thresholds::of(&self.settings.load()).refusal(r, now)
     }
 }
 
@@ -292,11 +394,39 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {f, now}
 ";
 
+/// Counts an attempt atomically unless the record holds it back: [`Thresholds::refusal`]
+/// in Lua (ARGV: now, lockout, free, max, backoff base, backoff max, TTL; all ms). Returns
+/// `{counted (0|1), failures, last}`.
+const COUNT_ATTEMPT: &str = r"
+local v = redis.call('HMGET', KEYS[1], 'f', 'last')
+local f = tonumber(v[1]) or 0
+local last = tonumber(v[2]) or 0
+local now = tonumber(ARGV[1])
+local lockout = tonumber(ARGV[2])
+local free = tonumber(ARGV[3])
+local max = tonumber(ARGV[4])
+if f > 0 and now - last >= lockout then f = 0 end
+if f > 0 then
+  local wait = 0
+  if f >= max then
+    wait = lockout
+  elseif f > free then
+    wait = math.min(tonumber(ARGV[5]) * 2 ^ math.min(f - free - 1, 30), tonumber(ARGV[6]))
+  end
+  if wait > 0 and last + wait > now then return {0, f, last} end
+end
+f = f + 1
+redis.call('HSET', KEYS[1], 'f', f, 'last', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return {1, f, now}
+";
+
 /// Counters in Redis, shared by every instance.
 #[derive(Clone)]
 pub struct RedisFailureStore {
     redis: RedisHandle,
     script: Arc<redis::Script>,
+    attempt: Arc<redis::Script>,
 }
 
 impl std::fmt::Debug for RedisFailureStore {
@@ -311,6 +441,7 @@ impl RedisFailureStore {
         Self {
             redis,
             script: Arc::new(redis::Script::new(RECORD_FAILURE)),
+            attempt: Arc::new(redis::Script::new(COUNT_ATTEMPT)),
         }
     }
 
@@ -376,6 +507,35 @@ impl FailureStore for RedisFailureStore {
         Ok(FailureRecord { failures, last_ms })
     }
 
+    #[tracing::instrument(name = "redis.lockout.count_attempt", skip_all, fields(otel.kind = "client"))]
+    async fn count_attempt(
+        &self,
+        key: &str,
+        now_ms: i64,
+        policy: &Thresholds,
+        ttl: Duration,
+    ) -> Result<(bool, FailureRecord), LockoutUnavailable> {
+        let mut invocation = self.attempt.key(key);
+        invocation
+            .arg(now_ms)
+            .arg(policy.lockout_ms)
+            .arg(policy.free_failures)
+            .arg(policy.max_failures)
+            .arg(policy.backoff_base_ms)
+            .arg(policy.backoff_max_ms)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let conn = self.conn().await?;
+        let (counted, failures, last_ms): (u8, u32, i64) = self
+            .timed(async move {
+                match conn {
+                    RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
+                    RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+                }
+            })
+            .await?;
+        Ok((counted == 1, FailureRecord { failures, last_ms }))
+    }
+
     #[tracing::instrument(name = "redis.lockout.clear", skip_all, fields(otel.kind = "client"))]
     async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {
         let mut cmd = redis::cmd("DEL");
@@ -411,6 +571,25 @@ impl MemoryFailureStore {
     }
 }
 
+/// Counts one failure in `records` (see [`FailureStore::record_failure`]).
+fn count_failure(
+    records: &mut HashMap<String, FailureRecord>,
+    key: &str,
+    now_ms: i64,
+    reset_ms: i64,
+) -> FailureRecord {
+    if records.len() >= SWEEP_AT {
+        records.retain(|_, r| now_ms.saturating_sub(r.last_ms) < reset_ms);
+    }
+    let r = records.entry(key.to_owned()).or_default();
+    if r.failures > 0 && now_ms.saturating_sub(r.last_ms) >= reset_ms {
+        r.failures = 0;
+    }
+    r.failures = r.failures.saturating_add(1);
+    r.last_ms = now_ms;
+    *r
+}
+
 #[async_trait]
 impl FailureStore for MemoryFailureStore {
     async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable> {
@@ -425,16 +604,27 @@ impl FailureStore for MemoryFailureStore {
         _ttl: Duration,
     ) -> Result<FailureRecord, LockoutUnavailable> {
         let mut records = self.records.lock().await;
-        if records.len() >= SWEEP_AT {
-            records.retain(|_, r| now_ms.saturating_sub(r.last_ms) < reset_ms);
+        Ok(count_failure(&mut records, key, now_ms, reset_ms))
+    }
+
+    async fn count_attempt(
+        &self,
+        key: &str,
+        now_ms: i64,
+        policy: &Thresholds,
+        _ttl: Duration,
+    ) -> Result<(bool, FailureRecord), LockoutUnavailable> {
+        // the check and the count under one lock, as the Redis script is one step
+        let mut records = self.records.lock().await;
+        if let Some(&r) = records.get(key)
+            && policy.refusal(r, now_ms).is_some()
+        {
+            return Ok((false, r));
         }
-        let r = records.entry(key.to_owned()).or_default();
-        if r.failures > 0 && now_ms.saturating_sub(r.last_ms) >= reset_ms {
-            r.failures = 0;
-        }
-        r.failures = r.failures.saturating_add(1);
-        r.last_ms = now_ms;
-        Ok(*r)
+        Ok((
+            true,
+            count_failure(&mut records, key, now_ms, policy.lockout_ms),
+        ))
     }
 
     async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use client_ip::{ClientIp, TrustedProxies};
-pub use lockout::{Kind, Lockout, LockoutSettings, Refusal, Verdict};
+pub use lockout::{Attempt, Kind, Lockout, LockoutSettings, Refusal, Verdict};
 
 /// `[protection]`
 #[derive(Debug, Clone, Deserialize)]

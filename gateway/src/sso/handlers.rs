@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use crate::accounts::{self, AccountError};
 use crate::audit::AuditEvent;
 use crate::error::ApiError;
-use crate::protect::{ClientIp, Kind, Verdict};
+use crate::protect::{Attempt, ClientIp, Kind};
 use crate::state::AppState;
 
 use super::session::{
@@ -223,10 +223,14 @@ pub async fn local_login(
             detail: detail.into(),
         });
     };
-    // fail closed: a human password has no entropy guarantee, so no counters, no login
-    let had_failures = match state.lockout.check(Kind::Account, &name, now).await? {
-        Verdict::Allowed { had_failures } => had_failures,
-        Verdict::Refused(refusal) => {
+    // The attempt is counted before the password is checked, in one atomic step that
+    // refuses instead while the account backs off or is locked: parallel guesses cannot
+    // all pass a check none of them has counted yet. A success clears it below; an error
+    // on the way leaves it counted. Fail closed: a human password has no entropy
+    // guarantee, so no counters, no login.
+    let if_failed = match state.lockout.attempt(Kind::Account, &name, now).await? {
+        Attempt::Counted { if_failed } => if_failed,
+        Attempt::Refused(refusal) => {
             metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
             audit(
                 "login.failure",
@@ -247,12 +251,7 @@ pub async fn local_login(
             "login.failure",
             serde_json::json!({ "method": "local", "break_glass": true, "reason": "invalid_credentials" }),
         );
-        if let Some(refusal) = state
-            .lockout
-            .failed(Kind::Account, &name, now)
-            .await?
-            .filter(|r| r.locked)
-        {
+        if let Some(refusal) = if_failed.filter(|r| r.locked) {
             metrics::counter!("portcullis_login_lockouts_total", "kind" => "account").increment(1);
             audit(
                 "login.lockout",
@@ -261,9 +260,7 @@ pub async fn local_login(
         }
         return Err(ApiError::InvalidCredentials);
     };
-    if had_failures {
-        state.lockout.succeeded(Kind::Account, &name).await?;
-    }
+    state.lockout.succeeded(Kind::Account, &name).await?;
     let roles: Vec<String> = account
         .roles
         .iter()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::Postgres;
-use keyrotation::ManualClock;
+use keyrotation::{Clock, ManualClock};
 use portcullis::config::Config;
 use portcullis::protect::LockoutSettings;
 use reqwest::{StatusCode, header};
@@ -212,4 +212,86 @@ async fn a_locked_account_reads_the_same_as_an_unknown_one() {
     // wrong password vs unknown account, and their lockouts, answer alike
     assert_eq!(bodies[0], bodies[2]);
     assert_eq!(bodies[1], bodies[3]);
+}
+
+/// Parallel wrong passwords cannot outrun the lockout: each attempt is counted before its
+/// password is checked, so of twenty at once against an account allowed ten failures, ten
+/// are checked (401) and the rest refused (429), across instances sharing Redis. A
+/// correct password clears its own attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_wrong_passwords_meet_the_lockout_after_max_failures() {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let settings = LockoutSettings {
+        free_failures: 9,
+        max_failures: 10,
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        lockout: Duration::from_secs(900),
+        key_prefix: prefix.clone(),
+    };
+    let lockout_settings = settings.clone();
+    let (app, db) = spawn_with_postgres("race", clock.clone(), move |c| {
+        c.redis = Some(
+            toml::from_str(&format!("url = \"{}\"\n", harness::Redis::shared().url())).unwrap(),
+        );
+        c.refresh.key_prefix = format!("{}rt:", lockout_settings.key_prefix);
+        c.protection.lockout = lockout_settings;
+        c.protection.auth_rate = portcullis::protect::RateSettings {
+            burst: 1000,
+            replenish_every: Duration::from_millis(1),
+        };
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    let counters = portcullis::protect::Lockout::new(
+        Arc::new(portcullis::protect::lockout::RedisFailureStore::new(
+            app.state.redis.clone().unwrap(),
+        )),
+        settings,
+    );
+    let clear = portcullis::protect::Verdict::Allowed {
+        had_failures: false,
+    };
+    let verdict = || async {
+        counters
+            .check(
+                portcullis::protect::Kind::Account,
+                "breakglass",
+                clock.now(),
+            )
+            .await
+            .unwrap()
+    };
+
+    // a correct password leaves no count behind
+    let ok = local_login(&app, &browser(&app), "breakglass", PASSWORD).await;
+    assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+    assert_eq!(verdict().await, clear);
+
+    let attempts = (0..20).map(|_| {
+        let (app, client) = (&app, browser(&app));
+        async move {
+            local_login(app, &client, "breakglass", "wrong-password-123456")
+                .await
+                .status()
+        }
+    });
+    let statuses = futures::future::join_all(attempts).await;
+    let checked = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((checked, refused), (10, 10), "{statuses:?}");
+    // locked now, even for the right password
+    let locked = local_login(&app, &browser(&app), "breakglass", PASSWORD).await;
+    assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(matches!(
+        verdict().await,
+        portcullis::protect::Verdict::Refused(r) if r.locked
+    ));
 }
