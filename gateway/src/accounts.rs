@@ -48,7 +48,9 @@ pub struct LocalAccount {
     pub roles: Vec<Role>,
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` could be an account name (`[a-z0-9._-]{1,64}`): what else is submitted
+/// as one is never looked up, and never written to the audit trail as given.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|c| {

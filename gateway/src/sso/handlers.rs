@@ -213,10 +213,17 @@ pub async fn local_login(
     };
     let now = state.keys.now();
     let source_ip = Some(ip.to_string());
+    // the name as submitted only when it could be an account name: anything else (control
+    // characters, NUL, a password typed into the wrong field) stays out of the trail
+    let who = if accounts::valid_name(&name) {
+        name.as_str()
+    } else {
+        "(malformed)"
+    };
     let audit = |action: &str, detail: serde_json::Value| {
         state.audit.record(AuditEvent {
             at: now,
-            actor: format!("user:local:{name}"),
+            actor: format!("user:local:{who}"),
             action: action.to_owned(),
             target: "local".to_owned(),
             source_ip: source_ip.clone(),

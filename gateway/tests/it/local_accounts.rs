@@ -295,3 +295,37 @@ async fn concurrent_wrong_passwords_meet_the_lockout_after_max_failures() {
         portcullis::protect::Verdict::Refused(r) if r.locked
     ));
 }
+
+/// A submitted name that could never be an account name (here with a NUL) is audited as
+/// `(malformed)`, never as submitted: it is attacker-chosen text headed for the trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_username_is_audited_as_malformed() {
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let (app, _db) = spawn_with_postgres("malformed", clock, |_| {}).await;
+    let client = browser(&app);
+    let refused = local_login(&app, &client, "ghost\0\u{1b}[2J", "wrong-password-123456").await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let state = app.state.clone();
+    eventually(
+        Duration::from_secs(10),
+        "the failure audited as (malformed)",
+        || {
+            let db = state.db.clone();
+            async move {
+                portcullis::audit::recent(&db, "login.failure", 10)
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|(actor, _, _)| actor == "user:local:(malformed)")
+            }
+        },
+    )
+    .await;
+    let rows = portcullis::audit::recent(&state.db, "login.failure", 10)
+        .await
+        .unwrap();
+    assert!(
+        rows.iter().all(|(actor, _, _)| !actor.contains("ghost")),
+        "{rows:?}"
+    );
+}
