@@ -636,20 +636,11 @@ async fn a_nul_byte_in_a_login_name_does_not_stop_the_trail_and_the_chain_verifi
     }
 
     // the normal failure after it is stored, and so is the NUL one, without its NUL
-    let state = app.state.clone();
-    eventually(
+    wait_for_audit_actor(
+        &app.state,
         Duration::from_secs(20),
-        "the login failure after the NUL one is stored",
-        || {
-            let db = state.db.clone();
-            async move {
-                portcullis::audit::recent(&db, "login.failure", 10)
-                    .await
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|(actor, _, _)| actor == "user:local:nobody-after-the-nul")
-            }
-        },
+        "login.failure",
+        "user:local:nobody-after-the-nul",
     )
     .await;
     let failures = portcullis::audit::recent(&app.state.db, "login.failure", 10)

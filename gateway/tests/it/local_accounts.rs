@@ -305,23 +305,14 @@ async fn a_malformed_username_is_audited_as_malformed() {
     let client = browser(&app);
     let refused = local_login(&app, &client, "ghost\0\u{1b}[2J", "wrong-password-123456").await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
-    let state = app.state.clone();
-    eventually(
+    wait_for_audit_actor(
+        &app.state,
         Duration::from_secs(10),
-        "the failure audited as (malformed)",
-        || {
-            let db = state.db.clone();
-            async move {
-                portcullis::audit::recent(&db, "login.failure", 10)
-                    .await
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|(actor, _, _)| actor == "user:local:(malformed)")
-            }
-        },
+        "login.failure",
+        "user:local:(malformed)",
     )
     .await;
-    let rows = portcullis::audit::recent(&state.db, "login.failure", 10)
+    let rows = portcullis::audit::recent(&app.state.db, "login.failure", 10)
         .await
         .unwrap();
     assert!(

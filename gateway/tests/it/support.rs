@@ -340,6 +340,27 @@ where
     }
 }
 
+/// Waits (up to `deadline`) until the audit trail of `state` holds an `action` event by
+/// `actor` among its ten most recent ones of that action.
+pub async fn wait_for_audit_actor(
+    state: &portcullis::state::AppState,
+    deadline: Duration,
+    action: &str,
+    actor: &str,
+) {
+    eventually(deadline, &format!("{action} by {actor} is stored"), || {
+        let db = state.db.clone();
+        async move {
+            portcullis::audit::recent(&db, action, 10)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .any(|(a, _, _)| a == actor)
+        }
+    })
+    .await;
+}
+
 /// Registers a client through `state`'s store (as `portcullis clients create` does) with
 /// `grants` and `scopes`; returns its id and secret.
 pub async fn register_client(
