@@ -748,14 +748,7 @@ async fn held_releases_are_signed_again_after_an_emergency_rotation() {
     assert!(published);
     assert_eq!(node_starts(&app).await.unwrap(), 1);
 
-    app.state
-        .keys
-        .rotate(Some((
-            "signing key copied off a laptop".to_owned(),
-            keyrotation::Suspects::EveryVerifyingKey,
-        )))
-        .await
-        .unwrap();
+    emergency_rotation(&app.state).await;
     let jwks = app.state.keys.jwks();
 
     let (status, headers, after) = api.get(&path, "config:read:prod").await;

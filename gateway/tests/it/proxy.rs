@@ -805,14 +805,7 @@ async fn a_remembered_token_is_refused_at_once_after_an_emergency_rotation() {
     assert_eq!(registry_status(&http, &app, &stolen).await, StatusCode::OK);
     assert_eq!(app.state.keys.verified_tokens().len(), 1);
 
-    app.state
-        .keys
-        .rotate(Some((
-            "signing key copied off a laptop".to_owned(),
-            keyrotation::Suspects::EveryVerifyingKey,
-        )))
-        .await
-        .unwrap();
+    emergency_rotation(&app.state).await;
 
     assert_eq!(
         registry_status(&http, &app, &stolen).await,

@@ -178,16 +178,7 @@ async fn pg_instance(
     config.validate().unwrap();
     let app = portcullis::app::Application::build(config).await.unwrap();
     let state = app.state().clone();
-    let ready = state.clone();
-    eventually(
-        Duration::from_secs(20),
-        "schema migrated and keys loaded",
-        || {
-            let s = ready.clone();
-            async move { s.db.is_migrated() && s.keys.readiness().is_ok() }
-        },
-    )
-    .await;
+    wait_until_ready(&state).await;
     (pki, dir, app, state)
 }
 

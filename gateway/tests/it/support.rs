@@ -141,16 +141,7 @@ pub async fn spawn_app_with_clock(
     let (https, admin, stop) = (app.https_addr(), app.admin_addr(), app.shutdown_token());
     let state = app.state().clone();
     tokio::spawn(app.run_until_stopped());
-    let ready = state.clone();
-    eventually(
-        Duration::from_secs(20),
-        "schema migrated and keys loaded",
-        || {
-            let s = ready.clone();
-            async move { s.db.is_migrated() && s.keys.readiness().is_ok() }
-        },
-    )
-    .await;
+    wait_until_ready(&state).await;
     TestApp {
         https,
         admin,
@@ -338,6 +329,33 @@ where
         assert!(Instant::now() < end, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An emergency rotation of `state`'s ring that withdraws every verifying key, as after
+/// a signing key was stolen.
+pub async fn emergency_rotation(state: &portcullis::state::AppState) {
+    state
+        .keys
+        .rotate(Some((
+            "signing key copied off a laptop".to_owned(),
+            keyrotation::Suspects::EveryVerifyingKey,
+        )))
+        .await
+        .unwrap();
+}
+
+/// Waits (up to 20 s) until `state`'s schema is migrated and its key ring loaded, as
+/// an instance is before it serves.
+pub async fn wait_until_ready(state: &portcullis::state::AppState) {
+    eventually(
+        Duration::from_secs(20),
+        "schema migrated and keys loaded",
+        || {
+            let s = state.clone();
+            async move { s.db.is_migrated() && s.keys.readiness().is_ok() }
+        },
+    )
+    .await;
 }
 
 /// Waits (up to `deadline`) until the audit trail of `state` holds an `action` event by
