@@ -3,11 +3,15 @@
 //! trusted proxies); a refusal is a 429 with `Retry-After` and the usual JSON error body,
 //! counted in `portcullis_rate_limited_total`.
 //!
+//! An IPv6 client is keyed by its /64, not its whole address: a single subscriber or host
+//! is handed at least a /64 and can pick any of its 2^64 addresses for each request, so a
+//! bucket per address would be no limit at all.
+//!
 //! The buckets are per instance (in memory): with N instances behind a balancer a client
 //! gets up to N times the burst. The cluster-wide defence is the failure counters.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -28,7 +32,7 @@ use tower_governor::{GovernorError, GovernorLayer};
 use super::{ClientIp, RateSettings};
 use crate::error::ApiError;
 
-/// Keys buckets by the resolved client address.
+/// Keys buckets by the resolved client address, an IPv6 one by its /64.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIpKey;
 
@@ -37,12 +41,25 @@ impl KeyExtractor for ClientIpKey {
 
     fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
         let ext = req.extensions();
-        Ok(ext
+        let ip = ext
             .get::<ClientIp>()
             .map(|c| c.0)
             .or_else(|| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
             // a router driven in process has no peer: one shared bucket
-            .unwrap_or(IpAddr::from([0, 0, 0, 0])))
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        Ok(bucket_of(ip))
+    }
+}
+
+/// The bucket an address counts against: an IPv4 address is its own, an IPv6 address
+/// shares its /64's (IPv4-mapped addresses were made IPv4 by the resolver already).
+fn bucket_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !(u128::from(u64::MAX));
+            IpAddr::V6(Ipv6Addr::from(network))
+        }
     }
 }
 
@@ -169,5 +186,37 @@ fn refusal(error: GovernorError, endpoint: &'static str) -> Response<Body> {
             .into_response()
         }
         other => ApiError::Internal(Box::new(other)).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn key(ip: &str) -> IpAddr {
+        let mut req = Request::new(());
+        req.extensions_mut().insert(ClientIp(ip.parse().unwrap()));
+        ClientIpKey.extract(&req).unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_client_is_one_bucket_for_its_whole_64() {
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:ffff:ffff:ffff:fffe")
+        );
+        assert_eq!(
+            key("2001:db8:1:2:abcd::7"),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        // the next /64 is another subscriber
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn every_ipv4_address_is_its_own_bucket() {
+        assert_eq!(key("203.0.113.7"), "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_ne!(key("203.0.113.7"), key("203.0.113.8"));
     }
 }

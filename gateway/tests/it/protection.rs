@@ -113,6 +113,29 @@ async fn behind_a_trusted_proxy_the_real_client_is_limited() {
 }
 
 #[tokio::test]
+async fn an_ipv6_client_cannot_buy_new_buckets_with_new_addresses_from_its_64() {
+    let app = spawn_app(|c| {
+        tight_auth_rate(c, 2);
+        c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
+    })
+    .await;
+    for host in ["2001:db8:7:1::10", "2001:db8:7:1::11"] {
+        assert_eq!(
+            get_me(&app, Some(host)).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // any other address of the same /64 is the same client
+    let limited = get_me(&app, Some("2001:db8:7:1:dead:beef:0:1")).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    // the neighbouring /64 is another subscriber with its own bucket
+    assert_eq!(
+        get_me(&app, Some("2001:db8:7:2::10")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
 async fn the_token_endpoint_has_its_own_bucket() {
     let app = spawn_app(|c| {
         c.protection.token_rate = RateSettings {
