@@ -165,8 +165,12 @@ impl Application {
             sso,
             lockout,
             rate,
-            proxy: crate::proxy::Proxy::new(&config.proxy, &config.server.public_url)
-                .map_err(StartError::Config)?,
+            proxy: crate::proxy::Proxy::new(
+                &config.proxy,
+                &config.server.public_url,
+                config.server.request_timeout,
+            )
+            .map_err(StartError::Config)?,
         });
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {

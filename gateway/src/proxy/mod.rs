@@ -99,6 +99,8 @@ struct Inner {
     upstreams: ArcSwap<Upstreams>,
     routes: RouteTable,
     settings: ProxySettings,
+    /// `server.request_timeout`: both attempts of a request must have answered by then.
+    request_timeout: Duration,
     /// `X-Forwarded-Host`: the host of `server.public_url`, whatever `Host` a client sent,
     /// so a node that builds links or redirects from it cannot be pointed elsewhere.
     public_host: Option<HeaderValue>,
@@ -117,7 +119,13 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// The proxy for validated settings; `None` when no admin node is configured. Fails
     /// when the TLS files for `https://` nodes cannot be read.
-    pub fn new(settings: &ProxySettings, public_url: &str) -> Result<Option<Self>, String> {
+    /// `request_timeout` is `server.request_timeout`: the time a request has for its
+    /// response head, retry included.
+    pub fn new(
+        settings: &ProxySettings,
+        public_url: &str,
+        request_timeout: Duration,
+    ) -> Result<Option<Self>, String> {
         if !settings.enabled() {
             return Ok(None);
         }
@@ -151,6 +159,7 @@ impl Proxy {
                 )),
                 routes: RouteTable::new(&settings.routes),
                 settings: settings.clone(),
+                request_timeout,
                 public_host: url::Url::parse(public_url).ok().and_then(|u| {
                     let host = u.host_str()?;
                     let authority = match u.port() {
@@ -285,6 +294,10 @@ impl Proxy {
         origin: &Origin,
     ) -> Result<Response, ProxyError> {
         let settings = &self.inner.settings;
+        // the outer timeout layer answers 408 at `server.request_timeout`: every attempt
+        // must have given up before then, so that a slow node is a 504, not the client's
+        // fault, and a retry never runs past it
+        let deadline = Instant::now() + self.inner.request_timeout.saturating_sub(DEADLINE_MARGIN);
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -351,10 +364,13 @@ impl Proxy {
             None => std::mem::take(&mut parts.headers),
         };
         let answer = self
-            .attempt(&ups, first, &parts, first_headers, first_body)
+            .attempt(&ups, first, &parts, first_headers, first_body, deadline)
             .await;
+        // a retry with hardly any time left would only turn the first node's answer into
+        // our 504: not tried
+        let time_for_retry = deadline.saturating_duration_since(Instant::now()) >= RETRY_MIN_TIME;
         let answer = match retry {
-            Some(bytes) if should_retry(&answer) => match ups.pick(Some(first)) {
+            Some(bytes) if time_for_retry && should_retry(&answer) => match ups.pick(Some(first)) {
                 Some(second) => {
                     metrics::counter!("portcullis_upstream_retries_total").increment(1);
                     tracing::info!(
@@ -364,7 +380,7 @@ impl Proxy {
                         "retrying an idempotent request on another admin node"
                     );
                     let headers = std::mem::take(&mut parts.headers);
-                    self.attempt(&ups, second, &parts, headers, Body::from(bytes))
+                    self.attempt(&ups, second, &parts, headers, Body::from(bytes), deadline)
                         .await
                 }
                 None => answer,
@@ -375,7 +391,8 @@ impl Proxy {
     }
 
     /// One try on node `index` with the request `parts` (whose own headers are not
-    /// used) and `headers`; records the outcome for health and metrics.
+    /// used) and `headers`, given up at `proxy.read_timeout` or at `deadline`, whichever
+    /// comes first; records the outcome for health and metrics.
     async fn attempt(
         &self,
         ups: &Upstreams,
@@ -383,6 +400,7 @@ impl Proxy {
         parts: &request::Parts,
         headers: HeaderMap,
         body: Body,
+        deadline: Instant,
     ) -> Result<axum::http::Response<PooledBody>, ProxyError> {
         let node = ups.nodes().get(index).ok_or(ProxyError::NoNode)?;
         let mut req = Request::new(body);
@@ -397,14 +415,17 @@ impl Proxy {
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
 
-        let timeout = self.inner.settings.read_timeout;
         let started = Instant::now();
+        let read_timeout = self.inner.settings.read_timeout;
+        let timeout = read_timeout.min(deadline.saturating_duration_since(started));
         let sent = self.inner.pool.send(node, req);
         let result = tokio::time::timeout(timeout, sent).await;
         node.record_duration(started.elapsed());
         let (outcome, result) = match result {
+            // a node cut short by the request's deadline did not have its whole
+            // `read_timeout`: not held against its health
             Err(_) => (
-                Some(Outcome::Timeout),
+                (timeout == read_timeout).then_some(Outcome::Timeout),
                 Err(ProxyError::Timeout {
                     node: node.authority.clone(),
                     timeout,
@@ -452,6 +473,13 @@ impl Proxy {
 fn node_name(ups: &Upstreams, index: usize) -> &str {
     ups.nodes().get(index).map_or("?", |n| n.authority.as_str())
 }
+
+/// How long before `server.request_timeout` the proxy gives up waiting for a node, so
+/// that its own 504 is the answer rather than the timeout layer's 408.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// The least time left before the deadline for which a retry is worth sending.
+const RETRY_MIN_TIME: Duration = Duration::from_secs(1);
 
 /// GET, HEAD, OPTIONS, PUT and DELETE may be sent twice (RFC 9110 §9.2.2).
 fn is_idempotent(method: &Method) -> bool {

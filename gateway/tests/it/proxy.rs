@@ -300,6 +300,15 @@ async fn serve(
         // a node that took the request and never answers
         std::future::pending::<()>().await;
     }
+    if path.starts_with("/public/slow-fail") {
+        // a node that takes its time, then says it cannot serve
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        return Ok(full(
+            StatusCode::BAD_GATEWAY,
+            &state.name,
+            "{\"error\":\"slow and broken\"}",
+        ));
+    }
     let fail = state.fail_with.load(Ordering::SeqCst);
     if fail != 0 {
         return Ok(full(
@@ -1386,6 +1395,55 @@ async fn a_node_that_does_not_answer_in_time_gets_a_504_and_no_second_try() {
     assert_eq!(json(r).await["error"], "upstream_timeout");
     // the node may still be working on it: a GET that timed out is not sent again
     assert_eq!(a.seen().len() + b.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_retry_never_runs_past_the_request_timeout() {
+    let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        c.server.request_timeout = Duration::from_millis(3500);
+        c.config_center.long_poll_timeout = Duration::from_secs(1);
+        c.proxy.read_timeout = Duration::from_millis(2500);
+    })
+    .await;
+    // the first node answers 502 after 2 s; the second, tried with the 1.4 s left,
+    // would need 2 s too: it is given up at the request's deadline with our 504, not
+    // left to run into the 408 that blames the client
+    let r = client(&app)
+        .get(app.url("/public/slow-fail"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(json(r).await["error"], "upstream_timeout");
+    assert_eq!(a.seen().len(), 1, "each node was tried once");
+    assert_eq!(b.seen().len(), 1, "each node was tried once");
+    // a node cut short by the deadline did not have its whole read_timeout: its health
+    // is not marked down for it
+    let proxy = app.state.proxy.clone().unwrap();
+    assert!(proxy.upstreams().nodes().iter().all(|n| n.healthy()));
+
+    // with less than a second left after the first answer, no retry is sent: the
+    // first node's own answer is the one given
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&a, &b]);
+        c.server.request_timeout = Duration::from_millis(2800);
+        c.config_center.long_poll_timeout = Duration::from_secs(1);
+        c.proxy.read_timeout = Duration::from_millis(2500);
+    })
+    .await;
+    let r = client(&app)
+        .get(app.url("/public/slow-fail"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        a.seen().len() + b.seen().len(),
+        3,
+        "the second request was sent once"
+    );
 }
 
 // === streaming and upgrades ===
