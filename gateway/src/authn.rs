@@ -46,6 +46,16 @@ impl Principal {
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)
     }
+
+    /// The audit actor: `user:<sub>` for a console user's token (it carries roles),
+    /// `client:<sub>` for a client's own.
+    pub fn actor(&self) -> String {
+        if self.roles.is_empty() {
+            format!("client:{}", self.subject)
+        } else {
+            format!("user:{}", self.subject)
+        }
+    }
 }
 
 /// Verifies the bearer token of a request's `Authorization` header and checks that it

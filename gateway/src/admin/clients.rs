@@ -15,12 +15,11 @@
 //! finishes the job.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
@@ -28,13 +27,12 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
+use super::Caller;
 use crate::audit::AuditEvent;
 use crate::clients::{Audience, Client, ClientError, ClientId, GrantType, NewClient, ScopeSet};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The audit actor of every write made through the admin API.
-pub const ACTOR: &str = "operator:admin-api";
 /// How long a rotated-out secret keeps working when the request does not say.
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 /// The longest overlap a rotation may ask for: an old secret must not linger for months.
@@ -138,7 +136,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 /// `POST /admin/clients`: registers a client; 201 with its secret, shown this once.
 pub async fn create(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let new = parse_new_client(json_object(&body)?)?;
@@ -147,7 +145,7 @@ pub async fn create(
     let view = ClientView::new(&client, now);
     audit(
         &state,
-        peer,
+        &caller,
         "client.create",
         &view.id,
         settings_detail(&view),
@@ -184,7 +182,7 @@ pub struct Rotated {
 /// for `overlap` more (default 24 h, `"0s"`: stops at once).
 pub async fn rotate_secret(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -200,7 +198,7 @@ pub async fn rotate_secret(
     let until = overlap_end(now, overlap);
     audit(
         &state,
-        peer,
+        &caller,
         "client.rotate_secret",
         id.as_str(),
         json!({ "overlap": format_duration(overlap), "previous_secret_expires_at": until.map(rfc3339) }),
@@ -220,13 +218,13 @@ pub async fn rotate_secret(
 /// token issued to it is revoked.
 pub async fn disable(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     no_more_fields(json_object(&body)?, "(none)")?;
-    let revoked = disable_and_revoke(&state, peer, &id, "client.disable").await?;
+    let revoked = disable_and_revoke(&state, &caller, &id, "client.disable").await?;
     Ok(Json(json!({
         "id": id.as_str(),
         "enabled": false,
@@ -238,14 +236,14 @@ pub async fn disable(
 /// refresh tokens stay revoked).
 pub async fn enable(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     no_more_fields(json_object(&body)?, "(none)")?;
     state.clients.enable(&id, state.keys.now()).await?;
-    audit(&state, peer, "client.enable", id.as_str(), json!({}));
+    audit(&state, &caller, "client.enable", id.as_str(), json!({}));
     Ok(Json(json!({ "id": id.as_str(), "enabled": true })))
 }
 
@@ -253,17 +251,17 @@ pub async fn enable(
 /// removes it for good.
 pub async fn delete(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     // disabled first: from here on no token can be issued to it while the rest happens
-    let revoked = disable_and_revoke(&state, peer, &id, "client.delete").await?;
+    let revoked = disable_and_revoke(&state, &caller, &id, "client.delete").await?;
     if let Err(e) = state.clients.delete(&id).await {
         // what did happen is on record: disabled, sessions revoked, still there
         audit(
             &state,
-            peer,
+            &caller,
             "client.disable",
             id.as_str(),
             json!({ "for": "client.delete", "sessions_revoked": revoked }),
@@ -272,7 +270,7 @@ pub async fn delete(
     }
     audit(
         &state,
-        peer,
+        &caller,
         "client.delete",
         id.as_str(),
         json!({ "sessions_revoked": revoked }),
@@ -290,7 +288,7 @@ pub async fn delete(
 /// the failure, no count) and answered 503.
 async fn disable_and_revoke(
     state: &AppState,
-    peer: SocketAddr,
+    caller: &Caller,
     id: &ClientId,
     purpose: &str,
 ) -> Result<usize, ApiError> {
@@ -300,7 +298,7 @@ async fn disable_and_revoke(
             if purpose == "client.disable" {
                 audit(
                     state,
-                    peer,
+                    caller,
                     "client.disable",
                     id.as_str(),
                     json!({ "sessions_revoked": n }),
@@ -311,7 +309,7 @@ async fn disable_and_revoke(
         Err(e) => {
             audit(
                 state,
-                peer,
+                caller,
                 "client.disable",
                 id.as_str(),
                 json!({ "for": purpose, "sessions_revoked": null,
@@ -501,13 +499,13 @@ pub fn settings_detail(view: &ClientView) -> Value {
 }
 
 /// Records an admin-API write. `detail` must be secret-free.
-pub(super) fn audit(state: &AppState, peer: SocketAddr, action: &str, target: &str, detail: Value) {
+pub(super) fn audit(state: &AppState, caller: &Caller, action: &str, target: &str, detail: Value) {
     state.audit.record(AuditEvent {
         at: state.keys.now(),
-        actor: ACTOR.to_owned(),
+        actor: caller.actor.clone(),
         action: action.to_owned(),
         target: target.to_owned(),
-        source_ip: Some(peer.ip().to_string()),
+        source_ip: Some(caller.ip.to_string()),
         detail: detail.into(),
     });
 }

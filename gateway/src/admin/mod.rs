@@ -4,8 +4,9 @@
 //! non-loopback listener) every `/admin/*` request must carry it as a bearer token.
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
 use secrecy::ExposeSecret;
@@ -23,12 +24,52 @@ pub mod sessions;
 /// The scope that grants the admin API to an access token.
 pub const ADMIN_SCOPE: &str = crate::clients::ADMIN_SCOPE;
 
+/// The audit actor of a write made with the static `admin.token`, or on a loopback
+/// listener without one: whoever holds the token or the host, not known by name.
+pub const OPERATOR_ACTOR: &str = "operator:admin-api";
+
+/// Who made an admin-API request, as [`require_admin`] admitted it, and from where: the
+/// actor and source address of its audit record.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `client:<id>` or `user:<sub>` for an access token, [`OPERATOR_ACTOR`] otherwise.
+    pub actor: String,
+    /// The peer of the admin listener.
+    pub ip: std::net::IpAddr,
+}
+
+/// The actor [`require_admin`] found, in the request's extensions.
+#[derive(Debug, Clone)]
+struct Actor(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // both are always there behind `require_admin` on the admin listener; a handler
+        // reached some other way refuses rather than audit an unknown actor
+        let actor = parts
+            .extensions
+            .get::<Actor>()
+            .ok_or_else(|| ApiError::Internal("admin request without its caller".into()))?;
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .ok_or_else(|| ApiError::Internal("admin request without its peer".into()))?;
+        Ok(Self {
+            actor: actor.0.clone(),
+            ip: peer.0.ip(),
+        })
+    }
+}
+
 /// Guards `/admin/*`: the configured `admin.token`, or an access token carrying
 /// `portcullis:admin` (e.g. from the bootstrap admin client). Without `admin.token` on a
-/// loopback listener, the listener itself is the boundary and requests pass.
+/// loopback listener, the listener itself is the boundary and requests pass. Puts who
+/// was admitted in the request for the audit records ([`Caller`]).
 pub async fn require_admin(
     State(state): State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let authorization = req.headers().get(header::AUTHORIZATION);
@@ -46,13 +87,15 @@ pub async fn require_admin(
             }),
         _ => false,
     };
-    if static_ok {
-        return Ok(next.run(req).await);
-    }
-    if state.config.admin.token.is_none() && authorization.is_none() {
-        return Ok(next.run(req).await);
-    }
-    crate::authn::authenticate(&state.keys, authorization, &[ADMIN_SCOPE.to_owned()]).await?;
+    let actor = if static_ok || (state.config.admin.token.is_none() && authorization.is_none()) {
+        OPERATOR_ACTOR.to_owned()
+    } else {
+        let principal =
+            crate::authn::authenticate(&state.keys, authorization, &[ADMIN_SCOPE.to_owned()])
+                .await?;
+        principal.actor()
+    };
+    req.extensions_mut().insert(Actor(actor));
     Ok(next.run(req).await)
 }
 
@@ -78,7 +121,7 @@ pub struct RotateRequest {
 /// `POST /admin/keys/rotate`: bring the next rotation forward, or an emergency rotation.
 pub async fn rotate_keys(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     body: Result<Json<RotateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
@@ -114,7 +157,7 @@ pub async fn rotate_keys(
         .await?;
     state.audit.record(AuditEvent {
         at: state.keys.now(),
-        actor: "operator:admin-api".to_owned(),
+        actor: caller.actor,
         action: if emergency.is_some() {
             "key.rotate.emergency"
         } else {
@@ -127,7 +170,7 @@ pub async fn rotate_keys(
             .active_kid
             .map(|k| k.to_string())
             .unwrap_or_default(),
-        source_ip: Some(peer.ip().to_string()),
+        source_ip: Some(caller.ip.to_string()),
         detail: serde_json::json!({
             "reason": reason,
             "kid": req.kid,

@@ -6,14 +6,13 @@
 //! session's `family` id is public (it is in every token of the family, and in the audit
 //! trail); no token or hash is ever shown.
 
-use std::net::SocketAddr;
-
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Caller;
 use super::clients::audit;
 use crate::error::ApiError;
 use crate::refresh::FamilyId;
@@ -47,14 +46,14 @@ pub async fn list(
 /// the subject.
 pub async fn revoke_all(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     query: Result<Query<SubjectQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let subject = subject(query)?;
     let revoked = state.refresh.revoke_subject(&subject).await?;
     audit(
         &state,
-        peer,
+        &caller,
         "session.revoke_all",
         &subject,
         json!({ "sessions_revoked": revoked }),
@@ -67,7 +66,7 @@ pub async fn revoke_all(
 /// `DELETE /admin/sessions/{family}`: revokes one session; 404 when it is not live.
 pub async fn revoke(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(family): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let family = FamilyId::parse(&family).map_err(|_| {
@@ -81,7 +80,7 @@ pub async fn revoke(
     }
     audit(
         &state,
-        peer,
+        &caller,
         "session.revoke",
         &family.to_string(),
         json!({}),

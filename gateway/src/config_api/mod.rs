@@ -879,7 +879,7 @@ async fn written(
     // keys only, never values: the audit trail must not hold a secret
     state.audit.record(AuditEvent {
         at: time::OffsetDateTime::now_utc(),
-        actor: principal_actor(principal),
+        actor: principal.actor(),
         action: action.to_owned(),
         target: format!("{}/{}", info.environment, info.application),
         source_ip: Some(source_ip.to_string()),
@@ -906,14 +906,6 @@ async fn written(
         r.headers_mut().insert(header::ETAG, v);
     }
     r
-}
-
-fn principal_actor(p: &Principal) -> String {
-    if p.roles.is_empty() {
-        format!("client:{}", p.subject)
-    } else {
-        format!("user:{}", p.subject)
-    }
 }
 
 /// `PUT /config/v1/{env}/{app}`.
@@ -1092,7 +1084,7 @@ pub async fn promote_gray(
     state.config_center.hub.refresh(&env, &app).await;
     state.audit.record(AuditEvent {
         at: time::OffsetDateTime::now_utc(),
-        actor: principal_actor(&principal),
+        actor: principal.actor(),
         action: "config.promote".to_owned(),
         target: format!("{env}/{app}"),
         source_ip: Some(ip.to_string()),
@@ -1138,7 +1130,7 @@ pub async fn abort_gray(
     state.config_center.hub.refresh(&env, &app).await;
     state.audit.record(AuditEvent {
         at: time::OffsetDateTime::now_utc(),
-        actor: principal_actor(&principal),
+        actor: principal.actor(),
         action: "config.abort_gray".to_owned(),
         target: format!("{env}/{app}"),
         source_ip: Some(ip.to_string()),

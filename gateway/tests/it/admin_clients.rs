@@ -649,6 +649,41 @@ async fn the_admin_api_needs_the_admin_token_or_an_admin_scoped_access_token() {
 }
 
 #[tokio::test]
+async fn a_write_made_with_an_access_token_is_audited_as_the_client_that_made_it() {
+    let app = app().await;
+    let (ops, ops_secret) = create(
+        &app,
+        json!({ "name": "ops", "scopes": ["portcullis:admin"] }),
+    )
+    .await;
+    let (worker, _) = create(&app, json!({ "name": "worker", "scopes": ["jobs:run"] })).await;
+    let (status, body) = token(&app, &ops, &ops_secret).await;
+    assert_eq!(status, 200, "{body}");
+    let ops_token = body["access_token"].as_str().unwrap().to_owned();
+
+    let url = format!("http://{}/admin/clients/{worker}/disable", app.admin);
+    let (status, body, _) = send(reqwest::Client::new().post(&url).bearer_auth(&ops_token)).await;
+    assert_eq!(status, 200, "{body}");
+    let rows = audited(&app, "client.disable", 1).await;
+    assert_eq!(rows.len(), 1);
+    let (actor, target, _) = &rows[0];
+    assert_eq!(actor, &format!("client:{ops}"), "who disabled {target}");
+    assert_eq!(target, &worker);
+    // the static token is nobody's in particular: still the operator
+    let (status, _, _) = send(admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/admin/clients/{worker}/enable"),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        audited(&app, "client.enable", 1).await[0].0,
+        "operator:admin-api"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
     let app = app().await;
     let (id, secret) = create(&app, json!({ "id": "kept", "name": "Kept" })).await;
