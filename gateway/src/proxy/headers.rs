@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::sso::session::{ACCESS_COOKIE, ID_TOKEN_COOKIE, LOGIN_COOKIE, REFRESH_COOKIE};
+use crate::sso::session::COOKIE_PREFIX;
 
 /// The verified user header.
 pub const USER: HeaderName = HeaderName::from_static("x-portcullis-user");
@@ -294,8 +294,10 @@ pub fn from_upstream(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Ours by name: the session cookies and the pending-login cookies (one per login, so
+/// their names vary), and any other a node might invent under our prefix.
 fn is_session_cookie(name: &str) -> bool {
-    [REFRESH_COOKIE, ACCESS_COOKIE, ID_TOKEN_COOKIE, LOGIN_COOKIE].contains(&name)
+    name.starts_with(COOKIE_PREFIX)
 }
 
 /// Removes Portcullis's cookies from `Cookie`, keeping the node's own (its session,
@@ -559,7 +561,9 @@ mod tests {
         );
         h.append(
             "cookie",
-            HeaderValue::from_static("__Host-portcullis-rt=secret2"),
+            HeaderValue::from_static(
+                "__Host-portcullis-rt=secret2; __Host-portcullis-login-0123456789abcdef=st",
+            ),
         );
         to_upstream(&mut h, None, &origin(), false, false);
         assert_eq!(h["cookie"], "XXL_JOB_LOGIN_IDENTITY=abc");
@@ -577,6 +581,10 @@ mod tests {
         r.append(
             "set-cookie",
             HeaderValue::from_bytes(b" __Host-portcullis-rt =x; Path=/; X=\xff").unwrap(),
+        );
+        r.append(
+            "set-cookie",
+            HeaderValue::from_static("__Host-portcullis-login-0123456789abcdef=; Max-Age=0"),
         );
         from_upstream(&mut r, false);
         assert_eq!(r.get_all("set-cookie").iter().count(), 1);

@@ -18,7 +18,7 @@ use crate::protect::{Attempt, ClientIp, Kind};
 use crate::state::AppState;
 
 use super::session::{
-    self, ID_TOKEN_COOKIE, LOGIN_COOKIE, NewSession, REFRESH_COOKIE, Resolved, SessionInfo,
+    self, ID_TOKEN_COOKIE, MAX_PENDING_LOGINS, NewSession, REFRESH_COOKIE, Resolved, SessionInfo,
 };
 use super::{Callback, SsoError};
 
@@ -41,14 +41,14 @@ fn query_params(raw: Option<&str>) -> Result<HashMap<String, String>, ApiError> 
     Ok(params)
 }
 
-/// `GET /auth/login`: 302 to the provider, with the login cookie set.
+/// `GET /auth/login`: 302 to the provider, with this login's cookie set.
 pub async fn login(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    start_login(&state, ip, raw.as_deref())
+    start_login(&state, ip, &headers, raw.as_deref())
         .await
         .unwrap_or_else(|e| refusal(&headers, e))
 }
@@ -56,6 +56,7 @@ pub async fn login(
 async fn start_login(
     state: &AppState,
     ip: std::net::IpAddr,
+    headers: &HeaderMap,
     raw: Option<&str>,
 ) -> Result<Response, ApiError> {
     let query = query_params(raw)?;
@@ -79,8 +80,17 @@ async fn start_login(
     let location = HeaderValue::from_str(&started.authorize_url)
         .map_err(|e| ApiError::Internal(Box::new(e)))?;
     let mut response = redirect_to(StatusCode::FOUND, location);
+    // one cookie per pending login, so tabs logging in at once keep their own; the
+    // oldest beyond the bound are cleared (their logins then fail as `invalid_state`)
+    let held = session::login_cookie_names(headers);
+    let excess = (held.len() + 1).saturating_sub(MAX_PENDING_LOGINS);
+    for name in held.iter().take(excess) {
+        response
+            .headers_mut()
+            .append(header::SET_COOKIE, session::clear_cookie(name));
+    }
     if let Some(cookie) = session::set_cookie(
-        LOGIN_COOKIE,
+        &session::login_cookie_name(&started.state),
         &started.state,
         state.sso.settings().login_timeout,
     ) {
@@ -109,7 +119,11 @@ pub async fn callback(
         error_description: params.remove("error_description"),
     };
     let now = state.keys.now();
-    let cookie = session::read_cookie(&headers, LOGIN_COOKIE);
+    // this login's own cookie: another tab's login, finished or failed, leaves it alone
+    let cookie_name = query.state.as_deref().map(session::login_cookie_name);
+    let cookie = cookie_name
+        .as_deref()
+        .and_then(|n| session::read_cookie(&headers, n));
     let result = state.sso.finish(&query, cookie.as_deref(), now).await;
     let source_ip = Some(ip.to_string());
     let mut response = match result {
@@ -146,7 +160,7 @@ pub async fn callback(
                         for c in cookies {
                             r.headers_mut().append(header::SET_COOKIE, c);
                         }
-                        return r;
+                        r
                     }
                     Err(e) => refusal(&headers, ApiError::Internal(Box::new(e))),
                 }
@@ -165,12 +179,24 @@ pub async fn callback(
                 source_ip,
                 detail: serde_json::json!({ "method": "sso", "reason": reason }).into(),
             });
-            refusal(&headers, ApiError::from(e))
+            // a stale callback (reloaded, back button, a second tab after the first
+            // logged in) from a browser that is logged in already: on to the console
+            // rather than an error page. Nothing is consumed or made: the state stays
+            // refused, the session is the one the browser had.
+            if matches!(e, SsoError::InvalidState)
+                && session::has_live_session(&state, &headers).await
+            {
+                redirect_to(StatusCode::FOUND, HeaderValue::from_static("/"))
+            } else {
+                refusal(&headers, ApiError::from(e))
+            }
         }
     };
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, session::clear_cookie(LOGIN_COOKIE));
+    if let Some(name) = cookie_name.filter(|_| cookie.is_some()) {
+        response
+            .headers_mut()
+            .append(header::SET_COOKIE, session::clear_cookie(&name));
+    }
     response
 }
 

@@ -5,7 +5,9 @@
 //! - `__Host-portcullis-at`: a short-lived access token signed by our keys, with the
 //!   user's roles; renewed from the refresh cookie when it has expired;
 //! - `__Host-portcullis-idt`: the provider's ID token, only for `id_token_hint` at logout;
-//! - `__Host-portcullis-login`: the `state` of a login in progress.
+//! - `__Host-portcullis-login-<h>`: the `state` of one login in progress, `<h>` derived
+//!   from that `state` (one cookie per pending login, so logins started in several tabs at
+//!   once do not overwrite each other; at most [`MAX_PENDING_LOGINS`] per browser).
 //!
 //! All `HttpOnly; Secure; SameSite=Lax; Path=/` with the `__Host-` prefix, so no
 //! subdomain can set or shadow them.
@@ -30,8 +32,13 @@ pub const REFRESH_COOKIE: &str = "__Host-portcullis-rt";
 pub const ACCESS_COOKIE: &str = "__Host-portcullis-at";
 /// The ID-token cookie (logout hint).
 pub const ID_TOKEN_COOKIE: &str = "__Host-portcullis-idt";
-/// The pending-login cookie.
-pub const LOGIN_COOKIE: &str = "__Host-portcullis-login";
+/// The start of every pending-login cookie's name; the rest is [`login_cookie_name`]'s.
+pub const LOGIN_COOKIE_PREFIX: &str = "__Host-portcullis-login-";
+/// How many pending-login cookies a browser keeps: a login started beyond this clears
+/// the oldest (so abandoned tabs cannot grow the `Cookie` header without bound).
+pub const MAX_PENDING_LOGINS: usize = 8;
+/// Every cookie of ours starts with this: no admin node may set or read one.
+pub const COOKIE_PREFIX: &str = "__Host-portcullis-";
 
 /// The scope of console access tokens.
 pub const CONSOLE_SCOPE: &str = "console";
@@ -147,6 +154,31 @@ pub fn read_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// The name of the cookie that binds the login of `state` to the browser: the prefix and
+/// 16 hex digits of SHA-256(`state`). Derived, so the callback finds its own login's
+/// cookie among several without the name carrying the `state` itself; always a valid
+/// cookie name, whatever a callback's `state` holds.
+pub fn login_cookie_name(state: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(state.as_bytes());
+    let short = digest.get(..8).unwrap_or_default();
+    format!("{LOGIN_COOKIE_PREFIX}{}", hex::encode(short))
+}
+
+/// The names of the request's pending-login cookies, in the order the browser sent them
+/// (oldest first: RFC 6265 §5.4 lists cookies of one path by creation time).
+pub fn login_cookie_names(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(k, v)| k.starts_with(LOGIN_COOKIE_PREFIX) && !v.is_empty())
+        .map(|(k, _)| k.to_owned())
+        .collect()
+}
+
 /// Whether the request's `Origin` (or, without one, its `Referer`) is `origin`.
 pub fn from_origin(headers: &HeaderMap, origin: &str) -> bool {
     let claimed = headers
@@ -246,7 +278,6 @@ pub async fn establish(
         new.id_token
             .as_deref()
             .and_then(|t| set_cookie(ID_TOKEN_COOKIE, t, lifetime)),
-        Some(clear_cookie(LOGIN_COOKIE)),
     ]
     .into_iter()
     .flatten()
@@ -334,6 +365,22 @@ pub async fn access_claims(state: &AppState, headers: &HeaderMap) -> Option<Cons
     (claims.base.client_id == state.sso.settings().console_client_id
         && claims.base.scope == CONSOLE_SCOPE)
         .then_some(claims)
+}
+
+/// Whether the request carries a live console session: a good access cookie, or a
+/// refresh cookie that is its family's current token (nothing is rotated or set).
+pub async fn has_live_session(state: &AppState, headers: &HeaderMap) -> bool {
+    if access_claims(state, headers).await.is_some() {
+        return true;
+    }
+    let Some(refresh) = read_cookie(headers, REFRESH_COOKIE) else {
+        return false;
+    };
+    let presented = SecretString::from(refresh);
+    matches!(
+        state.refresh.inspect(&presented, state.keys.now()).await,
+        Ok(Some(s)) if s.client_id == state.sso.settings().console_client_id
+    )
 }
 
 /// The request's session: the access cookie when it is good, else a transparent renewal

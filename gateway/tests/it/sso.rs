@@ -138,6 +138,55 @@ impl SsoFixture {
             .map(|(_, v)| v.to_owned())
     }
 
+    /// The pending-login cookies in the jar, `(name, value)`.
+    pub fn login_cookies(&self) -> Vec<(String, String)> {
+        let url: Url = self.app.url("/").parse().unwrap();
+        let Some(header) = self.jar.cookies(&url) else {
+            return Vec::new();
+        };
+        header
+            .to_str()
+            .unwrap()
+            .split("; ")
+            .filter_map(|p| p.split_once('='))
+            .filter(|(k, _)| k.starts_with(LOGIN_COOKIE))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// The name of the one pending-login cookie the jar gained while `step` ran.
+    pub async fn new_login_cookie<T>(
+        &self,
+        step: impl std::future::Future<Output = T>,
+    ) -> (T, String) {
+        let before = self.login_cookies();
+        let out = step.await;
+        let added: Vec<String> = self
+            .login_cookies()
+            .into_iter()
+            .filter(|c| !before.contains(c))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(added.len(), 1, "one login cookie per login: {added:?}");
+        (out, added[0].clone())
+    }
+
+    /// `GET /auth/login<query>`; returns the authorization URL it redirects to.
+    pub async fn start_login(&self, query: &str) -> Url {
+        let started = self
+            .browser
+            .get(self.app.url(&format!("/auth/login{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), StatusCode::FOUND);
+        started.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     pub async fn me(&self) -> reqwest::Response {
         self.browser
             .get(self.app.url("/auth/me"))
@@ -158,7 +207,20 @@ async fn error_code(response: reqwest::Response) -> String {
 
 const REFRESH_COOKIE: &str = "__Host-portcullis-rt";
 const ACCESS_COOKIE: &str = "__Host-portcullis-at";
+/// The start of every pending-login cookie's name.
 const LOGIN_COOKIE: &str = "__Host-portcullis-login";
+
+/// The names of the cookies a response clears (`Max-Age=0`).
+fn cleared_cookies(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .filter(|c| c.contains("Max-Age=0"))
+        .filter_map(|c| c.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect()
+}
 
 #[tokio::test]
 async fn browser_login_shows_mapped_roles_and_logout_revokes_the_session() {
@@ -340,7 +402,8 @@ async fn tampered_state_is_refused_and_no_session_is_made() {
 async fn replayed_state_is_refused_and_no_session_is_made() {
     let f = SsoFixture::start(|_| {}).await;
     let callback = f.login_at_idp("", "alice", "alice-correct-horse").await;
-    let login_cookie = f.cookie(LOGIN_COOKIE).unwrap();
+    let (name, value) = f.login_cookies().pop().unwrap();
+    let login_cookie = format!("{name}={value}");
     // an eavesdropper replays the same callback, login cookie and all, in a browser of
     // its own after the user has finished
     assert_eq!(
@@ -363,7 +426,7 @@ async fn replayed_state_is_refused_and_no_session_is_made() {
         .unwrap();
     let replay = other
         .get(callback)
-        .header(header::COOKIE, format!("{LOGIN_COOKIE}={login_cookie}"))
+        .header(header::COOKIE, login_cookie)
         .send()
         .await
         .unwrap();
@@ -376,6 +439,111 @@ async fn replayed_state_is_refused_and_no_session_is_made() {
             .all(|c| { !c.to_str().unwrap().starts_with(REFRESH_COOKIE) })
     );
     assert_eq!(error_code(replay).await, "invalid_state");
+}
+
+#[tokio::test]
+async fn logins_started_in_two_tabs_at_once_both_finish() {
+    let f = SsoFixture::start(|_| {}).await;
+    // both tabs go to the provider before either comes back
+    let (tab_a, cookie_a) = f
+        .new_login_cookie(f.login_at_idp("?redirect=/jobs", "alice", "alice-correct-horse"))
+        .await;
+    let (tab_b, cookie_b) = f
+        .new_login_cookie(f.login_at_idp("?redirect=/logs", "alice", "alice-correct-horse"))
+        .await;
+
+    let a = f.browser.get(tab_a).send().await.unwrap();
+    assert_eq!(a.status(), StatusCode::FOUND);
+    assert_eq!(a.headers()[header::LOCATION], "/jobs");
+    // each callback clears its own login's cookie, and only that
+    let cleared = cleared_cookies(&a);
+    assert!(cleared.contains(&cookie_a), "{cleared:?}");
+    assert!(!cleared.contains(&cookie_b), "{cleared:?}");
+
+    let b = f.browser.get(tab_b).send().await.unwrap();
+    assert_eq!(b.status(), StatusCode::FOUND);
+    assert_eq!(b.headers()[header::LOCATION], "/logs");
+    assert!(cleared_cookies(&b).contains(&cookie_b));
+    assert!(f.login_cookies().is_empty());
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_login_given_up_in_one_tab_does_not_spoil_another() {
+    let f = SsoFixture::start(|_| {}).await;
+    let (authorize_a, cookie_a) = f.new_login_cookie(f.start_login("?redirect=/jobs")).await;
+    let (tab_b, cookie_b) = f
+        .new_login_cookie(f.login_at_idp("?redirect=/logs", "bob", "bob-battery-staple"))
+        .await;
+    // tab A's user presses "Deny" at the provider
+    let mut denied: Url = f.app.url("/auth/callback").parse().unwrap();
+    denied
+        .query_pairs_mut()
+        .append_pair("error", "access_denied")
+        .append_pair("state", &param(&authorize_a, "state"))
+        .append_pair("iss", &f.idp.issuer());
+    let a = f.browser.get(denied).send().await.unwrap();
+    assert_eq!(a.status(), StatusCode::FORBIDDEN);
+    let cleared = cleared_cookies(&a);
+    assert_eq!(cleared, vec![cookie_a]);
+    assert_eq!(error_code(a).await, "login_failed");
+
+    let b = f.browser.get(tab_b).send().await.unwrap();
+    assert_eq!(b.status(), StatusCode::FOUND);
+    assert_eq!(b.headers()[header::LOCATION], "/logs");
+    assert!(cleared_cookies(&b).contains(&cookie_b));
+    let me: serde_json::Value = f.me().await.json().await.unwrap();
+    assert_eq!(me["subject"], "test:bob");
+}
+
+#[tokio::test]
+async fn a_stale_callback_in_a_logged_in_browser_goes_on_to_the_console() {
+    let f = SsoFixture::start(|_| {}).await;
+    let callback = f
+        .login_at_idp("?redirect=/jobs", "alice", "alice-correct-horse")
+        .await;
+    let first = f.browser.get(callback.clone()).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::FOUND);
+    let refresh = f.cookie(REFRESH_COOKIE).unwrap();
+
+    // the user reloads the callback page, or comes back to it with the back button
+    for _ in 0..2 {
+        let again = f.browser.get(callback.clone()).send().await.unwrap();
+        assert_eq!(again.status(), StatusCode::FOUND);
+        assert_eq!(again.headers()[header::LOCATION], "/");
+        // no new session: the browser keeps the one it has
+        assert!(again.headers().get_all(header::SET_COOKIE).iter().all(|c| {
+            !c.to_str().unwrap().starts_with(REFRESH_COOKIE)
+                && !c.to_str().unwrap().starts_with(ACCESS_COOKIE)
+        }));
+        assert_eq!(f.cookie(REFRESH_COOKIE).unwrap(), refresh);
+        // the second time with an expired access cookie: the refresh cookie counts
+        f.clock.advance(time::Duration::minutes(10));
+    }
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+    // once logged out, the same stale callback is an error again
+    f.browser
+        .post(f.app.url("/auth/logout"))
+        .header(header::ORIGIN, f.origin())
+        .send()
+        .await
+        .unwrap();
+    let after = f.browser.get(callback).send().await.unwrap();
+    assert_eq!(after.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(after).await, "invalid_state");
+}
+
+#[tokio::test]
+async fn a_browser_holds_a_bounded_number_of_pending_logins() {
+    let f = SsoFixture::start(|_| {}).await;
+    let mut last_state = String::new();
+    for _ in 0..10 {
+        last_state = param(&f.start_login("").await, "state");
+    }
+    let held = f.login_cookies();
+    assert_eq!(held.len(), 8, "{held:?}");
+    // the newest login is among them and still finishes
+    assert!(held.iter().any(|(_, v)| *v == last_state));
 }
 
 #[tokio::test]
@@ -758,7 +926,8 @@ async fn a_login_started_on_one_instance_finishes_on_another_sharing_redis() {
     .await;
 
     let callback = f.login_at_idp("", "alice", "alice-correct-horse").await;
-    let login_cookie = f.cookie(LOGIN_COOKIE).unwrap();
+    let (name, value) = f.login_cookies().pop().unwrap();
+    let login_cookie = format!("{name}={value}");
     // the balancer sends the callback to the other instance; the browser's cookies go along
     let to_other = reqwest::Client::builder()
         .cookie_provider(f.jar.clone())
@@ -789,7 +958,7 @@ async fn a_login_started_on_one_instance_finishes_on_another_sharing_redis() {
         .app
         .https_client()
         .get(callback.as_str())
-        .header(header::COOKIE, format!("{LOGIN_COOKIE}={login_cookie}"))
+        .header(header::COOKIE, login_cookie)
         .send()
         .await
         .unwrap();
