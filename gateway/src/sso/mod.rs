@@ -57,7 +57,8 @@ pub enum SsoError {
     /// The provider answered the authorization request with an error.
     #[error("the identity provider refused the login: {0}")]
     ProviderDenied(String),
-    /// The callback's `iss` is not the provider the login went to (mix-up, RFC 9207).
+    /// The callback's `iss` is not the provider the login went to, or is missing while
+    /// the provider advertises that it always sends it (mix-up, RFC 9207).
     #[error("the callback comes from another issuer")]
     IssuerMismatch,
     /// The callback has no `code`.
@@ -324,14 +325,19 @@ impl Sso {
             .await?
             .ok_or(SsoError::InvalidState)?;
         let provider = self.provider(Some(&pending.provider))?;
+        let metadata = provider.metadata().await?;
+        // RFC 9207 §2.4: `iss` is checked before anything else of the response, error
+        // responses included; a provider that says it always sends `iss` must send it
+        // (without it, a mix-up attacker would just leave it out)
+        match &callback.iss {
+            Some(iss) if *iss != metadata.issuer => return Err(SsoError::IssuerMismatch),
+            None if metadata.authorization_response_iss_parameter_supported => {
+                return Err(SsoError::IssuerMismatch);
+            }
+            _ => {}
+        }
         if let Some(error) = &callback.error {
             return Err(SsoError::ProviderDenied(error.chars().take(64).collect()));
-        }
-        let metadata = provider.metadata().await?;
-        if let Some(iss) = &callback.iss
-            && *iss != metadata.issuer
-        {
-            return Err(SsoError::IssuerMismatch);
         }
         let code = callback.code.clone().ok_or(SsoError::MissingCode)?;
         let client = oauth_client(&provider, &metadata)?;
@@ -414,7 +420,8 @@ pub struct Callback {
     pub code: Option<String>,
     /// Our `state`, echoed.
     pub state: Option<String>,
-    /// The issuer (RFC 9207), when the provider sends it.
+    /// The issuer (RFC 9207); required when the provider's discovery advertises
+    /// `authorization_response_iss_parameter_supported`.
     pub iss: Option<String>,
     /// An error instead of a code.
     pub error: Option<String>,

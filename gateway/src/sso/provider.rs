@@ -35,6 +35,10 @@ pub struct Metadata {
     /// Client authentication methods at the token endpoint.
     #[serde(default)]
     pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    /// The provider puts `iss` on every authorization response (RFC 9207 §3): then a
+    /// callback without it is refused like one with another issuer.
+    #[serde(default)]
+    pub authorization_response_iss_parameter_supported: bool,
 }
 
 struct JwksCache {

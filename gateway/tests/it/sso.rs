@@ -373,6 +373,17 @@ fn with_param(url: &Url, name: &str, value: &str) -> Url {
     out
 }
 
+fn without_param(url: &Url, name: &str) -> Url {
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != name)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let mut out = url.clone();
+    out.query_pairs_mut().clear().extend_pairs(pairs);
+    out
+}
+
 fn param(url: &Url, name: &str) -> String {
     url.query_pairs()
         .find(|(k, _)| k == name)
@@ -702,6 +713,47 @@ async fn open_redirects_are_refused() {
         assert!(response.headers().get(header::LOCATION).is_none(), "{evil}");
         assert_eq!(error_code(response).await, "invalid_redirect");
     }
+}
+
+#[tokio::test]
+async fn a_callback_without_the_advertised_iss_or_with_another_is_refused() {
+    let f = SsoFixture::start(|_| {}).await;
+    let discovery: serde_json::Value = reqwest::get(f.idp.discovery_url())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        discovery["authorization_response_iss_parameter_supported"],
+        true
+    );
+    let issuer = f.idp.issuer();
+    let rewrites: [(&str, Option<String>); 4] = [
+        ("left out", None),
+        ("another provider", Some("http://127.0.0.1:1".to_owned())),
+        ("a trailing slash", Some(format!("{issuer}/"))),
+        ("empty", Some(String::new())),
+    ];
+    for (what, iss) in rewrites {
+        let (callback, cookie) = f
+            .new_login_cookie(f.login_at_idp("", "alice", "alice-correct-horse"))
+            .await;
+        assert_eq!(param(&callback, "iss"), issuer);
+        let forged = match &iss {
+            None => without_param(&callback, "iss"),
+            Some(other) => with_param(&callback, "iss", other),
+        };
+        let response = f.browser.get(forged).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "iss {what}");
+        assert!(cleared_cookies(&response).contains(&cookie), "iss {what}");
+        assert_eq!(error_code(response).await, "login_failed", "iss {what}");
+        assert!(f.cookie(REFRESH_COOKIE).is_none(), "iss {what}");
+        // the refused callback spent its state: the genuine one cannot follow
+        let genuine = f.browser.get(callback).send().await.unwrap();
+        assert_eq!(genuine.status(), StatusCode::BAD_REQUEST, "iss {what}");
+    }
+    assert_eq!(f.me().await.status(), StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
