@@ -54,7 +54,8 @@ pub enum SsoError {
     /// `state` is missing, unknown, used already, expired, or not this browser's.
     #[error("the login state is invalid, expired or already used")]
     InvalidState,
-    /// The provider answered the authorization request with an error.
+    /// The provider answered the authorization request with an error (its `error` code
+    /// as [`loggable_error_code`] keeps it).
     #[error("the identity provider refused the login: {0}")]
     ProviderDenied(String),
     /// The callback's `iss` is not the provider the login went to, or is missing while
@@ -64,7 +65,8 @@ pub enum SsoError {
     /// The callback has no `code`.
     #[error("the callback has no authorization code")]
     MissingCode,
-    /// The provider refused the code (replayed, expired, PKCE mismatch, other client).
+    /// The provider refused the code (replayed, expired, PKCE mismatch, other client); its
+    /// `error` code as [`loggable_error_code`] keeps it.
     #[error("the identity provider refused the authorization code: {0}")]
     CodeRejected(String),
     /// The token response carries no ID token.
@@ -337,7 +339,7 @@ impl Sso {
             _ => {}
         }
         if let Some(error) = &callback.error {
-            return Err(SsoError::ProviderDenied(error.chars().take(64).collect()));
+            return Err(SsoError::ProviderDenied(loggable_error_code(error)));
         }
         let code = callback.code.clone().ok_or(SsoError::MissingCode)?;
         let client = oauth_client(&provider, &metadata)?;
@@ -348,7 +350,7 @@ impl Sso {
             .await
             .map_err(|e| match e {
                 oauth2::RequestTokenError::ServerResponse(r) => {
-                    SsoError::CodeRejected(r.error().as_ref().to_owned())
+                    SsoError::CodeRejected(loggable_error_code(r.error().as_ref()))
                 }
                 oauth2::RequestTokenError::Request(e) => {
                     SsoError::ProviderUnavailable(e.to_string())
@@ -435,6 +437,26 @@ impl std::fmt::Debug for Callback {
             .field("iss", &self.iss)
             .field("error", &self.error)
             .finish_non_exhaustive()
+    }
+}
+
+/// What stands in the log for an `error` code that is not one.
+pub const MALFORMED_ERROR_CODE: &str = "(malformed)";
+
+/// A provider's `error` code fit for the log: as sent when it is 1-64 characters of the
+/// charset RFC 6749 gives error codes (%x20-21 / %x23-5B / %x5D-7E: printable ASCII
+/// without `"` and `\`), else [`MALFORMED_ERROR_CODE`]. Nothing else the provider or a
+/// forged callback sends (`error_description`, `error_uri`) is kept: newlines and
+/// control characters would forge log lines, and a description is free text.
+pub fn loggable_error_code(raw: &str) -> String {
+    let valid = (1..=64).contains(&raw.len())
+        && raw
+            .bytes()
+            .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5B | 0x5D..=0x7E));
+    if valid {
+        raw.to_owned()
+    } else {
+        MALFORMED_ERROR_CODE.to_owned()
     }
 }
 
@@ -528,5 +550,40 @@ fn groups_of(claims: &IdClaims, claim: &str) -> Vec<String> {
             .collect(),
         Some(serde_json::Value::String(one)) => vec![one.clone()],
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_of_the_rfc_charset_are_logged_as_sent() {
+        for code in [
+            "access_denied",
+            "invalid_scope",
+            "temporarily_unavailable",
+            "a b!~[]",
+        ] {
+            assert_eq!(loggable_error_code(code), code);
+        }
+    }
+
+    #[test]
+    fn anything_else_is_logged_as_a_fixed_marker() {
+        for bad in [
+            "",
+            "access_denied\nINFO forged line",
+            "access_denied\r\n",
+            "tab\there",
+            "quote\"d",
+            "back\\slash",
+            "caf\u{e9}",
+            "nul\0",
+            "\u{1b}[31mred",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(loggable_error_code(bad), MALFORMED_ERROR_CODE, "{bad:?}");
+        }
     }
 }

@@ -757,6 +757,34 @@ async fn a_callback_without_the_advertised_iss_or_with_another_is_refused() {
 }
 
 #[tokio::test]
+async fn a_provider_error_is_answered_without_echoing_it() {
+    let f = SsoFixture::start(|_| {}).await;
+    let injected = "access_denied<script>alert(1)</script>\nforged";
+    let state = param(&f.start_login("").await, "state");
+    let mut callback: Url = f.app.url("/auth/callback").parse().unwrap();
+    callback
+        .query_pairs_mut()
+        .append_pair("error", injected)
+        .append_pair("error_description", "<img src=x onerror=alert(2)>")
+        .append_pair("state", &state)
+        .append_pair("iss", &f.idp.issuer());
+    let response = f
+        .browser
+        .get(callback)
+        .header(header::ACCEPT, "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let page = response.text().await.unwrap();
+    assert!(page.contains("data-code=\"login_failed\""), "{page}");
+    for echoed in ["<script>", "alert(", "onerror", "forged"] {
+        assert!(!page.contains(echoed), "{echoed} in {page}");
+    }
+    assert!(f.cookie(REFRESH_COOKIE).is_none());
+}
+
+#[tokio::test]
 async fn a_repeated_state_or_redirect_is_refused() {
     let f = SsoFixture::start(|_| {}).await;
     let login = f
@@ -1070,6 +1098,19 @@ async fn logs_capture() {
     );
     // a refused replay logs its reason, not its parameters
     f.browser.get(callback).send().await.unwrap();
+    // a provider error (or a forged one) logs a code of RFC 6749's charset, nothing else
+    let denied_state = param(&f.start_login("").await, "state");
+    let mut denied: Url = f.app.url("/auth/callback").parse().unwrap();
+    denied
+        .query_pairs_mut()
+        .append_pair("error", "access_denied\nINFO forged-log-line admin=true")
+        .append_pair("error_description", "forged-description")
+        .append_pair("state", &denied_state)
+        .append_pair("iss", &f.idp.issuer());
+    assert_eq!(
+        f.browser.get(denied).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
     f.clock.advance(time::Duration::minutes(10));
     assert_eq!(f.me().await.status(), StatusCode::OK);
     let secrets = [
@@ -1083,6 +1124,13 @@ async fn logs_capture() {
     ];
     let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
     assert!(logs.contains("SSO login refused"), "nothing was captured");
+    assert!(
+        logs.contains("refused the login: (malformed)"),
+        "the malformed error code is logged as a marker"
+    );
+    for forged in ["forged-log-line", "forged-description"] {
+        assert!(!logs.contains(forged), "provider text reached the logs");
+    }
     for secret in &secrets {
         assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
     }
