@@ -27,6 +27,9 @@ pub struct TestUser {
     pub email: &'static str,
     /// The `groups` claim (scope `groups`).
     pub groups: &'static [&'static str],
+    /// This many more groups in the claim, named `cn=team-<n>,ou=groups,dc=corp,dc=example`
+    /// (a user in very many groups, as directory users often are: a large ID token).
+    pub extra_groups: usize,
 }
 
 /// The users of every [`OidcProvider`]; the provider script gets them from here.
@@ -36,18 +39,29 @@ pub const TEST_USERS: &[TestUser] = &[
         password: "alice-correct-horse",
         email: "alice@example.com",
         groups: &["scheduler-admins"],
+        extra_groups: 0,
     },
     TestUser {
         username: "bob",
         password: "bob-battery-staple",
         email: "bob@example.com",
         groups: &["scheduler-operators"],
+        extra_groups: 0,
     },
     TestUser {
         username: "carol",
         password: "carol-tr0ub4dor",
         email: "carol@contractor.example",
         groups: &[],
+        extra_groups: 0,
+    },
+    // an ID token too large for one browser cookie (over 4096 bytes)
+    TestUser {
+        username: "dave",
+        password: "dave-many-groups-4k",
+        email: "dave@example.com",
+        groups: &["scheduler-operators"],
+        extra_groups: 100,
     },
 ];
 
@@ -61,6 +75,17 @@ impl TestUser {
             .next()
             .map(|first| first.to_uppercase().chain(chars).collect())
             .unwrap_or_default()
+    }
+
+    /// The whole `groups` claim: [`TestUser::groups`] and the generated ones.
+    pub fn all_groups(&self) -> Vec<String> {
+        let extra =
+            (1..=self.extra_groups).map(|n| format!("cn=team-{n:04},ou=groups,dc=corp,dc=example"));
+        self.groups
+            .iter()
+            .map(|g| (*g).to_owned())
+            .chain(extra)
+            .collect()
     }
 
     /// The user called `username` in [`TEST_USERS`].
@@ -139,7 +164,7 @@ impl OidcProvider {
                     "password": u.password,
                     "email": u.email,
                     "name": u.display_name(),
-                    "groups": u.groups,
+                    "groups": u.all_groups(),
                 })
             })
             .collect();

@@ -418,9 +418,12 @@ pub async fn logout(
             detail: serde_json::json!({ "provider": provider }).into(),
         });
     }
-    let location = match (provider, session::read_cookie(&headers, ID_TOKEN_COOKIE)) {
-        (Some(p), Some(id_token)) => end_session_url(&state, &p, &id_token).await,
-        _ => None,
+    // the provider session ends too, with or without the ID token: its cookie is absent
+    // when the token was too large to keep in one (or the browser dropped it)
+    let id_token = session::read_cookie(&headers, ID_TOKEN_COOKIE);
+    let location = match provider {
+        Some(p) => end_session_url(&state, &p, id_token.as_deref()).await,
+        None => None,
     }
     .unwrap_or_else(|| "/".to_owned());
     let location = HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(Box::new(e)))?;
@@ -431,21 +434,32 @@ pub async fn logout(
     Ok(response)
 }
 
-/// The provider's `end_session_endpoint` with `id_token_hint`, `post_logout_redirect_uri`
-/// and `client_id` (RP-Initiated Logout 1.0 §2); `None` when it has none or cannot be
-/// reached (the local logout stands either way).
-async fn end_session_url(state: &AppState, provider: &str, id_token: &str) -> Option<String> {
+/// The provider's `end_session_endpoint` with `id_token_hint` (when we have the ID token),
+/// `post_logout_redirect_uri` and `client_id` (RP-Initiated Logout 1.0 §2: the hint is
+/// RECOMMENDED, and `client_id` lets the provider check the redirect URI without it);
+/// `None` when the provider has no such endpoint or cannot be reached (the local logout
+/// stands either way).
+async fn end_session_url(
+    state: &AppState,
+    provider: &str,
+    id_token: Option<&str>,
+) -> Option<String> {
     let provider = state.sso.provider(Some(provider)).ok()?;
     let metadata = provider.metadata().await.ok()?;
     let endpoint = metadata.end_session_endpoint.as_ref()?;
     let mut url = url::Url::parse(endpoint).ok()?;
-    url.query_pairs_mut()
-        .append_pair("id_token_hint", id_token)
-        .append_pair(
-            "post_logout_redirect_uri",
-            &provider.post_logout_redirect_uri,
-        )
-        .append_pair("client_id", &provider.settings.client_id);
+    {
+        let mut query = url.query_pairs_mut();
+        if let Some(hint) = id_token {
+            query.append_pair("id_token_hint", hint);
+        }
+        query
+            .append_pair(
+                "post_logout_redirect_uri",
+                &provider.post_logout_redirect_uri,
+            )
+            .append_pair("client_id", &provider.settings.client_id);
+    }
     Some(url.to_string())
 }
 

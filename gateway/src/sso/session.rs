@@ -4,7 +4,8 @@
 //!   subject `<provider>:<sub>`, client `sso.console_client_id`);
 //! - `__Host-portcullis-at`: a short-lived access token signed by our keys, with the
 //!   user's roles; renewed from the refresh cookie when it has expired;
-//! - `__Host-portcullis-idt`: the provider's ID token, only for `id_token_hint` at logout;
+//! - `__Host-portcullis-idt`: the provider's ID token, only for `id_token_hint` at logout,
+//!   and only when it fits in a cookie ([`MAX_COOKIE_BYTES`]);
 //! - `__Host-portcullis-login-<h>`: the `state` of one login in progress, `<h>` derived
 //!   from that `state` (one cookie per pending login, so logins started in several tabs at
 //!   once do not overwrite each other; at most [`MAX_PENDING_LOGINS`] per browser).
@@ -37,6 +38,9 @@ pub const LOGIN_COOKIE_PREFIX: &str = "__Host-portcullis-login-";
 /// How many pending-login cookies a browser keeps: a login started beyond this clears
 /// the oldest (so abandoned tabs cannot grow the `Cookie` header without bound).
 pub const MAX_PENDING_LOGINS: usize = 8;
+/// The largest `Set-Cookie` value (name, value and attributes) every browser keeps: RFC
+/// 6265 §6.1 asks for at least 4096 bytes, and browsers drop larger ones silently.
+pub const MAX_COOKIE_BYTES: usize = 4096;
 /// Every cookie of ours starts with this: no admin node may set or read one.
 pub const COOKIE_PREFIX: &str = "__Host-portcullis-";
 
@@ -272,12 +276,29 @@ pub async fn establish(
         &new.info,
     )?;
     let lifetime = state.config.refresh.absolute_lifetime;
+    // a cookie over the size every browser keeps would be dropped without a word; then
+    // there is no hint, and logout names the client instead (see `handlers::logout`).
+    // Without a hint of this login, one left by an earlier login must go too: it would
+    // name another session, perhaps another user.
+    let id_token = new
+        .id_token
+        .as_deref()
+        .and_then(|t| set_cookie(ID_TOKEN_COOKIE, t, lifetime))
+        .filter(|c| {
+            let fits = c.len() <= MAX_COOKIE_BYTES;
+            if !fits {
+                tracing::debug!(
+                    bytes = c.len(),
+                    "ID token too large for a cookie: logout will name the client instead"
+                );
+            }
+            fits
+        })
+        .unwrap_or_else(|| clear_cookie(ID_TOKEN_COOKIE));
     Ok([
         set_cookie(REFRESH_COOKIE, issued.token.expose_secret(), lifetime),
         set_cookie(ACCESS_COOKIE, &access, sso.access_token_lifetime),
-        new.id_token
-            .as_deref()
-            .and_then(|t| set_cookie(ID_TOKEN_COOKIE, t, lifetime)),
+        Some(id_token),
     ]
     .into_iter()
     .flatten()

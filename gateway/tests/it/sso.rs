@@ -207,6 +207,7 @@ async fn error_code(response: reqwest::Response) -> String {
 
 const REFRESH_COOKIE: &str = "__Host-portcullis-rt";
 const ACCESS_COOKIE: &str = "__Host-portcullis-at";
+const ID_TOKEN_COOKIE: &str = "__Host-portcullis-idt";
 /// The start of every pending-login cookie's name.
 const LOGIN_COOKIE: &str = "__Host-portcullis-login";
 
@@ -782,6 +783,64 @@ async fn a_provider_error_is_answered_without_echoing_it() {
         assert!(!page.contains(echoed), "{echoed} in {page}");
     }
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn logout_ends_the_provider_session_when_the_id_token_is_too_large_for_a_cookie() {
+    let f = SsoFixture::start(|_| {}).await;
+    // dave is in a hundred groups: his ID token is larger than a browser keeps in a cookie
+    let response = f.login("dave", "dave-many-groups-4k").await;
+    assert_eq!(response.status(), StatusCode::FOUND);
+    for c in response.headers().get_all(header::SET_COOKIE) {
+        assert!(
+            c.len() <= 4096,
+            "a {}-byte cookie would be dropped",
+            c.len()
+        );
+    }
+    assert!(f.cookie(ID_TOKEN_COOKIE).is_none());
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+
+    let logout = f
+        .browser
+        .post(f.app.url("/auth/logout"))
+        .header(header::ORIGIN, f.origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), StatusCode::SEE_OTHER);
+    let location: Url = logout.headers()[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(location.as_str().starts_with(&f.idp.issuer()), "{location}");
+    assert_eq!(param(&location, "client_id"), f.idp.options().client_id);
+    assert_eq!(
+        param(&location, "post_logout_redirect_uri"),
+        format!("{}/", f.origin())
+    );
+    assert!(!location.query_pairs().any(|(k, _)| k == "id_token_hint"));
+    let back = f
+        .idp
+        .browser_logout(&f.browser, location.as_str())
+        .await
+        .unwrap();
+    assert_eq!(back.as_str(), format!("{}/", f.origin()));
+    // the provider's session is over: the next login asks for the password again
+    let again = f
+        .idp
+        .browser_login(
+            &f.browser,
+            &f.app.url("/auth/login"),
+            "dave",
+            "not-his-password",
+        )
+        .await;
+    assert!(
+        matches!(again, Err(harness::HarnessError::LoginRejected(_))),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
