@@ -5,14 +5,21 @@ use std::borrow::Cow;
 /// `Some(path)` when `raw` (the already query-decoded `redirect` parameter) is a plain
 /// absolute path on this origin; `None` for anything a browser could read as another
 /// origin: `//host`, `/\host`, schemes, control characters, and the same tricks hidden
-/// behind one more layer of percent-encoding (`%2F%2Fevil`).
+/// behind one more layer of percent-encoding in the path (`%2F%2Fevil`).
+///
+/// Only the path decides where a URL goes: once it starts with one `/` and no second
+/// `/` or `\`, nothing after the `?` or `#` can change the origin, so a query or
+/// fragment may carry any percent-encoded byte (`%5C`, `%0A`, `%FF`, `%2F%2F`): they stay
+/// encoded in `Location`. Raw backslashes, spaces and control characters are refused
+/// anywhere.
 pub fn safe_redirect(raw: &str) -> Option<String> {
     if !is_safe_path(raw) {
         return None;
     }
+    let path = raw.split(['?', '#']).next().unwrap_or_default();
     // a path that decodes to something unsafe would be unsafe for whoever decodes it
     // once more (some frameworks and proxies do)
-    let once: Cow<'_, str> = percent_encoding::percent_decode_str(raw)
+    let once: Cow<'_, str> = percent_encoding::percent_decode_str(path)
         .decode_utf8()
         .ok()?;
     // browsers drop tabs and newlines inside URLs, so `/%09/evil` is `//evil` to them;
@@ -41,7 +48,19 @@ mod tests {
 
     #[test]
     fn relative_paths_pass() {
-        for ok in ["/", "/jobs", "/jobs?id=3&x=%20y", "/a/b#frag"] {
+        for ok in [
+            "/",
+            "/jobs",
+            "/jobs?id=3&x=%20y",
+            "/a/b#frag",
+            // any encoded byte in a query or fragment: it cannot leave the path
+            "/logs?pattern=C%3A%5Cjobs%5Cout.log",
+            "/logs?lines=a%0Ab%0D%0Ac",
+            "/search?q=%FF%FE",
+            "/jobs?next=%2F%2Fevil.example",
+            "/jobs?next=//evil.example",
+            "/jobs#%5C%0A",
+        ] {
             assert_eq!(safe_redirect(ok).as_deref(), Some(ok), "{ok}");
         }
     }
@@ -58,6 +77,13 @@ mod tests {
             "/%5Cevil.example",
             "/%09/evil.example",
             "/\t/evil.example",
+            "/%5C%5Cevil.example?q=1",
+            "/%0A/evil.example?q=1",
+            "/%2F%2Fevil.example#x",
+            "/jobs?q=a\\b",
+            "/jobs?q=a\nb",
+            "/jobs?q=a b",
+            "/jobs#a\tb",
             "javascript:alert(1)",
             "evil.example",
             "",

@@ -786,6 +786,36 @@ async fn a_provider_error_is_answered_without_echoing_it() {
 }
 
 #[tokio::test]
+async fn a_return_url_with_any_encoded_byte_in_its_query_is_kept() {
+    let f = SsoFixture::start(|_| {}).await;
+    // a log search for a Windows path, a multi-line pattern and a Latin-1 byte
+    let target = "/logs?path=C%3A%5Cjobs%5Cout.log&pattern=a%0Ab&q=%FF";
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("redirect", target)
+        .finish();
+    let callback = f
+        .login_at_idp(&format!("?{query}"), "alice", "alice-correct-horse")
+        .await;
+    let response = f.browser.get(callback).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(response.headers()[header::LOCATION], target);
+    // the same bytes in the path still count as a way off the site
+    for evil in ["/%5Cevil.example?q=%5C", "/%0A/evil.example?q=1"] {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("redirect", evil)
+            .finish();
+        let refused = f
+            .browser
+            .get(f.app.url(&format!("/auth/login?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{evil}");
+        assert_eq!(error_code(refused).await, "invalid_redirect");
+    }
+}
+
+#[tokio::test]
 async fn logout_ends_the_provider_session_when_the_id_token_is_too_large_for_a_cookie() {
     let f = SsoFixture::start(|_| {}).await;
     // dave is in a hundred groups: his ID token is larger than a browser keeps in a cookie
