@@ -145,14 +145,19 @@ pub fn clear_session_cookies() -> Vec<HeaderValue> {
         .collect()
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub fn read_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The `(name, value)` pairs of the request's `Cookie` headers, in the order sent.
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn read_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    cookie_pairs(headers)
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
         .filter(|v| !v.is_empty())
@@ -172,12 +177,7 @@ pub fn login_cookie_name(state: &str) -> String {
 /// The names of the request's pending-login cookies, in the order the browser sent them
 /// (oldest first: RFC 6265 §5.4 lists cookies of one path by creation time).
 pub fn login_cookie_names(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
+    cookie_pairs(headers)
         .filter(|(k, v)| k.starts_with(LOGIN_COOKIE_PREFIX) && !v.is_empty())
         .map(|(k, _)| k.to_owned())
         .collect()

@@ -126,20 +126,8 @@ impl SsoFixture {
         self.browser.get(callback).send().await.unwrap()
     }
 
-    pub fn cookie(&self, name: &str) -> Option<String> {
-        let url: Url = self.app.url("/").parse().unwrap();
-        let header = self.jar.cookies(&url)?;
-        header
-            .to_str()
-            .unwrap()
-            .split("; ")
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.to_owned())
-    }
-
-    /// The pending-login cookies in the jar, `(name, value)`.
-    pub fn login_cookies(&self) -> Vec<(String, String)> {
+    /// Every cookie the jar holds for this site, `(name, value)`.
+    pub fn cookies(&self) -> Vec<(String, String)> {
         let url: Url = self.app.url("/").parse().unwrap();
         let Some(header) = self.jar.cookies(&url) else {
             return Vec::new();
@@ -149,8 +137,22 @@ impl SsoFixture {
             .unwrap()
             .split("; ")
             .filter_map(|p| p.split_once('='))
-            .filter(|(k, _)| k.starts_with(LOGIN_COOKIE))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.cookies()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The pending-login cookies in the jar, `(name, value)`.
+    pub fn login_cookies(&self) -> Vec<(String, String)> {
+        self.cookies()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(LOGIN_COOKIE))
             .collect()
     }
 
@@ -190,6 +192,16 @@ impl SsoFixture {
     pub async fn me(&self) -> reqwest::Response {
         self.browser
             .get(self.app.url("/auth/me"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /auth/logout` from a page of this site.
+    pub async fn logout(&self) -> reqwest::Response {
+        self.browser
+            .post(self.app.url("/auth/logout"))
+            .header(header::ORIGIN, self.origin())
             .send()
             .await
             .unwrap()
@@ -259,13 +271,7 @@ async fn browser_login_shows_mapped_roles_and_logout_revokes_the_session() {
             .is_some()
     );
 
-    let logout = f
-        .browser
-        .post(f.app.url("/auth/logout"))
-        .header(header::ORIGIN, f.origin())
-        .send()
-        .await
-        .unwrap();
+    let logout = f.logout().await;
     assert_eq!(logout.status(), StatusCode::SEE_OTHER);
     let location: Url = logout.headers()[header::LOCATION]
         .to_str()
@@ -534,12 +540,7 @@ async fn a_stale_callback_in_a_logged_in_browser_goes_on_to_the_console() {
     }
     assert_eq!(f.me().await.status(), StatusCode::OK);
     // once logged out, the same stale callback is an error again
-    f.browser
-        .post(f.app.url("/auth/logout"))
-        .header(header::ORIGIN, f.origin())
-        .send()
-        .await
-        .unwrap();
+    f.logout().await;
     let after = f.browser.get(callback).send().await.unwrap();
     assert_eq!(after.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(after).await, "invalid_state");
@@ -567,12 +568,7 @@ async fn replayed_code_is_refused_and_no_session_is_made() {
         StatusCode::FOUND
     );
     // log out locally, then start a fresh login and feed it the old code
-    f.browser
-        .post(f.app.url("/auth/logout"))
-        .header(header::ORIGIN, f.origin())
-        .send()
-        .await
-        .unwrap();
+    f.logout().await;
     let started = f
         .browser
         .get(f.app.url("/auth/login"))
@@ -831,13 +827,7 @@ async fn logout_ends_the_provider_session_when_the_id_token_is_too_large_for_a_c
     assert!(f.cookie(ID_TOKEN_COOKIE).is_none());
     assert_eq!(f.me().await.status(), StatusCode::OK);
 
-    let logout = f
-        .browser
-        .post(f.app.url("/auth/logout"))
-        .header(header::ORIGIN, f.origin())
-        .send()
-        .await
-        .unwrap();
+    let logout = f.logout().await;
     assert_eq!(logout.status(), StatusCode::SEE_OTHER);
     let location: Url = logout.headers()[header::LOCATION]
         .to_str()
