@@ -2,6 +2,8 @@
 //! until it connects, every call answers [`RefreshError::Unavailable`] (503) and the next
 //! call tries again. Once connected, the connection manager reconnects by itself.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -68,13 +70,17 @@ impl RefreshStore for LazyRedisRefreshStore {
         self.store().await?.issue(family, now).await
     }
 
-    async fn refresh(
+    async fn refresh_with_grace(
         &self,
         presented: &SecretString,
         client_id: &str,
         now: OffsetDateTime,
+        min_grace: Duration,
     ) -> Result<Refreshed, RefreshError> {
-        self.store().await?.refresh(presented, client_id, now).await
+        self.store()
+            .await?
+            .refresh_with_grace(presented, client_id, now, min_grace)
+            .await
     }
 
     async fn inspect(

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
@@ -131,11 +132,12 @@ impl RefreshStore for MemoryRefreshStore {
         })
     }
 
-    async fn refresh(
+    async fn refresh_with_grace(
         &self,
         presented: &SecretString,
         client_id: &str,
         now: OffsetDateTime,
+        min_grace: Duration,
     ) -> Result<Refreshed, RefreshError> {
         let presented = Presented::parse(&self.key, presented.expose_secret())?;
         let hash = presented.hash(&self.key);
@@ -152,7 +154,7 @@ impl RefreshStore for MemoryRefreshStore {
         if !record.alive(now) {
             return Err(RefreshError::Invalid(InvalidReason::Expired));
         }
-        match record.step(&hash, now, self.settings.grace_ms()) {
+        match record.step(&hash, now, self.settings.grace_ms(min_grace)) {
             Step::Rotate => {
                 record.rotate(hash, next.hash.clone(), wrap, now, &self.settings);
                 let session = record.session(&presented.family)?;

@@ -281,6 +281,21 @@ pub trait RefreshStore: Send + Sync + 'static {
         presented: &SecretString,
         client_id: &str,
         now: OffsetDateTime,
+    ) -> Result<Refreshed, RefreshError> {
+        self.refresh_with_grace(presented, client_id, now, Duration::ZERO)
+            .await
+    }
+
+    /// [`RefreshStore::refresh`] with a grace window of at least `min_grace` (the
+    /// settings' `reuse_grace` when that is longer): a console renewal's cookies reach the
+    /// browser only with the answer of the request that renewed, which may take up to
+    /// `server.request_timeout`.
+    async fn refresh_with_grace(
+        &self,
+        presented: &SecretString,
+        client_id: &str,
+        now: OffsetDateTime,
+        min_grace: Duration,
     ) -> Result<Refreshed, RefreshError>;
 
     /// RFC 7662: the family of `presented` if it is the family's current token and the family
@@ -353,8 +368,9 @@ impl RefreshSettings {
         duration_ms(self.idle_lifetime)
     }
 
-    fn grace_ms(&self) -> i64 {
-        duration_ms(self.reuse_grace)
+    /// The grace window of a refresh that asks for at least `min_grace`.
+    fn grace_ms(&self, min_grace: Duration) -> i64 {
+        duration_ms(self.reuse_grace.max(min_grace))
     }
 }
 

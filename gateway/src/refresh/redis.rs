@@ -357,11 +357,12 @@ impl RefreshStore for RedisRefreshStore {
     }
 
     #[tracing::instrument(skip_all, fields(client_id = %client_id))]
-    async fn refresh(
+    async fn refresh_with_grace(
         &self,
         presented: &SecretString,
         client_id: &str,
         now: OffsetDateTime,
+        min_grace: Duration,
     ) -> Result<Refreshed, RefreshError> {
         let presented = Presented::parse(&self.key, presented.expose_secret())?;
         let hash = presented.hash(&self.key);
@@ -376,7 +377,7 @@ impl RefreshStore for RedisRefreshStore {
                     .arg(&hash)
                     .arg(client_id)
                     .arg(now)
-                    .arg(self.settings.grace_ms())
+                    .arg(self.settings.grace_ms(min_grace))
                     .arg(idle_exp)
                     .arg(&next.hash)
                     .arg(&wrap)

@@ -404,6 +404,18 @@ pub async fn has_live_session(state: &AppState, headers: &HeaderMap) -> bool {
     )
 }
 
+/// The least grace window of a console renewal. Its new cookies reach the browser only
+/// with the answer of the request that renewed, which can take up to
+/// `server.request_timeout`; until then the browser's other requests still carry the
+/// rotated cookie, and must get the same successor, not be taken for a thief. The margin
+/// covers the answer's way to the browser.
+fn renewal_grace(state: &AppState) -> std::time::Duration {
+    state.config.server.request_timeout + RENEWAL_DELIVERY_MARGIN
+}
+
+/// See [`renewal_grace`].
+const RENEWAL_DELIVERY_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The request's session: the access cookie when it is good, else a transparent renewal
 /// from the refresh cookie (which rotates it).
 #[tracing::instrument(skip_all)]
@@ -426,7 +438,12 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
     let presented = SecretString::from(refresh);
     let refreshed = match state
         .refresh
-        .refresh(&presented, &sso.console_client_id, state.keys.now())
+        .refresh_with_grace(
+            &presented,
+            &sso.console_client_id,
+            state.keys.now(),
+            renewal_grace(state),
+        )
         .await
     {
         Ok(r) => r,

@@ -979,6 +979,66 @@ async fn an_expired_console_access_cookie_is_renewed_on_the_way_through() {
     assert_eq!(seen[0].header("cookie"), None);
 }
 
+/// The `__Host-portcullis-rt` value a response sets, if any.
+fn set_refresh_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("__Host-portcullis-rt="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn a_renewal_whose_answer_is_slow_does_not_log_the_browser_out() {
+    let node = AdminNode::start("a").await;
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
+    let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    clock.advance(time::Duration::minutes(10));
+    let get = |cookie: String| {
+        client(&app)
+            .get(app.url("/jobinfo/list"))
+            .header(header::COOKIE, cookie)
+            .header("x-requested-with", "XMLHttpRequest")
+            .send()
+    };
+    // one request renews; its answer (and the new cookies) can take up to
+    // server.request_timeout (30 s) to reach the browser, whose other requests meanwhile
+    // still carry the rotated cookie: 25 s on, past refresh.reuse_grace (10 s), such a
+    // request gets the very successor the first one got, and the session lives
+    let first = get(cookie.clone()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let successor = set_refresh_cookie(&first).expect("renewed");
+    clock.advance(time::Duration::seconds(25));
+    let late = get(cookie.clone()).await.unwrap();
+    assert_eq!(late.status(), StatusCode::OK, "not logged out");
+    assert_eq!(
+        set_refresh_cookie(&late).as_deref(),
+        Some(successor.as_str())
+    );
+    assert_eq!(
+        node.seen().last().unwrap().header("x-portcullis-user"),
+        Some("carol")
+    );
+    // long after any answer could still be on its way, the rotated cookie is re-use:
+    // the session is revoked
+    clock.advance(time::Duration::seconds(30));
+    let stolen = get(cookie).await.unwrap();
+    assert_eq!(stolen.status(), StatusCode::UNAUTHORIZED);
+    let revoked = get(format!("__Host-portcullis-rt={successor}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.status(),
+        StatusCode::UNAUTHORIZED,
+        "the family is gone"
+    );
+}
+
 #[tokio::test]
 async fn unknown_and_ambiguous_paths_are_not_forwarded() {
     let node = AdminNode::start("a").await;
