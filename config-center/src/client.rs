@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -57,7 +57,8 @@ pub struct ClientConfig {
     pub instance: Option<String>,
     /// This node's labels, for gray releases.
     pub labels: BTreeMap<String, String>,
-    /// Directory of the last-known-good copy (created 0700 if missing).
+    /// Directory of the last-known-good copy: created `0700` if missing, and made `0700`
+    /// (the copy `0600`) at start and on every write if it was looser.
     pub cache_dir: PathBuf,
     /// Accepted signature algorithms (default ES256, EdDSA, RS256).
     pub algorithms: Vec<Algorithm>,
@@ -274,6 +275,12 @@ impl Client {
             current,
             origin: Mutex::new(Origin::Gateway),
         });
+
+        // a copy left readable by others (an older client, a restore by hand) is made
+        // private before anything else
+        if let Err(e) = shared.tighten_cache() {
+            tracing::warn!(error = %e, "the last-known-good config copy may be readable by others");
+        }
 
         let mut last_error = String::new();
         let mut started = false;
@@ -730,6 +737,9 @@ impl Shared {
             .mode(0o700)
             .create(dir)
             .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+        // a directory (or copy) made earlier, by hand or with a looser umask, is tightened
+        // before anything is written into it
+        self.tighten_cache()?;
         let bytes = serde_json::to_vec(snapshot).map_err(|e| fail(e.to_string()))?;
         let tmp = dir.join(format!(
             ".{}__{}.{}.tmp",
@@ -744,6 +754,9 @@ impl Shared {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
+            // the mode given at creation is narrowed by the umask, never widened; this
+            // makes it exact
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -756,6 +769,37 @@ impl Shared {
             let _ = std::fs::remove_file(&tmp);
             fail(e.to_string())
         })
+    }
+
+    /// Makes the cache directory `0700` and the last-known-good copy `0600`, whatever
+    /// they were created with: the copy holds decrypted secrets. A directory that is not
+    /// there yet is left to be created (`0700`); a copy that is not a regular file is left
+    /// alone (the next write replaces it).
+    fn tighten_cache(&self) -> Result<(), ClientError> {
+        let dir = &self.config.cache_dir;
+        let path = self.disk_path();
+        let fail = |what: &str, e: std::io::Error| ClientError::Cache {
+            path: path.clone(),
+            reason: format!("cannot make {what} private: {e}"),
+        };
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() && meta.permissions().mode() & 0o777 != 0o700 => {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| fail("its directory", e))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(fail("its directory", e)),
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o777 != 0o600 => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| fail("it", e))
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fail("it", e)),
+        }
     }
 
     /// Reads the last-known-good copy; it was verified when written, so only its target
@@ -1074,6 +1118,5 @@ impl SseParser {
 
 /// Whether `path` exists and is a file only its owner can read and write.
 pub fn is_private_file(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0)
 }

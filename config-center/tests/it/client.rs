@@ -563,6 +563,64 @@ async fn the_client_starts_from_its_last_known_good_copy_when_every_gateway_is_d
     assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
 }
 
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The copy holds decrypted secrets: a cache directory and copy that exist already with
+/// looser modes (made by hand, by an older client, restored from a backup) are made
+/// private, whether the node starts from a gateway or from the copy.
+#[tokio::test]
+async fn an_existing_cache_directory_and_copy_are_made_private() {
+    let key = ed25519("k1");
+    let secret = |v: &str| Entry {
+        key: "db.password".into(),
+        value: v.into(),
+        format: Format::Plain,
+        secret: true,
+    };
+    let (g, url, server) = start_gateway(&key, Some(signed(&key, 1, vec![secret("pw-1")]))).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("cache");
+    std::fs::create_dir(&dir).unwrap();
+    set_mode(&dir, 0o755);
+    let copy = dir.join("prod__orders.json");
+
+    // from a gateway: the write makes the directory 0700 and the copy 0600
+    let client = Client::start(config(vec![url.clone()], &dir))
+        .await
+        .unwrap();
+    assert_eq!(mode(&dir), 0o700, "the existing directory was tightened");
+    assert_eq!(mode(&copy), 0o600);
+
+    // and on every later write
+    set_mode(&dir, 0o755);
+    g.current
+        .send_replace(Some(signed(&key, 2, vec![secret("pw-2")])));
+    wait_for_version(&client, 2).await;
+    assert_eq!(mode(&dir), 0o700, "tightened again on the next write");
+    assert_eq!(mode(&copy), 0o600);
+    drop(client);
+
+    // from the copy, every gateway down: nothing is written, the modes are fixed anyway
+    server.abort();
+    let _ = server.await;
+    set_mode(&dir, 0o755);
+    set_mode(&copy, 0o644);
+    let client = Client::start(config(vec![url], &dir)).await.unwrap();
+    assert_eq!(client.origin(), Origin::Disk);
+    assert_eq!(client.get_str("db.password").as_deref(), Some("pw-2"));
+    assert_eq!(mode(&dir), 0o700, "tightened at start");
+    assert_eq!(mode(&copy), 0o600, "tightened at start");
+    assert!(config_center::client::is_private_file(&copy));
+}
+
 #[tokio::test]
 async fn the_client_reconnects_when_its_stream_ends_and_resumes_from_its_version() {
     let key = ed25519("k1");
