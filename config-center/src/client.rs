@@ -11,6 +11,13 @@
 //! (`GET /oauth2/jwks`; ES256, EdDSA or RS256; the JWKS is fetched again when a `kid` is
 //! unknown), the entries must hash to the claimed content hash, and the version must not
 //! go backwards. Anything else is refused and the held copy is kept.
+//!
+//! "Backwards" counts from the last-known-good copy too: a restarted node holds the copy
+//! before it asks any gateway, and refuses a release older than it (a stale gateway, or an
+//! old, validly signed release replayed) once the copy's own signature verifies against
+//! the gateway's JWKS. It then starts from the copy and waits for a newer release. A
+//! rollback is no exception to make: it republishes the old content as a new, higher
+//! version (`Store::rollback`), as an aborted gray release does.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -197,7 +204,8 @@ pub enum ClientError {
 pub enum Origin {
     /// A gateway (verified).
     Gateway,
-    /// The last-known-good copy on disk (verified when it was written).
+    /// The last-known-good copy on disk (verified when it was written); no gateway
+    /// answered, or none had a release at least as new as it.
     Disk,
 }
 
@@ -210,6 +218,8 @@ struct Shared {
     jwks: Mutex<Option<JwkSet>>,
     current: watch::Sender<Arc<Snapshot>>,
     origin: Mutex<Origin>,
+    /// The held copy read from disk has had its signature verified in this run.
+    copy_verified: Mutex<bool>,
 }
 
 /// A running config client; dropping it stops the watch.
@@ -237,6 +247,11 @@ impl Drop for Client {
 impl Client {
     /// Fetches and verifies the current snapshot (or, when no gateway answers, loads the
     /// last-known-good copy) and starts watching for new releases.
+    ///
+    /// A release older than the last-known-good copy is refused (see [`Origin::Disk`]):
+    /// the client starts from the copy and takes the next release newer than it. With a
+    /// copy held, a gateway answering that there is no release does not fail the start
+    /// either.
     pub async fn start(config: ClientConfig) -> Result<Client, ClientError> {
         let env = Environment::parse_shape(&config.environment)
             .map_err(|e| ClientError::Config(e.to_string()))?;
@@ -274,6 +289,7 @@ impl Client {
             jwks: Mutex::new(None),
             current,
             origin: Mutex::new(Origin::Gateway),
+            copy_verified: Mutex::new(false),
         });
 
         // a copy left readable by others (an older client, a restore by hand) is made
@@ -282,16 +298,46 @@ impl Client {
             tracing::warn!(error = %e, "the last-known-good config copy may be readable by others");
         }
 
+        // the copy a previous run kept: held before any gateway is asked, so that its
+        // version is the floor no gateway may take this node below (once its signature
+        // verifies, see `Shared::offer`), and what the node runs on if none answers
+        let disk_error = match shared.load_disk() {
+            Ok(Some(snapshot)) => {
+                shared.current.send_replace(Arc::new(snapshot));
+                *shared.origin.lock().unwrap_or_else(PoisonError::into_inner) = Origin::Disk;
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the last-known-good config copy is unusable");
+                Some(e)
+            }
+        };
+        let holds_copy = disk_error.is_none() && shared.held_version() > 0;
+
         let mut last_error = String::new();
         let mut started = false;
         for gateway in &shared.config.gateways {
             match shared.fetch(gateway, None).await {
-                Ok(Some(snapshot)) => {
-                    shared.accept(snapshot)?;
-                    started = true;
-                    break;
-                }
+                Ok(Some(snapshot)) => match shared.offer(gateway, snapshot).await {
+                    Ok(_) => {
+                        started = true;
+                        break;
+                    }
+                    // older than the copy held: another gateway may have a newer one,
+                    // else the node starts from its copy and waits for one
+                    Err(e) => {
+                        tracing::warn!(%gateway, error = %e, "config snapshot refused");
+                        last_error = e.to_string();
+                    }
+                },
                 Ok(None) => {}
+                // with a copy held, a gateway without the release (a database restored
+                // from before it) does not stop the node: it keeps its copy and waits
+                Err(ClientError::NoRelease) if holds_copy => {
+                    tracing::warn!(%gateway, "config gateway has no release of the copy held");
+                    last_error = ClientError::NoRelease.to_string();
+                }
                 Err(ClientError::NoRelease) => return Err(ClientError::NoRelease),
                 Err(e @ (ClientError::Signature(_) | ClientError::Tampered)) => {
                     tracing::warn!(%gateway, error = %e, "config snapshot refused");
@@ -304,15 +350,16 @@ impl Client {
             }
         }
         if !started {
-            let snapshot = shared
-                .load_disk()?
-                .ok_or_else(|| ClientError::Unavailable(last_error.clone()))?;
+            if let Some(e) = disk_error {
+                return Err(e);
+            }
+            if !holds_copy {
+                return Err(ClientError::Unavailable(last_error));
+            }
             tracing::warn!(
-                version = snapshot.version,
+                version = shared.held_version(),
                 "config started from the last-known-good copy"
             );
-            shared.current.send_replace(Arc::new(snapshot));
-            *shared.origin.lock().unwrap_or_else(PoisonError::into_inner) = Origin::Disk;
         }
         let task = tokio::spawn(Arc::clone(&shared).watch_forever());
         Ok(Client { shared, task })
@@ -695,11 +742,59 @@ impl Shared {
         }
     }
 
-    /// Makes `snapshot` the held one unless it is older; writes the disk copy.
-    fn accept(&self, snapshot: Snapshot) -> Result<bool, ClientError> {
+    /// Offers `snapshot`, verified, from `gateway`: it becomes the held one unless it is
+    /// older ([`ClientError::Downgrade`]).
+    ///
+    /// The held version is the floor, also when the held snapshot is the copy a previous
+    /// run left on disk — a restarted node is not taken back to an older release by a
+    /// gateway serving one, nor by a replayed older release that is validly signed. The
+    /// copy on disk is only checked for target and content hash when it is read, though
+    /// (the JWKS may be unreachable then), so before it refuses an older release it must
+    /// verify against `gateway`'s JWKS, as anything from a gateway does: a copy whose
+    /// signature does not verify (altered on disk, or signed by a key that has left JWKS
+    /// since) is no floor, and the older release is taken. When the JWKS cannot be had,
+    /// the floor stands for now and the next offer tries again.
+    async fn offer(&self, gateway: &Url, snapshot: Snapshot) -> Result<bool, ClientError> {
+        let held = self.current.borrow().clone();
+        let unchecked_copy = *self.origin.lock().unwrap_or_else(PoisonError::into_inner)
+            == Origin::Disk
+            && !*self
+                .copy_verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+        if snapshot.version < held.version && unchecked_copy {
+            match self.verify(gateway, &held).await {
+                Ok(()) => {
+                    *self
+                        .copy_verified
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = true;
+                }
+                Err(
+                    e @ (ClientError::Signature(_)
+                    | ClientError::Tampered
+                    | ClientError::WrongTarget { .. }),
+                ) => {
+                    tracing::warn!(
+                        held = held.version,
+                        offered = snapshot.version,
+                        error = %e,
+                        "the last-known-good config copy does not verify: its version is no floor"
+                    );
+                    return self.accept(snapshot, true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.accept(snapshot, false)
+    }
+
+    /// Makes `snapshot` the held one unless it is older (or `below_floor` says the held
+    /// one is no floor); writes the disk copy.
+    fn accept(&self, snapshot: Snapshot, below_floor: bool) -> Result<bool, ClientError> {
         let held = self.current.borrow().clone();
         let from_disk = *self.origin.lock().unwrap_or_else(PoisonError::into_inner) == Origin::Disk;
-        if snapshot.version < held.version {
+        if snapshot.version < held.version && !below_floor {
             return Err(ClientError::Downgrade {
                 held: held.version,
                 offered: snapshot.version,
@@ -837,12 +932,6 @@ impl Shared {
         self.current.borrow().version
     }
 
-    fn offer(&self, snapshot: Snapshot) {
-        if let Err(e) = self.accept(snapshot) {
-            tracing::warn!(error = %e, "config snapshot refused");
-        }
-    }
-
     /// The watch loop: SSE on the current gateway, long-poll when it does not stream,
     /// the next gateway and a growing delay after a failure.
     async fn watch_forever(self: Arc<Self>) {
@@ -896,10 +985,12 @@ impl Shared {
     async fn poll_round(&self, gateway: &Url) -> Round {
         let started = tokio::time::Instant::now();
         match self.poll(gateway, self.held_version()).await {
-            Ok(Some(snapshot)) => {
-                self.offer(snapshot);
-                Round::Healthy
-            }
+            Ok(Some(snapshot)) => match self.offer(gateway, snapshot).await {
+                Ok(_) => Round::Healthy,
+                // a gateway answering an older release at once would otherwise make this
+                // spin; the next gateway, after a delay, may have a newer one
+                Err(e) => Round::Failed(e),
+            },
             Ok(None) => {
                 // a gateway answering 304 at once would otherwise make this spin
                 if started.elapsed() < Duration::from_secs(1) {
@@ -1001,9 +1092,12 @@ impl Shared {
                         continue;
                     }
                 };
-                match self.verify(gateway, &snapshot).await {
-                    Ok(()) => self.offer(snapshot),
-                    Err(e) => tracing::warn!(error = %e, "config snapshot refused"),
+                let offered = match self.verify(gateway, &snapshot).await {
+                    Ok(()) => self.offer(gateway, snapshot).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = offered {
+                    tracing::warn!(error = %e, "config snapshot refused");
                 }
             }
         }

@@ -563,6 +563,164 @@ async fn the_client_starts_from_its_last_known_good_copy_when_every_gateway_is_d
     assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
 }
 
+/// Every version the client holds from now on, as it changes.
+fn record_versions(client: &Client) -> Arc<Mutex<Vec<u64>>> {
+    let seen = Arc::new(Mutex::new(vec![client.version()]));
+    let mut rx = client.subscribe();
+    let out = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let v = rx.borrow_and_update().version;
+            out.lock().unwrap().push(v);
+        }
+    });
+    seen
+}
+
+fn copy_version(dir: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(dir.join("prod__orders.json")).unwrap();
+    serde_json::from_slice::<Snapshot>(&bytes).unwrap().version
+}
+
+/// A restarted node holds only its copy on disk; a gateway serving an older release (a
+/// stale instance, or an attacker replaying an old, validly signed one) must not take it
+/// back: it starts from its copy and waits for a newer release.
+#[tokio::test]
+async fn a_restarted_client_refuses_a_release_older_than_its_copy_and_waits_for_a_newer_one() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 5, vec![plain("a", "5")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(first.version(), 5);
+    drop(first);
+
+    // the old release 3, validly signed, is all the gateway serves now
+    g.current
+        .send_replace(Some(signed(&key, 3, vec![plain("a", "3")])));
+    let client = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .expect("the node starts, from its copy");
+    assert_eq!(client.version(), 5, "release 3 was refused");
+    assert_eq!(client.origin(), Origin::Disk);
+    assert_eq!(client.get_str("a").as_deref(), Some("5"));
+    let seen = record_versions(&client);
+    // the watch offers 3 again (the test gateway sends any other release): still refused
+    tokio::time::timeout(DEADLINE, async {
+        while !g.sent.lock().unwrap().contains(&3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(copy_version(dir.path()), 5, "the copy on disk is kept");
+
+    // a newer release is taken as soon as it exists
+    g.current
+        .send_replace(Some(signed(&key, 6, vec![plain("a", "6")])));
+    wait_for_version(&client, 6).await;
+    assert_eq!(client.get_str("a").as_deref(), Some("6"));
+    assert_eq!(client.origin(), Origin::Gateway);
+    assert!(
+        seen.lock().unwrap().iter().all(|v| *v >= 5),
+        "never below the copy: {:?}",
+        seen.lock().unwrap()
+    );
+    assert_eq!(copy_version(dir.path()), 6);
+    drop(client);
+
+    // a gateway with no release at all (a database restored from before it) does not
+    // stop a node holding a copy either
+    g.current.send_replace(None);
+    let client = Client::start(config(vec![url], dir.path()))
+        .await
+        .expect("the node starts, from its copy");
+    assert_eq!(client.version(), 6);
+    assert_eq!(client.origin(), Origin::Disk);
+    g.current
+        .send_replace(Some(signed(&key, 7, vec![plain("a", "7")])));
+    wait_for_version(&client, 7).await;
+}
+
+/// The copy's version is a floor only once its signature verifies: a copy that was
+/// altered on disk (here: a higher version, signed by a key the gateway never published)
+/// cannot lock the node out of its releases.
+#[tokio::test]
+async fn a_copy_whose_signature_does_not_verify_is_no_floor() {
+    let key = ed25519("k1");
+    let stranger = ed25519("k1");
+    let dir = tempfile::tempdir().unwrap();
+    let forged = signed(&stranger, 900, vec![plain("a", "forged")]);
+    std::fs::write(
+        dir.path().join("prod__orders.json"),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .unwrap();
+    let (_g, url, _server) =
+        start_gateway(&key, Some(signed(&key, 3, vec![plain("a", "3")]))).await;
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!(client.version(), 3);
+    assert_eq!(client.origin(), Origin::Gateway);
+    assert_eq!(client.get_str("a").as_deref(), Some("3"));
+    assert_eq!(copy_version(dir.path()), 3, "the copy was replaced");
+}
+
+/// A rollback is a new release with the old content and a higher version
+/// (`Store::rollback`), so the floor never stands in its way: a restarted node takes it.
+#[tokio::test]
+async fn a_restarted_client_takes_a_rollback_which_is_a_new_higher_version() {
+    use keyrotation::{KeyRing, Keys, Policy};
+    let t = crate::common::sqlite_store("rollback").await;
+    let (e, a) = (crate::common::env("prod"), crate::common::app("orders"));
+    let note = config_center::ChangeNote::new("ops", "");
+    for (expected, value) in [(0, "one"), (1, "two")] {
+        t.store
+            .publish(
+                &e,
+                &a,
+                config_center::Expected::Version(expected),
+                vec![crate::common::entry("a", value)],
+                &note,
+            )
+            .await
+            .unwrap();
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let ring = keyrotation::plan(&KeyRing::empty(), &Policy::default(), now)
+        .unwrap()
+        .ring;
+    let keys = Keys::from_ring(ring, Some(1), now).unwrap();
+    let serve = |release: &config_center::Release| {
+        let mut snapshot = Snapshot::unsigned(release);
+        snapshot.signature = signing::detach(&keys.sign(&snapshot.claims(), now).unwrap()).unwrap();
+        snapshot
+    };
+    let dummy = ed25519("unused");
+    let two = t.store.current(&e, &a).await.unwrap().unwrap();
+    let (g, url, _server) = start_gateway(&dummy, Some(serve(&two))).await;
+    *g.jwks.lock().unwrap() = keys.jwks(now)["keys"].as_array().unwrap().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(client.version(), 2);
+    drop(client);
+
+    let rolled = t
+        .store
+        .rollback(&e, &a, 1, config_center::Expected::Version(2), &note)
+        .await
+        .unwrap();
+    assert_eq!(rolled.version, 3, "a rollback is a new release");
+    let three = t.store.current(&e, &a).await.unwrap().unwrap();
+    g.current.send_replace(Some(serve(&three)));
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!(client.version(), 3);
+    assert_eq!(client.origin(), Origin::Gateway);
+    assert_eq!(client.get_str("a").as_deref(), Some("one"));
+}
+
 fn mode(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
