@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::hub::Held;
+use super::hub::{Held, Subscription};
 use super::{WatchSlot, Who};
 use crate::detach::{DetachError, Detached};
 
@@ -36,7 +36,10 @@ use crate::detach::{DetachError, Detached};
 /// the worker's other tasks run.
 const PASS_BATCH: usize = 64;
 
-/// The relays of one instance, by (environment, application).
+/// The relays of one instance, by (environment, application). A relay lives while it
+/// has watches: the last one to leave removes it and stops its tasks, so watches of
+/// names that come and go (any name, for a token with environment-wide read) leave
+/// nothing behind.
 #[derive(Debug, Default)]
 pub struct FanOut {
     relays: Mutex<HashMap<(String, String), Arc<Relay>>>,
@@ -45,6 +48,8 @@ pub struct FanOut {
 /// The watches of one (environment, application), and the pass over them in progress.
 #[derive(Debug, Default)]
 struct Relay {
+    /// Cancelled when the relay is removed (its last watch left): its tasks end.
+    stopped: tokio_util::sync::CancellationToken,
     watches: Mutex<HashMap<u64, Arc<Watcher>>>,
     next_id: AtomicU64,
     /// The workers (by index; `None` off the workers) running a relay task for it.
@@ -134,21 +139,23 @@ impl FanOut {
             }),
             wake: Notify::new(),
         });
-        let (relay, id) = self.register(key, &rx, &watcher);
+        let (relay, id) = self.register(key.clone(), &rx, &watcher);
         let end = watcher.stream(&rx, &mut tick).await;
-        lock(&relay.watches).remove(&id);
+        self.unregister(&key, &relay, id);
         finish(watcher, end, slot).await;
     }
 
     /// Adds `watcher` to the relay of `key`, starting a relay task on this worker if
-    /// none runs here.
+    /// none runs here. Under the map's lock, so that a relay is never removed between
+    /// being found and being joined.
     fn register(
         &self,
         key: (String, String),
-        rx: &watch::Receiver<Arc<Held>>,
+        rx: &Subscription,
         watcher: &Arc<Watcher>,
     ) -> (Arc<Relay>, u64) {
-        let relay = lock(&self.relays).entry(key).or_default().clone();
+        let relays = &mut lock(&self.relays);
+        let relay = relays.entry(key).or_default().clone();
         let worker = crate::workers::current();
         if lock(&relay.workers).insert(worker) {
             tokio::spawn(relay.clone().run(worker, rx.clone()));
@@ -157,17 +164,44 @@ impl FanOut {
         lock(&relay.watches).insert(id, watcher.clone());
         (relay, id)
     }
+
+    /// Takes watch `id` off `relay`; the last one to leave removes the relay and stops its
+    /// tasks (which let go of their subscriptions to the hub).
+    fn unregister(&self, key: &(String, String), relay: &Arc<Relay>, id: u64) {
+        let mut relays = lock(&self.relays);
+        let mut watches = lock(&relay.watches);
+        watches.remove(&id);
+        if watches.is_empty()
+            && relays
+                .get(key)
+                .is_some_and(|current| Arc::ptr_eq(current, relay))
+        {
+            relays.remove(key);
+            relay.stopped.cancel();
+        }
+    }
+
+    /// How many relays this instance runs (one per (environment, application) watched
+    /// on bare connections).
+    pub(super) fn relay_count(&self) -> usize {
+        lock(&self.relays).len()
+    }
 }
 
 impl Relay {
     /// One worker's share of sending every release to the watches, until the hub's
-    /// channel closes.
-    async fn run(self: Arc<Self>, worker: Option<usize>, mut rx: watch::Receiver<Arc<Held>>) {
+    /// channel closes or the relay is removed.
+    async fn run(self: Arc<Self>, worker: Option<usize>, mut rx: Subscription) {
         // the sealed event of one watch at a time, and the watches taken from a pass
         let mut scratch = Vec::new();
         let mut batch = Vec::with_capacity(PASS_BATCH);
         loop {
-            if rx.changed().await.is_err() {
+            let changed = tokio::select! {
+                changed = rx.changed() => changed,
+                // the last watch left: nobody to send to, and the subscription goes
+                () = self.stopped.cancelled() => return,
+            };
+            if changed.is_err() {
                 // the hub is gone (shutting down): every stream ends; a watch opened
                 // after this starts a relay task again, which ends it too
                 lock(&self.workers).remove(&worker);

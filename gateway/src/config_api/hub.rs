@@ -172,12 +172,171 @@ impl Held {
 
 type Slot = watch::Sender<Arc<Held>>;
 
+/// An (environment, application), as the slots are keyed.
+type Key = (String, String);
+
+/// What the hub holds of one (environment, application): its channel, and how many
+/// [`Subscription`]s follow it.
+struct SlotEntry {
+    tx: Slot,
+    followers: usize,
+}
+
+impl SlotEntry {
+    /// Whether nothing is held and nobody follows: the entry may go, and a read that
+    /// needs it makes it again. A slot holding a release stays (it is what this
+    /// instance serves); one without is made only by asking for an application that has
+    /// none, which anyone with environment-wide read may do with any name.
+    fn unused(&self) -> bool {
+        let held = self.tx.borrow();
+        self.followers == 0 && held.main.is_none() && held.gray.is_none()
+    }
+}
+
+/// The slots of one instance, counted in `portcullis_config_hub_slots`.
+#[derive(Default)]
+struct Slots {
+    map: Mutex<HashMap<Key, SlotEntry>>,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, SlotEntry>> {
+        // the map holds only channels and counts: it is valid whatever a panicking
+        // holder did
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn entry(map: &mut HashMap<Key, SlotEntry>, key: Key) -> &mut SlotEntry {
+        map.entry(key).or_insert_with(|| {
+            metrics::gauge!("portcullis_config_hub_slots").increment(1.0);
+            SlotEntry {
+                tx: watch::channel(Arc::new(Held::default())).0,
+                followers: 0,
+            }
+        })
+    }
+
+    /// The slot of `key`, made if there is none.
+    fn slot(&self, key: Key) -> Slot {
+        Self::entry(&mut self.lock(), key).tx.clone()
+    }
+
+    /// A follower of `key`'s slot (made if there is none); counted before the lock is let
+    /// go, so the slot cannot be dropped under it.
+    fn follow(self: &Arc<Self>, key: Key) -> (Slot, Subscription) {
+        let mut map = self.lock();
+        let entry = Self::entry(&mut map, key.clone());
+        entry.followers += 1;
+        let subscription = Subscription {
+            rx: entry.tx.subscribe(),
+            slots: Arc::downgrade(self),
+            key,
+        };
+        (entry.tx.clone(), subscription)
+    }
+
+    fn existing(&self, key: &Key) -> Option<Slot> {
+        self.lock().get(key).map(|e| e.tx.clone())
+    }
+
+    /// Drops `key`'s slot if it is [unused](SlotEntry::unused).
+    fn drop_if_unused(&self, key: &Key) {
+        let mut map = self.lock();
+        if map.get(key).is_some_and(SlotEntry::unused) {
+            map.remove(key);
+            metrics::gauge!("portcullis_config_hub_slots").decrement(1.0);
+        }
+    }
+
+    /// Drops every unused slot (a safety net; each is dropped as it becomes unused).
+    fn sweep(&self) {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, e| !e.unused());
+        metrics::gauge!("portcullis_config_hub_slots").decrement((before - map.len()) as f64);
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let held = self.lock().len();
+        metrics::gauge!("portcullis_config_hub_slots").decrement(held as f64);
+    }
+}
+
+/// A receiver of one (environment, application)'s slot, primed with what is held. While
+/// one exists the slot stays, however long no release comes: a release published later
+/// reaches it. Dropping the last one of a slot that holds no release drops the slot.
+pub struct Subscription {
+    rx: watch::Receiver<Arc<Held>>,
+    // weak: a subscription must not keep the hub's slots alive, or its channel would
+    // never close when the hub goes (that is how watches learn of a shutdown)
+    slots: std::sync::Weak<Slots>,
+    key: Key,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for Subscription {
+    fn clone(&self) -> Self {
+        if let Some(slots) = self.slots.upgrade()
+            && let Some(entry) = slots.lock().get_mut(&self.key)
+        {
+            entry.followers += 1;
+        }
+        Self {
+            rx: self.rx.clone(),
+            slots: self.slots.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(slots) = self.slots.upgrade() else {
+            return;
+        };
+        let mut map = slots.lock();
+        let Some(entry) = map.get_mut(&self.key) else {
+            return;
+        };
+        entry.followers = entry.followers.saturating_sub(1);
+        if entry.unused() {
+            map.remove(&self.key);
+            metrics::gauge!("portcullis_config_hub_slots").decrement(1.0);
+        }
+    }
+}
+
+impl std::ops::Deref for Subscription {
+    type Target = watch::Receiver<Arc<Held>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl std::ops::DerefMut for Subscription {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
+    }
+}
+
 /// The per-instance cache and fan-out of releases. Cheap to clone.
 #[derive(Clone)]
 pub struct ConfigHub {
     store: Store,
     keys: KeyService,
-    slots: Arc<Mutex<HashMap<(String, String), Slot>>>,
+    slots: Arc<Slots>,
     // one load at a time per instance: a burst of notes for one release reads it once
     loading: Arc<tokio::sync::Mutex<()>>,
 }
@@ -194,7 +353,7 @@ impl ConfigHub {
         Self {
             store,
             keys,
-            slots: Arc::new(Mutex::new(HashMap::new())),
+            slots: Arc::default(),
             loading: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -204,33 +363,33 @@ impl ConfigHub {
         &self.store
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Slot>> {
-        // the map holds only channels: it is valid whatever a panicking holder did
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// How many (environment, application) slots this instance holds
+    /// (`portcullis_config_hub_slots` counts those of the whole process).
+    pub fn slot_count(&self) -> usize {
+        self.slots.lock().len()
     }
 
-    fn slot(&self, env: &Environment, app: &AppName) -> Slot {
-        let mut slots = self.slots();
-        slots
-            .entry((env.to_string(), app.to_string()))
-            .or_insert_with(|| watch::channel(Arc::new(Held::default())).0)
-            .clone()
+    fn key(env: &Environment, app: &AppName) -> Key {
+        (env.to_string(), app.to_string())
     }
 
     fn existing_slot(&self, env: &str, app: &str) -> Option<Slot> {
-        let slots = self.slots();
-        slots.get(&(env.to_owned(), app.to_owned())).cloned()
+        self.slots.existing(&(env.to_owned(), app.to_owned()))
     }
 
     /// What is held of (env, app), read from the store first if nothing is, and signed
     /// again first if its signing key no longer signs.
+    ///
+    /// A read of an application that has no release leaves no slot behind (unless
+    /// somebody follows it): what it found is not kept.
     pub async fn current(&self, env: &Environment, app: &AppName) -> Result<Arc<Held>, HubError> {
-        let slot = self.slot(env, app);
+        let key = Self::key(env, app);
+        let slot = self.slots.slot(key.clone());
         let held = slot.borrow().clone();
         if held.main.is_none() {
-            return self.load(env, app, &slot).await;
+            let loaded = self.load(env, app, &slot).await;
+            self.slots.drop_if_unused(&key);
+            return loaded;
         }
         if self.signed_currently(&held) {
             return Ok(held);
@@ -239,20 +398,23 @@ impl ConfigHub {
     }
 
     /// A receiver that sees every change of (env, app) from now on, primed with what is
-    /// held now (signed again first if its signing key no longer signs).
+    /// held now (signed again first if its signing key no longer signs). The slot stays
+    /// while it (or a clone) lives, so a first release published meanwhile reaches it.
     pub async fn subscribe(
         &self,
         env: &Environment,
         app: &AppName,
-    ) -> Result<watch::Receiver<Arc<Held>>, HubError> {
-        let slot = self.slot(env, app);
+    ) -> Result<Subscription, HubError> {
+        let (slot, mut subscription) = self.slots.follow(Self::key(env, app));
         let held = slot.borrow().clone();
         if held.main.is_none() {
             self.load(env, app, &slot).await?;
         } else if !self.signed_currently(&held) {
             self.resign(&slot).await;
         }
-        Ok(slot.subscribe())
+        // primed with what is held now, as a receiver made here would be
+        subscription.borrow_and_update();
+        Ok(subscription)
     }
 
     /// Whether `held`'s signatures are current: two atomic loads and a clock read, so
@@ -460,7 +622,8 @@ impl ConfigHub {
     /// Compares every held slot with the newest versions in the database (nothing to do,
     /// and no query, while this instance holds nothing).
     pub async fn reconcile(&self) -> Result<(), HubError> {
-        if self.slots().is_empty() {
+        self.slots.sweep();
+        if self.slots.lock().is_empty() {
             return Ok(());
         }
         for event in self.store.latest_versions().await? {

@@ -40,7 +40,7 @@ use crate::error::ApiError;
 use crate::protect::ClientIp;
 use crate::state::AppState;
 
-pub use hub::{ConfigHub, Held, HubError, Published};
+pub use hub::{ConfigHub, Held, HubError, Published, Subscription};
 
 /// How often an idle SSE stream carries a comment, so proxies keep it open.
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -91,6 +91,12 @@ impl ConfigCenter {
             watch_slots: Arc::new(WatchSlots::new(config.config_center.max_watches_per_client)),
             fanout: Arc::default(),
         })
+    }
+
+    /// How many relays send releases to watches on bare connections: one per
+    /// (environment, application) watched that way now, none once its watches leave.
+    pub fn relay_count(&self) -> usize {
+        self.fanout.relay_count()
     }
 }
 
@@ -457,7 +463,7 @@ fn keep_alive_timer() -> tokio::time::Interval {
 }
 
 struct WatchState {
-    rx: tokio::sync::watch::Receiver<Arc<Held>>,
+    rx: hub::Subscription,
     who: Who,
     tick: tokio::time::Interval,
     /// When the watch's token expires ([`token_deadline`]): nothing is sent after it.

@@ -557,6 +557,120 @@ async fn an_sse_watcher_gets_every_new_release_and_a_reconnect_resumes_from_its_
     assert!(seen.last().unwrap().1.to_string().contains("postgres://v4"));
 }
 
+/// A watch of `name` on HTTP/1.1 over TLS 1.3 (the bare-connection path), its head read
+/// and checked (200).
+async fn bare_watch(
+    app: &TestApp,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tls = app.tls().await;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\r\n",
+        Api::path("prod", name, "/watch"),
+        token(app, "config:read:prod"),
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "closed in the head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tls
+}
+
+/// A token that may read a whole environment may name any application. Reading one that
+/// has no release — a snapshot, a long-poll, a watch on HTTP/2 or on a bare TLS 1.3
+/// connection — must leave nothing held once the read is over, however many names are
+/// invented; while a watch of such an application is open its slot stays, so the first
+/// release published later still reaches it.
+#[tokio::test]
+async fn reads_of_applications_without_a_release_leave_nothing_held() {
+    use tokio::io::AsyncReadExt as _;
+    let app = spawn_app(|c| c.config_center.long_poll_timeout = Duration::from_millis(100)).await;
+    let api = Api::new(&app);
+    let center = &app.state.config_center;
+    api.publish(entries_v1()).await;
+    let (s, _, _) = api
+        .get(&Api::path("prod", APP, ""), "config:read:prod")
+        .await;
+    assert_eq!(s, 200);
+    // a node waiting for the first release of its application, all along
+    let mut late = bare_watch(&app, "late-app").await;
+    eventually(
+        Duration::from_secs(10),
+        "the waiting watch has its relay",
+        || async { center.relay_count() == 1 },
+    )
+    .await;
+    // the application with a release, and the one being waited for
+    assert_eq!(center.hub.slot_count(), 2);
+
+    let reader = "config:read:prod";
+    for round in 0..3 {
+        let names: Vec<String> = (0..40).map(|i| format!("invented-{round}-{i}")).collect();
+        futures::future::join_all(names.iter().map(|name| {
+            let api = &api;
+            async move {
+                let (s, _, b) = api.get(&Api::path("prod", name, ""), reader).await;
+                assert_eq!(s, 404, "{b}");
+                let (s, _, b) = api
+                    .get(&Api::path("prod", name, "/poll?version=0"), reader)
+                    .await;
+                assert_eq!(s, 304, "{b}");
+            }
+        }))
+        .await;
+        let mut h2 = app.http2().await;
+        for name in names.iter().take(10) {
+            let watch = http::Request::get(app.url(&Api::path("prod", name, "/watch")))
+                .header("authorization", format!("Bearer {}", token(&app, reader)))
+                .body(http_body_util::Full::default())
+                .unwrap();
+            let resp = h2.send_request(watch).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            drop(resp);
+            drop(bare_watch(&app, name).await);
+        }
+        drop(h2);
+        eventually(
+            Duration::from_secs(10),
+            "nothing is held for the invented names",
+            || async { center.hub.slot_count() == 2 && center.relay_count() == 1 },
+        )
+        .await;
+    }
+    let scrape = app.metrics().await;
+    assert!(scrape.contains("portcullis_config_hub_slots"), "{scrape}");
+
+    // the first release of the application being waited for reaches its watch
+    let (s, b) = api
+        .put(
+            "prod",
+            "late-app",
+            WRITER,
+            json!({ "entries": [{ "key": "k", "value": "first" }], "message": "first" }),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&seen).contains("id: 1\n") {
+            let n = late.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the watch ended");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first release reaches the watch that waited for it");
+    assert!(String::from_utf8_lossy(&seen).contains("\"value\":\"first\""));
+}
+
 #[tokio::test]
 async fn a_notification_lost_on_the_way_is_healed_by_the_reconcile() {
     let app = spawn_app(|c| c.config_center.reconcile_interval = Duration::from_millis(200)).await;
