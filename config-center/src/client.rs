@@ -43,6 +43,18 @@ use crate::model::{AppName, Environment, Format};
 use crate::signing::{self, signing_payload};
 use crate::wire::{ErrorBody, Snapshot};
 
+/// `segments` under the gateway's base URL, which may have a path of its own
+/// (`https://edge.example/portcullis/` behind a proxy that maps a prefix): each segment
+/// is appended and percent-encoded, never resolved against the host's root.
+fn under(gateway: &Url, segments: &[&str]) -> Result<Url, ClientError> {
+    let mut url = gateway.clone();
+    url.path_segments_mut()
+        .map_err(|()| ClientError::Config(format!("{gateway} cannot be a base URL")))?
+        .pop_if_empty()
+        .extend(segments);
+    Ok(url)
+}
+
 /// Largest SSE event the client accepts (a snapshot on one line).
 const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
@@ -518,17 +530,11 @@ impl Shared {
     }
 
     fn url(&self, gateway: &Url, suffix: &str) -> Result<Url, ClientError> {
-        let mut url = gateway.clone();
-        {
-            let mut segments = url
-                .path_segments_mut()
-                .map_err(|()| ClientError::Config(format!("{gateway} cannot be a base URL")))?;
-            segments.pop_if_empty();
-            segments.extend(["config", "v1", self.env.as_str(), self.app.as_str()]);
-            if !suffix.is_empty() {
-                segments.push(suffix);
-            }
+        let mut segments = vec!["config", "v1", self.env.as_str(), self.app.as_str()];
+        if !suffix.is_empty() {
+            segments.push(suffix);
         }
+        let mut url = under(gateway, &segments)?;
         {
             let mut query = url.query_pairs_mut();
             if let Some(instance) = &self.config.instance {
@@ -646,9 +652,7 @@ impl Shared {
     }
 
     async fn fetch_jwks(&self, gateway: &Url) -> Result<JwkSet, ClientError> {
-        let url = gateway
-            .join("/oauth2/jwks")
-            .map_err(|e| ClientError::Jwks(e.to_string()))?;
+        let url = under(gateway, &["oauth2", "jwks"])?;
         let response = self
             .http
             .get(url)
@@ -1213,4 +1217,39 @@ impl SseParser {
 /// Whether `path` exists and is a file only its owner can read and write.
 pub fn is_private_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_url_keeps_the_gateways_base_path() {
+        for (base, jwks) in [
+            (
+                "https://gw.example:8443",
+                "https://gw.example:8443/oauth2/jwks",
+            ),
+            (
+                "https://edge.example/portcullis",
+                "https://edge.example/portcullis/oauth2/jwks",
+            ),
+            (
+                "https://edge.example/portcullis/",
+                "https://edge.example/portcullis/oauth2/jwks",
+            ),
+        ] {
+            let base = Url::parse(base).unwrap();
+            assert_eq!(under(&base, &["oauth2", "jwks"]).unwrap().as_str(), jwks);
+        }
+        let base = Url::parse("https://edge.example/portcullis/").unwrap();
+        assert_eq!(
+            under(&base, &["config", "v1", "prod", "a b"])
+                .unwrap()
+                .as_str(),
+            "https://edge.example/portcullis/config/v1/prod/a%20b"
+        );
+        assert!(under(&Url::parse("mailto:ops@example.com").unwrap(), &["x"]).is_err());
+    }
 }
