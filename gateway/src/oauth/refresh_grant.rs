@@ -7,13 +7,14 @@ use std::net::IpAddr;
 use secrecy::SecretString;
 
 use crate::audit::AuditEvent;
-use crate::clients::{Client, GrantType, ScopeSet};
+use crate::clients::{Audience, Client, GrantType, ScopeSet};
 use crate::error::{ApiError, OAuthCode};
 use crate::oauth::form::Form;
 use crate::oauth::token::{
-    AccessGrant, TokenResponse, access_token_lifetime, ensure_can_sign, mint, requested_scope,
+    AccessGrant, TokenResponse, access_token_lifetime, ensure_can_sign, mint, requested_resource,
+    requested_scope,
 };
-use crate::refresh::RefreshError;
+use crate::refresh::{RefreshError, Session};
 use crate::state::AppState;
 
 /// Rotates the presented refresh token and mints an access token for its session.
@@ -27,24 +28,26 @@ pub async fn refresh(
         .take("refresh_token")
         .map(SecretString::from)
         .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "refresh_token is required"))?;
-    // a narrower scope may be asked for (RFC 6749 §6); checked before rotating, so a
-    // malformed request does not consume the token
+    // a narrower scope (RFC 6749 §6) and a narrower audience (RFC 8707 §2.2) may be asked
+    // for; both are parsed before rotating, so a malformed request does not consume the
+    // token
     let requested = requested_scope(form)?;
+    let resource = requested_resource(form)?;
     // nothing is rotated unless the access token can be signed: a 503 leaves the
     // presented token as it was, to be used again once signing works
     ensure_can_sign(state)?;
     let now = state.keys.now();
-    // a wider scope is refused before rotating too: refused after a rotation, the client
-    // would hold only the rotated token, whose next use past the grace window counts as
-    // re-use and revokes the whole session. `inspect` sees only the current token of a
-    // live family; anything else goes on to `refresh`, which refuses it or replays a
-    // rotation (changing nothing), and the check after it still applies.
-    if !requested.is_empty()
+    // a wider scope or a resource the grant does not cover is refused before rotating too:
+    // refused after a rotation, the client would hold only the rotated token, whose next
+    // use past the grace window counts as re-use and revokes the whole session. `inspect`
+    // sees only the current token of a live family; anything else goes on to `refresh`,
+    // which refuses it or replays a rotation (changing nothing), and the check after it
+    // still applies.
+    if (!requested.is_empty() || resource.is_some())
         && let Some(session) = state.refresh.inspect(&presented, now).await?
         && session.client_id == client.id.as_str()
-        && !requested.is_subset(&ScopeSet::parse(&session.scope).unwrap_or_default())
     {
-        return Err(wider_scope());
+        narrowed(state, &session, &requested, resource.as_ref())?;
     }
     let refreshed = match state
         .refresh
@@ -89,24 +92,12 @@ pub async fn refresh(
         detail: serde_json::json!({ "subject": session.subject, "replayed": refreshed.replayed })
             .into(),
     });
-    let granted = ScopeSet::parse(&session.scope).unwrap_or_default();
-    let scope = if requested.is_empty() {
-        granted
-    } else if requested.is_subset(&granted) {
-        requested
-    } else {
-        return Err(wider_scope());
-    };
+    let (scope, audiences) = narrowed(state, session, &requested, resource.as_ref())?;
     let roles = session
         .session
         .get("roles")
         .and_then(|r| serde_json::from_value::<Vec<String>>(r.clone()).ok())
         .unwrap_or_default();
-    let audiences = if session.audience.is_empty() {
-        vec![state.config.issuer()]
-    } else {
-        session.audience.clone()
-    };
     mint(
         state,
         AccessGrant {
@@ -124,9 +115,44 @@ pub async fn refresh(
     )
 }
 
-fn wider_scope() -> ApiError {
-    ApiError::oauth(
-        OAuthCode::InvalidScope,
-        "a refresh may only narrow the scope originally granted",
-    )
+/// The scope and audiences of an access token for `session`: what was asked for, which
+/// may only narrow what the session was granted (`invalid_scope`, `invalid_target`
+/// otherwise), else all of it. A session granted no audience covers the issuer.
+fn narrowed(
+    state: &AppState,
+    session: &Session,
+    requested: &ScopeSet,
+    resource: Option<&Audience>,
+) -> Result<(ScopeSet, Vec<String>), ApiError> {
+    let granted = ScopeSet::parse(&session.scope).unwrap_or_default();
+    let scope = if requested.is_empty() {
+        granted
+    } else if requested.is_subset(&granted) {
+        requested.clone()
+    } else {
+        return Err(ApiError::oauth(
+            OAuthCode::InvalidScope,
+            "a refresh may only narrow the scope originally granted",
+        ));
+    };
+    let covered = if session.audience.is_empty() {
+        vec![state.config.issuer()]
+    } else {
+        session.audience.clone()
+    };
+    let audiences = match resource {
+        None => covered,
+        Some(r) if covered.iter().any(|a| a == r.as_str()) => vec![r.as_str().to_owned()],
+        Some(r) => {
+            return Err(ApiError::oauth(
+                OAuthCode::InvalidTarget,
+                format!(
+                    "a refresh may only narrow the audience originally granted; \
+                     resource not covered: {}",
+                    r.as_str()
+                ),
+            ));
+        }
+    };
+    Ok((scope, audiences))
 }

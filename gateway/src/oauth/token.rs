@@ -160,17 +160,7 @@ fn client_credentials(
 ) -> Result<TokenResponse, ApiError> {
     let requested = requested_scope(form)?;
     let scope = client.grant_scopes(&requested)?;
-    let resource = form
-        .take("resource")
-        .map(|r| {
-            Audience::parse(&r).map_err(|_| {
-                ApiError::oauth(
-                    OAuthCode::InvalidTarget,
-                    "resource is not a valid URI or name",
-                )
-            })
-        })
-        .transpose()?;
+    let resource = requested_resource(form)?;
     let audience = client
         .audience_for(resource.as_ref())?
         .map(|a| a.as_str().to_owned())
@@ -211,6 +201,22 @@ pub fn requested_scope(form: &mut Form) -> Result<ScopeSet, ApiError> {
         Some(s) => ScopeSet::parse(&s)
             .map_err(|_| ApiError::oauth(OAuthCode::InvalidScope, "scope is malformed")),
     }
+}
+
+/// The `resource` parameter (RFC 8707), parsed; absent means "the default audience". A
+/// value that is no valid audience is `invalid_target`; a repeated one was refused with
+/// `invalid_request` when the form was parsed (one audience per token).
+pub fn requested_resource(form: &mut Form) -> Result<Option<Audience>, ApiError> {
+    form.take("resource")
+        .map(|r| {
+            Audience::parse(&r).map_err(|_| {
+                ApiError::oauth(
+                    OAuthCode::InvalidTarget,
+                    "resource is not a valid URI or name",
+                )
+            })
+        })
+        .transpose()
 }
 
 /// What an access token is for.

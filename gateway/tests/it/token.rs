@@ -156,6 +156,17 @@ impl Fixture {
     /// Starts a session for `subject` at `client`, as the SSO login will; returns its
     /// first refresh token.
     async fn login(&self, client: &Creds, subject: &str, scope: &str) -> String {
+        self.login_to(client, subject, scope, &[]).await
+    }
+
+    /// [`Self::login`] for a session granted `audience` (none: the issuer).
+    async fn login_to(
+        &self,
+        client: &Creds,
+        subject: &str,
+        scope: &str,
+        audience: &[&str],
+    ) -> String {
         let issued = self
             .app
             .state
@@ -165,7 +176,7 @@ impl Fixture {
                     client_id: client.id.clone(),
                     subject: subject.to_owned(),
                     scope: scope.to_owned(),
-                    audience: Vec::new(),
+                    audience: audience.iter().map(|a| (*a).to_owned()).collect(),
                     auth_time: self.now(),
                     session: json!({ "roles": ["viewer"] }),
                 },
@@ -910,6 +921,97 @@ async fn a_refresh_may_narrow_the_scope_but_not_widen_it() {
     assert_eq!(f.generation(&rt).await, Some(2));
     f.clock.advance(GRACE + time::Duration::seconds(1));
     f.rotate(&svc, &rt).await;
+}
+
+/// RFC 8707 §2.2: `resource` on a refresh narrows the access token's audience to one the
+/// session already covers; anything else is `invalid_target` and consumes nothing.
+#[tokio::test]
+async fn a_refresh_may_narrow_the_audience_to_a_resource_the_grant_covers() {
+    let f = Fixture::new("resource").await;
+    let svc = f
+        .client(
+            "svc-resource",
+            &[RT],
+            "read write",
+            &["https://api.example.test", "billing", "reports"],
+            None,
+        )
+        .await;
+    let rt = f
+        .login_to(
+            &svc,
+            "alice",
+            "read write",
+            &["https://api.example.test", "billing"],
+        )
+        .await;
+
+    // one of the session's audiences, alone, with a narrower scope as well
+    let a = f
+        .refresh(&svc, &rt, &[("resource", "billing"), ("scope", "read")])
+        .await;
+    granted(&a);
+    let claims = f.claims_for(a.body["access_token"].as_str().unwrap(), "billing");
+    assert_eq!(claims["aud"], "billing");
+    assert_eq!(claims["scope"], "read");
+    // narrowing one access token does not narrow the session
+    let rt = a.body["refresh_token"].as_str().unwrap().to_owned();
+    let a = f.refresh(&svc, &rt, &[]).await;
+    granted(&a);
+    let claims = f.claims_for(a.body["access_token"].as_str().unwrap(), "billing");
+    assert_eq!(
+        claims["aud"],
+        json!(["https://api.example.test", "billing"])
+    );
+    let rt = a.body["refresh_token"].as_str().unwrap().to_owned();
+
+    // beyond the session (even an audience the client may have), a near miss, the
+    // issuer, a malformed value: refused, and the token was not consumed
+    let issuer = f.issuer();
+    for resource in [
+        "reports",
+        "https://evil.example.test",
+        "https://api.example.test/",
+        issuer.as_str(),
+        "not a resource",
+    ] {
+        let a = f.refresh(&svc, &rt, &[("resource", resource)]).await;
+        assert_error(&a, StatusCode::BAD_REQUEST, "invalid_target");
+        let a = f
+            .refresh(&svc, &rt, &[("resource", resource), ("scope", "read")])
+            .await;
+        assert_error(&a, StatusCode::BAD_REQUEST, "invalid_target");
+    }
+    // one resource per request, as for client_credentials
+    let a = f
+        .raw_token(
+            &svc,
+            "application/x-www-form-urlencoded",
+            format!(
+                "grant_type=refresh_token&refresh_token={rt}&resource=billing&resource=billing"
+            )
+            .into_bytes(),
+        )
+        .await;
+    assert_error(&a, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(f.generation(&rt).await, Some(2));
+    f.clock.advance(GRACE + time::Duration::seconds(1));
+    let rt = f.rotate(&svc, &rt).await;
+
+    // another client presenting the token learns nothing about its audiences
+    let other = f.service("svc-resource-other").await;
+    let a = f.refresh(&other, &rt, &[("resource", "reports")]).await;
+    assert_error(&a, StatusCode::BAD_REQUEST, "invalid_grant");
+
+    // a session granted no audience covers the issuer, and only the issuer
+    let rt = f.login(&svc, "bob", "read").await;
+    let a = f.refresh(&svc, &rt, &[("resource", "billing")]).await;
+    assert_error(&a, StatusCode::BAD_REQUEST, "invalid_target");
+    assert_eq!(f.generation(&rt).await, Some(0));
+    let a = f.refresh(&svc, &rt, &[("resource", &issuer)]).await;
+    granted(&a);
+    let claims = f.claims_for(a.body["access_token"].as_str().unwrap(), &issuer);
+    assert_eq!(claims["aud"], issuer);
 }
 
 #[tokio::test]
