@@ -190,13 +190,18 @@ impl KeyService {
         &self,
         token: &str,
     ) -> Result<T, KeyError> {
-        let generation = self.keys().generation();
-        match self.verify(token) {
-            Err(KeyError::UnknownKid) if self.reload_for_unknown_kid(generation).await => {
-                self.verify(token)
-            }
-            other => other,
-        }
+        self.verify_current_with(token, &self.verify).await
+    }
+
+    /// [`Self::verify_current`] against `params` instead of [`Self::verify_params`]
+    /// (introspection accepts any audience the token names).
+    pub async fn verify_current_with<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        params: &VerifyParams,
+    ) -> Result<T, KeyError> {
+        self.reloading_for_unknown_kid(|| self.keys().verify(token, params, self.now()))
+            .await
     }
 
     /// Verifies one of our access tokens now, with the ring held, through the memory of
@@ -212,11 +217,20 @@ impl KeyService {
         &self,
         token: &str,
     ) -> Result<Arc<VerifiedAccess>, KeyError> {
+        self.reloading_for_unknown_kid(|| self.verify_access(token))
+            .await
+    }
+
+    /// Runs `verify` with the ring held and, should it find a `kid` this instance does not
+    /// hold yet, once more after [`Self::reload_for_unknown_kid`] changed the ring. The one
+    /// place every request path's verification goes through.
+    async fn reloading_for_unknown_kid<T>(
+        &self,
+        verify: impl Fn() -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
         let generation = self.keys().generation();
-        match self.verify_access(token) {
-            Err(KeyError::UnknownKid) if self.reload_for_unknown_kid(generation).await => {
-                self.verify_access(token)
-            }
+        match verify() {
+            Err(KeyError::UnknownKid) if self.reload_for_unknown_kid(generation).await => verify(),
             other => other,
         }
     }

@@ -34,7 +34,7 @@ pub async fn introspect(
         .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "token is required"))?;
     let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
     let answer = if looks_like_jwt(&token) {
-        introspect_jwt(&state, &token)
+        introspect_jwt(&state, &token).await
     } else {
         let session = state
             .refresh
@@ -66,10 +66,12 @@ fn looks_like_jwt(token: &str) -> bool {
     token.split('.').count() == 3 && !token.starts_with("rt1.")
 }
 
-fn introspect_jwt(state: &AppState, token: &str) -> Value {
+async fn introspect_jwt(state: &AppState, token: &str) -> Value {
     // our tokens may be for any audience a client was allowed: the audience check is
     // against the token's own `aud`; signature, issuer, expiry and algorithm are checked
-    // as everywhere
+    // as everywhere, through the same path as on every bearer route: a `kid` this
+    // instance does not hold yet makes it reload the ring before answering
+    // `active: false`
     let mut params = state.keys.verify_params().clone();
     params.audiences = unverified_audiences(token);
     if params.audiences.is_empty() {
@@ -77,8 +79,8 @@ fn introspect_jwt(state: &AppState, token: &str) -> Value {
     }
     match state
         .keys
-        .keys()
-        .verify::<AccessClaims>(token, &params, state.keys.now())
+        .verify_current_with::<AccessClaims>(token, &params)
+        .await
     {
         Ok(c) => json!({
             "active": true,

@@ -7,8 +7,9 @@ use std::time::Duration;
 use harness::{OpenBao, Postgres};
 use keyrotation::{Clock, KeyError, KeyState, ManualClock, TransitionReason};
 use portcullis::app::Application;
+use portcullis::clients::{GrantType, NewClient, ScopeSet};
 use portcullis::config::{Config, KeySourceKind};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -106,6 +107,45 @@ impl Instance {
             .body(http_body_util::Full::default())
             .unwrap();
         conn.request(request).await.unwrap().0.status.as_u16()
+    }
+
+    /// `POST /oauth2/introspect` of `token` over HTTPS, as a client registered here.
+    async fn introspect(&self, token: &str) -> Value {
+        use base64::Engine;
+        wait_until_ready(self.app.state()).await;
+        let (client, secret) = self
+            .app
+            .state()
+            .clients
+            .create(
+                NewClient {
+                    id: None,
+                    name: "resource server".to_owned(),
+                    grant_types: [GrantType::ClientCredentials].into_iter().collect(),
+                    scopes: ScopeSet::parse("read").unwrap(),
+                    audiences: Vec::new(),
+                    access_token_lifetime: None,
+                },
+                self.app.state().keys.now(),
+            )
+            .await
+            .unwrap();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            client.id.as_str(),
+            secret.expose_secret()
+        ));
+        let mut conn =
+            Conn::over(tls_connect(self.app.https_addr(), self.pki_client.clone()).await).await;
+        let request = http::Request::post("/oauth2/introspect")
+            .header("host", "localhost")
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::from(format!("token={token}")))
+            .unwrap();
+        let (parts, body) = conn.request(request).await.unwrap();
+        assert_eq!(parts.status, 200);
+        serde_json::from_slice(&body).unwrap()
     }
 
     async fn rotate(&self, body: Value) -> Value {
@@ -542,6 +582,37 @@ async fn two_instances(name: &str, clock: &Arc<ManualClock>) -> (Instance, Insta
         b.app.state().keys.status().active_kid
     );
     (a, b)
+}
+
+/// Introspection verifies as the bearer routes do: a token signed by a key another
+/// instance just made (an emergency's fresh key signs at once) makes this instance reload
+/// the ring, and the token is active, not `{"active": false}` until the next reload tick.
+#[tokio::test]
+async fn introspection_reloads_the_ring_for_an_unknown_kid_before_answering() {
+    let clock = start_clock();
+    let (a, b) = two_instances("keyskid3", &clock).await;
+    a.rotate(json!({ "emergency": true, "reason": "key in a crash dump" }))
+        .await;
+    let fresh = a.sign_access(clock.now());
+    let reloads = b.app.state().keys.rotator().health().reloads;
+
+    let answer = b.introspect(&fresh).await;
+    assert_eq!(answer["active"], true, "{answer}");
+    assert_eq!(answer["sub"], "executor-orders");
+    assert_eq!(answer["scope"], "config:read:prod");
+    assert_eq!(b.app.state().keys.rotator().health().reloads, reloads + 1);
+    // the same rate limit as everywhere: a forged kid right after reloads nothing
+    let b64 = |v: Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let forged = format!(
+        "{}.{}.c2ln",
+        b64(json!({ "alg": "ES256", "typ": "at+jwt", "kid": "no-such-key" })),
+        b64(json!({ "aud": "https://portcullis.test" }))
+    );
+    assert_eq!(b.introspect(&forged).await, json!({ "active": false }));
+    assert_eq!(b.app.state().keys.rotator().health().reloads, reloads + 1);
 }
 
 /// "Rotate now" with no next key pending generates one: it is published at once, but
