@@ -12,7 +12,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use keyrotation::{KeyAlgorithm, KeyRing, Keys, Policy, VerifyParams};
+use keyrotation::{KeyAlgorithm, KeyRing, Keys, Policy, TokenType, VerifyParams};
 use libfuzzer_sys::fuzz_target;
 use portcullis::oauth::claims::{AccessClaims, Audiences};
 use time::OffsetDateTime;
@@ -44,6 +44,7 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             KeyAlgorithm::EdDSA,
             KeyAlgorithm::RS256,
         ],
+        token_type: TokenType::AccessToken,
     };
     let t = now.unix_timestamp();
     let claims = AccessClaims {
@@ -60,7 +61,7 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
         sid: None,
     };
     let valid = keys
-        .sign(&claims, now)
+        .sign_typed(&claims, TokenType::AccessToken, now)
         .unwrap_or_else(|e| panic!("signing: {e}"));
     Fixture {
         keys,
@@ -105,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
             let Ok(value) = serde_json::from_slice::<serde_json::Value>(rest) else {
                 return;
             };
-            let Ok(token) = f.keys.sign(&value, f.now) else {
+            let Ok(token) = f.keys.sign_typed(&value, TokenType::AccessToken, f.now) else {
                 return;
             };
             if let Ok(claims) = f.keys.verify::<AccessClaims>(&token, &f.params, f.now) {

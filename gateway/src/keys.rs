@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keyrotation::{
     Clock, FileKeySource, KeyError, KeySource, Keys, ReloadOutcome, RingStatus, RotationMode,
-    Rotator, VaultKeySource, VerifyParams,
+    Rotator, TokenType, VaultKeySource, VerifyParams,
 };
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
@@ -91,6 +91,9 @@ impl KeyService {
             audiences: vec![config.issuer()],
             leeway: config.tokens.leeway,
             algorithms: config.accepted_algorithms(),
+            // every token verified here is an access token: a JWT the keys signed for
+            // anything else (a config release's JWS, `typ: JWT`) never passes for one
+            token_type: TokenType::AccessToken,
         };
         Ok(Self {
             rotator,
@@ -162,7 +165,7 @@ impl KeyService {
         &self.rotator
     }
 
-    /// What a token of ours must satisfy.
+    /// What an access token of ours must satisfy.
     pub fn verify_params(&self) -> &VerifyParams {
         &self.verify
     }
@@ -173,13 +176,16 @@ impl KeyService {
         self.vault.as_ref()
     }
 
-    /// Signs `claims` with the active key. `NoActiveKey` when none may sign now (e.g. the
-    /// active key's window ended while Vault was unreachable): the caller answers 503.
+    /// Signs `claims` as an access token (`typ: at+jwt`, RFC 9068 §2.1) with the active
+    /// key. `NoActiveKey` when none may sign now (e.g. the active key's window ended while
+    /// Vault was unreachable): the caller answers 503. Anything else the keys sign goes
+    /// through [`Keys::sign`], typed `JWT`, which no access-token verification accepts.
     pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, KeyError> {
-        self.keys().sign(claims, self.now())
+        self.keys()
+            .sign_typed(claims, TokenType::AccessToken, self.now())
     }
 
-    /// Verifies one of our tokens now, with the ring held.
+    /// Verifies one of our access tokens now, with the ring held.
     pub fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, KeyError> {
         self.keys().verify(token, &self.verify, self.now())
     }

@@ -4,8 +4,9 @@
 //!
 //! A remembered verification never accepts more than a fresh one would:
 //! - the key is the token's exact text, compared in full, so no other token can hit it;
-//! - only tokens that verified are remembered; refusals are not, so garbage cannot push
-//!   good entries out faster than verifying it costs;
+//! - only tokens that verified as access tokens (`typ: at+jwt` included) are remembered;
+//!   refusals are not, so garbage cannot push good entries out faster than verifying it
+//!   costs, and a JWT our keys signed for anything else never enters;
 //! - every hit checks the token's validity window (`exp`, `nbf`, leeway) against the clock
 //!   and that the signing key is still trusted by the live ring;
 //! - the whole memory is dropped when the ring changes (a rotation, an emergency rotation

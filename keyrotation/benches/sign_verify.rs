@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use criterion::{Criterion, criterion_group, criterion_main};
-use keyrotation::{KeyAlgorithm, KeyRing, Keys, Policy, VerifyParams};
+use keyrotation::{KeyAlgorithm, KeyRing, Keys, Policy, TokenType, VerifyParams};
 use serde::{Deserialize, Serialize};
 use time::macros::datetime;
 
@@ -60,6 +60,7 @@ fn bench(c: &mut Criterion) {
             audiences: vec![claims.aud.clone()],
             leeway: Duration::from_secs(30),
             algorithms: vec![alg],
+            token_type: TokenType::Jwt,
         };
         let token = keys.sign(&claims, now).unwrap();
 

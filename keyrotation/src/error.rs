@@ -49,6 +49,10 @@ pub enum KeyError {
     /// No key published at this instant has the token's `kid`.
     #[error("token key id is unknown")]
     UnknownKid,
+    /// The token header's `typ` is missing or names another kind of token than the one
+    /// verified (e.g. a plain `JWT` where an `at+jwt` access token is expected).
+    #[error("token type (`typ`) is not the one expected")]
+    WrongTokenType,
     /// The token header lists critical extensions this verifier does not understand.
     #[error("token uses unsupported critical header parameters")]
     UnsupportedCritical,
@@ -134,6 +138,7 @@ impl KeyError {
                 | KeyError::MissingKid
                 | KeyError::UnknownKid
                 | KeyError::UnsupportedCritical
+                | KeyError::WrongTokenType
                 | KeyError::InvalidSignature
                 | KeyError::Expired
                 | KeyError::NotYetValid

@@ -1,5 +1,6 @@
 //! The live key handle: signing, verifying, JWKS and status over the loaded ring.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -63,6 +64,19 @@ pub struct VerifyParams {
     pub leeway: Duration,
     /// The algorithms accepted, pinned by configuration (never taken from the token).
     pub algorithms: Vec<KeyAlgorithm>,
+    /// The kind of token accepted: the header's `typ` must name it.
+    pub token_type: TokenType,
+}
+
+/// The kind of a token, carried in its header's `typ` (RFC 7515 §4.1.9): set when signing,
+/// required when verifying, so that a token the keys signed for one purpose is never taken
+/// for another (RFC 8725 §3.11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenType {
+    /// `JWT`: a plain JWT or JWS, as [`Keys::sign`] makes.
+    Jwt,
+    /// `at+jwt`: an OAuth 2.0 access token (RFC 9068 §2.1).
+    AccessToken,
 }
 
 /// A verified token: its claims, the key that signed it, and when it is valid.
@@ -152,10 +166,57 @@ pub struct KeyStatus {
 
 /// Header members the verifier looks at.
 #[derive(Deserialize)]
-struct TokenHeader {
+struct TokenHeader<'a> {
     alg: String,
     kid: Option<String>,
     crit: Option<Value>,
+    /// Borrowed from the decoded header (copied only if it holds JSON escapes).
+    #[serde(borrow)]
+    typ: Option<Cow<'a, str>>,
+}
+
+// === impl TokenType ===
+
+impl TokenType {
+    /// How many there are.
+    pub(crate) const COUNT: usize = 2;
+    /// Every one, in [`Self::index`] order.
+    pub(crate) const ALL: [Self; Self::COUNT] = [Self::Jwt, Self::AccessToken];
+
+    /// The `typ` a token of this kind is signed with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "JWT",
+            Self::AccessToken => "at+jwt",
+        }
+    }
+
+    /// Its place in [`Self::ALL`].
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Self::Jwt => 0,
+            Self::AccessToken => 1,
+        }
+    }
+
+    /// Whether a header's `typ` names this kind: its name, or its media type
+    /// (`application/` prefixed), in any case (RFC 7515 §4.1.9; RFC 9068 §4 for
+    /// `at+jwt`). Compares bytes in place.
+    pub fn matches(self, typ: &str) -> bool {
+        const MEDIA: &[u8] = b"application/";
+        let typ = typ.as_bytes();
+        let bare = match typ.split_at_checked(MEDIA.len()) {
+            Some((head, rest)) if head.eq_ignore_ascii_case(MEDIA) => rest,
+            _ => typ,
+        };
+        bare.eq_ignore_ascii_case(self.as_str().as_bytes())
+    }
+}
+
+impl std::fmt::Display for TokenType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 // === impl Keys ===
@@ -241,6 +302,17 @@ impl Keys {
         claims: &C,
         now: OffsetDateTime,
     ) -> Result<String, KeyError> {
+        self.sign_typed(claims, TokenType::Jwt, now)
+    }
+
+    /// [`Keys::sign`] for a token of kind `typ`: the header carries `alg`, `kid` and
+    /// `typ`, and only a verification expecting that kind accepts the token.
+    pub fn sign_typed<C: Serialize + ?Sized>(
+        &self,
+        claims: &C,
+        typ: TokenType,
+        now: OffsetDateTime,
+    ) -> Result<String, KeyError> {
         let loaded = self.inner.ring.load();
         let key = loaded
             .keys
@@ -249,9 +321,9 @@ impl Keys {
             .max_by_key(|k| k.record.activate_at)
             .ok_or(KeyError::NoActiveKey)?;
         let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Claims(e.to_string()))?;
-        let mut token =
-            String::with_capacity(key.material.header_b64.len() + payload.len() * 4 / 3 + 400);
-        token.push_str(&key.material.header_b64);
+        let header_b64 = key.material.header_b64(typ);
+        let mut token = String::with_capacity(header_b64.len() + payload.len() * 4 / 3 + 400);
+        token.push_str(header_b64);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
         let signature = key.material.signer.sign(token.as_bytes())?;
@@ -263,6 +335,7 @@ impl Keys {
     /// Verifies `token` at `now` and returns its claims.
     ///
     /// Rejects: a malformed token; an `alg` outside the pinned set (so `none` and HS*); a
+    /// `typ` missing or naming another kind than `params.token_type`; a
     /// missing `kid`, or one naming no key published at `now` (compromised and retired keys
     /// are never published); an `alg` other than that key's; unknown critical headers; a bad
     /// signature; a missing or past `exp`, a future `nbf`, a wrong `iss`, an `aud` naming none
@@ -293,10 +366,21 @@ impl Keys {
         if params.audiences.is_empty() {
             return Err(KeyError::InvalidVerifyParams("no audience is accepted"));
         }
-        let header = parse_header(token)?;
+        let header_json = decode_header(token)?;
+        let header: TokenHeader<'_> = serde_json::from_slice(&header_json)
+            .map_err(|_| KeyError::MalformedToken("header is not a JOSE header"))?;
         let alg = pinned_algorithm(&header.alg, &params.algorithms)?;
         if header.crit.is_some() {
             return Err(KeyError::UnsupportedCritical);
+        }
+        // before the key lookup: a token of another kind never makes a caller reload the
+        // ring for its `kid`
+        if !header
+            .typ
+            .as_deref()
+            .is_some_and(|typ| params.token_type.matches(typ))
+        {
+            return Err(KeyError::WrongTokenType);
         }
         let kid = header.kid.ok_or(KeyError::MissingKid)?;
 
@@ -429,7 +513,8 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-fn parse_header(token: &str) -> Result<TokenHeader, KeyError> {
+/// The decoded JSON of `token`'s protected header.
+fn decode_header(token: &str) -> Result<Vec<u8>, KeyError> {
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -438,11 +523,9 @@ fn parse_header(token: &str) -> Result<TokenHeader, KeyError> {
             "a JWT has three dot-separated parts",
         ));
     };
-    let bytes = URL_SAFE_NO_PAD
+    URL_SAFE_NO_PAD
         .decode(header)
-        .map_err(|_| KeyError::MalformedToken("header is not base64url"))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|_| KeyError::MalformedToken("header is not a JOSE header"))
+        .map_err(|_| KeyError::MalformedToken("header is not base64url"))
 }
 
 fn pinned_algorithm(alg: &str, pinned: &[KeyAlgorithm]) -> Result<KeyAlgorithm, KeyError> {

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::DecodingKey;
 use serde_json::{Value, json};
 
-use crate::{KeyAlgorithm, KeyError, Kid, PrivateKey};
+use crate::{KeyAlgorithm, KeyError, Kid, PrivateKey, TokenType};
 
 /// A freshly generated key: its private half and its id.
 pub(crate) struct Generated {
@@ -41,8 +41,16 @@ pub(crate) struct Material {
     pub(crate) decoding: DecodingKey,
     /// The public JWK (with `kid`, `alg`, `use`).
     pub(crate) jwk: Value,
-    /// The base64url JWS protected header (`alg`, `kid`, `typ: JWT`), shared by every token.
-    pub(crate) header_b64: String,
+    /// The base64url JWS protected headers (`alg`, `kid`, `typ`), one per [`TokenType`]
+    /// (indexed by [`TokenType::index`]), each shared by every token of its type.
+    pub(crate) headers_b64: [String; TokenType::COUNT],
+}
+
+impl Material {
+    /// The base64url protected header of a token of type `typ`.
+    pub(crate) fn header_b64(&self, typ: TokenType) -> &str {
+        &self.headers_b64[typ.index()]
+    }
 }
 
 /// Generates a new private key for `alg`.
@@ -94,13 +102,15 @@ pub(crate) fn load(
         map.insert("alg".to_owned(), json!(alg.as_str()));
         map.insert("use".to_owned(), json!("sig"));
     }
-    let header = json!({ "alg": alg.as_str(), "kid": kid.as_str(), "typ": "JWT" });
-    let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
+    let headers_b64 = TokenType::ALL.map(|typ| {
+        let header = json!({ "alg": alg.as_str(), "kid": kid.as_str(), "typ": typ.as_str() });
+        URL_SAFE_NO_PAD.encode(header.to_string())
+    });
     Ok(Material {
         signer,
         decoding,
         jwk,
-        header_b64,
+        headers_b64,
     })
 }
 

@@ -155,6 +155,71 @@ async fn missing_malformed_and_foreign_credentials_get_401_with_a_bearer_challen
     assert_eq!(status, 401);
 }
 
+/// RFC 9068 §2.1, §4 and RFC 8725 §3.11: an access token is typed `at+jwt`, and only
+/// such a token is taken for one. Anything else the gateway's keys sign (the detached JWS
+/// of a config release, typed `JWT`) is refused on every path that takes access tokens,
+/// however much its claims look like an access token's, and is not remembered as verified.
+#[tokio::test]
+async fn a_jwt_of_ours_not_typed_as_an_access_token_is_refused_everywhere() {
+    let app = spawn_app(|_| {}).await;
+    let router = guarded(&app);
+    let keys = &app.state.keys;
+    let issuer = app.state.config.issuer();
+    let typ = |token: &str| -> Value {
+        let header = token.split('.').next().unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        serde_json::from_slice::<Value>(&json).unwrap()["typ"].clone()
+    };
+
+    let access = keys
+        .sign(&claims(&app, "scheduler:executor", &issuer, 300))
+        .unwrap();
+    assert_eq!(typ(&access), "at+jwt");
+    assert_eq!(
+        call(&router, Some(&format!("Bearer {access}"))).await.0,
+        200
+    );
+
+    // the same claims, signed the way the config hub signs a release
+    let other = keys
+        .keys()
+        .sign(
+            &claims(&app, "scheduler:executor", &issuer, 300),
+            keys.now(),
+        )
+        .unwrap();
+    assert_eq!(typ(&other), "JWT");
+    let remembered = keys.verified_tokens().len();
+    for _ in 0..2 {
+        let (status, challenge, _) = call(&router, Some(&format!("Bearer {other}"))).await;
+        assert_eq!(status, 401);
+        assert!(challenge.unwrap().contains("error=\"invalid_token\""));
+    }
+    assert_eq!(
+        keys.verified_tokens().len(),
+        remembered,
+        "refusals are not remembered"
+    );
+    // the proxy's and the admin API's check, and the console access cookie's
+    let authorization = http::HeaderValue::from_str(&format!("Bearer {other}")).unwrap();
+    assert!(
+        portcullis::authn::verify_bearer(keys, Some(&authorization), &[])
+            .await
+            .is_err()
+    );
+    assert!(keys.verify_current::<Value>(&other).await.is_err());
+    // the access token still goes through them all
+    let authorization = http::HeaderValue::from_str(&format!("Bearer {access}")).unwrap();
+    assert!(
+        portcullis::authn::verify_bearer(keys, Some(&authorization), &[])
+            .await
+            .is_ok()
+    );
+    assert!(keys.verify_current::<Value>(&access).await.is_ok());
+}
+
 #[tokio::test]
 async fn token_without_the_scope_gets_403_naming_the_scope() {
     let app = spawn_app(|_| {}).await;

@@ -461,6 +461,7 @@ async fn client_credentials_issues_tokens_whose_claims_are_right() {
         })
     );
     let header = jose_header(&first);
+    assert_eq!(header["typ"], "at+jwt", "RFC 9068 §2.1");
     assert_eq!(header["alg"], "ES256");
     assert_eq!(header["kid"], active_kid.as_str());
 
@@ -1125,6 +1126,16 @@ async fn introspection_describes_live_tokens_to_those_allowed_to_see_them() {
         })
     );
     assert_eq!(f.introspect(&other, &rt).await, json!({ "active": false }));
+
+    // the same claims signed by our keys as anything but an access token (`typ: JWT`, as
+    // a config release's JWS is): not an access token
+    let claims: Value = f.app.state.keys.verify(&at).unwrap();
+    let untyped = f.app.state.keys.keys().sign(&claims, f.now()).unwrap();
+    assert_eq!(jose_header(&untyped)["typ"], "JWT");
+    assert_eq!(
+        f.introspect(&other, &untyped).await,
+        json!({ "active": false })
+    );
 
     // rotated, tampered, expired or garbage: inactive
     let successor = f.rotate(&svc, &rt).await;

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use keyrotation::{KeyAlgorithm, KeyRing, KeySource, Keys, Policy, StoreOutcome, VerifyParams};
+use keyrotation::{
+    KeyAlgorithm, KeyRing, KeySource, Keys, Policy, StoreOutcome, TokenType, VerifyParams,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -52,6 +54,7 @@ pub fn params(algorithms: &[KeyAlgorithm]) -> VerifyParams {
         audiences: vec![AUDIENCE.to_owned(), "other-audience".to_owned()],
         leeway: LEEWAY,
         algorithms: algorithms.to_vec(),
+        token_type: TokenType::Jwt,
     }
 }
 

@@ -3,7 +3,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::JwkSet;
-use keyrotation::{KeyAlgorithm, KeyError, KeyRing, Keys, Policy, VerifyParams};
+use keyrotation::{KeyAlgorithm, KeyError, KeyRing, Keys, Policy, TokenType, VerifyParams};
 use serde_json::json;
 
 use crate::common::{
@@ -176,6 +176,77 @@ fn unknown_or_missing_kid_is_rejected() {
         .verify::<Claims>(&parts.join("."), &params(&[KeyAlgorithm::ES256]), now)
         .unwrap_err();
     assert!(matches!(err, KeyError::MissingKid), "{err}");
+}
+
+/// RFC 8725 §3.11: a token verifies only as the kind (`typ`) it was signed as, so that an
+/// access token verifier never takes another JWT the same keys signed for one.
+#[test]
+fn a_token_verifies_only_as_the_kind_it_was_signed_as() {
+    let now = t0();
+    let (_, keys) = keys_with(KeyAlgorithm::ES256, now);
+    let as_jwt = params(&[KeyAlgorithm::ES256]);
+    let as_access = VerifyParams {
+        token_type: TokenType::AccessToken,
+        ..params(&[KeyAlgorithm::ES256])
+    };
+    let jwt = keys.sign(&claims(now, HOUR), now).unwrap();
+    let access = keys
+        .sign_typed(&claims(now, HOUR), TokenType::AccessToken, now)
+        .unwrap();
+    assert_eq!(header_of(&jwt)["typ"], "JWT");
+    assert_eq!(header_of(&access)["typ"], "at+jwt");
+    assert_eq!(header_of(&access)["kid"], header_of(&jwt)["kid"]);
+
+    keys.verify::<Claims>(&jwt, &as_jwt, now).unwrap();
+    keys.verify::<Claims>(&access, &as_access, now).unwrap();
+    for (token, params) in [(&jwt, &as_access), (&access, &as_jwt)] {
+        let err = keys.verify::<Claims>(token, params, now).unwrap_err();
+        assert!(matches!(err, KeyError::WrongTokenType), "{err}");
+        assert!(err.is_token_rejection());
+    }
+
+    // without `typ`, or another one: refused, before the key is even looked up
+    for typ in [None, Some("JWT"), Some("JOSE"), Some("id+jwt"), Some("")] {
+        let mut header = json!({ "alg": "ES256", "kid": "no-such-key" });
+        if let Some(typ) = typ {
+            header["typ"] = json!(typ);
+        }
+        let body = serde_json::to_value(claims(now, HOUR)).unwrap();
+        let err = keys
+            .verify::<Claims>(&forge(&header, &body, b"sig"), &as_access, now)
+            .unwrap_err();
+        assert!(matches!(err, KeyError::WrongTokenType), "{typ:?}: {err}");
+    }
+}
+
+#[test]
+fn a_type_is_named_by_its_name_or_media_type_in_any_case() {
+    for typ in [
+        "at+jwt",
+        "AT+JWT",
+        "application/at+jwt",
+        "Application/At+Jwt",
+    ] {
+        assert!(TokenType::AccessToken.matches(typ), "{typ}");
+        assert!(!TokenType::Jwt.matches(typ), "{typ}");
+    }
+    for typ in ["JWT", "jwt", "application/jwt"] {
+        assert!(TokenType::Jwt.matches(typ), "{typ}");
+        assert!(!TokenType::AccessToken.matches(typ), "{typ}");
+    }
+    for typ in [
+        "",
+        "application/",
+        "at+jwt ",
+        " at+jwt",
+        "applicationat+jwt",
+        "text/at+jwt",
+        "application/application/at+jwt",
+        "at+jwt\0",
+        "\u{e9}t+jwt",
+    ] {
+        assert!(!TokenType::AccessToken.matches(typ), "{typ:?}");
+    }
 }
 
 #[test]
