@@ -45,6 +45,9 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             KeyAlgorithm::RS256,
         ],
         token_type: TokenType::AccessToken,
+        // as the gateway verifies by default (`tokens.accept_jwt_typ = true`): access
+        // tokens of earlier versions, typed `JWT`, are still taken
+        also_accepted: Some(TokenType::Jwt),
     };
     let t = now.unix_timestamp();
     let claims = AccessClaims {

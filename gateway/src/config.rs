@@ -316,6 +316,14 @@ pub struct TokensConfig {
     /// again is not verified again (`0` turns the cache off). A remembered token is still
     /// checked for expiry and for its key being trusted on every use.
     pub verified_cache_entries: usize,
+    /// Whether an access token typed `JWT` (any case, or `application/jwt`) is still
+    /// accepted besides `at+jwt`: the tokens of versions before access tokens were typed
+    /// (RFC 9068) carry `typ: JWT` and stay valid for their lifetime across an upgrade.
+    /// Every token accepted only thanks to this is counted in
+    /// `portcullis_access_tokens_legacy_typ_total`; once that stays at zero for the longest
+    /// access-token lifetime after every instance is upgraded, set it to `false` to accept
+    /// `at+jwt` only. A token with no `typ`, or any other, is refused either way.
+    pub accept_jwt_typ: bool,
 }
 
 impl Default for TokensConfig {
@@ -328,6 +336,7 @@ impl Default for TokensConfig {
             hash_key_file: None,
             client_cache_ttl: Duration::from_secs(5),
             verified_cache_entries: 10_000,
+            accept_jwt_typ: true,
         }
     }
 }

@@ -26,6 +26,11 @@ use crate::verified::{VerifiedAccess, VerifiedTokens};
 /// to turn into load on Vault.
 pub const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Access tokens accepted only because `tokens.accept_jwt_typ` takes `typ: JWT` (tokens of
+/// versions before access tokens were typed `at+jwt`): once it stays at zero for the
+/// longest access-token lifetime, the leniency can be turned off.
+pub const LEGACY_TYP_METRIC: &str = "portcullis_access_tokens_legacy_typ_total";
+
 /// What the reload interval is padded with to make the propagation delay: the reload
 /// itself (one Vault read) and the clock skew between instances.
 const PROPAGATION_MARGIN: Duration = Duration::from_secs(5);
@@ -91,9 +96,13 @@ impl KeyService {
             audiences: vec![config.issuer()],
             leeway: config.tokens.leeway,
             algorithms: config.accepted_algorithms(),
-            // every token verified here is an access token: a JWT the keys signed for
-            // anything else (a config release's JWS, `typ: JWT`) never passes for one
+            // every token verified here is an access token, typed `at+jwt`; while
+            // `tokens.accept_jwt_typ` is on (the default), also one typed `JWT`, as access
+            // tokens were before they were typed, so that none issued by an earlier version
+            // is refused after an upgrade (a config release's JWS is typed `JWT` too, but
+            // carries no `iss`, `aud` or `exp`, so it never passes for an access token)
             token_type: TokenType::AccessToken,
+            also_accepted: config.tokens.accept_jwt_typ.then_some(TokenType::Jwt),
         };
         Ok(Self {
             rotator,
@@ -179,7 +188,8 @@ impl KeyService {
     /// Signs `claims` as an access token (`typ: at+jwt`, RFC 9068 §2.1) with the active
     /// key. `NoActiveKey` when none may sign now (e.g. the active key's window ended while
     /// Vault was unreachable): the caller answers 503. Anything else the keys sign goes
-    /// through [`Keys::sign`], typed `JWT`, which no access-token verification accepts.
+    /// through [`Keys::sign`], typed `JWT`, which access-token verification accepts only
+    /// while `tokens.accept_jwt_typ` is on (the upgrade from untyped access tokens).
     pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, KeyError> {
         self.keys()
             .sign_typed(claims, TokenType::AccessToken, self.now())
@@ -187,7 +197,18 @@ impl KeyService {
 
     /// Verifies one of our access tokens now, with the ring held.
     pub fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, KeyError> {
-        self.keys().verify(token, &self.verify, self.now())
+        self.verify_with(token, &self.verify)
+    }
+
+    /// [`Self::verify`] against `params`, counting a token taken only as a legacy `JWT`.
+    fn verify_with<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        params: &VerifyParams,
+    ) -> Result<T, KeyError> {
+        let verified = self.keys().verify_detailed(token, params, self.now())?;
+        note_token_type(verified.token_type);
+        Ok(verified.claims)
     }
 
     /// [`Self::verify`], reloading the ring (rate-limited) and verifying again when the
@@ -206,7 +227,7 @@ impl KeyService {
         token: &str,
         params: &VerifyParams,
     ) -> Result<T, KeyError> {
-        self.reloading_for_unknown_kid(|| self.keys().verify(token, params, self.now()))
+        self.reloading_for_unknown_kid(|| self.verify_with(token, params))
             .await
     }
 
@@ -357,6 +378,9 @@ impl KeyService {
             metrics::gauge!("portcullis_keys_ring_last_reload_timestamp_seconds")
                 .set(at.unix_timestamp() as f64);
         }
+        // present from the first scrape, at zero until a legacy-typed token comes: "stays
+        // at zero" is then something a query can see
+        metrics::counter!(LEGACY_TYP_METRIC).increment(0);
         metrics::gauge!("portcullis_dependency_up", "dependency" => "keys").set(
             if health.consecutive_failures == 0 {
                 1.0
@@ -364,6 +388,15 @@ impl KeyService {
                 0.0
             },
         );
+    }
+}
+
+/// Notes what a verified access token was taken as: one taken as `JWT` was accepted only
+/// because `tokens.accept_jwt_typ` is on, and is counted in [`LEGACY_TYP_METRIC`]. Nothing
+/// happens for an `at+jwt` token, so the common path costs a comparison.
+pub(crate) fn note_token_type(taken_as: TokenType) {
+    if taken_as != TokenType::AccessToken {
+        metrics::counter!(LEGACY_TYP_METRIC).increment(1);
     }
 }
 

@@ -4,9 +4,12 @@
 //!
 //! A remembered verification never accepts more than a fresh one would:
 //! - the key is the token's exact text, compared in full, so no other token can hit it;
-//! - only tokens that verified as access tokens (`typ: at+jwt` included) are remembered;
-//!   refusals are not, so garbage cannot push good entries out faster than verifying it
-//!   costs, and a JWT our keys signed for anything else never enters;
+//! - only tokens that verified as access tokens (`typ: at+jwt`, or `JWT` while
+//!   `tokens.accept_jwt_typ` is on) are remembered; refusals are not, so garbage cannot
+//!   push good entries out faster than verifying it costs, and a token of a type refused
+//!   never enters. A token accepted only as `JWT` is counted in
+//!   `portcullis_access_tokens_legacy_typ_total` when it is verified afresh, not on each
+//!   hit: once per token per instance while it stays remembered;
 //! - every hit checks the token's validity window (`exp`, `nbf`, leeway) against the clock
 //!   and that the signing key is still trusted by the live ring;
 //! - the whole memory is dropped when the ring changes (a rotation, an emergency rotation
@@ -147,6 +150,7 @@ fn fresh(
     now: OffsetDateTime,
 ) -> Result<VerifiedAccess, KeyError> {
     let verified = keys.verify_detailed::<AccessClaims>(token, params, now)?;
+    crate::keys::note_token_type(verified.token_type);
     let scopes = verified
         .claims
         .scope

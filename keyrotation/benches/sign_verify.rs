@@ -61,6 +61,7 @@ fn bench(c: &mut Criterion) {
             leeway: Duration::from_secs(30),
             algorithms: vec![alg],
             token_type: TokenType::Jwt,
+            also_accepted: None,
         };
         let token = keys.sign(&claims, now).unwrap();
 

@@ -64,8 +64,14 @@ pub struct VerifyParams {
     pub leeway: Duration,
     /// The algorithms accepted, pinned by configuration (never taken from the token).
     pub algorithms: Vec<KeyAlgorithm>,
-    /// The kind of token accepted: the header's `typ` must name it.
+    /// The kind of token accepted: the header's `typ` must name it (or
+    /// [`Self::also_accepted`]).
     pub token_type: TokenType,
+    /// Another kind accepted as well, if any: for a transition from tokens signed as that
+    /// kind (access tokens issued as plain `JWT` before they were typed `at+jwt`). A token
+    /// taken as this kind says so in [`Verified::token_type`]. `None`: only
+    /// [`Self::token_type`].
+    pub also_accepted: Option<TokenType>,
 }
 
 /// The kind of a token, carried in its header's `typ` (RFC 7515 §4.1.9): set when signing,
@@ -88,6 +94,9 @@ pub struct Verified<T> {
     pub kid: String,
     /// When the token is acceptable, leeway included.
     pub window: ValidityWindow,
+    /// The kind its header's `typ` named: [`VerifyParams::token_type`], or
+    /// [`VerifyParams::also_accepted`] when it was taken only as that.
+    pub token_type: TokenType,
 }
 
 /// When a token is acceptable, in unix seconds with the verifier's leeway applied.
@@ -335,7 +344,7 @@ impl Keys {
     /// Verifies `token` at `now` and returns its claims.
     ///
     /// Rejects: a malformed token; an `alg` outside the pinned set (so `none` and HS*); a
-    /// `typ` missing or naming another kind than `params.token_type`; a
+    /// `typ` missing or naming neither `params.token_type` nor `params.also_accepted`; a
     /// missing `kid`, or one naming no key published at `now` (compromised and retired keys
     /// are never published); an `alg` other than that key's; unknown critical headers; a bad
     /// signature; a missing or past `exp`, a future `nbf`, a wrong `iss`, an `aud` naming none
@@ -375,13 +384,7 @@ impl Keys {
         }
         // before the key lookup: a token of another kind never makes a caller reload the
         // ring for its `kid`
-        if !header
-            .typ
-            .as_deref()
-            .is_some_and(|typ| params.token_type.matches(typ))
-        {
-            return Err(KeyError::WrongTokenType);
-        }
+        let token_type = accepted_type(header.typ.as_deref(), params)?;
         let kid = header.kid.ok_or(KeyError::MissingKid)?;
 
         let loaded = self.inner.ring.load();
@@ -408,6 +411,7 @@ impl Keys {
             claims,
             kid,
             window,
+            token_type,
         })
     }
 
@@ -526,6 +530,19 @@ fn decode_header(token: &str) -> Result<Vec<u8>, KeyError> {
     URL_SAFE_NO_PAD
         .decode(header)
         .map_err(|_| KeyError::MalformedToken("header is not base64url"))
+}
+
+/// The kind `typ` names among those `params` accept: [`VerifyParams::token_type`] first,
+/// then [`VerifyParams::also_accepted`]. A missing `typ` names none.
+fn accepted_type(typ: Option<&str>, params: &VerifyParams) -> Result<TokenType, KeyError> {
+    let typ = typ.ok_or(KeyError::WrongTokenType)?;
+    if params.token_type.matches(typ) {
+        return Ok(params.token_type);
+    }
+    match params.also_accepted {
+        Some(also) if also.matches(typ) => Ok(also),
+        _ => Err(KeyError::WrongTokenType),
+    }
 }
 
 fn pinned_algorithm(alg: &str, pinned: &[KeyAlgorithm]) -> Result<KeyAlgorithm, KeyError> {

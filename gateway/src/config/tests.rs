@@ -119,6 +119,29 @@ fn environment_overrides_the_file() {
     assert_eq!(c.tokens.access_token_lifetime, Duration::from_secs(900));
 }
 
+/// Access tokens typed `JWT` (issued before they were typed `at+jwt`) are accepted until
+/// an operator turns that off, in the file or the environment; a non-boolean is refused.
+#[test]
+fn accept_jwt_typ_is_on_by_default_and_turned_off_by_file_or_environment() {
+    let f = Files::new();
+    assert!(f.load(&f.toml(""), &[]).unwrap().tokens.accept_jwt_typ);
+    let c = f
+        .load(&f.toml("[tokens]\naccept_jwt_typ = false\n"), &[])
+        .unwrap();
+    assert!(!c.tokens.accept_jwt_typ);
+    let c = f
+        .load(
+            &f.toml(""),
+            &[("PORTCULLIS_TOKENS__ACCEPT_JWT_TYP", "false")],
+        )
+        .unwrap();
+    assert!(!c.tokens.accept_jwt_typ);
+    let err = f
+        .load(&f.toml("[tokens]\naccept_jwt_typ = \"no\"\n"), &[])
+        .unwrap_err();
+    assert_eq!(field_of(err), "tokens.accept_jwt_typ");
+}
+
 #[test]
 fn bad_environment_override_names_the_field() {
     let f = Files::new();

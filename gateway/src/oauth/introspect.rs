@@ -69,7 +69,8 @@ fn looks_like_jwt(token: &str) -> bool {
 async fn introspect_jwt(state: &AppState, token: &str) -> Value {
     // our tokens may be for any audience a client was allowed: the audience check is
     // against the token's own `aud`; signature, issuer, expiry, algorithm and type
-    // (`at+jwt`) are checked as everywhere, through the same path as on every bearer
+    // (`at+jwt`, or `JWT` while `tokens.accept_jwt_typ` is on, counted as on a bearer
+    // route) are checked as everywhere, through the same path as on every bearer
     // route: a `kid` this instance does not hold yet makes it reload the ring before
     // answering `active: false`
     let mut params = state.keys.verify_params().clone();

@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use keyrotation::ManualClock;
 use portcullis::authn::{BearerAuth, Principal};
 use portcullis::oauth::claims::{AccessClaims, Audiences};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::support::*;
@@ -155,69 +155,161 @@ async fn missing_malformed_and_foreign_credentials_get_401_with_a_bearer_challen
     assert_eq!(status, 401);
 }
 
-/// RFC 9068 §2.1, §4 and RFC 8725 §3.11: an access token is typed `at+jwt`, and only
-/// such a token is taken for one. Anything else the gateway's keys sign (the detached JWS
-/// of a config release, typed `JWT`) is refused on every path that takes access tokens,
-/// however much its claims look like an access token's, and is not remembered as verified.
-#[tokio::test]
-async fn a_jwt_of_ours_not_typed_as_an_access_token_is_refused_everywhere() {
-    let app = spawn_app(|_| {}).await;
-    let router = guarded(&app);
+/// The `typ` member of a token's header.
+fn typ_of(token: &str) -> Value {
+    let header = token.split('.').next().unwrap();
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    serde_json::from_slice::<Value>(&json).unwrap()["typ"].clone()
+}
+
+/// Asserts that `token` is refused on every path that takes access tokens: twice on a
+/// bearer route (401 `invalid_token`, not remembered as verified), by the proxy's and the
+/// admin API's check, by the console access cookie's and by introspection's.
+async fn refused_everywhere(app: &TestApp, router: &Router, token: &str, what: &str) {
     let keys = &app.state.keys;
-    let issuer = app.state.config.issuer();
-    let typ = |token: &str| -> Value {
-        let header = token.split('.').next().unwrap();
-        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(header)
-            .unwrap();
-        serde_json::from_slice::<Value>(&json).unwrap()["typ"].clone()
-    };
-
-    let access = keys
-        .sign(&claims(&app, "scheduler:executor", &issuer, 300))
-        .unwrap();
-    assert_eq!(typ(&access), "at+jwt");
-    assert_eq!(
-        call(&router, Some(&format!("Bearer {access}"))).await.0,
-        200
-    );
-
-    // the same claims, signed the way the config hub signs a release
-    let other = keys
-        .keys()
-        .sign(
-            &claims(&app, "scheduler:executor", &issuer, 300),
-            keys.now(),
-        )
-        .unwrap();
-    assert_eq!(typ(&other), "JWT");
     let remembered = keys.verified_tokens().len();
     for _ in 0..2 {
-        let (status, challenge, _) = call(&router, Some(&format!("Bearer {other}"))).await;
-        assert_eq!(status, 401);
-        assert!(challenge.unwrap().contains("error=\"invalid_token\""));
+        let (status, challenge, _) = call(router, Some(&format!("Bearer {token}"))).await;
+        assert_eq!(status, 401, "{what}");
+        assert!(
+            challenge.unwrap().contains("error=\"invalid_token\""),
+            "{what}"
+        );
     }
     assert_eq!(
         keys.verified_tokens().len(),
         remembered,
-        "refusals are not remembered"
+        "{what}: refusals are not remembered"
     );
-    // the proxy's and the admin API's check, and the console access cookie's
-    let authorization = http::HeaderValue::from_str(&format!("Bearer {other}")).unwrap();
+    let authorization = http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
     assert!(
         portcullis::authn::verify_bearer(keys, Some(&authorization), &[])
             .await
-            .is_err()
+            .is_err(),
+        "{what}"
     );
-    assert!(keys.verify_current::<Value>(&other).await.is_err());
+    assert!(keys.verify_current::<Value>(token).await.is_err(), "{what}");
+    assert!(
+        keys.verify_current_with::<Value>(token, keys.verify_params())
+            .await
+            .is_err(),
+        "{what}"
+    );
+}
+
+/// Asserts that `token` goes through every path that takes access tokens.
+async fn accepted_everywhere(app: &TestApp, router: &Router, token: &str, what: &str) {
+    let keys = &app.state.keys;
+    assert_eq!(
+        call(router, Some(&format!("Bearer {token}"))).await.0,
+        200,
+        "{what}"
+    );
+    let authorization = http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+    assert!(
+        portcullis::authn::verify_bearer(keys, Some(&authorization), &[])
+            .await
+            .is_ok(),
+        "{what}"
+    );
+    assert!(keys.verify_current::<Value>(token).await.is_ok(), "{what}");
+}
+
+/// RFC 9068 §2.1, §4 and RFC 8725 §3.11: an access token is typed `at+jwt`, and once
+/// `tokens.accept_jwt_typ` is off only such a token is taken for one. Anything else the
+/// gateway's keys sign (the detached JWS of a config release, typed `JWT`; another kind of
+/// JWT; one with no `typ`) is refused on every path that takes access tokens, however much
+/// its claims look like an access token's, and is not remembered as verified.
+#[tokio::test]
+async fn a_jwt_of_ours_not_typed_as_an_access_token_is_refused_everywhere() {
+    let app = spawn_app(|c| c.tokens.accept_jwt_typ = false).await;
+    let router = guarded(&app);
+    let keys = &app.state.keys;
+    let issuer = app.state.config.issuer();
+    let claims = || claims(&app, "scheduler:executor", &issuer, 300);
+
+    let access = keys.sign(&claims()).unwrap();
+    assert_eq!(typ_of(&access), "at+jwt");
+    accepted_everywhere(&app, &router, &access, "at+jwt").await;
+
+    // the same claims, signed the way the config hub signs a release
+    let as_release = keys.keys().sign(&claims(), keys.now()).unwrap();
+    assert_eq!(typ_of(&as_release), "JWT");
+    refused_everywhere(&app, &router, &as_release, "JWT").await;
+    // the same claims, as another kind of JWT, with no type, and with `JWT` spelled as a
+    // media type (the form `accept_jwt_typ` also takes)
+    for typ in [Some("id_token+jwt"), None, Some("application/jwt")] {
+        let token = app.sign_with_typ(typ, &claims());
+        assert_eq!(typ_of(&token), typ.map_or(Value::Null, Value::from));
+        refused_everywhere(&app, &router, &token, &format!("{typ:?}")).await;
+    }
+
     // the access token still goes through them all
-    let authorization = http::HeaderValue::from_str(&format!("Bearer {access}")).unwrap();
+    accepted_everywhere(&app, &router, &access, "at+jwt, again").await;
+}
+
+/// A rolling upgrade: access tokens issued by earlier versions carry `typ: JWT` and stay
+/// valid until they expire, so while `tokens.accept_jwt_typ` is on (the default) a token of
+/// ours typed `JWT` is accepted on every path, remembered like any verified token, and
+/// counted in `portcullis_access_tokens_legacy_typ_total` (an `at+jwt` token is not). Any
+/// other type, or none, is refused as when it is off; so is a config release's JWS, whose
+/// claims are no access token's.
+#[tokio::test]
+async fn by_default_an_access_token_of_ours_typed_jwt_is_accepted_and_counted() {
+    const LEGACY: &str = "portcullis_access_tokens_legacy_typ_total";
+    let app = spawn_app(|_| {}).await;
+    assert!(app.state.config.tokens.accept_jwt_typ, "on by default");
+    let router = guarded(&app);
+    let keys = &app.state.keys;
+    let issuer = app.state.config.issuer();
+    let claims = || claims(&app, "scheduler:executor", &issuer, 300);
     assert!(
-        portcullis::authn::verify_bearer(keys, Some(&authorization), &[])
-            .await
-            .is_ok()
+        app.metrics().await.contains(&format!("{LEGACY} ")),
+        "the counter is in the scrape before any such token"
     );
-    assert!(keys.verify_current::<Value>(&access).await.is_ok());
+
+    // as an earlier version issued it: `typ: JWT`
+    let legacy = keys.keys().sign(&claims(), keys.now()).unwrap();
+    assert_eq!(typ_of(&legacy), "JWT");
+    let before = app.sample(LEGACY).await;
+    let remembered = keys.verified_tokens().len();
+    accepted_everywhere(&app, &router, &legacy, "JWT").await;
+    assert_eq!(
+        keys.verified_tokens().len(),
+        remembered + 1,
+        "remembered, so counted on its first verification only"
+    );
+    assert_eq!(
+        call(&router, Some(&format!("Bearer {legacy}"))).await.0,
+        200
+    );
+    // the bearer route once, the console cookie's check once (not remembered); other
+    // tests of this process may add their own
+    assert!(app.sample(LEGACY).await >= before + 2.0);
+    // `JWT` as its media type, in any case
+    for typ in ["jwt", "application/jwt", "Application/JWT"] {
+        let token = app.sign_with_typ(Some(typ), &claims());
+        accepted_everywhere(&app, &router, &token, typ).await;
+    }
+    let access = keys.sign(&claims()).unwrap();
+    accepted_everywhere(&app, &router, &access, "at+jwt").await;
+
+    // no type, or another kind of JWT: refused, as when the leniency is off
+    for typ in [None, Some("id_token+jwt"), Some("JOSE"), Some("")] {
+        let token = app.sign_with_typ(typ, &claims());
+        refused_everywhere(&app, &router, &token, &format!("{typ:?}")).await;
+    }
+    // a config release's signature, attached: typed `JWT`, but not an access token's claims
+    let release = json!({
+        "environment": "prod", "application": "orders", "version": 3,
+        "content_hash": "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU",
+        "issued_at": keys.now().unix_timestamp(),
+    });
+    let release = keys.keys().sign(&release, keys.now()).unwrap();
+    assert_eq!(typ_of(&release), "JWT");
+    refused_everywhere(&app, &router, &release, "a release signature").await;
 }
 
 #[tokio::test]

@@ -173,6 +173,37 @@ impl TestApp {
         sample(&self.metrics().await, series)
     }
 
+    /// `claims` signed with this instance's active key (read from its key ring file) under
+    /// a header of the test's choosing: `alg` and `kid` as the instance signs, `typ` as
+    /// given (`None`: no `typ` at all). Tokens of ours that the gateway itself never makes,
+    /// such as another kind of JWT.
+    pub fn sign_with_typ(&self, typ: Option<&str>, claims: &impl serde::Serialize) -> String {
+        use base64::Engine as _;
+        let kid = self.state.keys.status().active_kid.unwrap();
+        let stored: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.dir.path().join("keyring.json")).unwrap())
+                .unwrap();
+        let record = stored["ring"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == kid.as_str())
+            .unwrap();
+        assert_eq!(record["alg"], "ES256", "the test instances sign with ES256");
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(record["private_key"].as_str().unwrap())
+            .unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_string());
+        header.typ = typ.map(str::to_owned);
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&der),
+        )
+        .unwrap()
+    }
+
     pub async fn tls(&self) -> TlsStream<TcpStream> {
         tls_connect(self.https, self.pki.client_config()).await
     }

@@ -1127,15 +1127,22 @@ async fn introspection_describes_live_tokens_to_those_allowed_to_see_them() {
     );
     assert_eq!(f.introspect(&other, &rt).await, json!({ "active": false }));
 
-    // the same claims signed by our keys as anything but an access token (`typ: JWT`, as
-    // a config release's JWS is): not an access token
+    // the same claims signed by our keys as an earlier version signed access tokens
+    // (`typ: JWT`): active while `tokens.accept_jwt_typ` is on, as on a bearer route
+    // (`introspection_refuses_an_access_token_typed_jwt_once_accept_jwt_typ_is_off`)
     let claims: Value = f.app.state.keys.verify(&at).unwrap();
-    let untyped = f.app.state.keys.keys().sign(&claims, f.now()).unwrap();
-    assert_eq!(jose_header(&untyped)["typ"], "JWT");
-    assert_eq!(
-        f.introspect(&other, &untyped).await,
-        json!({ "active": false })
-    );
+    let legacy = f.app.state.keys.keys().sign(&claims, f.now()).unwrap();
+    assert_eq!(jose_header(&legacy)["typ"], "JWT");
+    assert_eq!(f.introspect(&other, &legacy).await, body);
+    // as another kind of JWT, or with no type: not an access token
+    for typ in [Some("id_token+jwt"), None] {
+        let token = f.app.sign_with_typ(typ, &claims);
+        assert_eq!(
+            f.introspect(&other, &token).await,
+            json!({ "active": false }),
+            "{typ:?}"
+        );
+    }
 
     // rotated, tampered, expired or garbage: inactive
     let successor = f.rotate(&svc, &rt).await;
@@ -1167,6 +1174,30 @@ async fn introspection_describes_live_tokens_to_those_allowed_to_see_them() {
     assert_error(&a, StatusCode::UNAUTHORIZED, "invalid_client");
     let a = f.post("/oauth2/introspect", Auth::Basic(&svc), &[]).await;
     assert_error(&a, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+/// With `tokens.accept_jwt_typ` off, introspection refuses what the bearer layer refuses:
+/// a token of ours typed `JWT` (as access tokens were before they were typed `at+jwt`) is
+/// inactive, the `at+jwt` token with the same claims active.
+#[tokio::test]
+async fn introspection_refuses_an_access_token_typed_jwt_once_accept_jwt_typ_is_off() {
+    let f = Fixture::with("introspect-strict", &Redis::shared().url(), |c| {
+        c.tokens.accept_jwt_typ = false;
+    })
+    .await;
+    let svc = f.service("svc-strict").await;
+    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    let at = a.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(f.introspect(&svc, &at).await["active"], true);
+
+    let claims: Value = f.app.state.keys.verify(&at).unwrap();
+    let legacy = f.app.state.keys.keys().sign(&claims, f.now()).unwrap();
+    assert_eq!(jose_header(&legacy)["typ"], "JWT");
+    assert_eq!(
+        f.introspect(&svc, &legacy).await,
+        json!({ "active": false })
+    );
+    assert!(f.app.state.keys.verify::<Value>(&legacy).is_err());
 }
 
 // === revocation ===

@@ -55,6 +55,7 @@ pub fn params(algorithms: &[KeyAlgorithm]) -> VerifyParams {
         leeway: LEEWAY,
         algorithms: algorithms.to_vec(),
         token_type: TokenType::Jwt,
+        also_accepted: None,
     }
 }
 

@@ -219,6 +219,60 @@ fn a_token_verifies_only_as_the_kind_it_was_signed_as() {
     }
 }
 
+/// A transition from one kind to another (access tokens issued as `JWT` before they were
+/// typed `at+jwt`): `also_accepted` takes the earlier kind too, and the verification says
+/// which kind the token was taken as; a missing or third `typ` is still refused.
+#[test]
+fn a_kind_also_accepted_is_taken_and_reported_as_such() {
+    let now = t0();
+    let (_, keys) = keys_with(KeyAlgorithm::ES256, now);
+    let transition = VerifyParams {
+        token_type: TokenType::AccessToken,
+        also_accepted: Some(TokenType::Jwt),
+        ..params(&[KeyAlgorithm::ES256])
+    };
+    let jwt = keys.sign(&claims(now, HOUR), now).unwrap();
+    let access = keys
+        .sign_typed(&claims(now, HOUR), TokenType::AccessToken, now)
+        .unwrap();
+    let taken_as = |token: &str| {
+        keys.verify_detailed::<Claims>(token, &transition, now)
+            .unwrap()
+            .token_type
+    };
+    assert_eq!(taken_as(&access), TokenType::AccessToken);
+    assert_eq!(taken_as(&jwt), TokenType::Jwt);
+    // the same `also_accepted` on a verification of plain JWTs changes nothing for them
+    let plain = VerifyParams {
+        also_accepted: Some(TokenType::Jwt),
+        ..params(&[KeyAlgorithm::ES256])
+    };
+    let verified = keys.verify_detailed::<Claims>(&jwt, &plain, now).unwrap();
+    assert_eq!(verified.token_type, TokenType::Jwt);
+
+    // `JWT` in its other spellings is the same kind; no `typ`, or another, is not
+    for typ in ["jwt", "application/jwt", "Application/JWT"] {
+        let header = json!({ "alg": "ES256", "kid": "no-such-key", "typ": typ });
+        let body = serde_json::to_value(claims(now, HOUR)).unwrap();
+        let err = keys
+            .verify::<Claims>(&forge(&header, &body, b"sig"), &transition, now)
+            .unwrap_err();
+        // past the type check: refused for its key
+        assert!(matches!(err, KeyError::UnknownKid), "{typ}: {err}");
+    }
+    for typ in [None, Some("JOSE"), Some("id_token+jwt"), Some("jwt ")] {
+        let mut header = json!({ "alg": "ES256", "kid": "no-such-key" });
+        if let Some(typ) = typ {
+            header["typ"] = json!(typ);
+        }
+        let body = serde_json::to_value(claims(now, HOUR)).unwrap();
+        let err = keys
+            .verify::<Claims>(&forge(&header, &body, b"sig"), &transition, now)
+            .unwrap_err();
+        assert!(matches!(err, KeyError::WrongTokenType), "{typ:?}: {err}");
+    }
+}
+
 #[test]
 fn a_type_is_named_by_its_name_or_media_type_in_any_case() {
     for typ in [
