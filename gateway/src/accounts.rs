@@ -1,6 +1,7 @@
 //! Break-glass local accounts: console logins that work when the identity provider does
 //! not. Off by default (`sso.local_accounts`); created only by the CLI; passwords stored as
-//! Argon2id PHC strings; every use audited and subject to the per-account lockout.
+//! Argon2id PHC strings; every use audited and subject to the account's failure counters
+//! (per client address and account-wide, `protect::lockout`).
 
 use std::sync::OnceLock;
 

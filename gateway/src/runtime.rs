@@ -7,7 +7,7 @@
 //! | `log.level` | the log filter (`info`, `portcullis=debug,info`, …) |
 //! | `protection.auth_rate.burst`, `protection.auth_rate.replenish_every` | per-IP buckets of `/auth/*` |
 //! | `protection.token_rate.burst`, `protection.token_rate.replenish_every` | per-IP buckets of `/oauth2/token` |
-//! | `protection.lockout.free_failures`, `.max_failures`, `.backoff_base`, `.backoff_max`, `.lockout` | the failure counters' policy |
+//! | `protection.lockout.free_failures`, `.max_failures`, `.account_max_failures`, `.backoff_base`, `.backoff_max`, `.lockout` | the failure counters' policy |
 //! | `proxy.upstreams` | the admin nodes, comma-separated `http://host:port` (the proxy must be configured at start-up) |
 //!
 //! A key that is absent falls back to the configuration file's value, so removing it
@@ -86,6 +86,9 @@ impl RuntimeSettings {
                 }
                 "protection.lockout.free_failures" => s.lockout.free_failures = number(key, v)?,
                 "protection.lockout.max_failures" => s.lockout.max_failures = number(key, v)?,
+                "protection.lockout.account_max_failures" => {
+                    s.lockout.account_max_failures = number(key, v)?;
+                }
                 "protection.lockout.backoff_base" => s.lockout.backoff_base = duration(key, v)?,
                 "protection.lockout.backoff_max" => s.lockout.backoff_max = duration(key, v)?,
                 "protection.lockout.lockout" => s.lockout.lockout = duration(key, v)?,

@@ -284,6 +284,7 @@ fn an_sso_provider_and_role_rules_load_with_their_defaults() {
     assert_eq!(c.sso.access_token_lifetime, Duration::from_secs(300));
     assert!(!c.sso.local_accounts);
     assert_eq!(c.protection.lockout.max_failures, 10);
+    assert_eq!(c.protection.lockout.account_max_failures, 100);
 }
 
 #[test]
@@ -323,6 +324,10 @@ fn unsafe_or_inconsistent_sso_settings_are_refused_naming_the_field() {
         ),
         (
             "[protection.lockout]\nfree_failures = 5\nmax_failures = 5\n".to_owned(),
+            "protection.lockout",
+        ),
+        (
+            "[protection.lockout]\nmax_failures = 10\naccount_max_failures = 9\n".to_owned(),
             "protection.lockout",
         ),
         (

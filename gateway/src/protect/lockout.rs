@@ -17,19 +17,33 @@
 //!
 //! Two ways to use it:
 //!
-//! - [`Lockout::attempt`] (accounts: human passwords) counts the attempt *before* the
-//!   credential is checked, in one atomic step that refuses instead when the identifier is
-//!   held back; a success then clears the record ([`Lockout::succeeded`]). Attempts made
-//!   in parallel cannot all pass a check that none of them has counted yet, so at most
-//!   `max_failures` passwords are ever tried per lockout period.
+//! - [`Lockout::attempt_account`] (accounts: human passwords) counts the attempt *before*
+//!   the credential is checked, in one atomic step that refuses instead when the account
+//!   is held back; a success then clears the records ([`Lockout::account_succeeded`]).
+//!   Attempts made in parallel cannot all pass a check that none of them has counted yet.
+//!   An account has two records, counted together: one per client address bucket (an IPv4
+//!   address, an IPv6 /64: `protect::rate::bucket_of`) under the policy above, so
+//!   that an attacker's failures lock the attacker's address and not the owner's; and one
+//!   for the whole account, which only locks, at `account_max_failures` (no backoff, so
+//!   that failures from elsewhere never make the owner wait), bounding an attacker with
+//!   many addresses. A success clears both: the address's record, and the account-wide
+//!   one, so the owner who got in is not left near the account-wide lock (the attacker's
+//!   addresses stay locked by their own records). [`Lockout::attempt`] is the same step for
+//!   one record.
 //! - [`Lockout::check`] then [`Lockout::failed`] (client ids): a wrong secret is refused
 //!   while held back and counted otherwise; a correct secret never touches the counter
 //!   (see `oauth::client_auth` for why).
 //!
-//! Redis layout: `<key_prefix><kind>:<sha256(id)>`, a hash `{f, last}` (last in Unix ms),
-//! its TTL only garbage collection.
+//! Redis layout: a hash `{f, last}` (last in Unix ms) per record, its TTL only garbage
+//! collection: `<key_prefix>client:<sha256(id)>` for a client id;
+//! `<key_prefix>account:{<sha256(name)>}` for an account as a whole and
+//! `<key_prefix>account:{<sha256(name)>}:<bucket>` per address bucket (`203.0.113.7`,
+//! `2001:db8:1:2::`); the braces keep an account's records in one Redis Cluster slot, so
+//! one script counts them together. Deleting the account-wide key lifts the account-wide
+//! lock (`docs/operations/runbook.md`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,8 +61,12 @@ use crate::redis_store::{RedisConn, RedisError, RedisHandle};
 pub struct LockoutSettings {
     /// Failures in a row allowed before any backoff.
     pub free_failures: u32,
-    /// Failures in a row that lock the identifier.
+    /// Failures in a row that lock the identifier (for an account: from one client
+    /// address bucket).
     pub max_failures: u32,
+    /// Failures of an account from all addresses together that lock it for everyone; at
+    /// least `max_failures`.
+    pub account_max_failures: u32,
     /// The first backoff; each further failure doubles it.
     #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
@@ -67,6 +85,7 @@ impl Default for LockoutSettings {
         Self {
             free_failures: 3,
             max_failures: 10,
+            account_max_failures: 100,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             lockout: Duration::from_secs(15 * 60),
@@ -83,6 +102,12 @@ impl LockoutSettings {
         }
         if self.free_failures >= self.max_failures {
             return Err("free_failures must be less than max_failures".to_owned());
+        }
+        if self.account_max_failures < self.max_failures {
+            return Err(format!(
+                "account_max_failures ({}) must be at least max_failures ({})",
+                self.account_max_failures, self.max_failures
+            ));
         }
         if self.lockout.is_zero() || self.backoff_base.is_zero() {
             return Err("lockout and backoff_base must be greater than 0".to_owned());
@@ -166,6 +191,16 @@ impl Thresholds {
         }
     }
 
+    /// The account-wide record's: no backoff, locked at `account_max_failures`.
+    fn account_wide(s: &LockoutSettings) -> Self {
+        let max_failures = s.account_max_failures.max(1);
+        Self {
+            free_failures: max_failures - 1,
+            max_failures,
+            ..Self::of(s)
+        }
+    }
+
     /// The refusal `r` means for an attempt at `now` (Unix ms), if any.
     pub fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
         let since = now.saturating_sub(r.last_ms);
@@ -204,6 +239,39 @@ pub enum Attempt {
     Refused(Refusal),
 }
 
+/// Which of an account's records holds it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The record of the client address bucket the attempt came from.
+    Address,
+    /// The account-wide record: every address is held back.
+    Account,
+}
+
+impl Scope {
+    /// As in audit and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Address => "address",
+            Self::Account => "account",
+        }
+    }
+}
+
+/// What counting an account attempt found ([`Lockout::attempt_account`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountAttempt {
+    /// Counted on both records, which a success then clears
+    /// ([`Lockout::account_succeeded`]).
+    Counted {
+        /// The refusal the next attempt meets if this one fails, and which record makes
+        /// it (the account-wide one when both do).
+        if_failed: Option<(Refusal, Scope)>,
+    },
+    /// Refused, and counted on neither record.
+    Refused(Refusal, Scope),
+}
+
 /// Where the counters live.
 #[async_trait]
 pub trait FailureStore: Send + Sync + 'static {
@@ -218,19 +286,20 @@ pub trait FailureStore: Send + Sync + 'static {
         reset_ms: i64,
         ttl: Duration,
     ) -> Result<FailureRecord, LockoutUnavailable>;
-    /// In one atomic step: when the record under `key` holds the identifier back at
-    /// `now_ms` by `policy` ([`Thresholds::refusal`]), changes nothing and returns
-    /// `(false, record)`; otherwise counts one failure as [`Self::record_failure`] does
-    /// (reset after `policy.lockout_ms`) and returns `(true, new record)`.
+    /// In one atomic step over every `(key, policy)` of `records`: when any record holds
+    /// the identifier back at `now_ms` by its policy ([`Thresholds::refusal`]), changes
+    /// nothing and returns `(false, records)` (a stale record read as zero failures);
+    /// otherwise counts one failure on each as [`Self::record_failure`] does (reset after
+    /// its `policy.lockout_ms`) and returns `(true, new records)`, in the order given.
+    /// The keys of one call are in one Redis Cluster slot.
     async fn count_attempt(
         &self,
-        key: &str,
+        records: &[(&str, Thresholds)],
         now_ms: i64,
-        policy: &Thresholds,
         ttl: Duration,
-    ) -> Result<(bool, FailureRecord), LockoutUnavailable>;
-    /// Forgets `key`.
-    async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable>;
+    ) -> Result<(bool, Vec<FailureRecord>), LockoutUnavailable>;
+    /// Forgets `keys` (in one Redis Cluster slot).
+    async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable>;
 }
 
 /// The counters and the policy over them. Cheap to clone.
@@ -320,9 +389,10 @@ impl Lockout {
     }
 
     /// Counts an attempt of `id` before its credential is checked, atomically across
-    /// instances: refused (and not counted) while `id` backs off or is locked, otherwise
-    /// counted as a failure at once. A success must then clear it with
-    /// [`Self::succeeded`]; a failure needs nothing more.
+    /// instances, on one record under the whole policy: refused (and not counted) while
+    /// `id` backs off or is locked, otherwise counted as a failure at once. A success must
+    /// then clear it with [`Self::succeeded`]; a failure needs nothing more. (Local logins
+    /// count two records per attempt: [`Self::attempt_account`].)
     pub async fn attempt(
         &self,
         kind: Kind,
@@ -331,44 +401,145 @@ impl Lockout {
     ) -> Result<Attempt, LockoutUnavailable> {
         let s = self.settings.load();
         let policy = Thresholds::of(&s);
+        let key = self.key(kind, id);
         let now = ms(now);
-        let (counted, record) = self
+        let (counted, records) = self
             .store
-            .count_attempt(
-                &self.key(kind, id),
-                now,
-                &policy,
-                s.lockout + Duration::from_secs(60),
-            )
+            .count_attempt(&[(&key, policy)], now, s.lockout + Duration::from_secs(60))
             .await?;
+        let record = records.first().copied().unwrap_or_default();
         Ok(if counted {
             Attempt::Counted {
                 if_failed: policy.refusal(record, now),
             }
         } else {
-            // the store refused by the same rule, so there is a refusal to report
-            Attempt::Refused(policy.refusal(record, now).unwrap_or(Refusal {
-                retry_after: Duration::from_secs(1),
-                locked: record.failures >= policy.max_failures,
-            }))
+            Attempt::Refused(refused(&policy, record, now))
         })
     }
 
-    /// Forgets the failures of `id` after a successful attempt.
+    /// Counts an attempt at account `name` from `from` before its password is checked, in
+    /// one atomic step across instances on two records: the account's from `from`'s
+    /// address bucket (an IPv4 address, an IPv6 /64), held to the whole policy, and the
+    /// account-wide one, locked at `account_max_failures`. Refused (and counted on
+    /// neither) while either holds the attempt back, otherwise counted on both. A success
+    /// must then clear them with [`Self::account_succeeded`].
+    pub async fn attempt_account(
+        &self,
+        name: &str,
+        from: IpAddr,
+        now: OffsetDateTime,
+    ) -> Result<AccountAttempt, LockoutUnavailable> {
+        let s = self.settings.load();
+        let (address, account) = (Thresholds::of(&s), Thresholds::account_wide(&s));
+        let (address_key, account_key) = self.account_keys(name, from);
+        let now = ms(now);
+        let (counted, records) = self
+            .store
+            .count_attempt(
+                &[(&address_key, address), (&account_key, account)],
+                now,
+                s.lockout + Duration::from_secs(60),
+            )
+            .await?;
+        let at = |i: usize| records.get(i).copied().unwrap_or_default();
+        let (on_address, on_account) = (at(0), at(1));
+        // the account-wide refusal first: it holds every address back
+        let held = account
+            .refusal(on_account, now)
+            .map(|r| (r, Scope::Account))
+            .or_else(|| {
+                address
+                    .refusal(on_address, now)
+                    .map(|r| (r, Scope::Address))
+            });
+        Ok(if counted {
+            AccountAttempt::Counted { if_failed: held }
+        } else {
+            // the store refused by the same rules, so there is a refusal to report
+            AccountAttempt::Refused(
+                held.map_or_else(|| refused(&address, on_address, now), |(r, _)| r),
+                held.map_or(Scope::Address, |(_, scope)| scope),
+            )
+        })
+    }
+
+    /// Whether account `name` may attempt a login from `from` now, by both records (read
+    /// one after the other: for inspection, not for gating attempts).
+    pub async fn check_account(
+        &self,
+        name: &str,
+        from: IpAddr,
+        now: OffsetDateTime,
+    ) -> Result<(Verdict, Scope), LockoutUnavailable> {
+        let (address_key, account_key) = self.account_keys(name, from);
+        let s = self.settings.load();
+        let now = ms(now);
+        let account = self.store.get(&account_key).await?.unwrap_or_default();
+        if let Some(r) = Thresholds::account_wide(&s).refusal(account, now) {
+            return Ok((Verdict::Refused(r), Scope::Account));
+        }
+        let address = self.store.get(&address_key).await?.unwrap_or_default();
+        if let Some(r) = Thresholds::of(&s).refusal(address, now) {
+            return Ok((Verdict::Refused(r), Scope::Address));
+        }
+        let live = |r: FailureRecord| r.failures > 0 && now - r.last_ms < duration_ms(s.lockout);
+        Ok((
+            Verdict::Allowed {
+                had_failures: live(address) || live(account),
+            },
+            Scope::Address,
+        ))
+    }
+
+    /// Forgets the failures of `id` after a successful attempt (for an account, the
+    /// account-wide record; [`Self::account_succeeded`] clears an address's too).
     pub async fn succeeded(&self, kind: Kind, id: &str) -> Result<(), LockoutUnavailable> {
-        self.store.clear(&self.key(kind, id)).await
+        self.store.clear(&[&self.key(kind, id)]).await
+    }
+
+    /// After a successful login to account `name` from `from`: forgets the record of
+    /// `from`'s address bucket and the account-wide record (the owner is in; the records
+    /// of other addresses stay).
+    pub async fn account_succeeded(
+        &self,
+        name: &str,
+        from: IpAddr,
+    ) -> Result<(), LockoutUnavailable> {
+        let (address_key, account_key) = self.account_keys(name, from);
+        self.store.clear(&[&address_key, &account_key]).await
     }
 
     fn key(&self, kind: Kind, id: &str) -> String {
         // on every client authentication: one hex string, not one per byte
         let hex = hex::encode(Sha256::digest(id.as_bytes()));
-        format!("{}{}:{hex}", self.settings.load().key_prefix, kind.as_str())
+        let prefix = &self.settings.load().key_prefix;
+        match kind {
+            // an account's records share one Redis Cluster slot (the braces)
+            Kind::Account => format!("{prefix}account:{{{hex}}}"),
+            Kind::Client => format!("{prefix}client:{hex}"),
+        }
+    }
+
+    /// `(per address bucket, account-wide)`.
+    fn account_keys(&self, name: &str, from: IpAddr) -> (String, String) {
+        let account = self.key(Kind::Account, name);
+        let bucket = crate::protect::rate::bucket_of(from);
+        (format!("{account}:{bucket}"), account)
     }
 
     /// The policy of the module docs.
     fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
         Thresholds::of(&self.settings.load()).refusal(r, now)
     }
+}
+
+/// The refusal of a record the store refused by `policy` (there is one; a second's wait
+/// should the clocks disagree).
+fn refused(policy: &Thresholds, record: FailureRecord, now: i64) -> Refusal {
+    policy.refusal(record, now).unwrap_or(Refusal {
+        retry_after: Duration::from_secs(1),
+        locked: record.failures >= policy.max_failures,
+    })
 }
 
 fn ms(t: OffsetDateTime) -> i64 {
@@ -394,31 +565,52 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {f, now}
 ";
 
-/// Counts an attempt atomically unless the record holds it back: [`Thresholds::refusal`]
-/// in Lua (ARGV: now, lockout, free, max, backoff base, backoff max, TTL; all ms). Returns
-/// `{counted (0|1), failures, last}`.
+/// Counts an attempt atomically on every record of KEYS unless one holds it back:
+/// [`Thresholds::refusal`] in Lua. ARGV: now, TTL, then per key lockout, free, max,
+/// backoff base, backoff max (all ms). Returns `{counted (0|1), failures, last, ...}`, a
+/// pair per key.
 const COUNT_ATTEMPT: &str = r"
-local v = redis.call('HMGET', KEYS[1], 'f', 'last')
-local f = tonumber(v[1]) or 0
-local last = tonumber(v[2]) or 0
 local now = tonumber(ARGV[1])
-local lockout = tonumber(ARGV[2])
-local free = tonumber(ARGV[3])
-local max = tonumber(ARGV[4])
-if f > 0 and now - last >= lockout then f = 0 end
-if f > 0 then
-  local wait = 0
-  if f >= max then
-    wait = lockout
-  elseif f > free then
-    wait = math.min(tonumber(ARGV[5]) * 2 ^ math.min(f - free - 1, 30), tonumber(ARGV[6]))
+local fs, lasts = {}, {}
+local held = false
+for i = 1, #KEYS do
+  local o = 2 + (i - 1) * 5
+  local lockout = tonumber(ARGV[o + 1])
+  local free = tonumber(ARGV[o + 2])
+  local max = tonumber(ARGV[o + 3])
+  local v = redis.call('HMGET', KEYS[i], 'f', 'last')
+  local f = tonumber(v[1]) or 0
+  local last = tonumber(v[2]) or 0
+  if f > 0 and now - last >= lockout then f = 0 end
+  if f > 0 then
+    local wait = 0
+    if f >= max then
+      wait = lockout
+    elseif f > free then
+      wait = math.min(tonumber(ARGV[o + 4]) * 2 ^ math.min(f - free - 1, 30), tonumber(ARGV[o + 5]))
+    end
+    if wait > 0 and last + wait > now then held = true end
   end
-  if wait > 0 and last + wait > now then return {0, f, last} end
+  fs[i] = f
+  lasts[i] = last
 end
-f = f + 1
-redis.call('HSET', KEYS[1], 'f', f, 'last', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return {1, f, now}
+local out = {0}
+if held then
+  for i = 1, #KEYS do
+    out[#out + 1] = fs[i]
+    out[#out + 1] = lasts[i]
+  end
+  return out
+end
+out[1] = 1
+for i = 1, #KEYS do
+  local f = fs[i] + 1
+  redis.call('HSET', KEYS[i], 'f', f, 'last', now)
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  out[#out + 1] = f
+  out[#out + 1] = now
+end
+return out
 ";
 
 /// Counters in Redis, shared by every instance.
@@ -510,22 +702,25 @@ impl FailureStore for RedisFailureStore {
     #[tracing::instrument(name = "redis.lockout.count_attempt", skip_all, fields(otel.kind = "client"))]
     async fn count_attempt(
         &self,
-        key: &str,
+        records: &[(&str, Thresholds)],
         now_ms: i64,
-        policy: &Thresholds,
         ttl: Duration,
-    ) -> Result<(bool, FailureRecord), LockoutUnavailable> {
-        let mut invocation = self.attempt.key(key);
+    ) -> Result<(bool, Vec<FailureRecord>), LockoutUnavailable> {
+        let mut invocation = self.attempt.prepare_invoke();
         invocation
             .arg(now_ms)
-            .arg(policy.lockout_ms)
-            .arg(policy.free_failures)
-            .arg(policy.max_failures)
-            .arg(policy.backoff_base_ms)
-            .arg(policy.backoff_max_ms)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        for (key, policy) in records {
+            invocation
+                .key(*key)
+                .arg(policy.lockout_ms)
+                .arg(policy.free_failures)
+                .arg(policy.max_failures)
+                .arg(policy.backoff_base_ms)
+                .arg(policy.backoff_max_ms);
+        }
         let conn = self.conn().await?;
-        let (counted, failures, last_ms): (u8, u32, i64) = self
+        let reply: Vec<i64> = self
             .timed(async move {
                 match conn {
                     RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
@@ -533,13 +728,30 @@ impl FailureStore for RedisFailureStore {
                 }
             })
             .await?;
-        Ok((counted == 1, FailureRecord { failures, last_ms }))
+        let malformed = || {
+            LockoutUnavailable(RedisError::Redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply of the attempt script",
+            ))))
+        };
+        let (&counted, pairs) = reply.split_first().ok_or_else(malformed)?;
+        if pairs.len() != records.len() * 2 {
+            return Err(malformed());
+        }
+        let records = pairs
+            .chunks_exact(2)
+            .map(|p| FailureRecord {
+                failures: u32::try_from(p[0]).unwrap_or(u32::MAX),
+                last_ms: p[1],
+            })
+            .collect();
+        Ok((counted == 1, records))
     }
 
     #[tracing::instrument(name = "redis.lockout.clear", skip_all, fields(otel.kind = "client"))]
-    async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {
+    async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable> {
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(key);
+        cmd.arg(keys);
         let conn = self.conn().await?;
         let _: i64 = self
             .timed(async move {
@@ -609,26 +821,93 @@ impl FailureStore for MemoryFailureStore {
 
     async fn count_attempt(
         &self,
-        key: &str,
+        records: &[(&str, Thresholds)],
         now_ms: i64,
-        policy: &Thresholds,
         _ttl: Duration,
-    ) -> Result<(bool, FailureRecord), LockoutUnavailable> {
+    ) -> Result<(bool, Vec<FailureRecord>), LockoutUnavailable> {
         // the check and the count under one lock, as the Redis script is one step
-        let mut records = self.records.lock().await;
-        if let Some(&r) = records.get(key)
-            && policy.refusal(r, now_ms).is_some()
-        {
-            return Ok((false, r));
+        let mut stored = self.records.lock().await;
+        let held = records.iter().any(|(key, policy)| {
+            stored
+                .get(*key)
+                .is_some_and(|&r| policy.refusal(r, now_ms).is_some())
+        });
+        if held {
+            let current = records
+                .iter()
+                .map(|(key, policy)| match stored.get(*key) {
+                    // as the script reads it: a stale record has no failures
+                    Some(&r) if now_ms.saturating_sub(r.last_ms) < policy.lockout_ms => r,
+                    Some(&r) => FailureRecord {
+                        failures: 0,
+                        last_ms: r.last_ms,
+                    },
+                    None => FailureRecord::default(),
+                })
+                .collect();
+            return Ok((false, current));
         }
         Ok((
             true,
-            count_failure(&mut records, key, now_ms, policy.lockout_ms),
+            records
+                .iter()
+                .map(|(key, policy)| count_failure(&mut stored, key, now_ms, policy.lockout_ms))
+                .collect(),
         ))
     }
 
-    async fn clear(&self, key: &str) -> Result<(), LockoutUnavailable> {
-        self.records.lock().await.remove(key);
+    async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable> {
+        let mut records = self.records.lock().await;
+        for key in keys {
+            records.remove(*key);
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_account_wide_threshold_is_at_least_the_per_address_one() {
+        let settings = LockoutSettings {
+            account_max_failures: 9,
+            ..LockoutSettings::default()
+        };
+        assert_eq!(
+            settings.validate().unwrap_err(),
+            "account_max_failures (9) must be at least max_failures (10)"
+        );
+        let settings = LockoutSettings {
+            account_max_failures: 10,
+            ..LockoutSettings::default()
+        };
+        assert!(settings.validate().is_ok());
+    }
+
+    #[test]
+    fn the_account_wide_record_never_backs_off_and_locks_at_its_threshold() {
+        let policy = Thresholds::account_wide(&LockoutSettings::default());
+        let now = 1_000_000;
+        for failures in 1..100 {
+            let r = FailureRecord {
+                failures,
+                last_ms: now,
+            };
+            assert_eq!(policy.refusal(r, now), None, "{failures}");
+        }
+        let r = FailureRecord {
+            failures: 100,
+            last_ms: now,
+        };
+        assert_eq!(
+            policy.refusal(r, now),
+            Some(Refusal {
+                retry_after: Duration::from_secs(15 * 60),
+                locked: true
+            })
+        );
     }
 }

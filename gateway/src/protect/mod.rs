@@ -1,5 +1,5 @@
 //! Login protection: per-IP token buckets on the login and token endpoints, per-account
-//! and per-client failure counters with backoff and lockout, and the client address they
+//! (per client address and account-wide) and per-client failure counters with backoff and lockout, and the client address they
 //! are keyed by (see `docs/sso.md`, "Login protection").
 
 pub mod client_ip;
@@ -12,7 +12,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use client_ip::{ClientIp, TrustedProxies};
-pub use lockout::{Attempt, Kind, Lockout, LockoutSettings, Refusal, Verdict};
+pub use lockout::{
+    AccountAttempt, Attempt, Kind, Lockout, LockoutSettings, Refusal, Scope, Verdict,
+};
 
 /// `[protection]`
 #[derive(Debug, Clone, Deserialize)]

@@ -52,8 +52,9 @@ impl KeyExtractor for ClientIpKey {
 }
 
 /// The bucket an address counts against: an IPv4 address is its own, an IPv6 address
-/// shares its /64's (IPv4-mapped addresses were made IPv4 by the resolver already).
-fn bucket_of(ip: IpAddr) -> IpAddr {
+/// shares its /64's (IPv4-mapped addresses were made IPv4 by the resolver already). The
+/// account failure counters key their per-address records by it too (`lockout`).
+pub(crate) fn bucket_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => {

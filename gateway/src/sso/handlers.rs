@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use crate::accounts::{self, AccountError};
 use crate::audit::AuditEvent;
 use crate::error::ApiError;
-use crate::protect::{Attempt, ClientIp, Kind};
+use crate::protect::{AccountAttempt, ClientIp, Scope};
 use crate::state::AppState;
 
 use super::session::{
@@ -202,8 +202,8 @@ pub async fn callback(
 
 /// `POST /auth/local`: a break-glass login with a local account (form fields `username`,
 /// `password`, optional `redirect`). Refused unless `sso.local_accounts` is on; from our
-/// own pages only (Origin); under the per-account lockout, which fails closed; every
-/// attempt audited.
+/// own pages only (Origin); under the account's failure counters (per client address
+/// bucket and account-wide), which fail closed; every attempt audited.
 pub async fn local_login(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
@@ -257,17 +257,26 @@ pub async fn local_login(
         });
     };
     // The attempt is counted before the password is checked, in one atomic step that
-    // refuses instead while the account backs off or is locked: parallel guesses cannot
-    // all pass a check none of them has counted yet. A success clears it below; an error
-    // on the way leaves it counted. Fail closed: a human password has no entropy
-    // guarantee, so no counters, no login.
-    let if_failed = match state.lockout.attempt(Kind::Account, &name, now).await? {
-        Attempt::Counted { if_failed } => if_failed,
-        Attempt::Refused(refusal) => {
+    // refuses instead while the account backs off or is locked for this client address
+    // (an IPv4 address, an IPv6 /64), or is locked account-wide: parallel guesses cannot
+    // all pass a check none of them has counted yet, and an attacker's failures hold back
+    // the attacker's address, not the owner's. A success clears it below; an error on the
+    // way leaves it counted. Fail closed: a human password has no entropy guarantee, so
+    // no counters, no login.
+    let bucket = crate::protect::rate::bucket_of(ip).to_string();
+    let if_failed = match state.lockout.attempt_account(&name, ip, now).await? {
+        AccountAttempt::Counted { if_failed } => if_failed,
+        AccountAttempt::Refused(refusal, scope) => {
             metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
             audit(
                 "login.failure",
-                serde_json::json!({ "method": "local", "break_glass": true, "reason": "locked" }),
+                serde_json::json!({
+                    "method": "local",
+                    "break_glass": true,
+                    "reason": "locked",
+                    "scope": scope.as_str(),
+                    "address": bucket,
+                }),
             );
             return Err(ApiError::too_many_attempts(refusal));
         }
@@ -282,18 +291,34 @@ pub async fn local_login(
         metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "failure", "reason" => "invalid_credentials").increment(1);
         audit(
             "login.failure",
-            serde_json::json!({ "method": "local", "break_glass": true, "reason": "invalid_credentials" }),
+            serde_json::json!({
+                "method": "local",
+                "break_glass": true,
+                "reason": "invalid_credentials",
+                "address": bucket,
+            }),
         );
-        if let Some(refusal) = if_failed.filter(|r| r.locked) {
-            metrics::counter!("portcullis_login_lockouts_total", "kind" => "account").increment(1);
+        if let Some((refusal, scope)) = if_failed.filter(|(r, _)| r.locked) {
+            let kind = match scope {
+                Scope::Address => "account_address",
+                Scope::Account => "account",
+            };
+            metrics::counter!("portcullis_login_lockouts_total", "kind" => kind).increment(1);
+            // `address`: the bucket locked (scope `address`), or the one whose failure
+            // locked the whole account (scope `account`)
             audit(
                 "login.lockout",
-                serde_json::json!({ "kind": "account", "locked_for_secs": refusal.retry_after.as_secs() }),
+                serde_json::json!({
+                    "kind": "account",
+                    "scope": scope.as_str(),
+                    "address": bucket,
+                    "locked_for_secs": refusal.retry_after.as_secs(),
+                }),
             );
         }
         return Err(ApiError::InvalidCredentials);
     };
-    state.lockout.succeeded(Kind::Account, &name).await?;
+    state.lockout.account_succeeded(&name, ip).await?;
     let roles: Vec<String> = account
         .roles
         .iter()

@@ -118,3 +118,61 @@ async fn live_sessions(app: &TestApp) -> Vec<String> {
         .map(|s| s.family.to_string())
         .collect()
 }
+
+/// An account's two failure records (its client address bucket's and the account-wide
+/// one) are counted by one script and cleared by one `DEL`: their keys share a hash tag,
+/// so a cluster takes them in one slot instead of refusing with `CROSSSLOT`.
+#[tokio::test]
+async fn an_account_s_failure_records_are_counted_together_on_a_cluster() {
+    use portcullis::protect::lockout::{LockoutSettings, RedisFailureStore};
+    use portcullis::protect::{AccountAttempt, Lockout, Scope};
+
+    let cluster = RedisCluster::start(3).unwrap();
+    let handle = portcullis::redis_store::RedisHandle::new(&portcullis::config::RedisConfig {
+        url: SecretString::from(cluster.urls().join(",")),
+        cluster: true,
+        command_timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    let lockout = Lockout::new(
+        std::sync::Arc::new(RedisFailureStore::new(handle)),
+        LockoutSettings {
+            free_failures: 1,
+            max_failures: 2,
+            account_max_failures: 3,
+            ..LockoutSettings::default()
+        },
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let attempt = |host: &str| {
+        let (lockout, from) = (lockout.clone(), host.parse().unwrap());
+        async move {
+            lockout
+                .attempt_account("breakglass", from, now)
+                .await
+                .unwrap()
+        }
+    };
+    for host in ["192.0.2.1", "192.0.2.2"] {
+        assert_eq!(
+            attempt(host).await,
+            AccountAttempt::Counted { if_failed: None }
+        );
+    }
+    assert!(matches!(
+        attempt("192.0.2.3").await,
+        AccountAttempt::Counted { if_failed: Some((r, Scope::Account)) } if r.locked
+    ));
+    assert!(matches!(
+        attempt("192.0.2.4").await,
+        AccountAttempt::Refused(r, Scope::Account) if r.locked
+    ));
+    lockout
+        .account_succeeded("breakglass", "192.0.2.4".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        attempt("192.0.2.4").await,
+        AccountAttempt::Counted { if_failed: None }
+    );
+}

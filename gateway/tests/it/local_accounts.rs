@@ -186,6 +186,7 @@ async fn a_locked_account_reads_the_same_as_an_unknown_one() {
         c.protection.lockout = LockoutSettings {
             free_failures: 1,
             max_failures: 2,
+            account_max_failures: 100,
             backoff_base: Duration::from_millis(1),
             backoff_max: Duration::from_millis(1),
             lockout: Duration::from_secs(900),
@@ -215,9 +216,9 @@ async fn a_locked_account_reads_the_same_as_an_unknown_one() {
 }
 
 /// Parallel wrong passwords cannot outrun the lockout: each attempt is counted before its
-/// password is checked, so of twenty at once against an account allowed ten failures, ten
-/// are checked (401) and the rest refused (429), across instances sharing Redis. A
-/// correct password clears its own attempt.
+/// password is checked, so of twenty at once from one address against an account allowed
+/// ten failures per address, ten are checked (401) and the rest refused (429), across
+/// instances sharing Redis. A correct password clears its own attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_wrong_passwords_meet_the_lockout_after_max_failures() {
     let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
@@ -225,6 +226,7 @@ async fn concurrent_wrong_passwords_meet_the_lockout_after_max_failures() {
     let settings = LockoutSettings {
         free_failures: 9,
         max_failures: 10,
+        account_max_failures: 100,
         backoff_base: Duration::from_millis(1),
         backoff_max: Duration::from_millis(1),
         lockout: Duration::from_secs(900),
@@ -250,16 +252,16 @@ async fn concurrent_wrong_passwords_meet_the_lockout_after_max_failures() {
         )),
         settings,
     );
-    let clear = portcullis::protect::Verdict::Allowed {
-        had_failures: false,
-    };
+    let clear = (
+        portcullis::protect::Verdict::Allowed {
+            had_failures: false,
+        },
+        portcullis::protect::Scope::Address,
+    );
+    // every request comes from 127.0.0.1 (no trusted proxy)
     let verdict = || async {
         counters
-            .check(
-                portcullis::protect::Kind::Account,
-                "breakglass",
-                clock.now(),
-            )
+            .check_account("breakglass", [127, 0, 0, 1].into(), clock.now())
             .await
             .unwrap()
     };
@@ -292,8 +294,174 @@ async fn concurrent_wrong_passwords_meet_the_lockout_after_max_failures() {
     assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(matches!(
         verdict().await,
-        portcullis::protect::Verdict::Refused(r) if r.locked
+        (portcullis::protect::Verdict::Refused(r), portcullis::protect::Scope::Address) if r.locked
     ));
+}
+
+async fn local_login_from(
+    app: &TestApp,
+    user: &str,
+    password: &str,
+    from: &str,
+) -> reqwest::Response {
+    browser(app)
+        .post(app.url("/auth/local"))
+        .header(header::ORIGIN, origin(app))
+        .header("x-forwarded-for", from)
+        .form(&[("username", user), ("password", password)])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Failures are counted per (account, client address): an attacker who knows the
+/// break-glass name and sends wrong passwords locks out the address it sends them from,
+/// not the account, so the owner still logs in from another address (exactly when the
+/// identity provider is down and break-glass is needed). The addresses of one IPv6 /64
+/// are one address here, as in the per-IP buckets.
+async fn an_attacker_address_locks_itself_out_while_the_owner_logs_in(redis: bool) {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let name = if redis { "smart_redis" } else { "smart_memory" };
+    let (app, db) = spawn_with_postgres(name, clock.clone(), move |c| {
+        if redis {
+            c.redis = Some(
+                toml::from_str(&format!("url = \"{}\"\n", harness::Redis::shared().url())).unwrap(),
+            );
+            c.refresh.key_prefix = format!("{prefix}rt:");
+        }
+        c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
+        c.protection.lockout = LockoutSettings {
+            free_failures: 1,
+            max_failures: 2,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            lockout: Duration::from_secs(900),
+            key_prefix: prefix,
+            ..LockoutSettings::default()
+        };
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    let wrong = "wrong-password-123456";
+
+    let attacker = "203.0.113.66";
+    for _ in 0..2 {
+        let r = local_login_from(&app, "breakglass", wrong, attacker).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        clock.advance(time::Duration::milliseconds(5));
+    }
+    // the attacker's address is locked, even for the right password
+    let r = local_login_from(&app, "breakglass", PASSWORD, attacker).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key(header::RETRY_AFTER));
+    // the owner, from elsewhere, is not
+    let owner = "198.51.100.7";
+    let r = local_login_from(&app, "breakglass", PASSWORD, owner).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::SEE_OTHER,
+        "the owner was locked out"
+    );
+    // and the attacker stays locked after the owner's success
+    let r = local_login_from(&app, "breakglass", PASSWORD, attacker).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    // a fresh address of the same /64 is the same attacker
+    for host in ["2001:db8:7:1::10", "2001:db8:7:1::11"] {
+        let r = local_login_from(&app, "breakglass", wrong, host).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        clock.advance(time::Duration::milliseconds(5));
+    }
+    let r = local_login_from(&app, "breakglass", PASSWORD, "2001:db8:7:1:dead:beef:0:1").await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // the neighbouring /64 is someone else
+    let r = local_login_from(&app, "breakglass", PASSWORD, "2001:db8:7:2::10").await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_address_locks_itself_out_while_the_owner_logs_in_in_memory() {
+    an_attacker_address_locks_itself_out_while_the_owner_logs_in(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_address_locks_itself_out_while_the_owner_logs_in_in_redis() {
+    an_attacker_address_locks_itself_out_while_the_owner_logs_in(true).await;
+}
+
+/// Many addresses together still meet a bound: the account-wide counter locks the account
+/// for every address, the owner's included, at `account_max_failures`, until the lockout
+/// ends. Both kinds of lock are audited with the address bucket and which counter locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_wide_threshold_locks_every_address() {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let (app, db) = spawn_with_postgres("account_wide", clock.clone(), move |c| {
+        c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
+        c.protection.lockout = LockoutSettings {
+            free_failures: 1,
+            max_failures: 2,
+            account_max_failures: 4,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            lockout: Duration::from_secs(900),
+            key_prefix: prefix,
+        };
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    let wrong = "wrong-password-123456";
+    // two from one /64 lock that address bucket (and count twice account-wide)
+    for host in ["2001:db8:5:1::1", "2001:db8:5:1::2"] {
+        let r = local_login_from(&app, "breakglass", wrong, host).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        clock.advance(time::Duration::milliseconds(5));
+    }
+    // two more addresses reach the account-wide threshold
+    for host in ["192.0.2.1", "192.0.2.2"] {
+        let r = local_login_from(&app, "breakglass", wrong, host).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    // now every address is refused, the right password too, without looking at it
+    for host in ["198.51.100.7", "192.0.2.3"] {
+        let r = local_login_from(&app, "breakglass", PASSWORD, host).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{host}");
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+    }
+    clock.advance(time::Duration::seconds(900));
+    let r = local_login_from(&app, "breakglass", PASSWORD, "198.51.100.7").await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+
+    let state = app.state.clone();
+    eventually(Duration::from_secs(10), "both lockouts audited", || {
+        let db = state.db.clone();
+        async move {
+            let rows = portcullis::audit::recent(&db, "login.lockout", 10)
+                .await
+                .unwrap_or_default();
+            let detail = |scope: &str, address: &str| {
+                rows.iter().any(|(actor, _, d)| {
+                    let d: serde_json::Value = serde_json::from_str(d).unwrap_or_default();
+                    actor == "user:local:breakglass"
+                        && d["scope"] == scope
+                        && d["address"] == address
+                })
+            };
+            detail("address", "2001:db8:5:1::") && detail("account", "192.0.2.2")
+        }
+    })
+    .await;
+    let refused = portcullis::audit::recent(&app.state.db, "login.failure", 20)
+        .await
+        .unwrap();
+    assert!(
+        refused.iter().any(|(_, _, d)| {
+            let d: serde_json::Value = serde_json::from_str(d).unwrap_or_default();
+            d["reason"] == "locked" && d["scope"] == "account" && d["address"] == "198.51.100.7"
+        }),
+        "{refused:?}"
+    );
 }
 
 /// A submitted name that could never be an account name (here with a NUL) is audited as

@@ -2,6 +2,7 @@
 //! proxies), and failure counters with lockout shared through Redis by every instance;
 //! then the conformance suite the in-process stores must pass like the Redis ones.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,9 @@ use portcullis::config::{Config, RedisConfig};
 use portcullis::protect::lockout::{
     FailureStore, LockoutSettings, MemoryFailureStore, RedisFailureStore,
 };
-use portcullis::protect::{Attempt, Kind, Lockout, RateSettings, Refusal, Verdict};
+use portcullis::protect::{
+    AccountAttempt, Attempt, Kind, Lockout, RateSettings, Refusal, Scope, Verdict,
+};
 use portcullis::redis_store::RedisHandle;
 use portcullis::sso::pending::{MemoryPendingStore, PendingLogin, PendingStore, RedisPendingStore};
 use reqwest::{StatusCode, header};
@@ -161,6 +164,7 @@ fn lockout_settings(prefix: &str) -> LockoutSettings {
     LockoutSettings {
         free_failures: 1,
         max_failures: 3,
+        account_max_failures: 100,
         backoff_base: Duration::from_millis(1),
         backoff_max: Duration::from_millis(1),
         lockout: Duration::from_secs(600),
@@ -308,6 +312,7 @@ async fn lockout_backs_off_locks_and_forgets(backend: Backend) {
     let settings = LockoutSettings {
         free_failures: 2,
         max_failures: 5,
+        account_max_failures: 100,
         backoff_base: Duration::from_secs(1),
         backoff_max: Duration::from_secs(4),
         lockout: Duration::from_secs(300),
@@ -437,6 +442,7 @@ async fn attempts_are_counted_up_front_and_atomically(backend: Backend) {
     let settings = LockoutSettings {
         free_failures: 2,
         max_failures: 5,
+        account_max_failures: 100,
         backoff_base: Duration::from_secs(1),
         backoff_max: Duration::from_secs(4),
         lockout: Duration::from_secs(300),
@@ -518,6 +524,171 @@ async fn attempts_are_counted_up_front_and_atomically_in_memory() {
 #[tokio::test]
 async fn attempts_are_counted_up_front_and_atomically_in_redis() {
     attempts_are_counted_up_front_and_atomically(Backend::Redis).await;
+}
+
+/// [`Lockout::attempt_account`]: an account's failures are counted per client address
+/// bucket (an IPv4 address, an IPv6 /64) under the whole policy, and account-wide up to
+/// `account_max_failures` with no backoff, both in one atomic step. An attacker's address
+/// locks itself, not the owner's; a success clears the owner's address and the
+/// account-wide record, not the attacker's; many addresses together lock the account for
+/// everyone until the lockout ends; concurrent attempts from many addresses are never
+/// counted past the account-wide lock.
+async fn account_attempts_are_counted_per_address_and_account_wide(backend: Backend) {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let settings = LockoutSettings {
+        free_failures: 2,
+        max_failures: 4,
+        account_max_failures: 8,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(4),
+        lockout: Duration::from_secs(300),
+        key_prefix: prefix,
+    };
+    let lockout = Lockout::new(failure_store(backend), settings);
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let attempt = |from: &str| {
+        let (lockout, now, from) = (lockout.clone(), clock.now(), ip(from));
+        async move {
+            lockout
+                .attempt_account("breakglass", from, now)
+                .await
+                .unwrap()
+        }
+    };
+    let wait = |secs, locked| Refusal {
+        retry_after: Duration::from_secs(secs),
+        locked,
+    };
+    let counted = |if_failed| AccountAttempt::Counted { if_failed };
+
+    // the attacker's address backs off, then locks
+    let attacker = "203.0.113.66";
+    assert_eq!(attempt(attacker).await, counted(None));
+    assert_eq!(attempt(attacker).await, counted(None));
+    assert_eq!(
+        attempt(attacker).await,
+        counted(Some((wait(1, false), Scope::Address)))
+    );
+    assert_eq!(
+        attempt(attacker).await,
+        AccountAttempt::Refused(wait(1, false), Scope::Address)
+    );
+    clock.advance(time::Duration::seconds(1));
+    assert_eq!(
+        attempt(attacker).await,
+        counted(Some((wait(300, true), Scope::Address)))
+    );
+    assert_eq!(
+        attempt(attacker).await,
+        AccountAttempt::Refused(wait(300, true), Scope::Address)
+    );
+    // the owner, from elsewhere, is neither refused nor kept waiting, and its success
+    // clears its address and the account-wide record
+    let owner = "198.51.100.7";
+    assert_eq!(attempt(owner).await, counted(None));
+    lockout
+        .account_succeeded("breakglass", ip(owner))
+        .await
+        .unwrap();
+    let clear = (
+        Verdict::Allowed {
+            had_failures: false,
+        },
+        Scope::Address,
+    );
+    let check = |from: &str| {
+        let (lockout, now, from) = (lockout.clone(), clock.now(), ip(from));
+        async move {
+            lockout
+                .check_account("breakglass", from, now)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(check(owner).await, clear);
+    // but not the attacker's
+    assert_eq!(
+        attempt(attacker).await,
+        AccountAttempt::Refused(wait(300, true), Scope::Address)
+    );
+
+    // every address of one IPv6 /64 counts as one
+    for host in ["2001:db8:7:1::10", "2001:db8:7:1::11"] {
+        assert_eq!(attempt(host).await, counted(None));
+    }
+    assert_eq!(
+        attempt("2001:db8:7:1:dead:beef:0:1").await,
+        counted(Some((wait(1, false), Scope::Address)))
+    );
+    assert_eq!(
+        attempt("2001:db8:7:1::ffff").await,
+        AccountAttempt::Refused(wait(1, false), Scope::Address)
+    );
+    assert_eq!(attempt("2001:db8:7:2::10").await, counted(None));
+
+    // four failures so far since the owner's success: four more addresses lock the account
+    for host in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
+        assert_eq!(attempt(host).await, counted(None));
+    }
+    assert_eq!(
+        attempt("192.0.2.4").await,
+        counted(Some((wait(300, true), Scope::Account)))
+    );
+    // for everyone, the owner included, until the lockout ends
+    for from in [owner, "192.0.2.200", "2001:db8:9::1"] {
+        assert_eq!(
+            attempt(from).await,
+            AccountAttempt::Refused(wait(300, true), Scope::Account)
+        );
+    }
+    assert!(matches!(
+        check(owner).await,
+        (Verdict::Refused(r), Scope::Account) if r.locked
+    ));
+    clock.advance(time::Duration::seconds(300));
+    assert_eq!(attempt(owner).await, counted(None));
+    lockout
+        .account_succeeded("breakglass", ip(owner))
+        .await
+        .unwrap();
+
+    // twenty at once from twenty addresses: eight counted, the last of them locking the
+    // account, twelve refused
+    let all = futures::future::join_all((1..=20).map(|i| {
+        let (lockout, now) = (lockout.clone(), clock.now());
+        async move {
+            let from = IpAddr::from([10, 0, 0, i]);
+            lockout
+                .attempt_account("breakglass", from, now)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let counted_n = all
+        .iter()
+        .filter(|a| matches!(a, AccountAttempt::Counted { .. }))
+        .count();
+    assert_eq!(counted_n, 8, "{all:?}");
+    assert!(all.contains(&counted(Some((wait(300, true), Scope::Account)))));
+    assert!(
+        all.iter().all(|a| matches!(
+            a,
+            AccountAttempt::Counted { .. } | AccountAttempt::Refused(_, Scope::Account)
+        )),
+        "{all:?}"
+    );
+}
+
+#[tokio::test]
+async fn account_attempts_are_counted_per_address_and_account_wide_in_memory() {
+    account_attempts_are_counted_per_address_and_account_wide(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn account_attempts_are_counted_per_address_and_account_wide_in_redis() {
+    account_attempts_are_counted_per_address_and_account_wide(Backend::Redis).await;
 }
 
 fn pending() -> PendingLogin {
