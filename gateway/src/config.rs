@@ -777,6 +777,21 @@ impl Config {
         self.sso
             .validate()
             .map_err(|e| ConfigError::field(e.field, e.message))?;
+        // a console session is a refresh family, which dies at refresh.absolute_lifetime
+        // anyway; checked only where sessions can be made, so an instance without SSO and
+        // with a short absolute lifetime needs no `[sso]` setting
+        if self.sso.sessions_enabled()
+            && self.sso.session_max_lifetime > self.refresh.absolute_lifetime
+        {
+            return Err(ConfigError::field(
+                "sso.session_max_lifetime",
+                format!(
+                    "must be at most refresh.absolute_lifetime ({}), which ends every \
+                     session anyway",
+                    humantime::format_duration(self.refresh.absolute_lifetime)
+                ),
+            ));
+        }
         self.protection
             .validate()
             .map_err(|(field, message)| ConfigError::field(field, message))?;

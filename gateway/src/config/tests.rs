@@ -341,6 +341,47 @@ fn unsafe_or_inconsistent_sso_settings_are_refused_naming_the_field() {
 }
 
 #[test]
+fn the_console_session_max_lifetime_defaults_to_12h_and_is_bounded_naming_the_field() {
+    let f = Files::new();
+    let c = f.load(&f.toml(PROVIDER), &[]).unwrap();
+    assert_eq!(c.sso.session_max_lifetime, Duration::from_secs(12 * 3600));
+    let c = f
+        .load(
+            &f.toml(PROVIDER),
+            &[("PORTCULLIS_SSO__SESSION_MAX_LIFETIME", "8h")],
+        )
+        .unwrap();
+    assert_eq!(c.sso.session_max_lifetime, Duration::from_secs(8 * 3600));
+
+    // not longer than the console access token, which would outlive it
+    for max in ["5m", "1m"] {
+        let err = f
+            .load(
+                &f.toml(&format!(
+                    "[sso]\nsession_max_lifetime = \"{max}\"\n{PROVIDER}"
+                )),
+                &[],
+            )
+            .unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(field_of(err), "sso.session_max_lifetime", "{max}");
+        assert!(msg.contains("sso.access_token_lifetime (5m)"), "{msg}");
+    }
+    // not longer than the refresh family it rides on
+    let text = f.toml(&format!(
+        "[refresh]\nabsolute_lifetime = \"10h\"\n[sso]\nsession_max_lifetime = \"11h\"\n{PROVIDER}"
+    ));
+    let err = f.load(&text, &[]).unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(field_of(err), "sso.session_max_lifetime");
+    assert!(msg.contains("refresh.absolute_lifetime (10h)"), "{msg}");
+    f.load(&text.replace("\"11h\"", "\"10h\""), &[]).unwrap();
+    // with no console sessions at all, a short absolute lifetime needs no [sso] setting
+    f.load(&f.toml("[refresh]\nabsolute_lifetime = \"3h\"\n"), &[])
+        .unwrap();
+}
+
+#[test]
 fn a_plain_http_provider_is_accepted_on_loopback_only() {
     let f = Files::new();
     let text = f.toml(&PROVIDER.replace("https://idp.example.com", "http://127.0.0.1:8080"));

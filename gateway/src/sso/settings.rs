@@ -23,6 +23,11 @@ pub struct SsoSettings {
     /// Lifetime of the console access token (renewed from the refresh cookie).
     #[serde(with = "humantime_serde")]
     pub access_token_lifetime: Duration,
+    /// How long a console session lives from its login, however active: past it the
+    /// session is not renewed (its family is revoked) and the user logs in again, so the
+    /// provider is asked afresh for the account and its groups.
+    #[serde(with = "humantime_serde")]
+    pub session_max_lifetime: Duration,
     /// The client id console sessions (refresh-token families) are bound to. Not a
     /// registered OAuth client, so its refresh tokens are useless at `/oauth2/token`.
     pub console_client_id: String,
@@ -50,6 +55,7 @@ impl Default for SsoSettings {
             roles: Vec::new(),
             login_timeout: Duration::from_secs(600),
             access_token_lifetime: Duration::from_secs(300),
+            session_max_lifetime: Duration::from_secs(12 * 60 * 60),
             console_client_id: "portcullis-console".to_owned(),
             leeway: Duration::from_secs(60),
             http_timeout: Duration::from_secs(5),
@@ -133,6 +139,15 @@ impl SsoSettings {
         }
         if self.access_token_lifetime < Duration::from_secs(1) {
             return Err(err("sso.access_token_lifetime", "must be at least 1s"));
+        }
+        if self.session_max_lifetime <= self.access_token_lifetime {
+            return Err(err(
+                "sso.session_max_lifetime",
+                format!(
+                    "must be longer than sso.access_token_lifetime ({})",
+                    humantime::format_duration(self.access_token_lifetime)
+                ),
+            ));
         }
         if self.console_client_id.trim().is_empty() {
             return Err(err("sso.console_client_id", "must not be empty"));
@@ -222,6 +237,11 @@ impl SsoSettings {
             }
         }
         Ok(())
+    }
+
+    /// Whether console sessions can be made at all: a provider, or break-glass accounts.
+    pub fn sessions_enabled(&self) -> bool {
+        !self.providers.is_empty() || self.local_accounts
     }
 }
 
