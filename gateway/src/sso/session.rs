@@ -98,7 +98,8 @@ pub struct ConsoleUser {
     pub provider: String,
     /// The session (refresh family) id.
     pub session: Option<String>,
-    /// When the current access token expires (Unix seconds).
+    /// When the current access token expires (Unix seconds); never after the session's
+    /// end (login + `sso.session_max_lifetime`).
     pub expires_at: i64,
 }
 
@@ -269,11 +270,12 @@ pub async fn establish(
             now,
         )
         .await?;
-    let (access, _) = mint(
+    let (access, claims) = mint(
         state,
         &new.subject,
         &issued.session.family.to_string(),
         &new.info,
+        session_end(state, issued.session.auth_time),
     )?;
     let lifetime = state.config.refresh.absolute_lifetime;
     // a cookie over the size every browser keeps would be dropped without a word; then
@@ -297,7 +299,7 @@ pub async fn establish(
         .unwrap_or_else(|| clear_cookie(ID_TOKEN_COOKIE));
     Ok([
         set_cookie(REFRESH_COOKIE, issued.token.expose_secret(), lifetime),
-        set_cookie(ACCESS_COOKIE, &access, sso.access_token_lifetime),
+        set_cookie(ACCESS_COOKIE, &access, access_cookie_age(&claims)),
         Some(id_token),
     ]
     .into_iter()
@@ -305,13 +307,34 @@ pub async fn establish(
     .collect())
 }
 
+/// When the console session that logged in at `auth_time` ends, whatever its activity:
+/// `sso.session_max_lifetime` later. Past it the session is not renewed.
+pub fn session_end(state: &AppState, auth_time: OffsetDateTime) -> OffsetDateTime {
+    time::Duration::try_from(state.sso.settings().session_max_lifetime)
+        .ok()
+        .and_then(|max| auth_time.checked_add(max))
+        .unwrap_or(OffsetDateTime::new_utc(
+            time::Date::MAX,
+            time::Time::MIDNIGHT,
+        ))
+}
+
+/// The `Max-Age` of the access cookie carrying `claims`: the token's own lifetime.
+fn access_cookie_age(claims: &ConsoleClaims) -> Duration {
+    Duration::from_secs(
+        u64::try_from(claims.base.exp.saturating_sub(claims.base.iat)).unwrap_or_default(),
+    )
+}
+
 /// Signs a console access token (recorded as `token.issue`, by its id); returns it and
-/// its claims.
+/// its claims. Its `exp` is `sso.access_token_lifetime` from now, but never after
+/// `session_end`: an access token must not carry a session past its maximum lifetime.
 fn mint(
     state: &AppState,
     subject: &str,
     family: &str,
     info: &SessionInfo,
+    session_end: OffsetDateTime,
 ) -> Result<(String, ConsoleClaims), ApiError> {
     let now = state.keys.now().unix_timestamp();
     let lifetime =
@@ -321,7 +344,9 @@ fn mint(
             iss: state.config.issuer(),
             sub: subject.to_owned(),
             aud: Audiences::One(state.config.issuer()),
-            exp: now.saturating_add(lifetime),
+            exp: now
+                .saturating_add(lifetime)
+                .min(session_end.unix_timestamp()),
             iat: now,
             nbf: now,
             jti: uuid::Uuid::new_v4().to_string(),
@@ -398,9 +423,11 @@ pub async fn has_live_session(state: &AppState, headers: &HeaderMap) -> bool {
         return false;
     };
     let presented = SecretString::from(refresh);
+    let now = state.keys.now();
     matches!(
-        state.refresh.inspect(&presented, state.keys.now()).await,
+        state.refresh.inspect(&presented, now).await,
         Ok(Some(s)) if s.client_id == state.sso.settings().console_client_id
+            && now < session_end(state, s.auth_time)
     )
 }
 
@@ -436,12 +463,13 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
     crate::oauth::token::ensure_can_sign(state)?;
     let sso = state.sso.settings();
     let presented = SecretString::from(refresh);
+    let now = state.keys.now();
     let refreshed = match state
         .refresh
         .refresh_with_grace(
             &presented,
             &sso.console_client_id,
-            state.keys.now(),
+            now,
             renewal_grace(state),
         )
         .await
@@ -465,16 +493,49 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
         Err(e) => return Err(e.into()),
     };
     let session = &refreshed.session;
+    // The maximum lifetime is checked after the rotation, not before it: the login
+    // instant is in the family, and reading it first would cost a second store round trip
+    // (`inspect`) on every renewal to spare one rotation per session. The access cookie
+    // cannot tell it either: it is gone by now (its `Max-Age` is the token's lifetime) and
+    // its claims carry no `auth_time`. And `inspect` knows only a family's current token,
+    // so a grace replay of the previous one would need this check anyway. The one
+    // successor rotated for nothing dies with its family below.
+    let end = session_end(state, session.auth_time);
+    if now >= end {
+        state.refresh.revoke_family(&session.family).await?;
+        state.audit.record(crate::audit::AuditEvent {
+            at: now,
+            actor: format!("user:{}", session.subject),
+            action: "session.expired".to_owned(),
+            target: session.family.to_string(),
+            source_ip: None,
+            detail: serde_json::json!({
+                "console": true,
+                "reason": "max_lifetime",
+                "auth_time": session.auth_time.unix_timestamp(),
+                "ended_at": end.unix_timestamp(),
+                "family_revoked": true,
+            })
+            .into(),
+        });
+        return Ok(Resolved::None { stale: true });
+    }
     let info: SessionInfo = serde_json::from_value(session.session.clone())
         .map_err(|e| ApiError::Internal(Box::new(e)))?;
-    let (access, claims) = mint(state, &session.subject, &session.family.to_string(), &info)?;
+    let (access, claims) = mint(
+        state,
+        &session.subject,
+        &session.family.to_string(),
+        &info,
+        end,
+    )?;
     let set_cookies = [
         set_cookie(
             REFRESH_COOKIE,
             refreshed.token.expose_secret(),
             state.config.refresh.absolute_lifetime,
         ),
-        set_cookie(ACCESS_COOKIE, &access, sso.access_token_lifetime),
+        set_cookie(ACCESS_COOKIE, &access, access_cookie_age(&claims)),
     ]
     .into_iter()
     .flatten()

@@ -990,6 +990,153 @@ fn set_refresh_cookie(response: &reqwest::Response) -> Option<String> {
         .map(|v| v.split(';').next().unwrap_or_default().to_owned())
 }
 
+/// The `__Host-portcullis-at` value a response sets, if any.
+fn set_access_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("__Host-portcullis-at="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+}
+
+/// The names of the cookies a response clears (`Max-Age=0`).
+fn cleared(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|c| c.contains("Max-Age=0"))
+        .filter_map(|c| c.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_console_session_is_not_renewed_past_its_max_lifetime_and_its_family_is_revoked() {
+    let node = AdminNode::start("a").await;
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
+    assert_eq!(
+        app.state.config.sso.session_max_lifetime,
+        Duration::from_secs(12 * 3600),
+        "the default"
+    );
+    let login = app.state.keys.now();
+    let end = (login + time::Duration::hours(12)).unix_timestamp();
+    let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    let xhr = |cookie: String| {
+        client(&app)
+            .get(app.url("/jobinfo/list"))
+            .header(header::COOKIE, cookie)
+            .header("x-requested-with", "XMLHttpRequest")
+            .send()
+    };
+
+    // before the max, the session renews as ever; 2 minutes before it, the renewed access
+    // token (5 minutes) is cut short at the max, and its cookie with it
+    clock.advance(time::Duration::hours(6));
+    let renewed = xhr(cookie.clone()).await.unwrap();
+    assert_eq!(renewed.status(), StatusCode::OK);
+    let refresh = set_refresh_cookie(&renewed).expect("renewed");
+    clock.advance(time::Duration::hours(5) + time::Duration::minutes(58));
+    let late = xhr(format!("__Host-portcullis-rt={refresh}"))
+        .await
+        .unwrap();
+    assert_eq!(late.status(), StatusCode::OK);
+    let refresh = set_refresh_cookie(&late).expect("renewed");
+    let access = set_access_cookie(&late).expect("renewed");
+    let claims: portcullis::sso::session::ConsoleClaims =
+        app.state.keys.verify_current(&access).await.unwrap();
+    assert_eq!(claims.base.exp, end, "capped at login + 12h");
+    let max_age = late
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("__Host-portcullis-at="))
+        .unwrap()
+        .to_owned();
+    assert!(max_age.contains("Max-Age=120;"), "{max_age}");
+    let me = client(&app)
+        .get(app.url("/auth/me"))
+        .header(header::COOKIE, format!("__Host-portcullis-at={access}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::OK);
+    assert_eq!(json(me).await["expires_at"], end);
+
+    // past the max (and the access token's leeway): not renewed on any path, the
+    // cookies are cleared
+    clock.advance(time::Duration::minutes(3));
+    let cookie = format!("__Host-portcullis-rt={refresh}; __Host-portcullis-at={access}");
+    let refused = xhr(cookie.clone()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(set_refresh_cookie(&refused).as_deref(), Some(""), "cleared");
+    assert!(
+        cleared(&refused).contains(&"__Host-portcullis-rt".to_owned()),
+        "{:?}",
+        cleared(&refused)
+    );
+    let (actor, target, detail) = {
+        wait_for_audit_actor(
+            &app.state,
+            Duration::from_secs(10),
+            "session.expired",
+            "user:test:carol",
+        )
+        .await;
+        portcullis::audit::recent(&app.state.db, "session.expired", 1)
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    assert_eq!(actor, "user:test:carol");
+    assert_eq!(Some(target), claims.base.sid);
+    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    assert_eq!(detail["reason"], "max_lifetime");
+    assert_eq!(detail["auth_time"], login.unix_timestamp());
+
+    // the family is revoked: the same refresh cookie, within any grace window, renews
+    // nothing anywhere
+    assert!(
+        app.state
+            .refresh
+            .list_sessions("test:carol", app.state.keys.now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        xhr(cookie.clone()).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let page = client(&app)
+        .get(app.url("/jobinfo/list"))
+        .header(header::COOKIE, &cookie)
+        .header(header::ACCEPT, "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::FOUND);
+    assert_eq!(
+        page.headers()[header::LOCATION],
+        "/auth/login?redirect=%2Fjobinfo%2Flist"
+    );
+    let me = client(&app)
+        .get(app.url("/auth/me"))
+        .header(header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(node.seen().len(), 2, "only the two renewals went through");
+}
+
 #[tokio::test]
 async fn a_renewal_whose_answer_is_slow_does_not_log_the_browser_out() {
     let node = AdminNode::start("a").await;
