@@ -563,7 +563,7 @@ async fn bare_watch(
     app: &TestApp,
     name: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let mut tls = app.tls().await;
     let request = format!(
         "GET {} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\r\n",
@@ -571,13 +571,7 @@ async fn bare_watch(
         token(app, "config:read:prod"),
     );
     tls.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "closed in the head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
+    let head = read_head(&mut tls).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     tls
 }

@@ -292,6 +292,22 @@ fn redis_handle() -> RedisHandle {
     RedisHandle::new(&redis_config()).unwrap()
 }
 
+/// The policy the conformance tests hold both stores to: backoff from the third failure
+/// (1 s, doubling to 4 s), a lock at `max_failures` per identifier (and at
+/// `account_max_failures` for an account) for 5 minutes, under a prefix of the test's own.
+fn conformance_lockout(backend: Backend, max_failures: u32, account_max_failures: u32) -> Lockout {
+    let settings = LockoutSettings {
+        free_failures: 2,
+        max_failures,
+        account_max_failures,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(4),
+        lockout: Duration::from_secs(300),
+        key_prefix: format!("test-{}:lock:", uuid::Uuid::new_v4()),
+    };
+    Lockout::new(failure_store(backend), settings)
+}
+
 fn failure_store(backend: Backend) -> Arc<dyn FailureStore> {
     match backend {
         Backend::Memory => Arc::new(MemoryFailureStore::new()),
@@ -308,17 +324,7 @@ fn pending_store(backend: Backend) -> Arc<dyn PendingStore> {
 }
 
 async fn lockout_backs_off_locks_and_forgets(backend: Backend) {
-    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
-    let settings = LockoutSettings {
-        free_failures: 2,
-        max_failures: 5,
-        account_max_failures: 100,
-        backoff_base: Duration::from_secs(1),
-        backoff_max: Duration::from_secs(4),
-        lockout: Duration::from_secs(300),
-        key_prefix: prefix,
-    };
-    let lockout = Lockout::new(failure_store(backend), settings);
+    let lockout = conformance_lockout(backend, 5, 100);
     let clock = ManualClock::new(OffsetDateTime::now_utc());
     let allowed = |v: Verdict| matches!(v, Verdict::Allowed { .. });
 
@@ -438,17 +444,7 @@ async fn lockout_backs_off_locks_and_forgets_in_redis() {
 /// lockout as counting failures afterwards, refused attempts not counted, a success
 /// clearing its own count, and concurrent attempts never counted past the lock.
 async fn attempts_are_counted_up_front_and_atomically(backend: Backend) {
-    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
-    let settings = LockoutSettings {
-        free_failures: 2,
-        max_failures: 5,
-        account_max_failures: 100,
-        backoff_base: Duration::from_secs(1),
-        backoff_max: Duration::from_secs(4),
-        lockout: Duration::from_secs(300),
-        key_prefix: prefix,
-    };
-    let lockout = Lockout::new(failure_store(backend), settings);
+    let lockout = conformance_lockout(backend, 5, 100);
     let clock = ManualClock::new(OffsetDateTime::now_utc());
     let attempt = |id: &'static str| {
         let (lockout, now) = (lockout.clone(), clock.now());
@@ -534,17 +530,7 @@ async fn attempts_are_counted_up_front_and_atomically_in_redis() {
 /// everyone until the lockout ends; concurrent attempts from many addresses are never
 /// counted past the account-wide lock.
 async fn account_attempts_are_counted_per_address_and_account_wide(backend: Backend) {
-    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
-    let settings = LockoutSettings {
-        free_failures: 2,
-        max_failures: 4,
-        account_max_failures: 8,
-        backoff_base: Duration::from_secs(1),
-        backoff_max: Duration::from_secs(4),
-        lockout: Duration::from_secs(300),
-        key_prefix: prefix,
-    };
-    let lockout = Lockout::new(failure_store(backend), settings);
+    let lockout = conformance_lockout(backend, 4, 8);
     let clock = ManualClock::new(OffsetDateTime::now_utc());
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let attempt = |from: &str| {

@@ -979,26 +979,25 @@ async fn an_expired_console_access_cookie_is_renewed_on_the_way_through() {
     assert_eq!(seen[0].header("cookie"), None);
 }
 
-/// The `__Host-portcullis-rt` value a response sets, if any.
-fn set_refresh_cookie(response: &reqwest::Response) -> Option<String> {
+/// The value a response sets for cookie `name`, if it sets one.
+fn set_cookie_value(response: &reqwest::Response, name: &str) -> Option<String> {
     response
         .headers()
         .get_all(header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix("__Host-portcullis-rt="))
+        .find_map(|v| v.strip_prefix(name)?.strip_prefix('='))
         .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+}
+
+/// The `__Host-portcullis-rt` value a response sets, if any.
+fn set_refresh_cookie(response: &reqwest::Response) -> Option<String> {
+    set_cookie_value(response, "__Host-portcullis-rt")
 }
 
 /// The `__Host-portcullis-at` value a response sets, if any.
 fn set_access_cookie(response: &reqwest::Response) -> Option<String> {
-    response
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix("__Host-portcullis-at="))
-        .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+    set_cookie_value(response, "__Host-portcullis-at")
 }
 
 /// The names of the cookies a response clears (`Max-Age=0`).

@@ -346,6 +346,19 @@ pub fn counted(metrics: &str, route: &str, status: u16) -> bool {
     })
 }
 
+/// Reads an HTTP/1.1 response head from `io`, byte by byte so nothing after it is taken
+/// (a streamed body follows); panics if the connection closes first.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(io.read(&mut byte).await.unwrap(), 1, "closed in the head");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
 /// Polls `probe` until it returns true or `deadline` passes.
 pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut probe: F)
 where

@@ -62,13 +62,8 @@ async fn open_with(
         bearer,
     );
     tls.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "closed in the head");
-        head.push(byte[0]);
-    }
-    (tls, String::from_utf8(head).unwrap().to_ascii_lowercase())
+    let head = read_head(&mut tls).await;
+    (tls, head.to_ascii_lowercase())
 }
 
 /// Decodes a chunked body as it arrives.
