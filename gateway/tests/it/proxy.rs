@@ -1606,21 +1606,30 @@ async fn a_node_that_does_not_answer_in_time_gets_a_504_and_no_second_try() {
 #[tokio::test]
 async fn a_retry_never_runs_past_the_request_timeout() {
     let (a, b) = (AdminNode::start("a").await, AdminNode::start("b").await);
-    let app = spawn_app(|c| {
-        proxy_to(c, &[&a, &b]);
-        c.server.request_timeout = Duration::from_millis(3500);
-        c.config_center.long_poll_timeout = Duration::from_secs(1);
-        c.proxy.read_timeout = Duration::from_millis(2500);
-    })
-    .await;
+    // an instance with `request_timeout`, whose nodes take 2 s to answer 502 to
+    // /public/slow-fail, and that one request through it
+    let slow_fail = |request_timeout: u64| {
+        let (a, b) = (&a, &b);
+        async move {
+            let app = spawn_app(|c| {
+                proxy_to(c, &[a, b]);
+                c.server.request_timeout = Duration::from_millis(request_timeout);
+                c.config_center.long_poll_timeout = Duration::from_secs(1);
+                c.proxy.read_timeout = Duration::from_millis(2500);
+            })
+            .await;
+            let r = client(&app)
+                .get(app.url("/public/slow-fail"))
+                .send()
+                .await
+                .unwrap();
+            (app, r)
+        }
+    };
     // the first node answers 502 after 2 s; the second, tried with the 1.4 s left,
     // would need 2 s too: it is given up at the request's deadline with our 504, not
     // left to run into the 408 that blames the client
-    let r = client(&app)
-        .get(app.url("/public/slow-fail"))
-        .send()
-        .await
-        .unwrap();
+    let (app, r) = slow_fail(3500).await;
     assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(json(r).await["error"], "upstream_timeout");
     assert_eq!(a.seen().len(), 1, "each node was tried once");
@@ -1632,18 +1641,7 @@ async fn a_retry_never_runs_past_the_request_timeout() {
 
     // with less than a second left after the first answer, no retry is sent: the
     // first node's own answer is the one given
-    let app = spawn_app(|c| {
-        proxy_to(c, &[&a, &b]);
-        c.server.request_timeout = Duration::from_millis(2800);
-        c.config_center.long_poll_timeout = Duration::from_secs(1);
-        c.proxy.read_timeout = Duration::from_millis(2500);
-    })
-    .await;
-    let r = client(&app)
-        .get(app.url("/public/slow-fail"))
-        .send()
-        .await
-        .unwrap();
+    let (_app, r) = slow_fail(2800).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(
         a.seen().len() + b.seen().len(),
