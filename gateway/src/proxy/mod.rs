@@ -285,19 +285,23 @@ impl Proxy {
     }
 
     /// Forwards `req` (already authenticated) with `identity` to a node and returns the
-    /// node's answer, streaming.
+    /// node's answer, streaming. `arrived` is when the request reached the handler, before
+    /// its authentication (which may have renewed a console session or reloaded the key
+    /// ring): the request's `server.request_timeout` runs from about then.
     #[tracing::instrument(name = "proxy.forward", skip_all, fields(otel.kind = "client"))]
     pub async fn forward(
         &self,
         mut req: Request,
         identity: Option<&Identity>,
         origin: &Origin,
+        arrived: Instant,
     ) -> Result<Response, ProxyError> {
         let settings = &self.inner.settings;
         // the outer timeout layer answers 408 at `server.request_timeout`: every attempt
-        // must have given up before then, so that a slow node is a 504, not the client's
-        // fault, and a retry never runs past it
-        let deadline = Instant::now() + self.inner.request_timeout.saturating_sub(DEADLINE_MARGIN);
+        // must have given up before then, so that a slow node is a 504 (which carries a
+        // renewed session's cookies, a 408 from the layer would not), and a retry never
+        // runs past it
+        let deadline = arrived + self.inner.request_timeout.saturating_sub(DEADLINE_MARGIN);
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -423,9 +427,19 @@ impl Proxy {
         node.record_duration(started.elapsed());
         let (outcome, result) = match result {
             // a node cut short by the request's deadline did not have its whole
-            // `read_timeout`: not held against its health
+            // `read_timeout`: counted, not held against its health
+            Err(_) if timeout < read_timeout => {
+                ups.count_only(index, Outcome::Timeout);
+                (
+                    None,
+                    Err(ProxyError::Timeout {
+                        node: node.authority.clone(),
+                        timeout,
+                    }),
+                )
+            }
             Err(_) => (
-                (timeout == read_timeout).then_some(Outcome::Timeout),
+                Some(Outcome::Timeout),
                 Err(ProxyError::Timeout {
                     node: node.authority.clone(),
                     timeout,
@@ -582,6 +596,7 @@ pub struct ResolvedRoute(pub Result<Option<Arc<Route>>, Unroutable>);
 
 /// The router's fallback: forwards what a route covers, 404 for the rest.
 pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response {
+    let arrived = Instant::now();
     let Some(proxy) = state.proxy.clone() else {
         return ApiError::NotFound.into_response();
     };
@@ -606,7 +621,10 @@ pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response
         host: proxy.inner.public_host.clone(),
     };
     let req = Request::from_parts(head, body);
-    let mut response = match proxy.forward(req, identity.as_ref(), &origin).await {
+    let mut response = match proxy
+        .forward(req, identity.as_ref(), &origin, arrived)
+        .await
+    {
         Ok(r) => r,
         Err(e) => ApiError::from(e).into_response(),
     };

@@ -332,6 +332,14 @@ impl Upstreams {
         self.record_at(index, outcome, Instant::now);
     }
 
+    /// Counts `outcome` for node `index` in the metrics without weighing it in the node's
+    /// health: a try cut short by its request's deadline, which says little of the node.
+    pub fn count_only(&self, index: usize, outcome: Outcome) {
+        if let Some(node) = self.nodes.get(index) {
+            node.metrics.outcomes[outcome as usize].increment(1);
+        }
+    }
+
     fn record_at(&self, index: usize, outcome: Outcome, now: impl FnOnce() -> Instant) {
         if let Some(node) = self.nodes.get(index) {
             node.record(outcome, &self.health, now);
