@@ -778,20 +778,8 @@ impl Config {
             .validate()
             .map_err(|e| ConfigError::field(e.field, e.message))?;
         // a console session is a refresh family, which dies at refresh.absolute_lifetime
-        // anyway; checked only where sessions can be made, so an instance without SSO and
-        // with a short absolute lifetime needs no `[sso]` setting
-        if self.sso.sessions_enabled()
-            && self.sso.session_max_lifetime > self.refresh.absolute_lifetime
-        {
-            return Err(ConfigError::field(
-                "sso.session_max_lifetime",
-                format!(
-                    "must be at most refresh.absolute_lifetime ({}), which ends every \
-                     session anyway",
-                    humantime::format_duration(self.refresh.absolute_lifetime)
-                ),
-            ));
-        }
+        // anyway: a longer sso.session_max_lifetime (the 12h default beside a short
+        // absolute lifetime, say) is not an error, the shorter of the two ends a session
         self.protection
             .validate()
             .map_err(|(field, message)| ConfigError::field(field, message))?;
