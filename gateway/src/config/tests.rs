@@ -304,6 +304,11 @@ fn unsafe_or_inconsistent_sso_settings_are_refused_naming_the_field() {
             "sso.providers[0].client_secret_file",
         ),
         (format!("{PROVIDER}{PROVIDER}"), "sso.providers[1].name"),
+        // `local:<name>` are the break-glass accounts' subjects
+        (
+            PROVIDER.replace("name = \"corp\"", "name = \"Local\""),
+            "sso.providers[0].name",
+        ),
         (
             format!(
                 "{PROVIDER}[[sso.roles]]\nrole = \"admin\"\nprovider = \"other\"\ngroups = [\"x\"]\n"

@@ -176,6 +176,15 @@ impl SsoSettings {
             if !name_ok {
                 return Err(err(at("name"), "use 1-64 letters, digits, '-' or '_'"));
             }
+            // subjects are `<provider>:<sub>`, and `local:<name>` is a break-glass account's:
+            // a provider of that name could hand out a subject equal to one of them
+            if p.name.eq_ignore_ascii_case("local") {
+                return Err(err(
+                    at("name"),
+                    "`local` names the break-glass accounts' subjects (local:<name>); choose \
+                     another name",
+                ));
+            }
             if !names.insert(p.name.as_str()) {
                 return Err(err(at("name"), format!("`{}` is used twice", p.name)));
             }
