@@ -169,7 +169,10 @@ pub async fn callback(
         },
         Err(e) => {
             let reason = e.reason();
-            tracing::info!(reason, error = %e, client_ip = %ip, "SSO login refused");
+            // the error may quote what the provider sent (a JWKS or discovery document it
+            // controls): escaped, so no byte of it can break a log line, in any format
+            let error = e.to_string();
+            tracing::info!(reason, error = %error.escape_debug(), client_ip = %ip, "SSO login refused");
             metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "failure", "reason" => reason).increment(1);
             state.audit.record(AuditEvent {
                 at: now,
