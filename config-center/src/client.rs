@@ -24,6 +24,7 @@ use std::fmt;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -77,7 +78,10 @@ pub struct ClientConfig {
     /// This node's labels, for gray releases.
     pub labels: BTreeMap<String, String>,
     /// Directory of the last-known-good copy: created `0700` if missing, and made `0700`
-    /// (the copy `0600`) at start and on every write if it was looser.
+    /// at start and on every write if it was looser (a directory the node may write into
+    /// but not change, such as a mount point it does not own, is warned about once and
+    /// used as it is). The copy is written `0600`; one left looser is made `0600` at
+    /// start, or replaced by the next write when the node cannot change its mode.
     pub cache_dir: PathBuf,
     /// Accepted signature algorithms (default ES256, EdDSA, RS256).
     pub algorithms: Vec<Algorithm>,
@@ -232,6 +236,8 @@ struct Shared {
     origin: Mutex<Origin>,
     /// The held copy read from disk has had its signature verified in this run.
     copy_verified: Mutex<bool>,
+    /// This run has warned that the cache directory cannot be made private.
+    dir_warned: AtomicBool,
 }
 
 /// A running config client; dropping it stops the watch.
@@ -302,12 +308,17 @@ impl Client {
             current,
             origin: Mutex::new(Origin::Gateway),
             copy_verified: Mutex::new(false),
+            dir_warned: AtomicBool::new(false),
         });
 
-        // a copy left readable by others (an older client, a restore by hand) is made
-        // private before anything else
-        if let Err(e) = shared.tighten_cache() {
-            tracing::warn!(error = %e, "the last-known-good config copy may be readable by others");
+        // a directory or copy left readable by others (an older client, a restore by
+        // hand) is made private before anything else; neither failing stops the node
+        shared.tighten_dir();
+        if let Err(e) = shared.tighten_copy() {
+            tracing::warn!(
+                error = %e,
+                "the last-known-good config copy may be readable by others until the next release replaces it"
+            );
         }
 
         // the copy a previous run kept: held before any gateway is asked, so that its
@@ -824,6 +835,12 @@ impl Shared {
     }
 
     /// Atomic write (temp file 0600, fsync, rename) of the last-known-good copy.
+    ///
+    /// Only the write and the rename can fail it. The old copy's mode does not matter (the
+    /// rename replaces it with the file made here, `0600` and this node's, even when the
+    /// old one belongs to someone else, as after a restore by root), and a directory whose
+    /// mode cannot be tightened is warned about once per start (see
+    /// [`Shared::tighten_dir`]).
     fn store_disk(&self, snapshot: &Snapshot) -> Result<(), ClientError> {
         let path = self.disk_path();
         let fail = |reason: String| ClientError::Cache {
@@ -836,9 +853,9 @@ impl Shared {
             .mode(0o700)
             .create(dir)
             .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
-        // a directory (or copy) made earlier, by hand or with a looser umask, is tightened
-        // before anything is written into it
-        self.tighten_cache()?;
+        // a directory made earlier, by hand or with a looser umask, is tightened before
+        // anything is written into it
+        self.tighten_dir();
         let bytes = serde_json::to_vec(snapshot).map_err(|e| fail(e.to_string()))?;
         let tmp = dir.join(format!(
             ".{}__{}.{}.tmp",
@@ -870,34 +887,52 @@ impl Shared {
         })
     }
 
-    /// Makes the cache directory `0700` and the last-known-good copy `0600`, whatever
-    /// they were created with: the copy holds decrypted secrets. A directory that is not
-    /// there yet is left to be created (`0700`); a copy that is not a regular file is left
-    /// alone (the next write replaces it).
-    fn tighten_cache(&self) -> Result<(), ClientError> {
+    /// Makes the cache directory `0700` if it exists with a looser mode (the copy holds
+    /// decrypted secrets); one that is not there yet is left to be created `0700`.
+    ///
+    /// A directory the node may write into but cannot change the mode of — a mount point
+    /// it does not own, such as a Kubernetes `emptyDir` (root's, `0777`) or an `fsGroup`
+    /// volume — is used as it is, with a warning once per start: the copy in it is still
+    /// `0600`, but others may list it, and where they may write to the directory, remove
+    /// or replace it.
+    fn tighten_dir(&self) {
         let dir = &self.config.cache_dir;
-        let path = self.disk_path();
-        let fail = |what: &str, e: std::io::Error| ClientError::Cache {
-            path: path.clone(),
-            reason: format!("cannot make {what} private: {e}"),
-        };
-        match std::fs::metadata(dir) {
+        let tightened = match std::fs::metadata(dir) {
             Ok(meta) if meta.is_dir() && meta.permissions().mode() & 0o777 != 0o700 => {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(|e| fail("its directory", e))?;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(fail("its directory", e)),
-        }
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o777 != 0o600 => {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| fail("it", e))
             }
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(fail("it", e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = tightened
+            && !self.dir_warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                directory = %dir.display(),
+                error = %e,
+                "the config cache directory cannot be made private (0700): the last-known-good copy is still written 0600, but other local users may see it and, if they may write to the directory, remove or replace it"
+            );
+        }
+    }
+
+    /// Makes the last-known-good copy `0600` if it exists with a looser mode. A copy that
+    /// is not a regular file is left alone; one the node cannot change the mode of (it
+    /// belongs to someone else) stays as it is until the next write replaces it.
+    fn tighten_copy(&self) -> Result<(), ClientError> {
+        let path = self.disk_path();
+        let fail = |e: std::io::Error| ClientError::Cache {
+            path: path.clone(),
+            reason: format!("cannot make it private: {e}"),
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o777 != 0o600 => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(fail)
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fail(e)),
         }
     }
 

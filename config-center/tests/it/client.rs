@@ -779,6 +779,155 @@ async fn an_existing_cache_directory_and_copy_are_made_private() {
     assert!(config_center::client::is_private_file(&copy));
 }
 
+/// The unprivileged user the node runs as in the tests below (`nobody`).
+const NODE_UID: u32 = 65534;
+/// Where the node of `unprivileged_node_writes_its_copies` finds its cache directories.
+const NODE_CACHE_VAR: &str = "CONFIG_CENTER_TEST_NODE_CACHE";
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    tempfile::tempfile().unwrap().metadata().unwrap().uid() == 0
+}
+
+/// Runs `test` of this test binary as the unprivileged node, in a child process.
+fn run_as_node(root: &std::path::Path, test: &str) -> std::process::Output {
+    use std::os::unix::process::CommandExt as _;
+    let run = |exe: &std::path::Path| {
+        std::process::Command::new(exe)
+            .args([
+                test,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(NODE_CACHE_VAR, root)
+            .uid(NODE_UID)
+            .gid(NODE_UID)
+            .output()
+    };
+    let exe = std::env::current_exe().unwrap();
+    match run(&exe) {
+        // the test binary lies where the node may not reach it (under /root): a copy
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let copy = root.join("it");
+            std::fs::copy(&exe, &copy).unwrap();
+            set_mode(&copy, 0o755);
+            run(&copy).unwrap()
+        }
+        output => output.unwrap(),
+    }
+}
+
+/// What a node that may not change the modes it meets does with its copy: A, root
+/// restored the copy as root:root `0644` into the node's own `0700` directory; B, the
+/// cache directory is a mount point the node does not own (root's, `0777`, as a
+/// Kubernetes `emptyDir`). Neither chmod can succeed, and neither may stop the node
+/// keeping its copy: the rename replaces a copy it cannot chmod, and a directory it
+/// cannot tighten is warned about once per start. Only root can set this up, and root may
+/// chmod anything, so the node is this test binary run as `nobody`
+/// (`unprivileged_node_writes_its_copies`).
+#[tokio::test]
+async fn a_copy_or_directory_the_node_cannot_chmod_does_not_stop_its_writes() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !running_as_root() {
+        eprintln!("skipped: only root can give the node files and directories it does not own");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    set_mode(root.path(), 0o755);
+    // A: the node's own directory, and a stale copy root restored into it
+    let own = root.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::os::unix::fs::chown(&own, Some(NODE_UID), Some(NODE_UID)).unwrap();
+    set_mode(&own, 0o700);
+    let restored = own.join("prod__orders.json");
+    let stale = signed(&ed25519("k0"), 1, vec![plain("a", "restored")]);
+    std::fs::write(&restored, serde_json::to_vec(&stale).unwrap()).unwrap();
+    set_mode(&restored, 0o644);
+    assert_eq!(std::fs::metadata(&restored).unwrap().uid(), 0);
+    // B: a mount point the node does not own
+    let mount = root.path().join("mount");
+    std::fs::create_dir(&mount).unwrap();
+    set_mode(&mount, 0o777);
+
+    let output = run_as_node(root.path(), "client::unprivileged_node_writes_its_copies");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && out.contains("1 passed"),
+        "the node as nobody: {out}"
+    );
+    for (dir, version) in [(&own, 3), (&mount, 4)] {
+        let copy = dir.join("prod__orders.json");
+        let meta = std::fs::symlink_metadata(&copy).unwrap();
+        assert_eq!(
+            meta.uid(),
+            NODE_UID,
+            "{}: the copy is the node's own",
+            dir.display()
+        );
+        assert_eq!(meta.mode() & 0o777, 0o600, "{}", dir.display());
+        assert_eq!(copy_version(dir), version, "{}", dir.display());
+    }
+    assert_eq!(
+        mode(&mount),
+        0o777,
+        "the node could not tighten the mount point"
+    );
+}
+
+/// The node's half of `a_copy_or_directory_the_node_cannot_chmod_does_not_stop_its_writes`,
+/// run as `nobody`; without its directories it has nothing to do.
+#[tokio::test]
+#[ignore = "run as nobody by a_copy_or_directory_the_node_cannot_chmod_does_not_stop_its_writes"]
+async fn unprivileged_node_writes_its_copies() {
+    let Some(root) = std::env::var_os(NODE_CACHE_VAR) else {
+        return;
+    };
+    let root = std::path::PathBuf::from(root);
+    let captured = capture_logs();
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 2, vec![plain("a", "2")]))).await;
+
+    // A: the copy root restored is replaced at start and at the next release
+    let own = root.join("own");
+    let client = Client::start(config(vec![url.clone()], &own))
+        .await
+        .unwrap();
+    assert_eq!(client.version(), 2);
+    assert_eq!(copy_version(&own), 2, "the copy root restored was replaced");
+    g.current
+        .send_replace(Some(signed(&key, 3, vec![plain("a", "3")])));
+    wait_for_version(&client, 3).await;
+    assert_eq!(copy_version(&own), 3);
+    drop(client);
+
+    // B: the mount point stays as it is; the copy is written at start and on every release
+    let mount = root.join("mount");
+    let client = Client::start(config(vec![url], &mount)).await.unwrap();
+    assert_eq!(client.version(), 3);
+    assert_eq!(copy_version(&mount), 3);
+    g.current
+        .send_replace(Some(signed(&key, 4, vec![plain("a", "4")])));
+    wait_for_version(&client, 4).await;
+    assert_eq!(copy_version(&mount), 4);
+    assert!(config_center::client::is_private_file(
+        &mount.join("prod__orders.json")
+    ));
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        logs.matches("the config cache directory cannot be made private")
+            .count(),
+        1,
+        "one warning for the mount point, not one per write: {logs}"
+    );
+}
+
 #[tokio::test]
 async fn the_client_reconnects_when_its_stream_ends_and_resumes_from_its_version() {
     let key = ed25519("k1");
