@@ -14,8 +14,9 @@
 //!
 //! "Backwards" counts from the last-known-good copy too: a restarted node holds the copy
 //! before it asks any gateway, and refuses a release older than it (a stale gateway, or an
-//! old, validly signed release replayed) once the copy's own signature verifies against
-//! the gateway's JWKS. It then starts from the copy and waits for a newer release. A
+//! old, validly signed release replayed) unless the copy's own signature fails to verify
+//! against the gateway's JWKS with the key it names (a copy signed by a key that JWKS does
+//! not list stays the floor). It then starts from the copy and waits for a newer release. A
 //! rollback is no exception to make: it republishes the old content as a new, higher
 //! version (`Store::rollback`), as an aborted gray release does.
 
@@ -172,6 +173,10 @@ pub enum ClientError {
     /// The snapshot's signature does not verify.
     #[error("snapshot signature refused: {0}")]
     Signature(String),
+    /// The snapshot is signed by a key (`kid`) that the gateway's JWKS does not list, even
+    /// when fetched again.
+    #[error("snapshot signed by key `{0}`, which the gateway's JWKS does not list")]
+    UnknownKey(String),
     /// The entries do not hash to the signed content hash.
     #[error("snapshot content does not match its content hash")]
     Tampered,
@@ -362,7 +367,11 @@ impl Client {
                     last_error = ClientError::NoRelease.to_string();
                 }
                 Err(ClientError::NoRelease) => return Err(ClientError::NoRelease),
-                Err(e @ (ClientError::Signature(_) | ClientError::Tampered)) => {
+                Err(
+                    e @ (ClientError::Signature(_)
+                    | ClientError::UnknownKey(_)
+                    | ClientError::Tampered),
+                ) => {
                     tracing::warn!(%gateway, error = %e, "config snapshot refused");
                     last_error = e.to_string();
                 }
@@ -700,7 +709,7 @@ impl Shared {
         let set = self.fetch_jwks(gateway).await?;
         let found = set.find(kid).cloned();
         *self.jwks.lock().unwrap_or_else(PoisonError::into_inner) = Some(set);
-        found.ok_or_else(|| ClientError::Signature(format!("unknown kid `{kid}`")))
+        found.ok_or_else(|| ClientError::UnknownKey(kid.to_owned()))
     }
 
     /// Checks target, content hash and detached signature of `snapshot`.
@@ -766,9 +775,15 @@ impl Shared {
     /// copy on disk is only checked for target and content hash when it is read, though
     /// (the JWKS may be unreachable then), so before it refuses an older release it must
     /// verify against `gateway`'s JWKS, as anything from a gateway does: a copy whose
-    /// signature does not verify (altered on disk, or signed by a key that has left JWKS
-    /// since) is no floor, and the older release is taken. When the JWKS cannot be had,
-    /// the floor stands for now and the next offer tries again.
+    /// signature does not verify with the key its `kid` names (altered on disk) is no
+    /// floor, and the older release is taken.
+    ///
+    /// A copy whose `kid` this gateway's JWKS does not list is not taken for altered,
+    /// though: the floor stands and the older release is refused (fail closed). A gateway
+    /// instance that has not loaded the key of an emergency rotation yet looks like that,
+    /// and so do responses from someone who leaves the copy's key out of the JWKS to take
+    /// the node back; another gateway, or this one later, may list it. Nor does the floor
+    /// fall when the JWKS cannot be had: the next offer tries again.
     async fn offer(&self, gateway: &Url, snapshot: Snapshot) -> Result<bool, ClientError> {
         let held = self.current.borrow().clone();
         let unchecked_copy = *self.origin.lock().unwrap_or_else(PoisonError::into_inner)
@@ -784,6 +799,19 @@ impl Shared {
                         .copy_verified
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = true;
+                }
+                Err(e @ ClientError::UnknownKey(_)) => {
+                    tracing::warn!(
+                        %gateway,
+                        held = held.version,
+                        offered = snapshot.version,
+                        error = %e,
+                        "the last-known-good config copy is signed by a key this gateway does not publish: its version stays the floor"
+                    );
+                    return Err(ClientError::Downgrade {
+                        held: held.version,
+                        offered: snapshot.version,
+                    });
                 }
                 Err(
                     e @ (ClientError::Signature(_)

@@ -644,26 +644,101 @@ async fn a_restarted_client_refuses_a_release_older_than_its_copy_and_waits_for_
 }
 
 /// The copy's version is a floor only once its signature verifies: a copy that was
-/// altered on disk (here: a higher version, signed by a key the gateway never published)
-/// cannot lock the node out of its releases.
+/// altered on disk cannot lock the node out of its releases — whether it is signed by
+/// another key under the gateway's kid, was signed by the gateway's key and had its
+/// version raised, or had its signature corrupted.
 #[tokio::test]
 async fn a_copy_whose_signature_does_not_verify_is_no_floor() {
     let key = ed25519("k1");
     let stranger = ed25519("k1");
-    let dir = tempfile::tempdir().unwrap();
-    let forged = signed(&stranger, 900, vec![plain("a", "forged")]);
-    std::fs::write(
-        dir.path().join("prod__orders.json"),
-        serde_json::to_vec(&forged).unwrap(),
-    )
-    .unwrap();
+    let raised = {
+        let mut s = signed(&key, 5, vec![plain("a", "forged")]);
+        s.version = 900;
+        s
+    };
+    let corrupted = {
+        let mut s = signed(&key, 900, vec![plain("a", "forged")]);
+        let (head, sig) = s.signature.rsplit_once('.').unwrap();
+        let flipped = if sig.starts_with('A') { "B" } else { "A" };
+        s.signature = format!("{head}.{flipped}{}", &sig[1..]);
+        s
+    };
     let (_g, url, _server) =
         start_gateway(&key, Some(signed(&key, 3, vec![plain("a", "3")]))).await;
-    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
-    assert_eq!(client.version(), 3);
+    for (case, forged) in [
+        (
+            "another key under the gateway's kid",
+            signed(&stranger, 900, vec![plain("a", "forged")]),
+        ),
+        ("version raised", raised),
+        ("signature corrupted", corrupted),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("prod__orders.json"),
+            serde_json::to_vec(&forged).unwrap(),
+        )
+        .unwrap();
+        let client = Client::start(config(vec![url.clone()], dir.path()))
+            .await
+            .unwrap();
+        assert_eq!(client.version(), 3, "{case}");
+        assert_eq!(client.origin(), Origin::Gateway, "{case}");
+        assert_eq!(client.get_str("a").as_deref(), Some("3"), "{case}");
+        assert_eq!(copy_version(dir.path()), 3, "{case}: the copy was replaced");
+    }
+}
+
+/// A copy signed by a key the gateway's JWKS does not list is not taken for altered: its
+/// version stays the floor. After an emergency rotation nodes write copies signed by the
+/// new key; a restarted node that meets a gateway instance which has not loaded that key
+/// yet (or responses that leave it out of the JWKS) must not be taken back to an older
+/// release by it.
+#[tokio::test]
+async fn a_copy_signed_by_a_key_the_gateway_does_not_list_stays_the_floor() {
+    let old = ed25519("k-old");
+    let new = es256("k-new");
+    let (g, url, _server) = start_gateway(&old, Some(signed(&new, 5, vec![plain("a", "5")]))).await;
+    g.jwks.lock().unwrap().push(new.jwk.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let first = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(first.version(), 5);
+    drop(first);
+
+    // the stale instance: only the old key, and an older release signed by it
+    *g.jwks.lock().unwrap() = vec![old.jwk.clone()];
+    g.current
+        .send_replace(Some(signed(&old, 3, vec![plain("a", "3")])));
+    let client = Client::start(config(vec![url], dir.path()))
+        .await
+        .expect("the node starts, from its copy");
+    assert_eq!(client.version(), 5, "release 3 was refused");
+    assert_eq!(client.origin(), Origin::Disk);
+    assert_eq!(client.get_str("a").as_deref(), Some("5"));
+    let seen = record_versions(&client);
+    // the watch is offered 3 as well: still refused
+    tokio::time::timeout(DEADLINE, async {
+        while !g.sent.lock().unwrap().contains(&3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(copy_version(dir.path()), 5, "the copy on disk is kept");
+
+    // once the instance has the new key, its newer release is taken
+    g.jwks.lock().unwrap().push(new.jwk.clone());
+    g.current
+        .send_replace(Some(signed(&new, 6, vec![plain("a", "6")])));
+    wait_for_version(&client, 6).await;
     assert_eq!(client.origin(), Origin::Gateway);
-    assert_eq!(client.get_str("a").as_deref(), Some("3"));
-    assert_eq!(copy_version(dir.path()), 3, "the copy was replaced");
+    assert!(
+        seen.lock().unwrap().iter().all(|v| *v >= 5),
+        "never below the copy: {:?}",
+        seen.lock().unwrap()
+    );
 }
 
 /// A rollback is a new release with the old content and a higher version
