@@ -46,7 +46,8 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
         ],
         token_type: TokenType::AccessToken,
         // as the gateway verifies by default (`tokens.accept_jwt_typ = true`): access
-        // tokens of earlier versions, typed `JWT`, are still taken
+        // tokens typed `JWT` (issued so by default, `tokens.access_token_typ`, and by
+        // earlier versions) are taken besides `at+jwt`
         also_accepted: Some(TokenType::Jwt),
     };
     let t = now.unix_timestamp();

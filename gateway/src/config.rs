@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keyrotation::TokenType;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -316,14 +317,20 @@ pub struct TokensConfig {
     /// again is not verified again (`0` turns the cache off). A remembered token is still
     /// checked for expiry and for its key being trusted on every use.
     pub verified_cache_entries: usize,
-    /// Whether an access token typed `JWT` (any case, or `application/jwt`) is still
-    /// accepted besides `at+jwt`: the tokens of versions before access tokens were typed
-    /// (RFC 9068) carry `typ: JWT` and stay valid for their lifetime across an upgrade.
-    /// Every token accepted only thanks to this is counted in
-    /// `portcullis_access_tokens_legacy_typ_total`; once that stays at zero for the longest
-    /// access-token lifetime after every instance is upgraded, set it to `false` to accept
-    /// `at+jwt` only. A token with no `typ`, or any other, is refused either way.
+    /// Whether an access token typed `JWT` (any case, or `application/jwt`) is accepted
+    /// besides `at+jwt`: tokens issued while [`Self::access_token_typ`] is `JWT`, and by
+    /// versions before access tokens were typed, carry `typ: JWT`. Every token accepted only
+    /// thanks to this is counted in `portcullis_access_tokens_legacy_typ_total`; once that
+    /// stays flat for the longest access-token lifetime plus leeway after every instance
+    /// issues `at+jwt`, set it to `false` to accept `at+jwt` only. A token with no `typ`, or
+    /// any other, is refused either way. Must stay `true` while `access_token_typ` is `JWT`
+    /// (validation refuses the combination: every token issued would be refused).
     pub accept_jwt_typ: bool,
+    /// The `typ` access tokens are signed with: `JWT` (the default, what every relying party
+    /// accepts, Spring Security's default JWT decoder included) or `at+jwt` (RFC 9068 §2.1),
+    /// once every relying party accepts that. Read as either name in any case.
+    #[serde(deserialize_with = "access_token_typ")]
+    pub access_token_typ: TokenType,
 }
 
 impl Default for TokensConfig {
@@ -337,8 +344,23 @@ impl Default for TokensConfig {
             client_cache_ttl: Duration::from_secs(5),
             verified_cache_entries: 10_000,
             accept_jwt_typ: true,
+            access_token_typ: TokenType::Jwt,
         }
     }
+}
+
+/// `tokens.access_token_typ`: `JWT` or `at+jwt`, in any case; kept in its canonical
+/// spelling ([`TokenType::as_str`]).
+fn access_token_typ<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TokenType, D::Error> {
+    let name = String::deserialize(d)?;
+    [TokenType::Jwt, TokenType::AccessToken]
+        .into_iter()
+        .find(|typ| typ.as_str().eq_ignore_ascii_case(&name))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown access token type `{name}`: expected \"JWT\" or \"at+jwt\""
+            ))
+        })
 }
 
 /// A cached token holds its text (~0.5–1 KiB) and claims: a million is ~1–2 GiB, the
@@ -734,6 +756,14 @@ impl Config {
             return Err(ConfigError::field(
                 "tracing.service_name",
                 "must not be empty",
+            ));
+        }
+        if self.tokens.access_token_typ == TokenType::Jwt && !self.tokens.accept_jwt_typ {
+            return Err(ConfigError::field(
+                "tokens.accept_jwt_typ",
+                "must be true while tokens.access_token_typ is \"JWT\" (the default): every \
+                 access token this gateway issues would be refused; set \
+                 tokens.access_token_typ = \"at+jwt\" first",
             ));
         }
         if self.tokens.verified_cache_entries > MAX_VERIFIED_CACHE_ENTRIES {

@@ -27,8 +27,9 @@ use crate::verified::{VerifiedAccess, VerifiedTokens};
 pub const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Access tokens accepted only because `tokens.accept_jwt_typ` takes `typ: JWT` (tokens of
-/// versions before access tokens were typed `at+jwt`): once it stays at zero for the
-/// longest access-token lifetime, the leniency can be turned off.
+/// versions before access tokens were typed `at+jwt`, and those issued while
+/// `tokens.access_token_typ` is `JWT`): once it stays flat for the longest access-token
+/// lifetime after issuing switched to `at+jwt`, the leniency can be turned off.
 pub const LEGACY_TYP_METRIC: &str = "portcullis_access_tokens_legacy_typ_total";
 
 /// What the reload interval is padded with to make the propagation delay: the reload
@@ -41,6 +42,8 @@ pub struct KeyService {
     rotator: Rotator,
     clock: Arc<dyn Clock>,
     verify: Arc<VerifyParams>,
+    /// The `typ` access tokens are signed with (`tokens.access_token_typ`).
+    access_token_typ: TokenType,
     vault: Option<VaultKeySource>,
     reload_interval: Duration,
     jwks_max_age: Duration,
@@ -98,9 +101,11 @@ impl KeyService {
             algorithms: config.accepted_algorithms(),
             // every token verified here is an access token, typed `at+jwt`; while
             // `tokens.accept_jwt_typ` is on (the default), also one typed `JWT`, as access
-            // tokens were before they were typed, so that none issued by an earlier version
-            // is refused after an upgrade (a config release's JWS is typed `JWT` too, but
-            // carries no `iss`, `aud` or `exp`, so it never passes for an access token)
+            // tokens were before they were typed and still are while
+            // `tokens.access_token_typ` is `JWT` (the default; the configuration refuses
+            // `JWT` with `accept_jwt_typ = false`), so that none issued by this or an earlier
+            // version is refused (a config release's JWS is typed `JWT` too, but carries no
+            // `iss`, `aud` or `exp`, so it never passes for an access token)
             token_type: TokenType::AccessToken,
             also_accepted: config.tokens.accept_jwt_typ.then_some(TokenType::Jwt),
         };
@@ -108,6 +113,7 @@ impl KeyService {
             rotator,
             clock,
             verify: Arc::new(verify),
+            access_token_typ: config.tokens.access_token_typ,
             vault,
             reload_interval: config.keys.reload_interval,
             jwks_max_age: jwks_max_age(config.keys.prepublish_lead),
@@ -185,14 +191,15 @@ impl KeyService {
         self.vault.as_ref()
     }
 
-    /// Signs `claims` as an access token (`typ: at+jwt`, RFC 9068 §2.1) with the active
-    /// key. `NoActiveKey` when none may sign now (e.g. the active key's window ended while
-    /// Vault was unreachable): the caller answers 503. Anything else the keys sign goes
-    /// through [`Keys::sign`], typed `JWT`, which access-token verification accepts only
-    /// while `tokens.accept_jwt_typ` is on (the upgrade from untyped access tokens).
+    /// Signs `claims` as an access token with the active key, typed as
+    /// `tokens.access_token_typ` says: `JWT` (the default, which every relying party
+    /// accepts) or `at+jwt` (RFC 9068 §2.1). `NoActiveKey` when none may sign now (e.g. the
+    /// active key's window ended while Vault was unreachable): the caller answers 503.
+    /// Anything else the keys sign goes through [`Keys::sign`], typed `JWT`, which
+    /// access-token verification accepts only while `tokens.accept_jwt_typ` is on.
     pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, KeyError> {
         self.keys()
-            .sign_typed(claims, TokenType::AccessToken, self.now())
+            .sign_typed(claims, self.access_token_typ, self.now())
     }
 
     /// Verifies one of our access tokens now, with the ring held.
@@ -391,9 +398,10 @@ impl KeyService {
     }
 }
 
-/// Notes what a verified access token was taken as: one taken as `JWT` was accepted only
-/// because `tokens.accept_jwt_typ` is on, and is counted in [`LEGACY_TYP_METRIC`]. Nothing
-/// happens for an `at+jwt` token, so the common path costs a comparison.
+/// Notes what a verified access token was taken as: one taken as `JWT` (issued by an
+/// earlier version, or while `tokens.access_token_typ` is `JWT`) was accepted only because
+/// `tokens.accept_jwt_typ` is on, and is counted in [`LEGACY_TYP_METRIC`]. Nothing happens
+/// for an `at+jwt` token, so that path costs a comparison.
 pub(crate) fn note_token_type(taken_as: TokenType) {
     if taken_as != TokenType::AccessToken {
         metrics::counter!(LEGACY_TYP_METRIC).increment(1);

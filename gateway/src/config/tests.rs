@@ -119,20 +119,27 @@ fn environment_overrides_the_file() {
     assert_eq!(c.tokens.access_token_lifetime, Duration::from_secs(900));
 }
 
-/// Access tokens typed `JWT` (issued before they were typed `at+jwt`) are accepted until
-/// an operator turns that off, in the file or the environment; a non-boolean is refused.
+/// Access tokens typed `JWT` (issued before they were typed `at+jwt`, or while they are
+/// issued so) are accepted until an operator turns that off, in the file or the
+/// environment, once issuing `at+jwt`; a non-boolean is refused.
 #[test]
 fn accept_jwt_typ_is_on_by_default_and_turned_off_by_file_or_environment() {
     let f = Files::new();
     assert!(f.load(&f.toml(""), &[]).unwrap().tokens.accept_jwt_typ);
     let c = f
-        .load(&f.toml("[tokens]\naccept_jwt_typ = false\n"), &[])
+        .load(
+            &f.toml("[tokens]\naccess_token_typ = \"at+jwt\"\naccept_jwt_typ = false\n"),
+            &[],
+        )
         .unwrap();
     assert!(!c.tokens.accept_jwt_typ);
     let c = f
         .load(
             &f.toml(""),
-            &[("PORTCULLIS_TOKENS__ACCEPT_JWT_TYP", "false")],
+            &[
+                ("PORTCULLIS_TOKENS__ACCEPT_JWT_TYP", "false"),
+                ("PORTCULLIS_TOKENS__ACCESS_TOKEN_TYP", "at+jwt"),
+            ],
         )
         .unwrap();
     assert!(!c.tokens.accept_jwt_typ);
@@ -140,6 +147,62 @@ fn accept_jwt_typ_is_on_by_default_and_turned_off_by_file_or_environment() {
         .load(&f.toml("[tokens]\naccept_jwt_typ = \"no\"\n"), &[])
         .unwrap_err();
     assert_eq!(field_of(err), "tokens.accept_jwt_typ");
+}
+
+/// Access tokens are signed `typ: JWT` unless `tokens.access_token_typ` says `at+jwt`
+/// (either name, any case, in the file or the environment); anything else is refused, and
+/// so is issuing `JWT` while `accept_jwt_typ = false` would refuse every token issued.
+#[test]
+fn access_token_typ_is_jwt_by_default_and_never_one_the_gateway_itself_refuses() {
+    let f = Files::new();
+    let typ = |toml: &str, env: &[(&str, &str)]| {
+        f.load(&f.toml(toml), env)
+            .map(|c| c.tokens.access_token_typ.as_str())
+    };
+    assert_eq!(typ("", &[]).unwrap(), "JWT");
+    for (name, canonical) in [
+        ("JWT", "JWT"),
+        ("jwt", "JWT"),
+        ("at+jwt", "at+jwt"),
+        ("AT+JWT", "at+jwt"),
+        ("At+Jwt", "at+jwt"),
+    ] {
+        let file = format!("[tokens]\naccess_token_typ = \"{name}\"\n");
+        assert_eq!(typ(&file, &[]).unwrap(), canonical, "{name}");
+        let env = [("PORTCULLIS_TOKENS__ACCESS_TOKEN_TYP", name)];
+        assert_eq!(typ("", &env).unwrap(), canonical, "{name}");
+    }
+    for bad in [
+        "\"application/at+jwt\"",
+        "\"at+jwt \"",
+        "\"id_token+jwt\"",
+        "\"\"",
+        "1",
+    ] {
+        let err = typ(&format!("[tokens]\naccess_token_typ = {bad}\n"), &[]).unwrap_err();
+        assert_eq!(field_of(err), "tokens.access_token_typ", "{bad}");
+    }
+
+    // JWT issued, JWT refused: every token of ours would get 401, in whatever way it is said
+    for (toml, env) in [
+        ("[tokens]\naccept_jwt_typ = false\n", &[][..]),
+        (
+            "[tokens]\naccess_token_typ = \"jwt\"\naccept_jwt_typ = false\n",
+            &[][..],
+        ),
+        (
+            "[tokens]\naccess_token_typ = \"at+jwt\"\naccept_jwt_typ = false\n",
+            &[("PORTCULLIS_TOKENS__ACCESS_TOKEN_TYP", "JWT")][..],
+        ),
+    ] {
+        let err = typ(toml, env).unwrap_err();
+        let message = err.to_string();
+        assert_eq!(field_of(err), "tokens.accept_jwt_typ", "{toml} {env:?}");
+        assert!(
+            message.contains("tokens.access_token_typ"),
+            "names what to change first: {message}"
+        );
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::routing::get;
 use base64::Engine;
 use http_body_util::BodyExt;
-use keyrotation::ManualClock;
+use keyrotation::{ManualClock, TokenType};
 use portcullis::authn::{BearerAuth, Principal};
 use portcullis::oauth::claims::{AccessClaims, Audiences};
 use serde_json::{Value, json};
@@ -217,14 +217,19 @@ async fn accepted_everywhere(app: &TestApp, router: &Router, token: &str, what: 
     assert!(keys.verify_current::<Value>(token).await.is_ok(), "{what}");
 }
 
-/// RFC 9068 §2.1, §4 and RFC 8725 §3.11: an access token is typed `at+jwt`, and once
-/// `tokens.accept_jwt_typ` is off only such a token is taken for one. Anything else the
-/// gateway's keys sign (the detached JWS of a config release, typed `JWT`; another kind of
-/// JWT; one with no `typ`) is refused on every path that takes access tokens, however much
-/// its claims look like an access token's, and is not remembered as verified.
+/// RFC 9068 §2.1, §4 and RFC 8725 §3.11: with `tokens.access_token_typ = "at+jwt"` an
+/// access token is typed `at+jwt`, and once `tokens.accept_jwt_typ` is off only such a
+/// token is taken for one. Anything else the gateway's keys sign (the detached JWS of a
+/// config release, typed `JWT`; another kind of JWT; one with no `typ`) is refused on every
+/// path that takes access tokens, however much its claims look like an access token's, and
+/// is not remembered as verified.
 #[tokio::test]
 async fn a_jwt_of_ours_not_typed_as_an_access_token_is_refused_everywhere() {
-    let app = spawn_app(|c| c.tokens.accept_jwt_typ = false).await;
+    let app = spawn_app(|c| {
+        c.tokens.access_token_typ = TokenType::AccessToken;
+        c.tokens.accept_jwt_typ = false;
+    })
+    .await;
     let router = guarded(&app);
     let keys = &app.state.keys;
     let issuer = app.state.config.issuer();
@@ -250,17 +255,19 @@ async fn a_jwt_of_ours_not_typed_as_an_access_token_is_refused_everywhere() {
     accepted_everywhere(&app, &router, &access, "at+jwt, again").await;
 }
 
-/// A rolling upgrade: access tokens issued by earlier versions carry `typ: JWT` and stay
-/// valid until they expire, so while `tokens.accept_jwt_typ` is on (the default) a token of
-/// ours typed `JWT` is accepted on every path, remembered like any verified token, and
-/// counted in `portcullis_access_tokens_legacy_typ_total` (an `at+jwt` token is not). Any
-/// other type, or none, is refused as when it is off; so is a config release's JWS, whose
-/// claims are no access token's.
+/// By default access tokens are issued typed `JWT`, as every earlier version issued them
+/// (relying parties such as Spring Security's default JWT decoder refuse `at+jwt`), and
+/// while `tokens.accept_jwt_typ` is on (the default) a token of ours typed `JWT` is
+/// accepted on every path, remembered like any verified token, and counted in
+/// `portcullis_access_tokens_legacy_typ_total` (an `at+jwt` token is accepted, not
+/// counted). Any other type, or none, is refused as when it is off; so is a config
+/// release's JWS, whose claims are no access token's.
 #[tokio::test]
 async fn by_default_an_access_token_of_ours_typed_jwt_is_accepted_and_counted() {
     const LEGACY: &str = "portcullis_access_tokens_legacy_typ_total";
     let app = spawn_app(|_| {}).await;
     assert!(app.state.config.tokens.accept_jwt_typ, "on by default");
+    assert_eq!(app.state.config.tokens.access_token_typ, TokenType::Jwt);
     let router = guarded(&app);
     let keys = &app.state.keys;
     let issuer = app.state.config.issuer();
@@ -270,8 +277,8 @@ async fn by_default_an_access_token_of_ours_typed_jwt_is_accepted_and_counted() 
         "the counter is in the scrape before any such token"
     );
 
-    // as an earlier version issued it: `typ: JWT`
-    let legacy = keys.keys().sign(&claims(), keys.now()).unwrap();
+    // as this version issues it by default, and every earlier version did: `typ: JWT`
+    let legacy = keys.sign(&claims()).unwrap();
     assert_eq!(typ_of(&legacy), "JWT");
     let before = app.sample(LEGACY).await;
     let remembered = keys.verified_tokens().len();
@@ -293,7 +300,11 @@ async fn by_default_an_access_token_of_ours_typed_jwt_is_accepted_and_counted() 
         let token = app.sign_with_typ(Some(typ), &claims());
         accepted_everywhere(&app, &router, &token, typ).await;
     }
-    let access = keys.sign(&claims()).unwrap();
+    // typed as an instance with `access_token_typ = "at+jwt"` issues it
+    let access = keys
+        .keys()
+        .sign_typed(&claims(), TokenType::AccessToken, keys.now())
+        .unwrap();
     accepted_everywhere(&app, &router, &access, "at+jwt").await;
 
     // no type, or another kind of JWT: refused, as when the leniency is off

@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use harness::{Postgres, Redis};
-use keyrotation::{Clock, KeyRing, ManualClock};
+use keyrotation::{Clock, KeyRing, ManualClock, TokenType};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use portcullis::clients::{Audience, ClientId, GrantType, NewClient, ScopeSet};
 use portcullis::config::{Config, RedisConfig};
@@ -461,7 +461,10 @@ async fn client_credentials_issues_tokens_whose_claims_are_right() {
         })
     );
     let header = jose_header(&first);
-    assert_eq!(header["typ"], "at+jwt", "RFC 9068 §2.1");
+    // by default typed as every earlier version typed it, and as relying parties such as
+    // Spring Security's default JWT decoder require (`at+jwt`: tokens.access_token_typ,
+    // `introspection_refuses_an_access_token_typed_jwt_once_accept_jwt_typ_is_off`)
+    assert_eq!(header["typ"], "JWT");
     assert_eq!(header["alg"], "ES256");
     assert_eq!(header["kid"], active_kid.as_str());
 
@@ -1176,18 +1179,23 @@ async fn introspection_describes_live_tokens_to_those_allowed_to_see_them() {
     assert_error(&a, StatusCode::BAD_REQUEST, "invalid_request");
 }
 
-/// With `tokens.accept_jwt_typ` off, introspection refuses what the bearer layer refuses:
-/// a token of ours typed `JWT` (as access tokens were before they were typed `at+jwt`) is
-/// inactive, the `at+jwt` token with the same claims active.
+/// The last steps of the upgrade path: with `tokens.access_token_typ = "at+jwt"` the token
+/// endpoint issues tokens typed `at+jwt` (RFC 9068 §2.1), which verify with
+/// `tokens.accept_jwt_typ` off; introspection then refuses what the bearer layer refuses:
+/// a token of ours typed `JWT` (as access tokens were issued before) is inactive, the
+/// `at+jwt` token with the same claims active.
 #[tokio::test]
 async fn introspection_refuses_an_access_token_typed_jwt_once_accept_jwt_typ_is_off() {
     let f = Fixture::with("introspect-strict", &Redis::shared().url(), |c| {
+        c.tokens.access_token_typ = TokenType::AccessToken;
         c.tokens.accept_jwt_typ = false;
     })
     .await;
     let svc = f.service("svc-strict").await;
     let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    granted(&a);
     let at = a.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(jose_header(&at)["typ"], "at+jwt", "RFC 9068 §2.1");
     assert_eq!(f.introspect(&svc, &at).await["active"], true);
 
     let claims: Value = f.app.state.keys.verify(&at).unwrap();
