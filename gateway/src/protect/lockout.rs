@@ -26,10 +26,16 @@
 //!   that an attacker's failures lock the attacker's address and not the owner's; and one
 //!   for the whole account, which only locks, at `account_max_failures` (no backoff, so
 //!   that failures from elsewhere never make the owner wait), bounding an attacker with
-//!   many addresses. A success clears both: the address's record, and the account-wide
-//!   one, so the owner who got in is not left near the account-wide lock (the attacker's
-//!   addresses stay locked by their own records). [`Lockout::attempt`] is the same step for
-//!   one record.
+//!   many addresses. The account-wide record holds back, and counts, only attempts from
+//!   *unfamiliar* address buckets: a bucket the account has logged in from within
+//!   [`FAMILIAR_FOR`] (the newest [`FAMILIAR_MAX`] of them) is familiar, and is held only
+//!   to its own record, so an attacker who reaches the account-wide lock does not lock the
+//!   owner out of the addresses they have used before. Whether the bucket is familiar is
+//!   read in the same atomic step. A success clears its address's record, takes its own
+//!   attempt back off the account-wide record (if counted there) and remembers the bucket
+//!   as familiar; the account-wide record's failures stay, a bound on guesses from
+//!   unfamiliar addresses that the owner's logins do not reset.
+//!   [`Lockout::attempt`] is the same step for one record.
 //! - [`Lockout::check`] then [`Lockout::failed`] (client ids): a wrong secret is refused
 //!   while held back and counted otherwise; a correct secret never touches the counter
 //!   (see `oauth::client_auth` for why).
@@ -38,9 +44,11 @@
 //! collection: `<key_prefix>client:<sha256(id)>` for a client id;
 //! `<key_prefix>account:{<sha256(name)>}` for an account as a whole and
 //! `<key_prefix>account:{<sha256(name)>}:<bucket>` per address bucket (`203.0.113.7`,
-//! `2001:db8:1:2::`); the braces keep an account's records in one Redis Cluster slot, so
-//! one script counts them together. Deleting the account-wide key lifts the account-wide
-//! lock (`docs/operations/runbook.md`).
+//! `2001:db8:1:2::`); an account's familiar buckets are a sorted set
+//! `<key_prefix>account:{<sha256(name)>}:familiar` (member the bucket, score its last
+//! successful login in Unix ms). The braces keep an account's keys in one Redis Cluster
+//! slot, so one script reads and counts them together. Deleting the account-wide key
+//! lifts the account-wide lock (`docs/operations/runbook.md`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -54,6 +62,13 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use crate::redis_store::{RedisConn, RedisError, RedisHandle};
+
+/// How long an address bucket stays familiar to an account after a successful login from
+/// it (each success renews it): 90 days.
+pub const FAMILIAR_FOR: Duration = Duration::from_secs(90 * 24 * 60 * 60);
+
+/// The most familiar address buckets an account keeps (the most recently used).
+pub const FAMILIAR_MAX: usize = 32;
 
 /// `[protection.lockout]`
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -288,18 +303,64 @@ pub trait FailureStore: Send + Sync + 'static {
     ) -> Result<FailureRecord, LockoutUnavailable>;
     /// In one atomic step over every `(key, policy)` of `records`: when any record holds
     /// the identifier back at `now_ms` by its policy ([`Thresholds::refusal`]), changes
-    /// nothing and returns `(false, records)` (a stale record read as zero failures);
-    /// otherwise counts one failure on each as [`Self::record_failure`] does (reset after
-    /// its `policy.lockout_ms`) and returns `(true, new records)`, in the order given.
-    /// The keys of one call are in one Redis Cluster slot.
+    /// nothing and returns `counted: false` with the records (a stale record read as zero
+    /// failures); otherwise counts one failure on each as [`Self::record_failure`] does
+    /// (reset after its `policy.lockout_ms`) and returns `counted: true` with the new
+    /// records, in the order given. With `familiar`, when its bucket is familiar (in its
+    /// set, last remembered after `after_ms`), the record at its index `exempts` is left
+    /// out, neither read for the refusal nor counted, and returned as zero failures. The
+    /// keys of one call (the familiar set's too) are in one Redis Cluster slot.
     async fn count_attempt(
         &self,
         records: &[(&str, Thresholds)],
+        familiar: Option<&Familiar<'_>>,
         now_ms: i64,
         ttl: Duration,
-    ) -> Result<(bool, Vec<FailureRecord>), LockoutUnavailable>;
+    ) -> Result<Counting, LockoutUnavailable>;
     /// Forgets `keys` (in one Redis Cluster slot).
     async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable>;
+    /// When `bucket` was last remembered in the familiar set `key` (Unix ms), if it is in
+    /// (whether that is still familiar is the caller's to judge).
+    async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable>;
+    /// After a success from `bucket` at `now_ms`, in one atomic step: unless `bucket` was
+    /// familiar (in the set `key`, last remembered less than `keep` before), takes one
+    /// failure off the record `uncount` (the success's own attempt, counted there); then
+    /// remembers `bucket` in `key` at `now_ms`, forgetting members last remembered `keep`
+    /// or more before and all but the newest `max`. The set lives `keep` at least (in
+    /// Redis: its TTL, renewed by each success). Both keys are in one Redis Cluster slot.
+    async fn remember(
+        &self,
+        key: &str,
+        bucket: &str,
+        uncount: &str,
+        now_ms: i64,
+        keep: Duration,
+        max: usize,
+    ) -> Result<(), LockoutUnavailable>;
+}
+
+/// An account's familiar address buckets, as [`FailureStore::count_attempt`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Familiar<'a> {
+    /// The set's key.
+    pub key: &'a str,
+    /// The attempt's address bucket.
+    pub bucket: &'a str,
+    /// Members last remembered after this instant (Unix ms) are familiar.
+    pub after_ms: i64,
+    /// The index in `records` of the record a familiar bucket is exempt from.
+    pub exempts: usize,
+}
+
+/// What [`FailureStore::count_attempt`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counting {
+    /// Counted (not held back).
+    pub counted: bool,
+    /// The records, in the order given.
+    pub records: Vec<FailureRecord>,
+    /// The bucket was familiar, and its exempt record left out.
+    pub familiar: bool,
 }
 
 /// The counters and the policy over them. Cheap to clone.
@@ -403,9 +464,16 @@ impl Lockout {
         let policy = Thresholds::of(&s);
         let key = self.key(kind, id);
         let now = ms(now);
-        let (counted, records) = self
+        let Counting {
+            counted, records, ..
+        } = self
             .store
-            .count_attempt(&[(&key, policy)], now, s.lockout + Duration::from_secs(60))
+            .count_attempt(
+                &[(&key, policy)],
+                None,
+                now,
+                s.lockout + Duration::from_secs(60),
+            )
             .await?;
         let record = records.first().copied().unwrap_or_default();
         Ok(if counted {
@@ -420,9 +488,11 @@ impl Lockout {
     /// Counts an attempt at account `name` from `from` before its password is checked, in
     /// one atomic step across instances on two records: the account's from `from`'s
     /// address bucket (an IPv4 address, an IPv6 /64), held to the whole policy, and the
-    /// account-wide one, locked at `account_max_failures`. Refused (and counted on
-    /// neither) while either holds the attempt back, otherwise counted on both. A success
-    /// must then clear them with [`Self::account_succeeded`].
+    /// account-wide one, locked at `account_max_failures`, which a bucket familiar to the
+    /// account (a successful login from it within [`FAMILIAR_FOR`]) is exempt from: it
+    /// neither holds such an attempt back nor counts it. Refused (and counted on neither)
+    /// while a record that applies holds the attempt back, otherwise counted on each that
+    /// applies. A success must then clear its address with [`Self::account_succeeded`].
     pub async fn attempt_account(
         &self,
         name: &str,
@@ -431,12 +501,21 @@ impl Lockout {
     ) -> Result<AccountAttempt, LockoutUnavailable> {
         let s = self.settings.load();
         let (address, account) = (Thresholds::of(&s), Thresholds::account_wide(&s));
-        let (address_key, account_key) = self.account_keys(name, from);
+        let keys = self.account_keys(name, from);
         let now = ms(now);
-        let (counted, records) = self
+        let familiar = Familiar {
+            key: &keys.familiar,
+            bucket: &keys.bucket,
+            after_ms: familiar_after(now),
+            exempts: 1,
+        };
+        let Counting {
+            counted, records, ..
+        } = self
             .store
             .count_attempt(
-                &[(&address_key, address), (&account_key, account)],
+                &[(&keys.address, address), (&keys.account, account)],
+                Some(&familiar),
                 now,
                 s.lockout + Duration::from_secs(60),
             )
@@ -463,22 +542,27 @@ impl Lockout {
         })
     }
 
-    /// Whether account `name` may attempt a login from `from` now, by both records (read
-    /// one after the other: for inspection, not for gating attempts).
+    /// Whether account `name` may attempt a login from `from` now, by the records that
+    /// apply to `from` (read one after the other: for inspection, not for gating
+    /// attempts).
     pub async fn check_account(
         &self,
         name: &str,
         from: IpAddr,
         now: OffsetDateTime,
     ) -> Result<(Verdict, Scope), LockoutUnavailable> {
-        let (address_key, account_key) = self.account_keys(name, from);
+        let keys = self.account_keys(name, from);
         let s = self.settings.load();
         let now = ms(now);
-        let account = self.store.get(&account_key).await?.unwrap_or_default();
+        let account = if self.is_familiar(&keys, now).await? {
+            FailureRecord::default()
+        } else {
+            self.store.get(&keys.account).await?.unwrap_or_default()
+        };
         if let Some(r) = Thresholds::account_wide(&s).refusal(account, now) {
             return Ok((Verdict::Refused(r), Scope::Account));
         }
-        let address = self.store.get(&address_key).await?.unwrap_or_default();
+        let address = self.store.get(&keys.address).await?.unwrap_or_default();
         if let Some(r) = Thresholds::of(&s).refusal(address, now) {
             return Ok((Verdict::Refused(r), Scope::Address));
         }
@@ -497,16 +581,51 @@ impl Lockout {
         self.store.clear(&[&self.key(kind, id)]).await
     }
 
-    /// After a successful login to account `name` from `from`: forgets the record of
-    /// `from`'s address bucket and the account-wide record (the owner is in; the records
-    /// of other addresses stay).
+    /// After a successful login to account `name` from `from` at `now` (its attempt counted
+    /// by [`Self::attempt_account`]): forgets the record of `from`'s address bucket, takes
+    /// the success's own attempt off the account-wide record if it was counted there (the
+    /// bucket was not familiar yet), and remembers the bucket as familiar to the account
+    /// for [`FAMILIAR_FOR`] (exempt from the account-wide lock). The records of other
+    /// addresses stay, and so do the account-wide record's failures: it bounds the guesses
+    /// from unfamiliar addresses whether or not the owner logs in meanwhile.
     pub async fn account_succeeded(
         &self,
         name: &str,
         from: IpAddr,
+        now: OffsetDateTime,
     ) -> Result<(), LockoutUnavailable> {
-        let (address_key, account_key) = self.account_keys(name, from);
-        self.store.clear(&[&address_key, &account_key]).await
+        let keys = self.account_keys(name, from);
+        self.store.clear(&[&keys.address]).await?;
+        self.store
+            .remember(
+                &keys.familiar,
+                &keys.bucket,
+                &keys.account,
+                ms(now),
+                FAMILIAR_FOR,
+                FAMILIAR_MAX,
+            )
+            .await
+    }
+
+    /// Whether `from` is an address bucket account `name` has logged in from within
+    /// [`FAMILIAR_FOR`] before `now` (for inspection).
+    pub async fn is_familiar_address(
+        &self,
+        name: &str,
+        from: IpAddr,
+        now: OffsetDateTime,
+    ) -> Result<bool, LockoutUnavailable> {
+        self.is_familiar(&self.account_keys(name, from), ms(now))
+            .await
+    }
+
+    async fn is_familiar(&self, keys: &AccountKeys, now: i64) -> Result<bool, LockoutUnavailable> {
+        Ok(self
+            .store
+            .familiar(&keys.familiar, &keys.bucket)
+            .await?
+            .is_some_and(|at| at > familiar_after(now)))
     }
 
     fn key(&self, kind: Kind, id: &str) -> String {
@@ -520,17 +639,39 @@ impl Lockout {
         }
     }
 
-    /// `(per address bucket, account-wide)`.
-    fn account_keys(&self, name: &str, from: IpAddr) -> (String, String) {
+    fn account_keys(&self, name: &str, from: IpAddr) -> AccountKeys {
         let account = self.key(Kind::Account, name);
-        let bucket = crate::protect::rate::bucket_of(from);
-        (format!("{account}:{bucket}"), account)
+        let bucket = crate::protect::rate::bucket_of(from).to_string();
+        AccountKeys {
+            address: format!("{account}:{bucket}"),
+            familiar: format!("{account}:familiar"),
+            account,
+            bucket,
+        }
     }
 
     /// The policy of the module docs.
     fn refusal(&self, r: FailureRecord, now: i64) -> Option<Refusal> {
         Thresholds::of(&self.settings.load()).refusal(r, now)
     }
+}
+
+/// An account's keys for an attempt from one address bucket (the module docs' layout).
+struct AccountKeys {
+    /// The record of the address bucket.
+    address: String,
+    /// The account-wide record.
+    account: String,
+    /// The set of familiar buckets.
+    familiar: String,
+    /// The address bucket itself (`203.0.113.7`, `2001:db8:1:2::`).
+    bucket: String,
+}
+
+/// Buckets last remembered after this instant (Unix ms) are familiar at `now`: for
+/// [`FAMILIAR_FOR`], as a failure is remembered for `lockout`.
+fn familiar_after(now: i64) -> i64 {
+    now.saturating_sub(duration_ms(FAMILIAR_FOR))
 }
 
 /// The refusal of a record the store refused by `policy` (there is one; a second's wait
@@ -566,21 +707,32 @@ return {f, now}
 ";
 
 /// Counts an attempt atomically on every record of KEYS unless one holds it back:
-/// [`Thresholds::refusal`] in Lua. ARGV: now, TTL, then per key lockout, free, max,
-/// backoff base, backoff max (all ms). Returns `{counted (0|1), failures, last, ...}`, a
-/// pair per key.
+/// [`Thresholds::refusal`] in Lua. ARGV: now, TTL, the number of records n, the 1-based
+/// index of the record a familiar bucket is exempt from (0: none; else KEYS[n + 1] is the
+/// familiar set), the bucket, the greatest score that is not familiar, then per record
+/// lockout, free, max, backoff base, backoff max (all ms). Returns `{counted (0|1),
+/// familiar (0|1), failures, last, ...}`, a pair per record (zeros for an exempt one).
 const COUNT_ATTEMPT: &str = r"
 local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[3])
+local exempt = tonumber(ARGV[4])
+if exempt > 0 then
+  local seen = redis.call('ZSCORE', KEYS[n + 1], ARGV[5])
+  if not (seen and tonumber(seen) > tonumber(ARGV[6])) then exempt = 0 end
+end
 local fs, lasts = {}, {}
 local held = false
-for i = 1, #KEYS do
-  local o = 2 + (i - 1) * 5
+for i = 1, n do
+  local o = 6 + (i - 1) * 5
   local lockout = tonumber(ARGV[o + 1])
   local free = tonumber(ARGV[o + 2])
   local max = tonumber(ARGV[o + 3])
-  local v = redis.call('HMGET', KEYS[i], 'f', 'last')
-  local f = tonumber(v[1]) or 0
-  local last = tonumber(v[2]) or 0
+  local f, last = 0, 0
+  if i ~= exempt then
+    local v = redis.call('HMGET', KEYS[i], 'f', 'last')
+    f = tonumber(v[1]) or 0
+    last = tonumber(v[2]) or 0
+  end
   if f > 0 and now - last >= lockout then f = 0 end
   if f > 0 then
     local wait = 0
@@ -594,23 +746,45 @@ for i = 1, #KEYS do
   fs[i] = f
   lasts[i] = last
 end
-local out = {0}
+local out = {0, 0}
+if exempt > 0 then out[2] = 1 end
 if held then
-  for i = 1, #KEYS do
+  for i = 1, n do
     out[#out + 1] = fs[i]
     out[#out + 1] = lasts[i]
   end
   return out
 end
 out[1] = 1
-for i = 1, #KEYS do
-  local f = fs[i] + 1
-  redis.call('HSET', KEYS[i], 'f', f, 'last', now)
-  redis.call('PEXPIRE', KEYS[i], ARGV[2])
-  out[#out + 1] = f
-  out[#out + 1] = now
+for i = 1, n do
+  if i == exempt then
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+  else
+    local f = fs[i] + 1
+    redis.call('HSET', KEYS[i], 'f', f, 'last', now)
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    out[#out + 1] = f
+    out[#out + 1] = now
+  end
 end
 return out
+";
+
+/// After a success: unless the bucket was familiar, takes its own attempt off the
+/// account-wide record KEYS[2]; then remembers the bucket in the familiar set KEYS[1].
+/// ARGV: bucket, now, the greatest score forgotten, how many are kept, TTL (ms).
+const REMEMBER: &str = r"
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not (seen and tonumber(seen) > tonumber(ARGV[3])) then
+  local f = tonumber(redis.call('HGET', KEYS[2], 'f'))
+  if f and f > 0 then redis.call('HSET', KEYS[2], 'f', f - 1) end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
 ";
 
 /// Counters in Redis, shared by every instance.
@@ -619,6 +793,7 @@ pub struct RedisFailureStore {
     redis: RedisHandle,
     script: Arc<redis::Script>,
     attempt: Arc<redis::Script>,
+    remember: Arc<redis::Script>,
 }
 
 impl std::fmt::Debug for RedisFailureStore {
@@ -634,6 +809,7 @@ impl RedisFailureStore {
             redis,
             script: Arc::new(redis::Script::new(RECORD_FAILURE)),
             attempt: Arc::new(redis::Script::new(COUNT_ATTEMPT)),
+            remember: Arc::new(redis::Script::new(REMEMBER)),
         }
     }
 
@@ -703,13 +879,20 @@ impl FailureStore for RedisFailureStore {
     async fn count_attempt(
         &self,
         records: &[(&str, Thresholds)],
+        familiar: Option<&Familiar<'_>>,
         now_ms: i64,
         ttl: Duration,
-    ) -> Result<(bool, Vec<FailureRecord>), LockoutUnavailable> {
+    ) -> Result<Counting, LockoutUnavailable> {
         let mut invocation = self.attempt.prepare_invoke();
         invocation
             .arg(now_ms)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(records.len());
+        let familiar = familiar.filter(|f| f.exempts < records.len());
+        match familiar {
+            Some(f) => invocation.arg(f.exempts + 1).arg(f.bucket).arg(f.after_ms),
+            None => invocation.arg(0).arg("").arg(0),
+        };
         for (key, policy) in records {
             invocation
                 .key(*key)
@@ -718,6 +901,10 @@ impl FailureStore for RedisFailureStore {
                 .arg(policy.max_failures)
                 .arg(policy.backoff_base_ms)
                 .arg(policy.backoff_max_ms);
+        }
+        // KEYS[n + 1], after the records'
+        if let Some(f) = familiar {
+            invocation.key(f.key);
         }
         let conn = self.conn().await?;
         let reply: Vec<i64> = self
@@ -734,7 +921,7 @@ impl FailureStore for RedisFailureStore {
                 "unexpected reply of the attempt script",
             ))))
         };
-        let (&counted, pairs) = reply.split_first().ok_or_else(malformed)?;
+        let (&[counted, familiar], pairs) = reply.split_first_chunk().ok_or_else(malformed)?;
         if pairs.len() != records.len() * 2 {
             return Err(malformed());
         }
@@ -745,7 +932,11 @@ impl FailureStore for RedisFailureStore {
                 last_ms: p[1],
             })
             .collect();
-        Ok((counted == 1, records))
+        Ok(Counting {
+            counted: counted == 1,
+            records,
+            familiar: familiar == 1,
+        })
     }
 
     #[tracing::instrument(name = "redis.lockout.clear", skip_all, fields(otel.kind = "client"))]
@@ -763,6 +954,55 @@ impl FailureStore for RedisFailureStore {
             .await?;
         Ok(())
     }
+
+    #[tracing::instrument(name = "redis.lockout.familiar", skip_all, fields(otel.kind = "client"))]
+    async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable> {
+        let mut cmd = redis::cmd("ZSCORE");
+        cmd.arg(key).arg(bucket);
+        let conn = self.conn().await?;
+        let score: Option<f64> = self
+            .timed(async move {
+                match conn {
+                    RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+                    RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+                }
+            })
+            .await?;
+        // scores are Unix ms, exact in an f64
+        #[allow(clippy::cast_possible_truncation)]
+        Ok(score.map(|s| s as i64))
+    }
+
+    #[tracing::instrument(name = "redis.lockout.remember", skip_all, fields(otel.kind = "client"))]
+    async fn remember(
+        &self,
+        key: &str,
+        bucket: &str,
+        uncount: &str,
+        now_ms: i64,
+        keep: Duration,
+        max: usize,
+    ) -> Result<(), LockoutUnavailable> {
+        let keep_ms = duration_ms(keep);
+        let mut invocation = self.remember.key(key);
+        invocation
+            .key(uncount)
+            .arg(bucket)
+            .arg(now_ms)
+            .arg(now_ms.saturating_sub(keep_ms))
+            .arg(max)
+            .arg(keep_ms);
+        let conn = self.conn().await?;
+        let _: i64 = self
+            .timed(async move {
+                match conn {
+                    RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
+                    RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+                }
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 // === in process ===
@@ -770,7 +1010,14 @@ impl FailureStore for RedisFailureStore {
 /// Counters in this process (a single `--dev` instance only).
 #[derive(Debug, Default)]
 pub struct MemoryFailureStore {
-    records: Mutex<HashMap<String, FailureRecord>>,
+    inner: Mutex<Memory>,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    records: HashMap<String, FailureRecord>,
+    /// Familiar sets: bucket → last remembered (Unix ms).
+    familiar: HashMap<String, HashMap<String, i64>>,
 }
 
 /// Past this many records, stale ones are swept on insert.
@@ -805,7 +1052,7 @@ fn count_failure(
 #[async_trait]
 impl FailureStore for MemoryFailureStore {
     async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable> {
-        Ok(self.records.lock().await.get(key).copied())
+        Ok(self.inner.lock().await.records.get(key).copied())
     }
 
     async fn record_failure(
@@ -815,27 +1062,43 @@ impl FailureStore for MemoryFailureStore {
         reset_ms: i64,
         _ttl: Duration,
     ) -> Result<FailureRecord, LockoutUnavailable> {
-        let mut records = self.records.lock().await;
-        Ok(count_failure(&mut records, key, now_ms, reset_ms))
+        let mut inner = self.inner.lock().await;
+        Ok(count_failure(&mut inner.records, key, now_ms, reset_ms))
     }
 
     async fn count_attempt(
         &self,
         records: &[(&str, Thresholds)],
+        familiar: Option<&Familiar<'_>>,
         now_ms: i64,
         _ttl: Duration,
-    ) -> Result<(bool, Vec<FailureRecord>), LockoutUnavailable> {
+    ) -> Result<Counting, LockoutUnavailable> {
         // the check and the count under one lock, as the Redis script is one step
-        let mut stored = self.records.lock().await;
-        let held = records.iter().any(|(key, policy)| {
-            stored
-                .get(*key)
-                .is_some_and(|&r| policy.refusal(r, now_ms).is_some())
+        let mut inner = self.inner.lock().await;
+        let exempt = familiar
+            .filter(|f| {
+                f.exempts < records.len()
+                    && inner
+                        .familiar
+                        .get(f.key)
+                        .and_then(|set| set.get(f.bucket))
+                        .is_some_and(|&at| at > f.after_ms)
+            })
+            .map(|f| f.exempts);
+        let applies = |i: usize| exempt != Some(i);
+        let stored = &mut inner.records;
+        let held = records.iter().enumerate().any(|(i, (key, policy))| {
+            applies(i)
+                && stored
+                    .get(*key)
+                    .is_some_and(|&r| policy.refusal(r, now_ms).is_some())
         });
-        if held {
-            let current = records
+        let records = if held {
+            records
                 .iter()
-                .map(|(key, policy)| match stored.get(*key) {
+                .enumerate()
+                .map(|(i, (key, policy))| match stored.get(*key) {
+                    _ if !applies(i) => FailureRecord::default(),
                     // as the script reads it: a stale record has no failures
                     Some(&r) if now_ms.saturating_sub(r.last_ms) < policy.lockout_ms => r,
                     Some(&r) => FailureRecord {
@@ -844,22 +1107,76 @@ impl FailureStore for MemoryFailureStore {
                     },
                     None => FailureRecord::default(),
                 })
-                .collect();
-            return Ok((false, current));
-        }
-        Ok((
-            true,
+                .collect()
+        } else {
             records
                 .iter()
-                .map(|(key, policy)| count_failure(&mut stored, key, now_ms, policy.lockout_ms))
-                .collect(),
-        ))
+                .enumerate()
+                .map(|(i, (key, policy))| {
+                    if applies(i) {
+                        count_failure(stored, key, now_ms, policy.lockout_ms)
+                    } else {
+                        FailureRecord::default()
+                    }
+                })
+                .collect()
+        };
+        Ok(Counting {
+            counted: !held,
+            records,
+            familiar: exempt.is_some(),
+        })
     }
 
     async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable> {
-        let mut records = self.records.lock().await;
+        let mut inner = self.inner.lock().await;
         for key in keys {
-            records.remove(*key);
+            inner.records.remove(*key);
+            inner.familiar.remove(*key);
+        }
+        Ok(())
+    }
+
+    async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable> {
+        let inner = self.inner.lock().await;
+        Ok(inner
+            .familiar
+            .get(key)
+            .and_then(|set| set.get(bucket))
+            .copied())
+    }
+
+    async fn remember(
+        &self,
+        key: &str,
+        bucket: &str,
+        uncount: &str,
+        now_ms: i64,
+        keep: Duration,
+        max: usize,
+    ) -> Result<(), LockoutUnavailable> {
+        let forgotten = now_ms.saturating_sub(duration_ms(keep));
+        let mut inner = self.inner.lock().await;
+        let was_familiar = inner
+            .familiar
+            .get(key)
+            .and_then(|set| set.get(bucket))
+            .is_some_and(|&at| at > forgotten);
+        if !was_familiar && let Some(r) = inner.records.get_mut(uncount) {
+            r.failures = r.failures.saturating_sub(1);
+        }
+        let set = inner.familiar.entry(key.to_owned()).or_default();
+        set.insert(bucket.to_owned(), now_ms);
+        set.retain(|_, &mut at| at > forgotten);
+        if set.len() > max {
+            // all but the newest `max`, as ZREMRANGEBYRANK does (ties by bucket, as
+            // Redis orders equal scores)
+            let mut by_age: Vec<(i64, String)> =
+                set.iter().map(|(b, &at)| (at, b.clone())).collect();
+            by_age.sort_unstable();
+            for (_, b) in by_age.iter().take(by_age.len() - max) {
+                set.remove(b);
+            }
         }
         Ok(())
     }

@@ -261,9 +261,10 @@ pub async fn local_login(
     };
     // The attempt is counted before the password is checked, in one atomic step that
     // refuses instead while the account backs off or is locked for this client address
-    // (an IPv4 address, an IPv6 /64), or is locked account-wide: parallel guesses cannot
-    // all pass a check none of them has counted yet, and an attacker's failures hold back
-    // the attacker's address, not the owner's. A success clears it below; an error on the
+    // (an IPv4 address, an IPv6 /64), or is locked account-wide and the address is not one
+    // the account has logged in from before: parallel guesses cannot all pass a check
+    // none of them has counted yet, and an attacker's failures hold back the attacker's
+    // addresses, not the owner's familiar ones. A success clears it below; an error on the
     // way leaves it counted. Fail closed: a human password has no entropy guarantee, so
     // no counters, no login.
     let bucket = crate::protect::rate::bucket_of(ip).to_string();
@@ -321,7 +322,9 @@ pub async fn local_login(
         }
         return Err(ApiError::InvalidCredentials);
     };
-    state.lockout.account_succeeded(&name, ip).await?;
+    // clears this address's record and makes its bucket familiar to the account (exempt
+    // from the account-wide lock from now on)
+    state.lockout.account_succeeded(&name, ip, now).await?;
     let roles: Vec<String> = account
         .roles
         .iter()

@@ -1,6 +1,7 @@
 //! Break-glass local accounts: created by the CLI (password on stdin) in a real Postgres,
-//! off unless enabled, audited on every use, and under the per-account lockout whose
-//! answer does not tell whether the account exists.
+//! off unless enabled, audited on every use, and under the failure counters (per client
+//! address, account-wide for unfamiliar addresses) whose answer does not tell whether the
+//! account exists.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -391,8 +392,9 @@ async fn an_attacker_address_locks_itself_out_while_the_owner_logs_in_in_redis()
 }
 
 /// Many addresses together still meet a bound: the account-wide counter locks the account
-/// for every address, the owner's included, at `account_max_failures`, until the lockout
-/// ends. Both kinds of lock are audited with the address bucket and which counter locked.
+/// for every address it has not logged in from (here: all of them) at
+/// `account_max_failures`, until the lockout ends. Both kinds of lock are audited with the
+/// address bucket and which counter locked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_account_wide_threshold_locks_every_address() {
     let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
@@ -462,6 +464,92 @@ async fn the_account_wide_threshold_locks_every_address() {
         }),
         "{refused:?}"
     );
+}
+
+/// Smart lockout end to end: once the owner has logged in from an address, an attacker
+/// with many addresses who reaches the account-wide lock does not lock the owner out of
+/// it. The owner from that address still logs in with the right password; from a new
+/// address they are refused like anyone else; and the address is familiar to that account
+/// only. (On the account-wide counter alone, the owner's familiar address got 429.)
+async fn a_familiar_address_logs_in_through_the_account_wide_lock(redis: bool) {
+    let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let name = if redis {
+        "familiar_redis"
+    } else {
+        "familiar_memory"
+    };
+    let (app, db) = spawn_with_postgres(name, clock.clone(), move |c| {
+        if redis {
+            c.redis = Some(
+                toml::from_str(&format!("url = \"{}\"\n", harness::Redis::shared().url())).unwrap(),
+            );
+            c.refresh.key_prefix = format!("{prefix}rt:");
+        }
+        c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
+        c.protection.lockout = LockoutSettings {
+            free_failures: 1,
+            max_failures: 2,
+            account_max_failures: 4,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            lockout: Duration::from_secs(900),
+            key_prefix: prefix,
+        };
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    cli_create(&app, &db, "standby", &["admin"], PASSWORD);
+    let wrong = "wrong-password-123456";
+
+    // the owner has logged in from home before
+    let home = "198.51.100.7";
+    let r = local_login_from(&app, "breakglass", PASSWORD, home).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+
+    // four attacker addresses reach the account-wide threshold of both accounts
+    for host in ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"] {
+        for user in ["breakglass", "standby"] {
+            let r = local_login_from(&app, user, wrong, host).await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{user} from {host}");
+        }
+    }
+    // a new address is refused, the right password too
+    for host in ["192.0.2.5", "203.0.113.9"] {
+        let r = local_login_from(&app, "breakglass", PASSWORD, host).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{host}");
+    }
+    // the owner at home is not
+    let r = local_login_from(&app, "breakglass", PASSWORD, home).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::SEE_OTHER,
+        "the owner was locked out of a familiar address"
+    );
+    // and that success lifts nothing for new addresses
+    let r = local_login_from(&app, "breakglass", PASSWORD, "203.0.113.10").await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // home is familiar to breakglass only
+    let r = local_login_from(&app, "standby", PASSWORD, home).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // a familiar address still meets its own lock
+    for _ in 0..2 {
+        let r = local_login_from(&app, "breakglass", wrong, home).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        clock.advance(time::Duration::milliseconds(5));
+    }
+    let r = local_login_from(&app, "breakglass", PASSWORD, home).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_familiar_address_logs_in_through_the_account_wide_lock_in_memory() {
+    a_familiar_address_logs_in_through_the_account_wide_lock(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_familiar_address_logs_in_through_the_account_wide_lock_in_redis() {
+    a_familiar_address_logs_in_through_the_account_wide_lock(true).await;
 }
 
 /// A submitted name that could never be an account name (here with a NUL) is audited as

@@ -10,7 +10,8 @@ use harness::Redis;
 use keyrotation::{Clock, ManualClock};
 use portcullis::config::{Config, RedisConfig};
 use portcullis::protect::lockout::{
-    FailureStore, LockoutSettings, MemoryFailureStore, RedisFailureStore,
+    FAMILIAR_FOR, FAMILIAR_MAX, FailureStore, LockoutSettings, MemoryFailureStore,
+    RedisFailureStore,
 };
 use portcullis::protect::{
     AccountAttempt, Attempt, Kind, Lockout, RateSettings, Refusal, Scope, Verdict,
@@ -525,12 +526,12 @@ async fn attempts_are_counted_up_front_and_atomically_in_redis() {
 /// [`Lockout::attempt_account`]: an account's failures are counted per client address
 /// bucket (an IPv4 address, an IPv6 /64) under the whole policy, and account-wide up to
 /// `account_max_failures` with no backoff, both in one atomic step. An attacker's address
-/// locks itself, not the owner's; a success clears the owner's address and the
-/// account-wide record, not the attacker's; many addresses together lock the account for
-/// everyone until the lockout ends; concurrent attempts from many addresses are never
-/// counted past the account-wide lock.
+/// locks itself, not the owner's; a success clears the owner's address, not the
+/// attacker's, nor the account-wide record; many unfamiliar addresses together lock the
+/// account for every address it has not logged in from until the lockout ends;
+/// concurrent attempts from many addresses are never counted past the account-wide lock.
 async fn account_attempts_are_counted_per_address_and_account_wide(backend: Backend) {
-    let lockout = conformance_lockout(backend, 4, 8);
+    let lockout = conformance_lockout(backend, 4, 12);
     let clock = ManualClock::new(OffsetDateTime::now_utc());
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let attempt = |from: &str| {
@@ -570,11 +571,12 @@ async fn account_attempts_are_counted_per_address_and_account_wide(backend: Back
         AccountAttempt::Refused(wait(300, true), Scope::Address)
     );
     // the owner, from elsewhere, is neither refused nor kept waiting, and its success
-    // clears its address and the account-wide record
+    // clears its address and takes its own attempt back off the account-wide record (four
+    // failures there so far, the attacker's: a success leaves those)
     let owner = "198.51.100.7";
     assert_eq!(attempt(owner).await, counted(None));
     lockout
-        .account_succeeded("breakglass", ip(owner))
+        .account_succeeded("breakglass", ip(owner), clock.now())
         .await
         .unwrap();
     let clear = (
@@ -613,7 +615,7 @@ async fn account_attempts_are_counted_per_address_and_account_wide(backend: Back
     );
     assert_eq!(attempt("2001:db8:7:2::10").await, counted(None));
 
-    // four failures so far since the owner's success: four more addresses lock the account
+    // eight failures account-wide: four more addresses lock the account
     for host in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
         assert_eq!(attempt(host).await, counted(None));
     }
@@ -621,26 +623,30 @@ async fn account_attempts_are_counted_per_address_and_account_wide(backend: Back
         attempt("192.0.2.4").await,
         counted(Some((wait(300, true), Scope::Account)))
     );
-    // for everyone, the owner included, until the lockout ends
-    for from in [owner, "192.0.2.200", "2001:db8:9::1"] {
+    // for every address the account has not logged in from, until the lockout ends
+    for from in ["192.0.2.200", "2001:db8:9::1"] {
         assert_eq!(
             attempt(from).await,
             AccountAttempt::Refused(wait(300, true), Scope::Account)
         );
+        assert!(matches!(
+            check(from).await,
+            (Verdict::Refused(r), Scope::Account) if r.locked
+        ));
     }
-    assert!(matches!(
-        check(owner).await,
-        (Verdict::Refused(r), Scope::Account) if r.locked
-    ));
-    clock.advance(time::Duration::seconds(300));
+    // the owner's familiar address is held to its own record only
+    assert_eq!(check(owner).await, clear);
     assert_eq!(attempt(owner).await, counted(None));
     lockout
-        .account_succeeded("breakglass", ip(owner))
+        .account_succeeded("breakglass", ip(owner), clock.now())
         .await
         .unwrap();
+    clock.advance(time::Duration::seconds(300));
+    assert_eq!(attempt("192.0.2.200").await, counted(None));
+    clock.advance(time::Duration::seconds(300));
 
-    // twenty at once from twenty addresses: eight counted, the last of them locking the
-    // account, twelve refused
+    // twenty at once from twenty addresses: twelve counted, the last of them locking the
+    // account, eight refused
     let all = futures::future::join_all((1..=20).map(|i| {
         let (lockout, now) = (lockout.clone(), clock.now());
         async move {
@@ -656,7 +662,7 @@ async fn account_attempts_are_counted_per_address_and_account_wide(backend: Back
         .iter()
         .filter(|a| matches!(a, AccountAttempt::Counted { .. }))
         .count();
-    assert_eq!(counted_n, 8, "{all:?}");
+    assert_eq!(counted_n, 12, "{all:?}");
     assert!(all.contains(&counted(Some((wait(300, true), Scope::Account)))));
     assert!(
         all.iter().all(|a| matches!(
@@ -675,6 +681,147 @@ async fn account_attempts_are_counted_per_address_and_account_wide_in_memory() {
 #[tokio::test]
 async fn account_attempts_are_counted_per_address_and_account_wide_in_redis() {
     account_attempts_are_counted_per_address_and_account_wide(Backend::Redis).await;
+}
+
+/// Smart lockout: an address bucket the account has logged in from ("familiar") is not
+/// held back by the account-wide lock, nor counted on it, but keeps its own per-address
+/// record. After the owner logged in once from `owner`, an attacker with many addresses
+/// reaches the account-wide lock; `owner` is still let through (and could log in), a new
+/// address is refused, and the familiar set belongs to one account only. Familiarity
+/// ends [`FAMILIAR_FOR`] after the last success, and an account keeps only its
+/// [`FAMILIAR_MAX`] most recent buckets.
+async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock(backend: Backend) {
+    let lockout = conformance_lockout(backend, 4, 8);
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let attempt = |name: &'static str, from: &str| {
+        let (lockout, now, from) = (lockout.clone(), clock.now(), ip(from));
+        async move { lockout.attempt_account(name, from, now).await.unwrap() }
+    };
+    let wait = |secs, locked| Refusal {
+        retry_after: Duration::from_secs(secs),
+        locked,
+    };
+    let counted = |if_failed| AccountAttempt::Counted { if_failed };
+    let account_locked = AccountAttempt::Refused(wait(300, true), Scope::Account);
+    let familiar = |name: &'static str, from: &str| {
+        let (lockout, now, from) = (lockout.clone(), clock.now(), ip(from));
+        async move { lockout.is_familiar_address(name, from, now).await.unwrap() }
+    };
+
+    // the owner logs in once from `owner` (an IPv6 /64: any address of it is familiar)
+    let owner = "2001:db8:a:1::7";
+    assert!(!familiar("breakglass", owner).await);
+    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    lockout
+        .account_succeeded("breakglass", ip(owner), clock.now())
+        .await
+        .unwrap();
+    assert!(familiar("breakglass", owner).await);
+    assert!(familiar("breakglass", "2001:db8:a:1:ffff::1").await);
+    // a typo from there is counted on its address only, not account-wide
+    assert_eq!(attempt("breakglass", owner).await, counted(None));
+
+    // eight attacker addresses, one failure each, at both accounts: the eighth locks each
+    // account for every unfamiliar address
+    for i in 1..=8u8 {
+        let from = format!("192.0.2.{i}");
+        let expected = if i < 8 {
+            counted(None)
+        } else {
+            counted(Some((wait(300, true), Scope::Account)))
+        };
+        assert_eq!(attempt("breakglass", &from).await, expected, "{from}");
+        assert_eq!(attempt("standby", &from).await, expected, "{from}");
+    }
+    // a new address is refused, without counting
+    for from in ["192.0.2.100", "2001:db8:a:2::7"] {
+        assert_eq!(attempt("breakglass", from).await, account_locked, "{from}");
+    }
+    // the owner, from the familiar address, is let through (the right password logs in)
+    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    lockout
+        .account_succeeded("breakglass", ip(owner), clock.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        lockout
+            .check_account("breakglass", ip(owner), clock.now())
+            .await
+            .unwrap(),
+        (
+            Verdict::Allowed {
+                had_failures: false
+            },
+            Scope::Address
+        )
+    );
+    // and the lock is still there for new addresses: the success did not clear it
+    assert_eq!(attempt("breakglass", "192.0.2.101").await, account_locked);
+    // the familiar set is per account: `owner` is new to `standby`
+    assert!(!familiar("standby", owner).await);
+    assert_eq!(attempt("standby", owner).await, account_locked);
+
+    // a familiar address keeps its own record: it backs off and locks as any other
+    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    assert_eq!(
+        attempt("breakglass", owner).await,
+        counted(Some((wait(1, false), Scope::Address)))
+    );
+    assert_eq!(
+        attempt("breakglass", owner).await,
+        AccountAttempt::Refused(wait(1, false), Scope::Address)
+    );
+    clock.advance(time::Duration::seconds(1));
+    assert_eq!(
+        attempt("breakglass", owner).await,
+        counted(Some((wait(300, true), Scope::Address)))
+    );
+    assert_eq!(
+        attempt("breakglass", owner).await,
+        AccountAttempt::Refused(wait(300, true), Scope::Address)
+    );
+    // none of that counted account-wide: the lock still ends 300 s after the eighth
+    // attacker address
+    assert_eq!(
+        attempt("breakglass", "192.0.2.102").await,
+        AccountAttempt::Refused(wait(299, true), Scope::Account)
+    );
+
+    // familiarity ends FAMILIAR_FOR after the last success
+    clock.advance(time::Duration::try_from(FAMILIAR_FOR).unwrap() - time::Duration::seconds(2));
+    assert!(familiar("breakglass", owner).await);
+    clock.advance(time::Duration::seconds(1));
+    assert!(!familiar("breakglass", owner).await);
+    for i in 1..=8u8 {
+        attempt("breakglass", &format!("198.51.100.{i}")).await;
+    }
+    assert_eq!(attempt("breakglass", owner).await, account_locked);
+
+    // an account keeps its FAMILIAR_MAX most recent buckets
+    let max = u8::try_from(FAMILIAR_MAX).unwrap();
+    for i in 0..=max {
+        let from = ip(&format!("10.1.0.{i}"));
+        lockout
+            .account_succeeded("many", from, clock.now())
+            .await
+            .unwrap();
+        clock.advance(time::Duration::milliseconds(1));
+    }
+    assert!(!familiar("many", "10.1.0.0").await);
+    assert!(familiar("many", "10.1.0.1").await);
+    assert!(familiar("many", &format!("10.1.0.{max}")).await);
+}
+
+#[tokio::test]
+async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock_in_memory() {
+    a_familiar_address_is_not_held_back_by_the_account_wide_lock(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock_in_redis() {
+    a_familiar_address_is_not_held_back_by_the_account_wide_lock(Backend::Redis).await;
 }
 
 fn pending() -> PendingLogin {
