@@ -817,6 +817,36 @@ impl RedisFailureStore {
         self.redis.connection().await.map_err(LockoutUnavailable)
     }
 
+    /// One command, within the store's deadline.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, LockoutUnavailable> {
+        let conn = self.conn().await?;
+        self.timed(async move {
+            match conn {
+                RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+                RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    /// One script, within the store's deadline.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, LockoutUnavailable> {
+        let conn = self.conn().await?;
+        self.timed(async move {
+            match conn {
+                RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
+                RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
     async fn timed<T>(
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -835,15 +865,7 @@ impl FailureStore for RedisFailureStore {
     async fn get(&self, key: &str) -> Result<Option<FailureRecord>, LockoutUnavailable> {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(key).arg("f").arg("last");
-        let conn = self.conn().await?;
-        let (f, last): (Option<u32>, Option<i64>) = self
-            .timed(async move {
-                match conn {
-                    RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
-                    RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
-                }
-            })
-            .await?;
+        let (f, last): (Option<u32>, Option<i64>) = self.query(cmd).await?;
         Ok(match (f, last) {
             (Some(failures), Some(last_ms)) => Some(FailureRecord { failures, last_ms }),
             _ => None,
@@ -863,15 +885,7 @@ impl FailureStore for RedisFailureStore {
             .arg(now_ms)
             .arg(reset_ms)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let conn = self.conn().await?;
-        let (failures, last_ms): (u32, i64) = self
-            .timed(async move {
-                match conn {
-                    RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
-                    RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
-                }
-            })
-            .await?;
+        let (failures, last_ms): (u32, i64) = self.invoke(invocation).await?;
         Ok(FailureRecord { failures, last_ms })
     }
 
@@ -906,15 +920,7 @@ impl FailureStore for RedisFailureStore {
         if let Some(f) = familiar {
             invocation.key(f.key);
         }
-        let conn = self.conn().await?;
-        let reply: Vec<i64> = self
-            .timed(async move {
-                match conn {
-                    RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
-                    RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
-                }
-            })
-            .await?;
+        let reply: Vec<i64> = self.invoke(invocation).await?;
         let malformed = || {
             LockoutUnavailable(RedisError::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
@@ -943,15 +949,7 @@ impl FailureStore for RedisFailureStore {
     async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable> {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(keys);
-        let conn = self.conn().await?;
-        let _: i64 = self
-            .timed(async move {
-                match conn {
-                    RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
-                    RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
-                }
-            })
-            .await?;
+        let _: i64 = self.query(cmd).await?;
         Ok(())
     }
 
@@ -959,15 +957,7 @@ impl FailureStore for RedisFailureStore {
     async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable> {
         let mut cmd = redis::cmd("ZSCORE");
         cmd.arg(key).arg(bucket);
-        let conn = self.conn().await?;
-        let score: Option<f64> = self
-            .timed(async move {
-                match conn {
-                    RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
-                    RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
-                }
-            })
-            .await?;
+        let score: Option<f64> = self.query(cmd).await?;
         // scores are Unix ms, exact in an f64
         #[allow(clippy::cast_possible_truncation)]
         Ok(score.map(|s| s as i64))
@@ -992,15 +982,7 @@ impl FailureStore for RedisFailureStore {
             .arg(now_ms.saturating_sub(keep_ms))
             .arg(max)
             .arg(keep_ms);
-        let conn = self.conn().await?;
-        let _: i64 = self
-            .timed(async move {
-                match conn {
-                    RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
-                    RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
-                }
-            })
-            .await?;
+        let _: i64 = self.invoke(invocation).await?;
         Ok(())
     }
 }
