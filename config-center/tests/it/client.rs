@@ -577,6 +577,33 @@ fn record_versions(client: &Client) -> Arc<Mutex<Vec<u64>>> {
     seen
 }
 
+/// Starts a node whose copy holds release 5 against gateway `g`, which serves release 3:
+/// the node starts from its copy, refuses 3 at start and again when its watch is offered
+/// it, and keeps its copy; returns the client and the versions it holds from then on.
+async fn starts_from_copy_refusing_3(
+    g: &Gateway,
+    url: url::Url,
+    dir: &std::path::Path,
+) -> (Client, Arc<Mutex<Vec<u64>>>) {
+    let client = Client::start(config(vec![url], dir))
+        .await
+        .expect("the node starts, from its copy");
+    assert_eq!(client.version(), 5, "release 3 was refused");
+    assert_eq!(client.origin(), Origin::Disk);
+    assert_eq!(client.get_str("a").as_deref(), Some("5"));
+    let seen = record_versions(&client);
+    // the watch is offered 3 too (the test gateway sends any release it has): refused
+    tokio::time::timeout(DEADLINE, async {
+        while !g.sent.lock().unwrap().contains(&3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(copy_version(dir), 5, "the copy on disk is kept");
+    (client, seen)
+}
+
 fn copy_version(dir: &std::path::Path) -> u64 {
     let bytes = std::fs::read(dir.join("prod__orders.json")).unwrap();
     serde_json::from_slice::<Snapshot>(&bytes).unwrap().version
@@ -599,22 +626,7 @@ async fn a_restarted_client_refuses_a_release_older_than_its_copy_and_waits_for_
     // the old release 3, validly signed, is all the gateway serves now
     g.current
         .send_replace(Some(signed(&key, 3, vec![plain("a", "3")])));
-    let client = Client::start(config(vec![url.clone()], dir.path()))
-        .await
-        .expect("the node starts, from its copy");
-    assert_eq!(client.version(), 5, "release 3 was refused");
-    assert_eq!(client.origin(), Origin::Disk);
-    assert_eq!(client.get_str("a").as_deref(), Some("5"));
-    let seen = record_versions(&client);
-    // the watch offers 3 again (the test gateway sends any other release): still refused
-    tokio::time::timeout(DEADLINE, async {
-        while !g.sent.lock().unwrap().contains(&3) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(copy_version(dir.path()), 5, "the copy on disk is kept");
+    let (client, seen) = starts_from_copy_refusing_3(&g, url.clone(), dir.path()).await;
 
     // a newer release is taken as soon as it exists
     g.current
@@ -711,22 +723,7 @@ async fn a_copy_signed_by_a_key_the_gateway_does_not_list_stays_the_floor() {
     *g.jwks.lock().unwrap() = vec![old.jwk.clone()];
     g.current
         .send_replace(Some(signed(&old, 3, vec![plain("a", "3")])));
-    let client = Client::start(config(vec![url], dir.path()))
-        .await
-        .expect("the node starts, from its copy");
-    assert_eq!(client.version(), 5, "release 3 was refused");
-    assert_eq!(client.origin(), Origin::Disk);
-    assert_eq!(client.get_str("a").as_deref(), Some("5"));
-    let seen = record_versions(&client);
-    // the watch is offered 3 as well: still refused
-    tokio::time::timeout(DEADLINE, async {
-        while !g.sent.lock().unwrap().contains(&3) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(copy_version(dir.path()), 5, "the copy on disk is kept");
+    let (client, seen) = starts_from_copy_refusing_3(&g, url, dir.path()).await;
 
     // once the instance has the new key, its newer release is taken
     g.jwks.lock().unwrap().push(new.jwk.clone());

@@ -395,21 +395,27 @@ async fn an_attacker_address_locks_itself_out_while_the_owner_logs_in_in_redis()
 /// for every address it has not logged in from (here: all of them) at
 /// `account_max_failures`, until the lockout ends. Both kinds of lock are audited with the
 /// address bucket and which counter locked.
+/// Two failures lock an address bucket and four lock the account everywhere, for 15
+/// minutes, with hardly any backoff before: a policy small enough to walk through.
+fn small_account_lockout(key_prefix: String) -> LockoutSettings {
+    LockoutSettings {
+        free_failures: 1,
+        max_failures: 2,
+        account_max_failures: 4,
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        lockout: Duration::from_secs(900),
+        key_prefix,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_account_wide_threshold_locks_every_address() {
     let prefix = format!("test-{}:lock:", uuid::Uuid::new_v4());
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let (app, db) = spawn_with_postgres("account_wide", clock.clone(), move |c| {
         c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
-        c.protection.lockout = LockoutSettings {
-            free_failures: 1,
-            max_failures: 2,
-            account_max_failures: 4,
-            backoff_base: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(1),
-            lockout: Duration::from_secs(900),
-            key_prefix: prefix,
-        };
+        c.protection.lockout = small_account_lockout(prefix);
     })
     .await;
     cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
@@ -487,15 +493,7 @@ async fn a_familiar_address_logs_in_through_the_account_wide_lock(redis: bool) {
             c.refresh.key_prefix = format!("{prefix}rt:");
         }
         c.protection.trusted_proxies = vec!["127.0.0.1".to_owned()];
-        c.protection.lockout = LockoutSettings {
-            free_failures: 1,
-            max_failures: 2,
-            account_max_failures: 4,
-            backoff_base: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(1),
-            lockout: Duration::from_secs(900),
-            key_prefix: prefix,
-        };
+        c.protection.lockout = small_account_lockout(prefix);
     })
     .await;
     cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);

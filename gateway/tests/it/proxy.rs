@@ -945,14 +945,21 @@ async fn session_routes_send_browsers_to_log_in_and_answer_scripts_401() {
     assert_eq!(last.header("x-portcullis-roles"), Some("admin,viewer"));
 }
 
-#[tokio::test]
-async fn an_expired_console_access_cookie_is_renewed_on_the_way_through() {
+/// An instance on a manual clock in front of one node, and the `Cookie` header of a
+/// console session of carol (operator) made on it just now.
+async fn console_session() -> (AdminNode, Arc<keyrotation::ManualClock>, TestApp, String) {
     let node = AdminNode::start("a").await;
     let clock = Arc::new(keyrotation::ManualClock::new(
         time::OffsetDateTime::now_utc(),
     ));
     let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
     let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    (node, clock, app, cookie)
+}
+
+#[tokio::test]
+async fn an_expired_console_access_cookie_is_renewed_on_the_way_through() {
+    let (node, clock, app, cookie) = console_session().await;
     // past the console access token's lifetime (5 minutes), within the session's
     clock.advance(time::Duration::minutes(10));
     let response = client(&app)
@@ -1138,12 +1145,7 @@ async fn a_console_session_is_not_renewed_past_its_max_lifetime_and_its_family_i
 
 #[tokio::test]
 async fn a_renewal_whose_answer_is_slow_does_not_log_the_browser_out() {
-    let node = AdminNode::start("a").await;
-    let clock = Arc::new(keyrotation::ManualClock::new(
-        time::OffsetDateTime::now_utc(),
-    ));
-    let app = spawn_app_with_clock(clock.clone(), |c| proxy_to(c, &[&node])).await;
-    let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    let (node, clock, app, cookie) = console_session().await;
     clock.advance(time::Duration::minutes(10));
     let get = |cookie: String| {
         client(&app)
