@@ -7,10 +7,15 @@
 //   OIDC_CLIENT      JSON {client_id, client_secret, redirect_uris, post_logout_redirect_uris}
 //   OIDC_USERS       JSON [{username, password, email, name, groups}]
 //   OIDC_STATE_DIR   directory for the signing keys and cookie keys, so a restart keeps them
+//   OIDC_TRUST_CA_FILE  a PEM file of CA certificates trusted for the provider's own
+//                    HTTPS requests (back-channel logout), read at each request so the
+//                    harness can write it once the relying party's certificate exists
 //
 // What it offers: discovery, JWKS (one RS256 and one ES256 key), authorization code flow
 // with PKCE (S256) required for every client, refresh tokens, userinfo, introspection,
-// revocation and RP-initiated logout (end_session_endpoint). Two clients are registered
+// revocation, RP-initiated logout (end_session_endpoint) and back-channel logout (a
+// logout token posted to a client's `backchannel_logout_uri`, when OIDC_CLIENT gives one;
+// such a client also gets `sid` in its ID tokens). Two clients are registered
 // from OIDC_CLIENT: `<client_id>` signs ID tokens RS256, `<client_id>-es256` signs ES256.
 //
 // Login and consent are small HTML forms served by this script (not oidc-provider's
@@ -21,10 +26,17 @@
 //   GET  /interaction/:uid/abort    ends the flow with access_denied
 // Every form is `<form method="post" action="...">` with plain `<input name value>` fields,
 // which is what the harness's browser driver fills in and submits.
+//
+// For tests that need a JWT only this provider could have made (a logout token with a
+// claim changed), with NODE_ENV=test:
+//   POST /test/sign   JSON {header, claims} -> the compact JWS, signed RS256 with the
+//                     provider's RSA key (header members given override alg/kid; a
+//                     member given as null is left out)
 
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomBytes, sign } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 
 import Provider from 'oidc-provider';
@@ -104,7 +116,59 @@ const clientBase = {
   grant_types: ['authorization_code', 'refresh_token'],
   response_types: ['code'],
   token_endpoint_auth_method: 'client_secret_basic',
+  ...(client.backchannel_logout_uri
+    ? {
+      backchannel_logout_uri: client.backchannel_logout_uri,
+      backchannel_logout_session_required: true,
+    }
+    : {}),
 };
+
+// === the provider's own HTTPS requests (back-channel logout) ===
+
+// A fetch that trusts the CA in OIDC_TRUST_CA_FILE (the relying party's test CA) and
+// reaches `localhost` over IPv4, where the relying party listens; without the file, the
+// platform's fetch. The provider's default fetch also refuses loopback addresses, which is
+// right for a real provider and exactly where a test's relying party is.
+function trustingFetch(url, options) {
+  const caFile = process.env.OIDC_TRUST_CA_FILE;
+  if (!caFile || !existsSync(caFile) || new URL(url).protocol !== 'https:') {
+    return globalThis.fetch(url, options);
+  }
+  const body = options.body === undefined ? undefined : Buffer.from(String(options.body));
+  const headers = Object.fromEntries(new Headers(options.headers));
+  if (body !== undefined) {
+    headers['content-length'] = String(body.length);
+  }
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest(url, {
+      method: options.method ?? 'GET',
+      headers,
+      ca: readFileSync(caFile),
+      family: 4,
+      signal: options.signal,
+    }, (res) => {
+      const chunks = [];
+      res.on('data', (chunk) => chunks.push(chunk));
+      res.on('error', reject);
+      res.on('end', () => {
+        const responseHeaders = new Headers();
+        for (const [name, value] of Object.entries(res.headers)) {
+          for (const one of [value].flat()) {
+            responseHeaders.append(name, one);
+          }
+        }
+        const empty = chunks.length === 0 || [204, 304].includes(res.statusCode);
+        resolve(new Response(empty ? null : Buffer.concat(chunks), {
+          status: res.statusCode,
+          headers: responseHeaders,
+        }));
+      });
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
 
 const provider = new Provider(issuer, {
   clients: [
@@ -114,6 +178,7 @@ const provider = new Provider(issuer, {
   jwks,
   cookies: { keys: cookieKeys },
   findAccount,
+  fetch: trustingFetch,
   scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
   claims: {
     openid: ['sub'],
@@ -142,6 +207,7 @@ const provider = new Provider(issuer, {
         ctx.body = page('Signed out', '<h1>Signed out</h1>');
       },
     },
+    backchannelLogout: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
     userinfo: { enabled: true },
@@ -151,6 +217,42 @@ const provider = new Provider(issuer, {
     ctx.body = page('Error', `<h1>Error</h1><pre id="error">${escapeHtml(JSON.stringify(out))}</pre>`);
   },
 });
+
+provider.on('backchannel.success', (_ctx, c, accountId) => {
+  console.log(`back-channel logout of ${accountId} delivered to ${c.clientId}`);
+});
+provider.on('backchannel.error', (_ctx, err, c, accountId) => {
+  console.error(`back-channel logout of ${accountId} to ${c.clientId} failed: ${err.message}`);
+});
+
+// === test-only signing ===
+
+const rsaJwk = jwks.keys.find((k) => k.kty === 'RSA');
+const rsaKey = createPrivateKey({ key: rsaJwk, format: 'jwk' });
+
+function signJwt(headerGiven, claims) {
+  const header = { alg: 'RS256', kid: rsaJwk.kid, ...headerGiven };
+  for (const [name, value] of Object.entries(header)) {
+    if (value === null) {
+      delete header[name];
+    }
+  }
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const input = `${encode(header)}.${encode(claims)}`;
+  const signature = sign('sha256', Buffer.from(input), rsaKey).toString('base64url');
+  return `${input}.${signature}`;
+}
+
+async function handleTestSign(req, res) {
+  const chunks = [];
+  for await (const chunk of req) {
+    chunks.push(chunk);
+  }
+  const { header, claims } = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  res.statusCode = 200;
+  res.setHeader('Content-Type', 'application/jwt');
+  res.end(signJwt(header ?? {}, claims));
+}
 
 // === interaction pages ===
 
@@ -273,6 +375,14 @@ const interactionPath = /^\/interaction\/([A-Za-z0-9_-]+)(?:\/(login|confirm|abo
 
 const server = createServer((req, res) => {
   const { pathname } = new URL(req.url, issuer);
+  if (pathname === '/test/sign' && req.method === 'POST' && process.env.NODE_ENV === 'test') {
+    handleTestSign(req, res).catch((err) => {
+      console.error('test signing failed:', err);
+      res.statusCode = 400;
+      res.end(String(err.message));
+    });
+    return;
+  }
   const match = interactionPath.exec(pathname);
   if (!match) {
     providerCallback(req, res);

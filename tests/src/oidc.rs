@@ -13,6 +13,8 @@ use crate::process::{Service, Spec, retry_on_port_clash};
 use crate::{HarnessError, Result, find_program, free_port, workspace_root};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The file in the provider's directory with the CAs it trusts (`OIDC_TRUST_CA_FILE`).
+const TRUST_CA_FILE: &str = "trust-ca.pem";
 /// Redirects and form posts one login may take before the driver gives up.
 const MAX_BROWSER_STEPS: usize = 25;
 
@@ -110,6 +112,11 @@ pub struct OidcOptions {
     pub redirect_uris: Vec<String>,
     /// Allowed `post_logout_redirect_uri`s.
     pub post_logout_redirect_uris: Vec<String>,
+    /// Where the provider posts a logout token when a session of the client ends
+    /// (Back-Channel Logout 1.0, with `backchannel_logout_session_required`, so ID tokens
+    /// carry `sid`); `None`: no back-channel logout. An HTTPS URI is reached trusting the
+    /// CA of [`OidcProvider::trust_ca`].
+    pub backchannel_logout_uri: Option<String>,
 }
 
 impl Default for OidcOptions {
@@ -119,6 +126,7 @@ impl Default for OidcOptions {
             client_secret: "portcullis-test-client-secret".into(),
             redirect_uris: vec!["https://127.0.0.1:8443/auth/callback".into()],
             post_logout_redirect_uris: vec!["https://127.0.0.1:8443/".into()],
+            backchannel_logout_uri: None,
         }
     }
 }
@@ -155,6 +163,7 @@ impl OidcProvider {
             "client_secret": options.client_secret,
             "redirect_uris": options.redirect_uris,
             "post_logout_redirect_uris": options.post_logout_redirect_uris,
+            "backchannel_logout_uri": options.backchannel_logout_uri,
         });
         let users: Vec<serde_json::Value> = TEST_USERS
             .iter()
@@ -180,8 +189,11 @@ impl OidcProvider {
             spec.grace_secs = 5;
             let service = Service::new("oidc-provider", spec, None)?;
             let state_dir = service.dir().display().to_string();
+            let trust = service.dir().join(TRUST_CA_FILE).display().to_string();
             let provider = OidcProvider {
-                service: service.with_env("OIDC_STATE_DIR", state_dir),
+                service: service
+                    .with_env("OIDC_STATE_DIR", state_dir)
+                    .with_env("OIDC_TRUST_CA_FILE", trust),
                 port,
                 options: options.clone(),
             };
@@ -235,6 +247,42 @@ impl OidcProvider {
     /// The provider's log file.
     pub fn log_path(&self) -> PathBuf {
         self.service.log_path().to_path_buf()
+    }
+
+    /// Trusts the CA certificates of `pem` for the provider's own HTTPS requests (its
+    /// back-channel logout calls to a relying party with a test certificate); replaces what
+    /// it trusted before. Takes effect at the next request.
+    pub fn trust_ca(&self, pem: &str) -> Result<()> {
+        let path = self.service.dir().join(TRUST_CA_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, pem)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
+    }
+
+    /// A JWT signed by the provider's RSA key (RS256, its `kid`), with `header` members
+    /// over the default `alg`/`kid` (a member set to `null` is left out) and `claims` as
+    /// given: tokens only this provider could have made, with any claim a test wants.
+    pub async fn sign(
+        &self,
+        header: serde_json::Value,
+        claims: serde_json::Value,
+    ) -> Result<String> {
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()?
+            .post(format!("{}/test/sign", self.issuer()))
+            .json(&serde_json::json!({ "header": header, "claims": claims }))
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            return Err(HarnessError::Unexpected(format!(
+                "the provider refused to sign ({status}): {text}"
+            )));
+        }
+        Ok(text)
     }
 
     /// Logs in like a browser: starting at `start_url` (an authorization request to this
