@@ -547,6 +547,8 @@ impl From<crate::sso::SsoError> for ApiError {
             }
             e @ S::Store(_) => Self::unavailable("login-state store", e),
             e @ S::Config(_) => Self::Internal(Box::new(e)),
+            // Back-Channel Logout 1.0 §2.8: a refused logout token is a 400 OAuth error
+            S::LogoutToken(inner) => Self::oauth(OAuthCode::InvalidRequest, inner.to_string()),
         }
     }
 }

@@ -63,6 +63,7 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("GET", "/auth/logout"),
     ("POST", "/auth/logout"),
     ("POST", "/auth/local"),
+    ("POST", "/auth/backchannel-logout"),
 ];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
@@ -108,7 +109,13 @@ pub fn router(state: AppState) -> Router {
             "/logout",
             get(sso::handlers::logout_page).post(sso::handlers::logout),
         )
-        .route_layer(state.rate.auth.clone());
+        .route_layer(state.rate.auth.clone())
+        // not under the login bucket: one provider may post the logouts of many users at
+        // once, from one address
+        .route(
+            "/backchannel-logout",
+            post(sso::handlers::backchannel_logout),
+        );
     let routes = Router::new()
         .route("/", get(index))
         .route("/oauth2/jwks", get(jwks))

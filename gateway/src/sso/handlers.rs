@@ -338,6 +338,7 @@ pub async fn local_login(
             email: None,
             name: None,
             preferred_username: Some(account.name.clone()),
+            idp_sid: None,
         },
         id_token: None,
     };
@@ -463,6 +464,116 @@ pub async fn logout(
         response.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(response)
+}
+
+/// `POST /auth/backchannel-logout` (OpenID Connect Back-Channel Logout 1.0): the provider
+/// says a user's session there has ended. The form's `logout_token` is verified (see
+/// [`super::logout_token`]) and used once; then the user's console sessions from that
+/// provider end: those logged in through the named provider session (`sid`), or all of
+/// them when the token names none. A session whose login carried no `sid` ends whenever
+/// its user is logged out. Their refresh families are revoked, so no renewal follows; an
+/// access cookie already minted lives out its `sso.access_token_lifetime`. 200 with an
+/// empty body on success, also when no session was left to end; 400 `invalid_request`
+/// for a token refused; 503 when a store or the provider's keys cannot be reached (the
+/// token is not marked used, so the provider may send it again).
+pub async fn backchannel_logout(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let result = backchannel_logout_inner(&state, &headers, &body).await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(ApiError::OAuth { .. } | ApiError::BadRequest { .. }) => "refused",
+        Err(_) => "error",
+    };
+    metrics::counter!("portcullis_backchannel_logouts_total", "outcome" => outcome).increment(1);
+    match result {
+        Ok((provider, subject, logout, revoked)) => {
+            tracing::info!(%provider, %subject, sessions = revoked.len(), "back-channel logout");
+            state.audit.record(AuditEvent {
+                at: state.keys.now(),
+                actor: format!("provider:{provider}"),
+                action: "logout.backchannel".to_owned(),
+                target: subject,
+                source_ip: Some(ip.to_string()),
+                detail: serde_json::json!({
+                    "provider": provider,
+                    "sid": logout.sid,
+                    "jti": logout.jti,
+                    "families_revoked": revoked,
+                })
+                .into(),
+            });
+            let mut response = StatusCode::OK.into_response();
+            no_store(&mut response);
+            Ok(response)
+        }
+        Err(e) => {
+            // the reason is ours (a variant's text), never the token's content
+            let (status, code, description) = e.parts();
+            tracing::info!(status = status.as_u16(), code, reason = %description, client_ip = %ip, "back-channel logout refused");
+            Err(e)
+        }
+    }
+}
+
+/// The provider's name, the subject, the verified token and the families revoked.
+async fn backchannel_logout_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(String, String, super::logout_token::Logout, Vec<String>), ApiError> {
+    let mut form = crate::oauth::token::parse_form(headers, body, &["logout_token"])?;
+    let token = form.take("logout_token").ok_or_else(|| {
+        ApiError::oauth(
+            crate::error::OAuthCode::InvalidRequest,
+            "logout_token is required",
+        )
+    })?;
+    let now = state.keys.now();
+    let (provider, logout) = state.sso.verify_logout_token(&token, now).await?;
+    if !state.sso.claim_logout(&provider, &logout, now).await? {
+        return Err(SsoError::from(super::logout_token::LogoutTokenError::Replayed).into());
+    }
+    let subject = format!("{provider}:{}", logout.sub);
+    match end_sessions(state, &subject, logout.sid.as_deref(), now).await {
+        Ok(revoked) => Ok((provider, subject, logout, revoked)),
+        Err(e) => {
+            // not done: the provider may send the token again
+            if let Err(release) = state.sso.release_logout(&provider, &logout).await {
+                tracing::warn!(error = %release, "a failed back-channel logout stays marked used");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Revokes the live console sessions of `subject` that `sid` names (all of them without
+/// one; with one, also those whose login recorded no `sid`); returns their family ids.
+async fn end_sessions(
+    state: &AppState,
+    subject: &str,
+    sid: Option<&str>,
+    now: time::OffsetDateTime,
+) -> Result<Vec<String>, ApiError> {
+    let console = &state.sso.settings().console_client_id;
+    let mut revoked = Vec::new();
+    for session in state.refresh.list_sessions(subject, now).await? {
+        if session.client_id != *console {
+            continue;
+        }
+        let recorded = session.session.get("idp_sid").and_then(|v| v.as_str());
+        let named = match (sid, recorded) {
+            (Some(wanted), Some(had)) => wanted == had,
+            _ => true,
+        };
+        if named && state.refresh.revoke_family(&session.family).await? {
+            revoked.push(session.family.to_string());
+        }
+    }
+    Ok(revoked)
 }
 
 /// The provider's `end_session_endpoint` with `id_token_hint` (when we have the ID token),

@@ -43,21 +43,48 @@ pub enum IdTokenError {
     Nonce,
 }
 
-/// What the ID token must satisfy.
+/// What any JWT the provider signs for us must satisfy: an ID token, a logout token.
 #[derive(Debug, Clone)]
-pub struct Expected<'a> {
+pub struct Trusted<'a> {
     /// The provider's issuer, exactly.
     pub issuer: &'a str,
     /// Our client id at the provider.
     pub client_id: &'a str,
-    /// The nonce sent with this login.
-    pub nonce: &'a str,
     /// Accepted algorithms.
     pub algorithms: &'a [Algorithm],
     /// Tolerated clock skew.
     pub leeway: Duration,
     /// Now, by the instance's clock.
     pub now: OffsetDateTime,
+}
+
+/// What the ID token must satisfy.
+#[derive(Debug, Clone)]
+pub struct Expected<'a> {
+    /// Issuer, audience, algorithms and clock.
+    pub trusted: Trusted<'a>,
+    /// The nonce sent with this login.
+    pub nonce: &'a str,
+}
+
+/// The registered claims of a provider's JWT that [`check_registered`] checks.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Registered {
+    /// Issuer.
+    pub iss: String,
+    /// Audience(s).
+    pub aud: Audiences,
+    /// Authorized party.
+    #[serde(default)]
+    pub azp: Option<String>,
+    /// Expiry (Unix seconds); required of ID tokens by the decoding step.
+    #[serde(default)]
+    pub exp: Option<i64>,
+    /// Issued at.
+    pub iat: i64,
+    /// Not before.
+    #[serde(default)]
+    pub nbf: Option<i64>,
 }
 
 /// The claims Portcullis uses; everything else is kept in `extra` for role mapping.
@@ -110,9 +137,47 @@ pub fn verify(
     jwks: &JwkSet,
     expected: &Expected<'_>,
 ) -> Result<IdClaims, IdTokenError> {
+    let (_, claims): (_, IdClaims) = decode_signed(
+        token,
+        jwks,
+        &expected.trusted,
+        &["exp", "iss", "aud", "sub"],
+    )?;
+    let registered = Registered {
+        iss: claims.iss.clone(),
+        aud: claims.aud.clone(),
+        azp: claims.azp.clone(),
+        exp: Some(claims.exp),
+        iat: claims.iat,
+        nbf: claims.nbf,
+    };
+    check_registered(&registered, &expected.trusted)?;
+    let nonce_ok = claims.nonce.as_deref().is_some_and(|n| {
+        n.len() == expected.nonce.len()
+            && aws_lc_rs::constant_time::verify_slices_are_equal(
+                n.as_bytes(),
+                expected.nonce.as_bytes(),
+            )
+            .is_ok()
+    });
+    if !nonce_ok {
+        return Err(IdTokenError::Nonce);
+    }
+    Ok(claims)
+}
+
+/// The header and claims of `token` once its signature verifies under a key of `jwks` and
+/// an algorithm of `trusted`'s, and `iss` and `aud` are `trusted`'s; the `required` claims
+/// must be present. Times are not checked here: see [`check_registered`].
+pub fn decode_signed<T: serde::de::DeserializeOwned>(
+    token: &str,
+    jwks: &JwkSet,
+    trusted: &Trusted<'_>,
+    required: &[&str],
+) -> Result<(jsonwebtoken::Header, T), IdTokenError> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| IdTokenError::Malformed)?;
     // the algorithm set is ours; the header only picks within it
-    if !expected.algorithms.contains(&header.alg) {
+    if !trusted.algorithms.contains(&header.alg) {
         return Err(IdTokenError::Algorithm(header.alg));
     }
     let jwk = match &header.kid {
@@ -126,13 +191,13 @@ pub fn verify(
 
     let mut validation = Validation::new(header.alg);
     validation.algorithms = vec![header.alg];
-    validation.set_issuer(&[expected.issuer]);
-    validation.set_audience(&[expected.client_id]);
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    // times are checked below against the instance's (injectable) clock
+    validation.set_issuer(&[trusted.issuer]);
+    validation.set_audience(&[trusted.client_id]);
+    validation.set_required_spec_claims(required);
+    // times are checked by `check_registered` against the instance's (injectable) clock
     validation.validate_exp = false;
     validation.validate_nbf = false;
-    let data = jsonwebtoken::decode::<IdClaims>(token, &key, &validation).map_err(|e| {
+    let data = jsonwebtoken::decode::<T>(token, &key, &validation).map_err(|e| {
         use jsonwebtoken::errors::ErrorKind as K;
         match e.kind() {
             K::InvalidIssuer => IdTokenError::Issuer,
@@ -144,27 +209,34 @@ pub fn verify(
             _ => IdTokenError::Malformed,
         }
     })?;
-    let claims = data.claims;
+    Ok((header, data.claims))
+}
 
+/// `iss`, `aud` and `azp` (Core §3.1.3.7 2-5), `exp` when present, `iat` and `nbf` against
+/// the instance's clock with leeway.
+pub fn check_registered(claims: &Registered, trusted: &Trusted<'_>) -> Result<(), IdTokenError> {
     // belt and braces: the library checked these, but they are the heart of the matter
-    if claims.iss != expected.issuer {
+    if claims.iss != trusted.issuer {
         return Err(IdTokenError::Issuer);
     }
     let audiences = claims.aud.to_vec();
-    if !audiences.iter().any(|a| a == expected.client_id) {
+    if !audiences.iter().any(|a| a == trusted.client_id) {
         return Err(IdTokenError::Audience);
     }
     // Core §3.1.3.7 (4, 5): with several audiences azp must be present, and when present
     // it must be us
     match &claims.azp {
-        Some(azp) if azp != expected.client_id => return Err(IdTokenError::Audience),
+        Some(azp) if azp != trusted.client_id => return Err(IdTokenError::Audience),
         None if audiences.len() > 1 => return Err(IdTokenError::Audience),
         _ => {}
     }
 
-    let now = expected.now.unix_timestamp();
-    let leeway = i64::try_from(expected.leeway.as_secs()).unwrap_or(i64::MAX);
-    if now >= claims.exp.saturating_add(leeway) {
+    let now = trusted.now.unix_timestamp();
+    let leeway = i64::try_from(trusted.leeway.as_secs()).unwrap_or(i64::MAX);
+    if claims
+        .exp
+        .is_some_and(|exp| now >= exp.saturating_add(leeway))
+    {
         return Err(IdTokenError::Expired);
     }
     if claims.iat > now.saturating_add(leeway)
@@ -174,17 +246,5 @@ pub fn verify(
     {
         return Err(IdTokenError::NotYetValid);
     }
-
-    let nonce_ok = claims.nonce.as_deref().is_some_and(|n| {
-        n.len() == expected.nonce.len()
-            && aws_lc_rs::constant_time::verify_slices_are_equal(
-                n.as_bytes(),
-                expected.nonce.as_bytes(),
-            )
-            .is_ok()
-    });
-    if !nonce_ok {
-        return Err(IdTokenError::Nonce);
-    }
-    Ok(claims)
+    Ok(())
 }

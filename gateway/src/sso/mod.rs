@@ -7,6 +7,7 @@
 
 pub mod handlers;
 pub mod id_token;
+pub mod logout_token;
 pub mod pending;
 pub mod provider;
 pub mod redirect;
@@ -30,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::redis_store::RedisHandle;
-use id_token::{Expected, IdClaims, IdTokenError};
+use id_token::{Expected, IdClaims, IdTokenError, Trusted};
+use logout_token::{Logout, LogoutTokenError};
 use pending::{MemoryPendingStore, PendingError, PendingLogin, PendingStore, RedisPendingStore};
 use provider::Provider;
 use roles::{Identity, Role};
@@ -90,6 +92,9 @@ pub enum SsoError {
     /// The pending-login store failed.
     #[error(transparent)]
     Store(#[from] PendingError),
+    /// A back-channel logout token was refused.
+    #[error(transparent)]
+    LogoutToken(#[from] LogoutTokenError),
 }
 
 impl SsoError {
@@ -112,6 +117,7 @@ impl SsoError {
             Self::ProviderUnavailable(_) => "provider_unavailable",
             Self::ProviderMisconfigured(_) => "provider_misconfigured",
             Self::Store(_) => "store_unavailable",
+            Self::LogoutToken(_) => "invalid_logout_token",
         }
     }
 }
@@ -366,22 +372,13 @@ impl Sso {
             .clone()
             .ok_or(SsoError::NoIdToken)?;
         let expected = Expected {
-            issuer: &metadata.issuer,
-            client_id: &provider.settings.client_id,
+            trusted: self.trusted(&provider, &metadata, now),
             nonce: &pending.nonce,
-            algorithms: &provider.algorithms,
-            leeway: self.inner.settings.leeway,
-            now,
         };
-        let jwks = provider.jwks(false).await?;
-        let mut claims = match id_token::verify(&id_token, &jwks, &expected) {
-            // the provider may have rotated its keys since we cached them
-            Err(IdTokenError::UnknownKey(_)) => {
-                let jwks = provider.jwks(true).await?;
-                id_token::verify(&id_token, &jwks, &expected)?
-            }
-            other => other?,
-        };
+        let mut claims = with_provider_keys(&provider, |jwks| {
+            id_token::verify(&id_token, jwks, &expected).map_err(SsoError::from)
+        })
+        .await?;
         if provider.settings.userinfo
             && let Some(endpoint) = &metadata.userinfo_endpoint
         {
@@ -412,6 +409,113 @@ impl Sso {
             groups,
             roles,
         })
+    }
+}
+
+impl Sso {
+    /// What tokens the provider signs for us must satisfy, by its discovery document.
+    fn trusted<'a>(
+        &'a self,
+        provider: &'a Provider,
+        metadata: &'a provider::Metadata,
+        now: OffsetDateTime,
+    ) -> Trusted<'a> {
+        Trusted {
+            issuer: &metadata.issuer,
+            client_id: &provider.settings.client_id,
+            algorithms: &provider.algorithms,
+            leeway: self.inner.settings.leeway,
+            now,
+        }
+    }
+
+    /// Verifies a back-channel logout token (see [`logout_token`]): the provider is the one
+    /// configured with the token's `iss` whose client id is in its `aud`, and its keys
+    /// must verify it. Returns the provider's name and whose sessions end. Nothing is
+    /// revoked here, and the token is not yet marked used: see [`Sso::claim_logout`].
+    #[tracing::instrument(skip_all)]
+    pub async fn verify_logout_token(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<(String, Logout), SsoError> {
+        if self.inner.providers.is_empty() {
+            return Err(SsoError::Disabled);
+        }
+        let addressed =
+            logout_token::addressed(token).ok_or(LogoutTokenError::Jwt(IdTokenError::Malformed))?;
+        let audiences = addressed.aud.to_vec();
+        let provider = self
+            .inner
+            .providers
+            .iter()
+            .find(|p| {
+                p.settings.issuer == addressed.iss
+                    && audiences.iter().any(|a| *a == p.settings.client_id)
+            })
+            .ok_or(LogoutTokenError::UnknownIssuer)?;
+        let metadata = provider.metadata().await?;
+        let trusted = self.trusted(provider, &metadata, now);
+        let logout = with_provider_keys(provider, |jwks| {
+            logout_token::verify(token, jwks, &trusted).map_err(SsoError::from)
+        })
+        .await?;
+        Ok((provider.settings.name.clone(), logout))
+    }
+
+    /// Marks the logout token `jti` of `provider` used until `logout.valid_until`: `true`
+    /// the first time, `false` for a replay. Shared by every instance when Redis is.
+    pub async fn claim_logout(
+        &self,
+        provider: &str,
+        logout: &Logout,
+        now: OffsetDateTime,
+    ) -> Result<bool, SsoError> {
+        let ttl = u64::try_from(logout.valid_until.saturating_sub(now.unix_timestamp()))
+            .unwrap_or_default()
+            .max(1);
+        Ok(self
+            .inner
+            .pending
+            .claim(
+                &logout_claim_key(provider, &logout.jti),
+                std::time::Duration::from_secs(ttl),
+            )
+            .await?)
+    }
+
+    /// Forgets a claim of [`Sso::claim_logout`] whose logout failed, so the provider may
+    /// send the token again.
+    pub async fn release_logout(&self, provider: &str, logout: &Logout) -> Result<(), SsoError> {
+        Ok(self
+            .inner
+            .pending
+            .release(&logout_claim_key(provider, &logout.jti))
+            .await?)
+    }
+}
+
+/// The single-use key of a logout token: the provider and its `jti` (§2.6 point 10).
+fn logout_claim_key(provider: &str, jti: &str) -> String {
+    format!("logout-token\n{provider}\n{jti}")
+}
+
+/// Runs `check` with the provider's cached JWKS and, when it names a key that set does not
+/// have, once more with a fresh one: the provider may have rotated its keys.
+async fn with_provider_keys<T>(
+    provider: &Provider,
+    check: impl Fn(&jsonwebtoken::jwk::JwkSet) -> Result<T, SsoError>,
+) -> Result<T, SsoError> {
+    let unknown_key = |e: &SsoError| {
+        matches!(
+            e,
+            SsoError::IdToken(IdTokenError::UnknownKey(_))
+                | SsoError::LogoutToken(LogoutTokenError::Jwt(IdTokenError::UnknownKey(_)))
+        )
+    };
+    match check(&*provider.jwks(false).await?) {
+        Err(e) if unknown_key(&e) => check(&*provider.jwks(true).await?),
+        other => other,
     }
 }
 

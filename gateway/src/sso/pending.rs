@@ -64,11 +64,27 @@ pub trait PendingStore: Send + Sync + 'static {
 
     /// Takes the login stored under `state` out of the store: a second call finds nothing.
     async fn take(&self, state: &str) -> Result<Option<PendingLogin>, PendingError>;
+
+    /// Marks `key` used for `ttl`, atomically: `true` when it was not already (a
+    /// back-channel logout token's `jti`, which must be single use).
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, PendingError>;
+
+    /// Forgets a [`PendingStore::claim`] (what it guarded failed and may be retried).
+    async fn release(&self, key: &str) -> Result<(), PendingError>;
 }
 
 fn key_of(prefix: &str, state: &str) -> String {
     let hex = hex::encode(Sha256::digest(state.as_bytes()));
     format!("{prefix}login:{hex}")
+}
+
+fn claim_key_of(prefix: &str, key: &str) -> String {
+    let hex = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{prefix}used:{hex}")
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 // === Redis ===
@@ -118,12 +134,11 @@ impl PendingStore for RedisPendingStore {
         ttl: Duration,
     ) -> Result<(), PendingError> {
         let value = serde_json::to_string(login).map_err(|_| PendingError::Corrupt)?;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut cmd = redis::cmd("SET");
         cmd.arg(key_of(&self.prefix, state))
             .arg(value)
             .arg("PX")
-            .arg(ms);
+            .arg(ttl_ms(ttl));
         let _: () = self.run(cmd).await?;
         Ok(())
     }
@@ -137,6 +152,26 @@ impl PendingStore for RedisPendingStore {
             .map(|v| serde_json::from_str(&v).map_err(|_| PendingError::Corrupt))
             .transpose()
     }
+
+    #[tracing::instrument(name = "redis.sso_used.claim", skip_all, fields(otel.kind = "client"))]
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, PendingError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(claim_key_of(&self.prefix, key))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms(ttl));
+        let set: Option<String> = self.run(cmd).await?;
+        Ok(set.is_some())
+    }
+
+    #[tracing::instrument(name = "redis.sso_used.release", skip_all, fields(otel.kind = "client"))]
+    async fn release(&self, key: &str) -> Result<(), PendingError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(claim_key_of(&self.prefix, key));
+        let _: i64 = self.run(cmd).await?;
+        Ok(())
+    }
 }
 
 // === in process ===
@@ -145,6 +180,7 @@ impl PendingStore for RedisPendingStore {
 #[derive(Debug, Default)]
 pub struct MemoryPendingStore {
     entries: Mutex<HashMap<String, (PendingLogin, Instant)>>,
+    claims: Mutex<HashMap<String, Instant>>,
 }
 
 /// Past this many pending logins, expired ones are swept on insert.
@@ -180,5 +216,24 @@ impl PendingStore for MemoryPendingStore {
             .remove(&key_of("", state))
             .filter(|(_, until)| *until > Instant::now())
             .map(|(login, _)| login))
+    }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, PendingError> {
+        let now = Instant::now();
+        let mut claims = self.claims.lock().await;
+        if claims.len() >= SWEEP_AT {
+            claims.retain(|_, until| *until > now);
+        }
+        let key = claim_key_of("", key);
+        if claims.get(&key).is_some_and(|until| *until > now) {
+            return Ok(false);
+        }
+        claims.insert(key, now + ttl);
+        Ok(true)
+    }
+
+    async fn release(&self, key: &str) -> Result<(), PendingError> {
+        self.claims.lock().await.remove(&claim_key_of("", key));
+        Ok(())
     }
 }

@@ -79,6 +79,10 @@ pub struct SessionInfo {
     pub name: Option<String>,
     /// Login name.
     pub preferred_username: Option<String>,
+    /// The provider's session (the ID token's `sid`), when it named one: a back-channel
+    /// logout of that session ends this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idp_sid: Option<String>,
 }
 
 /// The user of a console request, as `/auth/me` shows them.
@@ -241,6 +245,13 @@ impl From<&LoggedIn> for NewSession {
                     .filter(|_| login.claims.email_verified == Some(true)),
                 name: login.claims.name.clone(),
                 preferred_username: login.claims.preferred_username.clone(),
+                idp_sid: login
+                    .claims
+                    .extra
+                    .get("sid")
+                    .and_then(|s| s.as_str())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
             },
             id_token: Some(login.id_token.clone()),
         }

@@ -862,3 +862,56 @@ async fn pending_login_is_single_use_and_expires_in_memory() {
 async fn pending_login_is_single_use_and_expires_in_redis() {
     pending_login_is_single_use_and_expires(Backend::Redis).await;
 }
+
+/// A claim (a logout token's `jti`) is granted once until it expires or is released,
+/// also to many claimants at once.
+async fn a_claim_is_granted_once_until_released_or_expired(backend: Backend) {
+    let store = pending_store(backend);
+    let ttl = Duration::from_secs(60);
+    let racers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim("jti-1", ttl).await.unwrap() })
+        })
+        .collect();
+    let mut granted = 0;
+    for r in racers {
+        granted += usize::from(r.await.unwrap());
+    }
+    assert_eq!(granted, 1, "one of 16 simultaneous claims wins");
+    assert!(!store.claim("jti-1", ttl).await.unwrap());
+    assert!(
+        store.claim("jti-2", ttl).await.unwrap(),
+        "other keys are apart"
+    );
+    // a claim is not a pending login, nor the other way round
+    assert!(store.take("jti-2").await.unwrap().is_none());
+    store.put("jti-3", &pending(), ttl).await.unwrap();
+    assert!(store.claim("jti-3", ttl).await.unwrap());
+
+    store.release("jti-1").await.unwrap();
+    assert!(
+        store.claim("jti-1", ttl).await.unwrap(),
+        "released: granted again"
+    );
+
+    store
+        .claim("short", Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        store.claim("short", ttl).await.unwrap(),
+        "expired: granted again"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_is_granted_once_until_released_or_expired_in_memory() {
+    a_claim_is_granted_once_until_released_or_expired(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn a_claim_is_granted_once_until_released_or_expired_in_redis() {
+    a_claim_is_granted_once_until_released_or_expired(Backend::Redis).await;
+}

@@ -425,6 +425,7 @@ async fn session_cookie(app: &TestApp, user: &str, roles: &[&str]) -> String {
             email: Some(format!("{user}@example.com")),
             name: None,
             preferred_username: Some(user.to_owned()),
+            idp_sid: None,
         },
         id_token: None,
     };

@@ -66,6 +66,7 @@ impl SsoFixture {
         let options = OidcOptions {
             redirect_uris: vec![format!("{public}/auth/callback")],
             post_logout_redirect_uris: vec![format!("{public}/")],
+            backchannel_logout_uri: Some(format!("{public}/auth/backchannel-logout")),
             ..OidcOptions::default()
         };
         let idp = {
@@ -88,19 +89,9 @@ impl SsoFixture {
             customize(c);
         })
         .await;
-        let jar = Arc::new(Jar::default());
-        let browser = reqwest::Client::builder()
-            .cookie_provider(jar.clone())
-            .redirect(reqwest::redirect::Policy::none())
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(app.pki.ca_pem().as_bytes()).unwrap(),
-            )
-            .tls_built_in_root_certs(false)
-            .resolve("localhost", app.https)
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        // the provider posts its logout tokens to this instance's certificate
+        idp.trust_ca(&app.pki.ca_pem()).unwrap();
+        let (jar, browser) = new_browser(&app);
         Self {
             app,
             idp,
@@ -108,6 +99,11 @@ impl SsoFixture {
             jar,
             browser,
         }
+    }
+
+    /// Another browser, with cookie jars of its own at this site and at the provider.
+    pub fn other_browser(&self) -> (Arc<Jar>, reqwest::Client) {
+        new_browser(&self.app)
     }
 
     /// Drives the provider's login form from `/auth/login?<query>`; returns the callback
@@ -210,6 +206,22 @@ impl SsoFixture {
     pub fn origin(&self) -> String {
         format!("https://localhost:{}", self.app.https.port())
     }
+}
+
+/// A browser for `app`: keeps cookies, follows no redirects, trusts `app`'s CA.
+fn new_browser(app: &TestApp) -> (Arc<Jar>, reqwest::Client) {
+    let jar = Arc::new(Jar::default());
+    let browser = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(reqwest::Certificate::from_pem(app.pki.ca_pem().as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", app.https)
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    (jar, browser)
 }
 
 async fn error_code(response: reqwest::Response) -> String {
@@ -975,7 +987,7 @@ async fn real_id_token(idp: &OidcProvider, nonce: &str) -> String {
 #[tokio::test]
 async fn the_verifier_refuses_real_id_tokens_for_another_client_issuer_time_or_nonce() {
     use jsonwebtoken::Algorithm;
-    use portcullis::sso::id_token::{Expected, IdTokenError, verify};
+    use portcullis::sso::id_token::{Expected, IdTokenError, Trusted, verify};
 
     let idp = tokio::task::spawn_blocking(|| OidcProvider::start(OidcOptions::default()))
         .await
@@ -990,43 +1002,49 @@ async fn the_verifier_refuses_real_id_tokens_for_another_client_issuer_time_or_n
         .unwrap();
     let issuer = idp.issuer();
     let good = Expected {
-        issuer: &issuer,
-        client_id: "portcullis-es256",
+        trusted: Trusted {
+            issuer: &issuer,
+            client_id: "portcullis-es256",
+            algorithms: &[Algorithm::ES256, Algorithm::RS256],
+            leeway: Duration::from_secs(60),
+            now: time::OffsetDateTime::now_utc(),
+        },
         nonce: "n-expected-0123",
-        algorithms: &[Algorithm::ES256, Algorithm::RS256],
-        leeway: Duration::from_secs(60),
-        now: time::OffsetDateTime::now_utc(),
+    };
+    let with = |trusted| Expected {
+        trusted,
+        ..good.clone()
     };
     let claims = verify(&id_token, &jwks, &good).unwrap();
     assert_eq!(claims.sub, "alice");
 
     let refused = |expected: Expected<'_>| verify(&id_token, &jwks, &expected).unwrap_err();
     assert_eq!(
-        refused(Expected {
+        refused(with(Trusted {
             client_id: "portcullis",
-            ..good.clone()
-        }),
+            ..good.trusted.clone()
+        })),
         IdTokenError::Audience
     );
     assert_eq!(
-        refused(Expected {
+        refused(with(Trusted {
             issuer: "http://127.0.0.1:1",
-            ..good.clone()
-        }),
+            ..good.trusted.clone()
+        })),
         IdTokenError::Issuer
     );
     assert_eq!(
-        refused(Expected {
-            now: good.now + time::Duration::hours(2),
-            ..good.clone()
-        }),
+        refused(with(Trusted {
+            now: good.trusted.now + time::Duration::hours(2),
+            ..good.trusted.clone()
+        })),
         IdTokenError::Expired
     );
     assert_eq!(
-        refused(Expected {
-            now: good.now - time::Duration::hours(1),
-            ..good.clone()
-        }),
+        refused(with(Trusted {
+            now: good.trusted.now - time::Duration::hours(1),
+            ..good.trusted.clone()
+        })),
         IdTokenError::NotYetValid
     );
     assert_eq!(
@@ -1037,10 +1055,10 @@ async fn the_verifier_refuses_real_id_tokens_for_another_client_issuer_time_or_n
         IdTokenError::Nonce
     );
     assert_eq!(
-        refused(Expected {
+        refused(with(Trusted {
             algorithms: &[Algorithm::RS256],
-            ..good.clone()
-        }),
+            ..good.trusted.clone()
+        })),
         IdTokenError::Algorithm(Algorithm::ES256)
     );
     let empty = jsonwebtoken::jwk::JwkSet { keys: vec![] };
@@ -1288,4 +1306,320 @@ async fn an_id_token_signed_with_an_algorithm_not_pinned_is_refused() {
             .contains("RS256")
     );
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+}
+
+/// The value of cookie `name` in `jar` for `app`'s site.
+fn jar_cookie(jar: &Jar, app: &TestApp, name: &str) -> Option<String> {
+    let url: Url = app.url("/").parse().unwrap();
+    let header = jar.cookies(&url)?;
+    header
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+
+/// Back-Channel Logout 1.0 with the real provider: the user signs out at the provider,
+/// not through Portcullis (as from another application). The provider posts a logout
+/// token naming its session, and the console session that session logged in ends; the
+/// same user's console session from another browser (another provider session, another
+/// `sid`) stays.
+#[tokio::test]
+async fn a_sign_out_at_the_provider_ends_the_console_session_of_that_provider_session_only() {
+    let f = SsoFixture::start(|_| {}).await;
+    let before = f
+        .app
+        .sample("portcullis_backchannel_logouts_total{outcome=\"success\"}")
+        .await;
+    assert_eq!(
+        f.login("alice", "alice-correct-horse").await.status(),
+        StatusCode::FOUND
+    );
+    let (other_jar, other) = f.other_browser();
+    let callback = f
+        .idp
+        .browser_login(
+            &other,
+            &f.app.url("/auth/login"),
+            "alice",
+            "alice-correct-horse",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        other.get(callback).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    let here = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let there = SecretString::from(jar_cookie(&other_jar, &f.app, REFRESH_COOKIE).unwrap());
+    let session = |token: &SecretString| {
+        let token = token.clone();
+        let state = f.app.state.clone();
+        let now = f.clock.now();
+        async move { state.refresh.inspect(&token, now).await.unwrap() }
+    };
+    let (here_session, there_session) = (
+        session(&here).await.unwrap(),
+        session(&there).await.unwrap(),
+    );
+    let sid = |s: &portcullis::refresh::Session| s.session["idp_sid"].as_str().unwrap().to_owned();
+    assert_ne!(
+        sid(&here_session),
+        sid(&there_session),
+        "each login records its own provider session"
+    );
+
+    let end = Url::parse_with_params(
+        &format!("{}/session/end", f.idp.issuer()),
+        [
+            ("client_id", f.idp.options().client_id.clone()),
+            ("post_logout_redirect_uri", format!("{}/", f.origin())),
+        ],
+    )
+    .unwrap();
+    let back = f
+        .idp
+        .browser_logout(&f.browser, end.as_str())
+        .await
+        .unwrap();
+    assert_eq!(back.as_str(), format!("{}/", f.origin()));
+
+    // the provider has delivered its logout token by the time it sends the browser back
+    assert!(session(&here).await.is_none(), "this session ended");
+    assert!(
+        session(&there).await.is_some(),
+        "the other browser's did not"
+    );
+    wait_for_audit_actor(
+        &f.app.state,
+        Duration::from_secs(10),
+        "logout.backchannel",
+        "provider:test",
+    )
+    .await;
+    let (_, target, detail) = portcullis::audit::recent(&f.app.state.db, "logout.backchannel", 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(target, "test:alice");
+    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    assert_eq!(detail["sid"], sid(&here_session));
+    assert_eq!(
+        detail["families_revoked"],
+        serde_json::json!([here_session.family.to_string()])
+    );
+    assert!(
+        f.app
+            .sample("portcullis_backchannel_logouts_total{outcome=\"success\"}")
+            .await
+            >= before + 1.0
+    );
+
+    // the access cookie already minted lives out its lifetime (documented); past it and
+    // the leeway, the browser is logged out, while the other renews
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+    f.clock.advance(time::Duration::minutes(10));
+    assert_eq!(f.me().await.status(), StatusCode::UNAUTHORIZED);
+    let other_me = other.get(f.app.url("/auth/me")).send().await.unwrap();
+    assert_eq!(other_me.status(), StatusCode::OK);
+}
+
+/// A logout token is checked like an ID token of the provider and used once; each refusal
+/// is a 400 `invalid_request` that says why and ends no session. A token without `sid`
+/// ends every console session of its subject from that provider.
+#[tokio::test]
+async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing() {
+    let f = SsoFixture::start(|_| {}).await;
+    assert_eq!(
+        f.login("bob", "bob-battery-staple").await.status(),
+        StatusCode::FOUND
+    );
+    let refresh = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let alive = || {
+        let state = f.app.state.clone();
+        let refresh = refresh.clone();
+        let now = f.clock.now();
+        async move {
+            state
+                .refresh
+                .inspect(&refresh, now)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    let iat = time::OffsetDateTime::now_utc().unix_timestamp();
+    let good = serde_json::json!({
+        "iss": f.idp.issuer(),
+        "aud": f.idp.options().client_id,
+        "iat": iat,
+        "exp": iat + 120,
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "sub": "bob",
+        "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+    });
+    let with = |change: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut claims = good.clone();
+        change(claims.as_object_mut().unwrap());
+        claims
+    };
+    let typed = serde_json::json!({ "typ": "logout+jwt" });
+    let signed = |header: serde_json::Value, claims: serde_json::Value| async {
+        f.idp.sign(header, claims).await.unwrap()
+    };
+    let client = f.app.https_client();
+    let post = |content_type: &'static str, body: String| {
+        client
+            .post(f.app.url("/auth/backchannel-logout"))
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+    };
+    let form = |token: &str| format!("logout_token={}", urlencoding(token));
+    const FORM: &str = "application/x-www-form-urlencoded";
+
+    let cases: Vec<(&str, &str, String)> = vec![
+        ("JSON", "application/x-www-form-urlencoded", String::new()),
+        ("no token", "logout_token is required", String::new()),
+        (
+            "twice",
+            "repeated",
+            format!("{}&{}", form("a.b.c"), form("a.b.c")),
+        ),
+        ("not a JWT", "malformed", form("not-a-jwt")),
+        (
+            "with a nonce",
+            "nonce",
+            form(
+                &signed(
+                    typed.clone(),
+                    with(&|c| {
+                        c.insert("nonce".into(), "n-1".into());
+                    }),
+                )
+                .await,
+            ),
+        ),
+        (
+            "an access token's type",
+            "typ",
+            form(&signed(serde_json::json!({ "typ": "at+jwt" }), good.clone()).await),
+        ),
+        (
+            "no event",
+            "event",
+            form(
+                &signed(
+                    typed.clone(),
+                    with(&|c| {
+                        c.remove("events");
+                    }),
+                )
+                .await,
+            ),
+        ),
+        (
+            "for another client",
+            "no configured provider",
+            form(
+                &signed(
+                    typed.clone(),
+                    with(&|c| {
+                        c.insert("aud".into(), "someone-else".into());
+                    }),
+                )
+                .await,
+            ),
+        ),
+        (
+            "by sid alone",
+            "sid alone",
+            form(
+                &signed(
+                    typed.clone(),
+                    with(&|c| {
+                        c.remove("sub");
+                        c.insert("sid".into(), "s-1".into());
+                    }),
+                )
+                .await,
+            ),
+        ),
+        (
+            "expired",
+            "expired",
+            form(
+                &signed(
+                    typed.clone(),
+                    with(&|c| {
+                        c.insert("iat".into(), (iat - 200).into());
+                        c.insert("exp".into(), (iat - 100).into());
+                    }),
+                )
+                .await,
+            ),
+        ),
+        (
+            "signed by a key the provider does not publish",
+            "kid",
+            form(&f.app.sign_with_typ(Some("logout+jwt"), &good)),
+        ),
+        (
+            "the login's own ID token",
+            "event",
+            form(&f.cookie(ID_TOKEN_COOKIE).unwrap()),
+        ),
+    ];
+    for (what, says, body) in cases {
+        let content_type = if what == "JSON" {
+            "application/json"
+        } else {
+            FORM
+        };
+        let response = post(content_type, body).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{what}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request", "{what}: {body}");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(description.contains(says), "{what}: {description}");
+        assert!(alive().await, "{what} ended the session");
+    }
+
+    let token = signed(typed.clone(), good.clone()).await;
+    let done = post(FORM, form(&token)).await.unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    assert_eq!(done.headers()[header::CACHE_CONTROL], "no-store");
+    assert!(done.bytes().await.unwrap().is_empty());
+    assert!(
+        !alive().await,
+        "a token without sid ends the subject's sessions"
+    );
+
+    let replayed = post(FORM, form(&token)).await.unwrap();
+    assert_eq!(replayed.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = replayed.json().await.unwrap();
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("used already"),
+        "{body}"
+    );
+
+    // a user with no session left: nothing to end, and that is a success
+    let again = with(&|c| {
+        c.insert("jti".into(), uuid::Uuid::new_v4().to_string().into());
+    });
+    let none_left = post(FORM, form(&signed(typed.clone(), again).await))
+        .await
+        .unwrap();
+    assert_eq!(none_left.status(), StatusCode::OK);
+}
+
+fn urlencoding(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }

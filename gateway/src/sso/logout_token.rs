@@ -1,0 +1,385 @@
+//! Logout tokens (OpenID Connect Back-Channel Logout 1.0 §2.4, §2.6): the JWT a provider
+//! posts to `/auth/backchannel-logout` when a user's session there ends, so the console
+//! sessions that login made end too.
+//!
+//! Validated like an ID token (signature under a pinned algorithm by a key of the
+//! provider's JWKS, `iss`, `aud`, `azp`, `iat`, `exp` when present), then as a logout
+//! token: the back-channel logout event is there, no `nonce` (so an ID token cannot pass
+//! for one), a `jti` (the caller makes it single use), a `sub`, and an `iat` no older than
+//! [`MAX_AGE`], which bounds replay for providers that send no `exp`.
+
+use std::time::Duration;
+
+use jsonwebtoken::jwk::JwkSet;
+use serde::Deserialize;
+
+use super::id_token::{self, IdTokenError, Registered, Trusted};
+
+/// The member of `events` that makes a JWT a logout token (§2.4).
+pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+
+/// The oldest `iat` accepted (plus leeway): a provider posts the token as it makes it.
+pub const MAX_AGE: Duration = Duration::from_secs(300);
+
+/// Why a logout token was refused. The provider is told `invalid_request` with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogoutTokenError {
+    /// Signature, issuer, audience or times, as for an ID token.
+    #[error(transparent)]
+    Jwt(#[from] IdTokenError),
+    /// `iss` and `aud` name no configured provider and client.
+    #[error("the logout token is from no configured provider")]
+    UnknownIssuer,
+    /// Explicitly typed as another kind of JWT.
+    #[error("the logout token's typ {0:?} is not logout+jwt")]
+    Type(String),
+    /// `events` lacks the back-channel logout event (or is not an object).
+    #[error("the logout token carries no back-channel logout event")]
+    NoEvent,
+    /// It carries a `nonce`: an ID token, not a logout token.
+    #[error("a logout token must not carry a nonce")]
+    Nonce,
+    /// No `jti`.
+    #[error("the logout token has no jti")]
+    NoJti,
+    /// No `sub`: logging out by `sid` alone is not supported.
+    #[error("the logout token has no sub; a logout by sid alone is not supported")]
+    NoSubject,
+    /// `iat` is older than [`MAX_AGE`].
+    #[error("the logout token was issued too long ago")]
+    TooOld,
+    /// Its `jti` was used already.
+    #[error("the logout token was used already")]
+    Replayed,
+}
+
+/// A verified logout token: whose sessions end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logout {
+    /// The subject at the provider.
+    pub sub: String,
+    /// The provider's session, when named: only the logins of that session end.
+    pub sid: Option<String>,
+    /// The token's id.
+    pub jti: String,
+    /// Until when this token would be accepted (Unix seconds): how long its `jti` must be
+    /// remembered.
+    pub valid_until: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct LogoutClaims {
+    #[serde(flatten)]
+    registered: Registered,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    sid: Option<String>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    events: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    nonce: Option<serde_json::Value>,
+}
+
+/// The unverified `iss` and `aud` of a JWT, to pick the provider whose keys verify it.
+#[derive(Debug, Deserialize)]
+pub struct Addressed {
+    /// Issuer.
+    pub iss: String,
+    /// Audience(s).
+    pub aud: crate::oauth::claims::Audiences,
+}
+
+/// Reads `iss` and `aud` without verifying anything; `None` when the token is no JWT.
+pub fn addressed(token: &str) -> Option<Addressed> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Validates `token` as a logout token of the provider `trusted` describes.
+pub fn verify(
+    token: &str,
+    jwks: &JwkSet,
+    trusted: &Trusted<'_>,
+) -> Result<Logout, LogoutTokenError> {
+    let (header, claims): (_, LogoutClaims) =
+        id_token::decode_signed(token, jwks, trusted, &["iss", "aud"])?;
+    // §2.4: a logout token SHOULD be typed `logout+jwt`; older providers send `JWT` or
+    // nothing. Any other type is another kind of token signed by the same keys.
+    match header.typ.as_deref() {
+        None => {}
+        Some(t)
+            if ["logout+jwt", "application/logout+jwt", "JWT"]
+                .iter()
+                .any(|ok| t.eq_ignore_ascii_case(ok)) => {}
+        Some(t) => return Err(LogoutTokenError::Type(t.to_owned())),
+    }
+    id_token::check_registered(&claims.registered, trusted)?;
+    let now = trusted.now.unix_timestamp();
+    let leeway = i64::try_from(trusted.leeway.as_secs()).unwrap_or(i64::MAX);
+    let max_age = i64::try_from(MAX_AGE.as_secs()).unwrap_or(i64::MAX);
+    let oldest_until = claims.registered.iat.saturating_add(max_age);
+    if now >= oldest_until.saturating_add(leeway) {
+        return Err(LogoutTokenError::TooOld);
+    }
+    let event = claims
+        .events
+        .as_ref()
+        .and_then(|e| e.get(BACKCHANNEL_LOGOUT_EVENT));
+    if !matches!(event, Some(serde_json::Value::Object(_))) {
+        return Err(LogoutTokenError::NoEvent);
+    }
+    if claims.nonce.is_some() {
+        return Err(LogoutTokenError::Nonce);
+    }
+    let jti = claims
+        .jti
+        .filter(|j| !j.is_empty())
+        .ok_or(LogoutTokenError::NoJti)?;
+    let sub = claims
+        .sub
+        .filter(|s| !s.is_empty())
+        .ok_or(LogoutTokenError::NoSubject)?;
+    let valid_until = claims
+        .registered
+        .exp
+        .map_or(oldest_until, |exp| exp.min(oldest_until))
+        .saturating_add(leeway);
+    Ok(Logout {
+        sub,
+        sid: claims.sid.filter(|s| !s.is_empty()),
+        jti,
+        valid_until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use serde_json::json;
+
+    const ISSUER: &str = "https://idp.example";
+    const CLIENT: &str = "portcullis";
+
+    struct Signer {
+        key: EncodingKey,
+        jwks: JwkSet,
+    }
+
+    fn signer() -> Signer {
+        let pair = aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        )
+        .unwrap();
+        let pkcs8 = pair.to_pkcs8v1().unwrap();
+        let key = EncodingKey::from_ec_der(pkcs8.as_ref());
+        let public = aws_lc_rs::signature::KeyPair::public_key(&pair)
+            .as_ref()
+            .to_vec();
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        // an uncompressed point: 0x04 || x || y
+        let jwks: JwkSet = serde_json::from_value(json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+            "x": b64(&public[1..33]), "y": b64(&public[33..65]),
+        }]}))
+        .unwrap();
+        Signer { key, jwks }
+    }
+
+    fn now() -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+
+    fn trusted() -> Trusted<'static> {
+        Trusted {
+            issuer: ISSUER,
+            client_id: CLIENT,
+            algorithms: &[Algorithm::ES256],
+            leeway: Duration::from_secs(30),
+            now: now(),
+        }
+    }
+
+    fn good_claims() -> serde_json::Value {
+        let iat = now().unix_timestamp();
+        json!({
+            "iss": ISSUER, "aud": CLIENT, "iat": iat, "exp": iat + 120, "jti": "j-1",
+            "sub": "alice", "sid": "s-1",
+            "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+        })
+    }
+
+    fn sign(s: &Signer, typ: Option<&str>, claims: &serde_json::Value) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("k1".to_owned());
+        header.typ = typ.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, &s.key).unwrap()
+    }
+
+    fn with(
+        change: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> serde_json::Value {
+        let mut claims = good_claims();
+        change(claims.as_object_mut().unwrap());
+        claims
+    }
+
+    #[test]
+    fn a_good_token_names_the_subject_session_and_how_long_to_remember_it() {
+        let s = signer();
+        for typ in [Some("logout+jwt"), Some("JWT"), None] {
+            let logout = verify(&sign(&s, typ, &good_claims()), &s.jwks, &trusted()).unwrap();
+            assert_eq!(logout.sub, "alice");
+            assert_eq!(logout.sid.as_deref(), Some("s-1"));
+            assert_eq!(logout.jti, "j-1");
+            assert_eq!(logout.valid_until, now().unix_timestamp() + 120 + 30);
+        }
+        // without `exp`, the token is remembered as long as its `iat` is accepted
+        let no_exp = with(|c| {
+            c.remove("exp");
+        });
+        let logout = verify(&sign(&s, None, &no_exp), &s.jwks, &trusted()).unwrap();
+        assert_eq!(logout.valid_until, now().unix_timestamp() + 300 + 30);
+    }
+
+    #[test]
+    fn what_is_not_a_logout_token_is_refused_precisely() {
+        let s = signer();
+        let refused = |typ: Option<&str>, claims: serde_json::Value| {
+            verify(&sign(&s, typ, &claims), &s.jwks, &trusted()).unwrap_err()
+        };
+        assert_eq!(
+            refused(Some("at+jwt"), good_claims()),
+            LogoutTokenError::Type("at+jwt".to_owned())
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.remove("events");
+                })
+            ),
+            LogoutTokenError::NoEvent
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("events".into(), json!({ BACKCHANNEL_LOGOUT_EVENT: "yes" }));
+                })
+            ),
+            LogoutTokenError::NoEvent
+        );
+        // an ID token of the same provider, even with an events claim added
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("nonce".into(), json!("n"));
+                })
+            ),
+            LogoutTokenError::Nonce
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.remove("jti");
+                })
+            ),
+            LogoutTokenError::NoJti
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.remove("sub");
+                })
+            ),
+            LogoutTokenError::NoSubject
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("aud".into(), json!("another-client"));
+                })
+            ),
+            LogoutTokenError::Jwt(IdTokenError::Audience)
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("iss".into(), json!("https://evil.example"));
+                })
+            ),
+            LogoutTokenError::Jwt(IdTokenError::Issuer)
+        );
+        let iat = now().unix_timestamp();
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("exp".into(), json!(iat - 31));
+                })
+            ),
+            LogoutTokenError::Jwt(IdTokenError::Expired)
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("iat".into(), json!(iat - 331));
+                    c.remove("exp");
+                })
+            ),
+            LogoutTokenError::TooOld
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.insert("iat".into(), json!(iat + 60));
+                })
+            ),
+            LogoutTokenError::Jwt(IdTokenError::NotYetValid)
+        );
+        assert_eq!(
+            refused(
+                None,
+                with(|c| {
+                    c.remove("iat");
+                })
+            ),
+            LogoutTokenError::Jwt(IdTokenError::Malformed)
+        );
+        // signed by a key the provider does not publish
+        let other = signer();
+        assert_eq!(
+            verify(&sign(&other, None, &good_claims()), &s.jwks, &trusted()).unwrap_err(),
+            LogoutTokenError::Jwt(IdTokenError::Signature)
+        );
+    }
+
+    #[test]
+    fn the_addressee_is_read_without_verification_and_garbage_is_none() {
+        let s = signer();
+        let a = addressed(&sign(&s, None, &good_claims())).unwrap();
+        assert_eq!(a.iss, ISSUER);
+        assert_eq!(a.aud.to_vec(), vec![CLIENT.to_owned()]);
+        for garbage in ["", "a.b.c", "no-dots", "..", "x.eyJpc3MiOjF9.y"] {
+            assert!(addressed(garbage).is_none(), "{garbage}");
+        }
+    }
+}
