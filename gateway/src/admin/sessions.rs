@@ -29,16 +29,20 @@ pub struct SubjectQuery {
     pub subject: Option<String>,
 }
 
-/// `GET /admin/sessions?subject=…`: the subject's live sessions, oldest first.
+/// `GET /admin/sessions?subject=…`: the subject's live sessions, oldest first. A console
+/// session past `sso.session_max_lifetime` is not live, though its family is revoked only
+/// when something next tries to renew it: it is left out.
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<SubjectQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let subject = subject(query)?;
-    let sessions = state
-        .refresh
-        .list_sessions(&subject, state.keys.now())
-        .await?;
+    let now = state.keys.now();
+    let console = &state.sso.settings().console_client_id;
+    let mut sessions = state.refresh.list_sessions(&subject, now).await?;
+    sessions.retain(|s| {
+        s.client_id != *console || now < crate::sso::session::session_end(&state, s.auth_time)
+    });
     Ok(Json(json!({ "subject": subject, "sessions": sessions })))
 }
 

@@ -1020,6 +1020,66 @@ fn cleared(response: &reqwest::Response) -> Vec<String> {
         .collect()
 }
 
+/// `/admin/sessions` lists a console session as live until its maximum lifetime, not on
+/// until its idle expiry because nothing has tried to renew it since; a client's session
+/// of the same subject is listed as before.
+#[tokio::test]
+async fn a_console_session_past_its_max_lifetime_is_not_listed_as_live() {
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |_| {}).await;
+    session_cookie(&app, "carol", &["operator"]).await;
+    app.state
+        .refresh
+        .issue(
+            portcullis::refresh::NewFamily {
+                client_id: "executor-orders".to_owned(),
+                subject: "test:carol".to_owned(),
+                scope: "scheduler:executor".to_owned(),
+                audience: Vec::new(),
+                auth_time: app.state.keys.now(),
+                session: serde_json::json!({}),
+            },
+            app.state.keys.now(),
+        )
+        .await
+        .unwrap();
+    let listed = || async {
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(format!(
+                "http://{}/admin/sessions?subject=test:carol",
+                app.admin
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut clients: Vec<String> = body["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["client_id"].as_str().unwrap().to_owned())
+            .collect();
+        clients.sort_unstable();
+        clients
+    };
+    let console = app.state.config.sso.console_client_id.clone();
+    let mut both = vec![console, "executor-orders".to_owned()];
+    both.sort_unstable();
+    assert_eq!(listed().await, both);
+    clock.advance(time::Duration::hours(11) + time::Duration::minutes(59));
+    assert_eq!(listed().await, both, "a minute before the max");
+    clock.advance(time::Duration::minutes(1));
+    assert_eq!(
+        listed().await,
+        ["executor-orders"],
+        "at the max, with its idle expiry still ahead"
+    );
+}
+
 #[tokio::test]
 async fn a_console_session_is_not_renewed_past_its_max_lifetime_and_its_family_is_revoked() {
     let node = AdminNode::start("a").await;
