@@ -451,8 +451,9 @@ async fn execute(cmd: ConfigCommand) -> Result<(), CliError> {
                     .map(|v| format!(" (rollback to {v})"))
                     .unwrap_or_default();
                 println!(
-                    "{:>6}  {}  {:<20}  {}{rollback}",
+                    "{:>6}  {:<7}  {}  {:<20}  {}{rollback}",
                     r["version"],
+                    r["status"].as_str().unwrap_or("main"),
                     r["created_at"].as_str().unwrap_or_default(),
                     r["author"].as_str().unwrap_or_default(),
                     r["message"].as_str().unwrap_or_default(),

@@ -589,6 +589,11 @@ pub struct ReleaseView {
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     rollback_of: Option<u64>,
+    /// `main`, `gray` (served only to the instances `gray` selects) or `aborted`.
+    status: &'static str,
+    /// Who received it while it was gray (gray and aborted releases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gray: Option<config_center::GraySelector>,
 }
 
 impl From<config_center::ReleaseInfo> for ReleaseView {
@@ -599,6 +604,8 @@ impl From<config_center::ReleaseInfo> for ReleaseView {
             author: i.author,
             message: i.message,
             rollback_of: i.rollback_of,
+            status: i.status.as_str(),
+            gray: i.gray,
         }
     }
 }
@@ -649,6 +656,8 @@ pub async fn release(
         "author": r.author,
         "message": r.message,
         "rollback_of": r.rollback_of,
+        "status": r.status.as_str(),
+        "gray": r.gray,
         "entries": r.listing(reveal),
     });
     let mut resp = Json(body).into_response();

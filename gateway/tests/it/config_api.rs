@@ -1257,6 +1257,34 @@ async fn a_gray_release_reaches_only_the_selected_instances_until_promoted() {
     assert_eq!(read("?instance=node-1&labels=zone%3Db,rack%3D4").await, 2);
     assert_eq!(read("?instance=node-1&labels=zone%3Da").await, 1);
     assert_eq!(read("").await, 1);
+    // the history and the release itself say which release is gray, and for whom
+    let status = |version: u64| {
+        let api = &api;
+        async move {
+            let (s, _, h) = api.get(&node("/releases"), "config:read:prod").await;
+            assert_eq!(s, 200, "{h}");
+            let listed = h["releases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["version"] == version)
+                .unwrap()
+                .clone();
+            let (s, _, one) = api
+                .get(&node(&format!("/releases/{version}")), "config:read:prod")
+                .await;
+            assert_eq!(s, 200, "{one}");
+            assert_eq!(one["status"], listed["status"]);
+            assert_eq!(one["gray"], listed.get("gray").cloned().unwrap_or_default());
+            (
+                listed["status"].as_str().unwrap().to_owned(),
+                listed.get("gray").cloned(),
+            )
+        }
+    };
+    let canary = json!({ "instances": ["node-7"], "labels": { "zone": "b" } });
+    assert_eq!(status(1).await, ("main".to_owned(), None));
+    assert_eq!(status(2).await, ("gray".to_owned(), Some(canary.clone())));
 
     // a watcher outside the selection hears nothing until the promotion
     let mut outside = open_watch(&api, Some(1)).await;
@@ -1310,6 +1338,16 @@ async fn a_gray_release_reaches_only_the_selected_instances_until_promoted() {
         .await;
     assert_eq!(s, 201, "{b}");
     assert_eq!(b["version"], 4);
+    // promoted, the first canary is main; the aborted one keeps its selector
+    assert_eq!(status(2).await, ("main".to_owned(), Some(canary)));
+    assert_eq!(
+        status(3).await,
+        (
+            "aborted".to_owned(),
+            Some(json!({ "instances": ["node-7"] }))
+        )
+    );
+    assert_eq!(status(4).await.0, "main");
     let (_, _, snap) = api.get(&node("?instance=node-7"), "config:read:prod").await;
     assert_eq!(snap["version"], 4);
     assert!(
@@ -1360,6 +1398,16 @@ async fn the_cli_runs_a_gray_release_then_promotes_it() {
         .get(&Api::path("prod", APP, ""), "config:read:prod")
         .await;
     assert_eq!(b["version"], 1);
+    // the history says which release is the gray one
+    let history = || {
+        let (ok, out, err) =
+            tokio::task::block_in_place(|| cli(&app, scope, &["history", "prod", APP], None));
+        assert!(ok, "{err}");
+        out.lines()
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(history(), ["2 gray", "1 main"]);
     let (ok, out, err) = tokio::task::block_in_place(|| {
         cli(
             &app,
@@ -1370,6 +1418,7 @@ async fn the_cli_runs_a_gray_release_then_promotes_it() {
     });
     assert!(ok, "{err}");
     assert!(out.contains("release 2 promoted"), "{out}");
+    assert_eq!(history(), ["2 main", "1 main"]);
     let (_, _, b) = api
         .get(&Api::path("prod", APP, ""), "config:read:prod")
         .await;
