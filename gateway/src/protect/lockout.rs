@@ -282,6 +282,9 @@ pub enum AccountAttempt {
         /// The refusal the next attempt meets if this one fails, and which record makes
         /// it (the account-wide one when both do).
         if_failed: Option<(Refusal, Scope)>,
+        /// The address bucket is familiar to the account (so exempt from, and not counted
+        /// on, the account-wide record): a failure from it is more likely the owner's.
+        familiar: bool,
     },
     /// Refused, and counted on neither record.
     Refused(Refusal, Scope),
@@ -510,7 +513,9 @@ impl Lockout {
             exempts: 1,
         };
         let Counting {
-            counted, records, ..
+            counted,
+            records,
+            familiar,
         } = self
             .store
             .count_attempt(
@@ -532,7 +537,10 @@ impl Lockout {
                     .map(|r| (r, Scope::Address))
             });
         Ok(if counted {
-            AccountAttempt::Counted { if_failed: held }
+            AccountAttempt::Counted {
+                if_failed: held,
+                familiar,
+            }
         } else {
             // the store refused by the same rules, so there is a refusal to report
             AccountAttempt::Refused(

@@ -268,8 +268,11 @@ pub async fn local_login(
     // way leaves it counted. Fail closed: a human password has no entropy guarantee, so
     // no counters, no login.
     let bucket = crate::protect::rate::bucket_of(ip).to_string();
-    let if_failed = match state.lockout.attempt_account(&name, ip, now).await? {
-        AccountAttempt::Counted { if_failed } => if_failed,
+    let (if_failed, familiar) = match state.lockout.attempt_account(&name, ip, now).await? {
+        AccountAttempt::Counted {
+            if_failed,
+            familiar,
+        } => (if_failed, familiar),
         AccountAttempt::Refused(refusal, scope) => {
             metrics::counter!("portcullis_login_total", "method" => "local", "outcome" => "locked", "reason" => "too_many_attempts").increment(1);
             audit(
@@ -300,6 +303,7 @@ pub async fn local_login(
                 "break_glass": true,
                 "reason": "invalid_credentials",
                 "address": bucket,
+                "familiar": familiar,
             }),
         );
         if let Some((refusal, scope)) = if_failed.filter(|(r, _)| r.locked) {
@@ -316,6 +320,7 @@ pub async fn local_login(
                     "kind": "account",
                     "scope": scope.as_str(),
                     "address": bucket,
+                    "familiar": familiar,
                     "locked_for_secs": refusal.retry_after.as_secs(),
                 }),
             );

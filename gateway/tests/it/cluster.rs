@@ -157,7 +157,10 @@ async fn an_account_s_failure_records_are_counted_together_on_a_cluster() {
     // the owner logs in from 192.0.2.9: familiar from now on
     assert_eq!(
         attempt("192.0.2.9").await,
-        AccountAttempt::Counted { if_failed: None }
+        AccountAttempt::Counted {
+            if_failed: None,
+            familiar: false
+        }
     );
     lockout
         .account_succeeded("breakglass", "192.0.2.9".parse().unwrap(), now)
@@ -166,12 +169,15 @@ async fn an_account_s_failure_records_are_counted_together_on_a_cluster() {
     for host in ["192.0.2.1", "192.0.2.2"] {
         assert_eq!(
             attempt(host).await,
-            AccountAttempt::Counted { if_failed: None }
+            AccountAttempt::Counted {
+                if_failed: None,
+                familiar: false
+            }
         );
     }
     assert!(matches!(
         attempt("192.0.2.3").await,
-        AccountAttempt::Counted { if_failed: Some((r, Scope::Account)) } if r.locked
+        AccountAttempt::Counted { if_failed: Some((r, Scope::Account)), familiar: false } if r.locked
     ));
     assert!(matches!(
         attempt("192.0.2.4").await,
@@ -180,6 +186,9 @@ async fn an_account_s_failure_records_are_counted_together_on_a_cluster() {
     // the familiar address goes through the account-wide lock
     assert_eq!(
         attempt("192.0.2.9").await,
-        AccountAttempt::Counted { if_failed: None }
+        AccountAttempt::Counted {
+            if_failed: None,
+            familiar: true
+        }
     );
 }

@@ -538,6 +538,40 @@ async fn a_familiar_address_logs_in_through_the_account_wide_lock(redis: bool) {
     }
     let r = local_login_from(&app, "breakglass", PASSWORD, home).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    // the trail tells the owner's typos at home from the attacker's guesses, and says
+    // whose failure locked the address
+    let state = app.state.clone();
+    eventually(Duration::from_secs(10), "failures audited", || {
+        let db = state.db.clone();
+        async move {
+            let rows = portcullis::audit::recent(&db, "login.failure", 50)
+                .await
+                .unwrap_or_default();
+            let familiar = |address: &str| -> Vec<serde_json::Value> {
+                rows.iter()
+                    .filter(|(actor, _, _)| actor == "user:local:breakglass")
+                    .map(|(_, _, d)| serde_json::from_str(d).unwrap_or_default())
+                    .filter(|d: &serde_json::Value| {
+                        d["reason"] == "invalid_credentials" && d["address"] == address
+                    })
+                    .map(|d| d["familiar"].clone())
+                    .collect()
+            };
+            familiar(home) == [true, true] && familiar("192.0.2.1") == [false]
+        }
+    })
+    .await;
+    let lockouts = portcullis::audit::recent(&app.state.db, "login.lockout", 20)
+        .await
+        .unwrap();
+    assert!(
+        lockouts.iter().any(|(_, _, d)| {
+            let d: serde_json::Value = serde_json::from_str(d).unwrap_or_default();
+            d["scope"] == "address" && d["address"] == home && d["familiar"] == true
+        }),
+        "{lockouts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

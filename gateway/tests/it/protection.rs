@@ -547,7 +547,14 @@ async fn account_attempts_are_counted_per_address_and_account_wide(backend: Back
         retry_after: Duration::from_secs(secs),
         locked,
     };
-    let counted = |if_failed| AccountAttempt::Counted { if_failed };
+    let counted = |if_failed| AccountAttempt::Counted {
+        if_failed,
+        familiar: false,
+    };
+    let counted_familiar = |if_failed| AccountAttempt::Counted {
+        if_failed,
+        familiar: true,
+    };
 
     // the attacker's address backs off, then locks
     let attacker = "203.0.113.66";
@@ -636,7 +643,7 @@ async fn account_attempts_are_counted_per_address_and_account_wide(backend: Back
     }
     // the owner's familiar address is held to its own record only
     assert_eq!(check(owner).await, clear);
-    assert_eq!(attempt(owner).await, counted(None));
+    assert_eq!(attempt(owner).await, counted_familiar(None));
     lockout
         .account_succeeded("breakglass", ip(owner), clock.now())
         .await
@@ -702,7 +709,14 @@ async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock(backend: B
         retry_after: Duration::from_secs(secs),
         locked,
     };
-    let counted = |if_failed| AccountAttempt::Counted { if_failed };
+    let counted = |if_failed| AccountAttempt::Counted {
+        if_failed,
+        familiar: false,
+    };
+    let counted_familiar = |if_failed| AccountAttempt::Counted {
+        if_failed,
+        familiar: true,
+    };
     let account_locked = AccountAttempt::Refused(wait(300, true), Scope::Account);
     let familiar = |name: &'static str, from: &str| {
         let (lockout, now, from) = (lockout.clone(), clock.now(), ip(from));
@@ -720,7 +734,7 @@ async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock(backend: B
     assert!(familiar("breakglass", owner).await);
     assert!(familiar("breakglass", "2001:db8:a:1:ffff::1").await);
     // a typo from there is counted on its address only, not account-wide
-    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    assert_eq!(attempt("breakglass", owner).await, counted_familiar(None));
 
     // eight attacker addresses, one failure each, at both accounts: the eighth locks each
     // account for every unfamiliar address
@@ -739,7 +753,7 @@ async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock(backend: B
         assert_eq!(attempt("breakglass", from).await, account_locked, "{from}");
     }
     // the owner, from the familiar address, is let through (the right password logs in)
-    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    assert_eq!(attempt("breakglass", owner).await, counted_familiar(None));
     lockout
         .account_succeeded("breakglass", ip(owner), clock.now())
         .await
@@ -763,11 +777,11 @@ async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock(backend: B
     assert_eq!(attempt("standby", owner).await, account_locked);
 
     // a familiar address keeps its own record: it backs off and locks as any other
-    assert_eq!(attempt("breakglass", owner).await, counted(None));
-    assert_eq!(attempt("breakglass", owner).await, counted(None));
+    assert_eq!(attempt("breakglass", owner).await, counted_familiar(None));
+    assert_eq!(attempt("breakglass", owner).await, counted_familiar(None));
     assert_eq!(
         attempt("breakglass", owner).await,
-        counted(Some((wait(1, false), Scope::Address)))
+        counted_familiar(Some((wait(1, false), Scope::Address)))
     );
     assert_eq!(
         attempt("breakglass", owner).await,
@@ -776,7 +790,7 @@ async fn a_familiar_address_is_not_held_back_by_the_account_wide_lock(backend: B
     clock.advance(time::Duration::seconds(1));
     assert_eq!(
         attempt("breakglass", owner).await,
-        counted(Some((wait(300, true), Scope::Address)))
+        counted_familiar(Some((wait(300, true), Scope::Address)))
     );
     assert_eq!(
         attempt("breakglass", owner).await,
