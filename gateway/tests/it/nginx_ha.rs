@@ -579,3 +579,95 @@ async fn an_admin_cluster_outage_does_not_take_the_instances_out_of_nginx() {
         assert_eq!(r.status(), StatusCode::OK, "nginx log:\n{}", edge.log());
     }
 }
+
+/// The edge rate limits key clients as Portcullis keys its own buckets: an IPv4 address,
+/// an IPv6 /64. The template's own `map` block, verbatim, in a real nginx that takes the
+/// client address from a test header (the realip module, so `$remote_addr` is nginx's
+/// canonical text of it) and answers the key it computes.
+#[tokio::test]
+async fn the_edge_limits_key_an_ipv6_client_by_its_64_and_an_ipv4_one_by_its_address() {
+    let open = "    map $remote_addr $portcullis_limit_key {";
+    let start = TEMPLATE
+        .find(open)
+        .expect("the template keys its limits by a map");
+    let end = start + TEMPLATE[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
+    let map = &TEMPLATE[start..end];
+    assert_eq!(
+        TEMPLATE
+            .matches("limit_req_zone $portcullis_limit_key ")
+            .count(),
+        2,
+        "both edge zones use the key"
+    );
+    let port = harness::free_port();
+    let config = format!(
+        "worker_processes 1;\nevents {{ worker_connections 64; }}\nhttp {{\n{map}\
+         server {{\n listen 127.0.0.1:{port};\n set_real_ip_from 127.0.0.1;\n\
+         real_ip_header X-Client;\n location / {{ return 200 \"$portcullis_limit_key\"; }}\n}}\n}}\n"
+    );
+    let _nginx = tokio::task::spawn_blocking(move || Nginx::start(&config))
+        .await
+        .unwrap()
+        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let key = |client_addr: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(format!("http://127.0.0.1:{port}/"))
+                .header("x-client", client_addr)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{client_addr}");
+            let key = response.bytes().await.unwrap().to_vec();
+            assert!(
+                !key.is_empty(),
+                "{client_addr}: an empty key is not limited"
+            );
+            key
+        }
+    };
+    let same = |group: &'static [&'static str]| {
+        let key = &key;
+        async move {
+            let first = key(group[0]).await;
+            for other in &group[1..] {
+                assert_eq!(
+                    key(other).await,
+                    first,
+                    "{other} and {} share a /64",
+                    group[0]
+                );
+            }
+            first
+        }
+    };
+    // one /64, written out or compressed in every way nginx prints it
+    let a = same(&[
+        "2001:db8:7:1::10",
+        "2001:db8:7:1:dead:beef:0:1",
+        "2001:DB8:7:1:FFFF:FFFF:FFFF:FFFF",
+        "2001:db8:7:1::",
+    ])
+    .await;
+    // a /64 with zeros in its first four groups
+    let b = same(&["2001:db8::1", "2001:db8:0:0:1:2:3:4", "2001:db8::5:0:0:6"]).await;
+    let c = same(&["2001:db8:0:5::1", "2001:db8:0:5:1:2:3:4"]).await;
+    // neighbours are other clients
+    let d = key("2001:db8:7:2::10").await;
+    let e = key("2001:db9:7:1::10").await;
+    let keys = [&a, &b, &c, &d, &e];
+    for (i, k) in keys.iter().enumerate() {
+        assert!(
+            keys[i + 1..].iter().all(|other| other != k),
+            "distinct /64s share a key: {keys:?}"
+        );
+    }
+    // IPv4: one key per address, an IPv4-mapped address as the IPv4 one
+    let v4 = key("192.0.2.1").await;
+    assert_ne!(key("192.0.2.2").await, v4);
+    assert_eq!(v4, b"v4:192.0.2.1");
+    assert_eq!(key("::ffff:192.0.2.1").await, v4);
+    assert!(!key("::1").await.is_empty());
+}
