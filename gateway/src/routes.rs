@@ -110,11 +110,12 @@ pub fn router(state: AppState) -> Router {
             get(sso::handlers::logout_page).post(sso::handlers::logout),
         )
         .route_layer(state.rate.auth.clone())
-        // not under the login bucket: one provider may post the logouts of many users at
-        // once, from one address
+        // not under the login bucket (one provider may post the logouts of many users at
+        // once, from one address) but under the token endpoint's larger one: anyone may
+        // post here, and a token naming an unknown key makes the provider's JWKS fetched
         .route(
             "/backchannel-logout",
-            post(sso::handlers::backchannel_logout),
+            post(sso::handlers::backchannel_logout).route_layer(state.rate.token.clone()),
         );
     let routes = Router::new()
         .route("/", get(index))

@@ -477,10 +477,13 @@ pub async fn logout(
 /// provider end: those logged in through the named provider session (`sid`), or all of
 /// them when the token names none. A session whose login carried no `sid` ends whenever
 /// its user is logged out. Their refresh families are revoked, so no renewal follows; an
-/// access cookie already minted lives out its `sso.access_token_lifetime`. 200 with an
-/// empty body on success, also when no session was left to end; 400 `invalid_request`
-/// for a token refused; 503 when a store or the provider's keys cannot be reached (the
-/// token is not marked used, so the provider may send it again).
+/// access cookie already minted lives out its `sso.access_token_lifetime`.
+///
+/// 200 with an empty body on success, also when no session was left to end, and for a
+/// token used already (a provider's retry after a lost answer), which ends nothing
+/// again; 400 `invalid_request` for a token refused; 503 when a store or the provider's
+/// keys cannot be reached (the token is not marked used, so the provider may send it
+/// again).
 pub async fn backchannel_logout(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
@@ -489,47 +492,60 @@ pub async fn backchannel_logout(
 ) -> Result<Response, ApiError> {
     let result = backchannel_logout_inner(&state, &headers, &body).await;
     let outcome = match &result {
-        Ok(_) => "success",
+        Ok(Backchannel::Ended(_)) => "success",
+        Ok(Backchannel::Replayed) => "replayed",
         Err(ApiError::OAuth { .. } | ApiError::BadRequest { .. }) => "refused",
         Err(_) => "error",
     };
     metrics::counter!("portcullis_backchannel_logouts_total", "outcome" => outcome).increment(1);
     match result {
-        Ok((provider, subject, logout, revoked)) => {
-            tracing::info!(%provider, %subject, sessions = revoked.len(), "back-channel logout");
-            state.audit.record(AuditEvent {
-                at: state.keys.now(),
-                actor: format!("provider:{provider}"),
-                action: "logout.backchannel".to_owned(),
-                target: subject,
-                source_ip: Some(ip.to_string()),
-                detail: serde_json::json!({
-                    "provider": provider,
-                    "sid": logout.sid,
-                    "jti": logout.jti,
-                    "families_revoked": revoked,
-                })
-                .into(),
-            });
+        Ok(done) => {
+            if let Backchannel::Ended(ended) = done {
+                for (provider, subject, logout, revoked) in ended {
+                    tracing::info!(%provider, %subject, sessions = revoked.len(), "back-channel logout");
+                    state.audit.record(AuditEvent {
+                        at: state.keys.now(),
+                        actor: format!("provider:{provider}"),
+                        action: "logout.backchannel".to_owned(),
+                        target: subject,
+                        source_ip: Some(ip.to_string()),
+                        detail: serde_json::json!({
+                            "provider": provider,
+                            "sid": logout.sid,
+                            "jti": logout.jti,
+                            "families_revoked": revoked,
+                        })
+                        .into(),
+                    });
+                }
+            }
             let mut response = StatusCode::OK.into_response();
             no_store(&mut response);
             Ok(response)
         }
         Err(e) => {
-            // the reason is ours (a variant's text), never the token's content
+            // the reason is ours (a variant's text), never the token's content; at debug
+            // level, since anyone may post garbage here (the metric counts refusals)
             let (status, code, description) = e.parts();
-            tracing::info!(status = status.as_u16(), code, reason = %description, client_ip = %ip, "back-channel logout refused");
+            tracing::debug!(status = status.as_u16(), code, reason = %description, client_ip = %ip, "back-channel logout refused");
             Err(e)
         }
     }
 }
 
-/// The provider's name, the subject, the verified token and the families revoked.
+/// What a back-channel logout did.
+enum Backchannel {
+    /// Per provider name: the provider, the subject, the token and the families revoked.
+    Ended(Vec<(String, String, super::logout_token::Logout, Vec<String>)>),
+    /// The token was used already: nothing done.
+    Replayed,
+}
+
 async fn backchannel_logout_inner(
     state: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(String, String, super::logout_token::Logout, Vec<String>), ApiError> {
+) -> Result<Backchannel, ApiError> {
     let mut form = crate::oauth::token::parse_form(headers, body, &["logout_token"])?;
     let token = form.take("logout_token").ok_or_else(|| {
         ApiError::oauth(
@@ -538,21 +554,31 @@ async fn backchannel_logout_inner(
         )
     })?;
     let now = state.keys.now();
-    let (provider, logout) = state.sso.verify_logout_token(&token, now).await?;
-    if !state.sso.claim_logout(&provider, &logout, now).await? {
-        return Err(SsoError::from(super::logout_token::LogoutTokenError::Replayed).into());
+    let (providers, logout) = state.sso.verify_logout_token(&token, now).await?;
+    let Some(first) = providers.first() else {
+        return Err(SsoError::UnknownProvider.into());
+    };
+    // once per token: a replay (within the token's life) must not end a session made
+    // after the logout it announced
+    if !state.sso.claim_logout(first, &logout, now).await? {
+        return Ok(Backchannel::Replayed);
     }
-    let subject = format!("{provider}:{}", logout.sub);
-    match end_sessions(state, &subject, logout.sid.as_deref(), now).await {
-        Ok(revoked) => Ok((provider, subject, logout, revoked)),
-        Err(e) => {
-            // not done: the provider may send the token again
-            if let Err(release) = state.sso.release_logout(&provider, &logout).await {
-                tracing::warn!(error = %release, "a failed back-channel logout stays marked used");
+    let mut ended = Vec::with_capacity(providers.len());
+    for provider in &providers {
+        let subject = format!("{provider}:{}", logout.sub);
+        match end_sessions(state, &subject, logout.sid.as_deref(), now).await {
+            Ok(revoked) => ended.push((provider.clone(), subject, logout.clone(), revoked)),
+            Err(e) => {
+                // not done: the provider may send the token again (what was revoked
+                // stays revoked; revoking again is harmless)
+                if let Err(release) = state.sso.release_logout(first, &logout).await {
+                    tracing::warn!(error = %release, "a failed back-channel logout stays marked used");
+                }
+                return Err(e);
             }
-            Err(e)
         }
     }
+    Ok(Backchannel::Ended(ended))
 }
 
 /// Revokes the live console sessions of `subject` that `sid` names (all of them without

@@ -4,9 +4,14 @@
 //!
 //! Validated like an ID token (signature under a pinned algorithm by a key of the
 //! provider's JWKS, `iss`, `aud`, `azp`, `iat`, `exp` when present), then as a logout
-//! token: the back-channel logout event is there, no `nonce` (so an ID token cannot pass
-//! for one), a `jti` (the caller makes it single use), a `sub`, and an `iat` no older than
-//! [`MAX_AGE`], which bounds replay for providers that send no `exp`.
+//! token: the back-channel logout event is there, no `nonce` claim at all (so an ID token
+//! cannot pass for one), a `jti` (the caller makes it single use), a `sub`, and an `iat`
+//! no older than [`MAX_AGE`]. `exp` is checked when present but not required: providers
+//! built to the spec's earlier drafts send none, and the `iat` bound limits such a
+//! token's life as `exp` would.
+//!
+//! A refusal's text never quotes the token (its `kid`, its `typ`): anyone may post one,
+//! and the text goes back to them and into the log.
 
 use std::time::Duration;
 
@@ -25,13 +30,13 @@ pub const MAX_AGE: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogoutTokenError {
     /// Signature, issuer, audience or times, as for an ID token.
-    #[error(transparent)]
+    #[error("{}", jwt_refusal(.0))]
     Jwt(#[from] IdTokenError),
     /// `iss` and `aud` name no configured provider and client.
     #[error("the logout token is from no configured provider")]
     UnknownIssuer,
-    /// Explicitly typed as another kind of JWT.
-    #[error("the logout token's typ {0:?} is not logout+jwt")]
+    /// Explicitly typed as another kind of JWT (the type it claims, for `Debug` only).
+    #[error("the logout token's typ is not logout+jwt: it is another kind of JWT")]
     Type(String),
     /// `events` lacks the back-channel logout event (or is not an object).
     #[error("the logout token carries no back-channel logout event")]
@@ -48,9 +53,26 @@ pub enum LogoutTokenError {
     /// `iat` is older than [`MAX_AGE`].
     #[error("the logout token was issued too long ago")]
     TooOld,
-    /// Its `jti` was used already.
-    #[error("the logout token was used already")]
-    Replayed,
+}
+
+/// What the shared checks' refusal means for a logout token, in words of its own and
+/// without anything the token holds.
+fn jwt_refusal(e: &IdTokenError) -> &'static str {
+    match e {
+        IdTokenError::Malformed => {
+            "the logout token is malformed (not a JWT of the expected claims)"
+        }
+        IdTokenError::Algorithm(_) => {
+            "the logout token is signed with an algorithm not accepted for this provider"
+        }
+        IdTokenError::UnknownKey(_) => "no key of the provider's JWKS has the logout token's kid",
+        IdTokenError::Signature => "the logout token's signature does not verify",
+        IdTokenError::Issuer => "the logout token is from another issuer",
+        IdTokenError::Audience => "the logout token is for another client",
+        IdTokenError::Expired => "the logout token has expired",
+        IdTokenError::NotYetValid => "the logout token is not valid yet",
+        IdTokenError::Nonce => "a logout token must not carry a nonce",
+    }
 }
 
 /// A verified logout token: whose sessions end.
@@ -79,17 +101,31 @@ struct LogoutClaims {
     jti: Option<String>,
     #[serde(default)]
     events: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    nonce: Option<serde_json::Value>,
 }
 
-/// The unverified `iss` and `aud` of a JWT, to pick the provider whose keys verify it.
+/// The unverified `iss`, `aud` and `azp` of a JWT, to pick the provider whose keys verify
+/// it.
 #[derive(Debug, Deserialize)]
 pub struct Addressed {
     /// Issuer.
     pub iss: String,
     /// Audience(s).
     pub aud: crate::oauth::claims::Audiences,
+    /// Authorized party.
+    #[serde(default)]
+    pub azp: Option<String>,
+}
+
+impl Addressed {
+    /// Whether the token is addressed to our client `client_id` at `issuer`: the issuer,
+    /// and the authorized party when named, else one of the audiences.
+    pub fn to(&self, issuer: &str, client_id: &str) -> bool {
+        self.iss == issuer
+            && match &self.azp {
+                Some(azp) => azp == client_id,
+                None => self.aud.to_vec().iter().any(|a| a == client_id),
+            }
+    }
 }
 
 /// Reads `iss` and `aud` without verifying anything; `None` when the token is no JWT.
@@ -108,8 +144,12 @@ pub fn verify(
     jwks: &JwkSet,
     trusted: &Trusted<'_>,
 ) -> Result<Logout, LogoutTokenError> {
-    let (header, claims): (_, LogoutClaims) =
+    let (header, raw): (_, serde_json::Map<String, serde_json::Value>) =
         id_token::decode_signed(token, jwks, trusted, &["iss", "aud"])?;
+    // §2.6: the claim must not be there at all, `null` included
+    let has_nonce = raw.contains_key("nonce");
+    let claims: LogoutClaims = serde_json::from_value(serde_json::Value::Object(raw))
+        .map_err(|_| IdTokenError::Malformed)?;
     // §2.4: a logout token SHOULD be typed `logout+jwt`; older providers send `JWT` or
     // nothing. Any other type is another kind of token signed by the same keys.
     match header.typ.as_deref() {
@@ -135,7 +175,7 @@ pub fn verify(
     if !matches!(event, Some(serde_json::Value::Object(_))) {
         return Err(LogoutTokenError::NoEvent);
     }
-    if claims.nonce.is_some() {
+    if has_nonce {
         return Err(LogoutTokenError::Nonce);
     }
     let jti = claims
@@ -381,5 +421,49 @@ mod tests {
         for garbage in ["", "a.b.c", "no-dots", "..", "x.eyJpc3MiOjF9.y"] {
             assert!(addressed(garbage).is_none(), "{garbage}");
         }
+    }
+
+    #[test]
+    fn a_null_nonce_is_a_nonce_and_refusals_never_quote_the_token() {
+        let s = signer();
+        let null_nonce = with(|c| {
+            c.insert("nonce".into(), serde_json::Value::Null);
+        });
+        assert_eq!(
+            verify(&sign(&s, None, &null_nonce), &s.jwks, &trusted()).unwrap_err(),
+            LogoutTokenError::Nonce
+        );
+        let typed = verify(
+            &sign(&s, Some("evil\"typ"), &good_claims()),
+            &s.jwks,
+            &trusted(),
+        )
+        .unwrap_err();
+        assert_eq!(typed, LogoutTokenError::Type("evil\"typ".to_owned()));
+        assert!(!typed.to_string().contains("evil"), "{typed}");
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("evil-kid".to_owned());
+        let unknown = jsonwebtoken::encode(&header, &good_claims(), &s.key).unwrap();
+        let e = verify(&unknown, &s.jwks, &trusted()).unwrap_err();
+        assert_eq!(
+            e,
+            LogoutTokenError::Jwt(IdTokenError::UnknownKey(Some("evil-kid".to_owned())))
+        );
+        assert!(!e.to_string().contains("evil"), "{e}");
+    }
+
+    #[test]
+    fn the_authorized_party_picks_the_client_among_several_audiences() {
+        let s = signer();
+        let a = addressed(&sign(&s, None, &good_claims())).unwrap();
+        assert!(a.to(ISSUER, CLIENT));
+        assert!(!a.to(ISSUER, "other") && !a.to("https://other.example", CLIENT));
+        let several = with(|c| {
+            c.insert("aud".into(), json!(["other", CLIENT]));
+            c.insert("azp".into(), json!(CLIENT));
+        });
+        let a = addressed(&sign(&s, None, &several)).unwrap();
+        assert!(a.to(ISSUER, CLIENT) && !a.to(ISSUER, "other"));
+        assert!(verify(&sign(&s, None, &several), &s.jwks, &trusted()).is_ok());
     }
 }

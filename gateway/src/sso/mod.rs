@@ -429,38 +429,44 @@ impl Sso {
         }
     }
 
-    /// Verifies a back-channel logout token (see [`logout_token`]): the provider is the one
-    /// configured with the token's `iss` whose client id is in its `aud`, and its keys
-    /// must verify it. Returns the provider's name and whose sessions end. Nothing is
-    /// revoked here, and the token is not yet marked used: see [`Sso::claim_logout`].
+    /// Verifies a back-channel logout token (see [`logout_token`]) by the keys of the
+    /// provider configured with its `iss` and client id (its `azp`, else one of its
+    /// `aud`). Returns the names of every provider configured with that issuer and client
+    /// id (the same provider under several names: each has its own console sessions) and
+    /// whose sessions end. Nothing is revoked here, and the token is not yet marked used:
+    /// see [`Sso::claim_logout`].
     #[tracing::instrument(skip_all)]
     pub async fn verify_logout_token(
         &self,
         token: &str,
         now: OffsetDateTime,
-    ) -> Result<(String, Logout), SsoError> {
+    ) -> Result<(Vec<String>, Logout), SsoError> {
         if self.inner.providers.is_empty() {
             return Err(SsoError::Disabled);
         }
         let addressed =
             logout_token::addressed(token).ok_or(LogoutTokenError::Jwt(IdTokenError::Malformed))?;
-        let audiences = addressed.aud.to_vec();
-        let provider = self
+        let named: Vec<&Arc<Provider>> = self
             .inner
             .providers
             .iter()
-            .find(|p| {
-                p.settings.issuer == addressed.iss
-                    && audiences.iter().any(|a| *a == p.settings.client_id)
-            })
-            .ok_or(LogoutTokenError::UnknownIssuer)?;
+            .filter(|p| addressed.to(&p.settings.issuer, &p.settings.client_id))
+            .collect();
+        let provider = named.first().ok_or(LogoutTokenError::UnknownIssuer)?;
         let metadata = provider.metadata().await?;
         let trusted = self.trusted(provider, &metadata, now);
         let logout = with_provider_keys(provider, |jwks| {
             logout_token::verify(token, jwks, &trusted).map_err(SsoError::from)
         })
         .await?;
-        Ok((provider.settings.name.clone(), logout))
+        // with several audiences and no `azp`, `named` may hold other clients too: the
+        // verification above refused such a token, so all of `named` share the client
+        let names = named
+            .iter()
+            .filter(|p| p.settings.client_id == provider.settings.client_id)
+            .map(|p| p.settings.name.clone())
+            .collect();
+        Ok((names, logout))
     }
 
     /// Marks the logout token `jti` of `provider` used until `logout.valid_until`: `true`

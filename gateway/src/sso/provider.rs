@@ -136,9 +136,9 @@ impl Provider {
         Ok(metadata)
     }
 
-    /// The JWKS: cached, or fetched when `refresh` asks for it and the last fetch is at
-    /// least `jwks_min_refetch` old (so tokens with made-up `kid`s cannot make us hammer
-    /// the provider).
+    /// The JWKS: cached, or fetched when `refresh` asks for it and the last fetch (or
+    /// attempt) is at least `jwks_min_refetch` old (so tokens with made-up `kid`s cannot
+    /// make us hammer the provider, nor queue behind its timeouts while it is away).
     pub async fn jwks(&self, refresh: bool) -> Result<Arc<JwkSet>, SsoError> {
         let mut cache = self.jwks.lock().await;
         let fresh_enough = cache
@@ -148,6 +148,11 @@ impl Provider {
             && (!refresh || fresh_enough)
         {
             return Ok(set.clone());
+        }
+        // a refetch counts from when it was tried, not only from when it worked: while the
+        // provider is slow or away, made-up `kid`s must not send a request each
+        if cache.set.is_some() {
+            cache.fetched_at = Some(Instant::now());
         }
         let metadata = self.metadata().await?;
         let set: JwkSet = self.get_json(&metadata.jwks_uri).await?;

@@ -416,7 +416,7 @@ fn token(app: &TestApp, scope: &str, roles: &[&str]) -> String {
 
 /// A real console session (refresh family and access token, as a login makes them);
 /// returns the `Cookie` header a browser would send.
-async fn session_cookie(app: &TestApp, user: &str, roles: &[&str]) -> String {
+pub async fn session_cookie(app: &TestApp, user: &str, roles: &[&str]) -> String {
     let new = NewSession {
         subject: format!("test:{user}"),
         info: SessionInfo {

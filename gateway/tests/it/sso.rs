@@ -1536,6 +1536,19 @@ async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing
             ),
         ),
         (
+            "a nonce of null",
+            "nonce",
+            form(
+                &signed(
+                    typed.clone(),
+                    with(&|c| {
+                        c.insert("nonce".into(), serde_json::Value::Null);
+                    }),
+                )
+                .await,
+            ),
+        ),
+        (
             "by sid alone",
             "sid alone",
             form(
@@ -1589,6 +1602,31 @@ async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing
         assert!(alive().await, "{what} ended the session");
     }
 
+    // a token naming another provider session leaves this one, whose login recorded its
+    // own sid, and ends one of the same user whose login recorded none
+    let unrecorded = super::proxy::session_cookie(&f.app, "bob", &["operator"]).await;
+    let unrecorded = SecretString::from(
+        unrecorded
+            .split("; ")
+            .find_map(|c| c.strip_prefix("__Host-portcullis-rt="))
+            .unwrap()
+            .to_owned(),
+    );
+    assert!(live(&f, &unrecorded).await);
+    let other_session = with(&|c| {
+        c.insert("sid".into(), "another-provider-session".into());
+        c.insert("jti".into(), uuid::Uuid::new_v4().to_string().into());
+    });
+    let r = post(FORM, form(&signed(typed.clone(), other_session).await))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(alive().await, "a session of another sid was ended");
+    assert!(
+        !live(&f, &unrecorded).await,
+        "a session without a sid survived"
+    );
+
     let token = signed(typed.clone(), good.clone()).await;
     let done = post(FORM, form(&token)).await.unwrap();
     assert_eq!(done.status(), StatusCode::OK);
@@ -1599,25 +1637,108 @@ async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing
         "a token without sid ends the subject's sessions"
     );
 
-    let replayed = post(FORM, form(&token)).await.unwrap();
-    assert_eq!(replayed.status(), StatusCode::BAD_REQUEST);
-    let body: serde_json::Value = replayed.json().await.unwrap();
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("used already"),
-        "{body}"
+    // the same token again (a provider's retry, or someone who saw it): 200, and it ends
+    // nothing, not the session the user has logged in to since
+    assert_eq!(
+        f.login("bob", "bob-battery-staple").await.status(),
+        StatusCode::FOUND
     );
+    let fresh = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let replayed = post(FORM, form(&token)).await.unwrap();
+    assert_eq!(replayed.status(), StatusCode::OK);
+    assert!(live(&f, &fresh).await, "a replay ended a later session");
 
-    // a user with no session left: nothing to end, and that is a success
-    let again = with(&|c| {
+    // a user with no session: nothing to end, and that is a success
+    let nobody = with(&|c| {
+        c.insert("sub".into(), "carol".into());
         c.insert("jti".into(), uuid::Uuid::new_v4().to_string().into());
     });
-    let none_left = post(FORM, form(&signed(typed.clone(), again).await))
+    let none_left = post(FORM, form(&signed(typed.clone(), nobody).await))
         .await
         .unwrap();
     assert_eq!(none_left.status(), StatusCode::OK);
+    assert!(live(&f, &fresh).await);
+}
+
+/// Whether `refresh` is the current token of a live family at `f`'s instance.
+async fn live(f: &SsoFixture, refresh: &SecretString) -> bool {
+    f.app
+        .state
+        .refresh
+        .inspect(refresh, f.clock.now())
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// One provider configured under two names (as for two role mappings): its logout token
+/// ends the console sessions of both, as each login made its own subject.
+#[tokio::test]
+async fn a_logout_token_ends_the_sessions_of_every_name_its_provider_is_configured_under() {
+    let f = SsoFixture::start(|c| {
+        let mut twin = c.sso.providers[0].clone();
+        twin.name = "twin".to_owned();
+        c.sso.providers.push(twin);
+    })
+    .await;
+    let callback = f
+        .login_at_idp("?provider=twin&redirect=/jobs", "bob", "bob-battery-staple")
+        .await;
+    assert_eq!(
+        f.browser.get(callback).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    assert_eq!(
+        f.me().await.json::<serde_json::Value>().await.unwrap()["subject"],
+        "twin:bob"
+    );
+    let twin = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let (other_jar, other) = f.other_browser();
+    let callback = f
+        .idp
+        .browser_login(
+            &other,
+            &f.app.url("/auth/login?provider=test"),
+            "bob",
+            "bob-battery-staple",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        other.get(callback).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    let test = SecretString::from(jar_cookie(&other_jar, &f.app, REFRESH_COOKIE).unwrap());
+    assert!(live(&f, &twin).await && live(&f, &test).await);
+
+    let iat = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = f
+        .idp
+        .sign(
+            serde_json::json!({ "typ": "logout+jwt" }),
+            serde_json::json!({
+                "iss": f.idp.issuer(),
+                "aud": f.idp.options().client_id,
+                "iat": iat,
+                "exp": iat + 120,
+                "jti": uuid::Uuid::new_v4().to_string(),
+                "sub": "bob",
+                "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+            }),
+        )
+        .await
+        .unwrap();
+    let done = f
+        .app
+        .https_client()
+        .post(f.app.url("/auth/backchannel-logout"))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    assert!(!live(&f, &twin).await, "the session under `twin` survived");
+    assert!(!live(&f, &test).await, "the session under `test` survived");
 }
 
 fn urlencoding(text: &str) -> String {
