@@ -565,9 +565,10 @@ async fn backchannel_logout_inner(
     }
     let mut ended = Vec::with_capacity(providers.len());
     for provider in &providers {
-        let subject = format!("{provider}:{}", logout.sub);
-        match end_sessions(state, &subject, logout.sid.as_deref(), now).await {
-            Ok(revoked) => ended.push((provider.clone(), subject, logout.clone(), revoked)),
+        match end_sessions(state, provider, &logout, now).await {
+            Ok((target, revoked)) => {
+                ended.push((provider.clone(), target, logout.clone(), revoked));
+            }
             Err(e) => {
                 // not done: the provider may send the token again (what was revoked
                 // stays revoked; revoking again is harmless)
@@ -581,30 +582,57 @@ async fn backchannel_logout_inner(
     Ok(Backchannel::Ended(ended))
 }
 
-/// Revokes the live console sessions of `subject` that `sid` names (all of them without
-/// one; with one, also those whose login recorded no `sid`); returns their family ids.
+/// Ends the console sessions from `provider` that `logout` names: of its subject, those
+/// whose login recorded its `sid` or none (all of them without a `sid`); and every one the
+/// logins of its `sid` made (how a token naming only the `sid` finds them). Returns the
+/// audit target (the subject, or the provider session) and the families revoked.
 async fn end_sessions(
     state: &AppState,
-    subject: &str,
-    sid: Option<&str>,
+    provider: &str,
+    logout: &super::logout_token::Logout,
     now: time::OffsetDateTime,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<(String, Vec<String>), ApiError> {
     let console = &state.sso.settings().console_client_id;
     let mut revoked = Vec::new();
-    for session in state.refresh.list_sessions(subject, now).await? {
-        if session.client_id != *console {
-            continue;
-        }
-        let recorded = session.session.get("idp_sid").and_then(|v| v.as_str());
-        let named = match (sid, recorded) {
-            (Some(wanted), Some(had)) => wanted == had,
-            _ => true,
-        };
-        if named && state.refresh.revoke_family(&session.family).await? {
-            revoked.push(session.family.to_string());
+    if let Some(sub) = &logout.sub {
+        for session in state
+            .refresh
+            .list_sessions(&format!("{provider}:{sub}"), now)
+            .await?
+        {
+            if session.client_id != *console {
+                continue;
+            }
+            let recorded = session.session.get("idp_sid").and_then(|v| v.as_str());
+            let named = match (logout.sid.as_deref(), recorded) {
+                (Some(wanted), Some(had)) => wanted == had,
+                _ => true,
+            };
+            if named && state.refresh.revoke_family(&session.family).await? {
+                revoked.push(session.family.to_string());
+            }
         }
     }
-    Ok(revoked)
+    if let Some(sid) = &logout.sid {
+        for family in state
+            .sso
+            .sessions_of_provider_session(provider, sid)
+            .await?
+        {
+            let Ok(id) = family.parse::<crate::refresh::FamilyId>() else {
+                continue;
+            };
+            if !revoked.contains(&family) && state.refresh.revoke_family(&id).await? {
+                revoked.push(family);
+            }
+        }
+    }
+    let target = match (&logout.sub, &logout.sid) {
+        (Some(sub), _) => format!("{provider}:{sub}"),
+        (None, Some(sid)) => format!("{provider} session {sid}"),
+        (None, None) => provider.to_owned(),
+    };
+    Ok((target, revoked))
 }
 
 /// The provider's `end_session_endpoint` with `id_token_hint` (when we have the ID token),

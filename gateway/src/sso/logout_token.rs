@@ -5,7 +5,8 @@
 //! Validated like an ID token (signature under a pinned algorithm by a key of the
 //! provider's JWKS, `iss`, `aud`, `azp`, `iat`, `exp` when present), then as a logout
 //! token: the back-channel logout event is there, no `nonce` claim at all (so an ID token
-//! cannot pass for one), a `jti` (the caller makes it single use), a `sub`, and an `iat`
+//! cannot pass for one), a `jti` (the caller makes it single use), a `sub` or a `sid` (or
+//! both), and an `iat`
 //! no older than [`MAX_AGE`]. `exp` is checked when present but not required: providers
 //! built to the spec's earlier drafts send none, and the `iat` bound limits such a
 //! token's life as `exp` would.
@@ -47,8 +48,8 @@ pub enum LogoutTokenError {
     /// No `jti`.
     #[error("the logout token has no jti")]
     NoJti,
-    /// No `sub`: logging out by `sid` alone is not supported.
-    #[error("the logout token has no sub; a logout by sid alone is not supported")]
+    /// Neither `sub` nor `sid`.
+    #[error("the logout token names neither sub nor sid")]
     NoSubject,
     /// `iat` is older than [`MAX_AGE`].
     #[error("the logout token was issued too long ago")]
@@ -78,9 +79,10 @@ fn jwt_refusal(e: &IdTokenError) -> &'static str {
 /// A verified logout token: whose sessions end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Logout {
-    /// The subject at the provider.
-    pub sub: String,
-    /// The provider's session, when named: only the logins of that session end.
+    /// The subject at the provider, when named.
+    pub sub: Option<String>,
+    /// The provider's session, when named: only the logins of that session end. At least
+    /// one of `sub` and `sid` is there.
     pub sid: Option<String>,
     /// The token's id.
     pub jti: String,
@@ -182,10 +184,11 @@ pub fn verify(
         .jti
         .filter(|j| !j.is_empty())
         .ok_or(LogoutTokenError::NoJti)?;
-    let sub = claims
-        .sub
-        .filter(|s| !s.is_empty())
-        .ok_or(LogoutTokenError::NoSubject)?;
+    let sub = claims.sub.filter(|s| !s.is_empty());
+    let sid = claims.sid.filter(|s| !s.is_empty());
+    if sub.is_none() && sid.is_none() {
+        return Err(LogoutTokenError::NoSubject);
+    }
     let valid_until = claims
         .registered
         .exp
@@ -193,7 +196,7 @@ pub fn verify(
         .saturating_add(leeway);
     Ok(Logout {
         sub,
-        sid: claims.sid.filter(|s| !s.is_empty()),
+        sid,
         jti,
         valid_until,
     })
@@ -279,11 +282,17 @@ mod tests {
         let s = signer();
         for typ in [Some("logout+jwt"), Some("JWT"), None] {
             let logout = verify(&sign(&s, typ, &good_claims()), &s.jwks, &trusted()).unwrap();
-            assert_eq!(logout.sub, "alice");
+            assert_eq!(logout.sub.as_deref(), Some("alice"));
             assert_eq!(logout.sid.as_deref(), Some("s-1"));
             assert_eq!(logout.jti, "j-1");
             assert_eq!(logout.valid_until, now().unix_timestamp() + 120 + 30);
         }
+        // a sid alone names the sessions too
+        let sid_only = with(|c| {
+            c.remove("sub");
+        });
+        let logout = verify(&sign(&s, None, &sid_only), &s.jwks, &trusted()).unwrap();
+        assert_eq!((logout.sub, logout.sid.as_deref()), (None, Some("s-1")));
         // without `exp`, the token is remembered as long as its `iat` is accepted
         let no_exp = with(|c| {
             c.remove("exp");
@@ -344,6 +353,7 @@ mod tests {
                 None,
                 with(|c| {
                     c.remove("sub");
+                    c.remove("sid");
                 })
             ),
             LogoutTokenError::NoSubject

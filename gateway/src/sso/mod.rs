@@ -490,6 +490,36 @@ impl Sso {
             .await?)
     }
 
+    /// Remembers that console session `family` was logged in through the provider session
+    /// `sid` of `provider`, for `ttl` (the session's longest life), so that a logout token
+    /// naming only that `sid` finds it.
+    pub async fn remember_provider_session(
+        &self,
+        provider: &str,
+        sid: &str,
+        family: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), SsoError> {
+        Ok(self
+            .inner
+            .pending
+            .index_add(&session_index_key(provider, sid), family, ttl)
+            .await?)
+    }
+
+    /// The console sessions (family ids) logged in through the provider session `sid`.
+    pub async fn sessions_of_provider_session(
+        &self,
+        provider: &str,
+        sid: &str,
+    ) -> Result<Vec<String>, SsoError> {
+        Ok(self
+            .inner
+            .pending
+            .index_members(&session_index_key(provider, sid))
+            .await?)
+    }
+
     /// Forgets a claim of [`Sso::claim_logout`] whose logout failed, so the provider may
     /// send the token again.
     pub async fn release_logout(&self, provider: &str, logout: &Logout) -> Result<(), SsoError> {
@@ -504,6 +534,11 @@ impl Sso {
 /// The single-use key of a logout token: the provider and its `jti` (§2.6 point 10).
 fn logout_claim_key(provider: &str, jti: &str) -> String {
     format!("logout-token\n{provider}\n{jti}")
+}
+
+/// The index of the console sessions a provider session's logins made.
+fn session_index_key(provider: &str, sid: &str) -> String {
+    format!("provider-session\n{provider}\n{sid}")
 }
 
 /// Runs `check` with the provider's cached JWKS and, when it names a key that set does not

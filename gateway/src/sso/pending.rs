@@ -3,6 +3,10 @@
 //! takes the record out atomically (`GETDEL` in Redis), so a replayed `state` finds
 //! nothing. Stored under a hash of `state`, never `state` itself.
 //!
+//! The same store keeps what back-channel logout needs: single-use marks (a logout
+//! token's `jti`) and, per provider session, the console sessions its logins made (so a
+//! logout token naming only a `sid` finds them).
+//!
 //! Redis (shared by every instance: the callback may reach another instance than the
 //! login did), or in process for a single `--dev` instance. Both pass the same
 //! conformance tests.
@@ -71,6 +75,13 @@ pub trait PendingStore: Send + Sync + 'static {
 
     /// Forgets a [`PendingStore::claim`] (what it guarded failed and may be retried).
     async fn release(&self, key: &str) -> Result<(), PendingError>;
+
+    /// Adds `member` to the set `key`, which lives `ttl` from now (the later of that and
+    /// its expiry so far, in Redis: each add sets it).
+    async fn index_add(&self, key: &str, member: &str, ttl: Duration) -> Result<(), PendingError>;
+
+    /// The members of the set `key` (none once it expired).
+    async fn index_members(&self, key: &str) -> Result<Vec<String>, PendingError>;
 }
 
 fn key_of(prefix: &str, state: &str) -> String {
@@ -81,6 +92,16 @@ fn key_of(prefix: &str, state: &str) -> String {
 fn claim_key_of(prefix: &str, key: &str) -> String {
     let hex = hex::encode(Sha256::digest(key.as_bytes()));
     format!("{prefix}used:{hex}")
+}
+
+/// Adds ARGV[1] to the set KEYS[1] and makes it live at least ARGV[2] ms more.
+const INDEX_ADD: &str = "redis.call('SADD', KEYS[1], ARGV[1]) \
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then \
+    redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 1";
+
+fn index_key_of(prefix: &str, key: &str) -> String {
+    let hex = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{prefix}index:{hex}")
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -172,6 +193,27 @@ impl PendingStore for RedisPendingStore {
         let _: i64 = self.run(cmd).await?;
         Ok(())
     }
+
+    #[tracing::instrument(name = "redis.sso_index.add", skip_all, fields(otel.kind = "client"))]
+    async fn index_add(&self, key: &str, member: &str, ttl: Duration) -> Result<(), PendingError> {
+        // one key, so one slot in a cluster; one script, so the set never lives without
+        // its expiry (sent whole each time: this runs once per login)
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(INDEX_ADD)
+            .arg(1)
+            .arg(index_key_of(&self.prefix, key))
+            .arg(member)
+            .arg(ttl_ms(ttl));
+        let _: i64 = self.run(cmd).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "redis.sso_index.members", skip_all, fields(otel.kind = "client"))]
+    async fn index_members(&self, key: &str) -> Result<Vec<String>, PendingError> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(index_key_of(&self.prefix, key));
+        self.run(cmd).await
+    }
 }
 
 // === in process ===
@@ -181,6 +223,7 @@ impl PendingStore for RedisPendingStore {
 pub struct MemoryPendingStore {
     entries: Mutex<HashMap<String, (PendingLogin, Instant)>>,
     claims: Mutex<HashMap<String, Instant>>,
+    indexes: Mutex<HashMap<String, (Vec<String>, Instant)>>,
 }
 
 /// Past this many pending logins, expired ones are swept on insert.
@@ -235,5 +278,36 @@ impl PendingStore for MemoryPendingStore {
     async fn release(&self, key: &str) -> Result<(), PendingError> {
         self.claims.lock().await.remove(&claim_key_of("", key));
         Ok(())
+    }
+
+    async fn index_add(&self, key: &str, member: &str, ttl: Duration) -> Result<(), PendingError> {
+        let now = Instant::now();
+        let mut indexes = self.indexes.lock().await;
+        if indexes.len() >= SWEEP_AT {
+            indexes.retain(|_, (_, until)| *until > now);
+        }
+        let (members, until) = indexes
+            .entry(index_key_of("", key))
+            .or_insert_with(|| (Vec::new(), now));
+        if *until <= now {
+            members.clear();
+        }
+        if !members.iter().any(|m| m == member) {
+            members.push(member.to_owned());
+        }
+        *until = (*until).max(now + ttl);
+        Ok(())
+    }
+
+    async fn index_members(&self, key: &str) -> Result<Vec<String>, PendingError> {
+        let now = Instant::now();
+        Ok(self
+            .indexes
+            .lock()
+            .await
+            .get(&index_key_of("", key))
+            .filter(|(_, until)| *until > now)
+            .map(|(members, _)| members.clone())
+            .unwrap_or_default())
     }
 }

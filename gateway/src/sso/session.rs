@@ -281,6 +281,19 @@ pub async fn establish(
             now,
         )
         .await?;
+    let lifetime = state.config.refresh.absolute_lifetime;
+    // a logout token naming only the provider session finds this one through it
+    if let Some(sid) = &new.info.idp_sid {
+        state
+            .sso
+            .remember_provider_session(
+                &new.info.provider,
+                sid,
+                &issued.session.family.to_string(),
+                lifetime.min(sso.session_max_lifetime),
+            )
+            .await?;
+    }
     let (access, claims) = mint(
         state,
         &new.subject,
@@ -288,7 +301,6 @@ pub async fn establish(
         &new.info,
         session_end(state, issued.session.auth_time),
     )?;
-    let lifetime = state.config.refresh.absolute_lifetime;
     // a cookie over the size every browser keeps would be dropped without a word; then
     // there is no hint, and logout names the client instead (see `handlers::logout`).
     // Without a hint of this login, one left by an earlier login must go too: it would

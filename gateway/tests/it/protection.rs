@@ -920,6 +920,50 @@ async fn a_claim_is_granted_once_until_released_or_expired(backend: Backend) {
     );
 }
 
+/// An index (a provider session's console sessions) keeps each member once, apart from
+/// other indexes and from claims, and lives as long as its longest add asked.
+async fn an_index_keeps_its_members_until_it_expires(backend: Backend) {
+    let store = pending_store(backend);
+    let long = Duration::from_secs(60);
+    assert!(store.index_members("sid-1").await.unwrap().is_empty());
+    store.index_add("sid-1", "family-a", long).await.unwrap();
+    store.index_add("sid-1", "family-b", long).await.unwrap();
+    store.index_add("sid-1", "family-a", long).await.unwrap();
+    store.index_add("sid-2", "family-c", long).await.unwrap();
+    let mut members = store.index_members("sid-1").await.unwrap();
+    members.sort_unstable();
+    assert_eq!(members, ["family-a", "family-b"]);
+    assert_eq!(store.index_members("sid-2").await.unwrap(), ["family-c"]);
+    assert!(
+        store.claim("sid-1", long).await.unwrap(),
+        "claims are apart"
+    );
+
+    // a shorter add does not cut the life a longer one gave
+    store
+        .index_add("sid-2", "family-d", Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.index_members("sid-2").await.unwrap().len(), 2);
+    store
+        .index_add("short", "family-e", Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(store.index_members("short").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_index_keeps_its_members_until_it_expires_in_memory() {
+    an_index_keeps_its_members_until_it_expires(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn an_index_keeps_its_members_until_it_expires_in_redis() {
+    an_index_keeps_its_members_until_it_expires(Backend::Redis).await;
+}
+
 #[tokio::test]
 async fn a_claim_is_granted_once_until_released_or_expired_in_memory() {
     a_claim_is_granted_once_until_released_or_expired(Backend::Memory).await;

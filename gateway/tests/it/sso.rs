@@ -1549,14 +1549,13 @@ async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing
             ),
         ),
         (
-            "by sid alone",
-            "sid alone",
+            "neither sub nor sid",
+            "neither sub nor sid",
             form(
                 &signed(
                     typed.clone(),
                     with(&|c| {
                         c.remove("sub");
-                        c.insert("sid".into(), "s-1".into());
                     }),
                 )
                 .await,
@@ -1743,4 +1742,93 @@ async fn a_logout_token_ends_the_sessions_of_every_name_its_provider_is_configur
 
 fn urlencoding(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// A logout token may name only the provider session (`sid`, no `sub`): the console
+/// sessions its logins made end, found through the index each login adds to, and the
+/// same user's session of another provider session stays.
+#[tokio::test]
+async fn a_logout_token_naming_only_the_provider_session_ends_the_sessions_it_made() {
+    let f = SsoFixture::start(|_| {}).await;
+    assert_eq!(
+        f.login("alice", "alice-correct-horse").await.status(),
+        StatusCode::FOUND
+    );
+    let here = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let (other_jar, other) = f.other_browser();
+    let callback = f
+        .idp
+        .browser_login(
+            &other,
+            &f.app.url("/auth/login"),
+            "alice",
+            "alice-correct-horse",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        other.get(callback).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    let there = SecretString::from(jar_cookie(&other_jar, &f.app, REFRESH_COOKIE).unwrap());
+    let session = f
+        .app
+        .state
+        .refresh
+        .inspect(&here, f.clock.now())
+        .await
+        .unwrap()
+        .unwrap();
+    let sid = session.session["idp_sid"].as_str().unwrap().to_owned();
+
+    let iat = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = f
+        .idp
+        .sign(
+            serde_json::json!({ "typ": "logout+jwt" }),
+            serde_json::json!({
+                "iss": f.idp.issuer(),
+                "aud": f.idp.options().client_id,
+                "iat": iat,
+                "jti": uuid::Uuid::new_v4().to_string(),
+                "sid": sid,
+                "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+            }),
+        )
+        .await
+        .unwrap();
+    let done = f
+        .app
+        .https_client()
+        .post(f.app.url("/auth/backchannel-logout"))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    assert!(
+        !live(&f, &here).await,
+        "the provider session's console session survived"
+    );
+    assert!(
+        live(&f, &there).await,
+        "another provider session's was ended"
+    );
+    wait_for_audit_actor(
+        &f.app.state,
+        Duration::from_secs(10),
+        "logout.backchannel",
+        "provider:test",
+    )
+    .await;
+    let (_, target, detail) = portcullis::audit::recent(&f.app.state.db, "logout.backchannel", 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(target, format!("test session {sid}"));
+    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    assert_eq!(
+        detail["families_revoked"],
+        serde_json::json!([session.family.to_string()])
+    );
 }
