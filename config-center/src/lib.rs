@@ -34,7 +34,7 @@ pub use model::{
 };
 pub use signing::{ReleaseClaims, content_hash, signing_payload};
 pub use store::{
-    Aborted, ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseInfo,
-    ReleaseStatus, Store, StoreError, migrate,
+    Aborted, ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseCheck,
+    ReleaseInfo, ReleaseStatus, Store, StoreError, migrate,
 };
 pub use wire::{Entry, ErrorBody, Snapshot};

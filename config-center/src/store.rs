@@ -44,6 +44,9 @@ pub enum StoreError {
     /// A name or value was refused.
     #[error(transparent)]
     Invalid(#[from] ModelError),
+    /// The release's content was refused by the store's [`ReleaseCheck`].
+    #[error("{0}")]
+    Refused(String),
     /// Encryption or a key service failed (fail closed: nothing was read or written in
     /// plaintext).
     #[error(transparent)]
@@ -354,6 +357,36 @@ pub struct Store {
     envelope: Envelope,
     /// In-process change feed for SQLite (single instance); Postgres uses NOTIFY.
     local: broadcast::Sender<ReleaseEvent>,
+    /// What every new release's content must pass, beyond its names and formats.
+    check: Option<ReleaseCheck>,
+}
+
+/// A check of a release's whole content before it is written: `Err` says why it is
+/// refused ([`StoreError::Refused`]). For an application whose content something
+/// interprets (settings of the gateway itself), so that a release it would refuse is
+/// never published.
+#[derive(Clone)]
+pub struct ReleaseCheck(std::sync::Arc<CheckFn>);
+
+/// The function of a [`ReleaseCheck`].
+type CheckFn = dyn Fn(&Environment, &AppName, &[ConfigEntry]) -> Result<(), String> + Send + Sync;
+
+impl ReleaseCheck {
+    /// A check from a function.
+    pub fn new(
+        check: impl Fn(&Environment, &AppName, &[ConfigEntry]) -> Result<(), String>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        Self(std::sync::Arc::new(check))
+    }
+}
+
+impl std::fmt::Debug for ReleaseCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReleaseCheck")
+    }
 }
 
 type EntryRow = (String, String, bool, i64, Vec<u8>);
@@ -421,7 +454,16 @@ impl Store {
             pool,
             envelope,
             local,
+            check: None,
         }
+    }
+
+    /// The store with `check` run on the content of every new release (published,
+    /// edited, rolled back to, or published gray); a refusal writes nothing. An abort's
+    /// republication of the main release is not checked: that content is in force.
+    pub fn with_check(mut self, check: ReleaseCheck) -> Self {
+        self.check = Some(check);
+        self
     }
 
     /// The pool.
@@ -1040,6 +1082,9 @@ impl Store {
                 expected: v,
                 current: self.head_version(env, app).await?.unwrap_or(0),
             });
+        }
+        if let Some(check) = self.check.as_ref().filter(|_| release.abort.is_none()) {
+            (check.0)(env, app, release.entries).map_err(StoreError::Refused)?;
         }
         let (key_version, data_key) = self.current_data_key(env).await?;
         for _ in 0..ANY_RETRIES {

@@ -233,6 +233,11 @@ impl Application {
             let stop = shutdown.clone();
             async move { telemetry::metrics_upkeep(handle, stop).await }
         });
+        tasks.spawn(crate::protect::rate::prune_every(
+            state.rate.clone(),
+            crate::protect::rate::PRUNE_EVERY,
+            shutdown.clone(),
+        ));
 
         let limits = ConnectionLimits {
             tls_handshake_timeout: config.server.tls_handshake_timeout,

@@ -476,6 +476,9 @@ impl From<config_center::StoreError> for ApiError {
     fn from(e: config_center::StoreError) -> Self {
         match e {
             config_center::StoreError::Invalid(m) => m.into(),
+            config_center::StoreError::Refused(reason) => {
+                Self::bad_request("invalid_setting", reason)
+            }
             config_center::StoreError::Conflict { expected, current } => Self::Conflict {
                 code: "version_conflict",
                 description: format!(

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protect::RateSettings;
 use crate::protect::lockout::LockoutSettings;
-use crate::protect::rate::RateLayer;
+use crate::protect::rate::Prepared;
 use crate::proxy::upstream::Upstreams;
 use crate::state::AppState;
 
@@ -54,12 +54,17 @@ pub struct RuntimeSettings {
 impl RuntimeSettings {
     /// The configuration file's values: what an absent key means.
     pub fn baseline(state: &AppState) -> Self {
+        Self::of_file(&state.config)
+    }
+
+    /// [`RuntimeSettings::baseline`] of a configuration.
+    pub fn of_file(config: &crate::config::Config) -> Self {
         Self {
-            log_level: state.config.log.level.clone(),
-            auth_rate: state.config.protection.auth_rate,
-            token_rate: state.config.protection.token_rate,
-            lockout: state.config.protection.lockout.clone(),
-            upstreams: state.config.proxy.upstreams.clone(),
+            log_level: config.log.level.clone(),
+            auth_rate: config.protection.auth_rate,
+            token_rate: config.protection.token_rate,
+            lockout: config.protection.lockout.clone(),
+            upstreams: config.proxy.upstreams.clone(),
         }
     }
 
@@ -99,10 +104,8 @@ impl RuntimeSettings {
                         .filter(|u| !u.is_empty())
                         .map(str::to_owned)
                         .collect();
-                    for u in &s.upstreams {
-                        crate::proxy::settings::parse_upstream(u)
-                            .map_err(|e| format!("`{key}`: {e}"))?;
-                    }
+                    crate::proxy::settings::check_upstreams(&s.upstreams)
+                        .map_err(|(_, e)| format!("`{key}`: {e}"))?;
                     if s.upstreams.is_empty() {
                         return Err(format!("`{key}` names no admin node"));
                     }
@@ -164,8 +167,8 @@ impl RuntimeSettings {
 /// Settings checked and built by [`RuntimeSettings::stage`], not yet in force.
 struct Staged {
     log_level: String,
-    auth: RateLayer,
-    token: RateLayer,
+    auth: Prepared,
+    token: Prepared,
     /// `None`: the admin nodes stay as they are.
     upstreams: Option<Upstreams>,
     lockout: LockoutSettings,
@@ -193,6 +196,28 @@ fn number(key: &str, v: &str) -> Result<u32, String> {
 
 fn duration(key: &str, v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v).map_err(|e| format!("`{key}` must be a duration such as 30s: {e}"))
+}
+
+/// The check a release of the runtime settings must pass to be published, in every
+/// environment: what [`RuntimeSettings::from_entries`] checks, over this instance's file
+/// values. A release every instance would refuse is not written, so instances started
+/// later do not fall back to their files while the others keep an older release. (What
+/// only one instance can tell, such as admin nodes sent to an instance whose proxy is off,
+/// is still checked where it is applied.)
+pub fn release_check(config: &crate::config::Config) -> config_center::ReleaseCheck {
+    let baseline = RuntimeSettings::of_file(config);
+    config_center::ReleaseCheck::new(move |_env, app, entries| {
+        if app.as_str() != APP {
+            return Ok(());
+        }
+        let entries: BTreeMap<String, String> = entries
+            .iter()
+            .map(|e| (e.key.to_string(), e.value.expose().to_owned()))
+            .collect();
+        RuntimeSettings::from_entries(&baseline, &entries)
+            .map(|_| ())
+            .map_err(|reason| format!("runtime setting refused: {reason}"))
+    })
 }
 
 /// Follows the `portcullis` application of `env` until `stop`, applying each release.

@@ -83,7 +83,8 @@ impl ConfigCenter {
         let store = config_center::Store::new(
             db.config_center_pool(),
             config_center::Envelope::new(wrapper),
-        );
+        )
+        .with_check(crate::runtime::release_check(config));
         Ok(Self {
             hub: ConfigHub::new(store, keys),
             environments: std::sync::Arc::new(environments),

@@ -84,6 +84,32 @@ impl std::fmt::Debug for RateLimits {
     }
 }
 
+/// How often the buckets of clients seen no more are forgotten.
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Forgets full buckets (see [`SwappableRate::prune`]) every `every` until `stop`, and
+/// reports how many clients each endpoint group still holds in
+/// `portcullis_rate_limited_clients{endpoint}`.
+pub async fn prune_every(
+    limits: RateLimits,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for rate in [&limits.auth, &limits.token] {
+            let held = rate.prune();
+            metrics::gauge!("portcullis_rate_limited_clients", "endpoint" => rate.endpoint)
+                .set(held as f64);
+        }
+    }
+}
+
 impl RateLimits {
     /// From `[protection]`; `None` when a bucket is empty or never refills (refused by
     /// configuration validation already).
@@ -99,27 +125,56 @@ impl RateLimits {
 #[derive(Clone)]
 pub struct SwappableRate {
     endpoint: &'static str,
-    current: Arc<ArcSwap<RateLayer>>,
+    current: Arc<ArcSwap<Buckets>>,
 }
+
+/// The buckets in force, the settings they were made from, and their store (to prune).
+pub struct Buckets {
+    settings: RateSettings,
+    layer: RateLayer,
+    config:
+        Arc<tower_governor::governor::GovernorConfig<ClientIpKey, NoOpMiddleware<QuantaInstant>>>,
+}
+
+/// What [`SwappableRate::prepare`] readied: fresh buckets, or none when the settings are
+/// those in force (whose buckets, and every client's place in them, then stay).
+pub struct Prepared(Option<Buckets>);
 
 impl SwappableRate {
     fn new(settings: RateSettings, endpoint: &'static str) -> Option<Self> {
         Some(Self {
             endpoint,
-            current: Arc::new(ArcSwap::from_pointee(layer(settings, endpoint)?)),
+            current: Arc::new(ArcSwap::from_pointee(buckets(settings, endpoint)?)),
         })
     }
 
     /// Fresh buckets for `settings`, not yet in force (runtime settings check a whole
-    /// release before they put any of it in force); `None` for settings that make no
-    /// bucket.
-    pub fn prepare(&self, settings: RateSettings) -> Option<RateLayer> {
-        layer(settings, self.endpoint)
+    /// release before they put any of it in force); nothing to install when `settings`
+    /// are those in force, so that a release changing something else does not hand every
+    /// client a full bucket again; `None` for settings that make no bucket.
+    pub fn prepare(&self, settings: RateSettings) -> Option<Prepared> {
+        if self.current.load().settings == settings {
+            return Some(Prepared(None));
+        }
+        buckets(settings, self.endpoint).map(|b| Prepared(Some(b)))
     }
 
-    /// Replaces the buckets with ones from [`SwappableRate::prepare`].
-    pub fn install(&self, buckets: RateLayer) {
-        self.current.store(Arc::new(buckets));
+    /// Puts what [`SwappableRate::prepare`] readied in force.
+    pub fn install(&self, prepared: Prepared) {
+        if let Some(buckets) = prepared.0 {
+            self.current.store(Arc::new(buckets));
+        }
+    }
+
+    /// Forgets the clients whose buckets are full again (as good as new): without this,
+    /// every address (or IPv6 /64) ever seen would stay in memory for the life of the
+    /// process. Returns how many are still held.
+    pub fn prune(&self) -> usize {
+        let current = self.current.load();
+        let limiter = current.config.limiter();
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        limiter.len()
     }
 }
 
@@ -139,7 +194,7 @@ impl<S> Layer<S> for SwappableRate {
 #[derive(Clone)]
 pub struct SwappableRateService<S> {
     inner: S,
-    current: Arc<ArcSwap<RateLayer>>,
+    current: Arc<ArcSwap<Buckets>>,
 }
 
 impl<S> Service<Request<Body>> for SwappableRateService<S>
@@ -160,19 +215,24 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let governed = self.current.load().layer(self.inner.clone());
+        let governed = self.current.load().layer.layer(self.inner.clone());
         Box::pin(governed.oneshot(req))
     }
 }
 
 /// A bucket per client IP of `settings`' size and refill; `endpoint` labels the metric.
-fn layer(settings: RateSettings, endpoint: &'static str) -> Option<RateLayer> {
+fn buckets(settings: RateSettings, endpoint: &'static str) -> Option<Buckets> {
     let mut builder = GovernorConfigBuilder::default();
     builder
         .period(settings.replenish_every)
         .burst_size(settings.burst);
-    let config = builder.key_extractor(ClientIpKey).finish()?;
-    Some(GovernorLayer::new(Arc::new(config)).error_handler(move |e| refusal(e, endpoint)))
+    let config = Arc::new(builder.key_extractor(ClientIpKey).finish()?);
+    let layer = GovernorLayer::new(config.clone()).error_handler(move |e| refusal(e, endpoint));
+    Some(Buckets {
+        settings,
+        layer,
+        config,
+    })
 }
 
 fn refusal(error: GovernorError, endpoint: &'static str) -> Response<Body> {
@@ -213,6 +273,61 @@ mod tests {
         );
         // the next /64 is another subscriber
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn pruning_forgets_the_clients_whose_buckets_are_full_again() {
+        let rate = |every| {
+            SwappableRate::new(
+                RateSettings {
+                    burst: 1,
+                    replenish_every: every,
+                },
+                "test",
+            )
+            .unwrap()
+        };
+        let (quick, slow) = (
+            rate(std::time::Duration::from_millis(1)),
+            rate(std::time::Duration::from_secs(3600)),
+        );
+        for r in [&quick, &slow] {
+            let limiter = r.current.load().config.limiter().clone();
+            for ip in ["192.0.2.1", "192.0.2.2", "2001:db8::1"] {
+                assert!(limiter.check_key(&key(ip)).is_ok());
+            }
+            assert_eq!(limiter.len(), 3);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(quick.prune(), 0, "refilled buckets are forgotten");
+        assert_eq!(slow.prune(), 3, "buckets still draining are kept");
+        // a client forgotten starts again with a full bucket, as it would have anyway
+        let limiter = quick.current.load().config.limiter().clone();
+        assert!(limiter.check_key(&key("192.0.2.1")).is_ok());
+    }
+
+    #[test]
+    fn unchanged_settings_keep_the_buckets_in_force() {
+        let settings = RateSettings {
+            burst: 1,
+            replenish_every: std::time::Duration::from_secs(3600),
+        };
+        let rate = SwappableRate::new(settings, "test").unwrap();
+        let limiter = rate.current.load().config.limiter().clone();
+        assert!(limiter.check_key(&key("192.0.2.1")).is_ok());
+        rate.install(rate.prepare(settings).unwrap());
+        let after = rate.current.load().config.limiter().clone();
+        assert!(after.check_key(&key("192.0.2.1")).is_err(), "still empty");
+        let wider = RateSettings {
+            burst: 2,
+            ..settings
+        };
+        rate.install(rate.prepare(wider).unwrap());
+        let fresh = rate.current.load().config.limiter().clone();
+        assert!(
+            fresh.check_key(&key("192.0.2.1")).is_ok(),
+            "new limit, new buckets"
+        );
     }
 
     #[test]

@@ -182,24 +182,28 @@ impl Proxy {
         self.inner.upstreams.load_full()
     }
 
-    /// The admin nodes `list` names, checked, each starting healthy, for
-    /// [`Proxy::install_upstreams`]; nothing changes yet (runtime settings check a whole
-    /// release before they put any of it in force).
+    /// The admin nodes `list` names, checked, for [`Proxy::install_upstreams`]: a node
+    /// already listed keeps its health (a node down stays down), a new one starts healthy;
+    /// nothing changes yet (runtime settings check a whole release before they put any of
+    /// it in force).
     pub fn prepare_upstreams(&self, list: &[String]) -> Result<Upstreams, String> {
         if list.is_empty() {
             return Err("proxy.upstreams: at least one admin node is needed".to_owned());
         }
-        for u in list {
-            settings::parse_upstream(u).map_err(|e| format!("proxy.upstreams: {e}"))?;
-        }
-        let health = self.inner.upstreams.load().health().clone();
-        Ok(Upstreams::new(list, health))
+        settings::check_upstreams(list).map_err(|(_, e)| format!("proxy.upstreams: {e}"))?;
+        let current = self.inner.upstreams.load();
+        Ok(Upstreams::carrying_over(
+            list,
+            current.health().clone(),
+            &current,
+        ))
     }
 
     /// Replaces the admin nodes (runtime settings): requests from now on go to
     /// `upstreams`; requests under way finish on the nodes they had.
     pub fn install_upstreams(&self, upstreams: Upstreams) {
-        self.inner.upstreams.store(Arc::new(upstreams));
+        let previous = self.inner.upstreams.swap(Arc::new(upstreams));
+        self.inner.upstreams.load().publish_gauges(&previous);
     }
 
     /// `proxy.max_body_bytes`.

@@ -182,18 +182,8 @@ impl ProxySettings {
     /// Checks nodes, timeouts and routes; `request_timeout` is `server.request_timeout`,
     /// which must outlast a node's answer.
     pub fn validate(&self, request_timeout: Duration) -> Result<(), ProxySettingsError> {
-        for (i, u) in self.upstreams.iter().enumerate() {
-            parse_upstream(u).map_err(|m| err(format!("proxy.upstreams[{i}]"), m))?;
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, u) in self.upstreams.iter().enumerate() {
-            if !seen.insert(u.trim_end_matches('/')) {
-                return Err(err(
-                    format!("proxy.upstreams[{i}]"),
-                    format!("`{u}` is listed twice"),
-                ));
-            }
-        }
+        check_upstreams(&self.upstreams)
+            .map_err(|(i, m)| err(format!("proxy.upstreams[{i}]"), m))?;
         for (name, d) in [
             ("proxy.connect_timeout", self.connect_timeout),
             ("proxy.read_timeout", self.read_timeout),
@@ -324,6 +314,20 @@ impl RouteSettings {
 
 /// `http://host:port` or `https://host:port` → (scheme, `host:port`); anything else
 /// (another scheme, a path, credentials, a query) is refused with the reason.
+/// A list of admin nodes as the file and the runtime settings both take it: each node
+/// parses ([`parse_upstream`]) and none is listed twice (`http://a:80` and `http://a:80/`
+/// are one); the error names the index of the first node refused.
+pub fn check_upstreams(list: &[String]) -> Result<(), (usize, String)> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, u) in list.iter().enumerate() {
+        parse_upstream(u).map_err(|m| (i, m))?;
+        if !seen.insert(u.trim_end_matches('/')) {
+            return Err((i, format!("`{u}` is listed twice")));
+        }
+    }
+    Ok(())
+}
+
 pub fn parse_upstream(text: &str) -> Result<(&'static str, String), String> {
     let uri: Uri = text.parse().map_err(|_| format!("`{text}` is not a URL"))?;
     let scheme = match uri.scheme_str() {

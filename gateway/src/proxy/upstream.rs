@@ -127,7 +127,6 @@ impl Outcome {
 impl Node {
     fn new(scheme: &'static str, authority: String) -> Self {
         let metrics = NodeMetrics::new(&authority);
-        metrics.healthy.set(1.0);
         let parsed = Scheme::try_from(scheme)
             .ok()
             .zip(Authority::try_from(authority.as_str()).ok());
@@ -238,6 +237,22 @@ impl Node {
         }
     }
 
+    /// Takes over the health of `from`, the same node in the list this one's replaces
+    /// (its failures, its cool-down, a failed health check), so that changing the list
+    /// does not hand a node that is down its traffic back.
+    fn carry_health(&self, from: &Node) {
+        let before = from.passive();
+        let mut p = self.passive();
+        p.consecutive_failures = before.consecutive_failures;
+        p.down_until = before.down_until;
+        drop(before);
+        self.troubled
+            .store(from.troubled.load(Ordering::Acquire), Ordering::Release);
+        drop(p);
+        self.active_down
+            .store(from.active_down.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     fn set_active(&self, up: bool) {
         let was_down = self.active_down.swap(!up, Ordering::Relaxed);
         if was_down == up {
@@ -272,8 +287,17 @@ pub struct Upstreams {
 struct Padded<T>(T);
 
 impl Upstreams {
-    /// From validated `proxy.upstreams` (entries that do not parse were refused then).
+    /// From validated `proxy.upstreams` (entries that do not parse were refused then),
+    /// every node healthy and its gauge saying so: for the list in force at start-up.
     pub fn new(upstreams: &[String], health: HealthSettings) -> Self {
+        let upstreams = Self::built(upstreams, health);
+        for node in &upstreams.nodes {
+            node.set_gauge(true);
+        }
+        upstreams
+    }
+
+    fn built(upstreams: &[String], health: HealthSettings) -> Self {
         let nodes = upstreams
             .iter()
             .filter_map(|u| parse_upstream(u).ok())
@@ -285,6 +309,34 @@ impl Upstreams {
                 .map(|_| Padded::default())
                 .collect(),
             health,
+        }
+    }
+
+    /// The nodes `list` names (validated), the ones already in `current` with the health
+    /// they have there, new ones healthy; not in force yet, so no gauge is touched (see
+    /// [`Upstreams::publish_gauges`]).
+    pub fn carrying_over(list: &[String], health: HealthSettings, current: &Upstreams) -> Self {
+        let next = Self::built(list, health);
+        for node in &next.nodes {
+            if let Some(before) = current.nodes.iter().find(|n| n.key == node.key) {
+                node.carry_health(before);
+            }
+        }
+        next
+    }
+
+    /// Sets the health gauges once these nodes are in force in place of `previous`: each
+    /// node's own, and 0 for a node no longer listed.
+    pub fn publish_gauges(&self, previous: &Upstreams) {
+        for node in &self.nodes {
+            node.set_gauge(node.healthy());
+        }
+        for gone in previous
+            .nodes
+            .iter()
+            .filter(|n| !self.nodes.iter().any(|m| m.key == n.key))
+        {
+            gone.set_gauge(false);
         }
     }
 

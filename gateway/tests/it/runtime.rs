@@ -98,37 +98,95 @@ async fn rate_limits_follow_the_config_center_without_a_restart() {
     })
     .await;
 
-    // an invalid release is refused whole: the tighter limit stays
-    let before = rejected_total(&app).await;
+    // a release that changes something else leaves the buckets, and every client's place
+    // in them, as they are: the tighter limit is not handed out afresh
+    assert_eq!(limited(&app, 3).await, 3, "the bucket is empty");
     let status = publish(
         &app,
         json!([
-            { "key": "protection.auth_rate.burst", "value": "0" },
-            { "key": "log.level", "value": "debug" }
+            { "key": "protection.auth_rate.burst", "value": "2" },
+            { "key": "protection.auth_rate.replenish_every", "value": "1h" },
+            { "key": "protection.token_rate.burst", "value": "2" },
+            { "key": "protection.token_rate.replenish_every", "value": "1h" },
+            { "key": "log.level", "value": "info,portcullis=debug" }
         ]),
     )
     .await;
     assert_eq!(status, 201);
-    eventually(Duration::from_secs(10), "the refusal is counted", || {
+    // the token endpoint's new limit shows the release is in force
+    eventually(Duration::from_secs(10), "the release applies", || {
         let app = &app;
-        async move { rejected_total(app).await > before }
+        async move { token_limited(app, 3).await > 0 }
     })
     .await;
+    assert_eq!(
+        limited(&app, 2).await,
+        2,
+        "an unchanged limit came back with a full bucket"
+    );
+
+    // a release every instance would refuse is not published at all: 400, naming the
+    // setting, and nothing is written (the tighter limit stays)
+    let head = app
+        .https_client()
+        .get(app.url("/config/v1/dev/portcullis/releases"))
+        .bearer_auth(admin_token(&app))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["releases"][0]["version"]
+        .clone();
+    for (entries, names) in [
+        (
+            json!([
+                { "key": "protection.auth_rate.burst", "value": "0" },
+                { "key": "log.level", "value": "debug" }
+            ]),
+            "protection.auth_rate",
+        ),
+        (
+            json!([{ "key": "no.such.setting", "value": "1" }]),
+            "no.such.setting",
+        ),
+        (
+            json!([{ "key": "proxy.upstreams", "value": "http://a:80,http://a:80/" }]),
+            "listed twice",
+        ),
+    ] {
+        let response = app
+            .https_client()
+            .put(app.url("/config/v1/dev/portcullis"))
+            .bearer_auth(admin_token(&app))
+            .json(&json!({ "entries": entries, "message": "tune" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{entries}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_setting", "{body}");
+        assert!(
+            body["error_description"].as_str().unwrap().contains(names),
+            "{body}"
+        );
+    }
+    let after = app
+        .https_client()
+        .get(app.url("/config/v1/dev/portcullis/releases"))
+        .bearer_auth(admin_token(&app))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["releases"][0]["version"]
+        .clone();
+    assert_eq!(after, head, "a refused release was written");
     assert!(
         limited(&app, 3).await > 0,
         "the previous limit is still in force"
     );
-    let status = publish(&app, json!([{ "key": "no.such.setting", "value": "1" }])).await;
-    assert_eq!(status, 201);
-    eventually(
-        Duration::from_secs(10),
-        "an unknown key is refused too",
-        || {
-            let app = &app;
-            async move { rejected_total(app).await > before + 1.0 }
-        },
-    )
-    .await;
 
     // removing the keys goes back to the file's values
     assert_eq!(publish(&app, json!([])).await, 201);
