@@ -430,9 +430,29 @@ pub struct Intact {
 /// Rows read per round trip while verifying.
 const PAGE: i64 = 1000;
 
+/// Where a walk starts: after the record `seq`, whose hash was `hash` (the last record of
+/// an archived and deleted range, as written down when it was archived).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct After {
+    /// The last record not walked.
+    pub seq: i64,
+    /// Its hash (64 lowercase hex digits).
+    pub hash: String,
+}
+
 /// Walks the whole chain in one consistent snapshot.
-#[tracing::instrument(name = "db.audit.verify", skip_all, fields(otel.kind = "client"))]
 pub async fn verify(db: &Database) -> Result<Result<Intact, ChainBreak>, sqlx::Error> {
+    verify_from(db, None).await
+}
+
+/// Walks the chain in one consistent snapshot from its start, or from `after` (the records
+/// up to it archived and deleted): the first record walked must then be `after.seq + 1`
+/// and link to `after.hash`. `Intact::records` counts the records walked.
+#[tracing::instrument(name = "db.audit.verify", skip_all, fields(otel.kind = "client"))]
+pub async fn verify_from(
+    db: &Database,
+    after: Option<&After>,
+) -> Result<Result<Intact, ChainBreak>, sqlx::Error> {
     const HEAD: &str = "SELECT seq, hash, legacy_max_id FROM audit_chain_head WHERE id = 1";
     const UNCHAINED: &str = "SELECT MIN(id) FROM audit_events WHERE seq IS NULL AND id > $1";
     const LEGACY: &str = "SELECT COUNT(*) FROM audit_events WHERE seq IS NULL AND id <= $1";
@@ -451,7 +471,8 @@ pub async fn verify(db: &Database) -> Result<Result<Intact, ChainBreak>, sqlx::E
         let Some((head_seq, head_hash, legacy_max_id)) = head else {
             return Ok(Err(ChainBreak::NoHead));
         };
-        let mut walk = Walk::new();
+        let mut walk = after.map_or_else(Walk::new, Walk::after);
+        let first = walk.last;
         loop {
             let rows: Vec<Row> = sqlx::query_as(&page_sql)
                 .bind(walk.last)
@@ -483,7 +504,7 @@ pub async fn verify(db: &Database) -> Result<Result<Intact, ChainBreak>, sqlx::E
             .await?;
         tx.commit().await?;
         Ok(Intact {
-            records: walk.last,
+            records: walk.last - first,
             legacy,
             head_hash: walk.prev,
         })
@@ -502,6 +523,13 @@ impl Walk {
         Self {
             last: 0,
             prev: GENESIS.to_owned(),
+        }
+    }
+
+    fn after(after: &After) -> Self {
+        Self {
+            last: after.seq,
+            prev: after.hash.clone(),
         }
     }
 

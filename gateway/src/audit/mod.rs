@@ -35,7 +35,7 @@ pub mod chain;
 pub mod query;
 pub mod sink;
 
-pub use chain::{ChainBreak, Intact, verify};
+pub use chain::{After, ChainBreak, Intact, verify, verify_from};
 pub use query::{ActionFilter, AuditFilter, FilterError, Page, RawFilter, list};
 
 /// How many events may wait for the database: a few seconds of peak token issuance.
@@ -439,10 +439,10 @@ fn set_aside(event: &AuditEvent, e: &sqlx::Error) {
 fn log_unstored(event: &AuditEvent, why: &'static str) {
     tracing::error!(
         target: "audit",
-        actor = %event.actor,
-        action = %event.action,
-        target_id = %event.target,
-        source_ip = event.source_ip.as_deref().unwrap_or("-"),
+        actor = %event.actor.escape_debug(),
+        action = %event.action.escape_debug(),
+        target_id = %event.target.escape_debug(),
+        source_ip = %event.source_ip.as_deref().unwrap_or("-").escape_debug(),
         detail = %event.detail,
         why,
         "audit event not stored; kept only in this log line"
@@ -464,10 +464,10 @@ fn stored(sink: &mut sink::Sink, rows: Vec<chain::Row>) {
             tracing::debug!(
                 target: "audit",
                 seq = r.seq,
-                actor = %r.actor,
-                action = %r.action,
-                target_id = %r.target,
-                source_ip = r.source_ip.as_deref().unwrap_or("-"),
+                actor = %r.actor.escape_debug(),
+                action = %r.action.escape_debug(),
+                target_id = %r.target.escape_debug(),
+                source_ip = %r.source_ip.as_deref().unwrap_or("-").escape_debug(),
                 detail = %r.detail,
                 "audit"
             );

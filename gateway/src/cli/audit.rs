@@ -27,6 +27,14 @@ pub(super) enum AuditCommand {
         /// Print the outcome as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Start after this seq: the last record of a range archived and deleted (the
+        /// first record walked must be the next one); with --from-hash.
+        #[arg(long, requires = "from_hash", value_parser = clap::value_parser!(i64).range(1..))]
+        from_seq: Option<i64>,
+        /// The hash of the record --from-seq names, as written down when it was archived
+        /// (64 lowercase hex digits).
+        #[arg(long, requires = "from_seq", value_parser = parse_hash)]
+        from_hash: Option<String>,
     },
     /// Print records, oldest first, one JSON object per line.
     List {
@@ -89,7 +97,17 @@ pub(super) fn run(cmd: AuditCommand) -> ExitCode {
         };
         // no migration: reading needs no more than a read-only role
         let code = match cmd {
-            AuditCommand::Verify { json, .. } => verify(&db, json).await,
+            AuditCommand::Verify {
+                json,
+                from_seq,
+                from_hash,
+                ..
+            } => {
+                let after = from_seq
+                    .zip(from_hash)
+                    .map(|(seq, hash)| crate::audit::After { seq, hash });
+                verify(&db, json, after.as_ref()).await
+            }
             AuditCommand::List {
                 action,
                 actor,
@@ -117,8 +135,17 @@ pub(super) fn run(cmd: AuditCommand) -> ExitCode {
     })
 }
 
-async fn verify(db: &Database, json: bool) -> ExitCode {
-    match crate::audit::verify(db).await {
+/// A record hash as the chain writes it: 64 lowercase hex digits.
+fn parse_hash(text: &str) -> Result<String, String> {
+    if text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(text.to_owned())
+    } else {
+        Err("a record hash is 64 lowercase hex digits".to_owned())
+    }
+}
+
+async fn verify(db: &Database, json: bool, after: Option<&crate::audit::After>) -> ExitCode {
+    match crate::audit::verify_from(db, after).await {
         Err(e) => {
             eprintln!("portcullis: cannot read the audit trail: {e}");
             ExitCode::from(EXIT_FAILURE)
@@ -132,12 +159,16 @@ async fn verify(db: &Database, json: bool) -> ExitCode {
                         "records": intact.records,
                         "legacy_records": intact.legacy,
                         "head_hash": intact.head_hash,
+                        "after_seq": after.map(|a| a.seq),
                     })
                 );
             } else {
                 println!(
-                    "{} records, chain intact (head {}{})",
+                    "{} records{}, chain intact (head {}{})",
                     intact.records,
+                    after
+                        .map(|a| format!(" after seq {}", a.seq))
+                        .unwrap_or_default(),
                     intact.head_hash,
                     if intact.legacy > 0 {
                         format!(

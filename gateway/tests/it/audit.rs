@@ -163,10 +163,16 @@ fn verify_json_chain(records: &[Value]) {
 /// Runs `scripts/audit-verify.py` (the independent verifier of the documentation) on
 /// JSON lines; returns its exit code and output.
 fn python_verify(lines: &[u8]) -> (i32, String) {
+    python_verify_with(lines, &[])
+}
+
+/// [`python_verify`] with command-line arguments.
+fn python_verify_with(lines: &[u8], args: &[&str]) -> (i32, String) {
     use std::io::Write;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/audit-verify.py");
     let mut child = Command::new("python3")
         .arg(script)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1257,6 +1263,78 @@ async fn the_file_sink_gets_every_record_and_follows_rotation() {
             r["hash"].as_str().unwrap()
         );
     }
+
+    // the new file verifies on its own from the last record of the one before it; alone,
+    // it is a gap at seq 1
+    let last_old = old.last().unwrap();
+    let (last_seq, last_hash) = (
+        last_old["seq"].as_i64().unwrap().to_string(),
+        last_old["hash"].as_str().unwrap().to_owned(),
+    );
+    let new_file = std::fs::read(&sink).unwrap();
+    let (code, out) = python_verify_with(
+        &new_file,
+        &["--from-seq", &last_seq, "--from-hash", &last_hash],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("2 records after seq {last_seq}, chain intact")),
+        "{out}"
+    );
+    let (code, out) = python_verify(&new_file);
+    assert_eq!(code, 3, "{out}");
+    // lines cut off at the end verify as far as they go, but not against the head
+    let head = both.last().unwrap()["hash"].as_str().unwrap().to_owned();
+    let old_file = std::fs::read(&rotated).unwrap();
+    let (code, out) = python_verify_with(&old_file, &["--expect-head", &head]);
+    assert_eq!(code, 3, "{out}");
+    let (code, out) = python_verify_with(
+        &joined_again(&old_file, &new_file),
+        &["--expect-head", &head],
+    );
+    assert_eq!(code, 0, "{out}");
+
+    // the database, its oldest records archived and deleted: a gap at seq 1 from the
+    // start, intact from the last record archived
+    let portcullis::db::Pool::Sqlite(pool) = app.state.db.pool() else {
+        unreachable!("the test instance runs on SQLite")
+    };
+    let cut = last_old["seq"].as_i64().unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+        .bind(cut)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        portcullis::audit::verify(&app.state.db).await.unwrap(),
+        Err(ChainBreak::Gap { seq: 1, .. })
+    ));
+    let after = portcullis::audit::After {
+        seq: cut,
+        hash: last_hash.clone(),
+    };
+    let intact = portcullis::audit::verify_from(&app.state.db, Some(&after))
+        .await
+        .unwrap()
+        .expect("intact from the archived range's last record");
+    assert_eq!(intact.head_hash, head);
+    assert!(intact.records >= 2, "{intact:?}");
+    let wrong = portcullis::audit::After {
+        seq: cut,
+        hash: "0".repeat(64),
+    };
+    assert!(matches!(
+        portcullis::audit::verify_from(&app.state.db, Some(&wrong))
+            .await
+            .unwrap(),
+        Err(ChainBreak::PrevMismatch { .. })
+    ));
+}
+
+fn joined_again(first: &[u8], second: &[u8]) -> Vec<u8> {
+    let mut both = first.to_vec();
+    both.extend_from_slice(second);
+    both
 }
 
 /// seq → hash, straight from the SQLite database.
