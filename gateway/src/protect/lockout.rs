@@ -130,12 +130,22 @@ impl LockoutSettings {
         if self.backoff_max < self.backoff_base {
             return Err("backoff_max must be at least backoff_base".to_owned());
         }
+        if self.lockout > MAX_LOCK || self.backoff_max > MAX_LOCK {
+            return Err(format!(
+                "lockout and backoff_max must be at most {}",
+                humantime::format_duration(MAX_LOCK)
+            ));
+        }
         if self.key_prefix.contains(['{', '}']) {
             return Err("key_prefix must not contain '{' or '}'".to_owned());
         }
         Ok(())
     }
 }
+
+/// The longest lockout or backoff accepted: a record's key lives this long and a minute
+/// more, in Redis milliseconds.
+pub const MAX_LOCK: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1192,6 +1202,31 @@ mod tests {
             ..LockoutSettings::default()
         };
         assert!(settings.validate().is_ok());
+    }
+
+    #[test]
+    fn a_lockout_or_backoff_beyond_30_days_is_refused_not_overflowed() {
+        for settings in [
+            LockoutSettings {
+                lockout: Duration::MAX,
+                ..LockoutSettings::default()
+            },
+            LockoutSettings {
+                backoff_max: MAX_LOCK + Duration::from_secs(1),
+                ..LockoutSettings::default()
+            },
+        ] {
+            assert_eq!(
+                settings.validate().unwrap_err(),
+                "lockout and backoff_max must be at most 30days"
+            );
+        }
+        let longest = LockoutSettings {
+            lockout: MAX_LOCK,
+            backoff_max: MAX_LOCK,
+            ..LockoutSettings::default()
+        };
+        assert!(longest.validate().is_ok());
     }
 
     #[test]
