@@ -337,11 +337,13 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
     use crate::keys::KeyService;
     let clock: std::sync::Arc<dyn keyrotation::Clock> =
         std::sync::Arc::new(keyrotation::SystemClock);
-    // the CLI is the rotation job: it writes even when the instances only read
-    let service = KeyService::from_config(config, clock, RotationKind::InProcess)
-        .map_err(|e| e.to_string())?;
     match cmd {
         KeysCommand::Status { json, .. } => {
+            // looking writes nothing: not a transition that falls due (which would then
+            // reach no audit record), not a first ring in an empty store, and a read-only
+            // policy is enough
+            let service = KeyService::from_config(config, clock, RotationKind::External)
+                .map_err(|e| e.to_string())?;
             service
                 .rotator()
                 .reload_once()
@@ -356,16 +358,22 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
             kid,
             ..
         } => {
+            // the CLI is the rotation job: it writes even when the instances only read
+            let service = KeyService::from_config(config, clock, RotationKind::InProcess)
+                .map_err(|e| e.to_string())?;
             let (action, outcome) = if scheduled {
                 let o = service.rotator().reload_once().await;
                 ("key.rotate.scheduled", o)
             } else {
-                // load first, so the rotation acts on the current ring
-                service
+                // load first, so the rotation acts on the current ring; what that load
+                // wrote (transitions that had fallen due) is audited as the scheduled job
+                // would audit it
+                let due = service
                     .rotator()
                     .reload_once()
                     .await
                     .map_err(|e| e.to_string())?;
+                audit_cli(config, "key.rotate.scheduled", &due, None).await;
                 let suspects =
                     keyrotation::Suspects::named(kid.as_deref()).map_err(|e| e.to_string())?;
                 let note = emergency.then(|| (reason.clone().unwrap_or_default(), suspects));

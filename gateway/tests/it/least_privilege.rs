@@ -62,6 +62,16 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
     )
     .unwrap();
 
+    // 0. looking at an empty store writes nothing: `keys status` with the rotator's
+    //    token creates no ring, and with the read-only token it is enough
+    let out = cli(&file, &rotator, &["status"]);
+    assert!(
+        !out.status.success(),
+        "status made a ring in an empty store"
+    );
+    let out = cli(&file, &serving, &["status"]);
+    assert!(!out.status.success());
+
     // 1. the scheduled job creates the ring with the rotator policy
     let out = cli(&file, &rotator, &["rotate", "--scheduled"]);
     assert!(
@@ -91,6 +101,15 @@ async fn read_only_instances_serve_and_reload_while_only_the_job_writes() {
     })
     .await;
     let first = keys.status().active_kid.unwrap();
+    // the read-only policy is enough to look at the ring
+    let out = cli(&file, &serving, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["active_kid"], first.to_string());
 
     // 3. the instance may not rotate: its admin API says so, and Vault refuses its token
     let resp = reqwest::Client::new()
