@@ -68,6 +68,20 @@ async fn token_limited(app: &TestApp, n: usize) -> usize {
     refused
 }
 
+/// The version of the newest release of the runtime settings.
+async fn newest_version(app: &TestApp) -> serde_json::Value {
+    app.https_client()
+        .get(app.url("/config/v1/dev/portcullis/releases"))
+        .bearer_auth(admin_token(app))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["releases"][0]["version"]
+        .clone()
+}
+
 async fn rejected_total(app: &TestApp) -> f64 {
     app.sample("portcullis_runtime_settings_rejected_total")
         .await
@@ -127,17 +141,7 @@ async fn rate_limits_follow_the_config_center_without_a_restart() {
 
     // a release every instance would refuse is not published at all: 400, naming the
     // setting, and nothing is written (the tighter limit stays)
-    let head = app
-        .https_client()
-        .get(app.url("/config/v1/dev/portcullis/releases"))
-        .bearer_auth(admin_token(&app))
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["releases"][0]["version"]
-        .clone();
+    let head = newest_version(&app).await;
     for (entries, names) in [
         (
             json!([
@@ -171,17 +175,7 @@ async fn rate_limits_follow_the_config_center_without_a_restart() {
             "{body}"
         );
     }
-    let after = app
-        .https_client()
-        .get(app.url("/config/v1/dev/portcullis/releases"))
-        .bearer_auth(admin_token(&app))
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["releases"][0]["version"]
-        .clone();
+    let after = newest_version(&app).await;
     assert_eq!(after, head, "a refused release was written");
     assert!(
         limited(&app, 3).await > 0,

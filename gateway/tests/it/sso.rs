@@ -1308,6 +1308,68 @@ async fn an_id_token_signed_with_an_algorithm_not_pinned_is_refused() {
     assert!(f.cookie(REFRESH_COOKIE).is_none());
 }
 
+impl SsoFixture {
+    /// Logs `user` in from another browser (its own cookies here and at the provider, so
+    /// another provider session) through `/auth/login<query>`; returns that browser and
+    /// its refresh token.
+    pub async fn login_elsewhere(
+        &self,
+        query: &str,
+        user: &str,
+        password: &str,
+    ) -> (reqwest::Client, SecretString) {
+        let (jar, browser) = self.other_browser();
+        let callback = self
+            .idp
+            .browser_login(
+                &browser,
+                &self.app.url(&format!("/auth/login{query}")),
+                user,
+                password,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            browser.get(callback).send().await.unwrap().status(),
+            StatusCode::FOUND
+        );
+        let refresh = SecretString::from(jar_cookie(&jar, &self.app, REFRESH_COOKIE).unwrap());
+        (browser, refresh)
+    }
+
+    /// A logout token the provider signed (`typ: logout+jwt`) for our client, about
+    /// `subject` claims (`sub` and/or `sid`), issued now, with a fresh `jti`.
+    pub async fn logout_token(&self, subject: serde_json::Value) -> String {
+        let iat = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut claims = serde_json::json!({
+            "iss": self.idp.issuer(),
+            "aud": self.idp.options().client_id,
+            "iat": iat,
+            "exp": iat + 120,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+        });
+        for (k, v) in subject.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        self.idp
+            .sign(serde_json::json!({ "typ": "logout+jwt" }), claims)
+            .await
+            .unwrap()
+    }
+
+    /// Posts `token` to `/auth/backchannel-logout`, as the provider does.
+    pub async fn post_logout_token(&self, token: &str) -> reqwest::Response {
+        self.app
+            .https_client()
+            .post(self.app.url("/auth/backchannel-logout"))
+            .form(&[("logout_token", token)])
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
 /// The value of cookie `name` in `jar` for `app`'s site.
 fn jar_cookie(jar: &Jar, app: &TestApp, name: &str) -> Option<String> {
     let url: Url = app.url("/").parse().unwrap();
@@ -1339,23 +1401,8 @@ async fn a_sign_out_at_the_provider_ends_the_console_session_of_that_provider_se
         f.login("alice", "alice-correct-horse").await.status(),
         StatusCode::FOUND
     );
-    let (other_jar, other) = f.other_browser();
-    let callback = f
-        .idp
-        .browser_login(
-            &other,
-            &f.app.url("/auth/login"),
-            "alice",
-            "alice-correct-horse",
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        other.get(callback).send().await.unwrap().status(),
-        StatusCode::FOUND
-    );
+    let (other, there) = f.login_elsewhere("", "alice", "alice-correct-horse").await;
     let here = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
-    let there = SecretString::from(jar_cookie(&other_jar, &f.app, REFRESH_COOKIE).unwrap());
     let session = |token: &SecretString| {
         let token = token.clone();
         let state = f.app.state.clone();
@@ -1692,49 +1739,13 @@ async fn a_logout_token_ends_the_sessions_of_every_name_its_provider_is_configur
         "twin:bob"
     );
     let twin = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
-    let (other_jar, other) = f.other_browser();
-    let callback = f
-        .idp
-        .browser_login(
-            &other,
-            &f.app.url("/auth/login?provider=test"),
-            "bob",
-            "bob-battery-staple",
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        other.get(callback).send().await.unwrap().status(),
-        StatusCode::FOUND
-    );
-    let test = SecretString::from(jar_cookie(&other_jar, &f.app, REFRESH_COOKIE).unwrap());
+    let (_, test) = f
+        .login_elsewhere("?provider=test", "bob", "bob-battery-staple")
+        .await;
     assert!(live(&f, &twin).await && live(&f, &test).await);
 
-    let iat = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token = f
-        .idp
-        .sign(
-            serde_json::json!({ "typ": "logout+jwt" }),
-            serde_json::json!({
-                "iss": f.idp.issuer(),
-                "aud": f.idp.options().client_id,
-                "iat": iat,
-                "exp": iat + 120,
-                "jti": uuid::Uuid::new_v4().to_string(),
-                "sub": "bob",
-                "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
-            }),
-        )
-        .await
-        .unwrap();
-    let done = f
-        .app
-        .https_client()
-        .post(f.app.url("/auth/backchannel-logout"))
-        .form(&[("logout_token", token)])
-        .send()
-        .await
-        .unwrap();
+    let token = f.logout_token(serde_json::json!({ "sub": "bob" })).await;
+    let done = f.post_logout_token(&token).await;
     assert_eq!(done.status(), StatusCode::OK);
     assert!(!live(&f, &twin).await, "the session under `twin` survived");
     assert!(!live(&f, &test).await, "the session under `test` survived");
@@ -1755,22 +1766,7 @@ async fn a_logout_token_naming_only_the_provider_session_ends_the_sessions_it_ma
         StatusCode::FOUND
     );
     let here = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
-    let (other_jar, other) = f.other_browser();
-    let callback = f
-        .idp
-        .browser_login(
-            &other,
-            &f.app.url("/auth/login"),
-            "alice",
-            "alice-correct-horse",
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        other.get(callback).send().await.unwrap().status(),
-        StatusCode::FOUND
-    );
-    let there = SecretString::from(jar_cookie(&other_jar, &f.app, REFRESH_COOKIE).unwrap());
+    let (_, there) = f.login_elsewhere("", "alice", "alice-correct-horse").await;
     let session = f
         .app
         .state
@@ -1781,30 +1777,8 @@ async fn a_logout_token_naming_only_the_provider_session_ends_the_sessions_it_ma
         .unwrap();
     let sid = session.session["idp_sid"].as_str().unwrap().to_owned();
 
-    let iat = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token = f
-        .idp
-        .sign(
-            serde_json::json!({ "typ": "logout+jwt" }),
-            serde_json::json!({
-                "iss": f.idp.issuer(),
-                "aud": f.idp.options().client_id,
-                "iat": iat,
-                "jti": uuid::Uuid::new_v4().to_string(),
-                "sid": sid,
-                "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
-            }),
-        )
-        .await
-        .unwrap();
-    let done = f
-        .app
-        .https_client()
-        .post(f.app.url("/auth/backchannel-logout"))
-        .form(&[("logout_token", token)])
-        .send()
-        .await
-        .unwrap();
+    let token = f.logout_token(serde_json::json!({ "sid": sid })).await;
+    let done = f.post_logout_token(&token).await;
     assert_eq!(done.status(), StatusCode::OK);
     assert!(
         !live(&f, &here).await,
