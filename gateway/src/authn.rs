@@ -8,7 +8,8 @@
 //! the route's required scopes, and hands the handler a [`Principal`] in the request
 //! extensions. Refusals follow RFC 6750 §3: 401 with `WWW-Authenticate: Bearer` (with
 //! `error="invalid_token"` when a token was presented), 403 `insufficient_scope` naming
-//! the scopes needed.
+//! the scopes needed. A token naming a key this instance does not hold while it cannot
+//! reload the ring is not refused: 503 `temporarily_unavailable`, no challenge.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use tower::{Layer, Service};
+
+use keyrotation::KeyError;
 
 use crate::error::ApiError;
 use crate::keys::KeyService;
@@ -87,14 +90,27 @@ pub async fn verify_bearer(
     let token = authorization
         .and_then(bearer_token)
         .ok_or(ApiError::MissingBearer)?;
-    let verified = keys.verify_access_current(token).await.map_err(|e| {
-        metrics::counter!("portcullis_bearer_rejections_total", "reason" => "invalid").increment(1);
-        tracing::debug!(error = %e, "bearer token refused");
-        ApiError::Unauthorized {
-            code: "invalid_token",
-            description: "the access token is invalid or expired".to_owned(),
-        }
-    })?;
+    let verified = keys
+        .verify_access_current(token)
+        .await
+        .map_err(|e| match e {
+            // the token names a key this instance could not reload the ring to look for:
+            // 503 without a challenge, so that the client keeps its token and retries
+            e @ KeyError::RingUnavailable(_) => {
+                metrics::counter!("portcullis_bearer_rejections_total", "reason" => "keys_unavailable")
+                    .increment(1);
+                ApiError::from(e)
+            }
+            e => {
+                metrics::counter!("portcullis_bearer_rejections_total", "reason" => "invalid")
+                    .increment(1);
+                tracing::debug!(error = %e, "bearer token refused");
+                ApiError::Unauthorized {
+                    code: "invalid_token",
+                    description: "the access token is invalid or expired".to_owned(),
+                }
+            }
+        })?;
     if !required.iter().all(|r| verified.scopes.contains(r)) {
         metrics::counter!("portcullis_bearer_rejections_total", "reason" => "scope").increment(1);
         return Err(ApiError::InsufficientScope {

@@ -383,6 +383,9 @@ impl From<keyrotation::KeyError> for ApiError {
         use keyrotation::KeyError as K;
         match e {
             K::NoActiveKey => Self::unavailable("signing keys", e),
+            // a token naming a key the ring held lacks, while the ring cannot be reloaded:
+            // it may be valid, so 503 (retry later), never 401 (throw the token away)
+            K::RingUnavailable(_) => Self::unavailable("key ring", e),
             K::ReadOnly => Self::Conflict {
                 code: "rotation_external",
                 description:

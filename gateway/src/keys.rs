@@ -258,13 +258,23 @@ impl KeyService {
     /// Runs `verify` with the ring held and, should it find a `kid` this instance does not
     /// hold yet, once more after [`Self::reload_for_unknown_kid`] changed the ring. The one
     /// place every request path's verification goes through.
+    ///
+    /// An unknown `kid` is [`KeyError::UnknownKid`] (401) only when the ring held is the
+    /// one stored; when it could not be reloaded, it is [`KeyError::RingUnavailable`]
+    /// (503): an instance that restarted while Vault is away, or that cannot reach Vault
+    /// after an emergency rotation elsewhere, must not tell clients to throw good tokens
+    /// away.
     async fn reloading_for_unknown_kid<T>(
         &self,
         verify: impl Fn() -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
         let generation = self.keys().generation();
         match verify() {
-            Err(KeyError::UnknownKid) if self.reload_for_unknown_kid(generation).await => verify(),
+            Err(KeyError::UnknownKid) => match self.reload_for_unknown_kid(generation).await {
+                RingCheck::Changed => verify(),
+                RingCheck::Current => Err(KeyError::UnknownKid),
+                RingCheck::Unavailable(reason) => Err(KeyError::RingUnavailable(reason)),
+            },
             other => other,
         }
     }
@@ -272,24 +282,25 @@ impl KeyService {
     /// A well-formed token named a key this instance does not hold, under ring generation
     /// `seen`: another instance may have written a key since this one last reloaded (an
     /// emergency rotation signs with its fresh key at once; a late reload, a rotation job
-    /// elsewhere). Reloads the ring now and says whether it changed since `seen`, so that
-    /// the caller verifies again before refusing.
+    /// elsewhere). Reloads the ring now and says whether it changed since `seen` (the
+    /// caller verifies again), is the one stored (the caller refuses the token) or could
+    /// not be reloaded (the caller cannot tell).
     ///
     /// At most one such reload per [`UNKNOWN_KID_RELOAD_INTERVAL`] per instance, and one
     /// at a time: a caller arriving while one runs waits for it and re-checks, and one
-    /// arriving soon after it is refused at once. A forged `kid` costs Vault one read
-    /// every few seconds at worst.
-    async fn reload_for_unknown_kid(&self, seen: u64) -> bool {
+    /// arriving soon after it is answered from the last reload's outcome at once. A forged
+    /// `kid` costs Vault one read every few seconds at worst.
+    async fn reload_for_unknown_kid(&self, seen: u64) -> RingCheck {
         let mut last = self.unknown_kid_reload.lock().await;
         if self.keys().generation() != seen {
             // reloaded while this request waited (that reload, or the periodic one)
-            return true;
+            return RingCheck::Changed;
         }
         let now = Instant::now();
         if last.is_some_and(|at| now.duration_since(at) < UNKNOWN_KID_RELOAD_INTERVAL) {
             metrics::counter!("portcullis_keys_unknown_kid_reloads_total", "result" => "skipped")
                 .increment(1);
-            return false;
+            return self.ring_held_check();
         }
         *last = Some(now);
         match self.rotator.reload_once().await {
@@ -301,16 +312,43 @@ impl KeyService {
                     changed,
                     "a token named a key this instance did not hold; ring reloaded"
                 );
-                changed
+                if changed {
+                    RingCheck::Changed
+                } else {
+                    RingCheck::Current
+                }
             }
             Err(e) => {
                 metrics::counter!("portcullis_keys_unknown_kid_reloads_total", "result" => "failed")
                     .increment(1);
                 tracing::warn!(source = %self.rotator.describe_source(), error = %e,
                     "a token named a key this instance did not hold; reloading the ring failed");
-                false
+                if self.keys().generation() != seen {
+                    // a ring was published all the same (the newest one read after
+                    // check-and-set conflicts)
+                    RingCheck::Changed
+                } else {
+                    self.ring_held_check()
+                }
             }
         }
+    }
+
+    /// Without reloading: whether the ring held is the one stored as of the last reload,
+    /// so that a `kid` it lacks is unknown to the key source too.
+    fn ring_held_check(&self) -> RingCheck {
+        if self.keys().ring_version().is_none() {
+            return RingCheck::Unavailable("no key ring was loaded yet".to_owned());
+        }
+        let health = self.rotator.health();
+        if health.consecutive_failures > 0 {
+            return RingCheck::Unavailable(format!(
+                "the last {} reloads of the ring failed ({})",
+                health.consecutive_failures,
+                health.last_error.as_deref().unwrap_or("no detail")
+            ));
+        }
+        RingCheck::Current
     }
 
     /// The memory of verified access tokens.
@@ -396,6 +434,17 @@ impl KeyService {
             },
         );
     }
+}
+
+/// What [`KeyService::reload_for_unknown_kid`] learnt about a `kid` the ring lacked.
+enum RingCheck {
+    /// The ring changed since the token was checked: check it again.
+    Changed,
+    /// The ring held is the one stored: the `kid` is unknown.
+    Current,
+    /// The ring could not be reloaded (why, secret-free): whether the `kid` is known to
+    /// the key source cannot be told.
+    Unavailable(String),
 }
 
 /// Notes what a verified access token was taken as: one taken as `JWT` (issued by an

@@ -118,6 +118,13 @@ pub enum KeyError {
     /// Check-and-set kept failing because other writers kept winning.
     #[error("gave up writing the key ring after {0} check-and-set conflicts")]
     TooManyConflicts(u32),
+    /// A token names a key the ring held does not, and the ring could not be reloaded to
+    /// learn whether the key source holds it (the source failed, or no ring was ever
+    /// loaded): the token can be neither accepted nor refused now. The gateway answers
+    /// 503, so that a client keeps a token that may well be valid. The message says why
+    /// (secret-free, like every message here).
+    #[error("the token's key is not in the ring held, and the key ring cannot be reloaded: {0}")]
+    RingUnavailable(String),
 }
 
 impl KeyError {

@@ -2,6 +2,8 @@
 //! introspectable by any authenticated client (resource servers check tokens they were
 //! sent); refresh tokens only by the client they were issued to. Anything not active —
 //! expired, revoked, malformed, someone else's refresh token — is `{"active": false}`.
+//! A JWT naming a key this instance does not hold while the ring cannot be reloaded is
+//! neither: 503 `temporarily_unavailable`.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -9,6 +11,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use keyrotation::KeyError;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
@@ -34,7 +37,7 @@ pub async fn introspect(
         .ok_or_else(|| ApiError::oauth(OAuthCode::InvalidRequest, "token is required"))?;
     let client = client_auth::authenticate(&state, &presented, Some(ip)).await?;
     let answer = if looks_like_jwt(&token) {
-        introspect_jwt(&state, &token).await
+        introspect_jwt(&state, &token).await?
     } else {
         let session = state
             .refresh
@@ -66,7 +69,10 @@ fn looks_like_jwt(token: &str) -> bool {
     token.split('.').count() == 3 && !token.starts_with("rt1.")
 }
 
-async fn introspect_jwt(state: &AppState, token: &str) -> Value {
+/// The answer for a JWT; 503 rather than `active: false` when it names a key this instance
+/// does not hold and cannot reload the ring to look for (a resource server would throw a
+/// valid token away).
+async fn introspect_jwt(state: &AppState, token: &str) -> Result<Value, ApiError> {
     // our tokens may be for any audience a client was allowed: the audience check is
     // against the token's own `aud`; signature, issuer, expiry, algorithm and type
     // (`at+jwt`, or `JWT` while `tokens.accept_jwt_typ` is on, counted as on a bearer
@@ -76,14 +82,14 @@ async fn introspect_jwt(state: &AppState, token: &str) -> Value {
     let mut params = state.keys.verify_params().clone();
     params.audiences = unverified_audiences(token);
     if params.audiences.is_empty() {
-        return json!({ "active": false });
+        return Ok(json!({ "active": false }));
     }
     match state
         .keys
         .verify_current_with::<AccessClaims>(token, &params)
         .await
     {
-        Ok(c) => json!({
+        Ok(c) => Ok(json!({
             "active": true,
             "token_type": "Bearer",
             "client_id": c.client_id,
@@ -96,8 +102,9 @@ async fn introspect_jwt(state: &AppState, token: &str) -> Value {
             "nbf": c.nbf,
             "jti": c.jti,
             "roles": c.roles,
-        }),
-        Err(_) => json!({ "active": false }),
+        })),
+        Err(e @ KeyError::RingUnavailable(_)) => Err(e.into()),
+        Err(_) => Ok(json!({ "active": false })),
     }
 }
 

@@ -99,6 +99,11 @@ impl Instance {
     /// The status of a config API read with `token` over HTTPS: what any bearer route
     /// answers after verifying the token.
     async fn read_config_with(&self, token: &str) -> u16 {
+        self.read_config_answer(token).await.0.status.as_u16()
+    }
+
+    /// [`Self::read_config_with`], with the answer's head and JSON body (`Null` if none).
+    async fn read_config_answer(&self, token: &str) -> (http::response::Parts, Value) {
         let mut conn =
             Conn::over(tls_connect(self.app.https_addr(), self.pki_client.clone()).await).await;
         let request = http::Request::get("/config/v1/prod/executor-orders")
@@ -106,13 +111,22 @@ impl Instance {
             .header("authorization", format!("Bearer {token}"))
             .body(http_body_util::Full::default())
             .unwrap();
-        conn.request(request).await.unwrap().0.status.as_u16()
+        let (parts, body) = conn.request(request).await.unwrap();
+        (parts, serde_json::from_slice(&body).unwrap_or_default())
     }
 
     /// `POST /oauth2/introspect` of `token` over HTTPS, as a client registered here.
     async fn introspect(&self, token: &str) -> Value {
-        use base64::Engine;
         wait_until_ready(self.app.state()).await;
+        let basic = self.introspecting_client().await;
+        let (status, answer) = self.introspect_as(&basic, token).await;
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    /// Registers a resource server allowed to introspect; its `Basic` credentials.
+    async fn introspecting_client(&self) -> String {
+        use base64::Engine;
         let (client, secret) = self
             .app
             .state()
@@ -130,11 +144,16 @@ impl Instance {
             )
             .await
             .unwrap();
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        base64::engine::general_purpose::STANDARD.encode(format!(
             "{}:{}",
             client.id.as_str(),
             secret.expose_secret()
-        ));
+        ))
+    }
+
+    /// `POST /oauth2/introspect` of `token` over HTTPS with `Basic` credentials `basic`:
+    /// the status and the JSON body.
+    async fn introspect_as(&self, basic: &str, token: &str) -> (u16, Value) {
         let mut conn =
             Conn::over(tls_connect(self.app.https_addr(), self.pki_client.clone()).await).await;
         let request = http::Request::post("/oauth2/introspect")
@@ -144,8 +163,10 @@ impl Instance {
             .body(http_body_util::Full::from(format!("token={token}")))
             .unwrap();
         let (parts, body) = conn.request(request).await.unwrap();
-        assert_eq!(parts.status, 200);
-        serde_json::from_slice(&body).unwrap()
+        (
+            parts.status.as_u16(),
+            serde_json::from_slice(&body).unwrap(),
+        )
     }
 
     async fn rotate(&self, body: Value) -> Value {
@@ -696,4 +717,85 @@ async fn an_instance_meeting_an_unknown_kid_reloads_the_ring_before_refusing() {
     );
     assert_eq!(b.read_config_with(&forged).await, 401);
     assert_eq!(b.app.state().keys.rotator().health().reloads, reloads + 1);
+}
+
+/// A token naming a key this instance does not hold, while the ring cannot be reloaded
+/// (Vault is away), may well be valid: a bearer route answers 503
+/// `temporarily_unavailable` without a challenge, and introspection 503 rather than
+/// `active: false`, so that clients keep their tokens. Both on an instance holding an
+/// older ring (an emergency rotation happened elsewhere) and on one that started while
+/// Vault was away and holds none. Once the ring reloads the token is accepted, and a
+/// `kid` no ring holds is refused (401) again.
+#[tokio::test]
+async fn an_unknown_kid_while_the_ring_cannot_be_reloaded_is_unavailable_not_invalid() {
+    let bao = OpenBao::start_persistent().unwrap();
+    let db = Postgres::shared().fresh_database("keysunavail").unwrap();
+    let clock = start_clock();
+    let ring = "portcullis/unavailable";
+    let a = instance(&bao, &bao.root_token(), ring, &db, clock.clone(), |_| {}).await;
+    let b = instance(&bao, &bao.root_token(), ring, &db, clock.clone(), |_| {}).await;
+    for i in [&a, &b] {
+        wait_until_ready(i.app.state()).await;
+    }
+    b.app.state().keys.rotator().reload_once().await.unwrap();
+    let basic = b.introspecting_client().await;
+    a.rotate(json!({ "emergency": true, "reason": "key in a crash dump" }))
+        .await;
+    let fresh = a.sign_access(clock.now());
+
+    bao.stop();
+    let unavailable = |(head, body): (http::response::Parts, Value)| {
+        assert_eq!(head.status, 503, "{body}");
+        assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+        assert!(head.headers.get("www-authenticate").is_none(), "{head:?}");
+        assert!(head.headers.get("retry-after").is_some(), "{head:?}");
+    };
+    // b holds the ring from before the emergency; its reload fails
+    unavailable(b.read_config_answer(&fresh).await);
+    // at once again, within the unknown-kid reload interval (no reload is tried): the
+    // last reload failed, so still not a refusal
+    let (status, answer) = b.introspect_as(&basic, &fresh).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"], "temporarily_unavailable", "{answer}");
+
+    // an instance started while Vault is away holds no ring at all
+    let c = instance(&bao, &bao.root_token(), ring, &db, clock.clone(), |_| {}).await;
+    let c_state = c.app.state().clone();
+    eventually(
+        Duration::from_secs(10),
+        "c migrated, its first reload failed",
+        || async {
+            c_state.db.is_migrated() && c_state.keys.rotator().health().reload_failures >= 1
+        },
+    )
+    .await;
+    unavailable(c.read_config_answer(&fresh).await);
+    let (status, answer) = c.introspect_as(&basic, &fresh).await;
+    assert_eq!(status, 503, "{answer}");
+
+    bao.restart().unwrap();
+    b.app.state().keys.rotator().reload_once().await.unwrap();
+    let (head, body) = b.read_config_answer(&fresh).await;
+    assert!(
+        ![401, 503].contains(&head.status.as_u16()),
+        "{head:?} {body}"
+    );
+    let (status, answer) = b.introspect_as(&basic, &fresh).await;
+    assert_eq!((status, &answer["active"]), (200, &json!(true)), "{answer}");
+    // a kid that no ring holds, with the ring reloaded: refused
+    let forged = {
+        use base64::Engine;
+        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.c2ln",
+            b64(json!({ "alg": "ES256", "typ": "at+jwt", "kid": "no-such-key" })),
+            b64(json!({ "aud": "https://portcullis.test" }))
+        )
+    };
+    let (head, _) = b.read_config_answer(&forged).await;
+    assert_eq!(head.status, 401);
+    assert_eq!(
+        b.introspect_as(&basic, &forged).await,
+        (200, json!({ "active": false }))
+    );
 }
