@@ -335,16 +335,17 @@ impl KeyService {
     }
 
     /// Without reloading: whether the ring held is the one stored as of the last reload,
-    /// so that a `kid` it lacks is unknown to the key source too.
+    /// so that a `kid` it lacks is unknown to the key source too. A reload that read the
+    /// ring and failed only to write its plan leaves the ring held current.
     fn ring_held_check(&self) -> RingCheck {
         if self.keys().ring_version().is_none() {
             return RingCheck::Unavailable("no key ring was loaded yet".to_owned());
         }
         let health = self.rotator.health();
-        if health.consecutive_failures > 0 {
+        if health.consecutive_read_failures > 0 {
             return RingCheck::Unavailable(format!(
-                "the last {} reloads of the ring failed ({})",
-                health.consecutive_failures,
+                "the last {} reloads could not read the ring ({})",
+                health.consecutive_read_failures,
                 health.last_error.as_deref().unwrap_or("no detail")
             ));
         }

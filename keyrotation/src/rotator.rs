@@ -51,6 +51,11 @@ pub struct RotatorHealth {
     pub reload_failures: u64,
     /// Failed reloads since the last success (0: the source is reachable).
     pub consecutive_failures: u64,
+    /// Of those, how many in a row did not even load the stored ring into [`Keys`] (the
+    /// source unreachable or refusing reads, the stored ring unreadable). 0 while the ring
+    /// held is the one stored as of the last reload — also when only writing the plan
+    /// failed (a policy denying writes): a write failure never keeps an older ring.
+    pub consecutive_read_failures: u64,
     /// When the last reload succeeded.
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_success_at: Option<OffsetDateTime>,
@@ -79,6 +84,7 @@ struct Inner {
     reloads: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU64,
+    consecutive_read_failures: AtomicU64,
     /// Unix nanoseconds of the last success, `i64::MIN` when none.
     last_success: AtomicI64,
     last_error: Mutex<Option<String>>,
@@ -118,6 +124,7 @@ impl Rotator {
                 reloads: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 consecutive_failures: AtomicU64::new(0),
+                consecutive_read_failures: AtomicU64::new(0),
                 last_success: AtomicI64::new(i64::MIN),
                 last_error: Mutex::new(None),
                 transitions_written: AtomicU64::new(0),
@@ -158,6 +165,7 @@ impl Rotator {
             reloads: self.inner.reloads.load(Ordering::Relaxed),
             reload_failures: self.inner.failures.load(Ordering::Relaxed),
             consecutive_failures: self.inner.consecutive_failures.load(Ordering::Relaxed),
+            consecutive_read_failures: self.inner.consecutive_read_failures.load(Ordering::Relaxed),
             last_success_at: (last != i64::MIN)
                 .then(|| OffsetDateTime::from_unix_timestamp_nanos(i128::from(last)).ok())
                 .flatten(),
@@ -171,16 +179,21 @@ impl Rotator {
         }
     }
 
-    /// Loads the ring (creating the first one if none exists and this instance may write),
-    /// plans it at the clock's `now`, writes the plan with check-and-set when there is
-    /// something to write and this instance may (on a conflict: reload and re-plan, a
-    /// bounded number of times), and publishes the stored ring into [`Keys`].
+    /// Loads the ring (creating the first one if none exists and this instance may write)
+    /// and publishes it into [`Keys`] as read, then plans it at the clock's `now` and
+    /// writes the plan with check-and-set when there is something to write and this
+    /// instance may (on a conflict: reload and re-plan, a bounded number of times),
+    /// publishing the ring as written.
     ///
-    /// On error [`Keys`] keeps the ring it holds; [`KeyError::is_source_unavailable`]
-    /// tells an unreachable source from other failures.
+    /// On error [`Keys`] keeps the newest ring read: the one it held when the source could
+    /// not be read, the one read when planning or writing failed (the write is tried
+    /// again at the next reload). [`KeyError::is_source_unavailable`] tells an
+    /// unreachable source from other failures, [`RotatorHealth::consecutive_read_failures`]
+    /// a failed read from a failed write.
     pub async fn reload_once(&self) -> Result<ReloadOutcome, KeyError> {
-        let result = self.run(Action::Plan).await;
-        self.record(&result);
+        let mut read = false;
+        let result = self.run(Action::Plan, &mut read).await;
+        self.record(&result, read);
         result
     }
 
@@ -234,11 +247,11 @@ impl Rotator {
         if self.inner.mode == RotationMode::ReadOnly {
             return Err(KeyError::ReadOnly);
         }
-        self.run(action).await
+        self.run(action, &mut false).await
     }
 
     /// Runs [`Self::reload_once`] now and then every `interval` until `cancel` fires.
-    /// Failures are logged (secret-free) and the last good ring stays in [`Keys`].
+    /// Failures are logged (secret-free) and the newest ring read stays in [`Keys`].
     pub fn spawn(
         &self,
         interval: Duration,
@@ -269,10 +282,12 @@ impl Rotator {
         })
     }
 
-    async fn run(&self, action: Action) -> Result<ReloadOutcome, KeyError> {
+    /// Sets `read` once a stored ring was loaded into [`Keys`].
+    async fn run(&self, action: Action, read: &mut bool) -> Result<ReloadOutcome, KeyError> {
         let _serial = self.inner.serial.lock().await;
         let source = &self.inner.source;
         let mut conflicts = 0;
+        let mut keys_changed = false;
         // For a routine rotation: the key that was active when the operator asked, so that
         // a retry after a conflict, or a second instance asked at the same moment, does
         // not rotate twice. It starts as the key this instance serves (the one its status
@@ -299,6 +314,15 @@ impl Rotator {
                 None if write_allowed && matches!(action, Action::Plan) => (KeyRing::empty(), None),
                 None => return Err(KeyError::NoRing),
             };
+            // The ring as read is the truth in the store: serve it before planning or
+            // writing, so that a plan or a write that fails (a policy denying writes, a
+            // store that reads but does not write) never leaves this instance on an older
+            // ring, one that may still trust a key another instance retired as
+            // compromised. The write is tried again at the next reload.
+            if let Some(version) = expected {
+                keys_changed |= self.inner.keys.publish(ring.clone(), Some(version), now)?;
+                *read = true;
+            }
 
             let plan = match &action {
                 Action::Plan if !write_allowed => None,
@@ -343,7 +367,6 @@ impl Rotator {
                 let Some(version) = expected else {
                     return Err(KeyError::NoRing);
                 };
-                let keys_changed = self.inner.keys.publish(ring, Some(version), now)?;
                 return Ok(ReloadOutcome {
                     transitions: Vec::new(),
                     version,
@@ -354,7 +377,7 @@ impl Rotator {
 
             match source.store(&planned, expected).await? {
                 StoreOutcome::Stored(version) => {
-                    let keys_changed = self.inner.keys.publish(planned, Some(version), now)?;
+                    keys_changed |= self.inner.keys.publish(planned, Some(version), now)?;
                     self.inner
                         .transitions_written
                         .fetch_add(transitions.len() as u64, Ordering::Relaxed);
@@ -388,12 +411,14 @@ impl Rotator {
         }
     }
 
-    fn record(&self, result: &Result<ReloadOutcome, KeyError>) {
+    /// Counts a reload; `read`: it loaded the stored ring, whatever happened after.
+    fn record(&self, result: &Result<ReloadOutcome, KeyError>, read: bool) {
         let inner = &self.inner;
         match result {
             Ok(_) => {
                 inner.reloads.fetch_add(1, Ordering::Relaxed);
                 inner.consecutive_failures.store(0, Ordering::Relaxed);
+                inner.consecutive_read_failures.store(0, Ordering::Relaxed);
                 let now =
                     i64::try_from(inner.clock.now().unix_timestamp_nanos()).unwrap_or(i64::MAX);
                 inner.last_success.store(now, Ordering::Release);
@@ -405,6 +430,13 @@ impl Rotator {
             Err(e) => {
                 inner.failures.fetch_add(1, Ordering::Relaxed);
                 inner.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                if read {
+                    inner.consecutive_read_failures.store(0, Ordering::Relaxed);
+                } else {
+                    inner
+                        .consecutive_read_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 *inner
                     .last_error
                     .lock()

@@ -79,6 +79,11 @@ impl Instance {
     /// An access token for the config API (`config:read:prod`), signed by this instance,
     /// for [`LONG`].
     fn sign_access(&self, now: OffsetDateTime) -> String {
+        self.sign_access_for(now, LONG)
+    }
+
+    /// [`Self::sign_access`] for `lifetime`.
+    fn sign_access_for(&self, now: OffsetDateTime, lifetime: time::Duration) -> String {
         self.app
             .state()
             .keys
@@ -91,7 +96,7 @@ impl Instance {
                 "jti": uuid::Uuid::new_v4().to_string(),
                 "iat": now.unix_timestamp(),
                 "nbf": now.unix_timestamp(),
-                "exp": (now + LONG).unix_timestamp(),
+                "exp": (now + lifetime).unix_timestamp(),
             }))
             .unwrap()
     }
@@ -208,6 +213,17 @@ fn kid_of(token: &str) -> String {
         .unwrap();
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     v["kid"].as_str().unwrap().to_owned()
+}
+
+/// A token in the form of ours whose `kid` no ring holds (and whose signature is junk).
+fn forged_kid_token() -> String {
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.c2ln",
+        b64(json!({ "alg": "ES256", "typ": "at+jwt", "kid": "no-such-key" })),
+        b64(json!({ "aud": "https://portcullis.test" }))
+    )
 }
 
 fn start_clock() -> Arc<ManualClock> {
@@ -783,19 +799,85 @@ async fn an_unknown_kid_while_the_ring_cannot_be_reloaded_is_unavailable_not_inv
     let (status, answer) = b.introspect_as(&basic, &fresh).await;
     assert_eq!((status, &answer["active"]), (200, &json!(true)), "{answer}");
     // a kid that no ring holds, with the ring reloaded: refused
-    let forged = {
-        use base64::Engine;
-        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-        format!(
-            "{}.{}.c2ln",
-            b64(json!({ "alg": "ES256", "typ": "at+jwt", "kid": "no-such-key" })),
-            b64(json!({ "aud": "https://portcullis.test" }))
-        )
-    };
+    let forged = forged_kid_token();
     let (head, _) = b.read_config_answer(&forged).await;
     assert_eq!(head.status, 401);
     assert_eq!(
         b.introspect_as(&basic, &forged).await,
         (200, json!({ "active": false }))
     );
+}
+
+/// An in-process instance whose writes Vault refuses (a policy that only reads) serves
+/// the ring as stored: an emergency rotation written elsewhere reaches it although its
+/// own plan, due on that ring, cannot be written, so the compromised key's tokens are
+/// refused there and the fresh key's accepted. Its reloads fail only at the write, so
+/// the ring it holds is current, and a `kid` no ring holds is refused (401), not answered
+/// 503 as when the ring cannot be read.
+#[tokio::test]
+async fn an_instance_whose_ring_writes_are_denied_still_serves_the_stored_ring() {
+    let bao = OpenBao::shared();
+    let db = Postgres::shared().fresh_database("keysdenied").unwrap();
+    let clock = start_clock();
+    let ring = format!("portcullis/denied-{}", uuid::Uuid::new_v4().simple());
+    let read_only = {
+        let name = format!("read-only-{}", uuid::Uuid::new_v4().simple());
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.hcl");
+        std::fs::write(
+            &policy,
+            format!("path \"secret/data/{ring}\" {{\n  capabilities = [\"read\"]\n}}\n"),
+        )
+        .unwrap();
+        bao.bao(&["policy", "write", &name, &policy.display().to_string()])
+            .unwrap();
+        bao.bao(&[
+            "token",
+            "create",
+            "-field=token",
+            &format!("-policy={name}"),
+        ])
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    let a = instance(bao, &bao.root_token(), &ring, &db, clock.clone(), |_| {}).await;
+    wait_until_ready(a.app.state()).await;
+    let b = instance(bao, &read_only, &ring, &db, clock.clone(), |_| {}).await;
+    wait_until_ready(b.app.state()).await;
+    let compromised = a.sign_access_for(clock.now(), time::Duration::days(60));
+    assert_ne!(b.read_config_with(&compromised).await, 401);
+
+    a.rotate(json!({ "emergency": true, "reason": "key in a crash dump" }))
+        .await;
+    // later, a plan is due on the stored ring (the next key's pre-publication): b may not
+    // write it
+    clock.advance(time::Duration::days(24));
+    let err = b
+        .app
+        .state()
+        .keys
+        .rotator()
+        .reload_once()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyError::SourceDenied { .. }), "{err}");
+    let health = b.app.state().keys.rotator().health();
+    assert_eq!(
+        (
+            health.consecutive_failures,
+            health.consecutive_read_failures
+        ),
+        (1, 0)
+    );
+    assert_eq!(
+        b.app.state().keys.keys().ring_version(),
+        a.app.state().keys.keys().ring_version()
+    );
+
+    assert_eq!(b.read_config_with(&compromised).await, 401);
+    let fresh = a.sign_access(clock.now());
+    let status = b.read_config_with(&fresh).await;
+    assert!(![401, 503].contains(&status), "{status}");
+    assert_eq!(b.read_config_with(&forged_kid_token()).await, 401);
 }

@@ -230,6 +230,75 @@ async fn a_read_only_instance_loads_and_reloads_and_is_refused_writes() {
     assert!(picked.keys_changed);
 }
 
+/// A token whose policy reads the ring at `ring_path` and writes nothing.
+fn read_only_token(bao: &OpenBao, ring_path: &str) -> String {
+    let name = format!("read-only-{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.hcl");
+    std::fs::write(
+        &policy,
+        format!("path \"secret/data/{ring_path}\" {{\n  capabilities = [\"read\"]\n}}\n"),
+    )
+    .unwrap();
+    bao.bao(&["policy", "write", &name, &policy.display().to_string()])
+        .unwrap();
+    create_token(bao, &[&format!("-policy={name}")])
+}
+
+/// An in-process instance whose writes the store refuses (a policy that only reads, as
+/// on a serving instance misconfigured with `keys.rotation = "in-process"`) still loads
+/// the ring as stored: an emergency another writer stored retires the compromised key
+/// here too, although this instance's own plan (due on that ring) cannot be written;
+/// the write is tried again, and refused again, at each reload.
+#[tokio::test]
+async fn an_in_process_instance_whose_writes_are_denied_still_loads_the_stored_ring() {
+    let bao = policy_bao();
+    let ring_path = unique_path("denied");
+    let clock = ManualClock::new(t0());
+    let writer = rotator(
+        token_source(bao, &bao.root_token(), &ring_path),
+        &clock,
+        RotationMode::InProcess,
+    );
+    writer.reload_once().await.unwrap();
+    let denied = rotator(
+        token_source(bao, &read_only_token(bao, &ring_path), &ring_path),
+        &clock,
+        RotationMode::InProcess,
+    );
+    // nothing is due: loading needs no write
+    denied.reload_once().await.unwrap();
+    let p = params(&[KeyAlgorithm::ES256]);
+    let compromised = writer
+        .keys()
+        .sign(&claims(clock.now(), DAY * 60), clock.now())
+        .unwrap();
+    denied
+        .keys()
+        .verify::<Claims>(&compromised, &p, clock.now())
+        .unwrap();
+
+    // another writer retires the key as compromised; later this instance finds a plan due
+    let emergency = writer.rotate(true).await.unwrap();
+    clock.advance(DAY * 24);
+    for _ in 0..2 {
+        let err = denied.reload_once().await.unwrap_err();
+        assert!(matches!(err, KeyError::SourceDenied { .. }), "{err}");
+        assert_eq!(denied.keys().ring_version(), Some(emergency.version));
+        assert_eq!(denied.keys().ring(), writer.keys().ring());
+        assert!(matches!(
+            denied
+                .keys()
+                .verify::<Claims>(&compromised, &p, clock.now()),
+            Err(KeyError::UnknownKid)
+        ));
+    }
+    assert_eq!(denied.health().consecutive_failures, 2);
+    // the writer's ring is what the store holds: nothing was written by the denied one
+    let stored = writer.reload_once().await.unwrap();
+    assert!(!stored.transitions.is_empty(), "the plan was still due");
+}
+
 #[tokio::test]
 async fn approle_token_is_renewed_then_replaced_so_reads_outlive_its_ttl() {
     let bao = policy_bao();
