@@ -388,15 +388,43 @@ impl KeyService {
         Ok(outcome)
     }
 
-    /// `Ok` when a key can sign now and the last reload reached the source.
+    /// `Ok` when a key held can sign now, so that this instance serves: it signs and
+    /// verifies with the ring held even while the key source fails (see
+    /// [`Self::source_problem`]), which instances survive by design. `Err` says why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
         if !self.keys().can_sign(self.now()) {
             return Err("no signing key is active");
         }
-        if self.rotator.health().consecutive_failures > 0 {
-            return Err("key source unreachable; serving with the ring held");
-        }
         Ok(())
+    }
+
+    /// What is wrong with the key source, in words safe to show (the source's mount and
+    /// path, never an address or a credential), while the last reload failed: whether
+    /// the ring could not be read (the ring held may be older than the stored one) or
+    /// only its plan not written. `None` when the last reload succeeded.
+    pub fn source_problem(&self) -> Option<String> {
+        let health = self.rotator.health();
+        if health.consecutive_failures == 0 {
+            return None;
+        }
+        let source = self.rotator.describe_source();
+        let version = self
+            .keys()
+            .ring_version()
+            .map_or_else(|| "none".to_owned(), |v| v.to_string());
+        Some(if health.consecutive_read_failures > 0 {
+            format!(
+                "cannot read the key ring from {source} ({} reloads failed in a row); \
+                 serving with the ring held (version {version})",
+                health.consecutive_read_failures
+            )
+        } else {
+            format!(
+                "cannot write the key ring to {source} ({} reloads failed in a row); \
+                 serving the ring as read (version {version})",
+                health.consecutive_failures
+            )
+        })
     }
 
     /// Sets the key gauges from the ring as it is now. Called at every scrape, so the

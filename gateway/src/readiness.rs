@@ -1,7 +1,13 @@
-//! `/readyz`: is every dependency this instance needs answering right now?
+//! `/readyz`: can this instance serve right now?
 //!
 //! Checks run concurrently, each bounded by a short deadline, so a hung dependency makes
 //! the instance not-ready quickly instead of hanging the probe.
+//!
+//! Every dependency that does not answer is reported, but not every one makes the
+//! instance not-ready: the key source (Vault) may be away while a key held can sign, as
+//! instances keep signing and verifying with the ring they hold by design. Taking them
+//! out of the load balancer for it would take out every instance at once. Such a check
+//! is `degraded`: the instance stays ready (200) and its `status` says `degraded`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,6 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::keys::KeyService;
 use crate::state::AppState;
 
 /// How long one check may take.
@@ -17,9 +24,11 @@ const CHECK_DEADLINE: Duration = Duration::from_secs(2);
 /// The readiness report.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// Every check passed.
+    /// This instance can serve: every check passed or is only `degraded`. `/readyz`
+    /// answers 200 when true, 503 when false.
     pub ready: bool,
-    /// `ready` or `degraded`.
+    /// `ready` when every check passed, else `degraded` (whether or not the instance is
+    /// still ready).
     pub status: &'static str,
     /// One entry per dependency.
     pub checks: BTreeMap<&'static str, Check>,
@@ -30,9 +39,35 @@ pub struct Report {
 pub struct Check {
     /// It answered.
     pub ok: bool,
+    /// It did not answer, and this instance serves without it for now: it stays ready.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
     /// Why not, in words safe to show (never a connection string).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl Check {
+    fn passed() -> Self {
+        Self {
+            ok: true,
+            degraded: false,
+            detail: None,
+        }
+    }
+
+    fn failed(detail: String) -> Self {
+        Self {
+            ok: false,
+            degraded: false,
+            detail: Some(detail),
+        }
+    }
+
+    /// Whether this check lets the instance serve.
+    fn serves(&self) -> bool {
+        self.ok || self.degraded
+    }
 }
 
 async fn run<F, E>(name: &'static str, fut: F) -> (&'static str, Check)
@@ -41,33 +76,50 @@ where
     E: std::fmt::Display,
 {
     let check = match tokio::time::timeout(CHECK_DEADLINE, fut).await {
-        Ok(Ok(())) => Check {
-            ok: true,
-            detail: None,
-        },
+        Ok(Ok(())) => Check::passed(),
         Ok(Err(e)) => {
             tracing::warn!(dependency = name, error = %e, "readiness check failed");
+            Check::failed("unreachable".to_owned())
+        }
+        Err(_) => Check::failed("timed out".to_owned()),
+    };
+    note(name, &check);
+    (name, check)
+}
+
+/// The keys: not ready when no key held can sign; degraded (still ready) when a key can
+/// sign but the key source fails. The key service's reasons are written to be shown.
+fn keys(keys: &KeyService) -> Check {
+    let check = match (keys.readiness(), keys.source_problem()) {
+        (Err(why), problem) => {
+            let detail = match problem {
+                Some(p) => format!("{why}; {p}"),
+                None => why.to_owned(),
+            };
+            tracing::warn!(dependency = "keys", detail, "readiness check failed");
+            Check::failed(detail)
+        }
+        (Ok(()), Some(problem)) => {
+            tracing::warn!(dependency = "keys", detail = problem, "serving degraded");
             Check {
                 ok: false,
-                detail: Some(if name == "keys" {
-                    // the key service's reasons are written to be shown
-                    e.to_string()
-                } else {
-                    "unreachable".to_owned()
-                }),
+                degraded: true,
+                detail: Some(problem),
             }
         }
-        Err(_) => Check {
-            ok: false,
-            detail: Some("timed out".to_owned()),
-        },
+        (Ok(()), None) => Check::passed(),
     };
+    note("keys", &check);
+    check
+}
+
+/// `portcullis_dependency_up`: whether the dependency answered, degraded or not.
+fn note(name: &'static str, check: &Check) {
     metrics::gauge!("portcullis_dependency_up", "dependency" => name).set(if check.ok {
         1.0
     } else {
         0.0
     });
-    (name, check)
 }
 
 /// Runs every check.
@@ -79,18 +131,18 @@ pub async fn check(state: &AppState) -> Report {
             None => None,
         }
     };
-    let keys = run("keys", async { state.keys.readiness() });
-    let (db, redis, keys) = tokio::join!(db, redis, keys);
+    let (db, redis) = tokio::join!(db, redis);
     let mut checks = BTreeMap::new();
     checks.insert(db.0, db.1);
-    checks.insert(keys.0, keys.1);
+    checks.insert("keys", keys(&state.keys));
     if let Some((name, c)) = redis {
         checks.insert(name, c);
     }
-    let ready = checks.values().all(|c| c.ok);
+    let ready = checks.values().all(Check::serves);
+    let all_ok = checks.values().all(|c| c.ok);
     Report {
         ready,
-        status: if ready { "ready" } else { "degraded" },
+        status: if all_ok { "ready" } else { "degraded" },
         checks,
     }
 }

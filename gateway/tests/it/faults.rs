@@ -2,8 +2,9 @@
 //! shared dependency — Redis, Postgres, Vault (OpenBao), the identity provider — is
 //! stopped and started again in turn. Only the features that depend on it may degrade,
 //! and only with a clear 503 (`temporarily_unavailable`, `Retry-After`); everything else
-//! keeps answering; `/readyz` names the dependency; and the instance recovers by itself,
-//! without a restart, once the dependency is back.
+//! keeps answering; `/readyz` names the dependency (503, or 200 `degraded` for Vault while
+//! a key held signs); and the instance recovers by itself, without a restart, once the
+//! dependency is back.
 //!
 //! The load (one loop per feature, against one in-process instance):
 //!
@@ -182,11 +183,15 @@ where
     None
 }
 
-/// One dependency of the suite: how to stop and start it, what `/readyz` calls it, which
-/// features must answer 503 while it is away and which may.
+/// One dependency of the suite: how to stop and start it, what `/readyz` calls it and
+/// whether the instance stays ready without it, which features must answer 503 while it
+/// is away and which may.
 struct Dependency {
     name: &'static str,
     check: &'static str,
+    /// `/readyz` stays 200 with the check `degraded` (the key source, while a key held
+    /// can sign), rather than 503.
+    ready_while_away: bool,
     must_degrade: &'static [&'static str],
     may_degrade: &'static [&'static str],
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -340,6 +345,7 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         Dependency {
             name: "redis",
             check: "redis",
+            ready_while_away: false,
             must_degrade: &["refresh", "sso"],
             may_degrade: &["refresh", "sso"],
             stop: Arc::new({
@@ -354,6 +360,7 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         Dependency {
             name: "postgres",
             check: "database",
+            ready_while_away: false,
             must_degrade: &["cfg-write"],
             // client records are read again after tokens.client_cache_ttl (5 s), and a
             // refresh authenticates its client too
@@ -370,6 +377,7 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         Dependency {
             name: "vault",
             check: "keys",
+            ready_while_away: true,
             must_degrade: &[],
             may_degrade: &[],
             stop: Arc::new({
@@ -384,6 +392,7 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         Dependency {
             name: "idp",
             check: "",
+            ready_while_away: true,
             // a login's start uses the provider metadata held; the callback of a login
             // the IdP stopped under answers 503
             must_degrade: &[],
@@ -571,10 +580,10 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         let detected = if dep.check.is_empty() {
             None
         } else {
-            let check = dep.check;
+            let (check, expected) = (dep.check, if dep.ready_while_away { 200 } else { 503 });
             when(Duration::from_secs(15), || async move {
                 let (status, body) = readyz(admin).await;
-                status == 503 && body["checks"][check]["ok"] == false
+                status == expected && body["checks"][check]["ok"] == false
             })
             .await
         };
@@ -585,7 +594,8 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         let start = dep.start.clone();
         tokio::task::spawn_blocking(move || start()).await.unwrap();
         let back_at = Instant::now();
-        // recovered: /readyz 200 and every feature that degraded answers again
+        // recovered: /readyz 200 with the dependency's check passed, and every feature
+        // that degraded answers again
         let degraded: Vec<&'static str> = {
             let tallies = faults.tallies.lock().unwrap();
             tallies[2 * i + 1]
@@ -595,10 +605,14 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
                 .collect()
         };
         let f = faults.clone();
+        let check = dep.check;
         let recovered = when(Duration::from_secs(30), || {
             let (f, degraded) = (f.clone(), degraded.clone());
             async move {
-                readyz(admin).await.0 == 200 && degraded.iter().all(|d| f.ok_count(d) > 0)
+                let (status, body) = readyz(admin).await;
+                status == 200
+                    && (check.is_empty() || body["checks"][check]["ok"] == true)
+                    && degraded.iter().all(|d| f.ok_count(d) > 0)
             }
         })
         .await;
@@ -746,6 +760,15 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         if !dep.check.is_empty() {
             assert!(detected.is_some(), "{name}: /readyz never reported it");
             assert_eq!(during["checks"][dep.check]["ok"], false, "{name}: {during}");
+            assert_eq!(
+                (&during["ready"], &during["checks"][dep.check]["degraded"]),
+                if dep.ready_while_away {
+                    (&serde_json::json!(true), &serde_json::json!(true))
+                } else {
+                    (&serde_json::json!(false), &Value::Null)
+                },
+                "{name}: {during}"
+            );
             for (check, value) in during["checks"].as_object().unwrap() {
                 if check != dep.check {
                     assert_eq!(

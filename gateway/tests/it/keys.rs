@@ -438,6 +438,9 @@ async fn emergency_rotation_stops_the_compromised_key_everywhere_within_the_relo
     .await;
 }
 
+/// A Vault outage is survivable by design: the instance stays ready (200, `degraded`,
+/// the keys check naming the source) while a key held can sign, so that load balancers
+/// keep every instance; it is not ready (503) only once no key can sign.
 #[tokio::test]
 async fn vault_outage_degrades_readiness_keeps_verifying_and_recovers() {
     let bao = OpenBao::start_persistent().unwrap();
@@ -472,18 +475,31 @@ async fn vault_outage_degrades_readiness_keeps_verifying_and_recovers() {
     eventually(
         Duration::from_secs(10),
         "degraded while Vault is down",
-        || async {
-            let (code, body) = ready().await;
-            code == 503
-                && body["checks"]["keys"]["ok"] == false
-                && body["checks"]["database"]["ok"] == true
-        },
+        || async { ready().await.1["status"] == "degraded" },
     )
     .await;
+    // still ready: a key held signs
+    let (code, body) = ready().await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["checks"]["database"], json!({ "ok": true }), "{body}");
+    let keys = &body["checks"]["keys"];
+    assert_eq!(
+        (&keys["ok"], &keys["degraded"]),
+        (&json!(false), &json!(true))
+    );
+    let detail = keys["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("cannot read the key ring from vault:secret/portcullis/outage")
+            && detail.contains("serving with the ring held"),
+        "{detail}"
+    );
+    assert!(!detail.contains(&bao.addr()), "{detail}");
     // serving continues with the ring held: a token signed just before the active key's
     // window ends keeps verifying after it
     clock.set(first_retire - time::Duration::minutes(30));
     let token = inst.sign(clock.now(), HOUR).unwrap();
+    assert_eq!(ready().await.0, 200);
     clock.set(first_retire + time::Duration::minutes(1));
     inst.verify(&token).unwrap();
     // but nothing signs with the overdue key (no next key could be planned): 503
@@ -494,12 +510,19 @@ async fn vault_outage_degrades_readiness_keeps_verifying_and_recovers() {
         axum::response::IntoResponse::into_response(api).status(),
         503
     );
+    // and now the instance is not ready
+    let (code, body) = ready().await;
+    assert_eq!((code, &body["ready"]), (503, &json!(false)), "{body}");
+    assert_eq!(body["checks"]["keys"]["ok"], false, "{body}");
+    assert_eq!(body["checks"]["keys"].get("degraded"), None, "{body}");
+    let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
+    assert!(detail.starts_with("no signing key is active"), "{detail}");
 
     bao.restart().unwrap();
     eventually(
         Duration::from_secs(20),
         "ready again after Vault returns",
-        || async { ready().await.0 == 200 },
+        || async { ready().await == (200, json!({"ready": true, "status": "ready", "checks": {"database": {"ok": true}, "keys": {"ok": true}}})) },
     )
     .await;
     let fresh = inst.sign(clock.now(), HOUR).unwrap();
@@ -876,6 +899,22 @@ async fn an_instance_whose_ring_writes_are_denied_still_serves_the_stored_ring()
     );
 
     assert_eq!(b.read_config_with(&compromised).await, 401);
+    // ready, and degraded: the write fails, the ring is current
+    let readyz: Value = reqwest::get(format!("http://{}/readyz", b.app.admin_addr()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&readyz["ready"], &readyz["status"]),
+        (&json!(true), &json!("degraded"))
+    );
+    let detail = readyz["checks"]["keys"]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("cannot write the key ring to vault:secret/"),
+        "{detail}"
+    );
     let fresh = a.sign_access(clock.now());
     let status = b.read_config_with(&fresh).await;
     assert!(![401, 503].contains(&status), "{status}");
