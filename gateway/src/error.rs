@@ -402,6 +402,18 @@ impl From<keyrotation::KeyError> for ApiError {
                 code: "invalid_token",
                 description: "the access token is invalid".to_owned(),
             },
+            // no ring yet (the rotation job has not made one), or other writers kept
+            // winning: both pass, so a retry is the answer
+            e @ (K::NoRing | K::TooManyConflicts(_)) => Self::unavailable("key ring", e),
+            // the key source refused (its policy): the operator's to fix, and named so
+            K::SourceDenied { .. } => Self::Forbidden {
+                code: "key_source_denied",
+                description: "the key source refused the operation: the Vault policy of this \
+                              instance does not allow it"
+                    .to_owned(),
+            },
+            // any other failure of the key source (Vault answering 429 or 5xx, say)
+            e @ K::Source { .. } => Self::unavailable("key source", e),
             e => Self::Internal(Box::new(e)),
         }
     }
@@ -621,4 +633,39 @@ fn quote_safe(s: &str) -> String {
     s.chars()
         .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_errors_that_pass_are_503_a_refusing_source_403_a_corrupt_ring_500() {
+        let status = |e: keyrotation::KeyError| ApiError::from(e).parts().0;
+        let source = || ("vault:secret/portcullis".to_owned(), "x".to_owned());
+        for e in [
+            keyrotation::KeyError::NoRing,
+            keyrotation::KeyError::TooManyConflicts(5),
+            keyrotation::KeyError::Source {
+                source_name: source().0,
+                message: "429 Too Many Requests".to_owned(),
+            },
+            keyrotation::KeyError::SourceUnavailable {
+                source_name: source().0,
+                message: source().1,
+            },
+        ] {
+            assert_eq!(status(e), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let denied = ApiError::from(keyrotation::KeyError::SourceDenied {
+            source_name: source().0,
+            message: source().1,
+        });
+        assert_eq!(denied.parts().0, StatusCode::FORBIDDEN);
+        assert_eq!(denied.parts().1, "key_source_denied");
+        assert_eq!(
+            status(keyrotation::KeyError::CorruptRing("bad".to_owned())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 }
