@@ -71,13 +71,16 @@ curl -fsk -X PATCH -H "authorization: Bearer $token" -H 'content-type: applicati
                {"key": "protection.token_rate.burst", "value": "1000000"},
                {"key": "protection.token_rate.replenish_every", "value": "1us"},
                {"key": "protection.lockout.free_failures", "value": "1000000"},
-               {"key": "protection.lockout.max_failures", "value": "2000000"}],
+               {"key": "protection.lockout.max_failures", "value": "2000000"},
+               {"key": "protection.lockout.account_max_failures", "value": "2000000"}],
        "message": "api contract run: no rate limits, no lockout"}' \
   "$https/config/v1/dev/portcullis" >/dev/null
 for _ in $(seq 1 100); do
   curl -fs "$admin/metrics" | grep -q '^portcullis_runtime_settings_version 1' && break
   sleep 0.1
 done
+curl -fs "$admin/metrics" | grep -q '^portcullis_runtime_settings_version 1' ||
+  { echo "api-contract: the runtime settings were not applied" >&2; cat "$work/server.log" >&2; exit 1; }
 
 examples=${CONTRACT_MAX_EXAMPLES:-25}
 # deterministic unless asked to explore (CONTRACT_EXPLORE=1: a new random seed each run,
