@@ -1358,6 +1358,24 @@ impl SsoFixture {
             .unwrap()
     }
 
+    /// The target and detail of the newest `logout.backchannel` record, once the
+    /// provider `test`'s has been stored.
+    pub async fn last_backchannel_logout(&self) -> (String, serde_json::Value) {
+        wait_for_audit_actor(
+            &self.app.state,
+            Duration::from_secs(10),
+            "logout.backchannel",
+            "provider:test",
+        )
+        .await;
+        let (_, target, detail) =
+            portcullis::audit::recent(&self.app.state.db, "logout.backchannel", 1)
+                .await
+                .unwrap()
+                .remove(0);
+        (target, serde_json::from_str(&detail).unwrap())
+    }
+
     /// Posts `token` to `/auth/backchannel-logout`, as the provider does.
     pub async fn post_logout_token(&self, token: &str) -> reqwest::Response {
         self.app
@@ -1441,19 +1459,8 @@ async fn a_sign_out_at_the_provider_ends_the_console_session_of_that_provider_se
         session(&there).await.is_some(),
         "the other browser's did not"
     );
-    wait_for_audit_actor(
-        &f.app.state,
-        Duration::from_secs(10),
-        "logout.backchannel",
-        "provider:test",
-    )
-    .await;
-    let (_, target, detail) = portcullis::audit::recent(&f.app.state.db, "logout.backchannel", 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let (target, detail) = f.last_backchannel_logout().await;
     assert_eq!(target, "test:alice");
-    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
     assert_eq!(detail["sid"], sid(&here_session));
     assert_eq!(
         detail["families_revoked"],
@@ -1740,19 +1747,8 @@ async fn a_logout_token_naming_only_the_provider_session_ends_the_sessions_it_ma
         live(&f, &there).await,
         "another provider session's was ended"
     );
-    wait_for_audit_actor(
-        &f.app.state,
-        Duration::from_secs(10),
-        "logout.backchannel",
-        "provider:test",
-    )
-    .await;
-    let (_, target, detail) = portcullis::audit::recent(&f.app.state.db, "logout.backchannel", 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let (target, detail) = f.last_backchannel_logout().await;
     assert_eq!(target, format!("test session {sid}"));
-    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
     assert_eq!(
         detail["families_revoked"],
         serde_json::json!([session.family.to_string()])
