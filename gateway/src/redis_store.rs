@@ -121,18 +121,47 @@ impl RedisHandle {
         Ok(conn)
     }
 
-    /// One round trip, for readiness.
-    pub async fn ping(&self) -> Result<(), RedisError> {
+    /// One command over the shared connection (made on first use), within
+    /// `redis.command_timeout`.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
         let conn = self.connection().await?;
-        let cmd = redis::cmd("PING");
-        let pong: String = tokio::time::timeout(self.timeout, async {
+        self.within(async move {
             match conn {
                 RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
                 RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
             }
         })
         .await
-        .map_err(|_| RedisError::Timeout)??;
+    }
+
+    /// One script over the shared connection (sent by its hash, loaded when Redis lacks
+    /// it), within `redis.command_timeout`.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisError> {
+        let conn = self.connection().await?;
+        self.within(async move {
+            match conn {
+                RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
+                RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    async fn within<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisError> {
+        Ok(tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| RedisError::Timeout)??)
+    }
+
+    /// One round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let pong: String = self.query(&redis::cmd("PING")).await?;
         if pong == "PONG" {
             Ok(())
         } else {

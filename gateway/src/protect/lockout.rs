@@ -61,7 +61,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use crate::redis_store::{RedisConn, RedisError, RedisHandle};
+use crate::redis_store::{RedisError, RedisHandle};
 
 /// How long an address bucket stays familiar to an account after a successful login from
 /// it (each success renews it): 90 days.
@@ -831,23 +831,12 @@ impl RedisFailureStore {
         }
     }
 
-    async fn conn(&self) -> Result<RedisConn, LockoutUnavailable> {
-        self.redis.connection().await.map_err(LockoutUnavailable)
-    }
-
     /// One command, within the store's deadline.
     async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: redis::Cmd,
     ) -> Result<T, LockoutUnavailable> {
-        let conn = self.conn().await?;
-        self.timed(async move {
-            match conn {
-                RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
-                RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
-            }
-        })
-        .await
+        self.redis.query(&cmd).await.map_err(LockoutUnavailable)
     }
 
     /// One script, within the store's deadline.
@@ -855,25 +844,10 @@ impl RedisFailureStore {
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, LockoutUnavailable> {
-        let conn = self.conn().await?;
-        self.timed(async move {
-            match conn {
-                RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
-                RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
-            }
-        })
-        .await
-    }
-
-    async fn timed<T>(
-        &self,
-        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, LockoutUnavailable> {
-        match tokio::time::timeout(self.redis.timeout(), fut).await {
-            Err(_) => Err(LockoutUnavailable(RedisError::Timeout)),
-            Ok(Err(e)) => Err(LockoutUnavailable(RedisError::Redis(e))),
-            Ok(Ok(v)) => Ok(v),
-        }
+        self.redis
+            .invoke(invocation)
+            .await
+            .map_err(LockoutUnavailable)
     }
 }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::redis_store::{RedisConn, RedisHandle};
+use crate::redis_store::RedisHandle;
 
 /// What a pending login remembers. The PKCE verifier and nonce are secrets of this login:
 /// `Debug` does not show them.
@@ -124,24 +124,10 @@ impl RedisPendingStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, PendingError> {
-        use crate::redis_store::RedisError as E;
-        let conn = self
-            .redis
-            .connection()
+        self.redis
+            .query(&cmd)
             .await
-            .map_err(PendingError::Unavailable)?;
-        let result = tokio::time::timeout(self.redis.timeout(), async move {
-            match conn {
-                RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
-                RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
-            }
-        })
-        .await;
-        match result {
-            Err(_) => Err(PendingError::Unavailable(E::Timeout)),
-            Ok(Err(e)) => Err(PendingError::Unavailable(E::Redis(e))),
-            Ok(Ok(v)) => Ok(v),
-        }
+            .map_err(PendingError::Unavailable)
     }
 }
 

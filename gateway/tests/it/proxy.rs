@@ -1008,18 +1008,6 @@ fn set_access_cookie(response: &reqwest::Response) -> Option<String> {
     set_cookie_value(response, "__Host-portcullis-at")
 }
 
-/// The names of the cookies a response clears (`Max-Age=0`).
-fn cleared(response: &reqwest::Response) -> Vec<String> {
-    response
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter(|c| c.contains("Max-Age=0"))
-        .filter_map(|c| c.split_once('=').map(|(k, _)| k.to_owned()))
-        .collect()
-}
-
 /// `/admin/sessions` lists a console session as live until its maximum lifetime, not on
 /// until its idle expiry because nothing has tried to renew it since; a client's session
 /// of the same subject is listed as before.
@@ -1145,9 +1133,9 @@ async fn a_console_session_is_not_renewed_past_its_max_lifetime_and_its_family_i
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(set_refresh_cookie(&refused).as_deref(), Some(""), "cleared");
     assert!(
-        cleared(&refused).contains(&"__Host-portcullis-rt".to_owned()),
+        cleared_cookies(&refused).contains(&"__Host-portcullis-rt".to_owned()),
         "{:?}",
-        cleared(&refused)
+        cleared_cookies(&refused)
     );
     let (actor, target, detail) = {
         wait_for_audit_actor(

@@ -255,18 +255,6 @@ const ID_TOKEN_COOKIE: &str = "__Host-portcullis-idt";
 /// The start of every pending-login cookie's name.
 const LOGIN_COOKIE: &str = "__Host-portcullis-login";
 
-/// The names of the cookies a response clears (`Max-Age=0`).
-fn cleared_cookies(response: &reqwest::Response) -> Vec<String> {
-    response
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .filter(|c| c.contains("Max-Age=0"))
-        .filter_map(|c| c.split_once('=').map(|(k, _)| k.to_owned()))
-        .collect()
-}
-
 #[tokio::test]
 async fn browser_login_shows_mapped_roles_and_logout_revokes_the_session() {
     let f = SsoFixture::start(|_| {}).await;

@@ -540,3 +540,15 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
+
+/// The names of the cookies a response clears (`Max-Age=0`).
+pub fn cleared_cookies(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|c| c.contains("Max-Age=0"))
+        .filter_map(|c| c.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect()
+}
