@@ -87,7 +87,9 @@ impl Plan {
 ///    [`TransitionReason::Overdue`];
 /// 3. when the active key's retirement is within the pre-publication lead and no successor
 ///    exists, generates the successor: published now, active from the active key's
-///    retirement for one period, verifying for the overlap after that;
+///    retirement for one period, verifying for the overlap after that. A successor
+///    generated less than the propagation delay ([`Policy::propagation_delay`]) before
+///    that retirement signs only after the delay, and the active key signs until then;
 /// 4. records (as transitions) every state change the stored instants imply since the last
 ///    write.
 pub fn plan(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan, KeyError> {
@@ -401,9 +403,22 @@ impl<'p> Planner<'p> {
                 && k.activate_at >= retire_at
                 && k.kid != self.ring.keys[active].kid
         });
-        if !has_successor {
-            self.generate(self.now, retire_at, TransitionReason::Scheduled)?;
+        if has_successor {
+            return Ok(());
         }
+        // A successor planned late (the ring was not planned during most of the lead: a
+        // rotation job that did not run, a key source away for days) is published now; it
+        // signs only once every instance can hold it, as after a rotation brought forward.
+        // The active key signs until then, so that no instant is left without a signer.
+        let activate_at = retire_at.max(self.now + self.policy.propagation());
+        if activate_at > retire_at {
+            let overlap = self.policy.overlap_td();
+            let key = &mut self.ring.keys[active];
+            key.retire_at = activate_at;
+            key.expire_at = key.expire_at.max(activate_at + overlap);
+            self.rescheduled = true;
+        }
+        self.generate(self.now, activate_at, TransitionReason::Scheduled)?;
         Ok(())
     }
 

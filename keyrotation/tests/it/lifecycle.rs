@@ -225,6 +225,71 @@ fn signing_stops_when_the_active_window_ends_without_a_successor() {
     assert_eq!(fresh.activate_at, now - ACTIVATION_BACKDATE);
 }
 
+/// The ring was not planned during the lead (the rotation job did not run for a week): the
+/// successor planned moments before the active key retires is published at once but signs
+/// only after the propagation delay, and the active key signs until then, so that no
+/// instance is handed a token whose key it may not hold, and no instant has no signer.
+#[test]
+fn a_successor_planned_late_signs_only_after_the_delay_and_the_active_key_signs_until_then() {
+    let policy = Policy::default();
+    let delay = time::Duration::try_from(policy.propagation_delay).unwrap();
+    let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let old = ring.keys[0].clone();
+    let now = old.retire_at - time::Duration::seconds(10);
+    let plan = keyrotation::plan(&ring, &policy, now).unwrap();
+    assert!(!plan.is_empty());
+    let fresh = plan.ring.keys.iter().find(|k| k.kid != old.kid).unwrap();
+    assert_eq!(fresh.publish_at, now, "published at once");
+    assert_eq!(fresh.activate_at, now + delay, "signs after the delay");
+    assert_eq!(fresh.retire_at, now + delay + DAY * 30, "for a full period");
+    let kept = plan.ring.key(&old.kid).unwrap();
+    assert_eq!(
+        kept.retire_at, fresh.activate_at,
+        "the active key signs until then"
+    );
+    assert_eq!(
+        kept.expire_at,
+        fresh.activate_at + DAY * 30,
+        "then verifies for the overlap"
+    );
+    let second = time::Duration::SECOND;
+    for at in [now, old.retire_at, fresh.activate_at - second] {
+        assert_eq!(
+            plan.ring.signing_key_at(at).unwrap().kid,
+            old.kid,
+            "at {at}"
+        );
+    }
+    assert_eq!(
+        plan.ring.signing_key_at(fresh.activate_at).unwrap().kid,
+        fresh.kid
+    );
+    // A token the old key signed last verifies for its whole lifetime.
+    let keys = Keys::from_ring(plan.ring.clone(), Some(2), now).unwrap();
+    let last = fresh.activate_at - second;
+    let token = keys.sign(&claims(last, HOUR), last).unwrap();
+    assert_eq!(kid_of(&token), old.kid);
+    let end = last + HOUR;
+    assert!(
+        keys.verify::<serde_json::Value>(&token, &params(&all_algorithms()), end)
+            .is_ok()
+    );
+    // Planned again meanwhile, nothing more changes.
+    assert!(
+        keyrotation::plan(&plan.ring, &policy, now + second)
+            .unwrap()
+            .is_empty()
+    );
+    // Planned in time, the successor signs at the planned instant, as before.
+    let early = old.retire_at - DAY;
+    let timely = keyrotation::plan(&ring, &policy, early).unwrap();
+    let next = timely.ring.keys.iter().find(|k| k.kid != old.kid).unwrap();
+    assert_eq!(next.activate_at, old.retire_at);
+    assert_eq!(timely.ring.key(&old.kid).unwrap().retire_at, old.retire_at);
+}
+
 #[test]
 fn rotate_now_activates_the_next_key_and_keeps_the_old_one_for_the_overlap() {
     let policy = Policy::default();
