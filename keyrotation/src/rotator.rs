@@ -375,7 +375,18 @@ impl Rotator {
                 });
             };
 
-            match source.store(&planned, expected).await? {
+            let outcome = match source.store(&planned, expected).await {
+                Ok(outcome) => outcome,
+                Err(e) => match self.landed(&planned, expected).await {
+                    Some(version) => {
+                        tracing::info!(source = %source.describe(), error = %e, version,
+                            "the key ring write answered an error but was stored");
+                        StoreOutcome::Stored(version)
+                    }
+                    None => return Err(e),
+                },
+            };
+            match outcome {
                 StoreOutcome::Stored(version) => {
                     keys_changed |= self.inner.keys.publish(planned, Some(version), now)?;
                     self.inner
@@ -409,6 +420,19 @@ impl Rotator {
                 }
             }
         }
+    }
+
+    /// After a write answered an error (a timeout, a connection lost with the answer on
+    /// its way): whether it was stored all the same, by reading the ring back. The version
+    /// it was stored at when the stored ring is the one written (a planned ring holds a
+    /// freshly generated key or new instants, so no other writer's ring equals it), `None`
+    /// when it is not, or when the read fails too. Without this, a write whose answer was
+    /// lost would go unaudited, and an emergency tried again would retire the fresh key it
+    /// had just made.
+    async fn landed(&self, planned: &KeyRing, expected: Option<u64>) -> Option<u64> {
+        let stored = self.inner.source.load().await.ok()??;
+        (expected.is_none_or(|e| stored.version > e) && stored.value == *planned)
+            .then_some(stored.version)
     }
 
     /// Counts a reload; `read`: it loaded the stored ring, whatever happened after.

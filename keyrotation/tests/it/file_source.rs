@@ -396,3 +396,114 @@ async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting(
     let signing = ring.signing_key_at(now).unwrap();
     assert!(signing.kid != first && signing.kid != waiting);
 }
+
+/// A ring file whose next write is stored but answered with an error (the answer lost on
+/// its way, as after a timeout), or, without `land`, refused with that error.
+struct AnswerLost {
+    inner: FileKeySource,
+    land: bool,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl KeySource for AnswerLost {
+    async fn load(&self) -> Result<Option<keyrotation::Versioned<KeyRing>>, KeyError> {
+        self.inner.load().await
+    }
+
+    async fn store(
+        &self,
+        ring: &KeyRing,
+        expected_version: Option<u64>,
+    ) -> Result<StoreOutcome, KeyError> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if self.land {
+                self.inner.store(ring, expected_version).await?;
+            }
+            return Err(KeyError::SourceUnavailable {
+                source_name: self.inner.describe(),
+                message: "the answer timed out".to_owned(),
+            });
+        }
+        self.inner.store(ring, expected_version).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// An emergency whose write was stored but whose answer was lost: the call reads the ring
+/// back, finds its write, and reports its transitions (which the gateway audits), so the
+/// operator has no reason to try again, and a reload writes nothing more. A second
+/// emergency would have retired the fresh key the first one made.
+#[tokio::test]
+async fn an_emergency_whose_write_answer_was_lost_is_confirmed_by_reading_the_ring_back() {
+    for land in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(t0());
+        let writer = file_rotator(dir.path(), &clock);
+        writer.reload_once().await.unwrap();
+        let leaked = writer.keys().status(clock.now()).active_kid.unwrap();
+        let before = FileKeySource::new(dir.path())
+            .unwrap()
+            .load()
+            .await
+            .unwrap()
+            .unwrap();
+        let operator = Rotator::new(
+            Arc::new(AnswerLost {
+                inner: FileKeySource::new(dir.path()).unwrap(),
+                land,
+                armed: std::sync::atomic::AtomicBool::new(true),
+            }),
+            Keys::empty(),
+            Policy::default(),
+            RotationMode::InProcess,
+            Arc::new(clock.clone()),
+        );
+        let result = operator
+            .emergency("a leak".to_owned(), Suspects::EveryVerifyingKey)
+            .await;
+        let stored = FileKeySource::new(dir.path())
+            .unwrap()
+            .load()
+            .await
+            .unwrap()
+            .unwrap();
+        if !land {
+            assert!(
+                matches!(result, Err(KeyError::SourceUnavailable { .. })),
+                "{result:?}"
+            );
+            assert_eq!(stored, before, "nothing was written");
+            continue;
+        }
+        let out = result.unwrap();
+        assert_eq!(out.version, stored.version);
+        assert!(
+            out.transitions
+                .iter()
+                .any(|t| t.kid == leaked && t.to == Some(KeyState::Retired)),
+            "{:?}",
+            out.transitions
+        );
+        let fresh = stored
+            .value
+            .signing_key_at(clock.now())
+            .unwrap()
+            .kid
+            .clone();
+        assert_ne!(fresh, leaked);
+        assert!(
+            out.transitions
+                .iter()
+                .any(|t| t.kid == fresh && t.from.is_none()),
+            "the fresh key's generation is reported: {:?}",
+            out.transitions
+        );
+        assert_eq!(operator.keys().status(clock.now()).active_kid, Some(fresh));
+        let again = operator.reload_once().await.unwrap();
+        assert!(again.transitions.is_empty(), "{:?}", again.transitions);
+    }
+}
