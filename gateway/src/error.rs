@@ -382,7 +382,9 @@ impl From<keyrotation::KeyError> for ApiError {
     fn from(e: keyrotation::KeyError) -> Self {
         use keyrotation::KeyError as K;
         match e {
-            K::NoActiveKey => Self::unavailable("signing keys", e),
+            e @ (K::NoActiveKey | K::SignerNotAccepted { .. }) => {
+                Self::unavailable("signing keys", e)
+            }
             // a token naming a key the ring held lacks, while the ring cannot be reloaded:
             // it may be valid, so 503 (retry later), never 401 (throw the token away)
             K::RingUnavailable(_) => Self::unavailable("key ring", e),

@@ -197,9 +197,37 @@ impl KeyService {
     /// active key's window ended while Vault was unreachable): the caller answers 503.
     /// Anything else the keys sign goes through [`Keys::sign`], typed `JWT`, which
     /// access-token verification accepts only while `tokens.accept_jwt_typ` is on.
+    /// The claims are signed as given (tests forge tokens with it); the token endpoint and
+    /// console sessions issue through [`Self::sign_access`], which bounds `exp`.
     pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, KeyError> {
         self.keys()
             .sign_typed(claims, self.access_token_typ, self.now())
+    }
+
+    /// Signs the access-token claims `build` makes from their `exp` and returns the token
+    /// and the claims. The `exp` is `until` (Unix seconds), but never later than the
+    /// signing key verifies: its `expire_at` less `tokens.leeway`, whatever `keys.overlap`
+    /// says (the instance that wrote the ring may run with another). Refused with
+    /// [`KeyError::SignerNotAccepted`] when the key's algorithm is one this instance's
+    /// verification leaves out (`keys.accepted_algorithms` narrowed too early), which would
+    /// refuse the token.
+    pub fn sign_access<C: serde::Serialize>(
+        &self,
+        until: i64,
+        build: impl FnOnce(i64) -> C,
+    ) -> Result<(String, C), KeyError> {
+        self.keys()
+            .sign_with(self.access_token_typ, self.now(), |key| {
+                if !self.verify.algorithms.contains(&key.alg) {
+                    return Err(KeyError::SignerNotAccepted {
+                        kid: key.kid.clone(),
+                        alg: key.alg,
+                    });
+                }
+                let leeway = i64::try_from(self.verify.leeway.as_secs()).unwrap_or(i64::MAX);
+                let verifies_until = key.expire_at.unix_timestamp().saturating_sub(leeway);
+                Ok(build(until.min(verifies_until)))
+            })
     }
 
     /// Verifies one of our access tokens now, with the ring held.
@@ -392,10 +420,50 @@ impl KeyService {
     /// verifies with the ring held even while the key source fails (see
     /// [`Self::source_problem`]), which instances survive by design. `Err` says why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        if !self.keys().can_sign(self.now()) {
+        let now = self.now();
+        if !self.keys().can_sign(now) {
             return Err("no signing key is active");
         }
+        let ring = self.keys().ring();
+        if ring
+            .signing_key_at(now)
+            .is_some_and(|k| !self.verify.algorithms.contains(&k.alg))
+        {
+            return Err("the active key's algorithm is not in keys.accepted_algorithms");
+        }
         Ok(())
+    }
+
+    /// The published keys (waiting, signing or verifying) whose algorithm
+    /// `keys.accepted_algorithms` leaves out, in words safe to show: the tokens they sign
+    /// or signed are refused here. `None` when every published key's algorithm is accepted.
+    /// Narrowing the list is safe only once the keys of the dropped algorithm have expired
+    /// (`docs/operations/keys.md`).
+    pub fn algorithm_problem(&self) -> Option<String> {
+        let now = self.now();
+        let refused: Vec<String> = self
+            .keys()
+            .ring()
+            .keys
+            .iter()
+            .filter(|k| k.is_published_at(now) && !self.verify.algorithms.contains(&k.alg))
+            .map(|k| {
+                format!(
+                    "{} ({:?}, {:?} until {})",
+                    k.kid,
+                    k.alg,
+                    k.state_at(now),
+                    k.expire_at
+                )
+            })
+            .collect();
+        (!refused.is_empty()).then(|| {
+            format!(
+                "keys.accepted_algorithms leaves out the algorithm of published keys, whose \
+                 tokens are refused: {}",
+                refused.join(", ")
+            )
+        })
     }
 
     /// What is wrong with the key source, in words safe to show (the source's mount and
@@ -427,6 +495,20 @@ impl KeyService {
         })
     }
 
+    /// The keys of the ring held whose key material cannot be read, in words safe to
+    /// show (kids only): they neither sign nor verify here, and are not in JWKS. `None`
+    /// when every key was read.
+    pub fn material_problem(&self) -> Option<String> {
+        let unusable = self.keys().unusable();
+        (!unusable.is_empty()).then(|| {
+            let kids: Vec<&str> = unusable.iter().map(|k| k.as_str()).collect();
+            format!(
+                "the key material of {} cannot be read: neither signs nor verifies",
+                kids.join(", ")
+            )
+        })
+    }
+
     /// Sets the key gauges from the ring as it is now. Called at every scrape, so the
     /// figures are never staler than the scrape itself.
     pub fn record_metrics(&self) {
@@ -440,6 +522,20 @@ impl KeyService {
         }
         metrics::gauge!("portcullis_keys_published")
             .set(status.keys.iter().filter(|k| k.published).count() as f64);
+        metrics::gauge!("portcullis_keys_published_unaccepted").set(
+            status
+                .keys
+                .iter()
+                .filter(|k| k.published && !self.verify.algorithms.contains(&k.alg))
+                .count() as f64,
+        );
+        metrics::gauge!("portcullis_keys_unusable")
+            .set(status.keys.iter().filter(|k| !k.usable).count() as f64);
+        // the same on every instance once they all hold the stored ring (absent before the
+        // first load)
+        if let Some(version) = status.ring_version {
+            metrics::gauge!("portcullis_keys_ring_version").set(version as f64);
+        }
         metrics::gauge!("portcullis_keys_can_sign").set(if self.keys().can_sign(self.now()) {
             1.0
         } else {

@@ -90,7 +90,16 @@ where
 /// The keys: not ready when no key held can sign; degraded (still ready) when a key can
 /// sign but the key source fails. The key service's reasons are written to be shown.
 fn keys(keys: &KeyService) -> Check {
-    let check = match (keys.readiness(), keys.source_problem()) {
+    let problems: Vec<String> = [
+        keys.source_problem(),
+        keys.algorithm_problem(),
+        keys.material_problem(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let problem = (!problems.is_empty()).then(|| problems.join("; "));
+    let check = match (keys.readiness(), problem) {
         (Err(why), problem) => {
             let detail = match problem {
                 Some(p) => format!("{why}; {p}"),

@@ -26,6 +26,19 @@ pub enum KeyError {
     /// window ended while the key source was unreachable). The gateway answers 503.
     #[error("no signing key is active")]
     NoActiveKey,
+    /// The key that signs now uses an algorithm this instance's verification does not
+    /// accept (`keys.accepted_algorithms` was narrowed while the ring still signs with the
+    /// old algorithm): a token signed with it would be refused, so none is. The gateway
+    /// answers 503.
+    #[error(
+        "the signing key {kid} uses {alg:?}, which the accepted algorithms leave out; its          tokens would be refused"
+    )]
+    SignerNotAccepted {
+        /// The key that signs now.
+        kid: crate::Kid,
+        /// Its algorithm.
+        alg: crate::KeyAlgorithm,
+    },
     /// A cryptographic operation failed (key generation, key parsing, signing).
     #[error("cryptographic failure: {0}")]
     Crypto(&'static str),

@@ -31,7 +31,10 @@ struct KeysInner {
 /// A ring with its key material parsed, swapped in as a whole.
 struct LoadedRing {
     ring: KeyRing,
+    /// The keys of `ring` whose material was read: what signs and verifies.
     keys: Arc<[LoadedKey]>,
+    /// The keys of `ring` whose material could not be read.
+    unusable: Arc<[Kid]>,
     version: Option<u64>,
     generation: u64,
     loaded_at: Option<OffsetDateTime>,
@@ -151,6 +154,11 @@ pub struct KeyStatus {
     pub state: KeyState,
     /// Whether the key is in JWKS at the status instant.
     pub published: bool,
+    /// Whether its key material could be read. A key whose material cannot (a ring edited
+    /// by hand, damaged in storage) neither signs nor verifies, nor is it in JWKS; the
+    /// rest of the ring is served all the same.
+    #[serde(default = "usable_by_default")]
+    pub usable: bool,
     /// When it was generated.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -171,6 +179,10 @@ pub struct KeyStatus {
     pub compromised_at: Option<OffsetDateTime>,
     /// Why it was declared compromised.
     pub compromise_reason: Option<String>,
+}
+
+fn usable_by_default() -> bool {
+    true
 }
 
 /// Header members the verifier looks at.
@@ -239,6 +251,7 @@ impl Keys {
                 ring: ArcSwap::from_pointee(LoadedRing {
                     ring: KeyRing::empty(),
                     keys: Arc::from(Vec::new()),
+                    unusable: Arc::from(Vec::new()),
                     version: None,
                     generation: 0,
                     loaded_at: None,
@@ -276,6 +289,7 @@ impl Keys {
             self.inner.ring.store(Arc::new(LoadedRing {
                 ring,
                 keys: Arc::clone(&current.keys),
+                unusable: Arc::clone(&current.unusable),
                 version,
                 generation: current.generation,
                 loaded_at: Some(now),
@@ -283,20 +297,29 @@ impl Keys {
             return Ok(false);
         }
         ring.check()?;
-        let keys = ring
-            .keys
-            .iter()
-            .map(|record| {
-                Ok(LoadedKey {
+        // One key whose material cannot be read must not keep the others from being served
+        // (a key written by an emergency elsewhere among them): it is left out, and said.
+        let mut keys = Vec::with_capacity(ring.keys.len());
+        let mut unusable = Vec::new();
+        for record in &ring.keys {
+            match material::load(record.alg, &record.kid, &record.private_key) {
+                Ok(material) => keys.push(LoadedKey {
                     record: record.clone(),
-                    material: material::load(record.alg, &record.kid, &record.private_key)?,
-                })
-            })
-            .collect::<Result<Arc<[LoadedKey]>, KeyError>>()?;
+                    material,
+                }),
+                Err(e) => {
+                    tracing::error!(kid = %record.kid, alg = ?record.alg, error = %e,
+                        "a key of the ring has key material that cannot be read; it neither signs nor verifies");
+                    unusable.push(record.kid.clone());
+                }
+            }
+        }
+        let (keys, unusable): (Arc<[LoadedKey]>, Arc<[Kid]>) = (keys.into(), unusable.into());
         let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.inner.ring.store(Arc::new(LoadedRing {
             ring,
             keys,
+            unusable,
             version,
             generation,
             loaded_at: Some(now),
@@ -322,6 +345,20 @@ impl Keys {
         typ: TokenType,
         now: OffsetDateTime,
     ) -> Result<String, KeyError> {
+        self.sign_with(typ, now, |_| Ok(claims))
+            .map(|(token, _)| token)
+    }
+
+    /// [`Keys::sign_typed`] for the claims `build` makes from the record of the key that
+    /// signs at `now` (so that an `exp` can end before the key stops verifying, at its
+    /// `expire_at`, or the key be refused: `build`'s error is returned as it is). Returns
+    /// the token and the claims.
+    pub fn sign_with<C: Serialize>(
+        &self,
+        typ: TokenType,
+        now: OffsetDateTime,
+        build: impl FnOnce(&KeyRecord) -> Result<C, KeyError>,
+    ) -> Result<(String, C), KeyError> {
         let loaded = self.inner.ring.load();
         let key = loaded
             .keys
@@ -329,7 +366,8 @@ impl Keys {
             .filter(|k| k.record.signs_at(now))
             .max_by_key(|k| k.record.activate_at)
             .ok_or(KeyError::NoActiveKey)?;
-        let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Claims(e.to_string()))?;
+        let claims = build(&key.record)?;
+        let payload = serde_json::to_vec(&claims).map_err(|e| KeyError::Claims(e.to_string()))?;
         let header_b64 = key.material.header_b64(typ);
         let mut token = String::with_capacity(header_b64.len() + payload.len() * 4 / 3 + 400);
         token.push_str(header_b64);
@@ -338,7 +376,7 @@ impl Keys {
         let signature = key.material.signer.sign(token.as_bytes())?;
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
-        Ok(token)
+        Ok((token, claims))
     }
 
     /// Verifies `token` at `now` and returns its claims.
@@ -454,7 +492,8 @@ impl Keys {
                     kid: k.kid.clone(),
                     alg: k.alg,
                     state: k.state_at(now),
-                    published: k.is_published_at(now),
+                    published: k.is_published_at(now) && !loaded.unusable.contains(&k.kid),
+                    usable: !loaded.unusable.contains(&k.kid),
                     created_at: k.created_at,
                     publish_at: k.publish_at,
                     activate_at: k.activate_at,
@@ -469,7 +508,18 @@ impl Keys {
 
     /// Whether a key may sign at `now` (for readiness).
     pub fn can_sign(&self, now: OffsetDateTime) -> bool {
-        self.inner.ring.load().ring.signing_key_at(now).is_some()
+        self.inner
+            .ring
+            .load()
+            .keys
+            .iter()
+            .any(|k| k.record.signs_at(now))
+    }
+
+    /// The keys of the ring held whose key material could not be read (see
+    /// [`KeyStatus::usable`]); empty when every key was read.
+    pub fn unusable(&self) -> Vec<Kid> {
+        self.inner.ring.load().unusable.to_vec()
     }
 
     /// How many rings this handle has loaded (0: none yet).

@@ -478,7 +478,7 @@ fn print_status(status: &keyrotation::RingStatus, json: bool) {
     );
     for k in &status.keys {
         println!(
-            "{:<44} {:<6} {:<9} {:<8} {:<21} {:<21} {:<21}{}",
+            "{:<44} {:<6} {:<9} {:<8} {:<21} {:<21} {:<21}{}{}",
             k.kid.to_string(),
             k.alg.to_string(),
             format!("{:?}", k.state).to_lowercase(),
@@ -489,6 +489,11 @@ fn print_status(status: &keyrotation::RingStatus, json: bool) {
             k.compromise_reason
                 .as_ref()
                 .map_or(String::new(), |r| format!("  COMPROMISED: {r}")),
+            if k.usable {
+                ""
+            } else {
+                "  KEY MATERIAL UNREADABLE: neither signs nor verifies"
+            },
         );
     }
 }

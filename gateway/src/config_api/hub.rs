@@ -701,6 +701,7 @@ mod tests {
             alg: KeyAlgorithm::ES256,
             state: KeyState::Active,
             published: true,
+            usable: true,
             created_at: activate_at,
             publish_at: activate_at,
             activate_at,

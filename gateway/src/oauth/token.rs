@@ -276,20 +276,21 @@ pub fn mint(
 ) -> Result<TokenResponse, ApiError> {
     let now = state.keys.now().unix_timestamp();
     let lifetime = i64::try_from(grant.lifetime.as_secs()).unwrap_or(i64::MAX);
-    let claims = AccessClaims {
-        iss: state.config.issuer(),
-        sub: grant.subject,
-        aud: Audiences::from_vec(grant.audiences),
-        exp: now.saturating_add(lifetime),
-        iat: now,
-        nbf: now,
-        jti: uuid::Uuid::new_v4().to_string(),
-        scope: grant.scope,
-        client_id: grant.client_id,
-        roles: grant.roles,
-        sid: grant.session,
-    };
-    let access_token = state.keys.sign(&claims)?;
+    let (access_token, claims) = state
+        .keys
+        .sign_access(now.saturating_add(lifetime), |exp| AccessClaims {
+            iss: state.config.issuer(),
+            sub: grant.subject,
+            aud: Audiences::from_vec(grant.audiences),
+            exp,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: grant.scope,
+            client_id: grant.client_id,
+            roles: grant.roles,
+            sid: grant.session,
+        })?;
     state.audit.record(AuditEvent {
         at: state.keys.now(),
         actor: format!("client:{}", claims.client_id),
@@ -308,7 +309,7 @@ pub fn mint(
     Ok(TokenResponse {
         access_token,
         token_type: "Bearer",
-        expires_in: grant.lifetime.as_secs(),
+        expires_in: u64::try_from(claims.exp.saturating_sub(now)).unwrap_or_default(),
         scope: claims.scope,
         refresh_token: refresh_token.map(|t| t.expose_secret().to_owned()),
     })

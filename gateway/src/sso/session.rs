@@ -362,14 +362,15 @@ fn mint(
     let now = state.keys.now().unix_timestamp();
     let lifetime =
         i64::try_from(state.sso.settings().access_token_lifetime.as_secs()).unwrap_or(i64::MAX);
-    let claims = ConsoleClaims {
+    let until = now
+        .saturating_add(lifetime)
+        .min(session_end.unix_timestamp());
+    let (token, claims) = state.keys.sign_access(until, |exp| ConsoleClaims {
         base: AccessClaims {
             iss: state.config.issuer(),
             sub: subject.to_owned(),
             aud: Audiences::One(state.config.issuer()),
-            exp: now
-                .saturating_add(lifetime)
-                .min(session_end.unix_timestamp()),
+            exp,
             iat: now,
             nbf: now,
             jti: uuid::Uuid::new_v4().to_string(),
@@ -382,8 +383,7 @@ fn mint(
         email: info.email.clone(),
         name: info.name.clone(),
         preferred_username: info.preferred_username.clone(),
-    };
-    let token = state.keys.sign(&claims)?;
+    })?;
     state.audit.record(crate::audit::AuditEvent {
         at: state.keys.now(),
         actor: format!("user:{subject}"),

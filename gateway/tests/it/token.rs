@@ -1463,6 +1463,176 @@ async fn a_console_renewal_that_cannot_be_signed_keeps_the_session() {
     assert_eq!(f.generation(&renewed).await, Some(1));
 }
 
+/// A ring written by a rotation job whose `keys.overlap` is shorter than this instance's
+/// (20 minutes; the instance runs with 30 days): a token is capped where its key stops
+/// verifying, not where this instance's overlap says, so it verifies for its whole life.
+#[tokio::test]
+async fn an_access_token_never_outlives_the_key_that_signed_it() {
+    let f = Fixture::with("key-end", &Redis::shared().url(), |c| {
+        c.keys.reload_interval = Duration::from_secs(3600);
+        c.tokens.access_token_lifetime = Duration::from_secs(3600);
+    })
+    .await;
+    let svc = f.client("svc-keyend", &[CC], "read", &[], None).await;
+    let leeway = i64::try_from(f.app.state.config.tokens.leeway.as_secs()).unwrap();
+    let keys = f.app.state.keys.keys();
+    let own_version = keys.ring_version();
+
+    // this instance's own ring: the configured lifetime, whole
+    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    granted(&a);
+    assert_eq!(a.body["expires_in"], 3600);
+
+    let writer = keyrotation::Policy {
+        rotation_period: Duration::from_secs(600),
+        prepublish_lead: Duration::from_secs(300),
+        overlap: Duration::from_secs(1200),
+        ..keyrotation::Policy::default()
+    };
+    let ring = keyrotation::plan(&KeyRing::empty(), &writer, f.now())
+        .unwrap()
+        .ring;
+    let key = ring.keys[0].clone();
+    keys.publish(ring, own_version.map(|v| v + 1), f.now())
+        .unwrap();
+    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    granted(&a);
+    let token = a.body["access_token"].as_str().unwrap().to_owned();
+    let claims: Value = f.app.state.keys.verify::<Value>(&token).unwrap();
+    let exp = claims["exp"].as_i64().unwrap();
+    assert_eq!(exp, key.expire_at.unix_timestamp() - leeway, "{claims}");
+    assert_eq!(a.body["expires_in"], exp - f.now().unix_timestamp());
+    assert!(exp - f.now().unix_timestamp() < 3600);
+    // it verifies until its last second
+    f.clock
+        .set(OffsetDateTime::from_unix_timestamp(exp).unwrap());
+    f.app.state.keys.verify::<Value>(&token).unwrap();
+    f.clock
+        .set(OffsetDateTime::from_unix_timestamp(exp + leeway + 1).unwrap());
+    assert!(f.app.state.keys.verify::<Value>(&token).is_err());
+}
+
+/// `keys.accepted_algorithms` narrowed to the new `keys.algorithm` while the ring still
+/// signs with the old one: the instance issues no token its own verification would refuse
+/// (503, and `/readyz` says why), and once a key of the new algorithm signs, it serves
+/// again, degraded while the old key's tokens, refused here, could still be presented.
+#[tokio::test]
+async fn a_key_of_an_algorithm_no_longer_accepted_signs_nothing_and_readiness_names_it() {
+    let f = Fixture::with("alg-narrowed", &Redis::shared().url(), |c| {
+        c.keys.reload_interval = Duration::from_secs(3600);
+        c.keys.algorithm = "EdDSA".to_owned();
+        c.keys.accepted_algorithms = vec!["EdDSA".to_owned()];
+    })
+    .await;
+    let svc = f.client("svc-algs", &[CC], "read", &[], None).await;
+    let keys = f.app.state.keys.keys();
+    let readyz = || async {
+        let r = reqwest::get(format!("http://{}/readyz", f.app.admin))
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    let (status, body) = readyz().await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("ready")),
+        "{body}"
+    );
+
+    // the ring as the previous configuration wrote it: an ES256 key signs
+    let old = keyrotation::plan(&KeyRing::empty(), &keyrotation::Policy::default(), f.now())
+        .unwrap()
+        .ring;
+    let es256 = old.keys[0].kid.clone();
+    keys.publish(old.clone(), Some(100), f.now()).unwrap();
+    assert_keys_unavailable(&f.token(&svc, &[("grant_type", "client_credentials")]).await);
+    let (status, body) = readyz().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
+    assert!(detail.contains("keys.accepted_algorithms"), "{detail}");
+    assert_eq!(
+        f.app.sample("portcullis_keys_published_unaccepted").await,
+        1.0
+    );
+
+    // rotated to an EdDSA key: tokens again, the ES256 key named while it verifies
+    let new = keyrotation::Policy {
+        algorithm: keyrotation::KeyAlgorithm::EdDSA,
+        ..keyrotation::Policy::default()
+    };
+    let rotated = keyrotation::rotate_now(&old, &new, f.now()).unwrap().ring;
+    f.clock.advance(time::Duration::minutes(2));
+    keys.publish(rotated, Some(101), f.now()).unwrap();
+    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    granted(&a);
+    let token = a.body["access_token"].as_str().unwrap();
+    assert_eq!(jose_header(token)["alg"], "EdDSA");
+    let (status, body) = readyz().await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("degraded")),
+        "{body}"
+    );
+    let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
+    assert!(detail.contains(es256.as_str()), "{detail}");
+    assert_eq!(
+        f.app.sample("portcullis_keys_published_unaccepted").await,
+        1.0
+    );
+}
+
+/// A key of the ring whose stored material cannot be parsed (here the waiting one): the
+/// instance serves the rest of the ring, issues tokens, and names the key in `/readyz`
+/// (degraded) and `GET /admin/keys`.
+#[tokio::test]
+async fn a_key_whose_material_cannot_be_read_is_named_and_the_rest_is_served() {
+    let f = held_ring_fixture("damaged-key").await;
+    let svc = f.client("svc-damaged", &[CC], "read", &[], None).await;
+    let keys = f.app.state.keys.keys();
+    let ring = keyrotation::rotate_now(&keys.ring(), &keyrotation::Policy::default(), f.now())
+        .unwrap()
+        .ring;
+    let active = keys.status(f.now()).active_kid.unwrap();
+    let waiting = ring.keys.iter().position(|k| k.kid != active).unwrap();
+    let mut value = serde_json::to_value(&ring).unwrap();
+    value["keys"][waiting]["private_key"] = json!(STANDARD.encode(b"no key"));
+    let damaged: KeyRing = serde_json::from_value(value).unwrap();
+    let kid = damaged.keys[waiting].kid.clone();
+    keys.publish(damaged, Some(1000), f.now()).unwrap();
+
+    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    granted(&a);
+    assert_eq!(
+        jose_header(a.body["access_token"].as_str().unwrap())["kid"],
+        active.as_str()
+    );
+    let r = reqwest::get(format!("http://{}/readyz", f.app.admin))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "degraded", "{body}");
+    let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
+    assert!(detail.contains(kid.as_str()), "{detail}");
+    assert_eq!(f.app.sample("portcullis_keys_unusable").await, 1.0);
+    let status: Value = reqwest::get(format!("http://{}/admin/keys", f.app.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = status["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid.as_str())
+        .unwrap();
+    assert_eq!(
+        (&listed["usable"], &listed["published"]),
+        (&json!(false), &json!(false))
+    );
+}
+
 // === discovery ===
 
 #[tokio::test]

@@ -583,3 +583,71 @@ fn a_detailed_verification_names_the_key_and_the_window_a_cache_must_respect() {
     assert!(!verified.window.contains(early));
     assert!(keys.verify::<Claims>(&token, &p, early).is_err());
 }
+
+/// `ring` with the stored material of key `index` replaced by bytes that are no key.
+fn with_damaged_key(ring: &KeyRing, index: usize) -> KeyRing {
+    let mut value = serde_json::to_value(ring).unwrap();
+    value["keys"][index]["private_key"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(b"not a PKCS#8 key at all"));
+    serde_json::from_value(value).unwrap()
+}
+
+/// A key whose stored material cannot be parsed is left out (it neither signs nor
+/// verifies, and is not in JWKS) and said to be, while the rest of the ring is served:
+/// one damaged key no longer keeps an instance on an older ring, or without any.
+#[test]
+fn a_key_whose_material_cannot_be_read_is_left_out_and_the_rest_is_served() {
+    let policy = Policy::default();
+    let first = keyrotation::plan(&KeyRing::empty(), &policy, t0())
+        .unwrap()
+        .ring;
+    let active = first.keys[0].clone();
+    let now = active.retire_at - HOUR * 24 * 2;
+    let ring = keyrotation::plan(&first, &policy, now).unwrap().ring;
+    let waiting = ring
+        .keys
+        .iter()
+        .find(|k| k.kid != active.kid)
+        .unwrap()
+        .clone();
+    let index = |kid| ring.keys.iter().position(|k| &k.kid == kid).unwrap();
+    let jwks_kids = |keys: &Keys| {
+        keys.jwks(now)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let good = Keys::from_ring(ring.clone(), Some(1), now).unwrap();
+    let signed = good.sign(&claims(now, HOUR), now).unwrap();
+    assert!(good.unusable().is_empty());
+
+    // the waiting key damaged: the active key signs and verifies as before
+    let keys = Keys::from_ring(with_damaged_key(&ring, index(&waiting.kid)), Some(2), now).unwrap();
+    assert_eq!(keys.unusable(), vec![waiting.kid.clone()]);
+    assert_eq!(jwks_kids(&keys), vec![active.kid.to_string()]);
+    let p = params(&all_algorithms());
+    keys.verify::<Claims>(&signed, &p, now).unwrap();
+    keys.verify::<Claims>(&keys.sign(&claims(now, HOUR), now).unwrap(), &p, now)
+        .unwrap();
+    let status = keys.status(now);
+    let of = |kid: &keyrotation::Kid| status.keys.iter().find(|k| &k.kid == kid).unwrap();
+    assert!(of(&active.kid).usable && of(&active.kid).published);
+    assert!(!of(&waiting.kid).usable && !of(&waiting.kid).published);
+
+    // the active key damaged: nothing signs, its tokens are not verified, the waiting key
+    // is still published
+    let keys = Keys::from_ring(with_damaged_key(&ring, index(&active.kid)), Some(3), now).unwrap();
+    assert_eq!(keys.unusable(), vec![active.kid.clone()]);
+    assert!(!keys.can_sign(now));
+    assert!(matches!(
+        keys.sign(&claims(now, HOUR), now),
+        Err(KeyError::NoActiveKey)
+    ));
+    assert!(matches!(
+        keys.verify::<Claims>(&signed, &p, now),
+        Err(KeyError::UnknownKid)
+    ));
+    assert_eq!(jwks_kids(&keys), vec![waiting.kid.to_string()]);
+}
