@@ -1615,6 +1615,7 @@ async fn a_key_whose_material_cannot_be_read_is_named_and_the_rest_is_served() {
     let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
     assert!(detail.contains(kid.as_str()), "{detail}");
     assert_eq!(f.app.sample("portcullis_keys_unusable").await, 1.0);
+    assert_eq!(f.app.sample("portcullis_keys_ring_version").await, 1000.0);
     let status: Value = reqwest::get(format!("http://{}/admin/keys", f.app.admin))
         .await
         .unwrap()
