@@ -206,7 +206,7 @@ impl KeyService {
 
     /// Signs the access-token claims `build` makes from their `exp` and returns the token
     /// and the claims. The `exp` is `until` (Unix seconds), but never later than the
-    /// signing key verifies: its `expire_at` less `tokens.leeway`, whatever `keys.overlap`
+    /// signing key verifies: before its `expire_at` less `tokens.leeway`, whatever `keys.overlap`
     /// says (the instance that wrote the ring may run with another). Refused with
     /// [`KeyError::SignerNotAccepted`] when the key's algorithm is one this instance's
     /// verification leaves out (`keys.accepted_algorithms` narrowed too early), which would
@@ -216,18 +216,51 @@ impl KeyService {
         until: i64,
         build: impl FnOnce(i64) -> C,
     ) -> Result<(String, C), KeyError> {
-        self.keys()
-            .sign_with(self.access_token_typ, self.now(), |key| {
-                if !self.verify.algorithms.contains(&key.alg) {
-                    return Err(KeyError::SignerNotAccepted {
-                        kid: key.kid.clone(),
-                        alg: key.alg,
-                    });
-                }
-                let leeway = i64::try_from(self.verify.leeway.as_secs()).unwrap_or(i64::MAX);
-                let verifies_until = key.expire_at.unix_timestamp().saturating_sub(leeway);
-                Ok(build(until.min(verifies_until)))
-            })
+        let now = self.now();
+        self.keys().sign_with(self.access_token_typ, now, |key| {
+            let verifies_until = self.issuable(&key.kid, key.alg, key.expire_at, now)?;
+            Ok(build(until.min(verifies_until)))
+        })
+    }
+
+    /// Whether an access token can be issued now, as [`Self::sign_access`] would: a key
+    /// held signs, its algorithm is accepted here, and it verifies beyond the leeway.
+    /// What a refresh checks before it rotates, what readiness and
+    /// `portcullis_keys_can_sign` report.
+    pub fn check_can_issue(&self) -> Result<(), KeyError> {
+        let now = self.now();
+        let signer = self.keys().signer_at(now).ok_or(KeyError::NoActiveKey)?;
+        self.issuable(&signer.kid, signer.alg, signer.expire_at, now)
+            .map(|_| ())
+    }
+
+    /// The latest `exp` (Unix seconds) a token signed at `now` by the key `kid` may carry:
+    /// the last whole second before its `expire_at`, less the leeway. Refused when the key's algorithm is not accepted
+    /// here, or when no token it signs now would live (its end is within the leeway).
+    fn issuable(
+        &self,
+        kid: &keyrotation::Kid,
+        alg: keyrotation::KeyAlgorithm,
+        expire_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<i64, KeyError> {
+        if !self.verify.algorithms.contains(&alg) {
+            return Err(KeyError::SignerNotAccepted {
+                kid: kid.clone(),
+                alg,
+            });
+        }
+        // a token is taken until the instant `exp + leeway` inclusive, and its key only
+        // before `expire_at`: so `exp + leeway` must come before it (a whole second)
+        let leeway = i64::try_from(self.verify.leeway.as_secs()).unwrap_or(i64::MAX);
+        let verifies_until = expire_at
+            .unix_timestamp()
+            .saturating_sub(leeway)
+            .saturating_sub(1);
+        if verifies_until <= now.unix_timestamp() {
+            return Err(KeyError::NoActiveKey);
+        }
+        Ok(verifies_until)
     }
 
     /// Verifies one of our access tokens now, with the ring held.
@@ -420,18 +453,13 @@ impl KeyService {
     /// verifies with the ring held even while the key source fails (see
     /// [`Self::source_problem`]), which instances survive by design. `Err` says why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        let now = self.now();
-        if !self.keys().can_sign(now) {
-            return Err("no signing key is active");
+        match self.check_can_issue() {
+            Ok(()) => Ok(()),
+            Err(KeyError::SignerNotAccepted { .. }) => {
+                Err("the active key's algorithm is not in keys.accepted_algorithms")
+            }
+            Err(_) => Err("no signing key is active"),
         }
-        let ring = self.keys().ring();
-        if ring
-            .signing_key_at(now)
-            .is_some_and(|k| !self.verify.algorithms.contains(&k.alg))
-        {
-            return Err("the active key's algorithm is not in keys.accepted_algorithms");
-        }
-        Ok(())
     }
 
     /// The published keys (waiting, signing or verifying) whose algorithm
@@ -536,7 +564,7 @@ impl KeyService {
         if let Some(version) = status.ring_version {
             metrics::gauge!("portcullis_keys_ring_version").set(version as f64);
         }
-        metrics::gauge!("portcullis_keys_can_sign").set(if self.keys().can_sign(self.now()) {
+        metrics::gauge!("portcullis_keys_can_sign").set(if self.check_can_issue().is_ok() {
             1.0
         } else {
             0.0

@@ -31,7 +31,7 @@ pub enum KeyError {
     /// old algorithm): a token signed with it would be refused, so none is. The gateway
     /// answers 503.
     #[error(
-        "the signing key {kid} uses {alg:?}, which the accepted algorithms leave out; its          tokens would be refused"
+        "the signing key {kid} uses {alg:?}, which the accepted algorithms leave out; its tokens would be refused"
     )]
     SignerNotAccepted {
         /// The key that signs now.

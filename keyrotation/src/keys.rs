@@ -143,6 +143,17 @@ pub struct RingStatus {
     pub keys: Vec<KeyStatus>,
 }
 
+/// The key that signs at an instant ([`Keys::signer_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signer {
+    /// Its id.
+    pub kid: Kid,
+    /// Its algorithm.
+    pub alg: KeyAlgorithm,
+    /// When it stops verifying.
+    pub expire_at: OffsetDateTime,
+}
+
 /// One key in a [`RingStatus`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyStatus {
@@ -347,6 +358,22 @@ impl Keys {
     ) -> Result<String, KeyError> {
         self.sign_with(typ, now, |_| Ok(claims))
             .map(|(token, _)| token)
+    }
+
+    /// The key [`Keys::sign_with`] signs with at `now` (a key whose material was read),
+    /// if any.
+    pub fn signer_at(&self, now: OffsetDateTime) -> Option<Signer> {
+        let loaded = self.inner.ring.load();
+        loaded
+            .keys
+            .iter()
+            .filter(|k| k.record.signs_at(now))
+            .max_by_key(|k| k.record.activate_at)
+            .map(|k| Signer {
+                kid: k.record.kid.clone(),
+                alg: k.record.alg,
+                expire_at: k.record.expire_at,
+            })
     }
 
     /// [`Keys::sign_typed`] for the claims `build` makes from the record of the key that

@@ -33,7 +33,9 @@ mod source;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::KeyError;
-pub use keys::{KeyStatus, Keys, RingStatus, TokenType, ValidityWindow, Verified, VerifyParams};
+pub use keys::{
+    KeyStatus, Keys, RingStatus, Signer, TokenType, ValidityWindow, Verified, VerifyParams,
+};
 pub use model::{Compromise, KeyAlgorithm, KeyRecord, KeyRing, KeyState, Kid, PrivateKey};
 pub use plan::{
     ACTIVATION_BACKDATE, Plan, Suspects, Transition, TransitionReason, emergency_rotate, plan,

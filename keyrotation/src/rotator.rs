@@ -377,6 +377,10 @@ impl Rotator {
 
             let outcome = match source.store(&planned, expected).await {
                 Ok(outcome) => outcome,
+                // Only a plan that generated a key is told apart from every other
+                // writer's by its content (the key's random material): a plan that only
+                // records transitions or drops keys is the same on every instance.
+                Err(e) if !transitions.iter().any(|t| t.from.is_none()) => return Err(e),
                 Err(e) => match self.landed(&planned, expected).await {
                     Some(version) => {
                         tracing::info!(source = %source.describe(), error = %e, version,
@@ -422,13 +426,13 @@ impl Rotator {
         }
     }
 
-    /// After a write answered an error (a timeout, a connection lost with the answer on
-    /// its way): whether it was stored all the same, by reading the ring back. The version
-    /// it was stored at when the stored ring is the one written (a planned ring holds a
-    /// freshly generated key or new instants, so no other writer's ring equals it), `None`
-    /// when it is not, or when the read fails too. Without this, a write whose answer was
-    /// lost would go unaudited, and an emergency tried again would retire the fresh key it
-    /// had just made.
+    /// After a write of a ring holding a freshly generated key answered an error (a
+    /// timeout, a connection lost with the answer on its way): whether it was stored all
+    /// the same, by reading the ring back. The version it was stored at when the stored
+    /// ring is the one written (no other writer's ring holds that key's random material),
+    /// `None` when it is not, or when the read fails too. Without this, a write whose
+    /// answer was lost would go unaudited, and an emergency tried again would retire the
+    /// fresh key it had just made.
     async fn landed(&self, planned: &KeyRing, expected: Option<u64>) -> Option<u64> {
         let stored = self.inner.source.load().await.ok()??;
         (expected.is_none_or(|e| stored.version > e) && stored.value == *planned)

@@ -260,11 +260,7 @@ struct IssueDetail<'a> {
 /// instant between this check and the signature (a key retiring, or a ring being swapped
 /// in, in between); a retry within the grace window then gets the same successor.
 pub fn ensure_can_sign(state: &AppState) -> Result<(), ApiError> {
-    if state.keys.keys().can_sign(state.keys.now()) {
-        Ok(())
-    } else {
-        Err(keyrotation::KeyError::NoActiveKey.into())
-    }
+    state.keys.check_can_issue().map_err(Into::into)
 }
 
 /// Signs an access token, records `token.issue` in the audit trail (the token's id, never

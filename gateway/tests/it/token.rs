@@ -1500,15 +1500,15 @@ async fn an_access_token_never_outlives_the_key_that_signed_it() {
     let token = a.body["access_token"].as_str().unwrap().to_owned();
     let claims: Value = f.app.state.keys.verify::<Value>(&token).unwrap();
     let exp = claims["exp"].as_i64().unwrap();
-    assert_eq!(exp, key.expire_at.unix_timestamp() - leeway, "{claims}");
+    assert_eq!(exp, key.expire_at.unix_timestamp() - leeway - 1, "{claims}");
     assert_eq!(a.body["expires_in"], exp - f.now().unix_timestamp());
     assert!(exp - f.now().unix_timestamp() < 3600);
-    // it verifies until its last second
-    f.clock
-        .set(OffsetDateTime::from_unix_timestamp(exp).unwrap());
+    // it verifies until the last instant its claims allow (`exp` plus the leeway), its
+    // key still published then
+    let last = OffsetDateTime::from_unix_timestamp(exp + leeway).unwrap();
+    f.clock.set(last);
     f.app.state.keys.verify::<Value>(&token).unwrap();
-    f.clock
-        .set(OffsetDateTime::from_unix_timestamp(exp + leeway + 1).unwrap());
+    f.clock.set(last + time::Duration::milliseconds(1));
     assert!(f.app.state.keys.verify::<Value>(&token).is_err());
 }
 
@@ -1525,6 +1525,8 @@ async fn a_key_of_an_algorithm_no_longer_accepted_signs_nothing_and_readiness_na
     })
     .await;
     let svc = f.client("svc-algs", &[CC], "read", &[], None).await;
+    let session = f.service("svc-algs-rt").await;
+    let rt = f.login(&session, "alice", "read").await;
     let keys = f.app.state.keys.keys();
     let readyz = || async {
         let r = reqwest::get(format!("http://{}/readyz", f.app.admin))
@@ -1546,6 +1548,14 @@ async fn a_key_of_an_algorithm_no_longer_accepted_signs_nothing_and_readiness_na
     let es256 = old.keys[0].kid.clone();
     keys.publish(old.clone(), Some(100), f.now()).unwrap();
     assert_keys_unavailable(&f.token(&svc, &[("grant_type", "client_credentials")]).await);
+    // a refresh is refused before it rotates: the refresh token stays good
+    assert_keys_unavailable(&f.refresh(&session, &rt, &[]).await);
+    assert_eq!(
+        f.generation(&rt).await,
+        Some(0),
+        "the refresh token was used up"
+    );
+    assert_eq!(f.app.sample("portcullis_keys_can_sign").await, 0.0);
     let (status, body) = readyz().await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
@@ -1567,6 +1577,8 @@ async fn a_key_of_an_algorithm_no_longer_accepted_signs_nothing_and_readiness_na
     granted(&a);
     let token = a.body["access_token"].as_str().unwrap();
     assert_eq!(jose_header(token)["alg"], "EdDSA");
+    f.clock.advance(GRACE + time::Duration::seconds(1));
+    f.rotate(&session, &rt).await;
     let (status, body) = readyz().await;
     assert_eq!(
         (status, &body["status"]),

@@ -81,6 +81,16 @@ pub fn keys_with(alg: KeyAlgorithm, now: OffsetDateTime) -> (KeyRing, Keys) {
     (ring, keys)
 }
 
+/// The kids of the JWKS document `keys` serves at `now`.
+pub fn jwks_kids(keys: &Keys, now: OffsetDateTime) -> Vec<String> {
+    keys.jwks(now)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// The header of a compact JWS, decoded.
 pub fn header_of(token: &str) -> serde_json::Value {
     use base64::Engine as _;

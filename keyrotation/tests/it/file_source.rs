@@ -262,18 +262,38 @@ async fn rotate_now_on_a_second_instance_after_the_first_rotated_does_nothing_mo
     );
 }
 
-/// A ring file on which another writer brings the rotation forward (or, with
-/// `emergency`, rotates in emergency) just before this instance's first write, so that
-/// the write conflicts and the rotator retries.
-struct RotatedUnderneath {
+/// A ring file whose next write meets `what` (once).
+struct Interfering {
     inner: FileKeySource,
-    at: time::OffsetDateTime,
-    emergency: bool,
+    what: Interference,
     armed: std::sync::atomic::AtomicBool,
 }
 
+/// What happens to the next write of an [`Interfering`] source.
+enum Interference {
+    /// Another writer brings the rotation forward (or, with `emergency`, rotates in
+    /// emergency) at `at` just before it, so that it conflicts and the rotator retries.
+    OtherWriter {
+        at: time::OffsetDateTime,
+        emergency: bool,
+    },
+    /// It is stored (or, without `land`, not) but answered with an error, as after a
+    /// timeout whose answer was lost.
+    AnswerLost { land: bool },
+}
+
+impl Interfering {
+    fn new(dir: &std::path::Path, what: Interference) -> Self {
+        Self {
+            inner: FileKeySource::new(dir).unwrap(),
+            what,
+            armed: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+}
+
 #[async_trait::async_trait]
-impl KeySource for RotatedUnderneath {
+impl KeySource for Interfering {
     async fn load(&self) -> Result<Option<keyrotation::Versioned<KeyRing>>, KeyError> {
         self.inner.load().await
     }
@@ -283,23 +303,37 @@ impl KeySource for RotatedUnderneath {
         ring: &KeyRing,
         expected_version: Option<u64>,
     ) -> Result<StoreOutcome, KeyError> {
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            let stored = self.inner.load().await?.unwrap();
-            let policy = Policy::default();
-            let other = if self.emergency {
-                keyrotation::emergency_rotate(
-                    &stored.value,
-                    &policy,
-                    self.at,
-                    "the other operator",
-                    &Suspects::EveryVerifyingKey,
-                )?
-            } else {
-                keyrotation::rotate_now(&stored.value, &policy, self.at)?
-            };
-            self.inner.store(&other.ring, Some(stored.version)).await?;
+        if !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return self.inner.store(ring, expected_version).await;
         }
-        self.inner.store(ring, expected_version).await
+        match self.what {
+            Interference::OtherWriter { at, emergency } => {
+                let stored = self.inner.load().await?.unwrap();
+                let policy = Policy::default();
+                let other = if emergency {
+                    keyrotation::emergency_rotate(
+                        &stored.value,
+                        &policy,
+                        at,
+                        "the other operator",
+                        &Suspects::EveryVerifyingKey,
+                    )?
+                } else {
+                    keyrotation::rotate_now(&stored.value, &policy, at)?
+                };
+                self.inner.store(&other.ring, Some(stored.version)).await?;
+                self.inner.store(ring, expected_version).await
+            }
+            Interference::AnswerLost { land } => {
+                if land {
+                    self.inner.store(ring, expected_version).await?;
+                }
+                Err(KeyError::SourceUnavailable {
+                    source_name: self.inner.describe(),
+                    message: "the answer timed out".to_owned(),
+                })
+            }
+        }
     }
 
     fn describe(&self) -> String {
@@ -350,12 +384,13 @@ async fn emergency_over_another_writer(
     let clock = ManualClock::new(t0());
     let (first, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
     let operator = Rotator::new(
-        Arc::new(RotatedUnderneath {
-            inner: FileKeySource::new(dir.path()).unwrap(),
-            at: clock.now(),
-            emergency: other_emergency,
-            armed: std::sync::atomic::AtomicBool::new(true),
-        }),
+        Arc::new(Interfering::new(
+            dir.path(),
+            Interference::OtherWriter {
+                at: clock.now(),
+                emergency: other_emergency,
+            },
+        )),
         Keys::empty(),
         Policy::default(),
         RotationMode::InProcess,
@@ -397,42 +432,6 @@ async fn an_emergency_retried_after_a_conflict_retires_the_key_that_was_waiting(
     assert!(signing.kid != first && signing.kid != waiting);
 }
 
-/// A ring file whose next write is stored but answered with an error (the answer lost on
-/// its way, as after a timeout), or, without `land`, refused with that error.
-struct AnswerLost {
-    inner: FileKeySource,
-    land: bool,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl KeySource for AnswerLost {
-    async fn load(&self) -> Result<Option<keyrotation::Versioned<KeyRing>>, KeyError> {
-        self.inner.load().await
-    }
-
-    async fn store(
-        &self,
-        ring: &KeyRing,
-        expected_version: Option<u64>,
-    ) -> Result<StoreOutcome, KeyError> {
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            if self.land {
-                self.inner.store(ring, expected_version).await?;
-            }
-            return Err(KeyError::SourceUnavailable {
-                source_name: self.inner.describe(),
-                message: "the answer timed out".to_owned(),
-            });
-        }
-        self.inner.store(ring, expected_version).await
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// An emergency whose write was stored but whose answer was lost: the call reads the ring
 /// back, finds its write, and reports its transitions (which the gateway audits), so the
 /// operator has no reason to try again, and a reload writes nothing more. A second
@@ -452,11 +451,10 @@ async fn an_emergency_whose_write_answer_was_lost_is_confirmed_by_reading_the_ri
             .unwrap()
             .unwrap();
         let operator = Rotator::new(
-            Arc::new(AnswerLost {
-                inner: FileKeySource::new(dir.path()).unwrap(),
-                land,
-                armed: std::sync::atomic::AtomicBool::new(true),
-            }),
+            Arc::new(Interfering::new(
+                dir.path(),
+                Interference::AnswerLost { land },
+            )),
             Keys::empty(),
             Policy::default(),
             RotationMode::InProcess,

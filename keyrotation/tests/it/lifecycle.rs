@@ -6,7 +6,7 @@ use keyrotation::{
 };
 use time::OffsetDateTime;
 
-use crate::common::{DAY, HOUR, all_algorithms, claims, header_of, params, t0};
+use crate::common::{DAY, HOUR, all_algorithms, claims, header_of, jwks_kids, params, t0};
 
 /// Plans `ring` at the clock's instant and loads the result into `keys`, as a writing
 /// instance does on every reload.
@@ -21,15 +21,6 @@ fn replan(ring: &mut KeyRing, keys: &Keys, clock: &ManualClock, log: &mut Vec<Tr
 
 fn kid_of(token: &str) -> Kid {
     Kid::parse(header_of(token)["kid"].as_str().unwrap()).unwrap()
-}
-
-fn jwks_kids(keys: &Keys, now: OffsetDateTime) -> Vec<String> {
-    keys.jwks(now)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[test]
@@ -231,7 +222,13 @@ fn signing_stops_when_the_active_window_ends_without_a_successor() {
 /// instance is handed a token whose key it may not hold, and no instant has no signer.
 #[test]
 fn a_successor_planned_late_signs_only_after_the_delay_and_the_active_key_signs_until_then() {
-    let policy = Policy::default();
+    // an overlap as short as the tokens' lifetime allows: a token the old key signs last
+    // verifies to its end only if the key's end moved with its signing window
+    let overlap = HOUR + time::Duration::seconds(30);
+    let policy = Policy {
+        overlap: std::time::Duration::try_from(overlap).unwrap(),
+        ..Policy::default()
+    };
     let delay = time::Duration::try_from(policy.propagation_delay).unwrap();
     let ring = keyrotation::plan(&KeyRing::empty(), &policy, t0())
         .unwrap()
@@ -251,7 +248,7 @@ fn a_successor_planned_late_signs_only_after_the_delay_and_the_active_key_signs_
     );
     assert_eq!(
         kept.expire_at,
-        fresh.activate_at + DAY * 30,
+        fresh.activate_at + overlap,
         "then verifies for the overlap"
     );
     let second = time::Duration::SECOND;
