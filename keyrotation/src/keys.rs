@@ -46,6 +46,14 @@ struct LoadedKey {
 }
 
 impl LoadedRing {
+    /// The key that signs at `now`: the newest active one among the keys read.
+    fn signer(&self, now: OffsetDateTime) -> Option<&LoadedKey> {
+        self.keys
+            .iter()
+            .filter(|k| k.record.signs_at(now))
+            .max_by_key(|k| k.record.activate_at)
+    }
+
     /// The key `kid`, if it is published at `now`: the only keys a token may be verified
     /// with (compromised and retired keys never are).
     fn published(&self, kid: &str, now: OffsetDateTime) -> Option<&LoadedKey> {
@@ -363,17 +371,11 @@ impl Keys {
     /// The key [`Keys::sign_with`] signs with at `now` (a key whose material was read),
     /// if any.
     pub fn signer_at(&self, now: OffsetDateTime) -> Option<Signer> {
-        let loaded = self.inner.ring.load();
-        loaded
-            .keys
-            .iter()
-            .filter(|k| k.record.signs_at(now))
-            .max_by_key(|k| k.record.activate_at)
-            .map(|k| Signer {
-                kid: k.record.kid.clone(),
-                alg: k.record.alg,
-                expire_at: k.record.expire_at,
-            })
+        self.inner.ring.load().signer(now).map(|k| Signer {
+            kid: k.record.kid.clone(),
+            alg: k.record.alg,
+            expire_at: k.record.expire_at,
+        })
     }
 
     /// [`Keys::sign_typed`] for the claims `build` makes from the record of the key that
@@ -387,12 +389,7 @@ impl Keys {
         build: impl FnOnce(&KeyRecord) -> Result<C, KeyError>,
     ) -> Result<(String, C), KeyError> {
         let loaded = self.inner.ring.load();
-        let key = loaded
-            .keys
-            .iter()
-            .filter(|k| k.record.signs_at(now))
-            .max_by_key(|k| k.record.activate_at)
-            .ok_or(KeyError::NoActiveKey)?;
+        let key = loaded.signer(now).ok_or(KeyError::NoActiveKey)?;
         let claims = build(&key.record)?;
         let payload = serde_json::to_vec(&claims).map_err(|e| KeyError::Claims(e.to_string()))?;
         let header_b64 = key.material.header_b64(typ);
@@ -502,7 +499,8 @@ impl Keys {
     /// The ring's state at `now`.
     pub fn status(&self, now: OffsetDateTime) -> RingStatus {
         let loaded = self.inner.ring.load();
-        let active = loaded.ring.signing_key_at(now);
+        // the key that signs, as [`Keys::sign_with`] picks it: among the keys read
+        let active = loaded.signer(now).map(|k| &k.record);
         RingStatus {
             at: now,
             active_kid: active.map(|k| k.kid.clone()),
@@ -535,12 +533,7 @@ impl Keys {
 
     /// Whether a key may sign at `now` (for readiness).
     pub fn can_sign(&self, now: OffsetDateTime) -> bool {
-        self.inner
-            .ring
-            .load()
-            .keys
-            .iter()
-            .any(|k| k.record.signs_at(now))
+        self.inner.ring.load().signer(now).is_some()
     }
 
     /// The keys of the ring held whose key material could not be read (see

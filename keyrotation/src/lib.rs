@@ -39,7 +39,7 @@ pub use keys::{
 pub use model::{Compromise, KeyAlgorithm, KeyRecord, KeyRing, KeyState, Kid, PrivateKey};
 pub use plan::{
     ACTIVATION_BACKDATE, Plan, Suspects, Transition, TransitionReason, emergency_rotate, plan,
-    rotate_now,
+    plan_around, rotate_now,
 };
 pub use policy::Policy;
 pub use rotator::{ReloadOutcome, RotationMode, Rotator, RotatorHealth};

@@ -68,6 +68,9 @@ pub enum TransitionReason {
     },
     /// Removed from the ring after the retention period.
     Dropped,
+    /// Its stored key material cannot be read, so it can neither sign nor verify: a
+    /// waiting key is discarded, a signing or verifying one retired at once.
+    Unreadable,
 }
 
 // === impl Plan ===
@@ -93,8 +96,25 @@ impl Plan {
 /// 4. records (as transitions) every state change the stored instants imply since the last
 ///    write.
 pub fn plan(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan, KeyError> {
+    plan_around(ring, policy, now, &[])
+}
+
+/// [`plan`], first setting aside the keys `unreadable` names (their stored material cannot
+/// be read: [`crate::Keys::unusable`]), reason [`TransitionReason::Unreadable`]: a waiting
+/// key is discarded, a signing or verifying one retired at once. The schedule then treats
+/// the ring as it would without them: a key signs at once if none can
+/// ([`TransitionReason::Overdue`]), a next key is generated when one is due. Without this
+/// a waiting key whose material cannot be read would stop every instance from signing at
+/// the instant it was due to start.
+pub fn plan_around(
+    ring: &KeyRing,
+    policy: &Policy,
+    now: OffsetDateTime,
+    unreadable: &[Kid],
+) -> Result<Plan, KeyError> {
     let mut planner = Planner::new(ring, policy, now);
     planner.drop_expired();
+    planner.set_aside(unreadable);
     planner.ensure_active()?;
     planner.ensure_successor()?;
     Ok(planner.finish())
@@ -326,6 +346,45 @@ impl<'p> Planner<'p> {
             } else {
                 index += 1;
             }
+        }
+    }
+
+    /// See [`plan_around`].
+    fn set_aside(&mut self, unreadable: &[Kid]) {
+        let now = self.now;
+        let mut index = 0;
+        while index < self.ring.keys.len() {
+            let key = &self.ring.keys[index];
+            let state = key.state_at(now);
+            if !unreadable.contains(&key.kid) || state == KeyState::Retired {
+                index += 1;
+                continue;
+            }
+            if state == KeyState::Next {
+                self.transitions.push(Transition {
+                    kid: key.kid.clone(),
+                    from: Some(key.recorded_state),
+                    to: None,
+                    at: now,
+                    reason: TransitionReason::Unreadable,
+                });
+                self.ring.keys.remove(index);
+                continue;
+            }
+            // what the schedule already did to it first, under its own reason
+            self.record_index(index);
+            let key = &mut self.ring.keys[index];
+            key.retire_at = key.retire_at.min(now).max(key.activate_at);
+            key.expire_at = key.expire_at.min(now).max(key.retire_at);
+            self.transitions.push(Transition {
+                kid: key.kid.clone(),
+                from: Some(key.recorded_state),
+                to: Some(KeyState::Retired),
+                at: now,
+                reason: TransitionReason::Unreadable,
+            });
+            key.recorded_state = KeyState::Retired;
+            index += 1;
         }
     }
 

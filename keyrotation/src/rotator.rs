@@ -326,7 +326,15 @@ impl Rotator {
 
             let plan = match &action {
                 Action::Plan if !write_allowed => None,
-                Action::Plan => Some(crate::plan(&ring, &self.inner.policy, now)?),
+                // the keys whose material the ring just published could not be read are
+                // set aside (retired, or discarded while waiting), so that the schedule
+                // goes on without them
+                Action::Plan => Some(crate::plan_around(
+                    &ring,
+                    &self.inner.policy,
+                    now,
+                    &self.inner.keys.unusable(),
+                )?),
                 Action::Rotate {
                     emergency: Some((note, asked)),
                 } => {

@@ -505,3 +505,86 @@ async fn an_emergency_whose_write_answer_was_lost_is_confirmed_by_reading_the_ri
         assert!(again.transitions.is_empty(), "{:?}", again.transitions);
     }
 }
+
+/// `ring` with the stored material of key `kid` replaced by bytes that are no key.
+fn with_damaged_key(ring: &KeyRing, kid: &keyrotation::Kid) -> KeyRing {
+    use base64::Engine as _;
+    let index = ring.keys.iter().position(|k| &k.kid == kid).unwrap();
+    let mut value = serde_json::to_value(ring).unwrap();
+    value["keys"][index]["private_key"] = serde_json::json!(
+        base64::engine::general_purpose::STANDARD.encode(b"not a PKCS#8 key at all")
+    );
+    serde_json::from_value(value).unwrap()
+}
+
+/// A key whose stored material cannot be read is set aside by the next plan: a waiting one
+/// is discarded and replaced, so that it never becomes the active key nobody can sign
+/// with; an active one is retired and a fresh key signs at once. Each is audited with the
+/// reason `unreadable`.
+#[tokio::test]
+async fn a_plan_sets_aside_keys_whose_material_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let (active, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
+    let source = FileKeySource::new(dir.path()).unwrap();
+    let writer = file_rotator(dir.path(), &clock);
+    let damage = |kid: keyrotation::Kid| {
+        let source = &source;
+        async move {
+            let stored = source.load().await.unwrap().unwrap();
+            let damaged = with_damaged_key(&stored.value, &kid);
+            source.store(&damaged, Some(stored.version)).await.unwrap();
+        }
+    };
+    let unreadable = |out: &keyrotation::ReloadOutcome, kid: &keyrotation::Kid| {
+        out.transitions
+            .iter()
+            .find(|t| &t.kid == kid && t.reason == TransitionReason::Unreadable)
+            .map(|t| (t.from, t.to))
+    };
+
+    // the waiting key: discarded, and a new next key generated in its place
+    damage(waiting.clone()).await;
+    let out = writer.reload_once().await.unwrap();
+    assert_eq!(
+        unreadable(&out, &waiting),
+        Some((Some(KeyState::Next), None)),
+        "{:?}",
+        out.transitions
+    );
+    let ring = writer.keys().ring();
+    assert!(ring.key(&waiting).is_none());
+    let next = ring
+        .keys
+        .iter()
+        .find(|k| k.state_at(clock.now()) == KeyState::Next)
+        .expect("a new next key");
+    assert_eq!(next.activate_at, ring.key(&active).unwrap().retire_at);
+    assert!(writer.keys().unusable().is_empty());
+    assert_eq!(
+        writer.keys().status(clock.now()).active_kid,
+        Some(active.clone())
+    );
+
+    // the active key: retired at once, and a key signs at once
+    damage(active.clone()).await;
+    let out = writer.reload_once().await.unwrap();
+    assert_eq!(
+        unreadable(&out, &active),
+        Some((Some(KeyState::Active), Some(KeyState::Retired))),
+        "{:?}",
+        out.transitions
+    );
+    let now = clock.now();
+    assert!(writer.keys().can_sign(now));
+    let signer = writer.keys().status(now).active_kid.unwrap();
+    assert_ne!(signer, active);
+    assert_eq!(
+        writer.keys().ring().key(&active).unwrap().state_at(now),
+        KeyState::Retired
+    );
+    let token = writer.keys().sign(&claims(now, HOUR), now).unwrap();
+    assert!(!token.is_empty());
+    // nothing more to do
+    assert!(writer.reload_once().await.unwrap().transitions.is_empty());
+}
