@@ -191,10 +191,20 @@ impl Suspects {
     /// The suspects an operator names: the one key `kid` when given (refused with
     /// [`KeyError::InvalidKid`] when it is not a key id), else every verifying key.
     pub fn named(kid: Option<&str>) -> Result<Self, KeyError> {
-        Ok(match kid {
-            Some(kid) => Self::Keys(vec![Kid::parse(kid)?]),
-            None => Self::EveryVerifyingKey,
-        })
+        Self::named_all(kid.as_slice())
+    }
+
+    /// The suspects an operator names: these keys when any is given (refused with
+    /// [`KeyError::InvalidKid`] when one is not a key id), else every verifying key.
+    pub fn named_all<S: AsRef<str>>(kids: &[S]) -> Result<Self, KeyError> {
+        if kids.is_empty() {
+            return Ok(Self::EveryVerifyingKey);
+        }
+        let kids = kids
+            .iter()
+            .map(|k| Kid::parse(k.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::Keys(kids))
     }
 }
 
@@ -204,7 +214,9 @@ impl Suspects {
 /// stored alongside it, is discarded too, and a fresh key signs immediately.
 ///
 /// Errors with [`KeyError::NotInRing`] when [`Suspects::Keys`] names a key the ring does
-/// not hold. When every named key was already dealt with, the plan is empty.
+/// not hold, unless another named key is already compromised (the same emergency run
+/// again, which discarded the missing one). When every named key was already dealt with,
+/// the plan is empty.
 pub fn emergency_rotate(
     ring: &KeyRing,
     policy: &Policy,
@@ -222,7 +234,15 @@ pub fn emergency_rotate(
     let named: &[Kid] = match suspects {
         Suspects::EveryVerifyingKey => &[],
         Suspects::Keys(kids) => {
-            if let Some(missing) = kids.iter().find(|k| ring.key(k).is_none()) {
+            // A named key the ring lacks is the operator's mistake, unless this emergency
+            // was made already (a named key is retired as compromised): then a waiting key
+            // it named was discarded, and running it again must change nothing.
+            let made_already = kids
+                .iter()
+                .any(|k| ring.key(k).is_some_and(|key| key.compromised.is_some()));
+            if let Some(missing) = kids.iter().find(|k| ring.key(k).is_none())
+                && !made_already
+            {
                 return Err(KeyError::NotInRing(missing.to_string()));
             }
             kids

@@ -89,10 +89,12 @@ enum KeysCommand {
         /// Why (recorded in the ring and the audit log).
         #[arg(long)]
         reason: Option<String>,
-        /// With --emergency: only this key is compromised (its id, as `keys status` shows).
-        /// Key ids are base64url, so one may begin with `-`: taken as the value, not a flag.
+        /// With --emergency: only this key is compromised (its id, as `keys status` shows);
+        /// repeat it to name several. Key ids are base64url, so one may begin with `-`:
+        /// taken as the value, not a flag. A key already retired is left as it is, so an
+        /// emergency naming its keys can be run again safely.
         #[arg(long, requires = "emergency", allow_hyphen_values = true)]
-        kid: Option<String>,
+        kid: Vec<String>,
     },
 }
 
@@ -374,15 +376,31 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
                     .await
                     .map_err(|e| e.to_string())?;
                 audit_cli(config, "key.rotate.scheduled", &due, None).await;
-                let suspects =
-                    keyrotation::Suspects::named(kid.as_deref()).map_err(|e| e.to_string())?;
+                let suspects = keyrotation::Suspects::named_all(&kid).map_err(|e| e.to_string())?;
+                // the keys this emergency acts on, as loaded: named again, they make a
+                // retry safe whether or not this attempt's write landed
+                let retry = emergency.then(|| retry_command(reason.as_deref(), &kid, &service));
                 let note = emergency.then(|| (reason.clone().unwrap_or_default(), suspects));
                 let action = if emergency {
                     "key.rotate.emergency"
                 } else {
                     "key.rotate"
                 };
-                (action, service.rotate(note).await)
+                let outcome = service.rotate(note).await;
+                // only a failure of the key source itself may hide a write that landed
+                let unknown = matches!(
+                    &outcome,
+                    Err(keyrotation::KeyError::SourceUnavailable { .. }
+                        | keyrotation::KeyError::Source { .. })
+                );
+                if let (true, Err(e), Some(retry)) = (unknown, &outcome, retry) {
+                    return Err(format!(
+                        "{e}\nWhether the emergency was stored is not known. Check with \
+                         `portcullis keys status`; to try again without retiring a key this \
+                         attempt may have made, name the keys it acted on:\n  {retry}"
+                    ));
+                }
+                (action, outcome)
             };
             let outcome = outcome.map_err(|e| e.to_string())?;
             for t in &outcome.transitions {
@@ -404,6 +422,41 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The command that retries an emergency on the same keys: those named, else every key
+/// that verifies or waits to sign in the ring `service` loaded (a key that is already
+/// retired is left as it is, so it is safe to run after an attempt that landed).
+fn retry_command(
+    reason: Option<&str>,
+    named: &[String],
+    service: &crate::keys::KeyService,
+) -> String {
+    let kids: Vec<String> = if named.is_empty() {
+        service
+            .status()
+            .keys
+            .iter()
+            .filter(|k| k.compromised_at.is_none() && k.state != keyrotation::KeyState::Retired)
+            .map(|k| k.kid.to_string())
+            .collect()
+    } else {
+        named.to_vec()
+    };
+    let mut command = format!(
+        "portcullis keys rotate --emergency --reason {} --config <file>",
+        shell_quote(reason.unwrap_or_default())
+    );
+    for kid in kids {
+        command.push_str(" --kid ");
+        command.push_str(&shell_quote(&kid));
+    }
+    command
+}
+
+/// `value` as one POSIX shell word.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
 }
 
 /// Records a CLI rotation in the audit trail; a database that is away does not undo the
@@ -503,6 +556,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_shell_word_survives_quotes_and_spaces() {
+        assert_eq!(shell_quote("plain"), "'plain'");
+        assert_eq!(
+            shell_quote("it's a leak; rm -rf /"),
+            "'it'\\''s a leak; rm -rf /'"
+        );
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
     fn a_kid_that_begins_with_a_hyphen_is_the_value_of_kid() {
         let cli = Cli::try_parse_from([
             "portcullis",
@@ -519,7 +582,7 @@ mod tests {
         let Command::Keys(KeysCommand::Rotate { kid, target, .. }) = cli.command else {
             panic!("not keys rotate: {cli:?}");
         };
-        assert_eq!(kid.as_deref(), Some("-fQ1x"));
+        assert_eq!(kid, ["-fQ1x"]);
         assert!(target.dev, "the flag after the kid was still read");
     }
 }

@@ -277,3 +277,73 @@ async fn an_exported_release_imports_back_to_the_same_snapshot_in_every_format()
         );
     }
 }
+
+/// `portcullis keys …` on the configuration `file`.
+fn keys_cli(file: &std::path::Path, args: &[&str]) -> (String, String) {
+    let out = Command::new(binary())
+        .arg("keys")
+        .args(args)
+        .args(["--config", file.to_str().unwrap()])
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "keys {args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+/// An emergency names several keys with `--kid` repeated; run again with the same names
+/// (what an operator does after a failure whose outcome was unknown, as the CLI then
+/// suggests), it changes nothing, although the waiting key it named is gone by then.
+#[test]
+fn an_emergency_naming_its_keys_can_be_run_again_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("portcullis.toml");
+    std::fs::write(&file, valid_config(dir.path())).unwrap();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&keys_cli(&file, &["status", "--json"]).0).unwrap()
+    };
+    keys_cli(&file, &["rotate", "--scheduled"]);
+    // brought forward: a fresh key waits to sign, the first one still signs
+    keys_cli(&file, &["rotate"]);
+    let before = status();
+    let active = before["active_kid"].as_str().unwrap().to_owned();
+    let waiting = before["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["state"] == "next")
+        .unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let emergency = [
+        "rotate",
+        "--emergency",
+        "--reason",
+        "ring exported by mistake",
+        "--kid",
+        &active,
+        "--kid",
+        &waiting,
+    ];
+    let (out, _) = keys_cli(&file, &emergency);
+    assert!(out.contains(&active) && out.contains(&waiting), "{out}");
+    let after = status();
+    let fresh = after["active_kid"].as_str().unwrap().to_owned();
+    assert!(fresh != active && fresh != waiting);
+    let keys = after["keys"].as_array().unwrap();
+    assert!(keys.iter().all(|k| k["kid"] != waiting.as_str()), "{after}");
+    assert!(
+        keys.iter()
+            .any(|k| k["kid"] == active.as_str() && !k["compromised_at"].is_null()),
+        "{after}"
+    );
+
+    let (out, _) = keys_cli(&file, &emergency);
+    assert!(out.contains("nothing was due"), "{out}");
+    assert_eq!(status()["active_kid"], fresh.as_str());
+}

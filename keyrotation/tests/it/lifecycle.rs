@@ -636,6 +636,39 @@ fn an_emergency_naming_an_unknown_key_changes_nothing() {
     );
 }
 
+/// The same emergency run again (an operator retrying after a failure whose outcome was
+/// unknown, naming the keys the first attempt acted on): when the first attempt landed,
+/// the keys it retired are compromised and the waiting one it discarded is gone, and
+/// nothing more changes; the fresh key it made keeps signing. A key the ring lacks is
+/// still refused when no named key was retired yet.
+#[test]
+fn an_emergency_run_again_on_the_keys_it_named_changes_nothing() {
+    let policy = Policy::default();
+    let (ring, active, pending) = ring_with_a_pending_key(&policy);
+    let now = active.retire_at - DAY * 2;
+    let named = Suspects::Keys(vec![active.kid.clone(), pending.kid.clone()]);
+    let first = keyrotation::emergency_rotate(&ring, &policy, now, "leak", &named).unwrap();
+    assert!(
+        first.ring.key(&pending.kid).is_none(),
+        "the waiting key is discarded"
+    );
+    assert!(first.ring.key(&active.kid).unwrap().compromised.is_some());
+    let fresh = first.ring.signing_key_at(now).unwrap().kid.clone();
+
+    let later = now + time::Duration::minutes(5);
+    let again = keyrotation::emergency_rotate(&first.ring, &policy, later, "leak", &named).unwrap();
+    assert!(again.is_empty(), "{:?}", again.transitions);
+    assert_eq!(again.ring.signing_key_at(later).unwrap().kid, fresh);
+
+    // on a ring where the emergency has not happened, a missing kid is a mistake
+    let typo = Suspects::Keys(vec![active.kid.clone(), Kid::parse("no-such-key").unwrap()]);
+    let err = keyrotation::emergency_rotate(&ring, &policy, now, "leak", &typo).unwrap_err();
+    assert!(
+        matches!(&err, KeyError::NotInRing(kid) if kid == "no-such-key"),
+        "{err}"
+    );
+}
+
 #[test]
 fn an_emergency_naming_the_pending_key_discards_it_and_the_schedule_replaces_it() {
     let policy = Policy::default();
