@@ -172,6 +172,15 @@ impl Application {
             )
             .map_err(StartError::Config)?,
         });
+        tasks.spawn({
+            let now = keys.clone();
+            let reader = keys
+                .cutoffs()
+                .spawn(db.clone(), move || now.now(), shutdown.clone());
+            async move {
+                let _ = reader.await;
+            }
+        });
         for task in keys.spawn(audit, format!("instance:{https_addr}"), shutdown.clone()) {
             tasks.spawn(async move {
                 let _ = task.await;

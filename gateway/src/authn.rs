@@ -42,6 +42,9 @@ pub struct Principal {
     pub token_id: String,
     /// The token's expiry (unix seconds).
     pub expires_at: i64,
+    /// When the token was issued (unix seconds): what a cutoff of its client compares
+    /// ([`crate::cutoff`]).
+    pub issued_at: i64,
 }
 
 impl Principal {
@@ -77,6 +80,7 @@ pub async fn authenticate(
         roles: claims.roles.clone(),
         token_id: claims.jti.clone(),
         expires_at: claims.exp,
+        issued_at: claims.iat,
     })
 }
 

@@ -431,6 +431,12 @@ impl From<crate::audit::AuditError> for ApiError {
     }
 }
 
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        Self::unavailable("database", e)
+    }
+}
+
 impl From<crate::clients::ClientError> for ApiError {
     fn from(e: crate::clients::ClientError) -> Self {
         use crate::clients::ClientError as C;

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, KeySourceKind, RotationKind};
+use crate::cutoff::Cutoffs;
 use crate::verified::{VerifiedAccess, VerifiedTokens};
 
 /// How often, at most, tokens naming a key this instance does not hold make it reload the
@@ -48,6 +49,8 @@ pub struct KeyService {
     reload_interval: Duration,
     jwks_max_age: Duration,
     verified: Arc<VerifiedTokens>,
+    /// The cutoffs of clients' tokens ([`crate::cutoff`]), checked on every verification.
+    cutoffs: Arc<Cutoffs>,
     /// When a token with an unknown `kid` last made this instance reload; held across that
     /// reload, so that concurrent requests wait for the one reload instead of starting
     /// their own.
@@ -118,6 +121,7 @@ impl KeyService {
             reload_interval: config.keys.reload_interval,
             jwks_max_age: jwks_max_age(config.keys.prepublish_lead),
             verified: Arc::new(VerifiedTokens::new(config.tokens.verified_cache_entries)),
+            cutoffs: Arc::new(Cutoffs::new()),
             unknown_kid_reload: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
@@ -302,8 +306,21 @@ impl KeyService {
     /// Verifies one of our access tokens now, with the ring held, through the memory of
     /// tokens verified before (see [`crate::verified`]).
     pub fn verify_access(&self, token: &str) -> Result<Arc<VerifiedAccess>, KeyError> {
-        self.verified
-            .verify(self.keys(), &self.verify, token, self.now())
+        let verified = self
+            .verified
+            .verify(self.keys(), &self.verify, token, self.now())?;
+        if self
+            .cutoffs
+            .refuses(&verified.claims.client_id, verified.claims.iat)
+        {
+            return Err(KeyError::Revoked);
+        }
+        Ok(verified)
+    }
+
+    /// The cutoffs of clients' tokens this instance enforces.
+    pub fn cutoffs(&self) -> &Arc<Cutoffs> {
+        &self.cutoffs
     }
 
     /// [`Self::verify_access`], reloading the ring (rate-limited) and verifying again when

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod config_api;
+pub mod cutoff;
 pub mod db;
 pub mod detach;
 pub mod dev;

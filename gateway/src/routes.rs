@@ -80,6 +80,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/clients/{id}/rotate-secret"),
     ("POST", "/admin/clients/{id}/disable"),
     ("POST", "/admin/clients/{id}/enable"),
+    ("POST", "/admin/clients/{id}/revoke-tokens"),
     ("GET", "/admin/sessions"),
     ("DELETE", "/admin/sessions"),
     ("DELETE", "/admin/sessions/{family}"),
@@ -364,6 +365,10 @@ pub fn admin_router(state: AppState) -> Router {
                     post(crate::admin::clients::disable),
                 )
                 .route("/clients/{id}/enable", post(crate::admin::clients::enable))
+                .route(
+                    "/clients/{id}/revoke-tokens",
+                    post(crate::admin::clients::revoke_tokens),
+                )
                 .route(
                     "/sessions",
                     get(crate::admin::sessions::list).delete(crate::admin::sessions::revoke_all),

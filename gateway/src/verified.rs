@@ -15,8 +15,9 @@
 //! - the whole memory is dropped when the ring changes (a rotation, an emergency rotation
 //!   declaring a key compromised), so nothing verified under the old ring survives it.
 //!
-//! Access tokens are not revocable one by one (see `oauth::revoke`), so revocation has
-//! nothing to flush here; a disabled client's tokens live out their lifetime either way.
+//! Access tokens are not revocable one by one (see `oauth::revoke`); a client's tokens are
+//! cut off as a whole ([`crate::cutoff`]), which `KeyService::verify_access` checks on
+//! every hit here as on a fresh verification, so nothing needs flushing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -26,6 +26,10 @@ pub enum KeyError {
     /// window ended while the key source was unreachable). The gateway answers 503.
     #[error("no signing key is active")]
     NoActiveKey,
+    /// The token verified, but its client's tokens issued before a cutoff were revoked (the
+    /// gateway's cutoffs: a client disabled, deleted, or its tokens revoked).
+    #[error("the token was revoked")]
+    Revoked,
     /// The key that signs now uses an algorithm this instance's verification does not
     /// accept (`keys.accepted_algorithms` was narrowed while the ring still signs with the
     /// old algorithm): a token signed with it would be refused, so none is. The gateway
@@ -166,6 +170,7 @@ impl KeyError {
                 | KeyError::InvalidAudience
                 | KeyError::InvalidClaim(_)
                 | KeyError::ClaimsShape(_)
+                | KeyError::Revoked
         )
     }
 }

@@ -214,8 +214,9 @@ pub async fn rotate_secret(
     ))
 }
 
-/// `POST /admin/clients/{id}/disable`: the client is refused from now on and every refresh
-/// token issued to it is revoked.
+/// `POST /admin/clients/{id}/disable`: the client is refused from now on, every refresh
+/// token issued to it is revoked, and every access token issued to it until now is cut
+/// off ([`crate::cutoff`]).
 pub async fn disable(
     State(state): State<AppState>,
     caller: Caller,
@@ -230,6 +231,47 @@ pub async fn disable(
         "enabled": false,
         "sessions_revoked": revoked,
     })))
+}
+
+/// `POST /admin/clients/{id}/revoke-tokens`: every access token issued to the client until
+/// now is refused from now on, on every instance within [`crate::cutoff::RELOAD_INTERVAL`]
+/// (at once on this one); the client itself stays enabled and gets new tokens (from the
+/// next second). For a token that leaked, with the secret rotated or not.
+pub async fn revoke_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    no_more_fields(json_object(&body)?, "(none)")?;
+    state.clients.get(&id).await?;
+    let first = cut_tokens(&state, &id).await?;
+    audit(
+        &state,
+        &caller,
+        "client.revoke_tokens",
+        id.as_str(),
+        json!({ "tokens_issued_before": rfc3339(first) }),
+    );
+    Ok(Json(json!({
+        "id": id.as_str(),
+        "tokens_issued_before": rfc3339(first),
+    })))
+}
+
+/// Cuts off the access tokens issued to `id` until now; returns the first instant whose
+/// tokens are accepted again.
+async fn cut_tokens(state: &AppState, id: &ClientId) -> Result<OffsetDateTime, ApiError> {
+    let longest = state
+        .config
+        .max_token_lifetime()
+        .saturating_add(state.config.tokens.leeway);
+    Ok(state
+        .keys
+        .cutoffs()
+        .cut(&state.db, id.as_str(), state.keys.now(), longest)
+        .await?)
 }
 
 /// `POST /admin/clients/{id}/enable`: the client may authenticate again (its revoked
@@ -293,6 +335,7 @@ async fn disable_and_revoke(
     purpose: &str,
 ) -> Result<usize, ApiError> {
     state.clients.disable(id, state.keys.now()).await?;
+    cut_tokens(state, id).await?;
     match state.refresh.revoke_client(id.as_str()).await {
         Ok(n) => {
             if purpose == "client.disable" {

@@ -331,6 +331,7 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
         ClientsCommand::Disable { id, json, .. } => {
             let id = id_of(&id)?;
             ctx.clients.disable(&id, now).await?;
+            cut_access_tokens(ctx, &id, now).await?;
             let revoked = revoke_refresh_tokens(ctx, &id).await;
             audit(
                 ctx,
@@ -356,6 +357,7 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
             let id = id_of(&id)?;
             // disabled first, so that no token is issued to it while the rest happens
             ctx.clients.disable(&id, now).await?;
+            cut_access_tokens(ctx, &id, now).await?;
             let revoked = revoke_refresh_tokens(ctx, &id).await;
             if revoked.is_err() {
                 audit(
@@ -388,6 +390,24 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Cuts off the access tokens issued to `id` until `now` ([`crate::cutoff`]): the running
+/// instances read the cutoff from the database within seconds.
+async fn cut_access_tokens(
+    ctx: &Ctx,
+    id: &ClientId,
+    now: time::OffsetDateTime,
+) -> Result<(), Failure> {
+    let longest = ctx
+        .config
+        .max_token_lifetime()
+        .saturating_add(ctx.config.tokens.leeway);
+    crate::cutoff::Cutoffs::new()
+        .cut(&ctx.db, id.as_str(), now, longest)
+        .await
+        .map(|_| ())
+        .map_err(|e| Failure::Other(crate::error::chain(&e)))
 }
 
 /// Revokes the refresh tokens of `id` in the shared Redis store: `Ok(Some(n))` when done,

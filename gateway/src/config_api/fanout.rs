@@ -72,6 +72,8 @@ struct Watcher {
     connection: Detached,
     /// When the watch's token expires: nothing is sent from then on.
     deadline: Instant,
+    /// Whether the watch's token was cut off: nothing is sent from then on either.
+    cut: super::Cut,
     state: Mutex<State>,
     /// Wakes the watch's own task: bytes to finish writing, a write failed, or the hub
     /// ended.
@@ -125,11 +127,13 @@ impl FanOut {
             who,
             mut tick,
             deadline,
+            cut,
             _slot: slot,
         } = watch;
         let watcher = Arc::new(Watcher {
             connection,
             deadline,
+            cut,
             state: Mutex::new(State {
                 who,
                 backlog: Vec::new(),
@@ -260,7 +264,7 @@ impl Watcher {
         if state.failed || state.ended {
             return;
         }
-        if now >= self.deadline {
+        if now >= self.deadline || self.cut.now() {
             state.ended = true;
             self.wake.notify_one();
             return;
@@ -335,8 +339,10 @@ impl Watcher {
                 () = &mut expiry => lock(&self.state).ended = true,
                 _ = tick.tick() => {
                     let mut state = lock(&self.state);
+                    if self.cut.now() {
+                        state.ended = true;
                     // a stream that is writing needs no comment to stay open
-                    if !state.busy && !state.failed {
+                    } else if !state.busy && !state.failed {
                         self.push(&mut state, super::KEEP_ALIVE_COMMENT, &mut Vec::new());
                     }
                 }
@@ -358,7 +364,7 @@ impl Watcher {
                 if !state.backlog.is_empty() {
                     state.busy = true;
                     std::mem::take(&mut state.backlog)
-                } else if Instant::now() >= self.deadline {
+                } else if Instant::now() >= self.deadline || self.cut.now() {
                     state.ended = true;
                     state.busy = false;
                     return Ok(());

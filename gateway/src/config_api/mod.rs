@@ -248,6 +248,32 @@ fn token_deadline(state: &AppState, p: &Principal) -> tokio::time::Instant {
     start.checked_add(left).unwrap_or(start)
 }
 
+/// Whether the token a watch was opened with has been cut off since ([`crate::cutoff`]):
+/// checked whenever the watch checks its deadline (each release, each keep-alive), so a
+/// disabled client's watch ends within a keep-alive interval of the cutoff reaching the
+/// instance.
+#[derive(Clone)]
+pub(super) struct Cut {
+    cutoffs: Arc<crate::cutoff::Cutoffs>,
+    client_id: Box<str>,
+    issued_at: i64,
+}
+
+impl Cut {
+    fn of(state: &AppState, p: &Principal) -> Self {
+        Self {
+            cutoffs: Arc::clone(state.keys.cutoffs()),
+            client_id: p.client_id.as_str().into(),
+            issued_at: p.issued_at,
+        }
+    }
+
+    /// Whether the token is cut off now.
+    pub(super) fn now(&self) -> bool {
+        self.cutoffs.refuses(&self.client_id, self.issued_at)
+    }
+}
+
 /// Parses the path's names; every refusal names the field.
 fn names(state: &AppState, env: &str, app: &str) -> Result<(Environment, AppName), ApiError> {
     let env = state.config_center.environments.parse(env)?;
@@ -426,6 +452,7 @@ pub async fn watch(
         who,
         tick: keep_alive_timer(),
         deadline: token_deadline(&state, &principal),
+        cut: Cut::of(&state, &principal),
         _slot: slot,
     };
     let body = match detach {
@@ -469,6 +496,8 @@ struct WatchState {
     tick: tokio::time::Interval,
     /// When the watch's token expires ([`token_deadline`]): nothing is sent after it.
     deadline: tokio::time::Instant,
+    /// Whether the token was cut off: nothing is sent after that either.
+    cut: Cut,
     _slot: WatchSlot,
 }
 
@@ -486,7 +515,7 @@ impl WatchState {
     /// has expired.
     async fn next(&mut self) -> WatchEvent {
         loop {
-            if tokio::time::Instant::now() >= self.deadline {
+            if tokio::time::Instant::now() >= self.deadline || self.cut.now() {
                 return WatchEvent::End;
             }
             let newer = {
@@ -501,6 +530,9 @@ impl WatchState {
                 changed = self.rx.changed() => if changed.is_err() { return WatchEvent::End },
                 () = tokio::time::sleep_until(self.deadline) => return WatchEvent::End,
                 _ = self.tick.tick() => {
+                    if self.cut.now() {
+                        return WatchEvent::End;
+                    }
                     return WatchEvent::Send(Bytes::from_static(KEEP_ALIVE_COMMENT));
                 }
             }

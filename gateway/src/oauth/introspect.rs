@@ -89,6 +89,10 @@ async fn introspect_jwt(state: &AppState, token: &str) -> Result<Value, ApiError
         .verify_current_with::<AccessClaims>(token, &params)
         .await
     {
+        // a token of a client whose tokens were cut off is no longer active
+        Ok(c) if state.keys.cutoffs().refuses(&c.client_id, c.iat) => {
+            Ok(json!({ "active": false }))
+        }
         Ok(c) => Ok(json!({
             "active": true,
             "token_type": "Bearer",

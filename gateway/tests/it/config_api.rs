@@ -510,10 +510,19 @@ pub(super) async fn read_events(resp: &mut reqwest::Response, n: usize) -> Vec<(
 }
 
 pub(super) async fn open_watch(api: &Api<'_>, last_event_id: Option<u64>) -> reqwest::Response {
+    open_watch_with(api, &token(api.app, "config:read:prod"), last_event_id).await
+}
+
+/// [`open_watch`] with the bearer token `bearer`.
+pub(super) async fn open_watch_with(
+    api: &Api<'_>,
+    bearer: &str,
+    last_event_id: Option<u64>,
+) -> reqwest::Response {
     let mut req = api
         .http
         .get(api.app.url(&Api::path("prod", APP, "/watch")))
-        .bearer_auth(token(api.app, "config:read:prod"));
+        .bearer_auth(bearer);
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id.to_string());
     }

@@ -11,6 +11,7 @@ mod clients;
 mod cluster;
 mod config_api;
 mod config_gray;
+mod cutoff;
 mod faults;
 mod ha_drill;
 mod idle;

@@ -1646,6 +1646,105 @@ async fn a_key_whose_material_cannot_be_read_is_named_and_the_rest_is_served() {
     );
 }
 
+// === cutting off a client's access tokens ===
+
+/// `POST /admin/clients/{id}/revoke-tokens`: every access token issued to the client until
+/// then (the whole second included) is refused where Portcullis verifies it (bearer routes,
+/// introspection), the client keeps getting tokens from the next second on, and the
+/// cutoff is in the database for every other instance until no token it refuses can be
+/// valid.
+#[tokio::test]
+async fn revoking_a_clients_tokens_refuses_those_issued_so_far() {
+    let f = Fixture::new("cutoff").await;
+    let svc = f
+        .client("svc-cut", &[CC], "config:read:prod", &[], None)
+        .await;
+    let rs = f.service("svc-cut-rs").await;
+    let cc = [("grant_type", "client_credentials")];
+    let token = || async {
+        let a = f.token(&svc, &cc).await;
+        granted(&a);
+        a.body["access_token"].as_str().unwrap().to_owned()
+    };
+    let read = |token: String| {
+        let request = f
+            .http
+            .get(f.app.url("/config/v1/prod/executor-orders"))
+            .bearer_auth(token);
+        async move { send(request).await.status }
+    };
+    let admin = |path: &str, body: Value| {
+        let url = format!("http://{}/admin/clients{path}", f.app.admin);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+
+    let old = token().await;
+    let iat = f.now().unix_timestamp();
+    assert_ne!(read(old.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.introspect(&rs, &old).await["active"], true);
+
+    // refused: an unknown client, a body with fields; nothing is cut off
+    let (status, body) = admin("/nobody/revoke-tokens", json!({})).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::NOT_FOUND, &json!("not_found"))
+    );
+    let (status, body) = admin("/svc-cut/revoke-tokens", json!({ "at": 1 })).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::BAD_REQUEST, &json!("invalid_request"))
+    );
+    assert_ne!(read(old.clone()).await, StatusCode::UNAUTHORIZED);
+
+    let (status, body) = admin("/svc-cut/revoke-tokens", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let first = OffsetDateTime::from_unix_timestamp(iat + 1).unwrap();
+    assert_eq!(
+        body,
+        json!({ "id": "svc-cut", "tokens_issued_before": first.format(&time::format_description::well_known::Rfc3339).unwrap() })
+    );
+    assert_eq!(read(old.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.introspect(&rs, &old).await, json!({ "active": false }));
+    // a token obtained in the second of the cut is refused too; from the next one, not
+    let same_second = token().await;
+    assert_eq!(read(same_second).await, StatusCode::UNAUTHORIZED);
+    f.clock.advance(time::Duration::seconds(1));
+    let fresh = token().await;
+    assert_ne!(read(fresh.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.introspect(&rs, &fresh).await["active"], true);
+    // other clients' tokens are untouched
+    let a = f.token(&rs, &cc).await;
+    granted(&a);
+    assert_eq!(
+        f.introspect(&svc, a.body["access_token"].as_str().unwrap())
+            .await["active"],
+        true
+    );
+
+    // what another instance reads from the database, and forgets once it cannot matter
+    let elsewhere = portcullis::cutoff::Cutoffs::new();
+    elsewhere.reload(&f.app.state.db, f.now()).await.unwrap();
+    assert!(elsewhere.refuses("svc-cut", iat));
+    assert!(!elsewhere.refuses("svc-cut", iat + 1));
+    let longest = f.app.state.config.max_token_lifetime() + f.app.state.config.tokens.leeway;
+    elsewhere
+        .reload(
+            &f.app.state.db,
+            f.now() + longest + time::Duration::seconds(2),
+        )
+        .await
+        .unwrap();
+    assert!(elsewhere.is_empty());
+}
+
 // === discovery ===
 
 #[tokio::test]
