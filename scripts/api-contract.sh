@@ -75,11 +75,14 @@ curl -fsk -X PATCH -H "authorization: Bearer $token" -H 'content-type: applicati
                {"key": "protection.lockout.account_max_failures", "value": "2000000"}],
        "message": "api contract run: no rate limits, no lockout"}' \
   "$https/config/v1/dev/portcullis" >/dev/null
+# (the scrape is read whole before grep looks at it: with pipefail, `curl | grep -q`
+# fails when grep stops reading before curl is done writing)
+applied() { grep -q '^portcullis_runtime_settings_version 1' <<<"$(curl -fs "$admin/metrics")"; }
 for _ in $(seq 1 100); do
-  curl -fs "$admin/metrics" | grep -q '^portcullis_runtime_settings_version 1' && break
+  applied && break
   sleep 0.1
 done
-curl -fs "$admin/metrics" | grep -q '^portcullis_runtime_settings_version 1' ||
+applied ||
   { echo "api-contract: the runtime settings were not applied" >&2; cat "$work/server.log" >&2; exit 1; }
 
 examples=${CONTRACT_MAX_EXAMPLES:-25}

@@ -32,11 +32,34 @@ use crate::db::{Database, DbError};
 /// takes, at most, to apply here (plus the query's own time).
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How far past a disable its cutoff reaches: the other instances may still serve the
+/// client from their cached record for up to twice `tokens.client_cache_ttl`, a refresh
+/// may be past its client check, and instance clocks differ a little. A token issued to
+/// the client in that time is cut off too.
+pub fn after_disable(config: &crate::config::Config) -> Duration {
+    config
+        .tokens
+        .client_cache_ttl
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(2))
+}
+
+/// How long a cutoff must be kept: the longest lifetime a token may have, plus the leeway.
+pub fn longest_lifetime(config: &crate::config::Config) -> Duration {
+    config
+        .max_token_lifetime()
+        .saturating_add(config.tokens.leeway)
+}
+
 /// The cutoffs in force: client id → the first `iat` (Unix seconds) still accepted.
 /// Cheap to read from any request.
 #[derive(Debug, Default)]
 pub struct Cutoffs {
     by_client: ArcSwap<HashMap<Box<str>, i64>>,
+    /// The cuts this instance made, with when they may be forgotten: merged into every
+    /// reload, so that a read that began before a cut was written cannot drop it (nor
+    /// a database outage keep it dropped).
+    made_here: std::sync::Mutex<HashMap<Box<str>, (i64, OffsetDateTime)>>,
 }
 
 impl Cutoffs {
@@ -61,8 +84,19 @@ impl Cutoffs {
         self.by_client.load().is_empty()
     }
 
-    /// Applies a cutoff at once (on the instance that made it; the others read it).
-    fn note(&self, client_id: &str, first_accepted: i64) {
+    /// Applies a cutoff at once (on the instance that made it; the others read it), and
+    /// keeps applying it over reloads until `keep_until`.
+    fn note(&self, client_id: &str, first_accepted: i64, keep_until: OffsetDateTime) {
+        {
+            let mut made = self
+                .made_here
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = made
+                .entry(client_id.into())
+                .or_insert((first_accepted, keep_until));
+            *entry = (entry.0.max(first_accepted), entry.1.max(keep_until));
+        }
         self.by_client.rcu(|current| {
             let mut next = HashMap::clone(current);
             let entry = next.entry(client_id.into()).or_insert(first_accepted);
@@ -71,19 +105,21 @@ impl Cutoffs {
         });
     }
 
-    /// Cuts off every token issued to `client_id` before `now` (the whole second of `now`
-    /// included, since `iat` counts whole seconds), keeping the record until
-    /// `now + longest_lifetime` (no token issued before `now` can be valid after that);
-    /// applies it here at once. Returns the first `iat` still accepted.
+    /// Cuts off every token issued to `client_id` before `until` (the whole second of
+    /// `until` included, since `iat` counts whole seconds), keeping the record until
+    /// `until + longest_lifetime` (no token issued before `until` can be valid after
+    /// that); applies it here at once. Returns the first instant whose tokens are
+    /// accepted. `until` is now for a revocation; later for a disable, whose client other
+    /// instances may still serve from their cached record for a few seconds.
     pub async fn cut(
         &self,
         db: &Database,
         client_id: &str,
-        now: OffsetDateTime,
+        until: OffsetDateTime,
         longest_lifetime: Duration,
     ) -> Result<OffsetDateTime, DbError> {
-        let first_accepted = now.unix_timestamp().saturating_add(1);
-        let keep_until = now + longest_lifetime;
+        let first_accepted = until.unix_timestamp().saturating_add(1);
+        let keep_until = until + longest_lifetime;
         // never moved back by a second cut made earlier
         const SQL: &str = "INSERT INTO token_cutoffs (client_id, first_iat, keep_until_unix_ms) \
              VALUES ($1, $2, $3) \
@@ -101,8 +137,8 @@ impl Cutoffs {
                 .await?
                 .rows_affected()
         });
-        self.note(client_id, first_accepted);
-        Ok(OffsetDateTime::from_unix_timestamp(first_accepted).unwrap_or(now))
+        self.note(client_id, first_accepted, keep_until);
+        Ok(OffsetDateTime::from_unix_timestamp(first_accepted).unwrap_or(until))
     }
 
     /// Reads the cutoffs still kept at `now` and puts them in force (those that ran out
@@ -116,13 +152,31 @@ impl Cutoffs {
             sqlx::query(PRUNE).bind(now_ms).execute(p).await?;
             sqlx::query_as(SELECT).bind(now_ms).fetch_all(p).await?
         });
-        let by_client: HashMap<Box<str>, i64> = rows
+        self.install(rows, now);
+        metrics::gauge!("portcullis_token_cutoffs").set(self.len() as f64);
+        Ok(())
+    }
+
+    /// Puts the cutoffs `rows` read at `now` in force, with the cuts made here on top.
+    fn install(&self, rows: Vec<(String, i64)>, now: OffsetDateTime) {
+        let mut by_client: HashMap<Box<str>, i64> = rows
             .into_iter()
             .map(|(client, first)| (client.into_boxed_str(), first))
             .collect();
-        self.by_client.store(Arc::new(by_client));
-        metrics::gauge!("portcullis_token_cutoffs").set(self.len() as f64);
-        Ok(())
+        {
+            let mut made = self
+                .made_here
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            made.retain(|_, (_, keep_until)| *keep_until > now);
+            for (client, (first, _)) in made.iter() {
+                let entry = by_client.entry(client.clone()).or_insert(*first);
+                *entry = (*entry).max(*first);
+            }
+            // stored under the lock, so that a cut noted meanwhile is in this map or
+            // noted on top of it
+            self.by_client.store(Arc::new(by_client));
+        }
     }
 
     /// Reads the cutoffs every [`RELOAD_INTERVAL`] until `stop`, once the schema is in
@@ -176,13 +230,31 @@ mod tests {
     fn a_cutoff_refuses_tokens_of_its_client_issued_before_it_only() {
         let cutoffs = Cutoffs::new();
         assert!(!cutoffs.refuses("svc", 100));
-        cutoffs.note("svc", 101);
+        let until = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1);
+        cutoffs.note("svc", 101, until);
         assert!(cutoffs.refuses("svc", 100));
         assert!(!cutoffs.refuses("svc", 101));
         assert!(!cutoffs.refuses("other", 0));
         // an earlier cut does not move it back
-        cutoffs.note("svc", 50);
+        cutoffs.note("svc", 50, until);
         assert!(cutoffs.refuses("svc", 100));
         assert_eq!(cutoffs.len(), 1);
+    }
+
+    #[test]
+    fn a_read_that_missed_a_cut_made_here_does_not_drop_it() {
+        let cutoffs = Cutoffs::new();
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1);
+        cutoffs.note("svc", 101, now + time::Duration::hours(1));
+        // a read whose SELECT ran before the cut was written
+        cutoffs.install(vec![("other".to_owned(), 7)], now);
+        assert!(cutoffs.refuses("svc", 100));
+        assert!(cutoffs.refuses("other", 6));
+        // the database said an earlier instant for it: the later one holds
+        cutoffs.install(vec![("svc".to_owned(), 90)], now);
+        assert!(cutoffs.refuses("svc", 100));
+        // once it cannot matter any more, only what the database says counts
+        cutoffs.install(Vec::new(), now + time::Duration::hours(2));
+        assert!(cutoffs.is_empty());
     }
 }

@@ -38,8 +38,8 @@ pub use keys::{
 };
 pub use model::{Compromise, KeyAlgorithm, KeyRecord, KeyRing, KeyState, Kid, PrivateKey};
 pub use plan::{
-    ACTIVATION_BACKDATE, Plan, Suspects, Transition, TransitionReason, emergency_rotate, plan,
-    plan_around, rotate_now,
+    ACTIVATION_BACKDATE, Plan, Suspects, Transition, TransitionReason, emergency_rotate,
+    emergency_rotate_around, plan, plan_around, rotate_now, rotate_now_around,
 };
 pub use policy::Policy;
 pub use rotator::{ReloadOutcome, RotationMode, Rotator, RotatorHealth};

@@ -132,8 +132,20 @@ pub fn plan_around(
 /// When the current key stops signing no later than that anyway (a rotation already
 /// brought forward, by another instance or a second operator), nothing changes.
 pub fn rotate_now(ring: &KeyRing, policy: &Policy, now: OffsetDateTime) -> Result<Plan, KeyError> {
+    rotate_now_around(ring, policy, now, &[])
+}
+
+/// [`rotate_now`], first setting aside the keys `unreadable` names, as [`plan_around`]
+/// does: a waiting key whose material cannot be read is never the one brought forward.
+pub fn rotate_now_around(
+    ring: &KeyRing,
+    policy: &Policy,
+    now: OffsetDateTime,
+    unreadable: &[Kid],
+) -> Result<Plan, KeyError> {
     let mut planner = Planner::new(ring, policy, now);
     planner.drop_expired();
+    planner.set_aside(unreadable);
     planner.ensure_active()?;
     let active = planner.active_index().ok_or(KeyError::NoActiveKey)?;
     // Record what already happened (e.g. the activation) under its own reason first.
@@ -214,8 +226,8 @@ impl Suspects {
 /// stored alongside it, is discarded too, and a fresh key signs immediately.
 ///
 /// Errors with [`KeyError::NotInRing`] when [`Suspects::Keys`] names a key the ring does
-/// not hold, unless another named key is already compromised (the same emergency run
-/// again, which discarded the missing one). When every named key was already dealt with,
+/// not hold, unless every named key it holds is already compromised (the same emergency
+/// run again, which discarded the missing one). When every named key was already dealt with,
 /// the plan is empty.
 pub fn emergency_rotate(
     ring: &KeyRing,
@@ -224,22 +236,37 @@ pub fn emergency_rotate(
     note: &str,
     suspects: &Suspects,
 ) -> Result<Plan, KeyError> {
+    emergency_rotate_around(ring, policy, now, note, suspects, &[])
+}
+
+/// [`emergency_rotate`], first setting aside the keys `unreadable` names, as
+/// [`plan_around`] does.
+pub fn emergency_rotate_around(
+    ring: &KeyRing,
+    policy: &Policy,
+    now: OffsetDateTime,
+    note: &str,
+    suspects: &Suspects,
+    unreadable: &[Kid],
+) -> Result<Plan, KeyError> {
     let reason = TransitionReason::Compromised {
         note: note.to_owned(),
     };
     let mut planner = Planner::new(ring, policy, now);
     planner.drop_expired();
+    planner.set_aside(unreadable);
     planner.ensure_active()?;
     let active = planner.active_index().ok_or(KeyError::NoActiveKey)?;
     let named: &[Kid] = match suspects {
         Suspects::EveryVerifyingKey => &[],
         Suspects::Keys(kids) => {
             // A named key the ring lacks is the operator's mistake, unless this emergency
-            // was made already (a named key is retired as compromised): then a waiting key
-            // it named was discarded, and running it again must change nothing.
-            let made_already = kids
-                .iter()
-                .any(|k| ring.key(k).is_some_and(|key| key.compromised.is_some()));
+            // was made already (every named key still in the ring is retired as
+            // compromised): then a waiting key it named was discarded, and running it
+            // again must change nothing.
+            let present: Vec<&KeyRecord> = kids.iter().filter_map(|k| ring.key(k)).collect();
+            let made_already =
+                !present.is_empty() && present.iter().all(|key| key.compromised.is_some());
             if let Some(missing) = kids.iter().find(|k| ring.key(k).is_none())
                 && !made_already
             {

@@ -323,17 +323,18 @@ impl Rotator {
                 keys_changed |= self.inner.keys.publish(ring.clone(), Some(version), now)?;
                 *read = true;
             }
+            // the keys of the ring just published whose material could not be read are
+            // set aside by every plan (retired, or discarded while waiting), so that the
+            // schedule, a rotation or an emergency goes on without them
+            let unreadable = self.inner.keys.unusable();
 
             let plan = match &action {
                 Action::Plan if !write_allowed => None,
-                // the keys whose material the ring just published could not be read are
-                // set aside (retired, or discarded while waiting), so that the schedule
-                // goes on without them
                 Action::Plan => Some(crate::plan_around(
                     &ring,
                     &self.inner.policy,
                     now,
-                    &self.inner.keys.unusable(),
+                    &unreadable,
                 )?),
                 Action::Rotate {
                     emergency: Some((note, asked)),
@@ -345,12 +346,13 @@ impl Rotator {
                         kids.retain(|k| ring.key(k).is_some());
                     }
                     let fixed = suspects.get_or_insert_with(|| name_suspects(asked, &ring, now));
-                    Some(crate::emergency_rotate(
+                    Some(crate::emergency_rotate_around(
                         &ring,
                         &self.inner.policy,
                         now,
                         note,
                         fixed,
+                        &unreadable,
                     )?)
                 }
                 Action::Rotate { emergency: None } => {
@@ -360,7 +362,12 @@ impl Rotator {
                         (Some(t), a) if a.as_ref() != Some(t) => None,
                         _ => {
                             target = active.or_else(|| target.clone());
-                            Some(crate::rotate_now(&ring, &self.inner.policy, now)?)
+                            Some(crate::rotate_now_around(
+                                &ring,
+                                &self.inner.policy,
+                                now,
+                                &unreadable,
+                            )?)
                         }
                     }
                 }

@@ -225,11 +225,12 @@ pub async fn disable(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     no_more_fields(json_object(&body)?, "(none)")?;
-    let revoked = disable_and_revoke(&state, &caller, &id, "client.disable").await?;
+    let (revoked, first) = disable_and_revoke(&state, &caller, &id, "client.disable").await?;
     Ok(Json(json!({
         "id": id.as_str(),
         "enabled": false,
         "sessions_revoked": revoked,
+        "tokens_issued_before": rfc3339(first),
     })))
 }
 
@@ -246,7 +247,7 @@ pub async fn revoke_tokens(
     let id = parse_id(&id)?;
     no_more_fields(json_object(&body)?, "(none)")?;
     state.clients.get(&id).await?;
-    let first = cut_tokens(&state, &id).await?;
+    let first = cut_tokens(&state, &id, state.keys.now()).await?;
     audit(
         &state,
         &caller,
@@ -260,17 +261,18 @@ pub async fn revoke_tokens(
     })))
 }
 
-/// Cuts off the access tokens issued to `id` until now; returns the first instant whose
-/// tokens are accepted again.
-async fn cut_tokens(state: &AppState, id: &ClientId) -> Result<OffsetDateTime, ApiError> {
-    let longest = state
-        .config
-        .max_token_lifetime()
-        .saturating_add(state.config.tokens.leeway);
+/// Cuts off the access tokens issued to `id` until `until`; returns the first instant
+/// whose tokens are accepted again.
+async fn cut_tokens(
+    state: &AppState,
+    id: &ClientId,
+    until: OffsetDateTime,
+) -> Result<OffsetDateTime, ApiError> {
+    let longest = crate::cutoff::longest_lifetime(&state.config);
     Ok(state
         .keys
         .cutoffs()
-        .cut(&state.db, id.as_str(), state.keys.now(), longest)
+        .cut(&state.db, id.as_str(), until, longest)
         .await?)
 }
 
@@ -298,7 +300,7 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     // disabled first: from here on no token can be issued to it while the rest happens
-    let revoked = disable_and_revoke(&state, &caller, &id, "client.delete").await?;
+    let (revoked, _) = disable_and_revoke(&state, &caller, &id, "client.delete").await?;
     if let Err(e) = state.clients.delete(&id).await {
         // what did happen is on record: disabled, sessions revoked, still there
         audit(
@@ -333,31 +335,38 @@ async fn disable_and_revoke(
     caller: &Caller,
     id: &ClientId,
     purpose: &str,
-) -> Result<usize, ApiError> {
-    state.clients.disable(id, state.keys.now()).await?;
-    cut_tokens(state, id).await?;
-    match state.refresh.revoke_client(id.as_str()).await {
-        Ok(n) => {
+) -> Result<(usize, OffsetDateTime), ApiError> {
+    let now = state.keys.now();
+    state.clients.disable(id, now).await?;
+    // both are tried whatever the other does, and what happened is on record
+    let cut = cut_tokens(state, id, now + crate::cutoff::after_disable(&state.config)).await;
+    let revoked = state.refresh.revoke_client(id.as_str()).await;
+    let mut failure = json!({ "for": purpose,
+        "sessions_revoked": revoked.as_ref().ok(),
+        "tokens_issued_before": cut.as_ref().ok().map(|t| rfc3339(*t)) });
+    let mut fail = |error: &str| {
+        failure["error"] = json!(error);
+        audit(state, caller, "client.disable", id.as_str(), failure.take());
+    };
+    match (cut, revoked) {
+        (Ok(first), Ok(n)) => {
             if purpose == "client.disable" {
                 audit(
                     state,
                     caller,
                     "client.disable",
                     id.as_str(),
-                    json!({ "sessions_revoked": n }),
+                    json!({ "sessions_revoked": n, "tokens_issued_before": rfc3339(first) }),
                 );
             }
-            Ok(n)
+            Ok((n, first))
         }
-        Err(e) => {
-            audit(
-                state,
-                caller,
-                "client.disable",
-                id.as_str(),
-                json!({ "for": purpose, "sessions_revoked": null,
-                        "error": "the refresh-token store is unavailable; repeat the request" }),
-            );
+        (Err(e), _) => {
+            fail("the database is unavailable: access tokens were not cut off; repeat the request");
+            Err(e)
+        }
+        (Ok(_), Err(e)) => {
+            fail("the refresh-token store is unavailable; repeat the request");
             Err(e.into())
         }
     }

@@ -399,12 +399,15 @@ async fn cut_access_tokens(
     id: &ClientId,
     now: time::OffsetDateTime,
 ) -> Result<(), Failure> {
-    let longest = ctx
-        .config
-        .max_token_lifetime()
-        .saturating_add(ctx.config.tokens.leeway);
+    // the instances serve the client from their cached record for a few seconds more
+    let until = now + crate::cutoff::after_disable(&ctx.config);
     crate::cutoff::Cutoffs::new()
-        .cut(&ctx.db, id.as_str(), now, longest)
+        .cut(
+            &ctx.db,
+            id.as_str(),
+            until,
+            crate::cutoff::longest_lifetime(&ctx.config),
+        )
         .await
         .map(|_| ())
         .map_err(|e| Failure::Other(crate::error::chain(&e)))

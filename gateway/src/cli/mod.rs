@@ -358,7 +358,7 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
             emergency,
             reason,
             kid,
-            ..
+            target,
         } => {
             // the CLI is the rotation job: it writes even when the instances only read
             let service = KeyService::from_config(config, clock, RotationKind::InProcess)
@@ -379,7 +379,8 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
                 let suspects = keyrotation::Suspects::named_all(&kid).map_err(|e| e.to_string())?;
                 // the keys this emergency acts on, as loaded: named again, they make a
                 // retry safe whether or not this attempt's write landed
-                let retry = emergency.then(|| retry_command(reason.as_deref(), &kid, &service));
+                let retry =
+                    emergency.then(|| retry_command(reason.as_deref(), &kid, &target, &service));
                 let note = emergency.then(|| (reason.clone().unwrap_or_default(), suspects));
                 let action = if emergency {
                     "key.rotate.emergency"
@@ -430,6 +431,7 @@ async fn run_keys(cmd: KeysCommand, config: &Config) -> Result<(), String> {
 fn retry_command(
     reason: Option<&str>,
     named: &[String],
+    target: &KeysTarget,
     service: &crate::keys::KeyService,
 ) -> String {
     let kids: Vec<String> = if named.is_empty() {
@@ -444,9 +446,21 @@ fn retry_command(
         named.to_vec()
     };
     let mut command = format!(
-        "portcullis keys rotate --emergency --reason {} --config <file>",
+        "portcullis keys rotate --emergency --reason {}",
         shell_quote(reason.unwrap_or_default())
     );
+    // the same ring: the configuration file used (also when it came from
+    // PORTCULLIS_CONFIG), or the --dev data directory
+    match &target.config {
+        Some(file) if !target.dev => {
+            command.push_str(" --config ");
+            command.push_str(&shell_quote(&file.to_string_lossy()));
+        }
+        _ => {
+            command.push_str(" --dev --data-dir ");
+            command.push_str(&shell_quote(&target.data_dir.to_string_lossy()));
+        }
+    }
     for kid in kids {
         command.push_str(" --kid ");
         command.push_str(&shell_quote(&kid));

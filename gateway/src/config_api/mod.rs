@@ -406,7 +406,13 @@ pub async fn poll(
     };
     let timeout = tokio::time::Instant::now() + state.config_center.long_poll_max;
     let until = timeout.min(token_deadline(&state, &principal));
+    let cut = Cut::of(&state, &principal);
     match tokio::time::timeout_at(until, wait).await {
+        // a release that arrived after the token was cut off is not the token's to read
+        Ok(Some(_)) if cut.now() => Err(ApiError::Unauthorized {
+            code: "invalid_token",
+            description: "the access token is invalid or expired".to_owned(),
+        }),
         Ok(Some(p)) => Ok(snapshot_response(&p)),
         Ok(None) | Err(_) => Ok(not_modified(&format!("\"{}\"", who.version))),
     }

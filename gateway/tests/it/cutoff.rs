@@ -52,27 +52,43 @@ async fn a_client_disabled_on_one_instance_is_cut_off_on_another_and_its_watch_e
         )
         .await
         .unwrap();
-    let response = post_as_client(
-        &a.https_client(),
-        a.url("/oauth2/token"),
-        client.id.as_str(),
-        secret.expose_secret(),
-        &[("grant_type", "client_credentials")],
-    )
-    .await;
-    assert_eq!(response.status(), 200);
-    let body: serde_json::Value = response.json().await.unwrap();
-    let token = body["access_token"].as_str().unwrap().to_owned();
-    let read = |app: &TestApp| {
+    // from `b`, which then holds the client's record in its cache for a few seconds
+    let token_from_b = || async {
+        let response = post_as_client(
+            &b.https_client(),
+            b.url("/oauth2/token"),
+            client.id.as_str(),
+            secret.expose_secret(),
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        (status, body["access_token"].as_str().map(str::to_owned))
+    };
+    let (status, token) = token_from_b().await;
+    assert_eq!(status, 200);
+    let token = token.unwrap();
+    let read_with = |app: &TestApp, token: &str| {
         let request = app
             .https_client()
             .get(app.url(&Api::path("prod", APP, "")))
-            .bearer_auth(&token);
+            .bearer_auth(token);
         async move { request.send().await.unwrap().status().as_u16() }
     };
+    let read = |app: &TestApp| read_with(app, &token);
     assert_eq!((read(&a).await, read(&b).await), (200, 200));
     let mut watch = open_watch_with(&api_b, &token, None).await;
     assert_eq!(read_events(&mut watch, 1).await[0].0, 1);
+    // a long-poll waiting for a release newer than the one it has
+    let poll = {
+        let request = b
+            .https_client()
+            .get(b.url(&Api::path("prod", APP, "/poll?version=1")))
+            .bearer_auth(&token);
+        tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+    };
+    let before = a.state.keys.now();
 
     let r = reqwest::Client::new()
         .post(format!(
@@ -84,6 +100,15 @@ async fn a_client_disabled_on_one_instance_is_cut_off_on_another_and_its_watch_e
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    // a few seconds past the disable: `b` may still issue from its cached record
+    let first = time::OffsetDateTime::parse(
+        body["tokens_issued_before"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(first >= before + time::Duration::seconds(12), "{body}");
+    let (status, late) = token_from_b().await;
     // at once on the instance that cut, within the reload interval on the other
     assert_eq!(read(&a).await, 401);
     eventually(
@@ -96,6 +121,11 @@ async fn a_client_disabled_on_one_instance_is_cut_off_on_another_and_its_watch_e
     )
     .await;
     assert!(b.sample("portcullis_token_cutoffs").await >= 1.0);
+    // a token `b` issued from its cached record after the disable is cut off too
+    if let Some(late) = late {
+        assert_eq!(status, 200);
+        assert_eq!(read_with(&b, &late).await, 401);
+    }
 
     // the watch opened with the token gets no release published after the cutoff: it ends
     api_a
@@ -114,4 +144,10 @@ async fn a_client_disabled_on_one_instance_is_cut_off_on_another_and_its_watch_e
     assert!(ended.is_ok(), "the watch did not end");
     let text = String::from_utf8_lossy(&received);
     assert!(!text.contains("after-the-cut"), "{text}");
+    // and the long-poll is refused rather than handed that release
+    let polled = tokio::time::timeout(Duration::from_secs(20), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(polled, 401);
 }

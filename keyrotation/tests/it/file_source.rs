@@ -588,3 +588,49 @@ async fn a_plan_sets_aside_keys_whose_material_cannot_be_read() {
     // nothing more to do
     assert!(writer.reload_once().await.unwrap().transitions.is_empty());
 }
+
+/// A rotation brought forward while the waiting key's material cannot be read does not
+/// bring that key forward (it could not sign): it is set aside and a fresh key is made.
+#[tokio::test]
+async fn a_rotation_brought_forward_sets_aside_an_unreadable_waiting_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let (active, waiting) = ring_with_a_waiting_key(dir.path(), &clock).await;
+    let source = FileKeySource::new(dir.path()).unwrap();
+    let stored = source.load().await.unwrap().unwrap();
+    source
+        .store(
+            &with_damaged_key(&stored.value, &waiting),
+            Some(stored.version),
+        )
+        .await
+        .unwrap();
+    let writer = file_rotator(dir.path(), &clock);
+    // only load it: a scheduled plan would set the key aside first
+    let keys = writer.keys();
+    let now = clock.now();
+    keys.publish(source.load().await.unwrap().unwrap().value, Some(99), now)
+        .unwrap();
+    assert_eq!(keys.unusable(), vec![waiting.clone()]);
+
+    let out = writer.rotate(false).await.unwrap();
+    assert!(
+        out.transitions
+            .iter()
+            .any(|t| t.kid == waiting && t.reason == TransitionReason::Unreadable),
+        "{:?}",
+        out.transitions
+    );
+    let ring = writer.keys().ring();
+    assert!(ring.key(&waiting).is_none());
+    let fresh = ring
+        .keys
+        .iter()
+        .find(|k| k.kid != active && k.compromised.is_none())
+        .unwrap()
+        .clone();
+    assert_eq!(ring.signing_key_at(now).unwrap().kid, active);
+    let later = fresh.activate_at;
+    assert!(writer.keys().can_sign(later));
+    assert_eq!(writer.keys().status(later).active_kid, Some(fresh.kid));
+}

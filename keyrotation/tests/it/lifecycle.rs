@@ -667,6 +667,19 @@ fn an_emergency_run_again_on_the_keys_it_named_changes_nothing() {
         matches!(&err, KeyError::NotInRing(kid) if kid == "no-such-key"),
         "{err}"
     );
+    // and after it, next to a named key it did not retire (another emergency, not this
+    // one run again)
+    let other = Suspects::Keys(vec![
+        active.kid.clone(),
+        fresh.clone(),
+        Kid::parse("no-such-key").unwrap(),
+    ]);
+    let err =
+        keyrotation::emergency_rotate(&first.ring, &policy, later, "leak", &other).unwrap_err();
+    assert!(
+        matches!(&err, KeyError::NotInRing(kid) if kid == "no-such-key"),
+        "{err}"
+    );
 }
 
 #[test]
