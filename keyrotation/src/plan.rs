@@ -319,16 +319,7 @@ pub fn emergency_rotate_around(
                 at: now,
                 reason: note.to_owned(),
             });
-            key.retire_at = key.retire_at.min(now).max(key.activate_at);
-            key.expire_at = key.expire_at.min(now).max(key.retire_at);
-            planner.transitions.push(Transition {
-                kid: key.kid.clone(),
-                from: Some(key.recorded_state),
-                to: Some(KeyState::Retired),
-                at: now,
-                reason: reason.clone(),
-            });
-            key.recorded_state = KeyState::Retired;
+            planner.retire_now(index, reason.clone());
         }
         index += 1;
     }
@@ -420,19 +411,26 @@ impl<'p> Planner<'p> {
             }
             // what the schedule already did to it first, under its own reason
             self.record_index(index);
-            let key = &mut self.ring.keys[index];
-            key.retire_at = key.retire_at.min(now).max(key.activate_at);
-            key.expire_at = key.expire_at.min(now).max(key.retire_at);
-            self.transitions.push(Transition {
-                kid: key.kid.clone(),
-                from: Some(key.recorded_state),
-                to: Some(KeyState::Retired),
-                at: now,
-                reason: TransitionReason::Unreadable,
-            });
-            key.recorded_state = KeyState::Retired;
+            self.retire_now(index, TransitionReason::Unreadable);
             index += 1;
         }
+    }
+
+    /// Ends key `index`'s signing and verifying at once (never before it started), and
+    /// records it as retired for `reason`.
+    fn retire_now(&mut self, index: usize, reason: TransitionReason) {
+        let now = self.now;
+        let key = &mut self.ring.keys[index];
+        key.retire_at = key.retire_at.min(now).max(key.activate_at);
+        key.expire_at = key.expire_at.min(now).max(key.retire_at);
+        self.transitions.push(Transition {
+            kid: key.kid.clone(),
+            from: Some(key.recorded_state),
+            to: Some(KeyState::Retired),
+            at: now,
+            reason,
+        });
+        key.recorded_state = KeyState::Retired;
     }
 
     fn active_index(&self) -> Option<usize> {
