@@ -103,6 +103,17 @@ pub(super) enum ClientsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cut off every access token issued to a client until now; the client stays enabled
+    /// (the running instances apply it within 2 s).
+    RevokeTokens {
+        #[command(flatten)]
+        target: Target,
+        /// The client_id.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a client for good (it is disabled and its refresh tokens revoked first).
     Delete {
         #[command(flatten)]
@@ -154,6 +165,7 @@ impl ClientsCommand {
             | Self::RotateSecret { target, .. }
             | Self::Disable { target, .. }
             | Self::Enable { target, .. }
+            | Self::RevokeTokens { target, .. }
             | Self::Delete { target, .. } => target,
         }
     }
@@ -351,6 +363,32 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
                 print_json(&json!({ "id": id.as_str(), "enabled": true }));
             } else {
                 println!("{id}: enabled");
+            }
+        }
+        ClientsCommand::RevokeTokens { id, json, .. } => {
+            let id = id_of(&id)?;
+            ctx.clients.get(&id).await?;
+            let first = crate::cutoff::Cutoffs::new()
+                .cut(
+                    &ctx.db,
+                    id.as_str(),
+                    now,
+                    crate::cutoff::longest_lifetime(&ctx.config),
+                )
+                .await
+                .map_err(|e| Failure::Other(crate::error::chain(&e)))?;
+            let first = instant(first);
+            audit(
+                ctx,
+                "client.revoke_tokens",
+                id.as_str(),
+                json!({ "tokens_issued_before": first }),
+            )
+            .await;
+            if json {
+                print_json(&json!({ "id": id.as_str(), "tokens_issued_before": first }));
+            } else {
+                println!("{id}: access tokens issued before {first} are refused");
             }
         }
         ClientsCommand::Delete { id, json, .. } => {

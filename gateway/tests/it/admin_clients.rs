@@ -911,4 +911,46 @@ async fn the_cli_creates_and_lists_clients_whose_secret_then_works() {
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
+
+    // revoke-tokens: the running instance refuses the client's tokens within its reload
+    // interval, and the client gets working tokens again from the next second
+    let (status, stdout, stderr) =
+        cli(&["create", "--id", "executor-audit", "--name", "a", "--json"]);
+    assert!(status.success(), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let (status, body) = token(&app, "executor-audit", &secret).await;
+    assert_eq!(status, 200, "{body}");
+    let old = body["access_token"].as_str().unwrap().to_owned();
+    app.state.keys.verify_access(&old).unwrap();
+    let (status, stdout, stderr) = cli(&["revoke-tokens", "executor-audit", "--json"]);
+    assert!(status.success(), "{stderr}");
+    let cut: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(cut["id"], "executor-audit");
+    let first = time::OffsetDateTime::parse(
+        cut["tokens_issued_before"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the instance applies the cutoff",
+        || {
+            let (state, old) = (app.state.clone(), old.clone());
+            async move { state.keys.verify_access(&old).is_err() }
+        },
+    )
+    .await;
+    tokio::time::sleep(
+        Duration::try_from(first - time::OffsetDateTime::now_utc()).unwrap_or_default(),
+    )
+    .await;
+    let (status, body) = token(&app, "executor-audit", &secret).await;
+    assert_eq!(status, 200, "{body}");
+    app.state
+        .keys
+        .verify_access(body["access_token"].as_str().unwrap())
+        .unwrap();
+    let (status, _, stderr) = cli(&["revoke-tokens", "nobody-here"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
 }
