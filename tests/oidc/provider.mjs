@@ -52,6 +52,12 @@ function requireEnv(name) {
   return value;
 }
 
+// Start-up phases with the process's age, so that a start that stalls shows where.
+function phase(what) {
+  console.log(`provider.mjs: ${what} at ${Math.round(process.uptime() * 1000)} ms`);
+}
+phase('modules loaded');
+
 const port = Number(requireEnv('OIDC_PORT'));
 const client = JSON.parse(requireEnv('OIDC_CLIENT'));
 const users = JSON.parse(requireEnv('OIDC_USERS'));
@@ -82,6 +88,7 @@ const jwks = loadOrCreate('jwks.json', () => {
 });
 
 const cookieKeys = loadOrCreate('cookie-keys.json', () => [randomBytes(32).toString('hex')]);
+phase('keys ready');
 
 // === accounts ===
 
@@ -396,6 +403,7 @@ const server = createServer((req, res) => {
   });
 });
 
+phase(`listening on 127.0.0.1:${port}`);
 server.listen(port, '127.0.0.1', () => {
   console.log(`oidc-provider ready: issuer ${issuer}`);
 });
