@@ -485,20 +485,16 @@ impl KeyService {
     /// Narrowing the list is safe only once the keys of the dropped algorithm have expired
     /// (`docs/operations/keys.md`).
     pub fn algorithm_problem(&self) -> Option<String> {
-        let now = self.now();
+        // the status, not the ring: no key material is copied for a readiness probe
         let refused: Vec<String> = self
-            .keys()
-            .ring()
+            .status()
             .keys
             .iter()
-            .filter(|k| k.is_published_at(now) && !self.verify.algorithms.contains(&k.alg))
+            .filter(|k| k.published && !self.verify.algorithms.contains(&k.alg))
             .map(|k| {
                 format!(
                     "{} ({:?}, {:?} until {})",
-                    k.kid,
-                    k.alg,
-                    k.state_at(now),
-                    k.expire_at
+                    k.kid, k.alg, k.state, k.expire_at
                 )
             })
             .collect();

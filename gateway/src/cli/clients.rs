@@ -343,7 +343,7 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
         ClientsCommand::Disable { id, json, .. } => {
             let id = id_of(&id)?;
             ctx.clients.disable(&id, now).await?;
-            cut_access_tokens(ctx, &id, now).await?;
+            cut_after_disable(ctx, &id, now).await?;
             let revoked = revoke_refresh_tokens(ctx, &id).await;
             audit(
                 ctx,
@@ -368,16 +368,7 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
         ClientsCommand::RevokeTokens { id, json, .. } => {
             let id = id_of(&id)?;
             ctx.clients.get(&id).await?;
-            let first = crate::cutoff::Cutoffs::new()
-                .cut(
-                    &ctx.db,
-                    id.as_str(),
-                    now,
-                    crate::cutoff::longest_lifetime(&ctx.config),
-                )
-                .await
-                .map_err(|e| Failure::Other(crate::error::chain(&e)))?;
-            let first = instant(first);
+            let first = instant(cut_access_tokens(ctx, &id, now).await?);
             audit(
                 ctx,
                 "client.revoke_tokens",
@@ -395,7 +386,7 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
             let id = id_of(&id)?;
             // disabled first, so that no token is issued to it while the rest happens
             ctx.clients.disable(&id, now).await?;
-            cut_access_tokens(ctx, &id, now).await?;
+            cut_after_disable(ctx, &id, now).await?;
             let revoked = revoke_refresh_tokens(ctx, &id).await;
             if revoked.is_err() {
                 audit(
@@ -430,15 +421,14 @@ async fn execute(cmd: ClientsCommand, ctx: &Ctx) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Cuts off the access tokens issued to `id` until `now` ([`crate::cutoff`]): the running
-/// instances read the cutoff from the database within seconds.
+/// Cuts off the access tokens issued to `id` until `until` ([`crate::cutoff`]); returns
+/// the first instant whose tokens are accepted. The running instances read the cutoff
+/// from the database within seconds.
 async fn cut_access_tokens(
     ctx: &Ctx,
     id: &ClientId,
-    now: time::OffsetDateTime,
-) -> Result<(), Failure> {
-    // the instances serve the client from their cached record for a few seconds more
-    let until = now + crate::cutoff::after_disable(&ctx.config);
+    until: time::OffsetDateTime,
+) -> Result<time::OffsetDateTime, Failure> {
     crate::cutoff::Cutoffs::new()
         .cut(
             &ctx.db,
@@ -447,8 +437,19 @@ async fn cut_access_tokens(
             crate::cutoff::longest_lifetime(&ctx.config),
         )
         .await
-        .map(|_| ())
         .map_err(|e| Failure::Other(crate::error::chain(&e)))
+}
+
+/// [`cut_access_tokens`] for a disable at `now`: the instances serve the client from their
+/// cached record for a few seconds more ([`crate::cutoff::after_disable`]).
+async fn cut_after_disable(
+    ctx: &Ctx,
+    id: &ClientId,
+    now: time::OffsetDateTime,
+) -> Result<(), Failure> {
+    cut_access_tokens(ctx, id, now + crate::cutoff::after_disable(&ctx.config))
+        .await
+        .map(|_| ())
 }
 
 /// Revokes the refresh tokens of `id` in the shared Redis store: `Ok(Some(n))` when done,
