@@ -35,7 +35,6 @@
 //!   attempt back off the account-wide record (if counted there) and remembers the bucket
 //!   as familiar; the account-wide record's failures stay, a bound on guesses from
 //!   unfamiliar addresses that the owner's logins do not reset.
-//!   [`Lockout::attempt`] is the same step for one record.
 //! - [`Lockout::check`] then [`Lockout::failed`] (client ids): a wrong secret is refused
 //!   while held back and counted otherwise; a correct secret never touches the counter
 //!   (see `oauth::client_auth` for why).
@@ -251,19 +250,6 @@ impl Thresholds {
     }
 }
 
-/// What counting an attempt found ([`Lockout::attempt`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempt {
-    /// Counted as a failure, which a success then clears ([`Lockout::succeeded`]).
-    Counted {
-        /// The refusal the next attempt meets if this one fails (`locked` when this
-        /// attempt is the one that locks).
-        if_failed: Option<Refusal>,
-    },
-    /// Refused, and not counted.
-    Refused(Refusal),
-}
-
 /// Which of an account's records holds it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -330,26 +316,36 @@ pub trait FailureStore: Send + Sync + 'static {
         now_ms: i64,
         ttl: Duration,
     ) -> Result<Counting, LockoutUnavailable>;
-    /// Forgets `keys` (in one Redis Cluster slot).
-    async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable>;
     /// When `bucket` was last remembered in the familiar set `key` (Unix ms), if it is in
     /// (whether that is still familiar is the caller's to judge).
     async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable>;
-    /// After a success from `bucket` at `now_ms`, in one atomic step: unless `bucket` was
-    /// familiar (in the set `key`, last remembered less than `keep` before), takes one
-    /// failure off the record `uncount` (the success's own attempt, counted there); then
-    /// remembers `bucket` in `key` at `now_ms`, forgetting members last remembered `keep`
-    /// or more before and all but the newest `max`. The set lives `keep` at least (in
-    /// Redis: its TTL, renewed by each success). Both keys are in one Redis Cluster slot.
-    async fn remember(
-        &self,
-        key: &str,
-        bucket: &str,
-        uncount: &str,
-        now_ms: i64,
-        keep: Duration,
-        max: usize,
-    ) -> Result<(), LockoutUnavailable>;
+    /// After a success, in one atomic step: see [`Success`].
+    async fn remember(&self, success: &Success<'_>) -> Result<(), LockoutUnavailable>;
+}
+
+/// A success from `bucket` at `now_ms`, as [`FailureStore::remember`] records it in one
+/// atomic step: forgets the record `forget` (the address bucket's); unless `bucket` was
+/// familiar (in the set `familiar`, last remembered less than `keep` before), takes one
+/// failure off the record `uncount` (the success's own attempt, counted there); then
+/// remembers `bucket` in `familiar` at `now_ms`, forgetting members last remembered `keep`
+/// or more before and all but the newest `max`. The set lives `keep` at least (in Redis:
+/// its TTL, renewed by each success). The three keys are in one Redis Cluster slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Success<'a> {
+    /// The familiar set's key.
+    pub familiar: &'a str,
+    /// The address bucket the success came from.
+    pub bucket: &'a str,
+    /// The record forgotten: the address bucket's.
+    pub forget: &'a str,
+    /// The record the success's own attempt is taken off: the account-wide one.
+    pub uncount: &'a str,
+    /// When (Unix ms).
+    pub now_ms: i64,
+    /// How long a bucket stays familiar.
+    pub keep: Duration,
+    /// How many buckets are kept.
+    pub max: usize,
 }
 
 /// An account's familiar address buckets, as [`FailureStore::count_attempt`] reads them.
@@ -462,42 +458,6 @@ impl Lockout {
         Ok(self.refusal(record, ms(now)))
     }
 
-    /// Counts an attempt of `id` before its credential is checked, atomically across
-    /// instances, on one record under the whole policy: refused (and not counted) while
-    /// `id` backs off or is locked, otherwise counted as a failure at once. A success must
-    /// then clear it with [`Self::succeeded`]; a failure needs nothing more. (Local logins
-    /// count two records per attempt: [`Self::attempt_account`].)
-    pub async fn attempt(
-        &self,
-        kind: Kind,
-        id: &str,
-        now: OffsetDateTime,
-    ) -> Result<Attempt, LockoutUnavailable> {
-        let s = self.settings.load();
-        let policy = Thresholds::of(&s);
-        let key = self.key(kind, id);
-        let now = ms(now);
-        let Counting {
-            counted, records, ..
-        } = self
-            .store
-            .count_attempt(
-                &[(&key, policy)],
-                None,
-                now,
-                s.lockout + Duration::from_secs(60),
-            )
-            .await?;
-        let record = records.first().copied().unwrap_or_default();
-        Ok(if counted {
-            Attempt::Counted {
-                if_failed: policy.refusal(record, now),
-            }
-        } else {
-            Attempt::Refused(refused(&policy, record, now))
-        })
-    }
-
     /// Counts an attempt at account `name` from `from` before its password is checked, in
     /// one atomic step across instances on two records: the account's from `from`'s
     /// address bucket (an IPv4 address, an IPv6 /64), held to the whole policy, and the
@@ -593,12 +553,6 @@ impl Lockout {
         ))
     }
 
-    /// Forgets the failures of `id` after a successful attempt (for an account, the
-    /// account-wide record; [`Self::account_succeeded`] clears an address's too).
-    pub async fn succeeded(&self, kind: Kind, id: &str) -> Result<(), LockoutUnavailable> {
-        self.store.clear(&[&self.key(kind, id)]).await
-    }
-
     /// After a successful login to account `name` from `from` at `now` (its attempt counted
     /// by [`Self::attempt_account`]): forgets the record of `from`'s address bucket, takes
     /// the success's own attempt off the account-wide record if it was counted there (the
@@ -613,16 +567,16 @@ impl Lockout {
         now: OffsetDateTime,
     ) -> Result<(), LockoutUnavailable> {
         let keys = self.account_keys(name, from);
-        self.store.clear(&[&keys.address]).await?;
         self.store
-            .remember(
-                &keys.familiar,
-                &keys.bucket,
-                &keys.account,
-                ms(now),
-                FAMILIAR_FOR,
-                FAMILIAR_MAX,
-            )
+            .remember(&Success {
+                familiar: &keys.familiar,
+                bucket: &keys.bucket,
+                forget: &keys.address,
+                uncount: &keys.account,
+                now_ms: ms(now),
+                keep: FAMILIAR_FOR,
+                max: FAMILIAR_MAX,
+            })
             .await
     }
 
@@ -789,10 +743,12 @@ end
 return out
 ";
 
-/// After a success: unless the bucket was familiar, takes its own attempt off the
-/// account-wide record KEYS[2]; then remembers the bucket in the familiar set KEYS[1].
+/// After a success: forgets the address bucket's record KEYS[3]; unless the bucket was
+/// familiar, takes its own attempt off the account-wide record KEYS[2]; then remembers the
+/// bucket in the familiar set KEYS[1].
 /// ARGV: bucket, now, the greatest score forgotten, how many are kept, TTL (ms).
 const REMEMBER: &str = r"
+redis.call('DEL', KEYS[3])
 local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not (seen and tonumber(seen) > tonumber(ARGV[3])) then
   local f = tonumber(redis.call('HGET', KEYS[2], 'f'))
@@ -937,14 +893,6 @@ impl FailureStore for RedisFailureStore {
         })
     }
 
-    #[tracing::instrument(name = "redis.lockout.clear", skip_all, fields(otel.kind = "client"))]
-    async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable> {
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(keys);
-        let _: i64 = self.query(cmd).await?;
-        Ok(())
-    }
-
     #[tracing::instrument(name = "redis.lockout.familiar", skip_all, fields(otel.kind = "client"))]
     async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable> {
         let mut cmd = redis::cmd("ZSCORE");
@@ -956,23 +904,16 @@ impl FailureStore for RedisFailureStore {
     }
 
     #[tracing::instrument(name = "redis.lockout.remember", skip_all, fields(otel.kind = "client"))]
-    async fn remember(
-        &self,
-        key: &str,
-        bucket: &str,
-        uncount: &str,
-        now_ms: i64,
-        keep: Duration,
-        max: usize,
-    ) -> Result<(), LockoutUnavailable> {
-        let keep_ms = duration_ms(keep);
-        let mut invocation = self.remember.key(key);
+    async fn remember(&self, success: &Success<'_>) -> Result<(), LockoutUnavailable> {
+        let keep_ms = duration_ms(success.keep);
+        let mut invocation = self.remember.key(success.familiar);
         invocation
-            .key(uncount)
-            .arg(bucket)
-            .arg(now_ms)
-            .arg(now_ms.saturating_sub(keep_ms))
-            .arg(max)
+            .key(success.uncount)
+            .key(success.forget)
+            .arg(success.bucket)
+            .arg(success.now_ms)
+            .arg(success.now_ms.saturating_sub(keep_ms))
+            .arg(success.max)
             .arg(keep_ms);
         let _: i64 = self.invoke(invocation).await?;
         Ok(())
@@ -1102,15 +1043,6 @@ impl FailureStore for MemoryFailureStore {
         })
     }
 
-    async fn clear(&self, keys: &[&str]) -> Result<(), LockoutUnavailable> {
-        let mut inner = self.inner.lock().await;
-        for key in keys {
-            inner.records.remove(*key);
-            inner.familiar.remove(*key);
-        }
-        Ok(())
-    }
-
     async fn familiar(&self, key: &str, bucket: &str) -> Result<Option<i64>, LockoutUnavailable> {
         let inner = self.inner.lock().await;
         Ok(inner
@@ -1120,17 +1052,19 @@ impl FailureStore for MemoryFailureStore {
             .copied())
     }
 
-    async fn remember(
-        &self,
-        key: &str,
-        bucket: &str,
-        uncount: &str,
-        now_ms: i64,
-        keep: Duration,
-        max: usize,
-    ) -> Result<(), LockoutUnavailable> {
+    async fn remember(&self, success: &Success<'_>) -> Result<(), LockoutUnavailable> {
+        let Success {
+            familiar: key,
+            bucket,
+            forget,
+            uncount,
+            now_ms,
+            keep,
+            max,
+        } = *success;
         let forgotten = now_ms.saturating_sub(duration_ms(keep));
         let mut inner = self.inner.lock().await;
+        inner.records.remove(forget);
         let was_familiar = inner
             .familiar
             .get(key)

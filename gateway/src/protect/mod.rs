@@ -12,9 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use client_ip::{ClientIp, TrustedProxies};
-pub use lockout::{
-    AccountAttempt, Attempt, Kind, Lockout, LockoutSettings, Refusal, Scope, Verdict,
-};
+pub use lockout::{AccountAttempt, Kind, Lockout, LockoutSettings, Refusal, Scope, Verdict};
 
 /// `[protection]`
 #[derive(Debug, Clone, Deserialize)]
