@@ -11,7 +11,9 @@ use std::borrow::Cow;
 /// `/` or `\`, nothing after the `?` or `#` can change the origin, so a query or
 /// fragment may carry any percent-encoded byte (`%5C`, `%0A`, `%FF`, `%2F%2F`): they stay
 /// encoded in `Location`. Raw backslashes, spaces and control characters are refused
-/// anywhere.
+/// anywhere. Characters beyond ASCII (`/jobs?q=é`, a typed letter a browser sent as
+/// `%C3%A9`) are percent-encoded again as UTF-8, since a `Location` header carries ASCII
+/// only.
 pub fn safe_redirect(raw: &str) -> Option<String> {
     if !is_safe_path(raw) {
         return None;
@@ -31,7 +33,8 @@ pub fn safe_redirect(raw: &str) -> Option<String> {
     {
         return None;
     }
-    Some(raw.to_owned())
+    // control characters are refused above, so this encodes exactly the non-ASCII ones
+    Some(percent_encoding::utf8_percent_encode(raw, percent_encoding::CONTROLS).to_string())
 }
 
 fn is_safe_path(p: &str) -> bool {
@@ -62,6 +65,21 @@ mod tests {
             "/jobs#%5C%0A",
         ] {
             assert_eq!(safe_redirect(ok).as_deref(), Some(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn characters_beyond_ascii_are_sent_back_encoded() {
+        for (given, sent) in [
+            ("/jobs?q=\u{e9}", "/jobs?q=%C3%A9"),
+            ("/\u{e9}t\u{e9}", "/%C3%A9t%C3%A9"),
+            (
+                "/search?q=\u{fffd}#\u{4e2d}",
+                "/search?q=%EF%BF%BD#%E4%B8%AD",
+            ),
+        ] {
+            assert_eq!(safe_redirect(given).as_deref(), Some(sent), "{given}");
+            assert!(http::HeaderValue::from_str(sent).is_ok());
         }
     }
 
