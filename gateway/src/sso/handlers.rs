@@ -219,15 +219,7 @@ pub async fn local_login(
             description: "local accounts are not enabled on this instance".to_owned(),
         });
     }
-    let origin = url::Url::parse(&state.config.server.public_url)
-        .map(|u| u.origin().ascii_serialization())
-        .unwrap_or_default();
-    if !session::from_origin(&headers, &origin) {
-        return Err(ApiError::Forbidden {
-            code: "csrf_rejected",
-            description: "cross-site request refused: Origin is not this site".to_owned(),
-        });
-    }
+    same_origin(&state, &headers)?;
     let mut form =
         crate::oauth::token::parse_form(&headers, &body, &["username", "password", "redirect"])?;
     let missing = || ApiError::bad_request("invalid_request", "username and password are required");
@@ -401,13 +393,34 @@ pub async fn logout_page(headers: HeaderMap) -> Response {
     response
 }
 
+/// Refuses (403 `csrf_rejected`) a request whose `Origin` (or, without one, `Referer`) is
+/// not this site, whether or not it carries a session cookie: for a login, so that no
+/// other site can log a browser in to an account of its choosing; for a logout, because
+/// `SameSite=Lax` keeps the cookies off another site's form POST but not the clearing
+/// `Set-Cookie`s of the answer, which would log the user out.
+fn same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let origin = url::Url::parse(&state.config.server.public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    if session::from_origin(headers, &origin) {
+        return Ok(());
+    }
+    metrics::counter!("portcullis_csrf_rejected_total").increment(1);
+    Err(ApiError::Forbidden {
+        code: "csrf_rejected",
+        description: "cross-site request refused: Origin is not this site".to_owned(),
+    })
+}
+
 /// `POST /auth/logout`: revokes the session's refresh family, clears the cookies, and
-/// sends the browser through the provider's `end_session_endpoint` when it has one.
+/// sends the browser through the provider's `end_session_endpoint` when it has one. Only
+/// from this site ([`same_origin`]).
 pub async fn logout(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    same_origin(&state, &headers)?;
     let sso = state.sso.settings();
     let now = state.keys.now();
     let access = session::access_claims(&state, &headers).await;

@@ -810,6 +810,26 @@ async fn a_return_url_with_any_encoded_byte_in_its_query_is_kept() {
     }
 }
 
+/// A return URL with letters beyond ASCII (a search typed into the console) comes back
+/// percent-encoded, and the login completes: a `Location` header carries ASCII only.
+#[tokio::test]
+async fn a_return_url_with_letters_beyond_ascii_comes_back_encoded() {
+    let f = SsoFixture::start(|_| {}).await;
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("redirect", "/jobs/\u{e9}t\u{e9}?q=caf\u{e9}")
+        .finish();
+    let callback = f
+        .login_at_idp(&format!("?{query}"), "alice", "alice-correct-horse")
+        .await;
+    let response = f.browser.get(callback).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(
+        response.headers()[header::LOCATION],
+        "/jobs/%C3%A9t%C3%A9?q=caf%C3%A9"
+    );
+    assert_eq!(f.me().await.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn logout_ends_the_provider_session_when_the_id_token_is_too_large_for_a_cookie() {
     let f = SsoFixture::start(|_| {}).await;
@@ -926,6 +946,31 @@ async fn cross_site_logout_is_refused() {
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
         assert_eq!(error_code(response).await, "csrf_rejected");
     }
+    // A real browser sends no `SameSite=Lax` cookie with another site's form post, but
+    // would apply the clearing `Set-Cookie`s of its answer: refused all the same, and
+    // nothing is cleared
+    let cookieless = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(f.app.pki.ca_pem().as_bytes()).unwrap(),
+        )
+        .resolve("localhost", f.app.https)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let response = cookieless
+        .post(f.app.url("/auth/logout"))
+        .header(header::ORIGIN, "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(
+        response.headers().get(header::SET_COOKIE).is_none(),
+        "{:?}",
+        response.headers()
+    );
+    assert_eq!(error_code(response).await, "csrf_rejected");
     assert_eq!(f.me().await.status(), StatusCode::OK);
 }
 
