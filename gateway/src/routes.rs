@@ -121,13 +121,21 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/", get(index))
         .route("/oauth2/jwks", get(jwks))
-        // its own bucket: guessing client secrets is limited per IP before any lookup
+        // the client-authenticated endpoints share their own per-IP bucket: guessing
+        // client secrets (or probing made-up client ids, each a database read) is
+        // limited per IP before any lookup, at whichever of them it is tried
         .route(
             "/oauth2/token",
             post(oauth::token::token).route_layer(state.rate.token.clone()),
         )
-        .route("/oauth2/introspect", post(oauth::introspect::introspect))
-        .route("/oauth2/revoke", post(oauth::revoke::revoke))
+        .route(
+            "/oauth2/introspect",
+            post(oauth::introspect::introspect).route_layer(state.rate.token.clone()),
+        )
+        .route(
+            "/oauth2/revoke",
+            post(oauth::revoke::revoke).route_layer(state.rate.token.clone()),
+        )
         .route(
             "/.well-known/oauth-authorization-server",
             get(oauth::discovery::authorization_server),

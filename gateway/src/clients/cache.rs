@@ -156,7 +156,22 @@ impl ClientCache {
         }
     }
 
-    /// Forgets `id` (a deleted client, a write).
+    /// A read found no client `id` in the database (deleted through another instance, or
+    /// never there): drops its entry, if there is one. Not counted as a forget: no write
+    /// of this instance is under way, and counting would turn away the records other
+    /// reads are about to keep, so a stream of made-up ids would empty the cache of the
+    /// clients really in use.
+    pub fn absent(&self, id: &str) {
+        let held = self
+            .entries
+            .read()
+            .is_ok_and(|entries| entries.contains_key(id));
+        if held && let Ok(mut entries) = self.entries.write() {
+            entries.remove(id);
+        }
+    }
+
+    /// Forgets `id` (a write through this instance).
     pub fn forget(&self, id: &str) {
         if let Ok(mut entries) = self.entries.write() {
             self.forgets.fetch_add(1, Ordering::AcqRel);
@@ -262,6 +277,22 @@ mod tests {
         cache.put_at(&client("svc"), cache.ticket(), now);
         assert_eq!(kind(&cache.lookup_at("svc", now)), "fresh");
         drop(write);
+        assert_eq!(kind(&cache.lookup_at("svc", now)), "miss");
+    }
+
+    #[test]
+    fn reads_of_made_up_client_ids_do_not_keep_real_records_out_of_the_cache() {
+        let cache = ClientCache::new(Duration::from_secs(5));
+        let now = Instant::now();
+        // a real client's record is being read while unknown ids are looked up
+        let ticket = cache.ticket();
+        for n in 0..100 {
+            cache.absent(&format!("made-up-{n}"));
+        }
+        cache.put_at(&client("svc"), ticket, now);
+        assert_eq!(kind(&cache.lookup_at("svc", now)), "fresh");
+        // a client deleted through another instance is dropped when a read finds it gone
+        cache.absent("svc");
         assert_eq!(kind(&cache.lookup_at("svc", now)), "miss");
     }
 

@@ -180,7 +180,7 @@ impl ClientStore {
                 Ok(Some(row)) => Some(row),
                 Ok(None) => {
                     // deleted meanwhile (through another instance): no old record either
-                    self.cache.forget(client_id);
+                    self.cache.absent(client_id);
                     None
                 }
                 Err(e) => {

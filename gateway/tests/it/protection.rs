@@ -155,6 +155,22 @@ async fn the_token_endpoint_has_its_own_bucket() {
     assert!(limited.headers().contains_key(header::RETRY_AFTER));
     let body: serde_json::Value = limited.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
+    // introspection and revocation authenticate clients too, and share the bucket: a
+    // client id made up per request (each a database read) is not a way around it
+    for path in ["/oauth2/introspect", "/oauth2/revoke"] {
+        let limited = app
+            .https_client()
+            .post(app.url(path))
+            .basic_auth(format!("made-up-{}", path.len()), Some("some-secret"))
+            .form(&[("token", "x")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert!(limited.headers().contains_key(header::RETRY_AFTER));
+        let body: serde_json::Value = limited.json().await.unwrap();
+        assert_eq!(body["error"], "rate_limited");
+    }
     // the login endpoints are another bucket
     assert_eq!(get_me(&app, None).await.status(), StatusCode::UNAUTHORIZED);
 }
