@@ -1,6 +1,8 @@
 //! Client authentication at the OAuth endpoints (RFC 6749 §2.3.1): HTTP Basic
 //! (`client_secret_basic`, id and secret form-urlencoded inside) or the body
-//! (`client_secret_post`) — exactly one of them.
+//! (`client_secret_post`) — exactly one of them. A client authenticating by Basic may
+//! still name itself in the body's `client_id` (RFC 6749 §3.2.1; some libraries do):
+//! accepted when it is the id of the Basic credentials.
 
 use axum::http::{HeaderMap, header};
 use base64::Engine;
@@ -23,8 +25,9 @@ pub struct Presented {
     pub method: &'static str,
 }
 
-/// Extracts the credentials, refusing requests that use both methods or neither.
-/// Removes `client_id` and `client_secret` from the form.
+/// Extracts the credentials, refusing requests that use both methods or neither, or that
+/// name another client in the body than in Basic. Removes `client_id` and
+/// `client_secret` from the form.
 pub fn presented(headers: &HeaderMap, form: &mut Form) -> Result<Presented, ApiError> {
     let basic = headers
         .get(header::AUTHORIZATION)
@@ -33,10 +36,19 @@ pub fn presented(headers: &HeaderMap, form: &mut Form) -> Result<Presented, ApiE
     let body_id = form.take("client_id");
     let body_secret = form.take("client_secret");
     match (basic, body_id, body_secret) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(ApiError::oauth(
+        (Some(_), _, Some(_)) => Err(ApiError::oauth(
             OAuthCode::InvalidRequest,
             "use one client authentication method, not both",
         )),
+        (Some((client_id, _)), Some(named), None) if named != client_id => Err(ApiError::oauth(
+            OAuthCode::InvalidRequest,
+            "client_id names another client than the Basic credentials",
+        )),
+        (Some((client_id, secret)), Some(_), None) => Ok(Presented {
+            client_id,
+            secret,
+            method: "client_secret_basic",
+        }),
         (Some((client_id, secret)), None, None) => Ok(Presented {
             client_id,
             secret,
@@ -197,6 +209,8 @@ mod tests {
     fn both_methods_or_none_are_refused() {
         let mut form = Form::parse(b"client_id=a&client_secret=b", TOKEN_PARAMS).unwrap();
         assert!(presented(&basic("a:b"), &mut form).is_err());
+        let mut form = Form::parse(b"client_secret=b", TOKEN_PARAMS).unwrap();
+        assert!(presented(&basic("a:b"), &mut form).is_err());
         let mut form = Form::parse(b"grant_type=x", TOKEN_PARAMS).unwrap();
         let err = presented(&HeaderMap::new(), &mut form).err().unwrap();
         assert!(matches!(
@@ -208,5 +222,25 @@ mod tests {
         ));
         let mut form = Form::parse(b"client_id=a", TOKEN_PARAMS).unwrap();
         assert!(presented(&HeaderMap::new(), &mut form).is_err());
+    }
+
+    #[test]
+    fn basic_may_come_with_its_own_client_id_in_the_body_but_not_another() {
+        let mut form = Form::parse(b"grant_type=x&client_id=a", TOKEN_PARAMS).unwrap();
+        let p = presented(&basic("a:b"), &mut form).unwrap();
+        assert_eq!(
+            (p.client_id.as_str(), p.method),
+            ("a", "client_secret_basic")
+        );
+        assert_eq!(form.take("client_id"), None);
+        let mut form = Form::parse(b"grant_type=x&client_id=c", TOKEN_PARAMS).unwrap();
+        let err = presented(&basic("a:b"), &mut form).err().unwrap();
+        assert!(matches!(
+            err,
+            ApiError::OAuth {
+                code: OAuthCode::InvalidRequest,
+                ..
+            }
+        ));
     }
 }

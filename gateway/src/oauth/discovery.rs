@@ -11,6 +11,9 @@ use crate::state::AppState;
 
 fn metadata(state: &AppState) -> Value {
     let issuer = state.config.issuer();
+    // the endpoints hang off the issuer without a `/` of its own: an issuer configured
+    // as `https://a.example/` must not advertise `https://a.example//oauth2/token`
+    let base = issuer.trim_end_matches('/');
     let algs: Vec<&str> = state
         .config
         .accepted_algorithms()
@@ -19,10 +22,10 @@ fn metadata(state: &AppState) -> Value {
         .collect();
     json!({
         "issuer": issuer,
-        "token_endpoint": format!("{issuer}/oauth2/token"),
-        "jwks_uri": format!("{issuer}/oauth2/jwks"),
-        "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
-        "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
+        "token_endpoint": format!("{base}/oauth2/token"),
+        "jwks_uri": format!("{base}/oauth2/jwks"),
+        "introspection_endpoint": format!("{base}/oauth2/introspect"),
+        "revocation_endpoint": format!("{base}/oauth2/revoke"),
         "grant_types_supported": ["client_credentials", "refresh_token"],
         // REQUIRED by RFC 8414 §2; empty: there is no authorization endpoint here
         "response_types_supported": [],
@@ -38,11 +41,24 @@ pub async fn authorization_server(State(state): State<AppState>) -> Response {
     cached(metadata(&state))
 }
 
-/// `GET /.well-known/openid-configuration`: the same metadata; Portcullis issues no ID
-/// tokens to clients of its own (console users log in at the upstream provider), so the
-/// OpenID-only members are absent rather than invented.
+/// `GET /.well-known/openid-configuration`: the same metadata, plus the two members
+/// OpenID Connect Discovery 1.0 §3 requires that RFC 8414 does not. Strict parsers
+/// (Nimbus, which Spring Security's `issuer-uri` uses) refuse a provider document without
+/// them, and do not fall back to RFC 8414 then. Portcullis issues no ID tokens to clients
+/// of its own (console users log in at the upstream provider); its subject identifiers
+/// are `public` (one `sub` per client, whatever the audience), and the ID-token
+/// algorithms are the ones it accepts.
 pub async fn openid_configuration(State(state): State<AppState>) -> Response {
-    cached(metadata(&state))
+    let mut v = metadata(&state);
+    if let Some(doc) = v.as_object_mut() {
+        let algs = doc
+            .get("access_token_signing_alg_values_supported")
+            .cloned()
+            .unwrap_or_else(|| json!([]));
+        doc.insert("subject_types_supported".to_owned(), json!(["public"]));
+        doc.insert("id_token_signing_alg_values_supported".to_owned(), algs);
+    }
+    cached(v)
 }
 
 fn cached(v: Value) -> Response {

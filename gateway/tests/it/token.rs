@@ -484,8 +484,20 @@ async fn client_credentials_issues_tokens_whose_claims_are_right() {
     assert_eq!(claims["scope"], "read");
     assert_ne!(claims["jti"], jti1, "every token has its own jti");
     uuid::Uuid::parse_str(&jti1).unwrap();
-    // counted (other tests of this process issue tokens too: at least these two)
-    assert!(f.app.sample(ISSUED).await >= issued_before + 2.0);
+    // Basic, naming itself in the body too (RFC 6749 §3.2.1; some libraries do)
+    let a = f
+        .post(
+            "/oauth2/token",
+            Auth::Basic(&plain),
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "svc-plain"),
+            ],
+        )
+        .await;
+    granted(&a);
+    // counted (other tests of this process issue tokens too: at least these three)
+    assert!(f.app.sample(ISSUED).await >= issued_before + 3.0);
 
     // a client with audiences: its first one by default, and its own lifetime
     let a = f.token(&api, &[("grant_type", "client_credentials")]).await;
@@ -583,6 +595,16 @@ async fn malformed_token_requests_are_invalid_request_and_change_nothing() {
             &[("grant_type", "refresh_token"), ("refresh_token", &rt)],
         )
         .await);
+    // Basic, and another client named in the body
+    let a = f
+        .raw_token(
+            &svc,
+            "application/x-www-form-urlencoded",
+            format!("grant_type=refresh_token&refresh_token={rt}&client_id=someone-else")
+                .into_bytes(),
+        )
+        .await;
+    assert_error(&a, StatusCode::BAD_REQUEST, "invalid_request");
     // a malformed scope (RFC 6749 §5.2 calls that invalid_scope)
     for scope in ["read  write", " read", "read\"", "caf\u{e9}"] {
         let a = f.refresh(&svc, &rt, &[("scope", scope)]).await;
@@ -1767,17 +1789,76 @@ async fn discovery_documents_list_exactly_what_is_supported() {
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "access_token_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
     });
-    for path in [
+    let a = send(
+        f.http
+            .get(f.app.url("/.well-known/oauth-authorization-server")),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, expected);
+    assert_eq!(header(&a, &CACHE_CONTROL), Some("public, max-age=3600"));
+    // the OpenID document adds what OpenID Connect Discovery requires of a provider's
+    // metadata beyond RFC 8414 (strict parsers refuse it without), and nothing else
+    let mut openid = expected.clone();
+    openid["subject_types_supported"] = json!(["public"]);
+    openid["id_token_signing_alg_values_supported"] = json!(["ES256", "EdDSA", "RS256"]);
+    let a = send(f.http.get(f.app.url("/.well-known/openid-configuration"))).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, openid);
+    assert_eq!(header(&a, &CACHE_CONTROL), Some("public, max-age=3600"));
+    // and the tokens say the same
+    let svc = f.service("svc-disco").await;
+    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
+    let claims: Value = f
+        .app
+        .state
+        .keys
+        .verify(a.body["access_token"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(claims["iss"], issuer);
+}
+
+/// An issuer configured with a trailing `/` (one relying parties already pin) is given
+/// as it is, and its endpoints are advertised where they answer: no `//` in their paths.
+#[tokio::test]
+async fn an_issuer_ending_in_a_slash_advertises_endpoints_that_answer() {
+    let issuer = "https://auth.example.test/";
+    let f = Fixture::with("discovery-slash", &Redis::shared().url(), |c| {
+        c.tokens.issuer = Some(issuer.to_owned());
+    })
+    .await;
+    for doc in [
         "/.well-known/oauth-authorization-server",
         "/.well-known/openid-configuration",
     ] {
-        let a = send(f.http.get(f.app.url(path))).await;
-        assert_eq!(a.status, StatusCode::OK, "{path}");
-        assert_eq!(a.body, expected, "{path}");
-        assert_eq!(header(&a, &CACHE_CONTROL), Some("public, max-age=3600"));
+        let a = send(f.http.get(f.app.url(doc))).await;
+        assert_eq!(a.status, StatusCode::OK, "{doc}");
+        assert_eq!(a.body["issuer"], issuer, "{doc}");
+        for member in [
+            "token_endpoint",
+            "jwks_uri",
+            "introspection_endpoint",
+            "revocation_endpoint",
+        ] {
+            let advertised: url::Url = a.body[member].as_str().unwrap().parse().unwrap();
+            assert!(
+                advertised
+                    .as_str()
+                    .starts_with("https://auth.example.test/oauth2/"),
+                "{doc} {member}: {advertised}"
+            );
+            // the same path on this instance is the endpoint (GET: JWKS answers, the
+            // others are POST-only and say so rather than 404)
+            let status = send(f.http.get(f.app.url(advertised.path()))).await.status;
+            let expected = if member == "jwks_uri" {
+                StatusCode::OK
+            } else {
+                StatusCode::METHOD_NOT_ALLOWED
+            };
+            assert_eq!(status, expected, "{doc} {member}: {advertised}");
+        }
     }
-    // and the tokens say the same
-    let svc = f.service("svc-disco").await;
+    let svc = f.service("svc-slash").await;
     let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
     let claims: Value = f
         .app
