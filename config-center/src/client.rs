@@ -452,9 +452,8 @@ impl Client {
             reason,
         };
         let value = match entry.format {
-            Format::Json => {
-                serde_json::from_str(&entry.value).map_err(|e| decode(e.to_string()))?
-            }
+            Format::Json => serde_json::from_str(&entry.value)
+                .map_err(|e| decode(without_value::<serde_json::Value>(&e)))?,
             Format::Yaml => yaml_to_json(&entry.value).map_err(decode)?,
             Format::Plain | Format::Properties => serde_json::from_str(&entry.value)
                 .unwrap_or_else(|_| serde_json::Value::String(entry.value.clone())),
@@ -465,10 +464,24 @@ impl Client {
             Err(_) if !matches!(entry.format, Format::Json | Format::Yaml) => {
                 serde_json::from_value(serde_json::Value::String(entry.value.clone()))
                     .map(Some)
-                    .map_err(|e| decode(e.to_string()))
+                    .map_err(|e| decode(without_value::<T>(&e)))
             }
-            Err(e) => Err(decode(e.to_string())),
+            Err(e) => Err(decode(without_value::<T>(&e))),
         }
+    }
+}
+
+/// Why a value does not deserialize as `T`, without the value: serde's own messages
+/// quote it (`invalid type: string "hunter2", expected u32`), and a value may be a
+/// secret that the caller's log must never hold. Syntax errors (where serde_json quotes
+/// nothing) and missing fields keep serde's words.
+fn without_value<T>(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let message = e.to_string();
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => message,
+        Category::Data if message.starts_with("missing field `") => message,
+        Category::Data => format!("it is not a `{}`", std::any::type_name::<T>()),
     }
 }
 

@@ -331,6 +331,12 @@ async fn the_client_verifies_its_snapshot_and_follows_releases_over_sse() {
                 format: Format::Yaml,
                 secret: false,
             },
+            Entry {
+                key: "db".into(),
+                value: r#"{"user": "orders", "password": "hunter2-in-a-log"}"#.into(),
+                format: Format::Json,
+                secret: true,
+            },
         ],
     );
     let (g, url, _server) = start_gateway(&key, Some(v1)).await;
@@ -359,10 +365,29 @@ async fn the_client_verifies_its_snapshot_and_follows_releases_over_sse() {
             names: vec!["a".into(), "b".into()]
         })
     );
-    assert!(matches!(
-        client.get::<u16>("name").unwrap_err(),
-        ClientError::Decode { .. }
-    ));
+    // a value that does not fit is named by its key and the type asked for, never
+    // quoted: it may be a secret, and the error is what a node logs
+    let err = client.get::<u16>("name").unwrap_err();
+    assert!(matches!(err, ClientError::Decode { .. }));
+    assert!(!err.to_string().contains("orders"), "{err}");
+    assert!(err.to_string().contains("u16"), "{err}");
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Db {
+        user: String,
+        password: u64,
+    }
+    let err = client.get::<Db>("db").unwrap_err();
+    assert!(matches!(err, ClientError::Decode { .. }));
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(err.to_string().contains("`db`"), "{err}");
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct NoPort {
+        port: u16,
+    }
+    let err = client.get::<NoPort>("db").unwrap_err();
+    assert!(err.to_string().contains("missing field `port`"), "{err}");
     assert_eq!(client.get::<String>("absent").unwrap(), None);
 
     g.current
