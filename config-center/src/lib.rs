@@ -30,7 +30,8 @@ pub use crypto::{
 };
 pub use feed::{ChangeFeed, FeedClosed, FeedEvent, ReleaseEvent};
 pub use model::{
-    AppName, ConfigEntry, ConfigKey, Environment, Environments, Format, GraySelector, ModelError,
+    AppName, ConfigEntry, ConfigKey, Environment, Environments, Field, Format, GraySelector,
+    ModelError,
 };
 pub use signing::{ReleaseClaims, content_hash, signing_payload};
 pub use store::{

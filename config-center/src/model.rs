@@ -36,6 +36,8 @@ pub enum Field {
     Format,
     /// A gray release's selector (instance ids and labels).
     Selector,
+    /// A release's message (why it was made).
+    Message,
 }
 
 impl fmt::Display for Field {
@@ -47,6 +49,7 @@ impl fmt::Display for Field {
             Field::Value => "value",
             Field::Format => "format",
             Field::Selector => "gray selector",
+            Field::Message => "message",
         })
     }
 }

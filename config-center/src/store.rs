@@ -18,7 +18,8 @@ use tokio::sync::broadcast;
 use crate::crypto::{CryptoError, DataKey, Envelope, WrappedKey, value_aad};
 use crate::feed::{ChangeFeed, NOTIFY_CHANNEL, ReleaseEvent};
 use crate::model::{
-    AppName, ConfigEntry, ConfigKey, Environment, Format, GraySelector, ModelError, check_entries,
+    AppName, ConfigEntry, ConfigKey, Environment, Field, Format, GraySelector, ModelError,
+    check_entries,
 };
 
 /// How often a publish with [`Expected::Any`] retries after losing a race.
@@ -157,6 +158,20 @@ impl ChangeNote {
         Self {
             author: author.into(),
             message: message.into(),
+        }
+    }
+
+    /// Refuses a note the database could not store as text: a NUL character (Postgres
+    /// refuses it, so the write would fail as if the database were away, and a client
+    /// told to retry would retry for ever).
+    fn check(&self) -> Result<(), ModelError> {
+        match self.message.find('\0') {
+            Some(at) => Err(ModelError::BadCharacter {
+                field: Field::Message,
+                what: "a NUL character",
+                at,
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -1083,6 +1098,7 @@ impl Store {
                 current: self.head_version(env, app).await?.unwrap_or(0),
             });
         }
+        release.note.check()?;
         if let Some(check) = self.check.as_ref().filter(|_| release.abort.is_none()) {
             (check.0)(env, app, release.entries).map_err(StoreError::Refused)?;
         }

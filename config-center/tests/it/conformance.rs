@@ -971,6 +971,54 @@ pub async fn aborting_a_first_gray_release_publishes_nothing(t: TestStore) {
     assert_eq!(next.version, 2);
 }
 
+/// A message the database cannot store as text (a NUL: Postgres refuses it) is refused as
+/// bad input on every write path, before anything is written, not taken for an outage.
+pub async fn a_message_with_a_nul_is_refused_on_every_write_path_and_changes_nothing(t: TestStore) {
+    let (e, a) = (env("prod"), app("orders"));
+    let s = &t.store;
+    s.publish(&e, &a, Expected::Version(0), vec![entry("k", "1")], &note())
+        .await
+        .unwrap();
+    let bad = ChangeNote::new("alice", "deploy\0 now");
+    let refused = |r: Result<config_center::ReleaseInfo, StoreError>| {
+        let err = r.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Invalid(config_center::ModelError::BadCharacter {
+                    field: config_center::Field::Message,
+                    at: 6,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+    };
+    refused(
+        s.publish(&e, &a, Expected::Version(1), vec![entry("k", "2")], &bad)
+            .await,
+    );
+    refused(
+        s.apply(&e, &a, Expected::Any, &[Edit::Put(entry("k", "3"))], &bad)
+            .await,
+    );
+    refused(s.rollback(&e, &a, 1, Expected::Version(1), &bad).await);
+    let selector = GraySelector::new(["node-7".to_owned()], BTreeMap::new()).unwrap();
+    refused(
+        s.publish_gray(
+            &e,
+            &a,
+            Expected::Version(1),
+            vec![entry("k", "4")],
+            &selector,
+            &bad,
+        )
+        .await,
+    );
+    assert_eq!(s.current_version(&e, &a).await.unwrap(), Some(1));
+    assert_eq!(s.history(&e, &a, 10).await.unwrap().len(), 1);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:path) => {
         mod $backend {
@@ -1002,6 +1050,7 @@ macro_rules! conformance {
             case!(aborting_a_gray_release_moves_everyone_forward_to_the_main_content);
             case!(an_abort_racing_a_promote_never_undoes_the_promotion);
             case!(aborting_a_first_gray_release_publishes_nothing);
+            case!(a_message_with_a_nul_is_refused_on_every_write_path_and_changes_nothing);
         }
     };
 }

@@ -397,6 +397,21 @@ async fn bad_names_and_values_are_refused_precisely_and_nothing_is_stored() {
         assert_eq!(s, 400, "{entries}: {b}");
         assert_eq!(b["error"], "invalid_request");
     }
+    // a message Postgres could not store as text: bad input, not an outage
+    let (s, b) = api
+        .put(
+            "prod",
+            APP,
+            scope,
+            json!({ "entries": [{ "key": "a", "value": "b" }], "message": "deploy\u{0}" }),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"], "invalid_request");
+    assert!(
+        b["error_description"].as_str().unwrap().contains("message"),
+        "{b}"
+    );
     // a body that is not the documented shape
     let (s, b) = api
         .put("prod", APP, scope, json!({ "entries": [], "surprise": 1 }))
