@@ -376,20 +376,22 @@ pub struct Store {
     check: Option<ReleaseCheck>,
 }
 
-/// A check of a release's whole content before it is written: `Err` says why it is
-/// refused ([`StoreError::Refused`]). For an application whose content something
-/// interprets (settings of the gateway itself), so that a release it would refuse is
-/// never published.
+/// A check of a release's whole content, and whether it is main or gray, before it is
+/// written: `Err` says why it is refused ([`StoreError::Refused`]). For an application
+/// whose content something interprets (settings of the gateway itself), so that a release
+/// it would refuse is never published.
 #[derive(Clone)]
 pub struct ReleaseCheck(std::sync::Arc<CheckFn>);
 
 /// The function of a [`ReleaseCheck`].
-type CheckFn = dyn Fn(&Environment, &AppName, &[ConfigEntry]) -> Result<(), String> + Send + Sync;
+type CheckFn = dyn Fn(&Environment, &AppName, &[ConfigEntry], ReleaseStatus) -> Result<(), String>
+    + Send
+    + Sync;
 
 impl ReleaseCheck {
     /// A check from a function.
     pub fn new(
-        check: impl Fn(&Environment, &AppName, &[ConfigEntry]) -> Result<(), String>
+        check: impl Fn(&Environment, &AppName, &[ConfigEntry], ReleaseStatus) -> Result<(), String>
         + Send
         + Sync
         + 'static,
@@ -1100,7 +1102,7 @@ impl Store {
         }
         release.note.check()?;
         if let Some(check) = self.check.as_ref().filter(|_| release.abort.is_none()) {
-            (check.0)(env, app, release.entries).map_err(StoreError::Refused)?;
+            (check.0)(env, app, release.entries, release.status).map_err(StoreError::Refused)?;
         }
         let (key_version, data_key) = self.current_data_key(env).await?;
         for _ in 0..ANY_RETRIES {

@@ -203,12 +203,21 @@ fn duration(key: &str, v: &str) -> Result<Duration, String> {
 /// values. A release every instance would refuse is not written, so instances started
 /// later do not fall back to their files while the others keep an older release. (What
 /// only one instance can tell, such as admin nodes sent to an instance whose proxy is off,
-/// is still checked where it is applied.)
+/// is still checked where it is applied.) A gray release is refused: instances follow the
+/// main release only, and have no instance id or labels a selector could match, so a gray
+/// release would change nothing until promoted, and then every instance at once.
 pub fn release_check(config: &crate::config::Config) -> config_center::ReleaseCheck {
     let baseline = RuntimeSettings::of_file(config);
-    config_center::ReleaseCheck::new(move |_env, app, entries| {
+    config_center::ReleaseCheck::new(move |_env, app, entries, status| {
         if app.as_str() != APP {
             return Ok(());
+        }
+        if status == config_center::ReleaseStatus::Gray {
+            return Err(format!(
+                "runtime setting refused: the `{APP}` application cannot be released gray \
+                 (instances follow its main release only, and have no id or labels a \
+                 selector could match); publish a main release"
+            ));
         }
         let entries: BTreeMap<String, String> = entries
             .iter()

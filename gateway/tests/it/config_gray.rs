@@ -94,10 +94,17 @@ async fn aborting_a_first_gray_release_leaves_every_node_without_a_release() {
 }
 
 /// Every write route of an (environment, application), with a body that succeeds on a
-/// fresh application when the caller may write (run in this order).
+/// fresh application when the caller may write (run in this order); for the runtime
+/// settings, the gray release is refused (400 `invalid_setting`: instances follow the
+/// main release only), so there is none to promote or abort (409).
 fn writes(env: &str, app: &str) -> Vec<(reqwest::Method, String, Option<Value>, u16)> {
     let base = format!("/config/v1/{env}/{app}");
     let entries = json!([{ "key": "log.level", "value": "info" }]);
+    let (gray, after_gray) = if app == "portcullis" {
+        (400, 409)
+    } else {
+        (201, 200)
+    };
     vec![
         (
             reqwest::Method::PUT,
@@ -121,21 +128,26 @@ fn writes(env: &str, app: &str) -> Vec<(reqwest::Method, String, Option<Value>, 
             reqwest::Method::PUT,
             format!("{base}/gray"),
             Some(json!({ "entries": entries, "selector": { "instances": ["node-7"] } })),
-            201,
+            gray,
         ),
         (
             reqwest::Method::POST,
             format!("{base}/gray/promote"),
             None,
-            200,
+            after_gray,
         ),
         (
             reqwest::Method::PUT,
             format!("{base}/gray"),
             Some(json!({ "entries": entries, "selector": { "instances": ["node-7"] } })),
-            201,
+            gray,
         ),
-        (reqwest::Method::DELETE, format!("{base}/gray"), None, 201),
+        (
+            reqwest::Method::DELETE,
+            format!("{base}/gray"),
+            None,
+            if app == "portcullis" { 409 } else { 201 },
+        ),
     ]
 }
 
@@ -183,6 +195,26 @@ async fn an_environment_wide_writer_may_not_write_the_runtime_settings() {
             assert_eq!(s, want, "{scope}: {method} {path}: {b}");
         }
     }
+    // the runtime settings are never released gray: instances follow the main release
+    // only and have nothing a selector could match, so a gray release would change
+    // nothing until promoted, and then every instance at once
+    let (s, _, b) = call(
+        &app,
+        reqwest::Method::PUT,
+        "/config/v1/prod/portcullis/gray",
+        "portcullis:admin",
+        Some(json!({
+            "entries": [{ "key": "log.level", "value": "debug" }],
+            "selector": { "labels": { "zone": "b" } },
+        })),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"], "invalid_setting");
+    assert!(
+        b["error_description"].as_str().unwrap().contains("gray"),
+        "{b}"
+    );
     // an explicit grant is for its own environment only
     let (s, _, b) = call(
         &app,
