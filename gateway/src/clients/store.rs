@@ -155,7 +155,10 @@ impl ClientStore {
     /// enabled client and `presented_secret` is its current secret or, during a rotation
     /// overlap, its previous one. Every failure — unknown or malformed id, wrong or expired
     /// secret, disabled client — is the same [`ClientError::InvalidClient`] and costs the
-    /// same single HMAC, so neither the answer nor its timing tells which.
+    /// same single HMAC and one database read, so neither the answer nor its timing tells
+    /// which. A cached record that refuses the credentials is read again before they are
+    /// refused: a secret rotated (or a client enabled) through another instance works here
+    /// at once, not after the cache's TTL.
     #[tracing::instrument(skip_all)]
     pub async fn authenticate(
         &self,
@@ -191,7 +194,25 @@ impl ClientStore {
             },
         };
         let client = match (cached, row) {
-            (Some(client), _) => Some(client),
+            (Some(client), _) if client.enabled && client.secrets.matches(&presented, now) => {
+                return Ok(client);
+            }
+            // refused by what this instance remembers: perhaps only because a change made
+            // through another instance has not reached its cache yet
+            (Some(_), _) => match ClientId::parse(client_id) {
+                Ok(id) => match self.fetch(id.as_str()).await? {
+                    Some(row) => {
+                        let client = Arc::new(row.into_client()?);
+                        self.cache.put(&client, ticket);
+                        Some(client)
+                    }
+                    None => {
+                        self.cache.absent(client_id);
+                        None
+                    }
+                },
+                Err(_) => None,
+            },
             (None, Some(row)) => {
                 let client = Arc::new(row.into_client()?);
                 self.cache.put(&client, ticket);

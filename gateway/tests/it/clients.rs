@@ -25,6 +25,8 @@ struct Backend {
     clock: ManualClock,
     /// SQLite: the directory holding the database files (searched for secrets too).
     dir: Option<tempfile::TempDir>,
+    /// The store's keyed-hash key (another instance's store over the same database).
+    key: ServerKey,
 }
 
 async fn backend(url: String, dir: Option<tempfile::TempDir>) -> Backend {
@@ -38,10 +40,11 @@ async fn backend(url: String, dir: Option<tempfile::TempDir>) -> Backend {
     db.migrate().await.unwrap();
     let (key, _) = ServerKey::generate().unwrap();
     Backend {
-        store: ClientStore::new(db.clone(), key),
+        store: ClientStore::new(db.clone(), key.clone()),
         db,
         clock: ManualClock::new(OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()),
         dir,
+        key,
     }
 }
 
@@ -87,6 +90,7 @@ conformance!(
     stored_rows_hold_no_plaintext_secret,
     a_rotated_secret_overlaps_then_only_the_new_one_works,
     a_zero_overlap_rotation_ends_the_old_secret_at_once,
+    a_secret_rotated_or_a_client_enabled_elsewhere_works_at_once_where_it_is_cached,
     scopes_narrow_to_what_the_client_is_allowed,
     audiences_default_to_the_first_and_refuse_others,
     a_duplicate_id_is_refused_and_the_first_client_is_untouched,
@@ -398,6 +402,58 @@ async fn a_zero_overlap_rotation_ends_the_old_secret_at_once(b: Backend) {
         .unwrap();
     refused(&b, "executor-orders", &old).await;
     accepted(&b, "executor-orders", &new).await;
+}
+
+/// Another instance, which holds the client's record in its cache: a secret rotated (or
+/// the client enabled again) through this one works there at once, since a cached record
+/// that refuses the credentials is read again before they are refused. (What the cache
+/// still allows, the old secret, ends there within its TTL, as documented.)
+async fn a_secret_rotated_or_a_client_enabled_elsewhere_works_at_once_where_it_is_cached(
+    b: Backend,
+) {
+    let (_, old) = b
+        .store
+        .create(new_client("executor-orders", "jobs:run"), b.clock.now())
+        .await
+        .unwrap();
+    let elsewhere =
+        ClientStore::with_cache_ttl(b.db.clone(), b.key.clone(), Duration::from_secs(3600));
+    let now = b.clock.now();
+    elsewhere
+        .authenticate("executor-orders", &old, now)
+        .await
+        .unwrap();
+    let new = b
+        .store
+        .rotate_secret(&id("executor-orders"), Duration::ZERO, now)
+        .await
+        .unwrap();
+    let client = elsewhere
+        .authenticate("executor-orders", &new, now)
+        .await
+        .unwrap();
+    assert_eq!(client.id.as_str(), "executor-orders");
+    // the record read again is the one kept: the old secret is refused there now too
+    assert!(matches!(
+        elsewhere.authenticate("executor-orders", &old, now).await,
+        Err(ClientError::InvalidClient)
+    ));
+
+    // disabled here; the other instance, its cache emptied meanwhile, reads and keeps
+    // the disabled record; enabled again here: it works there at once too
+    b.store.disable(&id("executor-orders"), now).await.unwrap();
+    let later = now + time::Duration::hours(2);
+    let elsewhere =
+        ClientStore::with_cache_ttl(b.db.clone(), b.key.clone(), Duration::from_secs(3600));
+    assert!(matches!(
+        elsewhere.authenticate("executor-orders", &new, later).await,
+        Err(ClientError::InvalidClient)
+    ));
+    b.store.enable(&id("executor-orders"), later).await.unwrap();
+    elsewhere
+        .authenticate("executor-orders", &new, later)
+        .await
+        .unwrap();
 }
 
 async fn scopes_narrow_to_what_the_client_is_allowed(b: Backend) {
