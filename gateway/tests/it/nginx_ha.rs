@@ -62,12 +62,32 @@ pub struct Edge {
 
 impl Edge {
     pub async fn start(certs: &Certs, instances: [SocketAddr; 3]) -> Self {
+        Self::start_with(certs, instances, &[]).await
+    }
+
+    /// Like [`Edge::start`], with some of the template's tunable placeholders set to
+    /// values of the test's own (e.g. a `READ_TIMEOUT` a test can outwait); the others
+    /// keep their documented defaults.
+    pub async fn start_with(
+        certs: &Certs,
+        instances: [SocketAddr; 3],
+        overrides: &[(&str, &str)],
+    ) -> Self {
         let edge_leaf = certs.pki.leaf();
         let path = |p: PathBuf| p.display().to_string();
         let listen = harness::free_port();
+        let tunable = |name: &str, default: &str| {
+            let value = overrides
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(default, |(_, v)| v);
+            value.to_owned()
+        };
         let config = render_template(
             TEMPLATE,
             &[
+                // the defaults README.md documents
+                ("READ_TIMEOUT", tunable("READ_TIMEOUT", "35s")),
                 ("LISTEN", format!("127.0.0.1:{listen}")),
                 ("SERVER_NAME", "localhost".to_owned()),
                 (
