@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use harness::{Nginx, render_template};
-use portcullis::config::TlsConfig;
+use harness::{Nginx, OidcOptions, render_template};
+use portcullis::config::{Config, TlsConfig};
+use portcullis::sso::settings::SsoSettings;
 use reqwest::StatusCode;
 
 use super::proxy::{AdminNode, proxy_to};
+use super::sso::{provider_settings, role_rules};
 use super::support::*;
 
 pub const TEMPLATE: &str = include_str!("../../../deploy/nginx/portcullis.conf.template");
@@ -690,4 +692,66 @@ async fn the_edge_limits_key_an_ipv6_client_by_its_64_and_an_ipv4_one_by_its_add
     assert_eq!(v4, b"v4:192.0.2.1");
     assert_eq!(key("::ffff:192.0.2.1").await, v4);
     assert!(!key("::1").await.is_empty());
+}
+
+// === nginx's own handling of what passes through it ===
+
+/// An instance as nginx reaches it: HTTPS with the certificate nginx checks, believing
+/// nginx's X-Forwarded-For.
+fn behind_nginx(c: &mut Config, certs: &Certs) {
+    c.tls = Some(TlsConfig {
+        cert: certs.instance_cert.clone(),
+        key: certs.instance_key.clone(),
+        reload_interval: Duration::from_secs(10),
+    });
+    c.protection.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
+}
+
+/// What a response said: status, headers and body text.
+async fn answer(r: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let (status, headers) = (r.status(), r.headers().clone());
+    (status, headers, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn backchannel_logouts_count_against_the_token_limit_at_the_edge_not_the_login_one() {
+    let certs = Certs::new();
+    let app = spawn_app(|c| {
+        behind_nginx(c, &certs);
+        // a provider, so the endpoint verifies what is posted; a token of `x` is refused
+        // as malformed before the provider would be asked anything, so none runs here
+        c.sso = SsoSettings {
+            providers: vec![provider_settings(
+                "https://idp.example",
+                &OidcOptions::default(),
+            )],
+            roles: role_rules(),
+            ..SsoSettings::default()
+        };
+    })
+    .await;
+    // one instance in every `server` line: this is about nginx's limits, not failover
+    let edge = Edge::start(&certs, [app.https; 3]).await;
+
+    // an identity provider posting the logouts of many users at once, from one address
+    let posts = (0..50).map(|_| {
+        edge.client
+            .post(edge.url("/auth/backchannel-logout"))
+            .form(&[("logout_token", "x")])
+            .send()
+    });
+    let mut refused = Vec::new();
+    for r in futures::future::join_all(posts).await {
+        let (status, _, body) = answer(r.unwrap()).await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status != StatusCode::BAD_REQUEST || json["error"] != "invalid_request" {
+            refused.push(format!("{status} {body}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 50 logouts were not answered by Portcullis; the first: {}",
+        refused.len(),
+        refused[0]
+    );
 }
