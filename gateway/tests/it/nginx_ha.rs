@@ -392,7 +392,7 @@ impl RefreshLoad {
             async move {
                 let mut failures = Vec::new();
                 let mut token = first;
-                // paced under the edge's rate limit on /oauth2/token (50 r/s per address)
+                // paced well under the edge's rate limit on /oauth2/token (300 r/s per address)
                 let mut pace = tokio::time::interval(Duration::from_millis(30));
                 while !stop.load(Ordering::SeqCst) {
                     pace.tick().await;
@@ -754,4 +754,35 @@ async fn backchannel_logouts_count_against_the_token_limit_at_the_edge_not_the_l
         refused.len(),
         refused[0]
     );
+}
+
+#[tokio::test]
+async fn the_edge_refuses_a_login_flood_with_portcullis_json_and_retry_after() {
+    let certs = Certs::new();
+    let app = spawn_app(|c| {
+        behind_nginx(c, &certs);
+        // room for the whole flood at the instance: every 429 here is nginx's
+        c.protection.auth_rate.burst = 1000;
+    })
+    .await;
+    let edge = Edge::start(&certs, [app.https; 3]).await;
+
+    let flood = (0..60).map(|_| edge.client.get(edge.url("/auth/login")).send());
+    let mut limited = 0;
+    for r in futures::future::join_all(flood).await {
+        let (status, headers, body) = answer(r.unwrap()).await;
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            continue;
+        }
+        limited += 1;
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        assert_eq!(header("retry-after"), Some("1"), "{headers:?} {body}");
+        assert_eq!(header("content-type"), Some("application/json"), "{body}");
+        assert_eq!(header("cache-control"), Some("no-store"), "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("a 429 that is not JSON ({e}): {body}"));
+        assert_eq!(json["error"], "rate_limited", "{body}");
+        assert!(json["error_description"].is_string(), "{body}");
+    }
+    assert!(limited > 0, "the flood never passed the edge limit");
 }
