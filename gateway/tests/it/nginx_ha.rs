@@ -786,3 +786,121 @@ async fn the_edge_refuses_a_login_flood_with_portcullis_json_and_retry_after() {
     }
     assert!(limited > 0, "the flood never passed the edge limit");
 }
+
+/// Writes `text` into an upgraded connection and reads as many bytes back.
+async fn echo<S>(io: &mut S, text: &[u8]) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(text)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; text.len()];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut back))
+        .await
+        .map_err(|_| "no echo within 10 s".to_owned())?
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(back)
+}
+
+#[tokio::test]
+async fn websockets_and_event_streams_outlast_the_edge_read_timeout_unbuffered() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+
+    let certs = Certs::new();
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        behind_nginx(c, &certs);
+        proxy_to(c, &[&node]);
+    })
+    .await;
+    // ordinary responses get 2 s at this nginx; the streams below stay quiet for longer
+    let edge = Edge::start_with(&certs, [app.https; 3], &[("READ_TIMEOUT", "2s")]).await;
+    const QUIET: Duration = Duration::from_secs(5);
+
+    let websocket = async {
+        let tls = tls_connect(
+            ([127, 0, 0, 1], edge.nginx.port()).into(),
+            certs.pki.client_config(),
+        )
+        .await;
+        let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection.with_upgrades());
+        let req = hyper::Request::get("/public/ws")
+            .header("host", "localhost")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+        assert_eq!(
+            echo(&mut io, b"before the quiet").await.as_deref(),
+            Ok(&b"before the quiet"[..])
+        );
+        // the silence is what is tested: neither side sends anything for a while
+        tokio::time::sleep(QUIET).await;
+        echo(&mut io, b"after the quiet")
+            .await
+            .map(|back| String::from_utf8_lossy(&back).into_owned())
+    };
+
+    let events = async {
+        let url = edge.url(&format!("/public/events?quiet_ms={}", QUIET.as_millis()));
+        let mut r = edge
+            .client
+            .get(url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        assert_eq!(r.status(), StatusCode::OK);
+        // the first event arrives while the node is still quiet: nothing holds it back
+        let mut got = Vec::new();
+        let first = tokio::time::timeout(QUIET / 2, async {
+            while !got.ends_with(b"data: first\n\n") {
+                match r.chunk().await {
+                    Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+                    other => return Err(format!("the stream ended: {other:?}")),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match first {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("the first event was held back".to_owned()),
+        }
+        // and the stream outlives the quiet to bring the last one
+        loop {
+            match r.chunk().await {
+                Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(format!(
+                        "cut after {:?}: {e}",
+                        String::from_utf8_lossy(&got)
+                    ));
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    };
+
+    let (websocket, events) = tokio::join!(websocket, events);
+    assert_eq!(
+        (websocket.as_deref(), events.as_deref()),
+        (Ok("after the quiet"), Ok("data: first\n\ndata: last\n\n")),
+        "(the WebSocket, the event stream); nginx log:\n{}",
+        edge.log()
+    );
+}

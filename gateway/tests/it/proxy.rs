@@ -317,6 +317,22 @@ async fn serve(
             "{\"error\":\"node says no\"}",
         ));
     }
+    if let Some(ms) = path.strip_prefix("/public/events?quiet_ms=") {
+        // an event stream: one event at once, then nothing for `ms`, then a last one
+        let quiet = Duration::from_millis(ms.parse().unwrap());
+        let first =
+            futures::stream::once(async { Ok(Frame::data(Bytes::from("data: first\n\n"))) });
+        let last = futures::stream::once(async move {
+            tokio::time::sleep(quiet).await;
+            Ok(Frame::data(Bytes::from("data: last\n\n")))
+        });
+        return Ok(hyper::Response::builder()
+            .header("x-node", state.name.as_str())
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(StreamBody::new(futures::StreamExt::chain(first, last)).boxed())
+            .unwrap());
+    }
     if let Some(n) = path.strip_prefix("/api/big?bytes=") {
         let len: usize = n.parse().unwrap();
         let data = Bytes::from(pattern(len));
