@@ -904,3 +904,46 @@ async fn websockets_and_event_streams_outlast_the_edge_read_timeout_unbuffered()
         edge.log()
     );
 }
+
+#[tokio::test]
+async fn nginx_logs_no_authorization_code_or_state() {
+    let certs = Certs::new();
+    let app = spawn_app(|c| behind_nginx(c, &certs)).await;
+    let edge = Edge::start(&certs, [app.https; 3]).await;
+
+    // whatever Portcullis answers (no login is under way), nginx logs the request; also
+    // spelt as other paths nginx routes to the same location
+    for path in [
+        "/auth/callback?code=SECRETCODE123&state=SECRETSTATE456",
+        "//auth/callback?code=SECRETCODE123&state=SECRETSTATE456",
+        "/%61uth/callback?code=SECRETCODE123&state=SECRETSTATE456",
+    ] {
+        edge.client.get(edge.url(path)).send().await.unwrap();
+    }
+    // another path keeps its whole request line
+    edge.client
+        .get(edge.url("/.well-known/openid-configuration?probe=1"))
+        .send()
+        .await
+        .unwrap();
+    let access_log = certs.access_log();
+    eventually(Duration::from_secs(10), "nginx logs both requests", || {
+        let log = std::fs::read_to_string(&access_log).unwrap_or_default();
+        async move { log.contains("/auth/callback") && log.contains("openid-configuration") }
+    })
+    .await;
+    let log = std::fs::read_to_string(&access_log).unwrap();
+    assert!(
+        !log.contains("SECRETCODE123") && !log.contains("SECRETSTATE456"),
+        "the code or state reached nginx's access log:\n{log}"
+    );
+    assert_eq!(
+        log.matches("\"GET /auth/callback? ").count(),
+        3,
+        "each spelling is logged as the path nginx routes:\n{log}"
+    );
+    assert!(
+        log.contains("\"GET /.well-known/openid-configuration?probe=1 "),
+        "{log}"
+    );
+}
