@@ -273,9 +273,23 @@ pub fn to_upstream(
 }
 
 /// Prepares a node's response headers for the client: hop-by-hop out, and no node may
-/// set (or clear) Portcullis's own session cookies.
+/// set (or clear) Portcullis's own session cookies. An event stream (or an upgraded
+/// connection) is marked `X-Accel-Buffering: no`, so that a proxy in front (nginx) passes
+/// each event on as it comes rather than when its buffer fills, however the request
+/// asked for it.
 pub fn from_upstream(headers: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
+    let event_stream = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"));
+    if upgrade || event_stream {
+        headers.insert(
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        );
+    }
     let keep: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
@@ -589,6 +603,27 @@ mod tests {
         from_upstream(&mut r, false);
         assert_eq!(r.get_all("set-cookie").iter().count(), 1);
         assert_eq!(r["set-cookie"], "JSESSIONID=1; Path=/");
+        // an ordinary answer may be buffered by a proxy in front
+        assert!(!r.contains_key("x-accel-buffering"));
+    }
+
+    #[test]
+    fn event_streams_and_upgrades_are_marked_for_a_proxy_in_front_not_to_buffer() {
+        for content_type in ["text/event-stream", "Text/Event-Stream; charset=utf-8"] {
+            let mut r = HeaderMap::new();
+            r.insert("content-type", HeaderValue::from_str(content_type).unwrap());
+            from_upstream(&mut r, false);
+            assert_eq!(r["x-accel-buffering"], "no", "{content_type}");
+        }
+        let mut r = HeaderMap::new();
+        from_upstream(&mut r, true);
+        assert_eq!(r["x-accel-buffering"], "no");
+        let mut r = HeaderMap::new();
+        r.insert("content-type", HeaderValue::from_static("text/html"));
+        // a node's own say is replaced for a stream, and kept otherwise
+        r.insert("x-accel-buffering", HeaderValue::from_static("yes"));
+        from_upstream(&mut r, false);
+        assert_eq!(r["x-accel-buffering"], "yes");
     }
 
     #[test]
