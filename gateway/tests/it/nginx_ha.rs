@@ -806,8 +806,6 @@ where
 
 #[tokio::test]
 async fn websockets_and_event_streams_outlast_the_edge_read_timeout_unbuffered() {
-    use bytes::Bytes;
-    use http_body_util::Full;
     use hyper_util::rt::TokioIo;
 
     let certs = Certs::new();
@@ -831,15 +829,10 @@ async fn websockets_and_event_streams_outlast_the_edge_read_timeout_unbuffered()
             .await
             .unwrap();
         tokio::spawn(connection.with_upgrades());
-        let req = hyper::Request::get("/public/ws")
-            .header("host", "localhost")
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .body(Full::<Bytes>::default())
+        let resp = send
+            .send_request(super::proxy::websocket_handshake("/public/ws"))
+            .await
             .unwrap();
-        let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
         assert_eq!(

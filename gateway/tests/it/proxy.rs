@@ -1803,6 +1803,18 @@ async fn large_bodies_stream_both_ways_past_the_gateways_own_body_limit() {
     assert_eq!(node.seen().len(), before);
 }
 
+/// A WebSocket handshake for `path` on `localhost`, as a browser sends it.
+pub fn websocket_handshake(path: &str) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::get(path)
+        .header("host", "localhost")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::<Bytes>::default())
+        .unwrap()
+}
+
 #[tokio::test]
 async fn websocket_upgrades_are_passed_through_both_ways() {
     let node = AdminNode::start("a").await;
@@ -1812,15 +1824,10 @@ async fn websocket_upgrades_are_passed_through_both_ways() {
             .await
             .unwrap();
     tokio::spawn(connection.with_upgrades());
-    let req = hyper::Request::get("/public/ws")
-        .header("host", "localhost")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .body(Full::<Bytes>::default())
+    let resp = send
+        .send_request(websocket_handshake("/public/ws"))
+        .await
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(resp.headers()["upgrade"], "websocket");
     assert_eq!(resp.headers()["sec-websocket-accept"], "test-node");

@@ -206,6 +206,20 @@ impl SsoFixture {
     pub fn origin(&self) -> String {
         format!("https://localhost:{}", self.app.https.port())
     }
+
+    /// Another browser, or this one's request without its cookies (another site's form
+    /// post under `SameSite=Lax`): no cookie store, redirects not followed.
+    pub fn cookieless_browser(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.app.pki.ca_pem().as_bytes()).unwrap(),
+            )
+            .resolve("localhost", self.app.https)
+            .no_proxy()
+            .build()
+            .unwrap()
+    }
 }
 
 /// A browser for `app`: keeps cookies, follows no redirects, trusts `app`'s CA.
@@ -453,15 +467,7 @@ async fn replayed_state_is_refused_and_no_session_is_made() {
             .status(),
         StatusCode::FOUND
     );
-    let other = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(f.app.pki.ca_pem().as_bytes()).unwrap(),
-        )
-        .resolve("localhost", f.app.https)
-        .no_proxy()
-        .build()
-        .unwrap();
+    let other = f.cookieless_browser();
     let replay = other
         .get(callback)
         .header(header::COOKIE, login_cookie)
@@ -949,15 +955,7 @@ async fn cross_site_logout_is_refused() {
     // A real browser sends no `SameSite=Lax` cookie with another site's form post, but
     // would apply the clearing `Set-Cookie`s of its answer: refused all the same, and
     // nothing is cleared
-    let cookieless = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(f.app.pki.ca_pem().as_bytes()).unwrap(),
-        )
-        .resolve("localhost", f.app.https)
-        .no_proxy()
-        .build()
-        .unwrap();
+    let cookieless = f.cookieless_browser();
     let response = cookieless
         .post(f.app.url("/auth/logout"))
         .header(header::ORIGIN, "https://evil.example")

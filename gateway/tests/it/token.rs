@@ -265,6 +265,21 @@ impl Fixture {
         send(req).await
     }
 
+    /// The `iss` of a `client_credentials` token issued to a new service `name`.
+    async fn iss_of_a_token(&self, name: &str) -> Value {
+        let svc = self.service(name).await;
+        let a = self
+            .token(&svc, &[("grant_type", "client_credentials")])
+            .await;
+        let claims: Value = self
+            .app
+            .state
+            .keys
+            .verify(a.body["access_token"].as_str().unwrap())
+            .unwrap();
+        claims["iss"].clone()
+    }
+
     async fn introspect(&self, client: &Creds, token: &str) -> Value {
         let a = self
             .post(
@@ -1807,15 +1822,7 @@ async fn discovery_documents_list_exactly_what_is_supported() {
     assert_eq!(a.body, openid);
     assert_eq!(header(&a, &CACHE_CONTROL), Some("public, max-age=3600"));
     // and the tokens say the same
-    let svc = f.service("svc-disco").await;
-    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
-    let claims: Value = f
-        .app
-        .state
-        .keys
-        .verify(a.body["access_token"].as_str().unwrap())
-        .unwrap();
-    assert_eq!(claims["iss"], issuer);
+    assert_eq!(f.iss_of_a_token("svc-disco").await, issuer);
 }
 
 /// An issuer configured with a trailing `/` (one relying parties already pin) is given
@@ -1858,15 +1865,7 @@ async fn an_issuer_ending_in_a_slash_advertises_endpoints_that_answer() {
             assert_eq!(status, expected, "{doc} {member}: {advertised}");
         }
     }
-    let svc = f.service("svc-slash").await;
-    let a = f.token(&svc, &[("grant_type", "client_credentials")]).await;
-    let claims: Value = f
-        .app
-        .state
-        .keys
-        .verify(a.body["access_token"].as_str().unwrap())
-        .unwrap();
-    assert_eq!(claims["iss"], issuer);
+    assert_eq!(f.iss_of_a_token("svc-slash").await, issuer);
 }
 
 // === an independent verifier ===
