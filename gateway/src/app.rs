@@ -1,7 +1,8 @@
 //! Building and running one Portcullis instance: `Application::build` validates nothing
 //! (the configuration already is), binds both listeners and starts the background tasks;
-//! `run_until_stopped` serves until the shutdown token is cancelled, then lets the
-//! listeners drain, then the audit writer store what their last requests recorded.
+//! `run_until_stopped` serves until the shutdown token is cancelled (or one of its tasks
+//! fails), then lets the listeners drain, then the audit writer store what their last
+//! requests recorded.
 //!
 //! Tests call `build` with port 0 and read the bound addresses back.
 
@@ -61,6 +62,12 @@ pub enum StartError {
     #[error("cannot start the connection workers: {0}")]
     Workers(#[source] std::io::Error),
 }
+
+/// One of an instance's tasks (a listener, a reload loop) panicked: the instance stopped,
+/// rather than serve on without it while its health checks still answered.
+#[derive(Debug, thiserror::Error)]
+#[error("a task of the instance failed: {0}")]
+pub struct TaskFailed(String);
 
 /// A running instance.
 pub struct Application {
@@ -312,9 +319,11 @@ impl Application {
     }
 
     /// Serves until the shutdown token is cancelled and every listener has drained, then
-    /// stores the audit events still queued.
-    pub async fn run_until_stopped(mut self) {
-        self.shutdown.cancelled().await;
+    /// stores the audit events still queued. A task that panics meanwhile (a listener, a
+    /// reload loop) starts the same shutdown, and is returned as the error, so that the
+    /// process exits failed and its service manager starts it again.
+    pub async fn run_until_stopped(mut self) -> Result<(), TaskFailed> {
+        let failed = supervise(&mut self.tasks, &self.shutdown).await;
         while self.tasks.join_next().await.is_some() {}
         // every request has been answered, or `shutdown_grace` is over: what they recorded
         // is queued. The writer stores it (the database is still open) and stops; an event
@@ -334,6 +343,27 @@ impl Application {
             );
         }
         tracing::info!("Portcullis stopped");
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// Waits for `shutdown`, or for a task of `tasks` to panic: then logs it, cancels
+/// `shutdown` and returns it. Tasks that return are let go (some finish early: the
+/// migrations, once done).
+async fn supervise(tasks: &mut JoinSet<()>, shutdown: &CancellationToken) -> Option<TaskFailed> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            joined = tasks.join_next(), if !tasks.is_empty() => {
+                if let Some(Err(e)) = joined
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "a task of the instance failed; stopping");
+                    shutdown.cancel();
+                    return Some(TaskFailed(e.to_string()));
+                }
+            }
+        }
     }
 }
 
@@ -383,5 +413,38 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_panics_stops_the_instance_and_one_that_returns_does_not() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        // finishes early, as the migrations do once done
+        tasks.spawn(async {});
+        let stop = shutdown.clone();
+        tasks.spawn(async move { stop.cancelled().await });
+        tasks.spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            panic!("a listener's task failed");
+        });
+        let failed = supervise(&mut tasks, &shutdown).await;
+        assert!(failed.is_some_and(|f| f.to_string().contains("panicked")));
+        assert!(shutdown.is_cancelled(), "the others are told to stop");
+
+        // without a failure it waits for the shutdown
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async {});
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            stop.cancel();
+        });
+        assert!(supervise(&mut tasks, &shutdown).await.is_none());
     }
 }

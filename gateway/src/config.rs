@@ -367,6 +367,11 @@ fn access_token_typ<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TokenType,
 /// most that makes sense for one instance.
 const MAX_VERIFIED_CACHE_ENTRIES: usize = 1_000_000;
 
+/// The most connections `server.max_connections` may allow: far more than one instance
+/// holds (each costs memory and a file descriptor), and far below what its semaphore can
+/// count, which a value meant as "no limit" overflowed at start-up.
+pub const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// `[keys]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -653,6 +658,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if s.max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::field(
+                "server.max_connections",
+                format!("must be at most {MAX_CONNECTIONS}"),
+            ));
+        }
         if s.workers.is_some_and(|w| w > crate::workers::MAX_WORKERS) {
             return Err(ConfigError::field(
                 "server.workers",
@@ -722,6 +733,14 @@ impl Config {
                 "must not be greater than database.max_connections",
             ));
         }
+        // zero is no "no timeout" here: every wait would time out at once, and the
+        // database (or Redis) would look away while it is fine
+        if self.database.acquire_timeout.is_zero() {
+            return Err(ConfigError::field(
+                "database.acquire_timeout",
+                "must be greater than 0",
+            ));
+        }
         if let Some(redis) = &self.redis {
             let ok = redis.url.expose_secret().split(',').all(|url| {
                 let url = url.trim();
@@ -733,6 +752,12 @@ impl Config {
                 return Err(ConfigError::field(
                     "redis.url",
                     "must start with redis://, rediss:// or redis+unix://",
+                ));
+            }
+            if redis.command_timeout.is_zero() {
+                return Err(ConfigError::field(
+                    "redis.command_timeout",
+                    "must be greater than 0",
                 ));
             }
         }

@@ -200,8 +200,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             shutdown_signal().await;
             stop.cancel();
         });
-        app.run_until_stopped().await;
-        ExitCode::SUCCESS
+        match app.run_until_stopped().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
     });
     // outside the runtime: the exporter's last batch goes out on its own thread
     telemetry::flush_spans();

@@ -585,6 +585,45 @@ fn idle_timeout_defaults_to_two_minutes_and_zero_or_garbage_is_refused_naming_it
     assert_eq!(field_of(err), "server.idle_timeout");
 }
 
+/// Values an operator may write meaning "no limit" or "no timeout" are refused naming
+/// the field, rather than accepted and failing once served: a connection limit past what
+/// the listener's semaphore counts panicked its task at start-up, and a zero wait timed
+/// out every database or Redis call at once.
+#[test]
+fn no_limit_and_no_timeout_spellings_are_refused_naming_the_field() {
+    let f = Files::new();
+    for (text, env, field) in [
+        (
+            "[server]\nmax_connections = 3000000000000000000\n",
+            None,
+            "server.max_connections",
+        ),
+        (
+            "[server]\nmax_connections = 10000001\n",
+            None,
+            "server.max_connections",
+        ),
+        (
+            "",
+            Some(("PORTCULLIS_DATABASE__ACQUIRE_TIMEOUT", "0s")),
+            "database.acquire_timeout",
+        ),
+        (
+            "[redis]\nurl = \"redis://127.0.0.1:6379\"\ncommand_timeout = \"0s\"\n",
+            None,
+            "redis.command_timeout",
+        ),
+    ] {
+        let env: Vec<(&str, &str)> = env.into_iter().collect();
+        let err = f.load(&f.toml(text), &env).unwrap_err();
+        assert_eq!(field_of(err), field, "{text} {env:?}");
+    }
+    let c = f
+        .load(&f.toml("[server]\nmax_connections = 10000000\n"), &[])
+        .unwrap();
+    assert_eq!(c.server.max_connections, 10_000_000);
+}
+
 #[test]
 fn workers_default_to_one_per_core_zero_means_the_shared_runtime_and_too_many_are_refused() {
     let f = Files::new();

@@ -292,7 +292,8 @@ async fn the_audit_event_of_a_request_answered_during_shutdown_is_stored() {
     tokio::time::timeout(Duration::from_secs(20), running)
         .await
         .expect("the instance did not stop")
-        .unwrap();
+        .unwrap()
+        .expect("no task of the instance failed");
     let stored = harness::Postgres::shared()
         .psql(
             db.rsplit('/').next().unwrap(),
@@ -343,5 +344,6 @@ async fn an_instance_whose_database_is_gone_still_stops_in_bounded_time() {
     tokio::time::timeout(Duration::from_secs(15), running)
         .await
         .expect("shutdown hung on the audit trail or the database pool")
-        .unwrap();
+        .unwrap()
+        .expect("no task of the instance failed");
 }
