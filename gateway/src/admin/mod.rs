@@ -74,17 +74,16 @@ pub async fn require_admin(
 ) -> Result<Response, ApiError> {
     let authorization = req.headers().get(header::AUTHORIZATION);
     let static_ok = match (&state.config.admin.token, authorization) {
-        (Some(expected), Some(value)) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|presented| {
+        // the scheme in any case (RFC 7235 §2.1), as for access tokens
+        (Some(expected), Some(value)) => {
+            crate::authn::bearer_token(value).is_some_and(|presented| {
                 aws_lc_rs::constant_time::verify_slices_are_equal(
                     presented.as_bytes(),
                     expected.expose_secret().as_bytes(),
                 )
                 .is_ok()
-            }),
+            })
+        }
         _ => false,
     };
     let actor = if static_ok || (state.config.admin.token.is_none() && authorization.is_none()) {

@@ -646,6 +646,15 @@ async fn the_admin_api_needs_the_admin_token_or_an_admin_scoped_access_token() {
     assert_eq!(body["clients"].as_array().unwrap().len(), 2);
     let (status, _, _) = send(http.get(&url).bearer_auth(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
+    // the scheme is case-insensitive (RFC 7235), for the static token as for access tokens
+    for scheme in ["bearer", "BEARER"] {
+        let (status, body, _) = send(
+            http.get(&url)
+                .header("authorization", format!("{scheme} {ADMIN_TOKEN}")),
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
 }
 
 #[tokio::test]
