@@ -822,8 +822,14 @@ impl Config {
                             "AppRole needs secret_id or secret_id_file",
                         ));
                     }
-                    (_, Some(f)) => check_readable_file("vault.auth.secret_id_file", f)?,
-                    _ => {}
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::field(
+                            "vault.auth.secret_id",
+                            "set secret_id or secret_id_file, not both",
+                        ));
+                    }
+                    (None, Some(f)) => check_readable_file("vault.auth.secret_id_file", f)?,
+                    (Some(_), None) => {}
                 }
             }
         }

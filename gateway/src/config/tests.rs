@@ -316,6 +316,42 @@ fn shipped_production_example_is_valid_given_its_files() {
     ));
 }
 
+/// The documented way to pass a Vault token works; a token put under `auth` is refused
+/// (it was dropped, and the instance then failed at start or used another `VAULT_TOKEN`),
+/// and AppRole with both a secret id and a file of one is refused as at start-up.
+#[test]
+fn a_vault_token_goes_beside_auth_and_approle_takes_one_secret_id() {
+    let f = Files::new();
+    let vault = "[vault]\naddr = \"https://vault.example:8200\"\n";
+    let c = f
+        .load(
+            &f.toml(vault),
+            &[("PORTCULLIS_VAULT__TOKEN", "hvs.from-the-environment")],
+        )
+        .unwrap();
+    let v = c.vault.unwrap();
+    assert!(matches!(v.auth, keyrotation::VaultAuth::Token {}));
+    assert_eq!(
+        v.token.as_ref().map(|t| t.expose_secret().to_owned()),
+        Some("hvs.from-the-environment".to_owned())
+    );
+    let err = f
+        .load(
+            &f.toml(&format!("{vault}[vault.auth]\nmethod = \"token\"\n")),
+            &[("PORTCULLIS_VAULT__AUTH__TOKEN", "hvs.misplaced")],
+        )
+        .unwrap_err();
+    assert!(field_of(err).starts_with("vault"));
+    std::fs::write(f.dir.path().join("secret-id"), "x").unwrap();
+    let both = format!(
+        "{vault}[vault.auth]\nmethod = \"approle\"\nrole_id = \"r\"\nsecret_id = \"s\"\n\
+         secret_id_file = \"{}\"\n",
+        f.dir.path().join("secret-id").display()
+    );
+    let err = f.load(&f.toml(&both), &[]).unwrap_err();
+    assert_eq!(field_of(err), "vault.auth.secret_id");
+}
+
 #[test]
 fn missing_or_short_hash_key_is_refused() {
     let f = Files::new();

@@ -71,12 +71,13 @@ pub struct VaultSettings {
 }
 
 /// How to authenticate to Vault.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
 pub enum VaultAuth {
-    /// A token (`token` in the settings, else `VAULT_TOKEN`), renewed when renewable.
-    #[default]
-    Token,
+    /// A token (`token` in the settings, not under `auth`; else `VAULT_TOKEN`), renewed
+    /// when renewable. A variant with braces, so that a key beside `method` (a `token`
+    /// put under `auth`) is refused rather than silently dropped.
+    Token {},
     /// AppRole login; the token it yields is renewed, and replaced by a new login when it
     /// can no longer be renewed.
     #[serde(rename = "approle")]
@@ -93,6 +94,12 @@ pub enum VaultAuth {
         #[serde(default = "default_approle_mount")]
         mount: String,
     },
+}
+
+impl Default for VaultAuth {
+    fn default() -> Self {
+        Self::Token {}
+    }
 }
 
 /// What the token maintenance did so far (for tests, readiness and metrics).
@@ -185,7 +192,7 @@ impl Default for VaultSettings {
             token: None,
             cacert: None,
             namespace: None,
-            auth: VaultAuth::Token,
+            auth: VaultAuth::default(),
             kv_mount: default_kv_mount(),
             ring_path: default_ring_path(),
             request_timeout: default_timeout(),
@@ -243,7 +250,7 @@ impl VaultKeySource {
             }
         }
         let auth = match settings.auth {
-            VaultAuth::Token => Auth::Token(settings.token.ok_or_else(|| {
+            VaultAuth::Token {} => Auth::Token(settings.token.ok_or_else(|| {
                 KeyError::InvalidConfig("vault token is not set (nor VAULT_TOKEN)".to_owned())
             })?),
             VaultAuth::AppRole {
@@ -774,6 +781,15 @@ mod tests {
         assert!(
             serde_json::from_value::<VaultSettings>(serde_json::json!({"adress": "x"})).is_err()
         );
+        // the token belongs beside `auth`, not under it: refused there, not dropped
+        let settings: VaultSettings =
+            serde_json::from_value(serde_json::json!({ "auth": { "method": "token" } })).unwrap();
+        assert!(matches!(settings.auth, VaultAuth::Token {}));
+        let err = serde_json::from_value::<VaultSettings>(serde_json::json!({
+            "auth": { "method": "token", "token": "hvs.x" }
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `token`"), "{err}");
     }
 
     #[test]
