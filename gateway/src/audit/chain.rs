@@ -20,7 +20,9 @@
 //! The one-row table `audit_chain_head` holds the last seq and hash. An append locks that
 //! row first (an `UPDATE` in the same transaction: a row lock on Postgres, the write lock
 //! on SQLite), so appends from every instance are serialised and the chain never forks;
-//! the head also lets `verify` notice records cut off the end.
+//! the head also lets `verify` notice records cut off the end. On Postgres the wait for
+//! that lock is bounded (`BEGIN_POSTGRES`), so a holder that vanished shows as failing,
+//! retried appends rather than as silence.
 
 use std::borrow::Cow;
 
@@ -186,6 +188,14 @@ pub(super) const COLUMNS: &str = columns!();
 /// Appends rows on Postgres; the columns are [`COLUMNS`], in [`copy_text`]'s format.
 const COPY: &str = concat!("COPY audit_events (", columns!(), ") FROM STDIN");
 
+/// Begins an append on Postgres (one round trip, as a plain `BEGIN`): waiting longer than
+/// 5 s for a lock — the head's, held by another instance — fails the append (SQLSTATE
+/// 55P03), which the writer counts in `portcullis_audit_write_failures_total` and retries.
+/// An instance that vanished inside an append (power cut, network gone) keeps holding the
+/// head until Postgres notices it is gone; an unbounded wait would hold every instance's
+/// trail behind it without a sign. SQLite's equivalent is the pool's 5 s busy timeout.
+const BEGIN_POSTGRES: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
+
 /// Appends `events` in one transaction, chained after the current head; returns the
 /// stored rows. Either all are stored or none.
 #[tracing::instrument(name = "db.audit.append", skip_all, fields(otel.kind = "client", records = events.len()))]
@@ -222,7 +232,7 @@ pub async fn append(db: &Database, events: &[AuditEvent]) -> Result<Vec<Row>, sq
     }
     let rows = match db.pool() {
         Pool::Postgres(p) => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_with(BEGIN_POSTGRES).await?;
             let (seq, hash) = lock_head!(tx);
             let rows = chain_after(seq, hash, events);
             // COPY, not INSERT: Postgres spends about 5.5 µs of CPU per row on it against

@@ -890,6 +890,92 @@ async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
     assert_eq!(writers.trim(), "3");
 }
 
+// === a chain lock that is never released ===
+
+/// The review's stall: an instance that vanished (power cut, network gone) inside an
+/// append keeps its backend, and the chain head's row lock, until Postgres notices. Every
+/// other instance's append must then fail within seconds, counted and retried, rather
+/// than wait for it in silence; once the lock goes, everything recorded meanwhile is
+/// stored once, the chain intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_once_it_goes() {
+    use sqlx::Connection as _;
+    let db = Postgres::shared().fresh_database("audit_held_lock").unwrap();
+    let app = pg_app(&db, None).await;
+    let at = OffsetDateTime::now_utc();
+    app.state
+        .audit
+        .record(event("operator:test", "test.before_lock", "0", at));
+    wait_for(&app, "test.before_lock", 1).await;
+
+    // the vanished instance: a transaction that locked the head and then said nothing
+    let mut vanished = sqlx::PgConnection::connect(&db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut vanished).await.unwrap();
+    sqlx::query("UPDATE audit_chain_head SET seq = seq WHERE id = 1")
+        .execute(&mut vanished)
+        .await
+        .unwrap();
+
+    let failures_before = app.sample("portcullis_audit_write_failures_total").await;
+    const BEHIND: usize = 5;
+    for n in 0..BEHIND {
+        app.state
+            .audit
+            .record(event("operator:test", "test.behind_lock", &n.to_string(), at));
+    }
+    eventually(
+        Duration::from_secs(20),
+        "an append behind the held lock failing and being counted",
+        || async { app.sample("portcullis_audit_write_failures_total").await > failures_before },
+    )
+    .await;
+    let stored = portcullis::audit::recent(&app.state.db, "test.behind_lock", 100)
+        .await
+        .unwrap();
+    assert!(stored.is_empty(), "stored past a held lock: {stored:?}");
+
+    // what Postgres does once it notices the client is gone, done as the runbook
+    // (docs/operations/audit.md) does it: its query finds the holder, and only it (the
+    // instance's own appends give up after 5 s)
+    eventually(
+        Duration::from_secs(20),
+        "the runbook's query ending the holder",
+        || async {
+            let ended = Postgres::shared()
+                .psql(
+                    database_name(&db),
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                      WHERE datname = current_database() \
+                        AND xact_start < now() - interval '10 seconds' \
+                        AND (query LIKE 'UPDATE audit_chain_head%' \
+                             OR query LIKE 'COPY audit_events%')",
+                )
+                .unwrap();
+            match ended.trim() {
+                "" => false,
+                "t" => true,
+                other => panic!("ended more than the holder: {other:?}"),
+            }
+        },
+    )
+    .await;
+    drop(vanished);
+    wait_for(&app, "test.behind_lock", BEHIND).await;
+    let mut targets: Vec<String> =
+        portcullis::audit::recent(&app.state.db, "test.behind_lock", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, target, _)| target)
+            .collect();
+    targets.sort();
+    assert_eq!(targets, ["0", "1", "2", "3", "4"], "each stored once");
+    portcullis::audit::verify(&app.state.db)
+        .await
+        .unwrap()
+        .expect("the chain is intact");
+}
+
 // === tampering ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
