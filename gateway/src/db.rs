@@ -36,6 +36,23 @@ pub enum DbError {
     NotMigrated,
 }
 
+/// Settings every Postgres session of ours starts with, so that the server notices within
+/// about 25 s that an instance vanished (power cut, network gone) and ends its backend,
+/// rolling back its transaction and releasing its locks — the audit chain head's among
+/// them. The kernel's defaults take about two hours: keepalives only after 2 h of
+/// silence, and none at all while a reply waits unacknowledged (retransmissions then run
+/// for ~15 min). Probes after 10 s of silence, every 5 s, 3 unanswered ones end the
+/// connection; `tcp_user_timeout` (milliseconds, Postgres 12 or later) ends it once sent
+/// data has gone unacknowledged for 25 s (on Linux it also decides when unanswered
+/// probes end it: after 25 s). A live client's kernel answers probes however idle the
+/// client is. Ignored on a Unix socket.
+const DEAD_CLIENT_DETECTION: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "25000"),
+];
+
 /// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both
 /// backends. (The arms are type-checked separately, so `$body` may be generic over the
 /// database.)
@@ -82,7 +99,9 @@ impl Database {
                     .connect_lazy_with(opts),
             )
         } else {
-            let opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url)?;
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(|_| DbError::Url)?
+                .options(DEAD_CLIENT_DETECTION);
             Pool::Postgres(
                 PgPoolOptions::new()
                     .max_connections(config.max_connections)

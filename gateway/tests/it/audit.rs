@@ -976,6 +976,32 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
         .expect("the chain is intact");
 }
 
+/// The other half of that stall: Postgres frees a vanished instance's backend (and its
+/// locks) only once TCP says the peer is gone, after about two hours of silence with the
+/// kernel's defaults. Every connection an instance opens asks for probes within seconds.
+#[tokio::test]
+async fn every_postgres_connection_asks_the_server_to_notice_a_vanished_instance_in_seconds() {
+    let db = Postgres::shared().fresh_database("audit_keepalive").unwrap();
+    let config: portcullis::config::DatabaseConfig = toml::from_str(&format!("url = \"{db}\"")).unwrap();
+    let database = portcullis::db::Database::connect_lazy(&config).unwrap();
+    let portcullis::db::Pool::Postgres(pool) = database.pool() else {
+        unreachable!("a postgres:// URL")
+    };
+    let settings: (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'), \
+         current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        settings,
+        ("10".into(), "5".into(), "3".into(), "25000".into()),
+        "(idle s, interval s, count, user timeout ms)"
+    );
+    database.close().await;
+}
+
 // === tampering ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
