@@ -900,7 +900,9 @@ async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_once_it_goes() {
     use sqlx::Connection as _;
-    let db = Postgres::shared().fresh_database("audit_held_lock").unwrap();
+    let db = Postgres::shared()
+        .fresh_database("audit_held_lock")
+        .unwrap();
     let app = pg_app(&db, None).await;
     let at = OffsetDateTime::now_utc();
     app.state
@@ -919,9 +921,12 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
     let failures_before = app.sample("portcullis_audit_write_failures_total").await;
     const BEHIND: usize = 5;
     for n in 0..BEHIND {
-        app.state
-            .audit
-            .record(event("operator:test", "test.behind_lock", &n.to_string(), at));
+        app.state.audit.record(event(
+            "operator:test",
+            "test.behind_lock",
+            &n.to_string(),
+            at,
+        ));
     }
     eventually(
         Duration::from_secs(20),
@@ -981,8 +986,11 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
 /// kernel's defaults. Every connection an instance opens asks for probes within seconds.
 #[tokio::test]
 async fn every_postgres_connection_asks_the_server_to_notice_a_vanished_instance_in_seconds() {
-    let db = Postgres::shared().fresh_database("audit_keepalive").unwrap();
-    let config: portcullis::config::DatabaseConfig = toml::from_str(&format!("url = \"{db}\"")).unwrap();
+    let db = Postgres::shared()
+        .fresh_database("audit_keepalive")
+        .unwrap();
+    let config: portcullis::config::DatabaseConfig =
+        toml::from_str(&format!("url = \"{db}\"")).unwrap();
     let database = portcullis::db::Database::connect_lazy(&config).unwrap();
     let portcullis::db::Pool::Postgres(pool) = database.pool() else {
         unreachable!("a postgres:// URL")
