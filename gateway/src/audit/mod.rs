@@ -502,9 +502,38 @@ async fn next_hangup(hup: &mut Hangup) {
     std::future::pending::<()>().await;
 }
 
-/// Stores one event now (the CLI, which has no background writer).
-pub async fn store(db: &Database, e: &AuditEvent) -> Result<(), sqlx::Error> {
-    chain::append(db, std::slice::from_ref(e)).await.map(|_| ())
+/// Why [`store`] did not do all it should. The messages continue "…, but ".
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database did not take the record.
+    #[error("its audit record was not stored: {0}")]
+    Store(#[from] sqlx::Error),
+    /// The record is stored, but the sink did not take its line.
+    #[error("its audit record (seq {seq}) was stored but not written to the audit sink: {source}")]
+    Sink {
+        /// The stored record.
+        seq: i64,
+        /// Why the sink failed.
+        source: std::io::Error,
+    },
+}
+
+/// Stores one event now (the CLI, which has no background writer), then, as an instance's
+/// writer does, appends its record to a file sink (`[audit] sink = "file:…"`), so that the
+/// sink holds every seq. A `stdout` sink is not written: the CLI's standard output is its
+/// command's output, not the stream the instance's log shipper reads.
+pub async fn store(db: &Database, sink: &AuditSinkKind, e: &AuditEvent) -> Result<(), StoreError> {
+    let rows = chain::append(db, std::slice::from_ref(e)).await?;
+    if !matches!(sink, AuditSinkKind::File(_)) {
+        return Ok(());
+    }
+    let records: Vec<AuditRecord> = rows.into_iter().map(AuditRecord::from).collect();
+    sink::Sink::new(sink)
+        .try_write(&records)
+        .map_err(|source| StoreError::Sink {
+            seq: records.first().map_or(0, |r| r.seq),
+            source,
+        })
 }
 
 /// Reads back recent events of one action, newest first (tests).

@@ -54,8 +54,17 @@ impl Sink {
     /// Writes `records`, one line each. A failure is logged and counted; the records are
     /// stored in the database whatever happens here.
     pub fn write(&mut self, records: &[AuditRecord]) {
-        if records.is_empty() {
-            return;
+        if let Err(e) = self.try_write(records) {
+            metrics::counter!("portcullis_audit_sink_failures_total").increment(1);
+            tracing::error!(error = %e, records = records.len(), "audit sink write failed; the records are in the database");
+        }
+    }
+
+    /// Writes `records`, one line each, and says whether that worked (the CLI, which
+    /// reports it rather than logs it).
+    pub fn try_write(&mut self, records: &[AuditRecord]) -> std::io::Result<()> {
+        if records.is_empty() || !self.is_enabled() {
+            return Ok(());
         }
         let mut buf = Vec::with_capacity(records.len() * 400);
         for r in records {
@@ -63,17 +72,13 @@ impl Sink {
                 buf.push(b'\n');
             }
         }
-        let written = match self {
-            Self::None => return,
+        match self {
+            Self::None => Ok(()),
             Self::Stdout => {
                 let mut out = std::io::stdout().lock();
                 out.write_all(&buf).and_then(|()| out.flush())
             }
             Self::File(f) => f.append(&buf),
-        };
-        if let Err(e) = written {
-            metrics::counter!("portcullis_audit_sink_failures_total").increment(1);
-            tracing::error!(error = %e, records = records.len(), "audit sink write failed; the records are in the database");
         }
     }
 

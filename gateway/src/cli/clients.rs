@@ -502,17 +502,14 @@ fn split(values: &[String]) -> Vec<&str> {
 async fn audit(ctx: &Ctx, action: &str, target: &str, detail: Value) {
     let event = crate::audit::AuditEvent {
         at: time::OffsetDateTime::now_utc(),
-        actor: format!(
-            "operator:cli:{}",
-            std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
-        ),
+        actor: super::operator(),
         action: action.to_owned(),
         target: target.to_owned(),
         source_ip: None,
         detail: detail.into(),
     };
-    if let Err(e) = crate::audit::store(&ctx.db, &event).await {
-        eprintln!("portcullis: warning: done, but its audit record was not stored: {e}");
+    if let Err(e) = crate::audit::store(&ctx.db, &ctx.config.audit.sink, &event).await {
+        eprintln!("portcullis: warning: done, but {e}");
     }
 }
 

@@ -491,10 +491,7 @@ async fn audit_cli(
     }
     let event = crate::audit::AuditEvent {
         at: time::OffsetDateTime::now_utc(),
-        actor: format!(
-            "operator:cli:{}",
-            std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
-        ),
+        actor: operator(),
         action: action.to_owned(),
         target: outcome
             .transitions
@@ -505,17 +502,25 @@ async fn audit_cli(
         detail: serde_json::json!({ "reason": reason, "transitions": outcome.transitions }).into(),
     };
     let stored = async {
-        let db = crate::db::Database::connect_lazy(&config.database).map_err(|e| e.to_string())?;
-        db.migrate().await.map_err(|e| e.to_string())?;
-        crate::audit::store(&db, &event)
+        let not_stored = |e: crate::db::DbError| format!("its audit record was not stored: {e}");
+        let db = crate::db::Database::connect_lazy(&config.database).map_err(not_stored)?;
+        db.migrate().await.map_err(not_stored)?;
+        crate::audit::store(&db, &config.audit.sink, &event)
             .await
             .map_err(|e| e.to_string())
     };
     if let Err(e) = stored.await {
-        eprintln!(
-            "portcullis: warning: the rotation is done but its audit record was not stored: {e}"
-        );
+        eprintln!("portcullis: warning: the rotation is done, but {e}");
     }
+}
+
+/// Who a CLI command acts as in the audit trail: `operator:cli:<user>`, the login name
+/// from `USER` (`unknown` when it is not set).
+pub(crate) fn operator() -> String {
+    format!(
+        "operator:cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
+    )
 }
 
 /// An instant to the second, RFC 3339.

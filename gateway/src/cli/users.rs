@@ -81,7 +81,7 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
             Ok(()) => {
                 let event = AuditEvent {
                     at: now,
-                    actor: "operator:cli".to_owned(),
+                    actor: super::operator(),
                     action: "local_account.create".to_owned(),
                     target: name.clone(),
                     source_ip: None,
@@ -90,8 +90,8 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
                     })
                     .into(),
                 };
-                if let Err(e) = crate::audit::store(&db, &event).await {
-                    eprintln!("portcullis: account created, but the audit entry failed: {e}");
+                if let Err(e) = crate::audit::store(&db, &config.audit.sink, &event).await {
+                    eprintln!("portcullis: warning: account created, but {e}");
                 }
                 println!("created local account {name}");
                 if !config.sso.local_accounts {

@@ -560,7 +560,9 @@ async fn values_with_tabs_newlines_and_backslashes_are_stored_exactly_and_the_ch
         })
         .collect();
     for e in &events {
-        portcullis::audit::store(&app.state.db, e).await.unwrap();
+        portcullis::audit::store(&app.state.db, &portcullis::config::AuditSinkKind::None, e)
+            .await
+            .unwrap();
     }
     let mut stored = portcullis::audit::recent(&app.state.db, "test.escape", 100)
         .await
@@ -1025,6 +1027,7 @@ async fn altering_or_deleting_a_record_makes_audit_verify_fail_naming_its_seq() 
     for n in 1..=10 {
         portcullis::audit::store(
             &app.state.db,
+            &portcullis::config::AuditSinkKind::None,
             &event("operator:test", "test.tamper", &n.to_string(), t0),
         )
         .await
@@ -1449,6 +1452,94 @@ async fn the_file_sink_gets_every_record_and_follows_rotation() {
             .unwrap(),
         Err(ChainBreak::PrevMismatch { .. })
     ));
+}
+
+/// A change made with the CLI is in the chain between the instance's records, so a SIEM
+/// reading only the sink must get it too: the file then holds every seq, and verifies
+/// independently. `users create` names the operator like every other CLI command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_by_the_cli_reach_the_file_sink_in_chain_order() {
+    use std::io::Write as _;
+    let db = Postgres::shared().fresh_database("audit_cli_sink").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("audit.jsonl");
+    let app = pg_app(&db, Some(&sink)).await;
+    let in_sink = |action: &'static str| {
+        let sink = sink.clone();
+        move || {
+            let n = sink_lines(&sink)
+                .iter()
+                .filter(|r| r["action"] == action)
+                .count();
+            async move { n == 1 }
+        }
+    };
+    let at = OffsetDateTime::now_utc();
+    app.state
+        .audit
+        .record(event("operator:test", "test.before_cli", "a", at));
+    eventually(
+        Duration::from_secs(10),
+        "the instance's first record in the sink",
+        in_sink("test.before_cli"),
+    )
+    .await;
+
+    let config = app.cli_config(
+        "cli-sink.toml",
+        &db,
+        &format!("[audit]\nsink = \"file:{}\"\n", sink.display()),
+    );
+    let mut child = Command::new(binary())
+        .args([
+            "users",
+            "create",
+            "breakglass",
+            "--role",
+            "admin",
+            "--config",
+        ])
+        .arg(&config)
+        .env("USER", "auditor-7")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "open-sesame-in-an-emergency").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    app.state
+        .audit
+        .record(event("operator:test", "test.after_cli", "b", at));
+    eventually(
+        Duration::from_secs(10),
+        "the instance's second record in the sink",
+        in_sink("test.after_cli"),
+    )
+    .await;
+
+    let file = std::fs::read(&sink).unwrap();
+    let (code, verdict) = python_verify(&file);
+    assert_eq!(code, 0, "{verdict}");
+    let lines = sink_lines(&sink);
+    verify_json_chain(&lines);
+    let stored = all_records(&app).await;
+    assert_eq!(lines.len(), stored.len(), "every stored record, once");
+    let created: Vec<&Value> = lines
+        .iter()
+        .filter(|r| r["action"] == "local_account.create")
+        .collect();
+    assert_eq!(created.len(), 1, "{lines:?}");
+    assert_eq!(created[0]["actor"], "operator:cli:auditor-7");
+    assert_eq!(created[0]["target"], "breakglass");
+    assert_eq!(created[0]["detail"], json!({ "roles": ["admin"] }));
 }
 
 fn joined_again(first: &[u8], second: &[u8]) -> Vec<u8> {
