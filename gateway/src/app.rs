@@ -244,6 +244,12 @@ impl Application {
                 let _ = checks.await;
             });
         }
+        // keeps `portcullis_dependency_up` current whether or not anyone calls /readyz
+        tasks.spawn(crate::readiness::probe_dependencies(
+            state.clone(),
+            crate::readiness::PROBE_EVERY,
+            shutdown.clone(),
+        ));
         tasks.spawn({
             let handle = state.metrics.clone();
             let stop = shutdown.clone();

@@ -592,6 +592,8 @@ impl KeyService {
         // present from the first scrape, at zero until a legacy-typed token comes: "stays
         // at zero" is then something a query can see
         metrics::counter!(LEGACY_TYP_METRIC).increment(0);
+        // the one writer of this label (the readiness checks write database and redis):
+        // whether the key source answered the last reload, as in `source_problem`
         metrics::gauge!("portcullis_dependency_up", "dependency" => "keys").set(
             if health.consecutive_failures == 0 {
                 1.0

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyService;
 use crate::state::AppState;
@@ -70,20 +71,51 @@ impl Check {
     }
 }
 
+/// Why one timed call failed.
+enum Failure {
+    /// It answered with an error (kept for the log, never shown).
+    Error(String),
+    /// It did not answer within [`CHECK_DEADLINE`].
+    TimedOut,
+}
+
+impl Failure {
+    /// In words safe to show.
+    fn detail(&self) -> &'static str {
+        match self {
+            Self::Error(_) => "unreachable",
+            Self::TimedOut => "timed out",
+        }
+    }
+}
+
+/// Runs one check under [`CHECK_DEADLINE`].
+async fn attempt<F, E>(fut: F) -> Result<(), Failure>
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(CHECK_DEADLINE, fut).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Failure::Error(e.to_string())),
+        Err(_) => Err(Failure::TimedOut),
+    }
+}
+
 async fn run<F, E>(name: &'static str, fut: F) -> (&'static str, Check)
 where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let check = match tokio::time::timeout(CHECK_DEADLINE, fut).await {
-        Ok(Ok(())) => Check::passed(),
-        Ok(Err(e)) => {
-            tracing::warn!(dependency = name, error = %e, "readiness check failed");
-            Check::failed("unreachable".to_owned())
+    let check = match attempt(fut).await {
+        Ok(()) => Check::passed(),
+        Err(failure) => {
+            if let Failure::Error(e) = &failure {
+                tracing::warn!(dependency = name, error = %e, "readiness check failed");
+            }
+            Check::failed(failure.detail().to_owned())
         }
-        Err(_) => Check::failed("timed out".to_owned()),
     };
-    note(name, &check);
     (name, check)
 }
 
@@ -99,7 +131,7 @@ fn keys(keys: &KeyService) -> Check {
     .flatten()
     .collect();
     let problem = (!problems.is_empty()).then(|| problems.join("; "));
-    let check = match (keys.readiness(), problem) {
+    match (keys.readiness(), problem) {
         (Err(why), problem) => {
             let detail = match problem {
                 Some(p) => format!("{why}; {p}"),
@@ -117,21 +149,12 @@ fn keys(keys: &KeyService) -> Check {
             }
         }
         (Ok(()), None) => Check::passed(),
-    };
-    note("keys", &check);
-    check
+    }
 }
 
-/// `portcullis_dependency_up`: whether the dependency answered, degraded or not.
-fn note(name: &'static str, check: &Check) {
-    metrics::gauge!("portcullis_dependency_up", "dependency" => name).set(if check.ok {
-        1.0
-    } else {
-        0.0
-    });
-}
-
-/// Runs every check.
+/// Runs every check. Sets no metric: `portcullis_dependency_up` is kept by
+/// [`probe_dependencies`] (database, Redis) and [`KeyService::record_metrics`] (keys),
+/// whether or not anyone calls `/readyz`.
 pub async fn check(state: &AppState) -> Report {
     let db = run("database", state.db.ping());
     let redis = async {
@@ -153,5 +176,64 @@ pub async fn check(state: &AppState) -> Report {
         ready,
         status: if all_ok { "ready" } else { "degraded" },
         checks,
+    }
+}
+
+/// How often each instance checks its database and Redis for `portcullis_dependency_up`.
+/// Nothing in the reference deployment calls `/readyz` (nginx checks passively), so the
+/// gauge cannot wait for it; a scrape is not made to wait for the checks either.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Checks the database and Redis every `every`, each under [`CHECK_DEADLINE`], until
+/// `stop`, and sets `portcullis_dependency_up` for them: its one writer for those two
+/// labels. Logs when a dependency stops or starts answering, not at every failed check.
+pub async fn probe_dependencies(state: AppState, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_up = BTreeMap::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let db = attempt(state.db.ping());
+        let redis = async {
+            match &state.redis {
+                Some(r) => Some(attempt(r.ping()).await),
+                None => None,
+            }
+        };
+        let (db, redis) = tokio::select! {
+            () = stop.cancelled() => return,
+            both = async { tokio::join!(db, redis) } => both,
+        };
+        note("database", &db, &mut was_up);
+        if let Some(redis) = redis {
+            note("redis", &redis, &mut was_up);
+        }
+    }
+}
+
+/// Sets `portcullis_dependency_up` for `name`, and logs a change.
+fn note(
+    name: &'static str,
+    outcome: &Result<(), Failure>,
+    was_up: &mut BTreeMap<&'static str, bool>,
+) {
+    let up = outcome.is_ok();
+    metrics::gauge!("portcullis_dependency_up", "dependency" => name).set(if up {
+        1.0
+    } else {
+        0.0
+    });
+    match (was_up.insert(name, up), outcome) {
+        (Some(true) | None, Err(Failure::Error(e))) => {
+            tracing::warn!(dependency = name, error = %e, "dependency unreachable");
+        }
+        (Some(true) | None, Err(Failure::TimedOut)) => {
+            tracing::warn!(dependency = name, deadline = ?CHECK_DEADLINE, "dependency did not answer in time");
+        }
+        (Some(false), Ok(())) => tracing::info!(dependency = name, "dependency answers again"),
+        _ => {}
     }
 }

@@ -791,3 +791,101 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
         }
     }
 }
+
+/// `portcullis_dependency_up{dependency}` in a scrape of `admin`; `None` when absent or
+/// the scrape failed.
+async fn dependency_up(admin: std::net::SocketAddr, dependency: &str) -> Option<f64> {
+    let scrape = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let series = format!("portcullis_dependency_up{{dependency=\"{dependency}\"}} ");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `portcullis_dependency_up` drops to 0 while Postgres, then Redis, is away and returns to
+/// 1 after, read from `/metrics` alone: the reference deployment never calls `/readyz`.
+#[test]
+fn dependency_gauges_follow_an_outage_without_anyone_calling_readyz() {
+    // the metrics recorder is process-wide: alone in a process, no other test's instance
+    // writes the same gauge
+    harness::run_alone("faults::dependency_gauges_capture");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run in a process of its own by dependency_gauges_follow_an_outage_without_anyone_calling_readyz"]
+async fn dependency_gauges_capture() {
+    // nginx's passive checks and systemd never call /readyz: only /metrics is read here
+    let redis = Redis::start().unwrap();
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let db = pg.fresh_database("depgauge").unwrap();
+    let redis_url = redis.url();
+    let app = spawn_app(move |c| {
+        c.database.url = SecretString::from(db);
+        c.database.acquire_timeout = Duration::from_secs(1);
+        c.redis = Some(RedisConfig {
+            url: SecretString::from(redis_url),
+            cluster: false,
+            command_timeout: Duration::from_millis(500),
+        });
+    })
+    .await;
+    let admin = app.admin;
+    let deadline = Duration::from_secs(20);
+
+    for (name, stop, start) in [
+        (
+            "database",
+            Box::new(|| pg.stop()) as Box<dyn Fn()>,
+            Box::new(|| pg.restart().unwrap()) as Box<dyn Fn()>,
+        ),
+        (
+            "redis",
+            Box::new(|| redis.stop()),
+            Box::new(|| redis.restart().unwrap()),
+        ),
+    ] {
+        assert!(
+            when(deadline, || async move {
+                dependency_up(admin, name).await == Some(1.0)
+            })
+            .await
+            .is_some(),
+            "{name}: up was never 1 before the outage: {:?}",
+            dependency_up(admin, name).await
+        );
+        tokio::task::block_in_place(&stop);
+        assert!(
+            when(deadline, || async move {
+                dependency_up(admin, name).await == Some(0.0)
+            })
+            .await
+            .is_some(),
+            "{name}: still {:?} {deadline:?} after it stopped",
+            dependency_up(admin, name).await
+        );
+        tokio::task::block_in_place(&start);
+        assert!(
+            when(deadline, || async move {
+                dependency_up(admin, name).await == Some(1.0)
+            })
+            .await
+            .is_some(),
+            "{name}: still {:?} {deadline:?} after it came back",
+            dependency_up(admin, name).await
+        );
+    }
+}
