@@ -6,12 +6,19 @@
 //! (re)connection it yields [`FeedEvent::Resync`]: the gateway then compares
 //! [`crate::Store::latest_versions`] with what it holds. On SQLite (`--dev`, a single
 //! instance) the feed is an in-process broadcast from the store.
+//!
+//! A listening connection hears nothing when the database host crashes or a VIP fails
+//! over: no reset comes, and waiting for a notification would wait forever. So a listener
+//! that has heard nothing for [`LIVENESS_INTERVAL`] runs `SELECT 1` on its connection,
+//! and one that does not answer within [`LIVENESS_DEADLINE`] is dropped and replaced like
+//! a lost one (with the Resync): a silent connection is noticed within 35 s.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgNotification, PgPoolOptions};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 use crate::model::{AppName, Environment};
 
@@ -20,6 +27,16 @@ pub const NOTIFY_CHANNEL: &str = "portcullis_config";
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How long a listener may hear nothing before its connection is checked.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long the check may take; a shorter liveness interval shortens it to the interval.
+pub const LIVENESS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long connecting and `LISTEN` may take: a new connection can meet a silent network
+/// too (an idle pooled connection to the old host, a `LISTEN` never answered).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A new release of one (environment, application).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -89,8 +106,44 @@ enum Inner {
         pool: PgPool,
         listener: Option<PgListener>,
         backoff: Duration,
+        liveness: Liveness,
     },
     Local(broadcast::Receiver<ReleaseEvent>),
+}
+
+/// When the listening connection is checked next, and since when a check is under way.
+struct Liveness {
+    every: Duration,
+    next: Instant,
+    /// Set while a check runs: its deadline counts from here even when `recv` is
+    /// cancelled and called again meanwhile.
+    checking_since: Option<Instant>,
+}
+
+impl Liveness {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            next: Instant::now() + every,
+            checking_since: None,
+        }
+    }
+
+    fn deadline(&self) -> Duration {
+        self.every.min(LIVENESS_DEADLINE)
+    }
+
+    /// The connection answered (a notification, a check, a new connection).
+    fn heard(&mut self) {
+        self.next = Instant::now() + self.every;
+        self.checking_since = None;
+    }
+}
+
+/// What the listener did first: a message, or the time to check it came.
+enum Heard {
+    Message(Result<Option<PgNotification>, sqlx::Error>),
+    CheckDue,
 }
 
 /// The feed's source is gone for good.
@@ -107,8 +160,20 @@ impl ChangeFeed {
                 pool,
                 listener: None,
                 backoff: BACKOFF_START,
+                liveness: Liveness::new(LIVENESS_INTERVAL),
             },
         }
+    }
+
+    /// Checks the listening connection after `every` without a message instead of
+    /// [`LIVENESS_INTERVAL`] (the check's deadline is then at most `every` too). Tests
+    /// shorten it; nothing on SQLite.
+    #[must_use]
+    pub fn with_liveness_interval(mut self, every: Duration) -> Self {
+        if let Inner::Postgres { liveness, .. } = &mut self.inner {
+            *liveness = Liveness::new(every);
+        }
+        self
     }
 
     pub(crate) fn local(rx: broadcast::Receiver<ReleaseEvent>) -> Self {
@@ -131,41 +196,86 @@ impl ChangeFeed {
                 pool,
                 listener,
                 backoff,
+                liveness,
             } => loop {
                 let Some(l) = listener.as_mut() else {
                     if pool.is_closed() {
                         return Err(FeedClosed);
                     }
-                    match connect(pool).await {
-                        Ok(l) => {
+                    match tokio::time::timeout(CONNECT_DEADLINE, connect(pool)).await {
+                        Ok(Ok(l)) => {
                             *listener = Some(l);
                             *backoff = BACKOFF_START;
+                            liveness.heard();
                             tracing::debug!("config change feed listening");
                             return Ok(FeedEvent::Resync);
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, retry_in = ?*backoff, "config change feed cannot listen; will retry");
+                        Ok(Err(sqlx::Error::PoolClosed)) => return Err(FeedClosed),
+                        failed => {
+                            let error = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => "no answer in time".to_owned(),
+                            };
+                            tracing::warn!(%error, retry_in = ?*backoff, "config change feed cannot listen; will retry");
                             tokio::time::sleep(*backoff).await;
                             *backoff = (*backoff * 2).min(BACKOFF_MAX);
                             continue;
                         }
                     }
                 };
-                match l.try_recv().await {
-                    Ok(Some(n)) => match ReleaseEvent::parse(n.payload()) {
-                        Some(event) => return Ok(FeedEvent::Release(event)),
-                        None => {
-                            tracing::warn!("ignoring a malformed config change notification");
-                        }
-                    },
-                    Ok(None) => {
-                        tracing::warn!("config change feed lost its connection; reconnecting");
-                        *listener = None;
+                let heard = if liveness.checking_since.is_some() {
+                    Heard::CheckDue
+                } else {
+                    tokio::select! {
+                        got = l.try_recv() => Heard::Message(got),
+                        () = tokio::time::sleep_until(liveness.next) => Heard::CheckDue,
+                        // the listener's connection is not `pool`'s: its closing is watched here
+                        () = pool.close_event() => return Err(FeedClosed),
                     }
-                    Err(sqlx::Error::PoolClosed) => return Err(FeedClosed),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "config change feed failed; reconnecting");
-                        *listener = None;
+                };
+                match heard {
+                    Heard::Message(got) => {
+                        liveness.heard();
+                        match got {
+                            Ok(Some(n)) => match ReleaseEvent::parse(n.payload()) {
+                                Some(event) => return Ok(FeedEvent::Release(event)),
+                                None => {
+                                    tracing::warn!(
+                                        "ignoring a malformed config change notification"
+                                    );
+                                }
+                            },
+                            Ok(None) => {
+                                tracing::warn!(
+                                    "config change feed lost its connection; reconnecting"
+                                );
+                                *listener = None;
+                            }
+                            Err(sqlx::Error::PoolClosed) => return Err(FeedClosed),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "config change feed failed; reconnecting");
+                                *listener = None;
+                            }
+                        }
+                    }
+                    Heard::CheckDue => {
+                        let since = *liveness.checking_since.get_or_insert_with(Instant::now);
+                        let check = sqlx::query("SELECT 1").execute(&mut *l);
+                        match tokio::time::timeout_at(since + liveness.deadline(), check).await {
+                            Ok(Ok(_)) => liveness.heard(),
+                            Ok(Err(sqlx::Error::PoolClosed)) => return Err(FeedClosed),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "config change feed's connection failed its check; reconnecting");
+                                *listener = None;
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    deadline = ?liveness.deadline(),
+                                    "config change feed's connection did not answer its check in time (database host or network gone?); reconnecting"
+                                );
+                                *listener = None;
+                            }
+                        }
                     }
                 }
             },
@@ -173,8 +283,17 @@ impl ChangeFeed {
     }
 }
 
+/// A listener on a new connection of its own, made with `pool`'s options: not one of
+/// `pool`'s, which after a failover may be idle connections to the old host, and which
+/// a listener dropped for its silence would hold (its `UNLISTEN` waits for an answer)
+/// until TCP gives up on it, minutes later.
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let mut listener = PgListener::connect_with(&own).await?;
+    // a lost connection is replaced by `recv`, which yields the Resync
+    listener.eager_reconnect(false);
     listener.listen(NOTIFY_CHANNEL).await?;
     Ok(listener)
 }
