@@ -46,12 +46,14 @@ pub enum DbError {
 /// data has gone unacknowledged for 25 s (on Linux it also decides when unanswered
 /// probes end it: after 25 s). A live client's kernel answers probes however idle the
 /// client is. Ignored on a Unix socket.
-const DEAD_CLIENT_DETECTION: [(&str, &str); 4] = [
-    ("tcp_keepalives_idle", "10"),
-    ("tcp_keepalives_interval", "5"),
-    ("tcp_keepalives_count", "3"),
-    ("tcp_user_timeout", "25000"),
-];
+///
+/// Set by `SET` once a connection is open, not in the startup packet's `options`: a
+/// pooler in between (PgBouncer) refuses a startup `options` it was not told to ignore,
+/// and a server that lacks a setting (`tcp_user_timeout` before Postgres 12) would refuse
+/// the connection. Here such a failure is logged and the connection used all the same.
+const DEAD_CLIENT_DETECTION: &str = "SET tcp_keepalives_idle = 10; \
+     SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; \
+     SET tcp_user_timeout = 25000";
 
 /// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both
 /// backends. (The arms are type-checked separately, so `$body` may be generic over the
@@ -99,15 +101,27 @@ impl Database {
                     .connect_lazy_with(opts),
             )
         } else {
-            let opts = PgConnectOptions::from_str(url)
-                .map_err(|_| DbError::Url)?
-                .options(DEAD_CLIENT_DETECTION);
+            let opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url)?;
             Pool::Postgres(
                 PgPoolOptions::new()
                     .max_connections(config.max_connections)
                     // replaced when idle or old connections are closed (every 10 min)
                     .min_connections(config.min_connections)
                     .acquire_timeout(config.acquire_timeout)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            if let Err(e) =
+                                sqlx::Executor::execute(conn, DEAD_CLIENT_DETECTION).await
+                            {
+                                tracing::warn!(
+                                    error = %e,
+                                    "the server did not take the dead-client detection \
+                                     settings; a vanished instance's session may outlive it"
+                                );
+                            }
+                            Ok(())
+                        })
+                    })
                     .connect_lazy_with(opts),
             )
         };
