@@ -176,7 +176,10 @@ pub struct DevCredentials {
 
 /// Creates the bootstrap admin client on first start and writes its id and secret to
 /// `dev-credentials.json` (mode 0600) — as a Vault dev server hands out its root token.
-/// On later starts the file is left as it is.
+/// On later starts the file is left as it is; when it is gone, the admin client's secret
+/// is rotated (the old one ends at once: it is nowhere to be read any more, but may have
+/// been copied) and the file written again, so that `--dev` always starts with
+/// credentials at hand.
 pub async fn bootstrap_admin(
     state: &crate::state::AppState,
     data_dir: &Path,
@@ -196,19 +199,47 @@ pub async fn bootstrap_admin(
         .bootstrap_admin(state.keys.now())
         .await
         .map_err(|e| format!("creating the bootstrap admin client: {e}"))?;
-    if let Some((id, secret)) = created {
+    let secret = match created {
+        Some((_, secret)) => Some(secret),
+        None if !path.is_file() => {
+            let id = crate::clients::ClientId::parse(crate::clients::ADMIN_CLIENT_ID)
+                .map_err(|e| e.to_string())?;
+            let now = state.keys.now();
+            let secret = state
+                .clients
+                .rotate_secret(&id, Duration::ZERO, now)
+                .await
+                .map_err(|e| format!("rotating the bootstrap admin client's secret: {e}"))?;
+            state.audit.record(crate::audit::AuditEvent {
+                at: now,
+                actor: "operator:dev".to_owned(),
+                action: "client.rotate_secret".to_owned(),
+                target: id.to_string(),
+                source_ip: None,
+                detail: serde_json::json!({
+                    "overlap": "0s",
+                    "previous_secret_expires_at": null,
+                    "reason": "dev-credentials.json was gone",
+                })
+                .into(),
+            });
+            tracing::warn!(
+                path = %path.display(),
+                "dev-credentials.json was gone: the bootstrap admin client's secret was \
+                 rotated and the file written again"
+            );
+            Some(secret)
+        }
+        None => None,
+    };
+    if let Some(secret) = secret {
         let json = serde_json::json!({
-            "client_id": id.as_str(),
+            "client_id": crate::clients::ADMIN_CLIENT_ID,
             "client_secret": secret.expose_secret(),
             "token_endpoint": format!("{}/oauth2/token", state.config.issuer()),
         });
         let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
         write_private(&path, text.as_bytes()).map_err(|e| e.to_string())?;
-    } else if !path.is_file() {
-        return Err(format!(
-            "the admin client exists but {} is gone; rotate its secret with the admin API",
-            path.display()
-        ));
     }
     Ok(DevCredentials {
         client_id: crate::clients::ADMIN_CLIENT_ID.to_owned(),

@@ -181,6 +181,82 @@ async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
     .await;
 }
 
+/// `serve --dev` whose `dev-credentials.json` was deleted starts all the same: the
+/// bootstrap admin's secret is rotated (the lost one ends) and the file written again.
+/// Before, it refused to start and sent the operator to an admin API it had not started.
+#[tokio::test]
+async fn serve_dev_writes_new_credentials_when_the_file_is_gone() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("dev-credentials.json");
+    let run = || {
+        let (https, admin) = (harness::free_port(), harness::free_port());
+        let child = Child::spawn(&[
+            "serve",
+            "--dev",
+            "--listen",
+            &format!("127.0.0.1:{https}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ]);
+        (child, https)
+    };
+    let credentials = |file: std::path::PathBuf| async move {
+        eventually(Duration::from_secs(30), "dev-credentials.json", || {
+            let file = file.clone();
+            async move { file.is_file() }
+        })
+        .await;
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        (
+            json["client_id"].as_str().unwrap().to_owned(),
+            json["client_secret"].as_str().unwrap().to_owned(),
+        )
+    };
+    let token_status = |https: u16, id: String, secret: String| {
+        let cert = std::fs::read(data.path().join("cert.pem")).unwrap();
+        async move {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+                .build()
+                .unwrap();
+            client
+                .post(format!("https://localhost:{https}/oauth2/token"))
+                .basic_auth(id, Some(secret))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+
+    let (mut first, https) = run();
+    let (id, old) = credentials(file.clone()).await;
+    wait_for_port(format!("127.0.0.1:{https}").parse().unwrap()).await;
+    assert_eq!(token_status(https, id.clone(), old.clone()).await, 200);
+    first.signal("TERM");
+    assert!(first.wait(Duration::from_secs(40)).await.is_some());
+
+    std::fs::remove_file(&file).unwrap();
+    let (second, https) = run();
+    let (again, new) = credentials(file.clone()).await;
+    assert_eq!(again, id);
+    assert_ne!(new, old);
+    wait_for_port(format!("127.0.0.1:{https}").parse().unwrap()).await;
+    assert_eq!(token_status(https, id.clone(), new).await, 200);
+    assert_eq!(token_status(https, id, old).await, 401);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "readable by others: {mode:o}");
+    }
+    assert!(second.output().contains("dev-credentials.json was gone"));
+}
+
 // === `portcullis config export` and `import` ===
 
 /// Runs `portcullis config <args>` against `app` with a token of `scope`.
