@@ -129,8 +129,9 @@ pub(super) enum ClientsCommand {
 /// Which instances' database (and Redis) to act on.
 #[derive(Debug, Args)]
 pub(super) struct Target {
-    /// Configuration file of the instances whose clients to manage.
-    #[arg(long, short = 'c', env = "PORTCULLIS_CONFIG", conflicts_with = "dev")]
+    /// Configuration file of the instances whose clients to manage [default:
+    /// PORTCULLIS_CONFIG, unless --dev].
+    #[arg(long, short = 'c', conflicts_with = "dev")]
     config: Option<PathBuf>,
     /// Use the database of a `serve --dev` data directory.
     #[arg(long)]
@@ -223,11 +224,9 @@ pub(super) fn load_config(target: &Target) -> Result<Config, String> {
         let admin = config::ServerConfig::default().admin_listen;
         dev::dev_config(&target.data_dir, dev::DEFAULT_LISTEN, admin).map_err(|e| e.to_string())
     } else {
-        let file = target
-            .config
-            .as_ref()
+        let file = super::config_file(target.config.as_ref(), false)
             .ok_or("pass --config FILE (or PORTCULLIS_CONFIG), or --dev")?;
-        config::load(file, std::env::vars()).map_err(|e| e.to_string())
+        config::load(&file, std::env::vars()).map_err(|e| e.to_string())
     }
 }
 

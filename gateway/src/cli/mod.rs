@@ -100,8 +100,9 @@ enum KeysCommand {
 
 #[derive(Debug, Args)]
 struct KeysTarget {
-    /// Configuration file of the instances whose ring to use.
-    #[arg(long, short = 'c', env = "PORTCULLIS_CONFIG", conflicts_with = "dev")]
+    /// Configuration file of the instances whose ring to use [default: PORTCULLIS_CONFIG,
+    /// unless --dev].
+    #[arg(long, short = 'c', conflicts_with = "dev")]
     config: Option<PathBuf>,
     /// Use the ring of a `serve --dev` data directory.
     #[arg(long)]
@@ -113,8 +114,8 @@ struct KeysTarget {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Configuration file (TOML).
-    #[arg(long, short = 'c', env = "PORTCULLIS_CONFIG", conflicts_with = "dev")]
+    /// Configuration file (TOML) [default: PORTCULLIS_CONFIG, unless --dev].
+    #[arg(long, short = 'c', conflicts_with = "dev")]
     config: Option<PathBuf>,
     /// Run everything locally with no external service (SQLite, local key ring,
     /// in-process stores, a self-signed certificate).
@@ -222,6 +223,19 @@ fn quiet_logging() {
 }
 
 /// Builds a runtime, or says why not and gives the exit status.
+/// The configuration file: `--config`, else `PORTCULLIS_CONFIG` unless `--dev` (read here,
+/// not by clap, so that an exported `PORTCULLIS_CONFIG` does not make `--dev` a conflict;
+/// `--config` and `--dev` together still are).
+pub(super) fn config_file(given: Option<&PathBuf>, dev: bool) -> Option<PathBuf> {
+    match given {
+        Some(file) => Some(file.clone()),
+        None if dev => None,
+        None => std::env::var_os("PORTCULLIS_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
+    }
+}
+
 fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
     builder.enable_all().build().map_err(|e| {
         eprintln!("portcullis: cannot start the runtime: {e}");
@@ -239,11 +253,11 @@ fn serve_config(args: &ServeArgs) -> Result<Config, String> {
             .unwrap_or(config::ServerConfig::default().admin_listen);
         dev::dev_config(&args.data_dir, listen, admin).map_err(|e| e.to_string())?
     } else {
-        let file = args.config.as_ref().ok_or(
+        let file = config_file(args.config.as_ref(), false).ok_or(
             "no configuration: pass --config FILE (or PORTCULLIS_CONFIG), or --dev to run \
              locally with no external service",
         )?;
-        config::load(file, std::env::vars()).map_err(|e| e.to_string())?
+        config::load(&file, std::env::vars()).map_err(|e| e.to_string())?
     };
     if let Some(listen) = args.listen {
         config.server.listen = listen;
@@ -331,11 +345,9 @@ fn keys_config(target: &KeysTarget) -> Result<Config, String> {
         let admin = config::ServerConfig::default().admin_listen;
         dev::dev_config(&target.data_dir, dev::DEFAULT_LISTEN, admin).map_err(|e| e.to_string())
     } else {
-        let file = target
-            .config
-            .as_ref()
+        let file = config_file(target.config.as_ref(), false)
             .ok_or("pass --config FILE (or PORTCULLIS_CONFIG), or --dev")?;
-        config::load(file, std::env::vars()).map_err(|e| e.to_string())
+        config::load(&file, std::env::vars()).map_err(|e| e.to_string())
     }
 }
 
@@ -456,8 +468,8 @@ fn retry_command(
     );
     // the same ring: the configuration file used (also when it came from
     // PORTCULLIS_CONFIG), or the --dev data directory
-    match &target.config {
-        Some(file) if !target.dev => {
+    match config_file(target.config.as_ref(), target.dev) {
+        Some(file) => {
             command.push_str(" --config ");
             command.push_str(&shell_quote(&file.to_string_lossy()));
         }

@@ -257,6 +257,41 @@ async fn serve_dev_writes_new_credentials_when_the_file_is_gone() {
     assert!(second.output().contains("dev-credentials.json was gone"));
 }
 
+/// An exported `PORTCULLIS_CONFIG` (an operator's shell, a unit file) is the default of
+/// `--config`, and does not turn `--dev` into a usage error; `--config` given with `--dev`
+/// still is one.
+#[test]
+fn portcullis_config_in_the_environment_leaves_dev_usable() {
+    let data = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(binary())
+            .args(args)
+            .env("PORTCULLIS_CONFIG", "/nonexistent/portcullis.toml")
+            .output()
+            .unwrap()
+    };
+    let dir = data.path().to_str().unwrap();
+    let dev = run(&["clients", "list", "--dev", "--data-dir", dir]);
+    assert!(
+        dev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dev.stderr)
+    );
+    let from_env = run(&["clients", "list"]);
+    assert_eq!(from_env.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&from_env.stderr).contains("/nonexistent/portcullis.toml"));
+    let both = run(&[
+        "clients",
+        "list",
+        "--dev",
+        "--config",
+        "/x.toml",
+        "--data-dir",
+        dir,
+    ]);
+    assert_eq!(both.status.code(), Some(2));
+}
+
 // === `portcullis config export` and `import` ===
 
 /// Runs `portcullis config <args>` against `app` with a token of `scope`.
