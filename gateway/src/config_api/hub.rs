@@ -337,9 +337,15 @@ pub struct ConfigHub {
     store: Store,
     keys: KeyService,
     slots: Arc<Slots>,
-    // one load at a time per instance: a burst of notes for one release reads it once
-    loading: Arc<tokio::sync::Mutex<()>>,
+    // one load at a time per (environment, application): a burst of notes for one
+    // release reads it once, and a load never swaps in what it read over a newer one. Per
+    // application (by stripe), not per instance: while the database is slow or away, a
+    // read of one application must not queue behind the loads of every other
+    loading: Arc<[tokio::sync::Mutex<()>; LOAD_STRIPES]>,
 }
+
+/// How many load locks an instance has; applications share them by hash.
+const LOAD_STRIPES: usize = 64;
 
 impl std::fmt::Debug for ConfigHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -354,7 +360,7 @@ impl ConfigHub {
             store,
             keys,
             slots: Arc::default(),
-            loading: Arc::new(tokio::sync::Mutex::new(())),
+            loading: Arc::new(std::array::from_fn(|_| tokio::sync::Mutex::new(()))),
         }
     }
 
@@ -371,6 +377,17 @@ impl ConfigHub {
 
     fn key(env: &Environment, app: &AppName) -> Key {
         (env.to_string(), app.to_string())
+    }
+
+    /// The load lock of (env, app).
+    fn loading(&self, env: &str, app: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (env, app).hash(&mut h);
+        // the remainder is below LOAD_STRIPES, so the cast back loses nothing
+        #[allow(clippy::cast_possible_truncation)]
+        let stripe = (h.finish() % LOAD_STRIPES as u64) as usize;
+        &self.loading[stripe]
     }
 
     fn existing_slot(&self, env: &str, app: &str) -> Option<Slot> {
@@ -394,7 +411,7 @@ impl ConfigHub {
         if self.signed_currently(&held) {
             return Ok(held);
         }
-        Ok(self.resign(&slot).await)
+        Ok(self.resign(env, app, &slot).await)
     }
 
     /// A receiver that sees every change of (env, app) from now on, primed with what is
@@ -410,7 +427,7 @@ impl ConfigHub {
         if held.main.is_none() {
             self.load(env, app, &slot).await?;
         } else if !self.signed_currently(&held) {
-            self.resign(&slot).await;
+            self.resign(env, app, &slot).await;
         }
         // primed with what is held now, as a receiver made here would be
         subscription.borrow_and_update();
@@ -426,8 +443,8 @@ impl ConfigHub {
     /// Signs what `slot` holds again where its signature is not current, and swaps the
     /// result in (watchers see the same versions, so nothing is sent to them). Needs no
     /// database: the held bytes are signed again.
-    async fn resign(&self, slot: &Slot) -> Arc<Held> {
-        let _one_at_a_time = self.loading.lock().await;
+    async fn resign(&self, env: &Environment, app: &AppName, slot: &Slot) -> Arc<Held> {
+        let _one_at_a_time = self.loading(env.as_str(), app.as_str()).lock().await;
         let held = slot.borrow().clone();
         let (generation, now) = (self.keys.keys().generation(), self.keys.now());
         if held.signed_currently(generation, now) {
@@ -504,7 +521,7 @@ impl ConfigHub {
         app: &AppName,
         slot: &Slot,
     ) -> Result<Arc<Held>, HubError> {
-        let _one_at_a_time = self.loading.lock().await;
+        let _one_at_a_time = self.loading(env.as_str(), app.as_str()).lock().await;
         let held = slot.borrow().clone();
         let main_version = self.store.current_version(env, app).await?;
         let gray_version = self

@@ -889,3 +889,53 @@ async fn dependency_gauges_capture() {
         );
     }
 }
+
+/// While Postgres is away, reads of applications this instance does not hold yet (right
+/// after a restart, say) each answer 503 within about one `database.acquire_timeout`.
+/// Their loads took one instance-wide lock in turn before, so the tenth waited ten
+/// timeouts and later ones ran into the request timeout (408) instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_unheld_applications_answer_503_side_by_side_while_the_database_is_away() {
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let db = pg.fresh_database("unheld").unwrap();
+    let app = spawn_app(move |c| {
+        c.database.url = SecretString::from(db);
+        c.database.acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let token = super::config_api::token(&app, "config:read:prod");
+    let http = app.https_client();
+    // the schema in place before the outage
+    let ok = http
+        .get(app.url("/config/v1/prod/never-written"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::NOT_FOUND);
+    tokio::task::block_in_place(|| pg.stop());
+
+    let started = Instant::now();
+    let reads: Vec<_> = (0..10)
+        .map(|i| {
+            let request = http
+                .get(app.url(&format!("/config/v1/prod/executor-{i}")))
+                .bearer_auth(&token);
+            tokio::spawn(async move {
+                let status = request.send().await.unwrap().status();
+                (status, started.elapsed())
+            })
+        })
+        .collect();
+    for (i, read) in reads.into_iter().enumerate() {
+        let (status, took) = read.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "executor-{i}");
+        assert!(
+            took < Duration::from_secs(5),
+            "executor-{i} answered after {took:?}"
+        );
+    }
+}
