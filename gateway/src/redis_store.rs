@@ -90,9 +90,15 @@ impl RedisHandle {
         self.timeout
     }
 
-    /// A connection, establishing it on first use.
+    /// A connection, establishing it on first use. Waiting for another caller's attempt
+    /// counts against the same `redis.command_timeout` as this one's own: while Redis
+    /// cannot be reached, callers do not queue behind one another's attempts for a
+    /// timeout each, they answer 503 within one.
     pub async fn connection(&self) -> Result<RedisConn, RedisError> {
-        let mut guard = self.conn.lock().await;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut guard = tokio::time::timeout_at(deadline, self.conn.lock())
+            .await
+            .map_err(|_| RedisError::Timeout)?;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
@@ -102,8 +108,8 @@ impl RedisHandle {
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(1);
-                let manager = tokio::time::timeout(
-                    self.timeout,
+                let manager = tokio::time::timeout_at(
+                    deadline,
                     ConnectionManager::new_with_config(client.clone(), config),
                 )
                 .await
@@ -111,7 +117,7 @@ impl RedisHandle {
                 RedisConn::Single(manager)
             }
             Client::Cluster(client) => {
-                let conn = tokio::time::timeout(self.timeout, client.get_async_connection())
+                let conn = tokio::time::timeout_at(deadline, client.get_async_connection())
                     .await
                     .map_err(|_| RedisError::Timeout)??;
                 RedisConn::Cluster(conn)
@@ -166,6 +172,50 @@ impl RedisHandle {
             Ok(())
         } else {
             Err(RedisError::UnexpectedReply)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A Redis that accepts connections and never answers (a host gone behind a
+    /// balancer, a dropped route): callers waiting on one another's connection attempt
+    /// each answer within one timeout, not one timeout per caller ahead of them.
+    #[tokio::test]
+    async fn callers_fail_within_one_timeout_however_many_wait_for_a_connection() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        // keep what connects, answer nothing
+        let _held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let handle = RedisHandle::new(&RedisConfig {
+            url: secrecy::SecretString::from(format!("redis://{addr}")),
+            cluster: false,
+            command_timeout: timeout,
+        })
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    let result = handle.connection().await.map(|_| ());
+                    (result, started.elapsed())
+                })
+            })
+            .collect();
+        for caller in callers {
+            let (result, took) = caller.await.unwrap();
+            assert!(result.is_err());
+            assert!(took < timeout * 3, "a caller waited {took:?}");
         }
     }
 }
