@@ -127,10 +127,15 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
     let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
     wait_for_port(admin_addr).await;
 
-    // the migration task holds the first database connection; the readiness probe opens
-    // the second, which is how we know the request is in flight (`min_connections = 0`
+    // the migration task holds the first database connection, and the instance's own
+    // dependency probe (every 5 s, the first at start) tries another; the readiness
+    // request opens the next, which is how we know it is in flight (`min_connections = 0`
     // above: the pool opens no connection of its own in the background)
     accepted.recv().await.unwrap();
+    while tokio::time::timeout(Duration::from_millis(500), accepted.recv())
+        .await
+        .is_ok()
+    {}
     let client = reqwest::Client::new();
     let probe = tokio::spawn(async move {
         client
@@ -141,6 +146,8 @@ async fn sigterm_stops_the_binary_cleanly_after_answering_an_in_flight_request()
     tokio::time::timeout(Duration::from_secs(10), accepted.recv())
         .await
         .expect("the readiness probe never reached the database");
+    // its handler is waiting on the database (for up to its 2 s check deadline)
+    tokio::time::sleep(Duration::from_millis(300)).await;
     child.signal("TERM");
     let response = probe
         .await
