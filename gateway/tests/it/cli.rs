@@ -77,9 +77,9 @@ fn serve_refuses_a_missing_certificate_file_before_binding() {
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
 }
 
-#[tokio::test]
-async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
-    let data = tempfile::tempdir().unwrap();
+/// `serve --dev` on free ports with its data in `data`: the process, the HTTPS port and
+/// the admin port.
+fn serve_dev(data: &std::path::Path) -> (Child, u16, u16) {
     let (https, admin) = (harness::free_port(), harness::free_port());
     let child = Child::spawn(&[
         "serve",
@@ -89,8 +89,15 @@ async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
         "--admin-listen",
         &format!("127.0.0.1:{admin}"),
         "--data-dir",
-        data.path().to_str().unwrap(),
+        data.to_str().unwrap(),
     ]);
+    (child, https, admin)
+}
+
+#[tokio::test]
+async fn serve_dev_speaks_tls13_and_answers_health_readiness_and_metrics() {
+    let data = tempfile::tempdir().unwrap();
+    let (child, https, admin) = serve_dev(data.path());
     let admin_url = format!("http://127.0.0.1:{admin}");
     wait_for_port(format!("127.0.0.1:{admin}").parse().unwrap()).await;
 
@@ -189,17 +196,7 @@ async fn serve_dev_writes_new_credentials_when_the_file_is_gone() {
     let data = tempfile::tempdir().unwrap();
     let file = data.path().join("dev-credentials.json");
     let run = || {
-        let (https, admin) = (harness::free_port(), harness::free_port());
-        let child = Child::spawn(&[
-            "serve",
-            "--dev",
-            "--listen",
-            &format!("127.0.0.1:{https}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--data-dir",
-            data.path().to_str().unwrap(),
-        ]);
+        let (child, https, _) = serve_dev(data.path());
         (child, https)
     };
     let credentials = |file: std::path::PathBuf| async move {

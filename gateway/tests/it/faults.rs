@@ -795,22 +795,11 @@ async fn each_dependency_outage_degrades_only_its_features_and_recovers_by_itsel
 /// `portcullis_dependency_up{dependency}` in a scrape of `admin`; `None` when absent or
 /// the scrape failed.
 async fn dependency_up(admin: std::net::SocketAddr, dependency: &str) -> Option<f64> {
-    let scrape = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let series = format!("portcullis_dependency_up{{dependency=\"{dependency}\"}} ");
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
+    scraped(
+        admin,
+        &format!("portcullis_dependency_up{{dependency=\"{dependency}\"}}"),
+    )
+    .await
 }
 
 /// `portcullis_dependency_up` drops to 0 while Postgres, then Redis, is away and returns to
@@ -858,35 +847,22 @@ async fn dependency_gauges_capture() {
             Box::new(|| redis.restart().unwrap()),
         ),
     ] {
-        assert!(
-            when(deadline, || async move {
-                dependency_up(admin, name).await == Some(1.0)
-            })
-            .await
-            .is_some(),
-            "{name}: up was never 1 before the outage: {:?}",
-            dependency_up(admin, name).await
-        );
+        let reaches = |value: f64, when_: &'static str| async move {
+            assert!(
+                when(deadline, || async move {
+                    dependency_up(admin, name).await == Some(value)
+                })
+                .await
+                .is_some(),
+                "{name}: not {value} within {deadline:?} {when_}: {:?}",
+                dependency_up(admin, name).await
+            );
+        };
+        reaches(1.0, "before the outage").await;
         tokio::task::block_in_place(&stop);
-        assert!(
-            when(deadline, || async move {
-                dependency_up(admin, name).await == Some(0.0)
-            })
-            .await
-            .is_some(),
-            "{name}: still {:?} {deadline:?} after it stopped",
-            dependency_up(admin, name).await
-        );
+        reaches(0.0, "after it stopped").await;
         tokio::task::block_in_place(&start);
-        assert!(
-            when(deadline, || async move {
-                dependency_up(admin, name).await == Some(1.0)
-            })
-            .await
-            .is_some(),
-            "{name}: still {:?} {deadline:?} after it came back",
-            dependency_up(admin, name).await
-        );
+        reaches(1.0, "after it came back").await;
     }
 }
 

@@ -705,18 +705,8 @@ async fn readyz(admin: SocketAddr) -> (u16, Value) {
 
 /// `portcullis_upstream_healthy{node="<addr>"}` of one process, if it reports it.
 async fn node_healthy(admin: SocketAddr, node: SocketAddr) -> Option<bool> {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let text = http
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let key = format!("portcullis_upstream_healthy{{node=\"{node}\"}} ");
-    let line = text.lines().find(|l| l.starts_with(&key))?;
-    Some(line[key.len()..].trim() == "1")
+    let series = format!("portcullis_upstream_healthy{{node=\"{node}\"}}");
+    scraped(admin, &series).await.map(|v| v == 1.0)
 }
 
 /// Polls `probe` every 20 ms until it holds (or `deadline` passes): the moment it first

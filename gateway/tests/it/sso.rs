@@ -801,13 +801,7 @@ async fn a_return_url_with_any_encoded_byte_in_its_query_is_kept() {
     let f = SsoFixture::start(|_| {}).await;
     // a log search for a Windows path, a multi-line pattern and a Latin-1 byte
     let target = "/logs?path=C%3A%5Cjobs%5Cout.log&pattern=a%0Ab&q=%FF";
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("redirect", target)
-        .finish();
-    let callback = f
-        .login_at_idp(&format!("?{query}"), "alice", "alice-correct-horse")
-        .await;
-    let response = f.browser.get(callback).send().await.unwrap();
+    let response = log_in_returning_to(&f, target).await;
     assert_eq!(response.status(), StatusCode::FOUND);
     assert_eq!(response.headers()[header::LOCATION], target);
     // the same bytes in the path still count as a way off the site
@@ -816,18 +810,23 @@ async fn a_return_url_with_any_encoded_byte_in_its_query_is_kept() {
     }
 }
 
+/// alice logs in with `redirect` as the return URL: the callback's answer.
+async fn log_in_returning_to(f: &SsoFixture, redirect: &str) -> reqwest::Response {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("redirect", redirect)
+        .finish();
+    let callback = f
+        .login_at_idp(&format!("?{query}"), "alice", "alice-correct-horse")
+        .await;
+    f.browser.get(callback).send().await.unwrap()
+}
+
 /// A return URL with letters beyond ASCII (a search typed into the console) comes back
 /// percent-encoded, and the login completes: a `Location` header carries ASCII only.
 #[tokio::test]
 async fn a_return_url_with_letters_beyond_ascii_comes_back_encoded() {
     let f = SsoFixture::start(|_| {}).await;
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("redirect", "/jobs/\u{e9}t\u{e9}?q=caf\u{e9}")
-        .finish();
-    let callback = f
-        .login_at_idp(&format!("?{query}"), "alice", "alice-correct-horse")
-        .await;
-    let response = f.browser.get(callback).send().await.unwrap();
+    let response = log_in_returning_to(&f, "/jobs/\u{e9}t\u{e9}?q=caf\u{e9}").await;
     assert_eq!(response.status(), StatusCode::FOUND);
     assert_eq!(
         response.headers()[header::LOCATION],

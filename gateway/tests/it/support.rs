@@ -541,6 +541,26 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// The value of `series` (as [`sample`] takes it) in a scrape of the admin listener
+/// `admin`; `None` when absent or the scrape failed.
+pub async fn scraped(admin: SocketAddr, series: &str) -> Option<f64> {
+    let scrape = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The names of the cookies a response clears (`Max-Age=0`).
 pub fn cleared_cookies(response: &reqwest::Response) -> Vec<String> {
     response
