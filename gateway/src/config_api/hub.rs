@@ -687,7 +687,12 @@ impl ConfigHub {
                     self.on_release(&e).await;
                     false
                 }
-                Ok(config_center::FeedEvent::Resync) => true,
+                Ok(config_center::FeedEvent::Resync) => {
+                    // one when the feed first listens; each later one is a reconnection
+                    // (or a lag) after which notes may have been missed
+                    metrics::counter!("portcullis_config_feed_resyncs_total").increment(1);
+                    true
+                }
                 Err(_) => {
                     // the pool is closed (shutting down): rely on the reconcile alone
                     tracing::warn!("config change feed closed; relying on the periodic reconcile");
