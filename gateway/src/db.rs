@@ -51,9 +51,14 @@ pub enum DbError {
 /// pooler in between (PgBouncer) refuses a startup `options` it was not told to ignore,
 /// and a server that lacks a setting (`tcp_user_timeout` before Postgres 12) would refuse
 /// the connection. Here such a failure is logged and the connection used all the same.
-const DEAD_CLIENT_DETECTION: &str = "SET tcp_keepalives_idle = 10; \
-     SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; \
-     SET tcp_user_timeout = 25000";
+/// One statement each: sent together they would run as one implicit transaction, and one
+/// refused setting would undo the others.
+const DEAD_CLIENT_DETECTION: [&str; 4] = [
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 5",
+    "SET tcp_keepalives_count = 3",
+    "SET tcp_user_timeout = 25000",
+];
 
 /// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both
 /// backends. (The arms are type-checked separately, so `$body` may be generic over the
@@ -110,14 +115,15 @@ impl Database {
                     .acquire_timeout(config.acquire_timeout)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
-                            if let Err(e) =
-                                sqlx::Executor::execute(conn, DEAD_CLIENT_DETECTION).await
-                            {
-                                tracing::warn!(
-                                    error = %e,
-                                    "the server did not take the dead-client detection \
-                                     settings; a vanished instance's session may outlive it"
-                                );
+                            for set in DEAD_CLIENT_DETECTION {
+                                if let Err(e) = sqlx::Executor::execute(&mut *conn, set).await {
+                                    tracing::warn!(
+                                        setting = set,
+                                        error = %e,
+                                        "the server did not take a dead-client detection \
+                                         setting; a vanished instance's session may outlive it"
+                                    );
+                                }
                             }
                             Ok(())
                         })
