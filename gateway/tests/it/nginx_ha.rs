@@ -64,32 +64,32 @@ pub struct Edge {
 
 impl Edge {
     pub async fn start(certs: &Certs, instances: [SocketAddr; 3]) -> Self {
-        Self::start_with(certs, instances, &[]).await
+        Self::start_with(certs, instances, None).await
     }
 
-    /// Like [`Edge::start`], with some of the template's tunable placeholders set to
-    /// values of the test's own (e.g. a `READ_TIMEOUT` a test can outwait); the others
-    /// keep their documented defaults.
+    /// Like [`Edge::start`], with the template's ordinary read timeout (35 s) set to
+    /// `read_timeout`, one a test can outwait.
     pub async fn start_with(
         certs: &Certs,
         instances: [SocketAddr; 3],
-        overrides: &[(&str, &str)],
+        read_timeout: Option<&str>,
     ) -> Self {
         let edge_leaf = certs.pki.leaf();
         let path = |p: PathBuf| p.display().to_string();
         let listen = harness::free_port();
-        let tunable = |name: &str, default: &str| {
-            let value = overrides
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(default, |(_, v)| v);
-            value.to_owned()
+        let line = "proxy_read_timeout 35s;";
+        assert_eq!(
+            TEMPLATE.matches(line).count(),
+            1,
+            "the template's read timeout"
+        );
+        let template = match read_timeout {
+            Some(t) => TEMPLATE.replace(line, &format!("proxy_read_timeout {t};")),
+            None => TEMPLATE.to_owned(),
         };
         let config = render_template(
-            TEMPLATE,
+            &template,
             &[
-                // the defaults README.md documents
-                ("READ_TIMEOUT", tunable("READ_TIMEOUT", "35s")),
                 ("LISTEN", format!("127.0.0.1:{listen}")),
                 ("SERVER_NAME", "localhost".to_owned()),
                 (
@@ -816,7 +816,7 @@ async fn websockets_and_event_streams_outlast_the_edge_read_timeout_unbuffered()
     })
     .await;
     // ordinary responses get 2 s at this nginx; the streams below stay quiet for longer
-    let edge = Edge::start_with(&certs, [app.https; 3], &[("READ_TIMEOUT", "2s")]).await;
+    let edge = Edge::start_with(&certs, [app.https; 3], Some("2s")).await;
     const QUIET: Duration = Duration::from_secs(5);
 
     let websocket = async {
