@@ -113,6 +113,13 @@ impl ClientCache {
         Lookup::Miss
     }
 
+    /// Whether the entry of `id` was read from the database less than `age` ago.
+    pub fn read_within(&self, id: &str, age: Duration) -> bool {
+        self.entries
+            .read()
+            .is_ok_and(|entries| entries.get(id).is_some_and(|e| e.read_at.elapsed() < age))
+    }
+
     /// Remembers `client`, read just now by a read that took `ticket` before it started;
     /// unless an entry was forgotten since (a write may have committed after the read).
     pub fn put(&self, client: &Arc<Client>, ticket: ReadTicket) {

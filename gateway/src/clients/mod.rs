@@ -29,7 +29,7 @@ pub use grant::GrantType;
 pub use id::ClientId;
 pub use scope::{Scope, ScopeSet};
 pub use secret::SECRET_PREFIX;
-pub use store::{ADMIN_CLIENT_ID, ADMIN_SCOPE, ClientStore};
+pub use store::{ADMIN_CLIENT_ID, ADMIN_SCOPE, ClientStore, REREAD_AFTER};
 
 use secret::SecretHashes;
 

@@ -50,6 +50,10 @@ struct ClientRow {
     updated_at_unix_ms: i64,
 }
 
+/// A cached client record that refuses credentials is read again only when it is at least
+/// this old (see [`ClientStore::authenticate`]).
+pub const REREAD_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 // === impl ClientStore ===
 
 impl ClientStore {
@@ -155,10 +159,12 @@ impl ClientStore {
     /// enabled client and `presented_secret` is its current secret or, during a rotation
     /// overlap, its previous one. Every failure — unknown or malformed id, wrong or expired
     /// secret, disabled client — is the same [`ClientError::InvalidClient`] and costs the
-    /// same single HMAC and one database read, so neither the answer nor its timing tells
-    /// which. A cached record that refuses the credentials is read again before they are
-    /// refused: a secret rotated (or a client enabled) through another instance works here
-    /// at once, not after the cache's TTL.
+    /// same single HMAC, so the answer does not tell which. A cached record that refuses
+    /// the credentials is read again before they are refused, unless it was read within
+    /// [`REREAD_AFTER`]: a secret rotated (or a client enabled) through another instance
+    /// works here within a second, not after the cache's TTL, and a client presenting a
+    /// wrong secret over and over reads the database at most once a second per instance.
+    /// If that read fails, the cached record's refusal stands (401, not 503).
     #[tracing::instrument(skip_all)]
     pub async fn authenticate(
         &self,
@@ -197,21 +203,27 @@ impl ClientStore {
             (Some(client), _) if client.enabled && client.secrets.matches(&presented, now) => {
                 return Ok(client);
             }
+            // refused by a record read moments ago: refused
+            (Some(client), _) if self.cache.read_within(client_id, REREAD_AFTER) => Some(client),
             // refused by what this instance remembers: perhaps only because a change made
             // through another instance has not reached its cache yet
-            (Some(_), _) => match ClientId::parse(client_id) {
-                Ok(id) => match self.fetch(id.as_str()).await? {
-                    Some(row) => {
+            (Some(client), _) => match ClientId::parse(client_id) {
+                Ok(id) => match self.fetch(id.as_str()).await {
+                    Ok(Some(row)) => {
                         let client = Arc::new(row.into_client()?);
                         self.cache.put(&client, ticket);
                         Some(client)
                     }
-                    None => {
+                    Ok(None) => {
                         self.cache.absent(client_id);
                         None
                     }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client record not read again; the cached one decides");
+                        Some(client)
+                    }
                 },
-                Err(_) => None,
+                Err(_) => Some(client),
             },
             (None, Some(row)) => {
                 let client = Arc::new(row.into_client()?);
