@@ -6,7 +6,10 @@
     python3 scripts/audit-verify.py --from-seq 5000 --from-hash <hash of 5000> < rest.jsonl
     python3 scripts/audit-verify.py --expect-head <head hash> < audit.jsonl
 
-Without --from-*, the lines must start at seq 1; with them, at the seq after --from-seq,
+Lines may come in any order (the union of several instances' sink files, or one file a
+CLI command appended to while an instance was writing its batch): they are checked in
+seq order. Without --from-*, the records must start at seq 1; with them, at the seq after
+--from-seq,
 linked to --from-hash (the last record of an archived range, or of the previous sink
 file). Lines alone cannot show that records were cut off the end: compare the head this
 prints with the trail's own (`portcullis audit verify` prints it), or pass it as
@@ -82,10 +85,9 @@ def main():
     start = args.from_seq or 0
     prev, expected = (args.from_hash or GENESIS), start + 1
     try:
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            r = json.loads(line)
+        records = [json.loads(line) for line in sys.stdin if line.strip()]
+        records.sort(key=lambda r: r["seq"])
+        for r in records:
             if r["seq"] != expected:
                 broken(f"seq {expected}: missing (gap: the next record is seq {r['seq']})")
             if r["hash_version"] != 1:

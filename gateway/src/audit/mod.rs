@@ -528,7 +528,7 @@ pub async fn store(db: &Database, sink: &AuditSinkKind, e: &AuditEvent) -> Resul
         return Ok(());
     }
     let records: Vec<AuditRecord> = rows.into_iter().map(AuditRecord::from).collect();
-    sink::Sink::new(sink)
+    sink::Sink::existing(sink)
         .try_write(&records)
         .map_err(|source| StoreError::Sink {
             seq: records.first().map_or(0, |r| r.seq),

@@ -28,6 +28,9 @@ pub enum Sink {
 pub struct FileSink {
     path: PathBuf,
     open: Option<(File, FileId)>,
+    /// Whether a missing file is created (the instance), or refused (the CLI: a file it
+    /// created would belong to its user, and the instance could not append to it).
+    create: bool,
 }
 
 /// What identifies a file whatever its name (device and inode).
@@ -42,8 +45,19 @@ impl Sink {
             AuditSinkKind::File(path) => Self::File(FileSink {
                 path: path.clone(),
                 open: None,
+                create: true,
             }),
         }
+    }
+
+    /// Like [`Self::new`], but a file sink only appends to a file that exists: the CLI's,
+    /// run as another user than the instance, must not create the instance's file.
+    pub fn existing(kind: &AuditSinkKind) -> Self {
+        let mut sink = Self::new(kind);
+        if let Self::File(f) = &mut sink {
+            f.create = false;
+        }
+        sink
     }
 
     /// Whether records go anywhere.
@@ -103,7 +117,7 @@ impl FileSink {
             Some((file, _)) => file,
             None => {
                 let file = OpenOptions::new()
-                    .create(true)
+                    .create(self.create)
                     .append(true)
                     .open(&self.path)?;
                 let id = file_id(&file.metadata()?);
@@ -130,4 +144,43 @@ fn file_id(m: &std::fs::Metadata) -> FileId {
     // no inode to compare: rotation is followed on SIGHUP only
     let _ = m;
     (0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_cli_appends_only_to_a_sink_file_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let kind = AuditSinkKind::File(path.clone());
+        let record = AuditRecord {
+            seq: 1,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            at_unix_ms: 0,
+            actor: "operator:cli:x".to_owned(),
+            action: "client.create".to_owned(),
+            target: "svc".to_owned(),
+            source_ip: None,
+            detail: serde_json::json!({}),
+            prev_hash: "0".to_owned(),
+            hash: "1".to_owned(),
+            hash_version: 1,
+        };
+        let err = Sink::existing(&kind)
+            .try_write(std::slice::from_ref(&record))
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(!path.exists(), "the CLI created the instance's file");
+        // the instance creates it; then the CLI appends
+        Sink::new(&kind)
+            .try_write(std::slice::from_ref(&record))
+            .unwrap();
+        Sink::existing(&kind)
+            .try_write(std::slice::from_ref(&record))
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+    }
 }
