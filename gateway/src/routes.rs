@@ -121,20 +121,22 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/", get(index))
         .route("/oauth2/jwks", get(jwks))
-        // the client-authenticated endpoints share their own per-IP bucket: guessing
-        // client secrets (or probing made-up client ids, each a database read) is
-        // limited per IP before any lookup, at whichever of them it is tried
+        // the client-authenticated endpoints are limited per IP before any lookup, so
+        // guessing client secrets (or probing made-up client ids, each a database read)
+        // is bounded at each; introspection and revocation have buckets of their own,
+        // sized as the token endpoint's, so a resource server's calls do not spend the
+        // token requests of the executors behind the same address
         .route(
             "/oauth2/token",
             post(oauth::token::token).route_layer(state.rate.token.clone()),
         )
         .route(
             "/oauth2/introspect",
-            post(oauth::introspect::introspect).route_layer(state.rate.token.clone()),
+            post(oauth::introspect::introspect).route_layer(state.rate.introspection.clone()),
         )
         .route(
             "/oauth2/revoke",
-            post(oauth::revoke::revoke).route_layer(state.rate.token.clone()),
+            post(oauth::revoke::revoke).route_layer(state.rate.introspection.clone()),
         )
         .route(
             "/.well-known/oauth-authorization-server",

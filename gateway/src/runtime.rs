@@ -140,6 +140,11 @@ impl RuntimeSettings {
         };
         let auth = buckets("protection.auth_rate", &state.rate.auth, self.auth_rate)?;
         let token = buckets("protection.token_rate", &state.rate.token, self.token_rate)?;
+        let introspection = buckets(
+            "protection.token_rate",
+            &state.rate.introspection,
+            self.token_rate,
+        )?;
         let upstreams = match &state.proxy {
             // an unchanged list keeps the nodes' health as it is
             Some(proxy) if !proxy.upstreams().same_nodes(&self.upstreams) => {
@@ -158,6 +163,7 @@ impl RuntimeSettings {
             log_level: self.log_level.clone(),
             auth,
             token,
+            introspection,
             upstreams,
             lockout: self.lockout.clone(),
         })
@@ -169,6 +175,7 @@ struct Staged {
     log_level: String,
     auth: Prepared,
     token: Prepared,
+    introspection: Prepared,
     /// `None`: the admin nodes stay as they are.
     upstreams: Option<Upstreams>,
     lockout: LockoutSettings,
@@ -181,6 +188,7 @@ impl Staged {
         crate::telemetry::set_log_level(&self.log_level)?;
         state.rate.auth.install(self.auth);
         state.rate.token.install(self.token);
+        state.rate.introspection.install(self.introspection);
         if let (Some(proxy), Some(upstreams)) = (&state.proxy, self.upstreams) {
             proxy.install_upstreams(upstreams);
         }

@@ -74,8 +74,12 @@ pub type RateLayer = GovernorLayer<ClientIpKey, NoOpMiddleware<QuantaInstant>, B
 pub struct RateLimits {
     /// `/auth/*`.
     pub auth: SwappableRate,
-    /// `/oauth2/token`.
+    /// `/oauth2/token` (and `/auth/backchannel-logout`).
     pub token: SwappableRate,
+    /// `/oauth2/introspect` and `/oauth2/revoke`: sized as `token`, but buckets of their
+    /// own, so a resource server introspecting from the address its executors share does
+    /// not spend their token requests.
+    pub introspection: SwappableRate,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -102,7 +106,7 @@ pub async fn prune_every(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for rate in [&limits.auth, &limits.token] {
+        for rate in [&limits.auth, &limits.token, &limits.introspection] {
             let held = rate.prune();
             metrics::gauge!("portcullis_rate_limited_clients", "endpoint" => rate.endpoint)
                 .set(held as f64);
@@ -117,6 +121,7 @@ impl RateLimits {
         Some(Self {
             auth: SwappableRate::new(auth, "auth")?,
             token: SwappableRate::new(token, "token")?,
+            introspection: SwappableRate::new(token, "introspection")?,
         })
     }
 }

@@ -155,17 +155,27 @@ async fn the_token_endpoint_has_its_own_bucket() {
     assert!(limited.headers().contains_key(header::RETRY_AFTER));
     let body: serde_json::Value = limited.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
-    // introspection and revocation authenticate clients too, and share the bucket: a
-    // client id made up per request (each a database read) is not a way around it
-    for path in ["/oauth2/introspect", "/oauth2/revoke"] {
-        let limited = app
-            .https_client()
+    // introspection and revocation authenticate clients too: limited per IP as well, a
+    // client id made up per request (each a database read) being no way around it; but
+    // in buckets of their own, of the same size, so a resource server's introspection
+    // does not spend the token requests of the executors behind its address
+    let call = |path: &'static str, n: usize| {
+        app.https_client()
             .post(app.url(path))
-            .basic_auth(format!("made-up-{}", path.len()), Some("some-secret"))
+            .basic_auth(format!("made-up-{n}"), Some("some-secret"))
             .form(&[("token", "x")])
             .send()
-            .await
-            .unwrap();
+    };
+    let first = call("/oauth2/introspect", 1).await.unwrap();
+    assert_eq!(
+        first.status(),
+        StatusCode::UNAUTHORIZED,
+        "the token bucket is not theirs"
+    );
+    let second = call("/oauth2/revoke", 2).await.unwrap();
+    assert_eq!(second.status(), StatusCode::UNAUTHORIZED);
+    for (path, n) in [("/oauth2/introspect", 3), ("/oauth2/revoke", 4)] {
+        let limited = call(path, n).await.unwrap();
         assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
         assert!(limited.headers().contains_key(header::RETRY_AFTER));
         let body: serde_json::Value = limited.json().await.unwrap();
