@@ -173,6 +173,21 @@ impl TestApp {
         sample(&self.metrics().await, series)
     }
 
+    /// [`Self::sample`] of a gauge the instance sets at each scrape, which every instance
+    /// of the test process shares: another test's scrape may set it between this one's
+    /// setting and rendering it. Scrapes again until it reads `expected`, for up to 5 s,
+    /// and returns the last value read (so a gauge this instance sets wrong still fails).
+    pub async fn scrape_gauge(&self, series: &str, expected: f64) -> f64 {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let value = self.sample(series).await;
+            if value == expected || Instant::now() > end {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `claims` signed with this instance's active key (read from its key ring file) under
     /// a header of the test's choosing: `alg` and `kid` as the instance signs, `typ` as
     /// given (`None`: no `typ` at all). Tokens of ours that the gateway itself never makes,

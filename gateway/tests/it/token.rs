@@ -1592,13 +1592,18 @@ async fn a_key_of_an_algorithm_no_longer_accepted_signs_nothing_and_readiness_na
         Some(0),
         "the refresh token was used up"
     );
-    assert_eq!(f.app.sample("portcullis_keys_can_sign").await, 0.0);
+    assert_eq!(
+        f.app.scrape_gauge("portcullis_keys_can_sign", 0.0).await,
+        0.0
+    );
     let (status, body) = readyz().await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
     assert!(detail.contains("keys.accepted_algorithms"), "{detail}");
     assert_eq!(
-        f.app.sample("portcullis_keys_published_unaccepted").await,
+        f.app
+            .scrape_gauge("portcullis_keys_published_unaccepted", 1.0)
+            .await,
         1.0
     );
 
@@ -1625,7 +1630,9 @@ async fn a_key_of_an_algorithm_no_longer_accepted_signs_nothing_and_readiness_na
     let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
     assert!(detail.contains(es256.as_str()), "{detail}");
     assert_eq!(
-        f.app.sample("portcullis_keys_published_unaccepted").await,
+        f.app
+            .scrape_gauge("portcullis_keys_published_unaccepted", 1.0)
+            .await,
         1.0
     );
 }
@@ -1663,8 +1670,16 @@ async fn a_key_whose_material_cannot_be_read_is_named_and_the_rest_is_served() {
     assert_eq!(body["status"], "degraded", "{body}");
     let detail = body["checks"]["keys"]["detail"].as_str().unwrap();
     assert!(detail.contains(kid.as_str()), "{detail}");
-    assert_eq!(f.app.sample("portcullis_keys_unusable").await, 1.0);
-    assert_eq!(f.app.sample("portcullis_keys_ring_version").await, 1000.0);
+    assert_eq!(
+        f.app.scrape_gauge("portcullis_keys_unusable", 1.0).await,
+        1.0
+    );
+    assert_eq!(
+        f.app
+            .scrape_gauge("portcullis_keys_ring_version", 1000.0)
+            .await,
+        1000.0
+    );
     let status: Value = reqwest::get(format!("http://{}/admin/keys", f.app.admin))
         .await
         .unwrap()
