@@ -183,54 +183,41 @@ impl ClientStore {
             Lookup::Fresh(client) | Lookup::Refreshing(client) => Some(client),
             Lookup::Miss => None,
         };
-        let row = match (&cached, ClientId::parse(client_id)) {
-            (Some(_), _) | (None, Err(_)) => None,
-            (None, Ok(id)) => match self.fetch(id.as_str()).await {
-                Ok(Some(row)) => Some(row),
+        if let Some(client) = &cached
+            && client.enabled
+            && client.secrets.matches(&presented, now)
+        {
+            return Ok(client.clone());
+        }
+        let client = match (cached, ClientId::parse(client_id)) {
+            // refused by a record read moments ago: refused
+            (Some(client), _) if self.cache.read_within(client_id, REREAD_AFTER) => Some(client),
+            // not held, or refused by what this instance remembers: perhaps only because a
+            // change made through another instance has not reached its cache yet
+            (cached, Ok(id)) => match self.fetch(id.as_str()).await {
+                Ok(Some(row)) => {
+                    let client = Arc::new(row.into_client()?);
+                    self.cache.put(&client, ticket);
+                    Some(client)
+                }
                 Ok(None) => {
                     // deleted meanwhile (through another instance): no old record either
                     self.cache.absent(client_id);
                     None
                 }
-                Err(e) => {
-                    // let the next request read it again rather than wait out the TTL
-                    self.cache.refresh_failed(client_id);
-                    return Err(e);
-                }
-            },
-        };
-        let client = match (cached, row) {
-            (Some(client), _) if client.enabled && client.secrets.matches(&presented, now) => {
-                return Ok(client);
-            }
-            // refused by a record read moments ago: refused
-            (Some(client), _) if self.cache.read_within(client_id, REREAD_AFTER) => Some(client),
-            // refused by what this instance remembers: perhaps only because a change made
-            // through another instance has not reached its cache yet
-            (Some(client), _) => match ClientId::parse(client_id) {
-                Ok(id) => match self.fetch(id.as_str()).await {
-                    Ok(Some(row)) => {
-                        let client = Arc::new(row.into_client()?);
-                        self.cache.put(&client, ticket);
-                        Some(client)
-                    }
-                    Ok(None) => {
-                        self.cache.absent(client_id);
-                        None
-                    }
-                    Err(e) => {
+                Err(e) => match cached {
+                    Some(client) => {
                         tracing::debug!(error = %e, "client record not read again; the cached one decides");
                         Some(client)
                     }
+                    None => {
+                        // let the next request read it again rather than wait out the TTL
+                        self.cache.refresh_failed(client_id);
+                        return Err(e);
+                    }
                 },
-                Err(_) => Some(client),
             },
-            (None, Some(row)) => {
-                let client = Arc::new(row.into_client()?);
-                self.cache.put(&client, ticket);
-                Some(client)
-            }
-            (None, None) => None,
+            (cached, Err(_)) => cached,
         };
         let Some(client) = client else {
             // the same comparisons as for a known client, then refuse
