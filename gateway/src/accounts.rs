@@ -32,6 +32,9 @@ pub enum AccountError {
     /// An account of that name exists.
     #[error("an account of that name exists already")]
     AlreadyExists,
+    /// No account of that name.
+    #[error("no local account of that name")]
+    NotFound,
     /// Hashing failed.
     #[error("password hashing failed")]
     Hash,
@@ -49,6 +52,61 @@ pub struct LocalAccount {
     pub roles: Vec<Role>,
 }
 
+/// An account as `portcullis users list` shows it (never its password hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AccountView {
+    /// The account name.
+    pub name: String,
+    /// Its console roles.
+    pub roles: Vec<Role>,
+    /// Whether it may log in.
+    pub enabled: bool,
+    /// When it was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When its password, roles or state last changed: the console sessions it started
+    /// before then end at their next renewal.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// A change to an existing account; each one ends the account's console sessions.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A new password.
+    Password(SecretString),
+    /// New roles (at least one).
+    Roles(Vec<Role>),
+    /// Refused (`false`) or allowed (`true`) to log in.
+    Enabled(bool),
+}
+
+/// Whether a console session of a local account that logged in at `auth_time` may be
+/// renewed: the account exists, may log in, and has not changed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It may.
+    Good,
+    /// The account was removed.
+    Removed,
+    /// The account is disabled.
+    Disabled,
+    /// Its password, roles or state changed after the login.
+    Changed,
+}
+
+impl Standing {
+    /// The audit trail's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Good => "good",
+            Self::Removed => "account_removed",
+            Self::Disabled => "account_disabled",
+            Self::Changed => "account_changed",
+        }
+    }
+}
+
 /// Whether `name` could be an account name (`[a-z0-9._-]{1,64}`): what else is submitted
 /// as one is never looked up, and never written to the audit trail as given.
 pub fn valid_name(name: &str) -> bool {
@@ -57,6 +115,42 @@ pub fn valid_name(name: &str) -> bool {
         && name.bytes().all(|c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
         })
+}
+
+fn check_password(password: &SecretString) -> Result<(), AccountError> {
+    if password.expose_secret().chars().count() < MIN_PASSWORD_CHARS {
+        return Err(AccountError::WeakPassword);
+    }
+    Ok(())
+}
+
+async fn hash_off_thread(password: &SecretString) -> Result<String, AccountError> {
+    let password = password.clone();
+    tokio::task::spawn_blocking(move || hash(&password))
+        .await
+        .map_err(|_| AccountError::Hash)?
+}
+
+fn role_list(roles: &[Role]) -> Result<String, AccountError> {
+    if roles.is_empty() {
+        return Err(AccountError::NoRole);
+    }
+    let mut names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    Ok(names.join(" "))
+}
+
+fn parse_roles(stored: &str) -> Vec<Role> {
+    stored
+        .split(' ')
+        .filter_map(|r| serde_json::from_value(serde_json::json!(r)).ok())
+        .collect()
+}
+
+fn from_ms(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 fn hash(password: &SecretString) -> Result<String, AccountError> {
@@ -100,18 +194,9 @@ pub async fn create(
     if !valid_name(name) {
         return Err(AccountError::InvalidName);
     }
-    if password.expose_secret().chars().count() < MIN_PASSWORD_CHARS {
-        return Err(AccountError::WeakPassword);
-    }
-    if roles.is_empty() {
-        return Err(AccountError::NoRole);
-    }
-    let password = password.clone();
-    let phc = tokio::task::spawn_blocking(move || hash(&password))
-        .await
-        .map_err(|_| AccountError::Hash)??;
-    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-    let roles = roles.join(" ");
+    check_password(password)?;
+    let roles = role_list(roles)?;
+    let phc = hash_off_thread(password).await?;
     let at = ms(now);
     const SQL: &str = "INSERT INTO local_accounts \
         (name, password_hash, roles, enabled, created_at_unix_ms, updated_at_unix_ms) \
@@ -159,12 +244,123 @@ pub async fn verify(
     Ok(match row {
         Some((_, roles, true)) if matches => Some(LocalAccount {
             name: name.to_owned(),
-            roles: roles
-                .split(' ')
-                .filter_map(|r| serde_json::from_value(serde_json::json!(r)).ok())
-                .collect(),
+            roles: parse_roles(&roles),
         }),
         _ => None,
+    })
+}
+
+/// Every account, by name.
+pub async fn list(db: &Database) -> Result<Vec<AccountView>, AccountError> {
+    const SQL: &str = "SELECT name, roles, enabled, created_at_unix_ms, updated_at_unix_ms \
+        FROM local_accounts ORDER BY name";
+    let rows: Vec<(String, String, bool, i64, i64)> =
+        crate::on_pool!(db.pool(), |p| sqlx::query_as(SQL).fetch_all(p).await?);
+    Ok(rows
+        .into_iter()
+        .map(|(name, roles, enabled, created, updated)| AccountView {
+            name,
+            roles: parse_roles(&roles),
+            enabled,
+            created_at: from_ms(created),
+            updated_at: from_ms(updated),
+        })
+        .collect())
+}
+
+/// Applies `change` to the account `name` at `now` (the CLI's `users set-password`,
+/// `set-roles`, `disable`, `enable`). Its `updated_at` becomes `now`, which ends the
+/// console sessions it started before (see [`standing`]).
+pub async fn change(
+    db: &Database,
+    name: &str,
+    change: &Change,
+    now: OffsetDateTime,
+) -> Result<(), AccountError> {
+    if !valid_name(name) {
+        return Err(AccountError::InvalidName);
+    }
+    let at = ms(now);
+    let updated = match change {
+        Change::Password(password) => {
+            check_password(password)?;
+            let phc = hash_off_thread(password).await?;
+            const SQL: &str = "UPDATE local_accounts SET password_hash = $1, \
+                updated_at_unix_ms = $2 WHERE name = $3";
+            crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
+                .bind(&phc)
+                .bind(at)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected())
+        }
+        Change::Roles(roles) => {
+            let roles = role_list(roles)?;
+            const SQL: &str =
+                "UPDATE local_accounts SET roles = $1, updated_at_unix_ms = $2 WHERE name = $3";
+            crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
+                .bind(&roles)
+                .bind(at)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected())
+        }
+        Change::Enabled(enabled) => {
+            const SQL: &str =
+                "UPDATE local_accounts SET enabled = $1, updated_at_unix_ms = $2 WHERE name = $3";
+            crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
+                .bind(*enabled)
+                .bind(at)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected())
+        }
+    };
+    if updated == 0 {
+        return Err(AccountError::NotFound);
+    }
+    Ok(())
+}
+
+/// Removes the account `name` (the CLI's `users delete`).
+pub async fn delete(db: &Database, name: &str) -> Result<(), AccountError> {
+    if !valid_name(name) {
+        return Err(AccountError::InvalidName);
+    }
+    const SQL: &str = "DELETE FROM local_accounts WHERE name = $1";
+    let deleted = crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
+        .bind(name)
+        .execute(p)
+        .await?
+        .rows_affected());
+    if deleted == 0 {
+        return Err(AccountError::NotFound);
+    }
+    Ok(())
+}
+
+/// Whether a console session of the account `name` that logged in at `auth_time` may be
+/// renewed now (one read of the account's row).
+pub async fn standing(
+    db: &Database,
+    name: &str,
+    auth_time: OffsetDateTime,
+) -> Result<Standing, AccountError> {
+    const SQL: &str = "SELECT enabled, updated_at_unix_ms FROM local_accounts WHERE name = $1";
+    if !valid_name(name) {
+        return Ok(Standing::Removed);
+    }
+    let row: Option<(bool, i64)> = crate::on_pool!(db.pool(), |p| {
+        sqlx::query_as(SQL).bind(name).fetch_optional(p).await?
+    });
+    Ok(match row {
+        None => Standing::Removed,
+        Some((false, _)) => Standing::Disabled,
+        Some((true, updated)) if updated > ms(auth_time) => Standing::Changed,
+        Some(_) => Standing::Good,
     })
 }
 

@@ -135,7 +135,7 @@ pub(super) struct Target {
     config: Option<PathBuf>,
     /// Use the database of a `serve --dev` data directory.
     #[arg(long)]
-    dev: bool,
+    pub(super) dev: bool,
     /// Data directory of --dev.
     #[arg(long, default_value = dev::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
@@ -451,11 +451,36 @@ async fn cut_after_disable(
         .map(|_| ())
 }
 
+/// The shared refresh-token store of `config`'s instances: `None` when there is none to
+/// reach (`--dev`, or no `[redis]`: the tokens live in the running instance's memory).
+pub(super) async fn shared_refresh_store(
+    config: &Config,
+    dev: bool,
+) -> Option<Result<RedisRefreshStore, String>> {
+    let redis = config.redis.as_ref().filter(|_| !dev)?;
+    let key = match config.server_key() {
+        Ok(k) => k,
+        Err(e) => return Some(Err(e.to_string())),
+    };
+    Some(
+        RedisRefreshStore::connect(&redis.url, key, config.refresh.clone())
+            .await
+            .map(|s| s.with_timeout(redis.command_timeout))
+            .map_err(|e| e.to_string()),
+    )
+}
+
 /// Revokes the refresh tokens of `id` in the shared Redis store: `Ok(Some(n))` when done,
 /// `Ok(None)` when there is no shared store to reach (said on stderr), `Err` when Redis
 /// failed (the client stays disabled; running the command again finishes the job).
 async fn revoke_refresh_tokens(ctx: &Ctx, id: &ClientId) -> Result<Option<usize>, Failure> {
-    let Some(redis) = ctx.config.redis.as_ref().filter(|_| !ctx.dev) else {
+    let failed = |e: String| {
+        Failure::Other(format!(
+            "{id} is disabled, but its refresh tokens could not be revoked ({e}); run the \
+             command again when Redis is back"
+        ))
+    };
+    let Some(store) = shared_refresh_store(&ctx.config, ctx.dev).await else {
         eprintln!(
             "portcullis: note: {}: refresh tokens live in the memory of the running instance, \
              out of this command's reach. To revoke them at once, use the admin API \
@@ -469,21 +494,11 @@ async fn revoke_refresh_tokens(ctx: &Ctx, id: &ClientId) -> Result<Option<usize>
         );
         return Ok(None);
     };
-    let failed = |e: crate::refresh::RefreshError| {
-        Failure::Other(format!(
-            "{id} is disabled, but its refresh tokens could not be revoked ({e}); run the \
-             command again when Redis is back"
-        ))
-    };
-    let key = ctx
-        .config
-        .server_key()
-        .map_err(|e| Failure::Usage(e.to_string()))?;
-    let store = RedisRefreshStore::connect(&redis.url, key, ctx.config.refresh.clone())
-        .await
+    let n = store
         .map_err(failed)?
-        .with_timeout(redis.command_timeout);
-    let n = store.revoke_client(id.as_str()).await.map_err(failed)?;
+        .revoke_client(id.as_str())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     Ok(Some(n))
 }
 
@@ -496,20 +511,8 @@ fn split(values: &[String]) -> Vec<&str> {
     values.iter().flat_map(|v| v.split_whitespace()).collect()
 }
 
-/// Records a CLI change; a database that fails here does not undo the change, it is
-/// reported.
 async fn audit(ctx: &Ctx, action: &str, target: &str, detail: Value) {
-    let event = crate::audit::AuditEvent {
-        at: time::OffsetDateTime::now_utc(),
-        actor: super::operator(),
-        action: action.to_owned(),
-        target: target.to_owned(),
-        source_ip: None,
-        detail: detail.into(),
-    };
-    if let Err(e) = crate::audit::store(&ctx.db, &ctx.config.audit.sink, &event).await {
-        eprintln!("portcullis: warning: done, but {e}");
-    }
+    super::audit_change(&ctx.db, &ctx.config, action, target, detail).await;
 }
 
 // === output ===

@@ -535,6 +535,28 @@ pub(crate) fn operator() -> String {
     )
 }
 
+/// Records a change a CLI command made, as `operator:cli:<user>`; a database that fails
+/// here does not undo the change, it is reported.
+async fn audit_change(
+    db: &crate::db::Database,
+    config: &Config,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let event = crate::audit::AuditEvent {
+        at: time::OffsetDateTime::now_utc(),
+        actor: operator(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        source_ip: None,
+        detail: detail.into(),
+    };
+    if let Err(e) = crate::audit::store(db, &config.audit.sink, &event).await {
+        eprintln!("portcullis: warning: done, but {e}");
+    }
+}
+
 /// An instant to the second, RFC 3339.
 fn instant(t: time::OffsetDateTime) -> String {
     let t = t.replace_nanosecond(0).unwrap_or(t);

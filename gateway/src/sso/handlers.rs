@@ -331,7 +331,7 @@ pub async fn local_login(
         subject: format!("local:{}", account.name),
         info: SessionInfo {
             roles: roles.clone(),
-            provider: "local".to_owned(),
+            provider: crate::sso::LOCAL_PROVIDER.to_owned(),
             email: None,
             name: None,
             preferred_username: Some(account.name.clone()),

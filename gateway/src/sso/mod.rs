@@ -585,6 +585,10 @@ impl std::fmt::Debug for Callback {
     }
 }
 
+/// The provider name of break-glass local accounts' sessions (subjects `local:<name>`);
+/// no configured provider may take it.
+pub const LOCAL_PROVIDER: &str = "local";
+
 /// What stands in the log for an `error` code that is not one.
 pub const MALFORMED_ERROR_CODE: &str = "(malformed)";
 

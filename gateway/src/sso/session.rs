@@ -454,6 +454,42 @@ pub async fn has_live_session(state: &AppState, headers: &HeaderMap) -> bool {
     )
 }
 
+/// Why a break-glass session may not be renewed, if it may not: local accounts were turned
+/// off, or its account was removed, disabled or changed (password, roles) since the login.
+/// A session of the identity provider is never refused here.
+///
+/// With the database unreachable the account cannot be read, and the session is renewed
+/// as it stands (logged at WARN): break-glass is for the day other things are broken, and
+/// failing here, after the rotation, would leave the browser only a spent token whose
+/// next use past the grace window counts as re-use. A change made in the database was
+/// made before the outage, so it applies at the first renewal after the database is back
+/// (or at once, when the CLI that made it reached Redis and revoked the sessions).
+async fn break_glass_refusal(
+    state: &AppState,
+    session: &crate::refresh::Session,
+    info: &SessionInfo,
+) -> Option<&'static str> {
+    if info.provider != crate::sso::LOCAL_PROVIDER {
+        return None;
+    }
+    if !state.sso.settings().local_accounts {
+        return Some("local_accounts_off");
+    }
+    let name = session.subject.strip_prefix("local:").unwrap_or_default();
+    match crate::accounts::standing(&state.db, name, session.auth_time).await {
+        Ok(crate::accounts::Standing::Good) => None,
+        Ok(refused) => Some(refused.as_str()),
+        Err(e) => {
+            tracing::warn!(
+                family = %session.family,
+                error = %crate::error::chain(&e),
+                "break-glass session renewed without re-reading its account: database unavailable"
+            );
+            None
+        }
+    }
+}
+
 /// The least grace window of a console renewal. Its new cookies reach the browser only
 /// with the answer of the request that renewed, which can take up to
 /// `server.request_timeout`; until then the browser's other requests still carry the
@@ -545,6 +581,25 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
     }
     let info: SessionInfo = serde_json::from_value(session.session.clone())
         .map_err(|e| ApiError::Internal(Box::new(e)))?;
+    if let Some(reason) = break_glass_refusal(state, session, &info).await {
+        state.refresh.revoke_family(&session.family).await?;
+        state.audit.record(crate::audit::AuditEvent {
+            at: now,
+            actor: format!("user:{}", session.subject),
+            action: "session.ended".to_owned(),
+            target: session.family.to_string(),
+            source_ip: None,
+            detail: serde_json::json!({
+                "console": true,
+                "break_glass": true,
+                "reason": reason,
+                "auth_time": session.auth_time.unix_timestamp(),
+                "family_revoked": true,
+            })
+            .into(),
+        });
+        return Ok(Resolved::None { stale: true });
+    }
     let (access, claims) = mint(
         state,
         &session.subject,

@@ -178,7 +178,7 @@ impl SsoSettings {
             }
             // subjects are `<provider>:<sub>`, and `local:<name>` is a break-glass account's:
             // a provider of that name could hand out a subject equal to one of them
-            if p.name.eq_ignore_ascii_case("local") {
+            if p.name.eq_ignore_ascii_case(super::LOCAL_PROVIDER) {
                 return Err(err(
                     at("name"),
                     "`local` names the break-glass accounts' subjects (local:<name>); choose \

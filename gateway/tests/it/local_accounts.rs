@@ -57,34 +57,59 @@ fn browser(app: &TestApp) -> reqwest::Client {
 
 /// `portcullis users create NAME --role …` against `app`'s database, password on stdin.
 fn cli_create(app: &TestApp, database_url: &str, name: &str, roles: &[&str], password: &str) {
-    let config = app.cli_config("cli.toml", database_url, "[sso]\nlocal_accounts = true\n");
-    let mut command = Command::new(binary());
-    command
-        .args(["users", "create", name, "--config"])
-        .arg(&config);
+    let mut args = vec!["create", name];
     for role in roles {
-        command.args(["--role", role]);
+        args.extend(["--role", role]);
     }
-    let mut child = command
+    cli_users(app, database_url, "", &args, Some(password));
+}
+
+/// `portcullis users ARGS…` against `app`'s database (with `extra` TOML in its
+/// configuration), `stdin` as its one line of input; asserts it succeeded without echoing
+/// the password, and returns its standard output.
+fn cli_users(
+    app: &TestApp,
+    database_url: &str,
+    extra: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> String {
+    let config = app.cli_config(
+        "cli.toml",
+        database_url,
+        &format!("[sso]\nlocal_accounts = true\n{extra}"),
+    );
+    let mut child = Command::new(binary())
+        .arg("users")
+        .args(args)
+        .arg("--config")
+        .arg(&config)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(line) = stdin {
+        writeln!(input, "{line}").unwrap();
+    }
+    drop(input);
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        !stdout.contains(password) && !stderr.contains(password),
-        "the password was echoed"
-    );
+    assert!(out.status.success(), "users {args:?}: {stdout}\n{stderr}");
+    if let Some(password) = stdin {
+        assert!(
+            !stdout.contains(password) && !stderr.contains(password),
+            "the password was echoed"
+        );
+    }
+    stdout
 }
 
 async fn spawn_with_postgres(
     name: &str,
-    clock: Arc<ManualClock>,
+    clock: Arc<dyn Clock>,
     customize: impl FnOnce(&mut Config),
 ) -> (TestApp, String) {
     let db = Postgres::shared()
@@ -606,5 +631,228 @@ async fn a_malformed_username_is_audited_as_malformed() {
     assert!(
         rows.iter().all(|(actor, _, _)| !actor.contains("ghost")),
         "{rows:?}"
+    );
+}
+
+/// `GET /auth/me` with `client`'s cookies: 200 with a live session (renewing it from the
+/// refresh cookie when the access cookie's token has expired), 401 without one.
+async fn me(app: &TestApp, client: &reqwest::Client) -> StatusCode {
+    client
+        .get(app.url("/auth/me"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// The `reason`s of the `session.ended` records of `subject`, oldest first.
+async fn ended_sessions(app: &TestApp, subject: &str) -> Vec<String> {
+    let mut reasons: Vec<(i64, String)> =
+        portcullis::audit::recent(&app.state.db, "session.ended", 50)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(actor, _, _)| actor == &format!("user:{subject}"))
+            .map(|(_, _, d)| {
+                let d: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
+                (
+                    d["auth_time"].as_i64().unwrap_or_default(),
+                    d["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+    reasons.sort();
+    reasons.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Every change an operator makes to a break-glass account — a new password, new roles,
+/// disabling, removing — ends the console sessions it started before, at their next
+/// renewal, even where the command cannot reach the refresh-token store (here the
+/// instance keeps it in memory); an untouched account's session renews, and so does one
+/// started after the change. Each ending is audited with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_or_removed_account_s_sessions_end_at_their_next_renewal() {
+    // the CLI stamps its changes with the wall clock, so the instance keeps it too; its
+    // access tokens live a second, and a browser drops the cookie holding one after that,
+    // so that the next request renews the session from the refresh cookie
+    let (app, db) = spawn_with_postgres("lifecycle", Arc::new(keyrotation::SystemClock), |c| {
+        c.sso.access_token_lifetime = Duration::from_secs(1);
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    let past_the_access_token = || tokio::time::sleep(Duration::from_millis(1500));
+    let log_in = |password: &'static str| {
+        let app = &app;
+        async move {
+            let client = browser(app);
+            let r = local_login(app, &client, "breakglass", password).await;
+            (r.status(), client)
+        }
+    };
+
+    let (status, first) = log_in(PASSWORD).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    past_the_access_token().await;
+    assert_eq!(
+        me(&app, &first).await,
+        StatusCode::OK,
+        "an untouched account renews"
+    );
+
+    // a new password: the old one is refused, sessions made with it end
+    const NEW_PASSWORD: &str = "a-new-password-after-the-incident";
+    let out = cli_users(
+        &app,
+        &db,
+        "",
+        &["set-password", "breakglass"],
+        Some(NEW_PASSWORD),
+    );
+    assert!(out.contains("breakglass: password changed"), "{out}");
+    assert_eq!(log_in(PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    let (status, second) = log_in(NEW_PASSWORD).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    past_the_access_token().await;
+    assert_eq!(me(&app, &first).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        me(&app, &second).await,
+        StatusCode::OK,
+        "a login after the change renews"
+    );
+
+    // new roles: the next login has them, the session before does not renew with the old
+    cli_users(
+        &app,
+        &db,
+        "",
+        &["set-roles", "breakglass", "--role", "viewer"],
+        None,
+    );
+    let (_, third) = log_in(NEW_PASSWORD).await;
+    let roles: serde_json::Value = third
+        .get(app.url("/auth/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(roles["roles"], serde_json::json!(["viewer"]));
+    past_the_access_token().await;
+    assert_eq!(me(&app, &second).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me(&app, &third).await, StatusCode::OK);
+
+    // disabled: no login, and the session ends; enabled again, a new login works
+    cli_users(&app, &db, "", &["disable", "breakglass"], None);
+    assert_eq!(log_in(NEW_PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    past_the_access_token().await;
+    assert_eq!(me(&app, &third).await, StatusCode::UNAUTHORIZED);
+    let listed = cli_users(&app, &db, "", &["list", "--json"], None);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["accounts"][0]["name"], "breakglass");
+    assert_eq!(listed["accounts"][0]["enabled"], false);
+    assert_eq!(
+        listed["accounts"][0]["roles"],
+        serde_json::json!(["viewer"])
+    );
+    assert!(listed["accounts"][0].get("password_hash").is_none());
+    cli_users(&app, &db, "", &["enable", "breakglass"], None);
+    let (status, fourth) = log_in(NEW_PASSWORD).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+
+    // removed: the session ends and the name logs in no more
+    cli_users(&app, &db, "", &["delete", "breakglass"], None);
+    past_the_access_token().await;
+    assert_eq!(me(&app, &fourth).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(log_in(NEW_PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    let listed = cli_users(&app, &db, "", &["list"], None);
+    assert!(listed.contains("(no local accounts)"), "{listed}");
+
+    eventually(
+        Duration::from_secs(10),
+        "four session endings audited",
+        || {
+            let app = &app;
+            async move { ended_sessions(app, "local:breakglass").await.len() >= 4 }
+        },
+    )
+    .await;
+    assert_eq!(
+        ended_sessions(&app, "local:breakglass").await,
+        [
+            "account_changed",
+            "account_changed",
+            "account_disabled",
+            "account_removed"
+        ]
+    );
+    for action in [
+        "local_account.set_password",
+        "local_account.set_roles",
+        "local_account.disable",
+        "local_account.enable",
+        "local_account.delete",
+    ] {
+        let rows = portcullis::audit::recent(&app.state.db, action, 5)
+            .await
+            .unwrap();
+        assert!(
+            rows.iter()
+                .any(|(actor, target, _)| actor.starts_with("operator:cli:")
+                    && target == "breakglass"),
+            "{action}: {rows:?}"
+        );
+    }
+}
+
+/// With the refresh-token store in Redis, a change ends the account's sessions at once:
+/// the command revokes them there and says how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_an_account_revokes_its_sessions_in_redis_at_once() {
+    let redis_url = harness::Redis::shared().url();
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4());
+    let (app, db) = spawn_with_postgres("revoke", Arc::new(keyrotation::SystemClock), {
+        let (redis_url, prefix) = (redis_url.clone(), prefix.clone());
+        move |c| {
+            c.redis = Some(toml::from_str(&format!("url = \"{redis_url}\"\n")).unwrap());
+            c.refresh.key_prefix = format!("{prefix}rt:");
+            c.protection.lockout.key_prefix = format!("{prefix}lock:");
+            c.sso.key_prefix = format!("{prefix}sso:");
+        }
+    })
+    .await;
+    cli_create(&app, &db, "breakglass", &["admin"], PASSWORD);
+    let mut browsers = Vec::new();
+    for _ in 0..2 {
+        let client = browser(&app);
+        let r = local_login(&app, &client, "breakglass", PASSWORD).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        browsers.push(client);
+    }
+    let live = || async {
+        app.state
+            .refresh
+            .list_sessions("local:breakglass", app.state.keys.now())
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(live().await, 2);
+    let extra =
+        format!("[redis]\nurl = \"{redis_url}\"\n[refresh]\nkey_prefix = \"{prefix}rt:\"\n");
+    let out = cli_users(&app, &db, &extra, &["disable", "breakglass"], None);
+    assert!(
+        out.contains("breakglass: disabled; 2 console session(s) ended"),
+        "{out}"
+    );
+    assert_eq!(live().await, 0, "revoked in Redis by the command itself");
+    let revoked = portcullis::audit::recent(&app.state.db, "local_account.disable", 5)
+        .await
+        .unwrap();
+    assert!(
+        revoked
+            .iter()
+            .any(|(_, target, d)| target == "breakglass" && d.contains("\"sessions_revoked\":2")),
+        "{revoked:?}"
     );
 }
