@@ -383,12 +383,20 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         {
             req.extensions_mut().insert(detach.clone());
         }
+        // an HTTP/1.1 body the answer may leave unread is read out after it (see
+        // `Lingering`); HTTP/2 ends such a stream alone, and most requests have no body
+        let req = if req.version() != http::Version::HTTP_2 && !req.body().is_end_stream() {
+            let activity = self.requests.clone();
+            req.map(|body| axum::body::Body::new(Lingering::new(body, activity)))
+        } else {
+            req.map(axum::body::Body::new)
+        };
         let mut router = self
             .router
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Respond {
-            inner: tower::Service::call(&mut *router, req.map(axum::body::Body::new)),
+            inner: tower::Service::call(&mut *router, req),
             in_flight: Some(in_flight),
         }
     }
@@ -546,6 +554,13 @@ impl Future for IdleTimer {
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
+    /// Counts the connection busy for as long as the guard lives, without starting a
+    /// request (a request body still being read after its answer).
+    fn hold(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+
     fn start(activity: &Arc<Activity>, version: http::Version) -> Self {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         activity.head_start_nanos.store(NO_HEAD, Ordering::Relaxed);
@@ -564,6 +579,106 @@ impl Drop for InFlight {
         // max: with HTTP/2 several requests may end at once, in any order
         activity.last_end_nanos.fetch_max(now, Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// The most of a request body left unread by its answer that is read out after it.
+const LINGER_BYTES: u64 = 4 * 1024 * 1024;
+/// How long that may take.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// An HTTP/1.1 request body that, dropped before its end, is read to its end (and thrown
+/// away) in the background: "lingering close". A request answered before its body was
+/// read — refused for its token, its rate, its size — may still be arriving; hyper
+/// closes a connection whose body was dropped unread, and a client still sending it
+/// then meets the close instead of reading the answer (over TLS an "EOF in violation of
+/// protocol", a connection reset over TCP). Read out, the body ends, the client reads
+/// the answer, and the connection stays open for the next request. At most
+/// [`LINGER_BYTES`] within [`LINGER_TIME`]: a body declared longer, or slower, is left and
+/// the connection closed, as before. While it is read the connection counts as busy, so
+/// that its bytes are not taken for the start of the next request head.
+struct Lingering {
+    inner: Option<hyper::body::Incoming>,
+    /// Set once the body's end was seen.
+    done: bool,
+    activity: Arc<Activity>,
+}
+
+impl Lingering {
+    fn new(body: hyper::body::Incoming, activity: Arc<Activity>) -> Self {
+        Self {
+            inner: Some(body),
+            done: false,
+            activity,
+        }
+    }
+}
+
+impl Body for Lingering {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            // an error ends it too: nothing more to read
+            self.done = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(body) = self.inner.take() else {
+            return;
+        };
+        if self.done || body.is_end_stream() {
+            return;
+        }
+        let declared = body.size_hint();
+        if declared.lower() > LINGER_BYTES {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let busy = InFlight::hold(&self.activity);
+        runtime.spawn(async move {
+            let _busy = busy;
+            let _ = tokio::time::timeout(LINGER_TIME, read_out(body, LINGER_BYTES)).await;
+        });
+    }
+}
+
+/// Reads `body` to its end, keeping nothing, unless it holds more than `budget` bytes.
+async fn read_out(mut body: hyper::body::Incoming, mut budget: u64) {
+    use http_body_util::BodyExt;
+    while let Some(Ok(frame)) = body.frame().await {
+        let len = frame
+            .data_ref()
+            .map_or(0, |d| u64::try_from(d.len()).unwrap_or(u64::MAX));
+        match budget.checked_sub(len) {
+            Some(left) => budget = left,
+            // dropped unread: hyper closes the connection
+            None => return,
+        }
     }
 }
 

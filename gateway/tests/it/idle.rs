@@ -300,3 +300,70 @@ async fn an_http2_connection_stays_open_while_a_watch_streams_and_closes_once_id
         "closed {closed_after:?} after the stream ended, before the idle timeout"
     );
 }
+
+/// A request answered before its body was read (here refused for want of a token) may
+/// still be sending that body: the server reads it out after the answer instead of
+/// closing on the sender ("EOF in violation of protocol" over TLS), the connection then
+/// serves the next request, and the body's bytes are not taken for the start of a slow
+/// next head (the header timeout does not cut the connection off while it waits).
+#[tokio::test]
+async fn a_body_its_answer_left_unread_is_read_out_and_the_connection_kept() {
+    let header = Duration::from_millis(300);
+    let app = spawn_app(|c| {
+        c.server.idle_timeout = Duration::from_secs(60);
+        c.server.header_read_timeout = header;
+    })
+    .await;
+    let mut tls = app.tls().await;
+    let body = vec![b'x'; 200_000];
+    tls.write_all(
+        format!(
+            "PUT /config/v1/dev/orders HTTP/1.1\r\nhost: localhost\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let refused = read_answer(&mut tls).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // the rest of the request, after its answer
+    tls.write_all(&body).await.expect("the body is taken");
+    tls.flush().await.unwrap();
+
+    // waiting past the header timeout, then a head in two parts
+    tokio::time::sleep(header * 3).await;
+    tls.write_all(b"GET /oauth2/jwks HTTP/1.1\r\nhost: loc")
+        .await
+        .expect("the connection is still open");
+    tokio::time::sleep(header / 3).await;
+    tls.write_all(b"alhost\r\n\r\n").await.unwrap();
+    let next = read_answer(&mut tls).await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+}
+
+/// The bound of that: a body declared longer than what the server reads out for an
+/// answer (4 MiB) is not waited for; the answer is sent and the connection closed.
+#[tokio::test]
+async fn a_body_too_long_to_read_out_gets_its_answer_and_the_connection_closes() {
+    let app = spawn_app(|c| c.server.max_body_bytes = 64 * 1024 * 1024).await;
+    let mut tls = app.tls().await;
+    tls.write_all(
+        b"PUT /config/v1/dev/orders HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/json\r\ncontent-length: 10000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let refused = read_answer(&mut tls).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(LATE, tls.read(&mut rest))
+        .await
+        .expect("the connection was closed within 5 s");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the connection stayed open: {read:?}"
+    );
+}
