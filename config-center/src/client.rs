@@ -1214,8 +1214,9 @@ struct Mode {
 
 // === SSE ===
 
-/// One Server-Sent Event.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// One Server-Sent Event. A release event's `data` holds plaintext secret values, so
+/// `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
     /// `event:` (default `message`).
     pub event: String,
@@ -1225,15 +1226,38 @@ pub struct SseEvent {
     pub id: Option<String>,
 }
 
+impl fmt::Debug for SseEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SseEvent")
+            .field("event", &self.event)
+            .field("data_len", &self.data.len())
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
 /// An incremental `text/event-stream` parser (the WHATWG format: `field: value` lines, a
-/// blank line ends an event, `:` starts a comment).
-#[derive(Debug, Default)]
+/// blank line ends an event, `:` starts a comment). What it holds of an unfinished event
+/// may be plaintext secret values, so `Debug` shows only sizes.
+#[derive(Default)]
 pub struct SseParser {
     buffer: Vec<u8>,
     event: String,
     data: Vec<String>,
     id: Option<String>,
     size: usize,
+}
+
+impl fmt::Debug for SseParser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SseParser")
+            .field("buffered_len", &self.buffer.len())
+            .field("event", &self.event)
+            .field("data_lines", &self.data.len())
+            .field("id", &self.id)
+            .field("size", &self.size)
+            .finish()
+    }
 }
 
 impl SseParser {

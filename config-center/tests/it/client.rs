@@ -1226,3 +1226,16 @@ async fn secrets_never_reach_the_logs() {
         assert!(!logs.contains(secret), "{secret} was logged");
     }
 }
+
+/// Events and the parser carry plaintext secret values: their `Debug` shows neither.
+#[test]
+fn sse_events_and_the_parser_keep_their_data_out_of_debug() {
+    let mut p = SseParser::default();
+    let events = p
+        .feed(b"event: release\nid: 3\ndata: {\"value\":\"hunter2-event\"}\n\ndata: hunter2-pending\ndata: hunter2-line")
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    let shown = format!("{:?} {p:?}", events[0]);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("release"), "{shown}");
+}
