@@ -416,7 +416,9 @@ impl Client {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A receiver that sees every newly accepted snapshot.
+    /// A receiver of the held snapshot. It is a [`tokio::sync::watch`] receiver: it holds
+    /// only the latest snapshot, so a receiver that does not look between two releases sees
+    /// the newer one only, never each in turn. Compare versions rather than count changes.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.shared.current.subscribe()
     }
