@@ -164,7 +164,8 @@ pub enum ClientError {
         /// The `error` code of its body, if any.
         error: String,
     },
-    /// The gateway has no release of this (environment, application).
+    /// No gateway served the node, and one answered that it has no release of this
+    /// (environment, application) (404 `not_found`).
     #[error("no release of this environment and application exists")]
     NoRelease,
     /// The token was refused (401/403).
@@ -271,10 +272,12 @@ impl Client {
     /// Fetches and verifies the current snapshot (or, when no gateway answers, loads the
     /// last-known-good copy) and starts watching for new releases.
     ///
-    /// A release older than the last-known-good copy is refused (see [`Origin::Disk`]):
-    /// the client starts from the copy and takes the next release newer than it. With a
-    /// copy held, a gateway answering that there is no release does not fail the start
-    /// either.
+    /// Gateways are tried in order until one serves a snapshot that verifies. A release
+    /// older than the last-known-good copy is refused (see [`Origin::Disk`]): the client
+    /// starts from the copy and takes the next release newer than it. With a copy held,
+    /// gateways answering that there is no release do not fail the start either; without
+    /// one, start fails with [`ClientError::NoRelease`] when no gateway served the node and
+    /// at least one answered 404 `not_found`.
     pub async fn start(config: ClientConfig) -> Result<Client, ClientError> {
         let env = Environment::parse_shape(&config.environment)
             .map_err(|e| ClientError::Config(e.to_string()))?;
@@ -345,6 +348,8 @@ impl Client {
 
         let mut last_error = String::new();
         let mut started = false;
+        // a gateway answered `not_found`: there is no release for this node
+        let mut no_release = false;
         for gateway in &shared.config.gateways {
             match shared.fetch(gateway, None).await {
                 Ok(Some(snapshot)) => match shared.offer(gateway, snapshot).await {
@@ -360,13 +365,18 @@ impl Client {
                     }
                 },
                 Ok(None) => {}
-                // with a copy held, a gateway without the release (a database restored
-                // from before it) does not stop the node: it keeps its copy and waits
-                Err(ClientError::NoRelease) if holds_copy => {
-                    tracing::warn!(%gateway, "config gateway has no release of the copy held");
+                // another gateway may have it (this one's database may be behind); with a
+                // copy held, none having it (a database restored from before it) does not
+                // stop the node either: it keeps its copy and waits
+                Err(ClientError::NoRelease) => {
+                    if holds_copy {
+                        tracing::warn!(%gateway, "config gateway has no release of the copy held");
+                    } else {
+                        tracing::warn!(%gateway, "config gateway has no release");
+                    }
+                    no_release = true;
                     last_error = ClientError::NoRelease.to_string();
                 }
-                Err(ClientError::NoRelease) => return Err(ClientError::NoRelease),
                 Err(
                     e @ (ClientError::Signature(_)
                     | ClientError::UnknownKey(_)
@@ -382,6 +392,9 @@ impl Client {
             }
         }
         if !started {
+            if no_release && !holds_copy {
+                return Err(ClientError::NoRelease);
+            }
             if let Some(e) = disk_error {
                 return Err(e);
             }
@@ -604,12 +617,11 @@ impl Shared {
         }
     }
 
-    /// Maps a non-success status to an error, reading the JSON error body if any.
+    /// Maps a non-success status to an error, reading the JSON error body if any. A 404
+    /// is [`ClientError::NoRelease`] only with the gateway's `not_found` code: one without
+    /// it (a wrong base path, a proxy's own page) says nothing about the release.
     async fn status_error(gateway: &Url, response: reqwest::Response) -> ClientError {
         let status = response.status();
-        if status == StatusCode::NOT_FOUND {
-            return ClientError::NoRelease;
-        }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return ClientError::Unauthorized(status.as_u16());
         }
@@ -618,6 +630,9 @@ impl Shared {
             .await
             .map(|b| b.error)
             .unwrap_or_default();
+        if status == StatusCode::NOT_FOUND && error == "not_found" {
+            return ClientError::NoRelease;
+        }
         ClientError::Status {
             gateway: gateway.to_string(),
             status: status.as_u16(),

@@ -1239,3 +1239,42 @@ fn sse_events_and_the_parser_keep_their_data_out_of_debug() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("release"), "{shown}");
 }
+
+/// A gateway without the release does not end the start while another may have it;
+/// `NoRelease` is the answer only when none served the node and one said `not_found` —
+/// a 404 without that code (a wrong base path, a proxy) is no such answer.
+#[tokio::test]
+async fn a_gateway_without_the_release_does_not_end_the_start_while_another_has_it() {
+    let key = ed25519("k1");
+    let (_empty, empty_url, _server_e) = start_gateway(&key, None).await;
+    let (_full, full_url, _server_f) =
+        start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let down = url::Url::parse(&format!("http://127.0.0.1:{}", harness::free_port())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let client = Client::start(config(
+        vec![empty_url.clone(), full_url.clone()],
+        dir.path(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(client.version(), 1);
+    drop(client);
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = Client::start(config(vec![empty_url.clone(), down.clone()], empty.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NoRelease), "{err}");
+    let err = Client::start(config(vec![down.clone(), empty_url], empty.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NoRelease), "{err}");
+
+    // a base path nothing is served under: 404 without a `not_found` body
+    let wrong = full_url.join("nothing-here/").unwrap();
+    let err = Client::start(config(vec![wrong], empty.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+}
