@@ -74,9 +74,13 @@ pub struct ClientConfig {
     /// was opened with expires; the client then reconnects at once with the token set
     /// last, resuming from the version it holds (`Last-Event-ID`).
     pub token: SecretString,
-    /// This node's instance id, for gray releases.
+    /// This node's instance id, for gray releases: `[A-Za-z0-9._:-]`, 1 to 128 bytes, no
+    /// `..` (the grammar of a gray release's selector); [`Client::start`] refuses anything
+    /// else with [`ClientError::Config`], as every gateway would refuse it.
     pub instance: Option<String>,
-    /// This node's labels, for gray releases.
+    /// This node's labels, for gray releases: names and values in the grammar of
+    /// `instance` (so not Kubernetes' `app.kubernetes.io/name`: map such a label to a
+    /// name of your own).
     pub labels: BTreeMap<String, String>,
     /// Directory of the last-known-good copy: created `0700` if missing, and made `0700`
     /// at start and on every write if it was looser (a directory the node may write into
@@ -286,6 +290,7 @@ impl Client {
         if config.gateways.is_empty() {
             return Err(ClientError::Config("no gateway configured".into()));
         }
+        check_node(config.instance.as_deref(), &config.labels)?;
         let tls = tls_config(config.ca_pem.as_deref()).map_err(ClientError::Config)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -350,6 +355,8 @@ impl Client {
         let mut started = false;
         // a gateway answered `not_found`: there is no release for this node
         let mut no_release = false;
+        // a gateway answered 400: this node's request is wrong, not the gateways away
+        let mut refused = None;
         for gateway in &shared.config.gateways {
             match shared.fetch(gateway, None).await {
                 Ok(Some(snapshot)) => match shared.offer(gateway, snapshot).await {
@@ -385,6 +392,13 @@ impl Client {
                     tracing::warn!(%gateway, error = %e, "config snapshot refused");
                     last_error = e.to_string();
                 }
+                // the request itself is refused: asking again will not help, though
+                // another gateway (of another release of Portcullis) might take it
+                Err(e @ ClientError::Status { status: 400, .. }) => {
+                    tracing::error!(%gateway, error = %e, "config gateway refuses this node's request");
+                    last_error = e.to_string();
+                    refused = Some(e);
+                }
                 Err(e) => {
                     tracing::warn!(%gateway, error = %e, "config gateway unavailable at start");
                     last_error = e.to_string();
@@ -394,6 +408,11 @@ impl Client {
         if !started {
             if no_release && !holds_copy {
                 return Err(ClientError::NoRelease);
+            }
+            if let Some(e) = refused
+                && !holds_copy
+            {
+                return Err(e);
             }
             if let Some(e) = disk_error {
                 return Err(e);
@@ -484,6 +503,36 @@ impl Client {
             Err(e) => Err(decode(without_value::<T>(&e))),
         }
     }
+}
+
+/// Checks this node's instance id and labels against the grammar the gateways hold them
+/// to (that of a gray release's selector): a gateway refuses a request with anything else
+/// (400), every request, so the client refuses to start with it, naming the field.
+fn check_node(
+    instance: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), ClientError> {
+    use crate::model::{GraySelector, MAX_SELECTOR_ITEM_LEN};
+    let grammar = format!("[A-Za-z0-9._:-], 1 to {MAX_SELECTOR_ITEM_LEN} bytes, no `..`");
+    // an instance id is held to the selector's own check, as the gateway holds it
+    let check = |text: &str| GraySelector::new([text.to_owned()], BTreeMap::new()).map(drop);
+    if let Some(id) = instance {
+        check(id).map_err(|e| {
+            ClientError::Config(format!(
+                "instance {id:?} is not accepted by the gateways ({grammar}): {e}"
+            ))
+        })?;
+    }
+    for (name, value) in labels {
+        for (part, text) in [("name", name), ("value", value)] {
+            check(text).map_err(|e| {
+                ClientError::Config(format!(
+                    "labels: the {part} of label {name:?} is not accepted by the gateways ({grammar}): {e}"
+                ))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Why a value does not deserialize as `T`, without the value: serde's own messages
@@ -1070,9 +1119,21 @@ impl Shared {
                             mode.polls_left = POLL_ROUNDS_BEFORE_SSE;
                         }
                     }
-                    tracing::warn!(%gateway, error = %e, retry_in = ?delay, "config watch interrupted");
+                    // a refused request (400) is this node's fault and stays refused: it is
+                    // asked again at the slowest pace, in case the gateways change
+                    let refused = matches!(e, ClientError::Status { status: 400, .. });
+                    let wait = if refused {
+                        self.config.backoff_max
+                    } else {
+                        delay
+                    };
+                    if refused {
+                        tracing::error!(%gateway, error = %e, retry_in = ?wait, "config gateway refuses this node's request");
+                    } else {
+                        tracing::warn!(%gateway, error = %e, retry_in = ?wait, "config watch interrupted");
+                    }
                     index = index.wrapping_add(1);
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(wait).await;
                     delay = (delay * 2).min(self.config.backoff_max);
                 }
             }

@@ -115,6 +115,8 @@ struct Gateway {
     sent: Mutex<Vec<u64>>,
     /// The query of every plain read.
     read_queries: Mutex<Vec<std::collections::HashMap<String, String>>>,
+    /// Answer 400 `invalid_request` to every plain read.
+    refuse_reads: AtomicBool,
 }
 
 type Shared = Arc<Gateway>;
@@ -153,9 +155,19 @@ async fn read(
     headers: HeaderMap,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Response {
-    g.read_queries.lock().unwrap().push(query);
+    g.read_queries.lock().unwrap().push(query.clone());
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+    // the gateway's own checks of who is asking
+    let labels_ok = query
+        .get("labels")
+        .is_none_or(|l| config_center::GraySelector::parse_labels(l).is_ok());
+    let instance_ok = query
+        .get("instance")
+        .is_none_or(|i| config_center::GraySelector::new([i.clone()], Default::default()).is_ok());
+    if !labels_ok || !instance_ok || g.refuse_reads.load(Ordering::SeqCst) {
+        return error(StatusCode::BAD_REQUEST, "invalid_request");
     }
     let current = g.current.borrow().clone();
     let Some(s) = current else {
@@ -274,6 +286,7 @@ async fn start_gateway(
         resume_ids: Mutex::new(Vec::new()),
         sent: Mutex::new(Vec::new()),
         read_queries: Mutex::new(Vec::new()),
+        refuse_reads: AtomicBool::new(false),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -1277,4 +1290,42 @@ async fn a_gateway_without_the_release_does_not_end_the_start_while_another_has_
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+}
+
+/// The gateway refuses instance ids and labels outside its grammar (400) on every
+/// request, so the client refuses them at start and names the field, rather than
+/// reporting every gateway unreachable.
+#[tokio::test]
+async fn an_instance_or_labels_the_gateway_would_refuse_fail_the_start_naming_the_field() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (field, instance, label) in [
+        ("label", None, Some(("app.kubernetes.io/name", "orders"))),
+        ("label", None, Some(("zone", "a,tier=canary"))),
+        ("label", None, Some(("zone", ""))),
+        ("instance", Some("node 7"), None),
+    ] {
+        let mut cfg = config(vec![url.clone()], dir.path());
+        cfg.instance = instance.map(str::to_owned);
+        cfg.labels = label
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let err = Client::start(cfg).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::Config(ref m) if m.contains(field)),
+            "{instance:?} {label:?}: {err}"
+        );
+    }
+
+    // a 400 the client could not foresee is the gateway's answer, not unavailability
+    g.refuse_reads.store(true, Ordering::SeqCst);
+    let err = Client::start(config(vec![url], dir.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Status { status: 400, ref error, .. } if error == "invalid_request"),
+        "{err}"
+    );
 }
