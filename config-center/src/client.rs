@@ -1243,19 +1243,30 @@ impl Shared {
                 if event.event != "release" {
                     continue;
                 }
-                let snapshot = match serde_json::from_str::<Snapshot>(&event.data) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        tracing::warn!("ignoring an unreadable release event");
-                        continue;
-                    }
+                // the gateway sends a watch each release once, newer than the last it sent
+                // on it: a release not taken now comes again only on a new watch, resumed
+                // from the version held. So anything but an older release (which stays
+                // older) ends the stream, and the reconnect brings the release again: a
+                // JWKS that could not be had, a key not served yet, an event cut short.
+                let Ok(snapshot) = serde_json::from_str::<Snapshot>(&event.data) else {
+                    return Round::Failed(ClientError::Transport {
+                        gateway: gateway.to_string(),
+                        reason: "a release event is unreadable".into(),
+                    });
                 };
                 let offered = match self.verify(gateway, &snapshot).await {
                     Ok(()) => self.offer(gateway, snapshot).await,
                     Err(e) => Err(e),
                 };
-                if let Err(e) = offered {
-                    tracing::warn!(error = %e, "config snapshot refused");
+                match offered {
+                    Ok(_) => {}
+                    Err(e @ ClientError::Downgrade { .. }) => {
+                        tracing::warn!(%gateway, error = %e, "config snapshot refused");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%gateway, error = %e, "config snapshot refused; the watch resumes from the version held");
+                        return Round::Failed(e);
+                    }
                 }
             }
         }

@@ -117,6 +117,9 @@ struct Gateway {
     read_queries: Mutex<Vec<std::collections::HashMap<String, String>>>,
     /// Answer 400 `invalid_request` to every plain read.
     refuse_reads: AtomicBool,
+    /// Send on a watch only releases newer than the one it resumes from, as the real
+    /// gateway does (by default any other release is sent, to offer older ones).
+    only_newer: AtomicBool,
 }
 
 type Shared = Arc<Gateway>;
@@ -220,6 +223,7 @@ async fn watch_sse(
     if g.watch_missing.load(Ordering::SeqCst) {
         return error(StatusCode::NOT_FOUND, "not_found");
     }
+    let only_newer = g.only_newer.load(Ordering::SeqCst);
     if !g.stream.load(Ordering::SeqCst) {
         return error(StatusCode::NOT_IMPLEMENTED, "streaming_disabled");
     }
@@ -250,6 +254,7 @@ async fn watch_sse(
                 // a newer release, or any other release the test server switched to
                 if let Some(s) = next
                     && s.version != sent
+                    && (!only_newer || s.version > sent)
                 {
                     sent = s.version;
                     g.sent.lock().unwrap().push(s.version);
@@ -287,6 +292,7 @@ async fn start_gateway(
         sent: Mutex::new(Vec::new()),
         read_queries: Mutex::new(Vec::new()),
         refuse_reads: AtomicBool::new(false),
+        only_newer: AtomicBool::new(false),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -1327,5 +1333,53 @@ async fn an_instance_or_labels_the_gateway_would_refuse_fail_the_start_naming_th
     assert!(
         matches!(err, ClientError::Status { status: 400, ref error, .. } if error == "invalid_request"),
         "{err}"
+    );
+}
+
+/// Waits until `done` holds, polling; panics with `what` after [`DEADLINE`].
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(DEADLINE, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// A release refused on an open stream for a reason that passes (here: its key is not in
+/// the JWKS yet, as on a gateway instance that has not loaded a new key) is not lost: the
+/// gateway sends a watch only releases newer than what it sent, so the client ends the
+/// stream and resumes from the version it holds, which brings the release again.
+#[tokio::test]
+async fn a_release_refused_on_the_stream_for_a_passing_reason_comes_again_after_a_reconnect() {
+    let k1 = ed25519("k1");
+    let (g, url, _server) = start_gateway(&k1, Some(signed(&k1, 1, vec![plain("a", "1")]))).await;
+    g.only_newer.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    until("the watch is open", || {
+        !g.resume_ids.lock().unwrap().is_empty()
+    })
+    .await;
+    let fetches = g.jwks_fetches.load(Ordering::SeqCst);
+
+    // release 2 is signed by a key the JWKS does not list yet
+    let k2 = es256("k2");
+    g.current
+        .send_replace(Some(signed(&k2, 2, vec![plain("a", "2")])));
+    until("the client looked for the new key", || {
+        g.jwks_fetches.load(Ordering::SeqCst) > fetches && g.sent.lock().unwrap().contains(&2)
+    })
+    .await;
+    assert_eq!(client.version(), 1, "refused while its key is unknown");
+
+    // the key arrives: the release is taken without a newer one being published
+    g.jwks.lock().unwrap().push(k2.jwk.clone());
+    wait_for_version(&client, 2).await;
+    let ids = g.resume_ids.lock().unwrap().clone();
+    assert!(
+        ids.iter().skip(1).any(|id| id == "1"),
+        "the client resumed from the version it held: {ids:?}"
     );
 }
