@@ -231,7 +231,11 @@ pub enum Origin {
     /// A gateway (verified).
     Gateway,
     /// The last-known-good copy on disk (verified when it was written); no gateway
-    /// answered, or none had a release at least as new as it.
+    /// answered, or none had a release at least as new as it. While it is held and its
+    /// signature has not been verified against a gateway's JWKS, the watch asks a gateway
+    /// for its current snapshot before each round: the same or a newer version makes the
+    /// origin [`Origin::Gateway`] again, and an older one is taken if the copy does not
+    /// verify.
     Disk,
 }
 
@@ -1091,7 +1095,9 @@ impl Shared {
                 return;
             };
             let polling = mode.polls_left > 0;
-            let outcome = if polling {
+            let outcome = if let Err(e) = self.check_copy(gateway).await {
+                Round::Failed(e)
+            } else if polling {
                 mode.polls_left = mode.polls_left.saturating_sub(1);
                 self.poll_round(gateway).await
             } else {
@@ -1137,6 +1143,37 @@ impl Shared {
                     delay = (delay * 2).min(self.config.backoff_max);
                 }
             }
+        }
+    }
+
+    /// While the held snapshot is the copy read from disk and its signature has not been
+    /// verified, asks `gateway` for the current snapshot and offers it, since the watch
+    /// alone (resuming from the copy's version) would only ever bring newer ones: the
+    /// same version or a newer one replaces the copy ([`Origin::Gateway`]), an older one
+    /// has the copy verified first ([`Shared::offer`]), so a copy altered on disk to a
+    /// version no gateway has does not hold the node. `Ok` when the watch may go on from
+    /// what is held (also when the copy stays the floor); the error of a gateway that
+    /// could not serve a snapshot that verifies otherwise.
+    async fn check_copy(&self, gateway: &Url) -> Result<(), ClientError> {
+        let unchecked = *self.origin.lock().unwrap_or_else(PoisonError::into_inner) == Origin::Disk
+            && !*self
+                .copy_verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+        if !unchecked {
+            return Ok(());
+        }
+        match self.fetch(gateway, None).await {
+            Ok(Some(snapshot)) => match self.offer(gateway, snapshot).await {
+                Ok(_) => Ok(()),
+                Err(e @ ClientError::Downgrade { .. }) => {
+                    tracing::info!(%gateway, error = %e, "config watch goes on from the last-known-good copy");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Ok(None) | Err(ClientError::NoRelease) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

@@ -120,6 +120,8 @@ struct Gateway {
     /// Send on a watch only releases newer than the one it resumes from, as the real
     /// gateway does (by default any other release is sent, to offer older ones).
     only_newer: AtomicBool,
+    /// Answer 503 to every config request, as a gateway whose database is away.
+    down: AtomicBool,
 }
 
 type Shared = Arc<Gateway>;
@@ -162,6 +164,9 @@ async fn read(
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
+    if g.down.load(Ordering::SeqCst) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
+    }
     // the gateway's own checks of who is asking
     let labels_ok = query
         .get("labels")
@@ -199,6 +204,9 @@ async fn poll(
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
+    if g.down.load(Ordering::SeqCst) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
+    }
     g.polls.fetch_add(1, Ordering::SeqCst);
     let held = q.version.unwrap_or(0);
     let mut rx = g.current.subscribe();
@@ -222,6 +230,9 @@ async fn watch_sse(
     }
     if g.watch_missing.load(Ordering::SeqCst) {
         return error(StatusCode::NOT_FOUND, "not_found");
+    }
+    if g.down.load(Ordering::SeqCst) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
     }
     let only_newer = g.only_newer.load(Ordering::SeqCst);
     if !g.stream.load(Ordering::SeqCst) {
@@ -293,6 +304,7 @@ async fn start_gateway(
         read_queries: Mutex::new(Vec::new()),
         refuse_reads: AtomicBool::new(false),
         only_newer: AtomicBool::new(false),
+        down: AtomicBool::new(false),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -1382,4 +1394,68 @@ async fn a_release_refused_on_the_stream_for_a_passing_reason_comes_again_after_
         ids.iter().skip(1).any(|id| id == "1"),
         "the client resumed from the version it held: {ids:?}"
     );
+}
+
+/// A node that started from its copy while every gateway was away checks that copy once
+/// one answers: the same version makes it a gateway's again, and a copy altered on disk
+/// to a higher version no gateway has does not keep the node from the current release.
+/// (The gateway sends a watch only newer releases, so the watch alone brings neither.)
+#[tokio::test]
+async fn a_node_started_from_its_copy_checks_it_when_a_gateway_comes_back() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 5, vec![plain("a", "5")]))).await;
+    g.only_newer.store(true, Ordering::SeqCst);
+
+    // the same version: the node runs from the gateway again
+    let dir = tempfile::tempdir().unwrap();
+    drop(
+        Client::start(config(vec![url.clone()], dir.path()))
+            .await
+            .unwrap(),
+    );
+    g.down.store(true, Ordering::SeqCst);
+    let client = Client::start(config(vec![url.clone()], dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(client.origin(), Origin::Disk);
+    g.down.store(false, Ordering::SeqCst);
+    until("the copy is a gateway's again", || {
+        client.origin() == Origin::Gateway
+    })
+    .await;
+    assert_eq!(client.version(), 5);
+    drop(client);
+
+    // a copy whose version was raised on disk: the gateway's release 3 is taken
+    g.current
+        .send_replace(Some(signed(&key, 3, vec![plain("a", "3")])));
+    let dir = tempfile::tempdir().unwrap();
+    let mut raised = signed(&key, 5, vec![plain("a", "forged")]);
+    raised.version = 900;
+    std::fs::write(
+        dir.path().join("prod__orders.json"),
+        serde_json::to_vec(&raised).unwrap(),
+    )
+    .unwrap();
+    g.down.store(true, Ordering::SeqCst);
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!((client.origin(), client.version()), (Origin::Disk, 900));
+    g.down.store(false, Ordering::SeqCst);
+    wait_for_version_exactly(&client, 3).await;
+    assert_eq!(client.origin(), Origin::Gateway);
+    assert_eq!(client.get_str("a").as_deref(), Some("3"));
+    assert_eq!(copy_version(dir.path()), 3, "the altered copy was replaced");
+}
+
+async fn wait_for_version_exactly(client: &Client, version: u64) {
+    let mut rx = client.subscribe();
+    tokio::time::timeout(DEADLINE, rx.wait_for(|s| s.version == version))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "version {version} did not arrive; holding {}",
+                client.version()
+            )
+        })
+        .unwrap();
 }
