@@ -9,8 +9,9 @@
 //! Every snapshot must carry a detached JWS (`header..signature`) over its
 //! [`ReleaseClaims`](crate::ReleaseClaims) made with a key from the gateway's JWKS
 //! (`GET /oauth2/jwks`; ES256, EdDSA or RS256; the JWKS is fetched again when a `kid` is
-//! unknown), the entries must hash to the claimed content hash, and the version must not
-//! go backwards. Anything else is refused and the held copy is kept.
+//! unknown and once the `max-age` it was served with has passed), the entries must hash
+//! to the claimed content hash, and the version must not go backwards. Anything else is
+//! refused and the held copy is kept.
 //!
 //! "Backwards" counts from the last-known-good copy too: a restarted node holds the copy
 //! before it asks any gateway, and refuses a release older than it (a stale gateway, or an
@@ -245,13 +246,57 @@ struct Shared {
     app: AppName,
     http: reqwest::Client,
     token: Mutex<SecretString>,
-    jwks: Mutex<Option<JwkSet>>,
+    jwks: Mutex<Option<CachedJwks>>,
     current: watch::Sender<Arc<Snapshot>>,
     origin: Mutex<Origin>,
     /// The held copy read from disk has had its signature verified in this run.
     copy_verified: Mutex<bool>,
     /// This run has warned that the cache directory cannot be made private.
     dir_warned: AtomicBool,
+}
+
+/// The gateway's JWKS as last fetched.
+struct CachedJwks {
+    set: JwkSet,
+    fetched: tokio::time::Instant,
+    /// How long it may be used: the response's `Cache-Control: max-age`, within
+    /// [`JWKS_MIN_AGE`] and [`JWKS_MAX_AGE`].
+    max_age: Duration,
+}
+
+/// The shortest time a JWKS is used before it is fetched again, whatever the gateway says
+/// (`no-cache`, `max-age=0`): verifications are rare (a start, a release), but a gateway
+/// answering so must not have one JWKS fetch per verification in a burst of releases.
+const JWKS_MIN_AGE: Duration = Duration::from_secs(5);
+/// The longest time a JWKS is used, whatever the gateway says: the gateway itself caps
+/// its `max-age` at 15 minutes, so that a key withdrawn in an emergency leaves caches soon.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(15 * 60);
+/// How long a JWKS served without `max-age` is used.
+const JWKS_DEFAULT_AGE: Duration = Duration::from_secs(5 * 60);
+
+/// How long a JWKS served with this `Cache-Control` may be used.
+fn jwks_max_age(cache_control: Option<&str>) -> Duration {
+    let Some(value) = cache_control else {
+        return JWKS_DEFAULT_AGE;
+    };
+    let mut age = None;
+    for directive in value.split(',').map(str::trim) {
+        let name = directive
+            .split_once('=')
+            .map_or(directive, |(name, _)| name)
+            .trim();
+        if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+            return JWKS_MIN_AGE;
+        }
+        if name.eq_ignore_ascii_case("max-age") {
+            age = directive
+                .split_once('=')
+                .and_then(|(_, v)| v.trim().trim_matches('"').parse::<u64>().ok());
+        }
+    }
+    age.map_or(JWKS_DEFAULT_AGE, |secs| {
+        Duration::from_secs(secs).clamp(JWKS_MIN_AGE, JWKS_MAX_AGE)
+    })
 }
 
 /// A running config client; dropping it stops the watch.
@@ -754,7 +799,7 @@ impl Shared {
         }
     }
 
-    async fn fetch_jwks(&self, gateway: &Url) -> Result<JwkSet, ClientError> {
+    async fn fetch_jwks(&self, gateway: &Url) -> Result<CachedJwks, ClientError> {
         let url = under(gateway, &["oauth2", "jwks"])?;
         let response = self
             .http
@@ -768,13 +813,27 @@ impl Shared {
         if !response.status().is_success() {
             return Err(ClientError::Jwks(format!("status {}", response.status())));
         }
-        response
+        let max_age = jwks_max_age(
+            response
+                .headers()
+                .get(reqwest::header::CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let set = response
             .json::<JwkSet>()
             .await
-            .map_err(|e| ClientError::Jwks(format!("unreadable: {e}")))
+            .map_err(|e| ClientError::Jwks(format!("unreadable: {e}")))?;
+        Ok(CachedJwks {
+            set,
+            fetched: tokio::time::Instant::now(),
+            max_age,
+        })
     }
 
-    /// The key `kid` from the cached JWKS, refetching it once when the kid is unknown.
+    /// The key `kid` from the cached JWKS. The JWKS is fetched again, and replaces the
+    /// cached one (keys it no longer lists are no longer trusted), when the kid is unknown
+    /// or the cached set is older than its `max-age`; when that fetch fails, nothing is
+    /// verified with the stale set.
     async fn key_for(
         &self,
         gateway: &Url,
@@ -785,13 +844,14 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .and_then(|set| set.find(kid).cloned());
+            .filter(|c| c.fetched.elapsed() < c.max_age)
+            .and_then(|c| c.set.find(kid).cloned());
         if let Some(jwk) = cached {
             return Ok(jwk);
         }
-        let set = self.fetch_jwks(gateway).await?;
-        let found = set.find(kid).cloned();
-        *self.jwks.lock().unwrap_or_else(PoisonError::into_inner) = Some(set);
+        let fetched = self.fetch_jwks(gateway).await?;
+        let found = fetched.set.find(kid).cloned();
+        *self.jwks.lock().unwrap_or_else(PoisonError::into_inner) = Some(fetched);
         found.ok_or_else(|| ClientError::UnknownKey(kid.to_owned()))
     }
 
@@ -1477,5 +1537,24 @@ mod tests {
             "https://edge.example/portcullis/config/v1/prod/a%20b"
         );
         assert!(under(&Url::parse("mailto:ops@example.com").unwrap(), &["x"]).is_err());
+    }
+
+    #[test]
+    fn the_jwks_is_kept_for_its_max_age_within_bounds() {
+        let s = Duration::from_secs;
+        for (header, age) in [
+            (Some("public, max-age=900"), s(900)),
+            (Some("max-age=60, public"), s(60)),
+            (Some("public, MAX-AGE=\"120\""), s(120)),
+            (Some("public, max-age=0"), JWKS_MIN_AGE),
+            (Some("public, max-age=86400"), JWKS_MAX_AGE),
+            (Some("no-cache, max-age=600"), JWKS_MIN_AGE),
+            (Some("no-store"), JWKS_MIN_AGE),
+            (Some("public, max-age=soon"), JWKS_DEFAULT_AGE),
+            (Some("public"), JWKS_DEFAULT_AGE),
+            (None, JWKS_DEFAULT_AGE),
+        ] {
+            assert_eq!(jwks_max_age(header), age, "{header:?}");
+        }
     }
 }

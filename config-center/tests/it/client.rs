@@ -122,6 +122,8 @@ struct Gateway {
     only_newer: AtomicBool,
     /// Answer 503 to every config request, as a gateway whose database is away.
     down: AtomicBool,
+    /// `Cache-Control: max-age` of the JWKS, if any.
+    jwks_max_age: Mutex<Option<u64>>,
 }
 
 type Shared = Arc<Gateway>;
@@ -152,7 +154,14 @@ fn snapshot_response(s: &Snapshot) -> Response {
 async fn jwks(State(g): State<Shared>) -> Response {
     g.jwks_fetches.fetch_add(1, Ordering::SeqCst);
     let keys = g.jwks.lock().unwrap().clone();
-    Json(json!({"keys": keys})).into_response()
+    let mut response = Json(json!({"keys": keys})).into_response();
+    if let Some(age) = *g.jwks_max_age.lock().unwrap() {
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            format!("public, max-age={age}").parse().unwrap(),
+        );
+    }
+    response
 }
 
 async fn read(
@@ -305,6 +314,7 @@ async fn start_gateway(
         refuse_reads: AtomicBool::new(false),
         only_newer: AtomicBool::new(false),
         down: AtomicBool::new(false),
+        jwks_max_age: Mutex::new(None),
     });
     let router = Router::new()
         .route("/oauth2/jwks", get(jwks))
@@ -1458,4 +1468,36 @@ async fn wait_for_version_exactly(client: &Client, version: u64) {
             )
         })
         .unwrap();
+}
+
+/// A key withdrawn from the JWKS (an emergency rotation) stops verifying releases once
+/// the JWKS's `max-age` has passed, though the client fetched it while the key was listed.
+#[tokio::test]
+async fn a_key_withdrawn_from_jwks_is_no_longer_trusted_once_its_max_age_has_passed() {
+    let k1 = ed25519("k1");
+    let k2 = es256("k2");
+    let (g, url, _server) = start_gateway(&k1, Some(signed(&k1, 1, vec![plain("a", "1")]))).await;
+    g.jwks.lock().unwrap().push(k2.jwk.clone());
+    *g.jwks_max_age.lock().unwrap() = Some(1);
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!(client.version(), 1);
+    let seen = record_versions(&client);
+
+    // k1 is withdrawn; past the shortest time the client keeps a JWKS, a release signed
+    // by it is refused
+    *g.jwks.lock().unwrap() = vec![k2.jwk.clone()];
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    g.current
+        .send_replace(Some(signed(&k1, 2, vec![plain("a", "2")])));
+    until("release 2 was sent", || g.sent.lock().unwrap().contains(&2)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    g.current
+        .send_replace(Some(signed(&k2, 3, vec![plain("a", "3")])));
+    wait_for_version(&client, 3).await;
+    assert!(
+        !seen.lock().unwrap().contains(&2),
+        "a release signed by the withdrawn key was taken: {:?}",
+        seen.lock().unwrap()
+    );
 }
