@@ -3,8 +3,8 @@
 //! [`Client::start`] fetches the snapshot of one (environment, application) from the first
 //! gateway that answers, verifies it, stores it as the last-known-good copy on disk and
 //! starts a background watch: Server-Sent Events from the held version, reconnecting with
-//! exponential backoff (resuming with `Last-Event-ID`), falling back to long-poll when a
-//! gateway does not stream. When every gateway is down at start, the disk copy is used.
+//! jittered exponential backoff (resuming with `Last-Event-ID`), falling back to long-poll
+//! when a gateway does not stream. When every gateway is down at start, the disk copy is used.
 //!
 //! Every snapshot must carry a detached JWS (`header..signature`) over its
 //! [`ReleaseClaims`](crate::ReleaseClaims) made with a key from the gateway's JWKS
@@ -64,7 +64,8 @@ const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 /// What the client is told to do.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// Gateway base URLs (`https://portcullis.example:8443`), tried in order.
+    /// Gateway base URLs (`https://portcullis.example:8443`), tried in order at start; the
+    /// watch starts at a random one and moves to the next after a failure.
     pub gateways: Vec<Url>,
     /// The environment to read.
     pub environment: String,
@@ -72,8 +73,9 @@ pub struct ClientConfig {
     pub application: String,
     /// The bearer token (`config:read:<env>` scope); replace it with
     /// [`Client::set_token`] before it expires. The gateway ends a watch when the token it
-    /// was opened with expires; the client then reconnects at once with the token set
-    /// last, resuming from the version it holds (`Last-Event-ID`).
+    /// was opened with expires; the client then reconnects within a second (a random
+    /// delay, so that nodes do not all come back at once) with the token set last,
+    /// resuming from the version it holds (`Last-Event-ID`).
     pub token: SecretString,
     /// This node's instance id, for gray releases: `[A-Za-z0-9._:-]`, 1 to 128 bytes, no
     /// `..` (the grammar of a gray release's selector); [`Client::start`] refuses anything
@@ -93,7 +95,8 @@ pub struct ClientConfig {
     pub algorithms: Vec<Algorithm>,
     /// Extra trusted root certificates (PEM) for the gateways' TLS.
     pub ca_pem: Option<Vec<u8>>,
-    /// First reconnect delay (default 250 ms); doubles up to `backoff_max`.
+    /// First reconnect backoff (default 250 ms); doubles up to `backoff_max`. Each delay is
+    /// drawn at random between zero and the current backoff.
     pub backoff_initial: Duration,
     /// Longest reconnect delay (default 30 s).
     pub backoff_max: Duration,
@@ -1144,10 +1147,15 @@ impl Shared {
 
     /// The watch loop: SSE on the current gateway, long-poll when it does not stream,
     /// the next gateway and a growing delay after a failure.
+    ///
+    /// Nodes started or cut off together must not come back together: the watch starts at
+    /// a random gateway, every delay after a failure is drawn at random up to the current
+    /// backoff (full jitter), and a stream that ends well (its token expired, the gateway
+    /// restarted) is reopened after up to [`HEALTHY_RECONNECT_SPREAD`].
     async fn watch_forever(self: Arc<Self>) {
         let gateways = self.config.gateways.clone();
         let mut delay = self.config.backoff_initial;
-        let mut index = 0usize;
+        let mut index = usize::try_from(random_below(gateways.len() as u64)).unwrap_or(0);
         let mut modes = vec![Mode::default(); gateways.len()];
         loop {
             let slot = index % gateways.len().max(1);
@@ -1168,6 +1176,7 @@ impl Shared {
                     delay = self.config.backoff_initial;
                     if !polling {
                         mode.sse_failures = 0;
+                        tokio::time::sleep(full_jitter(HEALTHY_RECONNECT_SPREAD)).await;
                     }
                 }
                 Round::NoStream => {
@@ -1199,8 +1208,8 @@ impl Shared {
                         tracing::warn!(%gateway, error = %e, retry_in = ?wait, "config watch interrupted");
                     }
                     index = index.wrapping_add(1);
-                    tokio::time::sleep(wait).await;
-                    delay = (delay * 2).min(self.config.backoff_max);
+                    tokio::time::sleep(full_jitter(wait)).await;
+                    delay = delay.saturating_mul(2).min(self.config.backoff_max);
                 }
             }
         }
@@ -1378,6 +1387,34 @@ impl Shared {
     }
 }
 
+/// The longest wait before a stream that ended well is reopened (see
+/// [`Shared::watch_forever`]).
+const HEALTHY_RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+
+/// A number drawn uniformly from `0..bound` (0 when `bound` is 0), from the system's
+/// random source; only to spread reconnects, so should that fail, the clock's nanoseconds
+/// do.
+fn random_below(bound: u64) -> u64 {
+    if bound == 0 {
+        return 0;
+    }
+    let mut bytes = [0u8; 8];
+    let drawn = match aws_lc_rs::rand::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos())),
+    };
+    // the bias of the remainder is at most bound / 2^64
+    drawn % bound
+}
+
+/// A delay drawn uniformly from `0..=limit` ("full jitter").
+fn full_jitter(limit: Duration) -> Duration {
+    let nanos = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(random_below(nanos.saturating_add(1)))
+}
+
 enum Round {
     Healthy,
     NoStream,
@@ -1537,6 +1574,33 @@ mod tests {
             "https://edge.example/portcullis/config/v1/prod/a%20b"
         );
         assert!(under(&Url::parse("mailto:ops@example.com").unwrap(), &["x"]).is_err());
+    }
+
+    #[test]
+    fn reconnect_delays_are_drawn_within_their_bounds() {
+        for limit in [
+            Duration::ZERO,
+            Duration::from_millis(1),
+            Duration::from_millis(250),
+            Duration::from_secs(30),
+            Duration::MAX,
+        ] {
+            let drawn: Vec<Duration> = (0..200).map(|_| full_jitter(limit)).collect();
+            assert!(drawn.iter().all(|d| *d <= limit), "{limit:?}: {drawn:?}");
+            if limit >= Duration::from_millis(1) {
+                let first = drawn[0];
+                assert!(drawn.iter().any(|d| *d != first), "{limit:?}: not drawn");
+            }
+        }
+        let mut seen = [false; 4];
+        for _ in 0..400 {
+            let n = random_below(4);
+            assert!(n < 4);
+            seen[usize::try_from(n).unwrap()] = true;
+        }
+        assert_eq!(seen, [true; 4], "every gateway may come first");
+        assert_eq!(random_below(0), 0);
+        assert_eq!(random_below(1), 0);
     }
 
     #[test]

@@ -1501,3 +1501,29 @@ async fn a_key_withdrawn_from_jwks_is_no_longer_trusted_once_its_max_age_has_pas
         seen.lock().unwrap()
     );
 }
+
+/// Watches start at a random gateway, so that nodes started together (a deployment, or
+/// all of them after a gateway restart) do not all stream from the first one.
+#[tokio::test]
+async fn watches_spread_over_the_gateways() {
+    let key = ed25519("k1");
+    let (a, url_a, _server_a) =
+        start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let (b, url_b, _server_b) =
+        start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let cfg = config(vec![url_a.clone(), url_b.clone()], dir.path());
+        clients.push(Client::start(cfg).await.unwrap());
+    }
+    until("every client watches", || {
+        a.resume_ids.lock().unwrap().len() + b.resume_ids.lock().unwrap().len() >= 16
+    })
+    .await;
+    let (on_a, on_b) = (
+        a.resume_ids.lock().unwrap().len(),
+        b.resume_ids.lock().unwrap().len(),
+    );
+    assert!(on_a > 0 && on_b > 0, "watches on a: {on_a}, on b: {on_b}");
+}
