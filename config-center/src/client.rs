@@ -28,7 +28,7 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -243,6 +243,28 @@ pub enum Origin {
     Disk,
 }
 
+/// How the background watch is doing, for a node's health checks and metrics
+/// ([`Client::watch_status`], [`Client::subscribe_status`]).
+///
+/// The watch is failing when `last_error_at` is later than `last_contact`; how long it has
+/// gone without news is the time since `last_contact`. Where the held snapshot came from
+/// is [`Client::origin`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WatchStatus {
+    /// The watch's last attempt reached a gateway and nothing has failed since: a stream
+    /// is open, or the last long-poll was answered.
+    pub connected: bool,
+    /// When a gateway last answered this node: the snapshot fetched at start, a stream
+    /// opened or a chunk on it (keep-alives included), a long-poll's answer.
+    pub last_contact: Option<SystemTime>,
+    /// Why the watch (or the start) last failed: a gateway away, a token refused, a
+    /// release refused. Kept once the watch recovers; compare `last_error_at`.
+    pub last_error: Option<String>,
+    /// When it failed.
+    pub last_error_at: Option<SystemTime>,
+}
+
 struct Shared {
     config: ClientConfig,
     env: Environment,
@@ -251,6 +273,7 @@ struct Shared {
     token: Mutex<SecretString>,
     jwks: Mutex<Option<CachedJwks>>,
     current: watch::Sender<Arc<Snapshot>>,
+    status: watch::Sender<WatchStatus>,
     origin: Mutex<Origin>,
     /// The held copy read from disk has had its signature verified in this run.
     copy_verified: Mutex<bool>,
@@ -371,6 +394,7 @@ impl Client {
             http,
             jwks: Mutex::new(None),
             current,
+            status: watch::Sender::new(WatchStatus::default()),
             origin: Mutex::new(Origin::Gateway),
             copy_verified: Mutex::new(false),
             dir_warned: AtomicBool::new(false),
@@ -457,7 +481,9 @@ impl Client {
                 }
             }
         }
-        if !started {
+        if started {
+            shared.contact();
+        } else {
             if no_release && !holds_copy {
                 return Err(ClientError::NoRelease);
             }
@@ -476,6 +502,10 @@ impl Client {
                 version = shared.held_version(),
                 "config started from the last-known-good copy"
             );
+            shared.status.send_modify(|s| {
+                s.last_error = Some(last_error);
+                s.last_error_at = Some(SystemTime::now());
+            });
         }
         let task = tokio::spawn(Arc::clone(&shared).watch_forever());
         Ok(Client { shared, task })
@@ -505,6 +535,17 @@ impl Client {
     /// the newer one only, never each in turn. Compare versions rather than count changes.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.shared.current.subscribe()
+    }
+
+    /// How the background watch is doing now: whether it reaches a gateway, when one last
+    /// answered, and the last failure.
+    pub fn watch_status(&self) -> WatchStatus {
+        self.shared.status.borrow().clone()
+    }
+
+    /// A receiver of [`Client::watch_status`], changed at every contact and failure.
+    pub fn subscribe_status(&self) -> watch::Receiver<WatchStatus> {
+        self.shared.status.subscribe()
     }
 
     /// Replaces the bearer token used from the next request on.
@@ -1141,6 +1182,23 @@ impl Shared {
         Ok(Some(snapshot))
     }
 
+    /// A gateway answered the watch.
+    fn contact(&self) {
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.last_contact = Some(SystemTime::now());
+        });
+    }
+
+    /// The watch failed with `e`.
+    fn failed(&self, e: &ClientError) {
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(e.to_string());
+            s.last_error_at = Some(SystemTime::now());
+        });
+    }
+
     fn held_version(&self) -> u64 {
         self.current.borrow().version
     }
@@ -1185,6 +1243,7 @@ impl Shared {
                     continue;
                 }
                 Round::Failed(e) => {
+                    self.failed(&e);
                     if !polling {
                         mode.sse_failures += 1;
                         if mode.sse_failures >= SSE_FAILURES_BEFORE_POLL {
@@ -1250,12 +1309,16 @@ impl Shared {
         let started = tokio::time::Instant::now();
         match self.poll(gateway, self.held_version()).await {
             Ok(Some(snapshot)) => match self.offer(gateway, snapshot).await {
-                Ok(_) => Round::Healthy,
+                Ok(_) => {
+                    self.contact();
+                    Round::Healthy
+                }
                 // a gateway answering an older release at once would otherwise make this
                 // spin; the next gateway, after a delay, may have a newer one
                 Err(e) => Round::Failed(e),
             },
             Ok(None) => {
+                self.contact();
                 // a gateway answering 304 at once would otherwise make this spin
                 if started.elapsed() < Duration::from_secs(1) {
                     tokio::time::sleep(self.config.backoff_initial).await;
@@ -1309,6 +1372,7 @@ impl Shared {
         }
         let mut response = response;
         let mut parser = SseParser::default();
+        self.contact();
         let mut delivered = false;
         loop {
             let chunk = match tokio::time::timeout(self.config.idle_timeout, response.chunk()).await
@@ -1336,6 +1400,7 @@ impl Shared {
                 }
             };
             delivered = true;
+            self.contact();
             let events = match parser.feed(&chunk) {
                 Ok(events) => events,
                 Err(reason) => {

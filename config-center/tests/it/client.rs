@@ -18,7 +18,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use config_center::client::{Client, ClientConfig, ClientError, Origin, SseParser};
+use config_center::client::{Client, ClientConfig, ClientError, Origin, SseParser, WatchStatus};
 use config_center::{Entry, Format, Snapshot, content_hash, signing};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::SecretString;
@@ -1526,4 +1526,53 @@ async fn watches_spread_over_the_gateways() {
         b.resume_ids.lock().unwrap().len(),
     );
     assert!(on_a > 0 && on_b > 0, "watches on a: {on_a}, on b: {on_b}");
+}
+
+/// The node can tell that its watch fails, and when it last heard from a gateway.
+#[tokio::test]
+async fn the_watch_status_shows_failures_and_the_last_contact() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    let started = client.watch_status();
+    assert!(started.last_contact.is_some(), "{started:?}");
+    assert_eq!(started.last_error, None);
+    let mut status = client.subscribe_status();
+    let connected = |s: &WatchStatus| {
+        s.connected && s.last_contact > s.last_error_at && s.last_contact > started.last_contact
+    };
+    tokio::time::timeout(DEADLINE, status.wait_for(connected))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // the gateway goes away: the open stream ends, reconnecting fails
+    g.down.store(true, Ordering::SeqCst);
+    g.epoch.fetch_add(1, Ordering::SeqCst);
+    g.current.send_modify(|_| {});
+    let failing = tokio::time::timeout(
+        DEADLINE,
+        status.wait_for(|s| {
+            !s.connected
+                && s.last_error_at > s.last_contact
+                && s.last_error.as_deref().is_some_and(|e| e.contains("503"))
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+
+    // and comes back
+    g.down.store(false, Ordering::SeqCst);
+    let recovered = tokio::time::timeout(DEADLINE, status.wait_for(connected))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        recovered.last_error, failing.last_error,
+        "the last failure is kept"
+    );
 }
