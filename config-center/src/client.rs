@@ -105,6 +105,11 @@ pub struct ClientConfig {
     /// A stream that says nothing (not even keep-alive) this long is reconnected
     /// (default 45 s: three missed keep-alives).
     pub idle_timeout: Duration,
+    /// The longest a gateway may hold a long-poll before it answers (default 60 s: the
+    /// gateways' `config_center.long_poll_timeout` is 25 s by default and always under
+    /// 60 s). A long-poll unanswered after this plus `request_timeout` is given up as
+    /// failed; set it to the gateways' setting to notice a silent gateway sooner.
+    pub long_poll_timeout: Duration,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -144,6 +149,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(45),
+            long_poll_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -823,8 +829,12 @@ impl Shared {
         let response = self
             .http
             .get(url)
-            // the gateway answers within 30 s
-            .timeout(Duration::from_secs(40) + self.config.request_timeout)
+            // the gateway answers within its long-poll timeout
+            .timeout(
+                self.config
+                    .long_poll_timeout
+                    .saturating_add(self.config.request_timeout),
+            )
             .header(AUTHORIZATION, self.bearer())
             .send()
             .await

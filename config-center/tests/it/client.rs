@@ -1576,3 +1576,31 @@ async fn the_watch_status_shows_failures_and_the_last_contact() {
         "the last failure is kept"
     );
 }
+
+/// A long-poll is given up once the configured long-poll timeout (plus the request
+/// timeout) has passed, not after a fixed time.
+#[tokio::test]
+async fn a_long_poll_is_given_up_after_the_configured_timeout() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    // the test gateway holds a long-poll 30 s
+    g.stream.store(false, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![url], dir.path());
+    cfg.long_poll_timeout = Duration::from_millis(300);
+    cfg.request_timeout = Duration::from_secs(1);
+    let client = Client::start(cfg).await.unwrap();
+    let mut status = client.subscribe_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("timed out"))
+        }),
+    )
+    .await
+    .expect("the long-poll was given up")
+    .unwrap();
+    assert!(g.polls.load(Ordering::SeqCst) > 0);
+}
