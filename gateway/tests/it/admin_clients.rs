@@ -462,20 +462,58 @@ async fn no_client_lifetime_outlives_the_key_overlap() {
 }
 
 #[tokio::test]
-async fn deleting_a_client_revokes_its_refresh_tokens_and_forgets_it() {
+async fn deleting_a_client_cuts_off_its_tokens_revokes_its_refresh_tokens_and_forgets_it() {
     let app = app().await;
     let (id, secret) = create(
         &app,
-        json!({ "name": "short-lived", "grant_types": ["client_credentials", "refresh_token"] }),
+        json!({
+            "name": "short-lived",
+            "grant_types": ["client_credentials", "refresh_token"],
+            "scopes": ["portcullis:admin"],
+        }),
     )
     .await;
     let (t, _) = issue(&app, &id, "carol").await;
     let path = format!("/admin/clients/{id}");
+    // an access token the client holds, and a resource server that introspects it
+    let (status, body) = token(&app, &id, &secret).await;
+    assert_eq!(status, 200, "{body}");
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    let (rs, rs_secret) = create(&app, json!({ "name": "resource server" })).await;
+    let introspect = || async {
+        let resp = app
+            .https_client()
+            .post(app.url("/oauth2/introspect"))
+            .basic_auth(&rs, Some(&rs_secret))
+            .form(&[("token", access.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<Value>().await.unwrap()
+    };
+    // a bearer route Portcullis verifies: the admin API, which the token's scope opens
+    let list_with_token = || async {
+        let (status, body, _) = send(
+            reqwest::Client::new()
+                .get(format!("http://{}/admin/clients", app.admin))
+                .bearer_auth(&access),
+        )
+        .await;
+        (status, body)
+    };
+    assert_eq!(introspect().await["active"], true);
+    assert_eq!(list_with_token().await.0, 200);
 
     let (status, body, _) = send(admin(&app, reqwest::Method::DELETE, &path)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["deleted"], true);
     assert_eq!(body["sessions_revoked"], 1);
+    // its access token is cut off at once where Portcullis verifies it
+    assert_eq!(introspect().await, json!({ "active": false }));
+    let (status, refused) = list_with_token().await;
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(refused["error"], "invalid_token", "{refused}");
     let (status, body, _) = send(admin(&app, reqwest::Method::GET, &path)).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"], "not_found");
