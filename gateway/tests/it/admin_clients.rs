@@ -787,6 +787,9 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
     assert_eq!(clients.len(), 1, "{list}");
     assert_eq!(clients[0]["name"], "Kept");
 
+    let client_path = format!("/admin/clients/{id}");
+    let (status, before, _) = send(admin(&app, reqwest::Method::GET, &client_path)).await;
+    assert_eq!(status, 200, "{before}");
     let rotate = format!("/admin/clients/{id}/rotate-secret");
     for (body, field) in [
         (json!({ "overlap": "soon" }), "overlap"),
@@ -812,7 +815,15 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
     )
     .await;
     assert_eq!(status, 400, "{resp}");
-    // refused rotations and disables changed nothing
+    // refused rotations and disables changed nothing: no secret replaced (a rotation would
+    // leave the old one working for an overlap, so a token from it proves nothing alone),
+    // still enabled, the record not written
+    let (status, after, _) = send(admin(&app, reqwest::Method::GET, &client_path)).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["previous_secret_expires_at"], Value::Null, "{after}");
+    assert_eq!(after["enabled"], true, "{after}");
+    assert_eq!(after["updated_at"], before["updated_at"], "{after}");
+    assert_eq!(after, before);
     assert_eq!(token(&app, &id, &secret).await.0, 200);
 
     for (method, path) in [
@@ -853,7 +864,18 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
             "{method} {path}: {description}"
         );
     }
-    // only the one successful create was audited
+    // only the one successful create was audited: a sentinel recorded now is stored after
+    // anything the refused requests queued (the writer keeps the queue's order), so once
+    // it is stored an absent record is really absent
+    app.state.audit.record(portcullis::audit::AuditEvent {
+        at: time::OffsetDateTime::now_utc(),
+        actor: "operator:test".to_owned(),
+        action: "test.sentinel".to_owned(),
+        target: id.clone(),
+        source_ip: None,
+        detail: json!({}).into(),
+    });
+    audited(&app, "test.sentinel", 1).await;
     assert_eq!(audited(&app, "client.create", 1).await.len(), 1);
     for action in ["client.rotate_secret", "client.disable", "client.delete"] {
         let rows = portcullis::audit::recent(&app.state.db, action, 10)
