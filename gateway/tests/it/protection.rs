@@ -57,11 +57,9 @@ async fn rapid_attempts_from_one_ip_are_limited_with_retry_after() {
     assert!(retry >= 1);
     let body: serde_json::Value = limited.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
-    let metrics = app.metrics().await;
-    assert!(
-        metrics.contains("portcullis_rate_limited_total{endpoint=\"auth\"}"),
-        "{metrics}"
-    );
+    // not asserted here: `portcullis_rate_limited_total{endpoint="auth"}` is process-wide,
+    // and the other tests of this binary are limited on the same endpoint at the same
+    // time, so neither its presence nor its increase is this test's own
     // the bucket is the login endpoints'; the rest of the site is not affected
     let jwks = app
         .https_client()
