@@ -149,26 +149,30 @@ async fn accepted(b: &Backend, client_id: &str, presented: &SecretString) {
 
 /// Every value of every column of `oauth_clients`, as text (byte columns both as lossy
 /// UTF-8 and as hex).
-async fn raw_table(db: &Database) -> String {
+/// Every value stored in `oauth_clients`, as the database hands it out: text as its
+/// UTF-8, binary columns as their raw bytes and again as hex, numbers as decimal text;
+/// on Postgres also each row's text form.
+async fn raw_table(db: &Database) -> Vec<(String, Vec<u8>)> {
     const SQL: &str = "SELECT * FROM oauth_clients";
     macro_rules! dump {
         ($rows:expr) => {{
-            let mut out = String::new();
+            let mut out = Vec::new();
             for row in $rows {
                 for i in 0..row.len() {
                     let name = row.column(i).name().to_owned();
-                    let value = if let Ok(v) = row.try_get::<Option<String>, _>(i) {
-                        v.unwrap_or_default()
+                    if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+                        out.push((name, v.unwrap_or_default().into_bytes()));
                     } else if let Ok(v) = row.try_get::<Option<Vec<u8>>, _>(i) {
                         let v = v.unwrap_or_default();
-                        let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
-                        format!("{} {hex}", String::from_utf8_lossy(&v))
+                        out.push((format!("{name} (hex)"), hex(&v).into_bytes()));
+                        out.push((name, v));
                     } else if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
-                        v.map(|v| v.to_string()).unwrap_or_default()
+                        let v = v.map(|v| v.to_string()).unwrap_or_default();
+                        out.push((name, v.into_bytes()));
                     } else {
-                        row.try_get::<bool, _>(i).unwrap().to_string()
-                    };
-                    out.push_str(&format!("{name}={value}\n"));
+                        let v = row.try_get::<bool, _>(i).unwrap().to_string();
+                        out.push((name, v.into_bytes()));
+                    }
                 }
             }
             out
@@ -181,13 +185,55 @@ async fn raw_table(db: &Database) -> String {
                 .fetch_all(p)
                 .await
                 .unwrap();
-            format!("{}{}", dump!(rows), whole.join("\n"))
+            let mut out = dump!(rows);
+            out.extend(
+                whole
+                    .into_iter()
+                    .map(|w| ("row".to_owned(), w.into_bytes())),
+            );
+            out
         }
         Pool::Sqlite(p) => {
             let rows = sqlx::query(SQL).fetch_all(p).await.unwrap();
             dump!(rows)
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The forms a client secret could be stored in by mistake, each named: its text, its
+/// base64url body, the 32 random bytes that body encodes, and those bytes as hex (either
+/// case) and as standard base64 (without its padding, so that padded forms match too);
+/// also the whole text as hex.
+fn secret_forms(secret: &SecretString) -> Vec<(&'static str, Vec<u8>)> {
+    use base64::Engine;
+    let text = secret.expose_secret();
+    let body = text.strip_prefix(SECRET_PREFIX).unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .unwrap();
+    assert_eq!(raw.len(), 32);
+    vec![
+        ("its text", text.as_bytes().to_vec()),
+        ("its body", body.as_bytes().to_vec()),
+        ("its bytes", raw.clone()),
+        ("its bytes as hex", hex(&raw).into_bytes()),
+        ("its bytes as HEX", hex(&raw).to_uppercase().into_bytes()),
+        (
+            "its bytes as standard base64",
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(&raw)
+                .into_bytes(),
+        ),
+        ("its text as hex", hex(text.as_bytes()).into_bytes()),
+    ]
 }
 
 fn sqlite_files(dir: &tempfile::TempDir) -> Vec<PathBuf> {
@@ -295,14 +341,24 @@ async fn stored_rows_hold_no_plaintext_secret(b: Backend) {
         .unwrap();
 
     let table = raw_table(&b.db).await;
-    assert!(table.contains("executor-orders"), "{table}");
-    assert!(table.contains("previous_secret_hash="), "{table}");
+    let stored = |column: &str, needle: &[u8]| {
+        table
+            .iter()
+            .any(|(name, value)| name == column && holds(value, needle))
+    };
+    assert!(stored("id", b"executor-orders"), "{table:?}");
+    assert!(
+        table
+            .iter()
+            .any(|(name, value)| name == "previous_secret_hash" && value.len() == 32),
+        "{table:?}"
+    );
     for s in [&first, &rotated, &admin] {
-        let text = s.expose_secret();
-        let body = text.strip_prefix(SECRET_PREFIX).unwrap();
-        assert!(!table.contains(body), "a secret is stored in the clear");
-        let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
-        assert!(!table.contains(&hex), "a secret is stored as hex");
+        for (form, needle) in secret_forms(s) {
+            for (column, value) in &table {
+                assert!(!holds(value, &needle), "{column} holds a secret: {form}");
+            }
+        }
     }
     // SQLite: not in the database files either (main file and write-ahead log)
     if let Some(dir) = &b.dir {
@@ -311,12 +367,13 @@ async fn stored_rows_hold_no_plaintext_secret(b: Backend) {
         for path in files {
             let bytes = std::fs::read(&path).unwrap();
             for s in [&first, &rotated, &admin] {
-                let body = s.expose_secret().strip_prefix(SECRET_PREFIX).unwrap();
-                assert!(
-                    !bytes.windows(body.len()).any(|w| w == body.as_bytes()),
-                    "a secret is in {}",
-                    path.display()
-                );
+                for (form, needle) in secret_forms(s) {
+                    assert!(
+                        !holds(&bytes, &needle),
+                        "a secret is in {}: {form}",
+                        path.display()
+                    );
+                }
             }
         }
     }

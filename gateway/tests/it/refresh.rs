@@ -639,16 +639,45 @@ async fn redis_never_holds_a_token_or_its_secret() {
         );
     }
     for token in &tokens {
+        use base64::Engine;
         let text = token.expose_secret();
         let body = text.rsplit('.').next().unwrap();
-        // the whole token, its body, and the part that encodes the 256-bit secret
-        for needle in [text, body, &body[..42], &body[42..]] {
+        // the body decodes to the 256-bit secret and a 128-bit tag
+        let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .unwrap();
+        assert_eq!(decoded.len(), 48);
+        let secret = &decoded[..32];
+        let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+        // standard base64 without its padding, so that a padded form matches too
+        let std_b64 = |bytes: &[u8]| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(bytes)
+                .into_bytes()
+        };
+        // the whole token, its body, the part that encodes the secret; and the secret's
+        // bytes themselves, as hex (either case) and as standard base64
+        let needles: Vec<(&str, Vec<u8>)> = vec![
+            ("the token", text.as_bytes().to_vec()),
+            ("its body", body.as_bytes().to_vec()),
+            (
+                "the body's first 42 characters",
+                body.as_bytes()[..42].to_vec(),
+            ),
+            ("the body's rest", body.as_bytes()[42..].to_vec()),
+            ("the secret's bytes", secret.to_vec()),
+            ("the secret as hex", hex(secret).into_bytes()),
+            ("the secret as HEX", hex(secret).to_uppercase().into_bytes()),
+            ("the secret as standard base64", std_b64(secret)),
+            ("the body's bytes", decoded.clone()),
+            ("the body's bytes as hex", hex(&decoded).into_bytes()),
+            ("the body's bytes as standard base64", std_b64(&decoded)),
+        ];
+        for (what, needle) in &needles {
             for haystack in &everything {
                 assert!(
-                    !haystack
-                        .windows(needle.len())
-                        .any(|w| w == needle.as_bytes()),
-                    "Redis holds part of a token"
+                    !haystack.windows(needle.len()).any(|w| w == needle),
+                    "Redis holds {what} of a token"
                 );
             }
         }
