@@ -21,9 +21,17 @@ async fn app() -> TestApp {
 
 /// [`app`], with more configuration.
 async fn app_with(customize: impl FnOnce(&mut portcullis::config::Config)) -> TestApp {
+    app_with_clock(std::sync::Arc::new(keyrotation::SystemClock), customize).await
+}
+
+/// [`app_with`], on `clock`.
+async fn app_with_clock(
+    clock: std::sync::Arc<dyn keyrotation::Clock>,
+    customize: impl FnOnce(&mut portcullis::config::Config),
+) -> TestApp {
     let db = Postgres::shared().fresh_database("admin_clients").unwrap();
     let redis = Redis::shared().url();
-    spawn_app(move |c| {
+    spawn_app_with_clock(clock, move |c| {
         c.database.url = SecretString::from(db);
         c.redis = Some(portcullis::config::RedisConfig {
             url: SecretString::from(redis),
@@ -182,7 +190,11 @@ async fn a_created_client_gets_tokens_with_the_secret_shown_once() {
 
 #[tokio::test]
 async fn a_rotated_secret_keeps_the_old_one_working_for_the_overlap_only() {
-    let app = app().await;
+    // the instance's clock, moved by the test to the end of an overlap
+    let clock = std::sync::Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = app_with_clock(clock.clone(), |_| {}).await;
     let (id, first) = create(&app, json!({ "name": "rotating" })).await;
     let path = format!("/admin/clients/{id}/rotate-secret");
 
@@ -215,6 +227,25 @@ async fn a_rotated_secret_keeps_the_old_one_working_for_the_overlap_only() {
     ))
     .await;
     assert!(shown["previous_secret_expires_at"].is_string(), "{shown}");
+    // the old secret works until the overlap's end, and not from then on
+    clock.set(until - time::Duration::seconds(1));
+    assert_eq!(
+        token(&app, &id, &first).await.0,
+        200,
+        "old, a second before the overlap ends"
+    );
+    clock.set(until);
+    let (status, refused) = token(&app, &id, &first).await;
+    assert_eq!(status, 401, "old, at the overlap's end: {refused}");
+    assert_eq!(refused["error"], "invalid_client");
+    assert_eq!(token(&app, &id, &second).await.0, 200, "new, still");
+    let (_, shown, _) = send(admin(
+        &app,
+        reqwest::Method::GET,
+        &format!("/admin/clients/{id}"),
+    ))
+    .await;
+    assert_eq!(shown["previous_secret_expires_at"], Value::Null, "{shown}");
 
     // no overlap: the replaced secret stops at once
     let (status, body, _) =
@@ -231,7 +262,17 @@ async fn a_rotated_secret_keeps_the_old_one_working_for_the_overlap_only() {
     // no body: the default overlap of 24 h
     let (status, body, _) = send(admin(&app, reqwest::Method::POST, &path)).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["previous_secret_expires_at"].is_string());
+    let until = time::OffsetDateTime::parse(
+        body["previous_secret_expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let expected = app.state.keys.now() + time::Duration::hours(24);
+    assert!(
+        (until - expected).abs() < time::Duration::minutes(1),
+        "{until}, not 24 h from {}",
+        app.state.keys.now()
+    );
 
     let rows = audited(&app, "client.rotate_secret", 3).await;
     for (actor, target, detail) in &rows {
