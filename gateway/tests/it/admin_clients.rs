@@ -1003,8 +1003,17 @@ async fn the_cli_creates_and_lists_clients_whose_secret_then_works() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("no [redis] is configured"), "{stderr}");
     assert!(stdout.contains("disabled"), "{stdout}");
+    let enabled = || {
+        let (status, stdout, stderr) = cli(&["list", "--json"]);
+        assert!(status.success(), "{stderr}");
+        let listed: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(listed["clients"][0]["id"], "executor-billing", "{listed}");
+        listed["clients"][0]["enabled"].clone()
+    };
+    assert_eq!(enabled(), false, "disabled in the store");
     let (status, _, stderr) = cli(&["enable", "executor-billing"]);
     assert!(status.success(), "{stderr}");
+    assert_eq!(enabled(), true, "enabled in the store");
 
     // an instance on that database accepts the secret the CLI printed
     let app = spawn_app(move |c| c.database.url = SecretString::from(db_url)).await;
