@@ -273,21 +273,41 @@ async fn a_locked_client_id_is_still_served_with_its_real_secret() {
     )
     .await;
 
-    for _ in 0..3 {
-        let r = token_request(&app, &id, "not-the-secret").await;
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        clock.advance(time::Duration::milliseconds(5));
+    let served = || {
+        let request = token_request(&app, &id, &secret);
+        async move {
+            let served = request.await;
+            assert_eq!(served.status(), StatusCode::OK);
+            let body: serde_json::Value = served.json().await.unwrap();
+            assert_eq!(body["token_type"], "Bearer", "{body}");
+        }
+    };
+    let wrong = |what: &'static str| {
+        let request = token_request(&app, &id, "not-the-secret");
+        let clock = clock.clone();
+        async move {
+            let status = request.await.status();
+            // past the 1 ms backoff each failure sets
+            clock.advance(time::Duration::milliseconds(5));
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+        }
+    };
+    // (lockout_settings: one free failure, locked at the third.) A failure, then the real
+    // secret twice, then a failure: the successes were not counted (or the id would be
+    // locked by now) nor did they wipe the count (the next failure locks it)
+    wrong("the free failure").await;
+    for _ in 0..2 {
+        served().await;
     }
+    wrong("the second failure: the successes were not failures").await;
+    wrong("the third failure").await;
     let refused = token_request(&app, &id, "not-the-secret").await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"], "too_many_attempts");
 
     for _ in 0..2 {
-        let served = token_request(&app, &id, &secret).await;
-        assert_eq!(served.status(), StatusCode::OK);
-        let body: serde_json::Value = served.json().await.unwrap();
-        assert_eq!(body["token_type"], "Bearer", "{body}");
+        served().await;
     }
     // the real secret neither unlocked the id for guessers nor counted against it
     let still = token_request(&app, &id, "not-the-secret").await;
