@@ -1076,17 +1076,15 @@ async fn altering_or_deleting_a_record_makes_audit_verify_fail_naming_its_seq() 
             .parse()
             .unwrap()
     };
-    // the instance's own events (the key ring's first transitions) go through its
-    // background writer, which may store them after ours: wait until the trail is still
-    let mut total = max_seq();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = max_seq();
-        if now == total {
-            break;
-        }
-        total = now;
-    }
+    // the instance's own events (the key ring's first transitions, made before
+    // spawn_app returned) go through its background writer, which may store them after
+    // ours. Once they are stored, a sentinel queued after them is stored after anything
+    // else queued (the writer keeps the queue's order): then nothing more is on its way
+    wait_for(&app, "key.transition", 1).await;
+    app.state
+        .audit
+        .record(event("operator:test", "test.quiet", "0", t0));
+    wait_for(&app, "test.quiet", 1).await;
     let (code, out, err) = verify();
     assert_eq!(code, 0, "{out}{err}");
 
@@ -1143,7 +1141,8 @@ async fn altering_or_deleting_a_record_makes_audit_verify_fail_naming_its_seq() 
     psql("INSERT INTO audit_events SELECT * FROM kept");
     assert_eq!(verify().0, 0, "restored");
 
-    // the newest record cut off the end
+    // the newest record cut off the end: the newest as the trail holds it now
+    let total = max_seq();
     psql(&format!(
         "CREATE TABLE kept_last AS SELECT * FROM audit_events WHERE seq = {total}"
     ));
