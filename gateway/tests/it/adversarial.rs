@@ -86,8 +86,16 @@ impl AttackerKey {
     }
 }
 
-fn hmac_sha256(secret: &[u8]) -> impl Fn(&[u8]) -> Vec<u8> {
-    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+/// The HMAC JWS algorithm `alg` (HS256, HS384, HS512) keyed with `secret`: a tag a
+/// verifier that trusted the header's `alg` would accept.
+fn hmac_for(alg: &str, secret: &[u8]) -> impl Fn(&[u8]) -> Vec<u8> + use<> {
+    let algorithm = match alg {
+        "HS256" => aws_lc_rs::hmac::HMAC_SHA256,
+        "HS384" => aws_lc_rs::hmac::HMAC_SHA384,
+        "HS512" => aws_lc_rs::hmac::HMAC_SHA512,
+        other => panic!("not an HMAC JWS algorithm: {other}"),
+    };
+    let key = aws_lc_rs::hmac::Key::new(algorithm, secret);
     move |m| aws_lc_rs::hmac::sign(&key, m).as_ref().to_vec()
 }
 
@@ -255,11 +263,18 @@ async fn forged_and_foreign_tokens_are_refused_and_never_reach_an_admin_node() {
     for (encoding, secret) in public_key_encodings(&published) {
         for alg in ["HS256", "HS384", "HS512"] {
             let header = json!({ "alg": alg, "kid": our_kid, "typ": "JWT" });
-            // HS384/512 get an HS256 tag: refused by the algorithm pin before any MAC
-            forged.push((
-                format!("{alg} keyed with the {encoding}"),
-                jws(&header, &body, hmac_sha256(&secret)),
-            ));
+            // each with the tag of its own algorithm, valid for a verifier that took the
+            // header's word for it and the public key as the secret
+            let token = jws(&header, &body, hmac_for(alg, &secret));
+            let tag = URL_SAFE_NO_PAD
+                .decode(token.rsplit_once('.').unwrap().1)
+                .unwrap();
+            assert_eq!(
+                tag.len() * 8,
+                alg[2..].parse::<usize>().unwrap(),
+                "{alg} tag"
+            );
+            forged.push((format!("{alg} keyed with the {encoding}"), token));
         }
     }
 
