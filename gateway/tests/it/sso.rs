@@ -185,6 +185,41 @@ impl SsoFixture {
             .unwrap()
     }
 
+    /// Asserts that the browser's session lives on past its access token: the refresh
+    /// family its refresh cookie names is alive in the store, and once the clock is past
+    /// the access token (5 minutes and the 30 s leeway), `/auth/me` still answers 200,
+    /// renewed from the refresh cookie. (`/auth/me` alone is answered from the access
+    /// cookie, without the refresh store.) Advances the clock.
+    pub async fn assert_session_lives(&self) {
+        let token = SecretString::from(self.cookie(REFRESH_COOKIE).expect("a refresh cookie"));
+        let alive = self
+            .app
+            .state
+            .refresh
+            .inspect(&token, self.clock.now())
+            .await
+            .unwrap();
+        assert!(alive.is_some(), "the session's refresh family was ended");
+        self.clock.advance(time::Duration::minutes(10));
+        assert_eq!(
+            self.me().await.status(),
+            StatusCode::OK,
+            "the session ends with its access token"
+        );
+    }
+
+    /// Asserts that the refresh store holds no session of `subject`.
+    pub async fn assert_no_session_of(&self, subject: &str) {
+        let sessions = self
+            .app
+            .state
+            .refresh
+            .list_sessions(subject, self.clock.now())
+            .await
+            .unwrap();
+        assert!(sessions.is_empty(), "sessions of {subject}: {sessions:?}");
+    }
+
     pub async fn me(&self) -> reqwest::Response {
         self.browser
             .get(self.app.url("/auth/me"))
@@ -448,6 +483,7 @@ async fn tampered_state_is_refused_and_no_session_is_made() {
     assert_eq!(error_code(response).await, "invalid_state");
     assert!(f.cookie(REFRESH_COOKIE).is_none());
     assert_eq!(f.me().await.status(), StatusCode::UNAUTHORIZED);
+    f.assert_no_session_of("test:alice").await;
 }
 
 #[tokio::test]
@@ -483,6 +519,15 @@ async fn replayed_state_is_refused_and_no_session_is_made() {
             .all(|c| { !c.to_str().unwrap().starts_with(REFRESH_COOKIE) })
     );
     assert_eq!(error_code(replay).await, "invalid_state");
+    // the user's own login made the one session there is; the replay made none
+    let sessions = f
+        .app
+        .state
+        .refresh
+        .list_sessions("test:alice", f.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
 }
 
 #[tokio::test]
@@ -612,6 +657,7 @@ async fn replayed_code_is_refused_and_no_session_is_made() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(response).await, "login_failed");
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+    f.assert_no_session_of("test:bob").await;
 }
 
 /// Starts a login, rewrites one parameter of the authorization request the browser is
@@ -655,6 +701,7 @@ async fn id_token_with_another_nonce_is_refused_and_no_session_is_made() {
             .contains("nonce")
     );
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+    f.assert_no_session_of("test:alice").await;
 }
 
 #[tokio::test]
@@ -666,6 +713,7 @@ async fn code_issued_to_another_client_is_refused_and_no_session_is_made() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(response).await, "login_failed");
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+    f.assert_no_session_of("test:alice").await;
 }
 
 #[tokio::test]
@@ -685,6 +733,7 @@ async fn expired_id_token_is_refused_and_no_session_is_made() {
             .contains("expired")
     );
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+    f.assert_no_session_of("test:alice").await;
 }
 
 #[tokio::test]
@@ -710,6 +759,7 @@ async fn provider_lost_between_login_and_callback_makes_no_session() {
     let response = f.browser.get(callback).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+    f.assert_no_session_of("test:alice").await;
 }
 
 #[tokio::test]
@@ -933,6 +983,7 @@ async fn logout_page_offers_a_form_and_never_ends_the_session_by_itself() {
             .contains("method=\"post\" action=\"/auth/logout\"")
     );
     assert_eq!(f.me().await.status(), StatusCode::OK);
+    f.assert_session_lives().await;
 }
 
 #[tokio::test]
@@ -969,6 +1020,7 @@ async fn cross_site_logout_is_refused() {
     );
     assert_eq!(error_code(response).await, "csrf_rejected");
     assert_eq!(f.me().await.status(), StatusCode::OK);
+    f.assert_session_lives().await;
 }
 
 /// A real ID token from the provider, issued to `portcullis-es256` with `nonce`.
@@ -1336,6 +1388,7 @@ async fn an_id_token_signed_with_an_algorithm_not_pinned_is_refused() {
             .contains("RS256")
     );
     assert!(f.cookie(REFRESH_COOKIE).is_none());
+    f.assert_no_session_of("test:alice").await;
 }
 
 impl SsoFixture {
