@@ -16,6 +16,7 @@ use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPai
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use harness::Redis;
+use keyrotation::Clock as _;
 use portcullis::config::{Config, RedisConfig};
 use reqwest::StatusCode;
 use rustls::pki_types::ServerName;
@@ -949,7 +950,11 @@ async fn session_logs_capture() {
 
     let node = AdminNode::start("a").await;
     let prefix = format!("session-log-{}:", uuid::Uuid::new_v4());
-    let app = spawn_app(|c| session_config(c, &node, prefix)).await;
+    // a clock of the test's, to present a rotated refresh token past the reuse grace
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| session_config(c, &node, prefix)).await;
     let http = app.https_client();
     let admin = reqwest::Client::new();
     let mut secrets: Vec<String> = vec![
@@ -1005,7 +1010,8 @@ async fn session_logs_capture() {
     secrets.push(access.clone());
 
     // a session for a user of that client (as an SSO login starts one), refreshed with
-    // the secret in the body, then revoked
+    // the secret in the body, its rotated token stolen and replayed (reuse detection
+    // revokes the family), then its current token revoked
     let issued = app
         .state
         .refresh
@@ -1050,16 +1056,10 @@ async fn session_logs_capture() {
     )
     .await;
     assert_eq!(introspected.status(), StatusCode::OK);
-    let revoked = post_as_client(
-        &http,
-        app.url("/oauth2/revoke"),
-        "executor-orders",
-        &secret,
-        &[("token", second.as_str())],
-    )
-    .await;
-    assert_eq!(revoked.status(), StatusCode::OK);
-    // the rotated token presented again: reuse, the family is revoked and audited
+    // the rotated token presented again past the grace window, its family still alive:
+    // reuse, the family is revoked and audited
+    let grace = app.state.config.refresh.reuse_grace;
+    clock.advance(time::Duration::try_from(grace).unwrap() + time::Duration::seconds(1));
     let reuse = post_as_client(
         &http,
         app.url("/oauth2/token"),
@@ -1072,6 +1072,48 @@ async fn session_logs_capture() {
     )
     .await;
     assert_eq!(reuse.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reuse.json::<Value>().await.unwrap()["error"],
+        "invalid_grant"
+    );
+    let family = issued.session.family.to_string();
+    let db = app.state.db.clone();
+    eventually(
+        Duration::from_secs(10),
+        "a refresh.reuse_detected audit record of the session",
+        || {
+            let (db, family) = (db.clone(), family.clone());
+            async move {
+                portcullis::audit::recent(&db, "refresh.reuse_detected", 10)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|(actor, target, _)| {
+                        actor == "client:executor-orders" && *target == family
+                    })
+            }
+        },
+    )
+    .await;
+    // the current token went with its family
+    assert!(
+        app.state
+            .refresh
+            .inspect(&SecretString::from(second.clone()), clock.now())
+            .await
+            .unwrap()
+            .is_none(),
+        "the family outlived the reuse"
+    );
+    let revoked = post_as_client(
+        &http,
+        app.url("/oauth2/revoke"),
+        "executor-orders",
+        &secret,
+        &[("token", second.as_str())],
+    )
+    .await;
+    assert_eq!(revoked.status(), StatusCode::OK);
 
     // a secret config value written, then read back by a node with the right
     let path = app.url("/config/v1/prod/executor-orders");
