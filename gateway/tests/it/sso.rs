@@ -1681,12 +1681,21 @@ async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing
         } else {
             FORM
         };
+        let sent: Vec<String> = url::form_urlencoded::parse(body.as_bytes())
+            .filter(|(k, _)| k == "logout_token")
+            .map(|(_, v)| v.into_owned())
+            .collect();
         let response = post(content_type, body).await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{what}");
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["error"], "invalid_request", "{what}: {body}");
         let description = body["error_description"].as_str().unwrap();
         assert!(description.contains(says), "{what}: {description}");
+        assert_eq!(
+            quoted_token(description, &sent),
+            None,
+            "{what}: {description}"
+        );
         assert!(alive().await, "{what} ended the session");
     }
 
@@ -1746,6 +1755,193 @@ async fn a_logout_token_is_verified_and_used_once_and_a_refused_one_ends_nothing
         .unwrap();
     assert_eq!(none_left.status(), StatusCode::OK);
     assert!(live(&f, &fresh).await);
+}
+
+/// The part of a logout token in `tokens` that `description` quotes, if any: 12
+/// characters of the token as sent, the `kid` it names, or a string claim of 6 characters
+/// or more (a refusal says what is wrong, never what the token said).
+fn quoted_token(description: &str, tokens: &[String]) -> Option<String> {
+    for token in tokens {
+        let chars: Vec<char> = token.chars().collect();
+        for window in chars.windows(12) {
+            let window: String = window.iter().collect();
+            if description.contains(&window) {
+                return Some(window);
+            }
+        }
+        let part = |i: usize| -> serde_json::Value {
+            token
+                .split('.')
+                .nth(i)
+                .and_then(|p| {
+                    base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p)
+                        .ok()
+                })
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default()
+        };
+        let (head, claims) = (part(0), part(1));
+        let mut quoted: Vec<String> = head["kid"]
+            .as_str()
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
+        if let Some(claims) = claims.as_object() {
+            quoted.extend(
+                claims
+                    .values()
+                    .filter_map(|v| v.as_str())
+                    .filter(|v| v.len() >= 6)
+                    .map(str::to_owned),
+            );
+        }
+        if let Some(q) = quoted
+            .into_iter()
+            .find(|q| description.contains(q.as_str()))
+        {
+            return Some(q);
+        }
+    }
+    None
+}
+
+/// A provider of discovery and JWKS only, at `url` (plain HTTP on 127.0.0.1, as the
+/// settings allow), serving the test provider's keys and counting the JWKS fetches.
+struct CountingJwks {
+    url: String,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+    upstream: Arc<std::sync::OnceLock<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingJwks {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let upstream: Arc<std::sync::OnceLock<String>> = Arc::default();
+        let discovery = serde_json::json!({
+            "issuer": url,
+            "authorization_endpoint": format!("{url}/auth"),
+            "token_endpoint": format!("{url}/token"),
+            "jwks_uri": format!("{url}/jwks"),
+        });
+        let (count, from) = (fetches.clone(), upstream.clone());
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || async move {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let keys: serde_json::Value = reqwest::get(from.get().unwrap().as_str())
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    axum::Json(keys)
+                }),
+            );
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            fetches,
+            upstream,
+            task,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingJwks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Logout tokens naming keys the provider does not publish make it refetch its JWKS at
+/// most once per `jwks_min_refetch` (the provider may have rotated; a stream of made-up
+/// `kid`s must not become a stream of fetches), and are refused without quoting the token.
+#[tokio::test]
+async fn logout_tokens_with_unknown_kids_refetch_the_jwks_at_most_once_per_window() {
+    const WINDOW: Duration = Duration::from_secs(2);
+    let counted = CountingJwks::start().await;
+    let issuer = counted.url.clone();
+    let f = SsoFixture::start(|c| {
+        let mut other = c.sso.providers[0].clone();
+        other.name = "counted".to_owned();
+        other.issuer = issuer;
+        other.client_id = "counted-client".to_owned();
+        c.sso.providers.push(other);
+        c.sso.jwks_min_refetch = WINDOW;
+    })
+    .await;
+    counted
+        .upstream
+        .set(format!("{}/jwks", f.idp.issuer()))
+        .unwrap();
+    let token = |kid: Option<&str>| {
+        let iat = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "iss": counted.url,
+            "aud": "counted-client",
+            "iat": iat,
+            "exp": iat + 120,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "sub": "nobody-logged-in",
+            "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+        });
+        let mut header = serde_json::json!({ "typ": "logout+jwt" });
+        if let Some(kid) = kid {
+            header["kid"] = kid.into();
+        }
+        let idp = &f.idp;
+        async move { idp.sign(header, claims).await.unwrap() }
+    };
+    let refused = |token: String| {
+        let f = &f;
+        async move {
+            let r = f.post_logout_token(&token).await;
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            let body: serde_json::Value = r.json().await.unwrap();
+            let description = body["error_description"].as_str().unwrap().to_owned();
+            assert!(description.contains("kid"), "{body}");
+            assert_eq!(
+                quoted_token(&description, std::slice::from_ref(&token)),
+                None,
+                "{description}"
+            );
+        }
+    };
+
+    // a genuine token loads the keys: one fetch
+    let r = f.post_logout_token(&token(None).await).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(counted.fetches(), 1);
+    // within the window, made-up kids are refused with the keys held
+    refused(token(Some("made-up-1")).await).await;
+    refused(token(Some("made-up-2")).await).await;
+    assert_eq!(
+        counted.fetches(),
+        1,
+        "a made-up kid refetched within the window"
+    );
+    // past it, the next one refetches (the provider may have rotated) and the one after
+    // does not. The window runs on the monotonic clock, not the instance's injectable
+    // one: time has to pass
+    tokio::time::sleep(WINDOW + Duration::from_millis(200)).await;
+    refused(token(Some("made-up-3")).await).await;
+    assert_eq!(counted.fetches(), 2, "no refetch past the window");
+    refused(token(Some("made-up-4")).await).await;
+    assert_eq!(counted.fetches(), 2, "two refetches in one window");
 }
 
 /// Whether `refresh` is the current token of a live family at `f`'s instance.
