@@ -435,16 +435,53 @@ async fn a_long_poll_answers_at_once_when_behind_and_on_the_next_release_otherwi
     assert_eq!(s, 200);
     assert_eq!(b["version"], 1);
 
-    let waiting = {
+    let start_poll = |path: String| {
         let http = api.http.clone();
-        let url = app.url(&poll(1));
+        let url = app.url(&path);
         let t = token(&app, "config:read:prod");
         tokio::spawn(async move {
             let r = http.get(url).bearer_auth(t).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    // the poll is parked until the release exists
+
+    // an application without a release: its poll is parked once it follows the
+    // application, which it does through a slot of the instance's hub that only a
+    // follower keeps (a read leaves none behind); a release then answers it
+    const NEW_APP: &str = "executor-billing";
+    let hub = app.state.config_center.hub.clone();
+    let slots = hub.slot_count();
+    let first = start_poll(Api::path("prod", NEW_APP, "/poll?version=0"));
+    eventually(
+        Duration::from_secs(10),
+        "the poll follows the application",
+        || {
+            let n = hub.slot_count();
+            async move { n > slots }
+        },
+    )
+    .await;
+    assert!(!first.is_finished(), "answered before a release existed");
+    let (s, b) = api
+        .put(
+            "prod",
+            NEW_APP,
+            WRITER,
+            json!({ "entries": entries_v1(), "message": "first" }),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["version"], 1);
+
+    // one that holds the newest release waits for the next (an application with a release
+    // keeps its slot, so there is no follower count to wait for here: the parking itself
+    // is proven above)
+    let waiting = start_poll(poll(1));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished());
     api.publish(json!([{ "key": "db.url", "value": "postgres://v2" }]))
@@ -778,10 +815,22 @@ async fn the_client_library_verifies_and_follows_a_real_instance_and_starts_from
     assert_eq!(client.get_str("db.url").as_deref(), Some("postgres://v2"));
     drop(client);
 
+    // the last-known-good copy the client left on disk
+    let copy = cache.path().join(format!("prod__{APP}.json"));
+    let held: Value = serde_json::from_slice(&std::fs::read(&copy).unwrap()).unwrap();
+    assert_eq!(held["version"], 2, "{held}");
+
     // every gateway down: the node still starts, from its last-known-good copy
     app.stop.cancel();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let https = app.https;
+    eventually(
+        Duration::from_secs(10),
+        "the instance refuses connections",
+        || async move { tokio::net::TcpStream::connect(https).await.is_err() },
+    )
+    .await;
     let offline = config_center::client::Client::start(cfg).await.unwrap();
+    assert_eq!(offline.origin(), config_center::client::Origin::Disk);
     assert_eq!(offline.version(), 2);
     assert_eq!(offline.get_str("db.url").as_deref(), Some("postgres://v2"));
 }
