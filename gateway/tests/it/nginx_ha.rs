@@ -74,9 +74,6 @@ impl Edge {
         instances: [SocketAddr; 3],
         read_timeout: Option<&str>,
     ) -> Self {
-        let edge_leaf = certs.pki.leaf();
-        let path = |p: PathBuf| p.display().to_string();
-        let listen = harness::free_port();
         let line = "proxy_read_timeout 35s;";
         assert_eq!(
             TEMPLATE.matches(line).count(),
@@ -87,8 +84,16 @@ impl Edge {
             Some(t) => TEMPLATE.replace(line, &format!("proxy_read_timeout {t};")),
             None => TEMPLATE.to_owned(),
         };
+        Self::start_from(certs, instances, &template).await
+    }
+
+    /// Like [`Edge::start`], from `template` (the shipped one with a setting changed).
+    pub async fn start_from(certs: &Certs, instances: [SocketAddr; 3], template: &str) -> Self {
+        let edge_leaf = certs.pki.leaf();
+        let path = |p: PathBuf| p.display().to_string();
+        let listen = harness::free_port();
         let config = render_template(
-            &template,
+            template,
             &[
                 ("LISTEN", format!("127.0.0.1:{listen}")),
                 ("SERVER_NAME", "localhost".to_owned()),
@@ -753,6 +758,62 @@ async fn backchannel_logouts_count_against_the_token_limit_at_the_edge_not_the_l
         "{} of 50 logouts were not answered by Portcullis; the first: {}",
         refused.len(),
         refused[0]
+    );
+
+    // and they do count against the token zone: with its rate and burst made small (and
+    // nothing else changed), a burst of logouts is refused at the edge, in Portcullis's
+    // JSON, and empties the bucket the token endpoint draws from
+    let rate = "zone=portcullis_token:10m rate=300r/s;";
+    let burst = "zone=portcullis_token burst=900 nodelay;";
+    assert_eq!(TEMPLATE.matches(rate).count(), 1, "the token zone's rate");
+    assert_eq!(
+        TEMPLATE.matches(burst).count(),
+        2,
+        "the token zone's two locations"
+    );
+    let small = TEMPLATE
+        .replace(rate, "zone=portcullis_token:10m rate=1r/m;")
+        .replace(burst, "zone=portcullis_token burst=4 nodelay;");
+    let small_edge = Edge::start_from(&certs, [app.https; 3], &small).await;
+    let posts = (0..20).map(|_| {
+        small_edge
+            .client
+            .post(small_edge.url("/auth/backchannel-logout"))
+            .form(&[("logout_token", "x")])
+            .send()
+    });
+    let (mut answered, mut limited) = (0, 0);
+    for r in futures::future::join_all(posts).await {
+        let (status, headers, body) = answer(r.unwrap()).await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        match status {
+            StatusCode::BAD_REQUEST => answered += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited += 1;
+                assert_eq!(json["error"], "rate_limited", "{body}");
+                assert_eq!(
+                    headers.get("content-type").and_then(|v| v.to_str().ok()),
+                    Some("application/json"),
+                    "{body}"
+                );
+            }
+            other => panic!("{other} {body}"),
+        }
+    }
+    // one request and a burst of 4 pass; a rate of 1 a minute adds none meanwhile
+    assert_eq!((answered, limited), (5, 15));
+    let token = small_edge
+        .client
+        .post(small_edge.url("/oauth2/token"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = answer(token).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the token endpoint's bucket: {body}"
     );
 }
 
