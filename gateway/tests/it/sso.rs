@@ -620,14 +620,95 @@ async fn a_stale_callback_in_a_logged_in_browser_goes_on_to_the_console() {
 #[tokio::test]
 async fn a_browser_holds_a_bounded_number_of_pending_logins() {
     let f = SsoFixture::start(|_| {}).await;
-    let mut last_state = String::new();
-    for _ in 0..10 {
-        last_state = param(&f.start_login("").await, "state");
+    // a browser that sends its cookies oldest first, as RFC 6265 §5.4 has browsers do
+    // (the test's cookie jar sends them in no set order), and its own cookies at the
+    // provider
+    let mut browser = OrderedCookies::new(f.cookieless_browser());
+    let at_idp = harness::browser_client().unwrap();
+    let login = f.app.url("/auth/login");
+    // the oldest login gets as far as its callback, then nine more are started
+    let first = browser.start_login(&login).await;
+    let oldest = f
+        .idp
+        .browser_login(&at_idp, first.as_str(), "alice", "alice-correct-horse")
+        .await
+        .unwrap();
+    let mut newest = first;
+    for _ in 0..9 {
+        newest = browser.start_login(&login).await;
     }
-    let held = f.login_cookies();
+    let held: Vec<&(String, String)> = browser
+        .cookies
+        .iter()
+        .filter(|(k, _)| k.starts_with(LOGIN_COOKIE))
+        .collect();
     assert_eq!(held.len(), 8, "{held:?}");
-    // the newest login is among them and still finishes
+    let last_state = param(&newest, "state");
     assert!(held.iter().any(|(_, v)| *v == last_state));
+    // the oldest's cookie made room: its callback is refused
+    let refused = browser.get(oldest.as_str()).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(refused).await, "invalid_state");
+    // the newest still finishes
+    let callback = f
+        .idp
+        .browser_login(&at_idp, newest.as_str(), "alice", "alice-correct-horse")
+        .await
+        .unwrap();
+    assert_eq!(param(&callback, "state"), last_state);
+    let done = browser.get(callback.as_str()).await;
+    assert_eq!(done.status(), StatusCode::FOUND);
+    assert!(browser.cookies.iter().any(|(k, _)| k == REFRESH_COOKIE));
+}
+
+/// A browser's cookies at one site, kept in the order they were made and sent in that
+/// order; a cookie set again keeps its place, one set with `Max-Age=0` goes.
+struct OrderedCookies {
+    client: reqwest::Client,
+    cookies: Vec<(String, String)>,
+}
+
+impl OrderedCookies {
+    fn new(client: reqwest::Client) -> Self {
+        Self {
+            client,
+            cookies: Vec::new(),
+        }
+    }
+
+    /// `GET /auth/login` at `url`: the authorization URL it redirects to.
+    async fn start_login(&mut self, url: &str) -> Url {
+        let r = self.get(url).await;
+        assert_eq!(r.status(), StatusCode::FOUND);
+        Url::parse(r.headers()[header::LOCATION].to_str().unwrap()).unwrap()
+    }
+
+    async fn get(&mut self, url: &str) -> reqwest::Response {
+        let mut request = self.client.get(url);
+        if !self.cookies.is_empty() {
+            let header: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            request = request.header(header::COOKIE, header.join("; "));
+        }
+        let response = request.send().await.unwrap();
+        for set in response.headers().get_all(header::SET_COOKIE) {
+            let set = set.to_str().unwrap();
+            let (name, value) = set.split(';').next().unwrap().split_once('=').unwrap();
+            let gone = set.contains("Max-Age=0") || value.is_empty();
+            match self.cookies.iter().position(|(k, _)| k == name) {
+                Some(i) if gone => {
+                    self.cookies.remove(i);
+                }
+                Some(i) => self.cookies[i].1 = value.to_owned(),
+                None if gone => {}
+                None => self.cookies.push((name.to_owned(), value.to_owned())),
+            }
+        }
+        response
+    }
 }
 
 #[tokio::test]
