@@ -704,3 +704,82 @@ fn database_min_connections_defaults_to_four_and_may_not_exceed_the_pool() {
         .unwrap_err();
     assert_eq!(field_of(err), "database.min_connections");
 }
+
+/// Each field of a per-IP bucket defaults on its own, to the default of its own table
+/// (`auth_rate` and `token_rate` differ): setting only `burst`, in the file or the
+/// environment, keeps the table's `replenish_every`, and the other way round. A value of
+/// the wrong type or an unknown field is still refused, naming it.
+#[test]
+fn a_rate_field_set_alone_keeps_the_other_at_its_tables_default() {
+    use crate::protect::RateSettings;
+    let rate = |burst, ms| RateSettings {
+        burst,
+        replenish_every: Duration::from_millis(ms),
+    };
+    let f = Files::new();
+
+    // the documented defaults
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(c.protection.auth_rate, rate(20, 3000));
+    assert_eq!(c.protection.token_rate, rate(300, 10));
+
+    // only `burst`, in the file
+    let c = f
+        .load(
+            &f.toml("[protection.auth_rate]\nburst = 5\n[protection.token_rate]\nburst = 7\n"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(c.protection.auth_rate, rate(5, 3000));
+    assert_eq!(c.protection.token_rate, rate(7, 10));
+
+    // only `burst`, in the environment
+    let c = f
+        .load(
+            &f.toml(""),
+            &[
+                ("PORTCULLIS_PROTECTION__AUTH_RATE__BURST", "5"),
+                ("PORTCULLIS_PROTECTION__TOKEN_RATE__BURST", "7"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(c.protection.auth_rate, rate(5, 3000));
+    assert_eq!(c.protection.token_rate, rate(7, 10));
+
+    // only `replenish_every`, in the environment over a file that sets the other table
+    let c = f
+        .load(
+            &f.toml("[protection.token_rate]\nburst = 50\n"),
+            &[
+                ("PORTCULLIS_PROTECTION__AUTH_RATE__REPLENISH_EVERY", "1s"),
+                ("PORTCULLIS_PROTECTION__TOKEN_RATE__REPLENISH_EVERY", "20ms"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(c.protection.auth_rate, rate(20, 1000));
+    assert_eq!(c.protection.token_rate, rate(50, 20));
+
+    for (extra, field) in [
+        (
+            "[protection.token_rate]\nburst = \"many\"\n",
+            "protection.token_rate.burst",
+        ),
+        (
+            "[protection.auth_rate]\nreplenish_every = \"often\"\n",
+            "protection.auth_rate.replenish_every",
+        ),
+        (
+            "[protection.auth_rate]\nburst = 0\n",
+            "protection.auth_rate.burst",
+        ),
+    ] {
+        let err = f.load(&f.toml(extra), &[]).unwrap_err();
+        assert_eq!(field_of(err), field, "{extra}");
+    }
+    let err = f
+        .load(&f.toml("[protection.auth_rate]\nbursts = 5\n"), &[])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("protection.auth_rate"), "{msg}");
+    assert!(msg.contains("bursts"), "{msg}");
+}

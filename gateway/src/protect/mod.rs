@@ -9,7 +9,7 @@ pub mod rate;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 pub use client_ip::{ClientIp, TrustedProxies};
 pub use lockout::{AccountAttempt, Kind, Lockout, LockoutSettings, Refusal, Scope, Verdict};
@@ -20,9 +20,11 @@ pub use lockout::{AccountAttempt, Kind, Lockout, LockoutSettings, Refusal, Scope
 pub struct ProtectionSettings {
     /// Proxies (CIDRs; a bare address is one host) whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
-    /// Per-IP bucket of `/auth/*`.
+    /// Per-IP bucket of `/auth/*`; a field left out keeps [`DEFAULT_AUTH_RATE`]'s.
+    #[serde(deserialize_with = "auth_rate")]
     pub auth_rate: RateSettings,
-    /// Per-IP bucket of `/oauth2/token`.
+    /// Per-IP bucket of `/oauth2/token`; a field left out keeps [`DEFAULT_TOKEN_RATE`]'s.
+    #[serde(deserialize_with = "token_rate")]
     pub token_rate: RateSettings,
     /// Failure counters.
     pub lockout: LockoutSettings,
@@ -32,30 +34,64 @@ impl Default for ProtectionSettings {
     fn default() -> Self {
         Self {
             trusted_proxies: Vec::new(),
-            auth_rate: RateSettings {
-                burst: 20,
-                replenish_every: Duration::from_secs(3),
-            },
-            // executors behind one NAT address share this bucket: generous, it is there
-            // to blunt secret guessing floods, not to meter legitimate traffic
-            token_rate: RateSettings {
-                burst: 300,
-                replenish_every: Duration::from_millis(10),
-            },
+            auth_rate: DEFAULT_AUTH_RATE,
+            token_rate: DEFAULT_TOKEN_RATE,
             lockout: LockoutSettings::default(),
         }
     }
 }
 
+/// The `/auth/*` bucket when `[protection.auth_rate]` does not say.
+pub const DEFAULT_AUTH_RATE: RateSettings = RateSettings {
+    burst: 20,
+    replenish_every: Duration::from_secs(3),
+};
+
+/// The `/oauth2/token` bucket when `[protection.token_rate]` does not say. Executors
+/// behind one NAT address share it: generous, it is there to blunt secret guessing
+/// floods, not to meter legitimate traffic.
+pub const DEFAULT_TOKEN_RATE: RateSettings = RateSettings {
+    burst: 300,
+    replenish_every: Duration::from_millis(10),
+};
+
 /// A token bucket: `burst` requests at once, one more every `replenish_every`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateSettings {
     /// Bucket size.
     pub burst: u32,
     /// One request is added back this often.
-    #[serde(with = "humantime_serde")]
     pub replenish_every: Duration,
+}
+
+/// A `[protection.*_rate]` table as written: each field may be left out, and then keeps
+/// the default of its own table (the two tables' defaults differ, so a default per field
+/// alone could not say which).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateTable {
+    burst: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    replenish_every: Option<Duration>,
+}
+
+impl RateTable {
+    fn or(self, default: RateSettings) -> RateSettings {
+        RateSettings {
+            burst: self.burst.unwrap_or(default.burst),
+            replenish_every: self.replenish_every.unwrap_or(default.replenish_every),
+        }
+    }
+}
+
+/// `[protection.auth_rate]`, its fields defaulting to [`DEFAULT_AUTH_RATE`]'s.
+fn auth_rate<'de, D: Deserializer<'de>>(d: D) -> Result<RateSettings, D::Error> {
+    RateTable::deserialize(d).map(|t| t.or(DEFAULT_AUTH_RATE))
+}
+
+/// `[protection.token_rate]`, its fields defaulting to [`DEFAULT_TOKEN_RATE`]'s.
+fn token_rate<'de, D: Deserializer<'de>>(d: D) -> Result<RateSettings, D::Error> {
+    RateTable::deserialize(d).map(|t| t.or(DEFAULT_TOKEN_RATE))
 }
 
 impl ProtectionSettings {
