@@ -47,6 +47,7 @@
 //!
 //! Missing binaries produce an error that says to run `scripts/install-prereqs.sh`.
 
+mod forwarder;
 mod http;
 mod nginx;
 mod oidc;
@@ -62,6 +63,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use forwarder::Forwarder;
 pub use nginx::Nginx;
 pub use oidc::{OidcOptions, OidcProvider, TEST_USERS, TestUser, browser_client, pkce_s256};
 pub use openbao::OpenBao;

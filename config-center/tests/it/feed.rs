@@ -213,79 +213,16 @@ async fn gray_publish_promotion_and_abort_are_announced() {
     assert_eq!(versions, [1, 2, 2, 3, 4]);
 }
 
-/// A TCP forwarder to Postgres that can go silent on the connections it carries, as when
-/// the database host crashes or a VIP fails over: nothing more is passed either way and
-/// nothing is closed, so neither end learns of it. Connections made afterwards are
-/// forwarded as before (the new primary).
-struct Forwarder {
-    addr: std::net::SocketAddr,
-    /// Connections accepted before the value last changed are silent.
-    silence: tokio::sync::watch::Sender<u64>,
-}
-
-impl Forwarder {
-    async fn to(upstream: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (silence, _) = tokio::sync::watch::channel(0u64);
-        let cut = silence.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let generation = *cut.borrow();
-                let (client_rx, client_tx) = client.into_split();
-                let (server_rx, server_tx) = server.into_split();
-                tokio::spawn(pipe(client_rx, server_tx, cut.subscribe(), generation));
-                tokio::spawn(pipe(server_rx, client_tx, cut.subscribe(), generation));
-            }
-        });
-        Self { addr, silence }
-    }
-
-    /// Stops passing anything on the connections open now, without closing them.
-    fn go_silent(&self) {
-        self.silence.send_modify(|g| *g += 1);
-    }
-}
-
-/// Copies `from` to `to` until either closes, or until the forwarder goes silent: then
-/// holds both open, passing nothing, until the test's runtime ends.
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut silence: tokio::sync::watch::Receiver<u64>,
-    generation: u64,
-) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            // the guard `wait_for` returns is not `Send`: keep only that it happened
-            () = async { let _ = silence.wait_for(|g| *g > generation).await; } => break,
-            n = from.read(&mut buf) => match n {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            },
-        }
-    }
-    std::future::pending::<()>().await;
-    drop((from, to));
-}
-
 #[tokio::test]
 async fn a_feed_whose_connection_goes_silent_reconnects_and_asks_for_a_resync() {
     let t = common::postgres_store("feed_silent").await;
     let url = url::Url::parse(&t.url).unwrap();
     let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
-    let forwarder = Forwarder::to(upstream.parse().unwrap()).await;
+    let forwarder = harness::Forwarder::to(upstream.parse().unwrap())
+        .await
+        .unwrap();
     let mut via = url.clone();
-    via.set_port(Some(forwarder.addr.port())).unwrap();
+    via.set_port(Some(forwarder.addr().port())).unwrap();
     let Pool::Postgres(pool) = common::pool_for(via.as_str()).await else {
         unreachable!()
     };

@@ -25,6 +25,7 @@
 //! retried appends rather than as silence.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -196,6 +197,15 @@ const COPY: &str = concat!("COPY audit_events (", columns!(), ") FROM STDIN");
 /// trail behind it without a sign. SQLite's equivalent is the pool's 5 s busy timeout.
 const BEGIN_POSTGRES: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
 
+/// The longest an append may take on Postgres: the chain lock's 5 s and room for a slow
+/// moment. A connection the database host left silent — it crashed, or a VIP moved to a
+/// new primary — gets no reset and no answer, and the kernel keeps retransmitting for
+/// about 15 min: without a deadline every record would wait that long behind it, and
+/// the queue overflow. Past it the append fails (and is retried, on a new connection).
+/// Should the commit have reached the database and only its answer been lost, the retry
+/// stores the events a second time (each under its own `seq`): recorded twice, never lost.
+const APPEND_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Appends `events` in one transaction, chained after the current head; returns the
 /// stored rows. Either all are stored or none.
 #[tracing::instrument(name = "db.audit.append", skip_all, fields(otel.kind = "client", records = events.len()))]
@@ -232,18 +242,32 @@ pub async fn append(db: &Database, events: &[AuditEvent]) -> Result<Vec<Row>, sq
     }
     let rows = match db.pool() {
         Pool::Postgres(p) => {
-            let mut tx = p.begin_with(BEGIN_POSTGRES).await?;
-            let (seq, hash) = lock_head!(tx);
-            let rows = chain_after(seq, hash, events);
-            // COPY, not INSERT: Postgres spends about 5.5 µs of CPU per row on it against
-            // about 9 µs for a prepared INSERT of unnested arrays (200,000 rows here), and
-            // the trail writes a row per token issued
-            let mut copy = tx.copy_in_raw(COPY).await?;
-            copy.send(copy_text(&rows).into_bytes()).await?;
-            copy.finish().await?;
-            move_head!(tx, rows);
-            tx.commit().await?;
-            rows
+            let mut conn = p.acquire().await?;
+            let appended = tokio::time::timeout(APPEND_DEADLINE, async {
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN_POSTGRES).await?;
+                let (seq, hash) = lock_head!(tx);
+                let rows = chain_after(seq, hash, events);
+                // COPY, not INSERT: Postgres spends about 5.5 µs of CPU per row on it
+                // against about 9 µs for a prepared INSERT of unnested arrays (200,000
+                // rows here), and the trail writes a row per token issued
+                let mut copy = tx.copy_in_raw(COPY).await?;
+                copy.send(copy_text(&rows).into_bytes()).await?;
+                copy.finish().await?;
+                move_head!(tx, rows);
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(rows)
+            })
+            .await;
+            match appended {
+                Ok(rows) => rows?,
+                Err(_) => {
+                    // a connection that stopped answering is given up without a word to
+                    // the server (the pool would ping it first, and wait as long), and
+                    // the pool opens another
+                    drop(conn.detach());
+                    return Err(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()));
+                }
+            }
         }
         Pool::Sqlite(p) => {
             let mut tx = p.begin().await?;

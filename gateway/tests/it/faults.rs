@@ -915,3 +915,120 @@ async fn reads_of_unheld_applications_answer_503_side_by_side_while_the_database
         );
     }
 }
+
+/// A database host that vanishes without closing anything — it crashed, or a VIP moved
+/// to a new primary — leaves the connections the instance holds silent: no reset, no
+/// answer, for the ~15 min the kernel keeps retransmitting. New connections reach the
+/// new primary. Under load an audit append is in flight on one of them: it is given up
+/// after its deadline (15 s) and retried on a new connection, so tokens are issued again
+/// and their audit records stored within seconds, not after the kernel gives up (the
+/// append waited for ever before: "stored after None").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_a_failover_left_silent_are_given_up_and_the_instance_recovers() {
+    let db = Postgres::shared().fresh_database("failover").unwrap();
+    let direct = url::Url::parse(&db).unwrap();
+    let forwarder = harness::Forwarder::to(
+        format!("127.0.0.1:{}", direct.port().unwrap())
+            .parse()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut via = direct.clone();
+    via.set_port(Some(forwarder.addr().port())).unwrap();
+    let app = spawn_app(|c| {
+        c.database.url = SecretString::from(via.to_string());
+        c.tokens.client_cache_ttl = Duration::from_secs(1);
+        c.protection.token_rate = portcullis::protect::RateSettings {
+            burst: 1_000_000,
+            replenish_every: Duration::from_micros(1),
+        };
+    })
+    .await;
+    let (id, secret) = register_client(
+        &app.state,
+        "failover",
+        &[GrantType::ClientCredentials],
+        "jobs:read",
+    )
+    .await;
+    let http = app.https_client();
+    let token = || async {
+        let r = post_as_client(
+            &http,
+            app.url("/oauth2/token"),
+            &id,
+            &secret,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or_default();
+        (status, body)
+    };
+    assert_eq!(token().await.0, StatusCode::OK);
+    // load, so that statements are in flight (an audit append, a client read) when the
+    // connections go silent
+    let stop = tokio_util::sync::CancellationToken::new();
+    for _ in 0..4 {
+        let (http, url, id, secret, stop) = (
+            http.clone(),
+            app.url("/oauth2/token"),
+            id.clone(),
+            secret.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let form = [("grant_type", "client_credentials")];
+                let _ = post_as_client(&http, &url, &id, &secret, &form).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    let mut issued_after = None;
+    let mut answers = BTreeMap::<u16, usize>::new();
+    while silenced.elapsed() < Duration::from_secs(120) {
+        let (status, body) = token().await;
+        *answers.entry(status.as_u16()).or_default() += 1;
+        if status == StatusCode::OK && silenced.elapsed() > Duration::from_secs(2) {
+            issued_after = Some((silenced.elapsed(), body));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.cancel();
+    let (issued_in, body) = issued_after.expect("a token issued again within 120 s");
+    let claims = app
+        .state
+        .keys
+        .verify_access(body["access_token"].as_str().unwrap())
+        .unwrap();
+    let jti = claims.claims.jti.clone();
+    // its audit record, read straight from the database (not through the instance's pool)
+    let pool = sqlx::PgPool::connect(direct.as_str()).await.unwrap();
+    let mut stored_in = None;
+    while silenced.elapsed() < Duration::from_secs(60) {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_events WHERE action = 'token.issue' AND target = $1",
+        )
+        .bind(&jti)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            stored_in = Some(silenced.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "FAILOVER token issued again after {issued_in:?} ({answers:?}); its audit record stored after {stored_in:?}"
+    );
+    let stored_in = stored_in.expect("the audit record stored within 60 s");
+    assert!(issued_in < Duration::from_secs(40), "{issued_in:?}");
+    assert!(stored_in < Duration::from_secs(40), "{stored_in:?}");
+}
