@@ -17,7 +17,8 @@ mod config_center;
 mod config_files;
 mod users;
 
-/// Exit status for invalid configuration or usage (sysexits `EX_USAGE`).
+/// Exit status for invalid configuration, or input the commands' own checks refuse
+/// (sysexits `EX_USAGE`); a command line that does not parse exits 2 (clap's usage error).
 pub const EXIT_CONFIG: u8 = 64;
 /// Exit status when the instance could not start or failed.
 pub const EXIT_FAILURE: u8 = 1;
