@@ -384,8 +384,13 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             req.extensions_mut().insert(detach.clone());
         }
         // an HTTP/1.1 body the answer may leave unread is read out after it (see
-        // `Lingering`); HTTP/2 ends such a stream alone, and most requests have no body
-        let req = if req.version() != http::Version::HTTP_2 && !req.body().is_end_stream() {
+        // `Lingering`); HTTP/2 ends such a stream alone, most requests have no body, and
+        // a client expecting `100 Continue` sends none unless asked (reading it out would
+        // ask for it)
+        let req = if req.version() != http::Version::HTTP_2
+            && !req.body().is_end_stream()
+            && !req.headers().contains_key(http::header::EXPECT)
+        {
             let activity = self.requests.clone();
             req.map(|body| axum::body::Body::new(Lingering::new(body, activity)))
         } else {

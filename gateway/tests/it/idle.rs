@@ -367,3 +367,32 @@ async fn a_body_too_long_to_read_out_gets_its_answer_and_the_connection_closes()
         "the connection stayed open: {read:?}"
     );
 }
+
+/// A client that asked to be told before it sends its body (`Expect: 100-continue`) and is
+/// refused is not invited to send it: the refusal comes with no `100 Continue` before it,
+/// and the connection closes at once instead of waiting for a body that will not come.
+#[tokio::test]
+async fn a_refused_request_that_expects_100_continue_is_not_asked_for_its_body() {
+    let app = spawn_app(|_| {}).await;
+    let mut tls = app.tls().await;
+    tls.write_all(
+        b"PUT /config/v1/dev/orders HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/json\r\ncontent-length: 200000\r\n\
+          expect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_answer(&mut tls).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let answered = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LATE, tls.read_to_end(&mut rest))
+        .await
+        .expect("the connection was closed within 5 s");
+    assert!(
+        answered.elapsed() < Duration::from_secs(2),
+        "the connection waited {:?} for a body the client was never asked for",
+        answered.elapsed()
+    );
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
