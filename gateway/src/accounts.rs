@@ -50,6 +50,10 @@ pub struct LocalAccount {
     pub name: String,
     /// Its console roles.
     pub roles: Vec<Role>,
+    /// Which state of the account the password was checked against: its last change
+    /// (Unix ms, as stored). A session remembers it, and is renewed only while the
+    /// account still has it ([`standing`]); no clock is compared.
+    pub stamp: i64,
 }
 
 /// An account as `portcullis users list` shows it (never its password hash).
@@ -64,8 +68,8 @@ pub struct AccountView {
     /// When it was created.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
-    /// When its password, roles or state last changed: the console sessions it started
-    /// before then end at their next renewal.
+    /// When its password or roles last changed, or it was disabled: the console sessions
+    /// it started before then end at their next renewal.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
 }
@@ -226,8 +230,9 @@ pub async fn verify(
     name: &str,
     password: &SecretString,
 ) -> Result<Option<LocalAccount>, AccountError> {
-    const SQL: &str = "SELECT password_hash, roles, enabled FROM local_accounts WHERE name = $1";
-    let row: Option<(String, String, bool)> = if valid_name(name) {
+    const SQL: &str = "SELECT password_hash, roles, enabled, updated_at_unix_ms \
+        FROM local_accounts WHERE name = $1";
+    let row: Option<(String, String, bool, i64)> = if valid_name(name) {
         crate::on_pool!(db.pool(), |p| {
             sqlx::query_as(SQL).bind(name).fetch_optional(p).await?
         })
@@ -236,15 +241,16 @@ pub async fn verify(
     };
     let stored = row
         .as_ref()
-        .map_or_else(|| decoy_hash().to_owned(), |(h, _, _)| h.clone());
+        .map_or_else(|| decoy_hash().to_owned(), |(h, _, _, _)| h.clone());
     let password = password.clone();
     let matches = tokio::task::spawn_blocking(move || check(&stored, &password))
         .await
         .map_err(|_| AccountError::Hash)?;
     Ok(match row {
-        Some((_, roles, true)) if matches => Some(LocalAccount {
+        Some((_, roles, true, stamp)) if matches => Some(LocalAccount {
             name: name.to_owned(),
             roles: parse_roles(&roles),
+            stamp,
         }),
         _ => None,
     })
@@ -268,9 +274,24 @@ pub async fn list(db: &Database) -> Result<Vec<AccountView>, AccountError> {
         .collect())
 }
 
+/// The SQL of an account's next stamp, given the parameter holding the change's instant:
+/// that instant, or one more than the stamp it has when the instant is not later (a clock
+/// behind, or two changes in one millisecond), so that a change always makes a new one.
+macro_rules! next_stamp {
+    ($at:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $at,
+            " > updated_at_unix_ms THEN ",
+            $at,
+            " ELSE updated_at_unix_ms + 1 END"
+        )
+    };
+}
+
 /// Applies `change` to the account `name` at `now` (the CLI's `users set-password`,
-/// `set-roles`, `disable`, `enable`). Its `updated_at` becomes `now`, which ends the
-/// console sessions it started before (see [`standing`]).
+/// `set-roles`, `disable`, `enable`). Except for `enable`, its `updated_at` becomes `now`:
+/// a new stamp, which ends the console sessions it started before (see [`standing`]).
 pub async fn change(
     db: &Database,
     name: &str,
@@ -285,8 +306,11 @@ pub async fn change(
         Change::Password(password) => {
             check_password(password)?;
             let phc = hash_off_thread(password).await?;
-            const SQL: &str = "UPDATE local_accounts SET password_hash = $1, \
-                updated_at_unix_ms = $2 WHERE name = $3";
+            const SQL: &str = concat!(
+                "UPDATE local_accounts SET password_hash = $1, updated_at_unix_ms = ",
+                next_stamp!("$2"),
+                " WHERE name = $3"
+            );
             crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
                 .bind(&phc)
                 .bind(at)
@@ -297,8 +321,11 @@ pub async fn change(
         }
         Change::Roles(roles) => {
             let roles = role_list(roles)?;
-            const SQL: &str =
-                "UPDATE local_accounts SET roles = $1, updated_at_unix_ms = $2 WHERE name = $3";
+            const SQL: &str = concat!(
+                "UPDATE local_accounts SET roles = $1, updated_at_unix_ms = ",
+                next_stamp!("$2"),
+                " WHERE name = $3"
+            );
             crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
                 .bind(&roles)
                 .bind(at)
@@ -307,12 +334,24 @@ pub async fn change(
                 .await?
                 .rows_affected())
         }
-        Change::Enabled(enabled) => {
-            const SQL: &str =
-                "UPDATE local_accounts SET enabled = $1, updated_at_unix_ms = $2 WHERE name = $3";
+        Change::Enabled(false) => {
+            const SQL: &str = concat!(
+                "UPDATE local_accounts SET enabled = FALSE, updated_at_unix_ms = ",
+                next_stamp!("$1"),
+                " WHERE name = $2"
+            );
             crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
-                .bind(*enabled)
                 .bind(at)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected())
+        }
+        // no new stamp: the sessions a disable ended stay ended (their stamp is older),
+        // and enabling an enabled account ends nothing
+        Change::Enabled(true) => {
+            const SQL: &str = "UPDATE local_accounts SET enabled = TRUE WHERE name = $1";
+            crate::on_pool!(db.pool(), |p| sqlx::query(SQL)
                 .bind(name)
                 .execute(p)
                 .await?
@@ -342,11 +381,14 @@ pub async fn delete(db: &Database, name: &str) -> Result<(), AccountError> {
     Ok(())
 }
 
-/// Whether a console session of the account `name` that logged in at `auth_time` may be
-/// renewed now (one read of the account's row).
+/// Whether a console session of the account `name` may be renewed now (one read of the
+/// account's row): the account exists, is enabled, and still has the `stamp` the session
+/// logged in against. A session without one (started by an older version) is judged by
+/// its login instant instead: the account must not have changed since.
 pub async fn standing(
     db: &Database,
     name: &str,
+    stamp: Option<i64>,
     auth_time: OffsetDateTime,
 ) -> Result<Standing, AccountError> {
     const SQL: &str = "SELECT enabled, updated_at_unix_ms FROM local_accounts WHERE name = $1";
@@ -356,10 +398,14 @@ pub async fn standing(
     let row: Option<(bool, i64)> = crate::on_pool!(db.pool(), |p| {
         sqlx::query_as(SQL).bind(name).fetch_optional(p).await?
     });
+    let changed = |updated: i64| match stamp {
+        Some(stamp) => updated != stamp,
+        None => updated > ms(auth_time),
+    };
     Ok(match row {
         None => Standing::Removed,
         Some((false, _)) => Standing::Disabled,
-        Some((true, updated)) if updated > ms(auth_time) => Standing::Changed,
+        Some((true, updated)) if changed(updated) => Standing::Changed,
         Some(_) => Standing::Good,
     })
 }

@@ -21,7 +21,8 @@ use crate::clients::{ClientError, ClientId, ClientRules, ClientStore};
 use crate::config::{self, Config};
 use crate::db::Database;
 use crate::dev;
-use crate::refresh::{RedisRefreshStore, RefreshStore};
+use crate::redis_store::RedisHandle;
+use crate::refresh::{LazyRedisRefreshStore, RefreshStore};
 
 /// `portcullis clients …`
 #[derive(Debug, Subcommand)]
@@ -451,21 +452,21 @@ async fn cut_after_disable(
         .map(|_| ())
 }
 
-/// The shared refresh-token store of `config`'s instances: `None` when there is none to
-/// reach (`--dev`, or no `[redis]`: the tokens live in the running instance's memory).
-pub(super) async fn shared_refresh_store(
+/// The shared refresh-token store of `config`'s instances (a single Redis or a Cluster,
+/// as they reach it; connected on first use): `None` when there is none to reach
+/// (`--dev`, or no `[redis]`: the tokens live in the running instance's memory).
+pub(super) fn shared_refresh_store(
     config: &Config,
     dev: bool,
-) -> Option<Result<RedisRefreshStore, String>> {
+) -> Option<Result<LazyRedisRefreshStore, String>> {
     let redis = config.redis.as_ref().filter(|_| !dev)?;
     let key = match config.server_key() {
         Ok(k) => k,
         Err(e) => return Some(Err(e.to_string())),
     };
     Some(
-        RedisRefreshStore::connect(&redis.url, key, config.refresh.clone())
-            .await
-            .map(|s| s.with_timeout(redis.command_timeout))
+        RedisHandle::new(redis)
+            .map(|handle| LazyRedisRefreshStore::new(handle, key, config.refresh.clone()))
             .map_err(|e| e.to_string()),
     )
 }
@@ -480,7 +481,7 @@ async fn revoke_refresh_tokens(ctx: &Ctx, id: &ClientId) -> Result<Option<usize>
              command again when Redis is back"
         ))
     };
-    let Some(store) = shared_refresh_store(&ctx.config, ctx.dev).await else {
+    let Some(store) = shared_refresh_store(&ctx.config, ctx.dev) else {
         eprintln!(
             "portcullis: note: {}: refresh tokens live in the memory of the running instance, \
              out of this command's reach. To revoke them at once, use the admin API \

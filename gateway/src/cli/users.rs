@@ -8,7 +8,7 @@
 //! are revoked there), else at their next renewal, which reads the account (see
 //! `sso::session`). Every change is audited as `operator:cli:<user>`.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -122,14 +122,24 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
     let dev = cmd.target().dev;
     super::quiet_logging();
     let password = if cmd.reads_password() {
+        // a terminal would show the password as it is typed, and keep it in its scrollback
+        if std::io::stdin().is_terminal() {
+            eprintln!(
+                "portcullis: the password is read from standard input, not typed at a \
+                 terminal (which would show it): pipe it in, e.g. \
+                 printf '%s\\n' \"$PASSWORD\" | portcullis users …"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
         let mut line = String::new();
         if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
             eprintln!("portcullis: cannot read the password from standard input: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
-        Some(SecretString::from(
-            line.trim_end_matches(['\r', '\n']).to_owned(),
-        ))
+        // trimmed in place: the secret type wipes the one buffer when it is dropped
+        let len = line.trim_end_matches(['\r', '\n']).len();
+        line.truncate(len);
+        Some(SecretString::from(line))
     } else {
         None
     };
@@ -280,7 +290,7 @@ async fn changed(
 async fn end_sessions(ctx: &Ctx, name: &str) -> Option<usize> {
     let later = "its console sessions end at their next renewal instead (within \
                  sso.access_token_lifetime)";
-    let store = match shared_refresh_store(&ctx.config, ctx.dev).await {
+    let store = match shared_refresh_store(&ctx.config, ctx.dev) {
         None => {
             eprintln!("portcullis: note: no shared refresh-token store to reach; {later}");
             return None;

@@ -336,6 +336,7 @@ pub async fn local_login(
             name: None,
             preferred_username: Some(account.name.clone()),
             idp_sid: None,
+            account_stamp: Some(account.stamp),
         },
         id_token: None,
     };

@@ -83,6 +83,10 @@ pub struct SessionInfo {
     /// logout of that session ends this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idp_sid: Option<String>,
+    /// A break-glass session's account stamp at login ([`crate::accounts::LocalAccount`]):
+    /// it is renewed only while the account still has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_stamp: Option<i64>,
 }
 
 /// The user of a console request, as `/auth/me` shows them.
@@ -252,6 +256,7 @@ impl From<&LoggedIn> for NewSession {
                     .and_then(|s| s.as_str())
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned),
+                account_stamp: None,
             },
             id_token: Some(login.id_token.clone()),
         }
@@ -476,14 +481,25 @@ async fn break_glass_refusal(
         return Some("local_accounts_off");
     }
     let name = session.subject.strip_prefix("local:").unwrap_or_default();
-    match crate::accounts::standing(&state.db, name, session.auth_time).await {
-        Ok(crate::accounts::Standing::Good) => None,
-        Ok(refused) => Some(refused.as_str()),
-        Err(e) => {
+    let standing =
+        crate::accounts::standing(&state.db, name, info.account_stamp, session.auth_time);
+    // bounded like the wait for a connection: a connection a failover left silent must not
+    // hold the renewal until the request's own timeout
+    match tokio::time::timeout(state.config.database.acquire_timeout, standing).await {
+        Ok(Ok(crate::accounts::Standing::Good)) => None,
+        Ok(Ok(refused)) => Some(refused.as_str()),
+        Ok(Err(e)) => {
             tracing::warn!(
                 family = %session.family,
                 error = %crate::error::chain(&e),
                 "break-glass session renewed without re-reading its account: database unavailable"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                family = %session.family,
+                "break-glass session renewed without re-reading its account: the database did not answer in time"
             );
             None
         }

@@ -192,3 +192,62 @@ async fn an_account_s_failure_records_are_counted_together_on_a_cluster() {
         }
     );
 }
+
+/// The operator commands reach the refresh-token store on a Cluster as the instances do
+/// (seed nodes, `cluster = true`): `portcullis clients disable` revokes the client's
+/// sessions there, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_revokes_a_disabled_client_s_sessions_on_a_cluster() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let seeds = cluster.urls().join(",");
+    let app = spawn_app({
+        let seeds = seeds.clone();
+        move |c| {
+            c.redis = Some(portcullis::config::RedisConfig {
+                url: SecretString::from(seeds),
+                cluster: true,
+                command_timeout: Duration::from_secs(2),
+            });
+        }
+    })
+    .await;
+    let now = app.state.keys.now();
+    let (id, _) = register_client(&app.state, "batch", &[GrantType::RefreshToken], "openid").await;
+    for _ in 0..2 {
+        app.state
+            .refresh
+            .issue(
+                NewFamily {
+                    client_id: id.clone(),
+                    subject: "alice".to_owned(),
+                    scope: "openid".to_owned(),
+                    audience: vec![],
+                    auth_time: now,
+                    session: serde_json::json!({}),
+                },
+                now,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(live_sessions(&app).await.len(), 2);
+    let database = format!("sqlite://{}/portcullis.db", app.dir.path().display());
+    let config = app.cli_config(
+        "cli.toml",
+        &database,
+        &format!("[redis]\nurl = \"{seeds}\"\ncluster = true\n"),
+    );
+    let out = std::process::Command::new(binary())
+        .args(["clients", "disable", &id, "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("disabled; 2 refresh-token session(s) revoked"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(live_sessions(&app).await.is_empty());
+}

@@ -776,6 +776,10 @@ async fn a_changed_or_removed_account_s_sessions_end_at_their_next_renewal() {
     cli_users(&app, &db, "", &["enable", "breakglass"], None);
     let (status, fourth) = log_in(NEW_PASSWORD).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
+    // enabling an account that is enabled changes nothing, and ends nothing
+    cli_users(&app, &db, "", &["enable", "breakglass"], None);
+    past_the_access_token().await;
+    assert_eq!(me(&app, &fourth).await, StatusCode::OK);
 
     // removed: the session ends and the name logs in no more
     cli_users(&app, &db, "", &["delete", "breakglass"], None);

@@ -442,6 +442,7 @@ pub async fn session_cookie(app: &TestApp, user: &str, roles: &[&str]) -> String
             name: None,
             preferred_username: Some(user.to_owned()),
             idp_sid: None,
+            account_stamp: None,
         },
         id_token: None,
     };
