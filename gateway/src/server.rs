@@ -567,13 +567,13 @@ impl InFlight {
     }
 
     fn start(activity: &Arc<Activity>, version: http::Version) -> Self {
-        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = Self::hold(activity);
         activity.head_start_nanos.store(NO_HEAD, Ordering::Relaxed);
         if version == http::Version::HTTP_2 {
             // h2 without ALPN (prior knowledge): nothing to time from here on
             activity.time_heads.store(false, Ordering::Relaxed);
         }
-        Self(activity.clone())
+        guard
     }
 }
 

@@ -223,7 +223,6 @@ fn quiet_logging() {
     });
 }
 
-/// Builds a runtime, or says why not and gives the exit status.
 /// The configuration file: `--config`, else `PORTCULLIS_CONFIG` unless `--dev` (read here,
 /// not by clap, so that an exported `PORTCULLIS_CONFIG` does not make `--dev` a conflict;
 /// `--config` and `--dev` together still are).
@@ -237,6 +236,7 @@ pub(super) fn config_file(given: Option<&PathBuf>, dev: bool) -> Option<PathBuf>
     }
 }
 
+/// Builds a runtime, or says why not and gives the exit status.
 fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
     builder.enable_all().build().map_err(|e| {
         eprintln!("portcullis: cannot start the runtime: {e}");

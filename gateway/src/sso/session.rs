@@ -485,25 +485,43 @@ async fn break_glass_refusal(
         crate::accounts::standing(&state.db, name, info.account_stamp, session.auth_time);
     // bounded like the wait for a connection: a connection a failover left silent must not
     // hold the renewal until the request's own timeout
-    match tokio::time::timeout(state.config.database.acquire_timeout, standing).await {
-        Ok(Ok(crate::accounts::Standing::Good)) => None,
-        Ok(Ok(refused)) => Some(refused.as_str()),
-        Ok(Err(e)) => {
+    let read = match tokio::time::timeout(state.config.database.acquire_timeout, standing).await {
+        Ok(read) => read.map_err(|e| crate::error::chain(&e)),
+        Err(_) => Err("the database did not answer in time".to_owned()),
+    };
+    match read {
+        Ok(crate::accounts::Standing::Good) => None,
+        Ok(refused) => Some(refused.as_str()),
+        Err(error) => {
             tracing::warn!(
                 family = %session.family,
-                error = %crate::error::chain(&e),
+                %error,
                 "break-glass session renewed without re-reading its account: database unavailable"
             );
             None
         }
-        Err(_) => {
-            tracing::warn!(
-                family = %session.family,
-                "break-glass session renewed without re-reading its account: the database did not answer in time"
-            );
-            None
-        }
     }
+}
+
+/// Ends a console session a renewal has just rotated but must not renew: revokes its
+/// family (the successor with it) and records `action` with `detail`.
+async fn end_renewed(
+    state: &AppState,
+    session: &crate::refresh::Session,
+    now: OffsetDateTime,
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<Resolved, ApiError> {
+    state.refresh.revoke_family(&session.family).await?;
+    state.audit.record(crate::audit::AuditEvent {
+        at: now,
+        actor: format!("user:{}", session.subject),
+        action: action.to_owned(),
+        target: session.family.to_string(),
+        source_ip: None,
+        detail: detail.into(),
+    });
+    Ok(Resolved::None { stale: true })
 }
 
 /// The least grace window of a console renewal. Its new cookies reach the browser only
@@ -577,44 +595,26 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Resolved, 
     // successor rotated for nothing dies with its family below.
     let end = session_end(state, session.auth_time);
     if now >= end {
-        state.refresh.revoke_family(&session.family).await?;
-        state.audit.record(crate::audit::AuditEvent {
-            at: now,
-            actor: format!("user:{}", session.subject),
-            action: "session.expired".to_owned(),
-            target: session.family.to_string(),
-            source_ip: None,
-            detail: serde_json::json!({
-                "console": true,
-                "reason": "max_lifetime",
-                "auth_time": session.auth_time.unix_timestamp(),
-                "ended_at": end.unix_timestamp(),
-                "family_revoked": true,
-            })
-            .into(),
+        let detail = serde_json::json!({
+            "console": true,
+            "reason": "max_lifetime",
+            "auth_time": session.auth_time.unix_timestamp(),
+            "ended_at": end.unix_timestamp(),
+            "family_revoked": true,
         });
-        return Ok(Resolved::None { stale: true });
+        return end_renewed(state, session, now, "session.expired", detail).await;
     }
     let info: SessionInfo = serde_json::from_value(session.session.clone())
         .map_err(|e| ApiError::Internal(Box::new(e)))?;
     if let Some(reason) = break_glass_refusal(state, session, &info).await {
-        state.refresh.revoke_family(&session.family).await?;
-        state.audit.record(crate::audit::AuditEvent {
-            at: now,
-            actor: format!("user:{}", session.subject),
-            action: "session.ended".to_owned(),
-            target: session.family.to_string(),
-            source_ip: None,
-            detail: serde_json::json!({
-                "console": true,
-                "break_glass": true,
-                "reason": reason,
-                "auth_time": session.auth_time.unix_timestamp(),
-                "family_revoked": true,
-            })
-            .into(),
+        let detail = serde_json::json!({
+            "console": true,
+            "break_glass": true,
+            "reason": reason,
+            "auth_time": session.auth_time.unix_timestamp(),
+            "family_revoked": true,
         });
-        return Ok(Resolved::None { stale: true });
+        return end_renewed(state, session, now, "session.ended", detail).await;
     }
     let (access, claims) = mint(
         state,
