@@ -187,16 +187,41 @@ pub fn workspace_root() -> PathBuf {
     })
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago: bind port 0, read it, drop it.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server that binds it itself
+/// later (a spawned process, a config file naming it).
+///
+/// The port is drawn at random from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): the kernel hands out the ports of every `bind` to
+/// port 0 (the in-process instances of other tests) and of every outgoing connection from
+/// that range only, so none of them can take the port between now and the server's own
+/// bind. (A port taken the old way, by binding port 0 and dropping the listener, was
+/// sometimes given to another test's instance in that gap: a spawned `portcullis serve`
+/// then could not listen, and its readiness poll was answered by the other instance.)
+/// Falls back to a kernel-chosen port when the range leaves no room below it.
 ///
 /// Never returns the same port twice within one test binary, so servers started at the
 /// same time do not race each other for it.
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let below = ports_below_ephemeral();
+    let mut draws = 0_u32;
     loop {
-        let port = match TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()) {
-            Ok(addr) => addr.port(),
-            Err(e) => panic!("cannot bind any port on 127.0.0.1: {e}"),
+        draws += 1;
+        let port = match &below {
+            // a few hundred draws find a free one unless nearly all are taken
+            Some(range) if draws <= 500 => {
+                let span = u128::from(range.end - range.start);
+                let offset = uuid::Uuid::new_v4().as_u128() % span;
+                let port = range.start + u16::try_from(offset).unwrap_or(0);
+                if !port_is_free(port) {
+                    continue;
+                }
+                port
+            }
+            _ => match TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()) {
+                Ok(addr) => addr.port(),
+                Err(e) => panic!("cannot bind any port on 127.0.0.1: {e}"),
+            },
         };
         let mut handed_out = HANDED_OUT
             .lock()
@@ -205,6 +230,15 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// The ports [`free_port`] draws from: from 15000 (above the usual fixed service ports)
+/// to the start of the ephemeral range, when that leaves at least a thousand.
+fn ports_below_ephemeral() -> Option<std::ops::Range<u16>> {
+    const FLOOR: u16 = 15_000;
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = text.split_whitespace().next()?.parse().ok()?;
+    (low >= FLOOR + 1_000).then_some(FLOOR..low)
 }
 
 /// Whether `port` on 127.0.0.1 can be bound right now.
