@@ -41,8 +41,27 @@ pub use query::{ActionFilter, AuditFilter, FilterError, Page, RawFilter, list};
 /// How many events may wait for the database: a few seconds of peak token issuance.
 const QUEUE: usize = 65_536;
 
-/// The most events appended in one transaction.
+/// The events the writer lingers for before appending: at high rates, fewer and fuller
+/// transactions.
 const BATCH: usize = 500;
+
+/// The most events appended in one transaction on Postgres, taken when more than a
+/// [`BATCH`] are waiting. Every append pays the same round trips to the database whatever
+/// its size (the chain head locked and moved, `COPY` opened and finished, the commit), one
+/// after another since the chain is appended in order; at tens of thousands of tokens a
+/// second, batches of 500 could not keep up on a busy host and the queue overflowed
+/// (97,432 of 323,819 records dropped in a 10 s run at 32,333 tokens/s). A writer that has
+/// fallen behind catches up in larger transactions instead. SQLite takes ten bound values
+/// per event in one statement, and stays at [`BATCH`].
+const CATCH_UP_BATCH: usize = 5_000;
+
+/// The most events one append takes on `db`.
+fn most_per_append(db: &Database) -> usize {
+    match db.pool() {
+        crate::db::Pool::Postgres(_) => CATCH_UP_BATCH,
+        crate::db::Pool::Sqlite(_) => BATCH,
+    }
+}
 
 /// How long the writer waits for more events before appending a batch that is not full:
 /// at tens of thousands of events per second this makes batches of hundreds; a lone
@@ -234,6 +253,7 @@ async fn writer(
         }
     }));
     let mut hup = hangup();
+    let most = most_per_append(&db);
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
     'run: loop {
         if batch.is_empty() {
@@ -258,7 +278,7 @@ async fn writer(
                     () = tokio::time::sleep(LINGER_STEP) => {}
                 }
             }
-            while batch.len() < BATCH {
+            while batch.len() < most {
                 match rx.try_recv() {
                     Ok(e) => batch.push(e),
                     Err(_) => break,
@@ -308,9 +328,10 @@ async fn drain(
     // from here on `record` logs instead of queueing
     rx.close();
     let mut delay = Duration::from_millis(100);
+    let most = most_per_append(db);
     // the migration task has stopped with the listeners: an unmigrated schema stays so
     while db.is_migrated() && !cut.is_cancelled() {
-        while batch.len() < BATCH {
+        while batch.len() < most {
             match rx.try_recv() {
                 Ok(e) => batch.push(e),
                 Err(_) => break,

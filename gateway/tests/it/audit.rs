@@ -1018,6 +1018,57 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
         .expect("the chain is intact");
 }
 
+/// A writer that fell behind (here: the chain held by another session while 3,000 events
+/// were recorded) catches up in transactions of thousands, not of one linger batch (500)
+/// each: every append costs the same round trips whatever its size, so at peak token
+/// issuance small ones could not keep up and the queue overflowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_stored_in_a_few_large_appends() {
+    use sqlx::Connection as _;
+    let db = Postgres::shared().fresh_database("audit_backlog").unwrap();
+    let app = pg_app(&db, None).await;
+    let at = OffsetDateTime::now_utc();
+    app.state
+        .audit
+        .record(event("operator:test", "test.before_backlog", "0", at));
+    wait_for(&app, "test.before_backlog", 1).await;
+
+    let mut holder = sqlx::PgConnection::connect(&db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("UPDATE audit_chain_head SET seq = seq WHERE id = 1")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    const BACKLOG: usize = 3_000;
+    for n in 0..BACKLOG {
+        app.state
+            .audit
+            .record(event("operator:test", "test.backlog", &n.to_string(), at));
+    }
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    wait_for(&app, "test.backlog", BACKLOG).await;
+
+    // rows written by one transaction share its id: the batch the writer held while it
+    // waited for the lock, then everything queued behind it
+    let appends: usize = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT count(DISTINCT xmin::text) FROM audit_events WHERE action = 'test.backlog'",
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        appends <= 2,
+        "{BACKLOG} queued events took {appends} appends"
+    );
+    portcullis::audit::verify(&app.state.db)
+        .await
+        .unwrap()
+        .expect("the chain is intact");
+}
+
 /// The other half of that stall: Postgres frees a vanished instance's backend (and its
 /// locks) only once TCP says the peer is gone, after about two hours of silence with the
 /// kernel's defaults. Every connection an instance opens asks for probes within seconds.
