@@ -91,6 +91,14 @@ impl RefreshStore for LazyRedisRefreshStore {
         self.store().await?.inspect(presented, now).await
     }
 
+    async fn live_family(
+        &self,
+        family: &FamilyId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Session>, RefreshError> {
+        self.store().await?.live_family(family, now).await
+    }
+
     async fn list_sessions(
         &self,
         subject: &str,

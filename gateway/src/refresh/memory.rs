@@ -205,6 +205,18 @@ impl RefreshStore for MemoryRefreshStore {
         }
     }
 
+    async fn live_family(
+        &self,
+        family: &FamilyId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Session>, RefreshError> {
+        let inner = self.lock();
+        match inner.families.get(family) {
+            Some(record) if record.alive(to_ms(now)) => record.session(family).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     async fn list_sessions(
         &self,
         subject: &str,

@@ -306,6 +306,16 @@ pub trait RefreshStore: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> Result<Option<Session>, RefreshError>;
 
+    /// The family `family` if it is alive at `now` (nothing secret, as in a listing);
+    /// `None` once it was revoked, re-used, has expired or never existed. One key read: what
+    /// an open upgraded connection of a console session checks now and then
+    /// (`proxy::upgrade`).
+    async fn live_family(
+        &self,
+        family: &FamilyId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Session>, RefreshError>;
+
     /// The live families of `subject`, oldest first.
     async fn list_sessions(
         &self,

@@ -436,6 +436,18 @@ impl RefreshStore for RedisRefreshStore {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(%family))]
+    async fn live_family(
+        &self,
+        family: &FamilyId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Session>, RefreshError> {
+        match self.load(family).await? {
+            Some(record) if record.alive(to_ms(now)) => record.session(family).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_sessions(
         &self,

@@ -164,6 +164,7 @@ conformance!(
     signing_out_everywhere_revokes_every_family_of_the_subject,
     disabling_a_client_revokes_its_families,
     sessions_list_the_live_families_of_a_subject,
+    a_family_is_found_by_its_id_only_while_it_lives,
     malformed_and_forged_tokens_are_invalid,
 );
 
@@ -494,6 +495,54 @@ async fn sessions_list_the_live_families_of_a_subject(backend: Backend) {
             .unwrap()
             .is_empty()
     );
+}
+
+async fn a_family_is_found_by_its_id_only_while_it_lives(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let (t0, family) = f.issue("console", "alice").await;
+    let (_, revoked) = f.issue("console", "alice").await;
+    let (_, idle) = f.issue("console", "alice").await;
+    let found = f
+        .store
+        .live_family(&family, f.now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.family, found.subject.as_str()),
+        (family.clone(), "alice")
+    );
+    assert_eq!(found.client_id, "console");
+    let login = START - time::Duration::minutes(1);
+    assert_eq!(found.auth_time, login);
+    // a rotation keeps the family, with its login instant
+    f.clock.advance(time::Duration::days(6));
+    f.refresh(&t0, "console").await.unwrap();
+    let found = f
+        .store
+        .live_family(&family, f.now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((found.generation, found.auth_time), (1, login));
+    // revoked, idle past its expiry, never issued: none
+    assert!(f.store.revoke_family(&revoked).await.unwrap());
+    assert_eq!(f.store.live_family(&revoked, f.now()).await.unwrap(), None);
+    f.clock.advance(time::Duration::days(1));
+    assert_eq!(f.store.live_family(&idle, f.now()).await.unwrap(), None);
+    let never = FamilyId::parse("AAAAAAAAAAAAAAAAAAAAAA").unwrap();
+    assert_eq!(f.store.live_family(&never, f.now()).await.unwrap(), None);
+    assert!(
+        f.store
+            .live_family(&family, f.now())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // re-use of a rotated token ends the family
+    f.clock.advance(time::Duration::minutes(1));
+    assert!(f.refresh(&t0, "console").await.is_err());
+    assert_eq!(f.store.live_family(&family, f.now()).await.unwrap(), None);
 }
 
 async fn malformed_and_forged_tokens_are_invalid(backend: Backend) {
