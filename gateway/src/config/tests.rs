@@ -519,6 +519,10 @@ fn proxy_routes_load_and_upstreams_come_from_the_environment() {
     assert_eq!(c.proxy.read_timeout, Duration::from_secs(20));
     assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2));
     assert_eq!(c.proxy.health.failures, 3);
+    assert_eq!(
+        c.proxy.upgrade_session_check_interval,
+        Duration::from_secs(30)
+    );
     assert_eq!(c.proxy.routes.len(), 2);
 }
 
@@ -556,6 +560,14 @@ fn unsafe_or_inconsistent_proxy_settings_are_refused_naming_the_field() {
         (
             format!("{up}read_timeout = \"31s\"\n"),
             "proxy.read_timeout",
+        ),
+        (
+            format!("{up}upgrade_session_check_interval = \"0s\"\n"),
+            "proxy.upgrade_session_check_interval",
+        ),
+        (
+            format!("{up}upgrade_session_check_interval = \"2h\"\n"),
+            "proxy.upgrade_session_check_interval",
         ),
     ] {
         let err = f.load(&f.toml(&extra), &[]).unwrap_err();

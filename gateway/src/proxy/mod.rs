@@ -9,7 +9,8 @@
 //!   retried once on another node when the first could not be reached, failed before
 //!   answering, or answered 502/503; anything else is sent exactly once;
 //! - WebSocket (HTTP/1.1 `Upgrade`) handshakes are passed through and the two upgraded
-//!   connections joined.
+//!   connections joined, for no longer than the credential of the handshake is good
+//!   ([`upgrade`]).
 //!
 //! Refusals and failures become HTTP in `error.rs` like every other error.
 
@@ -17,6 +18,7 @@ pub mod headers;
 pub mod policy;
 pub mod pool;
 pub mod settings;
+pub mod upgrade;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -33,7 +35,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, re
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn;
@@ -45,6 +46,7 @@ use headers::{Identity, Origin};
 use policy::{Route, RouteTable, Unroutable};
 use pool::{NodeError, NodePool, PooledBody};
 use settings::{ProxySettings, RouteAuth};
+use upgrade::Lease;
 use upstream::{Outcome, Upstreams};
 
 /// Why a request could not be forwarded. Mapped to HTTP in `error.rs`.
@@ -146,6 +148,7 @@ impl Proxy {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
+        upgrade::register_metrics();
         Ok(Some(Self {
             inner: Arc::new(Inner {
                 pool: NodePool::new(
@@ -291,7 +294,9 @@ impl Proxy {
     /// Forwards `req` (already authenticated) with `identity` to a node and returns the
     /// node's answer, streaming. `arrived` is when the request reached the handler, before
     /// its authentication (which may have renewed a console session or reloaded the key
-    /// ring): the request's `server.request_timeout` runs from about then.
+    /// ring): the request's `server.request_timeout` runs from about then. `lease` is
+    /// the credential of a WebSocket handshake on an authenticated route: the upgraded
+    /// connection is closed when it runs out.
     #[tracing::instrument(name = "proxy.forward", skip_all, fields(otel.kind = "client"))]
     pub async fn forward(
         &self,
@@ -299,6 +304,7 @@ impl Proxy {
         identity: Option<&Identity>,
         origin: &Origin,
         arrived: Instant,
+        lease: Option<Lease>,
     ) -> Result<Response, ProxyError> {
         let settings = &self.inner.settings;
         // the outer timeout layer answers 408 at `server.request_timeout`: every attempt
@@ -307,7 +313,7 @@ impl Proxy {
         // runs past it
         let deadline = arrived + self.inner.request_timeout.saturating_sub(DEADLINE_MARGIN);
         let upgrade = is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), lease));
         let (mut parts, body) = req.into_parts();
         // read before the hop-by-hop headers go: the layers in front wrap the body in
         // ways that hide its size, the headers do not
@@ -564,24 +570,18 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// The node's answer as ours: headers cleaned, body streamed; a `101 Switching
-/// Protocols` joins the client's and the node's upgraded connections.
+/// Protocols` joins the client's and the node's upgraded connections, until either closes
+/// or the handshake's credential (`lease`) runs out.
 fn into_client_response(
     mut resp: axum::http::Response<PooledBody>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<Lease>)>,
 ) -> Response {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching && let Some(client) = client_upgrade {
+    if switching && let Some((client, lease)) = client_upgrade {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             match tokio::try_join!(client, upstream) {
-                Ok((client, upstream)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        tracing::debug!(error = %e, "upgraded connection ended with an error");
-                    }
-                }
+                Ok((client, upstream)) => upgrade::join(client, upstream, lease).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
             }
         });
@@ -616,7 +616,11 @@ pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response
     };
     // the head alone crosses the awaits of authentication: the body is not `Sync`
     let (head, body) = req.into_parts();
-    let (identity, set_cookies) = match authorize(&state, &route, &head).await {
+    let Authorized {
+        identity,
+        set_cookies,
+        lease,
+    } = match authorize(&state, &proxy, &route, &head).await {
         Ok(ok) => ok,
         Err(refusal) => return refusal,
     };
@@ -626,7 +630,7 @@ pub async fn handle(State(state): State<AppState>, mut req: Request) -> Response
     };
     let req = Request::from_parts(head, body);
     let mut response = match proxy
-        .forward(req, identity.as_ref(), &origin, arrived)
+        .forward(req, identity.as_ref(), &origin, arrived, lease)
         .await
     {
         Ok(r) => r,
@@ -650,16 +654,32 @@ fn client_ip(head: &request::Parts) -> IpAddr {
         .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
+/// What [`authorize`] found a request to be.
+struct Authorized {
+    /// Who, for the node; `None` on public routes.
+    identity: Option<Identity>,
+    /// The `Set-Cookie`s of a renewed console session.
+    set_cookies: Vec<HeaderValue>,
+    /// For a WebSocket handshake on an authenticated route: its credential, which bounds
+    /// the upgraded connection.
+    lease: Option<Lease>,
+}
+
 /// Who the request is, per its route; a refusal is a finished response (401, 403, or a
 /// redirect to the login for a browser). The `Set-Cookie`s of a renewed console session
 /// go on whatever the node answers.
 async fn authorize(
     state: &AppState,
+    proxy: &Proxy,
     route: &Route,
     req: &request::Parts,
-) -> Result<(Option<Identity>, Vec<HeaderValue>), Response> {
+) -> Result<Authorized, Response> {
     match route.auth {
-        RouteAuth::Public => Ok((None, Vec::new())),
+        RouteAuth::Public => Ok(Authorized {
+            identity: None,
+            set_cookies: Vec::new(),
+            lease: None,
+        }),
         RouteAuth::Bearer => {
             let authorization = req.headers.get(header::AUTHORIZATION);
             let verified = authn::verify_bearer(&state.keys, authorization, &route.scopes)
@@ -667,7 +687,15 @@ async fn authorize(
                 .map_err(IntoResponse::into_response)?;
             check_roles(route, &verified.claims.roles).map_err(IntoResponse::into_response)?;
             let identity = verified.identity().clone().with_token(authorization);
-            Ok((Some(identity), Vec::new()))
+            // only a handshake pays for a lease: other requests end with their answer
+            let lease = authorization
+                .filter(|_| is_upgrade(&req.headers))
+                .map(|a| Lease::bearer(state, route.label.clone(), &verified, a));
+            Ok(Authorized {
+                identity: Some(identity),
+                set_cookies: Vec::new(),
+                lease,
+            })
         }
         RouteAuth::Session => match session::resolve(state, &req.headers).await {
             Ok(Resolved::Active { user, set_cookies }) => {
@@ -685,7 +713,19 @@ async fn authorize(
                     &user.roles,
                     &[CONSOLE_SCOPE.to_owned()],
                 );
-                Ok((Some(identity), set_cookies))
+                let lease = is_upgrade(&req.headers).then(|| {
+                    Lease::session(
+                        state,
+                        route.label.clone(),
+                        &user,
+                        proxy.inner.settings.upgrade_session_check_interval,
+                    )
+                });
+                Ok(Authorized {
+                    identity: Some(identity),
+                    set_cookies,
+                    lease,
+                })
             }
             Ok(Resolved::None { stale }) => Err(login_required(req, stale)),
             Err(e) => Err(e.into_response()),

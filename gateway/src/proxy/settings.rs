@@ -14,6 +14,9 @@ use serde::Deserialize;
 /// passing the router (`routes::Dispatch`).
 pub const RESERVED_PREFIXES: &[&str] = &["/oauth2/", "/auth/", "/config/v1/", "/.well-known/"];
 
+/// The longest `proxy.upgrade_session_check_interval` accepted.
+pub const MAX_UPGRADE_SESSION_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// `[proxy]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +53,11 @@ pub struct ProxySettings {
     pub tls_client_cert: Option<PathBuf>,
     /// PEM private key of `tls_client_cert`.
     pub tls_client_key: Option<PathBuf>,
+    /// How often an upgraded (WebSocket) connection opened with a console session asks
+    /// the refresh store whether the session still lives; it is closed at the first check
+    /// that finds it ended (signed out, revoked, expired, past its maximum lifetime).
+    #[serde(with = "humantime_serde")]
+    pub upgrade_session_check_interval: Duration,
     /// Passive and active health checks.
     pub health: HealthSettings,
     /// `[[proxy.routes]]`: which paths are forwarded, and how they are authenticated.
@@ -70,6 +78,7 @@ impl Default for ProxySettings {
             tls_ca_file: None,
             tls_client_cert: None,
             tls_client_key: None,
+            upgrade_session_check_interval: Duration::from_secs(30),
             health: HealthSettings::default(),
             routes: Vec::new(),
         }
@@ -190,10 +199,24 @@ impl ProxySettings {
             ("proxy.health.cooldown", self.health.cooldown),
             ("proxy.health.check_interval", self.health.check_interval),
             ("proxy.health.check_timeout", self.health.check_timeout),
+            (
+                "proxy.upgrade_session_check_interval",
+                self.upgrade_session_check_interval,
+            ),
         ] {
             if d.is_zero() {
                 return Err(err(name, "must be greater than 0"));
             }
+        }
+        if self.upgrade_session_check_interval > MAX_UPGRADE_SESSION_CHECK_INTERVAL {
+            return Err(err(
+                "proxy.upgrade_session_check_interval",
+                format!(
+                    "must be at most {}: a WebSocket would outlive its ended session by that \
+                     much",
+                    humantime::format_duration(MAX_UPGRADE_SESSION_CHECK_INTERVAL)
+                ),
+            ));
         }
         if self.read_timeout >= request_timeout {
             return Err(err(

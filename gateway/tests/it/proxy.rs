@@ -54,6 +54,8 @@ struct NodeState {
     /// Connections accepted, and connections open now.
     accepted: AtomicUsize,
     open: AtomicUsize,
+    /// Upgraded (WebSocket) connections the node is echoing on now.
+    upgraded: AtomicUsize,
 }
 
 /// Counts a node connection open while it lives.
@@ -104,6 +106,7 @@ impl AdminNode {
             fail_with: AtomicU16::new(0),
             accepted: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
+            upgraded: AtomicUsize::new(0),
         });
         let task = Some(accept_loop(listener, state.clone(), tls.clone()));
         Self {
@@ -154,6 +157,11 @@ impl AdminNode {
     /// TCP connections open to the node now.
     pub fn open(&self) -> usize {
         self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// Upgraded connections the node holds open now.
+    pub fn upgraded(&self) -> usize {
+        self.state.upgraded.load(Ordering::SeqCst)
     }
 
     /// Stops the node abruptly: listener closed, open connections dropped.
@@ -255,8 +263,10 @@ async fn serve(
             body: Vec::new(),
         });
         let upgrade = hyper::upgrade::on(&mut req);
+        let state = state.clone();
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrade.await {
+                state.upgraded.fetch_add(1, Ordering::SeqCst);
                 let mut io = TokioIo::new(upgraded);
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = io.read(&mut buf).await {
@@ -264,6 +274,7 @@ async fn serve(
                         break;
                     }
                 }
+                state.upgraded.fetch_sub(1, Ordering::SeqCst);
             }
         });
         return Ok(hyper::Response::builder()
@@ -1926,6 +1937,404 @@ async fn a_websocket_handshake_with_a_session_must_come_from_our_origin() {
     let seen = node.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].header("upgrade"), None);
+}
+
+// === upgraded connections live no longer than their credential ===
+
+/// One end of a WebSocket opened through the gateway.
+type Socket = TokioIo<hyper::upgrade::Upgraded>;
+
+/// How often the session of an open console WebSocket is checked in these tests.
+const SESSION_CHECK: Duration = Duration::from_millis(300);
+
+/// An instance in front of `node` whose refresh store is the Redis at `redis_url` (a key
+/// prefix of its own), checking console WebSockets every [`SESSION_CHECK`], on `clock`.
+async fn websocket_app(
+    node: &AdminNode,
+    redis_url: String,
+    clock: Arc<dyn keyrotation::Clock>,
+    customize: impl FnOnce(&mut Config),
+) -> TestApp {
+    spawn_app_with_clock(clock, |c| {
+        proxy_to(c, &[node]);
+        c.proxy.upgrade_session_check_interval = SESSION_CHECK;
+        c.redis = Some(portcullis::config::RedisConfig {
+            url: secrecy::SecretString::from(redis_url),
+            cluster: false,
+            command_timeout: Duration::from_secs(1),
+        });
+        c.refresh.key_prefix = format!("proxy-ws-{}:", uuid::Uuid::new_v4());
+        customize(c);
+    })
+    .await
+}
+
+/// Opens a WebSocket on `path` through `app` with `headers` added to the handshake.
+async fn open_websocket(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Socket {
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(app.tls().await))
+            .await
+            .unwrap();
+    tokio::spawn(connection.with_upgrades());
+    let mut req = websocket_handshake(path);
+    for (name, value) in headers {
+        req.headers_mut().insert(
+            header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            header::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    TokioIo::new(hyper::upgrade::on(resp).await.unwrap())
+}
+
+/// A console WebSocket of the session in `cookie`, from our own origin.
+async fn open_console_websocket(app: &TestApp, cookie: &str) -> Socket {
+    let origin = app.state.config.server.public_url.clone();
+    open_websocket(
+        app,
+        "/jobinfo/ws",
+        &[("cookie", cookie), ("origin", origin.as_str())],
+    )
+    .await
+}
+
+/// An executor's WebSocket with `token`.
+async fn open_bearer_websocket(app: &TestApp, token: &str) -> Socket {
+    let authorization = format!("Bearer {token}");
+    open_websocket(app, "/api/ws", &[("authorization", authorization.as_str())]).await
+}
+
+/// Sends `text` and reads it back from the node's echo: the connection relays both ways.
+async fn echo(ws: &mut Socket, text: &[u8]) {
+    ws.write_all(text).await.unwrap();
+    let mut back = vec![0u8; text.len()];
+    tokio::time::timeout(Duration::from_secs(10), ws.read_exact(&mut back))
+        .await
+        .expect("no echo within 10 s")
+        .expect("the WebSocket closed");
+    assert_eq!(back, text);
+}
+
+/// Waits up to `deadline` for the gateway to close `ws` (end of stream or a reset); panics
+/// when it stays open.
+async fn closed_within(ws: &mut Socket, deadline: Duration, what: &str) {
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(deadline, async {
+        loop {
+            match ws.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "{what}: the WebSocket is still open after {deadline:?}"
+    );
+}
+
+/// `portcullis_proxy_upgrades_ended_total` for `reason`, as `app` exports it now (the
+/// registry is the test process's: compare before and after).
+async fn ended(app: &TestApp, reason: &str) -> f64 {
+    app.sample(&format!(
+        "portcullis_proxy_upgrades_ended_total{{reason=\"{reason}\"}}"
+    ))
+    .await
+}
+
+/// A client of `app` with the executor scope whose tokens live `lifetime` (the default
+/// when `None`); returns its id and an access token from the token endpoint.
+async fn executor_with_token(app: &TestApp, lifetime: Option<Duration>) -> (String, String) {
+    use secrecy::ExposeSecret as _;
+    let (client, secret) = app
+        .state
+        .clients
+        .create(
+            portcullis::clients::NewClient {
+                id: None,
+                name: "an executor on a websocket".to_owned(),
+                grant_types: [portcullis::clients::GrantType::ClientCredentials]
+                    .into_iter()
+                    .collect(),
+                scopes: portcullis::clients::ScopeSet::parse("scheduler:executor").unwrap(),
+                audiences: vec![],
+                access_token_lifetime: lifetime,
+            },
+            app.state.keys.now(),
+        )
+        .await
+        .unwrap();
+    let response = post_as_client(
+        &app.https_client(),
+        app.url("/oauth2/token"),
+        client.id.as_str(),
+        secret.expose_secret(),
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "scheduler:executor"),
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = json(response).await;
+    (
+        client.id.to_string(),
+        body["access_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The `exp` claim of `token` (read, not verified).
+fn exp_of(token: &str) -> i64 {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["exp"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_bearer_websocket_is_closed_when_its_client_is_cut_off() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let (client_id, token) = executor_with_token(&app, None).await;
+    let mut ws = open_bearer_websocket(&app, &token).await;
+    echo(&mut ws, b"registry heartbeat").await;
+    let before = ended(&app, "cut_off").await;
+
+    let cut = reqwest::Client::new()
+        .post(format!(
+            "http://{}/admin/clients/{client_id}/revoke-tokens",
+            app.admin
+        ))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cut.status(), StatusCode::OK);
+
+    // cut on this instance: in force at once, seen by the next check (every 2 s)
+    closed_within(&mut ws, Duration::from_secs(10), "after the cutoff").await;
+    eventually(
+        Duration::from_secs(5),
+        "the node's end is closed",
+        || async { node.upgraded() == 0 },
+    )
+    .await;
+    assert!(ended(&app, "cut_off").await > before);
+}
+
+#[tokio::test]
+async fn a_bearer_websocket_is_closed_when_its_token_expires() {
+    let node = AdminNode::start("a").await;
+    let leeway = Duration::from_secs(1);
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.tokens.leeway = leeway;
+    })
+    .await;
+    let (_, token) = executor_with_token(&app, Some(Duration::from_secs(3))).await;
+    let refused_from = exp_of(&token) + leeway.as_secs() as i64;
+    let before = ended(&app, "expired").await;
+    let mut ws = open_bearer_websocket(&app, &token).await;
+    echo(&mut ws, b"while the token is good").await;
+
+    closed_within(&mut ws, Duration::from_secs(15), "after the token expired").await;
+    let closed_at = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    // not before the last instant a request with the token is accepted
+    assert!(
+        closed_at >= i128::from(refused_from) * 1000 - 50,
+        "closed at {closed_at} ms, the token is good until {refused_from} s"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the node's end is closed",
+        || async { node.upgraded() == 0 },
+    )
+    .await;
+    assert!(ended(&app, "expired").await > before);
+}
+
+#[tokio::test]
+async fn a_console_websocket_is_closed_when_its_user_signs_out() {
+    let node = AdminNode::start("a").await;
+    let redis = harness::Redis::shared();
+    let app = websocket_app(
+        &node,
+        redis.url(),
+        Arc::new(keyrotation::SystemClock),
+        |_| {},
+    )
+    .await;
+    let cookie = session_cookie(&app, "carol", &["operator"]).await;
+    let mut ws = open_console_websocket(&app, &cookie).await;
+    echo(&mut ws, b"job log tail").await;
+    let before = ended(&app, "session_ended").await;
+
+    let origin = app.state.config.server.public_url.clone();
+    let signed_out = client(&app)
+        .post(app.url("/auth/logout"))
+        .header(header::COOKIE, &cookie)
+        .header(header::ORIGIN, &origin)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        signed_out.status().is_redirection(),
+        "{}",
+        signed_out.status()
+    );
+
+    closed_within(&mut ws, Duration::from_secs(10), "after signing out").await;
+    eventually(
+        Duration::from_secs(5),
+        "the node's end is closed",
+        || async { node.upgraded() == 0 },
+    )
+    .await;
+    assert!(ended(&app, "session_ended").await > before);
+}
+
+#[tokio::test]
+async fn websockets_whose_credentials_stay_good_stay_open_and_relay_both_ways() {
+    let node = AdminNode::start("a").await;
+    let app = websocket_app(
+        &node,
+        harness::Redis::shared().url(),
+        Arc::new(keyrotation::SystemClock),
+        |_| {},
+    )
+    .await;
+    let cookie = session_cookie(&app, "dave", &["operator"]).await;
+    let mut console = open_console_websocket(&app, &cookie).await;
+    let (_, token) = executor_with_token(&app, None).await;
+    let mut executor = open_bearer_websocket(&app, &token).await;
+    assert_eq!(node.upgraded(), 2);
+
+    // nothing to wait for: what is checked is that nothing happens, over three of the
+    // bearer checks (2 s) and twenty of the session checks
+    tokio::time::sleep(3 * portcullis::proxy::upgrade::BEARER_CHECK_INTERVAL + SESSION_CHECK).await;
+    for round in 0..3 {
+        echo(&mut console, format!("console {round}").as_bytes()).await;
+        echo(&mut executor, format!("executor {round}").as_bytes()).await;
+    }
+    assert_eq!(node.upgraded(), 2);
+    assert!(app.sample("portcullis_proxy_upgrades_open").await >= 2.0);
+}
+
+#[tokio::test]
+async fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_console_one_is_not() {
+    let node = AdminNode::start("a").await;
+    let app = websocket_app(
+        &node,
+        harness::Redis::shared().url(),
+        Arc::new(keyrotation::SystemClock),
+        |_| {},
+    )
+    .await;
+    let cookie = session_cookie(&app, "erin", &["operator"]).await;
+    let mut console = open_console_websocket(&app, &cookie).await;
+    let mut executor = open_bearer_websocket(&app, &token(&app, "scheduler:executor", &[])).await;
+    echo(&mut executor, b"before").await;
+    let before = ended(&app, "key_withdrawn").await;
+
+    emergency_rotation(&app.state).await;
+
+    closed_within(
+        &mut executor,
+        Duration::from_secs(10),
+        "after the key was withdrawn",
+    )
+    .await;
+    assert!(ended(&app, "key_withdrawn").await > before);
+    // the console session lives on: its browser renews its access token from the refresh
+    // cookie, whose family the rotation leaves alone
+    echo(&mut console, b"still here").await;
+    assert_eq!(node.upgraded(), 1);
+}
+
+#[tokio::test]
+async fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime() {
+    let node = AdminNode::start("a").await;
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let app = websocket_app(&node, harness::Redis::shared().url(), clock.clone(), |_| {}).await;
+    let max = app.state.config.sso.session_max_lifetime;
+    let cookie = session_cookie(&app, "frank", &["operator"]).await;
+    let mut ws = open_console_websocket(&app, &cookie).await;
+    echo(&mut ws, b"early").await;
+    clock.advance(time::Duration::try_from(max).unwrap() - time::Duration::minutes(1));
+    echo(&mut ws, b"a minute before the end").await;
+    let before = ended(&app, "session_ended").await;
+
+    clock.advance(time::Duration::minutes(1));
+
+    closed_within(&mut ws, Duration::from_secs(10), "at the maximum lifetime").await;
+    assert!(ended(&app, "session_ended").await > before);
+}
+
+#[tokio::test]
+async fn a_console_websocket_outlives_a_refresh_store_outage() {
+    let node = AdminNode::start("a").await;
+    let redis = harness::Redis::start_persistent().unwrap();
+    let app = websocket_app(
+        &node,
+        redis.url(),
+        Arc::new(keyrotation::SystemClock),
+        |_| {},
+    )
+    .await;
+    let cookie = session_cookie(&app, "grace", &["operator"]).await;
+    let mut ws = open_console_websocket(&app, &cookie).await;
+    echo(&mut ws, b"before the outage").await;
+    let failures = "portcullis_proxy_upgrade_session_check_failures_total";
+    let before = app.sample(failures).await;
+
+    redis.stop();
+    eventually(
+        Duration::from_secs(20),
+        "two session checks failed",
+        || async { app.sample(failures).await >= before + 2.0 },
+    )
+    .await;
+    echo(&mut ws, b"during the outage").await;
+
+    // once the store answers again, a sign-out is seen as before
+    redis.restart().unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the refresh store answers again",
+        || {
+            let store = app.state.refresh.clone();
+            async move {
+                store
+                    .list_sessions("test:grace", time::OffsetDateTime::now_utc())
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    echo(&mut ws, b"after the outage").await;
+    let revoked = app
+        .state
+        .refresh
+        .revoke_subject("test:grace")
+        .await
+        .unwrap();
+    assert_eq!(revoked, 1);
+    closed_within(
+        &mut ws,
+        Duration::from_secs(10),
+        "after sign-out everywhere",
+    )
+    .await;
 }
 
 /// A node the proxy holds down stays down when the runtime settings change the list

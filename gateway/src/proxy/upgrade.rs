@@ -1,0 +1,412 @@
+//! Upgraded (WebSocket) connections live no longer than the credential that opened them.
+//!
+//! Once a handshake is answered `101`, the client's and the node's connections are joined
+//! and bytes flow both ways with no request left to authenticate. So each upgraded
+//! connection of an authenticated route holds a [`Lease`] on the credential of its
+//! handshake, and both connections are closed when the lease runs out:
+//!
+//! - **bearer routes**: at the token's `exp` plus `tokens.leeway`, the instant a request
+//!   with it is refused; and at the first check, every [`BEARER_CHECK_INTERVAL`], that
+//!   refuses the token as a request with it would be refused now
+//!   (`KeyService::verify_access`): its client cut off ([`crate::cutoff`]: disabled,
+//!   deleted, `revoke-tokens`), or its signing key no longer trusted by the ring held (an
+//!   emergency rotation). The check is a lookup in the memory of verified tokens, a look
+//!   at the cutoffs and at the ring, all in this process; a signature check only when the
+//!   ring changed since (the memory is dropped then).
+//! - **session routes** (console cookies): at the first check, every
+//!   `proxy.upgrade_session_check_interval`, that finds the session's refresh family gone
+//!   or expired in the refresh store (signed out, signed out everywhere, back-channel
+//!   logout, revoked by an operator, a break-glass account changed), and at the session's
+//!   maximum lifetime (`sso.session_max_lifetime` after the login), which the first check
+//!   reads. A store that cannot be reached ends nothing (console renewals go on without a
+//!   database the same way): the check is tried again the next interval, and the first
+//!   failure of each connection is logged at WARN. The console access token of the
+//!   handshake is not what bounds the connection: the browser renews it with the next
+//!   request, which a WebSocket never makes.
+//! - **public routes**: nothing to end.
+//!
+//! Each upgraded connection costs one timer (the sooner of its next check and its end)
+//! and no work per byte. The bounds: a cutoff or a sign-out made on another instance
+//! reaches this one within [`crate::cutoff::RELOAD_INTERVAL`] (cutoffs) or at once (the
+//! store is shared), then the connection closes within its check interval. Relying parties
+//! behind the proxy are not told anything: a node that authorised the connection by its
+//! own means keeps whatever state it has.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use keyrotation::KeyError;
+use time::OffsetDateTime;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::authn;
+use crate::refresh::FamilyId;
+use crate::sso::session::{self, ConsoleUser};
+use crate::state::AppState;
+use crate::verified::VerifiedAccess;
+
+/// How often an upgraded connection of a bearer route checks that its token is still
+/// accepted: the interval at which instances read the cutoffs, so a cutoff made elsewhere
+/// closes it within about twice that.
+pub const BEARER_CHECK_INTERVAL: Duration = crate::cutoff::RELOAD_INTERVAL;
+
+/// How long closing an ended connection may wait for each side to take its end (TLS
+/// `close_notify`, TCP FIN) before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The longest a timer is set for, so that an instant far ahead is one the runtime can
+/// count to (tokens and sessions live far less).
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 86_400);
+
+/// Open upgraded connections (gauge).
+const OPEN_METRIC: &str = "portcullis_proxy_upgrades_open";
+/// Upgraded connections closed because their credential ended (counter, by `reason`).
+const ENDED_METRIC: &str = "portcullis_proxy_upgrades_ended_total";
+/// Session checks of upgraded connections the refresh store did not answer (counter).
+const CHECK_FAILURES_METRIC: &str = "portcullis_proxy_upgrade_session_check_failures_total";
+
+/// Why an upgraded connection was closed by the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The bearer token expired (its `exp` plus the leeway passed).
+    Expired,
+    /// The token's client was cut off (disabled, deleted, its tokens revoked).
+    CutOff,
+    /// The token's signing key is no longer trusted (withdrawn by an emergency rotation).
+    KeyWithdrawn,
+    /// The console session ended: its refresh family is gone or expired, or it reached
+    /// its maximum lifetime.
+    SessionEnded,
+}
+
+impl EndReason {
+    /// Every reason, for the metric's series.
+    pub const ALL: [Self; 4] = [
+        Self::Expired,
+        Self::CutOff,
+        Self::KeyWithdrawn,
+        Self::SessionEnded,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::CutOff => "cut_off",
+            Self::KeyWithdrawn => "key_withdrawn",
+            Self::SessionEnded => "session_ended",
+        }
+    }
+}
+
+/// Makes every series of the upgrade metrics exist (at 0), so that a rate or an alert on
+/// them has a series before the first connection ends. Once per proxy, at start.
+pub fn register_metrics() {
+    metrics::gauge!(OPEN_METRIC).increment(0.0);
+    metrics::counter!(CHECK_FAILURES_METRIC).increment(0);
+    for reason in EndReason::ALL {
+        metrics::counter!(ENDED_METRIC, "reason" => reason.as_str()).increment(0);
+    }
+}
+
+/// What an upgraded connection's credential was, and what to check of it.
+enum Credential {
+    /// A bearer token: its `Authorization` value (never logged), its client and subject.
+    Bearer {
+        authorization: HeaderValue,
+        client_id: Box<str>,
+        subject: Box<str>,
+    },
+    /// A console session: its refresh family (`None` for an access token that names
+    /// none: then the token's own end bounds the connection), the user's login name and
+    /// subject.
+    Session {
+        family: Option<FamilyId>,
+        user: Box<str>,
+        subject: Box<str>,
+    },
+}
+
+/// The credential of one upgraded connection's handshake, for as long as the connection
+/// lives. Made only for upgrade handshakes of authenticated routes.
+pub struct Lease {
+    state: AppState,
+    /// The route's metrics label, `proxy:<prefix>`.
+    route: Arc<str>,
+    credential: Credential,
+    /// How often the credential is checked; `None`: never (only its deadline ends it).
+    every: Option<Duration>,
+    /// When the credential ends by its own terms, and what that end is called: a token's
+    /// `exp` plus leeway; a session's maximum lifetime, once a check has read its login.
+    deadline: Option<(Instant, EndReason)>,
+    /// Whether a failed session check was logged already (once per connection).
+    warned: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("route", &self.route)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Lease ===
+
+impl Lease {
+    /// The lease of a handshake on a bearer route, authorised by `verified`, presented
+    /// in `authorization`.
+    pub fn bearer(
+        state: &AppState,
+        route: Arc<str>,
+        verified: &VerifiedAccess,
+        authorization: &HeaderValue,
+    ) -> Self {
+        let claims = &verified.claims;
+        let leeway = state.keys.verify_params().leeway;
+        let until = OffsetDateTime::from_unix_timestamp(claims.exp)
+            .map(|exp| exp + leeway)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Self {
+            state: state.clone(),
+            route,
+            credential: Credential::Bearer {
+                authorization: authorization.clone(),
+                client_id: claims.client_id.as_str().into(),
+                subject: claims.sub.as_str().into(),
+            },
+            every: Some(BEARER_CHECK_INTERVAL),
+            deadline: Some((instant_at(state, until), EndReason::Expired)),
+            warned: false,
+        }
+    }
+
+    /// The lease of a handshake on a session route, by `user`'s console session, checked
+    /// `every` (`proxy.upgrade_session_check_interval`).
+    pub fn session(state: &AppState, route: Arc<str>, user: &ConsoleUser, every: Duration) -> Self {
+        let family = user
+            .session
+            .as_deref()
+            .and_then(|f| FamilyId::parse(f).ok());
+        // without a family to check, the access token that stood for the session is all
+        // there is: the connection lasts as long as it does
+        let deadline = family.is_none().then(|| {
+            let leeway = state.keys.verify_params().leeway;
+            let until = OffsetDateTime::from_unix_timestamp(user.expires_at)
+                .map(|exp| exp + leeway)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            (instant_at(state, until), EndReason::Expired)
+        });
+        Self {
+            state: state.clone(),
+            route,
+            every: family.is_some().then_some(every),
+            credential: Credential::Session {
+                family,
+                user: user.user.as_str().into(),
+                subject: user.subject.as_str().into(),
+            },
+            deadline,
+            warned: false,
+        }
+    }
+
+    /// Resolves when the credential has ended, with why; never while it stays good.
+    pub async fn ended(&mut self) -> EndReason {
+        let every = self.every;
+        let mut next_check = every.map(|d| Instant::now() + d);
+        loop {
+            let wake = match (next_check, self.deadline) {
+                (Some(check), Some((end, _))) => check.min(end),
+                (Some(check), None) => check,
+                (None, Some((end, _))) => end,
+                (None, None) => return std::future::pending().await,
+            };
+            tokio::time::sleep_until(wake).await;
+            if let Some((end, reason)) = self.deadline
+                && Instant::now() >= end
+            {
+                return reason;
+            }
+            if next_check.is_some_and(|at| Instant::now() >= at) {
+                if let Some(reason) = self.check().await {
+                    return reason;
+                }
+                next_check = every.map(|d| Instant::now() + d);
+            }
+        }
+    }
+
+    /// Whether the credential has ended, as far as can be told now.
+    async fn check(&mut self) -> Option<EndReason> {
+        match &self.credential {
+            Credential::Bearer { authorization, .. } => bearer_refusal(&self.state, authorization),
+            Credential::Session {
+                family: Some(family),
+                ..
+            } => {
+                let family = family.clone();
+                self.session_check(&family).await
+            }
+            Credential::Session { family: None, .. } => None,
+        }
+    }
+
+    /// Reads the session's family: gone or expired ends the connection; alive sets the
+    /// deadline at its maximum lifetime; a store that cannot answer ends nothing.
+    async fn session_check(&mut self, family: &FamilyId) -> Option<EndReason> {
+        let now = self.state.keys.now();
+        match self.state.refresh.live_family(family, now).await {
+            Ok(Some(found)) => {
+                let end = session::session_end(&self.state, found.auth_time);
+                if now >= end {
+                    return Some(EndReason::SessionEnded);
+                }
+                self.deadline = Some((instant_at(&self.state, end), EndReason::SessionEnded));
+                None
+            }
+            Ok(None) => Some(EndReason::SessionEnded),
+            Err(e) => {
+                metrics::counter!(CHECK_FAILURES_METRIC).increment(1);
+                if !self.warned {
+                    self.warned = true;
+                    let (user, subject) = self.who();
+                    tracing::warn!(
+                        route = %self.route,
+                        user,
+                        subject,
+                        session = %family,
+                        error = %crate::error::chain(&e),
+                        "the session of an open WebSocket could not be checked; it stays \
+                         open and is checked again at the next interval"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// The user (or client) and the subject, for logs.
+    fn who(&self) -> (&str, &str) {
+        match &self.credential {
+            Credential::Bearer {
+                client_id, subject, ..
+            } => (client_id, subject),
+            Credential::Session { user, subject, .. } => (user, subject),
+        }
+    }
+
+    /// Counts and logs the end of the connection for `reason`.
+    fn record_end(&self, reason: EndReason) {
+        metrics::counter!(ENDED_METRIC, "reason" => reason.as_str()).increment(1);
+        match &self.credential {
+            Credential::Bearer {
+                client_id, subject, ..
+            } => tracing::info!(
+                route = %self.route,
+                reason = reason.as_str(),
+                client_id = &**client_id,
+                subject = &**subject,
+                "upgraded connection closed: the token that opened it is no longer accepted"
+            ),
+            Credential::Session {
+                family,
+                user,
+                subject,
+            } => tracing::info!(
+                route = %self.route,
+                reason = reason.as_str(),
+                user = &**user,
+                subject = &**subject,
+                session = family.as_ref().map_or("", FamilyId::as_str),
+                "upgraded connection closed: the console session that opened it ended"
+            ),
+        }
+    }
+}
+
+/// Why the token in `authorization` would be refused now, if it would: the verification
+/// a request gets, through the memory of verified tokens. A token that verified once stops
+/// verifying by its expiry, a cutoff of its client, or its key leaving the ring's trust;
+/// anything else it could meet (an unknown `kid`, a signature that no longer checks) is
+/// the ring no longer holding its key.
+fn bearer_refusal(state: &AppState, authorization: &HeaderValue) -> Option<EndReason> {
+    let Some(token) = authn::bearer_token(authorization) else {
+        return Some(EndReason::KeyWithdrawn);
+    };
+    match state.keys.verify_access(token) {
+        Ok(_) => None,
+        Err(KeyError::Expired) => Some(EndReason::Expired),
+        Err(KeyError::Revoked) => Some(EndReason::CutOff),
+        Err(_) => Some(EndReason::KeyWithdrawn),
+    }
+}
+
+/// The runtime's instant for `at` on the instance's clock (the clock tokens and sessions
+/// are judged by); now when it is past.
+fn instant_at(state: &AppState, at: OffsetDateTime) -> Instant {
+    let left = Duration::try_from(at - state.keys.now())
+        .unwrap_or(Duration::ZERO)
+        .min(FAR_FUTURE);
+    let now = Instant::now();
+    now.checked_add(left).unwrap_or(now)
+}
+
+/// Counts an upgraded connection in [`OPEN_METRIC`] while it lives.
+struct Open;
+
+impl Open {
+    fn new() -> Self {
+        metrics::gauge!(OPEN_METRIC).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::gauge!(OPEN_METRIC).decrement(1.0);
+    }
+}
+
+/// Relays bytes between the client's and the node's upgraded connections until either
+/// side closes, or until `lease` runs out: then both are closed.
+pub async fn join(client: Upgraded, node: Upgraded, lease: Option<Lease>) {
+    let _open = Open::new();
+    let mut client = TokioIo::new(client);
+    let mut node = TokioIo::new(node);
+    let ended = {
+        let relay = tokio::io::copy_bidirectional(&mut client, &mut node);
+        let ended = async move {
+            match lease {
+                Some(mut lease) => {
+                    let reason = lease.ended().await;
+                    (lease, reason)
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            relayed = relay => {
+                if let Err(e) = relayed {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+                None
+            }
+            ended = ended => Some(ended),
+        }
+    };
+    let Some((lease, reason)) = ended else {
+        return;
+    };
+    lease.record_end(reason);
+    // each side is told (TLS `close_notify`, FIN) if it takes it in time; dropped anyway
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = tokio::join!(client.shutdown(), node.shutdown());
+    })
+    .await;
+}
