@@ -243,9 +243,11 @@ pub enum Origin {
     /// The last-known-good copy on disk (verified when it was written); no gateway
     /// answered, or none had a release at least as new as it. While it is held and its
     /// signature has not been verified against a gateway's JWKS, the watch asks a gateway
-    /// for its current snapshot before each round: the same or a newer version makes the
-    /// origin [`Origin::Gateway`] again, and an older one is taken if the copy does not
-    /// verify.
+    /// for its current snapshot before its first round, and again before later rounds on a
+    /// backoff of its own while that check cannot conclude: the same or a newer version
+    /// makes the origin [`Origin::Gateway`] again, and an older one is taken if the copy
+    /// does not verify. The watch itself goes on from the copy meanwhile: a check that
+    /// fails is logged, not counted as a failure of the watch.
     Disk,
 }
 
@@ -983,13 +985,7 @@ impl Shared {
     /// fall when the JWKS cannot be had: the next offer tries again.
     async fn offer(&self, gateway: &Url, snapshot: Snapshot) -> Result<bool, ClientError> {
         let held = self.current.borrow().clone();
-        let unchecked_copy = *self.origin.lock().unwrap_or_else(PoisonError::into_inner)
-            == Origin::Disk
-            && !*self
-                .copy_verified
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-        if snapshot.version < held.version && unchecked_copy {
+        if snapshot.version < held.version && self.holds_unchecked_copy() {
             match self.verify(gateway, &held).await {
                 Ok(()) => {
                     *self
@@ -1213,6 +1209,16 @@ impl Shared {
         self.current.borrow().version
     }
 
+    /// The held snapshot is the copy read from disk and its signature has not verified
+    /// against a gateway's JWKS in this run.
+    fn holds_unchecked_copy(&self) -> bool {
+        *self.origin.lock().unwrap_or_else(PoisonError::into_inner) == Origin::Disk
+            && !*self
+                .copy_verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The watch loop: SSE on the current gateway, long-poll when it does not stream,
     /// the next gateway and a growing delay after a failure.
     ///
@@ -1220,20 +1226,33 @@ impl Shared {
     /// a random gateway, every delay after a failure is drawn at random up to the current
     /// backoff (full jitter), and a stream that ends well (its token expired, the gateway
     /// restarted) is reopened after up to [`HEALTHY_RECONNECT_SPREAD`].
+    ///
+    /// While the node holds a copy from disk that has not verified, a round may be preceded
+    /// by [`Shared::check_copy`], paced by a [`CopyCheck`]. The check is not part of the
+    /// round: whatever it ends in, the round follows on the same gateway, from what is
+    /// held.
     async fn watch_forever(self: Arc<Self>) {
         let gateways = self.config.gateways.clone();
         let mut delay = self.config.backoff_initial;
         let mut index = usize::try_from(random_below(gateways.len() as u64)).unwrap_or(0);
         let mut modes = vec![Mode::default(); gateways.len()];
+        let mut copy_check = CopyCheck::new(self.config.backoff_initial);
         loop {
             let slot = index % gateways.len().max(1);
             let (Some(gateway), Some(mode)) = (gateways.get(slot), modes.get_mut(slot)) else {
                 return;
             };
+            if self.holds_unchecked_copy() && copy_check.is_due() {
+                let checked = self.check_copy(gateway).await;
+                if self.holds_unchecked_copy() {
+                    let retry_in = copy_check.put_off(self.config.backoff_max);
+                    if let Err(e) = checked {
+                        tracing::warn!(%gateway, error = %e, ?retry_in, "the last-known-good config copy could not be checked; the watch goes on from it");
+                    }
+                }
+            }
             let polling = mode.polls_left > 0;
-            let outcome = if let Err(e) = self.check_copy(gateway).await {
-                Round::Failed(e)
-            } else if polling {
+            let outcome = if polling {
                 mode.polls_left = mode.polls_left.saturating_sub(1);
                 self.poll_round(gateway).await
             } else {
@@ -1292,13 +1311,22 @@ impl Shared {
     /// version no gateway has does not hold the node. `Ok` when the watch may go on from
     /// what is held (also when the copy stays the floor); the error of a gateway that
     /// could not serve a snapshot that verifies otherwise.
+    ///
+    /// The check concludes when the copy is replaced or verifies; then it is not made
+    /// again in this run. Until then [`Shared::watch_forever`] repeats it on the backoff of
+    /// a [`CopyCheck`], not before every round: a check that cannot conclude — the
+    /// gateway's JWKS does not list the copy's `kid`, the gateway has no release, or it
+    /// cannot serve a snapshot that verifies — would otherwise fetch a full snapshot and
+    /// the JWKS at the pace of the watch's rounds.
+    ///
+    /// A failed check is not a failure of the watch: it is logged, and puts off the next
+    /// check, but it is not reported in [`WatchStatus`], does not delay the round or move
+    /// it to another gateway, and does not count against the gateway's event stream (which
+    /// would switch a healthy stream to long-poll). The round that follows on the same
+    /// gateway says whether that gateway answers; when it is away, the round fails too and
+    /// reports it. That the copy is still unchecked shows as [`Origin::Disk`].
     async fn check_copy(&self, gateway: &Url) -> Result<(), ClientError> {
-        let unchecked = *self.origin.lock().unwrap_or_else(PoisonError::into_inner) == Origin::Disk
-            && !*self
-                .copy_verified
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-        if !unchecked {
+        if !self.holds_unchecked_copy() {
             return Ok(());
         }
         match self.fetch(gateway, None).await {
@@ -1510,6 +1538,49 @@ struct Mode {
     polls_left: u32,
 }
 
+/// When the watch next checks a last-known-good copy that has not verified
+/// ([`Shared::check_copy`]): before the first round, then, while checks do not conclude,
+/// on a backoff of its own. Each wait is drawn between half and all of a step that starts
+/// at `backoff_initial` and doubles up to `backoff_max` — at least half a step, so that a
+/// check that cannot conclude costs one snapshot and one JWKS fetch per `backoff_max / 2`
+/// at most once grown, whatever the pace of the rounds; jittered, so that nodes restarted
+/// together do not check together. Checks are only made before a round, so a long
+/// stream puts them off further.
+#[derive(Debug)]
+struct CopyCheck {
+    due: tokio::time::Instant,
+    step: Duration,
+}
+
+impl CopyCheck {
+    /// A check due now, the first wait after it drawn from `first_step`.
+    fn new(first_step: Duration) -> Self {
+        Self {
+            due: tokio::time::Instant::now(),
+            step: first_step,
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        tokio::time::Instant::now() >= self.due
+    }
+
+    /// The check did not conclude: the next one is due after a wait drawn from the current
+    /// step, which then doubles up to `max`. Returns the wait.
+    fn put_off(&mut self, max: Duration) -> Duration {
+        let half = self.step / 2;
+        let wait = half.saturating_add(full_jitter(self.step.saturating_sub(half)));
+        let now = tokio::time::Instant::now();
+        // a step too long to add to the clock: a day is long enough
+        self.due = now
+            .checked_add(wait)
+            .or_else(|| now.checked_add(Duration::from_secs(24 * 60 * 60)))
+            .unwrap_or(now);
+        self.step = self.step.saturating_mul(2).min(max);
+        wait
+    }
+}
+
 // === SSE ===
 
 /// One Server-Sent Event. A release event's `data` holds plaintext secret values, so
@@ -1676,6 +1747,22 @@ mod tests {
         assert_eq!(seen, [true; 4], "every gateway may come first");
         assert_eq!(random_below(0), 0);
         assert_eq!(random_below(1), 0);
+    }
+
+    #[test]
+    fn a_copy_check_that_does_not_conclude_is_put_off_on_a_growing_step() {
+        let s = Duration::from_secs;
+        let mut check = CopyCheck::new(s(10));
+        assert!(check.is_due(), "the first check is made at once");
+        for step in [10, 20, 40, 60, 60] {
+            let wait = check.put_off(s(60));
+            assert!(s(step) / 2 <= wait && wait <= s(step), "{step} s: {wait:?}");
+            assert!(!check.is_due(), "{step} s");
+        }
+        // no step overflows the clock
+        let mut check = CopyCheck::new(Duration::MAX);
+        assert!(check.put_off(Duration::MAX) >= Duration::MAX / 2);
+        assert!(!check.is_due());
     }
 
     #[test]

@@ -122,6 +122,12 @@ struct Gateway {
     only_newer: AtomicBool,
     /// Answer 503 to every config request, as a gateway whose database is away.
     down: AtomicBool,
+    /// Answer 503 to this many more plain reads (not to the watch or the long-poll), as a
+    /// gateway whose database is busy for a moment while its open streams go on.
+    failing_reads: AtomicUsize,
+    /// How long a long-poll is held before it is answered 304 (the gateway's
+    /// `config_center.long_poll_timeout`).
+    poll_hold: Mutex<Duration>,
     /// `Cache-Control: max-age` of the JWKS, if any.
     jwks_max_age: Mutex<Option<u64>>,
 }
@@ -173,7 +179,11 @@ async fn read(
     if !authorised(&headers) {
         return error(StatusCode::UNAUTHORIZED, "invalid_token");
     }
-    if g.down.load(Ordering::SeqCst) {
+    if g.down.load(Ordering::SeqCst)
+        || g.failing_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
         return error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
     }
     // the gateway's own checks of who is asking
@@ -220,7 +230,8 @@ async fn poll(
     let held = q.version.unwrap_or(0);
     let mut rx = g.current.subscribe();
     let wait = rx.wait_for(|s| s.as_ref().is_some_and(|s| s.version > held));
-    match tokio::time::timeout(Duration::from_secs(30), wait).await {
+    let hold = *g.poll_hold.lock().unwrap();
+    match tokio::time::timeout(hold, wait).await {
         Ok(Ok(s)) => match s.as_ref() {
             Some(s) => snapshot_response(s),
             None => StatusCode::NOT_MODIFIED.into_response(),
@@ -314,6 +325,8 @@ async fn start_gateway(
         refuse_reads: AtomicBool::new(false),
         only_newer: AtomicBool::new(false),
         down: AtomicBool::new(false),
+        failing_reads: AtomicUsize::new(0),
+        poll_hold: Mutex::new(Duration::from_secs(30)),
         jwks_max_age: Mutex::new(None),
     });
     let router = Router::new()
@@ -1468,6 +1481,132 @@ async fn wait_for_version_exactly(client: &Client, version: u64) {
             )
         })
         .unwrap();
+}
+
+/// A check of the copy that fails is no failure of the event stream. Here the gateway
+/// fails its snapshot reads for a moment (its database busy) — the read at start, so the
+/// node starts from its copy, then as many as the stream failures after which a watch
+/// long-polls instead — while its event stream is fine: the node streams from the copy's
+/// version and takes a new release from the stream, and never long-polls.
+#[tokio::test]
+async fn a_failed_copy_check_does_not_switch_a_healthy_stream_to_long_poll() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 5, vec![plain("a", "5")]))).await;
+    g.only_newer.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    drop(
+        Client::start(config(vec![url.clone()], dir.path()))
+            .await
+            .unwrap(),
+    );
+
+    // one failed read for the start, three (SSE_FAILURES_BEFORE_POLL) for the checks
+    g.failing_reads.store(1 + 3, Ordering::SeqCst);
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    assert_eq!((client.origin(), client.version()), (Origin::Disk, 5));
+    let streamed = tokio::time::timeout(DEADLINE, async {
+        while g.resume_ids.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        streamed.is_ok(),
+        "no event stream was opened from the copy; long-polls instead: {}, failed reads left: {}",
+        g.polls.load(Ordering::SeqCst),
+        g.failing_reads.load(Ordering::SeqCst)
+    );
+    assert!(
+        g.failing_reads.load(Ordering::SeqCst) < 3,
+        "the copy was checked (and the check failed) before the stream opened"
+    );
+    let mut status = client.subscribe_status();
+    tokio::time::timeout(
+        DEADLINE,
+        status.wait_for(|s| s.connected && s.last_contact > s.last_error_at),
+    )
+    .await
+    .expect("the watch is not reported failing")
+    .unwrap();
+
+    g.current
+        .send_replace(Some(signed(&key, 6, vec![plain("a", "6")])));
+    wait_for_version(&client, 6).await;
+    assert_eq!(client.origin(), Origin::Gateway);
+    assert_eq!(g.polls.load(Ordering::SeqCst), 0, "it never long-polled");
+    assert_eq!(
+        g.resume_ids.lock().unwrap().first().map(String::as_str),
+        Some("5"),
+        "the stream resumed from the copy's version"
+    );
+}
+
+/// A check of the copy that cannot conclude is repeated on a backoff of its own, not
+/// before every round. Here a stale gateway instance serves an older release and its JWKS
+/// does not list the key the copy is signed by, so every check reads a snapshot, fetches
+/// the JWKS and leaves the copy the floor; and it long-polls with a short hold, so rounds
+/// come every ~150 ms. The reads and JWKS fetches stay within what the check's backoff
+/// allows (its waits are at least half its step, which doubles from `backoff_initial` to
+/// `backoff_max`), the check is still made, and the watch goes on from the copy: a newer
+/// release is taken once the key is listed.
+#[tokio::test]
+async fn a_copy_check_that_cannot_conclude_backs_off_while_the_watch_goes_on() {
+    let old = ed25519("k-old");
+    let new = es256("k-new");
+    let (g, url, _server) = start_gateway(&old, Some(signed(&new, 5, vec![plain("a", "5")]))).await;
+    g.jwks.lock().unwrap().push(new.jwk.clone());
+    let dir = tempfile::tempdir().unwrap();
+    drop(
+        Client::start(config(vec![url.clone()], dir.path()))
+            .await
+            .unwrap(),
+    );
+
+    *g.jwks.lock().unwrap() = vec![old.jwk.clone()];
+    g.current
+        .send_replace(Some(signed(&old, 3, vec![plain("a", "3")])));
+    g.stream.store(false, Ordering::SeqCst);
+    *g.poll_hold.lock().unwrap() = Duration::from_millis(100);
+    let mut cfg = config(vec![url], dir.path());
+    cfg.backoff_initial = Duration::from_millis(50);
+    cfg.backoff_max = Duration::from_secs(2);
+    let client = Client::start(cfg).await.unwrap();
+    assert_eq!((client.origin(), client.version()), (Origin::Disk, 5));
+    let began = tokio::time::Instant::now();
+    let (reads, jwks, polls) = (
+        g.read_queries.lock().unwrap().len(),
+        g.jwks_fetches.load(Ordering::SeqCst),
+        g.polls.load(Ordering::SeqCst),
+    );
+    until("30 long-polls were answered", || {
+        g.polls.load(Ordering::SeqCst) >= polls + 30
+    })
+    .await;
+    let elapsed = began.elapsed();
+    let reads = g.read_queries.lock().unwrap().len() - reads;
+    let jwks = g.jwks_fetches.load(Ordering::SeqCst) - jwks;
+    let polls = g.polls.load(Ordering::SeqCst) - polls;
+    // the first check, six steps from 50 ms to 2 s (their waits at least 25 ms … 800 ms,
+    // 1.575 s in all), then one per second at most; one more for the poll under way
+    let allowed = 1 + 6 + usize::try_from(elapsed.as_secs()).unwrap() + 1;
+    assert!(
+        reads <= allowed,
+        "{reads} snapshot reads in {elapsed:?} of {polls} long-polls: the copy check's \
+         backoff allows {allowed}"
+    );
+    assert!(
+        jwks <= allowed,
+        "{jwks} JWKS fetches in {elapsed:?} of {polls} long-polls: the copy check's \
+         backoff allows {allowed}"
+    );
+    assert!(reads >= 2, "the check is made again: {reads} reads");
+    assert_eq!((client.origin(), client.version()), (Origin::Disk, 5));
+
+    g.jwks.lock().unwrap().push(new.jwk.clone());
+    g.current
+        .send_replace(Some(signed(&new, 6, vec![plain("a", "6")])));
+    wait_for_version(&client, 6).await;
+    assert_eq!(client.origin(), Origin::Gateway);
 }
 
 /// A key withdrawn from the JWKS (an emergency rotation) stops verifying releases once
