@@ -23,6 +23,7 @@ use crate::db::Database;
 use crate::dev;
 use crate::redis_store::RedisHandle;
 use crate::refresh::{LazyRedisRefreshStore, RefreshStore};
+use crate::server_key::ServerKey;
 
 /// `portcullis clients …`
 #[derive(Debug, Subcommand)]
@@ -154,6 +155,8 @@ struct Ctx {
     dev: bool,
     db: Database,
     clients: ClientStore,
+    /// The server key, read once for the whole command (see [`shared_refresh_store`]).
+    key: ServerKey,
 }
 
 // === impl ClientsCommand ===
@@ -240,12 +243,14 @@ async fn connect(config: Config, dev: bool) -> Result<Ctx, Failure> {
     db.migrate()
         .await
         .map_err(|e| Failure::Other(format!("database: {e}")))?;
-    let clients = ClientStore::new(db.clone(), key).with_rules(ClientRules::from_config(&config));
+    let clients =
+        ClientStore::new(db.clone(), key.clone()).with_rules(ClientRules::from_config(&config));
     Ok(Ctx {
         config,
         dev,
         db,
         clients,
+        key,
     })
 }
 
@@ -455,18 +460,20 @@ async fn cut_after_disable(
 /// The shared refresh-token store of `config`'s instances (a single Redis or a Cluster,
 /// as they reach it; connected on first use): `None` when there is none to reach
 /// (`--dev`, or no `[redis]`: the tokens live in the running instance's memory).
+///
+/// `key` is the server key the command read when it began (a failure to read it exits 64
+/// there, as any configuration failure does): it is not read again here, where a key file
+/// changed or removed in the meantime would fail the command with another exit status, or
+/// have it work with two keys.
 pub(super) fn shared_refresh_store(
     config: &Config,
     dev: bool,
+    key: &ServerKey,
 ) -> Option<Result<LazyRedisRefreshStore, String>> {
     let redis = config.redis.as_ref().filter(|_| !dev)?;
-    let key = match config.server_key() {
-        Ok(k) => k,
-        Err(e) => return Some(Err(e.to_string())),
-    };
     Some(
         RedisHandle::new(redis)
-            .map(|handle| LazyRedisRefreshStore::new(handle, key, config.refresh.clone()))
+            .map(|handle| LazyRedisRefreshStore::new(handle, key.clone(), config.refresh.clone()))
             .map_err(|e| e.to_string()),
     )
 }
@@ -481,7 +488,7 @@ async fn revoke_refresh_tokens(ctx: &Ctx, id: &ClientId) -> Result<Option<usize>
              command again when Redis is back"
         ))
     };
-    let Some(store) = shared_refresh_store(&ctx.config, ctx.dev) else {
+    let Some(store) = shared_refresh_store(&ctx.config, ctx.dev, &ctx.key) else {
         eprintln!(
             "portcullis: note: {}: refresh tokens live in the memory of the running instance, \
              out of this command's reach. To revoke them at once, use the admin API \

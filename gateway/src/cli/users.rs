@@ -21,6 +21,7 @@ use crate::accounts::{self, AccountError, AccountView, Change};
 use crate::config::Config;
 use crate::db::Database;
 use crate::refresh::RefreshStore;
+use crate::server_key::ServerKey;
 use crate::sso::roles::Role;
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +121,14 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
         }
     };
     let dev = cmd.target().dev;
+    // read once, for the whole command (see `shared_refresh_store`)
+    let key = match config.server_key() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     super::quiet_logging();
     let password = if cmd.reads_password() {
         // a terminal would show the password as it is typed, and keep it in its scrollback
@@ -159,7 +168,12 @@ pub(super) fn run(cmd: UsersCommand) -> ExitCode {
             eprintln!("portcullis: database: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
-        let ctx = Ctx { config, dev, db };
+        let ctx = Ctx {
+            config,
+            dev,
+            db,
+            key,
+        };
         let outcome = execute(cmd, password, &ctx).await;
         ctx.db.close().await;
         match outcome {
@@ -183,6 +197,8 @@ struct Ctx {
     config: Config,
     dev: bool,
     db: Database,
+    /// The server key, read once for the whole command.
+    key: ServerKey,
 }
 
 async fn execute(
@@ -290,7 +306,7 @@ async fn changed(
 async fn end_sessions(ctx: &Ctx, name: &str) -> Option<usize> {
     let later = "its console sessions end at their next renewal instead (within \
                  sso.access_token_lifetime)";
-    let store = match shared_refresh_store(&ctx.config, ctx.dev) {
+    let store = match shared_refresh_store(&ctx.config, ctx.dev, &ctx.key) {
         None => {
             eprintln!("portcullis: note: no shared refresh-token store to reach; {later}");
             return None;
