@@ -234,11 +234,28 @@ pub fn free_port() -> u16 {
 
 /// The ports [`free_port`] draws from: from 15000 (above the usual fixed service ports)
 /// to the start of the ephemeral range, when that leaves at least a thousand.
+/// Says so once per test binary when there is no such room: ports are then chosen the
+/// racy way, and a server may now and then find its port taken.
 fn ports_below_ephemeral() -> Option<std::ops::Range<u16>> {
     const FLOOR: u16 = 15_000;
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let low: u16 = text.split_whitespace().next()?.parse().ok()?;
-    (low >= FLOOR + 1_000).then_some(FLOOR..low)
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let low = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok());
+    let range = low
+        .filter(|&low| low >= FLOOR + 1_000)
+        .map(|low| FLOOR..low);
+    if range.is_none() {
+        WARNED.call_once(|| {
+            eprintln!(
+                "harness: {path} leaves fewer than 1,000 ports between {FLOOR} and the \
+                 ephemeral range ({low:?}); test servers' ports are chosen by binding port 0, \
+                 and another test may take one before its server binds it"
+            );
+        });
+    }
+    range
 }
 
 /// Whether `port` on 127.0.0.1 can be bound right now.
