@@ -575,6 +575,12 @@ impl From<crate::sso::SsoError> for ApiError {
             e @ S::Config(_) => Self::Internal(Box::new(e)),
             // Back-Channel Logout 1.0 §2.8: a refused logout token is a 400 OAuth error
             S::LogoutToken(inner) => Self::oauth(OAuthCode::InvalidRequest, inner.to_string()),
+            S::ProviderSessionEnded => Self::Forbidden {
+                code: "provider_session_ended",
+                description: "your session at the identity provider ended while this login \
+                              was finishing; sign in again"
+                    .to_owned(),
+            },
         }
     }
 }

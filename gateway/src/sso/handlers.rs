@@ -18,7 +18,8 @@ use crate::protect::{AccountAttempt, ClientIp, Scope};
 use crate::state::AppState;
 
 use super::session::{
-    self, ID_TOKEN_COOKIE, MAX_PENDING_LOGINS, NewSession, REFRESH_COOKIE, Resolved, SessionInfo,
+    self, Established, ID_TOKEN_COOKIE, MAX_PENDING_LOGINS, NewSession, REFRESH_COOKIE, Resolved,
+    SessionInfo,
 };
 use super::{Callback, SsoError};
 
@@ -139,8 +140,8 @@ pub async fn callback(
             });
             refusal(&headers, ApiError::from(SsoError::NoRole))
         }
-        Ok(login) => match session::establish(&state, &(&login).into(), now).await {
-            Ok(cookies) => {
+        Ok(login) => match session::establish_login(&state, &login, now).await {
+            Ok(Established::Live(cookies)) => {
                 metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "success", "reason" => "").increment(1);
                 state.audit.record(AuditEvent {
                     at: now,
@@ -164,6 +165,28 @@ pub async fn callback(
                     }
                     Err(e) => refusal(&headers, ApiError::Internal(Box::new(e))),
                 }
+            }
+            Ok(Established::EndedByProvider { family }) => {
+                // the provider's logout wins: the browser is told so, and may sign in
+                // again (a new provider session, which no logout names)
+                let reason = SsoError::ProviderSessionEnded.reason();
+                tracing::info!(reason, provider = %login.provider, client_ip = %ip, "SSO login ended by a provider logout");
+                metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "refused", "reason" => reason).increment(1);
+                state.audit.record(AuditEvent {
+                    at: now,
+                    actor: format!("user:{}", login.subject()),
+                    action: "login.refused".to_owned(),
+                    target: login.provider.clone(),
+                    source_ip,
+                    detail: serde_json::json!({
+                        "method": "sso",
+                        "reason": reason,
+                        "sid": login.claims.extra.get("sid"),
+                        "family_revoked": family,
+                    })
+                    .into(),
+                });
+                refusal(&headers, ApiError::from(SsoError::ProviderSessionEnded))
             }
             Err(e) => refusal(&headers, e),
         },
@@ -579,7 +602,22 @@ async fn backchannel_logout_inner(
     }
     let mut ended = Vec::with_capacity(providers.len());
     for provider in &providers {
-        match end_sessions(state, provider, &logout, now).await {
+        // remembered first, so a login of it whose callback is still running ends too
+        // (see `Sso::remember_logout`); then the sessions already stored
+        let done = match state.sso.remember_logout(provider, (&logout).into()).await {
+            Ok(()) => {
+                end_sessions(
+                    state,
+                    provider,
+                    logout.sub.as_deref(),
+                    logout.sid.as_deref(),
+                    now,
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match done {
             Ok((target, revoked)) => {
                 ended.push((provider.clone(), target, logout.clone(), revoked));
             }
@@ -596,19 +634,21 @@ async fn backchannel_logout_inner(
     Ok(Backchannel::Ended(ended))
 }
 
-/// Ends the console sessions from `provider` that `logout` names: of its subject, those
-/// whose login recorded its `sid` or none (all of them without a `sid`); and every one the
-/// logins of its `sid` made (how a token naming only the `sid` finds them). Returns the
-/// audit target (the subject, or the provider session) and the families revoked.
+/// Ends the console sessions from `provider` that a logout naming `sub` and/or `sid`
+/// names: of the subject, those whose login recorded that `sid` or none (all of them
+/// without a `sid`); and every one the logins of the `sid` made (how a logout naming only
+/// the `sid` finds them). Returns the audit target (the subject, or the provider session)
+/// and the families revoked.
 async fn end_sessions(
     state: &AppState,
     provider: &str,
-    logout: &super::logout_token::Logout,
+    sub: Option<&str>,
+    sid: Option<&str>,
     now: time::OffsetDateTime,
 ) -> Result<(String, Vec<String>), ApiError> {
     let console = &state.sso.settings().console_client_id;
     let mut revoked = Vec::new();
-    if let Some(sub) = &logout.sub {
+    if let Some(sub) = sub {
         for session in state
             .refresh
             .list_sessions(&format!("{provider}:{sub}"), now)
@@ -618,7 +658,7 @@ async fn end_sessions(
                 continue;
             }
             let recorded = session.session.get("idp_sid").and_then(|v| v.as_str());
-            let named = match (logout.sid.as_deref(), recorded) {
+            let named = match (sid, recorded) {
                 (Some(wanted), Some(had)) => wanted == had,
                 _ => true,
             };
@@ -627,7 +667,7 @@ async fn end_sessions(
             }
         }
     }
-    if let Some(sid) = &logout.sid {
+    if let Some(sid) = sid {
         for family in state
             .sso
             .sessions_of_provider_session(provider, sid)
@@ -641,7 +681,7 @@ async fn end_sessions(
             }
         }
     }
-    let target = match (&logout.sub, &logout.sid) {
+    let target = match (sub, sid) {
         (Some(sub), _) => format!("{provider}:{sub}"),
         (None, Some(sid)) => format!("{provider} session {sid}"),
         (None, None) => provider.to_owned(),

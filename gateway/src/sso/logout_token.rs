@@ -86,6 +86,9 @@ pub struct Logout {
     pub sid: Option<String>,
     /// The token's id.
     pub jti: String,
+    /// When the provider issued it (its `iat`, Unix seconds by the provider's clock): a
+    /// login whose ID token the provider issued no later than this is ended by it.
+    pub issued_at: i64,
     /// Until when this token would be accepted (Unix seconds): how long its `jti` must be
     /// remembered.
     pub valid_until: i64,
@@ -198,6 +201,7 @@ pub fn verify(
         sub,
         sid,
         jti,
+        issued_at: claims.registered.iat,
         valid_until,
     })
 }
@@ -285,6 +289,7 @@ mod tests {
             assert_eq!(logout.sub.as_deref(), Some("alice"));
             assert_eq!(logout.sid.as_deref(), Some("s-1"));
             assert_eq!(logout.jti, "j-1");
+            assert_eq!(logout.issued_at, now().unix_timestamp());
             assert_eq!(logout.valid_until, now().unix_timestamp() + 120 + 30);
         }
         // a sid alone names the sessions too

@@ -95,6 +95,11 @@ pub enum SsoError {
     /// A back-channel logout token was refused.
     #[error(transparent)]
     LogoutToken(#[from] LogoutTokenError),
+    /// The provider announced the end of the provider session a login came from (or
+    /// logged its user out after it issued the login's ID token) while the login's
+    /// callback was running: the session it made was revoked at once.
+    #[error("the identity provider ended this session while the login was finishing")]
+    ProviderSessionEnded,
 }
 
 impl SsoError {
@@ -118,6 +123,7 @@ impl SsoError {
             Self::ProviderMisconfigured(_) => "provider_misconfigured",
             Self::Store(_) => "store_unavailable",
             Self::LogoutToken(_) => "invalid_logout_token",
+            Self::ProviderSessionEnded => "provider_session_ended",
         }
     }
 }
@@ -531,6 +537,134 @@ impl Sso {
     }
 }
 
+/// A logout a provider announced, by what it names: at least one of `sub` and `sid`.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended<'a> {
+    /// The subject at the provider (a back-channel logout token's `sub`).
+    pub sub: Option<&'a str>,
+    /// The provider session (`sid`).
+    pub sid: Option<&'a str>,
+    /// When the provider issued the logout (a logout token's `iat`, by the provider's
+    /// clock); none when the logout names no time.
+    pub issued_at: Option<i64>,
+}
+
+impl<'a> From<&'a Logout> for Ended<'a> {
+    fn from(logout: &'a Logout) -> Self {
+        Self {
+            sub: logout.sub.as_deref(),
+            sid: logout.sid.as_deref(),
+            issued_at: Some(logout.issued_at),
+        }
+    }
+}
+
+impl Sso {
+    /// Providers that announce logouts, so that a login whose callback is still running
+    /// when the logout comes (its session not yet stored, so not found by the logout) ends
+    /// as well: the logout is remembered here *before* the stored sessions are looked up
+    /// and ended, and a callback checks it *after* storing its session (and indexing it
+    /// under its `sid`), revoking the session when a logout names it. Whichever of the two
+    /// comes first, the other sees it: no order leaves a session alive.
+    ///
+    /// What is remembered, for [`Sso::logout_memory`]:
+    /// - a `sid`: that provider session ended; every login whose ID token names it ends.
+    ///   No clock is compared: a provider session that ended issues no more ID tokens;
+    /// - a `sub` without a `sid` (the user logged out everywhere): logins of that subject
+    ///   whose ID token the provider issued before the logout's `iat` end (the provider's
+    ///   clock against the provider's clock, never ours against theirs). Logins after it
+    ///   are new sessions and stay, and so does one issued within the logout's own second:
+    ///   the two cannot be ordered, and a user who signs in again at once must not be
+    ///   refused;
+    /// - a `sub` with a `sid`: as above, for logins whose ID token names no `sid` (as the
+    ///   back-channel logout ends the stored sessions that recorded none).
+    pub async fn remember_logout(&self, provider: &str, ended: Ended<'_>) -> Result<(), SsoError> {
+        let ttl = self.logout_memory();
+        let pending = &self.inner.pending;
+        if let Some(sid) = ended.sid {
+            pending
+                .mark(&ended_session_key(provider, sid), 1, ttl)
+                .await?;
+        }
+        if let (Some(sub), Some(at)) = (ended.sub, ended.issued_at) {
+            let scope = if ended.sid.is_some() {
+                LoggedOut::WithoutSid
+            } else {
+                LoggedOut::Every
+            };
+            pending
+                .mark(&logged_out_key(provider, sub, scope), at, ttl)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a logout [`Sso::remember_logout`] kept ends the login of `provider` whose ID
+    /// token names `sub` and `sid` and was issued at `issued_at` (its `iat`, by the
+    /// provider's clock).
+    pub async fn ended_by_logout(
+        &self,
+        provider: &str,
+        sub: &str,
+        sid: Option<&str>,
+        issued_at: i64,
+    ) -> Result<bool, SsoError> {
+        let pending = &self.inner.pending;
+        let postdates = |logged_out_at: Option<i64>| logged_out_at.is_some_and(|at| issued_at < at);
+        let every_key = logged_out_key(provider, sub, LoggedOut::Every);
+        let every = pending.mark_of(&every_key);
+        Ok(match sid {
+            Some(sid) => {
+                let session_key = ended_session_key(provider, sid);
+                let session = pending.mark_of(&session_key);
+                let (every, session) = futures::future::try_join(every, session).await?;
+                // a provider session's mark ends every login that names it, whenever
+                session.is_some() || postdates(every)
+            }
+            None => {
+                let unsided_key = logged_out_key(provider, sub, LoggedOut::WithoutSid);
+                let unsided = pending.mark_of(&unsided_key);
+                let (every, unsided) = futures::future::try_join(every, unsided).await?;
+                postdates(every) || postdates(unsided)
+            }
+        })
+    }
+
+    /// How long a provider's logout is remembered ([`Sso::remember_logout`]): as long as a
+    /// console session made from that provider session could live
+    /// (`sso.session_max_lifetime`), and never less than a login may take to finish
+    /// (`sso.login_timeout`, plus `sso.leeway` of clock skew on its ID token).
+    pub fn logout_memory(&self) -> std::time::Duration {
+        let s = &self.inner.settings;
+        s.session_max_lifetime
+            .max(s.login_timeout.saturating_add(s.leeway))
+    }
+}
+
+/// Which logins of a subject a logout by `sub` ends (see [`Sso::remember_logout`]).
+#[derive(Debug, Clone, Copy)]
+enum LoggedOut {
+    /// All of them (the logout named no `sid`).
+    Every,
+    /// Those whose ID token named no `sid` (the logout named one).
+    WithoutSid,
+}
+
+/// The mark of an ended provider session.
+fn ended_session_key(provider: &str, sid: &str) -> String {
+    format!("ended-session\n{provider}\n{sid}")
+}
+
+/// The mark of a logout by subject: the newest such logout's `iat`. The subject comes
+/// last: it is the one part that may hold anything.
+fn logged_out_key(provider: &str, sub: &str, scope: LoggedOut) -> String {
+    let scope = match scope {
+        LoggedOut::Every => "every",
+        LoggedOut::WithoutSid => "without-sid",
+    };
+    format!("logged-out\n{scope}\n{provider}\n{sub}")
+}
+
 /// The single-use key of a logout token: the provider and its `jti` (§2.6 point 10).
 fn logout_claim_key(provider: &str, jti: &str) -> String {
     format!("logout-token\n{provider}\n{jti}")
@@ -704,7 +838,98 @@ fn groups_of(claims: &IdClaims, claim: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    /// Without providers and Redis: the in-process store, no network.
+    fn sso() -> Sso {
+        Sso::new(&SsoSettings::default(), "https://portcullis.example", None).unwrap()
+    }
+
+    async fn ended(sso: &Sso, sub: &str, sid: Option<&str>, iat: i64) -> bool {
+        sso.ended_by_logout("corp", sub, sid, iat).await.unwrap()
+    }
+
+    async fn remember(sso: &Sso, provider: &str, ended: Ended<'_>) {
+        sso.remember_logout(provider, ended).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_ended_provider_session_ends_every_login_that_names_it_whatever_its_time() {
+        let sso = sso();
+        assert!(!ended(&sso, "alice", Some("s-1"), 100).await);
+        let front = Ended {
+            sub: None,
+            sid: Some("s-1"),
+            issued_at: None,
+        };
+        remember(&sso, "corp", front).await;
+        assert!(ended(&sso, "alice", Some("s-1"), 100).await);
+        assert!(ended(&sso, "bob", Some("s-1"), i64::MAX).await);
+        assert!(!ended(&sso, "alice", Some("s-2"), 100).await, "another sid");
+        assert!(!ended(&sso, "alice", None, 100).await, "no sid");
+        assert!(
+            !sso.ended_by_logout("other", "alice", Some("s-1"), 100)
+                .await
+                .unwrap(),
+            "another provider"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_logout_by_subject_ends_the_logins_whose_id_token_it_postdates() {
+        let sso = sso();
+        let everywhere = Ended {
+            sub: Some("alice"),
+            sid: None,
+            issued_at: Some(1_000),
+        };
+        remember(&sso, "corp", everywhere).await;
+        // the provider's clock on both sides; within the logout's second, the login stays
+        assert!(ended(&sso, "alice", Some("s-1"), 999).await);
+        assert!(ended(&sso, "alice", None, 999).await);
+        assert!(
+            !ended(&sso, "alice", Some("s-1"), 1_000).await,
+            "the same second"
+        );
+        assert!(
+            !ended(&sso, "alice", Some("s-1"), 1_001).await,
+            "a later login"
+        );
+        assert!(
+            !ended(&sso, "bob", Some("s-1"), 999).await,
+            "another subject"
+        );
+        // an older logout does not move the line back
+        let older = Ended {
+            issued_at: Some(10),
+            ..everywhere
+        };
+        remember(&sso, "corp", older).await;
+        assert!(ended(&sso, "alice", Some("s-1"), 999).await);
+    }
+
+    #[tokio::test]
+    async fn a_logout_by_subject_and_session_ends_only_that_session_and_the_logins_without_one() {
+        let sso = sso();
+        let one = Ended {
+            sub: Some("alice"),
+            sid: Some("s-1"),
+            issued_at: Some(1_000),
+        };
+        remember(&sso, "corp", one).await;
+        assert!(ended(&sso, "alice", Some("s-1"), 5_000).await);
+        assert!(
+            !ended(&sso, "alice", Some("s-2"), 999).await,
+            "another session"
+        );
+        assert!(
+            ended(&sso, "alice", None, 999).await,
+            "a login that named none"
+        );
+        assert!(!ended(&sso, "alice", None, 1_000).await, "a later one");
+    }
 
     #[test]
     fn error_codes_of_the_rfc_charset_are_logged_as_sent() {

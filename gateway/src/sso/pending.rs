@@ -3,9 +3,11 @@
 //! takes the record out atomically (`GETDEL` in Redis), so a replayed `state` finds
 //! nothing. Stored under a hash of `state`, never `state` itself.
 //!
-//! The same store keeps what back-channel logout needs: single-use marks (a logout
-//! token's `jti`) and, per provider session, the console sessions its logins made (so a
-//! logout token naming only a `sid` finds them).
+//! The same store keeps what provider logouts need: single-use claims (a logout token's
+//! `jti`); per provider session, the console sessions its logins made (so a logout token
+//! naming only a `sid` finds them); and the logouts themselves, kept for a while as
+//! *marks* (a number under a key), so that a login whose callback was still running when
+//! the logout came is ended too (see [`super::Sso::remember_logout`]).
 //!
 //! Redis (shared by every instance: the callback may reach another instance than the
 //! login did), or in process for a single `--dev` instance. Both pass the same
@@ -82,6 +84,14 @@ pub trait PendingStore: Send + Sync + 'static {
 
     /// The members of the set `key` (none once it expired).
     async fn index_members(&self, key: &str) -> Result<Vec<String>, PendingError>;
+
+    /// Sets the mark `key` to `value`, or keeps the one it holds when that is larger, and
+    /// makes it live at least `ttl` from now (a shorter `ttl` never cuts the life an
+    /// earlier call gave). Atomic: of marks set at once, the largest stays.
+    async fn mark(&self, key: &str, value: i64, ttl: Duration) -> Result<(), PendingError>;
+
+    /// The value of the mark `key` (none once it expired).
+    async fn mark_of(&self, key: &str) -> Result<Option<i64>, PendingError>;
 }
 
 fn key_of(prefix: &str, state: &str) -> String {
@@ -102,6 +112,21 @@ const INDEX_ADD: &str = "redis.call('SADD', KEYS[1], ARGV[1]) \
 fn index_key_of(prefix: &str, key: &str) -> String {
     let hex = hex::encode(Sha256::digest(key.as_bytes()));
     format!("{prefix}index:{hex}")
+}
+
+/// Sets KEYS[1] to the larger of ARGV[1] and what it holds, living at least ARGV[2] ms
+/// more. The value is kept as sent (a decimal string): no Lua number ever rewrites it.
+const MARK: &str = "local held = redis.call('GET', KEYS[1]) \
+    local value = ARGV[1] \
+    if held and tonumber(held) and tonumber(held) > tonumber(value) then value = held end \
+    local ttl = ARGV[2] \
+    local left = redis.call('PTTL', KEYS[1]) \
+    if left > tonumber(ttl) then ttl = left end \
+    redis.call('SET', KEYS[1], value, 'PX', ttl) return 1";
+
+fn mark_key_of(prefix: &str, key: &str) -> String {
+    let hex = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{prefix}ended:{hex}")
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -200,6 +225,30 @@ impl PendingStore for RedisPendingStore {
         cmd.arg(index_key_of(&self.prefix, key));
         self.run(cmd).await
     }
+
+    #[tracing::instrument(name = "redis.sso_mark.set", skip_all, fields(otel.kind = "client"))]
+    async fn mark(&self, key: &str, value: i64, ttl: Duration) -> Result<(), PendingError> {
+        // one key, so one slot in a cluster (no hash tag needed); one script, so two
+        // logouts at once keep the larger value and the mark never lives without expiry
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(MARK)
+            .arg(1)
+            .arg(mark_key_of(&self.prefix, key))
+            .arg(value)
+            .arg(ttl_ms(ttl));
+        let _: i64 = self.run(cmd).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "redis.sso_mark.get", skip_all, fields(otel.kind = "client"))]
+    async fn mark_of(&self, key: &str) -> Result<Option<i64>, PendingError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(mark_key_of(&self.prefix, key));
+        let value: Option<String> = self.run(cmd).await?;
+        value
+            .map(|v| v.parse().map_err(|_| PendingError::Corrupt))
+            .transpose()
+    }
 }
 
 // === in process ===
@@ -210,7 +259,11 @@ pub struct MemoryPendingStore {
     entries: Mutex<HashMap<String, (PendingLogin, Instant)>>,
     claims: Mutex<HashMap<String, Instant>>,
     indexes: Mutex<HashMap<String, (Vec<String>, Instant)>>,
+    marks: Mutex<HashMap<String, (i64, Instant)>>,
 }
+
+/// The longest life of an in-process mark (see [`PendingStore::mark`]).
+const MAX_MARK_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 
 /// Past this many pending logins, expired ones are swept on insert.
 const SWEEP_AT: usize = 1024;
@@ -295,5 +348,35 @@ impl PendingStore for MemoryPendingStore {
             .filter(|(_, until)| *until > now)
             .map(|(members, _)| members.clone())
             .unwrap_or_default())
+    }
+
+    async fn mark(&self, key: &str, value: i64, ttl: Duration) -> Result<(), PendingError> {
+        let now = Instant::now();
+        let mut marks = self.marks.lock().await;
+        if marks.len() >= SWEEP_AT {
+            marks.retain(|_, (_, until)| *until > now);
+        }
+        let (held, until) = marks
+            .entry(mark_key_of("", key))
+            .or_insert_with(|| (value, now));
+        if *until <= now {
+            // expired: as if it were not there
+            *held = value;
+        }
+        *held = (*held).max(value);
+        // a TTL past ten years is as good as for ever (and cannot overflow an `Instant`)
+        *until = (*until).max(now + ttl.min(MAX_MARK_TTL));
+        Ok(())
+    }
+
+    async fn mark_of(&self, key: &str) -> Result<Option<i64>, PendingError> {
+        let now = Instant::now();
+        Ok(self
+            .marks
+            .lock()
+            .await
+            .get(&mark_key_of("", key))
+            .filter(|(_, until)| *until > now)
+            .map(|(value, _)| *value))
     }
 }

@@ -264,12 +264,79 @@ impl From<&LoggedIn> for NewSession {
 }
 
 /// Starts a session: a new refresh family and a first access token. Returns the
-/// `Set-Cookie` values.
+/// `Set-Cookie` values. For an SSO login, see [`establish_login`].
 pub async fn establish(
     state: &AppState,
     new: &NewSession,
     now: OffsetDateTime,
 ) -> Result<Vec<HeaderValue>, ApiError> {
+    let issued = store(state, new, now).await?;
+    cookies(state, new, &issued)
+}
+
+/// What [`establish_login`] made.
+#[derive(Debug)]
+pub enum Established {
+    /// A live session: its `Set-Cookie` values.
+    Live(Vec<HeaderValue>),
+    /// The provider announced a logout that ends this login while its callback ran (see
+    /// [`super::Sso::remember_logout`]): the session was stored and revoked at once, and
+    /// no cookie carries it.
+    EndedByProvider {
+        /// The refresh family revoked.
+        family: String,
+    },
+}
+
+/// Starts the session of an SSO login, unless the provider has announced a logout that
+/// ends it: the session is stored (and indexed under its provider session) first, then
+/// the logouts remembered are checked, so a logout running at the same time either finds
+/// the session or is found by the check (see [`super::Sso::remember_logout`]). A session
+/// a logout ends is revoked before any token of it leaves; so is one whose check could not
+/// be made (the store is away: 503), since nobody can tell whether it should live.
+pub async fn establish_login(
+    state: &AppState,
+    login: &LoggedIn,
+    now: OffsetDateTime,
+) -> Result<Established, ApiError> {
+    let new = NewSession::from(login);
+    let issued = store(state, &new, now).await?;
+    let family = issued.session.family.clone();
+    let ended = state
+        .sso
+        .ended_by_logout(
+            &login.provider,
+            &login.claims.sub,
+            new.info.idp_sid.as_deref(),
+            login.claims.iat,
+        )
+        .await;
+    match ended {
+        Ok(false) => Ok(Established::Live(cookies(state, &new, &issued)?)),
+        Ok(true) => {
+            state.refresh.revoke_family(&family).await?;
+            Ok(Established::EndedByProvider {
+                family: family.to_string(),
+            })
+        }
+        Err(e) => {
+            if let Err(revoke) = state.refresh.revoke_family(&family).await {
+                // never handed out, so unusable even while it stays in the store
+                tracing::warn!(error = %revoke, %family, "an unchecked login's session stays stored, unused");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Stores a new session: its refresh family (which the refresh store indexes under its
+/// subject) and, when its login named a provider session, its entry in that session's
+/// index.
+async fn store(
+    state: &AppState,
+    new: &NewSession,
+    now: OffsetDateTime,
+) -> Result<crate::refresh::Issued, ApiError> {
     let sso = state.sso.settings();
     let issued = state
         .refresh
@@ -299,6 +366,16 @@ pub async fn establish(
             )
             .await?;
     }
+    Ok(issued)
+}
+
+/// The first access token of a session [`store`] made, and its cookies.
+fn cookies(
+    state: &AppState,
+    new: &NewSession,
+    issued: &crate::refresh::Issued,
+) -> Result<Vec<HeaderValue>, ApiError> {
+    let lifetime = state.config.refresh.absolute_lifetime;
     let (access, claims) = mint(
         state,
         &new.subject,

@@ -273,7 +273,7 @@ fn new_browser(app: &TestApp) -> (Arc<Jar>, reqwest::Client) {
     (jar, browser)
 }
 
-async fn error_code(response: reqwest::Response) -> String {
+pub async fn error_code(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.unwrap();
     body["error"].as_str().unwrap_or_default().to_owned()
 }
@@ -298,9 +298,9 @@ async fn assert_login_refuses_redirect(f: &SsoFixture, target: &str) {
     assert_eq!(error_code(response).await, "invalid_redirect");
 }
 
-const REFRESH_COOKIE: &str = "__Host-portcullis-rt";
-const ACCESS_COOKIE: &str = "__Host-portcullis-at";
-const ID_TOKEN_COOKIE: &str = "__Host-portcullis-idt";
+pub const REFRESH_COOKIE: &str = "__Host-portcullis-rt";
+pub const ACCESS_COOKIE: &str = "__Host-portcullis-at";
+pub const ID_TOKEN_COOKIE: &str = "__Host-portcullis-idt";
 /// The start of every pending-login cookie's name.
 const LOGIN_COOKIE: &str = "__Host-portcullis-login";
 
@@ -1553,7 +1553,7 @@ impl SsoFixture {
 }
 
 /// The value of cookie `name` in `jar` for `app`'s site.
-fn jar_cookie(jar: &Jar, app: &TestApp, name: &str) -> Option<String> {
+pub fn jar_cookie(jar: &Jar, app: &TestApp, name: &str) -> Option<String> {
     let url: Url = app.url("/").parse().unwrap();
     let header = jar.cookies(&url)?;
     header
@@ -2034,7 +2034,7 @@ async fn logout_tokens_with_unknown_kids_refetch_the_jwks_at_most_once_per_windo
 }
 
 /// Whether `refresh` is the current token of a live family at `f`'s instance.
-async fn live(f: &SsoFixture, refresh: &SecretString) -> bool {
+pub async fn live(f: &SsoFixture, refresh: &SecretString) -> bool {
     f.app
         .state
         .refresh

@@ -1,0 +1,256 @@
+//! Provider logouts against logins still in flight, with the real oidc-provider: a logout
+//! the provider announces while a login of the same provider session is between the
+//! provider's redirect (code in hand) and its session being stored must still end that
+//! login. Run on Redis and on the in-process (`--dev`) stores alike; the store's marks
+//! (the logouts remembered) also on a Redis Cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyrotation::Clock;
+use portcullis::config::{Config, RedisConfig};
+use portcullis::redis_store::RedisHandle;
+use portcullis::sso::pending::{MemoryPendingStore, PendingStore, RedisPendingStore};
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::json;
+
+use super::sso::{REFRESH_COOKIE, SsoFixture, error_code, live};
+use super::support::*;
+
+const ALICE: &str = "alice-correct-horse";
+const BOB: &str = "bob-battery-staple";
+
+/// Where an instance keeps pending logins, provider sessions, logouts and sessions.
+#[derive(Clone, Copy, Debug)]
+pub enum Store {
+    /// In process, as with `--dev`.
+    Memory,
+    /// The shared Redis, under a key prefix of the test's own.
+    Redis,
+}
+
+/// Configures `store` for an instance.
+pub fn on(store: Store) -> impl FnOnce(&mut Config) {
+    move |c| {
+        if let Store::Redis = store {
+            let prefix = format!("test-{}:", uuid::Uuid::new_v4());
+            let url = harness::Redis::shared().url();
+            c.redis = Some(toml::from_str(&format!("url = \"{url}\"\n")).unwrap());
+            c.sso.key_prefix = format!("{prefix}sso:");
+            c.refresh.key_prefix = format!("{prefix}rt:");
+        }
+    }
+}
+
+/// The provider session (`sid`) the login of `refresh` recorded.
+pub async fn sid_of(f: &SsoFixture, refresh: &SecretString) -> String {
+    let session = f
+        .app
+        .state
+        .refresh
+        .inspect(refresh, f.clock.now())
+        .await
+        .unwrap()
+        .expect("a live session");
+    session.session["idp_sid"].as_str().unwrap().to_owned()
+}
+
+/// The detail of the newest `login.refused` of `subject`, once stored.
+async fn last_refusal(f: &SsoFixture, subject: &str) -> serde_json::Value {
+    wait_for_audit_actor(
+        &f.app.state,
+        Duration::from_secs(10),
+        "login.refused",
+        &format!("user:{subject}"),
+    )
+    .await;
+    let (_, _, detail) = portcullis::audit::recent(&f.app.state.db, "login.refused", 1)
+        .await
+        .unwrap()
+        .remove(0);
+    serde_json::from_str(&detail).unwrap()
+}
+
+/// Asserts that `response` (a callback) is the refusal of a login whose provider session
+/// the provider ended, that `subject` has no session left, and that the browser's
+/// `/auth/me` answers 401 once its access cookie has expired. Advances the clock.
+pub async fn assert_ended_by_the_provider(
+    f: &SsoFixture,
+    response: reqwest::Response,
+    subject: &str,
+) {
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "a login of a provider session that had ended made a session"
+    );
+    assert_eq!(error_code(response).await, "provider_session_ended");
+    f.assert_no_session_of(subject).await;
+    f.clock.advance(time::Duration::minutes(10));
+    assert_eq!(f.me().await.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// The provider ends a provider session (a logout token naming its `sid`) while a login of
+/// that session has its code but has not yet come back to the callback: the callback then
+/// makes no usable session, and is told why.
+async fn a_login_finishing_after_its_provider_session_ended_makes_no_session(store: Store) {
+    let f = SsoFixture::start(on(store)).await;
+    assert_eq!(f.login("alice", ALICE).await.status(), StatusCode::FOUND);
+    let first = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let sid = sid_of(&f, &first).await;
+    // a second login of this browser: its provider session is still there, so the
+    // provider sends the browser back with a code at once, in the same session
+    let callback = f.login_at_idp("?redirect=/jobs", "alice", ALICE).await;
+
+    let token = f.logout_token(json!({ "sub": "alice", "sid": sid })).await;
+    assert_eq!(f.post_logout_token(&token).await.status(), StatusCode::OK);
+    assert!(!live(&f, &first).await, "the stored session ended");
+
+    let finished = f.browser.get(callback).send().await.unwrap();
+    assert_ended_by_the_provider(&f, finished, "test:alice").await;
+    let refused = last_refusal(&f, "test:alice").await;
+    assert_eq!(refused["reason"], "provider_session_ended");
+    assert_eq!(
+        refused["sid"],
+        sid.as_str(),
+        "the login was of that session"
+    );
+}
+
+#[tokio::test]
+async fn a_login_finishing_after_its_provider_session_ended_makes_no_session_in_redis() {
+    a_login_finishing_after_its_provider_session_ended_makes_no_session(Store::Redis).await;
+}
+
+#[tokio::test]
+async fn a_login_finishing_after_its_provider_session_ended_makes_no_session_in_memory() {
+    a_login_finishing_after_its_provider_session_ended_makes_no_session(Store::Memory).await;
+}
+
+/// A logout token naming only the subject ends the logins whose ID token the provider
+/// issued before it (by the provider's clock: the ID token's `iat` against the logout
+/// token's), those still finishing included; a login the provider issued after it is a
+/// new session and stays.
+async fn a_logout_by_subject_ends_the_logins_it_postdates(store: Store) {
+    let f = SsoFixture::start(on(store)).await;
+    assert_eq!(f.login("bob", BOB).await.status(), StatusCode::FOUND);
+    let first = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let now = || time::OffsetDateTime::now_utc().unix_timestamp();
+
+    // issued 30 s ago: the ID tokens of every login after it are newer
+    let earlier = f
+        .logout_token(json!({ "sub": "bob", "iat": now() - 30 }))
+        .await;
+    assert_eq!(f.post_logout_token(&earlier).await.status(), StatusCode::OK);
+    assert!(!live(&f, &first).await, "the stored session ended");
+    let (_, later) = f.login_elsewhere("", "bob", BOB).await;
+    assert!(live(&f, &later).await, "a login after the logout was ended");
+
+    // a login with its code in hand, and a logout the provider issues after that code
+    // (20 s ahead, within `sso.leeway`: its ID token, issued when the code is exchanged
+    // below, is older by the provider's clock)
+    let callback = f.login_at_idp("?redirect=/jobs", "bob", BOB).await;
+    let logout = f
+        .logout_token(json!({ "sub": "bob", "iat": now() + 20 }))
+        .await;
+    assert_eq!(f.post_logout_token(&logout).await.status(), StatusCode::OK);
+    assert!(!live(&f, &later).await, "the stored session ended");
+
+    let finished = f.browser.get(callback).send().await.unwrap();
+    assert_ended_by_the_provider(&f, finished, "test:bob").await;
+}
+
+#[tokio::test]
+async fn a_logout_by_subject_ends_the_logins_it_postdates_in_redis() {
+    a_logout_by_subject_ends_the_logins_it_postdates(Store::Redis).await;
+}
+
+#[tokio::test]
+async fn a_logout_by_subject_ends_the_logins_it_postdates_in_memory() {
+    a_logout_by_subject_ends_the_logins_it_postdates(Store::Memory).await;
+}
+
+// === the store's marks: in process as in Redis, standalone and Cluster ===
+
+/// A mark (a remembered logout) keeps the largest value it was given, apart from other
+/// marks, claims and indexes, and lives as long as its longest set asked.
+async fn a_mark_keeps_its_largest_value_until_it_expires(store: Arc<dyn PendingStore>) {
+    let long = Duration::from_secs(60);
+    assert_eq!(store.mark_of("m-1").await.unwrap(), None);
+    store.mark("m-1", 1_000, long).await.unwrap();
+    store.mark("m-1", 10, long).await.unwrap();
+    assert_eq!(
+        store.mark_of("m-1").await.unwrap(),
+        Some(1_000),
+        "a smaller value does not move it back"
+    );
+    store.mark("m-1", 2_000, long).await.unwrap();
+    assert_eq!(store.mark_of("m-1").await.unwrap(), Some(2_000));
+    assert_eq!(store.mark_of("m-2").await.unwrap(), None, "marks are apart");
+    assert!(store.claim("m-1", long).await.unwrap(), "claims are apart");
+    assert!(store.index_members("m-1").await.unwrap().is_empty());
+
+    // sixteen at once: the largest stays
+    let racers: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.mark("m-3", 1_800_000_000 + i, long).await })
+        })
+        .collect();
+    for r in racers {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(store.mark_of("m-3").await.unwrap(), Some(1_800_000_015));
+
+    // the TTL is a real-time key TTL (Redis PX): real time passes, far more than the short
+    // TTL, far less than a test timeout. A shorter set does not cut a longer life.
+    store
+        .mark("m-1", 3_000, Duration::from_millis(20))
+        .await
+        .unwrap();
+    store
+        .mark("short", 7, Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.mark_of("m-1").await.unwrap(), Some(3_000));
+    assert_eq!(store.mark_of("short").await.unwrap(), None, "expired");
+    store.mark("short", 5, long).await.unwrap();
+    assert_eq!(
+        store.mark_of("short").await.unwrap(),
+        Some(5),
+        "an expired mark is gone, larger value and all"
+    );
+}
+
+fn prefix() -> String {
+    format!("test-{}:sso:", uuid::Uuid::new_v4())
+}
+
+#[tokio::test]
+async fn a_mark_keeps_its_largest_value_until_it_expires_in_memory() {
+    a_mark_keeps_its_largest_value_until_it_expires(Arc::new(MemoryPendingStore::new())).await;
+}
+
+#[tokio::test]
+async fn a_mark_keeps_its_largest_value_until_it_expires_in_redis() {
+    let url = harness::Redis::shared().url();
+    let config: RedisConfig = toml::from_str(&format!("url = \"{url}\"\n")).unwrap();
+    let store = RedisPendingStore::new(RedisHandle::new(&config).unwrap(), prefix());
+    a_mark_keeps_its_largest_value_until_it_expires(Arc::new(store)).await;
+}
+
+/// On a Redis Cluster the marks' keys spread over the slots of every master, and each
+/// command touches one key: nothing is refused as crossing slots.
+#[tokio::test]
+async fn a_mark_keeps_its_largest_value_until_it_expires_on_a_redis_cluster() {
+    let cluster = harness::RedisCluster::start(3).unwrap();
+    let config = RedisConfig {
+        url: SecretString::from(cluster.urls().join(",")),
+        cluster: true,
+        command_timeout: Duration::from_secs(2),
+    };
+    let store = RedisPendingStore::new(RedisHandle::new(&config).unwrap(), prefix());
+    a_mark_keeps_its_largest_value_until_it_expires(Arc::new(store)).await;
+}
