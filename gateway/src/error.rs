@@ -581,6 +581,16 @@ impl From<crate::sso::SsoError> for ApiError {
                               was finishing; sign in again"
                     .to_owned(),
             },
+            S::InvalidLogoutRequest(why) => Self::bad_request("invalid_request", why),
+            S::UnknownIssuer => Self::bad_request(
+                "unknown_issuer",
+                "iss is not the issuer of a configured identity provider",
+            ),
+            S::FrontchannelDisabled => Self::Forbidden {
+                code: "frontchannel_logout_disabled",
+                description: "front-channel logout is not enabled for this identity provider"
+                    .to_owned(),
+            },
         }
     }
 }

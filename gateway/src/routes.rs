@@ -64,6 +64,7 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("POST", "/auth/logout"),
     ("POST", "/auth/local"),
     ("POST", "/auth/backchannel-logout"),
+    ("GET", "/auth/frontchannel-logout"),
 ];
 
 /// Every route of the admin router as (method, path); see [`PUBLIC_ROUTES`].
@@ -117,6 +118,12 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/backchannel-logout",
             post(sso::handlers::backchannel_logout).route_layer(state.rate.token.clone()),
+        )
+        // the same for the front channel: a provider's logout page loads it for each of
+        // its users who sign out, and anyone may request it
+        .route(
+            "/frontchannel-logout",
+            get(sso::handlers::frontchannel_logout).route_layer(state.rate.token.clone()),
         );
     let routes = Router::new()
         .route("/", get(index))

@@ -21,7 +21,7 @@ use super::session::{
     self, Established, ID_TOKEN_COOKIE, MAX_PENDING_LOGINS, NewSession, REFRESH_COOKIE, Resolved,
     SessionInfo,
 };
-use super::{Callback, SsoError};
+use super::{Callback, Ended, SsoError};
 
 /// The parameters of a query string, decoded once; a repeated parameter is refused
 /// (which of two `state`s or `redirect`s would count is exactly what an attacker wants
@@ -632,6 +632,182 @@ async fn backchannel_logout_inner(
         }
     }
     Ok(Backchannel::Ended(ended))
+}
+
+/// `GET /auth/frontchannel-logout?iss=…&sid=…` (OpenID Connect Front-Channel Logout 1.0):
+/// the provider's logout page loads this in an iframe when the user's session there ends.
+/// For every provider configured with exactly that `iss` and with `frontchannel_logout`
+/// on, the console sessions the logins of provider session `sid` made end, as for a
+/// back-channel logout naming only that `sid` (and the `sid` is remembered as ended, so a
+/// login of it still finishing ends too).
+///
+/// The request carries no proof that the provider sent it: whoever knows a provider
+/// session id can end the console sessions it made (the specification's model). Hence off
+/// by default, and nothing but those sessions ends: the browser's own cookies are cleared
+/// only when the session they carry is one that ended (or is dead already), so a made-up
+/// `sid` logs nobody out.
+///
+/// 200 with a tiny page, `Cache-Control: no-store`, frameable by the provider's origin
+/// only (`Content-Security-Policy: frame-ancestors <origin of iss>`); 400
+/// `invalid_request` without `iss` or `sid` (or with a repeated one, or a `sid` that
+/// cannot be one), 400 `unknown_issuer` for an `iss` of no configured provider, 403
+/// `frontchannel_logout_disabled` when none of its providers turned it on; 503 when a
+/// store cannot be reached. A refusal changes nothing.
+pub async fn frontchannel_logout(
+    State(state): State<AppState>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let result = frontchannel_logout_inner(&state, &headers, raw.as_deref()).await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(ApiError::BadRequest { .. } | ApiError::Forbidden { .. }) => "refused",
+        Err(_) => "error",
+    };
+    metrics::counter!("portcullis_frontchannel_logouts_total", "outcome" => outcome).increment(1);
+    match result {
+        Ok(done) => {
+            for (provider, revoked) in &done.ended {
+                tracing::info!(%provider, sessions = revoked.len(), "front-channel logout");
+                state.audit.record(AuditEvent {
+                    at: state.keys.now(),
+                    actor: format!("provider:{provider}"),
+                    action: "logout.frontchannel".to_owned(),
+                    target: format!("{provider} session {}", done.sid),
+                    source_ip: Some(ip.to_string()),
+                    detail: serde_json::json!({
+                        "provider": provider,
+                        "sid": done.sid,
+                        "families_revoked": revoked,
+                    })
+                    .into(),
+                });
+            }
+            Ok(done.response)
+        }
+        Err(e) => {
+            let (status, code, _) = e.parts();
+            tracing::debug!(status = status.as_u16(), code, client_ip = %ip, "front-channel logout refused");
+            Err(e)
+        }
+    }
+}
+
+/// What a front-channel logout did, and its answer.
+struct Frontchannel {
+    /// The provider session ended.
+    sid: String,
+    /// Per provider name: the families revoked.
+    ended: Vec<(String, Vec<String>)>,
+    /// The page.
+    response: Response,
+}
+
+/// The page a front-channel logout answers: nothing to see, nothing to run.
+const FRONTCHANNEL_PAGE: &str = "<!DOCTYPE html><html><head><meta charset=\"utf-8\">\
+    <title>Signed out</title></head><body><p>Signed out of Portcullis.</p></body></html>";
+
+/// The longest `sid` taken: provider session ids are short (a UUID, a random string).
+const MAX_SID_LEN: usize = 255;
+
+async fn frontchannel_logout_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+) -> Result<Frontchannel, ApiError> {
+    let mut query = query_params(raw)?;
+    let iss = query
+        .remove("iss")
+        .filter(|v| !v.is_empty())
+        .ok_or(SsoError::InvalidLogoutRequest("iss is required"))?;
+    let sid = query.remove("sid").filter(|v| !v.is_empty()).ok_or(
+        SsoError::InvalidLogoutRequest(
+            "sid is required (turn on \"front-channel logout session required\" at the provider)",
+        ),
+    )?;
+    if sid.len() > MAX_SID_LEN || !sid.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            SsoError::InvalidLogoutRequest("sid must be 1-255 visible ASCII characters").into(),
+        );
+    }
+    let providers = state.sso.frontchannel_providers(&iss)?;
+    let now = state.keys.now();
+    // whose session the browser's own cookies carry, before it may end
+    let browser = browser_family(state, headers, now).await;
+    let mut ended = Vec::with_capacity(providers.len());
+    for provider in &providers {
+        let name = &provider.settings.name;
+        let logout = Ended {
+            sub: None,
+            sid: Some(sid.as_str()),
+            issued_at: None,
+        };
+        // remembered first, as for a back-channel logout (see `Sso::remember_logout`)
+        state.sso.remember_logout(name, logout).await?;
+        let (_, revoked) = end_sessions(state, name, None, Some(sid.as_str()), now).await?;
+        ended.push((name.clone(), revoked));
+    }
+    let mut response = Html(FRONTCHANNEL_PAGE).into_response();
+    no_store(&mut response);
+    // Portcullis sets no framing policy of its own; this page says who may frame it: the
+    // provider (all providers of one `iss` share its origin), and no one else
+    let origin = url::Url::parse(&iss)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    let policy = HeaderValue::from_str(&format!("default-src 'none'; frame-ancestors {origin}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_SECURITY_POLICY, policy);
+    let browser_ended = match &browser {
+        // the browser's session is of that provider session: ended now, or before
+        Some(family) => {
+            let mut of_sid = ended.iter().any(|(_, r)| r.contains(family));
+            for provider in &providers {
+                if of_sid {
+                    break;
+                }
+                of_sid = state
+                    .sso
+                    .sessions_of_provider_session(&provider.settings.name, &sid)
+                    .await?
+                    .contains(family);
+            }
+            of_sid
+        }
+        // cookies that carry no live session are dead anyway
+        None => true,
+    };
+    if session::has_session_cookie(headers) && browser_ended {
+        for c in session::clear_session_cookies() {
+            response.headers_mut().append(header::SET_COOKIE, c);
+        }
+    }
+    Ok(Frontchannel {
+        sid,
+        ended,
+        response,
+    })
+}
+
+/// The refresh family of the console session the request's cookies carry, if they carry
+/// a live one: the access cookie's, else the refresh cookie's.
+async fn browser_family(
+    state: &AppState,
+    headers: &HeaderMap,
+    now: time::OffsetDateTime,
+) -> Option<String> {
+    if let Some(claims) = session::access_claims(state, headers).await {
+        return claims.base.sid;
+    }
+    let refresh = SecretString::from(session::read_cookie(headers, REFRESH_COOKIE)?);
+    match state.refresh.inspect(&refresh, now).await {
+        Ok(Some(s)) if s.client_id == state.sso.settings().console_client_id => {
+            Some(s.family.to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Ends the console sessions from `provider` that a logout naming `sub` and/or `sid`

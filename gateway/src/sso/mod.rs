@@ -100,6 +100,15 @@ pub enum SsoError {
     /// callback was running: the session it made was revoked at once.
     #[error("the identity provider ended this session while the login was finishing")]
     ProviderSessionEnded,
+    /// A front-channel logout request lacks `iss` or `sid`, or its `sid` cannot be one.
+    #[error("{0}")]
+    InvalidLogoutRequest(&'static str),
+    /// A front-channel logout names an issuer no provider is configured with.
+    #[error("the issuer is not a configured identity provider")]
+    UnknownIssuer,
+    /// Front-channel logout is not turned on for the providers of that issuer.
+    #[error("front-channel logout is not enabled for this identity provider")]
+    FrontchannelDisabled,
 }
 
 impl SsoError {
@@ -124,6 +133,9 @@ impl SsoError {
             Self::Store(_) => "store_unavailable",
             Self::LogoutToken(_) => "invalid_logout_token",
             Self::ProviderSessionEnded => "provider_session_ended",
+            Self::InvalidLogoutRequest(_) => "invalid_request",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::FrontchannelDisabled => "frontchannel_logout_disabled",
         }
     }
 }
@@ -545,7 +557,7 @@ pub struct Ended<'a> {
     /// The provider session (`sid`).
     pub sid: Option<&'a str>,
     /// When the provider issued the logout (a logout token's `iat`, by the provider's
-    /// clock); none when the logout names no time.
+    /// clock); none for a front-channel logout, which names only the `sid`.
     pub issued_at: Option<i64>,
 }
 
@@ -638,6 +650,31 @@ impl Sso {
         let s = &self.inner.settings;
         s.session_max_lifetime
             .max(s.login_timeout.saturating_add(s.leeway))
+    }
+
+    /// The providers a front-channel logout from `iss` is for: every one configured with
+    /// exactly that issuer and with `frontchannel_logout` on.
+    pub fn frontchannel_providers(&self, iss: &str) -> Result<Vec<Arc<Provider>>, SsoError> {
+        let providers = &self.inner.providers;
+        if providers.is_empty() {
+            return Err(SsoError::Disabled);
+        }
+        let of_issuer: Vec<&Arc<Provider>> = providers
+            .iter()
+            .filter(|p| p.settings.issuer == iss)
+            .collect();
+        if of_issuer.is_empty() {
+            return Err(SsoError::UnknownIssuer);
+        }
+        let on: Vec<Arc<Provider>> = of_issuer
+            .into_iter()
+            .filter(|p| p.settings.frontchannel_logout)
+            .cloned()
+            .collect();
+        if on.is_empty() {
+            return Err(SsoError::FrontchannelDisabled);
+        }
+        Ok(on)
     }
 }
 

@@ -98,6 +98,12 @@ pub struct ProviderSettings {
     pub groups_claim: String,
     /// A PEM bundle of CAs trusted for this provider, on top of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Answer the provider's front-channel logouts (`GET /auth/frontchannel-logout`,
+    /// OpenID Connect Front-Channel Logout 1.0). Off by default: the request carries no
+    /// proof that the provider sent it, so whoever knows a provider session id can end
+    /// the console sessions it made; back-channel logout (a signed token) is preferred.
+    #[serde(default)]
+    pub frontchannel_logout: bool,
 }
 
 fn default_scopes() -> Vec<String> {

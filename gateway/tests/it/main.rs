@@ -29,6 +29,7 @@ mod runtime;
 mod shutdown;
 mod spans;
 mod sso;
+mod sso_frontchannel;
 mod sso_logout;
 mod support;
 mod tls_reload;

@@ -56,6 +56,7 @@ pub fn provider_settings(idp_issuer: &str, options: &OidcOptions) -> ProviderSet
         userinfo: false,
         groups_claim: "groups".to_owned(),
         ca_file: None,
+        frontchannel_logout: false,
     }
 }
 
