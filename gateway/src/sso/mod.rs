@@ -572,12 +572,13 @@ impl<'a> From<&'a Logout> for Ended<'a> {
 }
 
 impl Sso {
-    /// Providers that announce logouts, so that a login whose callback is still running
-    /// when the logout comes (its session not yet stored, so not found by the logout) ends
-    /// as well: the logout is remembered here *before* the stored sessions are looked up
-    /// and ended, and a callback checks it *after* storing its session (and indexing it
-    /// under its `sid`), revoking the session when a logout names it. Whichever of the two
-    /// comes first, the other sees it: no order leaves a session alive.
+    /// Remembers a logout `provider` announced, so that a login whose callback is still
+    /// running when the logout comes (its session not yet stored, so not found by the
+    /// logout) ends as well: the logout is remembered here *before* the stored sessions
+    /// are looked up and ended, and a callback checks it *after* storing its session (and
+    /// indexing it under its `sid`), revoking the session when a logout names it.
+    /// Whichever of the two comes first, the other sees it: no order leaves a session
+    /// alive.
     ///
     /// What is remembered, for [`Sso::logout_memory`]:
     /// - a `sid`: that provider session ended; every login whose ID token names it ends.
