@@ -8,7 +8,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,6 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 use crate::authn::BearerAuth;
@@ -112,6 +113,18 @@ pub fn router(state: AppState) -> Router {
             get(sso::handlers::logout_page).post(sso::handlers::logout),
         )
         .route_layer(state.rate.auth.clone())
+        // the login, callback and sign-out pages are never shown inside another site's
+        // frame (a one-button sign-out page or a "Sign in again" link could otherwise be
+        // clicked through an invisible frame); the front-channel logout below sets its
+        // own policy, framed by its provider only
+        .route_layer(SetResponseHeaderLayer::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .route_layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
+        ))
         // not under the login bucket (one provider may post the logouts of many users at
         // once, from one address) but under the token endpoint's larger one: anyone may
         // post here, and a token naming an unknown key makes the provider's JWKS fetched

@@ -1058,6 +1058,13 @@ async fn logout_page_offers_a_form_and_never_ends_the_session_by_itself() {
         .await
         .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
+    // a one-button page: never shown inside another site's frame, where a click could be
+    // taken from the user
+    assert_eq!(page.headers()[header::X_FRAME_OPTIONS], "DENY");
+    assert_eq!(
+        page.headers()[header::CONTENT_SECURITY_POLICY],
+        "frame-ancestors 'none'"
+    );
     assert!(
         page.text()
             .await
