@@ -95,10 +95,14 @@ pub struct ClientConfig {
     pub algorithms: Vec<Algorithm>,
     /// Extra trusted root certificates (PEM) for the gateways' TLS.
     pub ca_pem: Option<Vec<u8>>,
-    /// First reconnect backoff (default 250 ms); doubles up to `backoff_max`. Each delay is
-    /// drawn at random between zero and the current backoff.
+    /// First reconnect backoff (default 250 ms, at least 10 ms); doubles up to
+    /// `backoff_max`. Each delay is drawn at random between zero and the current backoff.
+    /// It is also the first step of the checks of an unverified copy (see
+    /// [`Origin::Disk`]). [`Client::start`] refuses anything shorter with
+    /// [`ClientError::Config`]: it would not pace the watch.
     pub backoff_initial: Duration,
-    /// Longest reconnect delay (default 30 s).
+    /// Longest reconnect delay (default 30 s; at least `backoff_initial`, or
+    /// [`Client::start`] refuses it).
     pub backoff_max: Duration,
     /// Timeout of a plain request (default 10 s).
     pub request_timeout: Duration,
@@ -373,6 +377,7 @@ impl Client {
         if config.gateways.is_empty() {
             return Err(ClientError::Config("no gateway configured".into()));
         }
+        check_backoff(config.backoff_initial, config.backoff_max)?;
         check_node(config.instance.as_deref(), &config.labels)?;
         let tls = tls_config(config.ca_pem.as_deref()).map_err(ClientError::Config)?;
         let http = reqwest::Client::builder()
@@ -604,6 +609,29 @@ impl Client {
             Err(e) => Err(decode(without_value::<T>(&e))),
         }
     }
+}
+
+/// The shortest `backoff_initial` the client accepts.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Checks that the backoffs pace the watch: its reconnects after failures and the checks of
+/// an unverified copy ([`CopyCheck`]) wait a delay drawn from a step that starts at
+/// `backoff_initial` and doubles up to `backoff_max`, so a zero step (which doubles to zero)
+/// would ask a gateway that is away again in a tight loop, and check a copy that cannot be
+/// checked before every round. Refused at start, naming the field, rather than raised in
+/// silence to something the node was not told.
+fn check_backoff(initial: Duration, max: Duration) -> Result<(), ClientError> {
+    if initial < MIN_BACKOFF {
+        return Err(ClientError::Config(format!(
+            "backoff_initial must be at least {MIN_BACKOFF:?} (it is {initial:?})"
+        )));
+    }
+    if max < initial {
+        return Err(ClientError::Config(format!(
+            "backoff_max must be at least backoff_initial ({initial:?}; it is {max:?})"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks this node's instance id and labels against the grammar the gateways hold them

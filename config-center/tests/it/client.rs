@@ -1371,6 +1371,40 @@ async fn an_instance_or_labels_the_gateway_would_refuse_fail_the_start_naming_th
     );
 }
 
+/// Backoffs pace the watch's reconnects and the checks of an unverified copy; a zero one
+/// would not (it doubles to zero): a gateway away would be asked again in a tight loop,
+/// and a copy that cannot be checked would be checked before every round. The client
+/// refuses such backoffs at start, naming the field.
+#[tokio::test]
+async fn a_backoff_too_short_to_pace_the_watch_fails_the_start_naming_the_field() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ms = Duration::from_millis;
+    for (field, initial, max) in [
+        ("backoff_initial", Duration::ZERO, ms(400)),
+        ("backoff_initial", Duration::from_micros(100), ms(400)),
+        ("backoff_max", ms(50), Duration::ZERO),
+        ("backoff_max", ms(50), ms(20)),
+    ] {
+        let mut cfg = config(vec![url.clone()], dir.path());
+        cfg.backoff_initial = initial;
+        cfg.backoff_max = max;
+        match Client::start(cfg).await {
+            Err(ClientError::Config(m)) => assert!(m.contains(field), "{initial:?} {max:?}: {m}"),
+            Err(e) => panic!("{initial:?} {max:?}: {e}"),
+            Ok(client) => panic!(
+                "{initial:?} {max:?}: the client started (version {})",
+                client.version()
+            ),
+        }
+    }
+    assert!(
+        g.read_queries.lock().unwrap().is_empty(),
+        "refused before any gateway was asked"
+    );
+}
+
 /// Waits until `done` holds, polling; panics with `what` after [`DEADLINE`].
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     tokio::time::timeout(DEADLINE, async {
