@@ -246,12 +246,14 @@ pub enum Origin {
     Gateway,
     /// The last-known-good copy on disk (verified when it was written); no gateway
     /// answered, or none had a release at least as new as it. While it is held and its
-    /// signature has not been verified against a gateway's JWKS, the watch asks a gateway
-    /// for its current snapshot before its first round, and again before later rounds on a
-    /// backoff of its own while that check cannot conclude: the same or a newer version
-    /// makes the origin [`Origin::Gateway`] again, and an older one is taken if the copy
-    /// does not verify. The watch itself goes on from the copy meanwhile: a check that
-    /// fails is logged, not counted as a failure of the watch.
+    /// signature has not been verified against a gateway's JWKS, the watch checks it: it
+    /// asks a gateway for its current snapshot as it starts, and, while that check cannot
+    /// conclude, again on a backoff of its own (from `backoff_initial` up to
+    /// `backoff_max`), each time the next gateway, whether a stream is open or not: the
+    /// same or a newer version makes the origin [`Origin::Gateway`] again, and an older
+    /// one is taken if the copy does not verify (the watch then resumes from it). The
+    /// watch itself goes on from the copy meanwhile, beside the checks: a check that fails
+    /// is logged, not counted as a failure of the watch, and does not delay it.
     Disk,
 }
 
@@ -618,8 +620,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(10);
 /// an unverified copy ([`CopyCheck`]) wait a delay drawn from a step that starts at
 /// `backoff_initial` and doubles up to `backoff_max`, so a zero step (which doubles to zero)
 /// would ask a gateway that is away again in a tight loop, and check a copy that cannot be
-/// checked before every round. Refused at start, naming the field, rather than raised in
-/// silence to something the node was not told.
+/// checked as fast as the checks can be made. Refused at start, naming the field, rather
+/// than raised in silence to something the node was not told.
 fn check_backoff(initial: Duration, max: Duration) -> Result<(), ClientError> {
     if initial < MIN_BACKOFF {
         return Err(ClientError::Config(format!(
@@ -1045,18 +1047,27 @@ impl Shared {
                         error = %e,
                         "the last-known-good config copy does not verify: its version is no floor"
                     );
-                    return self.accept(snapshot, true);
+                    return self.accept(snapshot, Some(&held));
                 }
                 Err(e) => return Err(e),
             }
         }
-        self.accept(snapshot, false)
+        self.accept(snapshot, None)
     }
 
-    /// Makes `snapshot` the held one unless it is older (or `below_floor` says the held
-    /// one is no floor); writes the disk copy.
-    fn accept(&self, snapshot: Snapshot, below_floor: bool) -> Result<bool, ClientError> {
+    /// Makes `snapshot` the held one unless it is older; writes the disk copy.
+    ///
+    /// `no_floor` is a copy from disk found not to verify: an older `snapshot` is taken in
+    /// its place, but only while that copy is still the one held. The watch's rounds and
+    /// the check of the copy run side by side ([`Shared::watch_forever`]), so a release
+    /// taken by one while the other verified the copy is a floor like any other.
+    fn accept(
+        &self,
+        snapshot: Snapshot,
+        no_floor: Option<&Arc<Snapshot>>,
+    ) -> Result<bool, ClientError> {
         let held = self.current.borrow().clone();
+        let below_floor = no_floor.is_some_and(|copy| Arc::ptr_eq(copy, &held));
         let from_disk = *self.origin.lock().unwrap_or_else(PoisonError::into_inner) == Origin::Disk;
         if snapshot.version < held.version && !below_floor {
             return Err(ClientError::Downgrade {
@@ -1247,44 +1258,62 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The watch loop: SSE on the current gateway, long-poll when it does not stream,
+    /// The watch: its rounds ([`Shared::watch_rounds`]) and, while the node holds a copy
+    /// from disk that has not verified, the checks of that copy
+    /// ([`Shared::check_copy_until_settled`]), side by side on this task.
+    ///
+    /// The checks do not wait for a round to end: a stream lasts until the token it was
+    /// opened with expires (an hour, say), and a copy altered to a version no gateway has
+    /// must not hold the node that long because one check failed. Nor do they wait for
+    /// the round, or fail it: a check on a gateway that hangs costs the watch nothing. Both
+    /// start at the same random gateway; the checks then go to the next gateway in turn.
+    async fn watch_forever(self: Arc<Self>) {
+        let first = usize::try_from(random_below(self.config.gateways.len() as u64)).unwrap_or(0);
+        tokio::join!(
+            self.watch_rounds(first),
+            self.check_copy_until_settled(first)
+        );
+    }
+
+    /// The watch's rounds: SSE on the current gateway, long-poll when it does not stream,
     /// the next gateway and a growing delay after a failure.
     ///
     /// Nodes started or cut off together must not come back together: the watch starts at
-    /// a random gateway, every delay after a failure is drawn at random up to the current
-    /// backoff (full jitter), and a stream that ends well (its token expired, the gateway
-    /// restarted) is reopened after up to [`HEALTHY_RECONNECT_SPREAD`].
+    /// a random gateway (`first`), every delay after a failure is drawn at random up to the
+    /// current backoff (full jitter), and a stream that ends well (its token expired, the
+    /// gateway restarted) is reopened after up to [`HEALTHY_RECONNECT_SPREAD`].
     ///
-    /// While the node holds a copy from disk that has not verified, a round may be preceded
-    /// by [`Shared::check_copy`], paced by a [`CopyCheck`]. The check is not part of the
-    /// round: whatever it ends in, the round follows on the same gateway, from what is
-    /// held.
-    async fn watch_forever(self: Arc<Self>) {
-        let gateways = self.config.gateways.clone();
+    /// A round resumes from the version held when it opens. Should the held version fall
+    /// below it — a check of the copy found the copy altered and took an older release in
+    /// its place — the round is ended and another opened at once on the same gateway from
+    /// the release taken: a gateway sends a watch only releases newer than its resume
+    /// point, so the old round would bring none of those in between. That is no failure:
+    /// no delay, no stream failure counted.
+    async fn watch_rounds(&self, first: usize) {
+        let gateways = &self.config.gateways;
         let mut delay = self.config.backoff_initial;
-        let mut index = usize::try_from(random_below(gateways.len() as u64)).unwrap_or(0);
+        let mut index = first;
         let mut modes = vec![Mode::default(); gateways.len()];
-        let mut copy_check = CopyCheck::new(self.config.backoff_initial);
+        let mut held = self.current.subscribe();
         loop {
             let slot = index % gateways.len().max(1);
             let (Some(gateway), Some(mode)) = (gateways.get(slot), modes.get_mut(slot)) else {
                 return;
             };
-            if self.holds_unchecked_copy() && copy_check.is_due() {
-                let checked = self.check_copy(gateway).await;
-                if self.holds_unchecked_copy() {
-                    let retry_in = copy_check.put_off(self.config.backoff_max);
-                    if let Err(e) = checked {
-                        tracing::warn!(%gateway, error = %e, ?retry_in, "the last-known-good config copy could not be checked; the watch goes on from it");
-                    }
-                }
-            }
             let polling = mode.polls_left > 0;
-            let outcome = if polling {
-                mode.polls_left = mode.polls_left.saturating_sub(1);
-                self.poll_round(gateway).await
-            } else {
-                self.sse_round(gateway).await
+            // read here and again by the round as it opens, with no await between
+            let resumed = self.held_version();
+            let round = async {
+                if polling {
+                    mode.polls_left = mode.polls_left.saturating_sub(1);
+                    self.poll_round(gateway).await
+                } else {
+                    self.sse_round(gateway).await
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = round => outcome,
+                () = fell_below(&mut held, resumed) => Round::Reopen,
             };
             match outcome {
                 Round::Healthy => {
@@ -1297,6 +1326,10 @@ impl Shared {
                 Round::NoStream => {
                     tracing::info!(%gateway, "config watch falls back to long-poll: the gateway does not stream");
                     mode.polls_left = u32::MAX;
+                    continue;
+                }
+                Round::Reopen => {
+                    tracing::info!(%gateway, version = self.held_version(), "config watch reopened from the release that replaced the last-known-good copy");
                     continue;
                 }
                 Round::Failed(e) => {
@@ -1331,8 +1364,43 @@ impl Shared {
         }
     }
 
-    /// While the held snapshot is the copy read from disk and its signature has not been
-    /// verified, asks `gateway` for the current snapshot and offers it, since the watch
+    /// While the held snapshot is the copy read from disk and its signature has not
+    /// verified, checks it ([`Shared::check_copy`]): at once, on gateway `first`, then,
+    /// while checks do not conclude, when the [`CopyCheck`] says, each time on the next
+    /// gateway (one whose snapshot read fails, or whose JWKS does not list the copy's key,
+    /// does not decide for the others). Returns once the copy is replaced or verifies, by
+    /// a check or by a release a round brought.
+    ///
+    /// It runs beside the rounds ([`Shared::watch_forever`]): a check is made when it is
+    /// due, whether a stream is open or a long-poll held, and never delays a round. A
+    /// failed check is only logged: it is not reported in [`WatchStatus`] and does not
+    /// count against any gateway's stream (which would switch a healthy stream to
+    /// long-poll); a gateway that is away shows in the rounds when they reach it.
+    async fn check_copy_until_settled(&self, first: usize) {
+        let gateways = &self.config.gateways;
+        let mut pace = CopyCheck::new(self.config.backoff_initial);
+        let mut index = first;
+        while self.holds_unchecked_copy() {
+            pace.wait().await;
+            if !self.holds_unchecked_copy() {
+                return;
+            }
+            let Some(gateway) = gateways.get(index % gateways.len().max(1)) else {
+                return;
+            };
+            let checked = self.check_copy(gateway).await;
+            if self.holds_unchecked_copy() {
+                let retry_in = pace.put_off(self.config.backoff_max);
+                if let Err(e) = checked {
+                    tracing::warn!(%gateway, error = %e, ?retry_in, "the last-known-good config copy could not be checked; the watch goes on from it, and the next check asks the next gateway");
+                }
+                index = index.wrapping_add(1);
+            }
+        }
+    }
+
+    /// Asks `gateway` for the current snapshot and offers it, while the held snapshot is
+    /// the copy read from disk and its signature has not been verified, since the watch
     /// alone (resuming from the copy's version) would only ever bring newer ones: the
     /// same version or a newer one replaces the copy ([`Origin::Gateway`]), an older one
     /// has the copy verified first ([`Shared::offer`]), so a copy altered on disk to a
@@ -1341,18 +1409,11 @@ impl Shared {
     /// could not serve a snapshot that verifies otherwise.
     ///
     /// The check concludes when the copy is replaced or verifies; then it is not made
-    /// again in this run. Until then [`Shared::watch_forever`] repeats it on the backoff of
-    /// a [`CopyCheck`], not before every round: a check that cannot conclude — the
-    /// gateway's JWKS does not list the copy's `kid`, the gateway has no release, or it
-    /// cannot serve a snapshot that verifies — would otherwise fetch a full snapshot and
-    /// the JWKS at the pace of the watch's rounds.
-    ///
-    /// A failed check is not a failure of the watch: it is logged, and puts off the next
-    /// check, but it is not reported in [`WatchStatus`], does not delay the round or move
-    /// it to another gateway, and does not count against the gateway's event stream (which
-    /// would switch a healthy stream to long-poll). The round that follows on the same
-    /// gateway says whether that gateway answers; when it is away, the round fails too and
-    /// reports it. That the copy is still unchecked shows as [`Origin::Disk`].
+    /// again in this run. Until then [`Shared::check_copy_until_settled`] repeats it on
+    /// the backoff of a [`CopyCheck`]: a check that cannot conclude — the gateway's JWKS
+    /// does not list the copy's `kid`, the gateway has no release, or it cannot serve a
+    /// snapshot that verifies — would otherwise fetch a full snapshot and the JWKS as
+    /// fast as it could be made.
     async fn check_copy(&self, gateway: &Url) -> Result<(), ClientError> {
         if !self.holds_unchecked_copy() {
             return Ok(());
@@ -1549,7 +1610,19 @@ fn full_jitter(limit: Duration) -> Duration {
 enum Round {
     Healthy,
     NoStream,
+    /// Ended by the watch, not the gateway: the held version fell below the one the round
+    /// resumed from (see [`Shared::watch_rounds`]).
+    Reopen,
     Failed(ClientError),
+}
+
+/// Resolves once the held version is below `resumed`.
+async fn fell_below(held: &mut watch::Receiver<Arc<Snapshot>>, resumed: u64) {
+    let closed = held.wait_for(|s| s.version < resumed).await.is_err();
+    if closed {
+        // the sender lives as long as the watch; should it not, nothing falls
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Consecutive failed event streams on one gateway before it is long-polled instead.
@@ -1567,13 +1640,14 @@ struct Mode {
 }
 
 /// When the watch next checks a last-known-good copy that has not verified
-/// ([`Shared::check_copy`]): before the first round, then, while checks do not conclude,
-/// on a backoff of its own. Each wait is drawn between half and all of a step that starts
-/// at `backoff_initial` and doubles up to `backoff_max` — at least half a step, so that a
-/// check that cannot conclude costs one snapshot and one JWKS fetch per `backoff_max / 2`
-/// at most once grown, whatever the pace of the rounds; jittered, so that nodes restarted
-/// together do not check together. Checks are only made before a round, so a long
-/// stream puts them off further.
+/// ([`Shared::check_copy_until_settled`]): as the watch starts, then, while checks do not
+/// conclude, on a backoff of its own, whatever the rounds do (a stream open for an hour
+/// does not put a check off). Each wait is drawn between half and all of a step that
+/// starts at `backoff_initial` and doubles up to `backoff_max`, counted from the end of
+/// the check before — at least half a step, so that checks that cannot conclude cost one
+/// snapshot read and one JWKS fetch per `backoff_max / 2` at most once grown, however
+/// fast the rounds come; jittered, so that nodes restarted together do not check
+/// together. `Client::start` refuses a `backoff_initial` too short to pace anything.
 #[derive(Debug)]
 struct CopyCheck {
     due: tokio::time::Instant,
@@ -1589,8 +1663,9 @@ impl CopyCheck {
         }
     }
 
-    fn is_due(&self) -> bool {
-        tokio::time::Instant::now() >= self.due
+    /// Waits until the check is due.
+    async fn wait(&self) {
+        tokio::time::sleep_until(self.due).await;
     }
 
     /// The check did not conclude: the next one is due after a wait drawn from the current
@@ -1780,17 +1855,18 @@ mod tests {
     #[test]
     fn a_copy_check_that_does_not_conclude_is_put_off_on_a_growing_step() {
         let s = Duration::from_secs;
+        let is_due = |check: &CopyCheck| tokio::time::Instant::now() >= check.due;
         let mut check = CopyCheck::new(s(10));
-        assert!(check.is_due(), "the first check is made at once");
+        assert!(is_due(&check), "the first check is made at once");
         for step in [10, 20, 40, 60, 60] {
             let wait = check.put_off(s(60));
             assert!(s(step) / 2 <= wait && wait <= s(step), "{step} s: {wait:?}");
-            assert!(!check.is_due(), "{step} s");
+            assert!(!is_due(&check), "{step} s");
         }
         // no step overflows the clock
         let mut check = CopyCheck::new(Duration::MAX);
         assert!(check.put_off(Duration::MAX) >= Duration::MAX / 2);
-        assert!(!check.is_due());
+        assert!(!is_due(&check));
     }
 
     #[test]

@@ -1550,10 +1550,11 @@ async fn a_failed_copy_check_does_not_switch_a_healthy_stream_to_long_poll() {
         g.polls.load(Ordering::SeqCst),
         g.failing_reads.load(Ordering::SeqCst)
     );
-    assert!(
-        g.failing_reads.load(Ordering::SeqCst) < 3,
-        "the copy was checked (and the check failed) before the stream opened"
-    );
+    // the check runs beside the stream, not before it
+    until("the copy was checked (and the check failed)", || {
+        g.failing_reads.load(Ordering::SeqCst) < 3
+    })
+    .await;
     let mut status = client.subscribe_status();
     tokio::time::timeout(
         DEADLINE,
@@ -1641,6 +1642,73 @@ async fn a_copy_check_that_cannot_conclude_backs_off_while_the_watch_goes_on() {
         .send_replace(Some(signed(&new, 6, vec![plain("a", "6")])));
     wait_for_version(&client, 6).await;
     assert_eq!(client.origin(), Origin::Gateway);
+}
+
+/// A copy altered to a version no gateway has does not hold the node for the life of a
+/// stream. Here the copy's version was raised on disk, and both gateways fail their
+/// snapshot reads at start, so the node starts from it; gateway A then fails every read,
+/// B the next one only (whichever gateway the first check goes to, it fails), while both
+/// keep event streams open that send nothing (they only send releases newer than the
+/// copy's). The check is made again on its own backoff while the stream stays open, each
+/// time on the next gateway, so B settles it within a few steps: the node takes B's
+/// release, and its stream is reopened from that release, so a newer one arrives.
+#[tokio::test]
+async fn a_copy_altered_to_a_version_no_gateway_has_is_checked_on_another_gateway_during_a_stream()
+{
+    let key = ed25519("k1");
+    let release = || Some(signed(&key, 3, vec![plain("a", "3")]));
+    let (a, url_a, _server_a) = start_gateway(&key, release()).await;
+    let (b, url_b, _server_b) = start_gateway(&key, release()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut raised = signed(&key, 5, vec![plain("a", "forged")]);
+    raised.version = 900;
+    std::fs::write(
+        dir.path().join("prod__orders.json"),
+        serde_json::to_vec(&raised).unwrap(),
+    )
+    .unwrap();
+    for g in [&a, &b] {
+        g.only_newer.store(true, Ordering::SeqCst);
+    }
+    a.failing_reads.store(usize::MAX, Ordering::SeqCst);
+    // the start's read, and the first check's if it goes to B
+    b.failing_reads.store(2, Ordering::SeqCst);
+
+    let client = Client::start(config(vec![url_a, url_b], dir.path()))
+        .await
+        .unwrap();
+    assert_eq!((client.origin(), client.version()), (Origin::Disk, 900));
+    until("a stream is open from the copy's version", || {
+        [&a, &b]
+            .iter()
+            .any(|g| g.resume_ids.lock().unwrap().iter().any(|id| id == "900"))
+    })
+    .await;
+    until("the node takes the gateways' release", || {
+        client.origin() == Origin::Gateway
+    })
+    .await;
+    assert_eq!(client.version(), 3);
+    assert_eq!(client.get_str("a").as_deref(), Some("3"));
+    assert_eq!(copy_version(dir.path()), 3, "the altered copy was replaced");
+    assert_eq!(
+        b.failing_reads.load(Ordering::SeqCst),
+        0,
+        "B's read settled the check (A fails every read)"
+    );
+
+    // the stream resumed from the altered version is reopened from the release taken
+    for g in [&a, &b] {
+        g.current
+            .send_replace(Some(signed(&key, 4, vec![plain("a", "4")])));
+    }
+    wait_for_version_exactly(&client, 4).await;
+    assert_eq!(client.origin(), Origin::Gateway);
+    let status = client.watch_status();
+    assert!(
+        status.connected && status.last_contact > status.last_error_at,
+        "the watch is not reported failing: {status:?}"
+    );
 }
 
 /// A key withdrawn from the JWKS (an emergency rotation) stops verifying releases once
