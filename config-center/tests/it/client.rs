@@ -125,6 +125,9 @@ struct Gateway {
     /// Answer 503 to this many more plain reads (not to the watch or the long-poll), as a
     /// gateway whose database is busy for a moment while its open streams go on.
     failing_reads: AtomicUsize,
+    /// How long a plain read that is not failed above is held before it is answered, as
+    /// a gateway that hangs.
+    read_hold: Mutex<Duration>,
     /// How long a long-poll is held before it is answered 304 (the gateway's
     /// `config_center.long_poll_timeout`).
     poll_hold: Mutex<Duration>,
@@ -185,6 +188,10 @@ async fn read(
             .is_ok()
     {
         return error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
+    }
+    let hold = *g.read_hold.lock().unwrap();
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
     }
     // the gateway's own checks of who is asking
     let labels_ok = query
@@ -326,6 +333,7 @@ async fn start_gateway(
         only_newer: AtomicBool::new(false),
         down: AtomicBool::new(false),
         failing_reads: AtomicUsize::new(0),
+        read_hold: Mutex::new(Duration::ZERO),
         poll_hold: Mutex::new(Duration::from_secs(30)),
         jwks_max_age: Mutex::new(None),
     });
@@ -1709,6 +1717,42 @@ async fn a_copy_altered_to_a_version_no_gateway_has_is_checked_on_another_gatewa
         status.connected && status.last_contact > status.last_error_at,
         "the watch is not reported failing: {status:?}"
     );
+}
+
+/// A check of the copy on a gateway that hangs does not hold up the watch. Here the
+/// gateway fails its snapshot read at start, so the node starts from its copy, then holds
+/// every read longer than the test waits (and the node's request timeout is as long),
+/// while its event stream is fine: the stream opens while the check's read hangs, and a
+/// new release comes on it.
+#[tokio::test]
+async fn a_copy_check_on_a_gateway_that_hangs_does_not_hold_up_the_watch() {
+    let key = ed25519("k1");
+    let (g, url, _server) = start_gateway(&key, Some(signed(&key, 5, vec![plain("a", "5")]))).await;
+    g.only_newer.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    drop(
+        Client::start(config(vec![url.clone()], dir.path()))
+            .await
+            .unwrap(),
+    );
+
+    g.failing_reads.store(1, Ordering::SeqCst);
+    *g.read_hold.lock().unwrap() = DEADLINE * 3;
+    let mut cfg = config(vec![url], dir.path());
+    cfg.request_timeout = DEADLINE * 3;
+    let reads = g.read_queries.lock().unwrap().len();
+    let client = Client::start(cfg).await.unwrap();
+    assert_eq!((client.origin(), client.version()), (Origin::Disk, 5));
+    until("a stream is open while the check's read hangs", || {
+        !g.resume_ids.lock().unwrap().is_empty()
+            && g.read_queries.lock().unwrap().len() >= reads + 2
+    })
+    .await;
+
+    g.current
+        .send_replace(Some(signed(&key, 6, vec![plain("a", "6")])));
+    wait_for_version(&client, 6).await;
+    assert_eq!(client.origin(), Origin::Gateway);
 }
 
 /// A key withdrawn from the JWKS (an emergency rotation) stops verifying releases once
