@@ -170,7 +170,7 @@ impl Lease {
         let claims = &verified.claims;
         let leeway = state.keys.verify_params().leeway;
         let until = OffsetDateTime::from_unix_timestamp(claims.exp)
-            .map(|exp| exp + leeway)
+            .map(|exp| plus(exp, leeway))
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         Self {
             state: state.clone(),
@@ -198,7 +198,7 @@ impl Lease {
         let deadline = family.is_none().then(|| {
             let leeway = state.keys.verify_params().leeway;
             let until = OffsetDateTime::from_unix_timestamp(user.expires_at)
-                .map(|exp| exp + leeway)
+                .map(|exp| plus(exp, leeway))
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH);
             (instant_at(state, until), EndReason::Expired)
         });
@@ -332,19 +332,28 @@ impl Lease {
 
 /// Why the token in `authorization` would be refused now, if it would: the verification
 /// a request gets, through the memory of verified tokens. A token that verified once stops
-/// verifying by its expiry, a cutoff of its client, or its key leaving the ring's trust;
-/// anything else it could meet (an unknown `kid`, a signature that no longer checks) is
-/// the ring no longer holding its key.
+/// verifying by its time window (expired; or not valid yet, when the instance's clock
+/// stepped back before its `nbf`), a cutoff of its client, or its key leaving the ring's
+/// trust; anything else it could meet (an unknown `kid`, a signature that no longer
+/// checks) is the ring no longer holding its key.
 fn bearer_refusal(state: &AppState, authorization: &HeaderValue) -> Option<EndReason> {
     let Some(token) = authn::bearer_token(authorization) else {
         return Some(EndReason::KeyWithdrawn);
     };
     match state.keys.verify_access(token) {
         Ok(_) => None,
-        Err(KeyError::Expired) => Some(EndReason::Expired),
+        Err(KeyError::Expired | KeyError::NotYetValid) => Some(EndReason::Expired),
         Err(KeyError::Revoked) => Some(EndReason::CutOff),
         Err(_) => Some(EndReason::KeyWithdrawn),
     }
+}
+
+/// `at` plus `d`; `at` when that is past what a date can hold (the sooner end wins).
+fn plus(at: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    time::Duration::try_from(d)
+        .ok()
+        .and_then(|d| at.checked_add(d))
+        .unwrap_or(at)
 }
 
 /// The runtime's instant for `at` on the instance's clock (the clock tokens and sessions
@@ -409,4 +418,19 @@ pub async fn join(client: Upgraded, node: Upgraded, lease: Option<Lease>) {
         let _ = tokio::join!(client.shutdown(), node.shutdown());
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_end_past_what_a_date_holds_is_the_sooner_one() {
+        let last = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
+        assert_eq!(plus(last, Duration::from_secs(86_400)), last);
+        assert_eq!(
+            plus(OffsetDateTime::UNIX_EPOCH, Duration::from_secs(60)).unix_timestamp(),
+            60
+        );
+    }
 }
