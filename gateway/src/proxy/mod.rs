@@ -106,6 +106,8 @@ struct Inner {
     /// `X-Forwarded-Host`: the host of `server.public_url`, whatever `Host` a client sent,
     /// so a node that builds links or redirects from it cannot be pointed elsewhere.
     public_host: Option<HeaderValue>,
+    /// Paces the WARNs of WebSocket session checks the refresh store did not answer.
+    upgrade_check_failures: Arc<upgrade::CheckFailureLog>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -163,6 +165,9 @@ impl Proxy {
                 routes: RouteTable::new(&settings.routes),
                 settings: settings.clone(),
                 request_timeout,
+                upgrade_check_failures: Arc::new(upgrade::CheckFailureLog::new(
+                    settings.upgrade_session_check_interval,
+                )),
                 public_host: url::Url::parse(public_url).ok().and_then(|u| {
                     let host = u.host_str()?;
                     let authority = match u.port() {
@@ -719,6 +724,7 @@ async fn authorize(
                         route.label.clone(),
                         &user,
                         proxy.inner.settings.upgrade_session_check_interval,
+                        proxy.inner.upgrade_check_failures.clone(),
                     )
                 });
                 Ok(Authorized {

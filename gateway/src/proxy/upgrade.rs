@@ -19,8 +19,9 @@
 //!   logout, revoked by an operator, a break-glass account changed), and at the session's
 //!   maximum lifetime (`sso.session_max_lifetime` after the login), which the first check
 //!   reads. A store that cannot be reached ends nothing (console renewals go on without a
-//!   database the same way): the check is tried again the next interval, and the first
-//!   failure of each connection is logged at WARN. The console access token of the
+//!   database the same way): the check is tried again the next interval; failures are
+//!   counted each and logged at WARN at most once per interval for the whole proxy,
+//!   with how many failed since the last line. The console access token of the
 //!   handshake is not what bounds the connection: the browser renews it with the next
 //!   request, which a WebSocket never makes.
 //! - **public routes**: nothing to end.
@@ -32,7 +33,7 @@
 //! behind the proxy are not told anything: a node that authorised the connection by its
 //! own means keeps whatever state it has.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::http::HeaderValue;
@@ -113,6 +114,53 @@ pub fn register_metrics() {
     }
 }
 
+/// Paces the WARN of session checks the refresh store did not answer: in an outage every
+/// open console connection fails its check each interval, and one line per failure would
+/// be thousands of lines. At most one line per `every`, for the whole proxy, saying how
+/// many checks failed since the last one. (The failures are counted one by one in
+/// [`CHECK_FAILURES_METRIC`].)
+#[derive(Debug)]
+pub struct CheckFailureLog {
+    every: Duration,
+    pace: Mutex<Pace>,
+}
+
+/// [`CheckFailureLog`]'s record: when it last wrote, and the failures since.
+#[derive(Debug, Default)]
+struct Pace {
+    last: Option<Instant>,
+    failures: u64,
+}
+
+// === impl CheckFailureLog ===
+
+impl CheckFailureLog {
+    /// A log writing at most once per `every` (the session check interval).
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            pace: Mutex::new(Pace::default()),
+        }
+    }
+
+    /// Records one failed check at `now`; `Some(n)` when a line is due, `n` the failures
+    /// since the last line, this one included.
+    fn failed(&self, now: Instant) -> Option<u64> {
+        // a panic while holding it leaves a count, not a broken invariant: go on with it
+        let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
+        pace.failures = pace.failures.saturating_add(1);
+        if pace
+            .last
+            .and_then(|last| last.checked_add(self.every))
+            .is_some_and(|next| now < next)
+        {
+            return None;
+        }
+        pace.last = Some(now);
+        Some(std::mem::take(&mut pace.failures))
+    }
+}
+
 /// What an upgraded connection's credential was, and what to check of it.
 enum Credential {
     /// A bearer token: its `Authorization` value (never logged), its client and subject.
@@ -128,6 +176,8 @@ enum Credential {
         family: Option<FamilyId>,
         user: Box<str>,
         subject: Box<str>,
+        /// The proxy's pacing of check-failure WARNs.
+        failures: Arc<CheckFailureLog>,
     },
 }
 
@@ -143,8 +193,6 @@ pub struct Lease {
     /// When the credential ends by its own terms, and what that end is called: a token's
     /// `exp` plus leeway; a session's maximum lifetime, once a check has read its login.
     deadline: Option<(Instant, EndReason)>,
-    /// Whether a failed session check was logged already (once per connection).
-    warned: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -182,13 +230,19 @@ impl Lease {
             },
             every: Some(BEARER_CHECK_INTERVAL),
             deadline: Some((instant_at(state, until), EndReason::Expired)),
-            warned: false,
         }
     }
 
     /// The lease of a handshake on a session route, by `user`'s console session, checked
-    /// `every` (`proxy.upgrade_session_check_interval`).
-    pub fn session(state: &AppState, route: Arc<str>, user: &ConsoleUser, every: Duration) -> Self {
+    /// `every` (`proxy.upgrade_session_check_interval`), failed checks logged through
+    /// `failures`.
+    pub fn session(
+        state: &AppState,
+        route: Arc<str>,
+        user: &ConsoleUser,
+        every: Duration,
+        failures: Arc<CheckFailureLog>,
+    ) -> Self {
         let family = user
             .session
             .as_deref()
@@ -210,9 +264,9 @@ impl Lease {
                 family,
                 user: user.user.as_str().into(),
                 subject: user.subject.as_str().into(),
+                failures,
             },
             deadline,
-            warned: false,
         }
     }
 
@@ -273,31 +327,28 @@ impl Lease {
             Ok(None) => Some(EndReason::SessionEnded),
             Err(e) => {
                 metrics::counter!(CHECK_FAILURES_METRIC).increment(1);
-                if !self.warned {
-                    self.warned = true;
-                    let (user, subject) = self.who();
+                if let Credential::Session {
+                    user,
+                    subject,
+                    failures,
+                    ..
+                } = &self.credential
+                    && let Some(failed) = failures.failed(Instant::now())
+                {
                     tracing::warn!(
                         route = %self.route,
-                        user,
-                        subject,
+                        user = &**user,
+                        subject = &**subject,
                         session = %family,
+                        failed,
                         error = %crate::error::chain(&e),
-                        "the session of an open WebSocket could not be checked; it stays \
-                         open and is checked again at the next interval"
+                        "session checks of open WebSockets failed (`failed`: how many since \
+                         the last such line, this one's included); they stay open and are \
+                         checked again at the next interval"
                     );
                 }
                 None
             }
-        }
-    }
-
-    /// The user (or client) and the subject, for logs.
-    fn who(&self) -> (&str, &str) {
-        match &self.credential {
-            Credential::Bearer {
-                client_id, subject, ..
-            } => (client_id, subject),
-            Credential::Session { user, subject, .. } => (user, subject),
         }
     }
 
@@ -318,6 +369,7 @@ impl Lease {
                 family,
                 user,
                 subject,
+                ..
             } => tracing::info!(
                 route = %self.route,
                 reason = reason.as_str(),
@@ -423,6 +475,20 @@ pub async fn join(client: Upgraded, node: Upgraded, lease: Option<Lease>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_failures_are_logged_at_most_once_per_interval_with_their_count() {
+        let log = CheckFailureLog::new(Duration::from_secs(30));
+        let start = Instant::now();
+        assert_eq!(log.failed(start), Some(1));
+        // a thousand sockets failing within the interval: no line
+        for i in 0..1000 {
+            assert_eq!(log.failed(start + Duration::from_millis(i)), None);
+        }
+        // the next line, an interval on, counts them all with its own
+        assert_eq!(log.failed(start + Duration::from_secs(30)), Some(1001));
+        assert_eq!(log.failed(start + Duration::from_secs(31)), None);
+    }
 
     #[test]
     fn an_end_past_what_a_date_holds_is_the_sooner_one() {
