@@ -11,22 +11,33 @@
 //!   (`KeyService::verify_access`): its client cut off ([`crate::cutoff`]: disabled,
 //!   deleted, `revoke-tokens`), or its signing key no longer trusted by the ring held (an
 //!   emergency rotation). The check is a lookup in the memory of verified tokens, a look
-//!   at the cutoffs and at the ring, all in this process; a signature check only when the
-//!   ring changed since (the memory is dropped then).
+//!   at the cutoffs and at the ring, all in this process; a signature check when the
+//!   token is not in the memory: after the ring changed (the memory is dropped then),
+//!   after it was evicted, and every check with `tokens.verified_cache_entries = 0`, so
+//!   then each open bearer connection costs one signature check per interval.
 //! - **session routes** (console cookies): at the first check, every
-//!   `proxy.upgrade_session_check_interval`, that finds the session's refresh family gone
-//!   or expired in the refresh store (signed out, signed out everywhere, back-channel
-//!   logout, revoked by an operator, a break-glass account changed), and at the session's
-//!   maximum lifetime (`sso.session_max_lifetime` after the login), which the first check
-//!   reads. A store that cannot be reached ends nothing (console renewals go on without a
-//!   database the same way): the check is tried again the next interval; failures are
-//!   counted each and logged at WARN at most once per interval for the whole proxy,
-//!   with how many failed since the last line. The console access token of the
-//!   handshake is not what bounds the connection: the browser renews it with the next
-//!   request, which a WebSocket never makes.
+//!   `proxy.upgrade_session_check_interval` and once right after the upgrade, that finds
+//!   the session's refresh family gone or expired in the refresh store (signed out, signed
+//!   out everywhere, back-channel logout, revoked by an operator, a break-glass account
+//!   changed by a `portcullis users` command that reached Redis), and at the session's
+//!   maximum lifetime (`sso.session_max_lifetime` after the login), which a check reads
+//!   (the handshake's cookie does not carry the login time). Turning
+//!   `sso.local_accounts` off revokes no family: break-glass sessions then end at their
+//!   next renewal, which a WebSocket never makes, so their connections last until the
+//!   session is revoked, expires or reaches its maximum lifetime.
+//!   A store that cannot be reached is not an end at once, but it is not a pass either:
+//!   console requests stop once their access cookie expires, since renewing it needs the
+//!   store. So the connection is closed ([`EndReason::SessionUnverifiable`]) once
+//!   `sso.access_token_lifetime` plus `tokens.leeway` have passed since the session was
+//!   last confirmed (by the handshake or by a check) while the checks fail; a check that
+//!   the store answers in time confirms it again. Failures are counted each, and logged
+//!   at WARN at most once per check interval for the whole proxy, with how many failed.
+//!   The console access token of the handshake is not what bounds a connection whose
+//!   session can be checked: the browser renews it with the next request, which a
+//!   WebSocket never makes.
 //! - **public routes**: nothing to end.
 //!
-//! Each upgraded connection costs one timer (the sooner of its next check and its end)
+//! Each upgraded connection costs one timer (the soonest of its next check and its ends)
 //! and no work per byte. The bounds: a cutoff or a sign-out made on another instance
 //! reaches this one within [`crate::cutoff::RELOAD_INTERVAL`] (cutoffs) or at once (the
 //! store is shared), then the connection closes within its check interval. Relying parties
@@ -82,15 +93,20 @@ pub enum EndReason {
     /// The console session ended: its refresh family is gone or expired, or it reached
     /// its maximum lifetime.
     SessionEnded,
+    /// The console session could not be confirmed (the refresh store did not answer) for
+    /// longer than a console access cookie lives: `sso.access_token_lifetime` plus
+    /// `tokens.leeway` since it was last confirmed.
+    SessionUnverifiable,
 }
 
 impl EndReason {
     /// Every reason, for the metric's series.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Expired,
         Self::CutOff,
         Self::KeyWithdrawn,
         Self::SessionEnded,
+        Self::SessionUnverifiable,
     ];
 
     /// The `reason` label.
@@ -100,6 +116,7 @@ impl EndReason {
             Self::CutOff => "cut_off",
             Self::KeyWithdrawn => "key_withdrawn",
             Self::SessionEnded => "session_ended",
+            Self::SessionUnverifiable => "session_unverifiable",
         }
     }
 }
@@ -193,6 +210,12 @@ pub struct Lease {
     /// When the credential ends by its own terms, and what that end is called: a token's
     /// `exp` plus leeway; a session's maximum lifetime, once a check has read its login.
     deadline: Option<(Instant, EndReason)>,
+    /// When the session was last confirmed, on the instance's clock: the handshake, then
+    /// each check the store answered.
+    confirmed: OffsetDateTime,
+    /// While session checks fail: when the session counts as unverifiable
+    /// (`confirmed` + `sso.access_token_lifetime` + `tokens.leeway`).
+    unverifiable: Option<Instant>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -230,6 +253,8 @@ impl Lease {
             },
             every: Some(BEARER_CHECK_INTERVAL),
             deadline: Some((instant_at(state, until), EndReason::Expired)),
+            confirmed: state.keys.now(),
+            unverifiable: None,
         }
     }
 
@@ -267,19 +292,34 @@ impl Lease {
                 failures,
             },
             deadline,
+            // the handshake's cookie was accepted just now: as good as a check
+            confirmed: state.keys.now(),
+            unverifiable: None,
         }
     }
 
     /// Resolves when the credential has ended, with why; never while it stays good.
     pub async fn ended(&mut self) -> EndReason {
         let every = self.every;
-        let mut next_check = every.map(|d| Instant::now() + d);
+        // a session is checked once right away: the check reads its login time, so its
+        // maximum lifetime bounds the connection from the start, not from the first
+        // interval on (the handshake's cookie does not carry the login time)
+        let first = match self.credential {
+            Credential::Session { .. } => Duration::ZERO,
+            Credential::Bearer { .. } => every.unwrap_or(Duration::ZERO),
+        };
+        let mut next_check = every.map(|_| Instant::now() + first);
         loop {
-            let wake = match (next_check, self.deadline) {
-                (Some(check), Some((end, _))) => check.min(end),
-                (Some(check), None) => check,
-                (None, Some((end, _))) => end,
-                (None, None) => return std::future::pending().await,
+            let wake = [
+                next_check,
+                self.deadline.map(|(end, _)| end),
+                self.unverifiable,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(wake) = wake else {
+                return std::future::pending().await;
             };
             tokio::time::sleep_until(wake).await;
             if let Some((end, reason)) = self.deadline
@@ -287,11 +327,15 @@ impl Lease {
             {
                 return reason;
             }
+            // a check due now goes first: the store may answer again and confirm it
             if next_check.is_some_and(|at| Instant::now() >= at) {
                 if let Some(reason) = self.check().await {
                     return reason;
                 }
                 next_check = every.map(|d| Instant::now() + d);
+            }
+            if self.unverifiable.is_some_and(|at| Instant::now() >= at) {
+                return EndReason::SessionUnverifiable;
             }
         }
     }
@@ -311,8 +355,10 @@ impl Lease {
         }
     }
 
-    /// Reads the session's family: gone or expired ends the connection; alive sets the
-    /// deadline at its maximum lifetime; a store that cannot answer ends nothing.
+    /// Reads the session's family: gone or expired ends the connection; alive confirms it
+    /// and sets the deadline at its maximum lifetime; a store that cannot answer ends
+    /// nothing until `sso.access_token_lifetime` plus `tokens.leeway` have passed since
+    /// the last confirmation (then [`Self::ended`] ends it).
     async fn session_check(&mut self, family: &FamilyId) -> Option<EndReason> {
         let now = self.state.keys.now();
         match self.state.refresh.live_family(family, now).await {
@@ -321,12 +367,24 @@ impl Lease {
                 if now >= end {
                     return Some(EndReason::SessionEnded);
                 }
-                self.deadline = Some((instant_at(&self.state, end), EndReason::SessionEnded));
+                self.confirmed = now;
+                self.unverifiable = None;
+                // the login time never changes: the first deadline read stays unless a
+                // later one is sooner (the instance's clock stepped forward)
+                let at = instant_at(&self.state, end);
+                let at = self.deadline.map_or(at, |(set, _)| set.min(at));
+                self.deadline = Some((at, EndReason::SessionEnded));
                 None
             }
             Ok(None) => Some(EndReason::SessionEnded),
             Err(e) => {
                 metrics::counter!(CHECK_FAILURES_METRIC).increment(1);
+                let leeway = self.state.keys.verify_params().leeway;
+                let lifetime = self.state.sso.settings().access_token_lifetime;
+                let until = plus(plus(self.confirmed, lifetime), leeway);
+                if self.unverifiable.is_none() {
+                    self.unverifiable = Some(instant_at(&self.state, until));
+                }
                 if let Credential::Session {
                     user,
                     subject,
@@ -341,10 +399,12 @@ impl Lease {
                         subject = &**subject,
                         session = %family,
                         failed,
+                        unverifiable_at = %until,
                         error = %crate::error::chain(&e),
                         "session checks of open WebSockets failed (`failed`: how many since \
-                         the last such line, this one's included); they stay open and are \
-                         checked again at the next interval"
+                         the last such line, this one's included); each is closed once its \
+                         session has gone unconfirmed for sso.access_token_lifetime plus \
+                         tokens.leeway"
                     );
                 }
                 None

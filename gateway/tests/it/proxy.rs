@@ -2279,34 +2279,105 @@ async fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime() {
     assert!(ended(&app, "session_ended").await > before);
 }
 
+#[test]
+fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime_before_its_first_interval() {
+    harness::run_alone(
+        "proxy::a_console_websocket_is_closed_at_the_sessions_maximum_lifetime_before_its_first_interval_alone",
+    );
+}
+
+/// The session's maximum lifetime bounds the connection from its start, not from the
+/// first periodic check: here the checks come hourly and the session lives 4 s.
 #[tokio::test]
-async fn a_console_websocket_outlives_a_refresh_store_outage() {
+#[ignore = "run in a process of its own by a_console_websocket_is_closed_at_the_sessions_maximum_lifetime_before_its_first_interval"]
+async fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime_before_its_first_interval_alone()
+ {
     let node = AdminNode::start("a").await;
-    let redis = harness::Redis::start_persistent().unwrap();
+    let redis = harness::Redis::start().unwrap();
+    let max = Duration::from_secs(4);
     let app = websocket_app(
         &node,
         redis.url(),
         Arc::new(keyrotation::SystemClock),
-        |_| {},
+        |c| {
+            c.proxy.upgrade_session_check_interval = Duration::from_secs(3600);
+            c.sso.access_token_lifetime = Duration::from_secs(2);
+            c.sso.session_max_lifetime = max;
+        },
     )
     .await;
-    let cookie = session_cookie(&app, "grace", &["operator"]).await;
+    let login = std::time::Instant::now();
+    let cookie = session_cookie(&app, "ivan", &["operator"]).await;
     let mut ws = open_console_websocket(&app, &cookie).await;
+    echo(&mut ws, b"while the session lives").await;
+
+    closed_within(
+        &mut ws,
+        max + Duration::from_secs(3),
+        "at the maximum lifetime",
+    )
+    .await;
+    // the login is whole seconds in the family: the end may come up to a second early
+    assert!(
+        login.elapsed() + Duration::from_secs(1) >= max,
+        "closed {:?} after the login",
+        login.elapsed()
+    );
+    assert_eq!(ended(&app, "session_ended").await, 1.0);
+}
+
+#[test]
+fn a_console_websocket_outlives_a_short_refresh_store_outage_and_is_closed_by_a_long_one() {
+    harness::run_alone(
+        "proxy::a_console_websocket_outlives_a_short_refresh_store_outage_and_is_closed_by_a_long_one_alone",
+    );
+}
+
+/// While the refresh store cannot be reached a console WebSocket lasts as long as a
+/// console access cookie would (`sso.access_token_lifetime` plus `tokens.leeway`, 3 s
+/// here) from the last check that reached the store: a shorter outage leaves it open, a
+/// longer one closes it, as console requests stop when their cookie expires and cannot
+/// be renewed.
+#[tokio::test]
+#[ignore = "run in a process of its own by a_console_websocket_outlives_a_short_refresh_store_outage_and_is_closed_by_a_long_one"]
+async fn a_console_websocket_outlives_a_short_refresh_store_outage_and_is_closed_by_a_long_one_alone()
+ {
+    let node = AdminNode::start("a").await;
+    let redis = harness::Redis::start_persistent().unwrap();
+    let lifetime = Duration::from_secs(2);
+    let leeway = Duration::from_secs(1);
+    let bound = lifetime + leeway;
+    let app = websocket_app(
+        &node,
+        redis.url(),
+        Arc::new(keyrotation::SystemClock),
+        |c| {
+            c.sso.access_token_lifetime = lifetime;
+            c.tokens.leeway = leeway;
+        },
+    )
+    .await;
+    let grace = session_cookie(&app, "grace", &["operator"]).await;
+    let henry = session_cookie(&app, "henry", &["operator"]).await;
+    let mut signed_out_later = open_console_websocket(&app, &grace).await;
+    let mut ws = open_console_websocket(&app, &henry).await;
     echo(&mut ws, b"before the outage").await;
     let failures = "portcullis_proxy_upgrade_session_check_failures_total";
-    let before = app.sample(failures).await;
 
+    // a short outage: both sockets' checks fail, twice each, and the store is back before
+    // the bound
+    let stopped = std::time::Instant::now();
     redis.stop();
     eventually(
         Duration::from_secs(20),
-        "two session checks failed",
-        || async { app.sample(failures).await >= before + 2.0 },
+        "two session checks of each socket failed",
+        || async { app.sample(failures).await >= 4.0 },
     )
     .await;
     echo(&mut ws, b"during the outage").await;
-
-    // once the store answers again, a sign-out is seen as before
     redis.restart().unwrap();
+    let short = stopped.elapsed();
+    assert!(short < bound, "the short outage took {short:?}");
     eventually(
         Duration::from_secs(20),
         "the refresh store answers again",
@@ -2321,7 +2392,14 @@ async fn a_console_websocket_outlives_a_refresh_store_outage() {
         },
     )
     .await;
+    // past the bound counted from the outage's start: the checks since the store came
+    // back confirmed both sessions (nothing to wait for but time)
+    tokio::time::sleep((bound + SESSION_CHECK).saturating_sub(stopped.elapsed())).await;
     echo(&mut ws, b"after the outage").await;
+    echo(&mut signed_out_later, b"after the outage").await;
+    assert_eq!(ended(&app, "session_unverifiable").await, 0.0);
+
+    // once the store answers again, a sign-out is seen as before
     let revoked = app
         .state
         .refresh
@@ -2330,11 +2408,33 @@ async fn a_console_websocket_outlives_a_refresh_store_outage() {
         .unwrap();
     assert_eq!(revoked, 1);
     closed_within(
-        &mut ws,
+        &mut signed_out_later,
         Duration::from_secs(10),
         "after sign-out everywhere",
     )
     .await;
+    assert_eq!(ended(&app, "session_ended").await, 1.0);
+
+    // a long outage: open through failed checks up to the bound, closed after it
+    let stopped = std::time::Instant::now();
+    redis.stop();
+    tokio::time::sleep(bound / 2).await;
+    echo(&mut ws, b"half the bound into the outage").await;
+    closed_within(
+        &mut ws,
+        bound + Duration::from_secs(5),
+        "when the session stayed unconfirmed past the bound",
+    )
+    .await;
+    let closed_after = stopped.elapsed();
+    // last confirmed by the check before the stop, at most one interval earlier
+    assert!(
+        closed_after + SESSION_CHECK + Duration::from_millis(50) >= bound,
+        "closed {closed_after:?} into the outage, the bound is {bound:?}"
+    );
+    assert!(app.sample(failures).await >= 6.0);
+    assert_eq!(ended(&app, "session_unverifiable").await, 1.0);
+    assert_eq!(ended(&app, "session_ended").await, 1.0);
 }
 
 /// A node the proxy holds down stays down when the runtime settings change the list
