@@ -2036,7 +2036,7 @@ async fn closed_within(ws: &mut Socket, deadline: Duration, what: &str) {
 }
 
 /// `portcullis_proxy_upgrades_ended_total` for `reason`, as `app` exports it now (the
-/// registry is the test process's: compare before and after).
+/// registry is the test process's: read it only in a test run alone).
 async fn ended(app: &TestApp, reason: &str) -> f64 {
     app.sample(&format!(
         "portcullis_proxy_upgrades_ended_total{{reason=\"{reason}\"}}"
@@ -2098,14 +2098,26 @@ fn exp_of(token: &str) -> i64 {
     claims["exp"].as_i64().unwrap()
 }
 
+// The tests below that read `portcullis_proxy_upgrades_*` run in a process of their own
+// (`harness::run_alone`): the metrics registry is the process's, shared by every instance
+// of the tests running alongside, so there a count of `session_ended` or of open
+// connections could be another test's. Alone, each count is this test's socket's.
+
+#[test]
+fn a_bearer_websocket_is_closed_when_its_client_is_cut_off() {
+    harness::run_alone("proxy::a_bearer_websocket_is_closed_when_its_client_is_cut_off_alone");
+}
+
 #[tokio::test]
-async fn a_bearer_websocket_is_closed_when_its_client_is_cut_off() {
+#[ignore = "run in a process of its own by a_bearer_websocket_is_closed_when_its_client_is_cut_off"]
+async fn a_bearer_websocket_is_closed_when_its_client_is_cut_off_alone() {
     let node = AdminNode::start("a").await;
     let app = spawn_app(|c| proxy_to(c, &[&node])).await;
     let (client_id, token) = executor_with_token(&app, None).await;
     let mut ws = open_bearer_websocket(&app, &token).await;
     echo(&mut ws, b"registry heartbeat").await;
-    let before = ended(&app, "cut_off").await;
+    assert_eq!(app.sample("portcullis_proxy_upgrades_open").await, 1.0);
+    assert_eq!(ended(&app, "cut_off").await, 0.0);
 
     let cut = reqwest::Client::new()
         .post(format!(
@@ -2126,30 +2138,60 @@ async fn a_bearer_websocket_is_closed_when_its_client_is_cut_off() {
         || async { node.upgraded() == 0 },
     )
     .await;
-    assert!(ended(&app, "cut_off").await > before);
+    assert_eq!(ended(&app, "cut_off").await, 1.0);
+    eventually(
+        Duration::from_secs(5),
+        "the connection is no longer counted open",
+        || async { app.sample("portcullis_proxy_upgrades_open").await == 0.0 },
+    )
+    .await;
 }
 
+#[test]
+fn a_bearer_websocket_is_closed_when_its_token_expires() {
+    harness::run_alone("proxy::a_bearer_websocket_is_closed_when_its_token_expires_alone");
+}
+
+/// The instance's clock stands still here, so the periodic check, which judges the token
+/// by that clock, accepts it for ever: what closes the connection can only be its own
+/// timer, set at the handshake for `exp` plus the leeway (as far ahead in real time as
+/// that is ahead of the instance's clock then).
 #[tokio::test]
-async fn a_bearer_websocket_is_closed_when_its_token_expires() {
+#[ignore = "run in a process of its own by a_bearer_websocket_is_closed_when_its_token_expires"]
+async fn a_bearer_websocket_is_closed_when_its_token_expires_alone() {
     let node = AdminNode::start("a").await;
+    let clock = Arc::new(keyrotation::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
     let leeway = Duration::from_secs(1);
-    let app = spawn_app(|c| {
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         proxy_to(c, &[&node]);
         c.tokens.leeway = leeway;
     })
     .await;
     let (_, token) = executor_with_token(&app, Some(Duration::from_secs(3))).await;
-    let refused_from = exp_of(&token) + leeway.as_secs() as i64;
-    let before = ended(&app, "expired").await;
+    let refused_from = time::OffsetDateTime::from_unix_timestamp(exp_of(&token)).unwrap() + leeway;
+    let good_for = Duration::try_from(refused_from - app.state.keys.now()).unwrap();
+    let opening = std::time::Instant::now();
     let mut ws = open_bearer_websocket(&app, &token).await;
     echo(&mut ws, b"while the token is good").await;
 
-    closed_within(&mut ws, Duration::from_secs(15), "after the token expired").await;
-    let closed_at = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    // not before the last instant a request with the token is accepted
+    closed_within(
+        &mut ws,
+        good_for + Duration::from_secs(5),
+        "after the token expired",
+    )
+    .await;
+    let closed_after = opening.elapsed();
+    // not before the last instant a request with the token is accepted, and at it: the
+    // checks (every 2 s) cannot have closed it, whatever their alignment
     assert!(
-        closed_at >= i128::from(refused_from) * 1000 - 50,
-        "closed at {closed_at} ms, the token is good until {refused_from} s"
+        closed_after + Duration::from_millis(50) >= good_for,
+        "closed {closed_after:?} after the handshake, the token is good for {good_for:?}"
+    );
+    assert!(
+        closed_after <= good_for + Duration::from_secs(1),
+        "closed {closed_after:?} after the handshake, the token ended after {good_for:?}"
     );
     eventually(
         Duration::from_secs(5),
@@ -2157,13 +2199,19 @@ async fn a_bearer_websocket_is_closed_when_its_token_expires() {
         || async { node.upgraded() == 0 },
     )
     .await;
-    assert!(ended(&app, "expired").await > before);
+    assert_eq!(ended(&app, "expired").await, 1.0);
+}
+
+#[test]
+fn a_console_websocket_is_closed_when_its_user_signs_out() {
+    harness::run_alone("proxy::a_console_websocket_is_closed_when_its_user_signs_out_alone");
 }
 
 #[tokio::test]
-async fn a_console_websocket_is_closed_when_its_user_signs_out() {
+#[ignore = "run in a process of its own by a_console_websocket_is_closed_when_its_user_signs_out"]
+async fn a_console_websocket_is_closed_when_its_user_signs_out_alone() {
     let node = AdminNode::start("a").await;
-    let redis = harness::Redis::shared();
+    let redis = harness::Redis::start().unwrap();
     let app = websocket_app(
         &node,
         redis.url(),
@@ -2174,7 +2222,6 @@ async fn a_console_websocket_is_closed_when_its_user_signs_out() {
     let cookie = session_cookie(&app, "carol", &["operator"]).await;
     let mut ws = open_console_websocket(&app, &cookie).await;
     echo(&mut ws, b"job log tail").await;
-    let before = ended(&app, "session_ended").await;
 
     let origin = app.state.config.server.public_url.clone();
     let signed_out = client(&app)
@@ -2197,7 +2244,7 @@ async fn a_console_websocket_is_closed_when_its_user_signs_out() {
         || async { node.upgraded() == 0 },
     )
     .await;
-    assert!(ended(&app, "session_ended").await > before);
+    assert_eq!(ended(&app, "session_ended").await, 1.0);
 }
 
 #[tokio::test]
@@ -2223,16 +2270,60 @@ async fn websockets_whose_credentials_stay_good_stay_open_and_relay_both_ways() 
         echo(&mut console, format!("console {round}").as_bytes()).await;
         echo(&mut executor, format!("executor {round}").as_bytes()).await;
     }
+    // this node's two ends are still open (the registry's open count is every test's)
     assert_eq!(node.upgraded(), 2);
-    assert!(app.sample("portcullis_proxy_upgrades_open").await >= 2.0);
+}
+
+/// A scheduled rotation and a reload of the ring change the ring, which drops the memory
+/// of verified tokens; with the memory off every check verifies the signature. None of
+/// that withdraws the token's key, so none of it may close the connection.
+#[tokio::test]
+async fn a_bearer_websocket_outlives_a_scheduled_rotation_and_ring_reloads_with_the_memory_off() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.tokens.verified_cache_entries = 0;
+    })
+    .await;
+    let (_, token) = executor_with_token(&app, None).await;
+    let mut ws = open_bearer_websocket(&app, &token).await;
+    echo(&mut ws, b"before the rotation").await;
+
+    app.state.keys.rotate(None).await.unwrap();
+    app.state.keys.rotator().reload_once().await.unwrap();
+    echo(&mut ws, b"after the rotation").await;
+
+    // nothing to wait for: what is checked is that nothing happens over more than three
+    // bearer checks, each a full verification (the memory is off), one reload between
+    tokio::time::sleep(2 * portcullis::proxy::upgrade::BEARER_CHECK_INTERVAL).await;
+    app.state.keys.rotator().reload_once().await.unwrap();
+    tokio::time::sleep(
+        portcullis::proxy::upgrade::BEARER_CHECK_INTERVAL + Duration::from_millis(500),
+    )
+    .await;
+    for round in 0..3 {
+        echo(&mut ws, format!("executor {round}").as_bytes()).await;
+    }
+    assert!(app.state.keys.verified_tokens().is_empty());
+    assert_eq!(node.upgraded(), 1);
+}
+
+#[test]
+fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_console_one_is_not() {
+    harness::run_alone(
+        "proxy::a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_console_one_is_not_alone",
+    );
 }
 
 #[tokio::test]
-async fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_console_one_is_not() {
+#[ignore = "run in a process of its own by a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_console_one_is_not"]
+async fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_console_one_is_not_alone()
+ {
     let node = AdminNode::start("a").await;
+    let redis = harness::Redis::start().unwrap();
     let app = websocket_app(
         &node,
-        harness::Redis::shared().url(),
+        redis.url(),
         Arc::new(keyrotation::SystemClock),
         |_| {},
     )
@@ -2241,7 +2332,6 @@ async fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_co
     let mut console = open_console_websocket(&app, &cookie).await;
     let mut executor = open_bearer_websocket(&app, &token(&app, "scheduler:executor", &[])).await;
     echo(&mut executor, b"before").await;
-    let before = ended(&app, "key_withdrawn").await;
 
     emergency_rotation(&app.state).await;
 
@@ -2251,32 +2341,62 @@ async fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_co
         "after the key was withdrawn",
     )
     .await;
-    assert!(ended(&app, "key_withdrawn").await > before);
+    assert_eq!(ended(&app, "key_withdrawn").await, 1.0);
     // the console session lives on: its browser renews its access token from the refresh
     // cookie, whose family the rotation leaves alone
     echo(&mut console, b"still here").await;
     assert_eq!(node.upgraded(), 1);
+    assert_eq!(ended(&app, "session_ended").await, 0.0);
 }
 
+#[test]
+fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime() {
+    harness::run_alone(
+        "proxy::a_console_websocket_is_closed_at_the_sessions_maximum_lifetime_alone",
+    );
+}
+
+/// On a clock of the test's: a check a minute before the end keeps the connection, and
+/// the end closes it by the timer that check set, not by a later check: the clock stands
+/// still two seconds before the end, where every check finds the session alive.
 #[tokio::test]
-async fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime() {
+#[ignore = "run in a process of its own by a_console_websocket_is_closed_at_the_sessions_maximum_lifetime"]
+async fn a_console_websocket_is_closed_at_the_sessions_maximum_lifetime_alone() {
     let node = AdminNode::start("a").await;
+    let redis = harness::Redis::start().unwrap();
     let clock = Arc::new(keyrotation::ManualClock::new(
         time::OffsetDateTime::now_utc(),
     ));
-    let app = websocket_app(&node, harness::Redis::shared().url(), clock.clone(), |_| {}).await;
-    let max = app.state.config.sso.session_max_lifetime;
+    let app = websocket_app(&node, redis.url(), clock.clone(), |_| {}).await;
+    let max = time::Duration::try_from(app.state.config.sso.session_max_lifetime).unwrap();
     let cookie = session_cookie(&app, "frank", &["operator"]).await;
     let mut ws = open_console_websocket(&app, &cookie).await;
     echo(&mut ws, b"early").await;
-    clock.advance(time::Duration::try_from(max).unwrap() - time::Duration::minutes(1));
-    echo(&mut ws, b"a minute before the end").await;
-    let before = ended(&app, "session_ended").await;
 
-    clock.advance(time::Duration::minutes(1));
+    clock.advance(max - time::Duration::minutes(1));
+    // nothing to wait for: a check (every 300 ms) runs at a minute before the end, and
+    // nothing happens
+    tokio::time::sleep(2 * SESSION_CHECK).await;
+    echo(&mut ws, b"a minute before the end").await;
+
+    clock.advance(time::Duration::minutes(1) - time::Duration::seconds(2));
+    let two_seconds_before = std::time::Instant::now();
+    tokio::time::sleep(2 * SESSION_CHECK).await;
+    echo(&mut ws, b"two seconds before the end").await;
 
     closed_within(&mut ws, Duration::from_secs(10), "at the maximum lifetime").await;
-    assert!(ended(&app, "session_ended").await > before);
+    let closed_after = two_seconds_before.elapsed();
+    // the check that first saw the clock at two seconds before the end ran within one
+    // interval of it, and set the timer two seconds on
+    assert!(
+        closed_after >= Duration::from_millis(1950),
+        "closed {closed_after:?} after two seconds before the end"
+    );
+    assert!(
+        closed_after <= Duration::from_secs(2) + SESSION_CHECK + Duration::from_secs(1),
+        "closed {closed_after:?} after two seconds before the end"
+    );
+    assert_eq!(ended(&app, "session_ended").await, 1.0);
 }
 
 #[test]
