@@ -227,7 +227,19 @@ async fn run() {
     let connecting = Arc::new(Semaphore::new(env_or("BENCH_CONNECTING", 256) as usize));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let started = Instant::now();
+    // the first half connects, then the RSS is read again before the second half: what
+    // the second half adds is what a watcher costs, without the one-off growth (allocator
+    // pages, buffers, caches) the first connections bring, which varies from run to run
+    let half = watchers / 2;
+    let mut midway: Vec<u64> = Vec::new();
     for w in 0..watchers {
+        if w == half {
+            for _ in 0..half {
+                ready_rx.recv().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            midway = fleet.iter().map(Instance::rss_kib).collect();
+        }
         let inst = w % instances;
         let (port, token) = (fleet[inst].https, tokens[inst].clone());
         let (tls, arrivals, ready, gate) = (
@@ -283,21 +295,25 @@ async fn run() {
             }
         });
     }
-    for _ in 0..watchers {
+    for _ in half..watchers {
         ready_rx.recv().await.unwrap();
     }
     println!(
-        "{watchers} watchers connected over {instances} instance(s) in {:.1}s",
-        started.elapsed().as_secs_f64()
+        "{watchers} watchers connected over {instances} instance(s) in {:.1}s (not counting \
+         the 2 s pause at half)",
+        started.elapsed().as_secs_f64() - 2.0
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let loaded: Vec<u64> = fleet.iter().map(Instance::rss_kib).collect();
-    for (i, (b, l)) in baseline.iter().zip(&loaded).enumerate() {
+    for (i, ((b, m), l)) in baseline.iter().zip(&midway).zip(&loaded).enumerate() {
         let per = (l.saturating_sub(*b)) as f64 * 1024.0 / (watchers / instances) as f64;
+        let second_half = (watchers - half) / instances;
+        let marginal = (l.saturating_sub(*m)) as f64 * 1024.0 / second_half.max(1) as f64;
         println!(
-            "instance {i}: RSS {b} KiB idle, {l} KiB with {} watchers: {:.0} bytes per watcher",
+            "instance {i}: RSS {b} KiB idle, {m} KiB with {} watchers, {l} KiB with {}: \
+             {per:.0} bytes per watcher from idle, {marginal:.0} per watcher of the second half",
+            half / instances,
             watchers / instances,
-            per
         );
     }
 
