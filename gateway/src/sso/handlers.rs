@@ -23,6 +23,24 @@ use super::session::{
 };
 use super::{Callback, Ended, SsoError};
 
+/// The audit record of an SSO login's outcome: its user, against its provider.
+fn login_event(
+    now: time::OffsetDateTime,
+    login: &super::LoggedIn,
+    action: &str,
+    source_ip: Option<String>,
+    detail: serde_json::Value,
+) -> AuditEvent {
+    AuditEvent {
+        at: now,
+        actor: format!("user:{}", login.subject()),
+        action: action.to_owned(),
+        target: login.provider.clone(),
+        source_ip,
+        detail: detail.into(),
+    }
+}
+
 /// The parameters of a query string, decoded once; a repeated parameter is refused
 /// (which of two `state`s or `redirect`s would count is exactly what an attacker wants
 /// to choose).
@@ -130,31 +148,28 @@ pub async fn callback(
     let mut response = match result {
         Ok(login) if login.roles.is_empty() => {
             metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "refused", "reason" => "no_role").increment(1);
-            state.audit.record(AuditEvent {
-                at: now,
-                actor: format!("user:{}", login.subject()),
-                action: "login.refused".to_owned(),
-                target: login.provider.clone(),
+            state.audit.record(login_event(
+                now,
+                &login,
+                "login.refused",
                 source_ip,
-                detail: serde_json::json!({ "reason": "no_role", "groups": login.groups }).into(),
-            });
+                serde_json::json!({ "reason": "no_role", "groups": login.groups }),
+            ));
             refusal(&headers, ApiError::from(SsoError::NoRole))
         }
         Ok(login) => match session::establish_login(&state, &login, now).await {
             Ok(Established::Live(cookies)) => {
                 metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "success", "reason" => "").increment(1);
-                state.audit.record(AuditEvent {
-                    at: now,
-                    actor: format!("user:{}", login.subject()),
-                    action: "login.success".to_owned(),
-                    target: login.provider.clone(),
+                state.audit.record(login_event(
+                    now,
+                    &login,
+                    "login.success",
                     source_ip,
-                    detail: serde_json::json!({
+                    serde_json::json!({
                         "method": "sso",
                         "roles": login.roles,
-                    })
-                    .into(),
-                });
+                    }),
+                ));
                 match HeaderValue::from_str(&login.redirect) {
                     Ok(location) => {
                         let mut r = redirect_to(StatusCode::FOUND, location);
@@ -172,20 +187,18 @@ pub async fn callback(
                 let reason = SsoError::ProviderSessionEnded.reason();
                 tracing::info!(reason, provider = %login.provider, client_ip = %ip, "SSO login ended by a provider logout");
                 metrics::counter!("portcullis_login_total", "method" => "sso", "outcome" => "refused", "reason" => reason).increment(1);
-                state.audit.record(AuditEvent {
-                    at: now,
-                    actor: format!("user:{}", login.subject()),
-                    action: "login.refused".to_owned(),
-                    target: login.provider.clone(),
+                state.audit.record(login_event(
+                    now,
+                    &login,
+                    "login.refused",
                     source_ip,
-                    detail: serde_json::json!({
+                    serde_json::json!({
                         "method": "sso",
                         "reason": reason,
                         "sid": login.claims.extra.get("sid"),
                         "family_revoked": family,
-                    })
-                    .into(),
-                });
+                    }),
+                ));
                 refusal(&headers, ApiError::from(SsoError::ProviderSessionEnded))
             }
             Err(e) => refusal(&headers, e),
@@ -602,22 +615,7 @@ async fn backchannel_logout_inner(
     }
     let mut ended = Vec::with_capacity(providers.len());
     for provider in &providers {
-        // remembered first, so a login of it whose callback is still running ends too
-        // (see `Sso::remember_logout`); then the sessions already stored
-        let done = match state.sso.remember_logout(provider, (&logout).into()).await {
-            Ok(()) => {
-                end_sessions(
-                    state,
-                    provider,
-                    logout.sub.as_deref(),
-                    logout.sid.as_deref(),
-                    now,
-                )
-                .await
-            }
-            Err(e) => Err(e.into()),
-        };
-        match done {
+        match end_logout(state, provider, (&logout).into(), now).await {
             Ok((target, revoked)) => {
                 ended.push((provider.clone(), target, logout.clone(), revoked));
             }
@@ -743,14 +741,12 @@ async fn frontchannel_logout_inner(
             sid: Some(sid.as_str()),
             issued_at: None,
         };
-        // remembered first, as for a back-channel logout (see `Sso::remember_logout`)
-        state.sso.remember_logout(name, logout).await?;
-        let (_, revoked) = end_sessions(state, name, None, Some(sid.as_str()), now).await?;
+        let (_, revoked) = end_logout(state, name, logout, now).await?;
         ended.push((name.clone(), revoked));
     }
     let mut response = Html(FRONTCHANNEL_PAGE).into_response();
     no_store(&mut response);
-    // Portcullis sets no framing policy of its own; this page says who may frame it: the
+    // unlike the other `/auth/` pages (never framed), this one may be framed by the
     // provider (all providers of one `iss` share its origin), and no one else
     let origin = url::Url::parse(&iss)
         .map(|u| u.origin().ascii_serialization())
@@ -808,6 +804,19 @@ async fn browser_family(
         }
         _ => None,
     }
+}
+
+/// A provider's logout, from either channel: remembered first, so that a login of it
+/// whose callback is still running ends too ([`super::Sso::remember_logout`]), then the
+/// sessions already stored are ended ([`end_sessions`]).
+async fn end_logout(
+    state: &AppState,
+    provider: &str,
+    logout: Ended<'_>,
+    now: time::OffsetDateTime,
+) -> Result<(String, Vec<String>), ApiError> {
+    state.sso.remember_logout(provider, logout).await?;
+    end_sessions(state, provider, logout.sub, logout.sid, now).await
 }
 
 /// Ends the console sessions from `provider` that a logout naming `sub` and/or `sid`
