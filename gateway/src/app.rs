@@ -176,6 +176,7 @@ impl Application {
                 &config.proxy,
                 &config.server.public_url,
                 config.server.request_timeout,
+                shutdown.clone(),
             )
             .map_err(StartError::Config)?,
         });
@@ -325,12 +326,29 @@ impl Application {
     }
 
     /// Serves until the shutdown token is cancelled and every listener has drained, then
-    /// stores the audit events still queued. A task that panics meanwhile (a listener, a
-    /// reload loop) starts the same shutdown, and is returned as the error, so that the
-    /// process exits failed and its service manager starts it again.
+    /// stores the audit events still queued. Upgraded (WebSocket) connections do not
+    /// drain: the shutdown closes them at once, and they are waited for only while they
+    /// close. A task that panics meanwhile (a listener, a reload loop) starts the same
+    /// shutdown, and is returned as the error, so that the process exits failed and its
+    /// service manager starts it again.
     pub async fn run_until_stopped(mut self) -> Result<(), TaskFailed> {
         let failed = supervise(&mut self.tasks, &self.shutdown).await;
+        if let Some(proxy) = &self.state.proxy
+            && proxy.open_upgrades() > 0
+        {
+            tracing::info!(
+                upgraded = proxy.open_upgrades(),
+                "closing the open WebSockets now; their clients reconnect elsewhere"
+            );
+        }
         while self.tasks.join_next().await.is_some() {}
+        // the WebSockets were told to close when the shutdown began; the workers they run
+        // on are dropped with this instance, so their close must be over by then
+        if let Some(proxy) = &self.state.proxy
+            && !proxy.upgrades_closed().await
+        {
+            tracing::warn!("WebSockets still closing are dropped with the instance");
+        }
         // every request has been answered, or `shutdown_grace` is over: what they recorded
         // is queued. The writer stores it (the database is still open) and stops; an event
         // recorded after this (a connection outliving the grace) is logged instead

@@ -9,8 +9,8 @@
 //!   retried once on another node when the first could not be reached, failed before
 //!   answering, or answered 502/503; anything else is sent exactly once;
 //! - WebSocket (HTTP/1.1 `Upgrade`) handshakes are passed through and the two upgraded
-//!   connections joined, for no longer than the credential of the handshake is good
-//!   ([`upgrade`]).
+//!   connections joined, for no longer than the credential of the handshake is good and
+//!   the instance is not shutting down ([`upgrade`]).
 //!
 //! Refusals and failures become HTTP in `error.rs` like every other error.
 
@@ -36,6 +36,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::authn;
 use crate::error::ApiError;
@@ -108,6 +109,12 @@ struct Inner {
     public_host: Option<HeaderValue>,
     /// Paces the WARNs of WebSocket session checks the refresh store did not answer.
     upgrade_check_failures: Arc<upgrade::CheckFailureLog>,
+    /// The relays of upgraded connections. They outlive the connection tasks the
+    /// listener drains (hyper lets go of a connection once it is upgraded), so the
+    /// instance waits for them here before it drops the workers they run on.
+    upgrades: TaskTracker,
+    /// The instance's shutdown: closes every upgraded connection.
+    closing: CancellationToken,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -124,11 +131,13 @@ impl Proxy {
     /// The proxy for validated settings; `None` when no admin node is configured. Fails
     /// when the TLS files for `https://` nodes cannot be read.
     /// `request_timeout` is `server.request_timeout`: the time a request has for its
-    /// response head, retry included.
+    /// response head, retry included. `shutdown` is the instance's: cancelled, it closes
+    /// every upgraded connection (see [`Proxy::upgrades_closed`]).
     pub fn new(
         settings: &ProxySettings,
         public_url: &str,
         request_timeout: Duration,
+        shutdown: CancellationToken,
     ) -> Result<Option<Self>, String> {
         if !settings.enabled() {
             return Ok(None);
@@ -168,6 +177,8 @@ impl Proxy {
                 upgrade_check_failures: Arc::new(upgrade::CheckFailureLog::new(
                     settings.upgrade_session_check_interval,
                 )),
+                upgrades: TaskTracker::new(),
+                closing: shutdown,
                 public_host: url::Url::parse(public_url).ok().and_then(|u| {
                     let host = u.host_str()?;
                     let authority = match u.port() {
@@ -212,6 +223,23 @@ impl Proxy {
     pub fn install_upstreams(&self, upstreams: Upstreams) {
         let previous = self.inner.upstreams.swap(Arc::new(upstreams));
         self.inner.upstreams.load().publish_gauges(&previous);
+    }
+
+    /// Upgraded (WebSocket) connections open now.
+    pub fn open_upgrades(&self) -> usize {
+        self.inner.upgrades.len()
+    }
+
+    /// Resolves once every upgraded connection is closed, for the instance's stop: the
+    /// shutdown closes each at once, telling both sides within [`upgrade::CLOSE_GRACE`],
+    /// which bounds this wait too. `false` when some were still closing then (their
+    /// sockets are dropped with the workers they run on).
+    pub async fn upgrades_closed(&self) -> bool {
+        self.inner.upgrades.close();
+        // twice the bound: a relay started during the drain begins its close late
+        tokio::time::timeout(upgrade::CLOSE_GRACE * 2, self.inner.upgrades.wait())
+            .await
+            .is_ok()
     }
 
     /// `proxy.max_body_bytes`.
@@ -406,7 +434,7 @@ impl Proxy {
             },
             _ => answer,
         }?;
-        Ok(into_client_response(answer, client_upgrade))
+        Ok(into_client_response(&self.inner, answer, client_upgrade))
     }
 
     /// One try on node `index` with the request `parts` (whose own headers are not
@@ -575,18 +603,22 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// The node's answer as ours: headers cleaned, body streamed; a `101 Switching
-/// Protocols` joins the client's and the node's upgraded connections, until either closes
-/// or the handshake's credential (`lease`) runs out.
+/// Protocols` joins the client's and the node's upgraded connections, until either closes,
+/// the handshake's credential (`lease`) runs out or the instance shuts down.
 fn into_client_response(
+    proxy: &Inner,
     mut resp: axum::http::Response<PooledBody>,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<Lease>)>,
 ) -> Response {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some((client, lease)) = client_upgrade {
         let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
+        // a token of its own: the relay polls it at every wake-up, and the instance's
+        // would take a lock every other connection on every core takes too
+        let closing = proxy.closing.child_token();
+        proxy.upgrades.spawn(async move {
             match tokio::try_join!(client, upstream) {
-                Ok((client, upstream)) => upgrade::join(client, upstream, lease).await,
+                Ok((client, upstream)) => upgrade::join(client, upstream, lease, closing).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
             }
         });

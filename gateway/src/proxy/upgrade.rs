@@ -37,6 +37,11 @@
 //!   WebSocket never makes.
 //! - **public routes**: nothing to end.
 //!
+//! Every upgraded connection, of any route, is also closed the same way when the instance
+//! starts to shut down ([`EndReason::Shutdown`]): a WebSocket has no end of its own for
+//! the graceful drain to wait for, and its client reconnects through another instance,
+//! while the instance's ordinary requests in flight get `server.shutdown_grace`.
+//!
 //! Each upgraded connection costs one timer (the soonest of its next check and its ends)
 //! and no work per byte. The bounds: a cutoff or a sign-out made on another instance
 //! reaches this one within [`crate::cutoff::RELOAD_INTERVAL`] (cutoffs) or at once (the
@@ -54,6 +59,7 @@ use keyrotation::KeyError;
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::authn;
 use crate::refresh::FamilyId;
@@ -68,7 +74,7 @@ pub const BEARER_CHECK_INTERVAL: Duration = crate::cutoff::RELOAD_INTERVAL;
 
 /// How long closing an ended connection may wait for each side to take its end (TLS
 /// `close_notify`, TCP FIN) before it is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The longest a timer is set for, so that an instant far ahead is one the runtime can
 /// count to (tokens and sessions live far less).
@@ -76,7 +82,8 @@ const FAR_FUTURE: Duration = Duration::from_secs(365 * 86_400);
 
 /// Open upgraded connections (gauge).
 const OPEN_METRIC: &str = "portcullis_proxy_upgrades_open";
-/// Upgraded connections closed because their credential ended (counter, by `reason`).
+/// Upgraded connections closed because their credential ended or the instance is shutting
+/// down (counter, by `reason`).
 const ENDED_METRIC: &str = "portcullis_proxy_upgrades_ended_total";
 /// Session checks of upgraded connections the refresh store did not answer (counter).
 const CHECK_FAILURES_METRIC: &str = "portcullis_proxy_upgrade_session_check_failures_total";
@@ -97,16 +104,19 @@ pub enum EndReason {
     /// longer than a console access cookie lives: `sso.access_token_lifetime` plus
     /// `tokens.leeway` since it was last confirmed.
     SessionUnverifiable,
+    /// The instance is shutting down (any route, public ones too).
+    Shutdown,
 }
 
 impl EndReason {
     /// Every reason, for the metric's series.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Expired,
         Self::CutOff,
         Self::KeyWithdrawn,
         Self::SessionEnded,
         Self::SessionUnverifiable,
+        Self::Shutdown,
     ];
 
     /// The `reason` label.
@@ -117,6 +127,7 @@ impl EndReason {
             Self::KeyWithdrawn => "key_withdrawn",
             Self::SessionEnded => "session_ended",
             Self::SessionUnverifiable => "session_unverifiable",
+            Self::Shutdown => "shutdown",
         }
     }
 }
@@ -414,7 +425,15 @@ impl Lease {
 
     /// Counts and logs the end of the connection for `reason`.
     fn record_end(&self, reason: EndReason) {
-        metrics::counter!(ENDED_METRIC, "reason" => reason.as_str()).increment(1);
+        count_end(reason);
+        if reason == EndReason::Shutdown {
+            // every open connection ends at once then: a line each only when asked for
+            tracing::debug!(
+                route = %self.route,
+                "upgraded connection closed: the instance is shutting down"
+            );
+            return;
+        }
         match &self.credential {
             Credential::Bearer {
                 client_id, subject, ..
@@ -460,6 +479,11 @@ fn bearer_refusal(state: &AppState, authorization: &HeaderValue) -> Option<EndRe
     }
 }
 
+/// Counts an end of an upgraded connection for `reason`.
+fn count_end(reason: EndReason) {
+    metrics::counter!(ENDED_METRIC, "reason" => reason.as_str()).increment(1);
+}
+
 /// `at` plus `d`; `at` when that is past what a date can hold (the sooner end wins).
 fn plus(at: OffsetDateTime, d: Duration) -> OffsetDateTime {
     time::Duration::try_from(d)
@@ -495,19 +519,22 @@ impl Drop for Open {
 }
 
 /// Relays bytes between the client's and the node's upgraded connections until either
-/// side closes, or until `lease` runs out: then both are closed.
-pub async fn join(client: Upgraded, node: Upgraded, lease: Option<Lease>) {
+/// side closes, or until `lease` runs out or `closing` (the instance's shutdown, a token
+/// of this connection's own) is cancelled: then both are closed.
+pub async fn join(
+    client: Upgraded,
+    node: Upgraded,
+    mut lease: Option<Lease>,
+    closing: CancellationToken,
+) {
     let _open = Open::new();
     let mut client = TokioIo::new(client);
     let mut node = TokioIo::new(node);
-    let ended = {
+    let reason = {
         let relay = tokio::io::copy_bidirectional(&mut client, &mut node);
-        let ended = async move {
-            match lease {
-                Some(mut lease) => {
-                    let reason = lease.ended().await;
-                    (lease, reason)
-                }
+        let ended = async {
+            match lease.as_mut() {
+                Some(lease) => lease.ended().await,
                 None => std::future::pending().await,
             }
         };
@@ -516,15 +543,19 @@ pub async fn join(client: Upgraded, node: Upgraded, lease: Option<Lease>) {
                 if let Err(e) = relayed {
                     tracing::debug!(error = %e, "upgraded connection ended with an error");
                 }
-                None
+                return;
             }
-            ended = ended => Some(ended),
+            reason = ended => reason,
+            () = closing.cancelled() => EndReason::Shutdown,
         }
     };
-    let Some((lease, reason)) = ended else {
-        return;
-    };
-    lease.record_end(reason);
+    match &lease {
+        Some(lease) => lease.record_end(reason),
+        None => {
+            count_end(reason);
+            tracing::debug!(reason = reason.as_str(), "upgraded connection closed");
+        }
+    }
     // each side is told (TLS `close_notify`, FIN) if it takes it in time; dropped anyway
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         let _ = tokio::join!(client.shutdown(), node.shutdown());

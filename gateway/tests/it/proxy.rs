@@ -2557,6 +2557,104 @@ async fn a_console_websocket_outlives_a_short_refresh_store_outage_and_is_closed
     assert_eq!(ended(&app, "session_ended").await, 1.0);
 }
 
+// === upgraded connections at shutdown ===
+
+/// Waits up to `deadline` for the gateway to close `ws` properly: TLS `close_notify`, then
+/// the end of the stream. A connection dropped without them is a read error here, and
+/// fails as one that stays open does.
+async fn closed_properly_within(ws: &mut Socket, deadline: Duration, what: &str) {
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(deadline, async {
+        loop {
+            match ws.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{what}: the WebSocket was dropped, not closed: {e}"),
+        Err(_) => panic!("{what}: the WebSocket is still open after {deadline:?}"),
+    }
+}
+
+#[test]
+fn open_websockets_are_closed_when_shutdown_starts_while_requests_keep_the_grace() {
+    harness::run_alone(
+        "proxy::open_websockets_are_closed_when_shutdown_starts_while_requests_keep_the_grace_alone",
+    );
+}
+
+/// A rolling restart: once the instance is told to stop, its open WebSockets (of an
+/// authenticated route and of a public one) are closed at once, both ends told, so that
+/// their clients reconnect through another instance; an ordinary request in flight still
+/// has the grace to finish, and the instance stops when it has, not at the grace's end.
+#[tokio::test]
+#[ignore = "run in a process of its own by open_websockets_are_closed_when_shutdown_starts_while_requests_keep_the_grace"]
+async fn open_websockets_are_closed_when_shutdown_starts_while_requests_keep_the_grace_alone() {
+    let node = AdminNode::start("a").await;
+    let grace = Duration::from_secs(20);
+    let (app, running) = spawn_running_app(|c| {
+        proxy_to(c, &[&node]);
+        c.server.shutdown_grace = grace;
+    })
+    .await;
+    let (_, token) = executor_with_token(&app, None).await;
+    let mut bearer = open_bearer_websocket(&app, &token).await;
+    let mut public = open_websocket(&app, "/public/ws", &[]).await;
+    echo(&mut bearer, b"registry heartbeat").await;
+    echo(&mut public, b"public heartbeat").await;
+    assert_eq!(node.upgraded(), 2);
+    // an ordinary request in flight: an event stream whose last event comes 4 s on
+    let mut events = client(&app)
+        .get(app.url("/public/events?quiet_ms=4000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    let first = events.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: first\n\n");
+
+    let stopping = std::time::Instant::now();
+    app.stop.cancel();
+    closed_properly_within(&mut bearer, Duration::from_secs(2), "the bearer WebSocket").await;
+    closed_properly_within(&mut public, Duration::from_secs(2), "the public WebSocket").await;
+    eventually(
+        Duration::from_secs(2),
+        "the node's ends are closed",
+        || async { node.upgraded() == 0 },
+    )
+    .await;
+    // the admin listener is closed by now: the registry is read in process
+    let scrape = app.state.metrics.render();
+    assert_eq!(
+        sample(
+            &scrape,
+            "portcullis_proxy_upgrades_ended_total{reason=\"shutdown\"}"
+        ),
+        2.0
+    );
+    assert_eq!(sample(&scrape, "portcullis_proxy_upgrades_open"), 0.0);
+
+    // the request in flight is answered in full, after the WebSockets are gone
+    let last = events.chunk().await.unwrap().unwrap();
+    assert_eq!(&last[..], b"data: last\n\n");
+    assert!(events.chunk().await.unwrap().is_none());
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the instance did not stop after its last request")
+        .unwrap()
+        .expect("no task of the instance failed");
+    assert!(
+        stopping.elapsed() < grace / 2,
+        "the instance took {:?} to stop, its grace is {grace:?}",
+        stopping.elapsed()
+    );
+}
+
 /// A node the proxy holds down stays down when the runtime settings change the list
 /// around it; a node added starts healthy.
 #[tokio::test]

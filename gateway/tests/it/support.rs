@@ -132,6 +132,22 @@ pub async fn spawn_app_with_clock(
     clock: Arc<dyn keyrotation::Clock>,
     customize: impl FnOnce(&mut Config),
 ) -> TestApp {
+    spawn_running_app_with_clock(clock, customize).await.0
+}
+
+/// The run of an instance: ends once the instance has stopped.
+pub type Running = tokio::task::JoinHandle<Result<(), portcullis::app::TaskFailed>>;
+
+/// Like [`spawn_app`], with the instance's run, for a test that waits for it to stop.
+pub async fn spawn_running_app(customize: impl FnOnce(&mut Config)) -> (TestApp, Running) {
+    spawn_running_app_with_clock(Arc::new(keyrotation::SystemClock), customize).await
+}
+
+/// [`spawn_app_with_clock`], with the instance's run.
+pub async fn spawn_running_app_with_clock(
+    clock: Arc<dyn keyrotation::Clock>,
+    customize: impl FnOnce(&mut Config),
+) -> (TestApp, Running) {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), &pki.leaf());
@@ -140,16 +156,17 @@ pub async fn spawn_app_with_clock(
     let app = Application::build_with_clock(config, clock).await.unwrap();
     let (https, admin, stop) = (app.https_addr(), app.admin_addr(), app.shutdown_token());
     let state = app.state().clone();
-    tokio::spawn(app.run_until_stopped());
+    let running = tokio::spawn(app.run_until_stopped());
     wait_until_ready(&state).await;
-    TestApp {
+    let app = TestApp {
         https,
         admin,
         pki,
         dir,
         stop,
         state,
-    }
+    };
+    (app, running)
 }
 
 impl TestApp {
