@@ -9,9 +9,10 @@
 //! Every snapshot must carry a detached JWS (`header..signature`) over its
 //! [`ReleaseClaims`](crate::ReleaseClaims) made with a key from the gateway's JWKS
 //! (`GET /oauth2/jwks`; ES256, EdDSA or RS256; the JWKS is fetched again when a `kid` is
-//! unknown and once the `max-age` it was served with has passed), the entries must hash
-//! to the claimed content hash, and the version must not go backwards. Anything else is
-//! refused and the held copy is kept.
+//! unknown, at most once per gateway every [`JWKS_UNKNOWN_KID_INTERVAL`], and once the
+//! `max-age` it was served with has passed), the entries must hash to the claimed content
+//! hash, and the version must not go backwards. Anything else is refused and the held
+//! copy is kept.
 //!
 //! "Backwards" counts from the last-known-good copy too: a restarted node holds the copy
 //! before it asks any gateway, and refuses a release older than it (a stale gateway, or an
@@ -21,7 +22,7 @@
 //! rollback is no exception to make: it republishes the old content as a new, higher
 //! version (`Store::rollback`), as an aborted gray release does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -193,7 +194,8 @@ pub enum ClientError {
     #[error("snapshot signature refused: {0}")]
     Signature(String),
     /// The snapshot is signed by a key (`kid`) that the gateway's JWKS does not list, even
-    /// when fetched again.
+    /// when fetched again (or fetched again for an unknown `kid` less than
+    /// [`JWKS_UNKNOWN_KID_INTERVAL`] ago).
     #[error("snapshot signed by key `{0}`, which the gateway's JWKS does not list")]
     UnknownKey(String),
     /// The entries do not hash to the signed content hash.
@@ -286,6 +288,8 @@ struct Shared {
     http: reqwest::Client,
     token: Mutex<SecretString>,
     jwks: Mutex<Option<CachedJwks>>,
+    /// When each gateway's JWKS was last fetched for a `kid` the held set lacks.
+    kid_refetches: RefetchPace,
     current: watch::Sender<Arc<Snapshot>>,
     status: watch::Sender<WatchStatus>,
     origin: Mutex<Origin>,
@@ -313,6 +317,40 @@ const JWKS_MIN_AGE: Duration = Duration::from_secs(5);
 const JWKS_MAX_AGE: Duration = Duration::from_secs(15 * 60);
 /// How long a JWKS served without `max-age` is used.
 const JWKS_DEFAULT_AGE: Duration = Duration::from_secs(5 * 60);
+/// The shortest time between two fetches of a gateway's JWKS for a `kid` the held set,
+/// still within its `max-age`, does not list: a gateway, or whoever answers for it,
+/// offering snapshot after snapshot signed by keys it does not list costs one JWKS fetch
+/// per interval, not one per snapshot. The price: a release signed by a key just rotated
+/// in, refused while its gateway did not list the key yet, is taken at the first offer
+/// after the interval once it does. (The `max-age` refetch is not paced by this.)
+pub const JWKS_UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When each gateway's JWKS was last fetched for an unknown `kid`, to pace those fetches
+/// to one per gateway every [`JWKS_UNKNOWN_KID_INTERVAL`]. Per gateway: the held set is
+/// the last one fetched from any of them, and a gateway instance that has not loaded a
+/// new key yet must not keep the others from being asked for it.
+#[derive(Debug, Default)]
+struct RefetchPace {
+    /// One entry per configured gateway at most.
+    last: Mutex<HashMap<Url, tokio::time::Instant>>,
+}
+
+impl RefetchPace {
+    /// Whether `gateway`'s JWKS may be fetched for an unknown `kid` at `now`; if so, the
+    /// fetch is counted as made (tried, even if it then fails: a gateway whose JWKS fails
+    /// is not asked at every offer either).
+    fn allow(&self, gateway: &Url, now: tokio::time::Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last
+            .get(gateway)
+            .is_some_and(|at| now.saturating_duration_since(*at) < JWKS_UNKNOWN_KID_INTERVAL)
+        {
+            return false;
+        }
+        last.insert(gateway.clone(), now);
+        true
+    }
+}
 
 /// How long a JWKS served with this `Cache-Control` may be used.
 fn jwks_max_age(cache_control: Option<&str>) -> Duration {
@@ -408,6 +446,7 @@ impl Client {
             app,
             http,
             jwks: Mutex::new(None),
+            kid_refetches: RefetchPace::default(),
             current,
             status: watch::Sender::new(WatchStatus::default()),
             origin: Mutex::new(Origin::Gateway),
@@ -916,24 +955,33 @@ impl Shared {
         })
     }
 
-    /// The key `kid` from the cached JWKS. The JWKS is fetched again, and replaces the
-    /// cached one (keys it no longer lists are no longer trusted), when the kid is unknown
-    /// or the cached set is older than its `max-age`; when that fetch fails, nothing is
-    /// verified with the stale set.
+    /// The key `kid` from the cached JWKS. `gateway`'s JWKS is fetched again, and replaces
+    /// the cached one (keys it no longer lists are no longer trusted), when the cached set
+    /// is older than its `max-age` (when that fetch fails, nothing is verified with the
+    /// stale set), and when it does not list the kid, unless `gateway`'s JWKS was fetched
+    /// for an unknown kid less than [`JWKS_UNKNOWN_KID_INTERVAL`] ago: then the kid is
+    /// unknown without a fetch.
     async fn key_for(
         &self,
         gateway: &Url,
         kid: &str,
     ) -> Result<jsonwebtoken::jwk::Jwk, ClientError> {
-        let cached = self
-            .jwks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|c| c.fetched.elapsed() < c.max_age)
-            .and_then(|c| c.set.find(kid).cloned());
+        let (cached, fresh) = {
+            let held = self.jwks.lock().unwrap_or_else(PoisonError::into_inner);
+            match held.as_ref().filter(|c| c.fetched.elapsed() < c.max_age) {
+                Some(c) => (c.set.find(kid).cloned(), true),
+                None => (None, false),
+            }
+        };
         if let Some(jwk) = cached {
             return Ok(jwk);
+        }
+        if fresh
+            && !self
+                .kid_refetches
+                .allow(gateway, tokio::time::Instant::now())
+        {
+            return Err(ClientError::UnknownKey(kid.to_owned()));
         }
         let fetched = self.fetch_jwks(gateway).await?;
         let found = fetched.set.find(kid).cloned();
@@ -1867,6 +1915,32 @@ mod tests {
         let mut check = CopyCheck::new(Duration::MAX);
         assert!(check.put_off(Duration::MAX) >= Duration::MAX / 2);
         assert!(!is_due(&check));
+    }
+
+    #[test]
+    fn an_unknown_kid_refetches_each_gateways_jwks_at_most_once_per_interval() {
+        let pace = RefetchPace::default();
+        let (a, b) = (
+            Url::parse("https://a.example:8443").unwrap(),
+            Url::parse("https://b.example:8443").unwrap(),
+        );
+        let start = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        let interval = JWKS_UNKNOWN_KID_INTERVAL;
+        assert!(pace.allow(&a, start));
+        assert!(
+            !pace.allow(&a, start + ms(10)),
+            "a burst of offers: one fetch"
+        );
+        assert!(
+            pace.allow(&b, start + ms(20)),
+            "another gateway is asked all the same"
+        );
+        assert!(!pace.allow(&a, start + interval - ms(1)));
+        assert!(pace.allow(&a, start + interval), "an interval on");
+        assert!(!pace.allow(&a, start + interval + ms(1)));
+        // an instant before the last (a clock read out of order) is within the interval
+        assert!(!pace.allow(&b, start));
     }
 
     #[test]

@@ -18,7 +18,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use config_center::client::{Client, ClientConfig, ClientError, Origin, SseParser, WatchStatus};
+use config_center::client::{
+    Client, ClientConfig, ClientError, JWKS_UNKNOWN_KID_INTERVAL, Origin, SseParser, WatchStatus,
+};
 use config_center::{Entry, Format, Snapshot, content_hash, signing};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::SecretString;
@@ -1459,6 +1461,62 @@ async fn a_release_refused_on_the_stream_for_a_passing_reason_comes_again_after_
         ids.iter().skip(1).any(|id| id == "1"),
         "the client resumed from the version it held: {ids:?}"
     );
+}
+
+/// A gateway that keeps offering a release signed by a key its JWKS does not list (an
+/// instance that has not loaded the key yet, or whoever answers for the gateway) has its
+/// JWKS fetched for that key once per `JWKS_UNKNOWN_KID_INTERVAL`, not once per offer; the
+/// release is taken once the key is listed and the interval is over.
+#[tokio::test]
+async fn an_unknown_kid_refetches_the_jwks_at_most_once_per_interval() {
+    let k1 = ed25519("k1");
+    let (g, url, _server) = start_gateway(&k1, Some(signed(&k1, 1, vec![plain("a", "1")]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::start(config(vec![url], dir.path())).await.unwrap();
+    until("the watch is open", || {
+        !g.resume_ids.lock().unwrap().is_empty()
+    })
+    .await;
+    let (fetches, polls) = (
+        g.jwks_fetches.load(Ordering::SeqCst),
+        g.polls.load(Ordering::SeqCst),
+    );
+    // each offer of release 2: an event on a stream, or the answer to a long-poll (the
+    // watch long-polls after three streams failed); each ends the round it came on
+    let offers = || {
+        g.sent.lock().unwrap().iter().filter(|v| **v == 2).count()
+            + (g.polls.load(Ordering::SeqCst) - polls)
+    };
+    let new_fetches = || g.jwks_fetches.load(Ordering::SeqCst) - fetches;
+
+    // release 2 is signed by a key the JWKS does not list yet
+    let k2 = es256("k2");
+    let offered = tokio::time::Instant::now();
+    g.current
+        .send_replace(Some(signed(&k2, 2, vec![plain("a", "2")])));
+    until("release 2 was offered four times", || offers() >= 4).await;
+    assert!(
+        offered.elapsed() < JWKS_UNKNOWN_KID_INTERVAL,
+        "the offers took {:?}, longer than the interval: the test proves nothing",
+        offered.elapsed()
+    );
+    assert_eq!(
+        new_fetches(),
+        1,
+        "one JWKS fetch for the unknown kid, not one per offer ({} offers)",
+        offers()
+    );
+    assert_eq!(client.version(), 1, "refused while its key is unknown");
+
+    // the key is listed: the release is taken once the interval is over, with one fetch
+    g.jwks.lock().unwrap().push(k2.jwk.clone());
+    wait_for_version(&client, 2).await;
+    assert!(
+        offered.elapsed() >= JWKS_UNKNOWN_KID_INTERVAL,
+        "taken {:?} after the first offer, within the interval",
+        offered.elapsed()
+    );
+    assert_eq!(new_fetches(), 2);
 }
 
 /// A node that started from its copy while every gateway was away checks that copy once
