@@ -533,42 +533,31 @@ pub async fn logout(
 /// token used already (a provider's retry after a lost answer), which ends nothing
 /// again; 400 `invalid_request` for a token refused; 503 when a store or the provider's
 /// keys cannot be reached (the token is not marked used, so the provider may send it
-/// again).
+/// again). A logout that fails part-way is audited for the part done ([`LogoutPart`]).
 pub async fn backchannel_logout(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let result = backchannel_logout_inner(&state, &headers, &body).await;
+    let mut parts = Vec::new();
+    let result = backchannel_logout_inner(&state, &headers, &body, &mut parts).await;
     let outcome = match &result {
-        Ok(Backchannel::Ended(_)) => "success",
+        Ok(Backchannel::Ended) => "success",
         Ok(Backchannel::Replayed) => "replayed",
         Err(ApiError::OAuth { .. } | ApiError::BadRequest { .. }) => "refused",
         Err(_) => "error",
     };
     metrics::counter!("portcullis_backchannel_logouts_total", "outcome" => outcome).increment(1);
+    audit_logout(
+        &state,
+        ip,
+        "logout.backchannel",
+        parts,
+        result.as_ref().err(),
+    );
     match result {
-        Ok(done) => {
-            if let Backchannel::Ended(ended) = done {
-                for (provider, subject, logout, revoked) in ended {
-                    tracing::info!(%provider, %subject, sessions = revoked.len(), "back-channel logout");
-                    state.audit.record(AuditEvent {
-                        at: state.keys.now(),
-                        actor: format!("provider:{provider}"),
-                        action: "logout.backchannel".to_owned(),
-                        target: subject,
-                        source_ip: Some(ip.to_string()),
-                        detail: serde_json::json!({
-                            "provider": provider,
-                            "sid": logout.sid,
-                            "jti": logout.jti,
-                            "families_revoked": revoked,
-                        })
-                        .into(),
-                    });
-                }
-            }
+        Ok(_) => {
             let mut response = StatusCode::OK.into_response();
             no_store(&mut response);
             Ok(response)
@@ -585,16 +574,19 @@ pub async fn backchannel_logout(
 
 /// What a back-channel logout did.
 enum Backchannel {
-    /// Per provider name: the provider, the subject, the token and the families revoked.
-    Ended(Vec<(String, String, super::logout_token::Logout, Vec<String>)>),
+    /// Its parts are done, each provider name's (in the `parts` given).
+    Ended,
     /// The token was used already: nothing done.
     Replayed,
 }
 
+/// The back-channel logout of the request, its parts kept in `parts` as they go (see
+/// [`LogoutPart`]).
 async fn backchannel_logout_inner(
     state: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
+    parts: &mut Vec<LogoutPart>,
 ) -> Result<Backchannel, ApiError> {
     let mut form = crate::oauth::token::parse_form(headers, body, &["logout_token"])?;
     let token = form.take("logout_token").ok_or_else(|| {
@@ -613,23 +605,21 @@ async fn backchannel_logout_inner(
     if !state.sso.claim_logout(first, &logout, now).await? {
         return Ok(Backchannel::Replayed);
     }
-    let mut ended = Vec::with_capacity(providers.len());
     for provider in &providers {
-        match end_logout(state, provider, (&logout).into(), now).await {
-            Ok((target, revoked)) => {
-                ended.push((provider.clone(), target, logout.clone(), revoked));
+        let ended = Ended::from(&logout);
+        let mut part = LogoutPart::new(provider, ended, Some(&logout.jti));
+        let done = end_logout(state, &mut part, ended, now).await;
+        parts.push(part);
+        if let Err(e) = done {
+            // not done: the provider may send the token again (what was revoked stays
+            // revoked; revoking again is harmless)
+            if let Err(release) = state.sso.release_logout(first, &logout).await {
+                tracing::warn!(error = %release, "a failed back-channel logout stays marked used");
             }
-            Err(e) => {
-                // not done: the provider may send the token again (what was revoked
-                // stays revoked; revoking again is harmless)
-                if let Err(release) = state.sso.release_logout(first, &logout).await {
-                    tracing::warn!(error = %release, "a failed back-channel logout stays marked used");
-                }
-                return Err(e);
-            }
+            return Err(e);
         }
     }
-    Ok(Backchannel::Ended(ended))
+    Ok(Backchannel::Ended)
 }
 
 /// `GET /auth/frontchannel-logout?iss=…&sid=…` (OpenID Connect Front-Channel Logout 1.0):
@@ -650,56 +640,37 @@ async fn backchannel_logout_inner(
 /// `invalid_request` without `iss` or `sid` (or with a repeated one, or a `sid` that
 /// cannot be one), 400 `unknown_issuer` for an `iss` of no configured provider, 403
 /// `frontchannel_logout_disabled` when none of its providers turned it on; 503 when a
-/// store cannot be reached. A refusal changes nothing.
+/// store cannot be reached (a logout that fails part-way is audited for the part done:
+/// [`LogoutPart`]). A refusal changes nothing.
 pub async fn frontchannel_logout(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let result = frontchannel_logout_inner(&state, &headers, raw.as_deref()).await;
+    let mut parts = Vec::new();
+    let result = frontchannel_logout_inner(&state, &headers, raw.as_deref(), &mut parts).await;
     let outcome = match &result {
         Ok(_) => "success",
         Err(ApiError::BadRequest { .. } | ApiError::Forbidden { .. }) => "refused",
         Err(_) => "error",
     };
     metrics::counter!("portcullis_frontchannel_logouts_total", "outcome" => outcome).increment(1);
+    audit_logout(
+        &state,
+        ip,
+        "logout.frontchannel",
+        parts,
+        result.as_ref().err(),
+    );
     match result {
-        Ok(done) => {
-            for (provider, revoked) in &done.ended {
-                tracing::info!(%provider, sessions = revoked.len(), "front-channel logout");
-                state.audit.record(AuditEvent {
-                    at: state.keys.now(),
-                    actor: format!("provider:{provider}"),
-                    action: "logout.frontchannel".to_owned(),
-                    target: format!("{provider} session {}", done.sid),
-                    source_ip: Some(ip.to_string()),
-                    detail: serde_json::json!({
-                        "provider": provider,
-                        "sid": done.sid,
-                        "families_revoked": revoked,
-                    })
-                    .into(),
-                });
-            }
-            Ok(done.response)
-        }
+        Ok(response) => Ok(response),
         Err(e) => {
             let (status, code, _) = e.parts();
             tracing::debug!(status = status.as_u16(), code, client_ip = %ip, "front-channel logout refused");
             Err(e)
         }
     }
-}
-
-/// What a front-channel logout did, and its answer.
-struct Frontchannel {
-    /// The provider session ended.
-    sid: String,
-    /// Per provider name: the families revoked.
-    ended: Vec<(String, Vec<String>)>,
-    /// The page.
-    response: Response,
 }
 
 /// The page a front-channel logout answers: nothing to see, nothing to run.
@@ -709,11 +680,14 @@ const FRONTCHANNEL_PAGE: &str = "<!DOCTYPE html><html><head><meta charset=\"utf-
 /// The longest `sid` taken: provider session ids are short (a UUID, a random string).
 const MAX_SID_LEN: usize = 255;
 
+/// The front-channel logout of the request and its page, its parts kept in `parts` as
+/// they go (see [`LogoutPart`]).
 async fn frontchannel_logout_inner(
     state: &AppState,
     headers: &HeaderMap,
     raw: Option<&str>,
-) -> Result<Frontchannel, ApiError> {
+    parts: &mut Vec<LogoutPart>,
+) -> Result<Response, ApiError> {
     let mut query = query_params(raw)?;
     let iss = query
         .remove("iss")
@@ -733,16 +707,16 @@ async fn frontchannel_logout_inner(
     let now = state.keys.now();
     // whose session the browser's own cookies carry, before it may end
     let browser = browser_family(state, headers, now).await;
-    let mut ended = Vec::with_capacity(providers.len());
     for provider in &providers {
-        let name = &provider.settings.name;
         let logout = Ended {
             sub: None,
             sid: Some(sid.as_str()),
             issued_at: None,
         };
-        let (_, revoked) = end_logout(state, name, logout, now).await?;
-        ended.push((name.clone(), revoked));
+        let mut part = LogoutPart::new(&provider.settings.name, logout, None);
+        let done = end_logout(state, &mut part, logout, now).await;
+        parts.push(part);
+        done?;
     }
     let mut response = Html(FRONTCHANNEL_PAGE).into_response();
     no_store(&mut response);
@@ -759,7 +733,7 @@ async fn frontchannel_logout_inner(
     let browser_ended = match &browser {
         // the browser's session is of that provider session: ended now, or before
         Some(family) => {
-            let mut of_sid = ended.iter().any(|(_, r)| r.contains(family));
+            let mut of_sid = parts.iter().any(|p| p.revoked.contains(family));
             for provider in &providers {
                 if of_sid {
                     break;
@@ -780,11 +754,7 @@ async fn frontchannel_logout_inner(
             response.headers_mut().append(header::SET_COOKIE, c);
         }
     }
-    Ok(Frontchannel {
-        sid,
-        ended,
-        response,
-    })
+    Ok(response)
 }
 
 /// The refresh family of the console session the request's cookies carry, if they carry
@@ -806,33 +776,144 @@ async fn browser_family(
     }
 }
 
-/// A provider's logout, from either channel: remembered first, so that a login of it
-/// whose callback is still running ends too ([`super::Sso::remember_logout`]), then the
-/// sessions already stored are ended ([`end_sessions`]).
+/// One provider name's part of a provider logout, from either channel, as its audit
+/// record tells it. Kept as the part goes, so that a logout failing part-way (a store
+/// answering an error for the second of two provider names, or half-way through one) is
+/// audited for what it did, not only answered 503.
+#[derive(Debug)]
+struct LogoutPart {
+    /// The provider name.
+    provider: String,
+    /// The record's target: the subject, or the provider session.
+    target: String,
+    /// The provider session the logout named.
+    sid: Option<String>,
+    /// A back-channel logout's token id (`None` for a front-channel logout).
+    jti: Option<String>,
+    /// The families revoked so far.
+    revoked: Vec<String>,
+    /// Done: the logout remembered and every session it names ended.
+    done: bool,
+}
+
+// === impl LogoutPart ===
+
+impl LogoutPart {
+    /// `provider`'s part of `logout` (a back-channel one's token `jti`), not begun.
+    fn new(provider: &str, logout: Ended<'_>, jti: Option<&str>) -> Self {
+        let target = match (logout.sub, logout.sid) {
+            (Some(sub), _) => format!("{provider}:{sub}"),
+            (None, Some(sid)) => format!("{provider} session {sid}"),
+            (None, None) => provider.to_owned(),
+        };
+        Self {
+            provider: provider.to_owned(),
+            target,
+            sid: logout.sid.map(str::to_owned),
+            jti: jti.map(str::to_owned),
+            revoked: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The record's detail: the provider, what the logout named, the families revoked,
+    /// and `partial` when given.
+    fn detail(&self, partial: Option<&serde_json::Value>) -> serde_json::Value {
+        let mut detail = serde_json::json!({
+            "provider": self.provider,
+            "sid": self.sid,
+            "families_revoked": self.revoked,
+        });
+        if let Some(jti) = &self.jti {
+            detail["jti"] = jti.as_str().into();
+        }
+        if let Some(partial) = partial {
+            detail["partial"] = partial.clone();
+        }
+        detail
+    }
+}
+
+/// Records the audit `action` of each part of a provider logout from `ip` that did
+/// something: every part done, and one that failed after revoking some families (one
+/// that failed before is not: the marks it may have left are audited by the login they
+/// end). When the logout failed (`failed`) before every part was done, each record says
+/// so: `partial`, with the provider name whose part failed and the reason the answer
+/// gave (never a store's own error text, which goes to the log).
+fn audit_logout(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    action: &str,
+    parts: Vec<LogoutPart>,
+    failed: Option<&ApiError>,
+) {
+    let partial = failed.and_then(|e| {
+        let failed_at = parts.iter().find(|p| !p.done)?;
+        Some(serde_json::json!({
+            "failed_at": failed_at.provider,
+            "reason": e.parts().2,
+        }))
+    });
+    for part in parts {
+        if !part.done && part.revoked.is_empty() {
+            continue;
+        }
+        tracing::info!(
+            action,
+            provider = %part.provider,
+            logout = %part.target,
+            sessions = part.revoked.len(),
+            partial = partial.is_some(),
+            "provider logout"
+        );
+        state.audit.record(AuditEvent {
+            at: state.keys.now(),
+            actor: format!("provider:{}", part.provider),
+            action: action.to_owned(),
+            source_ip: Some(ip.to_string()),
+            detail: part.detail(partial.as_ref()).into(),
+            target: part.target,
+        });
+    }
+}
+
+/// `part`'s provider's logout, from either channel: remembered first, so that a login of
+/// it whose callback is still running ends too ([`super::Sso::remember_logout`]), then
+/// the sessions already stored are ended ([`end_sessions`]), into `part`.
 async fn end_logout(
     state: &AppState,
-    provider: &str,
+    part: &mut LogoutPart,
     logout: Ended<'_>,
     now: time::OffsetDateTime,
-) -> Result<(String, Vec<String>), ApiError> {
-    state.sso.remember_logout(provider, logout).await?;
-    end_sessions(state, provider, logout.sub, logout.sid, now).await
+) -> Result<(), ApiError> {
+    state.sso.remember_logout(&part.provider, logout).await?;
+    end_sessions(
+        state,
+        &part.provider,
+        logout.sub,
+        logout.sid,
+        now,
+        &mut part.revoked,
+    )
+    .await?;
+    part.done = true;
+    Ok(())
 }
 
 /// Ends the console sessions from `provider` that a logout naming `sub` and/or `sid`
 /// names: of the subject, those whose login recorded that `sid` or none (all of them
 /// without a `sid`); and every one the logins of the `sid` made (how a logout naming only
-/// the `sid` finds them). Returns the audit target (the subject, or the provider session)
-/// and the families revoked.
+/// the `sid` finds them). Adds the families revoked to `revoked` as it goes, so that they
+/// are there when a later one fails.
 async fn end_sessions(
     state: &AppState,
     provider: &str,
     sub: Option<&str>,
     sid: Option<&str>,
     now: time::OffsetDateTime,
-) -> Result<(String, Vec<String>), ApiError> {
+    revoked: &mut Vec<String>,
+) -> Result<(), ApiError> {
     let console = &state.sso.settings().console_client_id;
-    let mut revoked = Vec::new();
     if let Some(sub) = sub {
         for session in state
             .refresh
@@ -866,12 +947,7 @@ async fn end_sessions(
             }
         }
     }
-    let target = match (sub, sid) {
-        (Some(sub), _) => format!("{provider}:{sub}"),
-        (None, Some(sid)) => format!("{provider} session {sid}"),
-        (None, None) => provider.to_owned(),
-    };
-    Ok((target, revoked))
+    Ok(())
 }
 
 /// The provider's `end_session_endpoint` with `id_token_hint` (when we have the ID token),

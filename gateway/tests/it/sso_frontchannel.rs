@@ -8,7 +8,10 @@ use reqwest::{StatusCode, Url, header};
 use secrecy::SecretString;
 
 use super::sso::{ACCESS_COOKIE, ID_TOKEN_COOKIE, REFRESH_COOKIE, SsoFixture, error_code, live};
-use super::sso_logout::{Store, assert_ended_by_the_provider, on, sid_of};
+use super::sso_logout::{
+    Store, assert_ended_by_the_provider, audited, break_the_logout_mark, log_in_as_test, on,
+    sid_of, twin_fixture,
+};
 use super::support::*;
 
 const ALICE: &str = "alice-correct-horse";
@@ -223,4 +226,46 @@ async fn a_login_finishing_after_a_front_channel_logout_of_its_session_makes_no_
     assert_eq!(done.status(), StatusCode::OK);
     let finished = f.browser.get(callback).send().await.unwrap();
     assert_ended_by_the_provider(&f, finished, "test:alice").await;
+}
+
+/// One provider configured under two names, both with front-channel logout on: a logout
+/// whose second name's part fails (the store answers an error for it) answers 503 and
+/// clears no cookie; the first name's part, done, ended its session and is audited, its
+/// record saying the logout was partial and why.
+#[tokio::test]
+async fn a_front_channel_logout_failing_part_way_is_audited_for_the_part_done() {
+    let f = twin_fixture(|c| {
+        for provider in &mut c.sso.providers {
+            provider.frontchannel_logout = true;
+        }
+    })
+    .await;
+    let (refresh, family, sid) = log_in_as_test(&f, "alice", ALICE).await;
+    break_the_logout_mark(&f, "twin", &sid).await;
+
+    let issuer = f.idp.issuer();
+    let query = [("iss", issuer.as_str()), ("sid", sid.as_str())];
+    let failed = frontchannel(&f, &f.browser, &query).await;
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(cleared_cookies(&failed).is_empty());
+    assert!(!live(&f, &refresh).await, "the part done ended the session");
+    wait_for_audit_actor(
+        &f.app.state,
+        std::time::Duration::from_secs(10),
+        "logout.frontchannel",
+        "provider:test",
+    )
+    .await;
+    let records = audited(&f, "logout.frontchannel").await;
+    assert_eq!(records.len(), 1, "only the part done: {records:?}");
+    let (actor, target, detail) = &records[0];
+    assert_eq!(actor, "provider:test");
+    assert_eq!(target, &format!("test session {sid}"));
+    assert_eq!(detail["sid"], sid.as_str());
+    assert_eq!(detail["families_revoked"], serde_json::json!([family]));
+    assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
+    assert_eq!(
+        detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
+        "{detail}"
+    );
 }

@@ -171,6 +171,159 @@ async fn a_logout_by_subject_ends_the_logins_it_postdates_in_memory() {
     a_logout_by_subject_ends_the_logins_it_postdates(Store::Memory).await;
 }
 
+// === a logout that fails part-way ===
+
+/// Makes the Redis store fail the logouts of `provider` naming provider session `sid`
+/// where they begin, by remembering that the session ended: the key of that mark (as
+/// `RedisPendingStore` names it) is made a set, so the script that sets the mark answers
+/// WRONGTYPE, as a store that fails mid-way answers an error. The other provider names'
+/// keys, and everything else, are untouched. Undone by [`mend_the_logout_mark`].
+pub async fn break_the_logout_mark(f: &SsoFixture, provider: &str, sid: &str) {
+    let _: i64 = ::redis::cmd("SADD")
+        .arg(logout_mark_key(f, provider, sid))
+        .arg("not a mark")
+        .query_async(&mut redis_connection().await)
+        .await
+        .unwrap();
+}
+
+/// Undoes [`break_the_logout_mark`].
+pub async fn mend_the_logout_mark(f: &SsoFixture, provider: &str, sid: &str) {
+    let _: i64 = ::redis::cmd("DEL")
+        .arg(logout_mark_key(f, provider, sid))
+        .query_async(&mut redis_connection().await)
+        .await
+        .unwrap();
+}
+
+fn logout_mark_key(f: &SsoFixture, provider: &str, sid: &str) -> String {
+    use sha2::Digest as _;
+    let name = format!("ended-session\n{provider}\n{sid}");
+    format!(
+        "{}ended:{}",
+        f.app.state.config.sso.key_prefix,
+        hex::encode(sha2::Sha256::digest(name.as_bytes()))
+    )
+}
+
+async fn redis_connection() -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(harness::Redis::shared().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// One provider configured under two names (`test`, then `twin`), on Redis.
+pub async fn twin_fixture(customize: impl FnOnce(&mut Config)) -> SsoFixture {
+    SsoFixture::start(move |c| {
+        on(Store::Redis)(c);
+        let mut twin = c.sso.providers[0].clone();
+        twin.name = "twin".to_owned();
+        c.sso.providers.push(twin);
+        customize(c);
+    })
+    .await
+}
+
+/// Logs `user` in through provider name `test` of a [`twin_fixture`] with its browser;
+/// returns the session's refresh token, family and provider session.
+pub async fn log_in_as_test(
+    f: &SsoFixture,
+    user: &str,
+    password: &str,
+) -> (SecretString, String, String) {
+    let callback = f
+        .login_at_idp("?provider=test&redirect=/jobs", user, password)
+        .await;
+    assert_eq!(
+        f.browser.get(callback).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    let refresh = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
+    let family = f
+        .app
+        .state
+        .refresh
+        .inspect(&refresh, f.clock.now())
+        .await
+        .unwrap()
+        .unwrap()
+        .family
+        .to_string();
+    let sid = sid_of(f, &refresh).await;
+    (refresh, family, sid)
+}
+
+/// The stored records of `action`, newest first: actor, target and detail.
+pub async fn audited(f: &SsoFixture, action: &str) -> Vec<(String, String, serde_json::Value)> {
+    portcullis::audit::recent(&f.app.state.db, action, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(actor, target, detail)| (actor, target, serde_json::from_str(&detail).unwrap()))
+        .collect()
+}
+
+/// A back-channel logout whose token names a provider configured under two names, and
+/// whose second name's part fails (the store answers an error for it): 503, the token
+/// not marked used; the first name's part, done, ended its session and is audited, its
+/// record saying the logout was partial and why. Sent again once the store answers, the
+/// logout ends the rest and is audited in full.
+#[tokio::test]
+async fn a_back_channel_logout_failing_part_way_is_audited_for_the_part_done() {
+    let f = twin_fixture(|_| {}).await;
+    let (refresh, family, sid) = log_in_as_test(&f, "bob", BOB).await;
+    break_the_logout_mark(&f, "twin", &sid).await;
+
+    let token = f.logout_token(json!({ "sid": sid })).await;
+    let failed = f.post_logout_token(&token).await;
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(failed).await, "temporarily_unavailable");
+    assert!(!live(&f, &refresh).await, "the part done ended the session");
+    wait_for_audit_actor(
+        &f.app.state,
+        Duration::from_secs(10),
+        "logout.backchannel",
+        "provider:test",
+    )
+    .await;
+    let records = audited(&f, "logout.backchannel").await;
+    assert_eq!(records.len(), 1, "only the part done: {records:?}");
+    let (actor, target, detail) = &records[0];
+    assert_eq!(actor, "provider:test");
+    assert_eq!(target, &format!("test session {sid}"));
+    assert_eq!(detail["sid"], sid.as_str());
+    assert!(detail["jti"].is_string(), "{detail}");
+    assert_eq!(detail["families_revoked"], json!([family]));
+    assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
+    assert_eq!(
+        detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
+        "the answer's reason, not the store's error: {detail}"
+    );
+
+    // the provider sends it again once the store answers: the rest is done
+    mend_the_logout_mark(&f, "twin", &sid).await;
+    assert_eq!(f.post_logout_token(&token).await.status(), StatusCode::OK);
+    wait_for_audit_actor(
+        &f.app.state,
+        Duration::from_secs(10),
+        "logout.backchannel",
+        "provider:twin",
+    )
+    .await;
+    let records = audited(&f, "logout.backchannel").await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    for (actor, _, detail) in &records[..2] {
+        assert!(detail.get("partial").is_none(), "{actor}: {detail}");
+        assert_eq!(
+            detail["families_revoked"],
+            json!([]),
+            "{actor}: ended before"
+        );
+    }
+}
+
 // === the store's marks: in process as in Redis, standalone and Cluster ===
 
 /// A mark (a remembered logout) keeps the largest value it was given, apart from other
