@@ -76,6 +76,7 @@ fn main() {
     if support::skipped() {
         return;
     }
+    let _autogroup = support::Autogroup::apply();
     // the orchestration (writes, counting arrivals) on this thread; the watchers on their
     // own loops (`Loops`)
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo bench -p portcullis --bench proxy_http     # needs wrk, nginx, haproxy (2.6+)
 //! BENCH_SECONDS=20 BENCH_CONNECTIONS=64 BENCH_WORKERS=2 cargo bench -p portcullis --bench proxy_http
+//! BENCH_AUTOGROUP=off cargo bench -p portcullis --bench proxy_http   # session task groups off for the run (root)
 //! ```
 //!
 //! All three terminate TLS (the same certificate) with keep-alive and proxy over pooled
@@ -42,6 +43,7 @@ fn main() {
     if support::skipped() {
         return;
     }
+    let _autogroup = support::Autogroup::apply();
     let workers = env_or("BENCH_WORKERS", 2) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

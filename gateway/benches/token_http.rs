@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo bench -p portcullis --bench token_http            # needs wrk, Postgres, Redis
 //! BENCH_SECONDS=20 BENCH_CONNECTIONS=64 cargo bench -p portcullis --bench token_http
+//! BENCH_AUTOGROUP=off cargo bench -p portcullis --bench token_http   # session task groups off for the run (root)
 //! ```
 //!
 //! The server runs in this process on a multi-threaded runtime; the load comes from `wrk`
@@ -35,6 +36,7 @@ fn main() {
     if support::skipped() {
         return;
     }
+    let _autogroup = support::Autogroup::apply();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

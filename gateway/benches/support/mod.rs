@@ -34,6 +34,78 @@ pub fn wrk_command() -> std::process::Command {
     }
 }
 
+/// Where the kernel keeps its task-group switch for sessions.
+const AUTOGROUP: &str = "/proc/sys/kernel/sched_autogroup_enabled";
+
+/// The kernel's session task groups for the length of a run, as found or as
+/// `BENCH_AUTOGROUP` sets them; the value found is put back when this is dropped.
+///
+/// With `kernel.sched_autogroup_enabled = 1` (the default of many kernels) every session
+/// is scheduled as one group: this bench's process and its wrk in one, and each server it
+/// starts that calls `setsid` (Postgres, a daemonised nginx or HAProxy) in its own. A
+/// group's weight on a core follows its recent load, so a Postgres that wakes in bursts to
+/// append the audit trail gets a small share of a core for tens of milliseconds at a time:
+/// on the fourteenth sitting's machine it waited 50–500 ms for a core while the token bench
+/// ran, its appends took up to 6.5 s, and the audit queue overflowed (docs/benchmarks.md,
+/// fifteenth sitting). A gateway deployed as a service runs in its own control group, with
+/// its database on another host. `BENCH_AUTOGROUP=off` switches the session groups off for
+/// the run (root only; the value found is restored at the end); every run prints which
+/// way it ran.
+#[allow(
+    dead_code,
+    reason = "each bench binary compiles this module; not all set the scheduler"
+)]
+pub struct Autogroup {
+    restore: Option<String>,
+}
+
+#[allow(dead_code)]
+impl Autogroup {
+    /// Applies `BENCH_AUTOGROUP` (`on` or `off`; unset leaves the machine as it is) and
+    /// prints the setting the run has.
+    pub fn apply() -> Self {
+        let found = std::fs::read_to_string(AUTOGROUP)
+            .map(|v| v.trim().to_owned())
+            .ok();
+        let wanted = match std::env::var("BENCH_AUTOGROUP").as_deref() {
+            Ok("off") => Some("0"),
+            Ok("on") => Some("1"),
+            _ => None,
+        };
+        let mut restore = None;
+        if let (Some(wanted), Some(found)) = (wanted, &found)
+            && wanted != found
+        {
+            match std::fs::write(AUTOGROUP, wanted) {
+                Ok(()) => restore = Some(found.clone()),
+                Err(e) => println!("BENCH_AUTOGROUP: cannot write {AUTOGROUP}: {e}"),
+            }
+        }
+        let now = std::fs::read_to_string(AUTOGROUP)
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|_| "unknown (no such setting)".to_owned());
+        println!(
+            "scheduler: kernel.sched_autogroup_enabled = {now}{}",
+            if restore.is_some() {
+                " for this run (BENCH_AUTOGROUP), restored at the end"
+            } else {
+                ""
+            }
+        );
+        Self { restore }
+    }
+}
+
+impl Drop for Autogroup {
+    fn drop(&mut self) {
+        if let Some(value) = &self.restore
+            && let Err(e) = std::fs::write(AUTOGROUP, value)
+        {
+            println!("BENCH_AUTOGROUP: could not restore {AUTOGROUP} to {value}: {e}");
+        }
+    }
+}
+
 /// Whether this run is `cargo test --benches` (or `BENCH_SKIP` is set): then skip.
 pub fn skipped() -> bool {
     std::env::args().any(|a| a == "--test") || std::env::var_os("BENCH_SKIP").is_some()
