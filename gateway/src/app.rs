@@ -155,6 +155,8 @@ impl Application {
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        // the recorder first: the audit writer looks its metric handles up as it starts
+        let metrics = telemetry::metrics_handle();
         // not `shutdown`: the writer must outlive every request, see `run_until_stopped`
         let audit_stop = CancellationToken::new();
         let (audit, audit_writer) =
@@ -163,7 +165,7 @@ impl Application {
             config: config.clone(),
             db: db.clone(),
             redis,
-            metrics: telemetry::metrics_handle(),
+            metrics,
             keys: keys.clone(),
             audit: audit.clone(),
             clients,

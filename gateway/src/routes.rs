@@ -440,6 +440,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     state.keys.record_metrics();
+    state.audit.record_metrics();
     state.metrics.run_upkeep();
     (
         [(

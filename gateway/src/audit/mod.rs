@@ -13,6 +13,11 @@
 //! stored. Each stored record is then streamed to the JSON-lines sink (`[audit] sink`) and
 //! logged at debug level (target `audit`).
 //!
+//! How full the queue is, is read at each scrape ([`Audit::record_metrics`]), never on
+//! the request path; each append's duration and size are recorded by the writer, so a
+//! database that stalls shows as a filling queue and a slow append before any event is
+//! dropped.
+//!
 //! The writer stops only when told to after the listeners have returned, so that the
 //! requests answered during the shutdown grace are in the trail: it then stores what is
 //! queued, for at most [`DRAIN_DEADLINE`] while the database is away.
@@ -204,6 +209,25 @@ pub struct Audit {
     tx: mpsc::Sender<AuditEvent>,
 }
 
+/// The writer's metric handles, looked up in the registry once, when the writer starts,
+/// rather than at every append.
+struct Meters {
+    /// `portcullis_audit_append_seconds`: every [`chain::append`], failed ones included,
+    /// so that a stalled database shows as slow appends while it stalls.
+    append_seconds: metrics::Histogram,
+    /// `portcullis_audit_append_events`: the events each append took.
+    append_events: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        Self {
+            append_seconds: metrics::histogram!("portcullis_audit_append_seconds"),
+            append_events: metrics::histogram!("portcullis_audit_append_events"),
+        }
+    }
+}
+
 // === impl Audit ===
 
 impl Audit {
@@ -211,14 +235,30 @@ impl Audit {
     /// `stop` is cancelled — cancel it once nothing records any more (the listeners have
     /// returned), since later events are only logged — or when every handle is dropped,
     /// after storing what is queued (for at most [`DRAIN_DEADLINE`]).
+    ///
+    /// The writer's metric handles are looked up here: install the metrics recorder
+    /// (`telemetry::metrics_handle`) first, or they record nothing.
     pub fn start(
         db: Database,
         sink: &AuditSinkKind,
         stop: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(writer(db, rx, sink::Sink::new(sink), stop));
+        let task = tokio::spawn(writer(db, rx, sink::Sink::new(sink), Meters::new(), stop));
         (Self { tx }, task)
+    }
+
+    /// Sets `portcullis_audit_queue_events` (the events waiting for the writer) and
+    /// `portcullis_audit_queue_capacity` from the queue as it is now. Called at every
+    /// scrape: the request path does not pay for it, and the figure is current even while
+    /// the writer is stuck in an append, which is when the queue fills. The events the
+    /// writer has taken for the append under way (at most [`CATCH_UP_BATCH`]) are no
+    /// longer in the queue and not counted.
+    pub fn record_metrics(&self) {
+        let capacity = self.tx.max_capacity();
+        let waiting = capacity.saturating_sub(self.tx.capacity());
+        metrics::gauge!("portcullis_audit_queue_events").set(waiting as f64);
+        metrics::gauge!("portcullis_audit_queue_capacity").set(capacity as f64);
     }
 
     /// Records `event`: queued at once, stored and streamed as soon as the database takes
@@ -239,6 +279,7 @@ async fn writer(
     db: Database,
     mut rx: mpsc::Receiver<AuditEvent>,
     mut sink: sink::Sink,
+    meters: Meters,
     stop: CancellationToken,
 ) {
     // DRAIN_DEADLINE after `stop`, `cut` is cancelled: a write still waiting for the
@@ -296,7 +337,7 @@ async fn writer(
         loop {
             let written = tokio::select! {
                 biased;
-                written = write(&db, &mut batch, &mut sink) => written,
+                written = write(&db, &mut batch, &mut sink, &meters) => written,
                 () = cut.cancelled() => break 'run,
             };
             let Err(e) = written else { break };
@@ -311,7 +352,7 @@ async fn writer(
     }
     // told to stop, or every handle is gone: either way the drain has DRAIN_DEADLINE
     stop.cancel();
-    drain(&db, &mut rx, batch, &mut sink, &cut).await;
+    drain(&db, &mut rx, batch, &mut sink, &meters, &cut).await;
 }
 
 /// Stops the queue and stores what is in it (and `batch`, taken from it already),
@@ -323,6 +364,7 @@ async fn drain(
     rx: &mut mpsc::Receiver<AuditEvent>,
     mut batch: Vec<AuditEvent>,
     sink: &mut sink::Sink,
+    meters: &Meters,
     cut: &CancellationToken,
 ) {
     // from here on `record` logs instead of queueing
@@ -342,7 +384,7 @@ async fn drain(
         }
         let e = tokio::select! {
             biased;
-            written = write(db, &mut batch, sink) => match written {
+            written = write(db, &mut batch, sink, meters) => match written {
                 Ok(()) => continue,
                 Err(e) => e,
             },
@@ -380,6 +422,7 @@ async fn write(
     db: &Database,
     batch: &mut Vec<AuditEvent>,
     sink: &mut sink::Sink,
+    meters: &Meters,
 ) -> Result<(), sqlx::Error> {
     // the parts of `batch` still to append, the next one last: everything before the
     // next one has been stored or set aside, so the chain keeps the recorded order
@@ -389,7 +432,11 @@ async fn write(
         let Some(events) = batch.get(part.clone()) else {
             continue;
         };
-        match chain::append(db, events).await {
+        let started = std::time::Instant::now();
+        let appended = chain::append(db, events).await;
+        meters.append_seconds.record(started.elapsed());
+        meters.append_events.record(events.len() as f64);
+        match appended {
             Ok(rows) => stored(sink, rows),
             Err(e) if refused_for_its_content(&e) => match events {
                 [event] => set_aside(event, &e),

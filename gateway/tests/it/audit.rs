@@ -1098,6 +1098,135 @@ async fn every_postgres_connection_asks_the_server_to_notice_a_vanished_instance
     database.close().await;
 }
 
+// === the queue ===
+
+/// Another session holding the chain head's lock, as a stalled append of another
+/// instance would: the writer's next append waits for it (up to the 5 s lock timeout).
+async fn hold_the_chain(db: &str) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    let mut holder = sqlx::PgConnection::connect(db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("UPDATE audit_chain_head SET seq = seq WHERE id = 1")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// Waits until an append on `db` waits for the chain head's lock: the writer has taken
+/// what was queued and holds it, so whatever is recorded next stays in the queue.
+async fn until_an_append_waits_for_the_chain(db: &str) {
+    eventually(
+        Duration::from_secs(10),
+        "an append waiting for the chain head's lock",
+        || async {
+            Postgres::shared()
+                .psql(
+                    database_name(db),
+                    "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                        AND query LIKE 'UPDATE audit_chain_head%'",
+                )
+                .unwrap()
+                .trim()
+                == "1"
+        },
+    )
+    .await;
+}
+
+/// What an operator sees while the database stalls: the events waiting in the queue
+/// against its capacity, and — once it is over — an append that took as long as the
+/// stall and the catch-up append that took everything queued behind it. Gauges and
+/// histograms are process-wide: other instances of this test binary set the gauges at
+/// their scrapes (hence `scrape_gauge`) and add to the histograms (hence "more than
+/// before", which they can never make false).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
+    let db = Postgres::shared()
+        .fresh_database("audit_queue_metrics")
+        .unwrap();
+    let app = pg_app(&db, None).await;
+    let at = OffsetDateTime::now_utc();
+    app.state
+        .audit
+        .record(event("operator:test", "test.before_stall", "0", at));
+    wait_for(&app, "test.before_stall", 1).await;
+    let scrape = app.metrics().await;
+    let slow_appends = |s: &str| {
+        sample(s, "portcullis_audit_append_seconds_count")
+            - sample(s, "portcullis_audit_append_seconds_bucket{le=\"0.5\"}")
+    };
+    let large_appends = |s: &str| {
+        sample(s, "portcullis_audit_append_events_count")
+            - sample(s, "portcullis_audit_append_events_bucket{le=\"500\"}")
+    };
+    let (slow_before, large_before) = (slow_appends(&scrape), large_appends(&scrape));
+
+    let mut holder = hold_the_chain(&db).await;
+    app.state
+        .audit
+        .record(event("operator:test", "test.stalled", "first", at));
+    until_an_append_waits_for_the_chain(&db).await;
+    const QUEUED: usize = 1_000;
+    for n in 0..QUEUED {
+        app.state
+            .audit
+            .record(event("operator:test", "test.stalled", &n.to_string(), at));
+    }
+    assert_eq!(
+        app.scrape_gauge("portcullis_audit_queue_events", QUEUED as f64)
+            .await,
+        QUEUED as f64,
+        "the events behind the stalled append"
+    );
+    assert_eq!(
+        app.scrape_gauge("portcullis_audit_queue_capacity", 65_536.0)
+            .await,
+        65_536.0
+    );
+    // a stall longer than the 0.5 s bucket, well inside the 5 s lock timeout
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    wait_for(&app, "test.stalled", QUEUED + 1).await;
+
+    assert_eq!(
+        app.scrape_gauge("portcullis_audit_queue_events", 0.0).await,
+        0.0,
+        "the queue is empty once the stall is over"
+    );
+    let scrape = app.metrics().await;
+    for bucket in [
+        "portcullis_audit_append_seconds_bucket{le=\"0.5\"} ",
+        "portcullis_audit_append_events_bucket{le=\"500\"} ",
+    ] {
+        assert!(
+            scrape.contains(bucket),
+            "{bucket}in\n{}",
+            audit_lines(&scrape)
+        );
+    }
+    assert!(
+        slow_appends(&scrape) > slow_before,
+        "the stalled append took more than 0.5 s:\n{}",
+        audit_lines(&scrape)
+    );
+    assert!(
+        large_appends(&scrape) > large_before,
+        "the {QUEUED} queued events went in one append of more than 500:\n{}",
+        audit_lines(&scrape)
+    );
+}
+
+/// The `portcullis_audit_*` lines of a scrape, for a failure message.
+fn audit_lines(scrape: &str) -> String {
+    scrape
+        .lines()
+        .filter(|l| l.contains("portcullis_audit_"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 // === tampering ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
