@@ -159,8 +159,7 @@ impl Application {
         let metrics = telemetry::metrics_handle();
         // not `shutdown`: the writer must outlive every request, see `run_until_stopped`
         let audit_stop = CancellationToken::new();
-        let (audit, audit_writer) =
-            Audit::start(db.clone(), &config.audit.sink, audit_stop.clone());
+        let (audit, audit_writer) = Audit::start(db.clone(), &config.audit, audit_stop.clone());
         let state = AppState::new(crate::state::Shared {
             config: config.clone(),
             db: db.clone(),

@@ -113,7 +113,7 @@ pub struct Config {
     /// The reverse proxy to the admin cluster: nodes, timeouts, health, routes.
     #[serde(default)]
     pub proxy: crate::proxy::settings::ProxySettings,
-    /// The audit trail: where stored records are streamed.
+    /// The audit trail: the queue to the database, where stored records are streamed.
     #[serde(default)]
     pub audit: AuditConfig,
 }
@@ -447,14 +447,37 @@ pub struct AdminConfig {
 }
 
 /// `[audit]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// Where every stored audit record is also written, one JSON object per line:
     /// `"none"` (the default), `"stdout"`, or `"file:/absolute/path"` (appended; follows
     /// rotation).
     pub sink: AuditSinkKind,
+    /// How many audit events may wait in memory for the database: enough for the events
+    /// recorded during the longest database stall to ride out (events per second × its
+    /// seconds), at about 400–600 bytes each. Past it an event is dropped: counted in
+    /// `portcullis_audit_dropped_total` and logged in full. Read at start.
+    pub queue_capacity: usize,
 }
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sink: AuditSinkKind::None,
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+/// The fewest events `audit.queue_capacity` may hold: about two of the writer's linger
+/// batches (500), so that an ordinary burst is not dropped while one append is under way.
+const MIN_AUDIT_QUEUE_CAPACITY: usize = 1_024;
+
+/// The most events `audit.queue_capacity` may hold: about 2.3 GiB of events, two minutes
+/// of 32,000 tokens a second; a longer outage is better ridden out in the log than in an
+/// instance's memory.
+const MAX_AUDIT_QUEUE_CAPACITY: usize = 4_194_304;
 
 /// Where audit records are streamed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -848,6 +871,17 @@ impl Config {
             .validate(self.server.request_timeout)
             .map_err(|e| ConfigError::field(e.field, e.message))?;
 
+        if !(MIN_AUDIT_QUEUE_CAPACITY..=MAX_AUDIT_QUEUE_CAPACITY)
+            .contains(&self.audit.queue_capacity)
+        {
+            return Err(ConfigError::field(
+                "audit.queue_capacity",
+                format!(
+                    "must be between {MIN_AUDIT_QUEUE_CAPACITY} and {MAX_AUDIT_QUEUE_CAPACITY} \
+                     (events)"
+                ),
+            ));
+        }
         if let AuditSinkKind::File(path) = &self.audit.sink {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             if path.is_dir() || !dir.is_some_and(Path::is_dir) {

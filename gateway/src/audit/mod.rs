@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::config::AuditSinkKind;
+use crate::config::{AuditConfig, AuditSinkKind};
 use crate::db::Database;
 
 pub mod chain;
@@ -42,9 +42,6 @@ pub mod sink;
 
 pub use chain::{After, ChainBreak, Intact, verify, verify_from};
 pub use query::{ActionFilter, AuditFilter, FilterError, Page, RawFilter, list};
-
-/// How many events may wait for the database: a few seconds of peak token issuance.
-const QUEUE: usize = 65_536;
 
 /// The events the writer lingers for before appending: at high rates, fewer and fuller
 /// transactions.
@@ -231,20 +228,23 @@ impl Meters {
 // === impl Audit ===
 
 impl Audit {
-    /// Starts the writer over `db`, streaming stored records to `sink`. It stops when
-    /// `stop` is cancelled — cancel it once nothing records any more (the listeners have
-    /// returned), since later events are only logged — or when every handle is dropped,
-    /// after storing what is queued (for at most [`DRAIN_DEADLINE`]).
+    /// Starts the writer over `db`, with a queue of `config.queue_capacity` events,
+    /// streaming stored records to `config.sink`. It stops when `stop` is cancelled —
+    /// cancel it once nothing records any more (the listeners have returned), since later
+    /// events are only logged — or when every handle is dropped, after storing what is
+    /// queued (for at most [`DRAIN_DEADLINE`]).
     ///
     /// The writer's metric handles are looked up here: install the metrics recorder
     /// (`telemetry::metrics_handle`) first, or they record nothing.
     pub fn start(
         db: Database,
-        sink: &AuditSinkKind,
+        config: &AuditConfig,
         stop: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(writer(db, rx, sink::Sink::new(sink), Meters::new(), stop));
+        // validated at load; `max` only keeps `channel` from panicking on a zero
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let sink = sink::Sink::new(&config.sink);
+        let task = tokio::spawn(writer(db, rx, sink, Meters::new(), stop));
         (Self { tx }, task)
     }
 

@@ -610,6 +610,40 @@ fn the_audit_sink_is_none_by_default_and_each_bad_value_names_audit_sink() {
 }
 
 #[test]
+fn the_audit_queue_holds_65536_events_by_default_and_a_capacity_out_of_range_is_refused_naming_it()
+{
+    let f = Files::new();
+    let c = f.load(&f.toml(""), &[]).unwrap();
+    assert_eq!(c.audit.queue_capacity, 65_536);
+    let c = f
+        .load(&f.toml("[audit]\nqueue_capacity = 1024\n"), &[])
+        .unwrap();
+    assert_eq!(c.audit.queue_capacity, 1_024);
+    let c = f
+        .load(
+            &f.toml("[audit]\nqueue_capacity = 1024\n"),
+            &[("PORTCULLIS_AUDIT__QUEUE_CAPACITY", "4194304")],
+        )
+        .unwrap();
+    assert_eq!(c.audit.queue_capacity, 4_194_304, "the environment wins");
+
+    for bad in ["0", "1023", "4194305", "-1", "\"lots\"", "1.5"] {
+        let err = f
+            .load(&f.toml(&format!("[audit]\nqueue_capacity = {bad}\n")), &[])
+            .unwrap_err();
+        assert_eq!(field_of(err), "audit.queue_capacity", "{bad}");
+    }
+    let err = f
+        .load(&f.toml(""), &[("PORTCULLIS_AUDIT__QUEUE_CAPACITY", "100")])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration at `audit.queue_capacity`: must be between 1024 and 4194304 \
+         (events)"
+    );
+}
+
+#[test]
 fn idle_timeout_defaults_to_two_minutes_and_zero_or_garbage_is_refused_naming_it() {
     let f = Files::new();
     let c = f.load(&f.toml(""), &[]).unwrap();

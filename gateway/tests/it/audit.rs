@@ -27,6 +27,15 @@ const CONFIG_SECRET: &str = "pw-audit-Zq81-never-in-the-trail";
 /// An instance on the Postgres database `db` and the shared Redis (own key prefix), with
 /// `admin.token` and the given sink.
 async fn pg_app(db: &str, sink: Option<&Path>) -> TestApp {
+    pg_app_with(db, sink, |_| {}).await
+}
+
+/// [`pg_app`], its configuration then changed by `customize`.
+async fn pg_app_with(
+    db: &str,
+    sink: Option<&Path>,
+    customize: impl FnOnce(&mut portcullis::config::Config),
+) -> TestApp {
     let (db, redis) = (db.to_owned(), Redis::shared().url());
     let sink = sink.map(|p| format!("file:{}", p.display()));
     spawn_app(move |c| {
@@ -42,6 +51,7 @@ async fn pg_app(db: &str, sink: Option<&Path>) -> TestApp {
         if let Some(s) = sink {
             c.audit.sink = s.parse_sink();
         }
+        customize(c);
     })
     .await
 }
@@ -1216,6 +1226,70 @@ async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
         "the {QUEUED} queued events went in one append of more than 500:\n{}",
         audit_lines(&scrape)
     );
+}
+
+/// `audit.queue_capacity` is how many events wait while the database stalls: with 1,024,
+/// the 1,025th event recorded behind a stalled append is dropped and counted, the 1,024
+/// before it stored; with the default (65,536) all 1,025 are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_queue_capacity_an_event_is_dropped_and_counted_and_the_default_holds_it() {
+    const RECORDED: usize = 1_025;
+    for capacity in [Some(1_024), None] {
+        let db = Postgres::shared()
+            .fresh_database("audit_queue_capacity")
+            .unwrap();
+        let app = pg_app_with(&db, None, |c| {
+            if let Some(n) = capacity {
+                c.audit.queue_capacity = n;
+            }
+        })
+        .await;
+        let at = OffsetDateTime::now_utc();
+        app.state
+            .audit
+            .record(event("operator:test", "test.before_stall", "0", at));
+        wait_for(&app, "test.before_stall", 1).await;
+
+        let mut holder = hold_the_chain(&db).await;
+        app.state
+            .audit
+            .record(event("operator:test", "test.stalled", "first", at));
+        until_an_append_waits_for_the_chain(&db).await;
+        // process-wide, and other tests drop events at shutdown: it may only rise
+        let dropped_before = app.sample("portcullis_audit_dropped_total").await;
+        for n in 0..RECORDED {
+            app.state
+                .audit
+                .record(event("operator:test", "test.queued", &n.to_string(), at));
+        }
+        let dropped = app.sample("portcullis_audit_dropped_total").await - dropped_before;
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+        let expected = capacity.unwrap_or(RECORDED);
+        wait_for(&app, "test.queued", expected).await;
+        wait_for(&app, "test.stalled", 1).await;
+        let targets: BTreeSet<usize> =
+            portcullis::audit::recent(&app.state.db, "test.queued", 10_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, target, _)| target.parse().unwrap())
+                .collect();
+        let not_stored: Vec<usize> = (0..RECORDED).filter(|n| !targets.contains(n)).collect();
+        assert_eq!(
+            not_stored,
+            (expected..RECORDED).collect::<Vec<_>>(),
+            "capacity {capacity:?}: the events recorded but not stored"
+        );
+        assert_eq!(targets.len(), expected, "each stored once");
+        if capacity.is_some() {
+            assert!(dropped >= 1.0, "the 1,025th event was not counted dropped");
+        }
+        portcullis::audit::verify(&app.state.db)
+            .await
+            .unwrap()
+            .expect("the chain is intact");
+    }
 }
 
 /// The `portcullis_audit_*` lines of a scrape, for a failure message.
