@@ -334,11 +334,15 @@ impl Application {
     /// service manager starts it again.
     pub async fn run_until_stopped(mut self) -> Result<(), TaskFailed> {
         let failed = supervise(&mut self.tasks, &self.shutdown).await;
-        if let Some(proxy) = &self.state.proxy
-            && proxy.open_upgrades() > 0
+        if let Some(upgraded) = self
+            .state
+            .proxy
+            .as_ref()
+            .map(crate::proxy::Proxy::open_upgrades)
+            && upgraded > 0
         {
             tracing::info!(
-                upgraded = proxy.open_upgrades(),
+                upgraded,
                 "closing the open WebSockets now; their clients reconnect elsewhere"
             );
         }

@@ -148,6 +148,21 @@ impl RedisPendingStore {
         Self { redis, prefix }
     }
 
+    /// Runs `script` (whole: `EVAL`) on the one key `key` with the arguments `arg` and
+    /// `ttl` in milliseconds, as the index and the mark scripts take them.
+    async fn eval_with_ttl(
+        &self,
+        script: &str,
+        key: String,
+        arg: impl redis::ToRedisArgs,
+        ttl: Duration,
+    ) -> Result<(), PendingError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(1).arg(key).arg(arg).arg(ttl_ms(ttl));
+        let _: i64 = self.run(cmd).await?;
+        Ok(())
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, PendingError> {
         self.redis
             .query(&cmd)
@@ -209,14 +224,8 @@ impl PendingStore for RedisPendingStore {
     async fn index_add(&self, key: &str, member: &str, ttl: Duration) -> Result<(), PendingError> {
         // one key, so one slot in a cluster; one script, so the set never lives without
         // its expiry (sent whole each time: this runs once per login)
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(INDEX_ADD)
-            .arg(1)
-            .arg(index_key_of(&self.prefix, key))
-            .arg(member)
-            .arg(ttl_ms(ttl));
-        let _: i64 = self.run(cmd).await?;
-        Ok(())
+        self.eval_with_ttl(INDEX_ADD, index_key_of(&self.prefix, key), member, ttl)
+            .await
     }
 
     #[tracing::instrument(name = "redis.sso_index.members", skip_all, fields(otel.kind = "client"))]
@@ -230,14 +239,8 @@ impl PendingStore for RedisPendingStore {
     async fn mark(&self, key: &str, value: i64, ttl: Duration) -> Result<(), PendingError> {
         // one key, so one slot in a cluster (no hash tag needed); one script, so two
         // logouts at once keep the larger value and the mark never lives without expiry
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(MARK)
-            .arg(1)
-            .arg(mark_key_of(&self.prefix, key))
-            .arg(value)
-            .arg(ttl_ms(ttl));
-        let _: i64 = self.run(cmd).await?;
-        Ok(())
+        self.eval_with_ttl(MARK, mark_key_of(&self.prefix, key), value, ttl)
+            .await
     }
 
     #[tracing::instrument(name = "redis.sso_mark.get", skip_all, fields(otel.kind = "client"))]
