@@ -1028,6 +1028,47 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
         .expect("the chain is intact");
 }
 
+/// The trail's time and action indexes are the lean ones (migrations 0006–0009): a BRIN
+/// on the time, an action index without the `token.issue` rows, both built valid by the
+/// migrations that run outside a transaction, and the B-trees they replace gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trail_keeps_a_brin_time_index_and_an_action_index_without_token_issues() {
+    let db = Postgres::shared().fresh_database("audit_indexes").unwrap();
+    let _app = pg_app(&db, None).await;
+    let indexes = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT indexname || ': ' || indexdef FROM pg_indexes \
+             WHERE tablename = 'audit_events' ORDER BY indexname",
+        )
+        .unwrap();
+    let lines: Vec<&str> = indexes.lines().collect();
+    assert_eq!(lines.len(), 4, "{indexes}");
+    assert!(
+        lines[0].starts_with("audit_events_action_rare: ")
+            && lines[0].contains("(action, at_unix_ms) WHERE (action <> 'token.issue'::text)"),
+        "{indexes}"
+    );
+    assert!(
+        lines[1].starts_with("audit_events_at_brin: ")
+            && lines[1].contains("USING brin (at_unix_ms)"),
+        "{indexes}"
+    );
+    assert!(lines[2].starts_with("audit_events_pkey: "), "{indexes}");
+    assert!(
+        lines[3].starts_with("audit_events_seq: ") && lines[3].contains("UNIQUE"),
+        "{indexes}"
+    );
+    let invalid = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT count(*) FROM pg_index \
+             WHERE indrelid = 'audit_events'::regclass AND NOT indisvalid",
+        )
+        .unwrap();
+    assert_eq!(invalid.trim(), "0");
+}
+
 /// A writer that fell behind (here: the chain held by another session while 3,000 events
 /// were recorded) catches up in transactions of thousands, not of one linger batch (500)
 /// each: every append costs the same round trips whatever its size, so at peak token
