@@ -204,6 +204,9 @@ impl From<chain::Row> for AuditRecord {
 #[derive(Clone, Debug)]
 pub struct Audit {
     tx: mpsc::Sender<AuditEvent>,
+    /// `portcullis_audit_dropped_total`, looked up once at start: a flood of drops (a
+    /// full queue at tens of thousands of events a second) pays no registry look-up each.
+    dropped: metrics::Counter,
 }
 
 /// The writer's metric handles, looked up in the registry once, when the writer starts,
@@ -234,8 +237,9 @@ impl Audit {
     /// events are only logged — or when every handle is dropped, after storing what is
     /// queued (for at most [`DRAIN_DEADLINE`]).
     ///
-    /// The writer's metric handles are looked up here: install the metrics recorder
-    /// (`telemetry::metrics_handle`) first, or they record nothing.
+    /// The writer's metric handles, and the dropped-events counter, are looked up here:
+    /// install the metrics recorder (`telemetry::metrics_handle`) first, or they record
+    /// nothing.
     pub fn start(
         db: Database,
         config: &AuditConfig,
@@ -245,7 +249,8 @@ impl Audit {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let sink = sink::Sink::new(&config.sink);
         let task = tokio::spawn(writer(db, rx, sink, Meters::new(), stop));
-        (Self { tx }, task)
+        let dropped = metrics::counter!("portcullis_audit_dropped_total");
+        (Self { tx, dropped }, task)
     }
 
     /// Sets `portcullis_audit_queue_events` (the events waiting for the writer) and
@@ -269,7 +274,7 @@ impl Audit {
                 mpsc::error::TrySendError::Full(event) => (event, "the audit queue is full"),
                 mpsc::error::TrySendError::Closed(event) => (event, "the audit writer has stopped"),
             };
-            metrics::counter!("portcullis_audit_dropped_total").increment(1);
+            self.dropped.increment(1);
             log_unstored(&event, why);
         }
     }
@@ -647,6 +652,102 @@ mod detail_tests {
         assert_eq!(
             serde_json::to_string(&Event { detail: d }).ok().as_deref(),
             Some(r#"{"detail":{}}"#)
+        );
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use time::OffsetDateTime;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Audit, AuditEvent};
+    use crate::config::{AuditConfig, DatabaseConfig};
+    use crate::db::Database;
+
+    /// A recorder that counts the look-ups of `portcullis_audit_dropped_total` and what
+    /// the handles they return count; every other metric is a no-op.
+    #[derive(Default)]
+    struct DroppedLookups {
+        lookups: AtomicUsize,
+        dropped: Arc<AtomicU64>,
+    }
+
+    impl metrics::Recorder for DroppedLookups {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            if key.name() != "portcullis_audit_dropped_total" || key.labels().next().is_some() {
+                return Counter::noop();
+            }
+            self.lookups.fetch_add(1, Ordering::Relaxed);
+            Counter::from_arc(Arc::clone(&self.dropped))
+        }
+
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    /// A database that is never reached: the writer waits for its schema.
+    fn unreached() -> Database {
+        Database::connect_lazy(&DatabaseConfig {
+            url: "sqlite::memory:".to_owned().into(),
+            max_connections: 1,
+            min_connections: 0,
+            acquire_timeout: std::time::Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    fn event(n: usize) -> AuditEvent {
+        AuditEvent {
+            at: OffsetDateTime::now_utc(),
+            actor: "operator:test".to_owned(),
+            action: "test.flood".to_owned(),
+            target: n.to_string(),
+            source_ip: None,
+            detail: serde_json::json!({}).into(),
+        }
+    }
+
+    /// A flood of drops pays no registry look-up each: the counter is looked up once,
+    /// at start, and every drop is still counted under the same name, without labels.
+    #[tokio::test]
+    async fn a_flood_of_dropped_events_is_counted_without_a_look_up_each() {
+        let recorder = DroppedLookups::default();
+        let config = AuditConfig {
+            queue_capacity: 1,
+            ..AuditConfig::default()
+        };
+        metrics::with_local_recorder(&recorder, || {
+            let (audit, _writer) = Audit::start(unreached(), &config, CancellationToken::new());
+            // the writer is not polled before this test awaits (one thread): the queue of
+            // one is full after the first event, and the 1,000 after it are dropped
+            for n in 0..=1_000 {
+                audit.record(event(n));
+            }
+        });
+        assert_eq!(
+            recorder.dropped.load(Ordering::Relaxed),
+            1_000,
+            "drops counted"
+        );
+        assert_eq!(
+            recorder.lookups.load(Ordering::Relaxed),
+            1,
+            "look-ups of portcullis_audit_dropped_total"
         );
     }
 }
