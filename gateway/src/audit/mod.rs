@@ -13,10 +13,10 @@
 //! stored. Each stored record is then streamed to the JSON-lines sink (`[audit] sink`) and
 //! logged at debug level (target `audit`).
 //!
-//! How full the queue is, is read at each scrape ([`Audit::record_metrics`]), never on
-//! the request path; each append's duration and size are recorded by the writer, so a
-//! database that stalls shows as a filling queue and a slow append before any event is
-//! dropped.
+//! How full the queue is — the events queued and the batch the writer holds — is read at
+//! each scrape ([`Audit::record_metrics`]), never on the request path; each append's
+//! duration and size are recorded by the writer, so a database that stalls shows as a
+//! filling queue and a slow append before any event is dropped.
 //!
 //! The writer stops only when told to after the listeners have returned, so that the
 //! requests answered during the shutdown grace are in the trail: it then stores what is
@@ -25,6 +25,8 @@
 //! Events never carry secrets: callers pass identifiers, never tokens, secrets or values.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -207,6 +209,10 @@ pub struct Audit {
     /// `portcullis_audit_dropped_total`, looked up once at start: a flood of drops (a
     /// full queue at tens of thousands of events a second) pays no registry look-up each.
     dropped: metrics::Counter,
+    /// The events the writer has taken off the queue and not yet stored or given up: the
+    /// batch of the append under way (up to [`CATCH_UP_BATCH`]), which waits as long as a
+    /// stalled database does. Set by the writer, read at each scrape.
+    held: Arc<AtomicUsize>,
 }
 
 /// The writer's metric handles, looked up in the registry once, when the writer starts,
@@ -248,21 +254,23 @@ impl Audit {
         // validated at load; `max` only keeps `channel` from panicking on a zero
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let sink = sink::Sink::new(&config.sink);
-        let task = tokio::spawn(writer(db, rx, sink, Meters::new(), stop));
+        let held = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(writer(db, rx, Arc::clone(&held), sink, Meters::new(), stop));
         let dropped = metrics::counter!("portcullis_audit_dropped_total");
-        (Self { tx, dropped }, task)
+        (Self { tx, dropped, held }, task)
     }
 
-    /// Sets `portcullis_audit_queue_events` (the events waiting for the writer) and
-    /// `portcullis_audit_queue_capacity` from the queue as it is now. Called at every
-    /// scrape: the request path does not pay for it, and the figure is current even while
-    /// the writer is stuck in an append, which is when the queue fills. The events the
-    /// writer has taken for the append under way (at most [`CATCH_UP_BATCH`]) are no
-    /// longer in the queue and not counted.
+    /// Sets `portcullis_audit_queue_events` (the events not stored yet: those waiting in
+    /// the queue and the batch the writer has taken off it for the append under way, at
+    /// most [`CATCH_UP_BATCH`]) and `portcullis_audit_queue_capacity` (the queue's alone)
+    /// as they are now. Called at every scrape: the request path does not pay for it, and
+    /// the figure is current even while the writer is stuck in an append, which is when
+    /// the queue fills and the held batch is the largest.
     pub fn record_metrics(&self) {
         let capacity = self.tx.max_capacity();
         let waiting = capacity.saturating_sub(self.tx.capacity());
-        metrics::gauge!("portcullis_audit_queue_events").set(waiting as f64);
+        let held = self.held.load(Ordering::Relaxed);
+        metrics::gauge!("portcullis_audit_queue_events").set(waiting.saturating_add(held) as f64);
         metrics::gauge!("portcullis_audit_queue_capacity").set(capacity as f64);
     }
 
@@ -280,9 +288,12 @@ impl Audit {
     }
 }
 
+/// Appends what is queued, batch by batch, keeping `held` at the size of the batch it has
+/// taken off the queue and not yet stored (see [`Audit::record_metrics`]).
 async fn writer(
     db: Database,
     mut rx: mpsc::Receiver<AuditEvent>,
+    held: Arc<AtomicUsize>,
     mut sink: sink::Sink,
     meters: Meters,
     stop: CancellationToken,
@@ -312,6 +323,7 @@ async fn writer(
                 e = rx.recv() => match e { Some(e) => e, None => break 'run },
             };
             batch.push(first);
+            held.store(batch.len(), Ordering::Relaxed);
             // linger until a full batch waits or LINGER has passed: at high rates, fewer
             // and fuller transactions. The queue's length is looked at every millisecond
             // rather than awaited, so the request path's `try_send` does not wake this
@@ -324,12 +336,7 @@ async fn writer(
                     () = tokio::time::sleep(LINGER_STEP) => {}
                 }
             }
-            while batch.len() < most {
-                match rx.try_recv() {
-                    Ok(e) => batch.push(e),
-                    Err(_) => break,
-                }
-            }
+            take(&mut rx, &mut batch, most, &held);
         }
         // right after start-up the schema may still be migrating: wait for it quietly
         while !db.is_migrated() {
@@ -342,7 +349,7 @@ async fn writer(
         loop {
             let written = tokio::select! {
                 biased;
-                written = write(&db, &mut batch, &mut sink, &meters) => written,
+                written = write(&db, &mut batch, &held, &mut sink, &meters) => written,
                 () = cut.cancelled() => break 'run,
             };
             let Err(e) = written else { break };
@@ -357,7 +364,24 @@ async fn writer(
     }
     // told to stop, or every handle is gone: either way the drain has DRAIN_DEADLINE
     stop.cancel();
-    drain(&db, &mut rx, batch, &mut sink, &meters, &cut).await;
+    drain(&db, &mut rx, batch, &held, &mut sink, &meters, &cut).await;
+}
+
+/// Moves queued events into `batch` until it holds `most`, and sets `held` to what it
+/// holds.
+fn take(
+    rx: &mut mpsc::Receiver<AuditEvent>,
+    batch: &mut Vec<AuditEvent>,
+    most: usize,
+    held: &AtomicUsize,
+) {
+    while batch.len() < most {
+        match rx.try_recv() {
+            Ok(e) => batch.push(e),
+            Err(_) => break,
+        }
+    }
+    held.store(batch.len(), Ordering::Relaxed);
 }
 
 /// Stops the queue and stores what is in it (and `batch`, taken from it already),
@@ -368,6 +392,7 @@ async fn drain(
     db: &Database,
     rx: &mut mpsc::Receiver<AuditEvent>,
     mut batch: Vec<AuditEvent>,
+    held: &AtomicUsize,
     sink: &mut sink::Sink,
     meters: &Meters,
     cut: &CancellationToken,
@@ -378,18 +403,13 @@ async fn drain(
     let most = most_per_append(db);
     // the migration task has stopped with the listeners: an unmigrated schema stays so
     while db.is_migrated() && !cut.is_cancelled() {
-        while batch.len() < most {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
+        take(rx, &mut batch, most, held);
         if batch.is_empty() {
             return;
         }
         let e = tokio::select! {
             biased;
-            written = write(db, &mut batch, sink, meters) => match written {
+            written = write(db, &mut batch, held, sink, meters) => match written {
                 Ok(()) => continue,
                 Err(e) => e,
             },
@@ -416,16 +436,19 @@ async fn drain(
     {
         log_unstored(&event, "the database was away at shutdown");
     }
+    held.store(0, Ordering::Relaxed);
 }
 
 /// Appends `batch` to the chain, streams what was stored and leaves `batch` empty. An
 /// event the database refuses for its content ([`refused_for_its_content`]) is isolated
 /// by splitting the batch until it stands alone, then set aside ([`set_aside`]), so that
 /// it cannot hold the events behind it. On any other error (the database is away) the
-/// events not yet stored stay in `batch`, to be retried.
+/// events not yet stored stay in `batch`, to be retried. Either way `held` is left at what
+/// `batch` still holds.
 async fn write(
     db: &Database,
     batch: &mut Vec<AuditEvent>,
+    held: &AtomicUsize,
     sink: &mut sink::Sink,
     meters: &Meters,
 ) -> Result<(), sqlx::Error> {
@@ -453,11 +476,13 @@ async fn write(
             },
             Err(e) => {
                 batch.drain(..part.start);
+                held.store(batch.len(), Ordering::Relaxed);
                 return Err(e);
             }
         }
     }
     batch.clear();
+    held.store(0, Ordering::Relaxed);
     Ok(())
 }
 
