@@ -97,6 +97,74 @@ fn every_alert_is_well_formed_and_uses_only_catalogued_metrics() {
     assert!(alerts.len() >= 10, "{alerts:?}");
 }
 
+/// The anchor GitHub gives a Markdown heading's text.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors of `markdown`'s headings, fenced code left out (a shell comment is not one).
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    let mut fenced = false;
+    let mut found = BTreeSet::new();
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced
+            && let Some(text) = line.trim_start_matches('#').strip_prefix(' ')
+            && line.starts_with('#')
+        {
+            found.insert(anchor(text));
+        }
+    }
+    found
+}
+
+/// A runbook is where the one paged goes first: every audit alert has one (the trail's
+/// alerts share `docs/operations/audit.md#runbook`), and every runbook named, any alert's,
+/// is a document of the repository and, after a `#`, one of its headings.
+#[test]
+fn every_audit_alert_has_a_runbook_and_every_runbook_named_exists() {
+    let text = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    let mut audit_without_one = Vec::new();
+    for rule in docs[0]["groups"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_vec().unwrap())
+    {
+        let name = rule["alert"].as_str().unwrap();
+        let Some(runbook) = rule["annotations"]["runbook"].as_str() else {
+            if name.starts_with("PortcullisAudit") {
+                audit_without_one.push(name);
+            }
+            continue;
+        };
+        let (path, heading) = match runbook.split_once('#') {
+            Some((path, heading)) => (path, Some(heading)),
+            None => (runbook, None),
+        };
+        let doc = std::fs::read_to_string(root().join(path))
+            .unwrap_or_else(|e| panic!("{name}: runbook {runbook}: {e}"));
+        if let Some(heading) = heading {
+            assert!(
+                anchors(&doc).contains(heading),
+                "{name}: runbook {runbook}: {path} has no heading #{heading}"
+            );
+        }
+    }
+    assert!(
+        audit_without_one.is_empty(),
+        "audit alerts without a runbook: {audit_without_one:?}"
+    );
+}
+
 #[test]
 fn every_catalogued_metric_is_exported_by_the_code() {
     let source = source_text();
