@@ -149,7 +149,7 @@ impl Connection {
     async fn serve(self, stream: TcpStream) {
         let Self {
             peer,
-            _permit,
+            _permit: permit,
             acceptor,
             router,
             limits,
@@ -174,7 +174,7 @@ impl Connection {
         if closing.is_cancelled() {
             return;
         }
-        let _open = OpenConnection::new();
+        let slot = ConnectionSlot::new(permit);
         // HTTP/2 has no request head to time: a quiet h2 connection may still be
         // exchanging PINGs and SETTINGS, which must not look like a slow head
         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
@@ -195,6 +195,7 @@ impl Connection {
             limits,
             closing.clone(),
             handoff,
+            slot.clone(),
         )
         .await
         else {
@@ -204,17 +205,43 @@ impl Connection {
         let outcome = if detached.is_ok() { "taken" } else { "failed" };
         metrics::counter!("portcullis_detached_streams_total", "outcome" => outcome).increment(1);
         match detached {
-            // the stream runs in a task of its own, holding the connection's permit and
-            // gauge: this task, sized for hyper and rustls, ends here
+            // the stream runs in a task of its own, holding the connection's place: this
+            // task, sized for hyper and rustls, ends here
             Ok(detached) => {
                 tracker.spawn(async move {
-                    let _open = _open;
-                    let _permit = _permit;
+                    let _slot = slot;
                     run(detached).await;
                 });
             }
             Err(e) => tracing::debug!(%peer, error = %e, "stream takeover failed; closing"),
         }
+    }
+}
+
+/// An established connection's place: its permit of `server.max_connections` and its
+/// count in `portcullis_https_connections_open`, given back when the last holder lets go.
+/// The connection's task holds it, and so does whatever carries the connection on past
+/// that task: a detached stream, and the relay of an upgraded (WebSocket) connection,
+/// which hyper lets go of once the `101` is sent — without this a WebSocket would stop
+/// counting against the limit the moment it opened. A request that may upgrade carries a
+/// clone in its extensions for the proxy to take ([`crate::proxy`]).
+#[derive(Clone)]
+pub(crate) struct ConnectionSlot {
+    // one per connection, cloned only for the requests that may upgrade
+    _held: Arc<(OwnedSemaphorePermit, OpenConnection)>,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            _held: Arc::new((permit, OpenConnection::new())),
+        }
+    }
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionSlot").finish_non_exhaustive()
     }
 }
 
@@ -245,7 +272,11 @@ impl Drop for OpenConnection {
 /// (dropped at once), or `closing` is cancelled. Idleness and shutdown end it gracefully
 /// (HTTP/1.1 after the response in progress, HTTP/2 by GOAWAY after the streams already
 /// opened), so a request already received is answered in full. `time_heads` is false
-/// for HTTP/2 negotiated by ALPN.
+/// for HTTP/2 negotiated by ALPN. `slot` is the connection's place, handed to a request
+/// that may upgrade.
+// each argument is the connection's own, set once by its one caller: a struct would only
+// name them a second time
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S>(
     stream: S,
     time_heads: bool,
@@ -254,6 +285,7 @@ async fn serve_connection<S>(
     limits: ConnectionLimits,
     closing: CancellationToken,
     handoff: Option<Arc<Handoff>>,
+    slot: ConnectionSlot,
 ) -> Option<(S, Takeover)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -264,6 +296,7 @@ where
         requests: activity.clone(),
         peer,
         detach: handoff.clone().map(Detach::new),
+        slot,
     };
     // where the stream goes when hyper is dropped for a takeover
     let kept: Kept<S> = Arc::default();
@@ -362,6 +395,9 @@ struct ConnService {
     peer: SocketAddr,
     /// The connection's offer to a streaming response, on HTTP/1.1 over TLS 1.3.
     detach: Option<Detach>,
+    /// The connection's place, carried by a WebSocket handshake to the relay that
+    /// outlives this connection's task.
+    slot: ConnectionSlot,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
@@ -382,6 +418,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             && req.uri().path().ends_with("/watch")
         {
             req.extensions_mut().insert(detach.clone());
+        }
+        // a handshake the proxy may answer `101`: the relay then keeps the place
+        if req.version() == http::Version::HTTP_11 && crate::proxy::is_upgrade(req.headers()) {
+            req.extensions_mut().insert(self.slot.clone());
         }
         // an HTTP/1.1 body the answer may leave unread is read out after it (see
         // `Lingering`); HTTP/2 ends such a stream alone, most requests have no body, and

@@ -10,7 +10,8 @@
 //!   answering, or answered 502/503; anything else is sent exactly once;
 //! - WebSocket (HTTP/1.1 `Upgrade`) handshakes are passed through and the two upgraded
 //!   connections joined, for no longer than the credential of the handshake is good and
-//!   the instance is not shutting down ([`upgrade`]).
+//!   the instance is not shutting down ([`upgrade`]); the relay keeps the client
+//!   connection's place in `server.max_connections`, which hyper gives up at the `101`.
 //!
 //! Refusals and failures become HTTP in `error.rs` like every other error.
 
@@ -41,6 +42,7 @@ use tokio_util::task::TaskTracker;
 use crate::authn;
 use crate::error::ApiError;
 use crate::protect::ClientIp;
+use crate::server::ConnectionSlot;
 use crate::sso::session::{self, CONSOLE_SCOPE, Resolved};
 use crate::state::AppState;
 use headers::{Identity, Origin};
@@ -346,7 +348,11 @@ impl Proxy {
         // runs past it
         let deadline = arrived + self.inner.request_timeout.saturating_sub(DEADLINE_MARGIN);
         let upgrade = is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), lease));
+        let client_upgrade = upgrade.then(|| ClientUpgrade {
+            upgraded: hyper::upgrade::on(&mut req),
+            lease,
+            slot: req.extensions_mut().remove::<ConnectionSlot>(),
+        });
         let (mut parts, body) = req.into_parts();
         // read before the hop-by-hop headers go: the layers in front wrap the body in
         // ways that hide its size, the headers do not
@@ -602,21 +608,42 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// The client's side of a WebSocket handshake, for the relay should the node answer `101`.
+struct ClientUpgrade {
+    /// The client's connection, once hyper has sent our `101`.
+    upgraded: hyper::upgrade::OnUpgrade,
+    /// The handshake's credential, on an authenticated route.
+    lease: Option<Lease>,
+    /// The client connection's place in `server.max_connections` (absent only when the
+    /// request did not come through the HTTPS listener, as in tests that call the router
+    /// directly).
+    slot: Option<ConnectionSlot>,
+}
+
 /// The node's answer as ours: headers cleaned, body streamed; a `101 Switching
 /// Protocols` joins the client's and the node's upgraded connections, until either closes,
 /// the handshake's credential (`lease`) runs out or the instance shuts down.
 fn into_client_response(
     proxy: &Inner,
     mut resp: axum::http::Response<PooledBody>,
-    client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<Lease>)>,
+    client_upgrade: Option<ClientUpgrade>,
 ) -> Response {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching && let Some((client, lease)) = client_upgrade {
+    if switching
+        && let Some(ClientUpgrade {
+            upgraded: client,
+            lease,
+            slot,
+        }) = client_upgrade
+    {
         let upstream = hyper::upgrade::on(&mut resp);
         // a token of its own: the relay polls it at every wake-up, and the instance's
         // would take a lock every other connection on every core takes too
         let closing = proxy.closing.child_token();
         proxy.upgrades.spawn(async move {
+            // hyper lets go of the client's connection at the `101`: the relay holds its
+            // place in `server.max_connections` until it ends
+            let _slot = slot;
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => upgrade::join(client, upstream, lease, closing).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),

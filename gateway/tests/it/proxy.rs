@@ -1939,6 +1939,98 @@ async fn a_websocket_handshake_with_a_session_must_come_from_our_origin() {
     assert_eq!(seen[1].header("upgrade"), None);
 }
 
+// === upgraded connections hold their place in the connection limit ===
+
+/// An upgraded connection is still a connection: it keeps its place in
+/// `server.max_connections` until the relay ends, though hyper lets go of it at the `101`.
+#[tokio::test]
+async fn open_websockets_hold_their_place_in_the_connection_limit() {
+    const LIMIT: usize = 2;
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| {
+        proxy_to(c, &[&node]);
+        c.server.max_connections = LIMIT;
+    })
+    .await;
+    let mut sockets = Vec::new();
+    for i in 0..LIMIT {
+        let mut ws = open_websocket(&app, "/public/ws", &[]).await;
+        echo(&mut ws, format!("socket {i}").as_bytes()).await;
+        sockets.push(ws);
+    }
+    assert_eq!(node.upgraded(), LIMIT);
+
+    // one more client waits for a free connection: it is not served, nor is it refused
+    let pki = app.pki.client_config();
+    let addr = app.https;
+    let mut waiting = tokio::spawn(async move {
+        let mut conn = Conn::over(tls_connect(addr, pki).await).await;
+        conn.get("/public/after").await.unwrap().0.status
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), &mut waiting)
+            .await
+            .is_err(),
+        "a connection past the limit was served while {LIMIT} WebSockets were open"
+    );
+    // the open sockets still relay
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        echo(ws, format!("still socket {i}").as_bytes()).await;
+    }
+
+    // one WebSocket closes: its relay ends, and the waiting client gets its place
+    drop(sockets.pop());
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client was served once a WebSocket closed")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    eventually(
+        Duration::from_secs(5),
+        "the node's end of the closed WebSocket is closed",
+        || async { node.upgraded() == LIMIT - 1 },
+    )
+    .await;
+}
+
+#[test]
+fn an_open_websocket_counts_as_an_open_connection() {
+    // the metrics recorder is process-wide: alone in a process, no other test's
+    // connections are counted with ours
+    harness::run_alone("proxy::an_open_websocket_counts_as_an_open_connection_alone");
+}
+
+/// `portcullis_https_connections_open` summed over the workers, in a scrape.
+fn open_connections(scrape: &str) -> f64 {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("portcullis_https_connections_open{"))
+        .filter_map(|l| l.rsplit(' ').next())
+        .map(|v| v.trim().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+#[ignore = "run in a process of its own by an_open_websocket_counts_as_an_open_connection"]
+async fn an_open_websocket_counts_as_an_open_connection_alone() {
+    let node = AdminNode::start("a").await;
+    let app = spawn_app(|c| proxy_to(c, &[&node])).await;
+    let before = open_connections(&app.metrics().await);
+
+    let mut ws = open_websocket(&app, "/public/ws", &[]).await;
+    echo(&mut ws, b"counted").await;
+    let during = app.metrics().await;
+    assert_eq!(open_connections(&during) - before, 1.0, "{during}");
+
+    drop(ws);
+    eventually(
+        Duration::from_secs(10),
+        "the closed WebSocket's connection no longer counted",
+        || async { open_connections(&app.metrics().await) == before },
+    )
+    .await;
+}
+
 // === upgraded connections live no longer than their credential ===
 
 /// One end of a WebSocket opened through the gateway.
