@@ -533,7 +533,8 @@ pub async fn logout(
 /// token used already (a provider's retry after a lost answer), which ends nothing
 /// again; 400 `invalid_request` for a token refused; 503 when a store or the provider's
 /// keys cannot be reached (the token is not marked used, so the provider may send it
-/// again). A logout that fails part-way is audited for the part done ([`LogoutPart`]).
+/// again). A logout that fails part-way is audited part by part, for what each part
+/// begun did ([`LogoutPart`]).
 pub async fn backchannel_logout(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
@@ -640,8 +641,8 @@ async fn backchannel_logout_inner(
 /// `invalid_request` without `iss` or `sid` (or with a repeated one, or a `sid` that
 /// cannot be one), 400 `unknown_issuer` for an `iss` of no configured provider, 403
 /// `frontchannel_logout_disabled` when none of its providers turned it on; 503 when a
-/// store cannot be reached (a logout that fails part-way is audited for the part done:
-/// [`LogoutPart`]). A refusal changes nothing.
+/// store cannot be reached (a logout that fails part-way is audited part by part, for
+/// what each part begun did: [`LogoutPart`]). A refusal changes nothing.
 pub async fn frontchannel_logout(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
@@ -778,8 +779,8 @@ async fn browser_family(
 
 /// One provider name's part of a provider logout, from either channel, as its audit
 /// record tells it. Kept as the part goes, so that a logout failing part-way (a store
-/// answering an error for the second of two provider names, or half-way through one) is
-/// audited for what it did, not only answered 503.
+/// answering an error for the second of two provider names, at its start or half-way
+/// through) is audited for what it did, not only answered 503.
 #[derive(Debug)]
 struct LogoutPart {
     /// The provider name.
@@ -834,12 +835,12 @@ impl LogoutPart {
     }
 }
 
-/// Records the audit `action` of each part of a provider logout from `ip` that did
-/// something: every part done, and one that failed after revoking some families (one
-/// that failed before is not: the marks it may have left are audited by the login they
-/// end). When the logout failed (`failed`) before every part was done, each record says
-/// so: `partial`, with the provider name whose part failed and the reason the answer
-/// gave (never a store's own error text, which goes to the log).
+/// Records the audit `action` of each part of a provider logout from `ip` that was begun:
+/// every part done, and the one that failed, with the families it revoked before it did
+/// (none when it failed at its start: its record still says that the provider's logout
+/// was tried, and failed). When the logout failed (`failed`) before every part was done,
+/// each record says so: `partial`, with the provider name whose part failed and the
+/// reason the answer gave (never a store's own error text, which goes to the log).
 fn audit_logout(
     state: &AppState,
     ip: std::net::IpAddr,
@@ -855,9 +856,6 @@ fn audit_logout(
         }))
     });
     for part in parts {
-        if !part.done && part.revoked.is_empty() {
-            continue;
-        }
         tracing::info!(
             action,
             provider = %part.provider,

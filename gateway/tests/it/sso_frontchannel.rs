@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use super::sso::{ACCESS_COOKIE, ID_TOKEN_COOKIE, REFRESH_COOKIE, SsoFixture, error_code, live};
 use super::sso_logout::{
     Store, assert_ended_by_the_provider, audited, break_the_logout_mark, log_in_as_test, on,
-    sid_of, twin_fixture,
+    record_of, sid_of, twin_fixture,
 };
 use super::support::*;
 
@@ -229,11 +229,12 @@ async fn a_login_finishing_after_a_front_channel_logout_of_its_session_makes_no_
 }
 
 /// One provider configured under two names, both with front-channel logout on: a logout
-/// whose second name's part fails (the store answers an error for it) answers 503 and
-/// clears no cookie; the first name's part, done, ended its session and is audited, its
-/// record saying the logout was partial and why.
+/// whose second name's part fails at its start (the store answers an error for it)
+/// answers 503 and clears no cookie; the first name's part, done, ended its session; each
+/// part is audited, the failed one too though it ended nothing, every record saying the
+/// logout was partial and why.
 #[tokio::test]
-async fn a_front_channel_logout_failing_part_way_is_audited_for_the_part_done() {
+async fn a_front_channel_logout_failing_part_way_is_audited_part_by_part() {
     let f = twin_fixture(|c| {
         for provider in &mut c.sso.providers {
             provider.frontchannel_logout = true;
@@ -249,23 +250,30 @@ async fn a_front_channel_logout_failing_part_way_is_audited_for_the_part_done() 
     assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(cleared_cookies(&failed).is_empty());
     assert!(!live(&f, &refresh).await, "the part done ended the session");
-    wait_for_audit_actor(
-        &f.app.state,
-        std::time::Duration::from_secs(10),
-        "logout.frontchannel",
-        "provider:test",
-    )
-    .await;
+    for actor in ["provider:test", "provider:twin"] {
+        wait_for_audit_actor(
+            &f.app.state,
+            std::time::Duration::from_secs(10),
+            "logout.frontchannel",
+            actor,
+        )
+        .await;
+    }
     let records = audited(&f, "logout.frontchannel").await;
-    assert_eq!(records.len(), 1, "only the part done: {records:?}");
-    let (actor, target, detail) = &records[0];
-    assert_eq!(actor, "provider:test");
+    assert_eq!(records.len(), 2, "a record per part begun: {records:?}");
+    let (_, target, detail) = record_of(&records, "provider:test");
     assert_eq!(target, &format!("test session {sid}"));
-    assert_eq!(detail["sid"], sid.as_str());
     assert_eq!(detail["families_revoked"], serde_json::json!([family]));
-    assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
-    assert_eq!(
-        detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
-        "{detail}"
-    );
+    // the part that failed before it ended anything: tried, nothing done, and why
+    let (_, twin_target, twin) = record_of(&records, "provider:twin");
+    assert_eq!(twin_target, &format!("twin session {sid}"));
+    assert_eq!(twin["families_revoked"], serde_json::json!([]), "{twin}");
+    for detail in [detail, twin] {
+        assert_eq!(detail["sid"], sid.as_str());
+        assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
+        assert_eq!(
+            detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
+            "{detail}"
+        );
+    }
 }
