@@ -739,11 +739,17 @@ async fn frontchannel_logout_inner(
                 if of_sid {
                     break;
                 }
-                of_sid = state
-                    .sso
-                    .sessions_of_provider_session(&provider.settings.name, &sid)
-                    .await?
-                    .contains(family);
+                let name = &provider.settings.name;
+                match state.sso.sessions_of_provider_session(name, &sid).await {
+                    Ok(families) => of_sid = families.contains(family),
+                    Err(e) => {
+                        // every part is done, but the answer is a 503: audited as partial
+                        if let Some(part) = parts.iter_mut().find(|p| p.provider == *name) {
+                            part.failed = Some(LogoutStep::BrowserSession);
+                        }
+                        return Err(e.into());
+                    }
+                }
             }
             of_sid
         }
@@ -793,8 +799,37 @@ struct LogoutPart {
     jti: Option<String>,
     /// The families revoked so far.
     revoked: Vec<String>,
-    /// Done: the logout remembered and every session it names ended.
-    done: bool,
+    /// The step that failed, if one did; none once the logout is remembered and every
+    /// session it names ended.
+    failed: Option<LogoutStep>,
+}
+
+/// The step of a provider name's logout that failed, as its audit record names it
+/// (`partial.step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogoutStep {
+    /// Remembering the logout, so that a login of it still finishing ends too: nothing
+    /// of this provider name's part was done.
+    Remember,
+    /// Ending the sessions already stored: those in `revoked` were.
+    EndSessions,
+    /// (Front channel, after every part was done.) Reading whether the browser's own
+    /// session was one of those the provider session made, to clear its cookies: none
+    /// were cleared.
+    BrowserSession,
+}
+
+// === impl LogoutStep ===
+
+impl LogoutStep {
+    /// The name in the audit record.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Remember => "remember",
+            Self::EndSessions => "end_sessions",
+            Self::BrowserSession => "browser_session",
+        }
+    }
 }
 
 // === impl LogoutPart ===
@@ -813,7 +848,7 @@ impl LogoutPart {
             sid: logout.sid.map(str::to_owned),
             jti: jti.map(str::to_owned),
             revoked: Vec::new(),
-            done: false,
+            failed: None,
         }
     }
 
@@ -838,8 +873,9 @@ impl LogoutPart {
 /// Records the audit `action` of each part of a provider logout from `ip` that was begun:
 /// every part done, and the one that failed, with the families it revoked before it did
 /// (none when it failed at its start: its record still says that the provider's logout
-/// was tried, and failed). When the logout failed (`failed`) before every part was done,
-/// each record says so: `partial`, with the provider name whose part failed and the
+/// was tried, and failed). When the logout failed (`failed`) once its parts had begun —
+/// in a part, or in the front channel's check of the browser's session after them — each
+/// record says so: `partial`, with the provider name and the step that failed, and the
 /// reason the answer gave (never a store's own error text, which goes to the log).
 fn audit_logout(
     state: &AppState,
@@ -848,12 +884,17 @@ fn audit_logout(
     parts: Vec<LogoutPart>,
     failed: Option<&ApiError>,
 ) {
-    let partial = failed.and_then(|e| {
-        let failed_at = parts.iter().find(|p| !p.done)?;
-        Some(serde_json::json!({
-            "failed_at": failed_at.provider,
+    // a failure once the parts began names its part and step; were one not to, the
+    // records would still say that the logout was partial
+    let partial = failed.map(|e| {
+        let at = parts
+            .iter()
+            .find_map(|p| Some((p.provider.as_str(), p.failed?)));
+        serde_json::json!({
+            "failed_at": at.map(|(provider, _)| provider),
+            "step": at.map(|(_, step)| step.as_str()),
             "reason": e.parts().2,
-        }))
+        })
     });
     for part in parts {
         tracing::info!(
@@ -884,8 +925,11 @@ async fn end_logout(
     logout: Ended<'_>,
     now: time::OffsetDateTime,
 ) -> Result<(), ApiError> {
-    state.sso.remember_logout(&part.provider, logout).await?;
-    end_sessions(
+    if let Err(e) = state.sso.remember_logout(&part.provider, logout).await {
+        part.failed = Some(LogoutStep::Remember);
+        return Err(e.into());
+    }
+    let ended = end_sessions(
         state,
         &part.provider,
         logout.sub,
@@ -893,9 +937,11 @@ async fn end_logout(
         now,
         &mut part.revoked,
     )
-    .await?;
-    part.done = true;
-    Ok(())
+    .await;
+    if ended.is_err() {
+        part.failed = Some(LogoutStep::EndSessions);
+    }
+    ended
 }
 
 /// Ends the console sessions from `provider` that a logout naming `sub` and/or `sid`

@@ -9,8 +9,9 @@ use secrecy::SecretString;
 
 use super::sso::{ACCESS_COOKIE, ID_TOKEN_COOKIE, REFRESH_COOKIE, SsoFixture, error_code, live};
 use super::sso_logout::{
-    Store, assert_ended_by_the_provider, audited, break_the_logout_mark, log_in_as_test, on,
-    record_of, sid_of, twin_fixture,
+    Store, assert_ended_by_the_provider, audited, break_the_logout_mark,
+    break_the_session_index_once_marked, log_in_as_test, on, record_of, sid_of, slow_the_part_of,
+    twin_fixture,
 };
 use super::support::*;
 
@@ -271,6 +272,83 @@ async fn a_front_channel_logout_failing_part_way_is_audited_part_by_part() {
     for detail in [detail, twin] {
         assert_eq!(detail["sid"], sid.as_str());
         assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
+        // remembering the logout, where `twin`'s part began
+        assert_eq!(detail["partial"]["step"], "remember", "{detail}");
+        assert_eq!(
+            detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
+            "{detail}"
+        );
+    }
+}
+
+/// A front-channel logout whose every part is done, but whose last step, reading whether
+/// the browser's own session was one the provider session made (to clear its cookies),
+/// fails: 503, no cookie cleared, and every part's record says the logout was partial,
+/// at that step; not recorded as a complete logout.
+#[tokio::test]
+async fn a_front_channel_logout_whose_browser_check_fails_is_audited_as_partial() {
+    let f = twin_fixture(|c| {
+        for provider in &mut c.sso.providers {
+            provider.frontchannel_logout = true;
+        }
+    })
+    .await;
+    // the browser's own session is of another provider session: after the parts, its
+    // cookies are cleared only if a read of the logout's sessions finds it there
+    let (own, _, _) = log_in_as_test(&f, "alice", ALICE).await;
+    let (_, other) = f
+        .login_elsewhere("?provider=test&redirect=/jobs", "alice", ALICE)
+        .await;
+    let sid = sid_of(&f, &other).await;
+    let other_family = f
+        .app
+        .state
+        .refresh
+        .inspect(&other, f.clock.now())
+        .await
+        .unwrap()
+        .unwrap()
+        .family
+        .to_string();
+    // once `test`'s part is done (`twin`'s begun), the index it read cannot be read again;
+    // `twin`'s part is made long enough for that to happen before the check
+    slow_the_part_of(&f, "twin", &sid, 3000).await;
+    let breaker = break_the_session_index_once_marked(&f, "test", "twin", &sid);
+
+    let issuer = f.idp.issuer();
+    let query = [("iss", issuer.as_str()), ("sid", sid.as_str())];
+    let failed = frontchannel(&f, &f.browser, &query).await;
+    breaker.await.unwrap();
+    assert_eq!(
+        failed.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the check read the index before it was broken: make twin's part longer"
+    );
+    assert!(cleared_cookies(&failed).is_empty());
+    assert!(!live(&f, &other).await, "the parts ended the other session");
+    assert!(
+        live(&f, &own).await,
+        "the browser's own session is of another"
+    );
+
+    for actor in ["provider:test", "provider:twin"] {
+        wait_for_audit_actor(
+            &f.app.state,
+            std::time::Duration::from_secs(10),
+            "logout.frontchannel",
+            actor,
+        )
+        .await;
+    }
+    let records = audited(&f, "logout.frontchannel").await;
+    assert_eq!(records.len(), 2, "a record per part: {records:?}");
+    let (_, _, test) = record_of(&records, "provider:test");
+    assert_eq!(test["families_revoked"], serde_json::json!([other_family]));
+    let (_, _, twin) = record_of(&records, "provider:twin");
+    assert_eq!(twin["families_revoked"], serde_json::json!([]));
+    for detail in [test, twin] {
+        assert_eq!(detail["partial"]["failed_at"], "test", "{detail}");
+        assert_eq!(detail["partial"]["step"], "browser_session", "{detail}");
         assert_eq!(
             detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
             "{detail}"

@@ -206,6 +206,99 @@ fn logout_mark_key(f: &SsoFixture, provider: &str, sid: &str) -> String {
     )
 }
 
+/// The Redis key of the index of the console sessions provider session `sid` of
+/// `provider` made (as `RedisPendingStore` names it).
+fn session_index_key(f: &SsoFixture, provider: &str, sid: &str) -> String {
+    use sha2::Digest as _;
+    let name = format!("provider-session\n{provider}\n{sid}");
+    format!(
+        "{}index:{}",
+        f.app.state.config.sso.key_prefix,
+        hex::encode(sha2::Sha256::digest(name.as_bytes()))
+    )
+}
+
+/// Makes the part of `provider` in a logout of provider session `sid` slow: `count`
+/// sessions that do not exist are added to its index, and the logout asks the store to
+/// end each of them, one round trip apiece.
+pub async fn slow_the_part_of(f: &SsoFixture, provider: &str, sid: &str, count: usize) {
+    use base64::Engine as _;
+    let mut add = ::redis::cmd("SADD");
+    add.arg(session_index_key(f, provider, sid));
+    for _ in 0..count {
+        // the form of a family id (16 random bytes, base64url), of no family
+        add.arg(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(uuid::Uuid::new_v4().as_bytes()),
+        );
+    }
+    let mut redis = redis_connection().await;
+    let added: usize = add.query_async(&mut redis).await.unwrap();
+    assert_eq!(added, count);
+    let _: bool = ::redis::cmd("EXPIRE")
+        .arg(session_index_key(f, provider, sid))
+        .arg(300)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+/// Makes the index of the console sessions provider session `sid` of `provider` made
+/// unreadable: a string where a set was, so the store answers WRONGTYPE where a logout
+/// reads it. Lives 5 minutes.
+pub async fn break_the_session_index(f: &SsoFixture, provider: &str, sid: &str) {
+    break_index(
+        &mut redis_connection().await,
+        &session_index_key(f, provider, sid),
+    )
+    .await;
+}
+
+async fn break_index(redis: &mut ::redis::aio::MultiplexedConnection, index: &str) {
+    let _: () = ::redis::cmd("SET")
+        .arg(index)
+        .arg("not an index")
+        .arg("EX")
+        .arg(300)
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
+/// Once the logout of provider session `sid` has been remembered for `after` (its part has
+/// begun), [`break_the_session_index`] of `broken`: the index read by `broken`'s part
+/// before that stays read; a later read fails. The task ends once it is broken.
+pub fn break_the_session_index_once_marked(
+    f: &SsoFixture,
+    broken: &str,
+    after: &str,
+    sid: &str,
+) -> tokio::task::JoinHandle<()> {
+    let mark = logout_mark_key(f, after, sid);
+    let index = session_index_key(f, broken, sid);
+    tokio::spawn(async move {
+        let mut redis = redis_connection().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // a round trip per look, no sleep: the part being watched is a few thousand
+        // round trips long
+        loop {
+            let marked: bool = ::redis::cmd("EXISTS")
+                .arg(&mark)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            if marked {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the logout was not remembered for {mark} within 30 s"
+            );
+        }
+        break_index(&mut redis, &index).await;
+    })
+}
+
 async fn redis_connection() -> ::redis::aio::MultiplexedConnection {
     ::redis::Client::open(harness::Redis::shared().url())
         .unwrap()
@@ -316,6 +409,8 @@ async fn a_back_channel_logout_failing_part_way_is_audited_part_by_part() {
         assert!(detail["jti"].is_string(), "{detail}");
         assert_eq!(detail["jti"], records[0].2["jti"], "one logout token");
         assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
+        // remembering the logout, where `twin`'s part began
+        assert_eq!(detail["partial"]["step"], "remember", "{detail}");
         assert_eq!(
             detail["partial"]["reason"], "login-state store is unavailable; try again shortly",
             "the answer's reason, not the store's error: {detail}"
@@ -339,6 +434,40 @@ async fn a_back_channel_logout_failing_part_way_is_audited_part_by_part() {
             json!([]),
             "{actor}: ended before"
         );
+    }
+}
+
+/// A back-channel logout whose second provider name's part fails while it ends the
+/// sessions (the index of the provider session's sessions cannot be read), after the
+/// logout was remembered for it: each part's record names that step.
+#[tokio::test]
+async fn a_back_channel_logout_failing_while_ending_sessions_names_that_step() {
+    let f = twin_fixture(|_| {}).await;
+    let (refresh, family, sid) = log_in_as_test(&f, "bob", BOB).await;
+    break_the_session_index(&f, "twin", &sid).await;
+
+    let token = f.logout_token(json!({ "sid": sid })).await;
+    let failed = f.post_logout_token(&token).await;
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!live(&f, &refresh).await, "the part done ended the session");
+    for actor in ["provider:test", "provider:twin"] {
+        wait_for_audit_actor(
+            &f.app.state,
+            Duration::from_secs(10),
+            "logout.backchannel",
+            actor,
+        )
+        .await;
+    }
+    let records = audited(&f, "logout.backchannel").await;
+    assert_eq!(records.len(), 2, "a record per part begun: {records:?}");
+    let (_, _, test) = record_of(&records, "provider:test");
+    assert_eq!(test["families_revoked"], json!([family]));
+    let (_, _, twin) = record_of(&records, "provider:twin");
+    assert_eq!(twin["families_revoked"], json!([]));
+    for detail in [test, twin] {
+        assert_eq!(detail["partial"]["failed_at"], "twin", "{detail}");
+        assert_eq!(detail["partial"]["step"], "end_sessions", "{detail}");
     }
 }
 
