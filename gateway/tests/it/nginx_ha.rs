@@ -719,7 +719,7 @@ async fn answer(r: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap
 }
 
 #[tokio::test]
-async fn backchannel_logouts_count_against_the_token_limit_at_the_edge_not_the_login_one() {
+async fn provider_logouts_count_against_the_token_limit_at_the_edge_not_the_login_one() {
     let certs = Certs::new();
     let app = spawn_app(|c| {
         behind_nginx(c, &certs);
@@ -760,6 +760,29 @@ async fn backchannel_logouts_count_against_the_token_limit_at_the_edge_not_the_l
         refused[0]
     );
 
+    // front-channel logouts neither: the provider's logout page loads one per relying
+    // party in the browser, and users behind one NAT leave at the same hour. This
+    // provider has front-channel logout off, which Portcullis answers with a 403
+    let gets = (0..50).map(|_| {
+        edge.client
+            .get(edge.url("/auth/frontchannel-logout?iss=https%3A%2F%2Fidp.example&sid=session-1"))
+            .send()
+    });
+    let mut refused = Vec::new();
+    for r in futures::future::join_all(gets).await {
+        let (status, _, body) = answer(r.unwrap()).await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status != StatusCode::FORBIDDEN || json["error"] != "frontchannel_logout_disabled" {
+            refused.push(format!("{status} {body}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 50 front-channel logouts were not answered by Portcullis; the first: {}",
+        refused.len(),
+        refused[0]
+    );
+
     // and they do count against the token zone: with its rate and burst made small (and
     // nothing else changed), a burst of logouts is refused at the edge, in Portcullis's
     // JSON, and empties the bucket the token endpoint draws from
@@ -768,8 +791,8 @@ async fn backchannel_logouts_count_against_the_token_limit_at_the_edge_not_the_l
     assert_eq!(TEMPLATE.matches(rate).count(), 1, "the token zone's rate");
     assert_eq!(
         TEMPLATE.matches(burst).count(),
-        2,
-        "the token zone's two locations"
+        3,
+        "the token zone's three locations"
     );
     let small = TEMPLATE
         .replace(rate, "zone=portcullis_token:10m rate=1r/m;")
