@@ -1035,9 +1035,77 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
 async fn the_trail_keeps_a_brin_time_index_and_an_action_index_without_token_issues() {
     let db = Postgres::shared().fresh_database("audit_indexes").unwrap();
     let _app = pg_app(&db, None).await;
+    assert_lean_indexes(&db);
+}
+
+/// An upgrade from a version before the lean indexes (migrations up to 0005) over a trail
+/// that already holds records: the start-up's migrations build the new indexes over
+/// them, valid, and the audit API still finds those records by action and by time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_builds_the_lean_indexes_over_the_records_already_stored() {
+    let db = Postgres::shared().fresh_database("audit_upgrade").unwrap();
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations/postgres");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&pool).await.unwrap();
+    // 2,000 records a second apart from 2026-01-01T00:00:01Z, one in a hundred a client
+    // disabled, stored at positions 1..=2000 with the head after them (their hashes are
+    // not the chain's: this is about the indexes, not `audit verify`)
+    const START_MS: i64 = 1_767_225_600_000;
+    sqlx::query(
+        "INSERT INTO audit_events (seq, at_unix_ms, actor, action, target, source_ip, detail, \
+         prev_hash, hash, hash_version) \
+         SELECT g, $1 + g * 1000, 'client:before', \
+                CASE WHEN g % 100 = 0 THEN 'client.disable' ELSE 'token.issue' END, \
+                'record-' || g, '127.0.0.1', '{}', repeat('0', 64), repeat('0', 64), 1 \
+         FROM generate_series(1, 2000) g",
+    )
+    .bind(START_MS)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE audit_chain_head SET seq = 2000 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let app = pg_app(&db, None).await;
+    assert_lean_indexes(&db);
+    let (status, body) = audit_api(&app, "?action=client.disable&limit=1000").await;
+    assert_eq!(status, 200, "{body}");
+    let targets: Vec<&str> = body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=20).map(|n| format!("record-{}", n * 100)).collect();
+    assert_eq!(targets, expected);
+    // seconds 501 to 600 of the trail
+    let (status, body) = audit_api(
+        &app,
+        "?since=2026-01-01T00:08:21Z&until=2026-01-01T00:10:01Z&limit=1000",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let records = body["records"].as_array().unwrap();
+    assert_eq!(records.len(), 100, "{body}");
+    assert_eq!(records[0]["target"], "record-501");
+    assert_eq!(records[99]["target"], "record-600");
+}
+
+/// Asserts that `audit_events` on `db` has exactly the lean indexes, all valid.
+fn assert_lean_indexes(db: &str) {
     let indexes = Postgres::shared()
         .psql(
-            database_name(&db),
+            database_name(db),
             "SELECT indexname || ': ' || indexdef FROM pg_indexes \
              WHERE tablename = 'audit_events' ORDER BY indexname",
         )
@@ -1061,7 +1129,7 @@ async fn the_trail_keeps_a_brin_time_index_and_an_action_index_without_token_iss
     );
     let invalid = Postgres::shared()
         .psql(
-            database_name(&db),
+            database_name(db),
             "SELECT count(*) FROM pg_index \
              WHERE indrelid = 'audit_events'::regclass AND NOT indisvalid",
         )
