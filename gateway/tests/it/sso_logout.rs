@@ -358,6 +358,20 @@ pub async fn audited(f: &SsoFixture, action: &str) -> Vec<(String, String, serde
         .collect()
 }
 
+/// The records of `action` once both parts of a twin provider's logout (`provider:test`
+/// and `provider:twin`) are stored: one per part begun, newest first.
+pub async fn audited_parts(
+    f: &SsoFixture,
+    action: &str,
+) -> Vec<(String, String, serde_json::Value)> {
+    for actor in ["provider:test", "provider:twin"] {
+        wait_for_audit_actor(&f.app.state, Duration::from_secs(10), action, actor).await;
+    }
+    let records = audited(f, action).await;
+    assert_eq!(records.len(), 2, "a record per part begun: {records:?}");
+    records
+}
+
 /// The stored record of `action` by `actor` among `records`.
 pub fn record_of<'a>(
     records: &'a [(String, String, serde_json::Value)],
@@ -386,17 +400,7 @@ async fn a_back_channel_logout_failing_part_way_is_audited_part_by_part() {
     assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(failed).await, "temporarily_unavailable");
     assert!(!live(&f, &refresh).await, "the part done ended the session");
-    for actor in ["provider:test", "provider:twin"] {
-        wait_for_audit_actor(
-            &f.app.state,
-            Duration::from_secs(10),
-            "logout.backchannel",
-            actor,
-        )
-        .await;
-    }
-    let records = audited(&f, "logout.backchannel").await;
-    assert_eq!(records.len(), 2, "a record per part begun: {records:?}");
+    let records = audited_parts(&f, "logout.backchannel").await;
     let (_, target, detail) = record_of(&records, "provider:test");
     assert_eq!(target, &format!("test session {sid}"));
     assert_eq!(detail["families_revoked"], json!([family]));
@@ -450,17 +454,7 @@ async fn a_back_channel_logout_failing_while_ending_sessions_names_that_step() {
     let failed = f.post_logout_token(&token).await;
     assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(!live(&f, &refresh).await, "the part done ended the session");
-    for actor in ["provider:test", "provider:twin"] {
-        wait_for_audit_actor(
-            &f.app.state,
-            Duration::from_secs(10),
-            "logout.backchannel",
-            actor,
-        )
-        .await;
-    }
-    let records = audited(&f, "logout.backchannel").await;
-    assert_eq!(records.len(), 2, "a record per part begun: {records:?}");
+    let records = audited_parts(&f, "logout.backchannel").await;
     let (_, _, test) = record_of(&records, "provider:test");
     assert_eq!(test["families_revoked"], json!([family]));
     let (_, _, twin) = record_of(&records, "provider:twin");
