@@ -66,6 +66,20 @@ impl ParseSink for String {
     }
 }
 
+/// A fresh database named from `prefix`, an instance on it, and one record of `action`
+/// stored through it (its writer has appended once: connection open, chain begun); with
+/// the time that record was made.
+async fn pg_app_after_one_record(prefix: &str, action: &str) -> (String, TestApp, OffsetDateTime) {
+    let db = Postgres::shared().fresh_database(prefix).unwrap();
+    let app = pg_app(&db, None).await;
+    let at = OffsetDateTime::now_utc();
+    app.state
+        .audit
+        .record(event("operator:test", action, "0", at));
+    wait_for(&app, action, 1).await;
+    (db, app, at)
+}
+
 /// `GET /admin/audit<query>` with the admin token.
 async fn audit_api(app: &TestApp, query: &str) -> (StatusCode, Value) {
     let resp = reqwest::Client::new()
@@ -912,15 +926,7 @@ async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_once_it_goes() {
     use sqlx::Connection as _;
-    let db = Postgres::shared()
-        .fresh_database("audit_held_lock")
-        .unwrap();
-    let app = pg_app(&db, None).await;
-    let at = OffsetDateTime::now_utc();
-    app.state
-        .audit
-        .record(event("operator:test", "test.before_lock", "0", at));
-    wait_for(&app, "test.before_lock", 1).await;
+    let (db, app, at) = pg_app_after_one_record("audit_held_lock", "test.before_lock").await;
 
     // the vanished instance: a transaction that locked the head and then said nothing
     let mut vanished = sqlx::PgConnection::connect(&db).await.unwrap();
@@ -1144,13 +1150,7 @@ fn assert_lean_indexes(db: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_stored_in_a_few_large_appends() {
     use sqlx::Connection as _;
-    let db = Postgres::shared().fresh_database("audit_backlog").unwrap();
-    let app = pg_app(&db, None).await;
-    let at = OffsetDateTime::now_utc();
-    app.state
-        .audit
-        .record(event("operator:test", "test.before_backlog", "0", at));
-    wait_for(&app, "test.before_backlog", 1).await;
+    let (db, app, at) = pg_app_after_one_record("audit_backlog", "test.before_backlog").await;
 
     let mut holder = sqlx::PgConnection::connect(&db).await.unwrap();
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
@@ -1262,15 +1262,7 @@ async fn until_an_append_waits_for_the_chain(db: &str) {
 /// before", which they can never make false).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
-    let db = Postgres::shared()
-        .fresh_database("audit_queue_metrics")
-        .unwrap();
-    let app = pg_app(&db, None).await;
-    let at = OffsetDateTime::now_utc();
-    app.state
-        .audit
-        .record(event("operator:test", "test.before_stall", "0", at));
-    wait_for(&app, "test.before_stall", 1).await;
+    let (db, app, at) = pg_app_after_one_record("audit_queue_metrics", "test.before_stall").await;
     let scrape = app.metrics().await;
     let slow_appends = |s: &str| {
         sample(s, "portcullis_audit_append_seconds_count")
@@ -1343,15 +1335,7 @@ async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
 /// left queued) and wait in its append: the gauge shows every one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_gauge_counts_the_batch_a_stalled_writer_holds() {
-    let db = Postgres::shared()
-        .fresh_database("audit_queue_held")
-        .unwrap();
-    let app = pg_app(&db, None).await;
-    let at = OffsetDateTime::now_utc();
-    app.state
-        .audit
-        .record(event("operator:test", "test.before_stall", "0", at));
-    wait_for(&app, "test.before_stall", 1).await;
+    let (db, app, at) = pg_app_after_one_record("audit_queue_held", "test.before_stall").await;
 
     let mut holder = hold_the_chain(&db).await;
     // not a count the other queue tests leave in the shared gauge (1,001; 1,024–1,026)
