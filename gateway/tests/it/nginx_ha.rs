@@ -718,6 +718,24 @@ async fn answer(r: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap
     (status, headers, r.text().await.unwrap())
 }
 
+/// The answers among `responses` other than `status` with the OAuth `error` code: each as
+/// its status and body.
+async fn other_answers(
+    responses: Vec<reqwest::Result<reqwest::Response>>,
+    status: StatusCode,
+    error: &str,
+) -> Vec<String> {
+    let mut others = Vec::new();
+    for r in responses {
+        let (got, _, body) = answer(r.unwrap()).await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if got != status || json["error"] != error {
+            others.push(format!("{got} {body}"));
+        }
+    }
+    others
+}
+
 #[tokio::test]
 async fn provider_logouts_count_against_the_token_limit_at_the_edge_not_the_login_one() {
     let certs = Certs::new();
@@ -745,14 +763,12 @@ async fn provider_logouts_count_against_the_token_limit_at_the_edge_not_the_logi
             .form(&[("logout_token", "x")])
             .send()
     });
-    let mut refused = Vec::new();
-    for r in futures::future::join_all(posts).await {
-        let (status, _, body) = answer(r.unwrap()).await;
-        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        if status != StatusCode::BAD_REQUEST || json["error"] != "invalid_request" {
-            refused.push(format!("{status} {body}"));
-        }
-    }
+    let refused = other_answers(
+        futures::future::join_all(posts).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
     assert!(
         refused.is_empty(),
         "{} of 50 logouts were not answered by Portcullis; the first: {}",
@@ -768,14 +784,12 @@ async fn provider_logouts_count_against_the_token_limit_at_the_edge_not_the_logi
             .get(edge.url("/auth/frontchannel-logout?iss=https%3A%2F%2Fidp.example&sid=session-1"))
             .send()
     });
-    let mut refused = Vec::new();
-    for r in futures::future::join_all(gets).await {
-        let (status, _, body) = answer(r.unwrap()).await;
-        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        if status != StatusCode::FORBIDDEN || json["error"] != "frontchannel_logout_disabled" {
-            refused.push(format!("{status} {body}"));
-        }
-    }
+    let refused = other_answers(
+        futures::future::join_all(gets).await,
+        StatusCode::FORBIDDEN,
+        "frontchannel_logout_disabled",
+    )
+    .await;
     assert!(
         refused.is_empty(),
         "{} of 50 front-channel logouts were not answered by Portcullis; the first: {}",
