@@ -36,6 +36,6 @@ pub use model::{
 pub use signing::{ReleaseClaims, content_hash, signing_payload};
 pub use store::{
     Aborted, ChangeKind, ChangeNote, Diff, Edit, Expected, KeyChange, Pool, Release, ReleaseCheck,
-    ReleaseInfo, ReleaseStatus, Store, StoreError, migrate,
+    ReleaseInfo, ReleaseStatus, Store, StoreError, migrate, postgres_migrator, sqlite_migrator,
 };
 pub use wire::{Entry, ErrorBody, Snapshot};

@@ -118,20 +118,31 @@ macro_rules! on_pool {
 
 /// Applies the config center's migrations (versions 1001+) to `pool`. Migrations of
 /// other crates on the same database (the gateway's) are ignored, and theirs ignore ours.
+///
+/// For a process of its own. Several instances starting together on one Postgres go
+/// through the gateway's runner (`portcullis::db`), which runs [`postgres_migrator`]
+/// under a lock it takes without stalling an index build, on a session it closes
+/// whatever happens.
 pub async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     match pool {
-        Pool::Postgres(p) => {
-            let mut m = sqlx::migrate!("./migrations/postgres");
-            m.set_ignore_missing(true);
-            m.run(p).await?;
-        }
-        Pool::Sqlite(p) => {
-            let mut m = sqlx::migrate!("./migrations/sqlite");
-            m.set_ignore_missing(true);
-            m.run(p).await?;
-        }
+        Pool::Postgres(p) => postgres_migrator().run(p).await?,
+        Pool::Sqlite(p) => sqlite_migrator().run(p).await?,
     }
     Ok(())
+}
+
+/// The config center's Postgres migrations, missing ones (another crate's) ignored.
+pub fn postgres_migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations/postgres");
+    m.set_ignore_missing(true);
+    m
+}
+
+/// The config center's SQLite migrations, missing ones (another crate's) ignored.
+pub fn sqlite_migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations/sqlite");
+    m.set_ignore_missing(true);
+    m
 }
 
 /// Which version a write expects to be current.

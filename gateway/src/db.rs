@@ -11,7 +11,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{PgConnection, PgPool, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
@@ -28,9 +28,6 @@ pub enum DbError {
     /// Migrations failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// The config center's migrations failed.
-    #[error("config center schema: {0}")]
-    ConfigCenter(#[from] config_center::StoreError),
     /// The schema is not in place yet (migrations still pending).
     #[error("database schema not migrated yet")]
     NotMigrated,
@@ -152,21 +149,18 @@ impl Database {
 
     /// Applies pending migrations: the gateway's own, then the config center's. Both
     /// share sqlx's bookkeeping table (the config center numbers its migrations from
-    /// 1001), so each ignores the other's rows.
+    /// 1001), so each ignores the other's rows. On Postgres they run under a lock that
+    /// every instance takes first (see [`migrate_postgres`]).
     pub async fn migrate(&self) -> Result<(), DbError> {
         match &self.pool {
-            Pool::Postgres(p) => {
-                let mut m = sqlx::migrate!("./migrations/postgres");
-                m.set_ignore_missing(true);
-                m.run(p).await?;
-            }
+            Pool::Postgres(p) => migrate_postgres(p).await?,
             Pool::Sqlite(p) => {
                 let mut m = sqlx::migrate!("./migrations/sqlite");
                 m.set_ignore_missing(true);
                 m.run(p).await?;
+                config_center::sqlite_migrator().run(p).await?;
             }
         }
-        config_center::migrate(&self.config_center_pool()).await?;
         self.migrated.store(true, Ordering::Release);
         self.warm().await;
         Ok(())
@@ -242,4 +236,116 @@ impl Database {
     pub async fn close(&self) {
         crate::on_pool!(&self.pool, |p| p.close().await);
     }
+}
+
+/// How often an instance asks again for the migration lock another instance holds.
+const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(250);
+
+/// Indexes that a migration of their own builds `CONCURRENTLY`: (its version, the index).
+/// A build cut off (the instance stopped, the connection lost) leaves the index behind,
+/// invalid, and the migration unrecorded; its `IF NOT EXISTS` would then pass over it.
+const CONCURRENT_BUILDS: [(i64, &str); 2] =
+    [(6, "audit_events_at_brin"), (7, "audit_events_action_rare")];
+
+/// Runs the gateway's and the config center's Postgres migrations on a session of their
+/// own, holding the lock that keeps two instances from migrating at once: the advisory
+/// lock sqlx's migrator takes, under the same key, so that an instance of an earlier
+/// version starting meanwhile waits as well.
+///
+/// Unlike sqlx's own locking:
+/// - The session is taken out of the pool and closed at the end, whatever happened:
+///   Postgres releases the lock with it. sqlx leaves the lock held when a migration
+///   fails, on a connection it returns to the pool, and every later attempt of every
+///   instance then waits on it for good.
+/// - The lock is asked for with `pg_try_advisory_lock`, again every
+///   [`MIGRATION_LOCK_POLL`], not waited for in `pg_advisory_lock`. A session waiting
+///   inside a statement holds a snapshot, and `CREATE INDEX CONCURRENTLY` (0006, 0007)
+///   waits for every older snapshot to end: the holder's build would wait for the
+///   waiters and the waiters for the holder, until Postgres's deadlock check cancelled
+///   one of them, the build as likely as not.
+async fn migrate_postgres(pool: &PgPool) -> Result<(), DbError> {
+    let mut session = pool.acquire().await?.detach();
+    let migrated = migrate_postgres_on(&mut session).await;
+    // closing the session releases the lock; a failure to say goodbye changes nothing
+    // (the server ends the backend when the socket closes)
+    let _ = sqlx::Connection::close(session).await;
+    migrated
+}
+
+/// [`migrate_postgres`] on `session`, which it leaves holding the lock.
+async fn migrate_postgres_on(session: &mut PgConnection) -> Result<(), DbError> {
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *session)
+        .await?;
+    let key = migration_lock_key(&database);
+    let mut waiting = false;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *session)
+        .await?
+    {
+        if !waiting {
+            tracing::info!("another instance is migrating the database; waiting for it");
+            waiting = true;
+        }
+        tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+    }
+    drop_cut_off_builds(session).await?;
+    let mut gateway = sqlx::migrate!("./migrations/postgres");
+    gateway.set_ignore_missing(true);
+    gateway.set_locking(false);
+    // `run_direct`, sqlx's own way around `run(&mut conn)` making a spawned future's
+    // `Acquire` bound not general enough
+    gateway.run_direct(&mut *session).await?;
+    let mut config_center = config_center::postgres_migrator();
+    config_center.set_locking(false);
+    config_center.run_direct(&mut *session).await?;
+    Ok(())
+}
+
+/// The key of sqlx's migration lock on `database`, as sqlx 0.8 computes it.
+fn migration_lock_key(database: &str) -> i64 {
+    const CRC_32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    0x3d32_ad9e * i64::from(CRC_32.checksum(database.as_bytes()))
+}
+
+/// Drops what a cut-off build of a [`CONCURRENT_BUILDS`] index left behind (the index,
+/// invalid) while its migration is still pending, so that the migration builds it anew
+/// rather than passing over it. Called under the migration lock: no instance of ours is
+/// building one meanwhile.
+async fn drop_cut_off_builds(session: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *session)
+        .await?;
+    let applied: Vec<i64> = if recorded {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut *session)
+            .await?
+    } else {
+        Vec::new()
+    };
+    for (version, index) in CONCURRENT_BUILDS {
+        if applied.contains(&version) {
+            continue;
+        }
+        let invalid: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace \
+             AND NOT i.indisvalid)",
+        )
+        .bind(index)
+        .fetch_one(&mut *session)
+        .await?;
+        if invalid {
+            tracing::warn!(
+                index,
+                migration = version,
+                "an earlier build of this index was cut off and left it invalid; dropping it to build it again"
+            );
+            sqlx::query(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}"))
+                .execute(&mut *session)
+                .await?;
+        }
+    }
+    Ok(())
 }

@@ -214,7 +214,7 @@ fn python_verify_with(lines: &[u8], args: &[&str]) -> (i32, String) {
     )
 }
 
-fn database_name(url: &str) -> &str {
+pub(super) fn database_name(url: &str) -> &str {
     url.rsplit('/').next().unwrap()
 }
 
@@ -1050,16 +1050,7 @@ async fn the_trail_keeps_a_brin_time_index_and_an_action_index_without_token_iss
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_builds_the_lean_indexes_over_the_records_already_stored() {
     let db = Postgres::shared().fresh_database("audit_upgrade").unwrap();
-    let pool = sqlx::PgPool::connect(&db).await.unwrap();
-    let mut before = sqlx::migrate!("./migrations/postgres");
-    before.migrations = before
-        .migrations
-        .iter()
-        .filter(|m| m.version <= 5)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    before.run(&pool).await.unwrap();
+    let pool = schema_before_lean_indexes(&db).await;
     // 2,000 records a second apart from 2026-01-01T00:00:01Z, one in a hundred a client
     // disabled, stored at positions 1..=2000 with the head after them (their hashes are
     // not the chain's: this is about the indexes, not `audit verify`)
@@ -1105,6 +1096,64 @@ async fn an_upgrade_builds_the_lean_indexes_over_the_records_already_stored() {
     assert_eq!(records.len(), 100, "{body}");
     assert_eq!(records[0]["target"], "record-501");
     assert_eq!(records[99]["target"], "record-600");
+}
+
+/// A build of a lean index cut off (the instance stopped, the connection lost) leaves the
+/// index invalid and its migration unrecorded; `IF NOT EXISTS` alone would pass over it
+/// at the next start and record the migration done over an index no query can use. The
+/// next start drops the leftover and builds the index anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lean_index_build_cut_off_is_built_anew_at_the_next_start() {
+    let db = Postgres::shared()
+        .fresh_database("audit_cut_build")
+        .unwrap();
+    let pool = schema_before_lean_indexes(&db).await;
+    // two records of one actor, and a unique build under the BRIN's name over that
+    // column: it fails on the duplicate and leaves the index behind, invalid, as any
+    // build cut off part way does
+    sqlx::query(
+        "INSERT INTO audit_events (seq, at_unix_ms, actor, action, target, source_ip, detail, \
+         prev_hash, hash, hash_version) \
+         SELECT g, g, 'client:same', 'token.issue', 'record-' || g, NULL, '{}', \
+                repeat('0', 64), repeat('0', 64), 1 \
+         FROM generate_series(1, 2) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let cut = sqlx::query(
+        "CREATE UNIQUE INDEX CONCURRENTLY audit_events_at_brin ON audit_events (actor)",
+    )
+    .execute(&pool)
+    .await;
+    assert!(cut.is_err(), "the build over a duplicate must fail");
+    pool.close().await;
+    let invalid = Postgres::shared()
+        .psql(
+            database_name(&db),
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'audit_events_at_brin'::regclass",
+        )
+        .unwrap();
+    assert_eq!(invalid.trim(), "f", "the leftover is there, invalid");
+
+    let _app = pg_app(&db, None).await;
+    assert_lean_indexes(&db);
+}
+
+/// A fresh database at `db` migrated up to 0005, the last version before the lean
+/// indexes; a pool on it.
+async fn schema_before_lean_indexes(db: &str) -> sqlx::PgPool {
+    let pool = sqlx::PgPool::connect(db).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations/postgres");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&pool).await.unwrap();
+    pool
 }
 
 /// Asserts that `audit_events` on `db` has exactly the lean indexes, all valid.

@@ -19,6 +19,7 @@ mod keys;
 mod least_privilege;
 mod limits;
 mod local_accounts;
+mod migrations;
 mod nginx_ha;
 mod openapi;
 mod protection;
