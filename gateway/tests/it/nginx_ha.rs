@@ -114,6 +114,8 @@ impl Edge {
                 ("INSTANCE_2", instances[1].to_string()),
                 ("INSTANCE_3", instances[2].to_string()),
                 ("ACCESS_LOG", path(certs.access_log())),
+                // nginx's stderr, which the harness keeps (`Edge::log`)
+                ("ERROR_LOG", "stderr".to_owned()),
             ],
         )
         .unwrap();
@@ -996,6 +998,11 @@ async fn websockets_and_event_streams_outlast_the_edge_read_timeout_unbuffered()
     );
 }
 
+/// Neither of nginx's logs holds an authorization code or state: the access log keeps
+/// `/auth/` and `/oauth2/` requests without their query, and the error log, whose lines
+/// quote the whole request line (the `limiting requests` line of every edge 429, an
+/// upstream failure), takes nothing below `crit` from those locations. The refusals are
+/// still in the access log, by status.
 #[tokio::test]
 async fn nginx_logs_no_authorization_code_or_state() {
     let certs = Certs::new();
@@ -1036,5 +1043,28 @@ async fn nginx_logs_no_authorization_code_or_state() {
     assert!(
         log.contains("\"GET /.well-known/openid-configuration?probe=1 "),
         "{log}"
+    );
+
+    // callbacks past the login zone's burst (20, then 5/s): nginx refuses the rest
+    let mut refused = 0;
+    for _ in 0..40 {
+        let r = edge
+            .client
+            .get(edge.url("/auth/callback?code=SECRETCODE123&state=SECRETSTATE456&burst=1"))
+            .send()
+            .await
+            .unwrap();
+        refused += usize::from(r.status() == StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert!(refused > 0, "the edge refused none of 40 callbacks at once");
+    eventually(Duration::from_secs(10), "nginx logs the refusals", || {
+        let log = std::fs::read_to_string(&access_log).unwrap_or_default();
+        async move { log.matches("\"GET /auth/callback? HTTP/1.1\" 429 ").count() >= refused }
+    })
+    .await;
+    let errors = edge.log();
+    assert!(
+        !errors.contains("SECRETCODE123") && !errors.contains("SECRETSTATE456"),
+        "the code or state reached nginx's error log:\n{errors}"
     );
 }
