@@ -218,11 +218,6 @@ impl Slots {
         })
     }
 
-    /// The slot of `key`, made if there is none.
-    fn slot(&self, key: Key) -> Slot {
-        Self::entry(&mut self.lock(), key).tx.clone()
-    }
-
     /// A follower of `key`'s slot (made if there is none); counted before the lock is let
     /// go, so the slot cannot be dropped under it.
     fn follow(self: &Arc<Self>, key: Key) -> (Slot, Subscription) {
@@ -239,15 +234,6 @@ impl Slots {
 
     fn existing(&self, key: &Key) -> Option<Slot> {
         self.lock().get(key).map(|e| e.tx.clone())
-    }
-
-    /// Drops `key`'s slot if it is [unused](SlotEntry::unused).
-    fn drop_if_unused(&self, key: &Key) {
-        let mut map = self.lock();
-        if map.get(key).is_some_and(SlotEntry::unused) {
-            map.remove(key);
-            metrics::gauge!("portcullis_config_hub_slots").decrement(1.0);
-        }
     }
 
     /// Drops every unused slot (a safety net; each is dropped as it becomes unused).
@@ -401,17 +387,21 @@ impl ConfigHub {
     /// somebody follows it): what it found is not kept.
     pub async fn current(&self, env: &Environment, app: &AppName) -> Result<Arc<Held>, HubError> {
         let key = Self::key(env, app);
-        let slot = self.slots.slot(key.clone());
-        let held = slot.borrow().clone();
-        if held.main.is_none() {
-            let loaded = self.load(env, app, &slot).await;
-            self.slots.drop_if_unused(&key);
-            return loaded;
+        if let Some(slot) = self.slots.existing(&key) {
+            let held = slot.borrow().clone();
+            if held.main.is_some() {
+                if self.signed_currently(&held) {
+                    return Ok(held);
+                }
+                return Ok(self.resign(env, app, &slot).await);
+            }
         }
-        if self.signed_currently(&held) {
-            return Ok(held);
-        }
-        Ok(self.resign(env, app, &slot).await)
+        // followed while it loads: a slot that holds nothing yet is unused, and the
+        // reconcile's sweep would drop it under the load, which would then fill a slot
+        // nobody holds (the release read, and read again by every later read). Letting
+        // go of it drops the slot if the application has no release.
+        let (slot, _loading) = self.slots.follow(key);
+        self.load(env, app, &slot).await
     }
 
     /// A receiver that sees every change of (env, app) from now on, primed with what is

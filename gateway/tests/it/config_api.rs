@@ -1015,6 +1015,75 @@ async fn on_postgres(database: &str, master_key: &std::path::Path) -> TestApp {
     .await
 }
 
+/// A read that loads a release while the periodic reconcile sweeps the unused slots keeps
+/// what it loaded held: the slot it fills is followed while it loads. (A slot that holds
+/// nothing yet is unused; the sweep dropped it under the load, which then filled a slot
+/// nobody held, so every later read went to the database again.)
+#[tokio::test]
+async fn a_release_loaded_while_the_reconcile_sweeps_stays_held() {
+    use sqlx::Connection as _;
+    let db = harness::Postgres::shared()
+        .fresh_database("config_sweep")
+        .unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("master.key");
+    // published by another instance, so that this one holds nothing of it yet
+    let writer = on_postgres(&db, &key).await;
+    Api::new(&writer).publish(entries_v1()).await;
+    let app = on_postgres(&db, &key).await;
+    let center = &app.state.config_center;
+    assert_eq!(center.hub.slot_count(), 0);
+
+    // the releases held by another session: the read's load waits on them
+    let mut holder = sqlx::PgConnection::connect(&db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE config_releases IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let api = Api::new(&app);
+    let path = Api::path("prod", APP, "");
+    let reading = api.get(&path, "config:read:prod");
+    let sweeping = async {
+        eventually(
+            Duration::from_secs(10),
+            "the read waits for the releases",
+            || {
+                let db = db.clone();
+                async move {
+                    let mut c = sqlx::PgConnection::connect(&db).await.unwrap();
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock'",
+                    )
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap();
+                    waiting > 0
+                }
+            },
+        )
+        .await;
+        // a reconcile's first step is the sweep; then, while this instance holds
+        // anything, it reads the newest versions (held up as well)
+        let mut reconcile = Box::pin(center.hub.reconcile());
+        let swept = futures::poll!(&mut reconcile);
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        match swept {
+            std::task::Poll::Ready(done) => done.unwrap(),
+            std::task::Poll::Pending => reconcile.await.unwrap(),
+        }
+    };
+    let ((status, _, body), ()) = tokio::join!(reading, sweeping);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1);
+    assert_eq!(
+        center.hub.slot_count(),
+        1,
+        "the release read is held for the next read"
+    );
+}
+
 #[tokio::test]
 async fn a_release_published_on_one_instance_reaches_watchers_and_pollers_on_another() {
     let db = harness::Postgres::shared()
