@@ -2437,7 +2437,13 @@ async fn a_bearer_websocket_is_closed_when_its_signing_key_is_withdrawn_and_a_co
     // the console session lives on: its browser renews its access token from the refresh
     // cookie, whose family the rotation leaves alone
     echo(&mut console, b"still here").await;
-    assert_eq!(node.upgraded(), 1);
+    // the node's end of the executor's relay closes after the client's
+    eventually(
+        Duration::from_secs(5),
+        "the node's end of the executor's relay is closed, the console's open",
+        || async { node.upgraded() == 1 },
+    )
+    .await;
     assert_eq!(ended(&app, "session_ended").await, 0.0);
 }
 
