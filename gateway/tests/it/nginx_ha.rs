@@ -143,6 +143,11 @@ impl Edge {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.nginx.log_path()).unwrap_or_default()
     }
+
+    /// `GET path` through nginx; the answer, whatever its status.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
 }
 
 /// GETs through nginx, one after another, until stopped; counts them and keeps every
@@ -250,12 +255,7 @@ async fn nginx_fronts_three_instances_and_stopping_one_loses_no_get() {
     .await;
 
     // Portcullis's own endpoints and proxied ones both answer through nginx
-    let discovery = edge
-        .client
-        .get(edge.url("/.well-known/openid-configuration"))
-        .send()
-        .await
-        .unwrap();
+    let discovery = edge.get("/.well-known/openid-configuration").await;
     assert_eq!(discovery.status(), StatusCode::OK);
     let proxied = edge
         .client
@@ -579,12 +579,7 @@ async fn an_admin_cluster_outage_does_not_take_the_instances_out_of_nginx() {
     node.kill().await;
     // every instance answers proxied requests with its own JSON 502/503 ...
     for i in 0..9 {
-        let r = edge
-            .client
-            .get(edge.url(&format!("/public/{i}")))
-            .send()
-            .await
-            .unwrap();
+        let r = edge.get(&format!("/public/{i}")).await;
         let status = r.status();
         assert!(
             status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
@@ -599,12 +594,7 @@ async fn an_admin_cluster_outage_does_not_take_the_instances_out_of_nginx() {
     }
     // ... and nginx keeps them all: what needs no admin node still answers
     for _ in 0..6 {
-        let r = edge
-            .client
-            .get(edge.url("/.well-known/openid-configuration"))
-            .send()
-            .await
-            .unwrap();
+        let r = edge.get("/.well-known/openid-configuration").await;
         assert_eq!(r.status(), StatusCode::OK, "nginx log:\n{}", edge.log());
     }
 }
@@ -1016,14 +1006,10 @@ async fn nginx_logs_no_authorization_code_or_state() {
         "//auth/callback?code=SECRETCODE123&state=SECRETSTATE456",
         "/%61uth/callback?code=SECRETCODE123&state=SECRETSTATE456",
     ] {
-        edge.client.get(edge.url(path)).send().await.unwrap();
+        edge.get(path).await;
     }
     // another path keeps its whole request line
-    edge.client
-        .get(edge.url("/.well-known/openid-configuration?probe=1"))
-        .send()
-        .await
-        .unwrap();
+    edge.get("/.well-known/openid-configuration?probe=1").await;
     let access_log = certs.access_log();
     eventually(Duration::from_secs(10), "nginx logs both requests", || {
         let log = std::fs::read_to_string(&access_log).unwrap_or_default();
@@ -1049,11 +1035,8 @@ async fn nginx_logs_no_authorization_code_or_state() {
     let mut refused = 0;
     for _ in 0..40 {
         let r = edge
-            .client
-            .get(edge.url("/auth/callback?code=SECRETCODE123&state=SECRETSTATE456&burst=1"))
-            .send()
-            .await
-            .unwrap();
+            .get("/auth/callback?code=SECRETCODE123&state=SECRETSTATE456&burst=1")
+            .await;
         refused += usize::from(r.status() == StatusCode::TOO_MANY_REQUESTS);
     }
     assert!(refused > 0, "the edge refused none of 40 callbacks at once");
