@@ -925,16 +925,10 @@ async fn three_instances_on_one_postgres_append_to_one_intact_chain() {
 /// stored once, the chain intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_once_it_goes() {
-    use sqlx::Connection as _;
     let (db, app, at) = pg_app_after_one_record("audit_held_lock", "test.before_lock").await;
 
     // the vanished instance: a transaction that locked the head and then said nothing
-    let mut vanished = sqlx::PgConnection::connect(&db).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut vanished).await.unwrap();
-    sqlx::query("UPDATE audit_chain_head SET seq = seq WHERE id = 1")
-        .execute(&mut vanished)
-        .await
-        .unwrap();
+    let vanished = hold_the_chain(&db).await;
 
     const BEHIND: usize = 5;
     for n in 0..BEHIND {
@@ -1198,15 +1192,9 @@ fn assert_lean_indexes(db: &str) {
 /// issuance small ones could not keep up and the queue overflowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_stored_in_a_few_large_appends() {
-    use sqlx::Connection as _;
     let (db, app, at) = pg_app_after_one_record("audit_backlog", "test.before_backlog").await;
 
-    let mut holder = sqlx::PgConnection::connect(&db).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("UPDATE audit_chain_head SET seq = seq WHERE id = 1")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = hold_the_chain(&db).await;
     const BACKLOG: usize = 3_000;
     for n in 0..BACKLOG {
         app.state
@@ -1271,14 +1259,7 @@ async fn every_postgres_connection_asks_the_server_to_notice_a_vanished_instance
 /// Another session holding the chain head's lock, as a stalled append of another
 /// instance would: the writer's next append waits for it (up to the 5 s lock timeout).
 async fn hold_the_chain(db: &str) -> sqlx::PgConnection {
-    use sqlx::Connection as _;
-    let mut holder = sqlx::PgConnection::connect(db).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("UPDATE audit_chain_head SET seq = seq WHERE id = 1")
-        .execute(&mut holder)
-        .await
-        .unwrap();
-    holder
+    session_holding(db, "UPDATE audit_chain_head SET seq = seq WHERE id = 1").await
 }
 
 /// Waits until an append on `db` waits for the chain head's lock: the writer has taken

@@ -1035,12 +1035,8 @@ async fn a_release_loaded_while_the_reconcile_sweeps_stays_held() {
     assert_eq!(center.hub.slot_count(), 0);
 
     // the releases held by another session: the read's load waits on them
-    let mut holder = sqlx::PgConnection::connect(&db).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("LOCK TABLE config_releases IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder =
+        session_holding(&db, "LOCK TABLE config_releases IN ACCESS EXCLUSIVE MODE").await;
     let api = Api::new(&app);
     let path = Api::path("prod", APP, "");
     let reading = api.get(&path, "config:read:prod");

@@ -391,6 +391,16 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> String {
     String::from_utf8(head).unwrap()
 }
 
+/// A session of its own on the Postgres at `db`, inside a transaction that has run `lock`
+/// (a statement that takes a lock, held until the session rolls back or goes away).
+pub async fn session_holding(db: &str, lock: &str) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    let mut session = sqlx::PgConnection::connect(db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut session).await.unwrap();
+    sqlx::query(lock).execute(&mut session).await.unwrap();
+    session
+}
+
 /// Polls `probe` until it returns true or `deadline` passes.
 pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut probe: F)
 where
