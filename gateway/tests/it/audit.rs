@@ -155,6 +155,16 @@ fn event(actor: &str, action: &str, target: &str, at: OffsetDateTime) -> AuditEv
     }
 }
 
+/// Records `count` events of `action` by `operator:test` at `app`, with targets `0`,
+/// `1`, …
+fn record_numbered(app: &TestApp, action: &str, count: usize, at: OffsetDateTime) {
+    for n in 0..count {
+        app.state
+            .audit
+            .record(event("operator:test", action, &n.to_string(), at));
+    }
+}
+
 fn sink_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -931,14 +941,7 @@ async fn appends_behind_a_held_chain_lock_fail_within_seconds_and_are_stored_onc
     let vanished = hold_the_chain(&db).await;
 
     const BEHIND: usize = 5;
-    for n in 0..BEHIND {
-        app.state.audit.record(event(
-            "operator:test",
-            "test.behind_lock",
-            &n.to_string(),
-            at,
-        ));
-    }
+    record_numbered(&app, "test.behind_lock", BEHIND, at);
     // this instance's appends, as this database sees them: one waits for the head's lock,
     // gives up within seconds (never waiting 6 s) and is tried again (a later attempt
     // waits in its place). The failure counter is process-wide, bumped by other tests.
@@ -1196,11 +1199,7 @@ async fn a_backlog_is_stored_in_a_few_large_appends() {
 
     let mut holder = hold_the_chain(&db).await;
     const BACKLOG: usize = 3_000;
-    for n in 0..BACKLOG {
-        app.state
-            .audit
-            .record(event("operator:test", "test.backlog", &n.to_string(), at));
-    }
+    record_numbered(&app, "test.backlog", BACKLOG, at);
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     wait_for(&app, "test.backlog", BACKLOG).await;
 
@@ -1310,11 +1309,7 @@ async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
         .record(event("operator:test", "test.stalled", "first", at));
     until_an_append_waits_for_the_chain(&db).await;
     const QUEUED: usize = 1_000;
-    for n in 0..QUEUED {
-        app.state
-            .audit
-            .record(event("operator:test", "test.stalled", &n.to_string(), at));
-    }
+    record_numbered(&app, "test.stalled", QUEUED, at);
     assert_eq!(
         app.scrape_gauge("portcullis_audit_queue_events", (QUEUED + 1) as f64)
             .await,
@@ -1370,11 +1365,7 @@ async fn the_queue_gauge_counts_the_batch_a_stalled_writer_holds() {
     let mut holder = hold_the_chain(&db).await;
     // not a count the other queue tests leave in the shared gauge (1,001; 1,024–1,026)
     const HELD: usize = 1_500;
-    for n in 0..HELD {
-        app.state
-            .audit
-            .record(event("operator:test", "test.held", &n.to_string(), at));
-    }
+    record_numbered(&app, "test.held", HELD, at);
     until_an_append_waits_for_the_chain(&db).await;
     assert_eq!(
         app.scrape_gauge("portcullis_audit_queue_events", HELD as f64)
@@ -1420,11 +1411,7 @@ async fn past_the_queue_capacity_an_event_is_dropped_and_counted_and_the_default
         until_an_append_waits_for_the_chain(&db).await;
         // process-wide, and other tests drop events at shutdown: it may only rise
         let dropped_before = app.sample("portcullis_audit_dropped_total").await;
-        for n in 0..RECORDED {
-            app.state
-                .audit
-                .record(event("operator:test", "test.queued", &n.to_string(), at));
-        }
+        record_numbered(&app, "test.queued", RECORDED, at);
         let dropped = app.sample("portcullis_audit_dropped_total").await - dropped_before;
         sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 
@@ -1783,11 +1770,7 @@ async fn the_file_sink_gets_every_record_and_follows_rotation() {
     let kind = format!("file:{}", sink.display()).parse_sink();
     let app = spawn_app(move |c| c.audit.sink = kind).await;
     let t0 = OffsetDateTime::now_utc();
-    for n in 0..3 {
-        app.state
-            .audit
-            .record(event("operator:test", "test.sink", &n.to_string(), t0));
-    }
+    record_numbered(&app, "test.sink", 3, t0);
     wait_for(&app, "test.sink", 3).await;
     eventually(Duration::from_secs(10), "three lines", || {
         let n = sink_lines(&sink)

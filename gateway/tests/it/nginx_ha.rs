@@ -710,13 +710,17 @@ async fn answer(r: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap
     (status, headers, r.text().await.unwrap())
 }
 
-/// The answers among `responses` other than `status` with the OAuth `error` code: each as
-/// its status and body.
-async fn other_answers(
-    responses: Vec<reqwest::Result<reqwest::Response>>,
+/// Sends `requests` at once and asserts that Portcullis answered every one, each with
+/// `status` and the OAuth `error` code (so none was refused at the edge); `what` names
+/// them in the failure, which quotes the first other answer's status and body.
+async fn assert_portcullis_answered_all(
+    requests: impl IntoIterator<Item = reqwest::RequestBuilder>,
     status: StatusCode,
     error: &str,
-) -> Vec<String> {
+    what: &str,
+) {
+    let responses = futures::future::join_all(requests.into_iter().map(|r| r.send())).await;
+    let total = responses.len();
     let mut others = Vec::new();
     for r in responses {
         let (got, _, body) = answer(r.unwrap()).await;
@@ -725,7 +729,12 @@ async fn other_answers(
             others.push(format!("{got} {body}"));
         }
     }
-    others
+    assert!(
+        others.is_empty(),
+        "{} of {total} {what} were not answered by Portcullis; the first: {}",
+        others.len(),
+        others[0]
+    );
 }
 
 #[tokio::test]
@@ -753,20 +762,9 @@ async fn provider_logouts_count_against_the_token_limit_at_the_edge_not_the_logi
         edge.client
             .post(edge.url("/auth/backchannel-logout"))
             .form(&[("logout_token", "x")])
-            .send()
     });
-    let refused = other_answers(
-        futures::future::join_all(posts).await,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-    )
-    .await;
-    assert!(
-        refused.is_empty(),
-        "{} of 50 logouts were not answered by Portcullis; the first: {}",
-        refused.len(),
-        refused[0]
-    );
+    assert_portcullis_answered_all(posts, StatusCode::BAD_REQUEST, "invalid_request", "logouts")
+        .await;
 
     // front-channel logouts neither: the provider's logout page loads one per relying
     // party in the browser, and users behind one NAT leave at the same hour. This
@@ -774,20 +772,14 @@ async fn provider_logouts_count_against_the_token_limit_at_the_edge_not_the_logi
     let gets = (0..50).map(|_| {
         edge.client
             .get(edge.url("/auth/frontchannel-logout?iss=https%3A%2F%2Fidp.example&sid=session-1"))
-            .send()
     });
-    let refused = other_answers(
-        futures::future::join_all(gets).await,
+    assert_portcullis_answered_all(
+        gets,
         StatusCode::FORBIDDEN,
         "frontchannel_logout_disabled",
+        "front-channel logouts",
     )
     .await;
-    assert!(
-        refused.is_empty(),
-        "{} of 50 front-channel logouts were not answered by Portcullis; the first: {}",
-        refused.len(),
-        refused[0]
-    );
 
     // and they do count against the token zone: with its rate and burst made small (and
     // nothing else changed), a burst of logouts is refused at the edge, in Portcullis's

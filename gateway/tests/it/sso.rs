@@ -2041,15 +2041,22 @@ async fn logout_tokens_with_unknown_kids_refetch_the_jwks_at_most_once_per_windo
     assert_eq!(counted.fetches(), 2, "two refetches in one window");
 }
 
-/// Whether `refresh` is the current token of a live family at `f`'s instance.
-pub async fn live(f: &SsoFixture, refresh: &SecretString) -> bool {
+/// The live family of which `refresh` is the current token at `f`'s instance, if any.
+pub async fn session_of(
+    f: &SsoFixture,
+    refresh: &SecretString,
+) -> Option<portcullis::refresh::Session> {
     f.app
         .state
         .refresh
         .inspect(refresh, f.clock.now())
         .await
         .unwrap()
-        .is_some()
+}
+
+/// Whether `refresh` is the current token of a live family at `f`'s instance.
+pub async fn live(f: &SsoFixture, refresh: &SecretString) -> bool {
+    session_of(f, refresh).await.is_some()
 }
 
 /// One provider configured under two names (as for two role mappings): its logout token
@@ -2102,14 +2109,7 @@ async fn a_logout_token_naming_only_the_provider_session_ends_the_sessions_it_ma
     );
     let here = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
     let (_, there) = f.login_elsewhere("", "alice", "alice-correct-horse").await;
-    let session = f
-        .app
-        .state
-        .refresh
-        .inspect(&here, f.clock.now())
-        .await
-        .unwrap()
-        .unwrap();
+    let session = session_of(&f, &here).await.unwrap();
     let sid = session.session["idp_sid"].as_str().unwrap().to_owned();
 
     let token = f.logout_token(serde_json::json!({ "sid": sid })).await;

@@ -3,15 +3,14 @@
 //! front-channel iframes, so each test makes the request the provider's logout page would
 //! have the browser make, with a real login's `iss` and `sid`.
 
-use keyrotation::Clock;
 use reqwest::{StatusCode, Url, header};
 use secrecy::SecretString;
 
 use super::sso::{ACCESS_COOKIE, ID_TOKEN_COOKIE, REFRESH_COOKIE, SsoFixture, error_code, live};
 use super::sso_logout::{
     Store, assert_ended_by_the_provider, audited_parts, break_the_logout_mark,
-    break_the_session_index_once_marked, log_in_as_test, on, record_of, sid_of, slow_the_part_of,
-    twin_fixture,
+    break_the_session_index_once_marked, family_of, log_in_as_test, on, record_of, sid_of,
+    slow_the_part_of, twin_fixture,
 };
 use super::support::*;
 
@@ -76,16 +75,7 @@ async fn renews(f: &SsoFixture, refresh: &SecretString) -> bool {
 async fn a_front_channel_logout_ends_the_console_sessions_of_that_provider_session() {
     let f = fixture(true).await;
     let (here, sid) = log_in(&f).await;
-    let family = f
-        .app
-        .state
-        .refresh
-        .inspect(&here, f.clock.now())
-        .await
-        .unwrap()
-        .unwrap()
-        .family
-        .to_string();
+    let family = family_of(&f, &here).await;
     let (other, there) = f.login_elsewhere("", "alice", ALICE).await;
     let success = "portcullis_frontchannel_logouts_total{outcome=\"success\"}";
     let before = f.app.sample(success).await;
@@ -229,6 +219,16 @@ async fn a_login_finishing_after_a_front_channel_logout_of_its_session_makes_no_
     assert_ended_by_the_provider(&f, finished, "test:alice").await;
 }
 
+/// [`twin_fixture`] with front-channel logout on under both names.
+async fn frontchannel_twin_fixture() -> SsoFixture {
+    twin_fixture(|c| {
+        for provider in &mut c.sso.providers {
+            provider.frontchannel_logout = true;
+        }
+    })
+    .await
+}
+
 /// One provider configured under two names, both with front-channel logout on: a logout
 /// whose second name's part fails at its start (the store answers an error for it)
 /// answers 503 and clears no cookie; the first name's part, done, ended its session; each
@@ -236,12 +236,7 @@ async fn a_login_finishing_after_a_front_channel_logout_of_its_session_makes_no_
 /// logout was partial and why.
 #[tokio::test]
 async fn a_front_channel_logout_failing_part_way_is_audited_part_by_part() {
-    let f = twin_fixture(|c| {
-        for provider in &mut c.sso.providers {
-            provider.frontchannel_logout = true;
-        }
-    })
-    .await;
+    let f = frontchannel_twin_fixture().await;
     let (refresh, family, sid) = log_in_as_test(&f, "alice", ALICE).await;
     break_the_logout_mark(&f, "twin", &sid).await;
 
@@ -277,12 +272,7 @@ async fn a_front_channel_logout_failing_part_way_is_audited_part_by_part() {
 /// at that step; not recorded as a complete logout.
 #[tokio::test]
 async fn a_front_channel_logout_whose_browser_check_fails_is_audited_as_partial() {
-    let f = twin_fixture(|c| {
-        for provider in &mut c.sso.providers {
-            provider.frontchannel_logout = true;
-        }
-    })
-    .await;
+    let f = frontchannel_twin_fixture().await;
     // the browser's own session is of another provider session: after the parts, its
     // cookies are cleared only if a read of the logout's sessions finds it there
     let (own, _, _) = log_in_as_test(&f, "alice", ALICE).await;
@@ -290,16 +280,7 @@ async fn a_front_channel_logout_whose_browser_check_fails_is_audited_as_partial(
         .login_elsewhere("?provider=test&redirect=/jobs", "alice", ALICE)
         .await;
     let sid = sid_of(&f, &other).await;
-    let other_family = f
-        .app
-        .state
-        .refresh
-        .inspect(&other, f.clock.now())
-        .await
-        .unwrap()
-        .unwrap()
-        .family
-        .to_string();
+    let other_family = family_of(&f, &other).await;
     // once `test`'s part is done (`twin`'s begun), the index it read cannot be read again;
     // `twin`'s part is made long enough for that to happen before the check
     slow_the_part_of(&f, "twin", &sid, 3000).await;

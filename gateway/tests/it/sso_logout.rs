@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyrotation::Clock;
 use portcullis::config::{Config, RedisConfig};
 use portcullis::redis_store::RedisHandle;
 use portcullis::sso::pending::{MemoryPendingStore, PendingStore, RedisPendingStore};
@@ -15,7 +14,7 @@ use reqwest::StatusCode;
 use secrecy::SecretString;
 use serde_json::json;
 
-use super::sso::{REFRESH_COOKIE, SsoFixture, error_code, live};
+use super::sso::{REFRESH_COOKIE, SsoFixture, error_code, live, session_of};
 use super::support::*;
 
 const ALICE: &str = "alice-correct-horse";
@@ -43,16 +42,15 @@ pub fn on(store: Store) -> impl FnOnce(&mut Config) {
     }
 }
 
+/// The refresh-token family of the live session of `refresh`.
+pub async fn family_of(f: &SsoFixture, refresh: &SecretString) -> String {
+    let session = session_of(f, refresh).await.expect("a live session");
+    session.family.to_string()
+}
+
 /// The provider session (`sid`) the login of `refresh` recorded.
 pub async fn sid_of(f: &SsoFixture, refresh: &SecretString) -> String {
-    let session = f
-        .app
-        .state
-        .refresh
-        .inspect(refresh, f.clock.now())
-        .await
-        .unwrap()
-        .expect("a live session");
+    let session = session_of(f, refresh).await.expect("a live session");
     session.session["idp_sid"].as_str().unwrap().to_owned()
 }
 
@@ -334,16 +332,7 @@ pub async fn log_in_as_test(
         StatusCode::FOUND
     );
     let refresh = SecretString::from(f.cookie(REFRESH_COOKIE).unwrap());
-    let family = f
-        .app
-        .state
-        .refresh
-        .inspect(&refresh, f.clock.now())
-        .await
-        .unwrap()
-        .unwrap()
-        .family
-        .to_string();
+    let family = family_of(f, &refresh).await;
     let sid = sid_of(f, &refresh).await;
     (refresh, family, sid)
 }
