@@ -31,5 +31,6 @@ cargo test --workspace --no-fail-fast "$@"
 # the running API against its reference, docs/api/openapi.json (schemathesis)
 bash scripts/api-contract.sh
 
-# the shipped alert rules, as Prometheus itself reads them
+# the shipped alert rules, as Prometheus itself reads them, and their unit tests
 "$root/.tools/prometheus/usr/bin/promtool" check rules deploy/prometheus/alerts.yml
+"$root/.tools/prometheus/usr/bin/promtool" test rules deploy/prometheus/alerts.test.yml

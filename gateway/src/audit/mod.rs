@@ -262,15 +262,18 @@ impl Audit {
 
     /// Sets `portcullis_audit_queue_events` (the events not stored yet: those waiting in
     /// the queue and the batch the writer has taken off it for the append under way, at
-    /// most [`CATCH_UP_BATCH`]) and `portcullis_audit_queue_capacity` (the queue's alone)
-    /// as they are now. Called at every scrape: the request path does not pay for it, and
-    /// the figure is current even while the writer is stuck in an append, which is when
-    /// the queue fills and the held batch is the largest.
+    /// most [`CATCH_UP_BATCH`]), `portcullis_audit_queue_held_events` (that batch alone)
+    /// and `portcullis_audit_queue_capacity` (the queue's, which the held batch does not
+    /// take from) as they are now. Called at every scrape: the request path does not pay
+    /// for it, and the figures are current even while the writer is stuck in an append,
+    /// which is when the queue fills and the held batch is the largest. The first two are
+    /// set from one reading of the held count, so their difference is the queue's fill.
     pub fn record_metrics(&self) {
         let capacity = self.tx.max_capacity();
         let waiting = capacity.saturating_sub(self.tx.capacity());
         let held = self.held.load(Ordering::Relaxed);
         metrics::gauge!("portcullis_audit_queue_events").set(waiting.saturating_add(held) as f64);
+        metrics::gauge!("portcullis_audit_queue_held_events").set(held as f64);
         metrics::gauge!("portcullis_audit_queue_capacity").set(capacity as f64);
     }
 

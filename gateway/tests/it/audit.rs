@@ -1317,6 +1317,12 @@ async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
         "the stalled append's event and the events behind it"
     );
     assert_eq!(
+        app.scrape_gauge("portcullis_audit_queue_held_events", 1.0)
+            .await,
+        1.0,
+        "the stalled append holds the one event recorded before it; the rest are queued"
+    );
+    assert_eq!(
         app.scrape_gauge("portcullis_audit_queue_capacity", 65_536.0)
             .await,
         65_536.0
@@ -1330,6 +1336,12 @@ async fn a_stalled_writer_shows_its_queue_and_its_slow_append_in_the_metrics() {
         app.scrape_gauge("portcullis_audit_queue_events", 0.0).await,
         0.0,
         "the queue is empty once the stall is over"
+    );
+    assert_eq!(
+        app.scrape_gauge("portcullis_audit_queue_held_events", 0.0)
+            .await,
+        0.0,
+        "nothing held once the stall is over"
     );
     let scrape = app.metrics().await;
     for bucket in [
