@@ -57,6 +57,42 @@ const DEAD_CLIENT_DETECTION: [&str; 4] = [
     "SET tcp_user_timeout = 25000",
 ];
 
+/// The check of a Postgres connection given back to the pool, bounded by `deadline`
+/// (`database.acquire_timeout`): a round trip, which also waits out whatever a request cut
+/// off by its deadline left running on it. sqlx makes the same check right after (another
+/// round trip, cheap once this one is answered) but with no deadline: on a connection a
+/// failover left silent (the server gone, nothing answering, no reset) it would wait for
+/// as long as the kernel retransmits, about 15 minutes, and hold the connection's place
+/// in the pool all that time. A connection that does not answer in time is closed at once
+/// (an error makes sqlx drop it without a goodbye) and counted in
+/// `portcullis_db_connections_closed_total{reason="release_check"}`.
+async fn check_on_release(
+    conn: &mut PgConnection,
+    deadline: Duration,
+) -> Result<bool, sqlx::Error> {
+    match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => {
+            metrics::counter!("portcullis_db_connections_closed_total", "reason" => "release_check")
+                .increment(1);
+            Err(e)
+        }
+        Err(_) => {
+            metrics::counter!("portcullis_db_connections_closed_total", "reason" => "release_check")
+                .increment(1);
+            tracing::warn!(
+                deadline = ?deadline,
+                "a database connection given back to the pool did not answer in time; \
+                 closing it (a failover may have left it silent)"
+            );
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection did not answer the pool's check on release",
+            )))
+        }
+    }
+}
+
 /// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both
 /// backends. (The arms are type-checked separately, so `$body` may be generic over the
 /// database.)
@@ -104,12 +140,14 @@ impl Database {
             )
         } else {
             let opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url)?;
+            let release_check = config.acquire_timeout;
             Pool::Postgres(
                 PgPoolOptions::new()
                     .max_connections(config.max_connections)
                     // replaced when idle or old connections are closed (every 10 min)
                     .min_connections(config.min_connections)
                     .acquire_timeout(config.acquire_timeout)
+                    .after_release(move |conn, _| Box::pin(check_on_release(conn, release_check)))
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             for set in DEAD_CLIENT_DETECTION {

@@ -1032,3 +1032,129 @@ async fn connections_a_failover_left_silent_are_given_up_and_the_instance_recove
     assert!(issued_in < Duration::from_secs(40), "{issued_in:?}");
     assert!(stored_in < Duration::from_secs(40), "{stored_in:?}");
 }
+
+/// A request cut off by its deadline while its query waits on a connection that a
+/// failover then leaves silent gives its pool slot back within seconds. The pool checks
+/// every connection given back to it; that check is bounded (`database.acquire_timeout`),
+/// so the silent connection is dropped. Before, the check waited for as long as the kernel
+/// retransmits (about 15 minutes), holding the slot, and with every slot held so every
+/// request needing the database waited for one and was refused.
+///
+/// Deterministic: the pool has one connection, and the token request's client read is
+/// made to wait on a table lock (held from outside the pool) before the forwarder goes
+/// silent, so that a statement is in flight on that connection when it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_on_a_connection_left_silent_gives_its_pool_slot_back() {
+    let db = Postgres::shared().fresh_database("silent_release").unwrap();
+    let direct = url::Url::parse(&db).unwrap();
+    let forwarder = harness::Forwarder::to(
+        format!("127.0.0.1:{}", direct.port().unwrap())
+            .parse()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut via = direct.clone();
+    via.set_port(Some(forwarder.addr().port())).unwrap();
+    let app = spawn_app(|c| {
+        c.database.url = SecretString::from(via.to_string());
+        c.database.max_connections = 1;
+        c.database.min_connections = 0;
+        c.database.acquire_timeout = Duration::from_secs(1);
+        c.server.request_timeout = Duration::from_secs(2);
+        c.config_center.long_poll_timeout = Duration::from_secs(1);
+        c.proxy.read_timeout = Duration::from_secs(1);
+        // every token request reads its client from the database
+        c.tokens.client_cache_ttl = Duration::ZERO;
+    })
+    .await;
+    let (id, secret) = register_client(
+        &app.state,
+        "silent",
+        &[GrantType::ClientCredentials],
+        "jobs:read",
+    )
+    .await;
+    let http = app.https_client();
+    let token = || {
+        let (http, url, id, secret) = (
+            http.clone(),
+            app.url("/oauth2/token"),
+            id.clone(),
+            secret.clone(),
+        );
+        async move {
+            post_as_client(
+                &http,
+                url,
+                &id,
+                &secret,
+                &[("grant_type", "client_credentials")],
+            )
+            .await
+            .status()
+        }
+    };
+    assert_eq!(token().await, StatusCode::OK);
+
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(direct.as_str())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE oauth_clients IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let cut_off = tokio::spawn(token());
+    let observer = sqlx::PgPool::connect(direct.as_str()).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the token request's client read waits on the lock",
+        || {
+            let observer = observer.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+                waiting > 0
+            }
+        },
+    )
+    .await;
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let status = cut_off.await.unwrap();
+    assert_ne!(
+        status,
+        StatusCode::OK,
+        "the request on the silent connection"
+    );
+
+    let mut answers = BTreeMap::<u16, usize>::new();
+    let mut issued_after = None;
+    while silenced.elapsed() < Duration::from_secs(20) {
+        let status = token().await;
+        *answers.entry(status.as_u16()).or_default() += 1;
+        if status == StatusCode::OK {
+            issued_after = Some(silenced.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("SILENT RELEASE token issued again after {issued_after:?} ({answers:?})");
+    let issued_after = issued_after.unwrap_or_else(|| {
+        panic!("no token within 20 s of the silence; the pool's one slot stayed taken: {answers:?}")
+    });
+    assert!(issued_after < Duration::from_secs(10), "{issued_after:?}");
+    assert!(
+        app.sample("portcullis_db_connections_closed_total{reason=\"release_check\"}")
+            .await
+            >= 1.0,
+        "the silent connection was closed by the pool's check"
+    );
+}
