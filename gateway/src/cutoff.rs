@@ -32,6 +32,12 @@ use crate::db::{Database, DbError};
 /// takes, at most, to apply here (plus the query's own time).
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long one read of the cutoffs may take before it is given up, counted as failed and
+/// tried again at the next interval. A read waiting on a connection that a failover left
+/// silent would otherwise hold up every later read, and with them every cutoff made on
+/// another instance, for as long as the kernel retransmits (about 15 minutes).
+pub const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How far past a disable its cutoff reaches: the other instances may still serve the
 /// client from their cached record for up to twice `tokens.client_cache_ttl`, a refresh
 /// may be past its client check, and instance clocks differ a little. A token issued to
@@ -180,7 +186,8 @@ impl Cutoffs {
     }
 
     /// Reads the cutoffs every [`RELOAD_INTERVAL`] until `stop`, once the schema is in
-    /// place; a failed read keeps those in force and is logged (once per outage).
+    /// place; a failed read, or one given up at [`RELOAD_DEADLINE`], keeps those in force
+    /// and is logged (once per outage).
     pub fn spawn(
         self: &Arc<Self>,
         db: Database,
@@ -192,18 +199,27 @@ impl Cutoffs {
             let mut failing = false;
             loop {
                 if db.is_migrated() {
-                    match this.reload(&db, clock()).await {
-                        Ok(()) if failing => {
+                    let read = tokio::time::timeout(RELOAD_DEADLINE, this.reload(&db, clock()));
+                    let failure = match read.await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some(format!(
+                            "no answer within {}s; given up",
+                            RELOAD_DEADLINE.as_secs()
+                        )),
+                    };
+                    match failure {
+                        None if failing => {
                             failing = false;
                             tracing::info!("token cutoffs read again");
                         }
-                        Ok(()) => {}
-                        Err(e) => {
+                        None => {}
+                        Some(error) => {
                             metrics::counter!("portcullis_token_cutoff_reload_failures_total")
                                 .increment(1);
                             if !failing {
                                 failing = true;
-                                tracing::warn!(error = %e,
+                                tracing::warn!(%error,
                                     "reading token cutoffs failed; keeping those read last");
                             }
                         }

@@ -925,17 +925,7 @@ async fn reads_of_unheld_applications_answer_503_side_by_side_while_the_database
 /// append waited for ever before: "stored after None").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_a_failover_left_silent_are_given_up_and_the_instance_recovers() {
-    let db = Postgres::shared().fresh_database("failover").unwrap();
-    let direct = url::Url::parse(&db).unwrap();
-    let forwarder = harness::Forwarder::to(
-        format!("127.0.0.1:{}", direct.port().unwrap())
-            .parse()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let mut via = direct.clone();
-    via.set_port(Some(forwarder.addr().port())).unwrap();
+    let (direct, via, forwarder) = behind_a_forwarder("failover").await;
     let app = spawn_app(|c| {
         c.database.url = SecretString::from(via.to_string());
         c.tokens.client_cache_ttl = Duration::from_secs(1);
@@ -1045,17 +1035,7 @@ async fn connections_a_failover_left_silent_are_given_up_and_the_instance_recove
 /// silent, so that a statement is in flight on that connection when it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_off_on_a_connection_left_silent_gives_its_pool_slot_back() {
-    let db = Postgres::shared().fresh_database("silent_release").unwrap();
-    let direct = url::Url::parse(&db).unwrap();
-    let forwarder = harness::Forwarder::to(
-        format!("127.0.0.1:{}", direct.port().unwrap())
-            .parse()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let mut via = direct.clone();
-    via.set_port(Some(forwarder.addr().port())).unwrap();
+    let (direct, via, forwarder) = behind_a_forwarder("silent_release").await;
     let app = spawn_app(|c| {
         c.database.url = SecretString::from(via.to_string());
         c.database.max_connections = 1;
@@ -1097,37 +1077,13 @@ async fn a_request_cut_off_on_a_connection_left_silent_gives_its_pool_slot_back(
     };
     assert_eq!(token().await, StatusCode::OK);
 
-    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(direct.as_str())
-        .await
-        .unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("LOCK TABLE oauth_clients IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let held = LockedTable::hold(&direct, "oauth_clients").await;
     let cut_off = tokio::spawn(token());
-    let observer = sqlx::PgPool::connect(direct.as_str()).await.unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the token request's client read waits on the lock",
-        || {
-            let observer = observer.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&observer)
-                .await
-                .unwrap();
-                waiting > 0
-            }
-        },
-    )
-    .await;
+    held.until_a_statement_waits("the token request's client read")
+        .await;
     forwarder.go_silent();
     let silenced = Instant::now();
-    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    held.release().await;
     let status = cut_off.await.unwrap();
     assert_ne!(
         status,
@@ -1157,4 +1113,129 @@ async fn a_request_cut_off_on_a_connection_left_silent_gives_its_pool_slot_back(
             >= 1.0,
         "the silent connection was closed by the pool's check"
     );
+}
+
+/// A read of the token cutoffs that a failover leaves waiting on a silent connection is
+/// given up after `cutoff::RELOAD_DEADLINE` and read again on a new connection, so a
+/// cutoff another instance makes meanwhile is in force here within seconds. Before, the
+/// instance's reads of the cutoffs waited behind that one for as long as the connection
+/// stayed silent (here for ever, on a host that crashed for about 15 minutes), and every
+/// cutoff made elsewhere meanwhile went unseen: a disabled client's tokens still worked
+/// on this instance. The read is made to wait on a table lock before the silence, so that
+/// it is in flight when the silence comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutoff_read_left_waiting_on_a_silent_connection_is_given_up_and_read_again() {
+    let (direct, via, forwarder) = behind_a_forwarder("silent_cutoffs").await;
+    let app = spawn_app(|c| {
+        c.database.url = SecretString::from(via.to_string());
+        c.database.acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let held = LockedTable::hold(&direct, "token_cutoffs").await;
+    held.until_a_statement_waits("the instance's read of the cutoffs")
+        .await;
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    held.release().await;
+
+    // another instance cuts off a client's tokens (straight in the database)
+    let elsewhere = portcullis::db::Database::connect_lazy(&portcullis::config::DatabaseConfig {
+        url: SecretString::from(direct.to_string()),
+        max_connections: 1,
+        min_connections: 0,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let now = app.state.keys.now();
+    portcullis::cutoff::Cutoffs::new()
+        .cut(
+            &elsewhere,
+            "svc-cut-elsewhere",
+            now,
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let iat = now.unix_timestamp();
+    let mut seen_after = None;
+    while silenced.elapsed() < Duration::from_secs(40) {
+        if app.state.keys.cutoffs().refuses("svc-cut-elsewhere", iat) {
+            seen_after = Some(silenced.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("SILENT CUTOFFS the other instance's cutoff in force here after {seen_after:?}");
+    let seen_after = seen_after.expect("the other instance's cutoff in force here within 40 s");
+    let bound = portcullis::cutoff::RELOAD_DEADLINE + Duration::from_secs(15);
+    assert!(seen_after < bound, "{seen_after:?}");
+}
+
+/// A fresh database reached through a [`harness::Forwarder`] that can go silent: its
+/// direct URL, the URL through the forwarder, and the forwarder.
+async fn behind_a_forwarder(name: &str) -> (url::Url, url::Url, harness::Forwarder) {
+    let direct = url::Url::parse(&Postgres::shared().fresh_database(name).unwrap()).unwrap();
+    let forwarder = harness::Forwarder::to(
+        format!("127.0.0.1:{}", direct.port().unwrap())
+            .parse()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut via = direct.clone();
+    via.set_port(Some(forwarder.addr().port())).unwrap();
+    (direct, via, forwarder)
+}
+
+/// A table held locked (`ACCESS EXCLUSIVE`, in a transaction of a session of its own, not
+/// the instance's), so that a statement of the instance on it is in flight until
+/// [`Self::release`]: how a test puts a statement on a connection just before a failover
+/// silences it.
+struct LockedTable {
+    holder: sqlx::PgConnection,
+    observer: sqlx::PgPool,
+}
+
+impl LockedTable {
+    async fn hold(direct: &url::Url, table: &str) -> Self {
+        let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(direct.as_str())
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let observer = sqlx::PgPool::connect(direct.as_str()).await.unwrap();
+        Self { holder, observer }
+    }
+
+    /// Waits until a session of the database waits on a lock: `what`.
+    async fn until_a_statement_waits(&self, what: &str) {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{what} waits on the lock"),
+            || {
+                let observer = self.observer.clone();
+                async move {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    .fetch_one(&observer)
+                    .await
+                    .unwrap();
+                    waiting > 0
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn release(mut self) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.holder)
+            .await
+            .unwrap();
+    }
 }
