@@ -34,6 +34,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyService;
 
+/// How long the background loop's work on one change note, or one reconcile, may take
+/// with the database before it is given up ([`ConfigHub::step`]). Far above a healthy
+/// reconcile (a query and a load per changed release); the same as an audit append's.
+pub const STEP_DEADLINE: Duration = Duration::from_secs(15);
+
 /// How long a held release whose signature could not be renewed (no key may sign now)
 /// is served with the signature it has before signing it is tried again.
 const RESIGN_RETRY: time::Duration = time::Duration::seconds(10);
@@ -669,13 +674,19 @@ impl ConfigHub {
         })
     }
 
-    /// Waits for a change note or the reconcile tick, and acts on it.
+    /// Waits for a change note or the reconcile tick, and acts on it. What it does with
+    /// the database is given up after [`STEP_DEADLINE`]: a load or reconcile waiting on a
+    /// connection that a failover left silent would otherwise hold this loop, and every
+    /// release after it, for as long as the connection stays silent (about 15 minutes on
+    /// a crashed host), while the watchers here were served the release they had.
     async fn step(&self, feed: &mut config_center::ChangeFeed, tick: &mut tokio::time::Interval) {
         let reconcile = tokio::select! {
             event = feed.recv() => match event {
                 Ok(config_center::FeedEvent::Release(e)) => {
-                    self.on_release(&e).await;
-                    false
+                    // given up: the reconcile that follows at once loads it instead
+                    tokio::time::timeout(STEP_DEADLINE, self.on_release(&e))
+                        .await
+                        .is_err()
                 }
                 Ok(config_center::FeedEvent::Resync) => {
                     // one when the feed first listens; each later one is a reconnection
@@ -693,8 +704,18 @@ impl ConfigHub {
             },
             _ = tick.tick() => true,
         };
-        if reconcile && let Err(e) = self.reconcile().await {
-            tracing::warn!(error = %crate::error::chain(&e), "config reconcile failed");
+        if !reconcile {
+            return;
+        }
+        match tokio::time::timeout(STEP_DEADLINE, self.reconcile()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error::chain(&e), "config reconcile failed");
+            }
+            Err(_) => tracing::warn!(
+                deadline = ?STEP_DEADLINE,
+                "config reconcile did not finish in time; given up, the next one retries"
+            ),
         }
     }
 }

@@ -76,7 +76,11 @@ impl<'a> Api<'a> {
         (status, headers, body)
     }
 
-    async fn get(&self, path: &str, scope: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    pub(super) async fn get(
+        &self,
+        path: &str,
+        scope: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         self.send(reqwest::Method::GET, path, scope, None).await
     }
 
@@ -1021,7 +1025,6 @@ async fn on_postgres(database: &str, master_key: &std::path::Path) -> TestApp {
 /// nobody held, so every later read went to the database again.)
 #[tokio::test]
 async fn a_release_loaded_while_the_reconcile_sweeps_stays_held() {
-    use sqlx::Connection as _;
     let db = harness::Postgres::shared()
         .fresh_database("config_sweep")
         .unwrap();
@@ -1041,25 +1044,7 @@ async fn a_release_loaded_while_the_reconcile_sweeps_stays_held() {
     let path = Api::path("prod", APP, "");
     let reading = api.get(&path, "config:read:prod");
     let sweeping = async {
-        eventually(
-            Duration::from_secs(10),
-            "the read waits for the releases",
-            || {
-                let db = db.clone();
-                async move {
-                    let mut c = sqlx::PgConnection::connect(&db).await.unwrap();
-                    let waiting: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                     AND wait_event_type = 'Lock'",
-                    )
-                    .fetch_one(&mut c)
-                    .await
-                    .unwrap();
-                    waiting > 0
-                }
-            },
-        )
-        .await;
+        until_a_session_waits_on_a_lock(&db, "the read of the releases").await;
         // a reconcile's first step is the sweep; then, while this instance holds
         // anything, it reads the newest versions (held up as well)
         let mut reconcile = Box::pin(center.hub.reconcile());

@@ -1193,43 +1193,21 @@ async fn behind_a_forwarder(name: &str) -> (url::Url, url::Url, harness::Forward
 /// silences it.
 struct LockedTable {
     holder: sqlx::PgConnection,
-    observer: sqlx::PgPool,
+    direct: String,
 }
 
 impl LockedTable {
     async fn hold(direct: &url::Url, table: &str) -> Self {
-        let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(direct.as_str())
-            .await
-            .unwrap();
-        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-            .execute(&mut holder)
-            .await
-            .unwrap();
-        let observer = sqlx::PgPool::connect(direct.as_str()).await.unwrap();
-        Self { holder, observer }
+        let lock = format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+        Self {
+            holder: session_holding(direct.as_str(), &lock).await,
+            direct: direct.to_string(),
+        }
     }
 
     /// Waits until a session of the database waits on a lock: `what`.
     async fn until_a_statement_waits(&self, what: &str) {
-        eventually(
-            Duration::from_secs(10),
-            &format!("{what} waits on the lock"),
-            || {
-                let observer = self.observer.clone();
-                async move {
-                    let waiting: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity \
-                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    )
-                    .fetch_one(&observer)
-                    .await
-                    .unwrap();
-                    waiting > 0
-                }
-            },
-        )
-        .await;
+        until_a_session_waits_on_a_lock(&self.direct, what).await;
     }
 
     async fn release(mut self) {
@@ -1238,4 +1216,69 @@ impl LockedTable {
             .await
             .unwrap();
     }
+}
+
+/// The config hub's reconcile that a failover leaves waiting on a silent connection is
+/// given up after `hub::STEP_DEADLINE`, and the next one, on a new connection, loads the
+/// release published meanwhile on another instance: this instance's readers get it within
+/// seconds. Before, the hub's loop waited on that reconcile for as long as the connection
+/// stayed silent, and every release after it went unseen here (its change feed, silenced
+/// too, is replaced after ~35 s, but the loop that reads it was the one held). The
+/// reconcile is made to wait on a table lock before the silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_reconcile_left_waiting_on_a_silent_connection_is_given_up_and_releases_arrive() {
+    use super::config_api::{APP, Api, entries_v1};
+    let (direct, via, forwarder) = behind_a_forwarder("silent_hub").await;
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("master.key");
+    let elsewhere = spawn_app({
+        let (direct, key) = (direct.to_string(), key.clone());
+        move |c| {
+            c.database.url = SecretString::from(direct);
+            c.config_center.master_key_file = Some(key);
+            c.config_center.reconcile_interval = Duration::from_secs(3600);
+        }
+    })
+    .await;
+    let here = spawn_app({
+        let (via, key) = (via.to_string(), key.clone());
+        move |c| {
+            c.database.url = SecretString::from(via);
+            c.database.acquire_timeout = Duration::from_secs(1);
+            c.config_center.master_key_file = Some(key);
+            c.config_center.reconcile_interval = Duration::from_secs(1);
+        }
+    })
+    .await;
+    Api::new(&elsewhere).publish(entries_v1()).await;
+    let path = Api::path("prod", APP, "");
+    let version_here = || async {
+        let (status, _, body) = Api::new(&here).get(&path, "config:read:prod").await;
+        (status == 200).then(|| body["version"].as_u64()).flatten()
+    };
+    assert_eq!(version_here().await, Some(1));
+
+    let held = LockedTable::hold(&direct, "config_releases").await;
+    held.until_a_statement_waits("the reconcile's read of the newest releases")
+        .await;
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    held.release().await;
+    let published = Api::new(&elsewhere)
+        .publish(serde_json::json!([{ "key": "db.url", "value": "postgres://after-failover" }]))
+        .await;
+    assert_eq!(published, 2);
+
+    let mut arrived_after = None;
+    while silenced.elapsed() < Duration::from_secs(60) {
+        if version_here().await == Some(2) {
+            arrived_after = Some(silenced.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("SILENT HUB release 2 served here after {arrived_after:?}");
+    let arrived_after = arrived_after.expect("release 2 served here within 60 s");
+    let bound = portcullis::config_api::hub::STEP_DEADLINE + Duration::from_secs(15);
+    assert!(arrived_after < bound, "{arrived_after:?}");
 }

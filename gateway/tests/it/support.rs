@@ -401,6 +401,31 @@ pub async fn session_holding(db: &str, lock: &str) -> sqlx::PgConnection {
     session
 }
 
+/// Waits (up to 10 s) until a session of the Postgres database at `db` waits on a lock:
+/// `what`, held up by a test's [`session_holding`].
+pub async fn until_a_session_waits_on_a_lock(db: &str, what: &str) {
+    let observer = sqlx::PgPool::connect(db).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        &format!("{what} waits on the lock"),
+        || {
+            let observer = observer.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+                waiting > 0
+            }
+        },
+    )
+    .await;
+    observer.close().await;
+}
+
 /// Polls `probe` until it returns true or `deadline` passes.
 pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut probe: F)
 where
