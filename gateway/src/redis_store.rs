@@ -2,10 +2,18 @@
 //!
 //! Connects lazily and reconnects by itself: an instance starts while Redis is away, the
 //! features that need Redis answer 503 meanwhile, and recover once it is back.
+//!
+//! A connection on which a command times out is given up ([`RedisHandle::give_up`]) and
+//! the next caller makes a new one. The connection manager reconnects by itself only when
+//! the connection is reset or closed; one that a failover left silent (the old host gone
+//! behind a VIP, nothing answering and no reset) would otherwise be kept, with every
+//! command on it timing out, for as long as the kernel retransmits (about 15 minutes).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -31,6 +39,18 @@ pub enum RedisError {
     Timeout,
 }
 
+impl RedisError {
+    /// Whether the command got no answer in time (ours, `redis.command_timeout`, or the
+    /// client's own response timeout).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Self::Timeout => true,
+            Self::Redis(e) => e.is_timeout(),
+            Self::Url | Self::UnexpectedReply => false,
+        }
+    }
+}
+
 /// A live connection of either kind; both reconnect by themselves once established.
 #[derive(Clone)]
 pub enum RedisConn {
@@ -52,7 +72,22 @@ enum Client {
 pub struct RedisHandle {
     client: Client,
     timeout: Duration,
-    conn: Arc<Mutex<Option<RedisConn>>>,
+    /// The connection in use, read without a lock by every command.
+    current: Arc<ArcSwapOption<Leased>>,
+    /// Held while a connection is made, so that callers make one between them.
+    connecting: Arc<Mutex<()>>,
+    /// The generation of the last connection made: each new one gets the next.
+    made: Arc<AtomicU64>,
+}
+
+/// A connection and its generation, which [`RedisHandle::give_up`] names so that giving
+/// up an old connection never drops a newer one another caller has made since.
+#[derive(Clone)]
+pub struct Leased {
+    /// Which connection of this handle it is.
+    pub generation: u64,
+    /// The connection.
+    pub conn: RedisConn,
 }
 
 impl std::fmt::Debug for RedisHandle {
@@ -81,7 +116,9 @@ impl RedisHandle {
         Ok(Self {
             client,
             timeout: config.command_timeout,
-            conn: Arc::new(Mutex::new(None)),
+            current: Arc::new(ArcSwapOption::empty()),
+            connecting: Arc::new(Mutex::new(())),
+            made: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -94,13 +131,17 @@ impl RedisHandle {
     /// counts against the same `redis.command_timeout` as this one's own: while Redis
     /// cannot be reached, callers do not queue behind one another's attempts for a
     /// timeout each, they answer 503 within one.
-    pub async fn connection(&self) -> Result<RedisConn, RedisError> {
+    pub async fn connection(&self) -> Result<Leased, RedisError> {
+        if let Some(leased) = self.current.load_full() {
+            return Ok(Leased::clone(&leased));
+        }
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut guard = tokio::time::timeout_at(deadline, self.conn.lock())
+        let _making = tokio::time::timeout_at(deadline, self.connecting.lock())
             .await
             .map_err(|_| RedisError::Timeout)?;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
+        // made by the caller this one waited for
+        if let Some(leased) = self.current.load_full() {
+            return Ok(Leased::clone(&leased));
         }
         let conn = match &self.client {
             Client::Single(client) => {
@@ -123,15 +164,45 @@ impl RedisHandle {
                 RedisConn::Cluster(conn)
             }
         };
-        *guard = Some(conn.clone());
-        Ok(conn)
+        let leased = Leased {
+            generation: self.made.fetch_add(1, Ordering::Relaxed) + 1,
+            conn,
+        };
+        self.current.store(Some(Arc::new(leased.clone())));
+        Ok(leased)
+    }
+
+    /// Gives up connection `generation`, on which a command timed out: the next caller
+    /// makes a new one. Nothing happens when a newer connection has replaced it already.
+    /// Counted in `portcullis_redis_connections_given_up_total`.
+    pub fn give_up(&self, generation: u64) {
+        let current = self.current.load();
+        let Some(leased) = current.as_ref() else {
+            return;
+        };
+        if leased.generation != generation {
+            return;
+        }
+        let previous = self.current.compare_and_swap(&*current, None);
+        // unless another caller gave it up first
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.generation == generation)
+        {
+            metrics::counter!("portcullis_redis_connections_given_up_total").increment(1);
+            tracing::warn!(
+                timeout = ?self.timeout,
+                "a Redis command timed out; giving up its connection, the next command \
+                 connects again (a failover may have left it silent)"
+            );
+        }
     }
 
     /// One command over the shared connection (made on first use), within
     /// `redis.command_timeout`.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let conn = self.connection().await?;
-        self.within(async move {
+        let Leased { generation, conn } = self.connection().await?;
+        self.within(generation, async move {
             match conn {
                 RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
                 RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
@@ -146,8 +217,8 @@ impl RedisHandle {
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        let conn = self.connection().await?;
-        self.within(async move {
+        let Leased { generation, conn } = self.connection().await?;
+        self.within(generation, async move {
             match conn {
                 RedisConn::Single(mut c) => invocation.invoke_async(&mut c).await,
                 RedisConn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
@@ -156,13 +227,22 @@ impl RedisHandle {
         .await
     }
 
+    /// `fut` on connection `generation`, within `redis.command_timeout`; the connection is
+    /// given up when it times out.
     async fn within<T>(
         &self,
+        generation: u64,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisError> {
-        Ok(tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| RedisError::Timeout)??)
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => RedisError::Redis(e),
+            Err(_) => RedisError::Timeout,
+        };
+        if result.is_timeout() {
+            self.give_up(generation);
+        }
+        Err(result)
     }
 
     /// One round trip, for readiness.

@@ -1282,3 +1282,71 @@ async fn a_config_reconcile_left_waiting_on_a_silent_connection_is_given_up_and_
     let bound = portcullis::config_api::hub::STEP_DEADLINE + Duration::from_secs(15);
     assert!(arrived_after < bound, "{arrived_after:?}");
 }
+
+/// Redis reached through a forwarder that then goes silent (a failover of Redis behind a
+/// VIP, the old host gone without a reset): once a command times out on the silent
+/// connection, it is given up and the next command connects again, so Redis answers the
+/// instance within seconds, the refresh-token store included. Before, the connection
+/// manager kept the silent connection (it reconnects only on a reset or a close): every
+/// command timed out for as long as the connection stayed silent (here for ever, on a
+/// crashed host about 15 minutes), and every feature needing Redis answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_connection_left_silent_is_given_up_and_redis_answers_again() {
+    let redis = Redis::shared();
+    let forwarder = harness::Forwarder::to(([127, 0, 0, 1], redis.port()).into())
+        .await
+        .unwrap();
+    let mut via = url::Url::parse(&redis.url()).unwrap();
+    via.set_port(Some(forwarder.addr().port())).unwrap();
+    let app = spawn_app(|c| {
+        c.redis = Some(RedisConfig {
+            url: SecretString::from(via.to_string()),
+            cluster: false,
+            command_timeout: Duration::from_secs(1),
+        });
+    })
+    .await;
+    let handle = app.state.redis.clone().unwrap();
+    // the refresh store first: it is the first to meet the silent connection
+    let answers = || async {
+        let now = app.state.keys.now();
+        let sessions = app
+            .state
+            .refresh
+            .list_sessions("nobody", now)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("refresh store: {e}"));
+        let ping = handle.ping().await.map_err(|e| format!("ping: {e}"));
+        sessions.and(ping)
+    };
+    answers().await.unwrap();
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    let mut answered_after = None;
+    let mut failures = Vec::new();
+    while silenced.elapsed() < Duration::from_secs(60) {
+        match answers().await {
+            Ok(()) => {
+                answered_after = Some(silenced.elapsed());
+                break;
+            }
+            Err(e) => failures.push(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    failures.dedup();
+    println!(
+        "SILENT REDIS answered again after {answered_after:?}; failures meanwhile: {failures:?}"
+    );
+    let answered_after = answered_after.expect("Redis answered again within 60 s");
+    assert!(
+        answered_after < Duration::from_secs(15),
+        "{answered_after:?}"
+    );
+    assert!(
+        app.sample("portcullis_redis_connections_given_up_total")
+            .await
+            >= 1.0
+    );
+}
