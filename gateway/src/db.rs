@@ -70,27 +70,24 @@ async fn check_on_release(
     conn: &mut PgConnection,
     deadline: Duration,
 ) -> Result<bool, sqlx::Error> {
-    match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
-        Ok(Ok(())) => Ok(true),
-        Ok(Err(e)) => {
-            metrics::counter!("portcullis_db_connections_closed_total", "reason" => "release_check")
-                .increment(1);
-            Err(e)
-        }
+    let failure = match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
+        Ok(Ok(())) => return Ok(true),
+        Ok(Err(e)) => e,
         Err(_) => {
-            metrics::counter!("portcullis_db_connections_closed_total", "reason" => "release_check")
-                .increment(1);
             tracing::warn!(
                 deadline = ?deadline,
                 "a database connection given back to the pool did not answer in time; \
                  closing it (a failover may have left it silent)"
             );
-            Err(sqlx::Error::Io(std::io::Error::new(
+            sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the connection did not answer the pool's check on release",
-            )))
+            ))
         }
-    }
+    };
+    metrics::counter!("portcullis_db_connections_closed_total", "reason" => "release_check")
+        .increment(1);
+    Err(failure)
 }
 
 /// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both

@@ -234,15 +234,15 @@ impl RedisHandle {
         generation: u64,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisError> {
-        let result = match tokio::time::timeout(self.timeout, fut).await {
+        let error = match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => RedisError::Redis(e),
             Err(_) => RedisError::Timeout,
         };
-        if result.is_timeout() {
+        if error.is_timeout() {
             self.give_up(generation);
         }
-        Err(result)
+        Err(error)
     }
 
     /// One round trip, for readiness.

@@ -1091,17 +1091,14 @@ async fn a_request_cut_off_on_a_connection_left_silent_gives_its_pool_slot_back(
         "the request on the silent connection"
     );
 
-    let mut answers = BTreeMap::<u16, usize>::new();
-    let mut issued_after = None;
-    while silenced.elapsed() < Duration::from_secs(20) {
+    let answers = Mutex::new(BTreeMap::<u16, usize>::new());
+    let issued_after = time_until(silenced, Duration::from_secs(20), || async {
         let status = token().await;
-        *answers.entry(status.as_u16()).or_default() += 1;
-        if status == StatusCode::OK {
-            issued_after = Some(silenced.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        *answers.lock().unwrap().entry(status.as_u16()).or_default() += 1;
+        status == StatusCode::OK
+    })
+    .await;
+    let answers = answers.into_inner().unwrap();
     println!("SILENT RELEASE token issued again after {issued_after:?} ({answers:?})");
     let issued_after = issued_after.unwrap_or_else(|| {
         panic!("no token within 20 s of the silence; the pool's one slot stayed taken: {answers:?}")
@@ -1157,18 +1154,29 @@ async fn a_cutoff_read_left_waiting_on_a_silent_connection_is_given_up_and_read_
         .await
         .unwrap();
     let iat = now.unix_timestamp();
-    let mut seen_after = None;
-    while silenced.elapsed() < Duration::from_secs(40) {
-        if app.state.keys.cutoffs().refuses("svc-cut-elsewhere", iat) {
-            seen_after = Some(silenced.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen_after = time_until(silenced, Duration::from_secs(40), || async {
+        app.state.keys.cutoffs().refuses("svc-cut-elsewhere", iat)
+    })
+    .await;
     println!("SILENT CUTOFFS the other instance's cutoff in force here after {seen_after:?}");
     let seen_after = seen_after.expect("the other instance's cutoff in force here within 40 s");
     let bound = portcullis::cutoff::RELOAD_DEADLINE + Duration::from_secs(15);
     assert!(seen_after < bound, "{seen_after:?}");
+}
+
+/// How long after `since` `probe` first held, asking every 250 ms for up to `within`.
+async fn time_until<F, Fut>(since: Instant, within: Duration, mut probe: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    while since.elapsed() < within {
+        if probe().await {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
 }
 
 /// A fresh database reached through a [`harness::Forwarder`] that can go silent: its
@@ -1269,14 +1277,10 @@ async fn a_config_reconcile_left_waiting_on_a_silent_connection_is_given_up_and_
         .await;
     assert_eq!(published, 2);
 
-    let mut arrived_after = None;
-    while silenced.elapsed() < Duration::from_secs(60) {
-        if version_here().await == Some(2) {
-            arrived_after = Some(silenced.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let arrived_after = time_until(silenced, Duration::from_secs(60), || async {
+        version_here().await == Some(2)
+    })
+    .await;
     println!("SILENT HUB release 2 served here after {arrived_after:?}");
     let arrived_after = arrived_after.expect("release 2 served here within 60 s");
     let bound = portcullis::config_api::hub::STEP_DEADLINE + Duration::from_secs(15);
@@ -1323,18 +1327,15 @@ async fn a_redis_connection_left_silent_is_given_up_and_redis_answers_again() {
     answers().await.unwrap();
     forwarder.go_silent();
     let silenced = Instant::now();
-    let mut answered_after = None;
-    let mut failures = Vec::new();
-    while silenced.elapsed() < Duration::from_secs(60) {
-        match answers().await {
-            Ok(()) => {
-                answered_after = Some(silenced.elapsed());
-                break;
-            }
-            Err(e) => failures.push(e),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let failures = Mutex::new(Vec::new());
+    let answered_after = time_until(silenced, Duration::from_secs(60), || async {
+        answers()
+            .await
+            .map_err(|e| failures.lock().unwrap().push(e))
+            .is_ok()
+    })
+    .await;
+    let mut failures = failures.into_inner().unwrap();
     failures.dedup();
     println!(
         "SILENT REDIS answered again after {answered_after:?}; failures meanwhile: {failures:?}"
