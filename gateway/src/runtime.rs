@@ -27,6 +27,7 @@ use std::time::Duration;
 use config_center::{AppName, Environment, Snapshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::config_api::hub::STEP_DEADLINE;
 use crate::protect::RateSettings;
 use crate::protect::lockout::LockoutSettings;
 use crate::protect::rate::Prepared;
@@ -250,14 +251,21 @@ pub fn spawn(
         let baseline = RuntimeSettings::baseline(&state);
         let hub = state.config_center.hub.clone();
         let mut delay = Duration::from_millis(200);
-        // the schema first, then a subscription; both retried while the database is away
+        // the schema first, then a subscription; both retried while the database is away,
+        // and a read given up at the hub's deadline (one left waiting on a connection that
+        // a failover silenced would wait for as long as the connection stays silent)
         let mut rx = loop {
             if state.db.is_migrated() {
-                match hub.subscribe(&env, &app).await {
-                    Ok(rx) => break rx,
-                    Err(e) => {
+                let read = tokio::time::timeout(STEP_DEADLINE, hub.subscribe(&env, &app));
+                match read.await {
+                    Ok(Ok(rx)) => break rx,
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %crate::error::chain(&e), "runtime settings: cannot read them yet; retrying")
                     }
+                    Err(_) => tracing::warn!(
+                        deadline = ?STEP_DEADLINE,
+                        "runtime settings: their read did not finish in time; retrying"
+                    ),
                 }
             }
             tokio::select! {

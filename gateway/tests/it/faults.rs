@@ -1351,3 +1351,51 @@ async fn a_redis_connection_left_silent_is_given_up_and_redis_answers_again() {
             >= 1.0
     );
 }
+
+/// An instance whose first read of its runtime settings (at start) is left waiting on a
+/// connection that a failover silences gives that read up after `hub::STEP_DEADLINE` and
+/// reads them again: the settings published meanwhile on another instance apply here
+/// within seconds. Before, the instance followed no runtime settings at all until it was
+/// restarted (the read waited for as long as the connection stayed silent). The read is
+/// made to wait on a table lock before the silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_settings_whose_first_read_is_left_on_a_silent_connection_are_read_again() {
+    use super::runtime::{limited, publish};
+    let (direct, via, forwarder) = behind_a_forwarder("silent_runtime").await;
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("master.key");
+    let settings = |url: String, follows: bool| {
+        let key = key.clone();
+        move |c: &mut portcullis::config::Config| {
+            c.database.url = SecretString::from(url);
+            c.database.acquire_timeout = Duration::from_secs(1);
+            c.config_center.master_key_file = Some(key);
+            c.config_center.runtime_environment = follows.then(|| "dev".to_owned());
+            c.protection.auth_rate.burst = 1000;
+        }
+    };
+    // migrates the database (so that the releases' table is there to be locked) and
+    // publishes; follows no runtime settings itself, so that the read held is this one's
+    let elsewhere = spawn_app(settings(direct.to_string(), false)).await;
+    let held = LockedTable::hold(&direct, "config_releases").await;
+    let here = spawn_app(settings(via.to_string(), true)).await;
+    held.until_a_statement_waits("the first read of the runtime settings")
+        .await;
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    held.release().await;
+    let tight = serde_json::json!([
+        { "key": "protection.auth_rate.burst", "value": "2" },
+        { "key": "protection.auth_rate.replenish_every", "value": "1h" }
+    ]);
+    assert_eq!(publish(&elsewhere, tight).await, 201);
+
+    let applied_after = time_until(silenced, Duration::from_secs(60), || async {
+        limited(&here, 3).await > 0
+    })
+    .await;
+    println!("SILENT RUNTIME the tighter login limit in force here after {applied_after:?}");
+    let applied_after = applied_after.expect("the settings applied here within 60 s");
+    let bound = portcullis::config_api::hub::STEP_DEADLINE + Duration::from_secs(15);
+    assert!(applied_after < bound, "{applied_after:?}");
+}

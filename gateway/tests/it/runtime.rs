@@ -28,7 +28,7 @@ fn admin_token(app: &TestApp) -> String {
         .unwrap()
 }
 
-async fn publish(app: &TestApp, entries: serde_json::Value) -> u16 {
+pub(super) async fn publish(app: &TestApp, entries: serde_json::Value) -> u16 {
     app.https_client()
         .put(app.url("/config/v1/dev/portcullis"))
         .bearer_auth(admin_token(app))
@@ -41,7 +41,7 @@ async fn publish(app: &TestApp, entries: serde_json::Value) -> u16 {
 }
 
 /// How many of `n` quick requests to `/auth/login` were refused with 429.
-async fn limited(app: &TestApp, n: usize) -> usize {
+pub(super) async fn limited(app: &TestApp, n: usize) -> usize {
     let http = app.https_client();
     let mut refused = 0;
     for _ in 0..n {
