@@ -1008,7 +1008,7 @@ async fn held_releases_follow_a_scheduled_rotation_to_the_next_key() {
 // === several instances, Postgres, Vault Transit ===
 
 /// An instance on `database` whose values are sealed under the shared `master_key`.
-async fn on_postgres(database: &str, master_key: &std::path::Path) -> TestApp {
+pub(super) async fn on_postgres(database: &str, master_key: &std::path::Path) -> TestApp {
     let database = database.to_owned();
     let master_key = master_key.to_owned();
     spawn_app(move |c| {

@@ -1235,19 +1235,11 @@ impl LockedTable {
 /// reconcile is made to wait on a table lock before the silence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_reconcile_left_waiting_on_a_silent_connection_is_given_up_and_releases_arrive() {
-    use super::config_api::{APP, Api, entries_v1};
+    use super::config_api::{APP, Api, entries_v1, on_postgres};
     let (direct, via, forwarder) = behind_a_forwarder("silent_hub").await;
     let shared = tempfile::tempdir().unwrap();
     let key = shared.path().join("master.key");
-    let elsewhere = spawn_app({
-        let (direct, key) = (direct.to_string(), key.clone());
-        move |c| {
-            c.database.url = SecretString::from(direct);
-            c.config_center.master_key_file = Some(key);
-            c.config_center.reconcile_interval = Duration::from_secs(3600);
-        }
-    })
-    .await;
+    let elsewhere = on_postgres(direct.as_str(), &key).await;
     let here = spawn_app({
         let (via, key) = (via.to_string(), key.clone());
         move |c| {
