@@ -90,6 +90,84 @@ async fn check_on_release(
     Err(failure)
 }
 
+/// The check of an idle Postgres connection before the pool hands it out, in place of
+/// sqlx's own (`test_before_acquire`), which has no deadline but the whole acquire's: a
+/// connection a failover left silent then cost the request that drew it its whole
+/// `database.acquire_timeout` and a 503, and each idle connection the next request again.
+///
+/// Here a connection made before the last one found silent (`silence`) is closed unasked:
+/// a failover silences every connection open at the time, so once one idle connection does
+/// not answer its siblings are not asked in turn. Any other is pinged, within a third of
+/// the acquire timeout; one that does not answer in time marks the silence and is closed,
+/// and the acquire goes on with a newer connection, or a new one. A check that times out
+/// on a live but slow server costs the pool its older idle connections, made again on
+/// demand: a few milliseconds each.
+async fn check_on_acquire(
+    conn: &mut PgConnection,
+    age: Duration,
+    silence: &SilenceMark,
+    deadline: Duration,
+) -> Result<bool, sqlx::Error> {
+    if silence.precedes_made(age) {
+        metrics::counter!("portcullis_db_connections_closed_total", "reason" => "older_than_silent")
+            .increment(1);
+        return Ok(false);
+    }
+    let failure = match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
+        Ok(Ok(())) => return Ok(true),
+        Ok(Err(e)) => e,
+        Err(_) => {
+            silence.mark();
+            tracing::warn!(
+                deadline = ?deadline,
+                "an idle database connection did not answer the pool's check in time; closing \
+                 it and every connection older than it (a failover may have left them silent)"
+            );
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection did not answer the pool's check before use",
+            ))
+        }
+    };
+    metrics::counter!("portcullis_db_connections_closed_total", "reason" => "acquire_check")
+        .increment(1);
+    Err(failure)
+}
+
+/// When an idle connection of the pool was last found silent, as an offset from the
+/// pool's creation; connections made before it are closed unasked ([`check_on_acquire`]).
+#[derive(Debug)]
+struct SilenceMark {
+    epoch: std::time::Instant,
+    /// Nanoseconds after `epoch`; 0: never.
+    at_ns: std::sync::atomic::AtomicU64,
+}
+
+impl SilenceMark {
+    fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            at_ns: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn mark(&self) {
+        self.at_ns
+            .fetch_max(self.elapsed_ns().max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a connection `age` old was made before the last mark.
+    fn precedes_made(&self, age: Duration) -> bool {
+        let at = self.at_ns.load(Ordering::Relaxed);
+        let age_ns = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        at != 0 && self.elapsed_ns().saturating_sub(age_ns) < at
+    }
+}
+
 /// Runs `$body` with `$p` bound to the pool, whichever kind it is: one SQL text, both
 /// backends. (The arms are type-checked separately, so `$body` may be generic over the
 /// database.)
@@ -138,12 +216,21 @@ impl Database {
         } else {
             let opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url)?;
             let release_check = config.acquire_timeout;
+            let acquire_check = config.acquire_timeout / 3;
+            let silence = Arc::new(SilenceMark::new());
             Pool::Postgres(
                 PgPoolOptions::new()
                     .max_connections(config.max_connections)
                     // replaced when idle or old connections are closed (every 10 min)
                     .min_connections(config.min_connections)
                     .acquire_timeout(config.acquire_timeout)
+                    .test_before_acquire(false)
+                    .before_acquire(move |conn, meta| {
+                        let silence = Arc::clone(&silence);
+                        Box::pin(async move {
+                            check_on_acquire(conn, meta.age, &silence, acquire_check).await
+                        })
+                    })
                     .after_release(move |conn, _| Box::pin(check_on_release(conn, release_check)))
                     .after_connect(|conn, _| {
                         Box::pin(async move {

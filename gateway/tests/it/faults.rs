@@ -1391,3 +1391,42 @@ async fn runtime_settings_whose_first_read_is_left_on_a_silent_connection_are_re
     let bound = portcullis::config_api::hub::STEP_DEADLINE + Duration::from_secs(15);
     assert!(applied_after < bound, "{applied_after:?}");
 }
+
+/// Idle connections that a failover leaves silent cost the requests after it one short
+/// check, not a 503 each: the first idle connection that does not answer is closed after a
+/// third of `database.acquire_timeout`, those older than it unasked, and the request goes
+/// on with a new connection. Before, sqlx's own check of an idle connection had no
+/// deadline but the acquire's: each of the pool's idle connections cost the request that
+/// drew it the whole acquire timeout and a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_left_silent_cost_one_short_check_not_a_503_each() {
+    use super::migrations::instance_database;
+    let (_direct, via, forwarder) = behind_a_forwarder("silent_idle").await;
+    // the defaults: 4 connections kept open while idle, a 3 s acquire timeout
+    let db = instance_database(via.as_str());
+    db.migrate().await.unwrap();
+    let portcullis::db::Pool::Postgres(pool) = db.pool() else {
+        unreachable!()
+    };
+    // the connections warmed after the migration are given back in the background
+    let idle = time_until(Instant::now(), Duration::from_secs(10), || async {
+        pool.num_idle() >= 4
+    })
+    .await;
+    assert!(idle.is_some(), "idle: {}", pool.num_idle());
+    forwarder.go_silent();
+    let silenced = Instant::now();
+
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let answer = db.ping().await;
+        answers.push((silenced.elapsed(), answer.map_err(|e| e.to_string())));
+    }
+    println!("SILENT IDLE pings after the silence: {answers:?}");
+    for (_, answer) in &answers {
+        assert!(answer.is_ok(), "{answers:?}");
+    }
+    let acquire_timeout = Duration::from_secs(3);
+    assert!(silenced.elapsed() < acquire_timeout, "{answers:?}");
+    db.close().await;
+}

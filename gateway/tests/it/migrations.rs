@@ -12,7 +12,7 @@ use sqlx::migrate::Migrate as _;
 use super::audit::database_name;
 
 /// A handle on `db` as an instance opens it: a lazy pool, nothing migrated yet.
-fn instance_database(db: &str) -> Database {
+pub(super) fn instance_database(db: &str) -> Database {
     let config: portcullis::config::DatabaseConfig =
         toml::from_str(&format!("url = \"{db}\"")).unwrap();
     Database::connect_lazy(&config).unwrap()
