@@ -31,6 +31,10 @@ pub enum DbError {
     /// The schema is not in place yet (migrations still pending).
     #[error("database schema not migrated yet")]
     NotMigrated,
+    /// The session migrating the database is gone from the server (a failover left it
+    /// silent, or its backend was ended): the migration is given up, to be made again.
+    #[error("the migration's database session is gone from the server")]
+    MigrationSessionLost,
 }
 
 /// Settings every Postgres session of ours starts with, so that the server notices within
@@ -385,13 +389,87 @@ const CONCURRENT_BUILDS: [(i64, &str); 2] =
 ///   waits for every older snapshot to end: the holder's build would wait for the
 ///   waiters and the waiters for the holder, until Postgres's deadlock check cancelled
 ///   one of them, the build as likely as not.
+///
+/// And the session is watched from another connection ([`Backend::until_gone`]): once
+/// the server no longer knows it (a failover left it silent), the migration is given up
+/// with [`DbError::MigrationSessionLost`] and [`Database::migrate_until_done`] makes it
+/// again on a new session.
 async fn migrate_postgres(pool: &PgPool) -> Result<(), DbError> {
     let mut session = pool.acquire().await?.detach();
-    let migrated = migrate_postgres_on(&mut session).await;
+    let migrated =
+        match tokio::time::timeout(MIGRATION_SESSION_CHECK, Backend::of(&mut session)).await {
+            Ok(Ok(backend)) => tokio::select! {
+                migrated = migrate_postgres_on(&mut session) => migrated,
+                () = backend.until_gone(pool) => {
+                    tracing::warn!(
+                        pid = backend.pid,
+                        "the session migrating the database is gone from the server (a failover \
+                         may have left it silent); giving the migration up to make it again"
+                    );
+                    Err(DbError::MigrationSessionLost)
+                }
+            },
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(DbError::MigrationSessionLost),
+        };
     // closing the session releases the lock; a failure to say goodbye changes nothing
-    // (the server ends the backend when the socket closes)
-    let _ = sqlx::Connection::close(session).await;
+    // (the server ends the backend when the socket closes), and on a silent session the
+    // goodbye is not waited for
+    let _ = tokio::time::timeout(MIGRATION_SESSION_CHECK, sqlx::Connection::close(session)).await;
     migrated
+}
+
+/// How often, while migrating, an instance looks for its migrating session on the server
+/// (and how long it waits for that session's first answer).
+const MIGRATION_SESSION_CHECK: Duration = Duration::from_secs(5);
+
+/// A server process (backend) serving one session: its pid and its start, in
+/// microseconds since the epoch, so that a pid used again later, or by another server
+/// after a failover, is not taken for it.
+#[derive(Debug, Clone, Copy)]
+struct Backend {
+    pid: i32,
+    started_us: i64,
+}
+
+impl Backend {
+    /// The backend serving `session`.
+    async fn of(session: &mut PgConnection) -> Result<Self, sqlx::Error> {
+        let (pid, started_us) = sqlx::query_as(
+            "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::bigint \
+             FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(session)
+        .await?;
+        Ok(Self { pid, started_us })
+    }
+
+    /// Returns once the server, asked on another connection of `pool` every
+    /// [`MIGRATION_SESSION_CHECK`], says this backend is gone. A migration may run for
+    /// minutes (an index built over a large trail) and is not cut off while its backend
+    /// lives; but a session that a failover left silent waits for an answer for as long as
+    /// the kernel retransmits (about 15 min), or for ever when nothing it sent is left
+    /// unacknowledged, and the instance would stay unmigrated, and not ready, all that
+    /// time. When the server cannot be asked, nothing is concluded.
+    async fn until_gone(self, pool: &PgPool) {
+        loop {
+            tokio::time::sleep(MIGRATION_SESSION_CHECK).await;
+            let present = tokio::time::timeout(
+                MIGRATION_SESSION_CHECK,
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 \
+                     AND (extract(epoch FROM backend_start) * 1000000)::bigint = $2)",
+                )
+                .bind(self.pid)
+                .bind(self.started_us)
+                .fetch_one(pool),
+            )
+            .await;
+            if let Ok(Ok(false)) = present {
+                return;
+            }
+        }
+    }
 }
 
 /// [`migrate_postgres`] on `session`, which it leaves holding the lock.

@@ -1392,6 +1392,49 @@ async fn runtime_settings_whose_first_read_is_left_on_a_silent_connection_are_re
     assert!(applied_after < bound, "{applied_after:?}");
 }
 
+/// An instance whose migration at start is left waiting on a connection that a failover
+/// silences gives that migration up once the server no longer knows its session, and
+/// migrates again on a new one: the instance is migrated, and can become ready, within
+/// seconds. Before, the migration waited on the silent session for as long as it stayed
+/// silent (here for ever; on a crashed host about 15 minutes), and the instance stayed
+/// unmigrated and not ready all that time. The migration is made to wait on a lock on
+/// the migrations' own table before the silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_left_waiting_on_a_silent_connection_is_made_again() {
+    use super::migrations::instance_database;
+    let (direct, via, forwarder) = behind_a_forwarder("silent_migration").await;
+    // the schema is in place; an instance starting reads what was applied all the same
+    let elsewhere = instance_database(direct.as_str());
+    elsewhere.migrate().await.unwrap();
+    elsewhere.close().await;
+    let held = LockedTable::hold(&direct, "_sqlx_migrations").await;
+    let here = instance_database(via.as_str());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let migrating = tokio::spawn({
+        let (here, stop) = (here.clone(), stop.clone());
+        async move { here.migrate_until_done(stop).await }
+    });
+    held.until_a_statement_waits("the migration's read of what was applied")
+        .await;
+    forwarder.go_silent();
+    let silenced = Instant::now();
+    held.release().await;
+
+    let migrated_after = time_until(silenced, Duration::from_secs(60), || async {
+        here.is_migrated()
+    })
+    .await;
+    println!("SILENT MIGRATION the instance migrated after {migrated_after:?}");
+    let migrated_after = migrated_after.expect("the instance migrated within 60 s");
+    assert!(
+        migrated_after < Duration::from_secs(20),
+        "{migrated_after:?}"
+    );
+    here.ping().await.unwrap();
+    stop.cancel();
+    migrating.await.unwrap();
+}
+
 /// Idle connections that a failover leaves silent cost the requests after it one short
 /// check, not a 503 each: the first idle connection that does not answer is closed after a
 /// third of `database.acquire_timeout`, those older than it unasked, and the request goes
