@@ -160,15 +160,25 @@ impl SilenceMark {
     }
 
     fn mark(&self) {
-        self.at_ns
-            .fetch_max(self.elapsed_ns().max(1), Ordering::Relaxed);
+        self.mark_at(self.elapsed_ns());
+    }
+
+    /// Marks a silence found `at_ns` after the epoch; an earlier mark than the last one
+    /// (two checks timing out at once) changes nothing.
+    fn mark_at(&self, at_ns: u64) {
+        self.at_ns.fetch_max(at_ns.max(1), Ordering::Relaxed);
     }
 
     /// Whether a connection `age` old was made before the last mark.
     fn precedes_made(&self, age: Duration) -> bool {
-        let at = self.at_ns.load(Ordering::Relaxed);
         let age_ns = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
-        at != 0 && self.elapsed_ns().saturating_sub(age_ns) < at
+        self.marked_after(self.elapsed_ns().saturating_sub(age_ns))
+    }
+
+    /// Whether the last mark came after `made_ns` (after the epoch).
+    fn marked_after(&self, made_ns: u64) -> bool {
+        let at = self.at_ns.load(Ordering::Relaxed);
+        at != 0 && made_ns < at
     }
 }
 
@@ -548,4 +558,24 @@ async fn drop_cut_off_builds(session: &mut PgConnection) -> Result<(), sqlx::Err
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silence_mark_closes_only_connections_made_before_the_last_one() {
+        let silence = SilenceMark::new();
+        assert!(!silence.marked_after(0), "nothing is marked yet");
+        silence.mark_at(1_000);
+        assert!(silence.marked_after(999));
+        assert!(!silence.marked_after(1_000));
+        // of two checks timing out at once, the later stored first: the mark stays
+        silence.mark_at(500);
+        assert!(silence.marked_after(999));
+        silence.mark_at(2_000);
+        assert!(silence.marked_after(1_999));
+        assert!(!silence.marked_after(2_001));
+    }
 }
