@@ -74,24 +74,52 @@ async fn check_on_release(
     conn: &mut PgConnection,
     deadline: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let failure = match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
-        Ok(Ok(())) => return Ok(true),
-        Ok(Err(e)) => e,
-        Err(_) => {
-            tracing::warn!(
-                deadline = ?deadline,
-                "a database connection given back to the pool did not answer in time; \
-                 closing it (a failover may have left it silent)"
-            );
-            sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the connection did not answer the pool's check on release",
-            ))
+    match ping_within(conn, deadline, "release_check").await {
+        Ok(()) => Ok(true),
+        Err(Unfit { error, unanswered }) => {
+            if unanswered {
+                tracing::warn!(
+                    deadline = ?deadline,
+                    "a database connection given back to the pool did not answer in time; \
+                     closing it (a failover may have left it silent)"
+                );
+            }
+            Err(error)
         }
+    }
+}
+
+/// A connection that failed one of the pool's checks, to be closed.
+struct Unfit {
+    /// What sqlx is told, which makes it drop the connection without a goodbye.
+    error: sqlx::Error,
+    /// It gave no answer within the deadline (rather than an error).
+    unanswered: bool,
+}
+
+/// Pings `conn` within `deadline`. A connection that answers with an error, or not in
+/// time, is [`Unfit`], and counted in `portcullis_db_connections_closed_total{reason}`.
+async fn ping_within(
+    conn: &mut PgConnection,
+    deadline: Duration,
+    reason: &'static str,
+) -> Result<(), Unfit> {
+    let unfit = match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(error)) => Unfit {
+            error,
+            unanswered: false,
+        },
+        Err(_) => Unfit {
+            error: sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection did not answer the pool's check in time",
+            )),
+            unanswered: true,
+        },
     };
-    metrics::counter!("portcullis_db_connections_closed_total", "reason" => "release_check")
-        .increment(1);
-    Err(failure)
+    metrics::counter!("portcullis_db_connections_closed_total", "reason" => reason).increment(1);
+    Err(unfit)
 }
 
 /// The check of an idle Postgres connection before the pool hands it out, in place of
@@ -117,25 +145,21 @@ async fn check_on_acquire(
             .increment(1);
         return Ok(false);
     }
-    let failure = match tokio::time::timeout(deadline, sqlx::Connection::ping(conn)).await {
-        Ok(Ok(())) => return Ok(true),
-        Ok(Err(e)) => e,
-        Err(_) => {
-            silence.mark();
-            tracing::warn!(
-                deadline = ?deadline,
-                "an idle database connection did not answer the pool's check in time; closing \
-                 it and every connection older than it (a failover may have left them silent)"
-            );
-            sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the connection did not answer the pool's check before use",
-            ))
+    match ping_within(conn, deadline, "acquire_check").await {
+        Ok(()) => Ok(true),
+        Err(Unfit { error, unanswered }) => {
+            if unanswered {
+                silence.mark();
+                tracing::warn!(
+                    deadline = ?deadline,
+                    "an idle database connection did not answer the pool's check in time; \
+                     closing it and every connection older than it (a failover may have left \
+                     them silent)"
+                );
+            }
+            Err(error)
         }
-    };
-    metrics::counter!("portcullis_db_connections_closed_total", "reason" => "acquire_check")
-        .increment(1);
-    Err(failure)
+    }
 }
 
 /// When an idle connection of the pool was last found silent, as an offset from the
