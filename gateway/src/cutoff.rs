@@ -159,7 +159,6 @@ impl Cutoffs {
             sqlx::query_as(SELECT).bind(now_ms).fetch_all(p).await?
         });
         self.install(rows, now);
-        metrics::gauge!("portcullis_token_cutoffs").set(self.len() as f64);
         Ok(())
     }
 

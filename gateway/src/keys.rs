@@ -550,8 +550,9 @@ impl KeyService {
         })
     }
 
-    /// Sets the key gauges from the ring as it is now. Called at every scrape, so the
-    /// figures are never staler than the scrape itself.
+    /// Sets the key gauges from the ring as it is now, and the count of token cutoffs in
+    /// force here. Called at every scrape, so the figures are never staler than the scrape
+    /// itself.
     pub fn record_metrics(&self) {
         let status = self.status();
         let health = self.rotator.health();
@@ -572,6 +573,7 @@ impl KeyService {
         );
         metrics::gauge!("portcullis_keys_unusable")
             .set(status.keys.iter().filter(|k| !k.usable).count() as f64);
+        metrics::gauge!("portcullis_token_cutoffs").set(self.cutoffs().len() as f64);
         // the same on every instance once they all hold the stored ring (absent before the
         // first load)
         if let Some(version) = status.ring_version {
