@@ -57,8 +57,7 @@ mod process;
 mod redis;
 mod template;
 
-use std::collections::HashSet;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -199,10 +198,11 @@ pub fn workspace_root() -> PathBuf {
 /// then could not listen, and its readiness poll was answered by the other instance.)
 /// Falls back to a kernel-chosen port when the range leaves no room below it.
 ///
-/// Never returns the same port twice within one test binary, so servers started at the
-/// same time do not race each other for it.
+/// Never returns a port that another test process running now was given, nor the same
+/// port twice in one process: each port handed out is reserved for the life of the
+/// process ([`reserve`]), so test binaries run side by side (several `cargo test`
+/// invocations, or a runner that starts a process per test) do not race each other for it.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let below = ports_below_ephemeral();
     let mut draws = 0_u32;
     loop {
@@ -223,12 +223,28 @@ pub fn free_port() -> u16 {
                 Err(e) => panic!("cannot bind any port on 127.0.0.1: {e}"),
             },
         };
-        let mut handed_out = HANDED_OUT
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
+        if reserve(port) {
             return port;
         }
+    }
+}
+
+/// Reserves `port` for this process until it exits, by binding UDP port `port` on
+/// 127.0.0.1 and keeping the socket: the servers of the harness listen on TCP only, so the
+/// reservation never stands in their way, while a second reservation of the same port —
+/// from this process or any other — fails. The kernel lets go of it when the process
+/// ends, however it ends, so a crashed test leaves nothing behind. False when the port is
+/// reserved already.
+pub(crate) fn reserve(port: u16) -> bool {
+    static HELD: Mutex<Vec<UdpSocket>> = Mutex::new(Vec::new());
+    match UdpSocket::bind(("127.0.0.1", port)) {
+        Ok(socket) => {
+            HELD.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(socket);
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -325,4 +341,49 @@ pub fn run_alone(name: &str) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "{name} ran: {text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether another process can bind UDP `port` on 127.0.0.1, as its own reservation
+    /// of that port would.
+    fn another_process_can_reserve(port: u16) -> bool {
+        let probe = "import socket, sys\n\
+                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                     s.bind(('127.0.0.1', int(sys.argv[1])))";
+        let status = std::process::Command::new("python3")
+            .args(["-c", probe, &port.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(status) => status.success(),
+            Err(e) => panic!("cannot run python3: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_port_handed_out_is_refused_to_other_processes_and_its_server_can_listen_on_it() {
+        let port = free_port();
+        assert!(!reserve(port), "reserved twice in one process");
+        assert!(
+            !another_process_can_reserve(port),
+            "another process could reserve port {port}, handed out here"
+        );
+        // the server the port was drawn for binds it over TCP, reservation or not
+        let listener = TcpListener::bind(("127.0.0.1", port));
+        assert!(listener.is_ok(), "{listener:?}");
+
+        // and the probe is not refusing every port: one nobody holds is open to it
+        let Some(other) =
+            (port.saturating_add(1)..u16::MAX).find(|&p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
+        else {
+            panic!("no UDP port above {port} is free")
+        };
+        assert!(
+            another_process_can_reserve(other),
+            "the probe could not bind port {other}, which nobody reserved"
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::http::{get_status, request};
 use crate::process::{Service, Spec, retry_on_port_clash, run, run_with_stdin};
-use crate::{HarnessError, Result, free_port, port_is_free, workspace_root};
+use crate::{HarnessError, Result, free_port, port_is_free, reserve, workspace_root};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -294,11 +294,12 @@ fn bao_binary() -> Result<PathBuf> {
     }
 }
 
-/// A free port whose successor is free too.
+/// A free port whose successor is free too, both reserved for this process as
+/// [`free_port`]'s are.
 fn free_port_pair() -> u16 {
     loop {
         let port = free_port();
-        if port < u16::MAX && port_is_free(port + 1) {
+        if port < u16::MAX && port_is_free(port + 1) && reserve(port + 1) {
             return port;
         }
     }
